@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs what the tests need (PostgreSQL server, headless Chromium) and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -f .ci/feedback-setup.sh ]; then
+  # The setup script prints `export VAR=...` lines for the services it started.
+  eval "$(bash .ci/feedback-setup.sh)"
+fi
+cargo test --workspace --locked "$@"
