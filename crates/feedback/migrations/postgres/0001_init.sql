@@ -1,0 +1,85 @@
+-- Timestamps are unix milliseconds (BIGINT) so the same code reads them on both backends.
+CREATE TABLE users (
+    id BIGSERIAL PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    password_hash TEXT,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'annotator')),
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE invites (
+    token_hash TEXT PRIMARY KEY,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    created_by BIGINT REFERENCES users(id),
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT
+);
+CREATE TABLE sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    csrf_token TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE TABLE projects (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    task_kind TEXT NOT NULL,
+    criteria TEXT NOT NULL,
+    likert_max BIGINT NOT NULL,
+    overlap BIGINT NOT NULL,
+    min_seconds DOUBLE PRECISION NOT NULL,
+    guidelines TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE project_members (
+    project_id BIGINT NOT NULL REFERENCES projects(id),
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    PRIMARY KEY (project_id, user_id)
+);
+CREATE TABLE items (
+    id BIGSERIAL PRIMARY KEY,
+    project_id BIGINT NOT NULL REFERENCES projects(id),
+    external_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    responses TEXT NOT NULL,
+    gold TEXT,
+    uncertainty DOUBLE PRECISION,
+    label_count BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    UNIQUE (project_id, external_id)
+);
+CREATE INDEX items_queue ON items (project_id, label_count);
+CREATE TABLE assignments (
+    id BIGSERIAL PRIMARY KEY,
+    item_id BIGINT NOT NULL REFERENCES items(id),
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    shown_order TEXT NOT NULL,
+    served_at BIGINT NOT NULL
+);
+CREATE TABLE labels (
+    id BIGSERIAL PRIMARY KEY,
+    project_id BIGINT NOT NULL REFERENCES projects(id),
+    item_id BIGINT NOT NULL REFERENCES items(id),
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    assignment_id BIGINT REFERENCES assignments(id),
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    supersedes BIGINT REFERENCES labels(id),
+    idempotency_key TEXT NOT NULL,
+    duration_ms BIGINT,
+    created_at BIGINT NOT NULL,
+    UNIQUE (user_id, idempotency_key),
+    UNIQUE (supersedes)
+);
+-- One chain per (item, annotator): only the first label has no predecessor.
+CREATE UNIQUE INDEX labels_chain_root ON labels (item_id, user_id) WHERE supersedes IS NULL;
+CREATE INDEX labels_item_user ON labels (item_id, user_id);
+CREATE INDEX labels_project_user ON labels (project_id, user_id);
+CREATE TABLE audit_log (
+    id BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    user_id BIGINT,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);

@@ -1,0 +1,269 @@
+//! Live quality numbers for a project: agreement between annotators and per-annotator
+//! flags (position bias, speed, accuracy on gold items).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::model::{Choice, Item, Label, LabelValue, Project, TaskKind, User};
+use crate::stats::{alpha_from_ratings, fleiss_from_ratings, median, pairwise_cohen, Metric, Rating};
+
+/// Flag thresholds (documented in docs/feedback/README.md).
+pub const BIAS_MIN_DECISIVE: usize = 10;
+pub const BIAS_MAX_DEVIATION: f64 = 0.25;
+pub const FAST_MIN_LABELS: usize = 5;
+pub const GOLD_MIN_ANSWERED: usize = 3;
+pub const GOLD_MIN_ACCURACY: f64 = 0.6;
+
+#[derive(Debug, Serialize)]
+pub struct Agreement {
+    /// What the numbers are over, e.g. "preference" or "criterion helpful".
+    pub scope: String,
+    pub units: usize,
+    pub fleiss_kappa: Option<f64>,
+    pub alpha_nominal: Option<f64>,
+    pub alpha_ordinal: Option<f64>,
+    pub alpha_interval: Option<f64>,
+    /// (annotator a, annotator b, shared units, Cohen's κ)
+    pub cohen: Vec<(i64, i64, usize, Option<f64>)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AnnotatorStats {
+    pub user_id: i64,
+    pub username: String,
+    pub labels: usize,
+    /// Pairwise only: share of decisive (A/B) answers that picked the left side.
+    pub left_share: Option<f64>,
+    pub decisive: usize,
+    pub median_seconds: Option<f64>,
+    pub gold_answered: usize,
+    pub gold_accuracy: Option<f64>,
+    pub flags: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectStats {
+    pub agreement: Vec<Agreement>,
+    pub annotators: Vec<AnnotatorStats>,
+}
+
+/// Nominal code of a pairwise answer in terms of responses (not sides): 0/1 = that
+/// response preferred, 2 = tie, 3 = both bad.
+fn pairwise_code(v: &LabelValue) -> Option<f64> {
+    match v {
+        LabelValue::Pairwise { preferred: Some(i), .. } => Some(*i as f64),
+        LabelValue::Pairwise { choice: Choice::BothBad, .. } => Some(3.0),
+        LabelValue::Pairwise { .. } => Some(2.0),
+        _ => None,
+    }
+}
+
+fn agreement(scope: String, ratings: &[Rating], numeric: bool) -> Agreement {
+    let mut per_unit: BTreeMap<i64, usize> = BTreeMap::new();
+    for r in ratings {
+        *per_unit.entry(r.0).or_default() += 1;
+    }
+    Agreement {
+        scope,
+        units: per_unit.values().filter(|&&n| n >= 2).count(),
+        fleiss_kappa: fleiss_from_ratings(ratings),
+        alpha_nominal: alpha_from_ratings(ratings, Metric::Nominal),
+        alpha_ordinal: numeric.then(|| alpha_from_ratings(ratings, Metric::Ordinal)).flatten(),
+        alpha_interval: numeric.then(|| alpha_from_ratings(ratings, Metric::Interval)).flatten(),
+        cohen: pairwise_cohen(ratings, 2),
+    }
+}
+
+/// Whether a label matches an item's gold answer.
+fn gold_match(gold: &Value, v: &LabelValue) -> Option<bool> {
+    match v {
+        LabelValue::Pairwise { preferred, choice, .. } => Some(match gold {
+            Value::Number(n) => preferred.map(|p| Some(p as u64) == n.as_u64()).unwrap_or(false),
+            Value::String(s) if s == "tie" => *choice == Choice::Tie,
+            Value::String(s) if s == "both_bad" => *choice == Choice::BothBad,
+            _ => return None,
+        }),
+        // Within one scale point on every criterion the gold answer specifies.
+        LabelValue::Rating { scores } => {
+            let g = gold.as_object()?;
+            Some(g.iter().all(|(c, want)| match (scores.get(c), want.as_i64()) {
+                (Some(got), Some(w)) => (got - w).abs() <= 1,
+                _ => false,
+            }))
+        }
+        _ => None,
+    }
+}
+
+pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users: &[User]) -> ProjectStats {
+    let items_by_id: BTreeMap<i64, &Item> = items.iter().map(|i| (i.id, i)).collect();
+    let mut agreement_out = Vec::new();
+    match project.kind {
+        TaskKind::Pairwise => {
+            let ratings: Vec<Rating> =
+                labels.iter().filter_map(|l| pairwise_code(&l.value).map(|c| (l.item_id, l.user_id, c))).collect();
+            agreement_out.push(agreement("preference (nominal)".into(), &ratings, false));
+        }
+        TaskKind::Rating => {
+            for c in &project.criteria {
+                let ratings: Vec<Rating> = labels
+                    .iter()
+                    .filter_map(|l| match &l.value {
+                        LabelValue::Rating { scores } => scores.get(c).map(|s| (l.item_id, l.user_id, *s as f64)),
+                        _ => None,
+                    })
+                    .collect();
+                agreement_out.push(agreement(format!("criterion {c}"), &ratings, true));
+            }
+        }
+        // Free-text tasks have no categorical answer to agree on.
+        TaskKind::Correction | TaskKind::Critique | TaskKind::Demonstration => {}
+    }
+
+    let mut annotators = Vec::new();
+    for u in users {
+        let mine: Vec<&Label> = labels.iter().filter(|l| l.user_id == u.id).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let mut left = 0;
+        let mut decisive = 0;
+        for l in &mine {
+            if let LabelValue::Pairwise { choice, .. } = &l.value {
+                match choice {
+                    Choice::A => {
+                        left += 1;
+                        decisive += 1
+                    }
+                    Choice::B => decisive += 1,
+                    _ => {}
+                }
+            }
+        }
+        let left_share = (decisive > 0).then(|| left as f64 / decisive as f64);
+        let secs: Vec<f64> = mine.iter().filter_map(|l| l.duration_ms).map(|d| d as f64 / 1000.0).collect();
+        let median_seconds = median(&secs);
+        let gold: Vec<bool> = mine
+            .iter()
+            .filter_map(|l| items_by_id.get(&l.item_id).and_then(|i| i.gold.as_ref()).and_then(|g| gold_match(g, &l.value)))
+            .collect();
+        let gold_accuracy = (!gold.is_empty()).then(|| gold.iter().filter(|&&b| b).count() as f64 / gold.len() as f64);
+        let mut flags = Vec::new();
+        if let Some(s) = left_share {
+            if decisive >= BIAS_MIN_DECISIVE && (s - 0.5).abs() >= BIAS_MAX_DEVIATION {
+                let side = if s > 0.5 { "left" } else { "right" };
+                flags.push(format!("position bias: picks the {side} side in {:.0}% of {decisive} decisions", 100.0 * s.max(1.0 - s)));
+            }
+        }
+        if let Some(m) = median_seconds {
+            if secs.len() >= FAST_MIN_LABELS && m < project.min_seconds {
+                flags.push(format!("too fast: median {m:.1}s per item (threshold {:.1}s)", project.min_seconds));
+            }
+        }
+        if let Some(a) = gold_accuracy {
+            if gold.len() >= GOLD_MIN_ANSWERED && a < GOLD_MIN_ACCURACY {
+                flags.push(format!("low gold agreement: {:.0}% of {} gold items", 100.0 * a, gold.len()));
+            }
+        }
+        annotators.push(AnnotatorStats {
+            user_id: u.id,
+            username: u.username.clone(),
+            labels: mine.len(),
+            left_share,
+            decisive,
+            median_seconds,
+            gold_answered: gold.len(),
+            gold_accuracy,
+            flags,
+        });
+    }
+    ProjectStats { agreement: agreement_out, annotators }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Role;
+    use serde_json::json;
+
+    #[test]
+    fn flags() {
+        let p = Project {
+            id: 1,
+            name: "p".into(),
+            kind: TaskKind::Pairwise,
+            criteria: vec![],
+            likert_max: 5,
+            overlap: 2,
+            min_seconds: 3.0,
+            guidelines: String::new(),
+            created_at: 0,
+        };
+        let items: Vec<Item> = (0..12)
+            .map(|i| Item {
+                id: i,
+                project_id: 1,
+                external_id: i.to_string(),
+                prompt: "p".into(),
+                responses: vec!["a".into(), "b".into()],
+                gold: (i < 4).then(|| json!(0)),
+                uncertainty: None,
+                label_count: 0,
+            })
+            .collect();
+        let users = vec![
+            User { id: 1, username: "lefty".into(), role: Role::Annotator, has_password: true },
+            User { id: 2, username: "careful".into(), role: Role::Annotator, has_password: true },
+        ];
+        let mut labels = vec![];
+        for i in 0..12 {
+            // lefty always picks the left side, fast, with a randomised order.
+            let order = if i % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+            let pref = order[0];
+            labels.push(Label {
+                id: i * 2,
+                project_id: 1,
+                item_id: i,
+                user_id: 1,
+                assignment_id: None,
+                value: LabelValue::Pairwise { choice: Choice::A, shown_order: order, preferred: Some(pref) },
+                supersedes: None,
+                duration_ms: Some(800),
+                created_at: 0,
+            });
+            // careful always prefers response 0 (the gold answer), slowly.
+            labels.push(Label {
+                id: i * 2 + 1,
+                project_id: 1,
+                item_id: i,
+                user_id: 2,
+                assignment_id: None,
+                value: LabelValue::Pairwise {
+                    choice: if i % 2 == 0 { Choice::A } else { Choice::B },
+                    shown_order: if i % 2 == 0 { vec![0, 1] } else { vec![1, 0] },
+                    preferred: Some(0),
+                },
+                supersedes: None,
+                duration_ms: Some(9000),
+                created_at: 0,
+            });
+        }
+        let s = project_stats(&p, &items, &labels, &users);
+        let lefty = &s.annotators[0];
+        assert_eq!(lefty.left_share, Some(1.0));
+        assert_eq!(lefty.flags.len(), 3, "{:?}", lefty.flags);
+        assert!(lefty.flags[0].starts_with("position bias"));
+        assert!(lefty.flags[1].starts_with("too fast"));
+        assert!(lefty.flags[2].starts_with("low gold agreement: 50%"));
+        let careful = &s.annotators[1];
+        assert!(careful.flags.is_empty(), "{:?}", careful.flags);
+        assert_eq!(careful.gold_accuracy, Some(1.0));
+        // They agree on half of the items (the ones where left = response 0).
+        let a = &s.agreement[0];
+        assert_eq!(a.units, 12);
+        assert_eq!(a.cohen.len(), 1);
+        assert_eq!(a.cohen[0].2, 12);
+    }
+}
