@@ -278,8 +278,10 @@ def make_logits(tok):
     del tensors["llama-sharded.logits"]
     os.makedirs(REF, exist_ok=True)
     save_file(tensors, os.path.join(REF, "logits.safetensors"),
-              metadata={"texts": json.dumps(LOGIT_TEXTS), "torch": torch.__version__,
-                        "transformers": transformers.__version__})
+              # One key: safetensors writes metadata in hash order, so several keys would make the
+              # file's bytes vary between runs.
+              metadata={"info": json.dumps({"texts": LOGIT_TEXTS, "torch": torch.__version__,
+                                            "transformers": transformers.__version__})})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +406,10 @@ def main():
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     transformers.set_seed(SEED)
     torch.use_deterministic_algorithms(True)
 
