@@ -1,0 +1,304 @@
+//! HTTP-level tests for every route, on SQLite and (when configured) PostgreSQL.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use rlhf_feedback::model::TaskKind;
+use serde_json::Value;
+
+fn jsonl(body: &str) -> Vec<Value> {
+    body.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn pairwise_flow_every_route() {
+    for tdb in databases().await {
+        eprintln!("backend: {}", tdb.name);
+        let s = seed(&tdb.url).await;
+        let mut admin = Client::new(&s.db);
+
+        // Static assets and health need no login.
+        assert_eq!(admin.get("/healthz").await.body, "ok");
+        assert!(admin.get("/static/app.js").await.body.contains("keydown"));
+        assert!(admin.get("/static/app.css").await.body.contains("body"));
+        // Not logged in: pages redirect to the login form.
+        let r = admin.get("/").await;
+        assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, "/login"));
+
+        let csrf = admin.login("admin").await;
+        // GET /login while logged in goes home.
+        assert_eq!(admin.get("/login").await.location(), "/");
+
+        // POST /projects
+        let r = admin
+            .post(
+                "/projects",
+                &[("csrf", &csrf), ("name", "cmp"), ("kind", "pairwise"), ("criteria", "helpful"), ("likert_max", "5"), ("overlap", "2"), ("min_seconds", "0")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        let pid: i64 = r.location().trim_start_matches("/p/").parse().unwrap();
+
+        // POST /p/{id}/import: 3 pairwise items (one gold) from two formats.
+        let data = "{\"id\": \"q1\", \"prompt\": \"2+2?\", \"responses\": [\"4\", \"5\"], \"gold\": 0}\n\
+                    {\"id\": \"q2\", \"prompt\": \"Capital of France?\", \"chosen\": \"Paris\", \"rejected\": \"Lyon\"}\n\
+                    {\"id\": \"q3\", \"prompt\": \"Say hi\", \"responses\": [\"hi\", \"hello\"]}\n";
+        let r = admin.post(&format!("/p/{pid}/import"), &[("csrf", &csrf), ("jsonl", data), ("source", "items.jsonl"), ("gen_url", "")]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(r.body.contains("3 items added, 0 already present"), "{}", r.body);
+        // Re-import is idempotent.
+        let r = admin.post(&format!("/p/{pid}/import"), &[("csrf", &csrf), ("jsonl", data)]).await;
+        assert!(r.body.contains("0 items added, 3 already present"), "{}", r.body);
+        // Bad input: clear error naming file, line and field.
+        let r = admin.post(&format!("/p/{pid}/import"), &[("csrf", &csrf), ("jsonl", "{\"prompt\": \"x\", \"responses\": [\"only one\"]}"), ("source", "bad.jsonl")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.body.contains("bad.jsonl:1: field &quot;responses&quot;"), "{}", r.body);
+
+        // POST /p/{id}/members, /settings, /scores; GET+POST /guidelines
+        for u in [s.ann1, s.ann2] {
+            let r = admin.post(&format!("/p/{pid}/members"), &[("csrf", &csrf), ("user_id", &u.to_string()), ("action", "add")]).await;
+            assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        }
+        let r = admin
+            .post(&format!("/p/{pid}/settings"), &[("csrf", &csrf), ("criteria", "helpful"), ("likert_max", "5"), ("overlap", "2"), ("min_seconds", "0")])
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        let r = admin.post(&format!("/p/{pid}/settings"), &[("csrf", &csrf), ("criteria", "helpful"), ("likert_max", "5"), ("overlap", "0"), ("min_seconds", "0")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = admin.post(&format!("/p/{pid}/guidelines"), &[("csrf", &csrf), ("text", "# Rules\n- prefer **correct** answers")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        let g = admin.get(&format!("/p/{pid}/guidelines")).await;
+        assert!(g.body.contains("<h3>Rules</h3>") && g.body.contains("<strong>correct</strong>"), "{}", g.body);
+        // Uncertainty: q3 first for everyone.
+        let r = admin.post(&format!("/p/{pid}/scores"), &[("csrf", &csrf), ("jsonl", "{\"item_id\": \"q3\", \"uncertainty\": 0.9}\n{\"item_id\": \"q2\", \"uncertainty\": 0.1}")]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let r = admin.post(&format!("/p/{pid}/scores"), &[("csrf", &csrf), ("jsonl", "{\"item_id\": \"nope\", \"uncertainty\": 0.9}"), ("source", "s.jsonl")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.body.contains("s.jsonl:1: field &quot;item_id&quot;: no item"), "{}", r.body);
+
+        // GET /p/{id} (admin view)
+        let r = admin.get(&format!("/p/{pid}")).await;
+        assert!(r.body.contains("Import items") && r.body.contains("3 items (1 gold)"), "{}", r.body);
+
+        // Annotators label via GET /p/{id}/task + POST /p/{id}/label.
+        let mut a1 = Client::new(&s.db);
+        a1.login("ann1").await;
+        let t = a1.get(&format!("/p/{pid}/task")).await;
+        assert!(t.body.contains("Say hi"), "uncertain item first: {}", t.body);
+        let mut a2 = Client::new(&s.db);
+        a2.login("ann2").await;
+        for c in [&mut a1, &mut a2] {
+            for _ in 0..3 {
+                let r = c.label(pid, &[("choice", "A")]).await;
+                assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, format!("/p/{pid}/task").as_str()), "{}", r.body);
+            }
+            let done = c.get(&format!("/p/{pid}/task")).await;
+            assert!(done.body.contains("Nothing left to label"), "{}", done.body);
+            assert!(done.body.contains("your labels 3 / 3"), "{}", done.body);
+        }
+        // Changed mind: undo the last label (POST /p/{id}/undo) and answer again.
+        let csrf1 = a1.csrf().await;
+        let r = a1.post(&format!("/p/{pid}/undo"), &[("csrf", &csrf1), ("key", "undo-1")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        let back = r.location().to_string();
+        assert!(back.starts_with(&format!("/p/{pid}/task?item=")), "{back}");
+        // Replaying the same undo (same key) does not withdraw another label.
+        let r = a1.post(&format!("/p/{pid}/undo"), &[("csrf", &csrf1), ("key", "undo-1")]).await;
+        assert_eq!(r.location(), format!("/p/{pid}/task"));
+        let t = a1.get(&back).await;
+        let (a, k) = (t.field("assignment"), t.field("key"));
+        let r = a1.post(&format!("/p/{pid}/label"), &[("csrf", &csrf1), ("assignment", &a), ("key", &k), ("choice", "tie")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        // Same idempotency key again: acknowledged, not duplicated.
+        let r = a1.post(&format!("/p/{pid}/label"), &[("csrf", &csrf1), ("assignment", &a), ("key", &k), ("choice", "tie")]).await;
+        assert_eq!(r.headers.get("x-duplicate").map(|v| v.to_str().unwrap()), Some("1"));
+        let labels = s.db.db.live_labels(pid).await.unwrap();
+        assert_eq!(labels.len(), 6);
+        let history = s.db.db.label_history(pid, s.ann1).await.unwrap();
+        assert_eq!(history.len(), 5, "3 labels + undo + new label; nothing updated in place");
+        assert_eq!(history[4].supersedes, Some(history[3].id));
+        assert_eq!(history[3].supersedes, Some(history[2].id));
+
+        // Stats (GET /p/{id}/stats, /stats.json) for admins only.
+        let st = admin.get(&format!("/p/{pid}/stats.json")).await;
+        let v: Value = serde_json::from_str(&st.body).unwrap();
+        assert_eq!(v["annotators"].as_array().unwrap().len(), 2);
+        assert_eq!(v["agreement"][0]["units"], 3);
+        let frag = admin.get(&format!("/p/{pid}/stats")).await;
+        assert!(frag.body.contains("Fleiss"), "{}", frag.body);
+        assert_eq!(a1.get(&format!("/p/{pid}/stats.json")).await.status, StatusCode::FORBIDDEN);
+
+        // POST /p/{id}/export (preference and KTO).
+        let r = admin.post(&format!("/p/{pid}/export"), &[("csrf", &csrf), ("format", "preference"), ("deliver", "show")]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let rows = jsonl(&r.body);
+        for row in &rows {
+            for f in ["prompt", "chosen", "rejected", "margin", "annotator_ids", "label_ids", "project"] {
+                assert!(row.get(f).is_some(), "missing {f} in {row}");
+            }
+            assert_eq!(row["project"], "cmp");
+        }
+        let r = admin.post(&format!("/p/{pid}/export"), &[("csrf", &csrf), ("format", "kto"), ("deliver", "download")]).await;
+        assert!(r.headers.get("content-disposition").unwrap().to_str().unwrap().starts_with("attachment"));
+        assert!(jsonl(&r.body).iter().all(|row| row["label"].is_boolean()));
+        let r = admin.post(&format!("/p/{pid}/export"), &[("csrf", &csrf), ("format", "rating")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+        // Admin pages: users, invites, roles, audit log.
+        let r = admin.get("/admin/users").await;
+        assert!(r.body.contains("ann1"));
+        let r = admin.post("/admin/users", &[("csrf", &csrf), ("username", "newbie"), ("role", "annotator")]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let link = r.body.split("value=\"").find(|p| p.starts_with("http")).unwrap().split('"').next().unwrap().to_string();
+        let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
+        let mut newbie = Client::new(&s.db);
+        let f = newbie.get(&path).await;
+        assert_eq!(f.status, StatusCode::OK);
+        let r = newbie.post(&path, &[("csrf", &f.csrf()), ("password", "a-new-password"), ("password2", "a-new-password")]).await;
+        assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, "/"));
+        assert_eq!(newbie.get("/").await.status, StatusCode::OK);
+        // Single use.
+        let mut other = Client::new(&s.db);
+        assert_eq!(other.get(&path).await.status, StatusCode::NOT_FOUND);
+        let newbie_id = s.db.db.user_by_name("newbie").await.unwrap().unwrap().0.id;
+        let r = admin.post(&format!("/admin/users/{newbie_id}/role"), &[("csrf", &csrf), ("role", "admin")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        assert_eq!(s.db.db.user(newbie_id).await.unwrap().role, rlhf_feedback::model::Role::Admin);
+        let r = admin.post(&format!("/admin/users/{newbie_id}/invite"), &[("csrf", &csrf)]).await;
+        assert!(r.body.contains("/invite/"));
+        // Annotators can't reach admin routes.
+        let c1 = a1.csrf().await;
+        assert_eq!(a1.get("/admin/users").await.status, StatusCode::FORBIDDEN);
+        assert_eq!(a1.post("/admin/users", &[("csrf", &c1), ("username", "x"), ("role", "admin")]).await.status, StatusCode::FORBIDDEN);
+        assert_eq!(a1.post(&format!("/p/{pid}/export"), &[("csrf", &c1), ("format", "preference")]).await.status, StatusCode::FORBIDDEN);
+
+        let r = admin.get("/admin/audit").await;
+        for action in ["login", "project_create", "import", "label", "undo", "export", "role_change", "invite", "invite_redeemed", "member_add"] {
+            assert!(r.body.contains(&format!("<td>{action}</td>")), "audit lacks {action}");
+        }
+
+        // POST /logout ends the session server-side.
+        let session = admin.cookies["rlhf_session"].clone();
+        let r = admin.post("/logout", &[("csrf", &csrf)]).await;
+        assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, "/login"));
+        assert!(s.db.db.session(&session).await.unwrap().is_none());
+        assert!(admin.get("/admin/audit").await.status == StatusCode::SEE_OTHER);
+    }
+}
+
+#[tokio::test]
+async fn every_task_kind_labels_and_exports() {
+    for tdb in databases().await {
+        eprintln!("backend: {}", tdb.name);
+        let s = seed(&tdb.url).await;
+        let st = &s.db;
+        let mut admin = Client::new(st);
+        let csrf = admin.login("admin").await;
+        let mut ann = Client::new(st);
+        ann.login("ann1").await;
+        let data = "{\"prompt\": \"Name a colour\", \"responses\": [\"Blue is a colour.\"], \"id\": \"c1\"}\n";
+
+        let rating = project(st, "rate", TaskKind::Rating, 1, &[s.ann1]).await;
+        admin.post(&format!("/p/{rating}/import"), &[("csrf", &csrf), ("jsonl", data)]).await;
+        let t = ann.get(&format!("/p/{rating}/task")).await;
+        assert!(t.body.contains(r#"name="score_helpful" value="5""#), "{}", t.body);
+        // Missing criterion → 400, out-of-range → 400.
+        let r = ann.label(rating, &[("score_helpful", "4")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = ann.label(rating, &[("score_helpful", "9"), ("score_harmless", "5")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = ann.label(rating, &[("score_helpful", "4"), ("score_harmless", "5")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        let e = admin.post(&format!("/p/{rating}/export"), &[("csrf", &csrf), ("format", "rating")]).await;
+        let rows = jsonl(&e.body);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["completion"], "Blue is a colour.");
+        assert_eq!(rows[0]["score"], 4.5);
+
+        let corr = project(st, "fix", TaskKind::Correction, 1, &[s.ann1]).await;
+        admin.post(&format!("/p/{corr}/import"), &[("csrf", &csrf), ("jsonl", data)]).await;
+        let t = ann.get(&format!("/p/{corr}/task")).await;
+        assert!(t.body.contains(">Blue is a colour.</textarea>"), "{}", t.body);
+        let r = ann.label(corr, &[("corrected", "Blue is a colour.\r\nSo is red.")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        let labels = st.db.live_labels(corr).await.unwrap();
+        match &labels[0].value {
+            rlhf_feedback::model::LabelValue::Correction { corrected, unified_diff, word_diff } => {
+                assert_eq!(corrected, "Blue is a colour.\nSo is red.");
+                assert!(unified_diff.contains("+So is red."), "{unified_diff}");
+                assert!(word_diff.contains("{+"), "{word_diff}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let rows = jsonl(&admin.post(&format!("/p/{corr}/export"), &[("csrf", &csrf), ("format", "correction")]).await.body);
+        assert_eq!(rows[0]["corrected"], "Blue is a colour.\nSo is red.");
+        assert_eq!(rows[0]["completion"], "Blue is a colour.");
+
+        let crit = project(st, "crit", TaskKind::Critique, 1, &[s.ann1]).await;
+        admin.post(&format!("/p/{crit}/import"), &[("csrf", &csrf), ("jsonl", data)]).await;
+        assert_eq!(ann.label(crit, &[("text", "  ")]).await.status, StatusCode::BAD_REQUEST);
+        assert_eq!(ann.label(crit, &[("text", "Too short.")]).await.status, StatusCode::SEE_OTHER);
+        let rows = jsonl(&admin.post(&format!("/p/{crit}/export"), &[("csrf", &csrf), ("format", "critique")]).await.body);
+        assert_eq!(rows[0]["critique"], "Too short.");
+
+        let demo = project(st, "demo", TaskKind::Demonstration, 1, &[s.ann1]).await;
+        admin.post(&format!("/p/{demo}/import"), &[("csrf", &csrf), ("jsonl", "{\"prompt\": \"Write a haiku\"}")]).await;
+        assert_eq!(ann.label(demo, &[("text", "An old silent pond")]).await.status, StatusCode::SEE_OTHER);
+        let rows = jsonl(&admin.post(&format!("/p/{demo}/export"), &[("csrf", &csrf), ("format", "demonstration"), ("scrub", "1")]).await.body);
+        assert_eq!(rows[0]["prompt"], "Write a haiku");
+        assert_eq!(rows[0]["completion"], "An old silent pond");
+        assert_eq!(rows[0]["annotator_ids"], serde_json::json!([s.ann1]));
+    }
+}
+
+/// Candidates generated by an OpenAI-compatible `/v1/completions` server (a tiny fake
+/// one on loopback that echoes the prompt).
+#[tokio::test]
+async fn import_generates_candidates_from_openai_compatible_endpoint() {
+    use axum::routing::post;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let seen2 = seen.clone();
+    let fake = axum::Router::new().route(
+        "/v1/completions",
+        post(move |axum::Json(req): axum::Json<Value>| {
+            let seen = seen2.clone();
+            async move {
+                let n = req["n"].as_u64().unwrap_or(1);
+                let prompt = req["prompt"].as_str().unwrap_or("").to_string();
+                seen.lock().unwrap().push(req);
+                let choices: Vec<Value> = (0..n).map(|i| serde_json::json!({"index": i, "text": format!("answer {i} to {prompt}")})).collect();
+                axum::Json(serde_json::json!({"object": "text_completion", "choices": choices}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, fake).await.unwrap() });
+
+    for tdb in databases().await {
+        let s = seed(&tdb.url).await;
+        let pid = project(&s.db, "gen", TaskKind::Pairwise, 1, &[]).await;
+        let mut admin = Client::new(&s.db);
+        let csrf = admin.login("admin").await;
+        let r = admin
+            .post(
+                &format!("/p/{pid}/import"),
+                &[("csrf", &csrf), ("jsonl", "{\"prompt\": \"why?\"}\n{\"prompt\": \"how?\", \"responses\": [\"x\", \"y\"]}"), ("gen_url", &url), ("gen_model", "tiny"), ("gen_n", "3"), ("gen_max_tokens", "16"), ("gen_temperature", "0.7")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        // 3 candidates → 3 pairs, plus the row that had responses.
+        assert!(r.body.contains("1 generated; 4 items added"), "{}", r.body);
+        let items = s.db.db.items(pid).await.unwrap();
+        assert_eq!(items[0].responses, vec!["answer 0 to why?", "answer 1 to why?"]);
+        // Endpoint errors surface as a clear 400.
+        let r = admin.post(&format!("/p/{pid}/import"), &[("csrf", &csrf), ("jsonl", "{\"prompt\": \"q\"}"), ("gen_url", &format!("{url}/nope")), ("gen_model", "m"), ("gen_n", "2"), ("gen_max_tokens", "4"), ("gen_temperature", "1")]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+        assert!(r.body.contains("HTTP 404"), "{}", r.body);
+    }
+    let reqs = seen.lock().unwrap();
+    assert_eq!(reqs[0]["model"], "tiny");
+    assert_eq!(reqs[0]["max_tokens"], 16);
+    assert_eq!(reqs[0]["prompt"], "why?");
+}
