@@ -104,14 +104,14 @@ def one_step(trainer, batch, weight_decay):
             "param_samples_before": before_samples, "param_samples_after": param_samples(model)}
 
 
-def train_loop_check(make_trainer, loss, total_norm, lr_key="learning_rate"):
+def train_loop_check(make_trainer, loss, total_norm):
     """Run the real `trainer.train()` for one step and assert it logs the same loss and grad norm."""
     trainer = make_trainer()
     trainer.train()
     log = next(h for h in trainer.state.log_history if "loss" in h)
     assert abs(log["loss"] - loss) < 1e-4 * max(1.0, abs(loss)), (log, loss)
     assert abs(log["grad_norm"] - total_norm) < 1e-3 * max(1.0, total_norm), (log, total_norm)
-    return {"loss": log["loss"], "grad_norm": log["grad_norm"], lr_key: log["learning_rate"]}
+    return {"loss": log["loss"], "grad_norm": log["grad_norm"], "learning_rate": log["learning_rate"]}
 
 
 # ----------------------------------------------------------------------------------------------
