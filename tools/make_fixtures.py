@@ -317,6 +317,8 @@ def make_greedy(tok):
         "prompt_ids": [tok(p)["input_ids"] for p in GREEDY_PROMPTS],
         "models": {},
     }
+    ids, mask = left_padded(out["prompt_ids"])
+    out["batched_left_padded"] = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "models": {}}
     with torch.no_grad():
         for name in ("llama", "qwen2", "gpt2"):
             model = load_model(name)
@@ -347,7 +349,25 @@ def make_greedy(tok):
                 row["custom_stop"] = {"eos_token_id": stop, "ids": new[:new.index(stop) + 1]}
                 rows.append(row)
             out["models"][name] = rows
+            out["batched_left_padded"]["models"][name] = batched_greedy(model, ids, mask, rows)
     write_json(os.path.join(REF, "greedy.json"), out)
+
+
+def left_padded(prompt_ids):
+    width = max(map(len, prompt_ids))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+    return ids, mask
+
+
+def batched_greedy(model, ids, mask, rows):
+    """All prompts in one left-padded batch (HF derives position ids from the mask, so each row starts
+    at position 0); must reproduce the one-at-a-time results."""
+    g = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                       eos_token_id=-1, pad_token_id=0)
+    new = g[:, ids.shape[1]:].tolist()
+    assert new == [r["no_eos_stop"] for r in rows], new
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
