@@ -1,1 +1,16 @@
-//! placeholder
+//! Datasets for the RLHF trainers and the feedback app: TRL's JSONL/Parquet formats (defined once, in
+//! [`formats`]), validation with file:line:field errors, tokenizers, chat templates, SFT/preference
+//! tokenization and batching.
+
+pub mod dataset;
+pub mod error;
+pub mod formats;
+pub mod jsonl;
+pub mod parquet;
+
+pub use dataset::{load_dataset, load_dataset_with, Dataset};
+pub use error::{DataError, Position, Result};
+pub use formats::{
+    Conversational, Correction, Format, ImplicitPreference, LanguageModeling, LoadOptions, Message,
+    Preference, PromptCompletion, PromptOnly, Rating, Record, Row, ScoreScale, Text, Unpaired,
+};
