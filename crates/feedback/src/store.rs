@@ -373,13 +373,18 @@ impl Db {
     /// The project if the user may see it; Forbidden otherwise (also for unknown ids,
     /// so annotators cannot probe which projects exist).
     pub async fn project_for(&self, user: &User, id: i64) -> Result<Project> {
-        if user.role == Role::Admin || self.is_member(id, user.id).await? {
-            match self.project(id).await {
-                Err(Error::NotFound(_)) if user.role != Role::Admin => {}
-                other => return other,
-            }
+        if user.role == Role::Admin {
+            return self.project(id).await;
         }
-        Err(Error::Forbidden(format!("you are not assigned to project {id}")))
+        let r = sqlx::query(
+            "SELECT p.* FROM projects p JOIN project_members m ON m.project_id = p.id WHERE p.id = $1 AND m.user_id = $2",
+        )
+        .bind(id)
+        .bind(user.id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::Forbidden(format!("you are not assigned to project {id}")))?;
+        project_from_row(&r)
     }
 
     pub async fn update_project_settings(
@@ -421,15 +426,6 @@ impl Db {
         audit_tx(&mut tx, Some(actor), "guidelines_edit", json!({"project_id": id, "chars": text.chars().count()})).await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    pub async fn is_member(&self, project_id: i64, user_id: i64) -> Result<bool> {
-        Ok(sqlx::query("SELECT 1 FROM project_members WHERE project_id = $1 AND user_id = $2")
-            .bind(project_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .is_some())
     }
 
     pub async fn members(&self, project_id: i64) -> Result<Vec<User>> {
@@ -744,25 +740,22 @@ impl Db {
             .collect()
     }
 
-    /// (my live labels, items still available to me).
+    /// (my live labels, items still available to me). One round trip: the items I can
+    /// still get are the eligible ones minus the eligible ones I already labelled.
     pub async fn progress(&self, project: &Project, user_id: i64) -> Result<(i64, i64)> {
-        let done: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM labels l WHERE l.project_id = $1 AND l.user_id = $2 AND {LIVE}"))
-            .bind(project.id)
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        let open: i64 = sqlx::query(&format!(
-            "SELECT COUNT(*) FROM items i WHERE i.project_id = $1 AND (i.label_count < $2 OR i.gold IS NOT NULL) \
-             AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $3 AND {LIVE})"
+        let r = sqlx::query(&format!(
+            "SELECT (SELECT COUNT(*) FROM labels l WHERE l.project_id = $1 AND l.user_id = $3 AND {LIVE}) AS done, \
+               (SELECT COUNT(*) FROM items i WHERE i.project_id = $1 AND (i.label_count < $2 OR i.gold IS NOT NULL)) AS eligible, \
+               (SELECT COUNT(*) FROM labels l JOIN items i ON i.id = l.item_id WHERE l.project_id = $1 AND l.user_id = $3 \
+                  AND {LIVE} AND (i.label_count < $2 OR i.gold IS NOT NULL)) AS mine"
         ))
         .bind(project.id)
         .bind(project.overlap)
         .bind(user_id)
         .fetch_one(&self.pool)
-        .await?
-        .try_get(0)?;
-        Ok((done, open))
+        .await?;
+        let (done, eligible, mine): (i64, i64, i64) = (r.try_get("done")?, r.try_get("eligible")?, r.try_get("mine")?);
+        Ok((done, eligible - mine))
     }
 
     /// (items, items with ≥ overlap live labels, gold items, live labels).

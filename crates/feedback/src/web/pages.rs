@@ -605,7 +605,11 @@ pub async fn task(
         .into_response());
     };
     let a = st.db.create_assignment(&item, user.id, p.kind == TaskKind::Pairwise).await?;
-    let previous = st.db.live_label(item.id, user.id).await?;
+    // Queue items never carry a live label of mine; only an explicit ?item= can.
+    let previous = match q.item {
+        Some(_) => st.db.live_label(item.id, user.id).await?,
+        None => None,
+    };
     let prev_note = if previous.is_some() {
         r#"<p class="hint">You already labelled this item; submitting records a new answer that replaces it.</p>"#
     } else {

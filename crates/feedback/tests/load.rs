@@ -1,0 +1,240 @@
+//! Bounded loopback load test against the real `rlhf-feedback serve` binary:
+//! 50 concurrent annotators make 10,000 submissions; then a second load during which
+//! the server is `kill -9`ed and restarted. Every acknowledged submission must be
+//! stored exactly once (clients retry with the same idempotency key until acked).
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rlhf_feedback::model::{NewItem, Role, TaskKind};
+use rlhf_feedback::Db;
+use sqlx::Row;
+
+const ANNOTATORS: usize = 50;
+const PHASE1_TOTAL: usize = 10_000;
+const PHASE2_PER_ANNOTATOR: usize = 30;
+const OVERLAP: i64 = 5;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_server(db: &str, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_rlhf-feedback"))
+        .args(["serve", "--db", db, "--addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start rlhf-feedback serve")
+}
+
+async fn wait_healthy(http: &reqwest::Client, base: &str) {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn field(body: &str, name: &str) -> Option<String> {
+    let pre = format!(r#"name="{name}" value=""#);
+    let i = body.find(&pre)? + pre.len();
+    Some(body[i..].split('"').next()?.to_string())
+}
+
+fn cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        let kv = v.split(';').next()?;
+        let (k, val) = kv.split_once('=')?;
+        (k == name && !val.is_empty()).then(|| val.to_string())
+    })
+}
+
+/// One annotator: logs in, then fetches tasks and submits labels. Network errors (the
+/// server being killed) are retried: GETs simply again, POSTs with the same key.
+async fn annotator(
+    http: reqwest::Client,
+    base: String,
+    pid: i64,
+    user: String,
+    submissions: usize,
+    tag: &'static str,
+    acked: Arc<std::sync::Mutex<Vec<String>>>,
+    ack_count: Arc<AtomicUsize>,
+) {
+    let retry = || tokio::time::sleep(Duration::from_millis(50));
+    let session = loop {
+        let Ok(r) = http.get(format!("{base}/login")).send().await else { retry().await; continue };
+        let pre = cookie(&r, "rlhf_pre").unwrap();
+        let csrf = field(&r.text().await.unwrap(), "csrf").unwrap();
+        let Ok(r) = http
+            .post(format!("{base}/login"))
+            .header("cookie", format!("rlhf_pre={pre}"))
+            .form(&[("csrf", csrf.as_str()), ("username", user.as_str()), ("password", PASSWORD)])
+            .send()
+            .await
+        else {
+            retry().await;
+            continue;
+        };
+        assert_eq!(r.status(), 303, "login {user}");
+        break cookie(&r, "rlhf_session").unwrap();
+    };
+    let ck = format!("rlhf_session={session}");
+    let mut n = 0;
+    while n < submissions {
+        let Ok(r) = http.get(format!("{base}/p/{pid}/task")).header("cookie", &ck).send().await else { retry().await; continue };
+        if r.status() != 200 {
+            retry().await;
+            continue;
+        }
+        let Ok(body) = r.text().await else { retry().await; continue };
+        let (Some(csrf), Some(a)) = (field(&body, "csrf"), field(&body, "assignment")) else {
+            panic!("{user}: no task left after {n} submissions:\n{body}");
+        };
+        let key = format!("{tag}-{user}-{n}");
+        let choice = ["A", "B", "tie", "both_bad"][n % 4];
+        loop {
+            let sent = http
+                .post(format!("{base}/p/{pid}/label"))
+                .header("cookie", &ck)
+                .form(&[("csrf", csrf.as_str()), ("assignment", a.as_str()), ("key", key.as_str()), ("choice", choice)])
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status() == 303 => break,
+                Ok(r) => panic!("{user}: label rejected: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(_) => retry().await,
+            }
+        }
+        acked.lock().unwrap().push(key);
+        ack_count.fetch_add(1, Ordering::SeqCst);
+        n += 1;
+    }
+}
+
+async fn run_load(
+    http: &reqwest::Client,
+    base: &str,
+    pid: i64,
+    per_annotator: usize,
+    tag: &'static str,
+    ack_count: Arc<AtomicUsize>,
+) -> Vec<String> {
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..ANNOTATORS)
+        .map(|i| {
+            tokio::spawn(annotator(http.clone(), base.to_string(), pid, format!("a{i}"), per_annotator, tag, acked.clone(), ack_count.clone()))
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = acked.lock().unwrap().clone();
+    v
+}
+
+async fn keys_in_db(url: &str, prefix: &str) -> Vec<(String, i64)> {
+    let db = Db::connect(url).await.unwrap();
+    sqlx::query("SELECT idempotency_key, COUNT(*) AS n FROM labels WHERE idempotency_key LIKE $1 GROUP BY idempotency_key")
+        .bind(format!("{prefix}-%"))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect()
+}
+
+fn check_exactly_once(acked: &[String], stored: &[(String, i64)]) {
+    let stored_keys: HashSet<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(stored.iter().all(|(_, n)| *n == 1), "a key was stored twice");
+    let missing: Vec<&String> = acked.iter().filter(|k| !stored_keys.contains(k.as_str())).collect();
+    assert!(missing.is_empty(), "{} acknowledged submissions lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_annotators_ten_thousand_submissions_and_crash_restart() {
+    for tdb in databases().await {
+        let t0 = Instant::now();
+        // Setup through the library: annotators, a pairwise project and enough items.
+        let pid = {
+            let db = Db::connect(&tdb.url).await.unwrap();
+            let hash = rlhf_feedback::auth::hash_password(PASSWORD).unwrap();
+            let mut p = rlhf_feedback::model::NewProject::new("load", TaskKind::Pairwise);
+            p.overlap = OVERLAP;
+            let pid = db.create_project(None, &p).await.unwrap();
+            for i in 0..ANNOTATORS {
+                let uid = db.create_user(None, &format!("a{i}"), Role::Annotator, Some(&hash)).await.unwrap();
+                db.set_member(None, pid, uid, true).await.unwrap();
+            }
+            let total = PHASE1_TOTAL + ANNOTATORS * PHASE2_PER_ANNOTATOR;
+            let n_items = total / OVERLAP as usize + 200;
+            let items: Vec<NewItem> = (0..n_items)
+                .map(|i| NewItem { external_id: format!("it{i}"), prompt: format!("prompt {i}"), responses: vec![format!("a{i}"), format!("b{i}")], gold: None })
+                .collect();
+            db.insert_items(None, pid, "load", &items).await.unwrap();
+            db.pool.close().await;
+            pid
+        };
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(Duration::from_secs(30)).build().unwrap();
+        let mut server = start_server(&tdb.url, port);
+        wait_healthy(&http, &base).await;
+
+        // Phase 1: 10,000 submissions.
+        let t1 = Instant::now();
+        let count1 = Arc::new(AtomicUsize::new(0));
+        let acked1 = run_load(&http, &base, pid, PHASE1_TOTAL / ANNOTATORS, "p1", count1).await;
+        let secs = t1.elapsed().as_secs_f64();
+        eprintln!("[{}] phase 1: {} submissions in {secs:.1}s ({:.0}/s)", tdb.name, acked1.len(), acked1.len() as f64 / secs);
+        assert_eq!(acked1.len(), PHASE1_TOTAL);
+        let stored1 = keys_in_db(&tdb.url, "p1").await;
+        assert_eq!(stored1.len(), PHASE1_TOTAL);
+        check_exactly_once(&acked1, &stored1);
+
+        // Phase 2: kill -9 the server once a third of the load is acknowledged, restart.
+        let count2 = Arc::new(AtomicUsize::new(0));
+        let load = {
+            let (http, base, c) = (http.clone(), base.clone(), count2.clone());
+            tokio::spawn(async move { run_load(&http, &base, pid, PHASE2_PER_ANNOTATOR, "p2", c).await })
+        };
+        let target = ANNOTATORS * PHASE2_PER_ANNOTATOR / 3;
+        while count2.load(Ordering::SeqCst) < target {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.kill().unwrap(); // SIGKILL
+        server.wait().unwrap();
+        let at_kill = count2.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server = start_server(&tdb.url, port);
+        let acked2 = load.await.unwrap();
+        eprintln!("[{}] phase 2: killed after {at_kill} acks, {} acknowledged in total", tdb.name, acked2.len());
+        assert_eq!(acked2.len(), ANNOTATORS * PHASE2_PER_ANNOTATOR);
+        let stored2 = keys_in_db(&tdb.url, "p2").await;
+        check_exactly_once(&acked2, &stored2);
+        assert_eq!(stored2.len(), acked2.len(), "every stored submission was eventually acknowledged");
+        server.kill().unwrap();
+        server.wait().unwrap();
+        // Overlap is respected: no item got more than k live labels by accident of races
+        // beyond what concurrent assignment allows.
+        let db = Db::connect(&tdb.url).await.unwrap();
+        let p = db.project(pid).await.unwrap();
+        let (_, _, _, live) = db.project_counts(&p).await.unwrap();
+        assert_eq!(live as usize, PHASE1_TOTAL + acked2.len());
+        eprintln!("[{}] load test total {:.1}s", tdb.name, t0.elapsed().as_secs_f64());
+    }
+}
