@@ -1,0 +1,273 @@
+//! The DPO family of preference losses on sequence log-probabilities, one small function per loss.
+//!
+//! Inputs are f32 tensors of shape `[B]` (one entry per pair or example): summed completion log-probs of the
+//! policy (`*_logps`), of the frozen reference (`ref_*_logps`) and completion token counts (`*_len`, as f32).
+//! Every function returns the per-sample loss `[B]`, differentiable wrt the policy log-probs; formulas follow
+//! TRL 1.16 (`DPOTrainer`, `KTOTrainer`, experimental `ORPOTrainer`/`CPOTrainer`) so the numbers match it.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Which preference objective `rlhf dpo` optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    /// DPO (Rafailov et al. 2023): −log σ(β·Δ), Δ = (π_c − ref_c) − (π_r − ref_r).
+    Sigmoid,
+    /// IPO (Azar et al. 2023, eq. 17) on per-token averaged log-ratios, as TRL: (Δ̄ − 1/(2β))².
+    Ipo,
+    /// Robust DPO (Chowdhury et al. 2024) for labels flipped with probability ε = `label_smoothing`.
+    Robust,
+    /// SLiC-style hinge: relu(1 − β·Δ).
+    Hinge,
+    /// KTO (Ethayarajh et al. 2024, eq. 7) on unpaired desirable/undesirable completions.
+    Kto,
+    /// ORPO (Hong et al. 2024): NLL on chosen − λ·log σ(log-odds ratio); no reference model.
+    Orpo,
+    /// SimPO (Meng et al. 2024): −log σ(β·(π̄_c − π̄_r) − γ) on length-normalised log-probs; no reference.
+    Simpo,
+    /// CPL (Hejna et al. 2024, "Contrastive Preference Learning"), conservative CPL(λ) with optional BC term.
+    Cpl,
+}
+
+impl LossType {
+    /// Whether the loss compares against a frozen reference model.
+    pub fn needs_reference(self) -> bool {
+        !matches!(self, LossType::Orpo | LossType::Simpo | LossType::Cpl)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossType::Sigmoid => "sigmoid",
+            LossType::Ipo => "ipo",
+            LossType::Robust => "robust",
+            LossType::Hinge => "hinge",
+            LossType::Kto => "kto",
+            LossType::Orpo => "orpo",
+            LossType::Simpo => "simpo",
+            LossType::Cpl => "cpl",
+        }
+    }
+}
+
+/// Hyper-parameters of all losses (each loss reads the ones it needs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossParams {
+    /// Temperature β (DPO/IPO τ, robust, hinge, KTO, SimPO β).
+    pub beta: f64,
+    /// ε of `robust` (and SimPO's conservative smoothing as in TRL's CPO), in [0, 0.5).
+    pub label_smoothing: f64,
+    /// SimPO target margin γ (TRL `simpo_gamma`).
+    pub simpo_gamma: f64,
+    /// ORPO λ weighting the odds-ratio term (TRL's ORPOConfig calls it `beta`).
+    pub orpo_lambda: f64,
+    /// CPL temperature α on the summed log-probs (the paper's α).
+    pub cpl_alpha: f64,
+    /// CPL conservative bias λ ∈ (0, 1] down-weighting the rejected segment (the paper's λ; 1 = unbiased).
+    pub cpl_lambda: f64,
+    /// Weight of CPL's behaviour-cloning regulariser (per-token NLL of chosen), the paper's CPL(BC) variant.
+    pub cpl_bc_weight: f64,
+    /// KTO weight of desirable examples (TRL `desirable_weight`).
+    pub desirable_weight: f64,
+    /// KTO weight of undesirable examples (TRL `undesirable_weight`).
+    pub undesirable_weight: f64,
+}
+
+impl Default for LossParams {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            orpo_lambda: 0.1,
+            cpl_alpha: 0.1,
+            cpl_lambda: 0.5,
+            cpl_bc_weight: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+        }
+    }
+}
+
+impl LossParams {
+    /// Range checks; `key` prefixes the key in the message (e.g. the config section).
+    pub fn validate(&self, loss: LossType) -> std::result::Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return bad("beta", "must be a positive number");
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return bad("label_smoothing", "must be in [0, 0.5)");
+        }
+        match loss {
+            LossType::Cpl if !(self.cpl_lambda > 0.0 && self.cpl_lambda <= 1.0) => {
+                bad("cpl_lambda", "must be in (0, 1]")
+            }
+            LossType::Cpl if !(self.cpl_alpha > 0.0) => bad("cpl_alpha", "must be positive"),
+            LossType::Kto if self.desirable_weight < 0.0 || self.undesirable_weight < 0.0 => {
+                bad("desirable_weight", "KTO weights must be non-negative")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// log σ(x), stable for any x and with the exact gradient σ(−x) everywhere (also at 0):
+/// −(relu(−x) + log(1 + e^−|x|)).
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let soft = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    (x.neg()?.relu()? + soft)?.neg()
+}
+
+/// σ(x) = exp(log σ(x)).
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    log_sigmoid(x)?.exp()
+}
+
+/// log(1 − eᵡ) for x < 0 (log-prob of "not this sequence").
+fn log1mexp(x: &Tensor) -> Result<Tensor> {
+    x.exp()?.affine(-1.0, 1.0)?.log()
+}
+
+/// DPO: −log σ(β·Δ), `delta` = chosen log-ratio − rejected log-ratio.
+pub fn sigmoid_loss(delta: &Tensor, beta: f64) -> Result<Tensor> {
+    log_sigmoid(&(delta * beta)?)?.neg()
+}
+
+/// Hinge: relu(1 − β·Δ).
+pub fn hinge_loss(delta: &Tensor, beta: f64) -> Result<Tensor> {
+    delta.affine(-beta, 1.0)?.relu()
+}
+
+/// IPO: (Δ̄ − 1/(2β))², `avg_delta` built from per-token averaged log-ratios (see [`per_token`]).
+pub fn ipo_loss(avg_delta: &Tensor, beta: f64) -> Result<Tensor> {
+    avg_delta.affine(1.0, -1.0 / (2.0 * beta))?.sqr()
+}
+
+/// Robust DPO: (−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε); ε = 0 is plain DPO.
+pub fn robust_loss(delta: &Tensor, beta: f64, eps: f64) -> Result<Tensor> {
+    let z = (delta * beta)?;
+    let clean = (log_sigmoid(&z)? * -(1.0 - eps))?;
+    let flipped = (log_sigmoid(&z.neg()?)? * eps)?;
+    ((clean + flipped)? / (1.0 - 2.0 * eps))?.contiguous()
+}
+
+/// SimPO: −(1−ε)·log σ(β·(π̄_c − π̄_r) − γ) − ε·log σ(−(…)), on per-token averaged log-probs.
+pub fn simpo_loss(avg_chosen: &Tensor, avg_rejected: &Tensor, beta: f64, gamma: f64, eps: f64) -> Result<Tensor> {
+    let z = (avg_chosen - avg_rejected)?.affine(beta, -gamma)?;
+    let a = (log_sigmoid(&z)? * -(1.0 - eps))?;
+    let b = (log_sigmoid(&z.neg()?)? * -eps)?;
+    a + b
+}
+
+/// ORPO's odds-ratio term per pair: −λ·log σ(log odds(y_c) − log odds(y_r)) with odds(y) = p/(1−p) of the
+/// per-token averaged log-probs (Hong et al. eqs. 4, 7). Returns `(loss_or [B], log_odds [B])`.
+pub fn orpo_odds_ratio_loss(avg_chosen: &Tensor, avg_rejected: &Tensor, lambda: f64) -> Result<(Tensor, Tensor)> {
+    let log_odds = ((avg_chosen - avg_rejected)? - (log1mexp(avg_chosen)? - log1mexp(avg_rejected)?)?)?;
+    let loss = (log_sigmoid(&log_odds)? * -lambda)?;
+    Ok((loss, log_odds))
+}
+
+/// Token-level NLL of the chosen completions over the whole batch, −Σ logp / Σ tokens (what ORPO adds, like
+/// TRL's cross-entropy over all chosen tokens, and CPL's BC regulariser).
+pub fn chosen_nll(chosen_logps: &Tensor, chosen_len: &Tensor) -> Result<Tensor> {
+    (chosen_logps.sum_all()?.neg()? / chosen_len.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?.contiguous()
+}
+
+/// CPL(λ) (Hejna et al. 2024, eq. 5 with the conservative bias of §3.3): the regret-preference likelihood
+/// −log σ(α·Σ log π(a⁺) − λ·α·Σ log π(a⁻)), on summed (undiscounted, γ = 1) log-probs of the segments.
+pub fn cpl_loss(chosen_logps: &Tensor, rejected_logps: &Tensor, alpha: f64, lambda: f64) -> Result<Tensor> {
+    let z = ((chosen_logps * alpha)? - (rejected_logps * (alpha * lambda))?)?;
+    log_sigmoid(&z)?.neg()
+}
+
+/// KTO (eq. 7): desirable `w_d·(1 − σ(β(r_c − z₀)))`, undesirable `w_u·(1 − σ(β(z₀ − r_u)))`, where r are
+/// policy/reference log-ratios and z₀ the detached KL estimate, clamped at 0. Returns the desirable losses
+/// followed by the undesirable ones (TRL's order; its mean is the loss).
+pub fn kto_loss(
+    desirable_logratios: &Tensor,
+    undesirable_logratios: &Tensor,
+    kl: f64,
+    params: &LossParams,
+) -> Result<Tensor> {
+    let beta = params.beta;
+    let d = sigmoid(&desirable_logratios.affine(-beta, beta * kl)?)?;
+    let u = sigmoid(&undesirable_logratios.affine(beta, -beta * kl)?)?;
+    Tensor::cat(&[(d * params.desirable_weight)?, (u * params.undesirable_weight)?], 0)
+}
+
+/// KTO's reference point z₀: mean log-ratio of the mismatched (prompt, other completion) pairs, clamped at 0.
+pub fn kto_kl(kl_logps: &Tensor, ref_kl_logps: &Tensor) -> Result<f64> {
+    let kl = (kl_logps - ref_kl_logps)?.mean_all()?.to_scalar::<f32>()? as f64;
+    Ok(kl.max(0.0))
+}
+
+/// Per-token average: `logps / max(len, 1)` (IPO, SimPO, ORPO length normalisation).
+pub fn per_token(logps: &Tensor, len: &Tensor) -> Result<Tensor> {
+    logps / len.clamp(1f32, f32::MAX)?
+}
+
+/// Log-probs of one batch of pairs for a paired loss.
+#[derive(Debug, Clone)]
+pub struct PairLogps {
+    pub chosen: Tensor,
+    pub rejected: Tensor,
+    /// Reference log-probs; required for reference-based losses.
+    pub ref_chosen: Option<Tensor>,
+    pub ref_rejected: Option<Tensor>,
+    /// Completion token counts (f32).
+    pub chosen_len: Tensor,
+    pub rejected_len: Tensor,
+}
+
+/// A paired loss and the implicit rewards TRL logs for it.
+#[derive(Debug, Clone)]
+pub struct PairLoss {
+    /// Scalar loss to minimise.
+    pub loss: Tensor,
+    /// Detached implicit rewards `[B]`: β·log-ratio (DPO family), β·logp (SimPO/ORPO, as TRL's CPO/ORPO), α·logp (CPL).
+    pub chosen_rewards: Tensor,
+    pub rejected_rewards: Tensor,
+}
+
+/// Computes a paired loss (every type except `kto`, which needs unpaired inputs: see [`kto_loss`]).
+pub fn pair_loss(loss_type: LossType, p: &LossParams, x: &PairLogps) -> Result<PairLoss> {
+    let refs = || match (&x.ref_chosen, &x.ref_rejected) {
+        (Some(c), Some(r)) => Ok(((&x.chosen - c)?, (&x.rejected - r)?)),
+        _ => candle_core::bail!("loss `{}` needs reference log-probs", loss_type.name()),
+    };
+    let beta = p.beta;
+    let (per_sample, rc, rr) = match loss_type {
+        LossType::Sigmoid | LossType::Hinge | LossType::Robust | LossType::Ipo => {
+            let (lc, lr) = refs()?;
+            let l = match loss_type {
+                LossType::Sigmoid => sigmoid_loss(&(&lc - &lr)?, beta)?,
+                LossType::Hinge => hinge_loss(&(&lc - &lr)?, beta)?,
+                LossType::Robust => robust_loss(&(&lc - &lr)?, beta, p.label_smoothing)?,
+                _ => ipo_loss(&(per_token(&lc, &x.chosen_len)? - per_token(&lr, &x.rejected_len)?)?, beta)?,
+            };
+            (l, (lc * beta)?, (lr * beta)?)
+        }
+        LossType::Simpo => {
+            let (ac, ar) = (per_token(&x.chosen, &x.chosen_len)?, per_token(&x.rejected, &x.rejected_len)?);
+            let l = simpo_loss(&ac, &ar, beta, p.simpo_gamma, p.label_smoothing)?;
+            (l, (ac * beta)?, (ar * beta)?)
+        }
+        LossType::Orpo => {
+            let (ac, ar) = (per_token(&x.chosen, &x.chosen_len)?, per_token(&x.rejected, &x.rejected_len)?);
+            let (l, _) = orpo_odds_ratio_loss(&ac, &ar, p.orpo_lambda)?;
+            let l = l.broadcast_add(&chosen_nll(&x.chosen, &x.chosen_len)?)?;
+            (l, (ac * p.orpo_lambda)?, (ar * p.orpo_lambda)?)
+        }
+        LossType::Cpl => {
+            let mut l = cpl_loss(&x.chosen, &x.rejected, p.cpl_alpha, p.cpl_lambda)?;
+            if p.cpl_bc_weight != 0.0 {
+                l = l.broadcast_add(&(chosen_nll(&x.chosen, &x.chosen_len)? * p.cpl_bc_weight)?)?;
+            }
+            (l, (&x.chosen * p.cpl_alpha)?, (&x.rejected * p.cpl_alpha)?)
+        }
+        LossType::Kto => candle_core::bail!("loss `kto` works on unpaired examples: use kto_loss"),
+    };
+    Ok(PairLoss { loss: per_sample.mean_all()?, chosen_rewards: rc.detach(), rejected_rewards: rr.detach() })
+}
