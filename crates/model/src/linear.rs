@@ -1,0 +1,82 @@
+//! Linear layers shared by all architectures, with the seam where LoRA (or any other adapter)
+//! plugs in.
+
+use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+/// How the weight is stored on disk / in the `VarMap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `torch.nn.Linear`: `[out, in]`.
+    OutIn,
+    /// GPT-2 `Conv1D`: `[in, out]`.
+    InOut,
+}
+
+/// Something that adds a learned delta to a linear layer's output, e.g. a LoRA pair
+/// `scale * B(A(dropout(x)))`. Its own parameters live wherever the adapter keeps them (they are
+/// not part of [`crate::CausalLm::varmap`]).
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// `x`: the layer input `[.., in]`; returns the delta `[.., out]` added to the base output.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// `y = x W^T + b (+ adapter(x))`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The `VarMap` variable's tensor (shares storage with it, so optimizer updates are seen).
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub layout: WeightLayout,
+    pub adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
+        Self { weight, bias, layout, adapter: None }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match self.layout {
+            WeightLayout::OutIn => self.weight.dims()[1],
+            WeightLayout::InOut => self.weight.dims()[0],
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self.layout {
+            WeightLayout::OutIn => self.weight.dims()[0],
+            WeightLayout::InOut => self.weight.dims()[1],
+        }
+    }
+
+    /// Output of the frozen base layer only (no adapter).
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / inner.max(1);
+        // One big 2-D gemm; a transposed view of the weight costs no copy in the CPU gemm.
+        let x2 = x.reshape((rows, inner))?;
+        let w = match self.layout {
+            WeightLayout::OutIn => self.weight.t()?,
+            WeightLayout::InOut => self.weight.clone(),
+        };
+        let mut y = x2.matmul(&w)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features();
+        }
+        y.reshape(out_dims)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        match &self.adapter {
+            Some(a) => y + a.forward(x)?,
+            None => Ok(y),
+        }
+    }
+}
