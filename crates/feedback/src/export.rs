@@ -153,7 +153,9 @@ pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: 
                 if format == Format::Rating {
                     let mut r = base(ls, vec![("completion", completion), ("score", json!(mean))]);
                     r["criteria_scores"] = json!(per);
-                    r["likert_max"] = json!(project.likert_max);
+                    // The scale, so readers can normalise the score (rlhf-data's rating format).
+                    r["score_min"] = json!(1);
+                    r["score_max"] = json!(project.likert_max);
                     rows.push(r);
                 } else {
                     // Desirable when the mean is above the scale midpoint; exactly
@@ -338,6 +340,7 @@ mod tests {
         let rows = export_rows(&p, &items, &labels, Format::Rating, false).unwrap();
         assert_eq!(rows[0]["score"], json!(4.0));
         assert_eq!(rows[0]["criteria_scores"], json!({"harmless": 4.0, "helpful": 4.0}));
+        assert_eq!((rows[0]["score_min"].as_i64(), rows[0]["score_max"].as_i64()), (Some(1), Some(5)));
         let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
         assert_eq!(kto[0]["label"], json!(true));
 

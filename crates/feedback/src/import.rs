@@ -115,7 +115,7 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
                 if n < 2 {
                     return Err(err(format!("field \"responses\": a pairwise project needs at least 2 responses, got {n}")));
                 }
-                let gold = row.gold.as_ref().map(|g| pairwise_gold(g, n)).transpose().map_err(|m| err(m))?;
+                let gold = row.gold.as_ref().map(|g| pairwise_gold(g, n)).transpose().map_err(&err)?;
                 for i in 0..n {
                     for j in i + 1..n {
                         let g = gold.as_ref().and_then(|g| match g {
@@ -142,7 +142,7 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
                 }
                 let golds: Vec<Option<Value>> = match (&row.gold, kind) {
                     (None, _) => vec![None; n],
-                    (Some(g), TaskKind::Rating) => rating_gold(g, n, criteria, likert_max).map_err(|m| err(m))?,
+                    (Some(g), TaskKind::Rating) => rating_gold(g, n, criteria, likert_max).map_err(&err)?,
                     (Some(_), _) => return Err(err(format!("field \"gold\": gold answers apply to pairwise and rating projects, not {}", kind.as_str()))),
                 };
                 for (i, (resp, g)) in row.responses.iter().zip(golds).enumerate() {

@@ -127,7 +127,7 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     let mut s = xs.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let m = s.len() / 2;
-    Some(if s.len() % 2 == 0 { (s[m - 1] + s[m]) / 2.0 } else { s[m] })
+    Some(if s.len().is_multiple_of(2) { (s[m - 1] + s[m]) / 2.0 } else { s[m] })
 }
 
 /// Ratings in a long format: (unit, rater, value).

@@ -35,7 +35,10 @@
       }
       return;
     }
-    if (e.key === "Enter" || e.key === "n") { e.preventDefault(); task.requestSubmit(); return; }
+    // Forms answered with a choice button (pairwise) are only sent by that button.
+    if ((e.key === "Enter" || e.key === "n") && !task.querySelector("button[data-key]")) {
+      e.preventDefault(); task.requestSubmit(); return;
+    }
     if (e.key === "u" && undo) { e.preventDefault(); undo.requestSubmit(); }
   });
 

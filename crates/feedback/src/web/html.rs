@@ -75,7 +75,7 @@ fn inline(s: &str) -> String {
 fn toggle(s: &str, marker: &str, open: &str, close: &str) -> String {
     let parts: Vec<&str> = s.split(marker).collect();
     // An unmatched marker stays literal.
-    if parts.len() % 2 == 0 {
+    if parts.len().is_multiple_of(2) {
         return s.to_string();
     }
     let mut out = String::new();
