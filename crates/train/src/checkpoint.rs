@@ -27,9 +27,9 @@ pub struct TrainerState {
     /// Data position: epoch and index of the next sample in that epoch's order.
     pub epoch: u64,
     pub sample_index: u64,
-    /// Trainer RNG (ChaCha8): seed and stream position, as decimal strings (u128 does not fit JSON numbers).
-    pub rng_seed: u64,
-    pub rng_word_pos: String,
+    /// RNG state. The only randomness in training is the epoch order, drawn from ChaCha8(seed) on
+    /// stream `epoch` (models are dropout-free), so the seed together with `epoch` is the whole state.
+    pub shuffle_seed: u64,
     /// Non-pad tokens seen so far (TRL's `num_tokens`).
     pub num_tokens: u64,
 }

@@ -15,12 +15,12 @@ pub enum TrainError {
     #[error("{}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
 
-    /// Training diverged; the last good checkpoint (if any) is left untouched.
-    #[error("non-finite loss ({loss}) at step {step}; training stopped{}", match last_checkpoint {
+    /// Training diverged (loss or gradient norm is NaN/inf); the last good checkpoint is left untouched.
+    #[error("non-finite {what} ({value}) at step {step}; training stopped{}", match last_checkpoint {
         Some(p) => format!(", last good checkpoint: {}", p.display()),
         None => ", no checkpoint was saved yet".to_string(),
     })]
-    NonFiniteLoss { step: u64, loss: f64, last_checkpoint: Option<PathBuf> },
+    NonFinite { step: u64, what: &'static str, value: f64, last_checkpoint: Option<PathBuf> },
 
     #[error("model: {0}")]
     Model(String),

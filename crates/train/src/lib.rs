@@ -2,9 +2,14 @@
 //! SFT trainer.
 
 pub mod checkpoint;
+pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod sft;
+pub mod tokenize;
 
 pub use error::{Result, TrainError};
+pub use config::{SftArgs, SftConfig};
+pub use sft::{run_sft, SftSummary, SftTrainer};

@@ -56,6 +56,21 @@ impl MetricsWriter {
         Ok(Self { path: path.to_path_buf(), file })
     }
 
+    /// Continue the log of a run resumed at `step`: lines for later steps (written after the checkpoint
+    /// by the interrupted run) are dropped so every step is logged once.
+    pub fn open_resumed(path: &Path, step: u64) -> Result<Self> {
+        if path.exists() {
+            let kept: Vec<LogRecord> = read_metrics(path)?.into_iter().filter(|r| r.step <= step).collect();
+            let mut w = Self::open(path, false)?;
+            for r in &kept {
+                w.write(r)?;
+            }
+            Ok(w)
+        } else {
+            Self::open(path, false)
+        }
+    }
+
     pub fn write(&mut self, record: &LogRecord) -> Result<()> {
         let line = serde_json::to_string(record).expect("plain data serialises");
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(io_err(&self.path))
