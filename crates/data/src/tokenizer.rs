@@ -385,6 +385,13 @@ impl Tokenizer {
         })
     }
 
+    /// Replaces the default chat template (e.g. from a `--chat-template` file); `origin` names it in errors.
+    pub fn set_chat_template(&mut self, source: &str, origin: impl Into<String>) -> Result<()> {
+        self.chat_templates
+            .insert("default".into(), ChatTemplate::new(source, origin)?);
+        Ok(())
+    }
+
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` with the default template.
     pub fn apply_chat_template(
         &self,
