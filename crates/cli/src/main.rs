@@ -1,1 +1,42 @@
-fn main() {}
+//! `rlhf`: the command line. Thin: every subcommand parses its flags and calls a library crate.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "rlhf", version, about = "Reinforcement learning from human feedback, end to end")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new model (random init from a preset or config.json) and train its byte-level BPE tokenizer.
+    Init(cmd::init::Args),
+    /// Generate completions for a JSONL of prompts.
+    Generate(cmd::generate::Args),
+    /// Benchmarks; each prints one JSON line per measured shape.
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
+}
+
+fn main() {
+    rlhf_model::tune_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Init(a) => cmd::init::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Bench(b) => cmd::bench::run(b),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

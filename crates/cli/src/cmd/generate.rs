@@ -1,0 +1,139 @@
+//! `rlhf generate`: prompts JSONL in, completions JSONL out (one row per prompt, input columns kept).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args as ClapArgs;
+use rlhf_data::{load_dataset, Text, Tokenizer};
+use rlhf_model::{generate, CausalLm, GenRequest, Sampling};
+use serde_json::{json, Value};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Model directory (config.json, safetensors, tokenizer files).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL/Parquet with a `prompt` column (a string, or a list of messages rendered with the chat template).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Output JSONL: every input column plus `completion`, `completion_ids`, `logprobs`, `finish_reason`.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// 0 = no top-k truncation.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Request i samples with seed + i (or the row's own integer `seed` column), so reruns reproduce.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the completion ends with this string (repeatable); EOS always stops.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompts per generation batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+/// A loaded model and its tokenizer, with prompt encoding as training sees it.
+pub struct Generator {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+}
+
+impl Generator {
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let model = CausalLm::load(dir, &Device::Cpu)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        Ok(Self { model, tokenizer })
+    }
+
+    /// Plain prompts are tokenized with special tokens (as `tokenizer(prompt)`); message lists through the
+    /// chat template with the generation prompt (as `apply_chat_template(..., add_generation_prompt=True)`).
+    pub fn encode_prompt(&self, prompt: &Text) -> Result<Vec<u32>> {
+        Ok(match prompt {
+            Text::Plain(s) => self.tokenizer.encode(s, true)?,
+            Text::Messages(m) => {
+                let rendered = self.tokenizer.apply_chat_template(m, true)?;
+                self.tokenizer.encode(&rendered.text, false)?
+            }
+        })
+    }
+
+    /// Generates for `prompts` in batches; returns (completion text, output) per prompt.
+    pub fn run(
+        &self,
+        prompts: &[Vec<u32>],
+        seeds: &[u64],
+        template: &GenRequest,
+        batch_size: usize,
+    ) -> Result<Vec<(String, rlhf_model::GenOutput)>> {
+        let eos = self.model.config().eos_token_ids();
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
+        let mut out = Vec::with_capacity(prompts.len());
+        for (chunk, seed_chunk) in prompts.chunks(batch_size.max(1)).zip(seeds.chunks(batch_size.max(1))) {
+            let requests: Vec<GenRequest> = chunk
+                .iter()
+                .zip(seed_chunk)
+                .map(|(ids, &seed)| GenRequest {
+                    prompt_ids: ids.clone(),
+                    seed,
+                    stop_ids: eos.clone(),
+                    ..template.clone()
+                })
+                .collect();
+            for o in generate(&self.model, &requests, Some(&decode))? {
+                out.push((self.tokenizer.decode(&o.tokens, true)?, o));
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let generator = Generator::load(&a.model)?;
+    let data = load_dataset(&a.prompts)?;
+    let mut prompts = Vec::with_capacity(data.rows.len());
+    let mut seeds = Vec::with_capacity(data.rows.len());
+    for (i, row) in data.rows.iter().enumerate() {
+        let prompt = row.record.prompt().with_context(|| {
+            format!("{}: {} rows have no `prompt` column to generate from", data.source, data.format)
+        })?;
+        prompts.push(generator.encode_prompt(prompt)?);
+        seeds.push(row.extra.get("seed").and_then(Value::as_u64).unwrap_or(a.seed + i as u64));
+    }
+    let template = GenRequest {
+        max_new_tokens: a.max_new_tokens,
+        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
+        stop_strings: a.stop.clone(),
+        ..Default::default()
+    };
+    let outputs = generator.run(&prompts, &seeds, &template, a.batch_size)?;
+    let mut text = String::new();
+    for (row, (completion, o)) in data.rows.iter().zip(outputs) {
+        let mut obj = row.to_json();
+        obj.insert("completion".into(), json!(completion));
+        obj.insert("completion_ids".into(), json!(o.tokens));
+        obj.insert("logprobs".into(), json!(o.logprobs));
+        obj.insert("finish_reason".into(), json!(format!("{:?}", o.finish_reason).to_lowercase()));
+        text.push_str(&serde_json::to_string(&obj)?);
+        text.push('\n');
+    }
+    write_atomic(&a.out, text.as_bytes())?;
+    eprintln!("wrote {} completions to {}", data.rows.len(), a.out.display());
+    Ok(())
+}
+
+/// Writes via a temp file + rename so an interrupted run never leaves a half-written output.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
