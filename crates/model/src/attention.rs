@@ -5,14 +5,18 @@ use candle_core::{DType, Device, Result, Tensor};
 
 /// Preallocated key/value cache for incremental decoding: one `[b, kv_heads, capacity, head_dim]`
 /// pair per layer, written in place (`slice_set`), so decoding never re-allocates or concatenates.
+///
+/// Row `b` attends to cache positions `row_start[b]..` (earlier ones are left padding) up to and
+/// including the query's own position.
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     /// Number of positions already written.
     len: usize,
     capacity: usize,
-    /// Additive mask `[b, 1, 1, tq, len + tq]` for the step being computed (0 or -inf).
-    mask: Option<Tensor>,
+    row_start: Vec<usize>,
+    /// Tokens in the step being computed.
+    step: usize,
 }
 
 impl KvCache {
@@ -30,7 +34,7 @@ impl KvCache {
                 Ok((z()?, z()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: 0, capacity, mask: None })
+        Ok(Self { layers, len: 0, capacity, row_start: vec![0; batch], step: 0 })
     }
 
     pub fn len(&self) -> usize {
@@ -45,36 +49,54 @@ impl KvCache {
         self.capacity
     }
 
-    /// Sets the mask of the next step: `key_valid[b][j]` says whether row `b` may attend to cache
-    /// position `j` (for `j < len + tq`); causality within the step is added here.
-    pub fn begin_step(&mut self, key_valid: &[Vec<bool>], tq: usize, device: &Device) -> Result<()> {
-        let total = self.len + tq;
-        if total > self.capacity {
-            candle_core::bail!("KV cache overflow: {total} positions > capacity {}", self.capacity)
+    /// Sets the first valid cache position of every row (its left padding ends there).
+    pub fn set_row_start(&mut self, row_start: &[usize]) -> Result<()> {
+        if row_start.len() != self.row_start.len() {
+            candle_core::bail!("KvCache: {} row starts for a batch of {}", row_start.len(), self.row_start.len())
         }
-        let b = key_valid.len();
-        let mut m = vec![f32::NEG_INFINITY; b * tq * total];
-        for (bi, valid) in key_valid.iter().enumerate() {
-            for qi in 0..tq {
-                let row = &mut m[(bi * tq + qi) * total..(bi * tq + qi + 1) * total];
-                for (j, v) in row.iter_mut().enumerate().take(self.len + qi + 1) {
-                    if valid[j] {
-                        *v = 0.0;
-                    }
-                }
-                // A padding query sees no valid key; letting it see itself keeps its (unused)
-                // output finite, since a NaN in the cache would poison `0 * v` for every row.
-                row[self.len + qi] = 0.0;
-            }
-        }
-        self.mask = Some(Tensor::from_vec(m, (b, 1, 1, tq, total), device)?);
+        self.row_start = row_start.to_vec();
         Ok(())
     }
 
-    /// Marks the `tq` positions of the current step as written.
-    pub fn end_step(&mut self, tq: usize) {
-        self.len += tq;
-        self.mask = None;
+    /// Declares that the next forward pass appends `tq` positions.
+    pub fn begin_step(&mut self, tq: usize) -> Result<()> {
+        if self.len + tq > self.capacity {
+            candle_core::bail!("KV cache overflow: {} positions > capacity {}", self.len + tq, self.capacity)
+        }
+        self.step = tq;
+        Ok(())
+    }
+
+    /// Marks the positions of the current step as written.
+    pub fn end_step(&mut self) {
+        self.len += self.step;
+        self.step = 0;
+    }
+
+    /// Keys visible to the query at absolute position `a` of row `b`: `lo..=a`. A padding query
+    /// (before its row's start) sees only itself, which keeps its unused output finite — a NaN in
+    /// the cache would poison `0 * v` for every row.
+    fn visible_from(&self, b: usize, a: usize) -> usize {
+        if a >= self.row_start[b] {
+            self.row_start[b]
+        } else {
+            a
+        }
+    }
+
+    /// Additive mask `[b, 1, 1, tq, len + tq]` (0 or -inf) for the generic (non-CPU) path.
+    fn mask(&self, tq: usize, device: &Device) -> Result<Tensor> {
+        let total = self.len + tq;
+        let b = self.row_start.len();
+        let mut m = vec![f32::NEG_INFINITY; b * tq * total];
+        for bi in 0..b {
+            for qi in 0..tq {
+                let a = self.len + qi;
+                let row = &mut m[(bi * tq + qi) * total..(bi * tq + qi + 1) * total];
+                row[self.visible_from(bi, a)..=a].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+        Tensor::from_vec(m, (b, 1, 1, tq, total), device)
     }
 }
 
@@ -94,32 +116,34 @@ pub(crate) fn attention(
     let (b, nh, tq, d) = q.dims4()?;
     let nkv = k.dim(1)?;
     let rep = nh / nkv;
-    let q = q.reshape((b, nkv, rep * tq, d))?;
-    let out = match cache {
-        None => {
-            let s = q.matmul(&k.t()?)?;
-            let p = ops::causal_softmax(&s, scale, tq, 0)?;
-            p.matmul(v)?
-        }
-        Some(cache) => {
-            let offset = cache.len;
-            let (kc, vc) = &cache.layers[layer];
-            kc.slice_set(k, 2, offset)?;
-            vc.slice_set(v, 2, offset)?;
-            let total = offset + tq;
-            let k = kc.narrow(2, 0, total)?;
-            let v = vc.narrow(2, 0, total)?;
-            let mask = match &cache.mask {
-                Some(m) => m,
-                None => candle_core::bail!("KvCache::begin_step was not called before the forward pass"),
-            };
-            let s = (q.matmul(&k.t()?)? * scale)?
-                .reshape((b, nkv, rep, tq, total))?
-                .broadcast_add(mask)?;
-            // Generation needs no gradient, so candle's fused (forward-only) softmax is fine here.
-            let p = candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rep * tq, total))?;
-            p.matmul(&v)?
-        }
+    let Some(cache) = cache else {
+        let q = q.reshape((b, nkv, rep * tq, d))?;
+        let s = q.matmul(&k.t()?)?;
+        let p = ops::causal_softmax(&s, scale, tq, 0)?;
+        return p.matmul(v)?.reshape((b, nh, tq, d))?.transpose(1, 2)?.reshape((b, tq, nh * d));
     };
-    out.reshape((b, nh, tq, d))?.transpose(1, 2)?.reshape((b, tq, nh * d))
+    if cache.step != tq {
+        candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")
+    }
+    let offset = cache.len;
+    let (kc, vc) = &cache.layers[layer];
+    kc.slice_set(k, 2, offset)?;
+    vc.slice_set(v, 2, offset)?;
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let starts = (0..b)
+            .map(|bi| (0..tq).map(|qi| cache.visible_from(bi, offset + qi)).collect())
+            .collect();
+        let op = ops::CachedAttention { scale: scale as f32, offset, starts };
+        return q.contiguous()?.apply_op3_no_bwd(kc, vc, &op)?.reshape((b, tq, nh * d));
+    }
+    let total = offset + tq;
+    let q = q.reshape((b, nkv, rep * tq, d))?;
+    let k = kc.narrow(2, 0, total)?;
+    let v = vc.narrow(2, 0, total)?;
+    let s = (q.matmul(&k.t()?)? * scale)?
+        .reshape((b, nkv, rep, tq, total))?
+        .broadcast_add(&cache.mask(tq, q.device())?)?;
+    // Generation needs no gradient, so candle's fused (forward-only) softmax is fine here.
+    let p = candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rep * tq, total))?;
+    p.matmul(&v)?.reshape((b, nh, tq, d))?.transpose(1, 2)?.reshape((b, tq, nh * d))
 }

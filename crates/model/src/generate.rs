@@ -159,8 +159,9 @@ pub fn generate(
     let pads: Vec<usize> = requests.iter().map(|r| p - r.prompt_ids.len()).collect();
     // The last sampled token is never fed back.
     let capacity = p + max_new - 1;
-    let key_valid: Vec<Vec<bool>> = pads.iter().map(|&pad| (0..capacity).map(|j| j >= pad).collect()).collect();
     let mut cache = model.new_kv_cache(b, capacity)?;
+    cache.set_row_start(&pads)?;
+    let net = model.inference_copy()?;
 
     let mut ids = Vec::with_capacity(b * p);
     let mut pos = Vec::with_capacity(b * p);
@@ -174,11 +175,11 @@ pub fn generate(
     let mut input = Tensor::from_vec(ids, (b, p), &dev)?;
     let mut positions = Tensor::from_vec(pos, (b, p), &dev)?;
     for step in 0..max_new {
-        cache.begin_step(&key_valid, step_len, &dev)?;
-        let h = model.hidden_with_cache(&input, &Positions::Ids(&positions), Some(&mut cache))?;
-        cache.end_step(step_len);
+        cache.begin_step(step_len)?;
+        let h = net.hidden(&input, &Positions::Ids(&positions), Some(&mut cache))?;
+        cache.end_step();
         let last = h.narrow(1, step_len - 1, 1)?;
-        let logits = model.logits(&last)?.squeeze(1)?.to_vec2::<f32>()?;
+        let logits = net.lm_head().forward(&last)?.squeeze(1)?.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(b);
         let mut next_pos = Vec::with_capacity(b);
         for (i, r) in requests.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! All parameters are f32 [`candle_core::Var`]s in a [`candle_nn::VarMap`] under their HF names.
 
 pub mod attention;
+pub mod bench;
 pub mod generate;
 pub mod gpt2;
 pub mod io;
@@ -235,10 +236,33 @@ impl Positions<'_> {
 }
 
 #[derive(Debug, Clone)]
-enum Inner {
+pub(crate) enum Inner {
     /// Llama and Qwen2.
     Decoder(llama::Decoder),
     Gpt2(gpt2::Gpt2),
+}
+
+impl Inner {
+    pub(crate) fn hidden(&self, ids: &Tensor, pos: &Positions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        match self {
+            Inner::Decoder(m) => m.hidden_states(ids, pos, cache),
+            Inner::Gpt2(m) => m.hidden_states(ids, pos, cache),
+        }
+    }
+
+    pub(crate) fn lm_head(&self) -> &Linear {
+        match self {
+            Inner::Decoder(m) => m.lm_head(),
+            Inner::Gpt2(m) => m.lm_head(),
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        match self {
+            Inner::Decoder(m) => m.linears_mut(),
+            Inner::Gpt2(m) => m.linears_mut(),
+        }
+    }
 }
 
 /// A causal LM (`*ForCausalLM` / `GPT2LMHeadModel`) whose parameters live in a `VarMap`.
@@ -368,17 +392,21 @@ impl CausalLm {
         pos: &Positions,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        match &self.inner {
-            Inner::Decoder(m) => m.hidden_states(input_ids, pos, cache),
-            Inner::Gpt2(m) => m.hidden_states(input_ids, pos, cache),
-        }
+        self.inner.hidden(input_ids, pos, cache)
     }
 
     fn lm_head(&self) -> &Linear {
-        match &self.inner {
-            Inner::Decoder(m) => m.lm_head(),
-            Inner::Gpt2(m) => m.lm_head(),
+        self.inner.lm_head()
+    }
+
+    /// The network with every linear layer replaced by its [`Linear::inference_copy`] (used by
+    /// generation; no gradients flow through it).
+    pub(crate) fn inference_copy(&self) -> Result<Inner> {
+        let mut inner = self.inner.clone();
+        for (_, l) in inner.linears_mut() {
+            *l = l.inference_copy()?;
         }
+        Ok(inner)
     }
 
     /// Logits `[.., vocab]` of hidden states `[.., hidden]` (tied or separate `lm_head`).
@@ -437,10 +465,7 @@ impl CausalLm {
     /// `model.layers.0.self_attn.q_proj`, and `lm_head`) for attaching a [`LinearAdapter`].
     /// When embeddings are tied, `lm_head` shares the embedding weight.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        match &mut self.inner {
-            Inner::Decoder(m) => m.linears_mut(),
-            Inner::Gpt2(m) => m.linears_mut(),
-        }
+        self.inner.linears_mut()
     }
 }
 
@@ -481,9 +506,13 @@ fn normal(rng: &mut impl Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-/// Raises glibc malloc's mmap/trim thresholds so that candle's per-op buffers are recycled from
-/// the heap instead of being mmap'ed and unmapped on every op (this took ~half of an AdamW step
-/// with the defaults). Call once at program start; a no-op off Linux/glibc.
+/// Call once at program start, before any other thread exists (it sets environment variables).
+///
+/// * Raises glibc malloc's mmap/trim thresholds so that candle's per-op buffers are recycled from
+///   the heap instead of being mmap'ed and unmapped on every op (with the defaults this took about
+///   half of an AdamW step).
+/// * Sets `RAYON_NUM_THREADS` (when unset) to the available parallelism: candle looks the thread
+///   count up on every matmul and otherwise derives it by parsing `/proc/cpuinfo` each time.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters.
@@ -492,5 +521,9 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }

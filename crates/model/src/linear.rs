@@ -50,6 +50,21 @@ impl Linear {
         }
     }
 
+    /// A detached copy with the weight stored `[in, out]` contiguously: at decode batch sizes the
+    /// CPU gemm multiplies by it about twice as fast as by the transposed view of `[out, in]`.
+    pub fn inference_copy(&self) -> Result<Linear> {
+        let weight = match self.layout {
+            WeightLayout::OutIn => self.weight.detach().t()?.contiguous()?,
+            WeightLayout::InOut => self.weight.detach(),
+        };
+        Ok(Linear {
+            weight,
+            bias: self.bias.as_ref().map(Tensor::detach),
+            layout: WeightLayout::InOut,
+            adapter: self.adapter.clone(),
+        })
+    }
+
     /// Output of the frozen base layer only (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();

@@ -50,10 +50,20 @@ fn u32_in(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<u32>> {
 
 /// Runs `f(row_index, row)` over the rows of `out`, in parallel when the tensor is large.
 fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let parallel = out.len() >= PAR_MIN_ELEMS;
+    for_rows_with(out, row_len, parallel, f)
+}
+
+fn for_rows_with(
+    out: &mut [f32],
+    row_len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
     if row_len == 0 {
         return;
     }
-    if out.len() >= PAR_MIN_ELEMS {
+    if parallel {
         out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     } else {
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
@@ -849,4 +859,95 @@ pub fn token_logprobs_ref(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let idx = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?.contiguous()?;
     lsm.gather(&idx, D::Minus1)?.squeeze(D::Minus1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention over a KV cache (inference only)
+
+/// `Σ a_i b_i` with independent accumulators so that it vectorises (f32 sums are not reassociated
+/// by the compiler).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Fused decode-time attention: `q [b, nh, tq, d]` against the first `offset + tq` positions of
+/// the caches `k, v [b, nkv, capacity, d]`; query `qi` of row `bi` sees keys
+/// `starts[bi][qi] ..= offset + qi`. Returns `[b, tq, nh, d]`. One pass per query instead of
+/// `b·nkv` tiny gemms.
+pub(crate) struct CachedAttention {
+    pub scale: f32,
+    pub offset: usize,
+    pub starts: Vec<Vec<usize>>,
+}
+
+impl CustomOp3 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "rlhf-cached-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = f32_in(s1, l1, self.name())?;
+        let k = f32_in(s2, l2, self.name())?;
+        let v = f32_in(s3, l3, self.name())?;
+        let (b, nh, tq, d) = match l1.dims() {
+            &[b, nh, tq, d] => (b, nh, tq, d),
+            other => bail!("cached attention: q must be [b, nh, tq, d], got {other:?}"),
+        };
+        let (nkv, cap) = match l2.dims() {
+            &[kb, nkv, cap, kd] if kb == b && kd == d && nh % nkv == 0 => (nkv, cap),
+            other => bail!("cached attention: cache {other:?} does not match q {:?}", l1.dims()),
+        };
+        let rep = nh / nkv;
+        let mut out = vec![0f32; b * tq * nh * d];
+        let work = b * nh * tq * (self.offset + tq) * d;
+        // One output block [tq, nh, d] per batch row.
+        for_rows_with(&mut out, tq * nh * d, b > 1 && work >= PAR_MIN_ELEMS, |bi, o| {
+            let mut p = vec![0f32; self.offset + tq];
+            for h in 0..nh {
+                let g = h / rep;
+                let kb = &k[(bi * nkv + g) * cap * d..];
+                let vb = &v[(bi * nkv + g) * cap * d..];
+                for qi in 0..tq {
+                    let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
+                    let (lo, hi) = (self.starts[bi][qi], self.offset + qi + 1);
+                    let p = &mut p[lo..hi];
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, pj) in (lo..hi).zip(p.iter_mut()) {
+                        *pj = dot(qr, &kb[j * d..(j + 1) * d]) * self.scale;
+                        m = m.max(*pj);
+                    }
+                    let mut sum = 0f32;
+                    for pj in p.iter_mut() {
+                        *pj = fast_exp(*pj - m);
+                        sum += *pj;
+                    }
+                    let orow = &mut o[(qi * nh + h) * d..][..d];
+                    let inv = 1.0 / sum;
+                    for (j, &pj) in (lo..hi).zip(p.iter()) {
+                        let w = pj * inv;
+                        for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
+                            *ov += w * vv;
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, tq, nh, d))))
+    }
 }
