@@ -6,6 +6,8 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod optim;
+pub mod pref_loss;
+pub mod rm_loss;
 pub mod schedule;
 pub mod sft;
 pub mod tokenize;

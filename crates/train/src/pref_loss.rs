@@ -113,11 +113,12 @@ impl LossParams {
     }
 }
 
-/// log σ(x), stable for any x and with the exact gradient σ(−x) everywhere (also at 0):
-/// −(relu(−x) + log(1 + e^−|x|)).
+/// log σ(x) = −softplus(−x), softplus(y) = relu(y) + log(1 + e^−|y|): stable for any x. candle's relu and abs
+/// both take the derivative 1 at 0, which gives softplus the exact slope 1 − ½ = σ(0) there.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let soft = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-    (x.neg()?.relu()? + soft)?.neg()
+    let y = x.neg()?;
+    let soft = y.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    (y.relu()? + soft)?.neg()
 }
 
 /// σ(x) = exp(log σ(x)).
@@ -270,4 +271,88 @@ pub fn pair_loss(loss_type: LossType, p: &LossParams, x: &PairLogps) -> Result<P
         LossType::Kto => candle_core::bail!("loss `kto` works on unpaired examples: use kto_loss"),
     };
     Ok(PairLoss { loss: per_sample.mean_all()?, chosen_rewards: rc.detach(), rejected_rewards: rr.detach() })
+}
+
+/// What TRL logs for a batch of pairs (`rewards/*`, `logps/*`), as batch means.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PairMetrics {
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    /// Fraction of pairs with chosen reward > rejected reward.
+    pub rewards_accuracies: f64,
+    pub rewards_margins: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+}
+
+impl PairMetrics {
+    /// Under TRL's metric names.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/margins", self.rewards_margins),
+            ("logps/chosen", self.logps_chosen),
+            ("logps/rejected", self.logps_rejected),
+        ]
+    }
+}
+
+fn mean(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The TRL metrics of a paired loss on `x`.
+pub fn pair_metrics(out: &PairLoss, x: &PairLogps) -> Result<PairMetrics> {
+    let rc: Vec<f32> = out.chosen_rewards.to_vec1()?;
+    let rr: Vec<f32> = out.rejected_rewards.to_vec1()?;
+    let acc = rc.iter().zip(&rr).filter(|(c, r)| c > r).count() as f64 / rc.len().max(1) as f64;
+    let margins: Vec<f32> = rc.iter().zip(&rr).map(|(c, r)| c - r).collect();
+    Ok(PairMetrics {
+        rewards_chosen: mean(&rc),
+        rewards_rejected: mean(&rr),
+        rewards_accuracies: acc,
+        rewards_margins: mean(&margins),
+        logps_chosen: mean(&x.chosen.detach().to_vec1()?),
+        logps_rejected: mean(&x.rejected.detach().to_vec1()?),
+    })
+}
+
+/// Log-probs of a KTO batch: `N` unpaired completions with labels, plus the mismatched KL sequences.
+#[derive(Debug, Clone)]
+pub struct KtoLogps {
+    pub policy: Tensor,
+    pub reference: Tensor,
+    /// true = desirable.
+    pub labels: Vec<bool>,
+    /// Policy / reference log-probs of the KL sequences (prompt i with another row's completion).
+    pub policy_kl: Tensor,
+    pub ref_kl: Tensor,
+}
+
+/// KTO loss (mean over all examples, TRL's reduction), the KL estimate z₀ and the metrics TRL logs
+/// (`rewards/accuracies` is left 0: TRL logs none for KTO).
+pub fn kto(p: &LossParams, x: &KtoLogps) -> Result<(Tensor, f64, PairMetrics)> {
+    let kl = kto_kl(&x.policy_kl.detach(), &x.ref_kl)?;
+    let pick = |want: bool| -> Result<Tensor> {
+        let idx: Vec<u32> = x.labels.iter().enumerate().filter(|(_, &l)| l == want).map(|(i, _)| i as u32).collect();
+        let n = idx.len();
+        Tensor::from_vec(idx, n, x.policy.device())
+    };
+    let (di, ui) = (pick(true)?, pick(false)?);
+    let ratios = (&x.policy - &x.reference)?;
+    let (dr, ur) = (ratios.index_select(&di, 0)?, ratios.index_select(&ui, 0)?);
+    let loss = kto_loss(&dr, &ur, kl, p)?.mean_all()?;
+    let rc: Vec<f32> = (dr.detach() * p.beta)?.to_vec1()?;
+    let rr: Vec<f32> = (ur.detach() * p.beta)?.to_vec1()?;
+    let metrics = PairMetrics {
+        rewards_chosen: mean(&rc),
+        rewards_rejected: mean(&rr),
+        rewards_accuracies: 0.0,
+        rewards_margins: mean(&rc) - mean(&rr),
+        logps_chosen: mean(&x.policy.detach().index_select(&di, 0)?.to_vec1()?),
+        logps_rejected: mean(&x.policy.detach().index_select(&ui, 0)?.to_vec1()?),
+    };
+    Ok((loss, kl, metrics))
 }
