@@ -17,6 +17,10 @@ enum Command {
     Init(cmd::init::Args),
     /// Generate completions for a JSONL of prompts.
     Generate(cmd::generate::Args),
+    /// Supervised fine-tuning on demonstrations (prompt/completion, messages or text data).
+    Sft(rlhf_train::SftArgs),
+    /// The feedback app: serve it, manage users and projects, import items, export training data.
+    Feedback(rlhf_feedback::cli::FeedbackArgs),
     /// Benchmarks; each prints one JSON line per measured shape.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -33,6 +37,8 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Init(a) => cmd::init::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Sft(a) => cmd::sft::run(a),
+        Command::Feedback(a) => rlhf_feedback::cli::run(a),
         Command::Bench(b) => cmd::bench::run(b),
     };
     if let Err(e) = result {
