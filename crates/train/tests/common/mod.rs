@@ -17,12 +17,14 @@ pub fn model_dir() -> PathBuf {
     root().join("fixtures/models/llama")
 }
 
-/// SFT settings on the addition data with the fixture model, writing to `out`.
+/// SFT settings on the addition data with the fixture model, writing to `out` (TRL bench settings:
+/// constant lr 1e-3, batch 8, log every step).
 pub fn addition_config(out: &Path) -> SftConfig {
     let mut cfg = SftConfig::with_defaults(model_dir(), root().join("data/sft_train.jsonl"), out.to_path_buf());
     cfg.eval_file = Some(root().join("data/sft_eval.jsonl"));
     cfg.max_length = 64;
     cfg.learning_rate = 1e-3;
+    cfg.lr_scheduler_type = rlhf_train::schedule::ScheduleKind::Constant;
     cfg.logging_steps = 1;
     cfg.save_steps = 0;
     cfg
