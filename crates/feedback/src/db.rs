@@ -50,7 +50,7 @@ impl Db {
         sqlx::any::install_default_drivers();
         let url = database_url(db);
         let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
-        let mut opts = AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 8 } else { 16 });
+        let mut opts = AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 4 } else { 16 });
         if backend == Backend::Sqlite {
             opts = opts.after_connect(|conn, _meta| sqlite_pragmas(conn));
         }

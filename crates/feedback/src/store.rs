@@ -541,22 +541,47 @@ impl Db {
 
     // ---------------------------------------------------------------- queue
 
-    /// Next item for an annotator: items they have no live label on, still under the
-    /// overlap target (gold items are shown to everyone). Ordered by reward-model
-    /// uncertainty when scores were imported, then least-labelled first; ties are spread
-    /// across annotators by a per-user hash so concurrent annotators don't all get the
-    /// same item (round-robin).
-    pub async fn next_item(&self, project: &Project, user_id: i64) -> Result<Option<Item>> {
-        let sql = format!(
-            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 \
-               AND (i.label_count < $2 OR i.gold IS NOT NULL) \
-               AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $3 AND {LIVE}) \
-             ORDER BY CASE WHEN i.uncertainty IS NULL THEN 1 ELSE 0 END, i.uncertainty DESC, i.label_count, \
-               ((i.id + $3 * 7919) * 2654435761) % 4294967291 \
-             LIMIT 1"
+    /// Next item for an annotator (`done` = their live labels so far). Candidates are
+    /// items without a live label of theirs and under the overlap target, walked in index
+    /// order so this stays cheap on large projects:
+    /// - when reward-model scores were imported, the most uncertain scored item first;
+    /// - otherwise the least-labelled items, of which each annotator takes a different
+    ///   one of the first few (per-user hash, i.e. round-robin), so concurrent
+    ///   annotators rarely collide on one item.
+    /// Gold items are interleaved every `GOLD_EVERY`-th item and are shown to everyone
+    /// (also past the overlap target) once nothing else is left.
+    pub async fn next_item(&self, project: &Project, user_id: i64, done: i64) -> Result<Option<Item>> {
+        const SPREAD: usize = 16;
+        const GOLD_EVERY: i64 = 10;
+        let not_mine = format!("NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $2 AND {LIVE})");
+        let gold_sql = format!("SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.gold IS NOT NULL AND {not_mine} ORDER BY i.id LIMIT 1");
+        let gold = || async {
+            let r = sqlx::query(&gold_sql).bind(project.id).bind(user_id).fetch_optional(&self.pool).await?;
+            r.as_ref().map(item_from_row).transpose()
+        };
+        if (done + 1) % GOLD_EVERY == 0 {
+            if let Some(item) = gold().await? {
+                return Ok(Some(item));
+            }
+        }
+        let scored = format!(
+            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.uncertainty IS NOT NULL AND i.label_count < $3 \
+             AND {not_mine} ORDER BY i.uncertainty DESC, i.id LIMIT 1"
         );
-        let r = sqlx::query(&sql).bind(project.id).bind(project.overlap).bind(user_id).fetch_optional(&self.pool).await?;
-        r.as_ref().map(item_from_row).transpose()
+        let r = sqlx::query(&scored).bind(project.id).bind(user_id).bind(project.overlap).fetch_optional(&self.pool).await?;
+        if let Some(r) = r {
+            return Ok(Some(item_from_row(&r)?));
+        }
+        let least = format!(
+            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.label_count < $3 AND {not_mine} \
+             ORDER BY i.label_count, i.id LIMIT {SPREAD}"
+        );
+        let rows = sqlx::query(&least).bind(project.id).bind(user_id).bind(project.overlap).fetch_all(&self.pool).await?;
+        if !rows.is_empty() {
+            let pick = ((user_id as u64).wrapping_mul(2654435761) >> 7) as usize % rows.len();
+            return Ok(Some(item_from_row(&rows[pick])?));
+        }
+        gold().await
     }
 
     /// Records that an item was shown, and in which order (randomised for pairwise).
@@ -578,20 +603,28 @@ impl Db {
         Ok(Assignment { id, item_id: item.id, user_id, shown_order: order, served_at: now })
     }
 
-    pub async fn assignment(&self, id: i64, user_id: i64) -> Result<Assignment> {
-        let r = sqlx::query("SELECT id, item_id, user_id, shown_order, served_at FROM assignments WHERE id = $1 AND user_id = $2")
-            .bind(id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("assignment {id}")))?;
-        Ok(Assignment {
-            id: r.try_get("id")?,
-            item_id: r.try_get("item_id")?,
-            user_id: r.try_get("user_id")?,
+    /// A user's assignment together with its item, which must be in `project_id`.
+    pub async fn assignment_item(&self, id: i64, user_id: i64, project_id: i64) -> Result<(Assignment, Item)> {
+        let r = sqlx::query(&format!(
+            "SELECT a.id AS a_id, a.shown_order, a.served_at, {} FROM assignments a JOIN items i ON i.id = a.item_id \
+             WHERE a.id = $1 AND a.user_id = $2 AND i.project_id = $3",
+            ITEM_COLS.split(", ").map(|c| format!("i.{c}")).collect::<Vec<_>>().join(", ")
+        ))
+        .bind(id)
+        .bind(user_id)
+        .bind(project_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("assignment {id} in project {project_id}")))?;
+        let item = item_from_row(&r)?;
+        let a = Assignment {
+            id: r.try_get("a_id")?,
+            item_id: item.id,
+            user_id,
             shown_order: serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?,
             served_at: r.try_get("served_at")?,
-        })
+        };
+        Ok((a, item))
     }
 
     // ---------------------------------------------------------------- labels
@@ -609,9 +642,6 @@ impl Db {
     ) -> Result<Submitted> {
         if idempotency_key.is_empty() || idempotency_key.len() > 128 {
             return Err(invalid("idempotency key must be 1–128 characters"));
-        }
-        if let Some(id) = self.label_by_key(user_id, idempotency_key).await? {
-            return Ok(Submitted::Duplicate(id));
         }
         let now = now_ms();
         let result = async {
@@ -676,12 +706,17 @@ impl Db {
         .await;
         match result {
             Ok(id) => Ok(Submitted::New(id)),
-            Err(Error::Other(e)) if is_unique_violation(&e) => match self.label_by_key(user_id, idempotency_key).await? {
-                // A concurrent request with the same key won.
+            // Retries are rare, so the key is only looked up when the insert did not
+            // happen: a stored key means this submission was already acknowledged once.
+            Err(e) => match self.label_by_key(user_id, idempotency_key).await? {
                 Some(id) => Ok(Submitted::Duplicate(id)),
-                None => Err(Error::Conflict("this item was labelled concurrently in another tab; reload".into())),
+                None => match e {
+                    Error::Other(e) if is_unique_violation(&e) => {
+                        Err(Error::Conflict("this item was labelled concurrently in another tab; reload".into()))
+                    }
+                    e => Err(e),
+                },
             },
-            Err(e) => Err(e),
         }
     }
 

@@ -49,7 +49,10 @@ CREATE TABLE items (
     created_at INTEGER NOT NULL,
     UNIQUE (project_id, external_id)
 );
-CREATE INDEX items_queue ON items (project_id, label_count);
+-- Queue walks: least-labelled first, most uncertain first, gold items.
+CREATE INDEX items_queue ON items (project_id, label_count, id);
+CREATE INDEX items_scored ON items (project_id, uncertainty);
+CREATE INDEX items_gold ON items (project_id, id) WHERE gold IS NOT NULL;
 CREATE TABLE assignments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     item_id INTEGER NOT NULL REFERENCES items(id),

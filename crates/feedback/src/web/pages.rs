@@ -594,7 +594,7 @@ pub async fn task(
     );
     let item = match q.item {
         Some(i) => Some(st.db.item(id, i).await?),
-        None => st.db.next_item(&p, user.id).await?,
+        None => st.db.next_item(&p, user.id, done).await?,
     };
     let Some(item) = item else {
         return Ok(html(
@@ -731,9 +731,8 @@ pub async fn label(
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
     let aid: i64 = num("assignment", f.get("assignment").map(String::as_str).unwrap_or(""))?;
-    let a = st.db.assignment(aid, user.id).await?;
     // The item must belong to this project (guards against cross-project posting).
-    let item = st.db.item(p.id, a.item_id).await?;
+    let (a, item) = st.db.assignment_item(aid, user.id, p.id).await?;
     let value = label_value(&p, &item, &a, &f)?;
     let key = f.get("key").map(String::as_str).unwrap_or("");
     let outcome = st.db.submit_label(p.id, item.id, user.id, Some(&a), &value, key).await?;

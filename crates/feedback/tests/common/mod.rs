@@ -41,22 +41,34 @@ impl Drop for TestDb {
 }
 
 /// One fresh database per backend. Postgres databases are created per call so tests
-/// can run in parallel; they are left for the CI machine to discard.
+/// can run in parallel, and dropped when the `TestDb` is dropped.
 pub async fn databases() -> Vec<TestDb> {
+    let mut out = vec![sqlite_db()];
+    out.extend(postgres_db().await);
+    out
+}
+
+pub fn sqlite_db() -> TestDb {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fb.sqlite").display().to_string();
-    let mut out = vec![TestDb { name: "sqlite", url: path, _dir: Some(dir), pg: None }];
+    TestDb { name: "sqlite", url: path, _dir: Some(dir), pg: None }
+}
+
+/// A fresh PostgreSQL database, or None (with a loud SKIP line) without RLHF_TEST_POSTGRES_URL.
+pub async fn postgres_db() -> Option<TestDb> {
     match std::env::var("RLHF_TEST_POSTGRES_URL") {
         Ok(base) if !base.is_empty() => {
             let (url, name) = fresh_pg_database(&base).await;
-            out.push(TestDb { name: "postgres", url, _dir: None, pg: Some((base, name)) })
+            Some(TestDb { name: "postgres", url, _dir: None, pg: Some((base, name)) })
         }
-        _ => eprintln!(
-            "\n*** SKIP: RLHF_TEST_POSTGRES_URL is not set; this test ran on SQLite only. \
-             Run `eval \"$(bash .ci/feedback-setup.sh | tail -n 1)\"` to test PostgreSQL too. ***\n"
-        ),
+        _ => {
+            eprintln!(
+                "\n*** SKIP: RLHF_TEST_POSTGRES_URL is not set; this test ran on SQLite only. \
+                 Run `eval \"$(bash .ci/feedback-setup.sh | tail -n 1)\"` to test PostgreSQL too. ***\n"
+            );
+            None
+        }
     }
-    out
 }
 
 async fn fresh_pg_database(base: &str) -> (String, String) {
