@@ -17,6 +17,9 @@ use crate::chat_template::{ChatTemplate, Rendered};
 use crate::error::{DataError, Result};
 use crate::formats::Message;
 
+/// Byte range `[start, end)` of the input text that a token covers.
+pub type Offset = (usize, usize);
+
 /// A tokenized conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatTokens {
@@ -255,7 +258,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<Offset>)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| {
             self.err(format!(
                 "cannot encode {:?}: {e}",

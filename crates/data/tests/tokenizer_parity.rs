@@ -335,7 +335,7 @@ fn trained_bpe_directory_reloads() {
         add_bos: true,
         ..BpeConfig::default()
     };
-    let t = train_bpe(&[corpus.clone()], &config, &out).unwrap();
+    let t = train_bpe(std::slice::from_ref(&corpus), &config, &out).unwrap();
     assert_eq!(t.vocab_size(), 300);
     assert_eq!(
         (
