@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Quick-start on bundled data: a tiny model's answers before and after SFT.
+    Demo(cmd::demo::Args),
     /// Create a new model (random init from a preset or config.json) and train its byte-level BPE tokenizer.
     Init(cmd::init::Args),
     /// Generate completions for a JSONL of prompts.
@@ -35,6 +37,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Init(a) => cmd::init::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Sft(a) => cmd::sft::run(a),

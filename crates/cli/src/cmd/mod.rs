@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod demo;
 pub mod generate;
 pub mod init;
 pub mod sft;
