@@ -151,7 +151,12 @@ impl Driver {
 
     async fn shot(&self, name: &str) {
         let Some(dir) = &self.shots else { return };
+        // Grow the window to the page so long pages are captured whole.
+        let h = self.cmd("POST", "/execute/sync", json!({"script": "return document.documentElement.scrollHeight", "args": []})).await;
+        let height = h.as_i64().unwrap_or(1000).clamp(700, 4000) + 120;
+        self.cmd("POST", "/window/rect", json!({"width": 1280, "height": height})).await;
         let b64 = self.cmd("GET", "/screenshot", json!({})).await;
+        self.cmd("POST", "/window/rect", json!({"width": 1280, "height": 1000})).await;
         let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap();
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
