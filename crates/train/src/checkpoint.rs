@@ -8,6 +8,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use rlhf_data::SamplerState;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io_err, Result, TrainError};
@@ -24,11 +25,10 @@ const TMP_PREFIX: &str = ".tmp-checkpoint-";
 pub struct TrainerState {
     /// Optimizer steps completed.
     pub global_step: u64,
-    /// Data position: epoch and index of the next sample in that epoch's order.
-    pub epoch: u64,
-    pub sample_index: u64,
+    /// Data position: epoch and index of the next example in that epoch's order.
+    pub data: SamplerState,
     /// RNG state. The only randomness in training is the epoch order, drawn from ChaCha8(seed) on
-    /// stream `epoch` (models are dropout-free), so the seed together with `epoch` is the whole state.
+    /// stream `epoch` (models are dropout-free), so the seed together with `data.epoch` is the whole state.
     pub shuffle_seed: u64,
     /// Non-pad tokens seen so far (TRL's `num_tokens`).
     pub num_tokens: u64,

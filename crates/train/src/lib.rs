@@ -10,7 +10,6 @@ pub mod pref_loss;
 pub mod rm_loss;
 pub mod schedule;
 pub mod sft;
-pub mod tokenize;
 
 pub use error::{Result, TrainError};
 pub use config::{SftArgs, SftConfig};

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rlhf_data::{EpochSampler, TokenizedSequence};
 use rlhf_model::CausalLm;
 use serde::Serialize;
 
@@ -19,25 +17,10 @@ use crate::metrics::{LogRecord, MetricsWriter, Progress};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 
-/// One tokenized training sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SftExample {
-    pub input_ids: Vec<u32>,
-    /// `loss_mask[j]`: token j is a loss target (predicted from position j-1). Index 0 is never a target.
-    pub loss_mask: Vec<bool>,
-    /// Positions for packed rows (restart at each packed sequence); `None` = 0..len.
-    pub position_ids: Option<Vec<u32>>,
-}
-
-impl SftExample {
-    pub fn num_loss_tokens(&self) -> usize {
-        self.loss_mask.iter().skip(1).filter(|&&m| m).count()
-    }
-}
-
 /// A right-padded micro-batch on the device, with the flat positions whose next token is a target.
 pub struct SftBatch {
     input_ids: Tensor,
+    /// Only for packed rows (positions restart per example); otherwise the model's default 0..t.
     position_ids: Option<Tensor>,
     /// Row-major indices `row * t + j` of the positions that predict a loss token.
     gather: Tensor,
@@ -49,41 +32,26 @@ pub struct SftBatch {
 }
 
 impl SftBatch {
-    pub fn new(examples: &[&SftExample], pad_id: u32, device: &Device) -> Result<Self> {
-        let b = examples.len();
-        let t = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-        if b == 0 || t == 0 {
+    /// Collate (TRL's collator, see [`rlhf_data::collate`]) and move to `device`.
+    pub fn new(rows: &[&TokenizedSequence], pad_id: u32, device: &Device) -> Result<Self> {
+        if rows.is_empty() || rows.iter().all(|r| r.is_empty()) {
             return Err(candle_core::Error::Msg("empty SFT batch".into()).into());
         }
-        let mut ids = vec![pad_id; b * t];
-        let packed = examples.iter().any(|e| e.position_ids.is_some());
-        let mut pos = if packed { vec![0u32; b * t] } else { Vec::new() };
-        let (mut gather, mut target_ids) = (Vec::new(), Vec::new());
-        for (r, e) in examples.iter().enumerate() {
-            ids[r * t..r * t + e.input_ids.len()].copy_from_slice(&e.input_ids);
-            if packed {
-                let row = &mut pos[r * t..(r + 1) * t];
-                match &e.position_ids {
-                    Some(p) => row[..p.len()].copy_from_slice(p),
-                    None => row.iter_mut().enumerate().for_each(|(j, x)| *x = j as u32),
-                }
-            }
-            for j in 1..e.input_ids.len() {
-                if e.loss_mask[j] {
-                    gather.push((r * t + j - 1) as u32);
-                    target_ids.push(e.input_ids[j]);
-                }
-            }
-        }
-        let num_loss_tokens = target_ids.len();
+        let tb = rlhf_data::collate(rows, pad_id, None);
+        let (b, t) = (tb.batch_size, tb.seq_len);
+        let (gather, target_ids): (Vec<u32>, Vec<u32>) = (0..b * t)
+            .filter(|&i| tb.loss_mask[i] != 0.0)
+            .map(|i| (i as u32, tb.targets[i]))
+            .unzip();
+        let packed = rows.iter().any(|r| r.packed);
         Ok(Self {
-            input_ids: Tensor::from_vec(ids, (b, t), device)?,
-            position_ids: if packed { Some(Tensor::from_vec(pos, (b, t), device)?) } else { None },
-            gather: Tensor::from_vec(gather, num_loss_tokens, device)?,
-            targets: Tensor::from_vec(target_ids.clone(), num_loss_tokens, device)?,
+            input_ids: Tensor::from_vec(tb.input_ids, (b, t), device)?,
+            position_ids: if packed { Some(Tensor::from_vec(tb.position_ids, (b, t), device)?) } else { None },
+            gather: Tensor::from_vec(gather, target_ids.len(), device)?,
+            targets: Tensor::from_vec(target_ids.clone(), target_ids.len(), device)?,
             target_ids,
-            num_tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
-            num_loss_tokens,
+            num_tokens: tb.num_tokens,
+            num_loss_tokens: tb.num_loss_tokens,
         })
     }
 }
@@ -159,12 +127,12 @@ pub struct SftTrainer {
     model: CausalLm,
     optimizer: AdamW,
     schedule: Schedule,
-    train: Vec<SftExample>,
-    eval: Vec<SftExample>,
+    train: Vec<TokenizedSequence>,
+    eval: Vec<TokenizedSequence>,
     pad_id: u32,
     state: TrainerState,
-    /// Example order of `state.epoch` (a function of seed and epoch, so it is not checkpointed).
-    order: Vec<usize>,
+    /// Example order; its (epoch, index) is `state.data`.
+    sampler: EpochSampler,
     steps_per_epoch: u64,
     /// Directory whose tokenizer files are copied into saved models.
     tokenizer_dir: Option<PathBuf>,
@@ -178,9 +146,9 @@ impl SftTrainer {
         let device = Device::Cpu;
         let tokenizer = rlhf_data::tokenizer::Tokenizer::from_dir(&cfg.model).map_err(|e| TrainError::Data(e.to_string()))?;
         let pad_id = tokenizer.pad_id().map_err(|e| TrainError::Data(e.to_string()))?;
-        let train = crate::tokenize::sft_examples(&cfg, &tokenizer, &cfg.train_file)?;
+        let train = tokenize(&cfg, &tokenizer, &cfg.train_file)?;
         let eval = match &cfg.eval_file {
-            Some(f) => crate::tokenize::sft_examples(&cfg, &tokenizer, f)?,
+            Some(f) => tokenize(&cfg, &tokenizer, f)?,
             None => Vec::new(),
         };
         let resume_dir = if cfg.resume {
@@ -202,12 +170,12 @@ impl SftTrainer {
         Ok(trainer)
     }
 
-    /// A trainer over already tokenized data (benchmarks, tests). Examples without loss tokens are an error.
+    /// A trainer over already tokenized data (benchmarks, tests).
     pub fn from_parts(
         cfg: SftConfig,
         model: CausalLm,
-        train: Vec<SftExample>,
-        eval: Vec<SftExample>,
+        train: Vec<TokenizedSequence>,
+        eval: Vec<TokenizedSequence>,
         pad_id: u32,
     ) -> Result<Self> {
         if train.is_empty() {
@@ -230,8 +198,8 @@ impl SftTrainer {
             None => ((cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1),
         };
         let schedule = Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup(), total_steps);
-        let state = TrainerState { global_step: 0, epoch: 0, sample_index: 0, shuffle_seed: cfg.seed, num_tokens: 0 };
-        let order = epoch_order(train.len(), cfg.seed, 0);
+        let sampler = EpochSampler::new(train.len(), cfg.seed, true);
+        let state = TrainerState { global_step: 0, data: sampler.state(), shuffle_seed: cfg.seed, num_tokens: 0 };
         Ok(Self {
             cfg,
             model,
@@ -241,7 +209,7 @@ impl SftTrainer {
             eval,
             pad_id,
             state,
-            order,
+            sampler,
             steps_per_epoch,
             tokenizer_dir: None,
             last_checkpoint: None,
@@ -275,15 +243,9 @@ impl SftTrainer {
     /// The micro-batches (as example indices) of the next optimizer step. A step never spans two epochs
     /// (the last step of an epoch may have fewer micro-batches), so the data position is (epoch, index).
     fn next_micro_batches(&mut self) -> Vec<Vec<usize>> {
-        if self.state.sample_index as usize >= self.order.len() {
-            self.state.epoch += 1;
-            self.state.sample_index = 0;
-            self.order = epoch_order(self.train.len(), self.state.shuffle_seed, self.state.epoch);
-        }
-        let start = self.state.sample_index as usize;
-        let end = (start + self.cfg.batch_size * self.cfg.gradient_accumulation_steps).min(self.order.len());
-        self.state.sample_index = end as u64;
-        self.order[start..end].chunks(self.cfg.batch_size).map(|c| c.to_vec()).collect()
+        let idx = self.sampler.next_batch(self.cfg.batch_size * self.cfg.gradient_accumulation_steps, false);
+        self.state.data = self.sampler.state();
+        idx.chunks(self.cfg.batch_size).map(|c| c.to_vec()).collect()
     }
 
     /// One optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW.
@@ -294,7 +256,7 @@ impl SftTrainer {
         let batches = micro
             .iter()
             .map(|idx| {
-                let ex: Vec<&SftExample> = idx.iter().map(|&i| &self.train[i]).collect();
+                let ex: Vec<&TokenizedSequence> = idx.iter().map(|&i| &self.train[i]).collect();
                 SftBatch::new(&ex, self.pad_id, &device)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -365,7 +327,7 @@ impl SftTrainer {
         }
         let (mut loss_sum, mut acc_sum, mut rows, mut batches) = (0.0, 0.0, 0usize, 0usize);
         for chunk in self.eval.chunks(self.cfg.batch_size) {
-            let ex: Vec<&SftExample> = chunk.iter().collect();
+            let ex: Vec<&TokenizedSequence> = chunk.iter().collect();
             let batch = SftBatch::new(&ex, self.pad_id, self.model.device())?;
             if batch.num_loss_tokens == 0 {
                 continue;
@@ -428,13 +390,13 @@ impl SftTrainer {
             }
         }
         let state = checkpoint::load_checkpoint(dir, &mut self.optimizer)?;
-        if state.sample_index as usize > self.train.len() {
+        if state.data.index > self.train.len() {
             return Err(TrainError::Checkpoint {
                 path: dir.join(checkpoint::STATE_FILE),
-                msg: format!("sample_index {} beyond the {} training examples", state.sample_index, self.train.len()),
+                msg: format!("data index {} beyond the {} training examples", state.data.index, self.train.len()),
             });
         }
-        self.order = epoch_order(self.train.len(), state.shuffle_seed, state.epoch);
+        self.sampler = EpochSampler::resume(self.train.len(), state.shuffle_seed, true, state.data);
         self.resumed_from = Some(state.global_step);
         self.state = state;
         self.last_checkpoint = Some(dir.to_path_buf());
@@ -504,14 +466,22 @@ pub fn run_sft(cfg: &SftConfig) -> Result<SftSummary> {
     SftTrainer::new(cfg.clone())?.train()
 }
 
-/// Example order of an epoch: a Fisher–Yates shuffle driven by ChaCha8(seed) on stream `epoch`, so the
-/// whole RNG state is (seed, epoch) and a resumed run reproduces it exactly.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(epoch);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut rng);
-    order
+/// Tokenize a dataset file as TRL's SFTTrainer does (see [`rlhf_data::tokenize_sft`]): truncation to
+/// max_length or best-fit-decreasing packing, completion-only labels for prompt/completion rows.
+fn tokenize(cfg: &SftConfig, tokenizer: &rlhf_data::Tokenizer, path: &Path) -> Result<Vec<TokenizedSequence>> {
+    let data_err = |e: rlhf_data::DataError| TrainError::Data(e.to_string());
+    let dataset = rlhf_data::load_dataset(path).map_err(data_err)?;
+    let data_cfg = rlhf_data::SftConfig {
+        max_length: Some(cfg.max_length),
+        completion_only_loss: cfg.completion_only_loss,
+        packing: cfg.packing.then_some(rlhf_data::Packing::Bfd),
+        ..Default::default()
+    };
+    let rows = rlhf_data::tokenize_sft(&dataset, tokenizer, &data_cfg).map_err(data_err)?.rows;
+    if rows.is_empty() {
+        return Err(TrainError::Data(format!("{}: no example has a token to train on", path.display())));
+    }
+    Ok(rows)
 }
 
 /// Metrics accumulated between two log lines, reduced as transformers/TRL do: mean loss over steps,

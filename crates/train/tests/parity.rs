@@ -5,7 +5,8 @@ mod common;
 use std::collections::HashMap;
 
 use rlhf_train::schedule::ScheduleKind;
-use rlhf_train::sft::{sft_nll, SftBatch, SftExample};
+use rlhf_data::TokenizedSequence;
+use rlhf_train::sft::{sft_nll, SftBatch};
 use rlhf_train::{SftConfig, SftTrainer};
 use serde_json::Value;
 
@@ -14,8 +15,8 @@ fn reference() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// The fixture batch as unpadded examples (labels ≠ -100 are the loss tokens).
-fn examples(r: &Value) -> Vec<SftExample> {
+/// The fixture batch as unpadded rows (labels ≠ IGNORE are the loss tokens).
+fn examples(r: &Value) -> Vec<TokenizedSequence> {
     let b = &r["batch"];
     let rows = |k: &str| -> Vec<Vec<i64>> { serde_json::from_value(b[k].clone()).unwrap() };
     let (ids, labels, mask) = (rows("input_ids"), rows("labels"), rows("attention_mask"));
@@ -24,11 +25,7 @@ fn examples(r: &Value) -> Vec<SftExample> {
         .zip(&mask)
         .map(|((ids, labels), mask)| {
             let n = mask.iter().filter(|&&m| m == 1).count();
-            SftExample {
-                input_ids: ids[..n].iter().map(|&i| i as u32).collect(),
-                loss_mask: labels[..n].iter().map(|&l| l != -100).collect(),
-                position_ids: None,
-            }
+            TokenizedSequence::new(ids[..n].iter().map(|&i| i as u32).collect(), labels[..n].to_vec())
         })
         .collect()
 }
@@ -45,8 +42,8 @@ fn trainer(r: &Value, weight_decay: f64, max_grad_norm: f64) -> SftTrainer {
     SftTrainer::from_parts(cfg, common::load(&dir), examples(r), Vec::new(), 0).unwrap()
 }
 
-fn mean_loss(t: &SftTrainer, ex: &[SftExample]) -> f64 {
-    let refs: Vec<&SftExample> = ex.iter().collect();
+fn mean_loss(t: &SftTrainer, ex: &[TokenizedSequence]) -> f64 {
+    let refs: Vec<&TokenizedSequence> = ex.iter().collect();
     let batch = SftBatch::new(&refs, 0, t.model().device()).unwrap();
     let (nll, _) = sft_nll(t.model(), &batch).unwrap();
     nll.to_scalar::<f32>().unwrap() as f64 / batch.num_loss_tokens as f64
@@ -61,7 +58,7 @@ fn loss_and_gradients_match_transformers() {
     let r = reference();
     let ex = examples(&r);
     let t = trainer(&r, 0.0, 0.0);
-    let refs: Vec<&SftExample> = ex.iter().collect();
+    let refs: Vec<&TokenizedSequence> = ex.iter().collect();
     let batch = SftBatch::new(&refs, 0, t.model().device()).unwrap();
     assert_eq!(batch.num_loss_tokens as u64, r["num_loss_tokens"].as_u64().unwrap());
     let (nll, _) = sft_nll(t.model(), &batch).unwrap();

@@ -141,7 +141,7 @@ fn resume_across_an_epoch_boundary() {
             t.step().unwrap();
         }
         t.save_checkpoint().unwrap();
-        assert_eq!((t.state().epoch, t.state().sample_index), (1, 8));
+        assert_eq!((t.state().data.epoch, t.state().data.index), (1, 8));
     }
     let mut cfg = config(&b);
     cfg.resume = true;
@@ -206,4 +206,19 @@ fn resume_refuses_a_changed_batch_configuration() {
     cfg.batch_size = 4;
     let err = SftTrainer::new(cfg).err().expect("changed batch size must be refused").to_string();
     assert!(err.contains("training_config.json") && err.contains("batch_size"), "{err}");
+}
+
+#[test]
+fn packing_trains_on_packed_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = common::addition_config(out.path());
+    cfg.packing = true;
+    cfg.max_steps = Some(3);
+    let mut t = SftTrainer::new(cfg).unwrap();
+    // ~10-token examples in rows of 64: 2000 examples fit in a few hundred rows.
+    assert!(t.steps_per_epoch() < 2000 / 8 / 3, "rows were not packed: {} steps per epoch", t.steps_per_epoch());
+    let s = t.step().unwrap();
+    assert!(s.loss.is_finite() && s.num_tokens > 8 * 40, "{s:?}");
+    let summary = t.train().unwrap();
+    assert!(summary.eval.unwrap().eval_loss.is_finite());
 }

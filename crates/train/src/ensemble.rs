@@ -1,0 +1,87 @@
+//! Reward-model ensembles: k heads on one trunk (one model with `num_labels = k`) or k separate models.
+//! Per sample they give the mean reward and the disagreement (standard deviation over members), the
+//! uncertainty signal used to pick what to label next.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use rlhf_model::seq_cls::SeqCls;
+
+use crate::error::{Result, TrainError};
+
+pub enum Ensemble {
+    /// One model; each of its `num_labels` outputs is a member (1 = a plain reward model).
+    Heads(SeqCls),
+    /// Several single-head reward models sharing a tokenizer.
+    Models(Vec<SeqCls>),
+}
+
+impl Ensemble {
+    /// One directory: its heads; several: one member each (each must have a single head).
+    pub fn load(dirs: &[PathBuf], device: &Device) -> Result<Self> {
+        let load = |d: &PathBuf| {
+            if !d.join("config.json").is_file() {
+                return Err(TrainError::Config {
+                    file: "command line".into(),
+                    key: "model".into(),
+                    msg: format!("{} has no config.json", d.display()),
+                });
+            }
+            SeqCls::load(d, 1, None, 0, device).map_err(|e| TrainError::Model(e.to_string()))
+        };
+        match dirs {
+            [] => Err(TrainError::Config { file: "command line".into(), key: "model".into(), msg: "no reward model given".into() }),
+            [one] => Ok(Ensemble::Heads(load(one)?)),
+            many => {
+                let models = many.iter().map(load).collect::<Result<Vec<_>>>()?;
+                if let Some((d, m)) = many.iter().zip(&models).find(|(_, m)| m.num_labels() != 1) {
+                    return Err(TrainError::Model(format!(
+                        "{}: has {} heads; an ensemble of models needs single-head members",
+                        d.display(),
+                        m.num_labels()
+                    )));
+                }
+                Ok(Ensemble::Models(models))
+            }
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        match self {
+            Ensemble::Heads(m) => m.num_labels(),
+            Ensemble::Models(v) => v.len(),
+        }
+    }
+
+    pub fn pad_token_id(&self) -> u32 {
+        match self {
+            Ensemble::Heads(m) => m.pad_token_id(),
+            Ensemble::Models(v) => v[0].pad_token_id(),
+        }
+    }
+
+    /// Member rewards `[b, k]` of right-padded `input_ids` `[b, t]`.
+    pub fn scores(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        Ok(match self {
+            Ensemble::Heads(m) => m.forward(input_ids, lengths)?.detach(),
+            Ensemble::Models(v) => {
+                let cols = v.iter().map(|m| m.forward(input_ids, lengths)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&cols, 1)?.detach()
+            }
+        })
+    }
+}
+
+/// Per row of `[b, k]` scores: the mean and the sample standard deviation over the k members (0 when k = 1).
+pub fn mean_std(scores: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let rows: Vec<Vec<f32>> = scores.to_vec2()?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let k = r.len() as f64;
+            let mean = r.iter().map(|&x| x as f64).sum::<f64>() / k;
+            let var = if r.len() > 1 { r.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (k - 1.0) } else { 0.0 };
+            (mean as f32, var.sqrt() as f32)
+        })
+        .unzip())
+}
