@@ -10,6 +10,7 @@ pub mod formats;
 pub mod jsonl;
 pub mod parquet;
 pub mod preference;
+pub mod prompts;
 pub mod sft;
 pub mod tokenizer;
 
@@ -24,6 +25,7 @@ pub use formats::{
     Preference, PromptCompletion, PromptOnly, Rating, Record, Row, ScoreScale, Text, Unpaired,
 };
 pub use preference::{tokenize_pair, tokenize_preferences, PreferenceExample};
+pub use prompts::{tokenize_prompt, tokenize_prompts};
 pub use sft::{
     tokenize_sft, tokenize_sft_record, Packing, SftConfig, SftData, TokenizedSequence, Truncation,
     IGNORE,

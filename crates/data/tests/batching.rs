@@ -317,3 +317,24 @@ fn sampler_is_deterministic_and_resumes_bit_identically() {
         .next_batch(4, false)
         .is_empty());
 }
+
+#[test]
+fn rl_prompts_tokenize_like_grpo() {
+    let tok = tokenizer();
+    let d = load_dataset("../../data/prompts.jsonl").unwrap();
+    let prompts = rlhf_data::tokenize_prompts(&d, &tok, None).unwrap();
+    assert_eq!(prompts.len(), 2000);
+    assert_eq!(tok.decode(&prompts[0], false).unwrap(), "<s>Q: 60+62=");
+    assert_eq!(d.rows[0].extra.get("answer"), Some(&serde_json::json!(122)));
+    let conv = load_dataset("tests/data/prompt_completion_conversational.jsonl").unwrap();
+    let p = rlhf_data::tokenize_prompts(&conv, &tok, None).unwrap();
+    assert_eq!(
+        tok.decode(&p[0], false).unwrap(),
+        "User: Q: 17+25=\nAssistant:"
+    );
+    let lm = load_dataset("tests/data/language_modeling.jsonl").unwrap();
+    assert_eq!(
+        rlhf_data::tokenize_prompts(&lm, &tok, None).unwrap_err().to_string(),
+        "tests/data/language_modeling.jsonl: online RL needs a \"prompt\" field, but a language_modeling dataset has none"
+    );
+}

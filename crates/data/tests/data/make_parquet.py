@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Regenerate the Parquet fixtures next to this file with pyarrow (what `datasets` writes through:
-string, int64, double, bool and list<struct<role, content>> columns, Snappy compression)."""
+"""Regenerate the Parquet fixtures next to this file with `datasets` (`Dataset.from_list(rows).to_parquet`):
+string, int64, double, bool and list<struct<role, content>> columns, Snappy compression.
+Run with the pinned venv: /work/venv/bin/python crates/data/tests/data/make_parquet.py"""
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from datasets import Dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -14,7 +14,7 @@ def msg(role, content):
 
 
 def write(name, rows):
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(HERE, name), compression="snappy")
+    Dataset.from_list(rows).to_parquet(os.path.join(HERE, name))
 
 
 write("preference.parquet", [
