@@ -56,15 +56,6 @@ impl TaskKind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| invalid(format!("task kind must be one of pairwise, rating, correction, critique, demonstration; got {s:?}")))
     }
-    /// How many responses one item of this kind shows.
-    pub fn responses_per_item(self) -> Option<usize> {
-        match self {
-            TaskKind::Pairwise => Some(2),
-            TaskKind::Rating | TaskKind::Correction | TaskKind::Critique => Some(1),
-            // Demonstrations show any candidates as references only.
-            TaskKind::Demonstration => None,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -200,10 +200,10 @@ mod tests {
     #[test]
     fn cohen_textbook() {
         let mut pairs = vec![];
-        pairs.extend(std::iter::repeat((0, 0)).take(20));
-        pairs.extend(std::iter::repeat((0, 1)).take(5));
-        pairs.extend(std::iter::repeat((1, 0)).take(10));
-        pairs.extend(std::iter::repeat((1, 1)).take(15));
+        pairs.extend(std::iter::repeat_n((0, 0), 20));
+        pairs.extend(std::iter::repeat_n((0, 1), 5));
+        pairs.extend(std::iter::repeat_n((1, 0), 10));
+        pairs.extend(std::iter::repeat_n((1, 1), 15));
         close(cohens_kappa(&pairs), 0.4, 1e-12);
         // Perfect agreement on a single category: chance agreement 1, κ undefined.
         assert_eq!(cohens_kappa(&[(0, 0), (0, 0)]), None);

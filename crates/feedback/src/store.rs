@@ -548,6 +548,7 @@ impl Db {
     /// - otherwise the least-labelled items, of which each annotator takes a different
     ///   one of the first few (per-user hash, i.e. round-robin), so concurrent
     ///   annotators rarely collide on one item.
+    ///
     /// Gold items are interleaved every `GOLD_EVERY`-th item and are shown to everyone
     /// (also past the overlap target) once nothing else is left.
     pub async fn next_item(&self, project: &Project, user_id: i64, done: i64) -> Result<Option<Item>> {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ impl Drop for Driver {
 }
 
 impl Driver {
-    async fn start(chromium: &PathBuf, chromedriver: &PathBuf) -> Driver {
+    async fn start(chromium: &Path, chromedriver: &Path) -> Driver {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(chromedriver)
             .arg(format!("--port={port}"))
@@ -193,7 +193,7 @@ impl Driver {
     }
 
     async fn quit(&self) {
-        let _ = self.http.delete(format!("{}", self.base)).send().await;
+        let _ = self.http.delete(&self.base).send().await;
         let _ = &self.session;
     }
 }

@@ -62,18 +62,21 @@ fn cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
     })
 }
 
-/// One annotator: logs in, then fetches tasks and submits labels. Network errors (the
-/// server being killed) are retried: GETs simply again, POSTs with the same key.
-async fn annotator(
+/// What every simulated annotator of one load run shares.
+#[derive(Clone)]
+struct Load {
     http: reqwest::Client,
     base: String,
     pid: i64,
-    user: String,
-    submissions: usize,
     tag: &'static str,
     acked: Arc<std::sync::Mutex<Vec<String>>>,
     ack_count: Arc<AtomicUsize>,
-) {
+}
+
+/// One annotator: logs in, then fetches tasks and submits labels. Network errors (the
+/// server being killed) are retried: GETs simply again, POSTs with the same key.
+async fn annotator(load: Load, user: String, submissions: usize) {
+    let Load { http, base, pid, tag, acked, ack_count } = load;
     let retry = || tokio::time::sleep(Duration::from_millis(50));
     let session = loop {
         let Ok(r) = http.get(format!("{base}/login")).send().await else { retry().await; continue };
@@ -134,11 +137,8 @@ async fn run_load(
     ack_count: Arc<AtomicUsize>,
 ) -> Vec<String> {
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let tasks: Vec<_> = (0..ANNOTATORS)
-        .map(|i| {
-            tokio::spawn(annotator(http.clone(), base.to_string(), pid, format!("a{i}"), per_annotator, tag, acked.clone(), ack_count.clone()))
-        })
-        .collect();
+    let load = Load { http: http.clone(), base: base.to_string(), pid, tag, acked: acked.clone(), ack_count };
+    let tasks: Vec<_> = (0..ANNOTATORS).map(|i| tokio::spawn(annotator(load.clone(), format!("a{i}"), per_annotator))).collect();
     for t in tasks {
         t.await.unwrap();
     }

@@ -36,7 +36,7 @@ async fn user_content_is_escaped_everywhere() {
 
         let mut ann = Client::new(&s.db);
         ann.login("ann1").await;
-        let pages = vec![
+        let pages = [
             r.body.clone(),
             admin.get("/").await.body,
             admin.get(&format!("/p/{pid}")).await.body,
