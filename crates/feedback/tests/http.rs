@@ -16,6 +16,14 @@ async fn pairwise_flow_every_route() {
     for tdb in databases().await {
         eprintln!("backend: {}", tdb.name);
         let s = seed(&tdb.url).await;
+        if tdb.name == "sqlite" {
+            // Every pooled connection runs the after-connect pragmas (WAL, NORMAL sync, busy timeout).
+            let pool = &s.db.db.pool;
+            let one = |sql: &'static str| async move { sqlx::Row::get::<String, _>(&sqlx::query(sql).fetch_one(pool).await.unwrap(), 0) };
+            assert_eq!(one("SELECT CAST(journal_mode AS TEXT) FROM pragma_journal_mode").await, "wal");
+            assert_eq!(one("SELECT CAST(synchronous AS TEXT) FROM pragma_synchronous").await, "1");
+            assert_eq!(one("SELECT CAST(timeout AS TEXT) FROM pragma_busy_timeout").await, "10000");
+        }
         let mut admin = Client::new(&s.db);
 
         // Static assets and health need no login.
