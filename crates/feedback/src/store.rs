@@ -731,16 +731,24 @@ impl Db {
             .transpose()?)
     }
 
-    /// The user's most recent live label in the project (what "undo" withdraws).
-    pub async fn last_live_label(&self, project_id: i64, user_id: i64) -> Result<Option<Label>> {
-        let r = sqlx::query(&format!(
-            "SELECT {LABEL_COLS} FROM labels l WHERE l.project_id = $1 AND l.user_id = $2 AND {LIVE} ORDER BY l.id DESC LIMIT 1"
+    /// The user's most recent live labels in the project, newest first (the first one
+    /// is what "undo" withdraws).
+    pub async fn recent_live_labels(&self, project_id: i64, user_id: i64, limit: i64) -> Result<Vec<Label>> {
+        sqlx::query(&format!(
+            "SELECT {LABEL_COLS} FROM labels l WHERE l.project_id = $1 AND l.user_id = $2 AND {LIVE} ORDER BY l.id DESC LIMIT $3"
         ))
         .bind(project_id)
         .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        r.as_ref().map(label_from_row).transpose()
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(label_from_row)
+        .collect()
+    }
+
+    pub async fn last_live_label(&self, project_id: i64, user_id: i64) -> Result<Option<Label>> {
+        Ok(self.recent_live_labels(project_id, user_id, 1).await?.into_iter().next())
     }
 
     /// The user's live label on an item, if any.

@@ -123,6 +123,9 @@ async fn pairwise_flow_every_route() {
         assert_eq!(r.headers.get("x-duplicate").map(|v| v.to_str().unwrap()), Some("1"));
         let labels = s.db.db.live_labels(pid).await.unwrap();
         assert_eq!(labels.len(), 6);
+        // The project page lists my recent answers with links to change them.
+        let page = a1.get(&format!("/p/{pid}")).await.body;
+        assert!(page.contains("Your recent labels") && page.contains("<td>tie</td>") && page.contains(&format!("/p/{pid}/task?item=")), "{page}");
         let history = s.db.db.label_history(pid, s.ann1).await.unwrap();
         assert_eq!(history.len(), 5, "3 labels + undo + new label; nothing updated in place");
         assert_eq!(history[4].supersedes, Some(history[3].id));

@@ -266,10 +266,47 @@ pub async fn project(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, P
         p.overlap,
         progress_bar(done, done + open, "your labels"),
     );
+    let recent = st.db.recent_live_labels(p.id, user.id, 20).await?;
+    if !recent.is_empty() {
+        let rows: String = recent
+            .iter()
+            .map(|l| {
+                format!(
+                    r#"<tr><td>{}</td><td>{}</td><td><a href="/p/{id}/task?item={}">change</a></td></tr>"#,
+                    fmt_time(l.created_at),
+                    esc(&label_summary(&l.value)),
+                    l.item_id
+                )
+            })
+            .collect();
+        body.push_str(&format!(
+            "<section><h2>Your recent labels</h2><table><tr><th>When (UTC)</th><th>Answer</th><th></th></tr>{rows}</table></section>"
+        ));
+    }
     if user.role == Role::Admin {
         body.push_str(&admin_project_sections(&st, &ctx, &p).await?);
     }
     Ok(html(&p.name, &ctx, body).into_response())
+}
+
+/// One-line description of an answer for the "recent labels" list.
+fn label_summary(v: &LabelValue) -> String {
+    let short = |t: &str| {
+        let s: String = t.chars().take(80).collect();
+        if s.len() < t.len() { format!("{s}…") } else { s }
+    };
+    match v {
+        LabelValue::Pairwise { choice, .. } => match choice {
+            Choice::A => "A (left) better".into(),
+            Choice::B => "B (right) better".into(),
+            Choice::Tie => "tie".into(),
+            Choice::BothBad => "both bad".into(),
+        },
+        LabelValue::Rating { scores } => scores.iter().map(|(c, s)| format!("{c} {s}")).collect::<Vec<_>>().join(", "),
+        LabelValue::Correction { corrected, .. } => format!("corrected: {}", short(corrected)),
+        LabelValue::Critique { text } | LabelValue::Demonstration { text } => short(text),
+        LabelValue::Undo => "undone".into(),
+    }
 }
 
 async fn admin_project_sections(st: &Shared, ctx: &Ctx, p: &Project) -> AppResult<String> {

@@ -75,9 +75,17 @@ async fn fresh_pg_database(base: &str) -> (String, String) {
     use sqlx::Connection;
     let name = format!("rlhf_fb_{}", &rlhf_feedback::store::random_token()[..16]);
     let mut conn = sqlx::PgConnection::connect(base).await.expect("connect to RLHF_TEST_POSTGRES_URL");
-    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create test database");
+    // Concurrent CREATE DATABASE can briefly fail while template1 is in use; retry.
+    for attempt in 0.. {
+        match sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str()).await {
+            Ok(_) => break,
+            Err(e) if attempt < 20 => {
+                eprintln!("CREATE DATABASE {name} failed ({e}); retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("create test database: {e}"),
+        }
+    }
     let (head, _) = base.rsplit_once('/').expect("postgres URL with a database name");
     let tail = base.rsplit_once('/').map(|(_, t)| t).unwrap_or("");
     let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
