@@ -25,14 +25,26 @@ fn which(bin: &str) -> Option<PathBuf> {
 struct Driver {
     http: reqwest::Client,
     base: String,
-    session: String,
     child: Child,
     shots: Option<PathBuf>,
     _profile: tempfile::TempDir,
 }
 
 impl Drop for Driver {
+    /// Ends the WebDriver session first (which quits Chromium; killing chromedriver alone
+    /// would orphan the browser when a test fails), then chromedriver. Plain blocking
+    /// HTTP because Drop cannot await.
     fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if let Some((host, path)) = self.base.strip_prefix("http://").and_then(|r| r.split_once('/')) {
+            if let Ok(mut s) = std::net::TcpStream::connect(host) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let req = format!("DELETE /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                if s.write_all(req.as_bytes()).is_ok() {
+                    let _ = s.read_to_end(&mut Vec::new());
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -65,7 +77,7 @@ impl Driver {
         let v: Value = http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
         let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("new session failed: {v}")).to_string();
         let shots = std::env::var_os("RLHF_FEEDBACK_SCREENSHOTS").map(PathBuf::from);
-        Driver { http, base: format!("{base}/session/{session}"), session, child, shots, _profile: profile }
+        Driver { http, base: format!("{base}/session/{session}"), child, shots, _profile: profile }
     }
 
     async fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
@@ -190,11 +202,6 @@ impl Driver {
             self.shot(name).await;
         }
         self.text().await.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-
-    async fn quit(&self) {
-        let _ = self.http.delete(&self.base).send().await;
-        let _ = &self.session;
     }
 }
 
@@ -345,7 +352,6 @@ async fn chromium_labels_every_kind_and_exports() {
             assert!(audit.contains(&format!("\t{action}\t")), "audit lacks {action}:\n{audit}");
         }
         d.shot("audit").await;
-        d.quit().await;
         server.abort();
     }
 }
