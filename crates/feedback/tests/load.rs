@@ -25,14 +25,32 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn start_server(db: &str, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_rlhf-feedback"))
+/// The server process; killed on drop so a failing test leaves nothing running.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    /// `kill -9` (std's kill sends SIGKILL) and reap.
+    fn kill9(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+fn start_server(db: &str, port: u16) -> Server {
+    Server(Command::new(env!("CARGO_BIN_EXE_rlhf-feedback"))
         .args(["serve", "--db", db, "--addr", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start rlhf-feedback serve")
+        .expect("start rlhf-feedback serve"))
 }
 
 async fn wait_healthy(http: &reqwest::Client, base: &str) {
@@ -229,8 +247,7 @@ async fn load_and_crash(tdb: TestDb) {
         while count2.load(Ordering::SeqCst) < target {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        server.kill().unwrap(); // SIGKILL
-        server.wait().unwrap();
+        server.kill9();
         let at_kill = count2.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         server = start_server(&tdb.url, port);
@@ -240,8 +257,7 @@ async fn load_and_crash(tdb: TestDb) {
         let stored2 = keys_in_db(&tdb.url, "p2").await;
         check_exactly_once(&acked2, &stored2);
         assert_eq!(stored2.len(), acked2.len(), "every stored submission was eventually acknowledged");
-        server.kill().unwrap();
-        server.wait().unwrap();
+        server.kill9();
         // Overlap is respected: no item got more than k live labels by accident of races
         // beyond what concurrent assignment allows.
         let db = Db::connect(&tdb.url).await.unwrap();
