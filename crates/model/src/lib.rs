@@ -513,6 +513,10 @@ fn normal(rng: &mut impl Rng) -> f64 {
 ///   half of an AdamW step).
 /// * Sets `RAYON_NUM_THREADS` (when unset) to the available parallelism: candle looks the thread
 ///   count up on every matmul and otherwise derives it by parsing `/proc/cpuinfo` each time.
+/// * Sets `CANDLE_NUM_THREADS=1` (when unset): gemms still use all cores through rayon, but
+///   candle's element-wise ops stay on the calling thread. Its spin-waiting worker pool made the
+///   backward pass (mostly gradient additions) 2-3x slower whenever another process competed for
+///   the cores, and memory-bound element-wise ops gain little from a second thread.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters.
@@ -525,5 +529,8 @@ pub fn tune_allocator() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
