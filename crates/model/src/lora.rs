@@ -75,10 +75,18 @@ struct LoraLinear {
     scale: f64,
     dropout: f64,
     training: Arc<AtomicBool>,
+    enabled: Arc<AtomicBool>,
 }
 
 impl LinearAdapter for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.enabled.load(Ordering::Relaxed) {
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = self.b.out_features();
+            }
+            return Tensor::zeros(dims, x.dtype(), x.device());
+        }
         let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
             candle_nn::ops::dropout(x, self.dropout as f32)?
         } else {
@@ -97,6 +105,7 @@ pub struct Lora {
     /// Adapted module names, in model order.
     modules: Vec<String>,
     training: Arc<AtomicBool>,
+    enabled: Arc<AtomicBool>,
 }
 
 impl Lora {
@@ -150,6 +159,7 @@ impl Lora {
     fn install(model: &mut CausalLm, config: LoraConfig, mut tensors: HashMap<String, Tensor>, source: &str) -> Result<Self> {
         let varmap = VarMap::new();
         let training = Arc::new(AtomicBool::new(true));
+        let enabled = Arc::new(AtomicBool::new(true));
         let mut modules = Vec::new();
         for (name, lin) in model.linears_mut() {
             if !config.matches(&name) {
@@ -178,6 +188,7 @@ impl Lora {
                 scale: config.scale(),
                 dropout: config.dropout,
                 training: training.clone(),
+                enabled: enabled.clone(),
             }));
             modules.push(name);
         }
@@ -191,7 +202,7 @@ impl Lora {
         if let Some(extra) = tensors.keys().next() {
             bail!("{source}: adapter tensor `{PEFT_PREFIX}{extra}` matches no target module of this model")
         }
-        Ok(Self { config, varmap, modules, training })
+        Ok(Self { config, varmap, modules, training, enabled })
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -214,6 +225,11 @@ impl Lora {
     /// Dropout is applied only in training mode (the default).
     pub fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
+    }
+
+    /// With `false` the model computes as its frozen base (e.g. the DPO reference without a second copy).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Relaxed);
     }
 
     /// Folds every adapter into its base weight (`W += scale·B·A`, transposed for `[in, out]` layouts) and

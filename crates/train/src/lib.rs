@@ -1,11 +1,15 @@
 //! Training machinery for `rlhf`: AdamW, learning-rate schedules, atomic checkpoints, metrics and the
 //! SFT trainer.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod dpo;
+pub mod ensemble;
 pub mod error;
 pub mod metrics;
 pub mod optim;
+pub mod rm;
 pub mod pref_loss;
 pub mod rm_loss;
 pub mod schedule;

@@ -50,9 +50,10 @@ impl LossType {
     }
 }
 
-/// Hyper-parameters of all losses (each loss reads the ones it needs).
+/// Hyper-parameters of all losses (each loss reads the ones it needs). Unknown keys are rejected by the config
+/// reader (this struct is flattened into `[dpo]`, where serde cannot deny them).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct LossParams {
     /// Temperature β (DPO/IPO τ, robust, hinge, KTO, SimPO β).
     pub beta: f64,
