@@ -21,6 +21,7 @@ const GEN_END: char = '\u{E001}';
 /// Prefix of the error `raise_exception` raises, to tell it apart from template bugs.
 const RAISED: &str = "\u{E002}raised:";
 
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from (e.g. `model/tokenizer_config.json`), for error messages.

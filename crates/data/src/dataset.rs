@@ -23,8 +23,8 @@ pub fn load_dataset(path: impl AsRef<Path>) -> Result<Dataset> {
     load_dataset_with(path, &LoadOptions::default())
 }
 
-/// Reads `*.jsonl`/`*.json` (JSON Lines) or `*.parquet`, validates every row and checks that all rows share
-/// one format.
+/// Reads `*.jsonl` (JSON Lines), `*.json` (JSON Lines, or one JSON array of objects) or `*.parquet`, validates
+/// every row and checks that all rows share one format.
 pub fn load_dataset_with(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Dataset> {
     let path = path.as_ref();
     let source = path.display().to_string();
@@ -35,13 +35,32 @@ pub fn load_dataset_with(path: impl AsRef<Path>, options: &LoadOptions) -> Resul
         .to_ascii_lowercase();
     let objects: Vec<(Position, Map<String, Value>)> = match ext.as_str() {
         "jsonl" | "json" => {
-            jsonl::read_objects(path)?.into_iter().map(|(line, obj)| (Position::Line(line), obj)).collect()
+            let bytes = std::fs::read(path)
+                .map_err(|e| DataError::in_file(path, format!("cannot read: {e}")))?;
+            let is_array =
+                ext == "json" && bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+            if is_array {
+                let items = jsonl::parse_array(&source, &bytes)?;
+                items
+                    .into_iter()
+                    .map(|(i, obj)| (Position::Element(i), obj))
+                    .collect()
+            } else {
+                let lines = jsonl::parse_objects(&source, &bytes)?;
+                lines
+                    .into_iter()
+                    .map(|(line, obj)| (Position::Line(line), obj))
+                    .collect()
+            }
         }
-        "parquet" => parquet::read_objects(path)?.into_iter().map(|(row, obj)| (Position::Row(row), obj)).collect(),
+        "parquet" => parquet::read_objects(path)?
+            .into_iter()
+            .map(|(row, obj)| (Position::Row(row), obj))
+            .collect(),
         _ => {
             return Err(DataError::new(
                 source,
-                format!("unsupported file extension {ext:?}: expected .jsonl, .json (JSON Lines) or .parquet"),
+                format!("unsupported file extension {ext:?}: expected .jsonl, .json or .parquet"),
             ))
         }
     };
@@ -61,6 +80,7 @@ fn position_words(p: Option<Position>) -> String {
     match p {
         Some(Position::Line(n)) => format!("line {n}"),
         Some(Position::Row(n)) => format!("row {n}"),
+        Some(Position::Element(n)) => format!("element {n}"),
         None => "the first row".into(),
     }
 }
@@ -78,6 +98,21 @@ impl Dataset {
             .map(|(pos, obj)| Row::from_json(obj, &source, Some(pos), options))
             .collect::<Result<Vec<_>>>()?;
         Dataset::from_rows(source, rows)
+    }
+
+    /// A dataset from JSONL bytes already in memory (e.g. an upload); `source` labels errors.
+    pub fn parse_jsonl(
+        source: impl Into<String>,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Result<Dataset> {
+        let source = source.into();
+        let lines = jsonl::parse_objects(&source, bytes)?;
+        let objects = lines
+            .into_iter()
+            .map(|(line, obj)| (Position::Line(line), obj))
+            .collect();
+        Dataset::from_objects(source, objects, options)
     }
 
     /// A dataset of rows built in memory (e.g. the feedback app's records); checks they share one format.

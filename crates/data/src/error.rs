@@ -4,18 +4,19 @@
 use std::fmt;
 use std::path::Path;
 
-/// Where in a file the problem is. JSONL errors point at a line, Parquet errors at a row; both 1-based.
+/// Where in a file the problem is, 1-based: a JSONL line, a Parquet row, or an element of a `.json` array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Position {
     Line(usize),
     Row(usize),
+    Element(usize),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataError {
     /// The file as the user named it (or a descriptive source such as `<memory>`).
     pub file: String,
-    /// 1-based line (JSONL) or row (Parquet), when the problem is inside one record.
+    /// The record the problem is in, when it is inside one.
     pub position: Option<Position>,
     /// Field (JSONL key or Parquet column) at fault, when one is.
     pub field: Option<String>,
@@ -59,10 +60,12 @@ impl DataError {
         self
     }
 
-    /// The 1-based line (JSONL) or row (Parquet) of the error, if it is inside a record.
+    /// The 1-based line (JSONL), row (Parquet) or element (JSON array) of the error, if it is inside a record.
     pub fn line(&self) -> Option<usize> {
         match self.position {
-            Some(Position::Line(n)) | Some(Position::Row(n)) => Some(n),
+            Some(Position::Line(n)) | Some(Position::Row(n)) | Some(Position::Element(n)) => {
+                Some(n)
+            }
             None => None,
         }
     }
@@ -81,6 +84,10 @@ impl fmt::Display for DataError {
             Some(Position::Row(n)) => {
                 write!(f, ": row {n}")?;
                 "column"
+            }
+            Some(Position::Element(n)) => {
+                write!(f, ": element {n}")?;
+                "field"
             }
             None => "field",
         };

@@ -10,21 +10,20 @@ use serde_json::{Map, Value};
 use crate::error::{DataError, Result};
 use crate::formats::{json_type, Row};
 
-/// The objects of a JSONL file with their 1-based line numbers.
-pub fn read_objects(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
-    let bytes =
-        fs::read(path).map_err(|e| DataError::in_file(path, format!("cannot read: {e}")))?;
-    parse_objects(&path.display().to_string(), &bytes)
-}
-
-/// Same as [`read_objects`] on bytes already in memory; `file` only labels errors.
+/// The objects of JSONL text with their 1-based line numbers; `file` only labels errors.
 pub fn parse_objects(file: &str, bytes: &[u8]) -> Result<Vec<(usize, Map<String, Value>)>> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        let line = 1 + bytes[..e.valid_up_to()]
+        let bad = e.valid_up_to();
+        let line_start = bytes[..bad]
             .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
-        DataError::new(file, format!("invalid UTF-8: {e}")).at_line(line)
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let line = 1 + bytes[..bad].iter().filter(|&&b| b == b'\n').count();
+        DataError::new(
+            file,
+            format!("invalid UTF-8 at byte {} of the line", bad - line_start + 1),
+        )
+        .at_line(line)
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut out = Vec::new();
@@ -56,6 +55,24 @@ pub fn parse_objects(file: &str, bytes: &[u8]) -> Result<Vec<(usize, Map<String,
         }
     }
     Ok(out)
+}
+
+/// A `.json` file holding one JSON array of objects (the other layout `datasets` reads); 1-based element numbers.
+pub fn parse_array(file: &str, bytes: &[u8]) -> Result<Vec<(usize, Map<String, Value>)>> {
+    let items: Vec<Value> = serde_json::from_slice(bytes)
+        .map_err(|e| DataError::new(file, format!("invalid JSON: {e}")))?;
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::Object(obj) => Ok((i + 1, obj)),
+            other => Err(DataError::new(
+                file,
+                format!("expected a JSON object, got {}", json_type(&other)),
+            )
+            .at(crate::error::Position::Element(i + 1))),
+        })
+        .collect()
 }
 
 /// One row as a JSON line (no trailing newline): the record's TRL fields, then the extra columns.

@@ -54,6 +54,7 @@ pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for message in messages %}{{ message
 {{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}\
 {% if add_generation_prompt %}Assistant:{% endif %}";
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// `…/tokenizer.json`, for error messages.

@@ -384,6 +384,13 @@ fn jsonl_error_messages() {
             "blank_line_inside.jsonl",
             "tests/data/blank_line_inside.jsonl:2: blank line inside the file (blank lines are only allowed at the end)",
         ),
+        ("invalid_utf8.jsonl", "tests/data/invalid_utf8.jsonl:2: invalid UTF-8 at byte 33 of the line"),
+        (
+            "array_with_bad_element.json",
+            "tests/data/array_with_bad_element.json: element 2: field \"completion\": expected a string or a list of \
+             {role, content} messages, got null",
+        ),
+        ("array_not_json.json", "tests/data/array_not_json.json: invalid JSON: EOF while parsing a value at line 3 column 0"),
         ("not_an_object.jsonl", "tests/data/not_an_object.jsonl:1: expected a JSON object, got a list"),
         ("message_missing_role.jsonl", "tests/data/message_missing_role.jsonl:1: field \"messages[1].role\": missing"),
         (
@@ -393,7 +400,7 @@ fn jsonl_error_messages() {
         ("bad_margin.jsonl", "tests/data/bad_margin.jsonl:1: field \"margin\": expected a number, got a string"),
         (
             "prompts.csv",
-            "tests/data/prompts.csv: unsupported file extension \"csv\": expected .jsonl, .json (JSON Lines) or .parquet",
+            "tests/data/prompts.csv: unsupported file extension \"csv\": expected .jsonl, .json or .parquet",
         ),
     ];
     for (file, expected) in cases {
@@ -485,4 +492,27 @@ fn quick_start_data() {
         .rows
         .iter()
         .all(|r| r.extra.get("answer").is_some_and(|a| a.is_u64())));
+}
+
+#[test]
+fn json_array_files_and_in_memory_jsonl() {
+    let d = load("array.json");
+    assert_eq!((d.format, d.len()), (Format::PromptCompletion, 2));
+    assert_eq!(d.rows[1].position, Some(rlhf_data::Position::Element(2)));
+    // A .json file that is not an array is read as JSON Lines.
+    assert_eq!(load("lines.json").len(), 2);
+    let bytes = std::fs::read("tests/data/prompt_completion.jsonl").unwrap();
+    let m = Dataset::parse_jsonl("upload.jsonl", &bytes, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        m.records().collect::<Vec<_>>(),
+        load("prompt_completion.jsonl")
+            .records()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        Dataset::parse_jsonl("upload.jsonl", b"{\"text\": 1}\n", &LoadOptions::default())
+            .unwrap_err()
+            .to_string(),
+        "upload.jsonl:1: field \"text\": expected a string, got a number"
+    );
 }
