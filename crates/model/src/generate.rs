@@ -123,13 +123,12 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
     cand[w.len() - 1] // rounding left u just past the last weight
 }
 
-/// Generates completions for a batch of requests (see the module docs). `decode` turns token ids
-/// into text; it is needed only for `stop_strings`.
-pub fn generate(
-    model: &CausalLm,
-    requests: &[GenRequest],
-    decode: Option<&dyn Fn(&[u32]) -> String>,
-) -> Result<Vec<GenOutput>> {
+/// Turns completion token ids into text (for `stop_strings`).
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
+
+/// Generates completions for a batch of requests (see the module docs). `decode` is needed only
+/// for `stop_strings`.
+pub fn generate(model: &CausalLm, requests: &[GenRequest], decode: Option<Decode>) -> Result<Vec<GenOutput>> {
     let b = requests.len();
     if b == 0 {
         return Ok(vec![]);
@@ -166,7 +165,7 @@ pub fn generate(
     let mut ids = Vec::with_capacity(b * p);
     let mut pos = Vec::with_capacity(b * p);
     for (r, &pad) in requests.iter().zip(&pads) {
-        ids.extend(std::iter::repeat(0).take(pad).chain(r.prompt_ids.iter().copied()));
+        ids.extend(std::iter::repeat_n(0, pad).chain(r.prompt_ids.iter().copied()));
         pos.extend((0..p).map(|j| j.saturating_sub(pad) as u32));
     }
     let mut rngs: Vec<StdRng> = requests.iter().map(|r| StdRng::seed_from_u64(r.seed)).collect();

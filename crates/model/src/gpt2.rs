@@ -99,7 +99,7 @@ impl Gpt2Config {
     }
 
     pub(crate) fn check(&self, file: &str) -> Result<()> {
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             bail!("{file}: n_embd ({}) must be a multiple of n_head ({})", self.n_embd, self.n_head)
         }
         if self.add_cross_attention {

@@ -69,7 +69,10 @@ fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 
 /// The weight files of a checkpoint directory: the single file if present (as `transformers`
 /// prefers it), else the shards of the index.
-fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<String, String>)>)> {
+/// A shard index: its path and its `weight_map` (tensor name → shard file).
+type ShardIndex = (PathBuf, BTreeMap<String, String>);
+
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     let single = dir.join(WEIGHTS);
     if single.is_file() {
         return Ok((vec![single], None));

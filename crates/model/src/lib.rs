@@ -17,7 +17,7 @@ pub mod qwen2;
 pub mod seq_cls;
 
 pub use attention::KvCache;
-pub use generate::{generate, FinishReason, GenOutput, GenRequest, Sampling};
+pub use generate::{generate, Decode, FinishReason, GenOutput, GenRequest, Sampling};
 pub use linear::{Linear, LinearAdapter, WeightLayout};
 pub use ops::token_logprobs;
 
@@ -149,11 +149,7 @@ impl ModelConfig {
     }
 
     fn token_ids(&self, field: &str) -> Vec<u32> {
-        match self.raw.get(field) {
-            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
-            _ => vec![],
-        }
+        ids_field(&self.raw, field)
     }
 
     /// `eos_token_id` of config.json (an int or a list); empty when absent.
@@ -176,6 +172,15 @@ impl ModelConfig {
             Architecture::Qwen2(c) => c.spec("config.json")?.param_specs(),
             Architecture::Gpt2(c) => c.param_specs(),
         })
+    }
+}
+
+/// A token-id field that may be an int or a list of ints (negative ids, e.g. -1 = "none", are dropped).
+fn ids_field(v: &Value, field: &str) -> Vec<u32> {
+    match v.get(field) {
+        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        _ => vec![],
     }
 }
 
@@ -373,6 +378,17 @@ impl CausalLm {
 
     pub fn generation_config(&self) -> Option<&Value> {
         self.generation_config.as_ref()
+    }
+
+    /// End-of-sequence ids for [`GenRequest::stop_ids`]: `eos_token_id` of
+    /// generation_config.json (as `transformers.generate` uses) or else of config.json.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let from_gen = self.generation_config.as_ref().map(|g| ids_field(g, "eos_token_id")).unwrap_or_default();
+        if from_gen.is_empty() {
+            self.config.eos_token_ids()
+        } else {
+            from_gen
+        }
     }
 
     /// Hidden states after the final norm, `[b, t, hidden]`. `input_ids`: u32 `[b, t]`.

@@ -114,7 +114,7 @@ impl RopeSpec {
                     let wl = 2.0 * std::f64::consts::PI / *f as f64;
                     let fv = *f as f64;
                     let scaled = if wl > low_wl { fv / factor } else { fv };
-                    let medium = !(wl < high_wl) && !(wl > low_wl);
+                    let medium = (high_wl..=low_wl).contains(&wl);
                     *f = if medium {
                         let smooth = (old / wl - low) / (high - low);
                         ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
@@ -171,14 +171,14 @@ pub(crate) struct DecoderSpec {
 
 impl DecoderSpec {
     pub(crate) fn check(&self, file: &str) -> Result<()> {
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             bail!(
                 "{file}: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.heads,
                 self.kv_heads
             )
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("{file}: head_dim ({}) must be even for rotary embeddings", self.head_dim)
         }
         Ok(())

@@ -135,6 +135,7 @@ fn bad_checkpoints_give_errors_naming_file_and_field() {
 fn save_keeps_unknown_config_fields_and_generation_config() {
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama");
     let m = CausalLm::load(Path::new(src), &Device::Cpu).unwrap();
+    assert_eq!(m.eos_token_ids(), vec![2]);
     let dir = tempfile::tempdir().unwrap();
     m.save(dir.path()).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
