@@ -24,7 +24,9 @@ pub use formats::{
     Conversational, Correction, Format, ImplicitPreference, LanguageModeling, LoadOptions, Message,
     Preference, PromptCompletion, PromptOnly, Rating, Record, Row, ScoreScale, Text, Unpaired,
 };
-pub use preference::{tokenize_pair, tokenize_preferences, PreferenceExample};
+pub use preference::{
+    tokenize_completion, tokenize_pair, tokenize_preferences, CompletionExample, PreferenceExample,
+};
 pub use prompts::{tokenize_prompt, tokenize_prompts};
 pub use sft::{
     tokenize_sft, tokenize_sft_record, Packing, SftConfig, SftData, TokenizedSequence, Truncation,

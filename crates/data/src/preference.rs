@@ -1,4 +1,4 @@
-//! Preference pairs tokenized as TRL 1.16's `DPOTrainer` (and, identically for the full sequences,
+//! Preference pairs (and single completions) tokenized as TRL 1.16's `DPOTrainer` (and, identically for the full sequences,
 //! `RewardTrainer`) does: EOS text appended to plain chosen/rejected unless present; `tokenizer(prompt)`,
 //! `tokenizer(prompt + chosen)`, `tokenizer(prompt + rejected)` (with special tokens), or for conversations the
 //! prompt rendered with the generation prompt and prompt+chosen / prompt+rejected rendered without. The prompt
@@ -48,45 +48,94 @@ impl PreferenceExample {
     }
 }
 
+/// A prompt and one completion tokenized by the same rules (TRL's `KTOTrainer`; also how ratings and
+/// unpaired rows are scored): `prompt_ids + completion_ids` is the tokenized prompt+completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionExample {
+    pub prompt_ids: Vec<u32>,
+    /// Completion tokens (EOS included).
+    pub completion_ids: Vec<u32>,
+}
+
+/// The tokenized prompt and the tokenized prompt+completion for each completion (EOS text appended to plain
+/// completions unless present; conversations rendered with/without the generation prompt).
+fn encode_prompt_and_full(
+    prompt: &Text,
+    completions: &[&Text],
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<(Vec<u32>, Vec<Vec<u32>>)> {
+    let mixed = || {
+        DataError::new(
+            tokenizer.file(),
+            "prompt and completions must all be strings or all be message lists",
+        )
+    };
+    match prompt {
+        Text::Plain(p) => {
+            let eos = tokenizer.eos_token()?;
+            let full = completions
+                .iter()
+                .map(|c| match c {
+                    Text::Plain(c) => tokenizer.encode(&format!("{p}{}", with_eos(c, eos)), true),
+                    Text::Messages(_) => Err(mixed()),
+                })
+                .collect::<Result<_>>()?;
+            Ok((tokenizer.encode(p, true)?, full))
+        }
+        Text::Messages(p) => {
+            let template = need_template(template, tokenizer)?;
+            let full = completions
+                .iter()
+                .map(|c| match c {
+                    Text::Messages(c) => {
+                        let all: Vec<Message> = p.iter().chain(c).cloned().collect();
+                        Ok(tokenizer.tokenize_chat(template, &all, false)?.ids)
+                    }
+                    Text::Plain(_) => Err(mixed()),
+                })
+                .collect::<Result<_>>()?;
+            Ok((tokenizer.tokenize_chat(template, p, true)?.ids, full))
+        }
+    }
+}
+
+/// Tokenizes a prompt and one completion. `template` is required for conversations.
+pub fn tokenize_completion(
+    prompt: &Text,
+    completion: &Text,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<CompletionExample> {
+    let (prompt_ids, mut full) =
+        encode_prompt_and_full(prompt, &[completion], tokenizer, template)?;
+    let full = full.pop().expect("one completion in, one out");
+    let prompt_len = common_prefix_length(&prompt_ids, &full);
+    Ok(CompletionExample {
+        prompt_ids: full[..prompt_len].to_vec(),
+        completion_ids: full[prompt_len..].to_vec(),
+    })
+}
+
 /// Tokenizes one pair. `template` is required for conversational pairs.
 pub fn tokenize_pair(
     pair: &Preference,
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
 ) -> Result<PreferenceExample> {
-    let (prompt_ids, full_chosen, full_rejected) =
-        match (&pair.prompt, &pair.chosen, &pair.rejected) {
-            (Text::Plain(p), Text::Plain(c), Text::Plain(r)) => {
-                let eos = tokenizer.eos_token()?;
-                (
-                    tokenizer.encode(p, true)?,
-                    tokenizer.encode(&format!("{p}{}", with_eos(c, eos)), true)?,
-                    tokenizer.encode(&format!("{p}{}", with_eos(r, eos)), true)?,
-                )
-            }
-            (Text::Messages(p), Text::Messages(c), Text::Messages(r)) => {
-                let template = need_template(template, tokenizer)?;
-                let joined =
-                    |tail: &[Message]| -> Vec<Message> { p.iter().chain(tail).cloned().collect() };
-                (
-                    tokenizer.tokenize_chat(template, p, true)?.ids,
-                    tokenizer.tokenize_chat(template, &joined(c), false)?.ids,
-                    tokenizer.tokenize_chat(template, &joined(r), false)?.ids,
-                )
-            }
-            _ => {
-                return Err(DataError::new(
-                    tokenizer.file(),
-                    "prompt, chosen and rejected must all be strings or all be message lists",
-                ))
-            }
-        };
-    let prompt_len = common_prefix_length(&prompt_ids, &full_chosen)
-        .min(common_prefix_length(&prompt_ids, &full_rejected));
+    let (prompt_ids, full) = encode_prompt_and_full(
+        &pair.prompt,
+        &[&pair.chosen, &pair.rejected],
+        tokenizer,
+        template,
+    )?;
+    let (chosen, rejected) = (&full[0], &full[1]);
+    let prompt_len =
+        common_prefix_length(&prompt_ids, chosen).min(common_prefix_length(&prompt_ids, rejected));
     Ok(PreferenceExample {
-        prompt_ids: full_chosen[..prompt_len].to_vec(),
-        chosen_ids: full_chosen[prompt_len..].to_vec(),
-        rejected_ids: full_rejected[prompt_len..].to_vec(),
+        prompt_ids: chosen[..prompt_len].to_vec(),
+        chosen_ids: chosen[prompt_len..].to_vec(),
+        rejected_ids: rejected[prompt_len..].to_vec(),
         margin: pair.margin,
     })
 }

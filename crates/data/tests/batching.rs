@@ -338,3 +338,40 @@ fn rl_prompts_tokenize_like_grpo() {
         "tests/data/language_modeling.jsonl: online RL needs a \"prompt\" field, but a language_modeling dataset has none"
     );
 }
+
+#[test]
+fn single_completions_tokenize_like_one_side_of_a_pair() {
+    let tok = tokenizer();
+    let d = load_dataset("tests/data/unpaired.jsonl").unwrap();
+    for row in &d.rows {
+        let rlhf_data::Record::Unpaired(u) = &row.record else {
+            panic!()
+        };
+        let single = rlhf_data::tokenize_completion(&u.prompt, &u.completion, &tok, None).unwrap();
+        let pair = rlhf_data::Preference {
+            prompt: u.prompt.clone(),
+            chosen: u.completion.clone(),
+            rejected: u.completion.clone(),
+            margin: None,
+        };
+        let p = rlhf_data::tokenize_pair(&pair, &tok, None).unwrap();
+        assert_eq!(
+            (&single.prompt_ids, &single.completion_ids),
+            (&p.prompt_ids, &p.chosen_ids)
+        );
+        assert_eq!(single.completion_ids.last(), Some(&2));
+    }
+    let mixed = rlhf_data::tokenize_completion(
+        &"Q".into(),
+        &rlhf_data::Text::Messages(vec![rlhf_data::Message::new("assistant", "x")]),
+        &tok,
+        None,
+    );
+    assert_eq!(
+        mixed.unwrap_err().to_string(),
+        format!(
+            "{}: prompt and completions must all be strings or all be message lists",
+            tok.file()
+        )
+    );
+}
