@@ -1,6 +1,21 @@
 //! Datasets for the RLHF trainers and the feedback app: TRL's JSONL/Parquet formats (defined once, in
-//! [`formats`]), validation with file:line:field errors, tokenizers, chat templates, SFT/preference
-//! tokenization and batching.
+//! [`formats`]), validation with `file:line: field "x": ...` errors ([`DataError`]), Hugging Face tokenizer
+//! directories and chat templates (transformers-exact), SFT / preference / prompt tokenization as TRL 1.16 does
+//! it, packing, right-padded batches as plain vectors, and a resumable shuffling sampler.
+//!
+//! ```
+//! use rlhf_data::{collate, load_dataset, tokenize_sft, EpochSampler, SftConfig, Tokenizer};
+//!
+//! let tokenizer = Tokenizer::from_dir("../../fixtures/tokenizer")?;
+//! let dataset = load_dataset("../../data/sft_train.jsonl")?; // prompt/completion rows
+//! let sft = tokenize_sft(&dataset, &tokenizer, &SftConfig::default())?;
+//! let mut sampler = EpochSampler::new(sft.rows.len(), 1234, true);
+//! let rows: Vec<_> = sampler.next_batch(8, false).into_iter().map(|i| &sft.rows[i]).collect();
+//! let batch = collate(&rows, tokenizer.pad_id()?, None);
+//! assert_eq!(batch.batch_size, 8);
+//! assert!(batch.num_loss_tokens >= 16); // " c</s>" of each row: at least 2 trained tokens
+//! # Ok::<(), rlhf_data::DataError>(())
+//! ```
 
 pub mod batch;
 pub mod chat_template;
