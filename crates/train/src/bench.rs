@@ -1,0 +1,125 @@
+//! SFT step benchmark: median seconds per optimizer step, non-pad tokens per second, peak RSS, and where
+//! the step time goes (forward / backward / optimizer), measured the way ../shared/bench-trl does
+//! (5 warm-up steps excluded).
+
+use std::path::PathBuf;
+
+use rand::{Rng, SeedableRng};
+use rlhf_data::TokenizedSequence;
+use rlhf_model::CausalLm;
+use serde_json::{json, Value};
+
+use crate::config::SftConfig;
+use crate::error::{Result, TrainError};
+use crate::schedule::ScheduleKind;
+use crate::sft::{SftTrainer, StepStats};
+
+/// Steps excluded from the statistics (allocator and cache warm-up), as in bench-trl.
+pub const WARMUP_STEPS: usize = 5;
+
+/// What the benchmark trains on.
+pub enum BenchData {
+    /// A prompt/completion JSONL file tokenized with the tokenizer in `tokenizer_dir`, completion-only
+    /// loss, cut to 64 tokens (bench-trl's SFT settings).
+    Addition { tokenizer_dir: PathBuf, data_file: PathBuf },
+    /// Uniformly random token ids, every token trained (bench-trl's `torch_135m.py` step).
+    Random { seq_len: usize, num_rows: usize },
+}
+
+pub struct SftBenchShape {
+    pub name: String,
+    pub model: CausalLm,
+    pub data: BenchData,
+    pub batch_size: usize,
+    /// Timed steps (after the warm-up).
+    pub steps: usize,
+}
+
+/// Run the benchmark; one JSON object with the measurements.
+pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
+    let SftBenchShape { name, model, data, batch_size, steps } = shape;
+    let vocab = model.vocab_size();
+    let params = model.num_parameters();
+    let (rows, pad_id, data_desc) = match &data {
+        BenchData::Addition { tokenizer_dir, data_file } => {
+            let tok = rlhf_data::Tokenizer::from_dir(tokenizer_dir).map_err(|e| TrainError::Data(e.to_string()))?;
+            let pad = tok.pad_id().map_err(|e| TrainError::Data(e.to_string()))?;
+            let dataset = rlhf_data::load_dataset(data_file).map_err(|e| TrainError::Data(e.to_string()))?;
+            let cfg = rlhf_data::SftConfig { max_length: Some(64), ..Default::default() };
+            let rows = rlhf_data::tokenize_sft(&dataset, &tok, &cfg).map_err(|e| TrainError::Data(e.to_string()))?.rows;
+            (rows, pad, format!("{} (completion-only, max_length 64)", data_file.display()))
+        }
+        BenchData::Random { seq_len, num_rows } => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
+            let rows = (0..*num_rows)
+                .map(|_| {
+                    let ids: Vec<u32> = (0..*seq_len).map(|_| rng.gen_range(0..vocab as u32)).collect();
+                    let labels = ids.iter().map(|&i| i as i64).collect();
+                    TokenizedSequence::new(ids, labels)
+                })
+                .collect();
+            (rows, 0, format!("random ids, {seq_len} tokens per row, all trained"))
+        }
+    };
+
+    let total = WARMUP_STEPS + steps;
+    let unused = PathBuf::from("/nonexistent");
+    let mut cfg = SftConfig::with_defaults(unused.clone(), unused.clone(), unused);
+    cfg.batch_size = batch_size;
+    cfg.learning_rate = 1e-3;
+    cfg.lr_scheduler_type = ScheduleKind::Constant;
+    cfg.max_steps = Some(total as u64);
+    let mut trainer = SftTrainer::from_parts(cfg, model, rows, Vec::new(), pad_id)?;
+
+    let mut stats: Vec<StepStats> = Vec::with_capacity(total);
+    let mut wall = Vec::with_capacity(total);
+    let mut last = std::time::Instant::now();
+    for _ in 0..total {
+        stats.push(trainer.step()?);
+        // Wall time between consecutive steps, as bench-trl's callback measures it.
+        wall.push(last.elapsed().as_secs_f64());
+        last = std::time::Instant::now();
+    }
+    let timed = &stats[WARMUP_STEPS..];
+    let timed_wall = &wall[WARMUP_STEPS..];
+    let tokens: usize = timed.iter().map(|s| s.num_tokens).sum();
+    let pick = |f: fn(&StepStats) -> f64| median(timed.iter().map(f).collect());
+    Ok(json!({
+        "bench": "sft",
+        "shape": name,
+        "params": params,
+        "batch": batch_size,
+        "data": data_desc,
+        "steps": steps,
+        "sec_per_step_median": median(timed_wall.to_vec()),
+        "tokens_per_step_mean": tokens as f64 / timed.len() as f64,
+        "tokens_per_sec": tokens as f64 / timed_wall.iter().sum::<f64>(),
+        "forward_s_median": pick(|s| s.forward_s),
+        "backward_s_median": pick(|s| s.backward_s),
+        "optimizer_s_median": pick(|s| s.optimizer_s),
+        "first_loss": stats[0].loss,
+        "final_loss": stats[total - 1].loss,
+        "threads": rayon::current_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in MB; None off Linux.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
