@@ -1,0 +1,151 @@
+//! End-to-end DPO-family training on the fixture tiny Llama: preference accuracy and margins move the right
+//! way, every loss type trains, and the failure paths (missing reference, mismatched data, bad config).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use rlhf_train::dpo::{DpoArgs, DpoTrainer};
+use rlhf_train::pref_loss::LossType;
+use rlhf_train::rm::{train_loop, CommonArgs, Objective, PrefConfig};
+use serde_json::{json, Value};
+
+fn llama() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama"))
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    for r in rows {
+        writeln!(f, "{r}").unwrap();
+    }
+}
+
+/// Chosen = the correct sum, rejected = a random far-off number.
+fn sum_pairs(n: usize, seed: u64) -> Vec<Value> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let (a, b) = (rng.gen_range(10..100), rng.gen_range(10..100));
+            let wrong: u32 = rng.gen_range(1000..10000);
+            json!({"prompt": format!("Q: {a}+{b}="), "chosen": format!(" {}", a + b), "rejected": format!(" {wrong}")})
+        })
+        .collect()
+}
+
+fn cfg(dir: &Path, loss: LossType) -> PrefConfig {
+    write_jsonl(&dir.join("train.jsonl"), &sum_pairs(160, 1));
+    write_jsonl(&dir.join("eval.jsonl"), &sum_pairs(64, 2));
+    let mut c = PrefConfig {
+        model: Some(llama()),
+        train_file: Some(dir.join("train.jsonl")),
+        eval_file: Some(dir.join("eval.jsonl")),
+        output_dir: Some(dir.join("out")),
+        max_length: 64,
+        batch_size: 8,
+        learning_rate: Some(5e-4),
+        lr_scheduler_type: rlhf_train::schedule::ScheduleKind::Constant,
+        max_steps: Some(20),
+        ..Default::default()
+    };
+    c.dpo.loss_type = loss;
+    c
+}
+
+#[test]
+fn dpo_moves_preference_accuracy_and_margins_the_right_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path(), LossType::Sigmoid);
+    c.max_steps = Some(60);
+    let mut t = DpoTrainer::new(&c).unwrap();
+    let before = t.evaluate().unwrap().unwrap();
+    // Policy = reference at the start: every implicit reward is 0.
+    assert!(before["rewards/margins"].abs() < 1e-6 && (before["loss"] - std::f64::consts::LN_2).abs() < 1e-5);
+    let s = train_loop(&mut t, &c, 5e-4).unwrap();
+    let after = s.eval.clone().unwrap();
+    // From all-ties (accuracy 0, margin 0) to a clear held-out preference (60 steps at β 0.1, lr 5e-4).
+    assert!(after["rewards/accuracies"] >= 0.75, "eval reward accuracy {}", after["rewards/accuracies"]);
+    assert!(after["rewards/margins"] > 0.2, "eval margin {}", after["rewards/margins"]);
+    assert!(after["rewards/chosen"] > after["rewards/rejected"]);
+    assert!(after["loss"] < std::f64::consts::LN_2 - 0.1, "eval loss {}", after["loss"]);
+    let line: Value = serde_json::from_str(std::fs::read_to_string(&s.metrics_file).unwrap().lines().next().unwrap()).unwrap();
+    for k in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert!(line.get(k).is_some(), "metrics line lacks {k}: {line}");
+    }
+    assert!(tmp.path().join("out/model.safetensors").is_file() && tmp.path().join("out/tokenizer.json").is_file());
+}
+
+#[test]
+fn every_loss_type_trains() {
+    for loss in [LossType::Ipo, LossType::Robust, LossType::Hinge, LossType::Kto, LossType::Orpo, LossType::Simpo, LossType::Cpl] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path(), loss);
+        c.dpo.params.label_smoothing = if loss == LossType::Robust { 0.1 } else { 0.0 };
+        if loss == LossType::Simpo {
+            c.dpo.params.beta = 2.0;
+        }
+        let mut t = DpoTrainer::new(&c).unwrap();
+        let before = t.evaluate().unwrap().unwrap();
+        let s = train_loop(&mut t, &c, 5e-4).unwrap();
+        let after = s.eval.unwrap();
+        assert!(after["loss"] < before["loss"], "{loss:?}: eval loss {} -> {}", before["loss"], after["loss"]);
+        assert!(after["rewards/margins"] > before["rewards/margins"], "{loss:?}: margins {} -> {}", before["rewards/margins"], after["rewards/margins"]);
+        if loss == LossType::Kto {
+            assert!(after.contains_key("kl"));
+        }
+    }
+}
+
+#[test]
+fn precomputed_reference_log_probs_give_the_same_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cfg(tmp.path(), LossType::Sigmoid);
+    let mut live = DpoTrainer::new(&c).unwrap();
+    c.dpo.precompute_ref_log_probs = true;
+    let mut pre = DpoTrainer::new(&c).unwrap();
+    for _ in 0..2 {
+        let (a, b) = (live.forward(&[0, 1, 2, 3]).unwrap(), pre.forward(&[0, 1, 2, 3]).unwrap());
+        let (la, lb) = (a.loss.to_scalar::<f32>().unwrap(), b.loss.to_scalar::<f32>().unwrap());
+        assert!((la - lb).abs() < 1e-6, "{la} vs {lb}");
+        for t in [&mut live, &mut pre] {
+            let o = t.forward(&[0, 1, 2, 3]).unwrap();
+            let g = t.optimizer().collect_grads(&o.loss.backward().unwrap()).unwrap();
+            t.optimizer_mut().step(&g, 1e-3, None).unwrap();
+        }
+    }
+}
+
+#[test]
+fn failure_paths_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_jsonl(&d.join("train.jsonl"), &sum_pairs(8, 1));
+    let common = CommonArgs {
+        model: Some(llama()),
+        train_file: Some(d.join("train.jsonl")),
+        output_dir: Some(d.join("out")),
+        ..Default::default()
+    };
+    let missing = DpoArgs { common: common.clone(), reference_model: Some(d.join("no-such-ref")), ..Default::default() };
+    let err = missing.resolve().unwrap_err().to_string();
+    assert!(err.contains("dpo.reference_model") && err.contains("no-such-ref"), "{err}");
+
+    let bad_beta = DpoArgs { common: common.clone(), beta: Some(0.0), ..Default::default() };
+    assert!(bad_beta.resolve().unwrap_err().to_string().contains("dpo.beta"));
+
+    std::fs::write(d.join("dpo.toml"), "[dpo]\nloss_type = \"sigmoid\"\nbeta = 0.2\ngamma = 1\n").unwrap();
+    let with_file = DpoArgs { common: CommonArgs { config: Some(d.join("dpo.toml")), ..common.clone() }, ..Default::default() };
+    let err = with_file.resolve().unwrap_err().to_string();
+    assert!(err.contains("dpo.toml") && err.contains("dpo.gamma") && err.contains("unknown key"), "{err}");
+
+    std::fs::write(d.join("dpo.toml"), "[dpo]\nloss_type = \"simpo\"\nsimpo_gamma = 1.0\n[lora]\nr = 4\n").unwrap();
+    let ok = with_file.resolve().unwrap();
+    assert_eq!((ok.dpo.loss_type, ok.dpo.params.simpo_gamma, ok.lora.as_ref().unwrap().r), (LossType::Simpo, 1.0, 4));
+
+    // Unpaired rows only fit kto.
+    write_jsonl(&d.join("unpaired.jsonl"), &[json!({"prompt": "Q: 1+1=", "completion": " 2", "label": true})]);
+    let mut c = cfg(d, LossType::Sigmoid);
+    c.train_file = Some(d.join("unpaired.jsonl"));
+    let err = DpoTrainer::new(&c).err().expect("unpaired data for sigmoid").to_string();
+    assert!(err.contains("unpaired.jsonl") && err.contains("not unpaired"), "{err}");
+}
