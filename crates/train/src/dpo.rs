@@ -600,16 +600,18 @@ pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, 
 }
 
 /// DPO benchmark at the TRL baseline's shape: sigmoid loss, β 0.1, 8 pairs/step, a reference forward every
-/// step, lr 1e-4. `tokenizer_dir`: the byte-level tokenizer (e.g. `fixtures/tokenizer`).
-pub fn bench_dpo(tokenizer_dir: &Path, steps: usize) -> Result<Value> {
+/// step, lr 1e-4. `tokenizer_dir`: the byte-level tokenizer (e.g. `fixtures/tokenizer`). With `lora` the policy
+/// trains adapters and the reference is its adapter-free base (no second model).
+pub fn bench_dpo(tokenizer_dir: &Path, steps: usize, lora: Option<&rlhf_model::lora::LoraConfig>) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
     let config = rlhf_model::ModelConfig::from_json(bench_model_config(), "bench config").map_err(|e| TrainError::Model(e.to_string()))?;
     let policy = CausalLm::init_random(config, 1234, &Device::Cpu).map_err(|e| TrainError::Model(e.to_string()))?;
     let pairs = bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
-    let cfg = PrefConfig { batch_size: 8, max_length: 64, ..Default::default() };
+    let cfg = PrefConfig { batch_size: 8, max_length: 64, lora: lora.cloned(), ..Default::default() };
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg)?;
     let mut v = bench_steps(&mut t, steps, 5, 1e-4)?;
     v["trainer"] = json!("dpo");
+    v["lora"] = json!(lora);
     Ok(v)
 }

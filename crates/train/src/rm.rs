@@ -887,8 +887,9 @@ pub fn run_rm_score(args: &RmScoreArgs) -> Result<usize> {
 }
 
 /// Reward-model benchmark at the TRL baseline's shape (tiny Llama + a fresh head, 8 pairs/step, lr 1e-3):
-/// median s/step, tokens/s (chosen + rejected), peak RSS. `tokenizer_dir`: e.g. `fixtures/tokenizer`.
-pub fn bench_rm(tokenizer_dir: &Path, steps: usize) -> Result<Value> {
+/// median s/step, tokens/s (chosen + rejected), peak RSS. `tokenizer_dir`: e.g. `fixtures/tokenizer`; `lora`:
+/// train adapters (and the head) instead of the whole trunk.
+pub fn bench_rm(tokenizer_dir: &Path, steps: usize, lora: Option<&LoraConfig>) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
     let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
@@ -896,9 +897,10 @@ pub fn bench_rm(tokenizer_dir: &Path, steps: usize) -> Result<Value> {
     let lm = rlhf_model::CausalLm::init_random(config, 1234, &Device::Cpu).map_err(model_err)?;
     let model = SeqCls::from_causal_lm(lm, 1, Some(0), 1234).map_err(model_err)?;
     let pairs = crate::dpo::bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
-    let cfg = PrefConfig { batch_size: 8, max_length: 64, ..Default::default() };
+    let cfg = PrefConfig { batch_size: 8, max_length: 64, lora: lora.cloned(), ..Default::default() };
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs), None, &cfg)?;
     let mut v = crate::dpo::bench_steps(&mut t, steps, 5, 1e-3)?;
     v["trainer"] = json!("rm");
+    v["lora"] = json!(lora);
     Ok(v)
 }

@@ -1,0 +1,134 @@
+//! LoRA: identity at attach, only adapters train, PEFT file layout, reload and merge equivalence, with DPO and
+//! reward-model training.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rlhf_model::lora::{Lora, LoraConfig};
+use rlhf_model::seq_cls::SeqCls;
+use rlhf_model::CausalLm;
+use rlhf_train::dpo::run_dpo;
+use rlhf_train::pref_loss::LossType;
+use rlhf_train::rm::{run_rm, PrefConfig};
+use serde_json::{json, Value};
+
+fn llama() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama"))
+}
+
+fn ids() -> Tensor {
+    Tensor::new(&[[1u32, 52, 29, 296, 14, 426, 32, 366, 2], [1, 273, 29, 272, 29, 296, 14, 22, 28]], &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn pairs_file(dir: &Path) -> PathBuf {
+    let p = dir.join("train.jsonl");
+    let mut f = std::fs::File::create(&p).unwrap();
+    for i in 0..48u32 {
+        let (a, b) = (10 + i, 30 + 2 * i);
+        writeln!(f, "{}", json!({"prompt": format!("Q: {a}+{b}="), "chosen": format!(" {}", a + b), "rejected": format!(" {}", 1000 + 37 * i)})).unwrap();
+    }
+    p
+}
+
+fn lora_cfg() -> LoraConfig {
+    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] }
+}
+
+#[test]
+fn attach_is_identity_and_counts_only_adapters() {
+    let base = CausalLm::load(&llama(), &Device::Cpu).unwrap();
+    let want = base.forward(&ids()).unwrap();
+    let mut m = CausalLm::load(&llama(), &Device::Cpu).unwrap();
+    let lora = Lora::attach(&mut m, &lora_cfg(), 0).unwrap();
+    assert_eq!(max_diff(&m.forward(&ids()).unwrap(), &want), 0.0, "B = 0: the adapted model equals the base");
+    // Per layer: q (64→64), v (64→32), down (176→64); r = 4.
+    assert_eq!(lora.num_parameters(), 2 * 4 * ((64 + 64) + (64 + 32) + (176 + 64)));
+    assert_eq!(lora.modules().len(), 6);
+    let bad = Lora::attach(&mut CausalLm::load(&llama(), &Device::Cpu).unwrap(), &LoraConfig { target_modules: vec!["qkv".into()], ..lora_cfg() }, 0);
+    assert!(bad.err().unwrap().to_string().contains("matches no linear layer"));
+}
+
+#[test]
+fn dpo_with_lora_trains_adapters_only_and_round_trips_through_peft_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut cfg = PrefConfig {
+        model: Some(llama()),
+        train_file: Some(pairs_file(d)),
+        output_dir: Some(d.join("out")),
+        max_length: 64,
+        learning_rate: Some(5e-3),
+        max_steps: Some(12),
+        lora: Some(lora_cfg()),
+        ..Default::default()
+    };
+    cfg.dpo.loss_type = LossType::Sigmoid;
+    let s = run_dpo(&cfg).unwrap();
+    assert!(s.final_metrics["rewards/margins"] > 0.0, "{:?}", s.final_metrics);
+
+    // PEFT layout.
+    let out = d.join("out");
+    let ac: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(ac["peft_type"], "LORA");
+    assert_eq!(ac["task_type"], "CAUSAL_LM");
+    assert_eq!((ac["r"].as_u64(), ac["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    assert_eq!(ac["target_modules"], json!(["q_proj", "v_proj", "down_proj"]));
+    assert_eq!(ac["base_model_name_or_path"], json!(llama().display().to_string()));
+    let w = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(w.len(), 12);
+    assert_eq!(w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dims(), &[4, 64]);
+    assert_eq!(w["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].dims(), &[32, 4]);
+    assert_eq!(w["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].dims(), &[4, 176]);
+    assert!(w["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "B trained");
+    assert!(!out.join("model.safetensors").exists(), "the base is not saved again");
+
+    // Reload onto the untouched base, then merge: same function without adapters.
+    let base = CausalLm::load(&llama(), &Device::Cpu).unwrap();
+    let base_logits = base.forward(&ids()).unwrap();
+    let mut m = CausalLm::load(&llama(), &Device::Cpu).unwrap();
+    let lora = Lora::load(&mut m, &out).unwrap();
+    lora.set_training(false);
+    let adapted = m.forward(&ids()).unwrap();
+    assert!(max_diff(&adapted, &base_logits) > 1e-3, "training changed the function");
+    lora.set_enabled(false);
+    assert_eq!(max_diff(&m.forward(&ids()).unwrap(), &base_logits), 0.0, "disabled adapters = the frozen base");
+    lora.set_enabled(true);
+    lora.merge_into(&mut m).unwrap();
+    assert!(max_diff(&m.forward(&ids()).unwrap(), &adapted) < 1e-4, "merged = base + adapters");
+    m.save(&d.join("merged")).unwrap();
+    let reloaded = CausalLm::load(&d.join("merged"), &Device::Cpu).unwrap();
+    assert!(max_diff(&reloaded.forward(&ids()).unwrap(), &adapted) < 1e-4);
+}
+
+#[test]
+fn reward_model_with_lora_saves_adapters_and_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = PrefConfig {
+        model: Some(llama()),
+        train_file: Some(pairs_file(d)),
+        output_dir: Some(d.join("out")),
+        max_length: 64,
+        learning_rate: Some(5e-3),
+        max_steps: Some(12),
+        lora: Some(lora_cfg()),
+        ..Default::default()
+    };
+    let s = run_rm(&cfg).unwrap();
+    assert!(s.final_metrics["accuracy"] >= 0.5);
+    let out = d.join("out");
+    let ac: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((ac["task_type"].as_str(), ac["modules_to_save"].clone()), (Some("SEQ_CLS"), json!(["score"])));
+    let w = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(w["base_model.model.score.weight"].dims(), &[1, 64]);
+    // The adapters load back onto a fresh trunk (the head is PEFT's modules_to_save entry).
+    let mut rm = SeqCls::from_causal_lm(CausalLm::load(&llama(), &Device::Cpu).unwrap(), 1, None, 0).unwrap();
+    let lora = Lora::load(&mut rm.lm, &out).unwrap();
+    lora.set_training(false);
+    assert_eq!(lora.modules().len(), 6);
+}
