@@ -51,6 +51,8 @@ impl Generator {
     pub fn load(dir: &std::path::Path) -> Result<Self> {
         let model = CausalLm::load(dir, &Device::Cpu)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
+        // Otherwise a prompt token past the embedding table fails deep in the forward pass with no file named.
+        tokenizer.check_vocab(model.vocab_size(), dir.join("config.json"))?;
         Ok(Self { model, tokenizer })
     }
 

@@ -54,8 +54,11 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 pub fn init(a: &Args) -> Result<CausalLm> {
-    if a.out.join("config.json").exists() {
-        bail!("{}: already holds a model (config.json); choose a new --out directory", a.out.display());
+    // Every file init writes: an existing tokenizer alone must not be overwritten either.
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        if a.out.join(f).exists() {
+            bail!("{}: already holds a model ({f}); choose a new --out directory", a.out.display());
+        }
     }
     let mut raw = match (&a.preset, &a.config) {
         (_, Some(path)) => ModelConfig::from_file(path)?.raw,

@@ -1,0 +1,399 @@
+//! End-to-end tests of the `rlhf` binary on the repo's addition data and fixture models: the happy paths
+//! (init → generate, sft → generate, TOML config + flag override) and the failure paths, which must end with
+//! exit status 1 and ONE line `error: …` naming the file (and line / field where there is one), no panic,
+//! and nothing overwritten.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn llama() -> PathBuf {
+    root().join("fixtures/models/llama")
+}
+
+fn sft_train() -> PathBuf {
+    root().join("data/sft_train.jsonl")
+}
+
+/// Runs `rlhf ARGS` in `cwd` as a user would: no backtraces requested, logging off so stderr is only what
+/// the command itself prints.
+fn rlhf(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("cannot run the rlhf binary")
+}
+
+/// Asserts success; returns stdout.
+fn ok(cwd: &Path, args: &[&str]) -> String {
+    let out = rlhf(cwd, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rlhf {args:?} failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Asserts the failure contract and that the error line contains every `needles`; returns the line.
+fn fails(cwd: &Path, args: &[&str], needles: &[&str]) -> String {
+    let out = rlhf(cwd, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "rlhf {args:?}: expected exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "rlhf {args:?} panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "rlhf {args:?}: expected a one-line error, got: {stderr}");
+    let line = lines[0];
+    assert!(line.starts_with("error: "), "rlhf {args:?}: {line}");
+    for n in needles {
+        assert!(line.contains(n), "rlhf {args:?}: error should mention {n:?}: {line}");
+    }
+    line.to_string()
+}
+
+fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every file under `dir` with its bytes, to prove a failing command changed nothing.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(snapshot(&p));
+        } else {
+            files.insert(p.clone(), std::fs::read(&p).unwrap());
+        }
+    }
+    files
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+fn read_jsonl(path: &Path) -> Vec<serde_json::Map<String, Value>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| match serde_json::from_str(l).unwrap() {
+            Value::Object(m) => m,
+            other => panic!("{}: not an object: {other}", path.display()),
+        })
+        .collect()
+}
+
+/// A copy of the fixture llama whose config.json has `"key": old` replaced by `"key": new`; returns the dir
+/// and the 1-based line of the edit.
+fn llama_with(tmp: &Path, name: &str, key: &str, new: &str) -> (PathBuf, usize) {
+    let dir = tmp.join(name);
+    copy_dir(&llama(), &dir);
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let prefix = format!("\"{key}\": ");
+    let line = text.lines().position(|l| l.trim_start().starts_with(&prefix)).unwrap_or_else(|| panic!("no {key}"));
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i != line {
+                return l.to_string();
+            }
+            let comma = if l.trim_end().ends_with(',') { "," } else { "" };
+            format!(" {prefix}{new}{comma}")
+        })
+        .collect();
+    std::fs::write(dir.join("config.json"), edited.join("\n")).unwrap();
+    (dir, line + 1)
+}
+
+/// Three prompts of the addition task with extra columns that generate must keep.
+fn prompts(tmp: &Path) -> PathBuf {
+    write(
+        &tmp.join("prompts.jsonl"),
+        "{\"prompt\": \"Q: 60+62=\", \"answer\": 122, \"id\": \"a\"}\n\
+         {\"prompt\": \"Q: 39+97=\", \"answer\": 136, \"id\": \"b\"}\n\
+         {\"prompt\": \"Q: 7+5=\", \"answer\": 12, \"id\": \"c\"}\n",
+    )
+}
+
+fn generate(cwd: &Path, model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec!["generate", "--model", s(model), "--prompts", s(prompts), "--out", s(out), "--max-new-tokens", "12"];
+    args.extend_from_slice(extra);
+    ok(cwd, &args);
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn init_then_generate_is_reproducible_and_keeps_columns() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let model = t.join("model");
+    ok(t, &["init", "--out", s(&model), "--preset", "tiny-llama", "--corpus", s(&sft_train()), "--vocab-size", "300"]);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(model.join(f).is_file(), "init wrote no {f}");
+    }
+    let config: Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 300);
+    assert_eq!(config["hidden_size"], 256);
+
+    let p = prompts(t);
+    let greedy = ["--temperature", "0"];
+    let g1 = generate(t, &model, &p, &t.join("g1.jsonl"), &greedy);
+    let g2 = generate(t, &model, &p, &t.join("g2.jsonl"), &greedy);
+    assert_eq!(g1, g2, "greedy generation differs between runs");
+    let s1 = generate(t, &model, &p, &t.join("s1.jsonl"), &["--seed", "1"]);
+    let s1b = generate(t, &model, &p, &t.join("s1b.jsonl"), &["--seed", "1"]);
+    let s2 = generate(t, &model, &p, &t.join("s2.jsonl"), &["--seed", "2"]);
+    assert_eq!(s1, s1b, "sampling with the same seed differs between runs");
+    assert_ne!(s1, s2, "sampling with seeds 1 and 2 gave identical output");
+
+    let inputs = read_jsonl(&p);
+    for file in ["g1.jsonl", "s1.jsonl"] {
+        let rows = read_jsonl(&t.join(file));
+        assert_eq!(rows.len(), inputs.len(), "{file}");
+        for (row, input) in rows.iter().zip(&inputs) {
+            for (k, v) in input {
+                assert_eq!(&row[k], v, "{file}: input column {k} not kept");
+            }
+            let ids = row["completion_ids"].as_array().unwrap();
+            let logprobs = row["logprobs"].as_array().unwrap();
+            assert!(!ids.is_empty() && ids.len() <= 12, "{file}: {} completion ids", ids.len());
+            assert_eq!(logprobs.len(), ids.len(), "{file}: one logprob per completion id");
+            assert!(logprobs.iter().all(|l| l.as_f64().is_some_and(|l| l.is_finite() && l <= 0.0)), "{file}: {logprobs:?}");
+            assert!(ids.iter().all(|i| i.as_u64().is_some_and(|i| i < 300)), "{file}: id out of vocab: {ids:?}");
+            assert!(row["completion"].is_string());
+            let reason = row["finish_reason"].as_str().unwrap();
+            assert!(reason == "length" || ids.len() < 12, "{file}: finish_reason {reason} with {} ids", ids.len());
+        }
+    }
+}
+
+#[test]
+fn init_refuses_an_existing_model_dir_and_changes_nothing() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let model = t.join("model");
+    let corpus = sft_train();
+    ok(t, &["init", "--out", s(&model), "--corpus", s(&corpus), "--vocab-size", "300"]);
+    let before = snapshot(&model);
+    fails(t, &["init", "--out", s(&model), "--corpus", s(&corpus), "--vocab-size", "400", "--seed", "7"], &[
+        s(&model),
+        "already holds a model",
+    ]);
+    assert_eq!(snapshot(&model), before, "a refused init changed the directory");
+
+    // A directory holding only a tokenizer is refused too: init would overwrite tokenizer.json.
+    let tok_only = t.join("tok_only");
+    std::fs::create_dir(&tok_only).unwrap();
+    std::fs::copy(model.join("tokenizer.json"), tok_only.join("tokenizer.json")).unwrap();
+    let before = snapshot(&tok_only);
+    fails(t, &["init", "--out", s(&tok_only), "--corpus", s(&corpus)], &["tokenizer.json", "already holds a model"]);
+    assert_eq!(snapshot(&tok_only), before);
+}
+
+#[test]
+fn sft_writes_a_loadable_model_and_metrics() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = t.join("sft");
+    let stdout = ok(t, &[
+        "sft", "--model", s(&llama()), "--train-file", s(&sft_train()), "--output-dir", s(&out), "--max-steps", "3",
+        "--batch-size", "4", "--logging-steps", "1", "--learning-rate", "1e-3",
+    ]);
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["steps"], 3, "{summary}");
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join(f).is_file(), "sft output has no {f}");
+    }
+    assert_ne!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(llama().join("model.safetensors")).unwrap(),
+        "sft did not change the weights"
+    );
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+    for m in &metrics {
+        for k in ["loss", "grad_norm", "learning_rate"] {
+            assert!(m[k].as_f64().is_some_and(f64::is_finite), "metrics.jsonl {k}: {m:?}");
+        }
+    }
+    // Linear decay from the peak: step 1 has the highest rate.
+    assert!(metrics[0]["learning_rate"].as_f64() > metrics[2]["learning_rate"].as_f64());
+
+    let gen = t.join("gen.jsonl");
+    generate(t, &out, &prompts(t), &gen, &["--temperature", "0"]);
+    assert_eq!(read_jsonl(&gen).len(), 3);
+}
+
+#[test]
+fn sft_config_file_with_a_flag_override() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let toml = format!(
+        "model = {:?}\ntrain_file = {:?}\noutput_dir = \"run\"\nmax_steps = 2\nbatch_size = 4\n\
+         learning_rate = 5e-4\nlogging_steps = 1\nsave_steps = 3\n",
+        s(&llama()),
+        s(&sft_train())
+    );
+    let cfg = write(&t.join("sft.toml"), &toml);
+    ok(t, &["sft", "--config", s(&cfg), "--max-steps", "3"]);
+    let metrics = read_jsonl(&t.join("run/metrics.jsonl"));
+    assert_eq!(metrics.len(), 3, "--max-steps 3 should override max_steps = 2");
+    // The checkpoint's training_config.json shows both sources merged.
+    let saved: Value = serde_json::from_slice(&std::fs::read(t.join("run/checkpoint-3/training_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["max_steps"], 3);
+    assert_eq!(saved["learning_rate"], 5e-4);
+    assert_eq!(saved["batch_size"], 4);
+}
+
+#[test]
+fn missing_model_files() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let p = prompts(t);
+    let missing = t.join("nope");
+    fails(t, &["generate", "--model", s(&missing), "--prompts", s(&p), "--out", "x.jsonl"], &["nope/config.json"]);
+    fails(t, &["sft", "--model", s(&missing), "--train-file", s(&sft_train()), "--output-dir", "o"], &["model", "nope"]);
+
+    let no_tok = t.join("no_tok");
+    copy_dir(&llama(), &no_tok);
+    std::fs::remove_file(no_tok.join("tokenizer.json")).unwrap();
+    fails(t, &["generate", "--model", s(&no_tok), "--prompts", s(&p), "--out", "x.jsonl"], &["no_tok/tokenizer.json"]);
+    fails(t, &["sft", "--model", s(&no_tok), "--train-file", s(&sft_train()), "--output-dir", "o"], &[
+        "no_tok/tokenizer.json",
+    ]);
+    assert!(!t.join("x.jsonl").exists() && !t.join("o").exists(), "a failed command left output behind");
+}
+
+#[test]
+fn bad_dataset_lines_name_file_line_and_field() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let model = llama();
+    let m = s(&model);
+    // A previous output must survive a failed run.
+    let out = write(&t.join("out.jsonl"), "previous\n");
+
+    write(&t.join("malformed.jsonl"), "{\"prompt\": \"Q: 1+1=\"}\n{\"prompt\": \"Q: 2+2=\"\n");
+    fails(t, &["generate", "--model", m, "--prompts", "malformed.jsonl", "--out", "out.jsonl"], &[
+        "malformed.jsonl:2:",
+        "invalid JSON",
+    ]);
+    write(&t.join("wrong_type.jsonl"), "{\"prompt\": \"Q: 1+1=\"}\n{\"prompt\": \"Q: 2+2=\"}\n{\"prompt\": 4}\n");
+    fails(t, &["generate", "--model", m, "--prompts", "wrong_type.jsonl", "--out", "out.jsonl"], &[
+        "wrong_type.jsonl:3:",
+        "field \"prompt\"",
+    ]);
+    write(&t.join("empty.jsonl"), "");
+    fails(t, &["generate", "--model", m, "--prompts", "empty.jsonl", "--out", "out.jsonl"], &["empty.jsonl", "empty"]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous\n");
+
+    let sft = |file: &str, needles: &[&str]| {
+        fails(t, &["sft", "--model", m, "--train-file", file, "--output-dir", "o", "--max-steps", "1"], needles);
+    };
+    write(&t.join("sft_type.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"completion\": \" 2\"}\n{\"prompt\": \"Q: 2+2=\", \"completion\": 4}\n");
+    sft("sft_type.jsonl", &["sft_type.jsonl:2:", "field \"completion\""]);
+    sft("malformed.jsonl", &["malformed.jsonl:2:", "invalid JSON"]);
+    sft("empty.jsonl", &["empty.jsonl", "empty"]);
+    assert!(!t.join("o").exists(), "a failed sft created its output dir");
+}
+
+#[test]
+fn bad_model_config_names_file_and_field() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let p = prompts(t);
+    let gen = |dir: &Path, needles: &[&str]| {
+        fails(t, &["generate", "--model", s(dir), "--prompts", s(&p), "--out", "x.jsonl"], needles);
+    };
+    let (dir, _) = llama_with(t, "unknown_type", "model_type", "\"mamba9\"");
+    gen(&dir, &["unknown_type/config.json", "field \"model_type\"", "mamba9"]);
+    // 1e999 overflows f64: not a finite number, rejected by the JSON parser with its position.
+    let (dir, line) = llama_with(t, "inf_eps", "rms_norm_eps", "1e999");
+    gen(&dir, &["inf_eps/config.json", &format!("line {line} ")]);
+    let (dir, _) = llama_with(t, "str_eps", "rms_norm_eps", "\"1e-6\"");
+    gen(&dir, &["str_eps/config.json", "field \"rms_norm_eps\""]);
+    let (dir, _) = llama_with(t, "str_hidden", "hidden_size", "\"64\"");
+    gen(&dir, &["str_hidden/config.json", "field \"hidden_size\""]);
+    // A config that disagrees with the weights names the tensor.
+    let (dir, _) = llama_with(t, "small_vocab", "vocab_size", "100");
+    gen(&dir, &["small_vocab/model.safetensors", "model.embed_tokens.weight", "config.json"]);
+}
+
+#[test]
+fn tokenizer_larger_than_model_vocab() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    // A 600-token tokenizer from init next to the fixture llama's 512-row embedding.
+    let big = t.join("big");
+    ok(t, &["init", "--out", s(&big), "--corpus", s(&sft_train()), "--corpus", s(&root().join("data/pref_train.jsonl")), "--vocab-size", "600"]);
+    let n = serde_json::from_slice::<Value>(&std::fs::read(big.join("config.json")).unwrap()).unwrap()["vocab_size"]
+        .as_u64()
+        .unwrap();
+    assert!(n > 512, "init's tokenizer has only {n} tokens");
+    let dir = t.join("mismatch");
+    copy_dir(&llama(), &dir);
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(big.join(f), dir.join(f)).unwrap();
+    }
+    fails(t, &["generate", "--model", s(&dir), "--prompts", s(&prompts(t)), "--out", "x.jsonl"], &[
+        "mismatch/tokenizer.json",
+        "mismatch/config.json",
+        "vocab_size",
+    ]);
+}
+
+#[test]
+fn unknown_or_ill_typed_toml_key() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let base = format!("model = {:?}\ntrain_file = {:?}\noutput_dir = \"run\"\n", s(&llama()), s(&sft_train()));
+    let cfg = write(&t.join("sft.toml"), &format!("{base}learning_rte = 1e-3\n"));
+    fails(t, &["sft", "--config", s(&cfg)], &["sft.toml", "\"learning_rte\"", "unknown"]);
+    let cfg = write(&t.join("typed.toml"), &format!("{base}logging_steps = \"ten\"\n"));
+    fails(t, &["sft", "--config", s(&cfg)], &["typed.toml", "\"logging_steps\""]);
+    // A bad flag value names the flag, not the file.
+    let cfg = write(&t.join("ok.toml"), &base);
+    fails(t, &["sft", "--config", s(&cfg), "--learning-rate=-1"], &["command line", "learning_rate"]);
+    assert!(!t.join("run").exists());
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = t.join("run");
+    let line = fails(t, &[
+        "sft", "--model", s(&llama()), "--train-file", s(&sft_train()), "--output-dir", s(&out), "--max-steps", "6",
+        "--batch-size", "4", "--learning-rate", "1e30", "--save-steps", "1", "--logging-steps", "1",
+    ], &["non-finite loss", "checkpoint-"]);
+    // The named checkpoint exists, is complete, and loads.
+    let ckpt = line.split_whitespace().last().unwrap();
+    let ckpt = out.join(Path::new(ckpt).file_name().unwrap());
+    assert!(ckpt.join("model.safetensors").is_file(), "{line}");
+    assert!(!out.join("model.safetensors").exists(), "a diverged run saved a final model");
+    for m in read_jsonl(&out.join("metrics.jsonl")) {
+        assert!(m["loss"].as_f64().is_some_and(f64::is_finite), "metrics.jsonl logged a non-finite loss: {m:?}");
+    }
+    let gen = t.join("gen.jsonl");
+    generate(t, &ckpt, &prompts(t), &gen, &["--temperature", "0"]);
+    assert_eq!(read_jsonl(&gen).len(), 3);
+}
