@@ -21,6 +21,10 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Supervised fine-tuning on demonstrations (prompt/completion, messages or text data).
     Sft(rlhf_train::SftArgs),
+    /// Train a reward model (Bradley–Terry, margins, ratings, ensembles); `rlhf rm score` scores completions.
+    Rm(cmd::pref::RmCommand),
+    /// Direct preference optimisation: sigmoid (DPO), ipo, robust, hinge, kto, orpo, simpo, cpl.
+    Dpo(rlhf_train::dpo::DpoArgs),
     /// The feedback app: serve it, manage users and projects, import items, export training data.
     Feedback(rlhf_feedback::cli::FeedbackArgs),
     /// Benchmarks; each prints one JSON line per measured shape.
@@ -41,6 +45,8 @@ fn main() {
         Command::Init(a) => cmd::init::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Sft(a) => cmd::sft::run(a),
+        Command::Rm(a) => cmd::pref::run_rm(a),
+        Command::Dpo(a) => cmd::pref::run_dpo(a),
         Command::Feedback(a) => rlhf_feedback::cli::run(a),
         Command::Bench(b) => cmd::bench::run(b),
     };

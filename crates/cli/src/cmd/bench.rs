@@ -1,10 +1,13 @@
 //! `rlhf bench …`: speed and memory, one JSON line per shape on stdout. Compare only against numbers
 //! measured in the same run on the same machine (`../shared/bench-trl/run_all.sh` back to back).
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use candle_core::Device;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
-use rlhf_model::{bench, CausalLm, ModelConfig};
+use rlhf_model::{bench, lora::LoraConfig, CausalLm, ModelConfig};
+use rlhf_train::bench::{bench_sft, peak_rss_mb, BenchData, SftBenchShape};
 use serde_json::json;
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -50,10 +53,34 @@ impl Common {
     }
 }
 
+#[derive(ClapArgs)]
+pub struct Training {
+    #[command(flatten)]
+    common: Common,
+    /// Timed optimizer steps (after 5 warm-up steps).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Byte-level tokenizer for the addition data (vocab 512, as ../shared/bench-trl's).
+    #[arg(long, default_value = "fixtures/tokenizer")]
+    tokenizer: PathBuf,
+    /// Prompt/completion data for the tiny shape's SFT steps.
+    #[arg(long, default_value = "data/sft_train.jsonl")]
+    data: PathBuf,
+    /// Train LoRA adapters of this rank instead of all weights (rm, dpo), to measure the memory saved.
+    #[arg(long)]
+    lora_r: Option<usize>,
+}
+
 #[derive(Subcommand)]
 pub enum Bench {
     /// Sampled generation: 32 prompts × 8 tokens → 64 new tokens each, KV cache, T = 1.
     Generate(Common),
+    /// SFT steps: tiny = batch 8 addition samples (completion-only loss); smollm2 = batch 8 × 128 random tokens.
+    Sft(Training),
+    /// Reward-model (Bradley–Terry) steps, 8 pairs each, tiny shape.
+    Rm(Training),
+    /// DPO (sigmoid, β 0.1) steps, 8 pairs each with a reference forward every step, tiny shape.
+    Dpo(Training),
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -63,8 +90,33 @@ pub fn run(b: Bench) -> Result<()> {
                 println!("{}", bench_generate(shape, c.repeats.max(1))?);
             }
         }
+        Bench::Sft(t) => {
+            for shape in t.common.shapes() {
+                reset_peak_rss();
+                let (data, steps) = match shape {
+                    Shape::Tiny => (
+                        BenchData::Addition { tokenizer_dir: t.tokenizer.clone(), data_file: t.data.clone() },
+                        t.steps,
+                    ),
+                    // A 135M step takes seconds: fewer timed steps.
+                    Shape::Smollm2 => (BenchData::Random { seq_len: 128, num_rows: 64 }, t.steps.min(5)),
+                };
+                let model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
+                let v = bench_sft(SftBenchShape { name: shape.name().into(), model, data, batch_size: 8, steps })?;
+                println!("{v}");
+            }
+        }
+        Bench::Rm(t) | Bench::Dpo(t) if t.common.shapes() != [Shape::Tiny] && !t.common.shape.is_empty() => {
+            anyhow::bail!("the rm and dpo benchmarks measure the tiny shape only (--shape tiny)")
+        }
+        Bench::Rm(t) => println!("{}", rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?),
+        Bench::Dpo(t) => println!("{}", rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?),
     }
     Ok(())
+}
+
+fn lora(t: &Training) -> Option<LoraConfig> {
+    t.lora_r.map(|r| LoraConfig { r, ..Default::default() })
 }
 
 fn bench_generate(shape: Shape, repeats: usize) -> Result<serde_json::Value> {
@@ -80,8 +132,8 @@ fn bench_generate(shape: Shape, repeats: usize) -> Result<serde_json::Value> {
     Ok(json!({
         "bench": "generate", "shape": shape.name(), "prompts": prompts, "prompt_tokens": prompt_len,
         "max_new_tokens": new, "new_tokens": m.new_tokens, "sec_median": round(m.seconds, 4),
-        "new_tokens_per_sec": round(m.new_tokens_per_sec, 1), "peak_rss_mb": peak_rss_mb(),
-        "threads": candle_core::utils::get_num_threads(),
+        "new_tokens_per_sec": round(m.new_tokens_per_sec, 1), "peak_rss_mb": peak_rss_mb().map(|x| round(x, 1)),
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     }))
 }
 
@@ -93,11 +145,4 @@ pub fn round(x: f64, digits: i32) -> f64 {
 /// Resets the kernel's peak-RSS counter so each shape reports its own peak (Linux ≥ 4.0).
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak resident set size (VmHWM) in MB, or null where /proc is unavailable.
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(round(kb / 1024.0, 1))
 }

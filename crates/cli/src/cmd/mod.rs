@@ -2,4 +2,5 @@ pub mod bench;
 pub mod demo;
 pub mod generate;
 pub mod init;
+pub mod pref;
 pub mod sft;
