@@ -38,6 +38,7 @@ fn logits_match_transformers() {
         let m = load(dir);
         let logits = m.forward(&ids).unwrap();
         let d = valid_max_diff(&logits, &r[&format!("{key}.logits")], &lengths);
+        eprintln!("{dir}: max |Δlogits| vs transformers = {d:.2e}");
         assert!(d <= 1e-4, "{dir}: max |Δlogits| = {d}");
     }
 }
