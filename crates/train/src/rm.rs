@@ -52,7 +52,7 @@ pub struct PrefConfig {
     pub max_length: usize,
     /// Pairs (or examples) per optimizer step.
     pub batch_size: usize,
-    /// Default: 1e-5 for `rm`, 1e-6 for `dpo` (TRL's RewardConfig / DPOConfig).
+    /// Default: 1e-4 for `rm`, 1e-6 for `dpo` (TRL 1.16's RewardConfig / DPOConfig).
     pub learning_rate: Option<f64>,
     pub lr_scheduler_type: ScheduleKind,
     pub warmup_steps: u64,
@@ -835,7 +835,7 @@ impl Objective for RmTrainer {
 /// `rlhf rm`: trains a reward model as configured; the model is written to `output_dir`.
 pub fn run_rm(cfg: &PrefConfig) -> Result<PrefSummary> {
     let mut t = RmTrainer::new(cfg)?;
-    train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-5))
+    train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-4))
 }
 
 /// `rlhf rm score`: rewards for prompt/completion rows. Writes each input row plus `reward` (ensemble mean),
