@@ -1,6 +1,6 @@
 //! SFT step benchmark: median seconds per optimizer step, non-pad tokens per second, peak RSS, and where
 //! the step time goes (forward / backward / optimizer), measured the way ../shared/bench-trl does
-//! (5 warm-up steps excluded).
+//! (warm-up steps excluded, wall time between consecutive steps, other processes' CPU use reported).
 
 use std::path::PathBuf;
 
@@ -13,9 +13,6 @@ use crate::config::SftConfig;
 use crate::error::{Result, TrainError};
 use crate::schedule::ScheduleKind;
 use crate::sft::{SftTrainer, StepStats};
-
-/// Steps excluded from the statistics (allocator and cache warm-up), as in bench-trl.
-pub const WARMUP_STEPS: usize = 5;
 
 /// What the benchmark trains on.
 pub enum BenchData {
@@ -31,13 +28,17 @@ pub struct SftBenchShape {
     pub model: CausalLm,
     pub data: BenchData,
     pub batch_size: usize,
-    /// Timed steps (after the warm-up).
+    /// Untimed first steps (allocator and cache warm-up): bench-trl skips 5 SFT steps, its
+    /// `torch_135m.py` 2.
+    pub warmup_steps: usize,
+    /// Timed steps.
     pub steps: usize,
 }
 
 /// Run the benchmark; one JSON object with the measurements.
 pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
-    let SftBenchShape { name, model, data, batch_size, steps } = shape;
+    let SftBenchShape { name, model, data, batch_size, warmup_steps, steps } = shape;
+    let steps = steps.max(1);
     let vocab = model.vocab_size();
     let params = model.num_parameters();
     let (rows, pad_id, data_desc) = match &data {
@@ -62,7 +63,7 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
         }
     };
 
-    let total = WARMUP_STEPS + steps;
+    let total = warmup_steps + steps;
     let unused = PathBuf::from("/nonexistent");
     let mut cfg = SftConfig::with_defaults(unused.clone(), unused.clone(), unused);
     cfg.batch_size = batch_size;
@@ -74,16 +75,29 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
     let mut stats: Vec<StepStats> = Vec::with_capacity(total);
     let mut wall = Vec::with_capacity(total);
     let mut last = std::time::Instant::now();
-    for _ in 0..total {
+    let mut cpu_start = None;
+    for i in 0..total {
+        if i == warmup_steps {
+            cpu_start = Some(cpu_snapshot());
+        }
         stats.push(trainer.step()?);
         // Wall time between consecutive steps, as bench-trl's callback measures it.
         wall.push(last.elapsed().as_secs_f64());
         last = std::time::Instant::now();
     }
-    let timed = &stats[WARMUP_STEPS..];
-    let timed_wall = &wall[WARMUP_STEPS..];
+    let cpu_end = cpu_snapshot();
+    let timed = &stats[warmup_steps..];
+    let timed_wall = &wall[warmup_steps..];
     let tokens: usize = timed.iter().map(|s| s.num_tokens).sum();
     let pick = |f: fn(&StepStats) -> f64| median(timed.iter().map(f).collect());
+    let timed_secs: f64 = timed_wall.iter().sum();
+    // bench-trl's contamination check: CPU used by other processes while we ran, in cores.
+    let (other_cores, own_cpu_per_step) = match (cpu_start.flatten(), cpu_end) {
+        (Some((busy0, own0)), Some((busy1, own1))) => {
+            (Some((((busy1 - busy0) - (own1 - own0)) / timed_secs).max(0.0)), Some((own1 - own0) / timed.len() as f64))
+        }
+        _ => (None, None),
+    };
     Ok(json!({
         "bench": "sft",
         "shape": name,
@@ -93,7 +107,9 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
         "steps": steps,
         "sec_per_step_median": median(timed_wall.to_vec()),
         "tokens_per_step_mean": tokens as f64 / timed.len() as f64,
-        "tokens_per_sec": tokens as f64 / timed_wall.iter().sum::<f64>(),
+        "tokens_per_sec": tokens as f64 / timed_secs,
+        "own_cpu_s_per_step": own_cpu_per_step,
+        "other_procs_cpu_cores": other_cores,
         "forward_s_median": pick(|s| s.forward_s),
         "backward_s_median": pick(|s| s.backward_s),
         "optimizer_s_median": pick(|s| s.optimizer_s),
@@ -114,6 +130,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// (CPU-seconds the whole machine was busy, CPU-seconds of this process) from /proc; None off Linux.
+fn cpu_snapshot() -> Option<(f64, f64)> {
+    // USER_HZ is 100 on every Linux configuration procfs is read with.
+    const HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy = v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum::<f64>() / HZ;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (rest.get(11)?.parse().ok()?, rest.get(12)?.parse().ok()?);
+    Some((busy, (utime + stime) / HZ))
 }
 
 /// Peak resident set size of this process (VmHWM), in MB; None off Linux.
