@@ -265,6 +265,9 @@ fn kto_batch(ex: &[&UnpairedExample], pad: u32, max_length: usize) -> TokenBatch
     collate(&rows.iter().collect::<Vec<_>>(), pad, None)
 }
 
+/// Reference log-probs per pair: (chosen, rejected).
+type RefLogps = Vec<(f32, f32)>;
+
 /// Where reference log-probs come from.
 enum Reference {
     /// Reference-free loss, or everything precomputed.
@@ -279,8 +282,8 @@ pub struct DpoTrainer {
     policy: CausalLm,
     lora: Option<Lora>,
     reference: Reference,
-    /// Precomputed reference log-probs per example: (chosen, rejected).
-    precomputed: Option<(Vec<(f32, f32)>, Option<Vec<(f32, f32)>>)>,
+    /// Precomputed reference log-probs of the train and eval examples.
+    precomputed: Option<(RefLogps, Option<RefLogps>)>,
     optimizer: AdamW,
     train: DpoData,
     eval: Option<DpoData>,

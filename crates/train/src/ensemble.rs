@@ -11,7 +11,7 @@ use crate::error::{Result, TrainError};
 
 pub enum Ensemble {
     /// One model; each of its `num_labels` outputs is a member (1 = a plain reward model).
-    Heads(SeqCls),
+    Heads(Box<SeqCls>),
     /// Several single-head reward models sharing a tokenizer.
     Models(Vec<SeqCls>),
 }
@@ -31,7 +31,7 @@ impl Ensemble {
         };
         match dirs {
             [] => Err(TrainError::Config { file: "command line".into(), key: "model".into(), msg: "no reward model given".into() }),
-            [one] => Ok(Ensemble::Heads(load(one)?)),
+            [one] => Ok(Ensemble::Heads(Box::new(load(one)?))),
             many => {
                 let models = many.iter().map(load).collect::<Result<Vec<_>>>()?;
                 if let Some((d, m)) = many.iter().zip(&models).find(|(_, m)| m.num_labels() != 1) {

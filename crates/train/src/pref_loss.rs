@@ -105,7 +105,7 @@ impl LossParams {
             LossType::Cpl if !(self.cpl_lambda > 0.0 && self.cpl_lambda <= 1.0) => {
                 bad("cpl_lambda", "must be in (0, 1]")
             }
-            LossType::Cpl if !(self.cpl_alpha > 0.0) => bad("cpl_alpha", "must be positive"),
+            LossType::Cpl if self.cpl_alpha.is_nan() || self.cpl_alpha <= 0.0 => bad("cpl_alpha", "must be positive"),
             LossType::Kto if self.desirable_weight < 0.0 || self.undesirable_weight < 0.0 => {
                 bad("desirable_weight", "KTO weights must be non-negative")
             }

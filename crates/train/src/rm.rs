@@ -517,7 +517,7 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig, lr: f64) -> Result<
         final_metrics = metrics;
         progress.update(step, Some(loss));
         let epoch = step as f64 / steps_per_epoch as f64;
-        if step % cfg.logging_steps == 0 || step == total {
+        if step.is_multiple_of(cfg.logging_steps) || step == total {
             let mut line = Map::new();
             line.insert("step".into(), json!(step));
             line.insert("epoch".into(), json!(epoch));
@@ -529,7 +529,7 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig, lr: f64) -> Result<
             window_steps = 0;
             write_line(&mut log, &metrics_path, &line)?;
         }
-        if (cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || step == total {
+        if (cfg.eval_steps > 0 && step.is_multiple_of(cfg.eval_steps)) || step == total {
             eval = obj.evaluate()?;
             if let Some(e) = &eval {
                 let mut line = Map::new();
@@ -541,7 +541,7 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig, lr: f64) -> Result<
                 write_line(&mut log, &metrics_path, &line)?;
             }
         }
-        if cfg.save_steps > 0 && step % cfg.save_steps == 0 {
+        if cfg.save_steps > 0 && step.is_multiple_of(cfg.save_steps) {
             let o: &dyn Objective = obj;
             let dir = checkpoint::save_checkpoint(&out_dir, |d| o.save(d), o.optimizer(), &state, &config_json, cfg.save_total_limit)?;
             last_checkpoint = Some(dir);

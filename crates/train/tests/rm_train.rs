@@ -143,7 +143,7 @@ fn bad_rows_and_keys_are_reported_with_their_location() {
     .unwrap();
     let mut cfg = base_cfg(d);
     cfg.eval_file = None;
-    let err = run_rm(&cfg).err().expect("bad row").to_string();
+    let err = run_rm(&cfg).expect_err("bad row").to_string();
     assert!(err.contains("train.jsonl:2") && err.contains("\"chosen\""), "{err}");
 
     std::fs::write(d.join("rm.toml"), "batch_size = 4\n[rm]\nnum_heads = 2\ncenter_reward = 0.1\n").unwrap();
