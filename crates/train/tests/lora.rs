@@ -132,3 +132,23 @@ fn reward_model_with_lora_saves_adapters_and_head() {
     lora.set_training(false);
     assert_eq!(lora.modules().len(), 6);
 }
+
+#[test]
+fn merge_handles_transposed_conv1d_weights() {
+    // GPT-2 stores Conv1D weights [in, out]; the merged delta must be transposed to match.
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/gpt2"));
+    let mut m = CausalLm::load(&dir, &Device::Cpu).unwrap();
+    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["c_attn".into(), "c_fc".into()] };
+    let lora = Lora::attach(&mut m, &cfg, 3).unwrap();
+    assert_eq!(lora.modules().len(), 4);
+    // Give B non-zero values so the adapters change the function.
+    for v in lora.varmap().all_vars() {
+        let t = v.as_tensor();
+        v.set(&(Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu).unwrap() + t).unwrap()).unwrap();
+    }
+    let adapted = m.forward(&ids()).unwrap();
+    let base = CausalLm::load(&dir, &Device::Cpu).unwrap().forward(&ids()).unwrap();
+    assert!(max_diff(&adapted, &base) > 1e-3);
+    lora.merge_into(&mut m).unwrap();
+    assert!(max_diff(&m.forward(&ids()).unwrap(), &adapted) < 1e-4);
+}
