@@ -13,7 +13,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The best run: on a shared machine the fastest run is the least disturbed one.
 fn best(v: &[f64], higher_is_better: bool) -> f64 {
     let it = v.iter().copied();
-    if higher_is_better { it.fold(f64::MIN, f64::max) } else { it.fold(f64::MAX, f64::min) }
+    if higher_is_better {
+        it.fold(f64::MIN, f64::max)
+    } else {
+        it.fold(f64::MAX, f64::min)
+    }
 }
 
 fn main() -> candle_core::Result<()> {

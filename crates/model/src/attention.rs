@@ -34,7 +34,13 @@ impl KvCache {
                 Ok((z()?, z()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: 0, capacity, row_start: vec![0; batch], step: 0 })
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+            row_start: vec![0; batch],
+            step: 0,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -52,7 +58,11 @@ impl KvCache {
     /// Sets the first valid cache position of every row (its left padding ends there).
     pub fn set_row_start(&mut self, row_start: &[usize]) -> Result<()> {
         if row_start.len() != self.row_start.len() {
-            candle_core::bail!("KvCache: {} row starts for a batch of {}", row_start.len(), self.row_start.len())
+            candle_core::bail!(
+                "KvCache: {} row starts for a batch of {}",
+                row_start.len(),
+                self.row_start.len()
+            )
         }
         self.row_start = row_start.to_vec();
         Ok(())
@@ -61,7 +71,11 @@ impl KvCache {
     /// Declares that the next forward pass appends `tq` positions.
     pub fn begin_step(&mut self, tq: usize) -> Result<()> {
         if self.len + tq > self.capacity {
-            candle_core::bail!("KV cache overflow: {} positions > capacity {}", self.len + tq, self.capacity)
+            candle_core::bail!(
+                "KV cache overflow: {} positions > capacity {}",
+                self.len + tq,
+                self.capacity
+            )
         }
         self.step = tq;
         Ok(())
@@ -93,7 +107,9 @@ impl KvCache {
             for qi in 0..tq {
                 let a = self.len + qi;
                 let row = &mut m[(bi * tq + qi) * total..(bi * tq + qi + 1) * total];
-                row[self.visible_from(bi, a)..=a].iter_mut().for_each(|v| *v = 0.0);
+                row[self.visible_from(bi, a)..=a]
+                    .iter_mut()
+                    .for_each(|v| *v = 0.0);
             }
         }
         Tensor::from_vec(m, (b, 1, 1, tq, total), device)
@@ -120,7 +136,11 @@ pub(crate) fn attention(
         let q = q.reshape((b, nkv, rep * tq, d))?;
         let s = q.matmul(&k.t()?)?;
         let p = ops::causal_softmax(&s, scale, tq, 0)?;
-        return p.matmul(v)?.reshape((b, nh, tq, d))?.transpose(1, 2)?.reshape((b, tq, nh * d));
+        return p
+            .matmul(v)?
+            .reshape((b, nh, tq, d))?
+            .transpose(1, 2)?
+            .reshape((b, tq, nh * d));
     };
     if cache.step != tq {
         candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")
@@ -131,10 +151,21 @@ pub(crate) fn attention(
     vc.slice_set(v, 2, offset)?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let starts = (0..b)
-            .map(|bi| (0..tq).map(|qi| cache.visible_from(bi, offset + qi)).collect())
+            .map(|bi| {
+                (0..tq)
+                    .map(|qi| cache.visible_from(bi, offset + qi))
+                    .collect()
+            })
             .collect();
-        let op = ops::CachedAttention { scale: scale as f32, offset, starts };
-        return q.contiguous()?.apply_op3_no_bwd(kc, vc, &op)?.reshape((b, tq, nh * d));
+        let op = ops::CachedAttention {
+            scale: scale as f32,
+            offset,
+            starts,
+        };
+        return q
+            .contiguous()?
+            .apply_op3_no_bwd(kc, vc, &op)?
+            .reshape((b, tq, nh * d));
     }
     let total = offset + tq;
     let q = q.reshape((b, nkv, rep * tq, d))?;
@@ -145,5 +176,8 @@ pub(crate) fn attention(
         .broadcast_add(&cache.mask(tq, q.device())?)?;
     // Generation needs no gradient, so candle's fused (forward-only) softmax is fine here.
     let p = candle_nn::ops::softmax_last_dim(&s)?.reshape((b, nkv, rep * tq, total))?;
-    p.matmul(&v)?.reshape((b, nh, tq, d))?.transpose(1, 2)?.reshape((b, tq, nh * d))
+    p.matmul(&v)?
+        .reshape((b, nh, tq, d))?
+        .transpose(1, 2)?
+        .reshape((b, tq, nh * d))
 }

@@ -74,7 +74,12 @@ pub fn bench_generate(
     let out = generate(model, &reqs, None)?;
     let seconds = t.elapsed().as_secs_f64();
     let n: usize = out.iter().map(|o| o.tokens.len()).sum();
-    Ok(GenBench { requests: prompts, new_tokens: n, seconds, new_tokens_per_sec: n as f64 / seconds })
+    Ok(GenBench {
+        requests: prompts,
+        new_tokens: n,
+        seconds,
+        new_tokens_per_sec: n as f64 / seconds,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -86,18 +91,30 @@ pub struct StepBench {
 
 /// Times the forward pass (to the mean token log-prob loss) and the backward pass of one
 /// training step on a random `[batch, seq_len]` batch (the optimizer update is not included).
-pub fn bench_train_step(model: &CausalLm, batch: usize, seq_len: usize, seed: u64) -> Result<StepBench> {
+pub fn bench_train_step(
+    model: &CausalLm,
+    batch: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<StepBench> {
     let ids = pseudo_ids(batch * (seq_len + 1), model.vocab_size(), seed);
-    let all = Tensor::from_vec(ids, (batch, seq_len + 1), &Device::Cpu)?.to_device(model.device())?;
+    let all =
+        Tensor::from_vec(ids, (batch, seq_len + 1), &Device::Cpu)?.to_device(model.device())?;
     let input = all.narrow(1, 0, seq_len)?.contiguous()?;
     let targets = all.narrow(1, 1, seq_len)?.contiguous()?;
     let t = Instant::now();
-    let loss = ops::token_logprobs(&model.forward(&input)?, &targets)?.mean_all()?.neg()?;
+    let loss = ops::token_logprobs(&model.forward(&input)?, &targets)?
+        .mean_all()?
+        .neg()?;
     loss.to_scalar::<f32>()?;
     let forward_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let grads = loss.backward()?;
     let backward_s = t.elapsed().as_secs_f64();
     drop(grads);
-    Ok(StepBench { tokens: batch * seq_len, forward_s, backward_s })
+    Ok(StepBench {
+        tokens: batch * seq_len,
+        forward_s,
+        backward_s,
+    })
 }

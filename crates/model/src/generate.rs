@@ -26,14 +26,22 @@ pub struct Sampling {
 
 impl Sampling {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
 impl Default for Sampling {
     /// Pure sampling from the model distribution (T = 1, no truncation).
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0 }
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -77,7 +85,13 @@ fn log_sum_exp(x: &[f32]) -> f32 {
 fn argmax(x: &[f32]) -> usize {
     x.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
         .0
 }
 
@@ -98,8 +112,14 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
         }
         cand.sort_unstable_by(by_logit);
     }
-    let m = cand.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
-    let mut w: Vec<f64> = cand.iter().map(|&i| (((logits[i] - m) * inv_t) as f64).exp()).collect();
+    let m = cand
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut w: Vec<f64> = cand
+        .iter()
+        .map(|&i| (((logits[i] - m) * inv_t) as f64).exp())
+        .collect();
     if s.top_p < 1.0 {
         let total: f64 = w.iter().sum();
         let (mut acc, mut keep) = (0.0, w.len());
@@ -128,7 +148,11 @@ pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
 
 /// Generates completions for a batch of requests (see the module docs). `decode` is needed only
 /// for `stop_strings`.
-pub fn generate(model: &CausalLm, requests: &[GenRequest], decode: Option<Decode>) -> Result<Vec<GenOutput>> {
+pub fn generate(
+    model: &CausalLm,
+    requests: &[GenRequest],
+    decode: Option<Decode>,
+) -> Result<Vec<GenOutput>> {
     let b = requests.len();
     if b == 0 {
         return Ok(vec![]);
@@ -148,13 +172,21 @@ pub fn generate(model: &CausalLm, requests: &[GenRequest], decode: Option<Decode
     let max_new = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
     let mut outs: Vec<GenOutput> = requests
         .iter()
-        .map(|_| GenOutput { tokens: vec![], logprobs: vec![], finish_reason: FinishReason::Length })
+        .map(|_| GenOutput {
+            tokens: vec![],
+            logprobs: vec![],
+            finish_reason: FinishReason::Length,
+        })
         .collect();
     if max_new == 0 {
         return Ok(outs);
     }
     let dev = model.device().clone();
-    let p = requests.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    let p = requests
+        .iter()
+        .map(|r| r.prompt_ids.len())
+        .max()
+        .unwrap_or(0);
     let pads: Vec<usize> = requests.iter().map(|r| p - r.prompt_ids.len()).collect();
     // The last sampled token is never fed back.
     let capacity = p + max_new - 1;
@@ -168,7 +200,10 @@ pub fn generate(model: &CausalLm, requests: &[GenRequest], decode: Option<Decode
         ids.extend(std::iter::repeat_n(0, pad).chain(r.prompt_ids.iter().copied()));
         pos.extend((0..p).map(|j| j.saturating_sub(pad) as u32));
     }
-    let mut rngs: Vec<StdRng> = requests.iter().map(|r| StdRng::seed_from_u64(r.seed)).collect();
+    let mut rngs: Vec<StdRng> = requests
+        .iter()
+        .map(|r| StdRng::seed_from_u64(r.seed))
+        .collect();
     let mut done: Vec<bool> = requests.iter().map(|r| r.max_new_tokens == 0).collect();
     let mut step_len = p;
     let mut input = Tensor::from_vec(ids, (b, p), &dev)?;

@@ -100,7 +100,11 @@ impl Gpt2Config {
 
     pub(crate) fn check(&self, file: &str) -> Result<()> {
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
-            bail!("{file}: n_embd ({}) must be a multiple of n_head ({})", self.n_embd, self.n_head)
+            bail!(
+                "{file}: n_embd ({}) must be a multiple of n_head ({})",
+                self.n_embd,
+                self.n_head
+            )
         }
         if self.add_cross_attention {
             bail!("{file}: field \"add_cross_attention\": cross-attention is not supported")
@@ -136,7 +140,11 @@ impl Gpt2Config {
         }
         ln(&mut v, "transformer.ln_f".into());
         if !self.tie_word_embeddings {
-            v.push(ParamSpec::new("lm_head.weight", &[self.vocab_size, h], normal));
+            v.push(ParamSpec::new(
+                "lm_head.weight",
+                &[self.vocab_size, h],
+                normal,
+            ));
         }
         v
     }
@@ -173,7 +181,10 @@ impl Gpt2 {
             ))
         };
         let ln = |name: &str| -> Result<(Tensor, Tensor)> {
-            Ok((p.get(&format!("{name}.weight"))?, p.get(&format!("{name}.bias"))?))
+            Ok((
+                p.get(&format!("{name}.weight"))?,
+                p.get(&format!("{name}.bias"))?,
+            ))
         };
         let blocks = (0..cfg.n_layer)
             .map(|i| {
@@ -206,7 +217,11 @@ impl Gpt2 {
     }
 
     pub(crate) fn kv_shape(&self) -> (usize, usize, usize) {
-        (self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head)
+        (
+            self.cfg.n_layer,
+            self.cfg.n_head,
+            self.cfg.n_embd / self.cfg.n_head,
+        )
     }
 
     pub(crate) fn hidden_states(
@@ -221,16 +236,26 @@ impl Gpt2 {
         let (pos_vec, rows) = pos.resolve(b, t)?;
         if let Some(&p) = pos_vec.iter().max() {
             if p as usize >= self.cfg.n_positions {
-                bail!("gpt2: position {p} is beyond n_positions = {}", self.cfg.n_positions)
+                bail!(
+                    "gpt2: position {p} is beyond n_positions = {}",
+                    self.cfg.n_positions
+                )
             }
         }
         let pos_ids = Tensor::from_vec(pos_vec, rows * t, ids.device())?;
         let pe = self.wpe.index_select(&pos_ids, 0)?.reshape((rows, t, h))?;
-        let te = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?;
+        let te = self
+            .wte
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
         let mut x = te.broadcast_add(&pe)?;
         let eps = self.cfg.layer_norm_epsilon;
         for (li, blk) in self.blocks.iter().enumerate() {
-            let mut scale = if self.cfg.scale_attn_weights { 1.0 / (d as f64).sqrt() } else { 1.0 };
+            let mut scale = if self.cfg.scale_attn_weights {
+                1.0 / (d as f64).sqrt()
+            } else {
+                1.0
+            };
             if self.cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (li + 1) as f64;
             }

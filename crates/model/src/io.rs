@@ -57,12 +57,18 @@ fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     let bytes = std::fs::read(path)
         .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read: {e}", path.display())))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        candle_core::Error::Msg(format!("{}: not a valid safetensors file: {e}", path.display()))
+        candle_core::Error::Msg(format!(
+            "{}: not a valid safetensors file: {e}",
+            path.display()
+        ))
     })?;
     st.iter()
         .map(|(name, view)| {
             let data = to_f32(&view, name, path)?;
-            Ok((name.to_string(), Tensor::from_vec(data, view.shape(), device)?))
+            Ok((
+                name.to_string(),
+                Tensor::from_vec(data, view.shape(), device)?,
+            ))
         })
         .collect()
 }
@@ -79,18 +85,27 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     }
     let index = dir.join(WEIGHTS_INDEX);
     if !index.is_file() {
-        bail!("{}: found neither {WEIGHTS} nor {WEIGHTS_INDEX}", dir.display())
+        bail!(
+            "{}: found neither {WEIGHTS} nor {WEIGHTS_INDEX}",
+            dir.display()
+        )
     }
     let v = read_json(&index)?;
     let map = match v.get("weight_map").and_then(|m| m.as_object()) {
         Some(m) => m,
-        None => bail!("{}: field \"weight_map\": missing or not an object", index.display()),
+        None => bail!(
+            "{}: field \"weight_map\": missing or not an object",
+            index.display()
+        ),
     };
     let mut weight_map = BTreeMap::new();
     for (k, f) in map {
         match f.as_str() {
             Some(f) => weight_map.insert(k.clone(), f.to_string()),
-            None => bail!("{}: field \"weight_map.{k}\": expected a file name, got {f}", index.display()),
+            None => bail!(
+                "{}: field \"weight_map.{k}\": expected a file name, got {f}",
+                index.display()
+            ),
         };
     }
     let mut files: Vec<PathBuf> = weight_map.values().map(|f| dir.join(f)).collect();
@@ -102,7 +117,11 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
 pub(crate) fn load(dir: &Path, device: &Device) -> Result<CausalLm> {
     let config = ModelConfig::from_file(&dir.join(CONFIG))?;
     let gen_path = dir.join(GENERATION_CONFIG);
-    let generation_config = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
+    let generation_config = if gen_path.is_file() {
+        Some(read_json(&gen_path)?)
+    } else {
+        None
+    };
     let (files, index) = weight_files(dir)?;
     let mut tensors = HashMap::new();
     for f in &files {
@@ -122,10 +141,18 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<CausalLm> {
     }
     if let Some((idx, map)) = &index {
         if let Some((name, file)) = map.iter().find(|(n, _)| !tensors.contains_key(*n)) {
-            bail!("missing tensor `{name}` in {} (listed in {})", dir.join(file).display(), idx.display())
+            bail!(
+                "missing tensor `{name}` in {} (listed in {})",
+                dir.join(file).display(),
+                idx.display()
+            )
         }
     }
-    let source = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+    let source = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     CausalLm::from_tensors(config, tensors, generation_config, device, &source)
 }
 
@@ -135,7 +162,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let err = |e: std::io::Error| candle_core::Error::Msg(format!("{}: cannot write: {e}", path.display()));
+    let err = |e: std::io::Error| {
+        candle_core::Error::Msg(format!("{}: cannot write: {e}", path.display()))
+    };
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)?;
@@ -149,29 +178,49 @@ fn json_bytes(v: &Value) -> Result<Vec<u8>> {
 }
 
 pub(crate) fn save(model: &CausalLm, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: cannot create directory: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        candle_core::Error::Msg(format!("{}: cannot create directory: {e}", dir.display()))
+    })?;
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, var) in model.varmap().data().lock().expect("VarMap lock poisoned").iter() {
+    for (name, var) in model
+        .varmap()
+        .data()
+        .lock()
+        .expect("VarMap lock poisoned")
+        .iter()
+    {
         let t = var.as_tensor();
-        let data = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let data = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
         let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         named.push((name.clone(), t.dims().to_vec(), bytes));
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let views = named
         .iter()
-        .map(|(n, s, b)| Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b).map_err(candle_core::Error::wrap)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.as_str(),
+                TensorView::new(Dtype::F32, s.clone(), b).map_err(candle_core::Error::wrap)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     // transformers rejects safetensors files whose metadata lacks a known "format".
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(candle_core::Error::wrap)?;
+    let bytes =
+        safetensors::tensor::serialize(views, Some(meta)).map_err(candle_core::Error::wrap)?;
     write_atomic(&dir.join(WEIGHTS), &bytes)?;
 
     let mut cfg = model.config().raw.clone();
     if let Some(obj) = cfg.as_object_mut() {
         // The weights are written as f32 whatever they were loaded from.
-        let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
         obj.insert(key.into(), Value::String("float32".into()));
     }
     write_atomic(&dir.join(CONFIG), &json_bytes(&cfg)?)?;

@@ -33,7 +33,12 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
-        Self { weight, bias, layout, adapter: None }
+        Self {
+            weight,
+            bias,
+            layout,
+            adapter: None,
+        }
     }
 
     pub fn in_features(&self) -> usize {
@@ -67,24 +72,11 @@ impl Linear {
 
     /// Output of the frozen base layer only (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let inner = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / inner.max(1);
-        // One big 2-D gemm; a transposed view of the weight costs no copy in the CPU gemm.
-        let x2 = x.reshape((rows, inner))?;
-        let w = match self.layout {
-            WeightLayout::OutIn => self.weight.t()?,
-            WeightLayout::InOut => self.weight.clone(),
-        };
-        let mut y = x2.matmul(&w)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        let y = crate::ops::linear_matmul(x, &self.weight, self.layout == WeightLayout::OutIn)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_features();
-        }
-        y.reshape(out_dims)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -88,7 +88,9 @@ impl RopeSpec {
         scaling: Option<&RopeParameters>,
         file_field: &str,
     ) -> Result<Self> {
-        let theta = rope_theta.or(scaling.and_then(|s| s.rope_theta)).unwrap_or(10_000.0);
+        let theta = rope_theta
+            .or(scaling.and_then(|s| s.rope_theta))
+            .unwrap_or(10_000.0);
         // Same f32 arithmetic as transformers' `_compute_default_rope_parameters`.
         let mut inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
@@ -131,7 +133,12 @@ impl RopeSpec {
     }
 
     /// cos/sin tables `[rows, t, d/2]` for the given positions (row-major `[rows, t]`).
-    pub(crate) fn tables(&self, pos: &[u32], rows: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn tables(
+        &self,
+        pos: &[u32],
+        rows: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let t = pos.len() / rows.max(1);
         let mut c = Vec::with_capacity(pos.len() * half);
@@ -179,7 +186,10 @@ impl DecoderSpec {
             )
         }
         if !self.head_dim.is_multiple_of(2) {
-            bail!("{file}: head_dim ({}) must be even for rotary embeddings", self.head_dim)
+            bail!(
+                "{file}: head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            )
         }
         Ok(())
     }
@@ -187,24 +197,82 @@ impl DecoderSpec {
     pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
         let (h, d) = (self.hidden, self.head_dim);
         let normal = Init::Normal(self.init_std);
-        let mut v = vec![ParamSpec::new("model.embed_tokens.weight", &[self.vocab, h], normal)];
+        let mut v = vec![ParamSpec::new(
+            "model.embed_tokens.weight",
+            &[self.vocab, h],
+            normal,
+        )];
         let lin = |v: &mut Vec<ParamSpec>, name: String, out: usize, inp: usize, bias: bool| {
-            v.push(ParamSpec::new(&format!("{name}.weight"), &[out, inp], normal));
+            v.push(ParamSpec::new(
+                &format!("{name}.weight"),
+                &[out, inp],
+                normal,
+            ));
             if bias {
                 v.push(ParamSpec::new(&format!("{name}.bias"), &[out], Init::Zeros));
             }
         };
         for i in 0..self.layers {
             let p = format!("model.layers.{i}");
-            v.push(ParamSpec::new(&format!("{p}.input_layernorm.weight"), &[h], Init::Ones));
-            lin(&mut v, format!("{p}.self_attn.q_proj"), self.heads * d, h, self.qkv_bias);
-            lin(&mut v, format!("{p}.self_attn.k_proj"), self.kv_heads * d, h, self.qkv_bias);
-            lin(&mut v, format!("{p}.self_attn.v_proj"), self.kv_heads * d, h, self.qkv_bias);
-            lin(&mut v, format!("{p}.self_attn.o_proj"), h, self.heads * d, self.o_bias);
-            v.push(ParamSpec::new(&format!("{p}.post_attention_layernorm.weight"), &[h], Init::Ones));
-            lin(&mut v, format!("{p}.mlp.gate_proj"), self.inter, h, self.mlp_bias);
-            lin(&mut v, format!("{p}.mlp.up_proj"), self.inter, h, self.mlp_bias);
-            lin(&mut v, format!("{p}.mlp.down_proj"), h, self.inter, self.mlp_bias);
+            v.push(ParamSpec::new(
+                &format!("{p}.input_layernorm.weight"),
+                &[h],
+                Init::Ones,
+            ));
+            lin(
+                &mut v,
+                format!("{p}.self_attn.q_proj"),
+                self.heads * d,
+                h,
+                self.qkv_bias,
+            );
+            lin(
+                &mut v,
+                format!("{p}.self_attn.k_proj"),
+                self.kv_heads * d,
+                h,
+                self.qkv_bias,
+            );
+            lin(
+                &mut v,
+                format!("{p}.self_attn.v_proj"),
+                self.kv_heads * d,
+                h,
+                self.qkv_bias,
+            );
+            lin(
+                &mut v,
+                format!("{p}.self_attn.o_proj"),
+                h,
+                self.heads * d,
+                self.o_bias,
+            );
+            v.push(ParamSpec::new(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+                Init::Ones,
+            ));
+            lin(
+                &mut v,
+                format!("{p}.mlp.gate_proj"),
+                self.inter,
+                h,
+                self.mlp_bias,
+            );
+            lin(
+                &mut v,
+                format!("{p}.mlp.up_proj"),
+                self.inter,
+                h,
+                self.mlp_bias,
+            );
+            lin(
+                &mut v,
+                format!("{p}.mlp.down_proj"),
+                h,
+                self.inter,
+                self.mlp_bias,
+            );
         }
         v.push(ParamSpec::new("model.norm.weight", &[h], Init::Ones));
         if !self.tie {
@@ -217,9 +285,14 @@ impl DecoderSpec {
 impl LlamaConfig {
     pub(crate) fn spec(&self, file: &str) -> Result<DecoderSpec> {
         if self.hidden_act != "silu" {
-            bail!("{file}: field \"hidden_act\": only \"silu\" is supported, got \"{}\"", self.hidden_act)
+            bail!(
+                "{file}: field \"hidden_act\": only \"silu\" is supported, got \"{}\"",
+                self.hidden_act
+            )
         }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let scaling = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
         let spec = DecoderSpec {
             vocab: self.vocab_size,
@@ -268,8 +341,16 @@ pub(crate) struct Decoder {
 impl Decoder {
     pub(crate) fn new(spec: DecoderSpec, p: &Params) -> Result<Self> {
         let lin = |name: &str, bias: bool| -> Result<Linear> {
-            let b = if bias { Some(p.get(&format!("{name}.bias"))?) } else { None };
-            Ok(Linear::new(p.get(&format!("{name}.weight"))?, b, WeightLayout::OutIn))
+            let b = if bias {
+                Some(p.get(&format!("{name}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::new(
+                p.get(&format!("{name}.weight"))?,
+                b,
+                WeightLayout::OutIn,
+            ))
         };
         let layers = (0..spec.layers)
             .map(|i| {
@@ -294,7 +375,13 @@ impl Decoder {
         } else {
             lin("lm_head", false)?
         };
-        Ok(Self { embed, layers, norm: p.get("model.norm.weight")?, lm_head, spec })
+        Ok(Self {
+            embed,
+            layers,
+            norm: p.get("model.norm.weight")?,
+            lm_head,
+            spec,
+        })
     }
 
     pub(crate) fn kv_shape(&self) -> (usize, usize, usize) {
@@ -312,7 +399,10 @@ impl Decoder {
         let (pos_vec, rows) = pos.resolve(b, t)?;
         let (cos, sin) = s.rope.tables(&pos_vec, rows, ids.device())?;
         let scale = 1.0 / (s.head_dim as f64).sqrt();
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, s.hidden))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, s.hidden))?;
         for (li, l) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &l.ln1, s.eps)?;
             let q = l.q.forward(&h)?.reshape((b, t, s.heads, s.head_dim))?;

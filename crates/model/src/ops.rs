@@ -22,7 +22,8 @@ use std::sync::OnceLock;
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
 fn fused_ok(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 fn f32_in<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -64,9 +65,13 @@ fn for_rows_with(
         return;
     }
     if parallel {
-        out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
     } else {
-        out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
+        out.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
     }
 }
 
@@ -92,7 +97,10 @@ fn reduce_rows(
         a
     };
     if rows * len >= PAR_MIN_ELEMS {
-        (0..nblocks).into_par_iter().map(run).reduce(|| vec![0f32; len * k], add)
+        (0..nblocks)
+            .into_par_iter()
+            .map(run)
+            .reduce(|| vec![0f32; len * k], add)
     } else {
         (0..nblocks).map(run).fold(vec![0f32; len * k], add)
     }
@@ -203,7 +211,12 @@ impl CustomOp3 for RmsNormBwd {
             let gr = &g[i * h..(i + 1) * h];
             let r = inv_rms(xr);
             // d/dx of w*x*r: r*(g*w - n*mean(g*w*n)) with n = x*r.
-            let dot = xr.iter().zip(gr).zip(w).map(|((&xv, &gv), &wv)| gv * wv * xv).sum::<f32>()
+            let dot = xr
+                .iter()
+                .zip(gr)
+                .zip(w)
+                .map(|((&xv, &gv), &wv)| gv * wv * xv)
+                .sum::<f32>()
                 * r
                 / h as f32;
             for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
@@ -226,7 +239,8 @@ impl CustomOp3 for RmsNormBwd {
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x²) + eps)` (Llama/Qwen2).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(&[x, w]) {
-        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
     } else {
         rms_norm_ref(x, w, eps)
     }
@@ -356,7 +370,11 @@ impl CustomOp3 for LayerNormBwd {
 /// LayerNorm over the last dim with affine weight and bias (GPT-2).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(&[x, w, b]) {
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNorm { eps: eps as f32 },
+        )
     } else {
         layer_norm_ref(x, w, b, eps)
     }
@@ -366,7 +384,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 pub fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mu = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mu)?;
-    let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     xc.broadcast_mul(&r)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
@@ -415,10 +435,8 @@ impl CustomOp1 for CausalSoftmax {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = res.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &CausalSoftmaxBwd { scale: self.scale },
-        )?;
+        let g =
+            res.apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?;
         Ok(Some(g))
     }
 }
@@ -458,7 +476,11 @@ impl CustomOp2 for CausalSoftmaxBwd {
 /// Causally masked, scaled softmax of attention scores `[.., rows, tk]` (see `CausalSoftmax`).
 pub fn causal_softmax(s: &Tensor, scale: f64, tq: usize, offset: usize) -> Result<Tensor> {
     if fused_ok(&[s]) {
-        s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, tq, offset })
+        s.contiguous()?.apply_op1(CausalSoftmax {
+            scale: scale as f32,
+            tq,
+            offset,
+        })
     } else {
         causal_softmax_ref(s, scale, tq, offset)
     }
@@ -470,7 +492,13 @@ pub fn causal_softmax_ref(s: &Tensor, scale: f64, tq: usize, offset: usize) -> R
     let (rows, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     // A large finite negative instead of -inf keeps 0 * mask out of the backward pass.
     let mask: Vec<f32> = (0..rows * tk)
-        .map(|i| if i % tk < ((i / tk) % tq + offset + 1) { 0.0 } else { -1e30 })
+        .map(|i| {
+            if i % tk < ((i / tk) % tq + offset + 1) {
+                0.0
+            } else {
+                -1e30
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (rows, tk), s.device())?.to_dtype(s.dtype())?;
     candle_nn::ops::softmax(&(s * scale)?.broadcast_add(&mask)?, D::Minus1)
@@ -535,7 +563,10 @@ fn rope_dims(xl: &Layout, cl: &Layout, fwd: bool) -> Result<((usize, usize, usiz
     };
     let bc = match cl.dims() {
         &[bc, tc, hd] if (bc == 1 || bc == b) && tc == t && 2 * hd == d => bc,
-        other => bail!("rope: cos/sin must be [1 or {b}, {t}, {}], got {other:?}", d / 2),
+        other => bail!(
+            "rope: cos/sin must be [1 or {b}, {t}, {}], got {other:?}",
+            d / 2
+        ),
     };
     Ok(((b, t, h, d), bc))
 }
@@ -602,7 +633,8 @@ impl CustomOp3 for RopeBwd {
 /// wrt cos/sin (they are constants of the positions).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(&[x, cos, sin]) {
-        x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
     } else {
         rope_ref(x, cos, sin)
     }
@@ -643,7 +675,11 @@ impl CustomOp2 for SiluMul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            bail!("silu_mul: shape mismatch {:?} vs {:?}", l1.shape(), l2.shape())
+            bail!(
+                "silu_mul: shape mismatch {:?} vs {:?}",
+                l1.shape(),
+                l2.shape()
+            )
         }
         let a = f32_in(s1, l1, self.name())?;
         let b = f32_in(s2, l2, self.name())?;
@@ -696,8 +732,11 @@ impl CustomOp3 for SiluMulBwd {
         let (ga, gb) = out.split_at_mut(n);
         let kernel = |i: usize, oa: &mut [f32], ob: &mut [f32]| {
             let r = i * row..(i + 1) * row;
-            for (((oa, ob), &av), (&bv, &gv)) in
-                oa.iter_mut().zip(ob.iter_mut()).zip(&a[r.clone()]).zip(b[r.clone()].iter().zip(&g[r]))
+            for (((oa, ob), &av), (&bv, &gv)) in oa
+                .iter_mut()
+                .zip(ob.iter_mut())
+                .zip(&a[r.clone()])
+                .zip(b[r.clone()].iter().zip(&g[r]))
             {
                 let s = sigmoid(av);
                 *oa = gv * bv * s * (1.0 + av * (1.0 - s));
@@ -776,7 +815,9 @@ impl CustomOp2 for TokenLogprobs {
         } else {
             x.chunks(v).map(row_lse).collect()
         };
-        let out = (0..rows).map(|i| x[i * v + t[i] as usize] - lse[i]).collect();
+        let out = (0..rows)
+            .map(|i| x[i * v + t[i] as usize] - lse[i])
+            .collect();
         // Each op instance is applied exactly once (apply_op2 takes it by value).
         let _ = self.lse.set(lse);
         Ok((CpuStorage::F32(out), l2.shape().clone()))
@@ -846,9 +887,12 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         )
     }
     if fused_ok(&[logits]) {
-        logits
-            .contiguous()?
-            .apply_op2(&targets.contiguous()?, TokenLogprobs { lse: OnceLock::new() })
+        logits.contiguous()?.apply_op2(
+            &targets.contiguous()?,
+            TokenLogprobs {
+                lse: OnceLock::new(),
+            },
+        )
     } else {
         token_logprobs_ref(logits, targets)
     }
@@ -857,7 +901,10 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Plain differentiable log-softmax + gather (reference / non-CPU path).
 pub fn token_logprobs_ref(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let idx = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?.contiguous()?;
+    let idx = targets
+        .to_dtype(DType::U32)?
+        .unsqueeze(D::Minus1)?
+        .contiguous()?;
     lsm.gather(&idx, D::Minus1)?.squeeze(D::Minus1)
 }
 
@@ -870,7 +917,12 @@ pub fn token_logprobs_ref(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -911,43 +963,179 @@ impl CustomOp3 for CachedAttention {
         };
         let (nkv, cap) = match l2.dims() {
             &[kb, nkv, cap, kd] if kb == b && kd == d && nh % nkv == 0 => (nkv, cap),
-            other => bail!("cached attention: cache {other:?} does not match q {:?}", l1.dims()),
+            other => bail!(
+                "cached attention: cache {other:?} does not match q {:?}",
+                l1.dims()
+            ),
         };
         let rep = nh / nkv;
         let mut out = vec![0f32; b * tq * nh * d];
         let work = b * nh * tq * (self.offset + tq) * d;
         // One output block [tq, nh, d] per batch row.
-        for_rows_with(&mut out, tq * nh * d, b > 1 && work >= PAR_MIN_ELEMS, |bi, o| {
-            let mut p = vec![0f32; self.offset + tq];
-            for h in 0..nh {
-                let g = h / rep;
-                let kb = &k[(bi * nkv + g) * cap * d..];
-                let vb = &v[(bi * nkv + g) * cap * d..];
-                for qi in 0..tq {
-                    let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
-                    let (lo, hi) = (self.starts[bi][qi], self.offset + qi + 1);
-                    let p = &mut p[lo..hi];
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, pj) in (lo..hi).zip(p.iter_mut()) {
-                        *pj = dot(qr, &kb[j * d..(j + 1) * d]) * self.scale;
-                        m = m.max(*pj);
-                    }
-                    let mut sum = 0f32;
-                    for pj in p.iter_mut() {
-                        *pj = fast_exp(*pj - m);
-                        sum += *pj;
-                    }
-                    let orow = &mut o[(qi * nh + h) * d..][..d];
-                    let inv = 1.0 / sum;
-                    for (j, &pj) in (lo..hi).zip(p.iter()) {
-                        let w = pj * inv;
-                        for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
-                            *ov += w * vv;
+        for_rows_with(
+            &mut out,
+            tq * nh * d,
+            b > 1 && work >= PAR_MIN_ELEMS,
+            |bi, o| {
+                let mut p = vec![0f32; self.offset + tq];
+                for h in 0..nh {
+                    let g = h / rep;
+                    let kb = &k[(bi * nkv + g) * cap * d..];
+                    let vb = &v[(bi * nkv + g) * cap * d..];
+                    for qi in 0..tq {
+                        let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
+                        let (lo, hi) = (self.starts[bi][qi], self.offset + qi + 1);
+                        let p = &mut p[lo..hi];
+                        let mut m = f32::NEG_INFINITY;
+                        for (j, pj) in (lo..hi).zip(p.iter_mut()) {
+                            *pj = dot(qr, &kb[j * d..(j + 1) * d]) * self.scale;
+                            m = m.max(*pj);
+                        }
+                        let mut sum = 0f32;
+                        for pj in p.iter_mut() {
+                            *pj = fast_exp(*pj - m);
+                            sum += *pj;
+                        }
+                        let orow = &mut o[(qi * nh + h) * d..][..d];
+                        let inv = 1.0 / sum;
+                        for (j, &pj) in (lo..hi).zip(p.iter()) {
+                            let w = pj * inv;
+                            for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
+                                *ov += w * vv;
+                            }
                         }
                     }
                 }
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((b, tq, nh, d))))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layer matmul
+
+/// `y = x · Wᵀ` (`W` `[out, in]`, `transposed`) or `y = x · W` (`W` `[in, out]`) as one graph node.
+/// Through candle ops this is a reshape, a transpose, a matmul and a reshape, and every one of
+/// them costs the backward pass a zero-filled buffer plus an addition — for the transpose, of
+/// the weight's size, strided.
+struct LinearMatmul {
+    transposed: bool,
+}
+
+impl CustomOp2 for LinearMatmul {
+    fn name(&self) -> &'static str {
+        "rlhf-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_in(s1, l1, self.name())?;
+        let w = f32_in(s2, l2, self.name())?;
+        let (n, k) = match (l2.dims(), self.transposed) {
+            (&[o, i], true) => (o, i),
+            (&[i, o], false) => (o, i),
+            (other, _) => bail!("linear: weight must be 2-D, got {other:?}"),
+        };
+        let xd = l1.dims();
+        if xd.last() != Some(&k) {
+            bail!("linear: input {xd:?} does not end in the weight's input size {k}")
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        // Strides of the [k, n] right-hand side: Wᵀ of a row-major [n, k] or a row-major [k, n].
+        let (rhs_cs, rhs_rs) = if self.transposed {
+            (k as isize, 1)
+        } else {
+            (1, n as isize)
+        };
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: x is [m, k], w holds k*n elements with the strides above, y is [m, n]; all
+        // row-major and in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        let mut out = xd.to_vec();
+        *out.last_mut().expect("non-empty dims") = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let k = *x.dims().last().unwrap_or(&1);
+        let n = *grad.dims().last().unwrap_or(&1);
+        let m = x.elem_count() / k.max(1);
+        let (x2, g2, w) = (
+            x.detach().reshape((m, k))?,
+            grad.detach().reshape((m, n))?,
+            w.detach(),
+        );
+        let (gx, gw) = if self.transposed {
+            (g2.matmul(&w)?, g2.t()?.matmul(&x2)?)
+        } else {
+            (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?)
+        };
+        Ok((Some(gx.reshape(x.shape())?), Some(gw)))
+    }
+}
+
+/// `x [.., in]` times a linear weight: `[out, in]` when `transposed` (torch `nn.Linear`), else
+/// `[in, out]` (GPT-2 `Conv1D`). Returns `[.., out]`; differentiable wrt both.
+pub fn linear_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    if fused_ok(&[x, w]) {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, LinearMatmul { transposed })
+    } else {
+        linear_matmul_ref(x, w, transposed)
+    }
+}
+
+/// Plain candle composition of [`linear_matmul`] (reference / non-CPU path).
+pub fn linear_matmul_ref(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    let x2 = x.reshape((x.elem_count() / k.max(1), k))?;
+    let y = if transposed {
+        x2.matmul(&w.t()?)?
+    } else {
+        x2.matmul(w)?
+    };
+    let mut out = dims.to_vec();
+    if let Some(l) = out.last_mut() {
+        *l = y.dim(1)?;
+    }
+    y.reshape(out)
 }

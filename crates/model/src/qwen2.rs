@@ -45,12 +45,17 @@ fn default_max_pos() -> usize {
 impl Qwen2Config {
     pub(crate) fn spec(&self, file: &str) -> Result<DecoderSpec> {
         if self.hidden_act != "silu" {
-            bail!("{file}: field \"hidden_act\": only \"silu\" is supported, got \"{}\"", self.hidden_act)
+            bail!(
+                "{file}: field \"hidden_act\": only \"silu\" is supported, got \"{}\"",
+                self.hidden_act
+            )
         }
         if self.use_sliding_window {
             bail!("{file}: field \"use_sliding_window\": sliding-window attention is not supported")
         }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let scaling = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
         let spec = DecoderSpec {
             vocab: self.vocab_size,

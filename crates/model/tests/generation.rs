@@ -8,7 +8,11 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
     [3usize, 9, 1, 6]
         .iter()
         .enumerate()
-        .map(|(i, &n)| (0..n).map(|j| ((i * 31 + j * 17 + 5) % vocab) as u32).collect())
+        .map(|(i, &n)| {
+            (0..n)
+                .map(|j| ((i * 31 + j * 17 + 5) % vocab) as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -16,15 +20,30 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
 fn greedy_no_cache(m: &CausalLm, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     for _ in 0..n {
-        let ids = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = m.forward(&ids).unwrap().get(0).unwrap().get(seq.len() - 1).unwrap();
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m
+            .forward(&ids)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(seq.len() - 1)
+            .unwrap();
         seq.push(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
     seq[prompt.len()..].to_vec()
 }
 
 fn request(prompt: &[u32], n: usize, sampling: Sampling, seed: u64) -> GenRequest {
-    GenRequest { prompt_ids: prompt.to_vec(), max_new_tokens: n, sampling, seed, ..Default::default() }
+    GenRequest {
+        prompt_ids: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling,
+        seed,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -32,7 +51,10 @@ fn kv_cache_greedy_equals_full_forward_greedy() {
     for (name, cfg) in all_configs() {
         let m = model(cfg, 11);
         let ps = prompts(m.vocab_size());
-        let reqs: Vec<GenRequest> = ps.iter().map(|p| request(p, 7, Sampling::greedy(), 0)).collect();
+        let reqs: Vec<GenRequest> = ps
+            .iter()
+            .map(|p| request(p, 7, Sampling::greedy(), 0))
+            .collect();
         let out = generate(&m, &reqs, None).unwrap();
         for (p, o) in ps.iter().zip(&out) {
             assert_eq!(o.tokens, greedy_no_cache(&m, p, 7), "{name}: prompt {p:?}");
@@ -45,8 +67,14 @@ fn kv_cache_greedy_equals_full_forward_greedy() {
 fn rescore(m: &CausalLm, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
     let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
     let n = seq.len();
-    let ids = Tensor::new(&seq[..n - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let targets = Tensor::new(&seq[1..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(&seq[..n - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let targets = Tensor::new(&seq[1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let lp = token_logprobs(&m.forward(&ids).unwrap(), &targets).unwrap();
     lp.get(0).unwrap().to_vec1::<f32>().unwrap()[prompt.len() - 1..].to_vec()
 }
@@ -59,18 +87,33 @@ fn sampled_logprobs_match_full_forward_rescoring() {
         // Temperature/top-k/top-p change what is sampled, never the reported (T = 1) log-probs.
         let samplings = [
             Sampling::default(),
-            Sampling { temperature: 0.7, top_k: 5, top_p: 1.0 },
-            Sampling { temperature: 1.3, top_k: 0, top_p: 0.8 },
+            Sampling {
+                temperature: 0.7,
+                top_k: 5,
+                top_p: 1.0,
+            },
+            Sampling {
+                temperature: 1.3,
+                top_k: 0,
+                top_p: 0.8,
+            },
             Sampling::greedy(),
         ];
-        let reqs: Vec<GenRequest> =
-            ps.iter().zip(samplings.iter().cycle()).enumerate().map(|(i, (p, s))| request(p, 9, s.clone(), i as u64)).collect();
+        let reqs: Vec<GenRequest> = ps
+            .iter()
+            .zip(samplings.iter().cycle())
+            .enumerate()
+            .map(|(i, (p, s))| request(p, 9, s.clone(), i as u64))
+            .collect();
         let out = generate(&m, &reqs, None).unwrap();
         for (p, o) in ps.iter().zip(&out) {
             assert_eq!(o.tokens.len(), 9);
             let expect = rescore(&m, p, &o.tokens);
             for (a, b) in o.logprobs.iter().zip(&expect) {
-                assert!((a - b).abs() <= 1e-4, "{name}: logprob {a} vs re-scored {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4,
+                    "{name}: logprob {a} vs re-scored {b}"
+                );
             }
         }
     }
@@ -82,9 +125,15 @@ fn same_seed_and_prompt_give_the_same_output_in_any_batch() {
         let m = model(cfg, 13);
         let ps = prompts(m.vocab_size());
         let target = request(&ps[0], 10, Sampling::default(), 42);
-        let alone = generate(&m, std::slice::from_ref(&target), None).unwrap().remove(0);
+        let alone = generate(&m, std::slice::from_ref(&target), None)
+            .unwrap()
+            .remove(0);
         // In a batch with longer prompts (so it is left-padded) at another index.
-        let mut batch: Vec<GenRequest> = ps[1..].iter().enumerate().map(|(i, p)| request(p, 12, Sampling::default(), i as u64)).collect();
+        let mut batch: Vec<GenRequest> = ps[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| request(p, 12, Sampling::default(), i as u64))
+            .collect();
         batch.insert(2, target.clone());
         let in_batch = generate(&m, &batch, None).unwrap().remove(2);
         assert_eq!(alone.tokens, in_batch.tokens, "{name}");
@@ -104,7 +153,18 @@ fn top_k_one_is_greedy_and_lengths_are_per_request() {
     let reqs: Vec<GenRequest> = ps
         .iter()
         .enumerate()
-        .map(|(i, p)| request(p, i + 1, Sampling { temperature: 1.0, top_k: 1, top_p: 1.0 }, i as u64))
+        .map(|(i, p)| {
+            request(
+                p,
+                i + 1,
+                Sampling {
+                    temperature: 1.0,
+                    top_k: 1,
+                    top_p: 1.0,
+                },
+                i as u64,
+            )
+        })
         .collect();
     let out = generate(&m, &reqs, None).unwrap();
     for (i, (p, o)) in ps.iter().zip(&out).enumerate() {
@@ -117,7 +177,9 @@ fn top_k_one_is_greedy_and_lengths_are_per_request() {
 fn stop_ids_and_stop_strings_end_generation() {
     let m = model(gpt2_config(), 15);
     let p = prompts(m.vocab_size())[1].clone();
-    let free = generate(&m, &[request(&p, 8, Sampling::greedy(), 0)], None).unwrap().remove(0);
+    let free = generate(&m, &[request(&p, 8, Sampling::greedy(), 0)], None)
+        .unwrap()
+        .remove(0);
     let third = free.tokens[2];
     let first = free.tokens.iter().position(|&t| t == third).unwrap();
 
@@ -136,9 +198,13 @@ fn stop_ids_and_stop_strings_end_generation() {
 
     let err = generate(&m, &[r], None).unwrap_err().to_string();
     assert!(err.contains("decode callback"), "{err}");
-    let err = generate(&m, &[request(&[], 3, Sampling::greedy(), 0)], None).unwrap_err().to_string();
+    let err = generate(&m, &[request(&[], 3, Sampling::greedy(), 0)], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("request 0") && err.contains("empty"), "{err}");
-    let err = generate(&m, &[request(&[1, 9999], 3, Sampling::greedy(), 0)], None).unwrap_err().to_string();
+    let err = generate(&m, &[request(&[1, 9999], 3, Sampling::greedy(), 0)], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("9999"), "{err}");
 }
 
@@ -148,7 +214,12 @@ fn position_ids_shift_rope_invariantly_but_not_learned_positions() {
         let m = model(cfg, 16);
         let ids = ids(2, 7, m.vocab_size(), 9);
         let plain = m.hidden_states(&ids, None).unwrap();
-        let arange = Tensor::arange(0u32, 7, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((2, 1)).unwrap();
+        let arange = Tensor::arange(0u32, 7, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((2, 1))
+            .unwrap();
         let same = m.hidden_states(&ids, Some(&arange)).unwrap();
         assert!(max_abs_diff(&plain, &same).unwrap() < 1e-6, "{name}");
         let shifted = (arange + 5.0).unwrap();

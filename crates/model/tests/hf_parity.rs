@@ -14,7 +14,11 @@ fn load(name: &str) -> CausalLm {
 }
 
 fn reference_logits() -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("reference/logits.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixtures().join("reference/logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Max |Δ| over the valid (non-pad) positions.
@@ -23,7 +27,14 @@ fn valid_max_diff(ours: &Tensor, theirs: &Tensor, lengths: &[i64]) -> f32 {
     for (row, &len) in lengths.iter().enumerate() {
         let a = ours.get(row).unwrap().narrow(0, 0, len as usize).unwrap();
         let b = theirs.get(row).unwrap().narrow(0, 0, len as usize).unwrap();
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         worst = worst.max(d.to_scalar::<f32>().unwrap());
     }
     worst
@@ -34,7 +45,12 @@ fn logits_match_transformers() {
     let r = reference_logits();
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let lengths = r["lengths"].to_vec1::<i64>().unwrap();
-    for (dir, key) in [("llama", "llama"), ("llama-sharded", "llama"), ("qwen2", "qwen2"), ("gpt2", "gpt2")] {
+    for (dir, key) in [
+        ("llama", "llama"),
+        ("llama-sharded", "llama"),
+        ("qwen2", "qwen2"),
+        ("gpt2", "gpt2"),
+    ] {
         let m = load(dir);
         let logits = m.forward(&ids).unwrap();
         let d = valid_max_diff(&logits, &r[&format!("{key}.logits")], &lengths);
@@ -49,14 +65,23 @@ fn greedy_reference() -> Value {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
 fn greedy_generation_matches_transformers() {
     let g = greedy_reference();
     let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
-    let prompts: Vec<Vec<u32>> = g["prompt_ids"].as_array().unwrap().iter().map(ids_of).collect();
+    let prompts: Vec<Vec<u32>> = g["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids_of)
+        .collect();
     for name in ["llama", "qwen2", "gpt2"] {
         let m = load(name);
         let expect = g["models"][name].as_array().unwrap();
@@ -70,12 +95,20 @@ fn greedy_generation_matches_transformers() {
                 ..Default::default()
             };
             let out = generate(&m, &[req(vec![])], None).unwrap();
-            assert_eq!(out[0].tokens, ids_of(&e["no_eos_stop"]), "{name} no_eos_stop");
+            assert_eq!(
+                out[0].tokens,
+                ids_of(&e["no_eos_stop"]),
+                "{name} no_eos_stop"
+            );
             let out = generate(&m, &[req(vec![2])], None).unwrap();
             assert_eq!(out[0].tokens, ids_of(&e["eos_stop"]), "{name} eos_stop");
             let stop = e["custom_stop"]["eos_token_id"].as_u64().unwrap() as u32;
             let out = generate(&m, &[req(vec![stop])], None).unwrap();
-            assert_eq!(out[0].tokens, ids_of(&e["custom_stop"]["ids"]), "{name} custom_stop");
+            assert_eq!(
+                out[0].tokens,
+                ids_of(&e["custom_stop"]["ids"]),
+                "{name} custom_stop"
+            );
             assert_eq!(out[0].finish_reason, rlhf_model::FinishReason::Eos);
         }
         // All prompts in one left-padded batch.

@@ -19,7 +19,11 @@ fn save_load_roundtrip_gives_identical_logits() {
         // A tied head is not written separately (as transformers does).
         let st = std::fs::read(dir.path().join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&st).unwrap();
-        assert_eq!(st.names().contains(&"lm_head.weight"), !m.config().tie_word_embeddings(), "{name}");
+        assert_eq!(
+            st.names().contains(&"lm_head.weight"),
+            !m.config().tie_word_embeddings(),
+            "{name}"
+        );
         assert_eq!(st.len(), m.varmap().all_vars().len(), "{name}");
     }
 }

@@ -40,7 +40,11 @@ pub fn gpt2_config() -> ModelConfig {
 }
 
 pub fn all_configs() -> Vec<(&'static str, ModelConfig)> {
-    vec![("llama", llama_config()), ("qwen2", qwen2_config()), ("gpt2", gpt2_config())]
+    vec![
+        ("llama", llama_config()),
+        ("qwen2", qwen2_config()),
+        ("gpt2", gpt2_config()),
+    ]
 }
 
 pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm {
@@ -50,7 +54,13 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm {
 /// Deterministic pseudo-random token ids `[b, t]` below `vocab`.
 pub fn ids(b: usize, t: usize, vocab: usize, seed: u32) -> Tensor {
     let v: Vec<u32> = (0..b * t)
-        .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 7) % vocab as u32)
+        .map(|i| {
+            ((i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed.wrapping_mul(40503))
+                >> 7)
+                % vocab as u32
+        })
         .collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
