@@ -58,9 +58,16 @@ impl MetricsWriter {
 
     /// Continue the log of a run resumed at `step`: lines for later steps (written after the checkpoint
     /// by the interrupted run) are dropped so every step is logged once.
+    /// A torn last line (the run was killed mid-write) is dropped too.
     pub fn open_resumed(path: &Path, step: u64) -> Result<Self> {
         if path.exists() {
-            let kept: Vec<LogRecord> = read_metrics(path)?.into_iter().filter(|r| r.step <= step).collect();
+            let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+            let complete = match text.rfind('\n') {
+                Some(i) => &text[..=i],
+                None => "",
+            };
+            let kept: Vec<LogRecord> =
+                parse_metrics(path, complete)?.into_iter().filter(|r| r.step <= step).collect();
             let mut w = Self::open(path, false)?;
             for r in &kept {
                 w.write(r)?;
@@ -80,6 +87,10 @@ impl MetricsWriter {
 /// Read a metrics file back (tests, reports).
 pub fn read_metrics(path: &Path) -> Result<Vec<LogRecord>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    parse_metrics(path, &text)
+}
+
+fn parse_metrics(path: &Path, text: &str) -> Result<Vec<LogRecord>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
