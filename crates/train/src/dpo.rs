@@ -52,28 +52,40 @@ impl Default for DpoOptions {
 pub struct DpoArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Preference loss [default: sigmoid]
     #[arg(long, value_enum)]
     pub loss_type: Option<LossType>,
+    /// Frozen reference model directory [default: a copy of --model]
     #[arg(long)]
     pub reference_model: Option<PathBuf>,
+    /// Compute reference log-probs once before training [default: false]
     #[arg(long)]
     pub precompute_ref_log_probs: Option<bool>,
+    /// β temperature [default: 0.1]
     #[arg(long)]
     pub beta: Option<f64>,
+    /// ε of robust / SimPO [default: 0]
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// SimPO target margin γ [default: 0.5]
     #[arg(long)]
     pub simpo_gamma: Option<f64>,
+    /// ORPO λ [default: 0.1]
     #[arg(long)]
     pub orpo_lambda: Option<f64>,
+    /// CPL temperature α [default: 0.1]
     #[arg(long)]
     pub cpl_alpha: Option<f64>,
+    /// CPL conservative bias λ in (0, 1] [default: 0.5]
     #[arg(long)]
     pub cpl_lambda: Option<f64>,
+    /// CPL behaviour-cloning weight [default: 0]
     #[arg(long)]
     pub cpl_bc_weight: Option<f64>,
+    /// KTO weight of desirable examples [default: 1]
     #[arg(long)]
     pub desirable_weight: Option<f64>,
+    /// KTO weight of undesirable examples [default: 1]
     #[arg(long)]
     pub undesirable_weight: Option<f64>,
 }

@@ -129,49 +129,70 @@ pub struct CommonArgs {
     /// TOML file with any of the settings (flags override it).
     #[arg(long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Model directory (HF layout: config.json, weights, tokenizer)
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Training data (JSONL or Parquet, TRL formats)
     #[arg(long)]
     pub train_file: Option<PathBuf>,
+    /// Evaluation data (same formats)
     #[arg(long)]
     pub eval_file: Option<PathBuf>,
+    /// Where the model, metrics.jsonl and checkpoints go
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
+    /// Chat template name for conversational data (default: the tokenizer's)
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// Longest prompt + completion in tokens [default: 1024]
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Pairs (or KTO examples) per optimizer step [default: 8]
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Peak learning rate [default: rm 1e-4, dpo 1e-6]
     #[arg(long)]
     pub learning_rate: Option<f64>,
+    /// Learning-rate schedule [default: linear]
     #[arg(long, value_enum)]
     pub lr_scheduler_type: Option<ScheduleKind>,
+    /// Linear warmup steps [default: 0]
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// AdamW weight decay [default: 0]
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip, 0 disables [default: 1.0]
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// Stop after this many optimizer steps (overrides --num-train-epochs)
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Epochs over the training data [default: 1]
     #[arg(long)]
     pub num_train_epochs: Option<f64>,
+    /// Write a metrics line every N steps [default: 10]
     #[arg(long)]
     pub logging_steps: Option<u64>,
+    /// Evaluate every N steps, 0 = only at the end [default: 0]
     #[arg(long)]
     pub eval_steps: Option<u64>,
+    /// Checkpoint every N steps, 0 = never [default: 500]
     #[arg(long)]
     pub save_steps: Option<u64>,
+    /// Keep at most this many checkpoints
     #[arg(long)]
     pub save_total_limit: Option<usize>,
+    /// Seed of the data order, new heads and LoRA init [default: 42]
     #[arg(long)]
     pub seed: Option<u64>,
     /// LoRA rank: enables LoRA (with the `[lora]` section's or default other settings).
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / r [default: 16]
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// LoRA dropout on the adapter input [default: 0.05]
     #[arg(long)]
     pub lora_dropout: Option<f64>,
     /// Comma-separated module names, e.g. `q_proj,v_proj`.
@@ -184,12 +205,16 @@ pub struct CommonArgs {
 pub struct RmArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Reward-centering coefficient η of η·mean((r_c + r_r)²) (off by default)
     #[arg(long)]
     pub center_rewards_coefficient: Option<f64>,
+    /// Reward heads on one trunk; > 1 trains an ensemble [default: 1]
     #[arg(long)]
     pub num_heads: Option<usize>,
+    /// Lowest score of rating rows that declare no scale
     #[arg(long)]
     pub score_min: Option<f64>,
+    /// Highest score of rating rows that declare no scale
     #[arg(long)]
     pub score_max: Option<f64>,
 }
