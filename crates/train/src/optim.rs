@@ -185,10 +185,16 @@ impl AdamW {
     /// Clip to `max_grad_norm` (if any) and apply one AdamW update with learning rate `lr`.
     /// Returns the pre-clip global gradient norm (TRL's `grad_norm`).
     pub fn step(&mut self, grads: &Grads, lr: f64, max_grad_norm: Option<f64>) -> Result<f64> {
+        let norm = grads.global_norm()?;
+        self.step_with_norm(grads, lr, max_grad_norm, norm)?;
+        Ok(norm)
+    }
+
+    /// [`AdamW::step`] for a caller that already has `grads.global_norm()` (e.g. to check it is finite).
+    pub fn step_with_norm(&mut self, grads: &Grads, lr: f64, max_grad_norm: Option<f64>, norm: f64) -> Result<()> {
         if grads.grads.len() != self.params.len() {
             return Err(candle_core::Error::Msg("gradients do not match the optimizer's parameters".into()).into());
         }
-        let norm = grads.global_norm()?;
         // torch.nn.utils.clip_grad_norm_: coef = max/(norm+1e-6) clamped to 1, computed in f32 and
         // multiplied into every gradient (a no-op ×1.0 when not clipping). Folded into the fused update.
         let scale = match max_grad_norm {
@@ -218,7 +224,7 @@ impl AdamW {
             let op = FusedAdamW { m: RefCell::new(&mut p.m), v: RefCell::new(&mut p.v), k };
             p.var.as_tensor().inplace_op2(g, &op)?;
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// Write m, v and per-parameter step counts to a safetensors file (`exp_avg.<name>`,

@@ -294,7 +294,7 @@ impl SftTrainer {
         if !grad_norm.is_finite() {
             return Err(self.non_finite(step, "gradient norm", grad_norm));
         }
-        self.optimizer.step(&grads, lr, self.cfg.max_grad_norm())?;
+        self.optimizer.step_with_norm(&grads, lr, self.cfg.max_grad_norm(), grad_norm)?;
         let optimizer_s = t2.elapsed().as_secs_f64();
 
         let num_tokens: usize = batches.iter().map(|b| b.num_tokens).sum();
@@ -378,10 +378,11 @@ impl SftTrainer {
     /// Continue from a checkpoint directory whose weights are already loaded into the model.
     fn resume_from(&mut self, dir: &Path) -> Result<()> {
         let saved = checkpoint::load_checkpoint_config(dir)?;
+        let current = serde_json::to_value(&self.cfg).expect("config serialises");
         // Settings that define the data order or the step's batch: changing them breaks exact resume.
         for key in ["train_file", "batch_size", "gradient_accumulation_steps", "seed", "max_length", "packing", "completion_only_loss"] {
-            let now = serde_json::to_value(&self.cfg).expect("config serialises")[key].clone();
-            if saved.get(key) != Some(&now) {
+            let now = &current[key];
+            if saved.get(key) != Some(now) {
                 return Err(TrainError::Config {
                     file: dir.join(checkpoint::CONFIG_FILE).display().to_string(),
                     key: key.into(),
