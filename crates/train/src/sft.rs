@@ -161,6 +161,10 @@ impl SftTrainer {
         };
         let model_dir = resume_dir.as_deref().unwrap_or(&cfg.model);
         let model = CausalLm::load(model_dir, &device).map_err(|e| TrainError::Model(e.to_string()))?;
+        // Token ids past the embedding table would otherwise fail deep inside the forward pass.
+        tokenizer
+            .check_vocab(model.vocab_size(), model_dir.join("config.json"))
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         let tokenizer_dir = Some(cfg.model.clone());
         let mut trainer = Self::from_parts(cfg, model, train, eval, pad_id)?;
         trainer.tokenizer_dir = tokenizer_dir;
