@@ -120,7 +120,7 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
     }))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -133,7 +133,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// (CPU-seconds the whole machine was busy, CPU-seconds of this process) from /proc; None off Linux.
-fn cpu_snapshot() -> Option<(f64, f64)> {
+pub(crate) fn cpu_snapshot() -> Option<(f64, f64)> {
     // USER_HZ is 100 on every Linux configuration procfs is read with.
     const HZ: f64 = 100.0;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;

@@ -541,14 +541,6 @@ pub fn run_dpo(cfg: &PrefConfig) -> Result<PrefSummary> {
     train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-6))
 }
 
-/// Peak resident set size of this process in MB (`VmHWM` of /proc/self/status; None off Linux).
-pub fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// The tiny Llama of /work/shared/bench-trl (vocab 512, hidden 256, 4 layers, 4 heads, MLP 688, untied).
 pub fn bench_model_config() -> Value {
     json!({
@@ -578,23 +570,16 @@ pub fn bench_pairs(tokenizer: &Tokenizer, n: usize, seed: u64) -> Result<Vec<Pre
         .collect()
 }
 
-/// Median of timings.
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 /// Times `steps` optimizer steps of `obj` on 8-example batches (after `warmup` untimed ones): median s/step,
 /// tokens/s (chosen + rejected counted once, as TRL) and peak RSS.
 pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, lr: f64) -> Result<Value> {
+    use crate::bench::{cpu_snapshot, median, peak_rss_mb};
     let n = obj.num_examples();
-    let (mut times, mut tokens) = (Vec::new(), 0usize);
-    let mut total_s = 0.0;
+    let (mut times, mut tokens, mut total_s, mut cpu_start) = (Vec::new(), 0usize, 0.0, None);
     for s in 0..steps + warmup {
+        if s == warmup {
+            cpu_start = cpu_snapshot();
+        }
         let idx: Vec<usize> = (0..8).map(|j| (s * 8 + j) % n).collect();
         let t0 = Instant::now();
         let (_, _, _, tok) = crate::rm::optimizer_step(obj, &idx, lr, None, s as u64 + 1, &None)?;
@@ -605,11 +590,22 @@ pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, 
             total_s += dt;
         }
     }
+    // As bench-trl: CPU used by other processes meanwhile (cores; > 0.2 = contaminated) and our own CPU time.
+    let (other_cores, own_cpu_per_step) = match (cpu_start, cpu_snapshot()) {
+        (Some((busy0, own0)), Some((busy1, own1))) => {
+            (Some((((busy1 - busy0) - (own1 - own0)) / total_s).max(0.0)), Some((own1 - own0) / steps as f64))
+        }
+        _ => (None, None),
+    };
     Ok(json!({
         "steps": steps,
         "pairs_per_step": 8,
         "sec_per_step_median": median(times),
+        "tokens_per_step_mean": tokens as f64 / steps as f64,
         "tokens_per_sec": tokens as f64 / total_s,
+        "own_cpu_s_per_step": own_cpu_per_step,
+        "other_procs_cpu_cores": other_cores,
+        "threads": rayon::current_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
     }))
 }
