@@ -402,6 +402,19 @@ impl CausalLm {
         self.hidden_with_cache(input_ids, &pos, None)
     }
 
+    /// Incremental forward for custom decoding loops ([`generate`] is the ready-made one):
+    /// hidden states of `input_ids` `[b, t]` at `position_ids` `[b, t]`, attending to what
+    /// `cache` (from [`CausalLm::new_kv_cache`]) already holds. Call `cache.begin_step(t)` before
+    /// and `cache.end_step()` after. Not differentiable through the cache.
+    pub fn hidden_states_cached(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.hidden_with_cache(input_ids, &Positions::Ids(position_ids), Some(cache))
+    }
+
     pub(crate) fn hidden_with_cache(
         &self,
         input_ids: &Tensor,

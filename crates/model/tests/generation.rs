@@ -233,3 +233,30 @@ fn position_ids_shift_rope_invariantly_but_not_learned_positions() {
         }
     }
 }
+
+#[test]
+fn public_cached_forward_matches_full_forward() {
+    for (name, cfg) in all_configs() {
+        let m = model(cfg, 17);
+        let seq = ids(1, 8, m.vocab_size(), 4);
+        let full = m.hidden_states(&seq, None).unwrap();
+        let mut cache = m.new_kv_cache(1, 8).unwrap();
+        for (start, len) in [(0, 5), (5, 1), (6, 2)] {
+            let pos = Tensor::arange(start as u32, (start + len) as u32, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            cache.begin_step(len).unwrap();
+            let h = m
+                .hidden_states_cached(&seq.narrow(1, start, len).unwrap(), &pos, &mut cache)
+                .unwrap();
+            cache.end_step();
+            let d = max_abs_diff(&h, &full.narrow(1, start, len).unwrap()).unwrap();
+            assert!(d < 1e-5, "{name}: step at {start}: {d}");
+        }
+        assert!(
+            cache.begin_step(1).is_err(),
+            "{name}: overflow must be an error"
+        );
+    }
+}
