@@ -259,6 +259,25 @@ fn check_keys(table: &toml::Table, known: &Value, prefix: &str, file: &str) -> R
     Ok(())
 }
 
+/// The key (`section.key` inside sections) whose value has the wrong type, found by deserializing one
+/// key at a time.
+fn type_error(table: &toml::Table, file: &str) -> Option<TrainError> {
+    let fails = |t: toml::Table| t.try_into::<PrefConfig>().err();
+    for (k, v) in table {
+        let Some(e) = fails(toml::Table::from_iter([(k.clone(), v.clone())])) else { continue };
+        if let toml::Value::Table(inner) = v {
+            for (ik, iv) in inner {
+                let one = toml::Table::from_iter([(k.clone(), toml::Value::Table(toml::Table::from_iter([(ik.clone(), iv.clone())])))]);
+                if let Some(e) = fails(one) {
+                    return Some(cfg_err(file, &format!("{k}.{ik}"), e.message()));
+                }
+            }
+        }
+        return Some(cfg_err(file, k, e.message()));
+    }
+    None
+}
+
 fn cfg_err(file: &str, key: &str, msg: impl Into<String>) -> TrainError {
     TrainError::Config { file: file.into(), key: key.into(), msg: msg.into() }
 }
@@ -272,10 +291,7 @@ impl PrefConfig {
         // Every key must exist in the (fully populated) defaults, checked section by section.
         let known = serde_json::to_value(PrefConfig { lora: Some(LoraConfig::default()), ..Default::default() }).expect("serialises");
         check_keys(&table, &known, "", &file)?;
-        toml::from_str(&text).map_err(|e: toml::de::Error| {
-            let key = e.span().map(|s| text[s].lines().next().unwrap_or("").trim().to_string()).unwrap_or_default();
-            cfg_err(&file, &key, e.message().to_string())
-        })
+        table.clone().try_into().map_err(|e: toml::de::Error| type_error(&table, &file).unwrap_or_else(|| cfg_err(&file, "-", e.message())))
     }
 
     /// The file named by `--config` (or defaults) with every given flag applied.

@@ -150,6 +150,13 @@ fn bad_rows_and_keys_are_reported_with_their_location() {
     let args = RmArgs { common: rlhf_train::rm::CommonArgs { config: Some(d.join("rm.toml")), ..Default::default() }, ..Default::default() };
     let err = args.resolve().unwrap_err().to_string();
     assert!(err.contains("rm.toml") && err.contains("rm.center_reward") && err.contains("unknown key"), "{err}");
+
+    // Ill-typed values name their key, inside sections too.
+    for (toml, key) in [("batch_size = \"x\"\n", "\"batch_size\""), ("[rm]\nnum_heads = 1.5\n", "\"rm.num_heads\"")] {
+        std::fs::write(d.join("rm.toml"), toml).unwrap();
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("invalid type"), "{err}");
+    }
 }
 
 #[test]
