@@ -207,6 +207,18 @@ fn init_refuses_an_existing_model_dir_and_changes_nothing() {
     let before = snapshot(&tok_only);
     fails(t, &["init", "--out", s(&tok_only), "--corpus", s(&corpus)], &["tokenizer.json", "already holds a model"]);
     assert_eq!(snapshot(&tok_only), before);
+
+    // A failed init leaves nothing behind: not the directory it created, nor files in an existing one.
+    let fresh = t.join("fresh");
+    fails(t, &["init", "--out", s(&fresh), "--corpus", "missing.txt"], &["missing.txt"]);
+    assert!(!fresh.exists(), "a failed init left {} behind", fresh.display());
+    write(&t.join("bad.jsonl"), "{\"text\": \"1+1=2\"}\n{\"text\": 3}\n");
+    fails(t, &["init", "--out", s(&fresh), "--corpus", s(&corpus), "--corpus", "bad.jsonl"], &["bad.jsonl:2:", "field \"text\""]);
+    assert!(!fresh.exists(), "a failed init left {} behind", fresh.display());
+    let empty = t.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(t, &["init", "--out", s(&empty), "--corpus", s(&corpus), "--corpus", "bad.jsonl"], &["bad.jsonl:2:"]);
+    assert!(snapshot(&empty).is_empty(), "a failed init left files in {}", empty.display());
 }
 
 #[test]
@@ -326,6 +338,12 @@ fn bad_model_config_names_file_and_field() {
     };
     let (dir, _) = llama_with(t, "unknown_type", "model_type", "\"mamba9\"");
     gen(&dir, &["unknown_type/config.json", "field \"model_type\"", "mamba9"]);
+    // Without model_type the architecture comes from `architectures`.
+    let (dir, _) = llama_with(t, "unknown_arch", "architectures", "[\"MambaForCausalLM\"]");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config: String = config.lines().filter(|l| !l.contains("\"model_type\"")).collect::<Vec<_>>().join("\n");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    gen(&dir, &["unknown_arch/config.json", "field \"architectures\"", "MambaForCausalLM"]);
     // 1e999 overflows f64: not a finite number, rejected by the JSON parser with its position.
     let (dir, line) = llama_with(t, "inf_eps", "rms_norm_eps", "1e999");
     gen(&dir, &["inf_eps/config.json", &format!("line {line} ")]);

@@ -93,16 +93,18 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Sft(t) => {
             for shape in t.common.shapes() {
                 reset_peak_rss();
-                let (data, steps) = match shape {
+                // Untimed warm-up steps as bench-trl: 5 for the tiny SFT run, 2 in torch_135m.py.
+                let (data, warmup_steps, steps) = match shape {
                     Shape::Tiny => (
                         BenchData::Addition { tokenizer_dir: t.tokenizer.clone(), data_file: t.data.clone() },
+                        5,
                         t.steps,
                     ),
                     // A 135M step takes seconds: fewer timed steps.
-                    Shape::Smollm2 => (BenchData::Random { seq_len: 128, num_rows: 64 }, t.steps.min(5)),
+                    Shape::Smollm2 => (BenchData::Random { seq_len: 128, num_rows: 64 }, 2, t.steps.min(5)),
                 };
                 let model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
-                let v = bench_sft(SftBenchShape { name: shape.name().into(), model, data, batch_size: 8, steps })?;
+                let v = bench_sft(SftBenchShape { name: shape.name().into(), model, data, batch_size: 8, warmup_steps, steps })?;
                 println!("{v}");
             }
         }

@@ -53,13 +53,37 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// Every file init writes: an existing tokenizer alone must not be overwritten either.
+const OUTPUTS: [&str; 6] = [
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
 pub fn init(a: &Args) -> Result<CausalLm> {
-    // Every file init writes: an existing tokenizer alone must not be overwritten either.
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
-        if a.out.join(f).exists() {
-            bail!("{}: already holds a model ({f}); choose a new --out directory", a.out.display());
+    if let Some(f) = OUTPUTS.iter().find(|f| a.out.join(f).exists()) {
+        bail!("{}: already holds a model ({f}); choose a new --out directory", a.out.display());
+    }
+    let created = !a.out.exists();
+    let result = create(a);
+    if result.is_err() {
+        // No half-made model (e.g. a tokenizer without weights) that the next attempt would refuse to overwrite;
+        // these files were all absent before.
+        let corpus_files = (0..a.corpus.len()).map(corpus_file_name);
+        for f in OUTPUTS.map(String::from).into_iter().chain(corpus_files) {
+            let _ = std::fs::remove_file(a.out.join(f));
+        }
+        if created {
+            let _ = std::fs::remove_dir(&a.out);
         }
     }
+    result
+}
+
+fn create(a: &Args) -> Result<CausalLm> {
     let mut raw = match (&a.preset, &a.config) {
         (_, Some(path)) => ModelConfig::from_file(path)?.raw,
         (Some(Preset::Smollm2_135m), None) => bench::smollm2_135m_config().raw,
@@ -101,11 +125,16 @@ fn corpus_text_files(inputs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
         for row in &data.rows {
             collect_strings(&Value::Object(row.record.to_json()), &mut text);
         }
-        let flat = out.join(format!(".corpus-{i}.txt"));
+        let flat = out.join(corpus_file_name(i));
         std::fs::write(&flat, text).with_context(|| format!("{}: cannot write", flat.display()))?;
         files.push(flat);
     }
     Ok(files)
+}
+
+/// The text extracted from the i-th corpus dataset, in the output directory while the tokenizer trains.
+fn corpus_file_name(i: usize) -> String {
+    format!(".corpus-{i}.txt")
 }
 
 fn collect_strings(v: &Value, out: &mut String) {
