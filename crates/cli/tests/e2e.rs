@@ -415,3 +415,61 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     generate(t, &ckpt, &prompts(t), &gen, &["--temperature", "0"]);
     assert_eq!(read_jsonl(&gen).len(), 3);
 }
+
+#[test]
+fn reward_model_and_dpo_train_then_score_and_generate() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let (m, pref) = (llama(), root().join("data/pref_train.jsonl"));
+    let train = |cmd: &str, out: &str| {
+        let stdout = ok(t, &[
+            cmd, "--model", s(&m), "--train-file", s(&pref), "--output-dir", out, "--max-steps", "2", "--batch-size", "4",
+            "--logging-steps", "1",
+        ]);
+        let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(summary["steps"], 2, "{cmd}: {summary}");
+        for m in read_jsonl(&t.join(out).join("metrics.jsonl")) {
+            assert!(m["loss"].as_f64().is_some_and(f64::is_finite), "{cmd} metrics.jsonl: {m:?}");
+        }
+    };
+    train("rm", "rm");
+    let config: Value = serde_json::from_slice(&std::fs::read(t.join("rm/config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    let items = write(
+        &t.join("items.jsonl"),
+        "{\"prompt\": \"Q: 60+62=\", \"completion\": \" 122\", \"item_id\": \"x\"}\n{\"prompt\": \"Q: 60+62=\", \"completion\": \" 66\", \"item_id\": \"y\"}\n",
+    );
+    ok(t, &["rm", "score", "--model", "rm", "--input", s(&items), "--output", "scores.jsonl"]);
+    let scored = read_jsonl(&t.join("scores.jsonl"));
+    assert_eq!(scored.iter().map(|r| r["item_id"].as_str().unwrap()).collect::<Vec<_>>(), ["x", "y"]);
+    assert!(scored.iter().all(|r| r["reward"].as_f64().is_some_and(f64::is_finite)), "{scored:?}");
+
+    train("dpo", "dpo");
+    let gen = t.join("gen.jsonl");
+    generate(t, &t.join("dpo"), &prompts(t), &gen, &["--temperature", "0"]);
+    assert_eq!(read_jsonl(&gen).len(), 3);
+}
+
+#[test]
+fn preference_failures() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let model = llama();
+    let m = s(&model);
+    write(&t.join("bad.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"chosen\": \" 2\", \"rejected\": \" 3\"}\n{\"prompt\": \"Q: 1+2=\", \"chosen\": \" 3\", \"rejected\": 4}\n");
+    for cmd in ["rm", "dpo"] {
+        fails(t, &[cmd, "--model", m, "--train-file", "bad.jsonl", "--output-dir", "o", "--max-steps", "1"], &[
+            "bad.jsonl:2:",
+            "field \"rejected\"",
+        ]);
+    }
+    assert!(!t.join("o").exists(), "a failed run created its output dir");
+    let pref = root().join("data/pref_train.jsonl");
+    let line = fails(t, &[
+        "dpo", "--model", m, "--train-file", s(&pref), "--output-dir", "run", "--max-steps", "4", "--batch-size", "4",
+        "--learning-rate=1e30", "--save-steps", "1",
+    ], &["non-finite loss", "checkpoint-"]);
+    let ckpt = t.join("run").join(Path::new(line.split_whitespace().last().unwrap()).file_name().unwrap());
+    assert!(ckpt.join("model.safetensors").is_file(), "{line}");
+    assert!(!t.join("run/model.safetensors").exists(), "a diverged run saved a final model");
+}
