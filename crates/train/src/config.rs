@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 use serde::{Deserialize, Serialize};
 
+use rlhf_model::lora::LoraConfig;
+
 use crate::error::{Result, TrainError};
 use crate::schedule::{ScheduleKind, Warmup};
 
 /// Every SFT setting, each optional so that file and flags can be merged. Field docs are the CLI help.
+// No `deny_unknown_fields`: serde does not support it with `flatten`; `read_toml` checks the keys.
 #[derive(Debug, Clone, Default, PartialEq, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SftArgs {
     /// TOML file with any of the settings below (flags override it).
     #[arg(long = "config", value_name = "FILE")]
@@ -97,6 +99,10 @@ pub struct SftArgs {
     /// Continue from the newest complete checkpoint in output_dir [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub resume: Option<bool>,
+    /// LoRA: train adapters only; the output dir gets the merged model and the adapter in `adapter/`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: crate::lora::LoraArgs,
 }
 
 /// Validated SFT settings (also stored in every checkpoint as `training_config.json`).
@@ -128,6 +134,9 @@ pub struct SftConfig {
     pub save_total_limit: Option<usize>,
     pub seed: u64,
     pub resume: bool,
+    /// LoRA adapters instead of full fine-tuning.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
 }
 
 impl SftConfig {
@@ -160,6 +169,7 @@ impl SftConfig {
             save_total_limit: None,
             seed: 42,
             resume: false,
+            lora: None,
         }
     }
 
@@ -270,6 +280,7 @@ impl SftArgs {
             save_total_limit: merged.save_total_limit,
             seed: merged.seed.unwrap_or(d.seed),
             resume: merged.resume.unwrap_or(d.resume),
+            lora: merged.lora.apply(None),
             ..d
         };
 
@@ -303,6 +314,9 @@ impl SftArgs {
         if cfg.max_steps.is_none() {
             finite_in(cfg.num_train_epochs, "num_train_epochs", f64::MIN_POSITIVE, f64::MAX, "a finite number > 0")?;
         }
+        if let Some(l) = &cfg.lora {
+            crate::lora::check(l).map_err(|(k, m)| err(&format!("lora_{k}"), m.into()))?;
+        }
         if !cfg.model.join("config.json").is_file() {
             return Err(err("model", format!("{} has no config.json", cfg.model.display())));
         }
@@ -323,6 +337,7 @@ impl SftArgs {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f.clone(); } )* };
         }
         with_fields!(take);
+        self.lora = self.lora.overridden_by(&other.lora);
         self
     }
 
@@ -333,6 +348,7 @@ impl SftArgs {
             ($($f:ident),*) => { $( if self.$f.is_some() { keys.insert(stringify!($f).to_string()); } )* };
         }
         with_fields!(put);
+        keys.extend(self.lora.set_keys().into_iter().map(String::from));
         keys
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dpo;
 pub mod ensemble;
 pub mod error;
+pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod rm;

@@ -20,6 +20,8 @@ use rlhf_data::{
     ScoreScale, Text, Tokenizer, Truncation, EpochSampler,
 };
 use rlhf_model::lora::{Lora, LoraConfig};
+
+pub(crate) use crate::lora::attach_lora;
 use rlhf_model::seq_cls::SeqCls;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -186,18 +188,8 @@ pub struct CommonArgs {
     /// Seed of the data order, new heads and LoRA init [default: 42]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// LoRA rank: enables LoRA (with the `[lora]` section's or default other settings).
-    #[arg(long)]
-    pub lora_r: Option<usize>,
-    /// LoRA alpha: the update is scaled by alpha / r [default: 16]
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// LoRA dropout on the adapter input [default: 0.05]
-    #[arg(long)]
-    pub lora_dropout: Option<f64>,
-    /// Comma-separated module names, e.g. `q_proj,v_proj`.
-    #[arg(long, value_delimiter = ',')]
-    pub lora_target_modules: Option<Vec<String>>,
+    #[command(flatten)]
+    pub lora: crate::lora::LoraArgs,
 }
 
 /// `rlhf rm` flags.
@@ -311,21 +303,7 @@ impl PrefConfig {
             max_length, batch_size, lr_scheduler_type, warmup_steps, weight_decay, max_grad_norm, num_train_epochs,
             logging_steps, eval_steps, save_steps, seed
         );
-        if a.lora_r.is_some() || a.lora_alpha.is_some() || a.lora_dropout.is_some() || a.lora_target_modules.is_some() {
-            let l = c.lora.get_or_insert_with(LoraConfig::default);
-            if let Some(r) = a.lora_r {
-                l.r = r;
-            }
-            if let Some(x) = a.lora_alpha {
-                l.alpha = x;
-            }
-            if let Some(x) = a.lora_dropout {
-                l.dropout = x;
-            }
-            if let Some(t) = &a.lora_target_modules {
-                l.target_modules = t.clone();
-            }
-        }
+        c.lora = a.lora.apply(c.lora.take());
         Ok(c)
     }
 
@@ -372,12 +350,7 @@ impl PrefConfig {
             return Err(cfg_err(&f, "num_train_epochs", "must be > 0"));
         }
         if let Some(l) = &self.lora {
-            if l.r == 0 {
-                return Err(cfg_err(&f, "lora.r", "must be at least 1"));
-            }
-            if !(0.0..1.0).contains(&l.dropout) {
-                return Err(cfg_err(&f, "lora.dropout", "must be in [0, 1)"));
-            }
+            crate::lora::check(l).map_err(|(k, m)| cfg_err(&f, &format!("lora.{k}"), m))?;
         }
         Ok(())
     }
@@ -703,11 +676,6 @@ pub(crate) fn pad_rows(rows: &[&[u32]], pad: u32, device: &Device) -> Result<(Te
 // ---------------------------------------------------------------------------------------------------------
 // Reward-model trainer
 // ---------------------------------------------------------------------------------------------------------
-
-/// Freezes `lm` and attaches LoRA adapters when configured.
-pub(crate) fn attach_lora(lm: &mut rlhf_model::CausalLm, lora: Option<&LoraConfig>, seed: u64) -> Result<Option<Lora>> {
-    lora.map(|l| Lora::attach(lm, l, seed).map_err(|e| TrainError::Model(e.to_string()))).transpose()
-}
 
 fn adamw(params: Vec<(String, Var)>, cfg: &PrefConfig) -> Result<AdamW> {
     AdamW::new(params, AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() })

@@ -1,12 +1,15 @@
 //! Supervised fine-tuning (TRL `SFTTrainer` semantics): causal-LM cross-entropy on the loss tokens
 //! (completion-only by default), normalised over ALL loss tokens of the accumulated batch, AdamW with a
 //! warmup schedule, periodic logging / evaluation / atomic checkpoints, and bit-exact resume.
+//! With LoRA (`cfg.lora`) only the adapters train; checkpoints hold the adapter (PEFT layout) and its
+//! optimizer state, and the output dir gets the merged model plus the adapter in `adapter/`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
 use rlhf_data::{EpochSampler, TokenizedSequence};
+use rlhf_model::lora::Lora;
 use rlhf_model::CausalLm;
 use serde::Serialize;
 
@@ -117,6 +120,8 @@ pub struct SftSummary {
 }
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Subdirectory of output_dir that receives the trained LoRA adapter (PEFT layout).
+pub const ADAPTER_DIR: &str = "adapter";
 /// Tokenizer files copied next to saved weights so an output directory is a complete HF model.
 const TOKENIZER_FILES: [&str; 4] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
@@ -125,6 +130,8 @@ const TOKENIZER_FILES: [&str; 4] =
 pub struct SftTrainer {
     cfg: SftConfig,
     model: CausalLm,
+    /// The adapters being trained (the base model is then frozen).
+    lora: Option<Lora>,
     optimizer: AdamW,
     schedule: Schedule,
     train: Vec<TokenizedSequence>,
@@ -159,7 +166,11 @@ impl SftTrainer {
         } else {
             None
         };
-        let model_dir = resume_dir.as_deref().unwrap_or(&cfg.model);
+        // With LoRA a checkpoint holds only the adapter: the base comes from cfg.model.
+        let model_dir = match (&resume_dir, &cfg.lora) {
+            (Some(dir), None) => dir.as_path(),
+            _ => cfg.model.as_path(),
+        };
         let model = CausalLm::load(model_dir, &device).map_err(|e| TrainError::Model(e.to_string()))?;
         // Token ids past the embedding table would otherwise fail deep inside the forward pass.
         tokenizer
@@ -169,15 +180,19 @@ impl SftTrainer {
         let mut trainer = Self::from_parts(cfg, model, train, eval, pad_id)?;
         trainer.tokenizer_dir = tokenizer_dir;
         if let Some(dir) = resume_dir {
+            if let Some(l) = &trainer.lora {
+                load_adapter_weights(l, &dir, &device)?;
+            }
             trainer.resume_from(&dir)?;
         }
         Ok(trainer)
     }
 
-    /// A trainer over already tokenized data (benchmarks, tests).
+    /// A trainer over already tokenized data (benchmarks, tests). With `cfg.lora` this freezes `model` and
+    /// attaches fresh adapters (initialised from `cfg.seed`).
     pub fn from_parts(
         cfg: SftConfig,
-        model: CausalLm,
+        mut model: CausalLm,
         train: Vec<TokenizedSequence>,
         eval: Vec<TokenizedSequence>,
         pad_id: u32,
@@ -185,7 +200,8 @@ impl SftTrainer {
         if train.is_empty() {
             return Err(TrainError::Data(format!("{}: no training examples", cfg.train_file.display())));
         }
-        let params = crate::optim::sorted_params(model.varmap());
+        let lora = crate::lora::attach_lora(&mut model, cfg.lora.as_ref(), cfg.seed)?;
+        let params = crate::optim::sorted_params(lora.as_ref().map_or(model.varmap(), |l| l.varmap()));
         let optimizer = AdamW::new(
             params,
             AdamWConfig {
@@ -207,6 +223,7 @@ impl SftTrainer {
         Ok(Self {
             cfg,
             model,
+            lora,
             optimizer,
             schedule,
             train,
@@ -226,6 +243,10 @@ impl SftTrainer {
     }
     pub fn model(&self) -> &CausalLm {
         &self.model
+    }
+    /// The adapters being trained (None without LoRA, and after [`SftTrainer::train`] merged them).
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
     }
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
@@ -268,6 +289,9 @@ impl SftTrainer {
         // by its loss-token count, so micro-batch boundaries do not change it.
         let total_loss_tokens: usize = batches.iter().map(|b| b.num_loss_tokens).sum();
         let step = self.state.global_step + 1;
+        if let Some(l) = &self.lora {
+            l.set_training(true);
+        }
         let (mut forward_s, mut backward_s) = (0.0, 0.0);
         let mut loss = 0.0f64;
         let mut accuracies = Vec::with_capacity(batches.len());
@@ -329,6 +353,10 @@ impl SftTrainer {
         if self.eval.is_empty() {
             return Ok(None);
         }
+        // No adapter dropout while evaluating; `step` turns it back on.
+        if let Some(l) = &self.lora {
+            l.set_training(false);
+        }
         let (mut loss_sum, mut acc_sum, mut rows, mut batches) = (0.0, 0.0, 0usize, 0usize);
         for chunk in self.eval.chunks(self.cfg.batch_size) {
             let ex: Vec<&TokenizedSequence> = chunk.iter().collect();
@@ -349,10 +377,15 @@ impl SftTrainer {
         Ok(Some(EvalStats { eval_loss: loss_sum / rows as f64, eval_mean_token_accuracy: acc_sum / batches as f64 }))
     }
 
-    /// Save the model (HF layout, with tokenizer files) into `dir`.
+    /// Save what training changes into `dir`, with the tokenizer files: the model (HF layout), or with LoRA
+    /// the adapter (PEFT layout, `adapter_config.json` + `adapter_model.safetensors`).
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        self.model.save(dir).map_err(|e| TrainError::Model(e.to_string()))?;
+        let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
+        match &self.lora {
+            Some(l) => l.save(dir, &self.cfg.model.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err)?,
+            None => self.model.save(dir).map_err(model_err)?,
+        }
         if let Some(src) = &self.tokenizer_dir {
             for name in TOKENIZER_FILES {
                 let from = src.join(name);
@@ -383,10 +416,11 @@ impl SftTrainer {
     fn resume_from(&mut self, dir: &Path) -> Result<()> {
         let saved = checkpoint::load_checkpoint_config(dir)?;
         let current = serde_json::to_value(&self.cfg).expect("config serialises");
-        // Settings that define the data order or the step's batch: changing them breaks exact resume.
-        for key in ["train_file", "batch_size", "gradient_accumulation_steps", "seed", "max_length", "packing", "completion_only_loss"] {
+        // Settings that define the data order, the step's batch or the trained parameters: changing them
+        // breaks exact resume. A missing key (checkpoints from before LoRA support) reads as null = none.
+        for key in ["train_file", "batch_size", "gradient_accumulation_steps", "seed", "max_length", "packing", "completion_only_loss", "lora"] {
             let now = &current[key];
-            if saved.get(key) != Some(now) {
+            if saved.get(key).unwrap_or(&serde_json::Value::Null) != now {
                 return Err(TrainError::Config {
                     file: dir.join(checkpoint::CONFIG_FILE).display().to_string(),
                     key: key.into(),
@@ -450,7 +484,7 @@ impl SftTrainer {
             }
         }
         progress.finish();
-        self.save_model(&self.cfg.output_dir)?;
+        self.save_final()?;
         Ok(SftSummary {
             steps: self.state.global_step,
             epoch: self.epoch(),
@@ -464,6 +498,41 @@ impl SftTrainer {
             resumed_from_step: self.resumed_from,
         })
     }
+}
+
+impl SftTrainer {
+    /// The final output: the model in output_dir; with LoRA the adapter in `output_dir/adapter` and the
+    /// merged model (a complete HF dir) in output_dir. Merging consumes the adapters, so afterwards the
+    /// trainer holds the merged model.
+    fn save_final(&mut self) -> Result<()> {
+        let out = self.cfg.output_dir.clone();
+        if let Some(l) = self.lora.take() {
+            l.save(&out.join(ADAPTER_DIR), &self.cfg.model.display().to_string(), "CAUSAL_LM", &[])
+                .and_then(|()| l.merge_into(&mut self.model))
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+        }
+        self.save_model(&out)
+    }
+}
+
+/// Sets the adapter parameters of `lora` to those saved in checkpoint `dir` (same names and shapes).
+fn load_adapter_weights(lora: &Lora, dir: &Path, device: &Device) -> Result<()> {
+    let path = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
+    let ckpt_err = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
+    let saved = rlhf_model::lora::read_safetensors(&path, device).map_err(|e| ckpt_err(e.to_string()))?;
+    let vars = lora.varmap().data().lock().expect("VarMap lock poisoned");
+    if saved.len() != vars.len() {
+        return Err(ckpt_err(format!("{} adapter tensors, this run's LoRA config has {}", saved.len(), vars.len())));
+    }
+    for (name, var) in vars.iter() {
+        let key = format!("base_model.model.{name}");
+        let t = saved.get(&key).ok_or_else(|| ckpt_err(format!("missing adapter tensor `{key}`")))?;
+        if t.dims() != var.dims() {
+            return Err(ckpt_err(format!("`{key}` has shape {:?}, this run expects {:?}", t.dims(), var.dims())));
+        }
+        var.set(t)?;
+    }
+    Ok(())
 }
 
 /// Train with `cfg` (the CLI entry point).
