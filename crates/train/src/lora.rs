@@ -10,7 +10,7 @@ use crate::error::{Result, TrainError};
 /// `--lora-*` flags; any of them enables LoRA (defaults for the others).
 #[derive(Debug, Clone, Default, PartialEq, Args, Deserialize)]
 pub struct LoraArgs {
-    /// LoRA rank: enables LoRA (with the `[lora]` section's or default other settings).
+    /// LoRA rank: enables LoRA (other LoRA settings from the config file or defaults) [default: 8]
     #[arg(long)]
     pub lora_r: Option<usize>,
     /// LoRA alpha: the update is scaled by alpha / r [default: 16]
@@ -19,7 +19,7 @@ pub struct LoraArgs {
     /// LoRA dropout on the adapter input [default: 0.05]
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Comma-separated module names, e.g. `q_proj,v_proj`.
+    /// Comma-separated module names to adapt [default: q_proj,v_proj]
     #[arg(long, value_delimiter = ',')]
     pub lora_target_modules: Option<Vec<String>>,
 }
