@@ -2,9 +2,9 @@
 //!
 //! `cargo run -p rlhf --example dump_logits -- MODEL_DIR OUT.safetensors [RESAVE_DIR]`
 //!
-//! Loads MODEL_DIR (with RESAVE_DIR: saves it there with its tokenizer files and reloads it from there, the
+//! Loads MODEL_DIR (with RESAVE_DIR, causal LMs only: saves it there with its tokenizer files and reloads it from there, the
 //! Rust round trip), runs two right-padded prompts through it and writes `input_ids`, `attention_mask` and
-//! `logits` to OUT.safetensors.
+//! `logits` (or, for a `*ForSequenceClassification` reward model, `scores` [B]) to OUT.safetensors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rlhf_data::Tokenizer;
+use rlhf_model::seq_cls::SeqCls;
 use rlhf_model::CausalLm;
 
 /// Different lengths so that the batch has padding; addition prompts like data/.
@@ -32,7 +33,6 @@ fn main() -> Result<()> {
         }
         None => src,
     };
-    let model = CausalLm::load(dir, &Device::Cpu)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let pad = tokenizer.pad_id()?;
     let rows = PROMPTS.iter().map(|p| tokenizer.encode(p, true)).collect::<rlhf_data::Result<Vec<_>>>()?;
@@ -44,11 +44,17 @@ fn main() -> Result<()> {
     }
     let ids = Tensor::from_vec(ids, (rows.len(), t), &Device::Cpu)?;
     // Right padding under a causal mask leaves the real positions' logits unchanged; check_reload zeroes the rest.
-    let logits = model.forward(&ids)?;
+    let output = if is_classifier(dir)? {
+        let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let rm = SeqCls::load(dir, 1, None, 0, &Device::Cpu)?;
+        ("scores", rm.forward(&ids, &lengths)?.squeeze(1)?)
+    } else {
+        ("logits", CausalLm::load(dir, &Device::Cpu)?.forward(&ids)?)
+    };
     let tensors = HashMap::from([
         ("input_ids".to_string(), ids.to_dtype(candle_core::DType::I64)?),
         ("attention_mask".to_string(), Tensor::from_vec(mask, (rows.len(), t), &Device::Cpu)?),
-        ("logits".to_string(), logits),
+        (output.0.to_string(), output.1),
     ]);
     candle_core::safetensors::save(&tensors, out).with_context(|| format!("{}: cannot write", out.display()))?;
     eprintln!("wrote {} ({} rows x {t} tokens) from {}", out.display(), rows.len(), dir.display());
@@ -66,4 +72,12 @@ fn resave_dir(src: &Path, dst: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// As transformers' Auto classes: the config's first architecture says whether this is a classifier.
+fn is_classifier(dir: &Path) -> Result<bool> {
+    let path = dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?)
+        .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    Ok(config["architectures"][0].as_str().is_some_and(|a| a.ends_with("ForSequenceClassification")))
 }
