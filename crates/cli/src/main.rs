@@ -33,6 +33,11 @@ enum Command {
 }
 
 fn main() {
+    // Library errors (candle's) carry a backtrace when RUST_BACKTRACE is set; errors stay one line unless the
+    // user asks for library backtraces explicitly. Panics still honour RUST_BACKTRACE.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     rlhf_model::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
