@@ -372,11 +372,13 @@ fn tokenizer_larger_than_model_vocab() {
     for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
         std::fs::copy(big.join(f), dir.join(f)).unwrap();
     }
-    fails(t, &["generate", "--model", s(&dir), "--prompts", s(&prompts(t)), "--out", "x.jsonl"], &[
-        "mismatch/tokenizer.json",
-        "mismatch/config.json",
-        "vocab_size",
-    ]);
+    let expected = ["mismatch/tokenizer.json", "mismatch/config.json", "vocab_size"];
+    fails(t, &["generate", "--model", s(&dir), "--prompts", s(&prompts(t)), "--out", "x.jsonl"], &expected);
+    let pref = root().join("data/pref_train.jsonl");
+    for (cmd, data) in [("sft", sft_train()), ("rm", pref.clone()), ("dpo", pref)] {
+        fails(t, &[cmd, "--model", s(&dir), "--train-file", s(&data), "--output-dir", "out", "--max-steps", "1"], &expected);
+        assert!(!t.join("out").join("model.safetensors").exists(), "{cmd} wrote a model");
+    }
 }
 
 #[test]

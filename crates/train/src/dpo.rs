@@ -316,6 +316,8 @@ impl DpoTrainer {
         let pad = tokenizer.pad_id().map_err(data_err)?;
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         let policy = CausalLm::load(&model_dir, &device).map_err(model_err)?;
+        // Token ids past the embedding table would otherwise fail deep inside the forward pass.
+        tokenizer.check_vocab(policy.vocab_size(), model_dir.join("config.json")).map_err(data_err)?;
         let reference = match &cfg.dpo.reference_model {
             Some(dir) => Some(CausalLm::load(dir, &device).map_err(model_err)?),
             None => None,

@@ -707,6 +707,8 @@ impl RmTrainer {
         let pad = tokenizer.pad_id().ok();
         let model = SeqCls::load(&model_dir, cfg.rm.num_heads, pad, cfg.seed, &Device::Cpu)
             .map_err(|e| TrainError::Model(e.to_string()))?;
+        // Token ids past the embedding table would otherwise fail deep inside the forward pass.
+        tokenizer.check_vocab(model.lm.vocab_size(), model_dir.join("config.json")).map_err(data_err)?;
         let train = load_rm_data(&train_file, &tokenizer, cfg)?;
         let eval = cfg.eval_file.as_deref().map(|f| load_rm_data(f, &tokenizer, cfg)).transpose()?;
         let mut t = Self::from_parts(model, train, eval, cfg)?;
