@@ -29,7 +29,7 @@ pub struct Args {
     pub steps: u64,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     pub learning_rate: f64,
     /// Held-out prompts scored before and after.
     #[arg(long, default_value_t = 200)]
