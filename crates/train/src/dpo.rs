@@ -543,16 +543,6 @@ pub fn run_dpo(cfg: &PrefConfig) -> Result<PrefSummary> {
     train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-6))
 }
 
-/// The tiny Llama of /work/shared/bench-trl (vocab 512, hidden 256, 4 layers, 4 heads, MLP 688, untied).
-pub fn bench_model_config() -> Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 256,
-        "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
-        "hidden_act": "silu", "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
-    })
-}
-
 /// Arithmetic preference pairs like the TRL baseline's (`"Q: 17+25="` → `" 42"` vs. a wrong sum), tokenized.
 pub fn bench_pairs(tokenizer: &Tokenizer, n: usize, seed: u64) -> Result<Vec<PreferenceExample>> {
     use rand::{Rng, SeedableRng};
@@ -618,7 +608,7 @@ pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, 
 pub fn bench_dpo(tokenizer_dir: &Path, steps: usize, lora: Option<&rlhf_model::lora::LoraConfig>) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
-    let config = rlhf_model::ModelConfig::from_json(bench_model_config(), "bench config").map_err(|e| TrainError::Model(e.to_string()))?;
+    let config = rlhf_model::bench::tiny_llama_config();
     let policy = CausalLm::init_random(config, 1234, &Device::Cpu).map_err(|e| TrainError::Model(e.to_string()))?;
     let pairs = bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
     let cfg = PrefConfig { batch_size: 8, max_length: 64, lora: lora.cloned(), ..Default::default() };

@@ -904,7 +904,7 @@ pub fn bench_rm(tokenizer_dir: &Path, steps: usize, lora: Option<&LoraConfig>) -
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
     let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
-    let config = rlhf_model::ModelConfig::from_json(crate::dpo::bench_model_config(), "bench config").map_err(model_err)?;
+    let config = rlhf_model::bench::tiny_llama_config();
     let lm = rlhf_model::CausalLm::init_random(config, 1234, &Device::Cpu).map_err(model_err)?;
     let model = SeqCls::from_causal_lm(lm, 1, Some(0), 1234).map_err(model_err)?;
     let pairs = crate::dpo::bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
