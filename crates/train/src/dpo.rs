@@ -22,7 +22,7 @@ use crate::error::{io_err, Result, TrainError};
 use crate::optim::AdamW;
 use crate::pref_loss::{self, KtoLogps, LossParams, LossType, PairLogps};
 use crate::rm::{
-    attach_lora, copy_tokenizer, row_err, tokenize_completion, train_loop, CommonArgs, Forward, Metrics, Objective,
+    attach_lora, copy_tokenizer, eval_means, row_err, tokenize_completion, train_loop, CommonArgs, Forward, Metrics, Objective,
     PrefConfig, PrefSummary,
 };
 
@@ -498,17 +498,7 @@ impl Objective for DpoTrainer {
             l.set_training(false);
         }
         let pre = self.precomputed.as_ref().and_then(|p| p.1.as_ref());
-        let idx: Vec<usize> = (0..eval.len()).collect();
-        let mut sums = Metrics::new();
-        for chunk in idx.chunks(self.batch_size) {
-            let out = self.data_forward(eval, pre, chunk)?;
-            let w = chunk.len() as f64;
-            *sums.entry("loss".into()).or_default() += out.loss.to_scalar::<f32>()? as f64 * w;
-            for (k, v) in out.metrics {
-                *sums.entry(k).or_default() += v * w;
-            }
-        }
-        Ok(Some(sums.into_iter().map(|(k, v)| (k, v / eval.len() as f64)).collect()))
+        eval_means(eval.len(), self.batch_size, |chunk| self.data_forward(eval, pre, chunk)).map(Some)
     }
 
     fn optimizer(&self) -> &AdamW {

@@ -414,6 +414,22 @@ pub struct Forward {
 }
 
 /// A model + objective the shared loop drives.
+/// Per-example means of the loss and metrics over `n` examples, run in chunks of `batch_size` (the chunks only
+/// bound memory), for [`Objective::evaluate`].
+pub(crate) fn eval_means(n: usize, batch_size: usize, forward: impl Fn(&[usize]) -> Result<Forward>) -> Result<Metrics> {
+    let idx: Vec<usize> = (0..n).collect();
+    let mut sums = Metrics::new();
+    for chunk in idx.chunks(batch_size) {
+        let out = forward(chunk)?;
+        let w = chunk.len() as f64;
+        *sums.entry("loss".into()).or_default() += out.loss.to_scalar::<f32>()? as f64 * w;
+        for (k, v) in out.metrics {
+            *sums.entry(k).or_default() += v * w;
+        }
+    }
+    Ok(sums.into_iter().map(|(k, v)| (k, v / n as f64)).collect())
+}
+
 pub trait Objective {
     fn num_examples(&self) -> usize;
     /// Loss (differentiable) and metrics of the examples `idx`.
@@ -804,17 +820,7 @@ impl Objective for RmTrainer {
         if let Some(l) = &self.lora {
             l.set_training(false);
         }
-        let mut sums = Metrics::new();
-        let idx: Vec<usize> = (0..eval.len()).collect();
-        for chunk in idx.chunks(self.batch_size) {
-            let out = self.data_forward(eval, chunk)?;
-            let w = chunk.len() as f64;
-            *sums.entry("loss".into()).or_default() += out.loss.to_scalar::<f32>()? as f64 * w;
-            for (k, v) in out.metrics {
-                *sums.entry(k).or_default() += v * w;
-            }
-        }
-        Ok(Some(sums.into_iter().map(|(k, v)| (k, v / eval.len() as f64)).collect()))
+        eval_means(eval.len(), self.batch_size, |chunk| self.data_forward(eval, chunk)).map(Some)
     }
 
     fn optimizer(&self) -> &AdamW {
