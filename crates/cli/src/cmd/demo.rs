@@ -10,7 +10,8 @@ use rlhf_model::{GenRequest, Sampling};
 use rlhf_train::{run_sft, SftConfig};
 use serde_json::json;
 
-use super::generate::{write_atomic, Generator};
+use super::generate::write_atomic;
+use rlhf_generate::Generator;
 use super::init::{self, Preset};
 
 /// The bundled addition task ("Q: 17+25=" → " 42"), embedded so the demo runs from any directory.

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args as ClapArgs;
-use rlhf_data::{load_dataset, Text, Tokenizer};
-use rlhf_model::{generate, CausalLm, GenRequest, Sampling};
+use rlhf_data::load_dataset;
+use rlhf_generate::Generator;
+use rlhf_model::{GenRequest, Sampling};
 use serde_json::{json, Value};
 
 #[derive(ClapArgs)]
@@ -39,63 +39,6 @@ pub struct Args {
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-}
-
-/// A loaded model and its tokenizer, with prompt encoding as training sees it.
-pub struct Generator {
-    pub model: CausalLm,
-    pub tokenizer: Tokenizer,
-}
-
-impl Generator {
-    pub fn load(dir: &std::path::Path) -> Result<Self> {
-        let model = CausalLm::load(dir, &Device::Cpu)?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        // Otherwise a prompt token past the embedding table fails deep in the forward pass with no file named.
-        tokenizer.check_vocab(model.vocab_size(), dir.join("config.json"))?;
-        Ok(Self { model, tokenizer })
-    }
-
-    /// Plain prompts are tokenized with special tokens (as `tokenizer(prompt)`); message lists through the
-    /// chat template with the generation prompt (as `apply_chat_template(..., add_generation_prompt=True)`).
-    pub fn encode_prompt(&self, prompt: &Text) -> Result<Vec<u32>> {
-        Ok(match prompt {
-            Text::Plain(s) => self.tokenizer.encode(s, true)?,
-            Text::Messages(m) => {
-                let rendered = self.tokenizer.apply_chat_template(m, true)?;
-                self.tokenizer.encode(&rendered.text, false)?
-            }
-        })
-    }
-
-    /// Generates for `prompts` in batches; returns (completion text, output) per prompt.
-    pub fn run(
-        &self,
-        prompts: &[Vec<u32>],
-        seeds: &[u64],
-        template: &GenRequest,
-        batch_size: usize,
-    ) -> Result<Vec<(String, rlhf_model::GenOutput)>> {
-        let eos = self.model.config().eos_token_ids();
-        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
-        let mut out = Vec::with_capacity(prompts.len());
-        for (chunk, seed_chunk) in prompts.chunks(batch_size.max(1)).zip(seeds.chunks(batch_size.max(1))) {
-            let requests: Vec<GenRequest> = chunk
-                .iter()
-                .zip(seed_chunk)
-                .map(|(ids, &seed)| GenRequest {
-                    prompt_ids: ids.clone(),
-                    seed,
-                    stop_ids: eos.clone(),
-                    ..template.clone()
-                })
-                .collect();
-            for o in generate(&self.model, &requests, Some(&decode))? {
-                out.push((self.tokenizer.decode(&o.tokens, true)?, o));
-            }
-        }
-        Ok(out)
-    }
 }
 
 pub fn run(a: Args) -> Result<()> {
