@@ -3,4 +3,5 @@ pub mod demo;
 pub mod generate;
 pub mod init;
 pub mod pref;
+pub mod rl;
 pub mod sft;
