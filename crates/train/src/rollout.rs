@@ -99,7 +99,7 @@ pub fn sample(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[&PromptRow], g
                 sampling: spec.sampling.clone(),
                 seed: sample_seed(seed, step, i),
                 stop_ids: eos.clone(),
-                stop_strings: vec![],
+                ..Default::default()
             });
         }
     }
