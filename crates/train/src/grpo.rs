@@ -81,27 +81,23 @@ pub struct GrpoArgs {
     pub use_bias_correction_kl: bool,
 }
 
-fn config_err(key: &str, msg: impl Into<String>) -> TrainError {
-    TrainError::Config { file: "settings".into(), key: key.into(), msg: msg.into() }
-}
-
 impl GrpoArgs {
     pub fn validate(&self) -> Result<()> {
         if self.num_generations < 2 {
-            return Err(config_err("num_generations", format!("must be at least 2 (a group needs a baseline), got {}", self.num_generations)));
+            return Err(self.online.setting_err("num_generations", format!("must be at least 2 (a group needs a baseline), got {}", self.num_generations)));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
-            return Err(config_err("beta", "must be a finite number >= 0"));
+            return Err(self.online.setting_err("beta", "must be a finite number >= 0"));
         }
         for (k, e) in [("epsilon", Some(self.epsilon)), ("epsilon_high", self.epsilon_high)] {
             if let Some(e) = e {
                 if !(e.is_finite() && e > 0.0) {
-                    return Err(config_err(k, "must be a finite number > 0"));
+                    return Err(self.online.setting_err(k, "must be a finite number > 0"));
                 }
             }
         }
         if self.num_iterations == 0 {
-            return Err(config_err("num_iterations", "must be at least 1"));
+            return Err(self.online.setting_err("num_iterations", "must be at least 1"));
         }
         Ok(())
     }

@@ -134,13 +134,21 @@ pub struct OnlineArgs {
     pub lora: LoraArgs,
 }
 
-fn config_err(key: &str, msg: impl Into<String>) -> TrainError {
-    TrainError::Config { file: "settings".into(), key: key.into(), msg: msg.into() }
+impl OnlineArgs {
+    /// An invalid-setting error naming where settings came from (the config file, else the command line).
+    pub fn setting_err(&self, key: &str, msg: impl Into<String>) -> TrainError {
+        let file = self.config.as_ref().map_or("command line".to_string(), |p| format!("{} (or the command line)", p.display()));
+        TrainError::Config { file, key: key.into(), msg: msg.into() }
+    }
 }
 
 /// A required path setting.
 fn required<'a>(v: &'a Option<PathBuf>, key: &str) -> Result<&'a PathBuf> {
-    v.as_ref().ok_or_else(|| config_err(key, format!("required (set it in the config file or pass --{})", key.replace('_', "-"))))
+    v.as_ref().ok_or_else(|| TrainError::Config {
+        file: "settings".into(),
+        key: key.into(),
+        msg: format!("required (set it in the config file or pass --{})", key.replace('_', "-")),
+    })
 }
 
 impl OnlineArgs {
@@ -149,13 +157,13 @@ impl OnlineArgs {
         required(&self.prompts, "prompts")?;
         required(&self.output_dir, "output_dir")?;
         if self.reward.is_empty() {
-            return Err(config_err("reward", "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)"));
+            return Err(self.setting_err("reward", "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)"));
         }
         let positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(config_err(key, format!("must be a finite number > 0, got {v}")))
+                Err(self.setting_err(key, format!("must be a finite number > 0, got {v}")))
             }
         };
         positive("temperature", self.temperature)?;
@@ -163,13 +171,13 @@ impl OnlineArgs {
         positive("num_train_epochs", self.num_train_epochs)?;
         positive("reward_timeout_s", self.reward_timeout_s)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(config_err("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+            return Err(self.setting_err("top_p", format!("must be in (0, 1], got {}", self.top_p)));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(config_err("weight_decay", "must be a finite number >= 0"));
+            return Err(self.setting_err("weight_decay", "must be a finite number >= 0"));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return Err(config_err("max_grad_norm", "must be a finite number >= 0 (0 disables clipping)"));
+            return Err(self.setting_err("max_grad_norm", "must be a finite number >= 0 (0 disables clipping)"));
         }
         for (key, v) in [
             ("max_new_tokens", self.max_new_tokens),
@@ -179,14 +187,14 @@ impl OnlineArgs {
             ("logging_steps", self.logging_steps as usize),
         ] {
             if v == 0 {
-                return Err(config_err(key, "must be at least 1"));
+                return Err(self.setting_err(key, "must be at least 1"));
             }
         }
         if self.max_steps == Some(0) {
-            return Err(config_err("max_steps", "must be at least 1 (or leave it unset for num_train_epochs)"));
+            return Err(self.setting_err("max_steps", "must be at least 1 (or leave it unset for num_train_epochs)"));
         }
         if let Some(l) = self.lora.apply(None) {
-            crate::lora::check(&l).map_err(|(k, m)| config_err(&format!("lora_{k}"), m))?;
+            crate::lora::check(&l).map_err(|(k, m)| self.setting_err(&format!("lora_{k}"), m))?;
         }
         Ok(())
     }
@@ -413,11 +421,11 @@ fn check_output_dir(args: &OnlineArgs, out: &Path) -> Result<()> {
         _ => false,
     };
     if same(model, out) {
-        return Err(config_err("output_dir", format!("{} is the model directory: training would overwrite the base model; choose another output_dir", out.display())));
+        return Err(args.setting_err("output_dir", format!("{} is the model directory: training would overwrite the base model; choose another output_dir", out.display())));
     }
     let busy = fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
     if busy && !args.resume && !args.overwrite_output_dir {
-        return Err(config_err(
+        return Err(args.setting_err(
             "output_dir",
             format!("{} already holds files of another run: pass --resume to continue it, --overwrite-output-dir to replace it, or choose another directory", out.display()),
         ));
@@ -500,7 +508,7 @@ pub fn run<A: Algorithm>(
     let positions = policy.model.config().max_position_embeddings();
     let longest = prompts.iter().chain(&eval_prompts).map(|p| p.ids.len()).max().unwrap_or(0);
     if longest + args.max_new_tokens > positions {
-        return Err(config_err(
+        return Err(args.setting_err(
             "max_new_tokens",
             format!(
                 "the longest prompt ({longest} tokens) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({positions}): lower max_new_tokens or shorten the prompts",

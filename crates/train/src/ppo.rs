@@ -69,37 +69,33 @@ pub struct PpoArgs {
     pub whiten_rewards: bool,
 }
 
-fn config_err(key: &str, msg: impl Into<String>) -> TrainError {
-    TrainError::Config { file: "settings".into(), key: key.into(), msg: msg.into() }
-}
-
 impl PpoArgs {
     pub fn validate(&self) -> Result<()> {
         for (k, v) in [("num_ppo_epochs", self.num_ppo_epochs), ("num_mini_batches", self.num_mini_batches)] {
             if v == 0 {
-                return Err(config_err(k, "must be at least 1"));
+                return Err(self.online.setting_err(k, "must be at least 1"));
             }
         }
         if self.num_mini_batches > self.online.prompts_per_step {
-            return Err(config_err("num_mini_batches", format!("{} mini-batches of {} rollouts", self.num_mini_batches, self.online.prompts_per_step)));
+            return Err(self.online.setting_err("num_mini_batches", format!("{} mini-batches of {} rollouts", self.num_mini_batches, self.online.prompts_per_step)));
         }
         for (k, v) in [("kl_coef", self.kl_coef), ("vf_coef", self.vf_coef)] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(config_err(k, "must be a finite number >= 0"));
+                return Err(self.online.setting_err(k, "must be a finite number >= 0"));
             }
         }
         for (k, v) in [("cliprange", self.cliprange), ("cliprange_value", self.cliprange_value), ("kl_horizon", self.kl_horizon)] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(config_err(k, "must be a finite number > 0"));
+                return Err(self.online.setting_err(k, "must be a finite number > 0"));
             }
         }
         for (k, v) in [("gamma", self.gamma), ("lam", self.lam)] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(config_err(k, "must be in [0, 1]"));
+                return Err(self.online.setting_err(k, "must be in [0, 1]"));
             }
         }
         if self.target_kl.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-            return Err(config_err("target_kl", "must be a finite number > 0"));
+            return Err(self.online.setting_err("target_kl", "must be a finite number > 0"));
         }
         Ok(())
     }

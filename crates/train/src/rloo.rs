@@ -54,10 +54,6 @@ pub struct RlooArgs {
     pub num_iterations: usize,
 }
 
-fn config_err(key: &str, msg: impl Into<String>) -> TrainError {
-    TrainError::Config { file: "settings".into(), key: key.into(), msg: msg.into() }
-}
-
 /// RLOO's KL-shaped sequence reward: `R_i − β·Σ_t (log π_old − log π_ref)`.
 pub fn kl_shaped_rewards(rewards: &[f32], old: &[f32], reference: &[f32], offsets: &[usize], beta: f64) -> (Vec<f32>, Vec<f32>) {
     let kl: Vec<f32> = offsets.windows(2).map(|w| (w[0]..w[1]).map(|t| old[t] - reference[t]).sum()).collect();
@@ -72,16 +68,16 @@ pub struct Rloo {
 impl Rloo {
     pub fn new(args: RlooArgs) -> Result<Self> {
         if args.num_generations < 2 {
-            return Err(config_err("num_generations", format!("must be at least 2 (the leave-one-out baseline needs another sample), got {}", args.num_generations)));
+            return Err(args.online.setting_err("num_generations", format!("must be at least 2 (the leave-one-out baseline needs another sample), got {}", args.num_generations)));
         }
         if !(args.beta.is_finite() && args.beta >= 0.0) {
-            return Err(config_err("beta", "must be a finite number >= 0"));
+            return Err(args.online.setting_err("beta", "must be a finite number >= 0"));
         }
         if !(args.epsilon.is_finite() && args.epsilon > 0.0) || args.epsilon_high.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
-            return Err(config_err("epsilon", "clip ranges must be finite numbers > 0"));
+            return Err(args.online.setting_err("epsilon", "clip ranges must be finite numbers > 0"));
         }
         if args.num_iterations == 0 {
-            return Err(config_err("num_iterations", "must be at least 1"));
+            return Err(args.online.setting_err("num_iterations", "must be at least 1"));
         }
         Ok(Self { args })
     }
