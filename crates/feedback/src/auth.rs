@@ -3,6 +3,10 @@
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
 use crate::error::{invalid, Error, Result};
 
 pub const MIN_PASSWORD_LEN: usize = 8;
@@ -30,19 +34,51 @@ pub fn verify_password(p: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(p.as_bytes(), &h).is_ok())
 }
 
-/// A real hash of a random password, computed once.
-pub fn dummy_hash() -> &'static str {
+/// A real hash of a random password, computed once (on a hashing thread).
+fn dummy_hash() -> &'static str {
     static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     H.get_or_init(|| hash_password(&crate::store::random_token()).unwrap_or_default())
 }
 
-/// Runs the (deliberately slow) hash off the async worker threads.
-pub async fn hash_password_async(p: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::Other(e.into()))?
+/// Runs the deliberately slow and memory-hungry argon2 hashes (19 MiB each) with bounded
+/// concurrency: at most `workers` at once, at most `queue` more waiting; anyone past that
+/// is told to come back later (HTTP 429) instead of getting a thread and 19 MiB. Without
+/// the bound a login flood grows the process by 19 MiB per concurrent request, and the
+/// allocator keeps that memory after the flood.
+pub struct HashPool {
+    admitted: Arc<Semaphore>,
+    running: Arc<Semaphore>,
 }
 
-pub async fn verify_password_async(p: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || verify_password(&p, &hash)).await.unwrap_or(false)
+impl HashPool {
+    pub fn new(workers: usize, queue: usize) -> HashPool {
+        let workers = workers.max(1);
+        HashPool { admitted: Arc::new(Semaphore::new(workers + queue)), running: Arc::new(Semaphore::new(workers)) }
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let _slot = self.admitted.clone().try_acquire_owned().map_err(|_| Error::TooMany {
+            msg: "The server is busy checking passwords; try again in a few seconds.".into(),
+            retry_after_s: 2,
+        })?;
+        let _run = self.running.clone().acquire_owned().await.map_err(|e| Error::Other(e.into()))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| Error::Other(e.into()))
+    }
+
+    /// Checks a password; `hash: None` (unknown user) still costs one real verification
+    /// so timing does not reveal which usernames exist.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool> {
+        self.run(move || {
+            let ok = verify_password(&password, hash.as_deref().unwrap_or_else(|| dummy_hash()));
+            ok && hash.is_some()
+        })
+        .await
+    }
+
+    pub async fn hash(&self, password: String) -> Result<String> {
+        check_password_rules(&password)?;
+        self.run(move || hash_password(&password)).await?
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +93,30 @@ mod tests {
         assert!(!verify_password("wrong horse", &h));
         assert!(!verify_password("x", "not a hash"));
         assert!(hash_password("short").is_err());
+    }
+
+    #[tokio::test]
+    async fn pool_refuses_past_its_queue() {
+        let pool = Arc::new(HashPool::new(1, 1));
+        let h = hash_password("correct horse").unwrap();
+        // Three at once: one runs, one waits, the third is refused with 429.
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, h) = (pool.clone(), h.clone());
+                tokio::spawn(async move { pool.verify("correct horse".into(), Some(h)).await })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut busy = 0;
+        for c in calls {
+            match c.await.unwrap() {
+                Ok(true) => ok += 1,
+                Err(Error::TooMany { .. }) => busy += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((ok, busy), (2, 1));
+        // Unknown user: false, after a real verification.
+        assert!(!pool.verify("correct horse".into(), None).await.unwrap());
     }
 }
