@@ -116,6 +116,11 @@ async fn annotator(load: Load, user: String, submissions: usize) {
             retry().await;
             continue;
         };
+        // Many log-ins at once fill the password-hash queue: 429, come back shortly.
+        if r.status() == 429 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         assert_eq!(r.status(), 303, "login {user}");
         break cookie(&r, "rlhf_session").unwrap();
     };

@@ -58,7 +58,7 @@ impl Default for Config {
             secure_cookies: false,
             public_url: "http://127.0.0.1:8080".into(),
             hash_workers: 2,
-            hash_queue: 16,
+            hash_queue: 32,
             account_throttle: Policy::ACCOUNT,
             address_throttle: Policy::ADDRESS,
             max_upload_bytes: 64 * 1024 * 1024,
