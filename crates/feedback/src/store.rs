@@ -971,32 +971,26 @@ async fn insert_assignment(
     now: i64,
     lease_ms: i64,
 ) -> Result<Assignment> {
-    let seen = sqlx::query("SELECT shown_order FROM assignments WHERE item_id = $1 AND user_id = $2 ORDER BY id DESC LIMIT 1")
-        .bind(item.id)
-        .bind(user_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let order: Vec<usize> = match seen {
-        Some(r) => serde_json::from_str(&r.try_get::<String, _>(0)?)?,
-        None => {
-            let mut order: Vec<usize> = (0..item.responses.len()).collect();
-            if randomise && rand::thread_rng().gen_bool(0.5) {
-                order.reverse();
-            }
-            order
-        }
-    };
-    let id: i64 = sqlx::query(
-        "INSERT INTO assignments (item_id, user_id, shown_order, served_at, lease_until) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    let mut fresh: Vec<usize> = (0..item.responses.len()).collect();
+    if randomise && rand::thread_rng().gen_bool(0.5) {
+        fresh.reverse();
+    }
+    // One statement (it runs under the per-project lock): the order this annotator saw
+    // last time, else the fresh one.
+    let r = sqlx::query(
+        "INSERT INTO assignments (item_id, user_id, shown_order, served_at, lease_until) VALUES ($1, $2, \
+         COALESCE((SELECT p.shown_order FROM assignments p WHERE p.item_id = $1 AND p.user_id = $2 ORDER BY p.id DESC LIMIT 1), $3), \
+         $4, $5) RETURNING id, shown_order",
     )
     .bind(item.id)
     .bind(user_id)
-    .bind(serde_json::to_string(&order)?)
+    .bind(serde_json::to_string(&fresh)?)
     .bind(now)
     .bind(now + lease_ms)
     .fetch_one(&mut **tx)
-    .await?
-    .try_get(0)?;
+    .await?;
+    let id: i64 = r.try_get("id")?;
+    let order: Vec<usize> = serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?;
     Ok(Assignment { id, item_id: item.id, user_id, shown_order: order, served_at: now })
 }
 
