@@ -38,12 +38,20 @@ pub struct Annotator {
     pub name: String,
     /// Bradley–Terry temperature on the gold-reward scale ([-1, 1]); small = reliable.
     pub temperature: f64,
+    /// Utilities closer than this are a tie (both bad when both are negative) instead of a coin flip, as a
+    /// person marks two equally wrong answers.
+    #[serde(default = "default_tie_margin")]
+    pub tie_margin: f64,
     pub bias: Bias,
+}
+
+fn default_tie_margin() -> f64 {
+    0.05
 }
 
 impl Annotator {
     pub fn new(name: &str, temperature: f64, bias: Bias) -> Self {
-        Annotator { name: name.into(), temperature, bias }
+        Annotator { name: name.into(), temperature, tie_margin: default_tie_margin(), bias }
     }
 
     fn utility(&self, prompt: &Prompt, response: &str) -> f64 {
@@ -183,23 +191,16 @@ pub fn pairwise(panel: &Panel, pairs: &[(&Prompt, String, String)]) -> Session {
         for a in annotators {
             let ann = &panel.annotators[a];
             let shown_order = if rng.gen_bool(0.5) { vec![0, 1] } else { vec![1, 0] };
-            let preferred = if r0 == r1 {
-                None
-            } else {
-                Some(match ann.bias {
-                    Bias::Careless => rng.gen_range(0..2),
-                    Bias::PrefersFirst { rate } if rng.gen_bool(rate) => shown_order[0],
-                    _ => {
-                        let d = ann.utility(prompt, r0) - ann.utility(prompt, r1);
-                        if rng.gen_bool(sigmoid(d / ann.temperature.max(1e-6))) {
-                            0
-                        } else {
-                            1
-                        }
-                    }
-                })
+            let (u0, u1) = (ann.utility(prompt, r0), ann.utility(prompt, r1));
+            let preferred = match ann.bias {
+                _ if r0 == r1 => None,
+                Bias::Careless => Some(rng.gen_range(0..2)),
+                Bias::PrefersFirst { rate } if rng.gen_bool(rate) => Some(shown_order[0]),
+                _ if (u0 - u1).abs() < ann.tie_margin => None,
+                _ => Some(if rng.gen_bool(sigmoid((u0 - u1) / ann.temperature.max(1e-6))) { 0 } else { 1 }),
             };
             let choice = match preferred {
+                None if u0 < 0.0 && u1 < 0.0 => Choice::BothBad,
                 None => Choice::Tie,
                 Some(p) if p == shown_order[0] => Choice::A,
                 Some(_) => Choice::B,

@@ -30,6 +30,7 @@ use crate::world::{generate, Mix, Prompt};
 
 /// Optimizer budget of one training stage.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budget {
     pub steps: u64,
     pub batch_size: usize,
@@ -38,6 +39,7 @@ pub struct Budget {
 
 /// Llama shape of the sandbox models.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Shape {
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -46,6 +48,7 @@ pub struct Shape {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     pub seed: u64,
     pub mix: Mix,
@@ -83,12 +86,12 @@ impl PipelineConfig {
             pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
             demonstrations: 200,
             sft: Budget { steps: 80, batch_size: 16, learning_rate: 1e-3 },
-            preference_prompts: 300,
+            preference_prompts: 1000,
             panel: Panel::default_mix(seed),
             rm: Budget { steps: 60, batch_size: 16, learning_rate: 1e-3 },
-            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 5e-4 },
+            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
             dpo_beta: 0.1,
-            eval_prompts: 200,
+            eval_prompts: 600,
             eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
             sample_temperature: 1.0,
             max_length: 128,
@@ -104,10 +107,10 @@ impl PipelineConfig {
             pretrain: Budget { steps: 1500, batch_size: 32, learning_rate: 2e-3 },
             demonstrations: 400,
             sft: Budget { steps: 300, batch_size: 16, learning_rate: 5e-4 },
-            preference_prompts: 1000,
+            preference_prompts: 3000,
             rm: Budget { steps: 200, batch_size: 16, learning_rate: 5e-4 },
-            dpo: Budget { steps: 200, batch_size: 16, learning_rate: 2e-4 },
-            eval_prompts: 400,
+            dpo: Budget { steps: 200, batch_size: 16, learning_rate: 1e-4 },
+            eval_prompts: 1000,
             ..Self::quick(seed)
         }
     }
