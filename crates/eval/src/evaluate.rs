@@ -86,6 +86,8 @@ pub struct WinRate {
     pub versus: String,
     /// Share of prompts where `model` scores higher (ties half), over the prompts the source scores.
     pub win_rate: f64,
+    /// Share of those prompts where both score the same.
+    pub ties: f64,
     pub n: usize,
 }
 
@@ -144,6 +146,7 @@ pub fn evaluate(
                     model: a.name.clone(),
                     versus: b.name.clone(),
                     win_rate: win_rate(&xa, &xb),
+                    ties: xa.iter().zip(&xb).filter(|(x, y)| x == y).count() as f64 / xa.len().max(1) as f64,
                     n: xa.len(),
                 });
             }

@@ -34,12 +34,12 @@ const CSS: &str = "body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-se
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 h3{font-size:1.05em;margin-bottom:.3em}
 table{border-collapse:collapse;margin:.6em 0 1em;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top;white-space:nowrap}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.ci{color:#777;font-size:.9em}
 .note{background:#fffbe6;border-left:4px solid #e6b800;padding:.4em .8em;margin:.6em 0}
 .ok{background:#eef8ee;border-left:4px solid #3a3;padding:.4em .8em;margin:.6em 0}
 code,pre,td.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.88em}
-td.mono{white-space:pre-wrap;max-width:420px;word-break:break-word}nav a{margin-right:1em}svg{display:block;margin:.4em 0 1em}";
+td.mono,td.wrap{white-space:pre-wrap;max-width:420px;word-break:break-word}nav a{margin-right:1em}svg{display:block;margin:.4em 0 1em}";
 
 pub fn render(r: &Report) -> String {
     let mut h = String::new();
@@ -211,7 +211,7 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
     }
 
     if sum.models.len() > 1 {
-        let mut h = String::from("<p>Row model against column model: share of prompts where the row's completion scores higher (ties count half).</p>");
+        let mut h = String::from("<p>Row model against column model: share of prompts where the row's completion scores higher, ties counting half; in brackets the share of ties.</p>");
         for source in &sources {
             let _ = write!(h, "<h3><code>{}</code></h3><table><tr><th class=l>row vs column</th>", esc(source));
             for m in &sum.models {
@@ -226,7 +226,7 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
                         Some(w) => {
                             let shade = (w.win_rate - 0.5).clamp(-0.5, 0.5);
                             let bg = if shade >= 0.0 { format!("rgba(89,161,79,{:.2})", shade * 1.2) } else { format!("rgba(225,87,89,{:.2})", -shade * 1.2) };
-                            let _ = write!(h, "<td style='background:{bg}'>{:.0} %</td>", 100.0 * w.win_rate);
+                            let _ = write!(h, "<td style='background:{bg}'>{:.0} % <span class=ci>(ties {:.0} %)</span></td>", 100.0 * w.win_rate, 100.0 * w.ties);
                         }
                         None => h.push_str("<td>–</td>"),
                     }
@@ -267,22 +267,23 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
     h.push_str(&line_chart("entropy against length", "mean length (tokens)", "token entropy (nats)", &ent, true));
     out.push(Section { id: "diversity".into(), heading: "KL, length and diversity".into(), html: h });
 
-    let mut h = String::new();
+    let first = sources.first().map_or("reward".into(), |s| s.clone());
+    let mut h = format!("<p>The first prompts of the evaluation, each model's sampled completion and its <code>{}</code> reward.</p><table><tr><th class=l>prompt</th>", esc(&first));
     for m in &sum.models {
-        let _ = write!(h, "<h3>{}</h3><table><tr><th class=l>prompt</th><th class=l>completion</th>", esc(&m.name));
-        for s in &sources {
-            let _ = write!(h, "<th>{}</th>", esc(s));
+        let _ = write!(h, "<th class=l>{}</th>", esc(&m.name));
+    }
+    h.push_str("</tr>");
+    let shown = sum.models.iter().map(|m| m.examples.len()).min().unwrap_or(0);
+    for i in 0..shown {
+        let _ = write!(h, "<tr><td class='l mono'>{}</td>", esc(&sum.models[0].examples[i].prompt));
+        for m in &sum.models {
+            let e = &m.examples[i];
+            let r = e.rewards.first().copied().flatten().map_or("–".into(), |v| format!("{v:.2}"));
+            let _ = write!(h, "<td class='l mono'>{}<br><span class=ci>{r}</span></td>", esc(&e.completion));
         }
         h.push_str("</tr>");
-        for e in &m.examples {
-            let _ = write!(h, "<tr><td class='l mono'>{}</td><td class='l mono'>{}</td>", esc(&e.prompt), esc(&e.completion));
-            for r in &e.rewards {
-                let _ = write!(h, "<td>{}</td>", r.map_or("–".into(), |v| format!("{v:.2}")));
-            }
-            h.push_str("</tr>");
-        }
-        h.push_str("</table>");
     }
+    h.push_str("</table>");
     out.push(Section { id: "examples".into(), heading: "Examples".into(), html: h });
     out
 }

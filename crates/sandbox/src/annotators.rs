@@ -33,6 +33,18 @@ pub enum Bias {
     Careless,
 }
 
+impl Bias {
+    /// Plain words for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Bias::None => "none".into(),
+            Bias::PrefersLonger { weight } => format!("prefers longer answers (+{weight} per 40 characters)"),
+            Bias::PrefersFirst { rate } => format!("picks the left side {:.0} % of the time", 100.0 * rate),
+            Bias::Careless => "careless: random and fast".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Annotator {
     pub name: String,

@@ -72,6 +72,8 @@ pub struct PipelineConfig {
     /// Sampling temperature of the SFT samples shown to annotators.
     pub sample_temperature: f32,
     pub max_length: usize,
+    /// Held-out prompts whose SFT sample pairs measure the reward model's agreement with gold.
+    pub rm_gold_pairs: usize,
 }
 
 impl PipelineConfig {
@@ -95,6 +97,7 @@ impl PipelineConfig {
             eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
             sample_temperature: 1.0,
             max_length: 128,
+            rm_gold_pairs: 300,
         }
     }
 
@@ -281,7 +284,9 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg);
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
-    let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval});
+    let gold_acc = rm_gold_agreement(&rm_dir, &sft, &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)], cfg, &data)?;
+    let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
+        "gold_agreement": gold_acc});
     lap("rm", &mut t);
 
     let mut stages = vec![base_info, sft_info, rm_info];
@@ -321,7 +326,7 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     eval.reference = Some("sft".into());
     lap("eval", &mut t);
 
-    let findings = findings(&eval, &flags);
+    let findings = findings(&eval, &flags, &stages[2]);
     let summary = RunSummary { config: cfg.clone(), stages, preference_pairs: prefs.len(), annotators: flags, agreement, eval, findings };
     write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&out.join("report.html"), render_report(&summary, &curves, out).as_bytes())?;
@@ -419,8 +424,37 @@ fn sample_pairs<'a>(model: &Path, prompts: &'a [Prompt], cfg: &PipelineConfig) -
     Ok(prompts.iter().zip(a).zip(b).map(|((p, (x, _)), (y, _))| (p, x, y)).collect())
 }
 
+/// Share of held-out SFT sample pairs (gold rewards differing) that the reward model orders as gold does.
+fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineConfig, data: &Path) -> Result<Value> {
+    let pairs = sample_pairs(sft, prompts, cfg)?;
+    let rows: Vec<Value> = pairs.iter().flat_map(|(p, a, b)| [json!({"prompt": p.text, "completion": a}), json!({"prompt": p.text, "completion": b})]).collect();
+    let (input, output) = (data.join("rm_gold_pairs.jsonl"), data.join("rm_gold_scores.jsonl"));
+    write_rows(&input, &rows)?;
+    let args = rlhf_train::rm::RmScoreArgs {
+        models: vec![rm.into()],
+        input,
+        output: output.clone(),
+        batch_size: cfg.eval.batch_size,
+        max_length: cfg.max_length,
+        chat_template: None,
+    };
+    rlhf_train::rm::run_rm_score(&args)?;
+    let text = std::fs::read_to_string(&output).with_context(|| format!("{}: cannot read", output.display()))?;
+    let scores: Vec<f64> = text.lines().map(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["reward"].as_f64())).collect::<Option<_>>()
+        .with_context(|| format!("{}: a row without a reward", output.display()))?;
+    let (mut agree, mut n) = (0usize, 0usize);
+    for ((p, a, b), s) in pairs.iter().zip(scores.chunks(2)) {
+        let (ga, gb) = (crate::gold::gold_reward(&p.gold, a), crate::gold::gold_reward(&p.gold, b));
+        if ga != gb {
+            n += 1;
+            agree += usize::from((s[0] > s[1]) == (ga > gb));
+        }
+    }
+    Ok(json!({"pairs": n, "accuracy": if n > 0 { agree as f64 / n as f64 } else { f64::NAN }}))
+}
+
 /// Statements computed from the run; expected effects that did not appear are said so.
-fn findings(eval: &Summary, flags: &[FlagCheck]) -> Vec<String> {
+fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
     let mut f = Vec::new();
     let gold = |name: &str| eval.model(name).and_then(|m| m.reward("gold")).map(|r| r.reward);
     let cmp = |a: &str, b: &str| -> Option<String> {
@@ -449,12 +483,20 @@ fn findings(eval: &Summary, flags: &[FlagCheck]) -> Vec<String> {
             ));
         }
     }
+    if let Some(g) = rm.get("gold_agreement") {
+        f.push(format!(
+            "the reward model orders {:.0} % of {} held-out SFT sample pairs as gold does (50 % = chance); on the annotators' own held-out pairs its accuracy is {}",
+            100.0 * g["accuracy"].as_f64().unwrap_or(f64::NAN),
+            g["pairs"],
+            rm["eval"]["accuracy"].as_f64().map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
+        ));
+    }
     let biased: Vec<&FlagCheck> = flags.iter().filter(|c| c.bias != crate::annotators::Bias::None).collect();
     let caught = biased.iter().filter(|c| !c.flags.is_empty()).count();
     let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
     f.push(format!("the feedback app's flags caught {caught} of {} biased annotators, with {false_alarms} false alarm(s) on unbiased ones", biased.len()));
     for c in biased.iter().filter(|c| c.flags.is_empty()) {
-        f.push(format!("NOT caught: {} ({:?}); its agreement with gold was {}", c.annotator, c.bias, c.gold_agreement.map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))));
+        f.push(format!("NOT caught: {} ({}); its agreement with gold was {}", c.annotator, c.bias.describe(), c.gold_agreement.map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))));
     }
     f
 }
@@ -489,7 +531,7 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
 
     let mut h = String::from("<p>Pairwise labels are Bradley–Terry choices on the gold reward at each annotator's temperature, plus the annotator's bias. The flags are the feedback app's own (position bias, speed, accuracy on quality-control items).</p><table><tr><th class=l>annotator</th><th class=l>bias (truth)</th><th>labels</th><th>agreement with gold</th><th class=l>app's flags</th><th class=l>verdict</th></tr>");
     for a in &s.annotators {
-        let bias = serde_json::to_string(&a.bias).unwrap_or_default();
+        let bias = a.bias.describe();
         let verdict = match (a.bias == crate::annotators::Bias::None, a.flags.is_empty()) {
             (true, true) => "correctly not flagged",
             (true, false) => "false alarm",
@@ -498,7 +540,7 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
         };
         let _ = write!(
             h,
-            "<tr><td class=l>{}</td><td class='l mono'>{}</td><td>{}</td><td>{}</td><td class=l>{}</td><td class=l>{verdict}</td></tr>",
+            "<tr><td class=l>{}</td><td class='l wrap'>{}</td><td>{}</td><td>{}</td><td class='l wrap'>{}</td><td class=l>{verdict}</td></tr>",
             esc(&a.annotator),
             esc(&bias),
             a.labels,
@@ -518,9 +560,12 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     h.push_str(&report::line_chart("training loss", "step", "loss", &series, false));
     let base_curve = metric_points(&out.join("base").join("metrics.jsonl"), "loss");
     h.push_str(&report::line_chart("pretraining loss (base)", "step", "loss", &[("base".into(), base_curve)], false));
-    let mut t = String::from("<table><tr><th class=l>stage</th><th class=l>result</th></tr>");
+    let mut t = String::from("<table><tr><th class=l>stage</th><th class=l>what it did</th></tr>");
     for st in &s.stages {
-        let _ = write!(t, "<tr><td class=l>{}</td><td class='l mono'>{}</td></tr>", esc(st["name"].as_str().unwrap_or("?")), esc(&st.to_string()));
+        let mut facts = Vec::new();
+        flatten("", st, &mut facts);
+        let facts: Vec<String> = facts.into_iter().filter(|(k, _)| k != "name").map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = write!(t, "<tr><td class=l>{}</td><td class='l wrap'>{}</td></tr>", esc(st["name"].as_str().unwrap_or("?")), esc(&facts.join(" · ")));
     }
     t.push_str("</table>");
     h.push_str(&t);
@@ -529,6 +574,21 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     let gold_table = s.eval.models.iter().map(|m| format!("{} {}", esc(&m.name), m.reward("gold").map(|r| fmt_est(&r.reward)).unwrap_or_default())).collect::<Vec<_>>().join(" · ");
     let intro = format!("{intro}<p class=ok>Gold reward (mean [95 % CI]): {gold_table}</p>");
     report::render(&Report { title: "rlhf sandbox report".into(), intro, sections })
+}
+
+/// `key/sub: value` pairs of a JSON object, numbers to 4 significant digits.
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}/{k}") };
+                flatten(&key, x, out);
+            }
+        }
+        Value::Number(n) if n.is_f64() => out.push((prefix.into(), format!("{:.4}", n.as_f64().unwrap_or(f64::NAN)))),
+        Value::String(s) => out.push((prefix.into(), s.clone())),
+        other => out.push((prefix.into(), other.to_string())),
+    }
 }
 
 fn fmt_opt(v: &Value) -> String {
