@@ -137,6 +137,21 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     }
     assert!(html.matches("<svg").count() >= 5);
     assert!(t.join("run/timings.json").is_file());
+    // What the trainers read holds no gold: only the feedback app's export columns and public prompt columns.
+    let keys = |file: &str| -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(t.join("run/data").join(file)).unwrap();
+        text.lines().flat_map(|l| serde_json::from_str::<serde_json::Map<String, Value>>(l).unwrap().keys().cloned().collect::<Vec<_>>()).collect()
+    };
+    let export = ["prompt", "project", "item_id", "external_id", "annotator_ids", "label_ids", "gold"];
+    let allowed = |extra: &[&str], file: &str| {
+        let k = keys(file);
+        assert!(k.iter().all(|k| export.contains(&k.as_str()) || extra.contains(&k.as_str())), "{file}: {k:?}");
+    };
+    allowed(&["chosen", "rejected", "margin", "votes"], "preferences.jsonl");
+    allowed(&["chosen", "rejected", "margin", "votes"], "rm_train.jsonl");
+    allowed(&["completion"], "demonstrations.jsonl");
+    allowed(&["id", "answer"], "train_prompts.jsonl");
+    assert_eq!(keys("corpus.jsonl").into_iter().collect::<Vec<_>>(), ["text"]);
 
     let stderr = String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
     assert!(stderr.contains("reusing the base model"), "{stderr}");

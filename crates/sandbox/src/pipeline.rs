@@ -18,6 +18,7 @@ use rlhf_eval::{evaluate, EvalConfig, ExactMatch, ModelSpec, RewardSource, Summa
 use rlhf_feedback::export::Format;
 use rlhf_generate::Generator;
 use rlhf_model::{CausalLm, GenRequest, ModelConfig, Sampling};
+use rlhf_train::pref_loss::LossType;
 use rlhf_train::rm::{run_rm, PrefConfig};
 use rlhf_train::schedule::ScheduleKind;
 use rlhf_train::{run_sft, SftConfig};
@@ -67,6 +68,8 @@ pub struct PipelineConfig {
     pub rm: Budget,
     pub dpo: Budget,
     pub dpo_beta: f64,
+    /// Loss of the DPO stage (`sigmoid` = DPO, `ipo`, `robust`, `hinge`, …).
+    pub dpo_loss: LossType,
     pub eval_prompts: usize,
     pub eval: EvalConfig,
     /// Sampling temperature of the SFT samples shown to annotators.
@@ -93,6 +96,7 @@ impl PipelineConfig {
             rm: Budget { steps: 60, batch_size: 16, learning_rate: 1e-3 },
             dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
             dpo_beta: 0.1,
+            dpo_loss: LossType::Sigmoid,
             eval_prompts: 600,
             eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
             sample_temperature: 1.0,
@@ -154,6 +158,7 @@ pub trait PolicyStage {
 pub struct DpoStage {
     pub budget: Budget,
     pub beta: f64,
+    pub loss: LossType,
 }
 
 impl PolicyStage for DpoStage {
@@ -164,18 +169,20 @@ impl PolicyStage for DpoStage {
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome> {
         let mut c = pref_config(ctx.sft_model, ctx.preferences, &ctx.out, &self.budget, ctx.config);
         c.dpo.params.beta = self.beta;
+        c.dpo.loss_type = self.loss;
         let s = rlhf_train::dpo::run_dpo(&c)?;
         Ok(StageOutcome {
             model_dir: ctx.out.clone(),
             metrics_file: Some(s.metrics_file.clone()),
-            info: json!({"steps": s.steps, "final_loss": s.final_loss, "final_metrics": s.final_metrics, "beta": self.beta}),
+            info: json!({"steps": s.steps, "final_loss": s.final_loss, "final_metrics": s.final_metrics, "beta": self.beta,
+                "loss": self.loss.name()}),
         })
     }
 }
 
 /// The policy stages `rlhf sandbox` runs after the reward model, in order. New trainers are added here.
 pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> {
-    vec![Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta })]
+    vec![Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta, loss: cfg.dpo_loss })]
 }
 
 fn pref_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> PrefConfig {
