@@ -59,8 +59,25 @@ fn eval_two_models_with_gold_and_exact_rewards() {
     let stdout = ok(
         t,
         &[
-            "eval", "--model", &format!("orig={l}"), "--model", "twin", "--prompts", "prompts.jsonl", "--reward", "gold",
-            "--reward", "exact:answer", "--reference", l, "--max-new-tokens", "6", "--out", "s.json", "--report", "r.html",
+            "eval",
+            "--model",
+            &format!("orig={l}"),
+            "--model",
+            "twin",
+            "--prompts",
+            "prompts.jsonl",
+            "--reward",
+            "gold",
+            "--reward",
+            "exact:answer",
+            "--reference",
+            l,
+            "--max-new-tokens",
+            "6",
+            "--out",
+            "s.json",
+            "--report",
+            "r.html",
         ],
     );
     assert!(stdout.contains("reward gold on 12 prompts"), "{stdout}");
@@ -79,7 +96,11 @@ fn eval_two_models_with_gold_and_exact_rewards() {
     let gold = &models[0]["rewards"][0];
     assert_eq!(gold["source"], "gold");
     assert_eq!(gold["reward"]["n"], 12);
-    let (lo, mean, hi) = (gold["reward"]["ci_low"].as_f64().unwrap(), gold["reward"]["mean"].as_f64().unwrap(), gold["reward"]["ci_high"].as_f64().unwrap());
+    let (lo, mean, hi) = (
+        gold["reward"]["ci_low"].as_f64().unwrap(),
+        gold["reward"]["mean"].as_f64().unwrap(),
+        gold["reward"]["ci_high"].as_f64().unwrap(),
+    );
     assert!(lo <= mean && mean <= hi && (-1.0..=1.0).contains(&mean));
     // exact:answer scores only the rows that have an answer.
     let numeric = world.iter().filter(|p| p.gold.answer.is_some()).count();
@@ -100,11 +121,23 @@ fn eval_failures_name_the_problem() {
     let l = root().join("fixtures/models/llama");
     let l = l.to_str().unwrap();
     std::fs::write(t.join("p.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n{\"prompt\": 3}\n").unwrap();
-    fails(t, &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer"], &["p.jsonl:2", "\"prompt\" must be a string"]);
+    fails(
+        t,
+        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer"],
+        &["p.jsonl:2", "\"prompt\" must be a string"],
+    );
     std::fs::write(t.join("p.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n").unwrap();
-    fails(t, &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "gold"], &["p.gold.jsonl", "cannot read the gold file"]);
+    fails(
+        t,
+        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "gold"],
+        &["p.gold.jsonl", "cannot read the gold file"],
+    );
     fails(t, &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "bleu"], &["unknown reward source \"bleu\""]);
-    fails(t, &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer", "--max-new-tokens", "2"], &["exact:answer applies to none of the 1 prompts"]);
+    fails(
+        t,
+        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer", "--max-new-tokens", "2"],
+        &["exact:answer applies to none of the 1 prompts"],
+    );
     fails(t, &["eval", "--model", "nope", "--prompts", "p.jsonl", "--reward", "exact:id"], &["nope"]);
     assert!(!t.join("eval_summary.json").exists(), "nothing written on failure");
 }
@@ -126,7 +159,8 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     };
     let (base, sft) = (gold("base"), gold("sft"));
     assert!(sft.0 > base.2, "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}");
-    let names: Vec<&str> = s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["base", "sft", "dpo"]);
     assert!(s["preference_pairs"].as_u64().unwrap() > 100);
     let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
@@ -140,7 +174,11 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     // What the trainers read holds no gold: only the feedback app's export columns and public prompt columns.
     let keys = |file: &str| -> std::collections::BTreeSet<String> {
         let text = std::fs::read_to_string(t.join("run/data").join(file)).unwrap();
-        text.lines().flat_map(|l| serde_json::from_str::<serde_json::Map<String, Value>>(l).unwrap().keys().cloned().collect::<Vec<_>>()).collect()
+        text.lines()
+            .flat_map(|l| {
+                serde_json::from_str::<serde_json::Map<String, Value>>(l).unwrap().keys().cloned().collect::<Vec<_>>()
+            })
+            .collect()
     };
     let export = ["prompt", "project", "item_id", "external_id", "annotator_ids", "label_ids", "gold"];
     let allowed = |extra: &[&str], file: &str| {
@@ -153,7 +191,8 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     allowed(&["id", "answer"], "train_prompts.jsonl");
     assert_eq!(keys("corpus.jsonl").into_iter().collect::<Vec<_>>(), ["text"]);
 
-    let stderr = String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
+    let stderr =
+        String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
     assert!(stderr.contains("reusing the base model"), "{stderr}");
     assert_eq!(std::fs::read(t.join("run/summary.json")).unwrap(), first, "same seed, different summary");
 }

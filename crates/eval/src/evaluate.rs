@@ -169,7 +169,8 @@ fn evaluate_one(
     cfg: &EvalConfig,
 ) -> Result<ModelSummary> {
     let g = Generator::load(&spec.dir).with_context(|| format!("model {}", spec.dir.display()))?;
-    let prompts: Vec<Vec<u32>> = rows.iter().map(|r| g.encode_prompt(&Text::Plain(prompt_text(r).into()))).collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> =
+        rows.iter().map(|r| g.encode_prompt(&Text::Plain(prompt_text(r).into()))).collect::<Result<_>>()?;
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {} encodes to no tokens (empty prompt and no BOS token)", i + 1);
     }
@@ -183,7 +184,11 @@ fn evaluate_one(
         );
         for (row, ids) in rows.iter().zip(&prompts) {
             if r.encode_prompt(&Text::Plain(prompt_text(row).into()))? != *ids {
-                bail!("reference tokenizer encodes {:?} differently from {}'s: KL needs the same tokenizer", prompt_text(row), spec.dir.display());
+                bail!(
+                    "reference tokenizer encodes {:?} differently from {}'s: KL needs the same tokenizer",
+                    prompt_text(row),
+                    spec.dir.display()
+                );
             }
         }
     }
@@ -195,7 +200,8 @@ fn evaluate_one(
 
     let mut per_prompt = Vec::with_capacity(rows.len());
     let mut indicators: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); rewards.len()];
-    let (mut kls, mut entropies, mut len_tok, mut len_chr): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
+    let (mut kls, mut entropies, mut len_tok, mut len_chr): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) =
+        Default::default();
     let mut completions = Vec::with_capacity(rows.len());
     for (i, ((row, ids), (text, o))) in rows.iter().zip(&prompts).zip(&outputs).enumerate() {
         let mut rs = Vec::with_capacity(rewards.len());
@@ -273,7 +279,14 @@ fn score_tokens(model: &CausalLm, prompt: &[u32], completion: &[u32]) -> Result<
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
         let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
         logp.push(row[tok as usize] as f64 - lse);
-        entropy.push(-row.iter().map(|&x| { let lp = x as f64 - lse; lp.exp() * lp }).sum::<f64>());
+        entropy.push(
+            -row.iter()
+                .map(|&x| {
+                    let lp = x as f64 - lse;
+                    lp.exp() * lp
+                })
+                .sum::<f64>(),
+        );
     }
     Ok((logp, entropy))
 }

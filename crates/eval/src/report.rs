@@ -43,7 +43,11 @@ td.mono,td.wrap{white-space:pre-wrap;max-width:420px;word-break:break-word}nav a
 
 pub fn render(r: &Report) -> String {
     let mut h = String::new();
-    let _ = write!(h, "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{}</title><style>{CSS}</style></head><body>", esc(&r.title));
+    let _ = write!(
+        h,
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{}</title><style>{CSS}</style></head><body>",
+        esc(&r.title)
+    );
     let _ = write!(h, "<h1>{}</h1>{}<nav>", esc(&r.title), r.intro);
     for s in &r.sections {
         let _ = write!(h, "<a href=\"#{}\">{}</a>", s.id, esc(&s.heading));
@@ -72,7 +76,11 @@ fn tick_label(v: f64) -> String {
     // Ticks are multiples of a round step: two decimals suffice; "-0" from rounding reads as 0.
     let s = format!("{v:.2}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s == "-0" { "0".into() } else { s.to_string() }
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
 }
 
 /// A horizontal grid line at height `y` from `x0` to `x1`, labelled left of `x0`.
@@ -94,35 +102,87 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[(String, Estimate)]) -> Str
     let (y0, y1) = (t[0], *t.last().expect("ticks"));
     let ph = h - top - bottom;
     let y = |v: f64| top + ph * (1.0 - (v - y0) / (y1 - y0));
-    let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' aria-label='{}'>", esc(title));
-    let _ = write!(s, "<text x='{}' y='18' font-size='14' text-anchor='middle' font-weight='bold'>{}</text>", w / 2.0, esc(title));
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' aria-label='{}'>",
+        esc(title)
+    );
+    let _ = write!(
+        s,
+        "<text x='{}' y='18' font-size='14' text-anchor='middle' font-weight='bold'>{}</text>",
+        w / 2.0,
+        esc(title)
+    );
     for v in &t {
         grid_line(&mut s, left, w - 10.0, y(*v), &tick_label(*v));
     }
-    let _ = write!(s, "<line x1='{left}' x2='{}' y1='{1:.1}' y2='{1:.1}' stroke='#888'/>", w - 10.0, y(0.0f64.clamp(y0, y1)));
-    let _ = write!(s, "<text transform='translate(14,{}) rotate(-90)' font-size='12' text-anchor='middle'>{}</text>", top + ph / 2.0, esc(y_label));
+    let _ = write!(
+        s,
+        "<line x1='{left}' x2='{}' y1='{1:.1}' y2='{1:.1}' stroke='#888'/>",
+        w - 10.0,
+        y(0.0f64.clamp(y0, y1))
+    );
+    let _ = write!(
+        s,
+        "<text transform='translate(14,{}) rotate(-90)' font-size='12' text-anchor='middle'>{}</text>",
+        top + ph / 2.0,
+        esc(y_label)
+    );
     let slot = (w - left - 10.0) / bars.len().max(1) as f64;
     for (i, (label, e)) in bars.iter().enumerate() {
         let x = left + slot * i as f64 + slot * 0.2;
         let bw = slot * 0.6;
         let (ya, yb) = (y(e.mean), y(0.0f64.clamp(y0, y1)));
-        let _ = write!(s, "<rect x='{x:.1}' y='{:.1}' width='{bw:.1}' height='{:.1}' fill='{}'/>", ya.min(yb), (ya - yb).abs(), PALETTE[i % PALETTE.len()]);
+        let _ = write!(
+            s,
+            "<rect x='{x:.1}' y='{:.1}' width='{bw:.1}' height='{:.1}' fill='{}'/>",
+            ya.min(yb),
+            (ya - yb).abs(),
+            PALETTE[i % PALETTE.len()]
+        );
         let cx = x + bw / 2.0;
-        let _ = write!(s, "<line x1='{cx:.1}' x2='{cx:.1}' y1='{:.1}' y2='{:.1}' stroke='#222' stroke-width='1.5'/>", y(e.ci_low), y(e.ci_high));
+        let _ = write!(
+            s,
+            "<line x1='{cx:.1}' x2='{cx:.1}' y1='{:.1}' y2='{:.1}' stroke='#222' stroke-width='1.5'/>",
+            y(e.ci_low),
+            y(e.ci_high)
+        );
         for v in [e.ci_low, e.ci_high] {
-            let _ = write!(s, "<line x1='{:.1}' x2='{:.1}' y1='{2:.1}' y2='{2:.1}' stroke='#222' stroke-width='1.5'/>", cx - 6.0, cx + 6.0, y(v));
+            let _ = write!(
+                s,
+                "<line x1='{:.1}' x2='{:.1}' y1='{2:.1}' y2='{2:.1}' stroke='#222' stroke-width='1.5'/>",
+                cx - 6.0,
+                cx + 6.0,
+                y(v)
+            );
         }
-        let _ = write!(s, "<text x='{cx:.1}' y='{:.1}' font-size='12' text-anchor='middle'>{}</text>", h - bottom + 18.0, esc(label));
-        let _ = write!(s, "<text x='{cx:.1}' y='{:.1}' font-size='11' text-anchor='middle' fill='#444'>{:.3}</text>", h - bottom + 34.0, e.mean);
+        let _ = write!(
+            s,
+            "<text x='{cx:.1}' y='{:.1}' font-size='12' text-anchor='middle'>{}</text>",
+            h - bottom + 18.0,
+            esc(label)
+        );
+        let _ = write!(
+            s,
+            "<text x='{cx:.1}' y='{:.1}' font-size='11' text-anchor='middle' fill='#444'>{:.3}</text>",
+            h - bottom + 34.0,
+            e.mean
+        );
     }
     s.push_str("</svg>");
     s
 }
 
 /// Lines (or points when `points`), one per named series, with a legend.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], points: bool) -> String {
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    points: bool,
+) -> String {
     let (w, h, left, top, bottom, right) = (620.0, 300.0, 60.0, 30.0, 45.0, 150.0);
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+    let all: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
     if all.is_empty() {
         return format!("<p class=note>{}: no data.</p>", esc(title));
     }
@@ -133,20 +193,49 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
     let (pw, ph) = (w - left - right, h - top - bottom);
     let px = |v: f64| left + pw * (v - x0) / (x1 - x0);
     let py = |v: f64| top + ph * (1.0 - (v - y0) / (y1 - y0));
-    let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' aria-label='{}'>", esc(title));
-    let _ = write!(s, "<text x='{}' y='18' font-size='14' text-anchor='middle' font-weight='bold'>{}</text>", left + pw / 2.0, esc(title));
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' aria-label='{}'>",
+        esc(title)
+    );
+    let _ = write!(
+        s,
+        "<text x='{}' y='18' font-size='14' text-anchor='middle' font-weight='bold'>{}</text>",
+        left + pw / 2.0,
+        esc(title)
+    );
     for v in &ty {
         grid_line(&mut s, left, left + pw, py(*v), &tick_label(*v));
     }
     for v in &tx {
-        let _ = write!(s, "<text x='{:.1}' y='{:.1}' font-size='11' text-anchor='middle'>{}</text>", px(*v), top + ph + 15.0, tick_label(*v));
+        let _ = write!(
+            s,
+            "<text x='{:.1}' y='{:.1}' font-size='11' text-anchor='middle'>{}</text>",
+            px(*v),
+            top + ph + 15.0,
+            tick_label(*v)
+        );
     }
     let _ = write!(s, "<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#888'/>");
-    let _ = write!(s, "<text x='{}' y='{}' font-size='12' text-anchor='middle'>{}</text>", left + pw / 2.0, h - 8.0, esc(x_label));
-    let _ = write!(s, "<text transform='translate(14,{}) rotate(-90)' font-size='12' text-anchor='middle'>{}</text>", top + ph / 2.0, esc(y_label));
+    let _ = write!(
+        s,
+        "<text x='{}' y='{}' font-size='12' text-anchor='middle'>{}</text>",
+        left + pw / 2.0,
+        h - 8.0,
+        esc(x_label)
+    );
+    let _ = write!(
+        s,
+        "<text transform='translate(14,{}) rotate(-90)' font-size='12' text-anchor='middle'>{}</text>",
+        top + ph / 2.0,
+        esc(y_label)
+    );
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
-        let coords: Vec<String> = pts.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
+        let coords: Vec<String> = pts
+            .iter()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1)))
+            .collect();
         if points || coords.len() == 1 {
             for c2 in &coords {
                 let (cx, cy) = c2.split_once(',').expect("x,y");
@@ -157,7 +246,15 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
             let _ = write!(s, "<polyline points='{}' fill='none' stroke='{c}' stroke-width='2'/>", coords.join(" "));
         }
         let ly = top + 14.0 + 18.0 * i as f64;
-        let _ = write!(s, "<rect x='{}' y='{}' width='12' height='12' fill='{c}'/><text x='{}' y='{}' font-size='12'>{}</text>", left + pw + 10.0, ly - 10.0, left + pw + 27.0, ly, esc(name));
+        let _ = write!(
+            s,
+            "<rect x='{}' y='{}' width='12' height='12' fill='{c}'/><text x='{}' y='{}' font-size='12'>{}</text>",
+            left + pw + 10.0,
+            ly - 10.0,
+            left + pw + 27.0,
+            ly,
+            esc(name)
+        );
     }
     s.push_str("</svg>");
     s
@@ -166,13 +263,18 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
 /// The evaluation's own sections: rewards, indicators, win rates, KL/length/diversity, examples.
 pub fn eval_sections(sum: &Summary) -> Vec<Section> {
     let mut out = Vec::new();
-    let sources: Vec<String> = sum.models.first().map(|m| m.rewards.iter().map(|r| r.source.clone()).collect()).unwrap_or_default();
+    let sources: Vec<String> =
+        sum.models.first().map(|m| m.rewards.iter().map(|r| r.source.clone()).collect()).unwrap_or_default();
     let mut h = format!(
         "<p>{} held-out prompts, one completion per prompt and model (temperature {}, at most {} new tokens, seed {}); the same sampling seeds for every model. Intervals: 95 % percentile bootstrap.</p>",
         sum.prompts, sum.config.temperature, sum.config.max_new_tokens, sum.config.seed
     );
     for (s, source) in sources.iter().enumerate() {
-        let _ = write!(h, "<h3>reward <code>{}</code></h3><table><tr><th class=l>model</th><th>mean [95 % CI]</th><th>n</th></tr>", esc(source));
+        let _ = write!(
+            h,
+            "<h3>reward <code>{}</code></h3><table><tr><th class=l>model</th><th>mean [95 % CI]</th><th>n</th></tr>",
+            esc(source)
+        );
         let mut bars = Vec::new();
         for m in &sum.models {
             let e = m.rewards[s].reward;
@@ -221,12 +323,22 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
             for a in &sum.models {
                 let _ = write!(h, "<tr><td class=l>{}</td>", esc(&a.name));
                 for b in &sum.models {
-                    let w = sum.win_rates.iter().find(|w| &w.source == source && w.model == a.name && w.versus == b.name);
+                    let w =
+                        sum.win_rates.iter().find(|w| &w.source == source && w.model == a.name && w.versus == b.name);
                     match w {
                         Some(w) => {
                             let shade = (w.win_rate - 0.5).clamp(-0.5, 0.5);
-                            let bg = if shade >= 0.0 { format!("rgba(89,161,79,{:.2})", shade * 1.2) } else { format!("rgba(225,87,89,{:.2})", -shade * 1.2) };
-                            let _ = write!(h, "<td style='background:{bg}'>{:.0} % <span class=ci>(ties {:.0} %)</span></td>", 100.0 * w.win_rate, 100.0 * w.ties);
+                            let bg = if shade >= 0.0 {
+                                format!("rgba(89,161,79,{:.2})", shade * 1.2)
+                            } else {
+                                format!("rgba(225,87,89,{:.2})", -shade * 1.2)
+                            };
+                            let _ = write!(
+                                h,
+                                "<td style='background:{bg}'>{:.0} % <span class=ci>(ties {:.0} %)</span></td>",
+                                100.0 * w.win_rate,
+                                100.0 * w.ties
+                            );
                         }
                         None => h.push_str("<td>–</td>"),
                     }
@@ -263,7 +375,8 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
     if let Some(r) = &sum.reference {
         let _ = write!(h, "<p>KL: mean over prompts of Σ log p<sub>model</sub> − log p<sub>reference</sub> over the model's own sampled tokens; reference <code>{}</code>.</p>", esc(r));
     }
-    let ent: Vec<(String, Vec<(f64, f64)>)> = sum.models.iter().map(|m| (m.name.clone(), vec![(m.length_tokens.mean, m.token_entropy)])).collect();
+    let ent: Vec<(String, Vec<(f64, f64)>)> =
+        sum.models.iter().map(|m| (m.name.clone(), vec![(m.length_tokens.mean, m.token_entropy)])).collect();
     h.push_str(&line_chart("entropy against length", "mean length (tokens)", "token entropy (nats)", &ent, true));
     out.push(Section { id: "diversity".into(), heading: "KL, length and diversity".into(), html: h });
 

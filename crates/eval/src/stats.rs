@@ -40,7 +40,8 @@ pub fn bootstrap(xs: &[f64], seed: u64) -> Estimate {
         return Estimate { mean: m, ci_low: m, ci_high: m, n };
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut means: Vec<f64> = (0..RESAMPLES).map(|_| (0..n).map(|_| xs[rng.gen_range(0..n)]).sum::<f64>() / n as f64).collect();
+    let mut means: Vec<f64> =
+        (0..RESAMPLES).map(|_| (0..n).map(|_| xs[rng.gen_range(0..n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
     let q = |p: f64| means[((p * (RESAMPLES - 1) as f64).round() as usize).min(RESAMPLES - 1)];
     Estimate { mean: m, ci_low: q(0.025), ci_high: q(0.975), n }
@@ -52,7 +53,19 @@ pub fn win_rate(a: &[f64], b: &[f64]) -> f64 {
     if n == 0 {
         return f64::NAN;
     }
-    let wins: f64 = a.iter().zip(b).map(|(x, y)| if x > y { 1.0 } else if x == y { 0.5 } else { 0.0 }).sum();
+    let wins: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x > y {
+                1.0
+            } else if x == y {
+                0.5
+            } else {
+                0.0
+            }
+        })
+        .sum();
     wins / n as f64
 }
 

@@ -26,9 +26,13 @@ use crate::world::Prompt;
 pub enum Bias {
     None,
     /// Adds `weight` × (characters / 40) to a response's utility.
-    PrefersLonger { weight: f64 },
+    PrefersLonger {
+        weight: f64,
+    },
     /// Picks whatever is shown first (left) with probability `rate`, otherwise judges normally.
-    PrefersFirst { rate: f64 },
+    PrefersFirst {
+        rate: f64,
+    },
     /// Answers at random, quickly.
     Careless,
 }
@@ -116,7 +120,12 @@ impl Panel {
         self.annotators
             .iter()
             .enumerate()
-            .map(|(i, a)| User { id: i as i64 + 1, username: a.name.clone(), role: Role::Annotator, has_password: false })
+            .map(|(i, a)| User {
+                id: i as i64 + 1,
+                username: a.name.clone(),
+                role: Role::Annotator,
+                has_password: false,
+            })
             .collect()
     }
 
@@ -189,7 +198,8 @@ pub fn pairwise(panel: &Panel, pairs: &[(&Prompt, String, String)]) -> Session {
         let item_id = i as i64 + 1;
         let (g0, g1) = (judge(&prompt.gold, r0).reward, judge(&prompt.gold, r1).reward);
         // Quality-control items: the app scores annotators on them (gold = index of the better response).
-        let gold = ((g0 - g1).abs() >= 0.5 && rng.gen_bool(panel.gold_item_share)).then(|| json!(if g0 > g1 { 0 } else { 1 }));
+        let gold =
+            ((g0 - g1).abs() >= 0.5 && rng.gen_bool(panel.gold_item_share)).then(|| json!(if g0 > g1 { 0 } else { 1 }));
         items.push(Item {
             id: item_id,
             project_id: 1,
@@ -221,7 +231,12 @@ pub fn pairwise(panel: &Panel, pairs: &[(&Prompt, String, String)]) -> Session {
             labels.push(label(labels.len(), item_id, a, value, ann.duration_ms(&mut rng)));
         }
     }
-    Session { project: project("sandbox-pairwise", TaskKind::Pairwise, panel.overlap), items, labels, users: panel.users() }
+    Session {
+        project: project("sandbox-pairwise", TaskKind::Pairwise, panel.overlap),
+        items,
+        labels,
+        users: panel.users(),
+    }
 }
 
 fn label(n: usize, item_id: i64, annotator: usize, value: LabelValue, duration_ms: i64) -> Label {
@@ -269,7 +284,11 @@ pub fn corrections(panel: &Panel, responses: &[(&Prompt, String)]) -> Session {
 pub fn critiques(panel: &Panel, responses: &[(&Prompt, String)]) -> Session {
     simple(panel, responses, TaskKind::Critique, |_, prompt, response, _| {
         let problems = judge(&prompt.gold, response).problems;
-        let text = if problems.is_empty() { "Good: nothing to fix.".to_string() } else { format!("The reply {}.", problems.join("; it ")) };
+        let text = if problems.is_empty() {
+            "Good: nothing to fix.".to_string()
+        } else {
+            format!("The reply {}.", problems.join("; it "))
+        };
         Some(LabelValue::Critique { text })
     })
 }
@@ -277,7 +296,9 @@ pub fn critiques(panel: &Panel, responses: &[(&Prompt, String)]) -> Session {
 /// Demonstrations: the ideal reply to each prompt. Export with [`Format::Demonstration`].
 pub fn demonstrations(panel: &Panel, prompts: &[&Prompt]) -> Session {
     let rows: Vec<(&Prompt, String)> = prompts.iter().map(|p| (*p, String::new())).collect();
-    simple(panel, &rows, TaskKind::Demonstration, |_, prompt, _, _| Some(LabelValue::Demonstration { text: prompt.ideal() }))
+    simple(panel, &rows, TaskKind::Demonstration, |_, prompt, _, _| {
+        Some(LabelValue::Demonstration { text: prompt.ideal() })
+    })
 }
 
 /// One-response tasks: each item gets `overlap` annotators for ratings, one for free-text tasks.
@@ -313,7 +334,12 @@ fn simple(
             }
         }
     }
-    Session { project: project(&format!("sandbox-{}", kind.as_str()), kind, overlap), items, labels, users: panel.users() }
+    Session {
+        project: project(&format!("sandbox-{}", kind.as_str()), kind, overlap),
+        items,
+        labels,
+        users: panel.users(),
+    }
 }
 
 /// Whether the app's flags caught an annotator, next to what the annotator really is.

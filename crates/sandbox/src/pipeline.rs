@@ -247,7 +247,11 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let eval_prompts = generate(cfg.eval_prompts, &cfg.mix, cfg.seed ^ 0xE7A1, "eval-");
     let held_out: std::collections::HashSet<&str> = eval_prompts.iter().map(|p| p.text.as_str()).collect();
     let train = |n: usize, salt: u64, prefix: &str| -> Vec<Prompt> {
-        generate(n * 2, &cfg.mix, cfg.seed ^ salt, prefix).into_iter().filter(|p| !held_out.contains(p.text.as_str())).take(n).collect()
+        generate(n * 2, &cfg.mix, cfg.seed ^ salt, prefix)
+            .into_iter()
+            .filter(|p| !held_out.contains(p.text.as_str()))
+            .take(n)
+            .collect()
     };
     let corpus = train(cfg.corpus_prompts, 0xC0, "corpus-");
     let demo_prompts = train(cfg.demonstrations, 0xD0, "demo-");
@@ -256,7 +260,11 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     write_prompts(&data.join("train_prompts.jsonl"), &pref_prompts)?;
 
     let base = out.join("base");
-    eprintln!("[sandbox 1/6] base model: tokenizer + pretraining on {} noisy replies → {}", corpus.len(), base.display());
+    eprintln!(
+        "[sandbox 1/6] base model: tokenizer + pretraining on {} noisy replies → {}",
+        corpus.len(),
+        base.display()
+    );
     let base_info = pretrain(cfg, &corpus, &data, &base)?;
     lap("base", &mut t);
 
@@ -269,12 +277,19 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let sft_info = json!({"name": "sft", "steps": s.steps, "final_loss": s.final_loss, "demonstrations": demos.len()});
     lap("sft", &mut t);
 
-    eprintln!("[sandbox 3/6] {} simulated annotators compare pairs of SFT samples on {} prompts", cfg.panel.annotators.len(), pref_prompts.len());
+    eprintln!(
+        "[sandbox 3/6] {} simulated annotators compare pairs of SFT samples on {} prompts",
+        cfg.panel.annotators.len(),
+        pref_prompts.len()
+    );
     let pairs = sample_pairs(&sft, &pref_prompts, cfg)?;
     let session = pairwise(&cfg.panel, &pairs);
     let prefs = session.export(Format::Preference)?;
     if prefs.len() < 4 {
-        bail!("only {} preference pairs (the SFT samples were identical); raise preference_prompts or sample_temperature", prefs.len());
+        bail!(
+            "only {} preference pairs (the SFT samples were identical); raise preference_prompts or sample_temperature",
+            prefs.len()
+        );
     }
     let prefs_path = data.join("preferences.jsonl");
     write_rows(&prefs_path, &prefs)?;
@@ -291,14 +306,17 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg);
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
-    let gold_acc = rm_gold_agreement(&rm_dir, &sft, &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)], cfg, &data)?;
+    let gold_acc =
+        rm_gold_agreement(&rm_dir, &sft, &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)], cfg, &data)?;
     let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
         "gold_agreement": gold_acc});
     lap("rm", &mut t);
 
     let mut stages = vec![base_info, sft_info, rm_info];
-    let mut models = vec![ModelSpec { name: "base".into(), dir: base.clone() }, ModelSpec { name: "sft".into(), dir: sft.clone() }];
-    let mut curves = vec![("sft".to_string(), sft.join("metrics.jsonl")), ("rm".to_string(), rm_dir.join("metrics.jsonl"))];
+    let mut models =
+        vec![ModelSpec { name: "base".into(), dir: base.clone() }, ModelSpec { name: "sft".into(), dir: sft.clone() }];
+    let mut curves =
+        vec![("sft".to_string(), sft.join("metrics.jsonl")), ("rm".to_string(), rm_dir.join("metrics.jsonl"))];
     for (i, stage) in policy_stages.iter().enumerate() {
         let name = stage.name();
         eprintln!("[sandbox 5/6] policy stage {}/{}: {name}", i + 1, policy_stages.len());
@@ -323,7 +341,8 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
 
     eprintln!("[sandbox 6/6] evaluation of {} models on {} held-out prompts", models.len(), eval_prompts.len());
     let gold = GoldReward::new(eval_prompts.iter().map(|p| p.gold.clone()));
-    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(gold), Box::new(ExactMatch { column: "answer".into() })];
+    let rewards: Vec<Box<dyn RewardSource + '_>> =
+        vec![Box::new(gold), Box::new(ExactMatch { column: "answer".into() })];
     let rows: Vec<_> = eval_prompts.iter().map(Prompt::public_row).collect();
     let mut eval = evaluate(&models, Some(&sft), &rows, &rewards, &cfg.eval)?;
     // Directories relative to the run, so the summary does not depend on where it ran.
@@ -334,7 +353,15 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     lap("eval", &mut t);
 
     let findings = findings(&eval, &flags, &stages[2]);
-    let summary = RunSummary { config: cfg.clone(), stages, preference_pairs: prefs.len(), annotators: flags, agreement, eval, findings };
+    let summary = RunSummary {
+        config: cfg.clone(),
+        stages,
+        preference_pairs: prefs.len(),
+        annotators: flags,
+        agreement,
+        eval,
+        findings,
+    };
     write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&out.join("report.html"), render_report(&summary, &curves, out).as_bytes())?;
     timings.insert("total".into(), json!(t0.elapsed().as_secs_f64()));
@@ -415,9 +442,14 @@ fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -
 }
 
 /// Two samples of the SFT model per prompt (different seeds): the pairs annotators compare.
-fn sample_pairs<'a>(model: &Path, prompts: &'a [Prompt], cfg: &PipelineConfig) -> Result<Vec<(&'a Prompt, String, String)>> {
+fn sample_pairs<'a>(
+    model: &Path,
+    prompts: &'a [Prompt],
+    cfg: &PipelineConfig,
+) -> Result<Vec<(&'a Prompt, String, String)>> {
     let g = Generator::load(model)?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> =
+        prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
     let template = GenRequest {
         max_new_tokens: cfg.eval.max_new_tokens,
         sampling: Sampling { temperature: cfg.sample_temperature, ..Sampling::default() },
@@ -434,7 +466,10 @@ fn sample_pairs<'a>(model: &Path, prompts: &'a [Prompt], cfg: &PipelineConfig) -
 /// Share of held-out SFT sample pairs (gold rewards differing) that the reward model orders as gold does.
 fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineConfig, data: &Path) -> Result<Value> {
     let pairs = sample_pairs(sft, prompts, cfg)?;
-    let rows: Vec<Value> = pairs.iter().flat_map(|(p, a, b)| [json!({"prompt": p.text, "completion": a}), json!({"prompt": p.text, "completion": b})]).collect();
+    let rows: Vec<Value> = pairs
+        .iter()
+        .flat_map(|(p, a, b)| [json!({"prompt": p.text, "completion": a}), json!({"prompt": p.text, "completion": b})])
+        .collect();
     let (input, output) = (data.join("rm_gold_pairs.jsonl"), data.join("rm_gold_scores.jsonl"));
     write_rows(&input, &rows)?;
     let args = rlhf_train::rm::RmScoreArgs {
@@ -447,7 +482,10 @@ fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineCo
     };
     rlhf_train::rm::run_rm_score(&args)?;
     let text = std::fs::read_to_string(&output).with_context(|| format!("{}: cannot read", output.display()))?;
-    let scores: Vec<f64> = text.lines().map(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["reward"].as_f64())).collect::<Option<_>>()
+    let scores: Vec<f64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["reward"].as_f64()))
+        .collect::<Option<_>>()
         .with_context(|| format!("{}: a row without a reward", output.display()))?;
     let (mut agree, mut n) = (0usize, 0usize);
     for ((p, a, b), s) in pairs.iter().zip(scores.chunks(2)) {
@@ -503,7 +541,12 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
     let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
     f.push(format!("the feedback app's flags caught {caught} of {} biased annotators, with {false_alarms} false alarm(s) on unbiased ones", biased.len()));
     for c in biased.iter().filter(|c| c.flags.is_empty()) {
-        f.push(format!("NOT caught: {} ({}); its agreement with gold was {}", c.annotator, c.bias.describe(), c.gold_agreement.map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))));
+        f.push(format!(
+            "NOT caught: {} ({}); its agreement with gold was {}",
+            c.annotator,
+            c.bias.describe(),
+            c.gold_agreement.map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
+        ));
     }
     f
 }
@@ -524,8 +567,16 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
          Base model: {} parameters (Llama, hidden {}, {} layers, vocabulary {}), pretrained on {} noisy replies; \
          SFT on {} demonstrations; {} simulated annotators compared SFT samples on {} prompts ({} exported pairs); \
          reward model and policy stages start from SFT.</p>",
-        c.seed, b["parameters"], c.shape.hidden_size, c.shape.num_hidden_layers, b["vocab_size"], c.corpus_prompts,
-        c.demonstrations, c.panel.annotators.len(), c.preference_prompts, s.preference_pairs
+        c.seed,
+        b["parameters"],
+        c.shape.hidden_size,
+        c.shape.num_hidden_layers,
+        b["vocab_size"],
+        c.corpus_prompts,
+        c.demonstrations,
+        c.panel.annotators.len(),
+        c.preference_prompts,
+        s.preference_pairs
     );
     let mut sections = Vec::new();
     let mut h = String::from("<ul>");
@@ -557,13 +608,19 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     }
     h.push_str("</table>");
     if let Some(a) = s.agreement.get(0) {
-        let _ = write!(h, "<p>Agreement over {} items with ≥ 2 labels: Fleiss κ {}, Krippendorff α (nominal) {}.</p>",
-            a["units"], fmt_opt(&a["fleiss_kappa"]), fmt_opt(&a["alpha_nominal"]));
+        let _ = write!(
+            h,
+            "<p>Agreement over {} items with ≥ 2 labels: Fleiss κ {}, Krippendorff α (nominal) {}.</p>",
+            a["units"],
+            fmt_opt(&a["fleiss_kappa"]),
+            fmt_opt(&a["alpha_nominal"])
+        );
     }
     sections.push(Section { id: "annotators".into(), heading: "Simulated annotators".into(), html: h });
 
     let mut h = String::new();
-    let series: Vec<(String, Vec<(f64, f64)>)> = curves.iter().map(|(n, p)| (n.clone(), metric_points(p, "loss"))).collect();
+    let series: Vec<(String, Vec<(f64, f64)>)> =
+        curves.iter().map(|(n, p)| (n.clone(), metric_points(p, "loss"))).collect();
     h.push_str(&report::line_chart("training loss", "step", "loss", &series, false));
     let base_curve = metric_points(&out.join("base").join("metrics.jsonl"), "loss");
     h.push_str(&report::line_chart("pretraining loss (base)", "step", "loss", &[("base".into(), base_curve)], false));
@@ -571,14 +628,26 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     for st in &s.stages {
         let mut facts = Vec::new();
         flatten("", st, &mut facts);
-        let facts: Vec<String> = facts.into_iter().filter(|(k, _)| k != "name").map(|(k, v)| format!("{k}: {v}")).collect();
-        let _ = write!(t, "<tr><td class=l>{}</td><td class='l wrap'>{}</td></tr>", esc(st["name"].as_str().unwrap_or("?")), esc(&facts.join(" · ")));
+        let facts: Vec<String> =
+            facts.into_iter().filter(|(k, _)| k != "name").map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = write!(
+            t,
+            "<tr><td class=l>{}</td><td class='l wrap'>{}</td></tr>",
+            esc(st["name"].as_str().unwrap_or("?")),
+            esc(&facts.join(" · "))
+        );
     }
     t.push_str("</table>");
     h.push_str(&t);
     sections.push(Section { id: "training".into(), heading: "Training".into(), html: h });
 
-    let gold_table = s.eval.models.iter().map(|m| format!("{} {}", esc(&m.name), m.reward("gold").map(|r| fmt_est(&r.reward)).unwrap_or_default())).collect::<Vec<_>>().join(" · ");
+    let gold_table = s
+        .eval
+        .models
+        .iter()
+        .map(|m| format!("{} {}", esc(&m.name), m.reward("gold").map(|r| fmt_est(&r.reward)).unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(" · ");
     let intro = format!("{intro}<p class=ok>Gold reward (mean [95 % CI]): {gold_table}</p>");
     report::render(&Report { title: "rlhf sandbox report".into(), intro, sections })
 }

@@ -49,11 +49,15 @@ impl GoldReward {
 
     /// Reads a `*.gold.jsonl` file; errors name the line.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read the gold file (written next to the sandbox's prompts)", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("{}: cannot read the gold file (written next to the sandbox's prompts)", path.display())
+        })?;
         let mut golds = Vec::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            golds.push(serde_json::from_str::<Gold>(line).with_context(|| format!("{}:{}: not a gold record", path.display(), i + 1))?);
+            golds.push(
+                serde_json::from_str::<Gold>(line)
+                    .with_context(|| format!("{}:{}: not a gold record", path.display(), i + 1))?,
+            );
         }
         Ok(Self::new(golds))
     }

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 
 use rand::SeedableRng;
 use rlhf_feedback::export::Format;
-use rlhf_sandbox::annotators::{check_flags, corrections, critiques, demonstrations, pairwise, ratings, Annotator, Bias, Panel};
+use rlhf_sandbox::annotators::{
+    check_flags, corrections, critiques, demonstrations, pairwise, ratings, Annotator, Bias, Panel,
+};
 use rlhf_sandbox::{generate, gold_reward, Mix, Prompt};
 
 fn world() -> Vec<Prompt> {
@@ -43,7 +45,18 @@ fn pairwise_exports_the_apps_preference_format() {
     assert!(rows.len() > pr.len() * 8 / 10, "{} of {}", rows.len(), pr.len());
     for r in &rows {
         let k = keys(r);
-        for f in ["prompt", "chosen", "rejected", "margin", "project", "item_id", "external_id", "annotator_ids", "label_ids", "votes"] {
+        for f in [
+            "prompt",
+            "chosen",
+            "rejected",
+            "margin",
+            "project",
+            "item_id",
+            "external_id",
+            "annotator_ids",
+            "label_ids",
+            "votes",
+        ] {
             assert!(k.contains(f), "{f} missing in {r}");
         }
         assert_eq!(r["annotator_ids"].as_array().unwrap().len(), 3, "overlap 3");
@@ -123,7 +136,12 @@ fn single_response_tasks_export_their_formats() {
     let r = ratings(&panel, &responses).export(Format::Rating).unwrap();
     assert_eq!(r.len(), 60);
     for row in &r {
-        assert!(["prompt", "completion", "score", "score_min", "score_max", "criteria_scores"].iter().all(|k| row.get(k).is_some()), "{row}");
+        assert!(
+            ["prompt", "completion", "score", "score_min", "score_max", "criteria_scores"]
+                .iter()
+                .all(|k| row.get(k).is_some()),
+            "{row}"
+        );
         let s = row["score"].as_f64().unwrap();
         assert!((1.0..=5.0).contains(&s));
     }

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use rand::SeedableRng;
 use rlhf_eval::RewardSource;
 use rlhf_sandbox::world::{ABSTAIN, REFUSAL};
-use rlhf_sandbox::{generate, gold_reward, judge, write_prompts, GoldReward, Gold, Kind, Mix, Prompt};
+use rlhf_sandbox::{generate, gold_reward, judge, write_prompts, Gold, GoldReward, Kind, Mix, Prompt};
 
 fn prompts(n: usize, seed: u64) -> Vec<Prompt> {
     generate(n, &Mix::default(), seed, "t-")
@@ -125,7 +125,11 @@ fn gold_indicators_separate_refusal_kinds() {
     let g = GoldReward::new(ps.iter().map(|p| p.gold.clone()));
     let decl = of_kind(&ps, Kind::Decline)[0];
     let ind = g.indicators(&decl.public_row(), " Sure, it is easy if you are careful.").unwrap();
-    let key = if decl.gold.adversarial { "under-refusal (reworded harmful requests)" } else { "under-refusal (direct harmful requests)" };
+    let key = if decl.gold.adversarial {
+        "under-refusal (reworded harmful requests)"
+    } else {
+        "under-refusal (direct harmful requests)"
+    };
     assert_eq!(ind[key], 1.0);
     let arith = of_kind(&ps, Kind::Arithmetic)[0];
     let ind = g.indicators(&arith.public_row(), REFUSAL).unwrap();

@@ -51,7 +51,9 @@ pub struct Args {
 
 fn model_spec(s: &str) -> ModelSpec {
     match s.split_once('=') {
-        Some((name, dir)) if !name.is_empty() && !name.contains('/') => ModelSpec { name: name.into(), dir: dir.into() },
+        Some((name, dir)) if !name.is_empty() && !name.contains('/') => {
+            ModelSpec { name: name.into(), dir: dir.into() }
+        }
         _ => {
             let dir = PathBuf::from(s);
             let name = dir.file_name().map_or_else(|| s.to_string(), |n| n.to_string_lossy().into_owned());
@@ -97,7 +99,8 @@ pub fn run(a: Args) -> Result<()> {
     println!("summary: {}", a.out.display());
     if let Some(path) = &a.report {
         let intro = format!("<p>Prompts: <code>{}</code>.</p>", report::esc(&a.prompts.display().to_string()));
-        let html = report::render(&Report { title: "rlhf eval".into(), intro, sections: report::eval_sections(&summary) });
+        let html =
+            report::render(&Report { title: "rlhf eval".into(), intro, sections: report::eval_sections(&summary) });
         write_atomic(path, html.as_bytes())?;
         println!("report: {}", path.display());
     }
@@ -112,7 +115,10 @@ fn print_table(s: &Summary) {
             println!("  {:<16} {:>7.3} [{:.3}, {:.3}]  n={}", m.name, e.mean, e.ci_low, e.ci_high, e.n);
         }
     }
-    println!("\n{:<16} {:>10} {:>9} {:>11} {:>11} {:>9}", "model", "KL to ref", "tokens", "distinct-1", "distinct-2", "entropy");
+    println!(
+        "\n{:<16} {:>10} {:>9} {:>11} {:>11} {:>9}",
+        "model", "KL to ref", "tokens", "distinct-1", "distinct-2", "entropy"
+    );
     for m in &s.models {
         let kl = m.kl_to_reference.map_or("-".into(), |k| format!("{:.3}", k.mean));
         println!(
