@@ -190,6 +190,11 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     allowed(&["completion"], "demonstrations.jsonl");
     allowed(&["id", "answer"], "train_prompts.jsonl");
     assert_eq!(keys("corpus.jsonl").into_iter().collect::<Vec<_>>(), ["text"]);
+    // The demonstrations cover every behaviour, refusals and abstentions included.
+    let demos = std::fs::read_to_string(t.join("run/data/demonstrations.jsonl")).unwrap();
+    for reply in [rlhf_sandbox::world::REFUSAL, rlhf_sandbox::world::ABSTAIN, " Thanks!"] {
+        assert!(demos.contains(reply), "no demonstration with {reply:?}");
+    }
 
     let stderr =
         String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
