@@ -74,6 +74,9 @@ pub struct GenOutput {
     pub tokens: Vec<u32>,
     /// `log p(token)` under the unmodified (T = 1) model distribution, one per token.
     pub logprobs: Vec<f32>,
+    /// `log p(token)` under the distribution sampled from as TRL defines it: `log_softmax(logits / T)` over the
+    /// whole vocabulary (top-k/top-p do not renormalise it; greedy counts as T = 1). What RL trainers re-score.
+    pub sampling_logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
 }
 
@@ -93,6 +96,15 @@ fn argmax(x: &[f32]) -> usize {
             }
         })
         .0
+}
+
+/// `log_softmax(logits / T)[tok]`; T <= 0 (greedy) counts as 1.
+fn sampling_logprob(logits: &[f32], tok: usize, temperature: f32) -> f32 {
+    if temperature <= 0.0 || temperature == 1.0 {
+        return logits[tok] - log_sum_exp(logits);
+    }
+    let scaled: Vec<f32> = logits.iter().map(|&x| x / temperature).collect();
+    scaled[tok] - log_sum_exp(&scaled)
 }
 
 /// Draws a token from `logits` (one row) under `s`; greedy draws no random number.
@@ -175,6 +187,7 @@ pub fn generate(
         .map(|_| GenOutput {
             tokens: vec![],
             logprobs: vec![],
+            sampling_logprobs: vec![],
             finish_reason: FinishReason::Length,
         })
         .collect();
@@ -228,6 +241,7 @@ pub fn generate(
             let o = &mut outs[i];
             o.tokens.push(tok as u32);
             o.logprobs.push(row[tok] - log_sum_exp(row));
+            o.sampling_logprobs.push(sampling_logprob(row, tok, r.sampling.temperature));
             if r.stop_ids.contains(&(tok as u32)) {
                 o.finish_reason = FinishReason::Eos;
                 done[i] = true;

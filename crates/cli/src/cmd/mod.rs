@@ -4,5 +4,6 @@ pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod pref;
+pub mod rl;
 pub mod sandbox;
 pub mod sft;
