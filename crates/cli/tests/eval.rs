@@ -140,6 +140,12 @@ fn eval_failures_name_the_problem() {
     );
     fails(t, &["eval", "--model", "nope", "--prompts", "p.jsonl", "--reward", "exact:id"], &["nope"]);
     assert!(!t.join("eval_summary.json").exists(), "nothing written on failure");
+    // The sandbox's JSON configuration: unknown keys and missing files are named.
+    let cfg = ok(t, &["sandbox", "--quick", "--print-config"]);
+    std::fs::write(t.join("c.json"), cfg.replace("\"corpus_prompts\"", "\"corpus_prompt\"")).unwrap();
+    fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["c.json", "not a sandbox configuration", "corpus_prompt"]);
+    fails(t, &["sandbox", "--config", "missing.json"], &["missing.json", "cannot read"]);
+    assert!(!t.join("run").exists());
 }
 
 /// The sandbox's quick budget end to end: real improvements, the report's sections, and the same seed giving
