@@ -15,6 +15,7 @@ pub struct Args {
     /// The small budget (≈ 2 minutes in a test build on 2 cores) instead of the standard one.
     #[arg(long)]
     pub quick: bool,
+    /// Seed of the world, annotators and training (for the presets; a --config file carries its own).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// A JSON pipeline configuration (budgets, model shape, annotator panel) instead of a preset; print one
