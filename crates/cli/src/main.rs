@@ -33,6 +33,10 @@ enum Command {
     Ppo(cmd::rl::Raw),
     /// The feedback app: serve it, manage users and projects, import items, export training data.
     Feedback(rlhf_feedback::cli::FeedbackArgs),
+    /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
+    Eval(cmd::eval::Args),
+    /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
+    Sandbox(cmd::sandbox::Args),
     /// Benchmarks; each prints one JSON line per measured shape.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -63,6 +67,8 @@ fn main() {
         Command::Ppo(a) => cmd::rl::ppo(a),
         Command::Feedback(a) => rlhf_feedback::cli::run(a),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Sandbox(a) => cmd::sandbox::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
