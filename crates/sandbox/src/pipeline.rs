@@ -115,8 +115,9 @@ impl PipelineConfig {
             demonstrations: 400,
             sft: Budget { steps: 300, batch_size: 16, learning_rate: 5e-4 },
             preference_prompts: 2000,
-            rm: Budget { steps: 200, batch_size: 16, learning_rate: 5e-4 },
-            dpo: Budget { steps: 200, batch_size: 16, learning_rate: 1e-4 },
+            // A few hundred pairs: more than ~3 epochs over-fit (200 DPO steps measured KL 8.5, gold −0.12).
+            rm: Budget { steps: 80, batch_size: 16, learning_rate: 5e-4 },
+            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
             eval_prompts: 1000,
             ..Self::quick(seed)
         }
