@@ -92,8 +92,8 @@ fn resume_refuses_a_checkpoint_from_other_settings() {
         let line = fails(t, &args, &["checkpoint-2/training_config.json", "learning_rate (checkpoint: 0.001, now: 0.0005)"]);
         assert!(line.contains("max_steps (checkpoint: 2, now: 4)"), "{line}");
         assert_eq!(snapshot(&out), before, "{cmd}: a refused resume changed the output dir");
-        // With the checkpoint's settings it continues (and may log at another cadence).
-        let args = train_args(cmd, s(&m), s(&data), s(&out), &[&["--max-steps", "2", "--resume", "--logging-steps", "2"][..], &lr[..]].concat());
+        // With the checkpoint's settings it continues (and may save at another cadence).
+        let args = train_args(cmd, s(&m), s(&data), s(&out), &[&["--max-steps", "2", "--resume", "--save-steps", "5"][..], &lr[..]].concat());
         ok(t, &args);
     }
 }
@@ -123,8 +123,9 @@ fn leftovers_of_a_killed_writer_are_removed_by_the_next_run() {
 fn lora_runs_with_dropout_are_reproducible() {
     let tmp = TempDir::new().unwrap();
     let t = tmp.path();
+    let (model, data) = (llama(), sft_train());
     let run = |out: &str| {
-        let args = train_args("sft", s(&llama()), s(&sft_train()), out, &["--max-steps", "3", "--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "1e-2"]);
+        let args = train_args("sft", s(&model), s(&data), out, &["--max-steps", "3", "--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "1e-2"]);
         ok(t, &args);
         std::fs::read(t.join(out).join("adapter/adapter_model.safetensors")).unwrap()
     };
@@ -158,8 +159,9 @@ fn generate_refuses_meaningless_sampling_flags() {
     let tmp = TempDir::new().unwrap();
     let t = tmp.path();
     let p = prompts(t);
+    let model = llama();
     let gen = |extra: &[&str], needles: &[&str]| {
-        let mut args = vec!["generate", "--model", s(&llama()), "--prompts", s(&p), "--out", "out.jsonl"];
+        let mut args = vec!["generate", "--model", s(&model), "--prompts", s(&p), "--out", "out.jsonl"];
         args.extend_from_slice(extra);
         fails(t, &args, needles);
     };
@@ -176,8 +178,11 @@ fn generate_refuses_meaningless_sampling_flags() {
         "seeds.jsonl:2:",
         "field \"seed\"",
     ]);
+    // A tokenizer without BOS (init's default) encodes an empty prompt as no token at all.
+    let no_bos = t.join("no_bos");
+    ok(t, &["init", "--out", s(&no_bos), "--corpus", s(&sft_train()), "--vocab-size", "300"]);
     write(&t.join("empty_prompt.jsonl"), "{\"prompt\": \"Q: 1+1=\"}\n{\"prompt\": \"\"}\n");
-    fails(t, &["generate", "--model", s(&llama()), "--prompts", "empty_prompt.jsonl", "--out", "out.jsonl"], &[
+    fails(t, &["generate", "--model", s(&no_bos), "--prompts", "empty_prompt.jsonl", "--out", "out.jsonl"], &[
         "empty_prompt.jsonl:2:",
         "prompt is empty",
     ]);

@@ -331,13 +331,9 @@ impl SftArgs {
         if !cfg.model.join("config.json").is_file() {
             return Err(err("model", format!("{} has no config.json", cfg.model.display())));
         }
-        if !cfg.train_file.is_file() {
-            return Err(err("train_file", format!("{}: no such file", cfg.train_file.display())));
-        }
+        check_data_file(&cfg.train_file).map_err(|m| err("train_file", m))?;
         if let Some(f) = &cfg.eval_file {
-            if !f.is_file() {
-                return Err(err("eval_file", format!("{}: no such file", f.display())));
-            }
+            check_data_file(f).map_err(|m| err("eval_file", m))?;
         }
         Ok(cfg)
     }
@@ -361,6 +357,17 @@ impl SftArgs {
         with_fields!(put);
         keys.extend(self.lora.set_keys().into_iter().map(String::from));
         keys
+    }
+}
+
+/// Why `path` cannot be a data file (missing, or a directory), as an error message naming it.
+pub(crate) fn check_data_file(path: &Path) -> std::result::Result<(), String> {
+    if path.is_dir() {
+        Err(format!("{}: is a directory, not a data file (expected a .jsonl, .json or .parquet file)", path.display()))
+    } else if !path.is_file() {
+        Err(format!("{}: no such file", path.display()))
+    } else {
+        Ok(())
     }
 }
 

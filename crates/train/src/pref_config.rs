@@ -295,13 +295,9 @@ impl PrefConfig {
         if !model.join("config.json").is_file() {
             return Err(cfg_err(&f, "model", format!("{} has no config.json", model.display())));
         }
-        if !train.is_file() {
-            return Err(cfg_err(&f, "train_file", format!("{}: no such file", train.display())));
-        }
+        crate::config::check_data_file(&train).map_err(|m| cfg_err(&f, "train_file", m))?;
         if let Some(e) = &self.eval_file {
-            if !e.is_file() {
-                return Err(cfg_err(&f, "eval_file", format!("{}: no such file", e.display())));
-            }
+            crate::config::check_data_file(e).map_err(|m| cfg_err(&f, "eval_file", m))?;
         }
         for (k, v) in [("max_length", self.max_length), ("batch_size", self.batch_size), ("logging_steps", self.logging_steps as usize)] {
             if v == 0 {

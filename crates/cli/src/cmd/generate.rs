@@ -7,7 +7,7 @@ use clap::Args as ClapArgs;
 use rlhf_data::load_dataset;
 use rlhf_generate::Generator;
 use rlhf_model::{GenRequest, Sampling};
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[derive(ClapArgs)]
 pub struct Args {
