@@ -3,143 +3,13 @@
 //! exit status 1 and ONE line `error: …` naming the file (and line / field where there is one), no panic,
 //! and nothing overwritten.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::*;
 use serde_json::Value;
 use tempfile::TempDir;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn llama() -> PathBuf {
-    root().join("fixtures/models/llama")
-}
-
-fn sft_train() -> PathBuf {
-    root().join("data/sft_train.jsonl")
-}
-
-/// Runs `rlhf ARGS` in `cwd` as a user would: no backtraces requested, logging off so stderr is only what
-/// the command itself prints.
-fn rlhf(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("cannot run the rlhf binary")
-}
-
-/// Asserts success; returns stdout.
-fn ok(cwd: &Path, args: &[&str]) -> String {
-    let out = rlhf(cwd, args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "rlhf {args:?} failed: {stderr}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Asserts the failure contract and that the error line contains every `needles`; returns the line.
-fn fails(cwd: &Path, args: &[&str], needles: &[&str]) -> String {
-    let out = rlhf(cwd, args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "rlhf {args:?}: expected exit 1, stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "rlhf {args:?} panicked: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "rlhf {args:?}: expected a one-line error, got: {stderr}");
-    let line = lines[0];
-    assert!(line.starts_with("error: "), "rlhf {args:?}: {line}");
-    for n in needles {
-        assert!(line.contains(n), "rlhf {args:?}: error should mention {n:?}: {line}");
-    }
-    line.to_string()
-}
-
-fn write(path: &Path, text: &str) -> PathBuf {
-    std::fs::write(path, text).unwrap();
-    path.to_path_buf()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Every file under `dir` with its bytes, to prove a failing command changed nothing.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            files.extend(snapshot(&p));
-        } else {
-            files.insert(p.clone(), std::fs::read(&p).unwrap());
-        }
-    }
-    files
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-    }
-}
-
-fn read_jsonl(path: &Path) -> Vec<serde_json::Map<String, Value>> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| match serde_json::from_str(l).unwrap() {
-            Value::Object(m) => m,
-            other => panic!("{}: not an object: {other}", path.display()),
-        })
-        .collect()
-}
-
-/// A copy of the fixture llama whose config.json has `"key": old` replaced by `"key": new`; returns the dir
-/// and the 1-based line of the edit.
-fn llama_with(tmp: &Path, name: &str, key: &str, new: &str) -> (PathBuf, usize) {
-    let dir = tmp.join(name);
-    copy_dir(&llama(), &dir);
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let prefix = format!("\"{key}\": ");
-    let line = text.lines().position(|l| l.trim_start().starts_with(&prefix)).unwrap_or_else(|| panic!("no {key}"));
-    let edited: Vec<String> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            if i != line {
-                return l.to_string();
-            }
-            let comma = if l.trim_end().ends_with(',') { "," } else { "" };
-            format!(" {prefix}{new}{comma}")
-        })
-        .collect();
-    std::fs::write(dir.join("config.json"), edited.join("\n")).unwrap();
-    (dir, line + 1)
-}
-
-/// Three prompts of the addition task with extra columns that generate must keep.
-fn prompts(tmp: &Path) -> PathBuf {
-    write(
-        &tmp.join("prompts.jsonl"),
-        "{\"prompt\": \"Q: 60+62=\", \"answer\": 122, \"id\": \"a\"}\n\
-         {\"prompt\": \"Q: 39+97=\", \"answer\": 136, \"id\": \"b\"}\n\
-         {\"prompt\": \"Q: 7+5=\", \"answer\": 12, \"id\": \"c\"}\n",
-    )
-}
-
-fn generate(cwd: &Path, model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
-    let mut args = vec!["generate", "--model", s(model), "--prompts", s(prompts), "--out", s(out), "--max-new-tokens", "12"];
-    args.extend_from_slice(extra);
-    ok(cwd, &args);
-    std::fs::read(out).unwrap()
-}
 
 #[test]
 fn init_then_generate_is_reproducible_and_keeps_columns() {
@@ -415,9 +285,12 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     for m in read_jsonl(&out.join("metrics.jsonl")) {
         assert!(m["loss"].as_f64().is_some_and(f64::is_finite), "metrics.jsonl logged a non-finite loss: {m:?}");
     }
-    let gen = t.join("gen.jsonl");
-    generate(t, &ckpt, &prompts(t), &gen, &["--temperature", "0"]);
-    assert_eq!(read_jsonl(&gen).len(), 3);
+    // The checkpoint loads as a model. Its weights took one step at lr 1e30, so generation from it refuses
+    // the non-finite log-probs instead of writing garbage.
+    let (gen, p) = (t.join("gen.jsonl"), prompts(t));
+    let args = ["generate", "--model", s(&ckpt), "--prompts", s(&p), "--out", s(&gen), "--temperature", "0"];
+    fails(t, &args, &["model.safetensors", "non-finite log-probabilities"]);
+    assert!(!gen.exists());
 }
 
 #[test]
@@ -476,4 +349,32 @@ fn preference_failures() {
     let ckpt = t.join("run").join(Path::new(line.split_whitespace().last().unwrap()).file_name().unwrap());
     assert!(ckpt.join("model.safetensors").is_file(), "{line}");
     assert!(!t.join("run/model.safetensors").exists(), "a diverged run saved a final model");
+}
+
+#[test]
+fn every_example_config_trains_a_few_steps() {
+    let tmp = TempDir::new().unwrap();
+    let examples: Vec<_> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    assert!(examples.len() >= 5, "{examples:?}");
+    for path in examples {
+        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+        // The file says which trainer reads it (its run line).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cmd = ["sft", "rm", "dpo"].into_iter().find(|c| text.contains(&format!("rlhf {c} --config"))).unwrap();
+        let out = tmp.path().join(&name);
+        // From the repository root, as the files say; the fixture model stands in for the demo's.
+        let stdout = ok(&root(), &[
+            cmd, "--config", s(&path), "--model", s(&llama()), "--output-dir", s(&out), "--max-steps", "2", "--eval-steps", "0",
+            "--save-steps", "0", "--logging-steps", "1",
+        ]);
+        let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(summary["steps"], 2, "{name}: {summary}");
+        let metrics = read_jsonl(&out.join("metrics.jsonl"));
+        assert!(metrics.iter().filter(|m| m.contains_key("loss")).all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)), "{name}: {metrics:?}");
+        assert!(metrics.iter().any(|m| m.keys().any(|k| k.starts_with("eval_"))), "{name}: no eval line: {metrics:?}");
+    }
 }

@@ -28,6 +28,12 @@ pub fn load_dataset(path: impl AsRef<Path>) -> Result<Dataset> {
 pub fn load_dataset_with(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Dataset> {
     let path = path.as_ref();
     let source = path.display().to_string();
+    if path.is_dir() {
+        return Err(DataError::new(
+            source,
+            "is a directory, not a data file (expected a .jsonl, .json or .parquet file)",
+        ));
+    }
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -46,6 +52,14 @@ pub fn load_dataset_with(path: impl AsRef<Path>, options: &LoadOptions) -> Resul
                     .map(|(i, obj)| (Position::Element(i), obj))
                     .collect()
             } else {
+                // A pretty-printed JSON array saved as .jsonl fails on its first line with a parser
+                // message; say what the file is instead.
+                if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+                    return Err(DataError::new(
+                        source,
+                        "this is a JSON array, not JSON Lines: name it .json (or write one object per line)",
+                    ));
+                }
                 let lines = jsonl::parse_objects(&source, &bytes)?;
                 lines
                     .into_iter()

@@ -589,6 +589,10 @@ struct RowParser<'a> {
     conversational: Option<(&'static str, bool)>,
 }
 
+/// Message roles chat templates know (OpenAI's and TRL's names); anything else is most likely a typo
+/// that a template would silently drop or render wrongly.
+const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+
 const TEXT_EXPECTED: &str = "expected a string or a list of {role, content} messages";
 
 impl<'a> RowParser<'a> {
@@ -668,11 +672,12 @@ impl<'a> RowParser<'a> {
                     self.optional_number("score_min")?,
                     self.optional_number("score_max")?,
                 ) {
-                    (Some(min), Some(max)) if min <= max => Some(ScoreScale { min, max }),
+                    (Some(min), Some(max)) if min < max => Some(ScoreScale { min, max }),
+                    // An empty scale would normalise every score to 0/0 = NaN.
                     (Some(min), Some(max)) => {
                         return Err(self.err(
                             Some("score_min"),
-                            format!("score_min {min} is greater than score_max {max}"),
+                            format!("score_min {min} must be less than score_max {max}"),
                         ))
                     }
                     (None, None) => None,
@@ -784,6 +789,12 @@ impl<'a> RowParser<'a> {
                     None => Err(self.err(Some(&format!("{at}.{key}")), "missing")),
                 };
                 let role = get("role")?;
+                if !ROLES.contains(&role.as_str()) {
+                    return Err(self.err(
+                        Some(&format!("{at}.role")),
+                        format!("unknown role \"{role}\" (expected one of {})", ROLES.join(", ")),
+                    ));
+                }
                 let content = get("content")?;
                 Ok(Message {
                     role,

@@ -536,6 +536,15 @@ pub fn train_bpe(
         &config.eos_token,
         &config.unk_token,
     ];
+    // Larger than any byte-level BPE vocabulary in use (the largest hold a few hundred thousand tokens);
+    // beyond it the trainer's tables alone exhaust memory before anything is learned.
+    const MAX_VOCAB: usize = 1 << 20;
+    if config.vocab_size > MAX_VOCAB {
+        return Err(fail(format!(
+            "vocab_size {} is too large: at most {MAX_VOCAB} tokens",
+            config.vocab_size
+        )));
+    }
     if config.vocab_size < 256 + specials.len() {
         return Err(fail(format!(
             "vocab_size {} is too small: a byte-level BPE needs 256 byte tokens + {} special tokens",

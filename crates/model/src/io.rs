@@ -111,6 +111,15 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     let mut files: Vec<PathBuf> = weight_map.values().map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        let name = missing.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let tensors = weight_map.iter().filter(|(_, f)| f.as_str() == name).count();
+        bail!(
+            "{}: shard {name} (listed in {} for {tensors} tensors) does not exist",
+            missing.display(),
+            index.display()
+        )
+    }
     Ok((files, Some((index, weight_map))))
 }
 

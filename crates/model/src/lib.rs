@@ -56,6 +56,7 @@ impl ModelConfig {
         if !raw.is_object() {
             bail!("{file}: expected a JSON object")
         }
+        check_values(&raw, file)?;
         let arch_field = raw
             .get("architectures")
             .and_then(|a| a.as_array())
@@ -92,7 +93,29 @@ impl ModelConfig {
                 "{file}: field \"model_type\": unsupported architecture \"{other}\" (supported: llama, qwen2, gpt2)"
             ),
         };
-        Ok(Self { arch, raw })
+        let config = Self { arch, raw };
+        config.check_size(file)?;
+        Ok(config)
+    }
+
+    /// Refuses a model whose f32 parameters alone would not fit in the memory available now, before
+    /// anything is allocated (otherwise the process aborts on a failed allocation or is OOM-killed).
+    fn check_size(&self, file: &str) -> Result<()> {
+        let params = self
+            .param_specs()?
+            .iter()
+            .try_fold(0u64, |acc, s| s.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).and_then(|n| acc.checked_add(n)));
+        let bytes = params.and_then(|p| p.checked_mul(4));
+        let available = available_memory_bytes();
+        match (bytes, available) {
+            (Some(b), Some(avail)) if b <= avail => Ok(()),
+            (Some(_), None) => Ok(()),
+            (b, avail) => bail!(
+                "{file}: the model needs {} of memory for its f32 parameters alone, more than the {} available; check vocab_size, hidden_size, intermediate_size and num_hidden_layers",
+                b.map_or("more than 2^64 bytes".to_string(), gib),
+                avail.map_or("?".to_string(), gib)
+            ),
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -173,6 +196,61 @@ impl ModelConfig {
             Architecture::Gpt2(c) => c.param_specs(),
         })
     }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// `MemAvailable` of /proc/meminfo (None where there is no such file).
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Values that parse but can only produce NaN, a division by zero or an empty model: sizes of 0,
+/// non-positive epsilons and RoPE bases. Checked on the raw JSON so every architecture's names are covered.
+fn check_values(raw: &Value, file: &str) -> Result<()> {
+    const SIZES: [&str; 13] = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_positions",
+        "n_inner",
+    ];
+    const POSITIVE: [&str; 3] = ["rms_norm_eps", "layer_norm_epsilon", "rope_theta"];
+    for key in SIZES {
+        if raw.get(key).and_then(Value::as_u64) == Some(0) {
+            bail!("{file}: field \"{key}\": must be at least 1, got 0")
+        }
+    }
+    // RoPE settings may also sit in a `rope_parameters` / `rope_scaling` object (transformers ≥ 4.56).
+    let sections = [("", Some(raw)), ("rope_parameters.", raw.get("rope_parameters")), ("rope_scaling.", raw.get("rope_scaling"))];
+    for (prefix, section) in sections {
+        for key in POSITIVE {
+            if let Some(v) = section.and_then(|o| o.get(key)).and_then(Value::as_f64) {
+                if !(v.is_finite() && v > 0.0) {
+                    bail!("{file}: field \"{prefix}{key}\": must be a finite number > 0, got {v}")
+                }
+            }
+        }
+    }
+    if let Some(v) = raw.get("initializer_range").and_then(Value::as_f64) {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{file}: field \"initializer_range\": must be a finite number >= 0, got {v}")
+        }
+    }
+    Ok(())
 }
 
 /// A token-id field that may be an int or a list of ints (negative ids, e.g. -1 = "none", are dropped).

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -67,6 +67,45 @@ impl LoraConfig {
     }
 }
 
+/// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The dropout masks of one adapted layer, reproducible from a seed: the k-th mask the layer draws is a pure
+/// function of (seed, layer, k), so the layer's whole RNG state is the counter k, which checkpoints store and
+/// resume restores. Keying by layer (not by a shared call order) keeps masks fixed however layers are scheduled.
+#[derive(Debug)]
+struct DropoutStream {
+    key: u64,
+    calls: Arc<AtomicU64>,
+}
+
+impl DropoutStream {
+    /// Inverted dropout of `x` with probability `p` (kept values scaled by 1/(1-p)), as a product with a
+    /// constant mask so the gradient flows through the kept elements only.
+    fn apply(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 4096;
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let key = mix64(self.key ^ mix64(call));
+        // Keep element i when the top 32 bits of its hash are at or above p·2³².
+        let threshold = (p * 4_294_967_296.0) as u64;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mut mask = vec![0f32; x.elem_count()];
+        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            for (j, m) in chunk.iter_mut().enumerate() {
+                let h = mix64(key ^ ((c * CHUNK + j) as u64)) >> 32;
+                *m = if h >= threshold { keep } else { 0.0 };
+            }
+        });
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
 /// One adapted layer: the adapter forward that [`Linear`] calls.
 #[derive(Debug)]
 struct LoraLinear {
@@ -76,6 +115,7 @@ struct LoraLinear {
     dropout: f64,
     training: Arc<AtomicBool>,
     enabled: Arc<AtomicBool>,
+    masks: DropoutStream,
 }
 
 impl LinearAdapter for LoraLinear {
@@ -88,7 +128,7 @@ impl LinearAdapter for LoraLinear {
             return Tensor::zeros(dims, x.dtype(), x.device());
         }
         let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            candle_nn::ops::dropout(x, self.dropout as f32)?
+            self.masks.apply(x, self.dropout)?
         } else {
             x.clone()
         };
@@ -106,11 +146,14 @@ pub struct Lora {
     modules: Vec<String>,
     training: Arc<AtomicBool>,
     enabled: Arc<AtomicBool>,
+    /// Each adapted layer's dropout-mask counter (see [`DropoutStream`]).
+    dropout_calls: Vec<Arc<AtomicU64>>,
 }
 
 impl Lora {
     /// Freezes `model` and attaches fresh adapters (A Kaiming-uniform from `seed`, B zero) to every linear
-    /// layer matching `config.target_modules`. Errors when a target matches nothing.
+    /// layer matching `config.target_modules`. Dropout masks are drawn from `seed` too (see
+    /// [`Lora::dropout_state`]), so a run is reproducible. Errors when a target matches nothing.
     pub fn attach(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -128,7 +171,7 @@ impl Lora {
             tensors.insert(format!("{name}.lora_A.weight"), Tensor::from_vec(a, (config.r, inp), &device)?);
             tensors.insert(format!("{name}.lora_B.weight"), Tensor::zeros((out, config.r), DType::F32, &device)?);
         }
-        Self::install(model, config.clone(), tensors, "lora")
+        Self::install(model, config.clone(), tensors, "lora", seed)
     }
 
     /// Loads a PEFT LoRA directory onto `model` (frozen). The adapter's `r`, `lora_alpha`, `lora_dropout`
@@ -152,14 +195,24 @@ impl Lora {
             }
         }
         model.set_trainable(false)?;
-        Self::install(model, config, tensors, &weights.display().to_string())
+        // A loaded adapter is for inference; its (unused) dropout stream still needs a seed.
+        Self::install(model, config, tensors, &weights.display().to_string(), 0)
     }
 
     /// Attaches `tensors` (`<module>.lora_A.weight` / `.lora_B.weight`) to the matching layers of `model`.
-    fn install(model: &mut CausalLm, config: LoraConfig, mut tensors: HashMap<String, Tensor>, source: &str) -> Result<Self> {
+    fn install(
+        model: &mut CausalLm,
+        config: LoraConfig,
+        mut tensors: HashMap<String, Tensor>,
+        source: &str,
+        seed: u64,
+    ) -> Result<Self> {
         let varmap = VarMap::new();
         let training = Arc::new(AtomicBool::new(true));
         let enabled = Arc::new(AtomicBool::new(true));
+        // Its own stream, independent of the A initialisation drawn from the same seed.
+        let dropout_seed = mix64(seed ^ 0x6c6f_7261_5f64_726f);
+        let mut dropout_calls = Vec::new();
         let mut modules = Vec::new();
         for (name, lin) in model.linears_mut() {
             if !config.matches(&name) {
@@ -182,6 +235,9 @@ impl Lora {
             };
             let a = take("lora_A", [config.r, inp])?;
             let b = take("lora_B", [out, config.r])?;
+            let calls = Arc::new(AtomicU64::new(0));
+            dropout_calls.push(calls.clone());
+            let masks = DropoutStream { key: mix64(dropout_seed ^ mix64(modules.len() as u64)), calls };
             lin.adapter = Some(Arc::new(LoraLinear {
                 a: Linear::new(a, None, WeightLayout::OutIn),
                 b: Linear::new(b, None, WeightLayout::OutIn),
@@ -189,6 +245,7 @@ impl Lora {
                 dropout: config.dropout,
                 training: training.clone(),
                 enabled: enabled.clone(),
+                masks,
             }));
             modules.push(name);
         }
@@ -202,7 +259,25 @@ impl Lora {
         if let Some(extra) = tensors.keys().next() {
             bail!("{source}: adapter tensor `{PEFT_PREFIX}{extra}` matches no target module of this model")
         }
-        Ok(Self { config, varmap, modules, training, enabled })
+        Ok(Self { config, varmap, modules, training, enabled, dropout_calls })
+    }
+
+    /// Dropout masks drawn so far per adapted layer: the whole state of the (seeded) dropout RNG, for
+    /// checkpoints. Every training forward draws one mask per layer, so the counters are normally equal.
+    pub fn dropout_state(&self) -> Vec<u64> {
+        self.dropout_calls.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Continue the dropout streams from a saved [`Lora::dropout_state`] (a resumed run then draws the masks
+    /// the original run would have). Errors when the number of layers differs.
+    pub fn set_dropout_state(&self, state: &[u64]) -> Result<()> {
+        if state.len() != self.dropout_calls.len() {
+            bail!("lora: dropout state has {} layers, this adapter has {}", state.len(), self.dropout_calls.len())
+        }
+        for (c, &v) in self.dropout_calls.iter().zip(state) {
+            c.store(v, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &LoraConfig {

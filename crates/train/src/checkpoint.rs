@@ -27,11 +27,88 @@ pub struct TrainerState {
     pub global_step: u64,
     /// Data position: epoch and index of the next example in that epoch's order.
     pub data: SamplerState,
-    /// RNG state. The only randomness in training is the epoch order, drawn from ChaCha8(seed) on
-    /// stream `epoch` (models are dropout-free), so the seed together with `data.epoch` is the whole state.
+    /// RNG state of the data order: drawn from ChaCha8(seed) on stream `epoch`, so the seed together with
+    /// `data.epoch` is its whole state.
     pub shuffle_seed: u64,
     /// Non-pad tokens seen so far (TRL's `num_tokens`).
     pub num_tokens: u64,
+    /// RNG state of LoRA dropout: masks drawn so far per adapted layer ([`rlhf_model::lora::Lora::dropout_state`]);
+    /// empty without LoRA. (The models themselves are dropout-free.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_dropout: Vec<u64>,
+}
+
+impl TrainerState {
+    /// The state before the first step of a run whose data order is `data` drawn from `seed`.
+    pub fn new(data: SamplerState, seed: u64) -> Self {
+        Self { global_step: 0, data, shuffle_seed: seed, num_tokens: 0, lora_dropout: Vec::new() }
+    }
+}
+
+/// The newest complete checkpoint of `output_dir`, for `--resume`; an error when there is none.
+pub fn resume_dir(output_dir: &Path) -> Result<PathBuf> {
+    latest_checkpoint(output_dir)?.ok_or_else(|| TrainError::Checkpoint {
+        path: output_dir.to_path_buf(),
+        msg: "--resume: no complete checkpoint-<step> directory here".into(),
+    })
+}
+
+/// Settings a resumed run may change: they decide where and when to log, evaluate and save, not what is
+/// trained.
+pub const RESUME_FREE_KEYS: &[&str] =
+    &["output_dir", "resume", "overwrite_output_dir", "eval_file", "logging_steps", "eval_steps", "save_steps", "save_total_limit"];
+
+/// Refuses to resume from a checkpoint whose `training_config.json` (`saved`) differs from this run's
+/// settings (`current`, the same serialisation) in any key but `free` (settings that do not change what is
+/// trained, such as logging cadence). The error names every differing key with both values.
+pub fn check_resume_config(dir: &Path, saved: &serde_json::Value, current: &serde_json::Value, free: &[&str]) -> Result<()> {
+    let null = serde_json::Value::Null;
+    let empty = serde_json::Map::new();
+    let (s, c) = (saved.as_object().unwrap_or(&empty), current.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = s.keys().chain(c.keys()).filter(|k| !free.contains(&k.as_str())).collect();
+    keys.sort();
+    keys.dedup();
+    // A key missing on one side (a checkpoint from an older version) reads as null = unset.
+    let differing: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let (old, new) = (s.get(k).unwrap_or(&null), c.get(k).unwrap_or(&null));
+            (old != new).then(|| format!("{k} (checkpoint: {old}, now: {new})"))
+        })
+        .collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Config {
+        file: dir.join(CONFIG_FILE).display().to_string(),
+        key: differing.iter().map(|d| d.split(' ').next().unwrap_or_default()).collect::<Vec<_>>().join(", "),
+        msg: format!(
+            "--resume with different settings than the checkpoint: {}; resume with the checkpoint's settings, or start a new run in another --output-dir",
+            differing.join("; ")
+        ),
+    })
+}
+
+/// Removes what interrupted writers left in `output_dir`: `.tmp-checkpoint-*` directories and the
+/// `.<name>.tmp<pid>` files of [`rlhf_model::io::write_atomic`], unless the process that owns them still runs.
+pub fn remove_stale_temporaries(output_dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(output_dir) else { return Ok(()) };
+    for entry in entries {
+        let path = entry.map_err(io_err(output_dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let stale = if name.starts_with(TMP_PREFIX) {
+            true
+        } else if let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp")).map(|(_, pid)| pid) {
+            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !Path::new("/proc").join(pid).exists()
+        } else {
+            false
+        };
+        if stale {
+            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            removed.map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// `checkpoint-<step>` directories of `output_dir` (complete ones only), oldest first.

@@ -99,6 +99,9 @@ pub struct SftArgs {
     /// Continue from the newest complete checkpoint in output_dir [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub resume: Option<bool>,
+    /// Train into an output_dir that holds a previous run (or the model itself), replacing it [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite_output_dir: Option<bool>,
     /// LoRA: train adapters only; the output dir gets the merged model and the adapter in `adapter/`.
     #[command(flatten)]
     #[serde(flatten)]
@@ -134,6 +137,9 @@ pub struct SftConfig {
     pub save_total_limit: Option<usize>,
     pub seed: u64,
     pub resume: bool,
+    /// Replace a previous run in output_dir (see [`crate::output_dir::prepare`]).
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
     /// LoRA adapters instead of full fine-tuning.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
@@ -169,6 +175,7 @@ impl SftConfig {
             save_total_limit: None,
             seed: 42,
             resume: false,
+            overwrite_output_dir: false,
             lora: None,
         }
     }
@@ -197,7 +204,7 @@ macro_rules! with_fields {
             model, train_file, eval_file, output_dir, max_length, packing, completion_only_loss, batch_size,
             gradient_accumulation_steps, learning_rate, lr_scheduler_type, warmup_steps, warmup_ratio,
             weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, max_steps, num_train_epochs,
-            logging_steps, eval_steps, save_steps, save_total_limit, seed, resume
+            logging_steps, eval_steps, save_steps, save_total_limit, seed, resume, overwrite_output_dir
         )
     };
 }
@@ -272,7 +279,7 @@ impl SftArgs {
             adam_beta2: merged.adam_beta2.unwrap_or(d.adam_beta2),
             adam_epsilon: merged.adam_epsilon.unwrap_or(d.adam_epsilon),
             max_grad_norm: merged.max_grad_norm.unwrap_or(d.max_grad_norm),
-            max_steps: merged.max_steps.filter(|&s| s > 0),
+            max_steps: merged.max_steps,
             num_train_epochs: merged.num_train_epochs.unwrap_or(d.num_train_epochs),
             logging_steps: merged.logging_steps.unwrap_or(d.logging_steps),
             eval_steps: merged.eval_steps.unwrap_or(d.eval_steps),
@@ -280,6 +287,7 @@ impl SftArgs {
             save_total_limit: merged.save_total_limit,
             seed: merged.seed.unwrap_or(d.seed),
             resume: merged.resume.unwrap_or(d.resume),
+            overwrite_output_dir: merged.overwrite_output_dir.unwrap_or(d.overwrite_output_dir),
             lora: merged.lora.apply(None),
             ..d
         };
@@ -289,6 +297,9 @@ impl SftArgs {
         positive(cfg.batch_size, "batch_size")?;
         positive(cfg.gradient_accumulation_steps, "gradient_accumulation_steps")?;
         positive(cfg.logging_steps as usize, "logging_steps")?;
+        if let Some(0) = cfg.max_steps {
+            return Err(err("max_steps", "must be at least 1 (leave it unset to train num_train_epochs epochs)".into()));
+        }
         if let Some(0) = cfg.save_total_limit {
             return Err(err("save_total_limit", "must be at least 1".into()));
         }
@@ -320,13 +331,9 @@ impl SftArgs {
         if !cfg.model.join("config.json").is_file() {
             return Err(err("model", format!("{} has no config.json", cfg.model.display())));
         }
-        if !cfg.train_file.is_file() {
-            return Err(err("train_file", format!("{}: no such file", cfg.train_file.display())));
-        }
+        check_data_file(&cfg.train_file).map_err(|m| err("train_file", m))?;
         if let Some(f) = &cfg.eval_file {
-            if !f.is_file() {
-                return Err(err("eval_file", format!("{}: no such file", f.display())));
-            }
+            check_data_file(f).map_err(|m| err("eval_file", m))?;
         }
         Ok(cfg)
     }
@@ -350,6 +357,17 @@ impl SftArgs {
         with_fields!(put);
         keys.extend(self.lora.set_keys().into_iter().map(String::from));
         keys
+    }
+}
+
+/// Why `path` cannot be a data file (missing, or a directory), as an error message naming it.
+pub(crate) fn check_data_file(path: &Path) -> std::result::Result<(), String> {
+    if path.is_dir() {
+        Err(format!("{}: is a directory, not a data file (expected a .jsonl, .json or .parquet file)", path.display()))
+    } else if !path.is_file() {
+        Err(format!("{}: no such file", path.display()))
+    } else {
+        Ok(())
     }
 }
 

@@ -8,44 +8,21 @@
 //! over the dataset (`precompute_ref_log_probs`), after which the reference model is dropped.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
 use rlhf_data::{collate, collate_preference, Format, PreferenceExample, Record, TokenBatch, TokenizedSequence, Tokenizer, Truncation, IGNORE};
 use rlhf_model::lora::Lora;
 use rlhf_model::CausalLm;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{io_err, Result, TrainError};
+use crate::lora::attach_lora;
 use crate::optim::AdamW;
-use crate::pref_loss::{self, KtoLogps, LossParams, LossType, PairLogps};
-use crate::rm::{
-    attach_lora, copy_tokenizer, eval_means, row_err, tokenize_completion, train_loop, CommonArgs, Forward, Metrics, Objective,
-    PrefConfig, PrefSummary,
-};
-
-/// Section `[dpo]`: the objective and the reference model. The loss hyper-parameters (`beta`,
-/// `label_smoothing`, `simpo_gamma`, `orpo_lambda`, `cpl_alpha`, `cpl_lambda`, `cpl_bc_weight`,
-/// `desirable_weight`, `undesirable_weight`) sit in the same section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DpoOptions {
-    pub loss_type: LossType,
-    /// Frozen reference model directory (default: the initial `model`).
-    pub reference_model: Option<PathBuf>,
-    /// Compute the reference log-probs once before training instead of a reference forward every step.
-    pub precompute_ref_log_probs: bool,
-    #[serde(flatten)]
-    pub params: LossParams,
-}
-
-impl Default for DpoOptions {
-    fn default() -> Self {
-        Self { loss_type: LossType::Sigmoid, reference_model: None, precompute_ref_log_probs: false, params: LossParams::default() }
-    }
-}
+use crate::pref_config::{CommonArgs, DpoOptions, PrefConfig};
+use crate::pref_data::{bench_pairs, data_err, row_err, tokenize_completion};
+use crate::pref_loss::{self, KtoLogps, LossType, PairLogps};
+use crate::pref_train::{bench_steps, copy_tokenizer, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
 /// `rlhf dpo` flags.
 #[derive(Debug, Clone, Default, Args)]
@@ -171,10 +148,6 @@ impl DpoData {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn data_err(e: rlhf_data::DataError) -> TrainError {
-    TrainError::Data(e.to_string())
 }
 
 /// Loads and tokenizes DPO data: pairs (preference, implicit preference, correction), or for `kto` also
@@ -307,25 +280,43 @@ pub struct DpoTrainer {
 }
 
 impl DpoTrainer {
-    /// Loads the policy, reference, tokenizer and data of a validated `cfg`.
+    /// Loads the policy, reference, tokenizer and data of a validated `cfg`; with `cfg.resume` the policy
+    /// weights of the newest checkpoint in `output_dir`.
     pub fn new(cfg: &PrefConfig) -> Result<Self> {
-        let model_dir = cfg.model.clone().expect("validated");
-        let train_file = cfg.train_file.clone().expect("validated");
+        let checkpoint = cfg.resume.then(|| crate::checkpoint::resume_dir(&cfg.required().2)).transpose()?;
+        Self::load(cfg, checkpoint.as_deref())
+    }
+
+    /// [`DpoTrainer::new`] with the policy weights of `checkpoint` when given (the model, or with LoRA the
+    /// adapters over the base). The reference stays the initial model.
+    fn load(cfg: &PrefConfig, checkpoint: Option<&Path>) -> Result<Self> {
+        let (model_dir, train_file, _) = cfg.required();
         let device = Device::Cpu;
         let tokenizer = Tokenizer::from_dir(&model_dir).map_err(data_err)?;
         let pad = tokenizer.pad_id().map_err(data_err)?;
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
-        let policy = CausalLm::load(&model_dir, &device).map_err(model_err)?;
+        let policy_dir = match (checkpoint, &cfg.lora) {
+            (Some(dir), None) => dir,
+            _ => model_dir.as_path(),
+        };
+        let policy = CausalLm::load(policy_dir, &device).map_err(model_err)?;
         // Token ids past the embedding table would otherwise fail deep inside the forward pass.
         tokenizer.check_vocab(policy.vocab_size(), model_dir.join("config.json")).map_err(data_err)?;
-        let reference = match &cfg.dpo.reference_model {
-            Some(dir) => Some(CausalLm::load(dir, &device).map_err(model_err)?),
-            None => None,
+        let reference_dir = match (&cfg.dpo.reference_model, policy_dir == model_dir.as_path()) {
+            (Some(dir), _) => Some(dir.as_path()),
+            // Resumed full fine-tuning: the default reference is the initial model, not the checkpoint.
+            (None, false) if cfg.dpo.loss_type.needs_reference() => Some(model_dir.as_path()),
+            (None, _) => None,
         };
+        let reference = reference_dir.map(|dir| CausalLm::load(dir, &device).map_err(model_err)).transpose()?;
         let train = load_dpo_data(&train_file, &tokenizer, cfg)?;
         let eval = cfg.eval_file.as_deref().map(|f| load_dpo_data(f, &tokenizer, cfg)).transpose()?;
         let mut t = Self::from_parts(policy, reference, train, eval, pad, cfg)?;
         t.source_dir = Some(model_dir);
+        if let (Some(dir), Some(l)) = (checkpoint, &t.lora) {
+            let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
+            crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
+        }
         Ok(t)
     }
 
@@ -509,6 +500,10 @@ impl Objective for DpoTrainer {
         &mut self.optimizer
     }
 
+    fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
     /// The policy in the HF layout, or with LoRA a PEFT `CAUSAL_LM` adapter directory.
     fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -529,67 +524,9 @@ impl Objective for DpoTrainer {
 
 /// `rlhf dpo`: trains the policy as configured; the model (or adapter) is written to `output_dir`.
 pub fn run_dpo(cfg: &PrefConfig) -> Result<PrefSummary> {
-    let mut t = DpoTrainer::new(cfg)?;
+    let checkpoint = prepare_run(cfg)?;
+    let mut t = DpoTrainer::load(cfg, checkpoint.as_deref())?;
     train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-6))
-}
-
-/// Arithmetic preference pairs like the TRL baseline's (`"Q: 17+25="` → `" 42"` vs. a wrong sum), tokenized.
-pub fn bench_pairs(tokenizer: &Tokenizer, n: usize, seed: u64) -> Result<Vec<PreferenceExample>> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let (a, b) = (rng.gen_range(10..100), rng.gen_range(10..100));
-            let wrong = a + b + if rng.gen_bool(0.5) { rng.gen_range(1..11) } else { -rng.gen_range(1..11) };
-            let pair = rlhf_data::Preference {
-                prompt: rlhf_data::Text::Plain(format!("Q: {a}+{b}=")),
-                chosen: rlhf_data::Text::Plain(format!(" {}", a + b)),
-                rejected: rlhf_data::Text::Plain(format!(" {wrong}")),
-                margin: None,
-            };
-            rlhf_data::tokenize_pair(&pair, tokenizer, None).map_err(data_err)
-        })
-        .collect()
-}
-
-/// Times `steps` optimizer steps of `obj` on 8-example batches (after `warmup` untimed ones): median s/step,
-/// tokens/s (chosen + rejected counted once, as TRL) and peak RSS.
-pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, lr: f64) -> Result<Value> {
-    use crate::bench::{cpu_snapshot, median, peak_rss_mb};
-    let n = obj.num_examples();
-    let (mut times, mut tokens, mut total_s, mut cpu_start) = (Vec::new(), 0usize, 0.0, None);
-    for s in 0..steps + warmup {
-        if s == warmup {
-            cpu_start = cpu_snapshot();
-        }
-        let idx: Vec<usize> = (0..8).map(|j| (s * 8 + j) % n).collect();
-        let t0 = Instant::now();
-        let (_, _, _, tok) = crate::rm::optimizer_step(obj, &idx, lr, None, s as u64 + 1, &None)?;
-        let dt = t0.elapsed().as_secs_f64();
-        if s >= warmup {
-            times.push(dt);
-            tokens += tok;
-            total_s += dt;
-        }
-    }
-    // As bench-trl: CPU used by other processes meanwhile (cores; > 0.2 = contaminated) and our own CPU time.
-    let (other_cores, own_cpu_per_step) = match (cpu_start, cpu_snapshot()) {
-        (Some((busy0, own0)), Some((busy1, own1))) => {
-            (Some((((busy1 - busy0) - (own1 - own0)) / total_s).max(0.0)), Some((own1 - own0) / steps as f64))
-        }
-        _ => (None, None),
-    };
-    Ok(json!({
-        "steps": steps,
-        "pairs_per_step": 8,
-        "sec_per_step_median": median(times),
-        "tokens_per_step_mean": tokens as f64 / steps as f64,
-        "tokens_per_sec": tokens as f64 / total_s,
-        "own_cpu_s_per_step": own_cpu_per_step,
-        "other_procs_cpu_cores": other_cores,
-        "threads": rayon::current_num_threads(),
-        "peak_rss_mb": peak_rss_mb(),
-    }))
 }
 
 /// DPO benchmark at the TRL baseline's shape: sigmoid loss, β 0.1, 8 pairs/step, a reference forward every

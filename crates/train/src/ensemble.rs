@@ -2,12 +2,30 @@
 //! Per sample they give the mean reward and the disagreement (standard deviation over members), the
 //! uncertainty signal used to pick what to label next.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rlhf_model::seq_cls::SeqCls;
 
 use crate::error::{Result, TrainError};
+
+/// Refuses a directory that is not a sequence-classification model: loading a causal LM would put a
+/// fresh random head on it, and its "rewards" would be noise.
+fn check_reward_model(dir: &Path) -> Result<()> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io { path: path.clone(), source: e })?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Model(format!("{}: {e}", path.display())))?;
+    let arch = raw.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str());
+    if !arch.is_some_and(|a| a.ends_with("ForSequenceClassification")) {
+        return Err(TrainError::Model(format!(
+            "{}: field \"architectures\": {} is not a reward model (*ForSequenceClassification); train one with `rlhf rm`",
+            path.display(),
+            arch.map_or("missing".to_string(), |a| format!("\"{a}\""))
+        )));
+    }
+    Ok(())
+}
 
 pub enum Ensemble {
     /// One model; each of its `num_labels` outputs is a member (1 = a plain reward model).
@@ -27,6 +45,7 @@ impl Ensemble {
                     msg: format!("{} has no config.json", d.display()),
                 });
             }
+            check_reward_model(d)?;
             SeqCls::load(d, 1, None, 0, device).map_err(|e| TrainError::Model(e.to_string()))
         };
         match dirs {
@@ -50,6 +69,14 @@ impl Ensemble {
         match self {
             Ensemble::Heads(m) => m.num_labels(),
             Ensemble::Models(v) => v.len(),
+        }
+    }
+
+    /// The vocabulary size of each member model (one entry for a multi-head model).
+    pub fn vocab_sizes(&self) -> Vec<usize> {
+        match self {
+            Ensemble::Heads(m) => vec![m.lm.vocab_size()],
+            Ensemble::Models(v) => v.iter().map(|m| m.lm.vocab_size()).collect(),
         }
     }
 

@@ -15,6 +15,10 @@ pub enum TrainError {
     #[error("{}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
 
+    /// The output directory cannot be used as it is (it is the base model, or holds another run).
+    #[error("{}: {msg}", path.display())]
+    OutputDir { path: PathBuf, msg: String },
+
     /// Training diverged (loss or gradient norm is NaN/inf); the last good checkpoint is left untouched.
     #[error("non-finite {what} ({value}) at step {step}; training stopped{}", match last_checkpoint {
         Some(p) => format!(", last good checkpoint: {}", p.display()),

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::{group_advantages, ScaleRewards};
-use crate::error::{Result, TrainError};
+use crate::error::Result;
 use crate::online::{self, Algorithm, Batch, Metrics, OnlineArgs, OnlineSummary, Policy, Step};
 use crate::rollout::{self, SeqBatch};
 

@@ -1,11 +1,17 @@
 //! LoRA settings shared by every trainer: the `--lora-*` flags (flat TOML keys `lora_r`, … in the SFT config;
 //! the `[lora]` section of the preference config), their validation, and attaching adapters to a model.
 
+use std::path::Path;
+
+use candle_core::Var;
 use clap::Args;
 use rlhf_model::lora::{Lora, LoraConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+
+/// PEFT's prefix of every tensor name in `adapter_model.safetensors`.
+pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 
 /// `--lora-*` flags; any of them enables LoRA (defaults for the others).
 #[derive(Debug, Clone, Default, PartialEq, Args, Serialize, Deserialize)]
@@ -93,4 +99,24 @@ pub fn check(l: &LoraConfig) -> std::result::Result<(), (&'static str, &'static 
 /// Freezes `lm` and attaches LoRA adapters when configured.
 pub(crate) fn attach_lora(lm: &mut rlhf_model::CausalLm, lora: Option<&LoraConfig>, seed: u64) -> Result<Option<Lora>> {
     lora.map(|l| Lora::attach(lm, l, seed).map_err(|e| TrainError::Model(e.to_string()))).transpose()
+}
+
+/// Sets each variable `(name, var)` of `vars` to the tensor `<prefix><name>` of the safetensors file `path` (a
+/// checkpoint's adapter, which must hold exactly these tensors, with the same shapes).
+pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) -> Result<()> {
+    let ckpt_err = |msg: String| TrainError::Checkpoint { path: path.to_path_buf(), msg };
+    let device = vars.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+    let saved = rlhf_model::lora::read_safetensors(path, &device).map_err(|e| ckpt_err(e.to_string()))?;
+    if saved.len() != vars.len() {
+        return Err(ckpt_err(format!("{} tensors, this run's LoRA config trains {}", saved.len(), vars.len())));
+    }
+    for (name, var) in vars {
+        let key = format!("{prefix}{name}");
+        let t = saved.get(&key).ok_or_else(|| ckpt_err(format!("missing tensor `{key}`")))?;
+        if t.dims() != var.dims() {
+            return Err(ckpt_err(format!("`{key}` has shape {:?}, this run expects {:?}", t.dims(), var.dims())));
+        }
+        var.set(t)?;
+    }
+    Ok(())
 }

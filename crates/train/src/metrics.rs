@@ -57,8 +57,9 @@ impl MetricsWriter {
     }
 
     /// Continue the log of a run resumed at `step`: lines for later steps (written after the checkpoint
-    /// by the interrupted run) are dropped so every step is logged once.
-    /// A torn last line (the run was killed mid-write) is dropped too.
+    /// by the interrupted run) are dropped so every step is logged once. A torn last line (the run was
+    /// killed mid-write) is dropped too. Kept lines stay byte for byte (whatever keys they hold), and the
+    /// file is replaced atomically, so a crash here loses nothing.
     pub fn open_resumed(path: &Path, step: u64) -> Result<Self> {
         if path.exists() {
             let text = std::fs::read_to_string(path).map_err(io_err(path))?;
@@ -66,19 +67,34 @@ impl MetricsWriter {
                 Some(i) => &text[..=i],
                 None => "",
             };
-            let kept: Vec<LogRecord> =
-                parse_metrics(path, complete)?.into_iter().filter(|r| r.step <= step).collect();
-            let mut w = Self::open(path, false)?;
-            for r in &kept {
-                w.write(r)?;
+            let mut kept = String::new();
+            for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                #[derive(Deserialize)]
+                struct Step {
+                    step: u64,
+                }
+                let s: Step = serde_json::from_str(line).map_err(|e| crate::TrainError::Checkpoint {
+                    path: PathBuf::from(format!("{}:{}", path.display(), i + 1)),
+                    msg: e.to_string(),
+                })?;
+                if s.step <= step {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
             }
-            Ok(w)
+            rlhf_model::io::write_atomic(path, kept.as_bytes()).map_err(|e| crate::TrainError::Model(e.to_string()))?;
+            Self::open(path, true)
         } else {
             Self::open(path, false)
         }
     }
 
     pub fn write(&mut self, record: &LogRecord) -> Result<()> {
+        self.write_line(record)
+    }
+
+    /// Writes any serialisable record (e.g. a map of free-form metric names) as one line.
+    pub fn write_line<T: Serialize + ?Sized>(&mut self, record: &T) -> Result<()> {
         let line = serde_json::to_string(record).expect("plain data serialises");
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(io_err(&self.path))
     }

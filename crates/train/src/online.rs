@@ -298,7 +298,7 @@ impl Policy {
             Some(l) => l.save(&dir.join(ADAPTER_DIR), &self.model_dir.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err),
             None => {
                 self.model.save(dir).map_err(model_err)?;
-                crate::rm::copy_tokenizer(&self.model_dir, dir)
+                crate::pref_train::copy_tokenizer(&self.model_dir, dir)
             }
         }
     }
@@ -310,7 +310,7 @@ impl Policy {
             l.merge_into(&mut self.model).map_err(model_err)?;
         }
         self.model.save(out).map_err(model_err)?;
-        crate::rm::copy_tokenizer(&self.model_dir, out)
+        crate::pref_train::copy_tokenizer(&self.model_dir, out)
     }
 }
 
@@ -413,26 +413,6 @@ pub struct OnlineSummary {
 /// Keys that may differ between a checkpoint's settings and a resumed run's.
 const RESUMABLE_CHANGES: [&str; 7] = ["resume", "max_steps", "save_steps", "logging_steps", "eval_steps", "save_total_limit", "overwrite_output_dir"];
 
-/// Refuses an output directory that is the model's own, or that holds another run (unless asked).
-fn check_output_dir(args: &OnlineArgs, out: &Path) -> Result<()> {
-    let model = required(&args.model, "model")?;
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    };
-    if same(model, out) {
-        return Err(args.setting_err("output_dir", format!("{} is the model directory: training would overwrite the base model; choose another output_dir", out.display())));
-    }
-    let busy = fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if busy && !args.resume && !args.overwrite_output_dir {
-        return Err(args.setting_err(
-            "output_dir",
-            format!("{} already holds files of another run: pass --resume to continue it, --overwrite-output-dir to replace it, or choose another directory", out.display()),
-        ));
-    }
-    Ok(())
-}
-
 /// Names the settings that differ between checkpoint `dir` and `current`.
 fn check_resume_config(dir: &Path, current: &Value) -> Result<()> {
     let saved = checkpoint::load_checkpoint_config(dir)?;
@@ -489,7 +469,7 @@ pub fn run<A: Algorithm>(
     let t_run = Instant::now();
     args.validate()?;
     let out = required(&args.output_dir, "output_dir")?.clone();
-    check_output_dir(args, &out)?;
+    crate::output_dir::prepare(required(&args.model, "model")?, &out, args.overwrite_output_dir, args.resume)?;
     let resume_dir = if args.resume { checkpoint::latest_checkpoint(&out)? } else { None };
     if let Some(dir) = &resume_dir {
         check_resume_config(dir, settings)?;
@@ -526,7 +506,7 @@ pub fn run<A: Algorithm>(
     let total = args.max_steps.unwrap_or_else(|| ((args.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1));
     let schedule = Schedule::new(args.lr_scheduler_type, args.learning_rate, Warmup::Steps(args.warmup_steps), total);
     let mut sampler = EpochSampler::new(prompts.len(), args.seed, true);
-    let mut state = TrainerState { global_step: 0, data: sampler.state(), shuffle_seed: args.seed, num_tokens: 0 };
+    let mut state = TrainerState::new(sampler.state(), args.seed);
     let metrics_path = out.join(METRICS_FILE);
     if let Some(dir) = &resume_dir {
         state = checkpoint::load_checkpoint(dir, &mut optimizer)?;
@@ -534,11 +514,7 @@ pub fn run<A: Algorithm>(
         sampler = EpochSampler::resume(prompts.len(), args.seed, true, state.data);
         truncate_metrics(&metrics_path, state.global_step)?;
     } else {
-        if args.overwrite_output_dir && out.exists() {
-            fs::remove_dir_all(&out).map_err(io_err(&out))?;
-        }
         fs::create_dir_all(&out).map_err(io_err(&out))?;
-        let _ = fs::remove_file(&metrics_path);
     }
     let spec = args.sampling();
     let mut last_checkpoint = resume_dir.clone();

@@ -101,6 +101,20 @@ impl LossParams {
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return bad("label_smoothing", "must be in [0, 0.5)");
         }
+        // NaN or inf here would only surface as "non-finite loss at step 1".
+        for (k, v) in [
+            ("simpo_gamma", self.simpo_gamma),
+            ("orpo_lambda", self.orpo_lambda),
+            ("cpl_alpha", self.cpl_alpha),
+            ("cpl_lambda", self.cpl_lambda),
+            ("cpl_bc_weight", self.cpl_bc_weight),
+            ("desirable_weight", self.desirable_weight),
+            ("undesirable_weight", self.undesirable_weight),
+        ] {
+            if !v.is_finite() {
+                return Err((k.to_string(), format!("must be a finite number, got {v}")));
+            }
+        }
         match loss {
             LossType::Cpl if !(self.cpl_lambda > 0.0 && self.cpl_lambda <= 1.0) => {
                 bad("cpl_lambda", "must be in (0, 1]")

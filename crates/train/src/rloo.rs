@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::{leave_one_out_advantages, normalize};
-use crate::error::{Result, TrainError};
+use crate::error::Result;
 use crate::grpo::clipped_surrogate;
 use crate::online::{self, Algorithm, Batch, Metrics, OnlineArgs, OnlineSummary, Policy, Step};
 use crate::rollout;

@@ -120,6 +120,7 @@ pub struct SftSummary {
 }
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
+
 /// Subdirectory of output_dir that receives the trained LoRA adapter (PEFT layout).
 pub const ADAPTER_DIR: &str = "adapter";
 /// Tokenizer files copied next to saved weights so an output directory is a complete HF model.
@@ -150,6 +151,7 @@ pub struct SftTrainer {
 impl SftTrainer {
     /// Load the model, tokenizer and data named by `cfg`; resume from the newest checkpoint if asked.
     pub fn new(cfg: SftConfig) -> Result<Self> {
+        crate::output_dir::prepare(&cfg.model, &cfg.output_dir, cfg.overwrite_output_dir, cfg.resume)?;
         let device = Device::Cpu;
         let tokenizer = rlhf_data::tokenizer::Tokenizer::from_dir(&cfg.model).map_err(|e| TrainError::Data(e.to_string()))?;
         let pad_id = tokenizer.pad_id().map_err(|e| TrainError::Data(e.to_string()))?;
@@ -158,14 +160,7 @@ impl SftTrainer {
             Some(f) => tokenize(&cfg, &tokenizer, f)?,
             None => Vec::new(),
         };
-        let resume_dir = if cfg.resume {
-            Some(checkpoint::latest_checkpoint(&cfg.output_dir)?.ok_or_else(|| TrainError::Checkpoint {
-                path: cfg.output_dir.clone(),
-                msg: "--resume: no complete checkpoint-<step> directory here".into(),
-            })?)
-        } else {
-            None
-        };
+        let resume_dir = if cfg.resume { Some(checkpoint::resume_dir(&cfg.output_dir)?) } else { None };
         // With LoRA a checkpoint holds only the adapter: the base comes from cfg.model.
         let model_dir = match (&resume_dir, &cfg.lora) {
             (Some(dir), None) => dir.as_path(),
@@ -181,7 +176,8 @@ impl SftTrainer {
         trainer.tokenizer_dir = tokenizer_dir;
         if let Some(dir) = resume_dir {
             if let Some(l) = &trainer.lora {
-                load_adapter_weights(l, &dir, &device)?;
+                let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
+                crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
             }
             trainer.resume_from(&dir)?;
         }
@@ -219,7 +215,7 @@ impl SftTrainer {
         };
         let schedule = Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup(), total_steps);
         let sampler = EpochSampler::new(train.len(), cfg.seed, true);
-        let state = TrainerState { global_step: 0, data: sampler.state(), shuffle_seed: cfg.seed, num_tokens: 0 };
+        let state = TrainerState::new(sampler.state(), cfg.seed);
         Ok(Self {
             cfg,
             model,
@@ -399,6 +395,7 @@ impl SftTrainer {
 
     /// Write `checkpoint-<step>` atomically (pruning to save_total_limit).
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.state.lora_dropout = self.lora.as_ref().map(Lora::dropout_state).unwrap_or_default();
         let config = serde_json::to_value(&self.cfg).expect("config serialises");
         let dir = checkpoint::save_checkpoint(
             &self.cfg.output_dir,
@@ -416,18 +413,7 @@ impl SftTrainer {
     fn resume_from(&mut self, dir: &Path) -> Result<()> {
         let saved = checkpoint::load_checkpoint_config(dir)?;
         let current = serde_json::to_value(&self.cfg).expect("config serialises");
-        // Settings that define the data order, the step's batch or the trained parameters: changing them
-        // breaks exact resume. A missing key (checkpoints from before LoRA support) reads as null = none.
-        for key in ["train_file", "batch_size", "gradient_accumulation_steps", "seed", "max_length", "packing", "completion_only_loss", "lora"] {
-            let now = &current[key];
-            if saved.get(key).unwrap_or(&serde_json::Value::Null) != now {
-                return Err(TrainError::Config {
-                    file: dir.join(checkpoint::CONFIG_FILE).display().to_string(),
-                    key: key.into(),
-                    msg: format!("checkpoint was trained with {}, this run has {now}", saved.get(key).unwrap_or(&serde_json::Value::Null)),
-                });
-            }
-        }
+        checkpoint::check_resume_config(dir, &saved, &current, checkpoint::RESUME_FREE_KEYS)?;
         let state = checkpoint::load_checkpoint(dir, &mut self.optimizer)?;
         if state.data.index > self.train.len() {
             return Err(TrainError::Checkpoint {
@@ -436,6 +422,15 @@ impl SftTrainer {
             });
         }
         self.sampler = EpochSampler::resume(self.train.len(), state.shuffle_seed, true, state.data);
+        if let Some(l) = &self.lora {
+            // Checkpoints from before seeded dropout hold no dropout state; those runs were not reproducible.
+            if !state.lora_dropout.is_empty() {
+                l.set_dropout_state(&state.lora_dropout).map_err(|e| TrainError::Checkpoint {
+                    path: dir.join(checkpoint::STATE_FILE),
+                    msg: e.to_string(),
+                })?;
+            }
+        }
         self.resumed_from = Some(state.global_step);
         self.state = state;
         self.last_checkpoint = Some(dir.to_path_buf());
@@ -513,26 +508,6 @@ impl SftTrainer {
         }
         self.save_model(&out)
     }
-}
-
-/// Sets the adapter parameters of `lora` to those saved in checkpoint `dir` (same names and shapes).
-fn load_adapter_weights(lora: &Lora, dir: &Path, device: &Device) -> Result<()> {
-    let path = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
-    let ckpt_err = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
-    let saved = rlhf_model::lora::read_safetensors(&path, device).map_err(|e| ckpt_err(e.to_string()))?;
-    let vars = lora.varmap().data().lock().expect("VarMap lock poisoned");
-    if saved.len() != vars.len() {
-        return Err(ckpt_err(format!("{} adapter tensors, this run's LoRA config has {}", saved.len(), vars.len())));
-    }
-    for (name, var) in vars.iter() {
-        let key = format!("base_model.model.{name}");
-        let t = saved.get(&key).ok_or_else(|| ckpt_err(format!("missing adapter tensor `{key}`")))?;
-        if t.dims() != var.dims() {
-            return Err(ckpt_err(format!("`{key}` has shape {:?}, this run expects {:?}", t.dims(), var.dims())));
-        }
-        var.set(t)?;
-    }
-    Ok(())
 }
 
 /// Train with `cfg` (the CLI entry point).

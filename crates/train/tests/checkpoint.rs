@@ -4,7 +4,7 @@ use rlhf_train::checkpoint::{latest_checkpoint, list_checkpoints, load_checkpoin
 use rlhf_train::optim::{AdamW, AdamWConfig};
 
 fn state(step: u64) -> TrainerState {
-    TrainerState { global_step: step, data: SamplerState { epoch: 0, index: step as usize * 8 }, shuffle_seed: 7, num_tokens: step * 80 }
+    TrainerState { global_step: step, data: SamplerState { epoch: 0, index: step as usize * 8 }, shuffle_seed: 7, num_tokens: step * 80, lora_dropout: vec![step, step] }
 }
 
 #[test]

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rlhf_train::dpo::{DpoArgs, DpoTrainer};
 use rlhf_train::pref_loss::LossType;
-use rlhf_train::rm::{train_loop, CommonArgs, Objective, PrefConfig};
+use rlhf_train::pref_config::{CommonArgs, PrefConfig};
+use rlhf_train::pref_train::{train_loop, Objective};
 use serde_json::{json, Value};
 
 fn llama() -> PathBuf {

@@ -10,7 +10,8 @@ use rlhf_model::seq_cls::SeqCls;
 use rlhf_model::CausalLm;
 use rlhf_train::dpo::run_dpo;
 use rlhf_train::pref_loss::LossType;
-use rlhf_train::rm::{run_rm, PrefConfig};
+use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::rm::run_rm;
 use serde_json::{json, Value};
 
 fn llama() -> PathBuf {

@@ -9,7 +9,9 @@ use rlhf_data::{tokenize_pair, Preference, PreferenceExample, Text, Tokenizer};
 use rlhf_model::seq_cls::SeqCls;
 use rlhf_model::CausalLm;
 use rlhf_train::dpo::{DpoData, DpoTrainer};
-use rlhf_train::rm::{Objective, PrefConfig, RmData, RmTrainer};
+use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::pref_train::Objective;
+use rlhf_train::rm::{RmData, RmTrainer};
 use serde_json::Value;
 
 fn root() -> PathBuf {

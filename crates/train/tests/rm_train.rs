@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rlhf_model::seq_cls::SeqCls;
-use rlhf_train::rm::{run_rm, run_rm_score, PrefConfig, RmArgs, RmScoreArgs};
+use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::rm::{run_rm, run_rm_score, RmArgs, RmScoreArgs};
 use rlhf_train::TrainError;
 use serde_json::{json, Value};
 
@@ -147,7 +148,7 @@ fn bad_rows_and_keys_are_reported_with_their_location() {
     assert!(err.contains("train.jsonl:2") && err.contains("\"chosen\""), "{err}");
 
     std::fs::write(d.join("rm.toml"), "batch_size = 4\n[rm]\nnum_heads = 2\ncenter_reward = 0.1\n").unwrap();
-    let args = RmArgs { common: rlhf_train::rm::CommonArgs { config: Some(d.join("rm.toml")), ..Default::default() }, ..Default::default() };
+    let args = RmArgs { common: rlhf_train::pref_config::CommonArgs { config: Some(d.join("rm.toml")), ..Default::default() }, ..Default::default() };
     let err = args.resolve().unwrap_err().to_string();
     assert!(err.contains("rm.toml") && err.contains("rm.center_reward") && err.contains("unknown key"), "{err}");
 

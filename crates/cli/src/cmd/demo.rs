@@ -80,6 +80,8 @@ pub fn run(a: Args) -> Result<()> {
     cfg.logging_steps = 20;
     cfg.save_steps = 0;
     cfg.seed = a.seed;
+    // The demo's working directory is its own: an interrupted earlier demo's SFT run is replaced.
+    cfg.overwrite_output_dir = true;
     let summary = run_sft(&cfg)?;
 
     eprintln!("[4/4] answers of the fine-tuned model");

@@ -7,7 +7,7 @@ use clap::Args as ClapArgs;
 use rlhf_data::load_dataset;
 use rlhf_generate::Generator;
 use rlhf_model::{GenRequest, Sampling};
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -42,17 +42,61 @@ pub struct Args {
     pub batch_size: usize,
 }
 
+impl Args {
+    /// Refuses sampling settings that can only produce garbage, naming the flag.
+    fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, msg: String| anyhow::anyhow!("command line: flag --{flag}: {msg}");
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(bad("temperature", format!("{} is not a finite number >= 0 (0 = greedy)", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(bad("top-p", format!("{} is not in (0, 1] (1 = no nucleus truncation)", self.top_p)));
+        }
+        if self.batch_size == 0 {
+            return Err(bad("batch-size", "must be at least 1".into()));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(bad("max-new-tokens", "must be at least 1".into()));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(bad("stop", "an empty stop string would stop before the first token".into()));
+        }
+        Ok(())
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
+    a.validate()?;
     let generator = Generator::load(&a.model)?;
     let data = load_dataset(&a.prompts)?;
+    let context = generator.model.config().max_position_embeddings();
     let mut prompts = Vec::with_capacity(data.rows.len());
     let mut seeds = Vec::with_capacity(data.rows.len());
     for (i, row) in data.rows.iter().enumerate() {
         let prompt = row.record.prompt().with_context(|| {
             format!("{}: {} rows have no `prompt` column to generate from", data.source, data.format)
         })?;
-        prompts.push(generator.encode_prompt(prompt)?);
-        seeds.push(row.extra.get("seed").and_then(Value::as_u64).unwrap_or(a.seed + i as u64));
+        let ids = generator.encode_prompt(prompt)?;
+        let row_err = |msg: String| data.row_error(row, Some("prompt"), msg);
+        if ids.is_empty() {
+            return Err(row_err("the prompt is empty (no token to generate from)".into()).into());
+        }
+        if ids.len() + a.max_new_tokens > context {
+            return Err(row_err(format!(
+                "{} prompt tokens + --max-new-tokens {} exceed the model's max_position_embeddings {context}",
+                ids.len(),
+                a.max_new_tokens
+            ))
+            .into());
+        }
+        prompts.push(ids);
+        let seed = match row.extra.get("seed") {
+            None => a.seed + i as u64,
+            Some(v) => v.as_u64().ok_or_else(|| {
+                data.row_error(row, Some("seed"), format!("expected a non-negative integer, got {v}"))
+            })?,
+        };
+        seeds.push(seed);
     }
     let template = GenRequest {
         max_new_tokens: a.max_new_tokens,
@@ -63,6 +107,11 @@ pub fn run(a: Args) -> Result<()> {
     let outputs = generator.run(&prompts, &seeds, &template, a.batch_size)?;
     let mut text = String::new();
     for (row, (completion, o)) in data.rows.iter().zip(outputs) {
+        // NaN/inf weights give NaN log-probs (and token 0 as the argmax of NaNs): refuse, not garbage.
+        if o.logprobs.iter().any(|l| !l.is_finite()) {
+            let msg = "the model produced non-finite log-probabilities (NaN or inf weights?); nothing written";
+            return Err(anyhow::anyhow!("{}: {msg}", a.model.join("model.safetensors").display()));
+        }
         let mut obj = row.to_json();
         obj.insert("completion".into(), json!(completion));
         obj.insert("completion_ids".into(), json!(o.tokens));
