@@ -178,6 +178,8 @@ fn init_then_generate_is_reproducible_and_keeps_columns() {
             assert!(!ids.is_empty() && ids.len() <= 12, "{file}: {} completion ids", ids.len());
             assert_eq!(logprobs.len(), ids.len(), "{file}: one logprob per completion id");
             assert!(logprobs.iter().all(|l| l.as_f64().is_some_and(|l| l.is_finite() && l <= 0.0)), "{file}: {logprobs:?}");
+            // Greedy and T = 1 sample from the unmodified distribution.
+            assert_eq!(row["sampling_logprobs"].as_array(), Some(logprobs), "{file}: sampling_logprobs at T = 1");
             assert!(ids.iter().all(|i| i.as_u64().is_some_and(|i| i < 300)), "{file}: id out of vocab: {ids:?}");
             assert!(row["completion"].is_string());
             let reason = row["finish_reason"].as_str().unwrap();

@@ -8,8 +8,14 @@
 //! `GenOutput::logprobs` are log-probabilities of the chosen tokens under the model's
 //! unmodified distribution — `log_softmax(logits)` at temperature 1, before top-k/top-p — i.e.
 //! what [`crate::token_logprobs`] gives when the sequence is re-scored with a full forward pass.
+//! `GenOutput::sampling_logprobs` are under the distribution sampled from as TRL's trainers define
+//! it: `log_softmax(logits / T)` over the whole vocabulary (top-k/top-p do not renormalise it).
+//!
+//! [`Decoder`] is the step-level API (continuous batching): requests join between decode steps
+//! and leave the batch — their KV-cache rows dropped — as soon as they finish, so late steps only
+//! pay for the requests still running. [`generate`] is a batch run of it.
 
-use crate::{CausalLm, Positions};
+use crate::{CausalLm, Inner, KvCache, Positions};
 use candle_core::{bail, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -56,6 +62,8 @@ pub struct GenRequest {
     /// Generation stops once the decoded completion contains one of these (the completing token
     /// is included). Needs the `decode` callback of [`generate`].
     pub stop_strings: Vec<String>,
+    /// How many of the most likely tokens (with T = 1 log-probs) [`StepToken::top`] lists.
+    pub top_logprobs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +82,8 @@ pub struct GenOutput {
     pub tokens: Vec<u32>,
     /// `log p(token)` under the unmodified (T = 1) model distribution, one per token.
     pub logprobs: Vec<f32>,
+    /// `log p(token)` under `log_softmax(logits / T)` (T = 1 when greedy), one per token.
+    pub sampling_logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
 }
 
@@ -95,6 +105,21 @@ fn argmax(x: &[f32]) -> usize {
         .0
 }
 
+/// Indices of the `k` largest values, largest first (ties by lower index).
+fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    if k == 0 {
+        return vec![];
+    }
+    let by_value = |a: &usize, b: &usize| x[*b].total_cmp(&x[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_value);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by_value);
+    idx
+}
+
 /// Draws a token from `logits` (one row) under `s`; greedy draws no random number.
 fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
     if s.temperature <= 0.0 {
@@ -103,15 +128,12 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
     let inv_t = 1.0 / s.temperature;
     let truncate = (s.top_k > 0 && s.top_k < logits.len()) || s.top_p < 1.0;
     // Candidates in a batch-independent order: all ids ascending, or by (logit desc, id asc).
-    let mut cand: Vec<usize> = (0..logits.len()).collect();
-    if truncate {
-        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-        if s.top_k > 0 && s.top_k < cand.len() {
-            cand.select_nth_unstable_by(s.top_k - 1, by_logit);
-            cand.truncate(s.top_k);
-        }
-        cand.sort_unstable_by(by_logit);
-    }
+    let cand: Vec<usize> = if truncate {
+        let k = if s.top_k > 0 { s.top_k.min(logits.len()) } else { logits.len() };
+        top_k(logits, k)
+    } else {
+        (0..logits.len()).collect()
+    };
     let m = cand
         .iter()
         .map(|&i| logits[i])
@@ -146,6 +168,276 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
 /// Turns completion token ids into text (for `stop_strings`).
 pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
 
+/// Identifies a request of a [`Decoder`].
+pub type SeqId = u64;
+
+/// One token produced by [`Decoder::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepToken {
+    pub id: SeqId,
+    pub token: u32,
+    /// As in [`GenOutput::logprobs`].
+    pub logprob: f32,
+    /// As in [`GenOutput::sampling_logprobs`].
+    pub sampling_logprob: f32,
+    /// The request's `top_logprobs` most likely tokens and their T = 1 log-probs, best first.
+    pub top: Vec<(u32, f32)>,
+    /// The request's whole output when this token ended it (it has then left the decoder).
+    pub finished: Option<GenOutput>,
+}
+
+/// A request inside the decoder.
+struct Seq {
+    id: SeqId,
+    req: GenRequest,
+    rng: StdRng,
+    out: GenOutput,
+}
+
+impl Seq {
+    /// Positions still to be fed back through the model: the last sampled token never is.
+    fn remaining_feeds(&self) -> usize {
+        self.req.max_new_tokens - self.out.tokens.len()
+    }
+
+    /// Samples the next token from this row's logits and records it; true when the request is done.
+    fn push(&mut self, row: &[f32], decode: Option<Decode>) -> (StepToken, bool) {
+        let r = &self.req;
+        let tok = sample(row, &r.sampling, &mut self.rng);
+        let lse = log_sum_exp(row);
+        let lp = row[tok] - lse;
+        let slp = match r.sampling.temperature {
+            t if t > 0.0 && t != 1.0 => {
+                let scaled: Vec<f32> = row.iter().map(|&v| v / t).collect();
+                scaled[tok] - log_sum_exp(&scaled)
+            }
+            _ => lp,
+        };
+        let top = top_k(row, r.top_logprobs).into_iter().map(|i| (i as u32, row[i] - lse)).collect();
+        let o = &mut self.out;
+        o.tokens.push(tok as u32);
+        o.logprobs.push(lp);
+        o.sampling_logprobs.push(slp);
+        let mut done = true;
+        if r.stop_ids.contains(&(tok as u32)) {
+            o.finish_reason = FinishReason::Eos;
+        } else if let (false, Some(dec)) = (r.stop_strings.is_empty(), decode) {
+            let text = dec(&o.tokens);
+            if r.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                o.finish_reason = FinishReason::StopString;
+            } else {
+                done = o.tokens.len() >= r.max_new_tokens;
+            }
+        } else {
+            done = o.tokens.len() >= r.max_new_tokens;
+        }
+        let t = StepToken {
+            id: self.id,
+            token: tok as u32,
+            logprob: lp,
+            sampling_logprob: slp,
+            top,
+            finished: done.then(|| o.clone()),
+        };
+        (t, done)
+    }
+}
+
+fn check_prompt(req: &GenRequest, vocab: usize) -> Result<()> {
+    if req.prompt_ids.is_empty() {
+        bail!("prompt_ids is empty")
+    }
+    if let Some(&t) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+        bail!("prompt token {t} is out of range for vocab size {vocab}")
+    }
+    Ok(())
+}
+
+/// Step-level batched decoding with requests joining and leaving between steps (see the module
+/// docs). Each request's output is the same whatever else runs beside it and whenever it joined.
+pub struct Decoder<'m> {
+    model: &'m CausalLm,
+    net: Inner,
+    /// One row per `active` request, in order; `None` while nothing runs.
+    cache: Option<KvCache>,
+    active: Vec<Seq>,
+    pending: Vec<Seq>,
+    next_id: SeqId,
+}
+
+impl<'m> Decoder<'m> {
+    pub fn new(model: &'m CausalLm) -> Result<Self> {
+        Ok(Self {
+            model,
+            net: model.inference_copy()?,
+            cache: None,
+            active: vec![],
+            pending: vec![],
+            next_id: 0,
+        })
+    }
+
+    /// Queues a request; it is prefilled (and yields its first token) at the next [`Self::step`].
+    pub fn add(&mut self, req: GenRequest) -> Result<SeqId> {
+        check_prompt(&req, self.model.vocab_size())?;
+        if req.max_new_tokens == 0 {
+            bail!("max_new_tokens must be at least 1")
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.push(Seq {
+            id,
+            rng: StdRng::seed_from_u64(req.seed),
+            req,
+            out: GenOutput {
+                tokens: vec![],
+                logprobs: vec![],
+                sampling_logprobs: vec![],
+                finish_reason: FinishReason::Length,
+            },
+        });
+        Ok(id)
+    }
+
+    /// Drops a request (e.g. its client went away); false if it is not in the decoder.
+    pub fn cancel(&mut self, id: SeqId) -> Result<bool> {
+        if let Some(i) = self.pending.iter().position(|s| s.id == id) {
+            self.pending.remove(i);
+            return Ok(true);
+        }
+        let Some(i) = self.active.iter().position(|s| s.id == id) else {
+            return Ok(false);
+        };
+        let keep: Vec<usize> = (0..self.active.len()).filter(|&j| j != i).collect();
+        self.retain(&keep)?;
+        Ok(true)
+    }
+
+    /// Requests running or waiting to join.
+    pub fn len(&self) -> usize {
+        self.active.len() + self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of the running batch (finished requests are not counted: they have left it).
+    pub fn batch_rows(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::rows)
+    }
+
+    /// Positions held per row of the running batch's KV cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache.as_ref().map_or(0, KvCache::len)
+    }
+
+    /// One decode step of the running batch, then the prefill of the requests queued since the
+    /// last step (which join the batch). Returns one token per request that ran.
+    pub fn step(&mut self, decode: Option<Decode>) -> Result<Vec<StepToken>> {
+        if let Some(i) = self.pending.iter().position(|s| !s.req.stop_strings.is_empty() && decode.is_none()) {
+            let id = self.pending.remove(i).id;
+            bail!("request {id}: stop_strings need a decode callback")
+        }
+        let mut tokens = Vec::with_capacity(self.len());
+        if let Some(cache) = self.cache.as_mut() {
+            let dev = self.model.device();
+            let b = self.active.len();
+            let last: Vec<u32> = self.active.iter().map(|s| *s.out.tokens.last().expect("active rows have a token")).collect();
+            let pos: Vec<u32> =
+                self.active.iter().map(|s| (s.req.prompt_ids.len() + s.out.tokens.len() - 1) as u32).collect();
+            let input = Tensor::from_vec(last, (b, 1), dev)?;
+            let positions = Tensor::from_vec(pos, (b, 1), dev)?;
+            cache.begin_step(1)?;
+            let h = self.net.hidden(&input, &Positions::Ids(&positions), Some(cache));
+            cache.end_step();
+            let logits = self.net.lm_head().forward(&h?)?.squeeze(1)?.to_vec2::<f32>()?;
+            let mut keep = Vec::with_capacity(b);
+            for (i, (s, row)) in self.active.iter_mut().zip(&logits).enumerate() {
+                let (t, done) = s.push(row, decode);
+                tokens.push(t);
+                if !done {
+                    keep.push(i);
+                }
+            }
+            if keep.len() < b {
+                self.retain(&keep)?;
+            }
+        }
+        if !self.pending.is_empty() {
+            self.prefill(decode, &mut tokens)?;
+        }
+        Ok(tokens)
+    }
+
+    /// Runs the queued prompts as one left-padded batch and merges their rows into the cache.
+    fn prefill(&mut self, decode: Option<Decode>, tokens: &mut Vec<StepToken>) -> Result<()> {
+        let mut new = std::mem::take(&mut self.pending);
+        let dev = self.model.device();
+        let b = new.len();
+        let p = new.iter().map(|s| s.req.prompt_ids.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = new.iter().map(|s| p - s.req.prompt_ids.len()).collect();
+        let mut ids = Vec::with_capacity(b * p);
+        let mut pos = Vec::with_capacity(b * p);
+        for (s, &pad) in new.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0, pad).chain(s.req.prompt_ids.iter().copied()));
+            pos.extend((0..p).map(|j| j.saturating_sub(pad) as u32));
+        }
+        // Alone, the prefill cache becomes the running one: reserve the decode positions now.
+        let extra = match self.cache {
+            None => new.iter().map(|s| s.req.max_new_tokens - 1).max().unwrap_or(0),
+            Some(_) => 0,
+        };
+        let mut cache = self.model.new_kv_cache(b, p + extra)?;
+        cache.set_row_start(&pads)?;
+        cache.begin_step(p)?;
+        let input = Tensor::from_vec(ids, (b, p), dev)?;
+        let positions = Tensor::from_vec(pos, (b, p), dev)?;
+        let h = self.net.hidden(&input, &Positions::Ids(&positions), Some(&mut cache))?;
+        cache.end_step();
+        let logits = self.net.lm_head().forward(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?.to_vec2::<f32>()?;
+        let mut keep = Vec::with_capacity(b);
+        for (i, (s, row)) in new.iter_mut().zip(&logits).enumerate() {
+            let (t, done) = s.push(row, decode);
+            tokens.push(t);
+            if !done {
+                keep.push(i);
+            }
+        }
+        let old_rows: Vec<usize> = (0..self.active.len()).collect();
+        retain_indices(&mut new, &keep);
+        self.active.extend(new);
+        let need = self.active.iter().map(Seq::remaining_feeds).max().unwrap_or(0);
+        self.cache = match self.cache.take() {
+            None if keep.len() == b => Some(cache),
+            Some(old) if keep.is_empty() => Some(old),
+            None if keep.is_empty() => None,
+            None => Some(KvCache::regroup(&[(&cache, &keep)], need)?),
+            Some(old) => Some(KvCache::regroup(&[(&old, &old_rows), (&cache, &keep)], need)?),
+        };
+        Ok(())
+    }
+
+    /// Keeps only the active rows `keep` (ascending), shrinking the cache to what they need.
+    fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        retain_indices(&mut self.active, keep);
+        let need = self.active.iter().map(Seq::remaining_feeds).max().unwrap_or(0);
+        self.cache = match (self.cache.take(), keep.is_empty()) {
+            (Some(c), false) => Some(KvCache::regroup(&[(&c, keep)], need)?),
+            _ => None,
+        };
+        Ok(())
+    }
+}
+
+fn retain_indices<T>(v: &mut Vec<T>, keep: &[usize]) {
+    let mut i = 0;
+    v.retain(|_| {
+        i += 1;
+        keep.contains(&(i - 1))
+    });
+}
+
 /// Generates completions for a batch of requests (see the module docs). `decode` is needed only
 /// for `stop_strings`.
 pub fn generate(
@@ -153,103 +445,34 @@ pub fn generate(
     requests: &[GenRequest],
     decode: Option<Decode>,
 ) -> Result<Vec<GenOutput>> {
-    let b = requests.len();
-    if b == 0 {
-        return Ok(vec![]);
-    }
-    let vocab = model.vocab_size();
+    let empty = GenOutput {
+        tokens: vec![],
+        logprobs: vec![],
+        sampling_logprobs: vec![],
+        finish_reason: FinishReason::Length,
+    };
+    let mut outs = vec![empty; requests.len()];
     for (i, r) in requests.iter().enumerate() {
-        if r.prompt_ids.is_empty() {
-            bail!("generate: request {i}: prompt_ids is empty")
-        }
-        if let Some(&t) = r.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            bail!("generate: request {i}: prompt token {t} is out of range for vocab size {vocab}")
-        }
+        check_prompt(r, model.vocab_size()).map_err(|e| candle_core::Error::msg(format!("generate: request {i}: {e}")))?;
         if !r.stop_strings.is_empty() && decode.is_none() {
             bail!("generate: request {i}: stop_strings need a decode callback")
         }
     }
-    let max_new = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
-    let mut outs: Vec<GenOutput> = requests
-        .iter()
-        .map(|_| GenOutput {
-            tokens: vec![],
-            logprobs: vec![],
-            finish_reason: FinishReason::Length,
-        })
-        .collect();
-    if max_new == 0 {
-        return Ok(outs);
-    }
-    let dev = model.device().clone();
-    let p = requests
-        .iter()
-        .map(|r| r.prompt_ids.len())
-        .max()
-        .unwrap_or(0);
-    let pads: Vec<usize> = requests.iter().map(|r| p - r.prompt_ids.len()).collect();
-    // The last sampled token is never fed back.
-    let capacity = p + max_new - 1;
-    let mut cache = model.new_kv_cache(b, capacity)?;
-    cache.set_row_start(&pads)?;
-    let net = model.inference_copy()?;
-
-    let mut ids = Vec::with_capacity(b * p);
-    let mut pos = Vec::with_capacity(b * p);
-    for (r, &pad) in requests.iter().zip(&pads) {
-        ids.extend(std::iter::repeat_n(0, pad).chain(r.prompt_ids.iter().copied()));
-        pos.extend((0..p).map(|j| j.saturating_sub(pad) as u32));
-    }
-    let mut rngs: Vec<StdRng> = requests
-        .iter()
-        .map(|r| StdRng::seed_from_u64(r.seed))
-        .collect();
-    let mut done: Vec<bool> = requests.iter().map(|r| r.max_new_tokens == 0).collect();
-    let mut step_len = p;
-    let mut input = Tensor::from_vec(ids, (b, p), &dev)?;
-    let mut positions = Tensor::from_vec(pos, (b, p), &dev)?;
-    for step in 0..max_new {
-        cache.begin_step(step_len)?;
-        let h = net.hidden(&input, &Positions::Ids(&positions), Some(&mut cache))?;
-        cache.end_step();
-        let last = h.narrow(1, step_len - 1, 1)?;
-        let logits = net.lm_head().forward(&last)?.squeeze(1)?.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(b);
-        let mut next_pos = Vec::with_capacity(b);
-        for (i, r) in requests.iter().enumerate() {
-            let cur_pos = (r.prompt_ids.len() + outs[i].tokens.len()) as u32;
-            if done[i] {
-                next.push(*outs[i].tokens.last().unwrap_or(&0));
-                next_pos.push(cur_pos.saturating_sub(1));
-                continue;
-            }
-            let row = &logits[i];
-            let tok = sample(row, &r.sampling, &mut rngs[i]);
-            let o = &mut outs[i];
-            o.tokens.push(tok as u32);
-            o.logprobs.push(row[tok] - log_sum_exp(row));
-            if r.stop_ids.contains(&(tok as u32)) {
-                o.finish_reason = FinishReason::Eos;
-                done[i] = true;
-            } else if let (false, Some(dec)) = (r.stop_strings.is_empty(), decode) {
-                let text = dec(&o.tokens);
-                if r.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-                    o.finish_reason = FinishReason::StopString;
-                    done[i] = true;
-                }
-            }
-            if !done[i] && o.tokens.len() >= r.max_new_tokens {
-                done[i] = true;
-            }
-            next.push(tok as u32);
-            next_pos.push(cur_pos);
+    let mut dec = Decoder::new(model)?;
+    // Decoder ids are given in order from 0, so they index `outs` through `slot`.
+    let mut slot = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        if r.max_new_tokens > 0 {
+            dec.add(r.clone())?;
+            slot.push(i);
         }
-        if done.iter().all(|&d| d) || step + 1 == max_new {
-            break;
+    }
+    while !dec.is_empty() {
+        for t in dec.step(decode)? {
+            if let Some(o) = t.finished {
+                outs[slot[t.id as usize]] = o;
+            }
         }
-        step_len = 1;
-        input = Tensor::from_vec(next, (b, 1), &dev)?;
-        positions = Tensor::from_vec(next_pos, (b, 1), &dev)?;
     }
     Ok(outs)
 }

@@ -17,7 +17,7 @@ pub mod qwen2;
 pub mod seq_cls;
 
 pub use attention::KvCache;
-pub use generate::{generate, Decode, FinishReason, GenOutput, GenRequest, Sampling};
+pub use generate::{generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken};
 pub use linear::{Linear, LinearAdapter, WeightLayout};
 pub use ops::token_logprobs;
 

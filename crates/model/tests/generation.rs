@@ -2,7 +2,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use rlhf_model::{generate, token_logprobs, CausalLm, FinishReason, GenRequest, Sampling};
+use rlhf_model::{generate, token_logprobs, CausalLm, Decoder, FinishReason, GenOutput, GenRequest, Sampling};
 
 fn prompts(vocab: usize) -> Vec<Vec<u32>> {
     [3usize, 9, 1, 6]
@@ -65,6 +65,11 @@ fn kv_cache_greedy_equals_full_forward_greedy() {
 
 /// Log-prob of each generated token from one full forward pass over prompt + completion.
 fn rescore(m: &CausalLm, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
+    rescore_at(m, prompt, tokens, 1.0)
+}
+
+/// As [`rescore`], under `log_softmax(logits / temperature)`.
+fn rescore_at(m: &CausalLm, prompt: &[u32], tokens: &[u32], temperature: f64) -> Vec<f32> {
     let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
     let n = seq.len();
     let ids = Tensor::new(&seq[..n - 1], &Device::Cpu)
@@ -75,7 +80,8 @@ fn rescore(m: &CausalLm, prompt: &[u32], tokens: &[u32]) -> Vec<f32> {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let lp = token_logprobs(&m.forward(&ids).unwrap(), &targets).unwrap();
+    let logits = (m.forward(&ids).unwrap() / temperature).unwrap();
+    let lp = token_logprobs(&logits, &targets).unwrap();
     lp.get(0).unwrap().to_vec1::<f32>().unwrap()[prompt.len() - 1..].to_vec()
 }
 
@@ -258,5 +264,129 @@ fn public_cached_forward_matches_full_forward() {
             cache.begin_step(1).is_err(),
             "{name}: overflow must be an error"
         );
+    }
+}
+
+#[test]
+fn sampling_logprobs_match_rescoring_at_the_sampling_temperature() {
+    for (name, cfg) in all_configs() {
+        let m = model(cfg, 18);
+        let ps = prompts(m.vocab_size());
+        // (sampling, temperature the scores are under): truncation never renormalises them.
+        let cases = [
+            (Sampling { temperature: 0.7, top_k: 5, top_p: 1.0 }, 0.7),
+            (Sampling { temperature: 1.3, top_k: 0, top_p: 0.8 }, 1.3),
+            (Sampling { temperature: 0.5, top_k: 0, top_p: 1.0 }, 0.5),
+            (Sampling { temperature: 2.0, top_k: 7, top_p: 0.9 }, 2.0),
+            (Sampling::greedy(), 1.0),
+        ];
+        for (i, (s, t)) in cases.iter().enumerate() {
+            let reqs: Vec<GenRequest> =
+                ps.iter().enumerate().map(|(j, p)| request(p, 6, s.clone(), (i * 10 + j) as u64)).collect();
+            for (p, o) in ps.iter().zip(generate(&m, &reqs, None).unwrap()) {
+                assert_eq!(o.sampling_logprobs.len(), o.tokens.len());
+                let expect = rescore_at(&m, p, &o.tokens, *t);
+                for (a, b) in o.sampling_logprobs.iter().zip(&expect) {
+                    assert!((a - b).abs() <= 1e-5, "{name} {s:?}: sampling logprob {a} vs re-scored {b}");
+                }
+                if *t != 1.0 {
+                    assert!(o.sampling_logprobs.iter().zip(&o.logprobs).any(|(a, b)| (a - b).abs() > 1e-3), "{name}");
+                }
+            }
+        }
+    }
+}
+
+fn solo(m: &CausalLm, r: &GenRequest) -> GenOutput {
+    generate(m, std::slice::from_ref(r), None).unwrap().remove(0)
+}
+
+fn assert_same(name: &str, a: &GenOutput, b: &GenOutput) {
+    assert_eq!(a.tokens, b.tokens, "{name}");
+    assert_eq!(a.finish_reason, b.finish_reason, "{name}");
+    for (x, y) in a.logprobs.iter().zip(&b.logprobs).chain(a.sampling_logprobs.iter().zip(&b.sampling_logprobs)) {
+        assert!((x - y).abs() < 1e-5, "{name}: {x} vs {y}");
+    }
+}
+
+/// Runs the decoder to the end, collecting outputs by request id.
+fn drain(dec: &mut Decoder, outs: &mut std::collections::BTreeMap<u64, GenOutput>) {
+    while !dec.is_empty() {
+        for t in dec.step(None).unwrap() {
+            if let Some(o) = t.finished {
+                outs.insert(t.id, o);
+            }
+        }
+    }
+}
+
+#[test]
+fn finished_rows_leave_the_batch_and_the_rest_decode_unchanged() {
+    for (name, cfg) in all_configs() {
+        let m = model(cfg, 19);
+        let ps = prompts(m.vocab_size());
+        // The 9-token prompt finishes first: its left padding is trimmed from the others' rows.
+        let reqs = [
+            request(&ps[1], 2, Sampling::default(), 1),
+            request(&ps[0], 4, Sampling { temperature: 0.8, top_k: 9, top_p: 0.9 }, 2),
+            request(&ps[3], 7, Sampling::greedy(), 3),
+        ];
+        let mut dec = Decoder::new(&m).unwrap();
+        for r in &reqs {
+            dec.add(r.clone()).unwrap();
+        }
+        let mut rows = vec![];
+        let mut outs = std::collections::BTreeMap::new();
+        while !dec.is_empty() {
+            for t in dec.step(None).unwrap() {
+                if let Some(o) = t.finished {
+                    outs.insert(t.id, o);
+                }
+            }
+            rows.push((dec.batch_rows(), dec.cache_len()));
+        }
+        // After prefill (9 positions): 3 rows; request 0 leaves after its 2nd token, taking the
+        // padding its 9-token prompt forced on the others (6 prompt + 1 fed positions remain);
+        // request 1 leaves after its 4th.
+        assert_eq!(rows, [(3, 9), (2, 7), (2, 8), (1, 9), (1, 10), (1, 11), (0, 0)], "{name}");
+        for (i, r) in reqs.iter().enumerate() {
+            assert_same(name, &outs[&(i as u64)], &solo(&m, r));
+        }
+    }
+}
+
+#[test]
+fn requests_joining_between_steps_decode_as_if_alone() {
+    for (name, cfg) in all_configs() {
+        let m = model(cfg, 20);
+        let ps = prompts(m.vocab_size());
+        let reqs = [
+            request(&ps[0], 8, Sampling::default(), 5),
+            // Joins after 3 steps with a prompt longer than the running rows: they get re-padded.
+            request(&ps[1], 5, Sampling { temperature: 0.9, top_k: 0, top_p: 0.7 }, 6),
+            request(&ps[2], 6, Sampling::greedy(), 7),
+            request(&ps[3], 9, Sampling::default(), 8),
+        ];
+        let mut dec = Decoder::new(&m).unwrap();
+        let mut outs = std::collections::BTreeMap::new();
+        dec.add(reqs[0].clone()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(dec.step(None).unwrap().len(), 1);
+        }
+        dec.add(reqs[1].clone()).unwrap();
+        dec.add(reqs[2].clone()).unwrap();
+        assert_eq!(dec.step(None).unwrap().len(), 3, "{name}: running row + two prefills");
+        assert_eq!((dec.batch_rows(), dec.cache_len()), (3, 9), "{name}");
+        let cancelled = dec.add(reqs[3].clone()).unwrap();
+        dec.step(None).unwrap();
+        assert!(dec.cancel(cancelled).unwrap());
+        assert!(!dec.cancel(cancelled).unwrap());
+        assert_eq!(dec.batch_rows(), 3, "{name}");
+        drain(&mut dec, &mut outs);
+        assert_eq!(outs.len(), 3);
+        for (i, r) in reqs[..3].iter().enumerate() {
+            assert_same(name, &outs[&(i as u64)], &solo(&m, r));
+        }
+        assert!(dec.add(request(&ps[0], 0, Sampling::greedy(), 0)).is_err());
     }
 }

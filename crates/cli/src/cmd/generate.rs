@@ -17,7 +17,8 @@ pub struct Args {
     /// JSONL/Parquet with a `prompt` column (a string, or a list of messages rendered with the chat template).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Output JSONL: every input column plus `completion`, `completion_ids`, `logprobs`, `finish_reason`.
+    /// Output JSONL: every input column plus `completion`, `completion_ids`, `logprobs` (T = 1),
+    /// `sampling_logprobs` (under `log_softmax(logits / temperature)`, as TRL), `finish_reason`.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 64)]
@@ -66,6 +67,7 @@ pub fn run(a: Args) -> Result<()> {
         obj.insert("completion".into(), json!(completion));
         obj.insert("completion_ids".into(), json!(o.tokens));
         obj.insert("logprobs".into(), json!(o.logprobs));
+        obj.insert("sampling_logprobs".into(), json!(o.sampling_logprobs));
         obj.insert("finish_reason".into(), json!(format!("{:?}", o.finish_reason).to_lowercase()));
         text.push_str(&serde_json::to_string(&obj)?);
         text.push('\n');
