@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use crate::db::{Db, Open};
-use crate::export::{export_rows, to_jsonl, Format, Options as ExportOptions};
+use crate::export::{export_rows_with, to_jsonl, Format, Options as ExportOptions};
 use crate::import::{decode_utf8, expand, parse_jsonl, parse_scores, Generate};
 use crate::model::{parse_criteria, NewProject, Role, TaskKind};
 use crate::web::{self, Config};
@@ -244,7 +244,7 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             let p = db.project_by_name(&project).await?;
             let format = format.unwrap_or(Format::for_kind(p.kind)[0]);
             let opts = ExportOptions { scrub: scrub_pii, by_reliability, min_confidence };
-            let rows = export_rows(&p, &db.items(p.id).await?, &db.live_labels(p.id).await?, format, &opts)?;
+            let rows = export_rows_with(&p, &db.items(p.id).await?, &db.live_labels(p.id).await?, format, &opts)?;
             db.audit(
                 None,
                 "export",

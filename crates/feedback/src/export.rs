@@ -92,8 +92,13 @@ pub fn scrub_pii(s: &str) -> String {
     out
 }
 
-/// Builds export rows. `labels` must be the project's live labels.
-pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: Format, opts: &Options) -> Result<Vec<Value>> {
+/// Builds export rows by vote count. `labels` must be the project's live labels.
+pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: Format, scrub: bool) -> Result<Vec<Value>> {
+    export_rows_with(project, items, labels, format, &Options { scrub, ..Options::default() })
+}
+
+/// Builds export rows with all options (reliability weighting and filtering).
+pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], format: Format, opts: &Options) -> Result<Vec<Value>> {
     let scrub = opts.scrub;
     if let Some(c) = opts.min_confidence {
         if !(0.0..=1.0).contains(&c) {
@@ -366,7 +371,7 @@ mod tests {
             label(13, 2, 100, pw(Choice::A, [0, 1])),
             label(14, 2, 101, pw(Choice::A, [1, 0])),
         ];
-        let rows = export_rows(&p, &items, &labels, Format::Preference, &Options { scrub: true, ..Default::default() }).unwrap();
+        let rows = export_rows(&p, &items, &labels, Format::Preference, true).unwrap();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
         assert_eq!(r["chosen"], "r1");
@@ -377,11 +382,11 @@ mod tests {
         assert_eq!(r["project"], "p");
         assert_eq!(r["prompt"], "prompt 1 mail [EMAIL]");
 
-        let kto = export_rows(&p, &items, &labels, Format::Kto, &Options::default()).unwrap();
+        let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
         assert_eq!(kto.len(), 2);
         assert_eq!((kto[0]["completion"].as_str(), kto[0]["label"].as_bool()), (Some("r1"), Some(true)));
         assert_eq!((kto[1]["completion"].as_str(), kto[1]["label"].as_bool()), (Some("r0"), Some(false)));
-        assert!(export_rows(&p, &items, &labels, Format::Rating, &Options::default()).is_err());
+        assert!(export_rows(&p, &items, &labels, Format::Rating, false).is_err());
     }
 
     #[test]
@@ -390,16 +395,16 @@ mod tests {
         let items = vec![item(1, &["answer"])];
         let scores = |h: i64, s: i64| LabelValue::Rating { scores: [("helpful".to_string(), h), ("harmless".to_string(), s)].into() };
         let labels = vec![label(1, 1, 7, scores(5, 4)), label(2, 1, 8, scores(3, 4))];
-        let rows = export_rows(&p, &items, &labels, Format::Rating, &Options::default()).unwrap();
+        let rows = export_rows(&p, &items, &labels, Format::Rating, false).unwrap();
         assert_eq!(rows[0]["score"], json!(4.0));
         assert_eq!(rows[0]["criteria_scores"], json!({"harmless": 4.0, "helpful": 4.0}));
         assert_eq!((rows[0]["score_min"].as_i64(), rows[0]["score_max"].as_i64()), (Some(1), Some(5)));
-        let kto = export_rows(&p, &items, &labels, Format::Kto, &Options::default()).unwrap();
+        let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
         assert_eq!(kto[0]["label"], json!(true));
 
         let p = project(TaskKind::Correction);
         let corr = LabelValue::Correction { corrected: "fixed, call 555-123-4567".into(), unified_diff: "d".into(), word_diff: "w".into() };
-        let rows = export_rows(&p, &items, &[label(3, 1, 7, corr)], Format::Correction, &Options { scrub: true, ..Default::default() }).unwrap();
+        let rows = export_rows(&p, &items, &[label(3, 1, 7, corr)], Format::Correction, true).unwrap();
         assert_eq!(rows[0]["corrected"], "fixed, call [PHONE]");
         assert_eq!(rows[0]["completion"], "answer");
         assert_eq!(rows[0]["annotator_ids"], json!([7]));

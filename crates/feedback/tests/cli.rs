@@ -57,6 +57,8 @@ fn reading_commands_do_not_create_a_database() {
     ok(&["create-project", "--db", t, "--name", "p", "--kind", "pairwise"]);
     assert!(Path::new(t).exists());
     assert_eq!(ok(&["export", "--db", t, "--project", "p"]), "");
+    assert_eq!(ok(&["export", "--db", t, "--project", "p", "--by-reliability", "--min-confidence", "0.9"]), "");
+    fails_with(&["export", "--db", t, "--project", "p", "--min-confidence", "1.5"], &["minimum confidence must be between 0 and 1, got 1.5"]);
 }
 
 #[test]

@@ -397,6 +397,11 @@ async fn reliability_on_stats_and_export() {
         assert!(rel("sloppy1") < 0.85 && rel("sloppy1") > 0.6, "{st}");
         let page = admin.get(&format!("/p/{pid}/stats")).await.body;
         assert!(page.contains("<th>Reliability</th>") && page.contains("Crowd-BT"), "{page}");
+        // Annotators (flags first) come before the agreement numbers; the 6-pair Cohen
+        // table is folded away and "–" is explained.
+        assert!(page.find("<h3>Annotators</h3>").unwrap() < page.find("Fleiss").unwrap(), "{page}");
+        assert!(page.contains("<details><summary>Cohen's κ for each of the 6 pairs of annotators</summary>"), "{page}");
+        assert!(page.contains("“–” = not defined"), "{page}");
 
         let by_votes = export(&mut admin, pid, &csrf, &[]).await;
         assert_eq!(by_votes.len(), 35, "1–1 ties give no row by vote count");

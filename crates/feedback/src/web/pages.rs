@@ -17,7 +17,7 @@ use crate::auth::check_password_rules;
 use crate::db::now_ms;
 use crate::diff::{unified_diff, word_diff};
 use crate::error::{invalid, Error};
-use crate::export::{export_rows, to_jsonl, Format, Options as ExportOptions};
+use crate::export::{export_rows_with, to_jsonl, Format, Options as ExportOptions};
 use crate::import::{decode_utf8, expand, parse_jsonl, parse_scores, Generate};
 use crate::model::*;
 use crate::quality::project_stats;
@@ -981,7 +981,7 @@ pub async fn export(
     let scrub = f.scrub.is_some_and(|s| !s.is_empty());
     let min_confidence = if f.min_confidence.trim().is_empty() { None } else { Some(num::<f64>("min_confidence", &f.min_confidence)?) };
     let opts = ExportOptions { scrub, by_reliability: f.reliability.is_some_and(|s| !s.is_empty()), min_confidence };
-    let rows = export_rows(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, format, &opts)?;
+    let rows = export_rows_with(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, format, &opts)?;
     st.db
         .audit(
             Some(admin.id),
