@@ -11,7 +11,7 @@ use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use rlhf_feedback::export::{export_rows, Format, Options};
+use rlhf_feedback::export::{export_rows, Format};
 use rlhf_feedback::model::{Choice, Item, Label, LabelValue, Project, Role, TaskKind, User};
 use rlhf_feedback::quality::{project_stats, ProjectStats};
 use serde::{Deserialize, Serialize};
@@ -155,7 +155,7 @@ pub struct Session {
 impl Session {
     /// Rows exactly as `rlhf feedback export --format …` writes them.
     pub fn export(&self, format: Format) -> Result<Vec<Value>> {
-        Ok(export_rows(&self.project, &self.items, &self.labels, format, &Options::default())?)
+        Ok(export_rows(&self.project, &self.items, &self.labels, format, false)?)
     }
 
     /// The app's agreement statistics and per-annotator flags.
