@@ -27,6 +27,12 @@ enum Command {
     Dpo(rlhf_train::dpo::DpoArgs),
     /// The feedback app: serve it, manage users and projects, import items, export training data.
     Feedback(rlhf_feedback::cli::FeedbackArgs),
+    /// OpenAI-compatible server (completions, chat, streaming, continuous batching) for a model directory.
+    Serve(cmd::serve::Args),
+    /// Chat with a model in the terminal (its chat template; replies stream as they are sampled).
+    Chat(cmd::chat::Args),
+    /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
+    Judge(cmd::judge::Args),
     /// Benchmarks; each prints one JSON line per measured shape.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -53,6 +59,9 @@ fn main() {
         Command::Rm(a) => cmd::pref::run_rm(a),
         Command::Dpo(a) => cmd::pref::run_dpo(a),
         Command::Feedback(a) => rlhf_feedback::cli::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        Command::Judge(a) => cmd::judge::run(a),
         Command::Bench(b) => cmd::bench::run(b),
     };
     if let Err(e) = result {

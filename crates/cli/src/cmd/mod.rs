@@ -1,6 +1,9 @@
 pub mod bench;
+pub mod chat;
 pub mod demo;
 pub mod generate;
 pub mod init;
+pub mod judge;
 pub mod pref;
+pub mod serve;
 pub mod sft;
