@@ -81,7 +81,7 @@ ENGLISH = [
 ]
 
 PARTS = ("tokenizer", "models", "logits", "greedy", "tokenizer_ref", "chat", "sft_tokenize",
-         "sft_step", "pref_losses", "dpo_step", "rm_step")
+         "sft_step", "pref_losses", "dpo_step", "rm_step", "rl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,6 +450,7 @@ def main():
         "pref_losses": lambda: importlib.import_module("fixture_train").make_pref_losses(FIX, REF),
         "dpo_step": lambda: importlib.import_module("fixture_train").make_dpo_step(FIX, REF),
         "rm_step": lambda: importlib.import_module("fixture_train").make_rm_step(FIX, REF),
+        "rl": lambda: importlib.import_module("fixture_rl").make_rl(FIX, REF),
     }
     for part in PARTS:
         if part in args.parts and part in steps:

@@ -25,6 +25,12 @@ enum Command {
     Rm(cmd::pref::RmCommand),
     /// Direct preference optimisation: sigmoid (DPO), ipo, robust, hinge, kto, orpo, simpo, cpl.
     Dpo(rlhf_train::dpo::DpoArgs),
+    /// Online RL: Group Relative Policy Optimization (GRPO, DAPO, Dr. GRPO, GSPO) with reward sources.
+    Grpo(cmd::rl::Raw),
+    /// Online RL: REINFORCE Leave-One-Out (RLOO) and REINFORCE++.
+    Rloo(cmd::rl::Raw),
+    /// Online RL: PPO with a KL penalty to a frozen reference and a value model.
+    Ppo(cmd::rl::Raw),
     /// The feedback app: serve it, manage users and projects, import items, export training data.
     Feedback(rlhf_feedback::cli::FeedbackArgs),
     /// OpenAI-compatible server (completions, chat, streaming, continuous batching) for a model directory.
@@ -33,6 +39,10 @@ enum Command {
     Chat(cmd::chat::Args),
     /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
     Judge(cmd::judge::Args),
+    /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
+    Eval(cmd::eval::Args),
+    /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
+    Sandbox(cmd::sandbox::Args),
     /// Benchmarks; each prints one JSON line per measured shape.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -58,11 +68,16 @@ fn main() {
         Command::Sft(a) => cmd::sft::run(a),
         Command::Rm(a) => cmd::pref::run_rm(a),
         Command::Dpo(a) => cmd::pref::run_dpo(a),
+        Command::Grpo(a) => cmd::rl::grpo(a),
+        Command::Rloo(a) => cmd::rl::rloo(a),
+        Command::Ppo(a) => cmd::rl::ppo(a),
         Command::Feedback(a) => rlhf_feedback::cli::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Judge(a) => cmd::judge::run(a),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Sandbox(a) => cmd::sandbox::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

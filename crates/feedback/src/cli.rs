@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use crate::db::Db;
-use crate::export::{export_rows, to_jsonl, Format};
-use crate::import::{expand, parse_jsonl, parse_scores, Generate};
+use crate::db::{Db, Open};
+use crate::export::{export_rows, to_jsonl, Format, Options as ExportOptions};
+use crate::import::{decode_utf8, expand, parse_jsonl, parse_scores, Generate};
 use crate::model::{parse_criteria, NewProject, Role, TaskKind};
 use crate::web::{self, Config};
 
@@ -131,6 +131,14 @@ pub enum Command {
         /// Replace e-mail addresses and phone numbers with placeholders.
         #[arg(long)]
         scrub_pii: bool,
+        /// Decide items by the annotator-reliability model (pairwise: Crowd-BT, rating:
+        /// Dawid–Skene) instead of raw vote counts; rows get a `confidence` field and a
+        /// preference `margin` of 2·confidence − 1.
+        #[arg(long)]
+        by_reliability: bool,
+        /// Leave out items whose posterior confidence is below this (0–1); implies --by-reliability.
+        #[arg(long)]
+        min_confidence: Option<f64>,
         /// Output file (default: standard output).
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -157,6 +165,7 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
                 session_ttl_ms: (session_hours * 3600.0 * 1000.0) as i64,
                 secure_cookies: public_url.starts_with("https://"),
                 public_url,
+                ..Config::default()
             };
             if cfg.session_ttl_ms <= 0 {
                 bail!("--session-hours must be positive");
@@ -197,7 +206,7 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             Ok(())
         }
         Command::Assign { db, project, users } => {
-            let db = Db::connect(&db.db).await?;
+            let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             for u in users {
                 let (user, _) = db.user_by_name(&u).await?.with_context(|| format!("no user {u:?}"))?;
@@ -206,10 +215,10 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             Ok(())
         }
         Command::Import { db, project, file, generate_url, model, n, max_tokens, temperature } => {
-            let db = Db::connect(&db.db).await?;
+            let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             let src = file.display().to_string();
-            let data = std::fs::read_to_string(&file).with_context(|| format!("reading {src}"))?;
+            let data = decode_utf8(&src, std::fs::read(&file).with_context(|| format!("reading {src}"))?)?;
             let mut rows = parse_jsonl(&src, &data)?;
             if let Some(url) = generate_url {
                 let g = Generate { url, model, n, max_tokens, temperature, api_key: std::env::var("RLHF_FEEDBACK_API_KEY").ok() };
@@ -222,21 +231,26 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             Ok(())
         }
         Command::ImportScores { db, project, file } => {
-            let db = Db::connect(&db.db).await?;
+            let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             let src = file.display().to_string();
-            let data = std::fs::read_to_string(&file).with_context(|| format!("reading {src}"))?;
+            let data = decode_utf8(&src, std::fs::read(&file).with_context(|| format!("reading {src}"))?)?;
             let n = db.set_uncertainties(None, p.id, &src, &parse_scores(&src, &data)?).await?;
             println!("uncertainty stored for {n} items");
             Ok(())
         }
-        Command::Export { db, project, format, scrub_pii, output } => {
-            let db = Db::connect(&db.db).await?;
+        Command::Export { db, project, format, scrub_pii, by_reliability, min_confidence, output } => {
+            let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             let format = format.unwrap_or(Format::for_kind(p.kind)[0]);
-            let rows = export_rows(&p, &db.items(p.id).await?, &db.live_labels(p.id).await?, format, scrub_pii)?;
-            db.audit(None, "export", serde_json::json!({"project_id": p.id, "format": format.as_str(), "scrub_pii": scrub_pii, "rows": rows.len(), "via": "cli"}))
-                .await?;
+            let opts = ExportOptions { scrub: scrub_pii, by_reliability, min_confidence };
+            let rows = export_rows(&p, &db.items(p.id).await?, &db.live_labels(p.id).await?, format, &opts)?;
+            db.audit(
+                None,
+                "export",
+                serde_json::json!({"project_id": p.id, "format": format.as_str(), "scrub_pii": scrub_pii, "by_reliability": by_reliability, "min_confidence": min_confidence, "rows": rows.len(), "via": "cli"}),
+            )
+            .await?;
             let text = to_jsonl(&rows);
             match output {
                 Some(path) => {

@@ -18,12 +18,19 @@ pub enum Backend {
 }
 
 /// Migrations, in order: (version, name, sqlite DDL, postgres DDL).
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-    include_str!("../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/sqlite/0001_init.sql"), include_str!("../migrations/postgres/0001_init.sql")),
+    (2, "leases", include_str!("../migrations/sqlite/0002_leases.sql"), include_str!("../migrations/postgres/0002_leases.sql")),
+];
+
+/// Whether opening a SQLite path may create the file. Commands that only read or that
+/// add to existing projects open an existing database: a typo in `--db` must not
+/// silently produce (and then report on) a new empty database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    CreateIfMissing,
+    MustExist,
+}
 
 pub struct Db {
     pub pool: AnyPool,
@@ -35,21 +42,35 @@ pub struct Db {
     write_lock: Option<Mutex<()>>,
 }
 
+fn is_server_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
 /// Turns `--db` into a sqlx URL: postgres URLs pass through, anything else is a SQLite
-/// file path (created if missing).
-pub fn database_url(db: &str) -> String {
-    if db.starts_with("postgres://") || db.starts_with("postgresql://") || db.starts_with("sqlite:") {
+/// file path (created if missing with `Open::CreateIfMissing`).
+pub fn database_url(db: &str, open: Open) -> String {
+    if is_server_url(db) || db.starts_with("sqlite:") {
         db.to_string()
     } else {
-        format!("sqlite://{db}?mode=rwc")
+        let mode = if open == Open::CreateIfMissing { "rwc" } else { "rw" };
+        format!("sqlite://{db}?mode={mode}")
     }
 }
 
 impl Db {
+    /// Opens (creating if missing) and migrates a database: for the server and for
+    /// commands that set one up.
     pub async fn connect(db: &str) -> Result<Db> {
+        Db::open(db, Open::CreateIfMissing).await
+    }
+
+    pub async fn open(db: &str, open: Open) -> Result<Db> {
         sqlx::any::install_default_drivers();
-        let url = database_url(db);
+        let url = database_url(db, open);
         let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
+        if backend == Backend::Sqlite {
+            check_sqlite_file(db, open).await?;
+        }
         let mut opts = AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 4 } else { 16 });
         if backend == Backend::Sqlite {
             opts = opts.after_connect(|conn, _meta| sqlite_pragmas(conn));
@@ -119,6 +140,33 @@ impl Db {
     }
 }
 
+/// Opens one connection up front and reads the schema, so a missing or corrupt file
+/// fails at once with its name and the cause. (Through the pool, a connection whose
+/// set-up fails is retried until the 30 s acquire timeout, which then reports only
+/// "pool timed out".)
+async fn check_sqlite_file(db: &str, open: Open) -> Result<()> {
+    use sqlx::Connection;
+    let path = db.strip_prefix("sqlite://").or_else(|| db.strip_prefix("sqlite:")).unwrap_or(db);
+    let path = path.split('?').next().unwrap_or(path);
+    let p = std::path::Path::new(path);
+    if open == Open::MustExist && !p.exists() {
+        bail!("no database at {path}: this command does not create one (check --db, or create the project first with `create-project`)");
+    }
+    if p.is_dir() {
+        bail!("cannot open database {path}: it is a directory, not a SQLite file");
+    }
+    if !p.exists() {
+        return Ok(());
+    }
+    let mut conn = AnyConnection::connect(&database_url(db, Open::MustExist))
+        .await
+        .with_context(|| format!("cannot open database {path}"))?;
+    let check = sqlx::query("SELECT COUNT(*) FROM sqlite_master").fetch_one(&mut conn).await;
+    let _ = conn.close().await;
+    check.with_context(|| format!("cannot open database {path}: not a readable SQLite database (corrupt, or another kind of file?)"))?;
+    Ok(())
+}
+
 /// WAL: readers don't block the writer; NORMAL sync keeps every committed transaction
 /// across a process crash (kill -9), only an OS crash could lose the last commits.
 fn sqlite_pragmas(conn: &mut AnyConnection) -> BoxFuture<'_, Result<(), sqlx::Error>> {
@@ -158,8 +206,9 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(database_url("fb.sqlite"), "sqlite://fb.sqlite?mode=rwc");
-        assert_eq!(database_url("postgres://u:p@h/db"), "postgres://u:p@h/db");
+        assert_eq!(database_url("fb.sqlite", Open::CreateIfMissing), "sqlite://fb.sqlite?mode=rwc");
+        assert_eq!(database_url("fb.sqlite", Open::MustExist), "sqlite://fb.sqlite?mode=rw");
+        assert_eq!(database_url("postgres://u:p@h/db", Open::MustExist), "postgres://u:p@h/db");
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("fb.sqlite"), "fb.sqlite");
     }

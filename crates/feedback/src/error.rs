@@ -11,6 +11,12 @@ pub enum Error {
     Forbidden(String),
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A request body over its limit (HTTP 413); the message says the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Refused for now (HTTP 429): the password-hash queue is full or a login is throttled.
+    #[error("{msg}")]
+    TooMany { msg: String, retry_after_s: u64 },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }

@@ -9,6 +9,21 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{invalid, Result};
 use crate::model::{Item, Label, LabelValue, Project, TaskKind};
+use crate::quality::reliability;
+
+/// How rows are derived from the votes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Options {
+    /// Replace e-mail addresses and phone numbers with placeholders.
+    pub scrub: bool,
+    /// Decide each item by the reliability model's posterior instead of the raw vote
+    /// count (pairwise: Crowd-BT; rating: Dawid–Skene), so reliable annotators count
+    /// more. Rows get a `confidence` field; a preference row's `margin` becomes
+    /// 2·confidence − 1 (1 = certain, 0 = a coin flip).
+    pub by_reliability: bool,
+    /// With `by_reliability`: leave out items whose posterior confidence is below this.
+    pub min_confidence: Option<f64>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,7 +93,16 @@ pub fn scrub_pii(s: &str) -> String {
 }
 
 /// Builds export rows. `labels` must be the project's live labels.
-pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: Format, scrub: bool) -> Result<Vec<Value>> {
+pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: Format, opts: &Options) -> Result<Vec<Value>> {
+    let scrub = opts.scrub;
+    if let Some(c) = opts.min_confidence {
+        if !(0.0..=1.0).contains(&c) {
+            return Err(invalid(format!("minimum confidence must be between 0 and 1, got {c}")));
+        }
+    }
+    let by_rel = opts.by_reliability || opts.min_confidence.is_some();
+    let posterior = if by_rel { reliability(project, items, labels).items } else { BTreeMap::new() };
+    let confident_enough = |c: f64| opts.min_confidence.is_none_or(|m| c >= m);
     if !Format::for_kind(project.kind).contains(&format) {
         let ok: Vec<&str> = Format::for_kind(project.kind).iter().map(|f| f.as_str()).collect();
         return Err(invalid(format!(
@@ -120,7 +144,13 @@ pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: 
         match format {
             Format::Preference | Format::Kto if project.kind == TaskKind::Pairwise => {
                 let v = votes(ls);
-                let Some((win, margin)) = v.winner() else {
+                let decided = match (by_rel, posterior.get(&item.id)) {
+                    _ if v.both_bad_majority() => None,
+                    (true, Some(p)) => p.winner.map(|w| (w, 2.0 * p.confidence - 1.0)),
+                    (true, None) => None,
+                    (false, _) => v.winner(),
+                };
+                let Some((win, margin)) = decided else {
                     if format == Format::Kto && v.both_bad_majority() {
                         for r in &item.responses {
                             rows.push(base(ls, vec![("completion", json!(clean(r))), ("label", json!(false))]));
@@ -128,6 +158,10 @@ pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: 
                     }
                     continue;
                 };
+                let confidence = posterior.get(&item.id).map(|p| p.confidence);
+                if by_rel && !confident_enough(confidence.unwrap_or(0.0)) {
+                    continue;
+                }
                 let (chosen, rejected) = (&item.responses[win], &item.responses[1 - win]);
                 let vote_info = json!({"0": v.counts[0], "1": v.counts[1], "tie": v.tie, "both_bad": v.both_bad});
                 if format == Format::Preference {
@@ -140,15 +174,31 @@ pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: 
                         ],
                     );
                     r["votes"] = vote_info;
+                    if let Some(c) = confidence.filter(|_| by_rel) {
+                        r["confidence"] = json!(c);
+                    }
                     rows.push(r);
                 } else {
-                    rows.push(base(ls, vec![("completion", json!(clean(chosen))), ("label", json!(true))]));
-                    rows.push(base(ls, vec![("completion", json!(clean(rejected))), ("label", json!(false))]));
+                    for (text, label) in [(chosen, true), (rejected, false)] {
+                        let mut r = base(ls, vec![("completion", json!(clean(text))), ("label", json!(label))]);
+                        if let Some(c) = confidence.filter(|_| by_rel) {
+                            r["confidence"] = json!(c);
+                        }
+                        rows.push(r);
+                    }
                 }
             }
             Format::Rating | Format::Kto => {
                 let (mean, per) = mean_scores(ls);
-                let Some(mean) = mean else { continue };
+                let Some(mut mean) = mean else { continue };
+                let confidence = posterior.get(&item.id).map(|p| p.confidence);
+                if by_rel {
+                    let Some(p) = posterior.get(&item.id) else { continue };
+                    if !confident_enough(p.confidence) {
+                        continue;
+                    }
+                    mean = p.score.unwrap_or(mean);
+                }
                 let completion = json!(clean(item.responses.first().map(String::as_str).unwrap_or("")));
                 if format == Format::Rating {
                     let mut r = base(ls, vec![("completion", completion), ("score", json!(mean))]);
@@ -156,6 +206,9 @@ pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: 
                     // The scale, so readers can normalise the score (rlhf-data's rating format).
                     r["score_min"] = json!(1);
                     r["score_max"] = json!(project.likert_max);
+                    if let Some(c) = confidence.filter(|_| by_rel) {
+                        r["confidence"] = json!(c);
+                    }
                     rows.push(r);
                 } else {
                     // Desirable when the mean is above the scale midpoint; exactly
@@ -313,7 +366,7 @@ mod tests {
             label(13, 2, 100, pw(Choice::A, [0, 1])),
             label(14, 2, 101, pw(Choice::A, [1, 0])),
         ];
-        let rows = export_rows(&p, &items, &labels, Format::Preference, true).unwrap();
+        let rows = export_rows(&p, &items, &labels, Format::Preference, &Options { scrub: true, ..Default::default() }).unwrap();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
         assert_eq!(r["chosen"], "r1");
@@ -324,11 +377,11 @@ mod tests {
         assert_eq!(r["project"], "p");
         assert_eq!(r["prompt"], "prompt 1 mail [EMAIL]");
 
-        let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
+        let kto = export_rows(&p, &items, &labels, Format::Kto, &Options::default()).unwrap();
         assert_eq!(kto.len(), 2);
         assert_eq!((kto[0]["completion"].as_str(), kto[0]["label"].as_bool()), (Some("r1"), Some(true)));
         assert_eq!((kto[1]["completion"].as_str(), kto[1]["label"].as_bool()), (Some("r0"), Some(false)));
-        assert!(export_rows(&p, &items, &labels, Format::Rating, false).is_err());
+        assert!(export_rows(&p, &items, &labels, Format::Rating, &Options::default()).is_err());
     }
 
     #[test]
@@ -337,16 +390,16 @@ mod tests {
         let items = vec![item(1, &["answer"])];
         let scores = |h: i64, s: i64| LabelValue::Rating { scores: [("helpful".to_string(), h), ("harmless".to_string(), s)].into() };
         let labels = vec![label(1, 1, 7, scores(5, 4)), label(2, 1, 8, scores(3, 4))];
-        let rows = export_rows(&p, &items, &labels, Format::Rating, false).unwrap();
+        let rows = export_rows(&p, &items, &labels, Format::Rating, &Options::default()).unwrap();
         assert_eq!(rows[0]["score"], json!(4.0));
         assert_eq!(rows[0]["criteria_scores"], json!({"harmless": 4.0, "helpful": 4.0}));
         assert_eq!((rows[0]["score_min"].as_i64(), rows[0]["score_max"].as_i64()), (Some(1), Some(5)));
-        let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
+        let kto = export_rows(&p, &items, &labels, Format::Kto, &Options::default()).unwrap();
         assert_eq!(kto[0]["label"], json!(true));
 
         let p = project(TaskKind::Correction);
         let corr = LabelValue::Correction { corrected: "fixed, call 555-123-4567".into(), unified_diff: "d".into(), word_diff: "w".into() };
-        let rows = export_rows(&p, &items, &[label(3, 1, 7, corr)], Format::Correction, true).unwrap();
+        let rows = export_rows(&p, &items, &[label(3, 1, 7, corr)], Format::Correction, &Options { scrub: true, ..Default::default() }).unwrap();
         assert_eq!(rows[0]["corrected"], "fixed, call [PHONE]");
         assert_eq!(rows[0]["completion"], "answer");
         assert_eq!(rows[0]["annotator_ids"], json!([7]));

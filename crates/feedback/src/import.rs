@@ -54,6 +54,16 @@ fn text(v: &Value, src: &str, line: usize, field: &str) -> Result<String> {
     }
 }
 
+/// Decodes a file's bytes as UTF-8; an invalid byte is reported with its line.
+pub fn decode_utf8(src: &str, bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let (b, at) = (e.as_bytes(), e.utf8_error().valid_up_to());
+        let line = b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
+        let col = at - b[..at].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1) + 1;
+        invalid(format!("{src}:{line}: invalid UTF-8 at byte {col} of the line (save the file as UTF-8)"))
+    })
+}
+
 /// Parses JSONL text. `src` names the file in error messages. Blank lines are allowed.
 pub fn parse_jsonl(src: &str, data: &str) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
@@ -103,7 +113,22 @@ pub fn parse_jsonl(src: &str, data: &str) -> Result<Vec<Row>> {
 /// re-indexed for each expanded item.
 pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], likert_max: i64) -> Result<Vec<NewItem>> {
     let mut items = Vec::new();
+    // Explicit ids must be unique within a file: a repeated row is skipped, but a
+    // different row under a used id would be dropped silently by the store.
+    let mut by_id: std::collections::HashMap<&str, &Row> = std::collections::HashMap::new();
     for row in rows {
+        if let Some(id) = row.id.as_deref() {
+            if let Some(first) = by_id.get(id) {
+                if (&first.prompt, &first.responses, &first.gold) != (&row.prompt, &row.responses, &row.gold) {
+                    return Err(invalid(format!(
+                        "{src}:{}: field \"id\": {id:?} is already used on line {} by a row with different content; ids must be unique",
+                        row.line, first.line
+                    )));
+                }
+                continue;
+            }
+            by_id.insert(id, row);
+        }
         let base = row.id.clone().unwrap_or_else(|| {
             // Content hash, so re-importing the same file doesn't duplicate items.
             token_hash(&serde_json::to_string(&(&row.prompt, &row.responses)).unwrap_or_default())[..16].to_string()
@@ -357,5 +382,27 @@ mod tests {
         assert_eq!(err, "g:1: field \"gold.helpful\": expected an integer score 1..5");
         let s = parse_scores("s.jsonl", "{\"item_id\": 1, \"uncertainty\": 0.5}\n{\"item_id\": \"x\"}").unwrap_err().to_string();
         assert_eq!(s, "s.jsonl:2: field \"uncertainty\": expected a finite number");
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_line() {
+        let bytes = b"{\"prompt\": \"ok\"}\n{\"prompt\": \"caf\xe9\"}\n".to_vec();
+        let e = decode_utf8("in.jsonl", bytes).unwrap_err().to_string();
+        assert_eq!(e, "in.jsonl:2: invalid UTF-8 at byte 16 of the line (save the file as UTF-8)");
+        assert_eq!(decode_utf8("x", "é\n".as_bytes().to_vec()).unwrap(), "é\n");
+    }
+
+    #[test]
+    fn a_reused_id_with_other_content_names_both_lines() {
+        let crit = vec!["helpful".to_string()];
+        let data = "{\"id\": \"q1\", \"prompt\": \"p\", \"responses\": [\"a\", \"b\"]}\n\
+                    {\"id\": \"q2\", \"prompt\": \"p2\", \"responses\": [\"a\", \"b\"]}\n\
+                    {\"id\": \"q1\", \"prompt\": \"p\", \"responses\": [\"a\", \"b\"]}\n\
+                    {\"id\": \"q1\", \"prompt\": \"p\", \"responses\": [\"a\", \"c\"]}\n";
+        let rows = parse_jsonl("d.jsonl", data).unwrap();
+        // Line 3 repeats line 1 exactly: skipped. Line 4 differs: refused.
+        assert_eq!(expand("d.jsonl", &rows[..3], TaskKind::Pairwise, &crit, 5).unwrap().len(), 2);
+        let e = expand("d.jsonl", &rows, TaskKind::Pairwise, &crit, 5).unwrap_err().to_string();
+        assert_eq!(e, "d.jsonl:4: field \"id\": \"q1\" is already used on line 1 by a row with different content; ids must be unique");
     }
 }

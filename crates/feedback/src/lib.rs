@@ -13,8 +13,10 @@ pub mod export;
 pub mod import;
 pub mod model;
 pub mod quality;
+pub mod reliability;
 pub mod stats;
 pub mod store;
+pub mod throttle;
 pub mod web;
 
 pub use db::Db;

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::model::{Choice, Item, Label, LabelValue, Project, TaskKind, User};
+use crate::reliability::{bradley_terry, dawid_skene, Comparison, Vote};
 use crate::stats::{alpha_from_ratings, fleiss_from_ratings, median, pairwise_cohen, Metric, Rating};
 
 /// Flag thresholds (documented in docs/feedback/README.md).
@@ -15,6 +16,10 @@ pub const BIAS_MAX_DEVIATION: f64 = 0.25;
 pub const FAST_MIN_LABELS: usize = 5;
 pub const GOLD_MIN_ANSWERED: usize = 3;
 pub const GOLD_MIN_ACCURACY: f64 = 0.6;
+/// Pairwise: flag annotators whose estimated reliability (P(picks the better response))
+/// is below this, over at least `RELIABILITY_MIN_LABELS` decisive answers.
+pub const RELIABILITY_MIN: f64 = 0.6;
+pub const RELIABILITY_MIN_LABELS: usize = 10;
 
 #[derive(Debug, Serialize)]
 pub struct Agreement {
@@ -40,6 +45,8 @@ pub struct AnnotatorStats {
     pub median_seconds: Option<f64>,
     pub gold_answered: usize,
     pub gold_accuracy: Option<f64>,
+    /// Estimated by the project's reliability model (see [`Reliability`]).
+    pub reliability: Option<f64>,
     pub flags: Vec<String>,
 }
 
@@ -47,6 +54,123 @@ pub struct AnnotatorStats {
 pub struct ProjectStats {
     pub agreement: Vec<Agreement>,
     pub annotators: Vec<AnnotatorStats>,
+    /// "crowd-bt" (pairwise), "dawid-skene" (ratings) or none (free text).
+    pub reliability_model: Option<&'static str>,
+}
+
+/// The posterior answer on one item from the reliability model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ItemPosterior {
+    /// Pairwise: the response index more likely to be better.
+    pub winner: Option<usize>,
+    /// Rating: posterior mean score, averaged over criteria.
+    pub score: Option<f64>,
+    /// Pairwise: P(winner is better); rating: mean over criteria of the most likely score's probability.
+    pub confidence: f64,
+}
+
+/// Annotator reliabilities and item posteriors of a project.
+#[derive(Debug, Default)]
+pub struct Reliability {
+    pub model: Option<&'static str>,
+    pub annotators: BTreeMap<i64, f64>,
+    pub items: BTreeMap<i64, ItemPosterior>,
+}
+
+/// Runs the estimator that fits the project: Crowd-BT over decisive pairwise answers
+/// (responses are objects, so a response compared in several pairs links them), or
+/// Dawid–Skene per rating criterion (scores as classes).
+pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Reliability {
+    let users: Vec<i64> = {
+        let mut u: Vec<i64> = labels.iter().map(|l| l.user_id).collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    };
+    let uidx = |id: i64| users.binary_search(&id).unwrap_or(0);
+    let item_idx: BTreeMap<i64, usize> = items.iter().enumerate().map(|(i, it)| (it.id, i)).collect();
+    let mut out = Reliability::default();
+    match project.kind {
+        TaskKind::Pairwise => {
+            let mut objects: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+            let mut pairs: Vec<(usize, usize)> = Vec::with_capacity(items.len());
+            for it in items {
+                let mut ids = [0usize; 2];
+                for (slot, r) in ids.iter_mut().zip(it.responses.iter().take(2)) {
+                    let n = objects.len();
+                    *slot = *objects.entry((it.prompt.as_str(), r.as_str())).or_insert(n);
+                }
+                pairs.push((ids[0], ids[1]));
+            }
+            let comparisons: Vec<Comparison> = labels
+                .iter()
+                .filter_map(|l| match (&l.value, item_idx.get(&l.item_id)) {
+                    (LabelValue::Pairwise { preferred: Some(p), .. }, Some(&i)) if *p < 2 => {
+                        Some(Comparison { item: i, annotator: uidx(l.user_id), first_wins: *p == 0 })
+                    }
+                    _ => None,
+                })
+                .collect();
+            if comparisons.is_empty() {
+                return out;
+            }
+            let bt = bradley_terry(objects.len(), &pairs, users.len(), &comparisons);
+            out.model = Some("crowd-bt");
+            for c in &comparisons {
+                let q = bt.posterior[c.item];
+                let (winner, confidence) = if q >= 0.5 { (0, q) } else { (1, 1.0 - q) };
+                out.items.insert(items[c.item].id, ItemPosterior { winner: Some(winner), score: None, confidence });
+            }
+            out.annotators = users.iter().zip(&bt.reliability).filter(|(_, r)| r.is_finite()).map(|(u, r)| (*u, *r)).collect();
+        }
+        TaskKind::Rating => {
+            let k = project.likert_max.max(2) as usize;
+            let mut per_user: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+            let mut per_item: BTreeMap<i64, (f64, f64, u32)> = BTreeMap::new();
+            for c in &project.criteria {
+                let votes: Vec<Vote> = labels
+                    .iter()
+                    .filter_map(|l| match (&l.value, item_idx.get(&l.item_id)) {
+                        (LabelValue::Rating { scores }, Some(&i)) => scores
+                            .get(c)
+                            .filter(|s| (1..=k as i64).contains(s))
+                            .map(|s| Vote { item: i, annotator: uidx(l.user_id), label: (*s - 1) as usize }),
+                        _ => None,
+                    })
+                    .collect();
+                if votes.is_empty() {
+                    continue;
+                }
+                let ds = dawid_skene(items.len(), users.len(), k, &votes);
+                for (u, r) in users.iter().zip(&ds.reliability) {
+                    if r.is_finite() {
+                        per_user.entry(*u).or_default().push(*r);
+                    }
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for v in &votes {
+                    if seen.insert(v.item) {
+                        let p = &ds.posterior[v.item];
+                        let mean: f64 = p.iter().enumerate().map(|(s, q)| (s + 1) as f64 * q).sum();
+                        let conf = p.iter().cloned().fold(0.0, f64::max);
+                        let e = per_item.entry(items[v.item].id).or_insert((0.0, 0.0, 0));
+                        *e = (e.0 + mean, e.1 + conf, e.2 + 1);
+                    }
+                }
+            }
+            if per_item.is_empty() {
+                return out;
+            }
+            out.model = Some("dawid-skene");
+            out.annotators = per_user.into_iter().map(|(u, rs)| (u, rs.iter().sum::<f64>() / rs.len() as f64)).collect();
+            out.items = per_item
+                .into_iter()
+                .map(|(id, (m, c, n))| (id, ItemPosterior { winner: None, score: Some(m / n as f64), confidence: c / n as f64 }))
+                .collect();
+        }
+        TaskKind::Correction | TaskKind::Critique | TaskKind::Demonstration => {}
+    }
+    out
 }
 
 /// Nominal code of a pairwise answer in terms of responses (not sides): 0/1 = that
@@ -122,6 +246,7 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
         TaskKind::Correction | TaskKind::Critique | TaskKind::Demonstration => {}
     }
 
+    let rel = reliability(project, items, labels);
     let mut annotators = Vec::new();
     for u in users {
         let mine: Vec<&Label> = labels.iter().filter(|l| l.user_id == u.id).collect();
@@ -167,6 +292,12 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
                 flags.push(format!("low gold agreement: {:.0}% of {} gold items", 100.0 * a, gold.len()));
             }
         }
+        let reliability = rel.annotators.get(&u.id).copied();
+        if let (Some(r), TaskKind::Pairwise) = (reliability, project.kind) {
+            if decisive >= RELIABILITY_MIN_LABELS && r < RELIABILITY_MIN {
+                flags.push(format!("low reliability: picks the better response {:.0}% of the time (estimated)", 100.0 * r));
+            }
+        }
         annotators.push(AnnotatorStats {
             user_id: u.id,
             username: u.username.clone(),
@@ -176,10 +307,11 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
             median_seconds,
             gold_answered: gold.len(),
             gold_accuracy,
+            reliability,
             flags,
         });
     }
-    ProjectStats { agreement: agreement_out, annotators }
+    ProjectStats { agreement: agreement_out, annotators, reliability_model: rel.model }
 }
 
 #[cfg(test)]
@@ -253,12 +385,15 @@ mod tests {
         let s = project_stats(&p, &items, &labels, &users);
         let lefty = &s.annotators[0];
         assert_eq!(lefty.left_share, Some(1.0));
-        assert_eq!(lefty.flags.len(), 3, "{:?}", lefty.flags);
+        assert_eq!(lefty.flags.len(), 4, "{:?}", lefty.flags);
         assert!(lefty.flags[0].starts_with("position bias"));
         assert!(lefty.flags[1].starts_with("too fast"));
         assert!(lefty.flags[2].starts_with("low gold agreement: 50%"));
+        // Crowd-BT sides with the consistent annotator: lefty is right half the time.
+        assert!(lefty.flags[3].starts_with("low reliability: picks the better response 5"), "{:?}", lefty.flags);
         let careful = &s.annotators[1];
         assert!(careful.flags.is_empty(), "{:?}", careful.flags);
+        assert!(careful.reliability.unwrap() > 0.8, "{:?}", careful.reliability);
         assert_eq!(careful.gold_accuracy, Some(1.0));
         // They agree on half of the items (the ones where left = response 0).
         let a = &s.agreement[0];

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
-use crate::db::{now_ms, opt_i64, Db};
+use crate::db::{now_ms, opt_i64, Backend, Db};
 use crate::error::{invalid, Error, Result};
 use crate::model::*;
 
@@ -35,6 +35,26 @@ pub async fn audit_tx(tx: &mut Transaction<'_, Any>, user_id: Option<i64>, actio
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// Marks a user's unused invites as used (revoked); returns how many.
+async fn revoke_invites(tx: &mut Transaction<'_, Any>, user_id: i64, now: i64) -> Result<u64> {
+    Ok(sqlx::query("UPDATE invites SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
+}
+
+/// Deletes a user's sessions except `keep` (a raw session token); returns how many.
+async fn end_sessions(tx: &mut Transaction<'_, Any>, user_id: i64, keep: Option<&str>) -> Result<u64> {
+    Ok(sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2")
+        .bind(user_id)
+        .bind(keep.map(token_hash).unwrap_or_default())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
 }
 
 fn user_from_row(r: &AnyRow) -> Result<User> {
@@ -190,23 +210,29 @@ impl Db {
         Ok(())
     }
 
-    pub async fn set_password(&self, user_id: i64, hash: &str) -> Result<()> {
+    /// Sets a new password and ends every session of the user except `keep` (the one
+    /// that made the change, if any): a changed password must lock out whoever else
+    /// was logged in with the old one.
+    pub async fn set_password(&self, user_id: i64, hash: &str, keep: Option<&str>) -> Result<()> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(hash).bind(user_id).execute(&mut *tx).await?;
-        audit_tx(&mut tx, Some(user_id), "password_set", json!({"user_id": user_id})).await?;
+        let ended = end_sessions(&mut tx, user_id, keep).await?;
+        audit_tx(&mut tx, Some(user_id), "password_set", json!({"user_id": user_id, "sessions_ended": ended})).await?;
         tx.commit().await?;
         Ok(())
     }
 
     // ---------------------------------------------------------------- invites
 
-    /// Single-use invite for an existing user; returns the raw token (shown once).
+    /// Single-use invite for an existing user; returns the raw token (shown once). Any
+    /// older unused invite of the user stops working: only the newest link is valid.
     pub async fn create_invite(&self, actor: Option<i64>, user_id: i64, ttl_ms: i64) -> Result<String> {
         let token = random_token();
         let now = now_ms();
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
+        let revoked = revoke_invites(&mut tx, user_id, now).await?;
         sqlx::query("INSERT INTO invites (token_hash, user_id, created_by, created_at, expires_at) VALUES ($1, $2, NULLIF($3, 0), $4, $5)")
             .bind(token_hash(&token))
             .bind(user_id)
@@ -215,7 +241,7 @@ impl Db {
             .bind(now + ttl_ms)
             .execute(&mut *tx)
             .await?;
-        audit_tx(&mut tx, actor, "invite", json!({"user_id": user_id, "expires_at": now + ttl_ms})).await?;
+        audit_tx(&mut tx, actor, "invite", json!({"user_id": user_id, "expires_at": now + ttl_ms, "older_invites_revoked": revoked})).await?;
         tx.commit().await?;
         Ok(token)
     }
@@ -233,8 +259,8 @@ impl Db {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    /// Consumes the invite and sets the password, atomically; false if the invite was
-    /// already used or expired.
+    /// Consumes the invite and sets the password, atomically; None if the invite was
+    /// already used, revoked or expired.
     pub async fn redeem_invite(&self, token: &str, password_hash: &str) -> Result<Option<User>> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
@@ -246,7 +272,10 @@ impl Db {
         let Some(row) = row else { return Ok(None) };
         let user_id: i64 = row.try_get(0)?;
         sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(password_hash).bind(user_id).execute(&mut *tx).await?;
-        audit_tx(&mut tx, Some(user_id), "invite_redeemed", json!({"user_id": user_id})).await?;
+        // An invite is also a password reset: other links and every old session end here.
+        revoke_invites(&mut tx, user_id, now_ms()).await?;
+        let ended = end_sessions(&mut tx, user_id, None).await?;
+        audit_tx(&mut tx, Some(user_id), "invite_redeemed", json!({"user_id": user_id, "sessions_ended": ended})).await?;
         tx.commit().await?;
         drop(_g);
         Ok(Some(self.user(user_id).await?))
@@ -541,67 +570,77 @@ impl Db {
 
     // ---------------------------------------------------------------- queue
 
-    /// Next item for an annotator (`done` = their live labels so far). Candidates are
-    /// items without a live label of theirs and under the overlap target, walked in index
+    /// The task an annotator sees next, as an assignment that reserves its item (a lease
+    /// until `now + lease_ms`; submitting a label ends it). A task the annotator already
+    /// has open is handed out again, so reloading the page neither moves on nor writes a
+    /// row. Otherwise the next item is picked and leased in one serialised transaction
+    /// (SQLite: the write lock; PostgreSQL: a per-project advisory lock), counting live
+    /// leases next to live labels, so concurrent annotators do not overshoot the overlap
+    /// target. `done` = the annotator's live labels so far. Candidates, walked in index
     /// order so this stays cheap on large projects:
     /// - when reward-model scores were imported, the most uncertain scored item first;
-    /// - otherwise the least-labelled items, of which each annotator takes a different
-    ///   one of the first few (per-user hash, i.e. round-robin), so concurrent
-    ///   annotators rarely collide on one item.
+    /// - otherwise the least-labelled item.
     ///
     /// Gold items are interleaved every `GOLD_EVERY`-th item and are shown to everyone
     /// (also past the overlap target) once nothing else is left.
-    pub async fn next_item(&self, project: &Project, user_id: i64, done: i64) -> Result<Option<Item>> {
-        const SPREAD: usize = 16;
-        const GOLD_EVERY: i64 = 10;
-        let not_mine = format!("NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $2 AND {LIVE})");
-        let gold_sql = format!("SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.gold IS NOT NULL AND {not_mine} ORDER BY i.id LIMIT 1");
-        let gold = || async {
-            let r = sqlx::query(&gold_sql).bind(project.id).bind(user_id).fetch_optional(&self.pool).await?;
-            r.as_ref().map(item_from_row).transpose()
-        };
-        if (done + 1) % GOLD_EVERY == 0 {
-            if let Some(item) = gold().await? {
-                return Ok(Some(item));
-            }
+    pub async fn open_task(&self, project: &Project, user_id: i64, done: i64, lease_ms: i64) -> Result<Option<(Assignment, Item)>> {
+        let now = now_ms();
+        if let Some(open) = self.open_assignment(project.id, user_id, now).await? {
+            return Ok(Some(open));
         }
-        let scored = format!(
-            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.uncertainty IS NOT NULL AND i.label_count < $3 \
-             AND {not_mine} ORDER BY i.uncertainty DESC, i.id LIMIT 1"
-        );
-        let r = sqlx::query(&scored).bind(project.id).bind(user_id).bind(project.overlap).fetch_optional(&self.pool).await?;
-        if let Some(r) = r {
-            return Ok(Some(item_from_row(&r)?));
+        let _g = self.write_guard().await;
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(project.id).execute(&mut *tx).await?;
         }
-        let least = format!(
-            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.label_count < $3 AND {not_mine} \
-             ORDER BY i.label_count, i.id LIMIT {SPREAD}"
-        );
-        let rows = sqlx::query(&least).bind(project.id).bind(user_id).bind(project.overlap).fetch_all(&self.pool).await?;
-        if !rows.is_empty() {
-            let pick = ((user_id as u64).wrapping_mul(2654435761) >> 7) as usize % rows.len();
-            return Ok(Some(item_from_row(&rows[pick])?));
-        }
-        gold().await
+        let Some(item) = pick_item(&mut tx, project, user_id, done, now).await? else { return Ok(None) };
+        let a = insert_assignment(&mut tx, &item, user_id, project.kind == TaskKind::Pairwise, now, lease_ms).await?;
+        tx.commit().await?;
+        Ok(Some((a, item)))
     }
 
-    /// Records that an item was shown, and in which order (randomised for pairwise).
-    pub async fn create_assignment(&self, item: &Item, user_id: i64, randomise: bool) -> Result<Assignment> {
-        let mut order: Vec<usize> = (0..item.responses.len()).collect();
-        if randomise && rand::thread_rng().gen_bool(0.5) {
-            order.reverse();
-        }
+    /// An assignment for a specific item (changing an answer, or after an undo): the
+    /// annotator's open one if any, else a new lease that keeps the order of the sides
+    /// they saw before.
+    pub async fn open_item(&self, item: &Item, user_id: i64, randomise: bool, lease_ms: i64) -> Result<Assignment> {
         let now = now_ms();
         let _g = self.write_guard().await;
-        let id: i64 = sqlx::query("INSERT INTO assignments (item_id, user_id, shown_order, served_at) VALUES ($1, $2, $3, $4) RETURNING id")
-            .bind(item.id)
-            .bind(user_id)
-            .bind(serde_json::to_string(&order)?)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(Assignment { id, item_id: item.id, user_id, shown_order: order, served_at: now })
+        let mut tx = self.pool.begin().await?;
+        let open = sqlx::query(
+            "SELECT id, shown_order, served_at FROM assignments WHERE item_id = $1 AND user_id = $2 AND lease_until > $3 ORDER BY id LIMIT 1",
+        )
+        .bind(item.id)
+        .bind(user_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let a = match open {
+            Some(r) => Assignment {
+                id: r.try_get("id")?,
+                item_id: item.id,
+                user_id,
+                shown_order: serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?,
+                served_at: r.try_get("served_at")?,
+            },
+            None => insert_assignment(&mut tx, item, user_id, randomise, now, lease_ms).await?,
+        };
+        tx.commit().await?;
+        Ok(a)
+    }
+
+    /// The annotator's open (leased, unanswered) task in the project, oldest first.
+    async fn open_assignment(&self, project_id: i64, user_id: i64, now: i64) -> Result<Option<(Assignment, Item)>> {
+        let r = sqlx::query(&format!(
+            "SELECT a.id AS a_id, a.shown_order, a.served_at, {} FROM assignments a JOIN items i ON i.id = a.item_id \
+             WHERE a.user_id = $1 AND a.lease_until > $2 AND i.project_id = $3 ORDER BY a.id LIMIT 1",
+            prefixed_item_cols()
+        ))
+        .bind(user_id)
+        .bind(now)
+        .bind(project_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.as_ref().map(|r| assignment_and_item(r, user_id)).transpose()
     }
 
     /// A user's assignment together with its item, which must be in `project_id`.
@@ -609,7 +648,7 @@ impl Db {
         let r = sqlx::query(&format!(
             "SELECT a.id AS a_id, a.shown_order, a.served_at, {} FROM assignments a JOIN items i ON i.id = a.item_id \
              WHERE a.id = $1 AND a.user_id = $2 AND i.project_id = $3",
-            ITEM_COLS.split(", ").map(|c| format!("i.{c}")).collect::<Vec<_>>().join(", ")
+            prefixed_item_cols()
         ))
         .bind(id)
         .bind(user_id)
@@ -617,15 +656,7 @@ impl Db {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| Error::NotFound(format!("assignment {id} in project {project_id}")))?;
-        let item = item_from_row(&r)?;
-        let a = Assignment {
-            id: r.try_get("a_id")?,
-            item_id: item.id,
-            user_id,
-            shown_order: serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?,
-            served_at: r.try_get("served_at")?,
-        };
-        Ok((a, item))
+        assignment_and_item(&r, user_id)
     }
 
     // ---------------------------------------------------------------- labels
@@ -686,6 +717,12 @@ impl Db {
                 (true, true) => -1,
                 _ => 0,
             };
+            // Answered: the annotator's leases on the item end (the label now counts instead).
+            sqlx::query("UPDATE assignments SET lease_until = NULL WHERE item_id = $1 AND user_id = $2 AND lease_until IS NOT NULL")
+                .bind(item_id)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             if delta != 0 {
                 sqlx::query("UPDATE items SET label_count = label_count + $1 WHERE id = $2")
                     .bind(delta)
@@ -710,7 +747,12 @@ impl Db {
             // Retries are rare, so the key is only looked up when the insert did not
             // happen: a stored key means this submission was already acknowledged once.
             Err(e) => match self.label_by_key(user_id, idempotency_key).await? {
-                Some(id) => Ok(Submitted::Duplicate(id)),
+                Some((id, item)) if item == item_id => Ok(Submitted::Duplicate(id)),
+                // Not a retry of the same answer: storing nothing and acknowledging would
+                // silently lose this one.
+                Some(_) => Err(Error::Conflict(
+                    "this answer carries the submission key of an answer to another item, so it was not stored; reload the task page and answer again".into(),
+                )),
                 None => match e {
                     Error::Other(e) if is_unique_violation(&e) => {
                         Err(Error::Conflict("this item was labelled concurrently in another tab; reload".into()))
@@ -721,13 +763,14 @@ impl Db {
         }
     }
 
-    pub async fn label_by_key(&self, user_id: i64, key: &str) -> Result<Option<i64>> {
-        Ok(sqlx::query("SELECT id FROM labels WHERE user_id = $1 AND idempotency_key = $2")
+    /// (label id, item id) of the user's label stored under an idempotency key.
+    pub async fn label_by_key(&self, user_id: i64, key: &str) -> Result<Option<(i64, i64)>> {
+        Ok(sqlx::query("SELECT id, item_id FROM labels WHERE user_id = $1 AND idempotency_key = $2")
             .bind(user_id)
             .bind(key)
             .fetch_optional(&self.pool)
             .await?
-            .map(|r| r.try_get::<i64, _>(0))
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
             .transpose()?)
     }
 
@@ -802,6 +845,20 @@ impl Db {
         Ok((done, eligible - mine))
     }
 
+    /// (items with ≥ overlap live labels, items): two index range counts, cheap enough
+    /// for every task page.
+    pub async fn completion(&self, project: &Project) -> Result<(i64, i64)> {
+        let r = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM items WHERE project_id = $1 AND label_count >= $2) AS full_n, \
+               (SELECT COUNT(*) FROM items WHERE project_id = $1) AS n",
+        )
+        .bind(project.id)
+        .bind(project.overlap)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((r.try_get("full_n")?, r.try_get("n")?))
+    }
+
     /// (items, items with ≥ overlap live labels, gold items, live labels).
     pub async fn project_counts(&self, project: &Project) -> Result<(i64, i64, i64, i64)> {
         let r = sqlx::query(
@@ -852,6 +909,89 @@ impl Db {
         })
         .collect()
     }
+}
+
+fn prefixed_item_cols() -> String {
+    ITEM_COLS.split(", ").map(|c| format!("i.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+fn assignment_and_item(r: &AnyRow, user_id: i64) -> Result<(Assignment, Item)> {
+    let item = item_from_row(r)?;
+    let a = Assignment {
+        id: r.try_get("a_id")?,
+        item_id: item.id,
+        user_id,
+        shown_order: serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?,
+        served_at: r.try_get("served_at")?,
+    };
+    Ok((a, item))
+}
+
+/// The next item for an annotator (see `Db::open_task`); run inside its transaction.
+async fn pick_item(tx: &mut Transaction<'_, Any>, project: &Project, user_id: i64, done: i64, now: i64) -> Result<Option<Item>> {
+    const GOLD_EVERY: i64 = 10;
+    let not_mine = format!("NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $2 AND {LIVE})");
+    // Labels plus open leases of others must stay under the overlap target.
+    let room = "i.label_count + (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.lease_until > $4) < $3";
+    let gold_sql = format!("SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.gold IS NOT NULL AND {not_mine} ORDER BY i.id LIMIT 1");
+    let queries = [
+        format!(
+            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.uncertainty IS NOT NULL AND i.label_count < $3 \
+             AND {room} AND {not_mine} ORDER BY i.uncertainty DESC, i.id LIMIT 1"
+        ),
+        format!(
+            "SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.label_count < $3 AND {room} AND {not_mine} \
+             ORDER BY i.label_count, i.id LIMIT 1"
+        ),
+    ];
+    // (query, whether it uses the overlap and time parameters $3, $4)
+    let gold = (gold_sql.as_str(), false);
+    let (scored, least) = ((queries[0].as_str(), true), (queries[1].as_str(), true));
+    let order = if (done + 1) % GOLD_EVERY == 0 { [gold, scored, least] } else { [scored, least, gold] };
+    for (sql, room_params) in order {
+        let mut q = sqlx::query(sql).bind(project.id).bind(user_id);
+        if room_params {
+            q = q.bind(project.overlap).bind(now);
+        }
+        let r = q.fetch_optional(&mut **tx).await?;
+        if let Some(r) = r {
+            return Ok(Some(item_from_row(&r)?));
+        }
+    }
+    Ok(None)
+}
+
+/// A new leased assignment. Pairwise sides are randomised the first time an annotator
+/// sees an item and kept on later views (after an undo, muscle memory must still match).
+async fn insert_assignment(
+    tx: &mut Transaction<'_, Any>,
+    item: &Item,
+    user_id: i64,
+    randomise: bool,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Assignment> {
+    let mut fresh: Vec<usize> = (0..item.responses.len()).collect();
+    if randomise && rand::thread_rng().gen_bool(0.5) {
+        fresh.reverse();
+    }
+    // One statement (it runs under the per-project lock): the order this annotator saw
+    // last time, else the fresh one.
+    let r = sqlx::query(
+        "INSERT INTO assignments (item_id, user_id, shown_order, served_at, lease_until) VALUES ($1, $2, \
+         COALESCE((SELECT p.shown_order FROM assignments p WHERE p.item_id = $1 AND p.user_id = $2 ORDER BY p.id DESC LIMIT 1), $3), \
+         $4, $5) RETURNING id, shown_order",
+    )
+    .bind(item.id)
+    .bind(user_id)
+    .bind(serde_json::to_string(&fresh)?)
+    .bind(now)
+    .bind(now + lease_ms)
+    .fetch_one(&mut **tx)
+    .await?;
+    let id: i64 = r.try_get("id")?;
+    let order: Vec<usize> = serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?;
+    Ok(Assignment { id, item_id: item.id, user_id, shown_order: order, served_at: now })
 }
 
 fn is_unique_violation(e: &anyhow::Error) -> bool {

@@ -1,4 +1,4 @@
-// Keyboard shortcuts for task pages, file loading for import forms, live stats.
+// Keyboard shortcuts for task pages, live stats.
 // Plain script, no build step.
 (function () {
   "use strict";
@@ -18,14 +18,30 @@
   let criterion = 0;
   const criteria = task ? Array.from(task.querySelectorAll(".criterion")) : [];
   const markCriterion = () => criteria.forEach((c, i) => c.classList.toggle("current", i === criterion));
+  // Start at the first criterion without a score (a "change" page arrives pre-filled).
+  const firstOpen = criteria.findIndex((c) => !c.querySelector("input:checked"));
+  criterion = firstOpen < 0 ? 0 : firstOpen;
   markCriterion();
+  // Clicking a score makes its criterion the highlighted one.
+  criteria.forEach((c, i) => c.addEventListener("change", () => { criterion = i; markCriterion(); }));
+  // Free-text forms are sent only with Ctrl+Enter (or the button), never by a stray key.
+  const freeText = task && task.querySelector("textarea");
 
   document.addEventListener("keydown", (e) => {
+    if (typing(document.activeElement) && !(e.key === "Enter" && (e.ctrlKey || e.metaKey))) { return; }
+    // Undo works on every page that offers it, including the "done" page.
+    if (e.key === "u" && undo && !e.ctrlKey && !e.metaKey && !e.altKey) { e.preventDefault(); undo.requestSubmit(); return; }
     if (!task) { return; }
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); task.requestSubmit(); return; }
-    if (typing(document.activeElement) || e.ctrlKey || e.metaKey || e.altKey) { return; }
+    if (e.ctrlKey || e.metaKey || e.altKey) { return; }
     const choice = task.querySelector('button[data-key="' + e.key + '"]');
     if (choice) { e.preventDefault(); choice.click(); return; }
+    if (criteria.length && (e.key === "ArrowDown" || e.key === "ArrowUp")) {
+      e.preventDefault();
+      criterion = Math.max(0, Math.min(criteria.length - 1, criterion + (e.key === "ArrowDown" ? 1 : -1)));
+      markCriterion();
+      return;
+    }
     if (criteria.length && /^[0-9]$/.test(e.key)) {
       const radio = criteria[criterion].querySelector('input[value="' + e.key + '"]');
       if (radio) {
@@ -35,24 +51,11 @@
       }
       return;
     }
-    // Forms answered with a choice button (pairwise) are only sent by that button.
-    if ((e.key === "Enter" || e.key === "n") && !task.querySelector("button[data-key]")) {
-      e.preventDefault(); task.requestSubmit(); return;
+    // Rating forms submit with Enter; pairwise forms only through their choice
+    // buttons; free-text forms only with Ctrl+Enter.
+    if ((e.key === "Enter" || e.key === "n") && !freeText && !task.querySelector("button[data-key]")) {
+      e.preventDefault(); task.requestSubmit();
     }
-    if (e.key === "u" && undo) { e.preventDefault(); undo.requestSubmit(); }
-  });
-
-  // <input type=file data-into=ID> copies the chosen file's text into textarea #ID.
-  document.querySelectorAll("input[type=file][data-into]").forEach((inp) => {
-    inp.addEventListener("change", () => {
-      const f = inp.files[0];
-      if (!f) { return; }
-      f.text().then((t) => {
-        document.getElementById(inp.dataset.into).value = t;
-        const src = document.getElementById(inp.dataset.into + "-name");
-        if (src) { src.value = f.name; }
-      });
-    });
   });
 
   // Live agreement stats: refresh the server-rendered fragment every 15 s.

@@ -283,23 +283,37 @@ async fn chromium_labels_every_kind_and_exports() {
         d.keys(&["u"]).await;
         d.wait_next(&a).await;
         assert!(d.url().await.contains("?item="), "undo returns to the withdrawn item");
-        assert!(d.source().await.contains("your labels 2 / 4"));
+        assert!(d.source().await.contains("Your labels: 2 done, 2 left for you"));
         for key in ["4", "1"] {
             let a = d.assignment().await;
             d.keys(&[key]).await;
             d.wait_next(&a).await;
         }
-        d.wait_for("pairwise done", |s| s.contains("Nothing left") && s.contains("your labels 4 / 4")).await;
+        d.wait_for("pairwise done", |s| s.contains("Nothing left") && s.contains("Your labels: 4 done, 0 left for you")).await;
         d.shot("task-done").await;
+        // `u` also works on the done page; the item returns with its sides as seen.
+        d.keys(&["u"]).await;
+        d.wait_for("undo from the done page", |s| s.contains("Answer withdrawn")).await;
+        let a = d.assignment().await;
+        d.keys(&["1"]).await;
+        d.wait_next(&a).await;
+        d.wait_for("pairwise done again", |s| s.contains("Nothing left") && s.contains("Your labels: 4 done, 0 left for you")).await;
 
         // Rating: digits rate criterion after criterion, Enter submits.
         let rating = pids[0];
         d.goto(&format!("{site}/p/{rating}/task")).await;
         d.wait_for("a rating task", |s| s.contains("score_helpful")).await;
         d.shot("task-rating").await;
-        for keys in [["4", "5", "Enter"], ["2", "3", "Enter"]] {
+        // The highlighted criterion moves with the digits and with the arrow keys.
+        assert!(d.source().await.contains(r#"class="criterion current""#));
+        for keys in [&["4", "5", "Enter"][..], &["2", "Up", "2", "3", "Enter"][..]] {
             let a = d.assignment().await;
-            d.keys(&keys.iter().map(|k| if *k == "Enter" { "\u{E007}" } else { k }).collect::<Vec<_>>()).await;
+            let special = |k: &'static str| match k {
+                "Enter" => "\u{E007}",
+                "Up" => "\u{E013}",
+                k => k,
+            };
+            d.keys(&keys.iter().copied().map(special).collect::<Vec<_>>()).await;
             d.wait_next(&a).await;
         }
         // Correction, critique, demonstration: type and submit.

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use rlhf_data::Format as DataFormat;
-use rlhf_feedback::export::{export_rows, to_jsonl, Format};
+use rlhf_feedback::export::{export_rows, to_jsonl, Format, Options as ExportOptions};
 use rlhf_feedback::model::{Choice, LabelValue, NewItem, TaskKind};
 
 #[tokio::test]
@@ -63,12 +63,12 @@ async fn exports_load_with_rlhf_data() {
             db.insert_items(None, pid, "t", &[item(0, responses), item(1, responses)]).await.unwrap();
             for it in db.items(pid).await.unwrap() {
                 for (u, v) in [s.ann1, s.ann2].iter().zip(&values) {
-                    let a = db.create_assignment(&it, *u, false).await.unwrap();
+                    let a = db.open_item(&it, *u, false, 60_000).await.unwrap();
                     db.submit_label(pid, it.id, *u, Some(&a), v, &format!("k{pid}-{}-{u}", it.id)).await.unwrap();
                 }
             }
             let p = db.project(pid).await.unwrap();
-            let rows = export_rows(&p, &db.items(pid).await.unwrap(), &db.live_labels(pid).await.unwrap(), format, true).unwrap();
+            let rows = export_rows(&p, &db.items(pid).await.unwrap(), &db.live_labels(pid).await.unwrap(), format, &ExportOptions { scrub: true, ..Default::default() }).unwrap();
             let path = dir.path().join(format!("{}-{n}.jsonl", format.as_str()));
             std::fs::write(&path, to_jsonl(&rows)).unwrap();
             let ds = rlhf_data::load_dataset(&path).unwrap_or_else(|e| panic!("{}: {e}", format.as_str()));

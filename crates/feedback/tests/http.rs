@@ -103,7 +103,7 @@ async fn pairwise_flow_every_route() {
             }
             let done = c.get(&format!("/p/{pid}/task")).await;
             assert!(done.body.contains("Nothing left to label"), "{}", done.body);
-            assert!(done.body.contains("your labels 3 / 3"), "{}", done.body);
+            assert!(done.body.contains("Your labels: 3 done, 0 left for you"), "{}", done.body);
         }
         // Changed mind: undo the last label (POST /p/{id}/undo) and answer again.
         let csrf1 = a1.csrf().await;
@@ -312,4 +312,148 @@ async fn import_generates_candidates_from_openai_compatible_endpoint() {
     assert_eq!(reqs[0]["model"], "tiny");
     assert_eq!(reqs[0]["max_tokens"], 16);
     assert_eq!(reqs[0]["prompt"], "why?");
+}
+
+/// Pages are never cached; an idempotency key reused for another item is an error
+/// (it used to answer 303 and drop the new answer).
+#[tokio::test]
+async fn no_store_and_key_reuse_across_items() {
+    for tdb in databases().await {
+        let s = seed(&tdb.url).await;
+        let pid = project(&s.db, "keys", TaskKind::Pairwise, 1, &[s.ann1]).await;
+        let items: Vec<_> = (0..3)
+            .map(|i| rlhf_feedback::model::NewItem { external_id: format!("k{i}"), prompt: format!("p{i}"), responses: vec!["a".into(), "b".into()], gold: None })
+            .collect();
+        s.db.db.insert_items(None, pid, "t", &items).await.unwrap();
+        let mut c = Client::new(&s.db);
+        let csrf = c.login("ann1").await;
+        for path in ["/".to_string(), format!("/p/{pid}"), format!("/p/{pid}/task"), "/login".into()] {
+            let r = c.get(&path).await;
+            assert_eq!(r.headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"), "{path}");
+        }
+        assert!(c.get("/static/app.js").await.headers.get("cache-control").is_none());
+        let t = c.get(&format!("/p/{pid}/task")).await;
+        let a1 = t.field("assignment");
+        let r = c.post(&format!("/p/{pid}/label"), &[("csrf", &csrf), ("assignment", &a1), ("key", "same-key"), ("choice", "A")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        let t = c.get(&format!("/p/{pid}/task")).await;
+        let a2 = t.field("assignment");
+        assert_ne!(a1, a2);
+        let r = c.post(&format!("/p/{pid}/label"), &[("csrf", &csrf), ("assignment", &a2), ("key", "same-key"), ("choice", "B")]).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+        assert!(r.body.contains("not stored"), "{}", r.body);
+        // A true retry (same item, same key) is still acknowledged as a duplicate.
+        let r = c.post(&format!("/p/{pid}/label"), &[("csrf", &csrf), ("assignment", &a1), ("key", "same-key"), ("choice", "A")]).await;
+        assert_eq!((r.status, r.headers.get("x-duplicate").map(|v| v.to_str().unwrap())), (StatusCode::SEE_OTHER, Some("1")));
+        assert_eq!(s.db.db.live_labels(pid).await.unwrap().len(), 1);
+    }
+}
+
+async fn export(c: &mut Client, pid: i64, csrf: &str, extra: &[(&str, &str)]) -> Vec<Value> {
+    let mut form = vec![("csrf", csrf), ("format", "preference")];
+    form.extend_from_slice(extra);
+    let r = c.post(&format!("/p/{pid}/export"), &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    jsonl(&r.body)
+}
+
+/// Reliability on the stats page and in exports. ann1 and ann2 are always right;
+/// sloppy1 is wrong on a quarter of its items, sloppy2 on a sixth. Items 30–39 are judged
+/// by ann1 and sloppy1 only, who disagree on 30–34: majority vote ties there (no row);
+/// the reliability model sides with ann1.
+#[tokio::test]
+async fn reliability_on_stats_and_export() {
+    use rlhf_feedback::model::{Choice, LabelValue, NewItem, Role};
+    for tdb in databases().await {
+        let s = seed(&tdb.url).await;
+        let db = &s.db.db;
+        let h = rlhf_feedback::auth::hash_password(PASSWORD).unwrap();
+        let sloppy1 = db.create_user(None, "sloppy1", Role::Annotator, Some(&h)).await.unwrap();
+        let sloppy2 = db.create_user(None, "sloppy2", Role::Annotator, Some(&h)).await.unwrap();
+        let pid = project(&s.db, "rel", TaskKind::Pairwise, 4, &[s.ann1, s.ann2, sloppy1, sloppy2]).await;
+        let items: Vec<NewItem> = (0..40).map(|i| NewItem { external_id: format!("r{i}"), prompt: format!("q{i}"), responses: vec![format!("good {i}"), format!("bad {i}")], gold: None }).collect();
+        db.insert_items(None, pid, "t", &items).await.unwrap();
+        for it in db.items(pid).await.unwrap() {
+            let n: usize = it.external_id[1..].parse().unwrap();
+            let judges: Vec<(i64, bool)> = if n < 30 {
+                vec![(s.ann1, true), (s.ann2, true), (sloppy1, n >= 5), (sloppy2, !(5..10).contains(&n))]
+            } else {
+                vec![(s.ann1, true), (sloppy1, n >= 35)]
+            };
+            for (u, right) in judges {
+                let preferred = if right { 0 } else { 1 };
+                let a = db.open_item(&it, u, false, 60_000).await.unwrap();
+                let v = LabelValue::Pairwise { choice: if preferred == 0 { Choice::A } else { Choice::B }, shown_order: vec![0, 1], preferred: Some(preferred) };
+                db.submit_label(pid, it.id, u, Some(&a), &v, &format!("k{}-{u}", it.id)).await.unwrap();
+            }
+        }
+        let mut admin = Client::new(&s.db);
+        let csrf = admin.login("admin").await;
+        let st: Value = serde_json::from_str(&admin.get(&format!("/p/{pid}/stats.json")).await.body).unwrap();
+        assert_eq!(st["reliability_model"], "crowd-bt");
+        let rel = |name: &str| st["annotators"].as_array().unwrap().iter().find(|a| a["username"] == name).unwrap()["reliability"].as_f64().unwrap();
+        assert!(rel("ann1") > 0.9 && rel("ann2") > 0.9, "{st}");
+        assert!(rel("ann1") > rel("sloppy2") && rel("sloppy2") > rel("sloppy1"), "{st}");
+        assert!(rel("sloppy1") < 0.85 && rel("sloppy1") > 0.6, "{st}");
+        let page = admin.get(&format!("/p/{pid}/stats")).await.body;
+        assert!(page.contains("<th>Reliability</th>") && page.contains("Crowd-BT"), "{page}");
+
+        let by_votes = export(&mut admin, pid, &csrf, &[]).await;
+        assert_eq!(by_votes.len(), 35, "1–1 ties give no row by vote count");
+        let by_rel = export(&mut admin, pid, &csrf, &[("reliability", "1")]).await;
+        assert_eq!(by_rel.len(), 40);
+        assert!(by_rel.iter().all(|r| r["chosen"].as_str().unwrap().starts_with("good")), "{by_rel:?}");
+        let tied = by_rel.iter().find(|r| r["external_id"] == "r32").unwrap();
+        let unanimous = by_rel.iter().find(|r| r["external_id"] == "r20").unwrap();
+        let (ct, cu) = (tied["confidence"].as_f64().unwrap(), unanimous["confidence"].as_f64().unwrap());
+        assert!(ct > 0.5 && ct < cu && cu > 0.99, "{ct} {cu}");
+        assert!((tied["margin"].as_f64().unwrap() - (2.0 * ct - 1.0)).abs() < 1e-9);
+        // Filter: only the confident items.
+        let min = (ct + cu) / 2.0;
+        let kept = export(&mut admin, pid, &csrf, &[("min_confidence", &format!("{min:.6}"))]).await;
+        let ids: Vec<&str> = kept.iter().map(|r| r["external_id"].as_str().unwrap()).collect();
+        assert!(kept.iter().all(|r| r["confidence"].as_f64().unwrap() >= min - 1e-6));
+        assert!(ids.contains(&"r20") && !(30..35).any(|i| ids.contains(&format!("r{i}").as_str())), "{ids:?}");
+        let bad = admin.post(&format!("/p/{pid}/export"), &[("csrf", &csrf), ("format", "preference"), ("min_confidence", "1.5")]).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    }
+}
+
+/// "change" pages start from the previous answer; text tasks focus their text box; the
+/// progress shows the annotator's queue and the project's completion separately.
+#[tokio::test]
+async fn change_pages_prefill_and_progress_is_split() {
+    for tdb in databases().await {
+        let s = seed(&tdb.url).await;
+        let st = &s.db;
+        let mut ann = Client::new(st);
+        ann.login("ann1").await;
+        let rating = project(st, "rate", TaskKind::Rating, 3, &[s.ann1]).await;
+        let t = ann.get(&format!("/p/{rating}/task")).await;
+        assert!(t.body.contains("Nothing to label for you in this project right now."), "{}", t.body);
+        assert!(!t.body.contains("(100%)"), "{}", t.body);
+        let rows: String = (0..10).map(|i| format!("{{\"id\": \"c{i}\", \"prompt\": \"p{i}\", \"completion\": \"answer {i}\"}}\n")).collect();
+        let items = rlhf_feedback::import::expand("x", &rlhf_feedback::import::parse_jsonl("x", &rows).unwrap(), TaskKind::Rating, &["helpful".into(), "harmless".into()], 5).unwrap();
+        st.db.insert_items(None, rating, "x", &items).await.unwrap();
+        for (h, k) in [("4", "2"), ("5", "1")] {
+            assert_eq!(ann.label(rating, &[("score_helpful", h), ("score_harmless", k)]).await.status, StatusCode::SEE_OTHER);
+        }
+        let t = ann.get(&format!("/p/{rating}/task")).await;
+        assert!(t.body.contains("Your labels: 2 done, 8 left for you"), "{}", t.body);
+        assert!(t.body.contains("Project: items fully labelled 0 / 10 (0%)"), "{}", t.body);
+        let first = st.db.label_history(rating, s.ann1).await.unwrap()[0].item_id;
+        let change = ann.get(&format!("/p/{rating}/task?item={first}")).await;
+        assert!(change.body.contains(r#"name="score_helpful" value="4" required checked"#), "{}", change.body);
+        assert!(change.body.contains(r#"name="score_harmless" value="2" required checked"#), "{}", change.body);
+        assert_eq!(change.body.matches(" checked").count(), 2);
+
+        let crit = project(st, "crit", TaskKind::Critique, 1, &[s.ann1]).await;
+        st.db.insert_items(None, crit, "x", &items[..2]).await.unwrap();
+        let t = ann.get(&format!("/p/{crit}/task")).await;
+        assert!(t.body.contains(r#"<textarea name="text" rows="8" required autofocus></textarea>"#), "{}", t.body);
+        assert_eq!(ann.label(crit, &[("text", "Too <terse>.")]).await.status, StatusCode::SEE_OTHER);
+        let item = st.db.label_history(crit, s.ann1).await.unwrap()[0].item_id;
+        let change = ann.get(&format!("/p/{crit}/task?item={item}")).await;
+        assert!(change.body.contains(">Too &lt;terse&gt;.</textarea>"), "{}", change.body);
+    }
 }

@@ -271,3 +271,175 @@ async fn sessions_expire_and_cookies_are_locked_down() {
         assert!(pre.contains("; Secure") && pre.contains("HttpOnly") && pre.contains("SameSite=Strict"), "{pre}");
     }
 }
+
+fn invite_path(body: &str) -> String {
+    let link = body.split("value=\"").find(|p| p.starts_with("http")).unwrap().split('"').next().unwrap();
+    link.trim_start_matches("http://127.0.0.1:8080").to_string()
+}
+
+/// Only the newest invite link of a user works; it works once.
+#[tokio::test]
+async fn a_new_invite_revokes_older_links() {
+    for tdb in databases().await {
+        let s = seed(&tdb.url).await;
+        let mut admin = Client::new(&s.db);
+        let csrf = admin.login("admin").await;
+        let first = invite_path(&admin.post("/admin/users", &[("csrf", &csrf), ("username", "carol"), ("role", "annotator")]).await.body);
+        let carol = s.db.db.user_by_name("carol").await.unwrap().unwrap().0.id;
+        let second = invite_path(&admin.post(&format!("/admin/users/{carol}/invite"), &[("csrf", &csrf)]).await.body);
+        let mut c = Client::new(&s.db);
+        assert_eq!(c.get(&first).await.status, StatusCode::NOT_FOUND, "older link revoked by the newer one");
+        let page = c.get(&second).await;
+        assert_eq!(page.status, StatusCode::OK);
+        // The revoked link can't be posted to either (account takeover path of the report).
+        let r = c.post(&first, &[("csrf", &page.csrf()), ("password", "takeover-123"), ("password2", "takeover-123")]).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let r = c.post(&second, &[("csrf", &page.csrf()), ("password", "carol-pass-1"), ("password2", "carol-pass-1")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        let mut d = Client::new(&s.db);
+        let p = d.get("/login").await;
+        assert_eq!(d.get(&second).await.status, StatusCode::NOT_FOUND, "single use");
+        assert_eq!(d.post("/login", &[("csrf", &p.csrf()), ("username", "carol"), ("password", "takeover-123")]).await.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(d.post("/login", &[("csrf", &p.csrf()), ("username", "carol"), ("password", "carol-pass-1")]).await.status, StatusCode::SEE_OTHER);
+    }
+}
+
+/// A reset (invite redeemed) ends every session of the user; a password change ends
+/// all but the one that made it.
+#[tokio::test]
+async fn password_reset_and_change_end_other_sessions() {
+    for tdb in databases().await {
+        let s = seed(&tdb.url).await;
+        let mut admin = Client::new(&s.db);
+        let csrf = admin.login("admin").await;
+        let mut old_device = Client::new(&s.db);
+        old_device.login("ann1").await;
+        let reset = invite_path(&admin.post(&format!("/admin/users/{}/invite", s.ann1), &[("csrf", &csrf)]).await.body);
+        let mut b = Client::new(&s.db);
+        let page = b.get(&reset).await;
+        let r = b.post(&reset, &[("csrf", &page.csrf()), ("password", "brand-new-1"), ("password2", "brand-new-1")]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        assert_eq!(old_device.get("/").await.location(), "/login", "session from before the reset still alive");
+        assert_eq!(b.get("/").await.status, StatusCode::OK);
+
+        // Change password on b while c is logged in too: c is logged out, b stays.
+        let mut c = Client::new(&s.db);
+        let p = c.get("/login").await;
+        assert_eq!(c.post("/login", &[("csrf", &p.csrf()), ("username", "ann1"), ("password", "brand-new-1")]).await.status, StatusCode::SEE_OTHER);
+        let bc = b.csrf().await;
+        let wrong = b.post("/account/password", &[("csrf", &bc), ("current", "nope-nope"), ("password", "x-new-pass-2"), ("password2", "x-new-pass-2")]).await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(c.get("/").await.status, StatusCode::OK);
+        let ok = b.post("/account/password", &[("csrf", &bc), ("current", "brand-new-1"), ("password", "x-new-pass-2"), ("password2", "x-new-pass-2")]).await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+        assert_eq!(c.get("/").await.location(), "/login");
+        assert_eq!(b.get("/").await.status, StatusCode::OK);
+        assert_eq!(admin.get("/").await.status, StatusCode::OK, "other users keep their sessions");
+    }
+}
+
+/// 50 wrong passwords, then the right one: refused while the account is locked (it
+/// used to log in), audited once per burst, and accepted after the lockout ends.
+#[tokio::test]
+async fn brute_force_is_throttled_and_audited_once_per_burst() {
+    use rlhf_feedback::throttle::Policy;
+    for tdb in databases().await {
+        let short = Policy { free_failures: 5, base_delay_ms: 1000, max_delay_ms: 2000, window_ms: 60_000 };
+        let cfg = rlhf_feedback::web::Config { account_throttle: short, ..Default::default() };
+        let s = seed_with(&tdb.url, cfg).await;
+        let mut c = Client::new(&s.db);
+        let page = c.get("/login").await;
+        let csrf = page.csrf();
+        let mut statuses = std::collections::BTreeMap::new();
+        for i in 0..50 {
+            let r = c.post("/login", &[("csrf", &csrf), ("username", "ann1"), ("password", &format!("guess-{i}"))]).await;
+            *statuses.entry(r.status.as_u16()).or_insert(0) += 1;
+        }
+        assert!(statuses[&401] <= 8, "{statuses:?}: guesses kept being checked");
+        assert!(statuses[&429] >= 42, "{statuses:?}");
+        let r = c.post("/login", &[("csrf", &csrf), ("username", "ann1"), ("password", PASSWORD)]).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "the right password logged in during the lockout");
+        assert!(r.body.contains("Too many failed log-ins") && r.headers.contains_key("retry-after"), "{}", r.body);
+        // Another account is not affected.
+        let mut other = Client::new(&s.db);
+        other.login("ann2").await;
+        let audit = s.db.db.audit_log(1000, i64::MAX).await.unwrap();
+        let about_ann1: Vec<&str> = audit.iter().filter(|e| e.action.starts_with("login") && e.detail.contains("\"ann1\"")).map(|e| e.action.as_str()).collect();
+        assert_eq!(about_ann1, vec!["login_throttled", "login_failed"], "newest first");
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        let r = c.post("/login", &[("csrf", &csrf), ("username", "ann1"), ("password", PASSWORD)]).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    }
+}
+
+/// Bodies are refused by size before they are read: 16 KiB before login, 2 MiB for
+/// users' forms; only admins' multipart uploads may be large (streamed, own limit).
+#[tokio::test]
+async fn body_limits_apply_before_reading() {
+    use futures_util_free::pending_after;
+    for tdb in databases().await {
+        let cfg = rlhf_feedback::web::Config { max_upload_bytes: 1024 * 1024, ..Default::default() };
+        let s = seed_with(&tdb.url, cfg).await;
+        let pid = project(&s.db, "p", TaskKind::Pairwise, 1, &[s.ann1]).await;
+        // A cookie-less 60 MB POST that announces its size is refused without reading:
+        // the body stream never ends, yet the answer comes at once.
+        let anon = Client::new(&s.db);
+        let req = Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::CONTENT_LENGTH, (60 * 1024 * 1024).to_string())
+            .body(Body::from_stream(pending_after(b"csrf=x&".to_vec())))
+            .unwrap();
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(10), anon.app.clone().oneshot(req)).await.expect("answered without reading");
+        assert_eq!(resp.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Without a length header the read stops at the limit.
+        let big = format!("csrf=x&username={}", "a".repeat(100_000));
+        let req = Request::post("/login").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(big)).unwrap();
+        assert_eq!(anon.app.clone().oneshot(req).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Logged in: 2 MiB.
+        let mut ann = Client::new(&s.db);
+        let c = ann.login("ann1").await;
+        let r = ann.post(&format!("/p/{pid}/label"), &[("csrf", &c), ("text", &"x".repeat(3 * 1024 * 1024))]).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(r.body.contains("2048 KiB"), "{}", r.body);
+        // Multipart is for admin uploads only.
+        let r = ann.post_multipart(&format!("/p/{pid}/import"), &[("csrf", &c)], Some(("a.jsonl", b"{}"))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let mut admin = Client::new(&s.db);
+        let ac = admin.login("admin").await;
+        // CSRF must be the first field of an upload.
+        let r = admin.post_multipart(&format!("/p/{pid}/import"), &[("source", "x"), ("csrf", &ac)], None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let r = admin.post_multipart(&format!("/p/{pid}/import"), &[("csrf", "forged")], Some(("a.jsonl", b"{}"))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        // Past the upload limit: a page-level error naming the limit.
+        let row = |i: usize| format!("{{\"id\": \"r{i}\", \"prompt\": \"question {i} {}\", \"responses\": [\"yes\", \"no\"]}}\n", "padding ".repeat(40));
+        let big: String = (0..4000).map(row).collect();
+        assert!(big.len() > 1024 * 1024);
+        let r = admin.post_multipart(&format!("/p/{pid}/import"), &[("csrf", &ac)], Some(("big.jsonl", big.as_bytes()))).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(r.body.contains("the limit is 1.0 MiB") && r.body.contains("<html"), "{}", r.body);
+        assert!(s.db.db.items(pid).await.unwrap().is_empty());
+        // Under the limit the file is imported, named by its file name.
+        let ok: String = (0..2000).map(row).collect();
+        let r = admin.post_multipart(&format!("/p/{pid}/import"), &[("csrf", &ac), ("jsonl", "")], Some(("half.jsonl", ok.as_bytes()))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(r.body.contains("2000 rows read from half.jsonl") && r.body.contains("2000 items added"), "{}", r.body);
+    }
+}
+
+/// A body stream that yields `first` and then never ends.
+mod futures_util_free {
+    pub fn pending_after(first: Vec<u8>) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send {
+        struct S(Option<Vec<u8>>);
+        impl futures_core::Stream for S {
+            type Item = Result<Vec<u8>, std::io::Error>;
+            fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+                match self.0.take() {
+                    Some(b) => std::task::Poll::Ready(Some(Ok(b))),
+                    None => std::task::Poll::Pending,
+                }
+            }
+        }
+        S(Some(first))
+    }
+}

@@ -28,6 +28,10 @@ pub enum TrainError {
     #[error("data: {0}")]
     Data(String),
 
+    /// A reward source failed, timed out or returned a non-finite score (after its retries).
+    #[error("reward source `{source_name}`: {msg}")]
+    Reward { source_name: String, msg: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

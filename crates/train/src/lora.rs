@@ -3,12 +3,12 @@
 
 use clap::Args;
 use rlhf_model::lora::{Lora, LoraConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 
 /// `--lora-*` flags; any of them enables LoRA (defaults for the others).
-#[derive(Debug, Clone, Default, PartialEq, Args, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Args, Serialize, Deserialize)]
 pub struct LoraArgs {
     /// LoRA rank: enables LoRA (other LoRA settings from the config file or defaults) [default: 8]
     #[arg(long)]

@@ -83,6 +83,25 @@ pub enum Bench {
     Dpo(Training),
     /// `rlhf serve` under 32 concurrent HTTP clients vs. the same requests through batched generation.
     Serve(crate::cmd::serve::BenchArgs),
+    /// GRPO steps as bench-trl's bench_grpo.py: 8 prompts × 4 generations × 8 new tokens, tiny shape.
+    Grpo(Online),
+    /// RLOO steps with the GRPO benchmark's settings (bench_grpo.py --algo rloo), tiny shape.
+    Rloo(Online),
+    /// PPO updates as bench-trl's bench_ppo.py: 32 rollouts × 8 new tokens, 4 epochs, 1 mini-batch, tiny shape.
+    Ppo(Online),
+}
+
+#[derive(ClapArgs)]
+pub struct Online {
+    /// Timed steps (after 5 warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Byte-level tokenizer of the addition data (vocab 512, as ../shared/bench-trl's).
+    #[arg(long, default_value = "fixtures/tokenizer")]
+    tokenizer: PathBuf,
+    /// Prompts with an `answer` column.
+    #[arg(long, default_value = "data/prompts.jsonl")]
+    prompts: PathBuf,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -116,6 +135,9 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Serve(a) => crate::cmd::serve::bench(a)?,
         Bench::Rm(t) => println!("{}", rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?),
         Bench::Dpo(t) => println!("{}", rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?),
+        Bench::Grpo(o) => println!("{}", rlhf_train::rl_bench::bench_online("grpo", &o.tokenizer, &o.prompts, o.steps)?),
+        Bench::Rloo(o) => println!("{}", rlhf_train::rl_bench::bench_online("rloo", &o.tokenizer, &o.prompts, o.steps)?),
+        Bench::Ppo(o) => println!("{}", rlhf_train::rl_bench::bench_online("ppo", &o.tokenizer, &o.prompts, o.steps)?),
     }
     Ok(())
 }

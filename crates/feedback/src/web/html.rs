@@ -103,6 +103,7 @@ pub fn page(title: &str, user: Option<&User>, csrf: &str, body: &str) -> String 
             };
             format!(
                 r#"<nav><a href="/">Projects</a> {admin} <span class="who">{} ({})</span>
+<a href="/account/password">Password</a>
 <form method="post" action="/logout" class="inline">{}<button type="submit">Log out</button></form></nav>"#,
                 esc(&u.username),
                 u.role.as_str(),
@@ -125,12 +126,28 @@ pub fn page(title: &str, user: Option<&User>, csrf: &str, body: &str) -> String 
     )
 }
 
+/// A bar for "done of total"; with nothing in total it says so instead of "0 / 0 (100%)".
 pub fn progress_bar(done: i64, total: i64, label: &str) -> String {
-    let pct = if total > 0 { 100.0 * done as f64 / total as f64 } else { 100.0 };
+    let text = if total > 0 {
+        format!("{} {done} / {total} ({:.0}%)", esc(label), 100.0 * done as f64 / total as f64)
+    } else {
+        format!("{}: none yet", esc(label))
+    };
+    format!(r#"<div class="progress"><progress value="{done}" max="{}"></progress> <span>{text}</span></div>"#, total.max(1))
+}
+
+/// An annotator's view: their own queue and, separately, the project's completion
+/// (with overlap k, "my labels / all items" is neither).
+pub fn queue_progress(done: i64, open: i64, full: i64, items: i64) -> String {
+    let mine = if done + open == 0 {
+        "Nothing to label for you in this project right now.".to_string()
+    } else {
+        format!("Your labels: {done} done, {open} left for you")
+    };
     format!(
-        r#"<div class="progress"><progress value="{done}" max="{}"></progress> <span>{} {done} / {total} ({pct:.0}%)</span></div>"#,
-        total.max(1),
-        esc(label)
+        r#"<div class="progress"><progress value="{done}" max="{}"></progress> <span>{mine}</span></div>{}"#,
+        (done + open).max(1),
+        progress_bar(full, items, "Project: items fully labelled")
     )
 }
 

@@ -2,27 +2,34 @@
 
 pub mod html;
 mod pages;
+mod upload;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::auth::HashPool;
 use crate::db::Db;
 use crate::error::Error;
 use crate::model::{Role, User};
 use crate::store::random_token;
+use crate::throttle::{Policy, Throttle};
 
 pub const SESSION_COOKIE: &str = "rlhf_session";
 /// CSRF token for forms shown before login (login, invite): double-submit cookie.
 pub const PRE_COOKIE: &str = "rlhf_pre";
-/// Largest accepted form body (imports are pasted/loaded into a textarea).
-const MAX_FORM_BYTES: usize = 64 * 1024 * 1024;
+/// Largest form body before login (log-in and invite forms).
+const MAX_ANON_FORM_BYTES: usize = 16 * 1024;
+/// Largest form body of a logged-in user: text answers and guidelines (100,000
+/// characters, URL-encoded). Only admin uploads (multipart) may be larger.
+const MAX_FORM_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -32,17 +39,52 @@ pub struct Config {
     pub secure_cookies: bool,
     /// Base URL used in invite links.
     pub public_url: String,
+    /// Password hashes run at once, and how many more may wait (past that: 429).
+    pub hash_workers: usize,
+    pub hash_queue: usize,
+    /// Failed-login throttling per account and per client address.
+    pub account_throttle: Policy,
+    pub address_throttle: Policy,
+    /// Largest admin upload (item import, scores), read as a multipart stream.
+    pub max_upload_bytes: usize,
+    /// How long an opened task stays reserved for its annotator.
+    pub lease_ms: i64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { session_ttl_ms: 12 * 3600 * 1000, secure_cookies: false, public_url: "http://127.0.0.1:8080".into() }
+        Config {
+            session_ttl_ms: 12 * 3600 * 1000,
+            secure_cookies: false,
+            public_url: "http://127.0.0.1:8080".into(),
+            hash_workers: 2,
+            hash_queue: 32,
+            account_throttle: Policy::ACCOUNT,
+            address_throttle: Policy::ADDRESS,
+            max_upload_bytes: 64 * 1024 * 1024,
+            lease_ms: 10 * 60 * 1000,
+        }
     }
 }
 
 pub struct AppState {
     pub db: Db,
     pub cfg: Config,
+    pub hashes: HashPool,
+    pub accounts: Throttle,
+    pub addresses: Throttle,
+}
+
+impl AppState {
+    pub fn new(db: Db, cfg: Config) -> AppState {
+        AppState {
+            hashes: HashPool::new(cfg.hash_workers, cfg.hash_queue),
+            accounts: Throttle::new(cfg.account_throttle),
+            addresses: Throttle::new(cfg.address_throttle),
+            db,
+            cfg,
+        }
+    }
 }
 
 pub type Shared = Arc<AppState>;
@@ -55,6 +97,8 @@ pub struct Ctx {
     pub csrf: String,
     pub session_token: Option<String>,
     pub secure: bool,
+    /// The client's address (the TCP peer), when served over a socket.
+    pub addr: Option<IpAddr>,
 }
 
 impl Ctx {
@@ -101,19 +145,29 @@ impl IntoResponse for AppError {
             AppError::App(e @ Error::NotFound(_)) => (StatusCode::NOT_FOUND, e.to_string()),
             AppError::App(e @ Error::Forbidden(_)) => (StatusCode::FORBIDDEN, e.to_string()),
             AppError::App(e @ Error::Conflict(_)) => (StatusCode::CONFLICT, e.to_string()),
+            AppError::App(Error::TooLarge(m)) => (StatusCode::PAYLOAD_TOO_LARGE, m),
+            AppError::App(Error::TooMany { msg, retry_after_s }) => {
+                let mut r = error_page(StatusCode::TOO_MANY_REQUESTS, &msg);
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                return r;
+            }
             AppError::App(Error::Other(e)) => {
                 tracing::error!("internal error: {e:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal error; see the server log.".to_string())
             }
         };
-        let body = format!(
-            r#"<!doctype html><html><head><meta charset="utf-8"><title>Error</title><link rel="stylesheet" href="/static/app.css"></head>
-<body><main><section class="error"><h1>{}</h1><p>{}</p><p><a href="/">Back to projects</a></p></section></main></body></html>"#,
-            status.as_u16(),
-            html::esc(&msg)
-        );
-        (status, Html(body)).into_response()
+        error_page(status, &msg)
     }
+}
+
+fn error_page(status: StatusCode, msg: &str) -> Response {
+    let body = format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>Error</title><link rel="stylesheet" href="/static/app.css"></head>
+<body><main><section class="error"><h1>{}</h1><p>{}</p><p><a href="/">Back to projects</a></p></section></main></body></html>"#,
+        status.as_u16(),
+        html::esc(msg)
+    );
+    (status, Html(body)).into_response()
 }
 
 pub type AppResult<T> = Result<T, AppError>;
@@ -159,30 +213,57 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
             t
         }
     };
-    let ctx = Ctx { user, csrf: csrf.clone(), session_token: session_token.clone(), secure };
+    let addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let ctx = Ctx { user, csrf: csrf.clone(), session_token: session_token.clone(), secure, addr };
     let (mut parts, body) = req.into_parts();
     let body = if parts.method == Method::POST {
-        let is_form = parts
+        let ctype = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let declared = parts
             .headers
-            .get(header::CONTENT_TYPE)
+            .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-        let bytes: Bytes = match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
-            Ok(b) => b,
-            Err(_) => return (StatusCode::PAYLOAD_TOO_LARGE, "form too large").into_response(),
-        };
-        let sent = is_form
-            .then(|| form_urlencoded_value(&bytes, "csrf"))
-            .flatten();
-        // A POST with no session and no pre-login cookie has nothing to match: reject.
-        let expected_ok = ctx.user.is_some() || pre.is_some();
-        if !(expected_ok && sent.is_some_and(|s| same(&s, &csrf))) {
-            return AppError::Csrf.into_response();
+            .and_then(|v| v.parse::<u64>().ok());
+        if ctype.starts_with("multipart/form-data") {
+            // Only admin uploads are multipart; their handler streams the body under its
+            // own limit and checks the CSRF field (the first one) before reading on.
+            let admin = ctx.user.as_ref().is_some_and(|u| u.role == Role::Admin);
+            if !(admin && upload::is_upload_route(parts.uri.path())) {
+                return AppError::Csrf.into_response();
+            }
+            if let Some(n) = declared.filter(|&n| n > st.cfg.max_upload_bytes as u64) {
+                return AppError::App(upload::too_large(n, st.cfg.max_upload_bytes)).into_response();
+            }
+            body
+        } else {
+            // Small limits apply before anything is read: a body is never buffered
+            // beyond what its route accepts, logged in or not.
+            let limit = if ctx.user.is_some() { MAX_FORM_BYTES } else { MAX_ANON_FORM_BYTES };
+            let too_large = || {
+                AppError::App(Error::TooLarge(format!(
+                    "This form is larger than the server accepts ({} KiB). Large imports are uploaded as files.",
+                    limit / 1024
+                )))
+                .into_response()
+            };
+            if declared.is_some_and(|n| n > limit as u64) {
+                return too_large();
+            }
+            let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
+                Ok(b) => b,
+                Err(_) => return too_large(),
+            };
+            let sent = ctype.starts_with("application/x-www-form-urlencoded").then(|| form_urlencoded_value(&bytes, "csrf")).flatten();
+            // A POST with no session and no pre-login cookie has nothing to match: reject.
+            let expected_ok = ctx.user.is_some() || pre.is_some();
+            if !(expected_ok && sent.is_some_and(|s| same(&s, &csrf))) {
+                return AppError::Csrf.into_response();
+            }
+            Body::from(bytes)
         }
-        Body::from(bytes)
     } else {
         body
     };
+    let path = parts.uri.path().to_string();
     parts.extensions.insert(ctx.clone());
     let mut resp = next.run(Request::from_parts(parts, body)).await;
     if let Some(t) = new_pre {
@@ -191,6 +272,10 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
         }
     }
     let h = resp.headers_mut();
+    if !path.starts_with("/static/") {
+        // Pages carry sessions' CSRF tokens and annotators' answers: never cache them.
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     h.insert(
@@ -198,6 +283,11 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
         HeaderValue::from_static("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
     );
     resp
+}
+
+/// Constant-time CSRF check (used by the multipart reader).
+pub(crate) fn csrf_ok(ctx: &Ctx, sent: &str) -> bool {
+    same(sent, &ctx.csrf)
 }
 
 fn form_urlencoded_value(body: &[u8], key: &str) -> Option<String> {
@@ -212,6 +302,7 @@ pub fn router(state: Shared) -> Router {
         .route("/static/app.css", get(pages::static_css))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
+        .route("/account/password", get(pages::password_form).post(pages::password_change))
         .route("/invite/{token}", get(pages::invite_form).post(pages::invite_accept))
         .route("/admin/users", get(pages::users).post(pages::user_create))
         .route("/admin/users/{id}/role", post(pages::user_role))
@@ -221,8 +312,9 @@ pub fn router(state: Shared) -> Router {
         .route("/p/{id}", get(pages::project))
         .route("/p/{id}/settings", post(pages::project_settings))
         .route("/p/{id}/members", post(pages::project_members))
-        .route("/p/{id}/import", post(pages::project_import))
-        .route("/p/{id}/scores", post(pages::project_scores))
+        // Uploads enforce their own (larger, admin-only) limit while streaming.
+        .route("/p/{id}/import", post(pages::project_import).layer(DefaultBodyLimit::disable()))
+        .route("/p/{id}/scores", post(pages::project_scores).layer(DefaultBodyLimit::disable()))
         .route("/p/{id}/guidelines", get(pages::guidelines).post(pages::guidelines_save))
         .route("/p/{id}/task", get(pages::task))
         .route("/p/{id}/label", post(pages::label))
@@ -235,15 +327,16 @@ pub fn router(state: Shared) -> Router {
 }
 
 /// Serves until ctrl-c / SIGTERM.
-pub async fn serve(db: Db, cfg: Config, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(db: Db, cfg: Config, addr: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     serve_on(listener, db, cfg).await
 }
 
 pub async fn serve_on(listener: tokio::net::TcpListener, db: Db, cfg: Config) -> anyhow::Result<()> {
-    let app = router(Arc::new(AppState { db, cfg }));
+    let app = router(Arc::new(AppState::new(db, cfg)));
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
+    // The peer address feeds the per-address login throttle.
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]

@@ -3,20 +3,22 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::html::{csrf_field, esc, fmt_opt, fmt_time, markdownish, page, progress_bar};
+use super::html::{csrf_field, esc, fmt_opt, fmt_time, markdownish, page, progress_bar, queue_progress};
+use super::upload::{read_upload, Upload};
 use super::{AppResult, Ctx, Shared, PRE_COOKIE, SESSION_COOKIE};
-use crate::auth::{check_password_rules, hash_password_async, verify_password_async};
+use crate::auth::check_password_rules;
+use crate::db::now_ms;
 use crate::diff::{unified_diff, word_diff};
 use crate::error::{invalid, Error};
-use crate::export::{export_rows, to_jsonl, Format};
-use crate::import::{expand, parse_jsonl, parse_scores, Generate};
+use crate::export::{export_rows, to_jsonl, Format, Options as ExportOptions};
+use crate::import::{decode_utf8, expand, parse_jsonl, parse_scores, Generate};
 use crate::model::*;
 use crate::quality::project_stats;
 use crate::store::{random_token, Submitted};
@@ -89,21 +91,51 @@ pub struct LoginForm {
 }
 
 pub async fn login(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Form(f): Form<LoginForm>) -> AppResult<Response> {
-    let found = st.db.user_by_name(f.username.trim()).await?;
-    let (user, hash) = match found {
-        Some((u, Some(h))) => (Some(u), h),
-        // Verify against a dummy hash so timing does not reveal which usernames exist.
-        _ => (None, crate::auth::dummy_hash().to_string()),
-    };
-    let ok = verify_password_async(f.password, hash).await;
-    let Some(user) = user.filter(|_| ok) else {
-        st.db.audit(None, "login_failed", json!({"username": f.username.chars().take(64).collect::<String>()})).await?;
-        let mut r = login_page(&ctx, Some("Invalid username or password.")).into_response();
-        *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let username = f.username.trim();
+    let now = now_ms();
+    let account = format!("u:{}", username.chars().take(64).collect::<String>().to_lowercase());
+    let address = ctx.addr.map(|a| format!("a:{a}"));
+    // Throttled attempts are refused before any password check: no hash, no audit row.
+    let wait = st.accounts.blocked_for(&account, now).max(address.as_ref().and_then(|a| st.addresses.blocked_for(a, now)));
+    if let Some(ms) = wait {
+        let secs = (ms + 999) / 1000;
+        let mut r = login_page(&ctx, Some(&format!("Too many failed log-ins. Try again in {secs} s."))).into_response();
+        *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        r.headers_mut().insert(header::RETRY_AFTER, secs.into());
         return Ok(r);
+    }
+    let (user, hash) = match st.db.user_by_name(username).await? {
+        Some((u, Some(h))) => (Some(u), Some(h)),
+        _ => (None, None),
     };
-    let (token, _csrf) = st.db.create_session(user.id, st.cfg.session_ttl_ms).await?;
-    Ok(session_redirect(&ctx, &token, st.cfg.session_ttl_ms, "/"))
+    let ok = st.hashes.verify(f.password, hash).await?;
+    if let Some(user) = user.filter(|_| ok) {
+        st.accounts.success(&account);
+        let (token, _csrf) = st.db.create_session(user.id, st.cfg.session_ttl_ms).await?;
+        return Ok(session_redirect(&ctx, &token, st.cfg.session_ttl_ms, "/"));
+    }
+    // One audit row when a burst of failures starts and one when it first locks the
+    // account or address, not one per guess.
+    let shown_name: String = username.chars().take(64).collect();
+    let addr = ctx.addr.map(|a| a.to_string());
+    let fa = st.accounts.failure(&account, now);
+    if fa.first_in_burst {
+        st.db.audit(None, "login_failed", json!({"username": shown_name, "address": addr})).await?;
+    }
+    if fa.lockout_started {
+        st.db
+            .audit(None, "login_throttled", json!({"username": shown_name, "address": addr, "failures": fa.failures, "locked_ms": fa.blocked_for_ms}))
+            .await?;
+    }
+    if let Some(a) = &address {
+        let fb = st.addresses.failure(a, now);
+        if fb.lockout_started {
+            st.db.audit(None, "login_throttled", json!({"address": addr, "failures": fb.failures, "locked_ms": fb.blocked_for_ms})).await?;
+        }
+    }
+    let mut r = login_page(&ctx, Some("Invalid username or password.")).into_response();
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    Ok(r)
 }
 
 fn session_redirect(ctx: &Ctx, token: &str, ttl_ms: i64, to: &str) -> Response {
@@ -168,13 +200,72 @@ pub async fn invite_accept(
     if f.password != f.password2 {
         return Err(invalid("the two passwords differ").into());
     }
-    check_password_rules(&f.password)?;
-    let hash = hash_password_async(f.password).await?;
+    // Unknown links are refused before spending a hash on them.
+    if st.db.invite_user(&token).await?.is_none() {
+        return Err(Error::NotFound("this invite link is invalid, expired or already used".into()).into());
+    }
+    let hash = st.hashes.hash(f.password).await?;
     let Some(user) = st.db.redeem_invite(&token, &hash).await? else {
         return Err(Error::NotFound("this invite link is invalid, expired or already used".into()).into());
     };
     let (tok, _) = st.db.create_session(user.id, st.cfg.session_ttl_ms).await?;
     Ok(session_redirect(&ctx, &tok, st.cfg.session_ttl_ms, "/"))
+}
+
+pub async fn password_form(Extension(ctx): Extension<Ctx>) -> AppResult<Response> {
+    ctx.user()?;
+    Ok(password_page(&ctx, None).into_response())
+}
+
+fn password_page(ctx: &Ctx, error: Option<&str>) -> Html<String> {
+    let err = error.map(|e| format!(r#"<section class="error">{}</section>"#, esc(e))).unwrap_or_default();
+    html(
+        "Change password",
+        ctx,
+        format!(
+            r#"{err}<section><form method="post" action="/account/password">{}
+<p><label>Current password<br><input name="current" type="password" autocomplete="current-password" required autofocus></label></p>
+<p><label>New password (at least 8 characters)<br><input name="password" type="password" autocomplete="new-password" required></label></p>
+<p><label>Repeat new password<br><input name="password2" type="password" autocomplete="new-password" required></label></p>
+<p class="hint">Your other sessions (other browsers and devices) are logged out.</p>
+<p><button type="submit">Change password</button></p></form></section>"#,
+            csrf_field(&ctx.csrf)
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    current: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    password2: String,
+}
+
+pub async fn password_change(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Form(f): Form<PasswordForm>) -> AppResult<Response> {
+    let user = ctx.user()?;
+    if f.password != f.password2 {
+        return Err(invalid("the two new passwords differ").into());
+    }
+    check_password_rules(&f.password)?;
+    // The current password is guessed like a login: the same account throttle applies.
+    let account = format!("u:{}", user.username.to_lowercase());
+    let now = now_ms();
+    if let Some(ms) = st.accounts.blocked_for(&account, now) {
+        return Err(Error::TooMany { msg: format!("Too many wrong passwords. Try again in {} s.", (ms + 999) / 1000), retry_after_s: (ms as u64).div_ceil(1000) }.into());
+    }
+    let hash = st.db.user_by_name(&user.username).await?.and_then(|(_, h)| h);
+    if !st.hashes.verify(f.current, hash).await? {
+        st.accounts.failure(&account, now);
+        let mut r = password_page(&ctx, Some("The current password is wrong.")).into_response();
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        return Ok(r);
+    }
+    let new_hash = st.hashes.hash(f.password).await?;
+    st.db.set_password(user.id, &new_hash, ctx.session_token.as_deref()).await?;
+    Ok(html("Password changed", &ctx, "<section><p>Your password was changed and your other sessions were logged out.</p><p><a href=\"/\">Projects</a></p></section>".into()).into_response())
 }
 
 // ------------------------------------------------------------------ home & projects
@@ -189,7 +280,8 @@ pub async fn home(State(st): State<Shared>, Extension(ctx): Extension<Ctx>) -> A
             progress_bar(full, n, "items complete")
         } else {
             let (done, open) = st.db.progress(p, user.id).await?;
-            progress_bar(done, done + open, "your labels")
+            let (full, n) = st.db.completion(p).await?;
+            queue_progress(done, open, full, n)
         };
         rows.push_str(&format!(
             r#"<tr><td><a href="/p/{}">{}</a></td><td>{}</td><td>{bar}</td><td><a href="/p/{}/task">Start labelling</a></td></tr>"#,
@@ -254,6 +346,7 @@ pub async fn project(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, P
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
     let (done, open) = st.db.progress(&p, user.id).await?;
+    let (full, n) = st.db.completion(&p).await?;
     let mut body = format!(
         r#"<section><p>Task: <strong>{}</strong>{} · {} annotators per item · <a href="/p/{id}/guidelines">Guidelines</a></p>
 {}<p><a href="/p/{id}/task"><button type="button">Start labelling</button></a></p></section>"#,
@@ -264,7 +357,7 @@ pub async fn project(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, P
             String::new()
         },
         p.overlap,
-        progress_bar(done, done + open, "your labels"),
+        queue_progress(done, open, full, n),
     );
     let recent = st.db.recent_live_labels(p.id, user.id, 20).await?;
     if !recent.is_empty() {
@@ -341,22 +434,24 @@ async fn admin_project_sections(st: &Shared, ctx: &Ctx, p: &Project) -> AppResul
 <section><h2>Quality</h2><div id="live-stats" data-src="/p/{id}/stats">{stats}</div></section>
 <section><h2>Annotators</h2>{member_list}
 <form method="post" action="/p/{id}/members">{csrf}<select name="user_id">{options}</select><input type="hidden" name="action" value="add"> <button type="submit">Assign</button></form></section>
-<section><h2>Import items</h2><form method="post" action="/p/{id}/import">{csrf}
-<p class="hint">JSONL: <code>{{"prompt", "responses": [...]}}</code>, TRL <code>{{"prompt", "chosen", "rejected"}}</code> or <code>{{"prompt", "completion"}}</code>; optional <code>"id"</code> and <code>"gold"</code>.</p>
-<p><input type="file" accept=".jsonl,.json,.txt" data-into="import-jsonl"> <input type="hidden" name="source" id="import-jsonl-name" value="upload.jsonl"></p>
+<section><h2>Import items</h2><form method="post" action="/p/{id}/import" enctype="multipart/form-data">{csrf}
+<p class="hint">JSONL: <code>{{"prompt", "responses": [...]}}</code>, TRL <code>{{"prompt", "chosen", "rejected"}}</code> or <code>{{"prompt", "completion"}}</code>; optional <code>"id"</code> and <code>"gold"</code>. Upload a file (up to {max_mib} MiB) or paste rows below.</p>
+<p><input type="file" name="file" accept=".jsonl,.json,.txt"></p>
 <textarea name="jsonl" id="import-jsonl" placeholder='{{"prompt": "...", "responses": ["...", "..."]}}'></textarea>
 <p>Rows without responses: generate with an OpenAI-compatible server (optional)
 <input name="gen_url" placeholder="http://127.0.0.1:8000" size="28"> model <input name="gen_model" size="12">
 n <input name="gen_n" value="2" size="2"> max tokens <input name="gen_max_tokens" value="256" size="4">
 temperature <input name="gen_temperature" value="1.0" size="3"></p>
 <p><button type="submit">Import</button></p></form></section>
-<section><h2>Reward-model uncertainty</h2><form method="post" action="/p/{id}/scores">{csrf}
+<section><h2>Reward-model uncertainty</h2><form method="post" action="/p/{id}/scores" enctype="multipart/form-data">{csrf}
 <p class="hint">JSONL <code>{{"item_id", "uncertainty"}}</code> (from <code>rlhf rm score</code>); queues then serve the most uncertain items first.</p>
-<p><input type="file" accept=".jsonl" data-into="scores-jsonl"> <input type="hidden" name="source" id="scores-jsonl-name" value="scores.jsonl"></p>
+<p><input type="file" name="file" accept=".jsonl"></p>
 <textarea name="jsonl" id="scores-jsonl"></textarea><p><button type="submit">Import scores</button></p></form></section>
 <section><h2>Export</h2><form method="post" action="/p/{id}/export">{csrf}
 <label>Format <select name="format">{formats}</select></label>
 <label><input type="checkbox" name="scrub" value="1"> scrub e-mails and phone numbers</label>
+<label><input type="checkbox" name="reliability" value="1"> decide by annotator reliability</label>
+<label>min. confidence <input name="min_confidence" size="4" placeholder="0.9"></label>
 <label>Deliver <select name="deliver"><option value="show">show in browser</option><option value="download">download</option></select></label>
 <button type="submit">Export</button></form></section>
 <section><h2>Settings</h2><form method="post" action="/p/{id}/settings">{csrf}
@@ -369,7 +464,8 @@ temperature <input name="gen_temperature" value="1.0" size="3"></p>
         esc(&p.criteria.join(", ")),
         p.likert_max,
         p.overlap,
-        p.min_seconds
+        p.min_seconds,
+        max_mib = st.cfg.max_upload_bytes / (1024 * 1024),
     ))
 }
 
@@ -379,7 +475,52 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
     let users = st.db.users().await?;
     let s = project_stats(p, &items, &labels, &users);
     let name = |id: i64| users.iter().find(|u| u.id == id).map(|u| esc(&u.username)).unwrap_or_else(|| id.to_string());
+    // Cohen's κ summarised per annotator (mean over their pairs, weighted by shared items).
+    let mut kappa: HashMap<i64, (f64, f64)> = HashMap::new();
+    for a in &s.agreement {
+        for (x, y, n, k) in &a.cohen {
+            if let Some(k) = k {
+                for u in [x, y] {
+                    let e = kappa.entry(*u).or_default();
+                    *e = (e.0 + k * *n as f64, e.1 + *n as f64);
+                }
+            }
+        }
+    }
+    let mean_kappa = |u: i64| kappa.get(&u).filter(|e| e.1 > 0.0).map(|e| e.0 / e.1);
     let mut out = String::new();
+    // Annotators first, flagged ones at the top: that is what needs a decision.
+    let mut annotators: Vec<_> = s.annotators.iter().collect();
+    annotators.sort_by_key(|a| (a.flags.is_empty(), a.username.clone()));
+    let flagged = annotators.iter().filter(|a| !a.flags.is_empty()).count();
+    let model = match s.reliability_model {
+        Some("crowd-bt") => "reliability = estimated P(picks the better response), Crowd-BT",
+        Some(_) => "reliability = estimated P(gives the most likely score), Dawid–Skene per criterion",
+        None => "no reliability model for free-text tasks",
+    };
+    out.push_str(&format!(
+        "<h3>Annotators</h3><p>{flagged} of {} flagged · {model}</p><table><tr><th>Annotator</th><th>Flags</th><th>Labels</th><th>Reliability</th><th>Mean Cohen's κ</th><th>Left share</th><th>Median s/item</th><th>Gold accuracy</th></tr>",
+        annotators.len()
+    ));
+    for a in &annotators {
+        let flags = if a.flags.is_empty() {
+            r#"<span class="ok">none</span>"#.to_string()
+        } else {
+            a.flags.iter().map(|f| format!(r#"<div class="flag">{}</div>"#, esc(f))).collect()
+        };
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{flags}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({} gold)</td></tr>",
+            esc(&a.username),
+            a.labels,
+            fmt_opt(a.reliability, 2),
+            fmt_opt(mean_kappa(a.user_id), 2),
+            fmt_opt(a.left_share, 2),
+            fmt_opt(a.median_seconds, 1),
+            fmt_opt(a.gold_accuracy, 2),
+            a.gold_answered
+        ));
+    }
+    out.push_str("</table>");
     if s.agreement.is_empty() {
         out.push_str("<p>Free-text task: no agreement statistics.</p>");
     }
@@ -397,31 +538,19 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
             }
         ));
         if !a.cohen.is_empty() {
-            out.push_str("<table><tr><th>Annotators</th><th>Shared items</th><th>Cohen's κ</th></tr>");
+            out.push_str(&format!(
+                "<details><summary>Cohen's κ for each of the {} pairs of annotators</summary><table><tr><th>Annotators</th><th>Shared items</th><th>Cohen's κ</th></tr>",
+                a.cohen.len()
+            ));
             for (x, y, n, k) in &a.cohen {
                 out.push_str(&format!("<tr><td>{} · {}</td><td>{n}</td><td>{}</td></tr>", name(*x), name(*y), fmt_opt(*k, 3)));
             }
-            out.push_str("</table>");
+            out.push_str("</table></details>");
         }
     }
-    out.push_str("<h3>Annotators</h3><table><tr><th>Annotator</th><th>Labels</th><th>Left share</th><th>Median s/item</th><th>Gold accuracy</th><th>Flags</th></tr>");
-    for a in &s.annotators {
-        let flags = if a.flags.is_empty() {
-            r#"<span class="ok">none</span>"#.to_string()
-        } else {
-            a.flags.iter().map(|f| format!(r#"<div class="flag">{}</div>"#, esc(f))).collect()
-        };
-        out.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({} gold)</td><td>{flags}</td></tr>",
-            esc(&a.username),
-            a.labels,
-            fmt_opt(a.left_share, 2),
-            fmt_opt(a.median_seconds, 1),
-            fmt_opt(a.gold_accuracy, 2),
-            a.gold_answered
-        ));
-    }
-    out.push_str("</table>");
+    out.push_str(
+        r#"<p class="hint">“–” = not defined: κ needs chance agreement below 1, so it is undefined when both annotators gave the same answer on every shared item (e.g. all labels identical); a pair needs ≥ 2 shared items.</p>"#,
+    );
     Ok(out)
 }
 
@@ -482,24 +611,6 @@ pub async fn project_members(
     Ok(see_other(&format!("/p/{id}")))
 }
 
-#[derive(Deserialize)]
-pub struct ImportForm {
-    #[serde(default)]
-    jsonl: String,
-    #[serde(default)]
-    source: String,
-    #[serde(default)]
-    gen_url: String,
-    #[serde(default)]
-    gen_model: String,
-    #[serde(default)]
-    gen_n: String,
-    #[serde(default)]
-    gen_max_tokens: String,
-    #[serde(default)]
-    gen_temperature: String,
-}
-
 fn source_name(s: &str, default: &str) -> String {
     let s: String = s.chars().filter(|c| !c.is_control()).take(120).collect();
     if s.trim().is_empty() {
@@ -509,26 +620,40 @@ fn source_name(s: &str, default: &str) -> String {
     }
 }
 
-pub async fn project_import(
-    State(st): State<Shared>,
-    Extension(ctx): Extension<Ctx>,
-    Path(id): Path<i64>,
-    Form(f): Form<ImportForm>,
-) -> AppResult<Response> {
+/// (source name, text) of an upload: the file if one was chosen, else the pasted text.
+fn upload_text(up: Upload, default_name: &str) -> Result<(String, String), Error> {
+    match up.file {
+        Some((name, bytes)) => {
+            let src = source_name(&name, default_name);
+            let text = decode_utf8(&src, bytes)?;
+            Ok((src, text))
+        }
+        None => Ok((source_name(up.field("source"), default_name), up.field("jsonl").to_string())),
+    }
+}
+
+pub async fn project_import(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>, req: Request) -> AppResult<Response> {
     let admin = ctx.admin()?;
     let p = st.db.project(id).await?;
-    let src = source_name(&f.source, "upload.jsonl");
-    let mut rows = parse_jsonl(&src, &f.jsonl)?;
-    let mut generated = 0;
-    if !f.gen_url.trim().is_empty() {
-        let g = Generate {
-            url: f.gen_url.trim().to_string(),
-            model: f.gen_model.trim().to_string(),
-            n: num("gen_n", &f.gen_n)?,
-            max_tokens: num("gen_max_tokens", &f.gen_max_tokens)?,
-            temperature: num("gen_temperature", &f.gen_temperature)?,
+    let up = read_upload(&ctx, st.cfg.max_upload_bytes, req).await?;
+    let gen_url = up.field("gen_url").trim().to_string();
+    let generate = if gen_url.is_empty() {
+        None
+    } else {
+        Some(Generate {
+            url: gen_url,
+            model: up.field("gen_model").trim().to_string(),
+            n: num("gen_n", up.field("gen_n"))?,
+            max_tokens: num("gen_max_tokens", up.field("gen_max_tokens"))?,
+            temperature: num("gen_temperature", up.field("gen_temperature"))?,
             api_key: std::env::var("RLHF_FEEDBACK_API_KEY").ok(),
-        };
+        })
+    };
+    let (src, text) = upload_text(up, "upload.jsonl")?;
+    let mut rows = parse_jsonl(&src, &text)?;
+    drop(text);
+    let mut generated = 0;
+    if let Some(g) = generate {
         generated = g.fill(&mut rows).await?;
     }
     let items = expand(&src, &rows, p.kind, &p.criteria, p.likert_max)?;
@@ -545,24 +670,12 @@ pub async fn project_import(
     .into_response())
 }
 
-#[derive(Deserialize)]
-pub struct ScoresForm {
-    #[serde(default)]
-    jsonl: String,
-    #[serde(default)]
-    source: String,
-}
-
-pub async fn project_scores(
-    State(st): State<Shared>,
-    Extension(ctx): Extension<Ctx>,
-    Path(id): Path<i64>,
-    Form(f): Form<ScoresForm>,
-) -> AppResult<Response> {
+pub async fn project_scores(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>, req: Request) -> AppResult<Response> {
     let admin = ctx.admin()?;
     st.db.project(id).await?;
-    let src = source_name(&f.source, "scores.jsonl");
-    let scores = parse_scores(&src, &f.jsonl)?;
+    let up = read_upload(&ctx, st.cfg.max_upload_bytes, req).await?;
+    let (src, text) = upload_text(up, "scores.jsonl")?;
+    let scores = parse_scores(&src, &text)?;
     let n = st.db.set_uncertainties(Some(admin.id), id, &src, &scores).await?;
     Ok(html(
         "Scores imported",
@@ -612,6 +725,9 @@ pub async fn guidelines_save(
 #[derive(Deserialize)]
 pub struct TaskQuery {
     item: Option<i64>,
+    /// Set by the undo redirect, to confirm the withdrawal.
+    #[serde(default)]
+    undone: bool,
 }
 
 pub async fn task(
@@ -623,17 +739,21 @@ pub async fn task(
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
     let (done, open) = st.db.progress(&p, user.id).await?;
-    let bar = progress_bar(done, done + open, "your labels");
+    let (full, n) = st.db.completion(&p).await?;
+    let bar = queue_progress(done, open, full, n);
     let csrf = csrf_field(&ctx.csrf);
     let undo_form = format!(
         r#"<form method="post" action="/p/{id}/undo" id="undo-form" class="inline">{csrf}<input type="hidden" name="key" value="{}"><button type="submit"><kbd>u</kbd> Undo last</button></form>"#,
         random_token()
     );
-    let item = match q.item {
-        Some(i) => Some(st.db.item(id, i).await?),
-        None => st.db.next_item(&p, user.id, done).await?,
+    let task = match q.item {
+        Some(i) => {
+            let item = st.db.item(id, i).await?;
+            Some((st.db.open_item(&item, user.id, p.kind == TaskKind::Pairwise, st.cfg.lease_ms).await?, item))
+        }
+        None => st.db.open_task(&p, user.id, done, st.cfg.lease_ms).await?,
     };
-    let Some(item) = item else {
+    let Some((a, item)) = task else {
         return Ok(html(
             &format!("{} · done", p.name),
             &ctx,
@@ -641,13 +761,14 @@ pub async fn task(
         )
         .into_response());
     };
-    let a = st.db.create_assignment(&item, user.id, p.kind == TaskKind::Pairwise).await?;
     // Queue items never carry a live label of mine; only an explicit ?item= can.
     let previous = match q.item {
         Some(_) => st.db.live_label(item.id, user.id).await?,
         None => None,
     };
-    let prev_note = if previous.is_some() {
+    let prev_note = if q.undone {
+        r#"<p class="notice">Answer withdrawn. The item is back, with the sides as you saw them: answer it again.</p>"#
+    } else if previous.is_some() {
         r#"<p class="hint">You already labelled this item; submitting records a new answer that replaces it.</p>"#
     } else {
         ""
@@ -655,12 +776,23 @@ pub async fn task(
     let hidden = format!(r#"{csrf}<input type="hidden" name="assignment" value="{}"><input type="hidden" name="key" value="{}">"#, a.id, random_token());
     let prompt = format!(r#"<h3>Prompt</h3><div class="prompt">{}</div>"#, esc(&item.prompt));
     let response0 = item.responses.first().map(|r| esc(r)).unwrap_or_default();
+    // A "change" page starts from the annotator's previous answer.
+    let prev = previous.as_ref().map(|l| &l.value);
+    let prev_text = match prev {
+        Some(LabelValue::Correction { corrected, .. }) => Some(esc(corrected)),
+        Some(LabelValue::Critique { text } | LabelValue::Demonstration { text }) => Some(esc(text)),
+        _ => None,
+    };
+    let prev_choice = match prev {
+        Some(v @ LabelValue::Pairwise { .. }) => format!(r#"<p class="hint">Your previous answer: <strong>{}</strong>.</p>"#, label_summary(v)),
+        _ => String::new(),
+    };
     let form = match p.kind {
         TaskKind::Pairwise => {
             let (l, r) = (a.shown_order[0], a.shown_order[1]);
             format!(
                 r#"<div class="pair"><div><h3>A (left)</h3><div class="response" id="resp-a">{}</div></div><div><h3>B (right)</h3><div class="response" id="resp-b">{}</div></div></div>
-<form method="post" action="/p/{id}/label" id="task-form" class="choices">{hidden}
+{prev_choice}<form method="post" action="/p/{id}/label" id="task-form" class="choices">{hidden}
 <button type="submit" name="choice" value="A" data-key="1"><kbd>1</kbd> A is better</button>
 <button type="submit" name="choice" value="B" data-key="2"><kbd>2</kbd> B is better</button>
 <button type="submit" name="choice" value="tie" data-key="3"><kbd>3</kbd> Tie</button>
@@ -672,29 +804,38 @@ pub async fn task(
         TaskKind::Rating => {
             let mut crit = String::new();
             for c in &p.criteria {
+                let before = match prev {
+                    Some(LabelValue::Rating { scores }) => scores.get(c).copied(),
+                    _ => None,
+                };
                 let radios: String = (1..=p.likert_max)
-                    .map(|v| format!(r#"<label><input type="radio" name="score_{0}" value="{v}" required> {v}</label>"#, esc(c)))
+                    .map(|v| {
+                        let checked = if before == Some(v) { " checked" } else { "" };
+                        format!(r#"<label><input type="radio" name="score_{0}" value="{v}" required{checked}> {v}</label>"#, esc(c))
+                    })
                     .collect();
                 crit.push_str(&format!(r#"<div class="criterion"><strong>{}</strong>: {radios}</div>"#, esc(c)));
             }
             format!(
                 r#"<div class="single"><h3>Response</h3><div class="response">{response0}</div></div>
 <form method="post" action="/p/{id}/label" id="task-form">{hidden}{crit}
-<p class="hint">Digits rate the highlighted criterion (1 = worst, {} = best) and move on; <kbd>Enter</kbd> submits.</p>
+<p class="hint">Digits rate the highlighted criterion (1 = worst, {} = best) and move on; <kbd>↑</kbd>/<kbd>↓</kbd> move between criteria; <kbd>Enter</kbd> submits.</p>
 <p class="actions"><button type="submit">Submit <kbd>Enter</kbd></button></p></form>"#,
                 p.likert_max
             )
         }
         TaskKind::Correction => format!(
             r#"<form method="post" action="/p/{id}/label" id="task-form">{hidden}
-<h3>Response — edit it into a good answer</h3><textarea name="corrected" rows="12">{response0}</textarea>
-<p class="actions"><button type="submit">Submit <kbd>Ctrl</kbd>+<kbd>Enter</kbd></button></p></form>"#
+<h3>Response — edit it into a good answer</h3><textarea name="corrected" rows="12" autofocus>{}</textarea>
+<p class="actions"><button type="submit">Submit <kbd>Ctrl</kbd>+<kbd>Enter</kbd></button></p></form>"#,
+            prev_text.clone().unwrap_or(response0.clone())
         ),
         TaskKind::Critique => format!(
             r#"<div class="single"><h3>Response</h3><div class="response">{response0}</div></div>
 <form method="post" action="/p/{id}/label" id="task-form">{hidden}
-<h3>Critique</h3><textarea name="text" rows="8" required></textarea>
-<p class="actions"><button type="submit">Submit <kbd>Ctrl</kbd>+<kbd>Enter</kbd></button></p></form>"#
+<h3>Critique</h3><textarea name="text" rows="8" required autofocus>{}</textarea>
+<p class="actions"><button type="submit">Submit <kbd>Ctrl</kbd>+<kbd>Enter</kbd></button></p></form>"#,
+            prev_text.clone().unwrap_or_default()
         ),
         TaskKind::Demonstration => {
             let refs: String = item
@@ -705,8 +846,9 @@ pub async fn task(
                 .collect();
             format!(
                 r#"{refs}<form method="post" action="/p/{id}/label" id="task-form">{hidden}
-<h3>Write the ideal response</h3><textarea name="text" rows="12" required></textarea>
-<p class="actions"><button type="submit">Submit <kbd>Ctrl</kbd>+<kbd>Enter</kbd></button></p></form>"#
+<h3>Write the ideal response</h3><textarea name="text" rows="12" required autofocus>{}</textarea>
+<p class="actions"><button type="submit">Submit <kbd>Ctrl</kbd>+<kbd>Enter</kbd></button></p></form>"#,
+                prev_text.unwrap_or_default()
             )
         }
     };
@@ -797,12 +939,16 @@ pub async fn undo(
 ) -> AppResult<Response> {
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
-    // A repeated undo submission (same key) must not withdraw a second label.
+    // A repeated undo submission (same key) must not withdraw a second label: it is
+    // acknowledged, whichever label is the last one now.
+    if st.db.label_by_key(user.id, &f.key).await?.is_some() {
+        return Ok(see_other(&format!("/p/{id}/task")));
+    }
     let Some(last) = st.db.last_live_label(p.id, user.id).await? else {
         return Ok(see_other(&format!("/p/{id}/task")));
     };
     match st.db.submit_label(p.id, last.item_id, user.id, None, &LabelValue::Undo, &f.key).await? {
-        Submitted::New(_) => Ok(see_other(&format!("/p/{id}/task?item={}", last.item_id))),
+        Submitted::New(_) => Ok(see_other(&format!("/p/{id}/task?item={}&undone=true", last.item_id))),
         Submitted::Duplicate(_) => Ok(see_other(&format!("/p/{id}/task"))),
     }
 }
@@ -815,6 +961,10 @@ pub struct ExportForm {
     format: String,
     #[serde(default)]
     scrub: Option<String>,
+    #[serde(default)]
+    reliability: Option<String>,
+    #[serde(default)]
+    min_confidence: String,
     #[serde(default)]
     deliver: String,
 }
@@ -829,9 +979,15 @@ pub async fn export(
     let p = st.db.project(id).await?;
     let format = Format::parse(&f.format)?;
     let scrub = f.scrub.is_some_and(|s| !s.is_empty());
-    let rows = export_rows(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, format, scrub)?;
+    let min_confidence = if f.min_confidence.trim().is_empty() { None } else { Some(num::<f64>("min_confidence", &f.min_confidence)?) };
+    let opts = ExportOptions { scrub, by_reliability: f.reliability.is_some_and(|s| !s.is_empty()), min_confidence };
+    let rows = export_rows(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, format, &opts)?;
     st.db
-        .audit(Some(admin.id), "export", json!({"project_id": id, "format": format.as_str(), "scrub_pii": scrub, "rows": rows.len()}))
+        .audit(
+            Some(admin.id),
+            "export",
+            json!({"project_id": id, "format": format.as_str(), "scrub_pii": scrub, "by_reliability": opts.by_reliability, "min_confidence": min_confidence, "rows": rows.len()}),
+        )
         .await?;
     let body = to_jsonl(&rows);
     let file = format!("{}-{}.jsonl", p.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>(), format.as_str());

@@ -103,12 +103,16 @@ pub const PASSWORD: &str = "password-123";
 
 /// Database with an admin and two annotators (all with PASSWORD).
 pub async fn seed(url: &str) -> Seeded {
+    seed_with(url, Config::default()).await
+}
+
+pub async fn seed_with(url: &str, cfg: Config) -> Seeded {
     let db = Db::connect(url).await.expect("connect");
     let h = rlhf_feedback::auth::hash_password(PASSWORD).unwrap();
     let admin = db.create_user(None, "admin", Role::Admin, Some(&h)).await.unwrap();
     let ann1 = db.create_user(None, "ann1", Role::Annotator, Some(&h)).await.unwrap();
     let ann2 = db.create_user(None, "ann2", Role::Annotator, Some(&h)).await.unwrap();
-    Seeded { db: Arc::new(AppState { db, cfg: Config::default() }), admin, ann1, ann2 }
+    Seeded { db: Arc::new(AppState::new(db, cfg)), admin, ann1, ann2 }
 }
 
 pub async fn project(st: &AppState, name: &str, kind: TaskKind, overlap: i64, members: &[i64]) -> i64 {
@@ -188,6 +192,30 @@ impl Client {
         let req = Request::post(path)
             .header(header::COOKIE, self.cookie_header())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .unwrap();
+        self.send(req).await
+    }
+
+    /// A multipart/form-data POST, fields in the given order, then an optional file
+    /// field `file` (name, contents).
+    pub async fn post_multipart(&mut self, path: &str, fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> Resp {
+        const B: &str = "----rlhf-test-boundary";
+        let mut body = Vec::new();
+        for (k, v) in fields {
+            body.extend_from_slice(format!("--{B}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").as_bytes());
+        }
+        if let Some((name, data)) = file {
+            body.extend_from_slice(
+                format!("--{B}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            );
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{B}--\r\n").as_bytes());
+        let req = Request::post(path)
+            .header(header::COOKIE, self.cookie_header())
+            .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={B}"))
             .body(Body::from(body))
             .unwrap();
         self.send(req).await

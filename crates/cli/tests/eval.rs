@@ -1,0 +1,209 @@
+//! `rlhf eval` and `rlhf sandbox` end to end through the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn rlhf(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("cannot run the rlhf binary")
+}
+
+fn ok(cwd: &Path, args: &[&str]) -> String {
+    let out = rlhf(cwd, args);
+    assert!(out.status.success(), "rlhf {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Exit 1, one `error:` line containing every needle, no panic.
+fn fails(cwd: &Path, args: &[&str], needles: &[&str]) {
+    let out = rlhf(cwd, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "rlhf {args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one-line error expected: {stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error should mention {n:?}: {}", lines[0]);
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn eval_two_models_with_gold_and_exact_rewards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let world = rlhf_sandbox::generate(12, &rlhf_sandbox::Mix::default(), 1, "e-");
+    rlhf_sandbox::write_prompts(&t.join("prompts.jsonl"), &world).unwrap();
+    let llama = root().join("fixtures/models/llama");
+    copy_dir(&llama, &t.join("twin"));
+    let l = llama.to_str().unwrap();
+    let stdout = ok(
+        t,
+        &[
+            "eval",
+            "--model",
+            &format!("orig={l}"),
+            "--model",
+            "twin",
+            "--prompts",
+            "prompts.jsonl",
+            "--reward",
+            "gold",
+            "--reward",
+            "exact:answer",
+            "--reference",
+            l,
+            "--max-new-tokens",
+            "6",
+            "--out",
+            "s.json",
+            "--report",
+            "r.html",
+        ],
+    );
+    assert!(stdout.contains("reward gold on 12 prompts"), "{stdout}");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(t.join("s.json")).unwrap()).unwrap();
+    assert_eq!(s["prompts"], 12);
+    let models = s["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0]["name"], "orig");
+    assert_eq!(models[1]["name"], "twin");
+    // Identical weights and seeds: identical samples, zero KL to itself, every prompt a tie.
+    assert_eq!(models[0]["kl_to_reference"]["mean"], 0.0);
+    assert_eq!(models[0]["rewards"], models[1]["rewards"]);
+    for w in s["win_rates"].as_array().unwrap() {
+        assert_eq!(w["win_rate"], 0.5, "{w}");
+    }
+    let gold = &models[0]["rewards"][0];
+    assert_eq!(gold["source"], "gold");
+    assert_eq!(gold["reward"]["n"], 12);
+    let (lo, mean, hi) = (
+        gold["reward"]["ci_low"].as_f64().unwrap(),
+        gold["reward"]["mean"].as_f64().unwrap(),
+        gold["reward"]["ci_high"].as_f64().unwrap(),
+    );
+    assert!(lo <= mean && mean <= hi && (-1.0..=1.0).contains(&mean));
+    // exact:answer scores only the rows that have an answer.
+    let numeric = world.iter().filter(|p| p.gold.answer.is_some()).count();
+    assert_eq!(models[0]["rewards"][1]["reward"]["n"], numeric as u64);
+    assert!(models[0]["token_entropy"].as_f64().unwrap() > 0.0);
+    let html = std::fs::read_to_string(t.join("r.html")).unwrap();
+    for id in ["rewards", "indicators", "win-rates", "diversity", "examples"] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "section {id} missing");
+    }
+    assert!(html.matches("<svg").count() >= 3);
+    assert!(!html.contains("<script"));
+}
+
+#[test]
+fn eval_failures_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let l = root().join("fixtures/models/llama");
+    let l = l.to_str().unwrap();
+    std::fs::write(t.join("p.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n{\"prompt\": 3}\n").unwrap();
+    fails(
+        t,
+        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer"],
+        &["p.jsonl:2", "\"prompt\" must be a string"],
+    );
+    std::fs::write(t.join("p.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n").unwrap();
+    fails(
+        t,
+        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "gold"],
+        &["p.gold.jsonl", "cannot read the gold file"],
+    );
+    fails(t, &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "bleu"], &["unknown reward source \"bleu\""]);
+    fails(
+        t,
+        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer", "--max-new-tokens", "2"],
+        &["exact:answer applies to none of the 1 prompts"],
+    );
+    fails(t, &["eval", "--model", "nope", "--prompts", "p.jsonl", "--reward", "exact:id"], &["nope"]);
+    assert!(!t.join("eval_summary.json").exists(), "nothing written on failure");
+    // The sandbox's JSON configuration: unknown keys and missing files are named.
+    let cfg = ok(t, &["sandbox", "--quick", "--print-config"]);
+    std::fs::write(t.join("c.json"), cfg.replace("\"corpus_prompts\"", "\"corpus_prompt\"")).unwrap();
+    fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["c.json", "not a sandbox configuration", "corpus_prompt"]);
+    fails(t, &["sandbox", "--config", "missing.json"], &["missing.json", "cannot read"]);
+    assert!(!t.join("run").exists());
+}
+
+/// The sandbox's quick budget end to end: real improvements, the report's sections, and the same seed giving
+/// the same summary byte for byte (the second run reuses the cached base model and redoes everything else).
+#[test]
+fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let stdout = ok(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]);
+    assert!(stdout.contains("gold reward on 600 held-out prompts"), "{stdout}");
+    let first = std::fs::read(t.join("run/summary.json")).unwrap();
+    let s: Value = serde_json::from_slice(&first).unwrap();
+    let gold = |name: &str| {
+        let m = s["eval"]["models"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone();
+        let r = &m["rewards"][0]["reward"];
+        (r["ci_low"].as_f64().unwrap(), r["mean"].as_f64().unwrap(), r["ci_high"].as_f64().unwrap())
+    };
+    let (base, sft) = (gold("base"), gold("sft"));
+    assert!(sft.0 > base.2, "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}");
+    let names: Vec<&str> =
+        s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["base", "sft", "dpo"]);
+    assert!(s["preference_pairs"].as_u64().unwrap() > 100);
+    let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
+    let html = std::fs::read_to_string(t.join("run/report.html")).unwrap();
+    for id in ["findings", "rewards", "indicators", "win-rates", "diversity", "annotators", "training", "examples"] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "section {id} missing");
+    }
+    assert!(html.matches("<svg").count() >= 5);
+    assert!(t.join("run/timings.json").is_file());
+    // What the trainers read holds no gold: only the feedback app's export columns and public prompt columns.
+    let keys = |file: &str| -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(t.join("run/data").join(file)).unwrap();
+        text.lines()
+            .flat_map(|l| {
+                serde_json::from_str::<serde_json::Map<String, Value>>(l).unwrap().keys().cloned().collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let export = ["prompt", "project", "item_id", "external_id", "annotator_ids", "label_ids", "gold"];
+    let allowed = |extra: &[&str], file: &str| {
+        let k = keys(file);
+        assert!(k.iter().all(|k| export.contains(&k.as_str()) || extra.contains(&k.as_str())), "{file}: {k:?}");
+    };
+    allowed(&["chosen", "rejected", "margin", "votes"], "preferences.jsonl");
+    allowed(&["chosen", "rejected", "margin", "votes"], "rm_train.jsonl");
+    allowed(&["completion"], "demonstrations.jsonl");
+    allowed(&["id", "answer"], "train_prompts.jsonl");
+    assert_eq!(keys("corpus.jsonl").into_iter().collect::<Vec<_>>(), ["text"]);
+    // The demonstrations cover every behaviour, refusals and abstentions included.
+    let demos = std::fs::read_to_string(t.join("run/data/demonstrations.jsonl")).unwrap();
+    for reply in [rlhf_sandbox::world::REFUSAL, rlhf_sandbox::world::ABSTAIN, " Thanks!"] {
+        assert!(demos.contains(reply), "no demonstration with {reply:?}");
+    }
+
+    let stderr =
+        String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
+    assert!(stderr.contains("reusing the base model"), "{stderr}");
+    assert_eq!(std::fs::read(t.join("run/summary.json")).unwrap(), first, "same seed, different summary");
+}

@@ -1,0 +1,674 @@
+//! The sandbox pipeline: pretrain a small base model on a noisy corpus (cached and reused), SFT on a small
+//! set of annotator demonstrations, simulated preferences on the SFT model's samples, a reward model, the
+//! policy stages (DPO today; PPO/GRPO plug in as further [`PolicyStage`]s), then evaluation on held-out
+//! prompts with the gold reward, `summary.json` and `report.html`.
+//!
+//! `summary.json` is a function of the configuration and seed alone (no timings, no absolute paths), so
+//! the same seed gives the same bytes; wall times go to `timings.json`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use rlhf_data::tokenizer::{train_bpe, BpeConfig};
+use rlhf_eval::report::{self, esc, fmt_est, Report, Section};
+use rlhf_eval::{evaluate, EvalConfig, ExactMatch, ModelSpec, RewardSource, Summary};
+use rlhf_feedback::export::Format;
+use rlhf_generate::Generator;
+use rlhf_model::{CausalLm, GenRequest, ModelConfig, Sampling};
+use rlhf_train::pref_loss::LossType;
+use rlhf_train::rm::{run_rm, PrefConfig};
+use rlhf_train::schedule::ScheduleKind;
+use rlhf_train::{run_sft, SftConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::annotators::{check_flags, demonstrations, pairwise, FlagCheck, Panel};
+use crate::source::{write_prompts, write_rows, GoldReward};
+use crate::world::{generate, Mix, Prompt};
+
+/// Optimizer budget of one training stage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub steps: u64,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+}
+
+/// Llama shape of the sandbox models.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub seed: u64,
+    pub mix: Mix,
+    pub shape: Shape,
+    /// BPE vocabulary of the tokenizer trained on the corpus.
+    pub vocab_size: usize,
+    /// Prompts (with noisy replies) in the pretraining corpus.
+    pub corpus_prompts: usize,
+    pub pretrain: Budget,
+    /// Demonstrations the SFT stage learns from (LIMA-style: few and clean).
+    pub demonstrations: usize,
+    pub sft: Budget,
+    /// Prompts the SFT model answers twice for the annotators to compare.
+    pub preference_prompts: usize,
+    pub panel: Panel,
+    pub rm: Budget,
+    pub dpo: Budget,
+    pub dpo_beta: f64,
+    /// Loss of the DPO stage (`sigmoid` = DPO, `ipo`, `robust`, `hinge`, …).
+    pub dpo_loss: LossType,
+    pub eval_prompts: usize,
+    pub eval: EvalConfig,
+    /// Sampling temperature of the SFT samples shown to annotators.
+    pub sample_temperature: f32,
+    pub max_length: usize,
+    /// Held-out prompts whose SFT sample pairs measure the reward model's agreement with gold.
+    pub rm_gold_pairs: usize,
+}
+
+impl PipelineConfig {
+    /// ≤ 2 minutes in a test build on 2 cores: a ~0.2 M parameter model, a few hundred steps in all.
+    pub fn quick(seed: u64) -> Self {
+        PipelineConfig {
+            seed,
+            mix: Mix::default(),
+            shape: Shape { hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 176 },
+            vocab_size: 384,
+            corpus_prompts: 3000,
+            pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
+            demonstrations: 200,
+            sft: Budget { steps: 80, batch_size: 16, learning_rate: 1e-3 },
+            preference_prompts: 1000,
+            panel: Panel::default_mix(seed),
+            rm: Budget { steps: 60, batch_size: 16, learning_rate: 1e-3 },
+            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            dpo_beta: 0.1,
+            dpo_loss: LossType::Sigmoid,
+            eval_prompts: 600,
+            eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
+            sample_temperature: 1.0,
+            max_length: 128,
+            rm_gold_pairs: 300,
+        }
+    }
+
+    /// The default: a ~0.9 M parameter model and longer budgets.
+    pub fn standard(seed: u64) -> Self {
+        PipelineConfig {
+            shape: Shape { hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, intermediate_size: 344 },
+            vocab_size: 512,
+            corpus_prompts: 6000,
+            pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
+            demonstrations: 400,
+            sft: Budget { steps: 300, batch_size: 16, learning_rate: 5e-4 },
+            preference_prompts: 2000,
+            // A few hundred pairs: more than ~3 epochs over-fit (200 DPO steps measured KL 8.5, gold −0.12).
+            rm: Budget { steps: 80, batch_size: 16, learning_rate: 5e-4 },
+            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            eval_prompts: 1000,
+            ..Self::quick(seed)
+        }
+    }
+}
+
+/// What a policy stage is given: the SFT model it starts from, the reward model, the annotators'
+/// preferences and the public training prompts (never gold).
+pub struct StageContext<'a> {
+    pub config: &'a PipelineConfig,
+    /// The stage's own output directory (`out/<name>`), empty.
+    pub out: PathBuf,
+    pub sft_model: &'a Path,
+    pub reward_model: &'a Path,
+    /// `prompt`/`chosen`/`rejected` rows as the feedback app exports them.
+    pub preferences: &'a Path,
+    /// Public prompt rows (`id`, `prompt`, `answer` where numeric) for online sampling.
+    pub train_prompts: &'a Path,
+}
+
+/// What a policy stage produced.
+pub struct StageOutcome {
+    pub model_dir: PathBuf,
+    /// `metrics.jsonl` with `step` and `loss` (plotted in the report).
+    pub metrics_file: Option<PathBuf>,
+    /// Deterministic facts for the summary (steps, final loss, …; no timings).
+    pub info: Value,
+}
+
+/// A policy optimisation stage run from the SFT model (DPO, PPO, GRPO, …). The evaluation compares every
+/// stage's model with the base and SFT models.
+pub trait PolicyStage {
+    /// Short name: the model's label in tables and its output directory.
+    fn name(&self) -> String;
+    fn run(&self, ctx: &StageContext) -> Result<StageOutcome>;
+}
+
+/// DPO on the annotators' preferences, reference = the SFT model.
+pub struct DpoStage {
+    pub budget: Budget,
+    pub beta: f64,
+    pub loss: LossType,
+}
+
+impl PolicyStage for DpoStage {
+    fn name(&self) -> String {
+        "dpo".into()
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageOutcome> {
+        let mut c = pref_config(ctx.sft_model, ctx.preferences, &ctx.out, &self.budget, ctx.config);
+        c.dpo.params.beta = self.beta;
+        c.dpo.loss_type = self.loss;
+        let s = rlhf_train::dpo::run_dpo(&c)?;
+        Ok(StageOutcome {
+            model_dir: ctx.out.clone(),
+            metrics_file: Some(s.metrics_file.clone()),
+            info: json!({"steps": s.steps, "final_loss": s.final_loss, "final_metrics": s.final_metrics, "beta": self.beta,
+                "loss": self.loss.name()}),
+        })
+    }
+}
+
+/// The policy stages `rlhf sandbox` runs after the reward model, in order. New trainers are added here.
+pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> {
+    vec![Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta, loss: cfg.dpo_loss })]
+}
+
+fn pref_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> PrefConfig {
+    PrefConfig {
+        model: Some(model.into()),
+        train_file: Some(train.into()),
+        output_dir: Some(out.into()),
+        max_length: cfg.max_length,
+        batch_size: b.batch_size,
+        learning_rate: Some(b.learning_rate),
+        lr_scheduler_type: ScheduleKind::Cosine,
+        max_steps: Some(b.steps),
+        logging_steps: 5,
+        save_steps: 0,
+        seed: cfg.seed,
+        ..PrefConfig::default()
+    }
+}
+
+fn sft_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> SftConfig {
+    let mut c = SftConfig::with_defaults(model.into(), train.into(), out.into());
+    c.max_steps = Some(b.steps);
+    c.batch_size = b.batch_size;
+    c.learning_rate = b.learning_rate;
+    c.lr_scheduler_type = ScheduleKind::Cosine;
+    c.warmup_steps = b.steps / 20;
+    c.max_length = cfg.max_length;
+    c.logging_steps = 5;
+    c.save_steps = 0;
+    c.seed = cfg.seed;
+    c
+}
+
+/// Everything the run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub config: PipelineConfig,
+    pub stages: Vec<Value>,
+    pub preference_pairs: usize,
+    pub annotators: Vec<FlagCheck>,
+    pub agreement: Value,
+    pub eval: Summary,
+    /// Plain-language findings, each computed from the numbers above.
+    pub findings: Vec<String>,
+}
+
+/// Runs the whole pipeline in `out` (cleared, except a base model built with the same settings, which is
+/// reused). Writes `summary.json`, `timings.json` and `report.html`.
+pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStage>]) -> Result<RunSummary> {
+    let t0 = Instant::now();
+    let mut timings = serde_json::Map::new();
+    let mut lap = |name: &str, t: &mut Instant| {
+        timings.insert(name.into(), json!(t.elapsed().as_secs_f64()));
+        *t = Instant::now();
+    };
+    let mut t = Instant::now();
+    prepare_out(out, policy_stages)?;
+    let data = out.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("{}: cannot create", data.display()))?;
+
+    // The world: held-out evaluation prompts first; training splits never repeat their texts, except for the
+    // kinds whose few texts recur by nature (declines, unknowable questions).
+    let eval_prompts = generate(cfg.eval_prompts, &cfg.mix, cfg.seed ^ 0xE7A1, "eval-");
+    let held_out: std::collections::HashSet<&str> = eval_prompts.iter().map(|p| p.text.as_str()).collect();
+    let train = |n: usize, salt: u64, prefix: &str| -> Vec<Prompt> {
+        generate(n * 2, &cfg.mix, cfg.seed ^ salt, prefix)
+            .into_iter()
+            .filter(|p| p.gold.kind.recurs() || !held_out.contains(p.text.as_str()))
+            .take(n)
+            .collect()
+    };
+    let corpus = train(cfg.corpus_prompts, 0xC0, "corpus-");
+    let demo_prompts = train(cfg.demonstrations, 0xD0, "demo-");
+    let pref_prompts = train(cfg.preference_prompts, 0xB0, "pref-");
+    write_prompts(&data.join("eval_prompts.jsonl"), &eval_prompts)?;
+    write_prompts(&data.join("train_prompts.jsonl"), &pref_prompts)?;
+
+    let base = out.join("base");
+    eprintln!(
+        "[sandbox 1/6] base model: tokenizer + pretraining on {} noisy replies → {}",
+        corpus.len(),
+        base.display()
+    );
+    let base_info = pretrain(cfg, &corpus, &data, &base)?;
+    lap("base", &mut t);
+
+    let sft = out.join("sft");
+    eprintln!("[sandbox 2/6] SFT on {} demonstrations → {}", demo_prompts.len(), sft.display());
+    let demo_refs: Vec<&Prompt> = demo_prompts.iter().collect();
+    let demos = demonstrations(&cfg.panel, &demo_refs).export(Format::Demonstration)?;
+    write_rows(&data.join("demonstrations.jsonl"), &demos)?;
+    let s = run_sft(&sft_config(&base, &data.join("demonstrations.jsonl"), &sft, &cfg.sft, cfg))?;
+    let sft_info = json!({"name": "sft", "steps": s.steps, "final_loss": s.final_loss, "demonstrations": demos.len()});
+    lap("sft", &mut t);
+
+    eprintln!(
+        "[sandbox 3/6] {} simulated annotators compare pairs of SFT samples on {} prompts",
+        cfg.panel.annotators.len(),
+        pref_prompts.len()
+    );
+    let pairs = sample_pairs(&sft, &pref_prompts, cfg)?;
+    let session = pairwise(&cfg.panel, &pairs);
+    let prefs = session.export(Format::Preference)?;
+    if prefs.len() < 4 {
+        bail!(
+            "only {} preference pairs (the SFT samples were identical); raise preference_prompts or sample_temperature",
+            prefs.len()
+        );
+    }
+    let prefs_path = data.join("preferences.jsonl");
+    write_rows(&prefs_path, &prefs)?;
+    let flags = check_flags(&cfg.panel, &session, &pairs);
+    let agreement = serde_json::to_value(&session.stats().agreement)?;
+    lap("annotation", &mut t);
+
+    let rm_dir = out.join("rm");
+    eprintln!("[sandbox 4/6] reward model on {} pairs → {}", prefs.len(), rm_dir.display());
+    let n_eval = (prefs.len() / 10).max(1);
+    let (rm_train, rm_eval) = prefs.split_at(prefs.len() - n_eval);
+    write_rows(&data.join("rm_train.jsonl"), rm_train)?;
+    write_rows(&data.join("rm_eval.jsonl"), rm_eval)?;
+    let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg);
+    rc.eval_file = Some(data.join("rm_eval.jsonl"));
+    let r = run_rm(&rc)?;
+    let gold_acc =
+        rm_gold_agreement(&rm_dir, &sft, &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)], cfg, &data)?;
+    let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
+        "gold_agreement": gold_acc});
+    lap("rm", &mut t);
+
+    let mut stages = vec![base_info, sft_info, rm_info];
+    let mut models =
+        vec![ModelSpec { name: "base".into(), dir: base.clone() }, ModelSpec { name: "sft".into(), dir: sft.clone() }];
+    let mut curves =
+        vec![("sft".to_string(), sft.join("metrics.jsonl")), ("rm".to_string(), rm_dir.join("metrics.jsonl"))];
+    for (i, stage) in policy_stages.iter().enumerate() {
+        let name = stage.name();
+        eprintln!("[sandbox 5/6] policy stage {}/{}: {name}", i + 1, policy_stages.len());
+        let ctx = StageContext {
+            config: cfg,
+            out: out.join(&name),
+            sft_model: &sft,
+            reward_model: &rm_dir,
+            preferences: &prefs_path,
+            train_prompts: &data.join("train_prompts.jsonl"),
+        };
+        let o = stage.run(&ctx).with_context(|| format!("policy stage {name}"))?;
+        let mut info = json!({"name": name});
+        info["result"] = o.info;
+        stages.push(info);
+        if let Some(m) = o.metrics_file {
+            curves.push((name.clone(), m));
+        }
+        models.push(ModelSpec { name: name.clone(), dir: o.model_dir });
+        lap(&name, &mut t);
+    }
+
+    eprintln!("[sandbox 6/6] evaluation of {} models on {} held-out prompts", models.len(), eval_prompts.len());
+    let gold = GoldReward::new(eval_prompts.iter().map(|p| p.gold.clone()));
+    let rewards: Vec<Box<dyn RewardSource + '_>> =
+        vec![Box::new(gold), Box::new(ExactMatch { column: "answer".into() })];
+    let rows: Vec<_> = eval_prompts.iter().map(Prompt::public_row).collect();
+    let mut eval = evaluate(&models, Some(&sft), &rows, &rewards, &cfg.eval)?;
+    // Directories relative to the run, so the summary does not depend on where it ran.
+    for m in &mut eval.models {
+        m.dir = m.name.clone();
+    }
+    eval.reference = Some("sft".into());
+    lap("eval", &mut t);
+
+    let findings = findings(&eval, &flags, &stages[2]);
+    let summary = RunSummary {
+        config: cfg.clone(),
+        stages,
+        preference_pairs: prefs.len(),
+        annotators: flags,
+        agreement,
+        eval,
+        findings,
+    };
+    write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_atomic(&out.join("report.html"), render_report(&summary, &curves, out).as_bytes())?;
+    timings.insert("total".into(), json!(t0.elapsed().as_secs_f64()));
+    write_atomic(&out.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
+    Ok(summary)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Clears what an earlier run wrote (the base model stays: [`pretrain`] decides whether it is reusable).
+fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
+    let fixed = ["data", "sft", "rm", "summary.json", "report.html", "timings.json"];
+    let names: Vec<String> = fixed.iter().map(|s| s.to_string()).chain(stages.iter().map(|s| s.name())).collect();
+    for n in names {
+        let p = out.join(&n);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
+        } else if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Tokenizer + random Llama + pretraining on `text` rows (prompt + noisy reply). Reused when `base` holds a
+/// model built with the same settings (recorded in `sandbox-base.json`).
+fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -> Result<Value> {
+    let key = json!({"world": crate::world::WORLD_VERSION, "seed": cfg.seed, "mix": cfg.mix, "shape": cfg.shape, "vocab_size": cfg.vocab_size,
+        "corpus_prompts": cfg.corpus_prompts, "pretrain": cfg.pretrain, "max_length": cfg.max_length});
+    let marker = base.join("sandbox-base.json");
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            if v.get("key") == Some(&key) {
+                eprintln!("  reusing the base model in {} (same settings)", base.display());
+                return Ok(v["info"].clone());
+            }
+        }
+    }
+    if base.exists() {
+        std::fs::remove_dir_all(base).with_context(|| format!("{}: cannot clear", base.display()))?;
+    }
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x9E);
+    let rows: Vec<Value> = corpus.iter().map(|p| json!({"text": format!("{}{}", p.text, p.noisy(&mut rng))})).collect();
+    let corpus_file = data.join("corpus.jsonl");
+    write_rows(&corpus_file, &rows)?;
+    let text_file = data.join("corpus.txt");
+    let text: String = rows.iter().map(|r| format!("{}\n", r["text"].as_str().unwrap_or_default())).collect();
+    std::fs::write(&text_file, text).with_context(|| format!("{}: cannot write", text_file.display()))?;
+
+    let init = base.join("init");
+    std::fs::create_dir_all(&init).with_context(|| format!("{}: cannot create", init.display()))?;
+    let tok = train_bpe(&[text_file], &BpeConfig { vocab_size: cfg.vocab_size, ..Default::default() }, &init)?;
+    let s = cfg.shape;
+    let raw = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.vocab_size(),
+        "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size, "num_hidden_layers": s.num_hidden_layers,
+        "num_attention_heads": s.num_attention_heads, "num_key_value_heads": s.num_attention_heads,
+        "max_position_embeddings": cfg.max_length.max(64), "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "bos_token_id": tok.bos.as_ref().map(|t| t.id), "eos_token_id": tok.eos.as_ref().map(|t| t.id),
+        "pad_token_id": tok.pad.as_ref().map(|t| t.id),
+    });
+    let model = CausalLm::init_random(ModelConfig::from_json(raw, "sandbox base config")?, cfg.seed, &Device::Cpu)?;
+    let params = model.num_parameters();
+    model.save(&init)?;
+    drop(model);
+    let s = run_sft(&sft_config(&init, &corpus_file, base, &cfg.pretrain, cfg))?;
+    std::fs::remove_dir_all(&init).with_context(|| format!("{}: cannot remove", init.display()))?;
+    let info = json!({"name": "base", "parameters": params, "vocab_size": tok.vocab_size(), "steps": s.steps,
+        "final_loss": s.final_loss, "corpus_rows": rows.len()});
+    write_atomic(&marker, serde_json::to_string_pretty(&json!({"key": key, "info": info}))?.as_bytes())?;
+    Ok(info)
+}
+
+/// Two samples of the SFT model per prompt (different seeds): the pairs annotators compare.
+fn sample_pairs<'a>(
+    model: &Path,
+    prompts: &'a [Prompt],
+    cfg: &PipelineConfig,
+) -> Result<Vec<(&'a Prompt, String, String)>> {
+    let g = Generator::load(model)?;
+    let ids: Vec<Vec<u32>> =
+        prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
+    let template = GenRequest {
+        max_new_tokens: cfg.eval.max_new_tokens,
+        sampling: Sampling { temperature: cfg.sample_temperature, ..Sampling::default() },
+        ..Default::default()
+    };
+    let n = prompts.len() as u64;
+    let seeds_a: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(2 * i + 1)).collect();
+    let seeds_b: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(2 * i + 2)).collect();
+    let a = g.run(&ids, &seeds_a, &template, cfg.eval.batch_size)?;
+    let b = g.run(&ids, &seeds_b, &template, cfg.eval.batch_size)?;
+    Ok(prompts.iter().zip(a).zip(b).map(|((p, (x, _)), (y, _))| (p, x, y)).collect())
+}
+
+/// Share of held-out SFT sample pairs (gold rewards differing) that the reward model orders as gold does.
+fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineConfig, data: &Path) -> Result<Value> {
+    let pairs = sample_pairs(sft, prompts, cfg)?;
+    let rows: Vec<Value> = pairs
+        .iter()
+        .flat_map(|(p, a, b)| [json!({"prompt": p.text, "completion": a}), json!({"prompt": p.text, "completion": b})])
+        .collect();
+    let (input, output) = (data.join("rm_gold_pairs.jsonl"), data.join("rm_gold_scores.jsonl"));
+    write_rows(&input, &rows)?;
+    let args = rlhf_train::rm::RmScoreArgs {
+        models: vec![rm.into()],
+        input,
+        output: output.clone(),
+        batch_size: cfg.eval.batch_size,
+        max_length: cfg.max_length,
+        chat_template: None,
+    };
+    rlhf_train::rm::run_rm_score(&args)?;
+    let text = std::fs::read_to_string(&output).with_context(|| format!("{}: cannot read", output.display()))?;
+    let scores: Vec<f64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["reward"].as_f64()))
+        .collect::<Option<_>>()
+        .with_context(|| format!("{}: a row without a reward", output.display()))?;
+    let (mut agree, mut n) = (0usize, 0usize);
+    for ((p, a, b), s) in pairs.iter().zip(scores.chunks(2)) {
+        let (ga, gb) = (crate::gold::gold_reward(&p.gold, a), crate::gold::gold_reward(&p.gold, b));
+        if ga != gb {
+            n += 1;
+            agree += usize::from((s[0] > s[1]) == (ga > gb));
+        }
+    }
+    Ok(json!({"pairs": n, "accuracy": if n > 0 { agree as f64 / n as f64 } else { f64::NAN }}))
+}
+
+/// Statements computed from the run; expected effects that did not appear are said so.
+fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
+    let mut f = Vec::new();
+    let gold = |name: &str| eval.model(name).and_then(|m| m.reward("gold")).map(|r| r.reward);
+    let cmp = |a: &str, b: &str| -> Option<String> {
+        let (x, y) = (gold(a)?, gold(b)?);
+        let verdict = if x.above(&y) {
+            "higher, beyond the 95 % intervals"
+        } else if y.above(&x) {
+            "LOWER, beyond the 95 % intervals"
+        } else if x.mean > y.mean {
+            "higher, but the intervals overlap (not a clear improvement)"
+        } else {
+            "not higher (no improvement)"
+        };
+        Some(format!("gold reward of {a} ({:.3}) vs {b} ({:.3}): {verdict}", x.mean, y.mean))
+    };
+    f.extend(cmp("sft", "base"));
+    for m in eval.models.iter().skip(2) {
+        f.extend(cmp(&m.name, "sft"));
+        if let Some(w) = eval.win_rates.iter().find(|w| w.source == "gold" && w.model == m.name && w.versus == "sft") {
+            f.push(format!("{} wins {:.0} % of prompts against sft by gold (ties half)", m.name, 100.0 * w.win_rate));
+        }
+        if let (Some(kl), Some(sft)) = (&m.kl_to_reference, eval.model("sft")) {
+            f.push(format!(
+                "{}: KL to sft {:.2} nats/sequence; length {:.1} → {:.1} tokens; entropy {:.3} → {:.3} nats/token; distinct-2 {:.3} → {:.3}",
+                m.name, kl.mean, sft.length_tokens.mean, m.length_tokens.mean, sft.token_entropy, m.token_entropy, sft.distinct_2, m.distinct_2
+            ));
+        }
+    }
+    if let Some(g) = rm.get("gold_agreement") {
+        f.push(format!(
+            "the reward model orders {:.0} % of {} held-out SFT sample pairs as gold does (50 % = chance); on the annotators' own held-out pairs its accuracy is {}",
+            100.0 * g["accuracy"].as_f64().unwrap_or(f64::NAN),
+            g["pairs"],
+            rm["eval"]["accuracy"].as_f64().map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
+        ));
+    }
+    let biased: Vec<&FlagCheck> = flags.iter().filter(|c| c.bias != crate::annotators::Bias::None).collect();
+    let caught = biased.iter().filter(|c| !c.flags.is_empty()).count();
+    let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
+    f.push(format!("the feedback app's flags caught {caught} of {} biased annotators, with {false_alarms} false alarm(s) on unbiased ones", biased.len()));
+    for c in biased.iter().filter(|c| c.flags.is_empty()) {
+        f.push(format!(
+            "NOT caught: {} ({}); its agreement with gold was {}",
+            c.annotator,
+            c.bias.describe(),
+            c.gold_agreement.map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
+        ));
+    }
+    f
+}
+
+fn metric_points(path: &Path, key: &str) -> Vec<(f64, f64)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return vec![] };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
+        .collect()
+}
+
+fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> String {
+    let c = &s.config;
+    let b = s.stages.first().cloned().unwrap_or_default();
+    let intro = format!(
+        "<p>A small world with a hidden gold reward; every number below is computed by this run (seed {}). \
+         Base model: {} parameters (Llama, hidden {}, {} layers, vocabulary {}), pretrained on {} noisy replies; \
+         SFT on {} demonstrations; {} simulated annotators compared SFT samples on {} prompts ({} exported pairs); \
+         reward model and policy stages start from SFT.</p>",
+        c.seed,
+        b["parameters"],
+        c.shape.hidden_size,
+        c.shape.num_hidden_layers,
+        b["vocab_size"],
+        c.corpus_prompts,
+        c.demonstrations,
+        c.panel.annotators.len(),
+        c.preference_prompts,
+        s.preference_pairs
+    );
+    let mut sections = Vec::new();
+    let mut h = String::from("<ul>");
+    for line in &s.findings {
+        let _ = write!(h, "<li>{}</li>", esc(line));
+    }
+    h.push_str("</ul>");
+    sections.push(Section { id: "findings".into(), heading: "Findings".into(), html: h });
+    sections.extend(report::eval_sections(&s.eval));
+
+    let mut h = String::from("<p>Pairwise labels are Bradley–Terry choices on the gold reward at each annotator's temperature, plus the annotator's bias. The flags are the feedback app's own (position bias, speed, accuracy on quality-control items).</p><table><tr><th class=l>annotator</th><th class=l>bias (truth)</th><th>labels</th><th>agreement with gold</th><th class=l>app's flags</th><th class=l>verdict</th></tr>");
+    for a in &s.annotators {
+        let bias = a.bias.describe();
+        let verdict = match (a.bias == crate::annotators::Bias::None, a.flags.is_empty()) {
+            (true, true) => "correctly not flagged",
+            (true, false) => "false alarm",
+            (false, false) => "caught",
+            (false, true) => "missed",
+        };
+        let _ = write!(
+            h,
+            "<tr><td class=l>{}</td><td class='l wrap'>{}</td><td>{}</td><td>{}</td><td class='l wrap'>{}</td><td class=l>{verdict}</td></tr>",
+            esc(&a.annotator),
+            esc(&bias),
+            a.labels,
+            a.gold_agreement.map_or("–".into(), |x| format!("{:.0} %", 100.0 * x)),
+            esc(&a.flags.join("; "))
+        );
+    }
+    h.push_str("</table>");
+    if let Some(a) = s.agreement.get(0) {
+        let _ = write!(
+            h,
+            "<p>Agreement over {} items with ≥ 2 labels: Fleiss κ {}, Krippendorff α (nominal) {}.</p>",
+            a["units"],
+            fmt_opt(&a["fleiss_kappa"]),
+            fmt_opt(&a["alpha_nominal"])
+        );
+    }
+    sections.push(Section { id: "annotators".into(), heading: "Simulated annotators".into(), html: h });
+
+    let mut h = String::new();
+    let series: Vec<(String, Vec<(f64, f64)>)> =
+        curves.iter().map(|(n, p)| (n.clone(), metric_points(p, "loss"))).collect();
+    h.push_str(&report::line_chart("training loss", "step", "loss", &series, false));
+    let base_curve = metric_points(&out.join("base").join("metrics.jsonl"), "loss");
+    h.push_str(&report::line_chart("pretraining loss (base)", "step", "loss", &[("base".into(), base_curve)], false));
+    let mut t = String::from("<table><tr><th class=l>stage</th><th class=l>what it did</th></tr>");
+    for st in &s.stages {
+        let mut facts = Vec::new();
+        flatten("", st, &mut facts);
+        let facts: Vec<String> =
+            facts.into_iter().filter(|(k, _)| k != "name").map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = write!(
+            t,
+            "<tr><td class=l>{}</td><td class='l wrap'>{}</td></tr>",
+            esc(st["name"].as_str().unwrap_or("?")),
+            esc(&facts.join(" · "))
+        );
+    }
+    t.push_str("</table>");
+    h.push_str(&t);
+    sections.push(Section { id: "training".into(), heading: "Training".into(), html: h });
+
+    let gold_table = s
+        .eval
+        .models
+        .iter()
+        .map(|m| format!("{} {}", esc(&m.name), m.reward("gold").map(|r| fmt_est(&r.reward)).unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(" · ");
+    let intro = format!("{intro}<p class=ok>Gold reward (mean [95 % CI]): {gold_table}</p>");
+    report::render(&Report { title: "rlhf sandbox report".into(), intro, sections })
+}
+
+/// `key/sub: value` pairs of a JSON object, numbers to 4 significant digits.
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}/{k}") };
+                flatten(&key, x, out);
+            }
+        }
+        Value::Number(n) if n.is_f64() => out.push((prefix.into(), format!("{:.4}", n.as_f64().unwrap_or(f64::NAN)))),
+        Value::String(s) => out.push((prefix.into(), s.clone())),
+        other => out.push((prefix.into(), other.to_string())),
+    }
+}
+
+fn fmt_opt(v: &Value) -> String {
+    v.as_f64().map_or("–".into(), |x| format!("{x:.3}"))
+}

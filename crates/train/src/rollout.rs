@@ -1,0 +1,216 @@
+//! Rollouts of the online-RL trainers: prompts read and validated, completions sampled from the policy with
+//! the log-probs of the distribution actually sampled from, and the batch layout in which the trainers
+//! re-score those completions.
+//!
+//! Re-scoring works on right-padded `prompt ++ completion` rows; only the positions that predict a completion
+//! token reach the LM head, and the result is one flat vector of per-token log-probs (row `i` owns
+//! `offsets[i]..offsets[i + 1]`). Log-probs are those of `softmax(logits / T)`, TRL's convention, which is also
+//! what generation reports as `sampling_logprobs`: at the first inner step the importance ratio is 1.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rlhf_data::{load_dataset, tokenize_prompts, Text, Tokenizer};
+use rlhf_model::{generate, CausalLm, FinishReason, GenRequest, Sampling};
+use serde_json::{Map, Value};
+
+use crate::error::{Result, TrainError};
+
+/// One training prompt: its text as the policy sees it, its tokens, and its dataset row (for verifiers).
+#[derive(Debug, Clone)]
+pub struct PromptRow {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub row: Map<String, Value>,
+}
+
+/// Reads the prompts of `path` (any format with a `prompt` column; other columns are kept for reward
+/// sources). Empty prompts and prompts over `max_prompt_length` tokens are errors naming the row.
+pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, chat_template: Option<&str>, max_prompt_length: usize) -> Result<Vec<PromptRow>> {
+    let data_err = |e: rlhf_data::DataError| TrainError::Data(e.to_string());
+    let dataset = load_dataset(path).map_err(data_err)?;
+    let ids = tokenize_prompts(&dataset, tokenizer, chat_template).map_err(data_err)?;
+    let prompts = dataset.prompts().map_err(data_err)?;
+    if dataset.rows.is_empty() {
+        return Err(TrainError::Data(format!("{}: no prompts", path.display())));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for ((row, ids), prompt) in dataset.rows.iter().zip(ids).zip(prompts) {
+        let text = match prompt {
+            Text::Plain(s) => s.clone(),
+            Text::Messages(m) => tokenizer.apply_chat_template(m, true).map_err(data_err)?.text,
+        };
+        if text.trim().is_empty() || ids.is_empty() {
+            return Err(data_err(dataset.row_error(row, Some("prompt"), "empty prompt: every row needs text to generate from")));
+        }
+        if ids.len() > max_prompt_length {
+            return Err(data_err(dataset.row_error(
+                row,
+                Some("prompt"),
+                format!("{} tokens, over max_prompt_length = {max_prompt_length} (raise it or shorten the prompt)", ids.len()),
+            )));
+        }
+        out.push(PromptRow { text, ids, row: row.to_json() });
+    }
+    Ok(out)
+}
+
+/// One sampled completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Index into the step's prompts.
+    pub prompt: usize,
+    pub completion_ids: Vec<u32>,
+    pub completion: String,
+    /// `log softmax(logits / T)` of each sampled token, from generation.
+    pub sampling_logprobs: Vec<f32>,
+    /// Ended with EOS (not cut off by `max_new_tokens`).
+    pub eos: bool,
+}
+
+/// SplitMix64: decorrelated per-sample seeds from (run seed, step, sample), so sampling needs no RNG state in
+/// checkpoints and a resumed run draws exactly what the uninterrupted one would have.
+pub fn sample_seed(seed: u64, step: u64, index: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// How to sample: the settings shared by every rollout of a run.
+#[derive(Debug, Clone)]
+pub struct SampleSpec {
+    pub sampling: Sampling,
+    pub max_new_tokens: usize,
+    /// Completions generated in one batch.
+    pub batch_size: usize,
+}
+
+/// Samples `g` completions for each of `prompts` (consecutive per prompt), seeded by (`seed`, `step`).
+pub fn sample(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[&PromptRow], g: usize, spec: &SampleSpec, seed: u64, step: u64) -> Result<Vec<Rollout>> {
+    let eos = model.eos_token_ids();
+    let mut requests = Vec::with_capacity(prompts.len() * g);
+    for p in prompts {
+        for _ in 0..g {
+            let i = requests.len() as u64;
+            requests.push(GenRequest {
+                prompt_ids: p.ids.clone(),
+                max_new_tokens: spec.max_new_tokens,
+                sampling: spec.sampling.clone(),
+                seed: sample_seed(seed, step, i),
+                stop_ids: eos.clone(),
+                ..Default::default()
+            });
+        }
+    }
+    let mut out = Vec::with_capacity(requests.len());
+    for chunk in requests.chunks(spec.batch_size.max(1)) {
+        for o in generate(model, chunk, None)? {
+            let completion = tokenizer.decode(&o.tokens, true).map_err(|e| TrainError::Data(e.to_string()))?;
+            out.push(Rollout {
+                prompt: out.len() / g,
+                eos: o.finish_reason == FinishReason::Eos,
+                completion_ids: o.tokens,
+                completion,
+                sampling_logprobs: o.sampling_logprobs,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Right-padded `prompt ++ completion` rows and where their completion tokens are.
+#[derive(Debug, Clone)]
+pub struct SeqBatch {
+    pub rows: usize,
+    pub seq_len: usize,
+    /// `[rows, seq_len]` u32 token ids.
+    pub input_ids: Tensor,
+    /// Flat positions (`row * seq_len + t`) whose output predicts a completion token, row by row.
+    pub positions: Tensor,
+    /// The predicted completion tokens, aligned with `positions`.
+    pub targets: Tensor,
+    /// Row `i` owns flat tokens `offsets[i]..offsets[i + 1]`.
+    pub offsets: Vec<usize>,
+}
+
+impl SeqBatch {
+    /// `rows` are (prompt ids, completion ids); every completion must have at least one token.
+    pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
+        let seq_len = rows.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+        let (mut ids, mut positions, mut targets, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), vec![0]);
+        for (i, (p, c)) in rows.iter().enumerate() {
+            if p.is_empty() || c.is_empty() {
+                return Err(TrainError::Data(format!("rollout {i}: empty prompt or completion")));
+            }
+            ids.extend(p.iter().chain(c.iter()).copied());
+            ids.extend(std::iter::repeat_n(pad, seq_len - p.len() - c.len()));
+            for (j, &tok) in c.iter().enumerate() {
+                positions.push((i * seq_len + p.len() - 1 + j) as u32);
+                targets.push(tok);
+            }
+            offsets.push(targets.len());
+        }
+        let n = targets.len();
+        Ok(Self {
+            rows: rows.len(),
+            seq_len,
+            input_ids: Tensor::from_vec(ids, (rows.len(), seq_len), device)?,
+            positions: Tensor::from_vec(positions, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+            offsets,
+        })
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        *self.offsets.last().unwrap_or(&0)
+    }
+
+    /// Row lengths (completion tokens).
+    pub fn lengths(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// The row owning each flat token.
+    pub fn owners(&self) -> Vec<usize> {
+        self.offsets.windows(2).enumerate().flat_map(|(i, w)| std::iter::repeat_n(i, w[1] - w[0])).collect()
+    }
+
+    /// Spreads one value per row over that row's tokens.
+    pub fn per_token(&self, per_row: &[f32]) -> Vec<f32> {
+        self.owners().into_iter().map(|i| per_row[i]).collect()
+    }
+
+    /// `[rows, tokens]` 0/1 membership matrix: `M · x` sums a per-token vector per row.
+    pub fn membership(&self) -> Result<Tensor> {
+        let n = self.num_tokens();
+        let mut m = vec![0f32; self.rows * n];
+        for (j, i) in self.owners().into_iter().enumerate() {
+            m[i * n + j] = 1.0;
+        }
+        Ok(Tensor::from_vec(m, (self.rows, n), self.targets.device())?)
+    }
+}
+
+/// The hidden states feeding the LM head at the completion positions, `[tokens, hidden]`.
+pub fn completion_hidden(model: &CausalLm, batch: &SeqBatch) -> Result<Tensor> {
+    let hidden = model.hidden_states(&batch.input_ids, None)?;
+    let h = hidden.dim(2)?;
+    Ok(hidden.reshape((batch.rows * batch.seq_len, h))?.index_select(&batch.positions, 0)?)
+}
+
+/// Per-token log-probs of the completions under `softmax(logits / T)` (differentiable, `[tokens]`), and, when
+/// `with_entropy`, the entropy of that distribution at each position (detached).
+pub fn token_logprobs(model: &CausalLm, batch: &SeqBatch, temperature: f64, with_entropy: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
+    let logits = model.logits(&completion_hidden(model, batch)?)?;
+    let logits = if temperature > 0.0 && temperature != 1.0 { (logits / temperature)? } else { logits };
+    let logp = rlhf_model::token_logprobs(&logits, &batch.targets)?;
+    let entropy = if with_entropy {
+        let lsm = candle_nn::ops::log_softmax(&logits.detach(), 1)?;
+        let ent = (lsm.exp()? * &lsm)?.sum(1)?.neg()?;
+        Some(ent.to_vec1::<f32>()?)
+    } else {
+        None
+    };
+    Ok((logp, entropy))
+}
