@@ -33,6 +33,12 @@ enum Command {
     Ppo(cmd::rl::Raw),
     /// The feedback app: serve it, manage users and projects, import items, export training data.
     Feedback(rlhf_feedback::cli::FeedbackArgs),
+    /// OpenAI-compatible server (completions, chat, streaming, continuous batching) for a model directory.
+    Serve(cmd::serve::Args),
+    /// Chat with a model in the terminal (its chat template; replies stream as they are sampled).
+    Chat(cmd::chat::Args),
+    /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
+    Judge(cmd::judge::Args),
     /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
@@ -66,6 +72,9 @@ fn main() {
         Command::Rloo(a) => cmd::rl::rloo(a),
         Command::Ppo(a) => cmd::rl::ppo(a),
         Command::Feedback(a) => rlhf_feedback::cli::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        Command::Judge(a) => cmd::judge::run(a),
         Command::Bench(b) => cmd::bench::run(b),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),

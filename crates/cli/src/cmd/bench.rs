@@ -81,6 +81,8 @@ pub enum Bench {
     Rm(Training),
     /// DPO (sigmoid, β 0.1) steps, 8 pairs each with a reference forward every step, tiny shape.
     Dpo(Training),
+    /// `rlhf serve` under 32 concurrent HTTP clients vs. the same requests through batched generation.
+    Serve(crate::cmd::serve::BenchArgs),
     /// GRPO steps as bench-trl's bench_grpo.py: 8 prompts × 4 generations × 8 new tokens, tiny shape.
     Grpo(Online),
     /// RLOO steps with the GRPO benchmark's settings (bench_grpo.py --algo rloo), tiny shape.
@@ -130,6 +132,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Rm(t) | Bench::Dpo(t) if t.common.shapes() != [Shape::Tiny] && !t.common.shape.is_empty() => {
             anyhow::bail!("the rm and dpo benchmarks measure the tiny shape only (--shape tiny)")
         }
+        Bench::Serve(a) => crate::cmd::serve::bench(a)?,
         Bench::Rm(t) => println!("{}", rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?),
         Bench::Dpo(t) => println!("{}", rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?),
         Bench::Grpo(o) => println!("{}", rlhf_train::rl_bench::bench_online("grpo", &o.tokenizer, &o.prompts, o.steps)?),

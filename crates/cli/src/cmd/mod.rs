@@ -1,9 +1,12 @@
 pub mod bench;
+pub mod chat;
 pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod init;
+pub mod judge;
 pub mod pref;
+pub mod serve;
 pub mod rl;
 pub mod sandbox;
 pub mod sft;

@@ -1,0 +1,166 @@
+//! `rlhf serve`, `rlhf chat` and `rlhf judge` as processes, on the fixture Llama.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use rlhf_data::{Message, Text};
+use rlhf_generate::Generator;
+use rlhf_model::{GenRequest, Sampling};
+use rlhf_serve::Client;
+use serde_json::Value;
+use tempfile::TempDir;
+
+fn llama() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/llama").canonicalize().unwrap()
+}
+
+fn rlhf() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    c.env_remove("RUST_BACKTRACE").env("RUST_LOG", "off");
+    c
+}
+
+/// A `rlhf serve` process on a free port, killed when dropped.
+struct Served {
+    child: Child,
+    url: String,
+    /// Kept open: a closed stderr would make the server's later writes fail.
+    _stderr: BufReader<std::process::ChildStderr>,
+}
+
+impl Served {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = rlhf()
+            .args(["serve", "--model", llama().to_str().unwrap(), "--port", "0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        stderr.read_line(&mut line).unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(line.starts_with("serving llama on http://127.0.0.1:"), "{line}");
+        Self { child, url, _stderr: stderr }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The greedy reply the chat template + batched generation give for `history`.
+fn greedy_reply(g: &Generator, history: &[Message], max: usize) -> String {
+    let req = GenRequest {
+        prompt_ids: g.encode_prompt(&Text::Messages(history.to_vec())).unwrap(),
+        max_new_tokens: max,
+        sampling: Sampling::greedy(),
+        stop_ids: g.model.eos_token_ids(),
+        ..Default::default()
+    };
+    let o = rlhf_model::generate(&g.model, &[req], None).unwrap().remove(0);
+    g.tokenizer.decode(&o.tokens, true).unwrap()
+}
+
+#[test]
+fn serve_answers_an_openai_client_and_refuses_without_the_token() {
+    let s = Served::start(&["--api-key", "k1"]);
+    let client = Client::new(&s.url, Some("k1".into())).unwrap();
+    assert_eq!(client.models().unwrap(), ["llama"]);
+    let p = rlhf_serve::client::Params { max_tokens: 5, temperature: 0.0, top_logprobs: 1, seed: None };
+    let c = client.complete("llama", "Hello", &p).unwrap();
+    assert_eq!(c.top_logprobs.len() + usize::from(c.finish_reason == "stop"), 5, "{c:?}");
+    let err = Client::new(&s.url, None).unwrap().models().unwrap_err().to_string();
+    assert!(err.contains("401") && err.contains("bearer token"), "{err}");
+}
+
+#[test]
+fn serve_fails_cleanly_on_a_missing_model() {
+    let tmp = TempDir::new().unwrap();
+    let out: Output = rlhf().args(["serve", "--model", tmp.path().join("nope").to_str().unwrap(), "--port", "0"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("nope") && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn chat_streams_replies_over_the_template_and_reset_forgets() {
+    let mut child = rlhf()
+        .args(["chat", "--model", llama().to_str().unwrap(), "--temperature", "0", "--max-new-tokens", "8", "--system", "Be kind."])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello\nHow are you?\n/reset\nHello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let g = Generator::load(&llama()).unwrap();
+    let mut history = vec![Message::new("system", "Be kind."), Message::new("user", "Hello")];
+    let first = greedy_reply(&g, &history, 8);
+    history.push(Message::new("assistant", first.clone()));
+    history.push(Message::new("user", "How are you?"));
+    let second = greedy_reply(&g, &history, 8);
+    // After /reset the same first question gets the same first answer.
+    assert_eq!(stdout, format!("{first}\n{second}\n{first}\n"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(conversation reset)"));
+}
+
+#[test]
+fn judge_labels_pairs_from_a_served_model() {
+    let s = Served::start(&[]);
+    let tmp = TempDir::new().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        concat!(
+            r#"{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "id": 1}"#, "\n",
+            r#"{"prompt": [{"role": "user", "content": "Say hi"}], "response_a": "Hi!", "response_b": "No."}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let out_file = tmp.path().join("prefs.jsonl");
+    // The fixture's context is 128 tokens: a short rubric and template.
+    let rubric = tmp.path().join("rubric.txt");
+    std::fs::write(&rubric, "Be right.").unwrap();
+    let template = tmp.path().join("template.txt");
+    std::fs::write(&template, "{rubric} Q: {prompt} A: {response_a} B: {response_b} Better:").unwrap();
+    let (pairs_s, out_s) = (pairs.to_str().unwrap(), out_file.to_str().unwrap());
+    let (rubric_s, template_s) = (rubric.to_str().unwrap(), template.to_str().unwrap());
+    let args = ["judge", "--endpoint", &s.url, "--pairs", pairs_s, "--out", out_s, "--rubric", rubric_s, "--template", template_s];
+    let out = rlhf().args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["pairs"], 2);
+    let rows: Vec<Value> = std::fs::read_to_string(&out_file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    let agree = summary["agreement_with_input_labels"].as_f64().unwrap();
+    let right = rows[0]["chosen"] == "4" && rows[0]["probability"].as_f64().unwrap() > 0.5;
+    assert_eq!(agree, if right { 1.0 } else { 0.0 });
+    assert_eq!(rows[0]["id"], 1, "input columns are kept");
+    for (row, pair) in rows.iter().zip([["4", "5"], ["Hi!", "No."]]) {
+        let p = row["probability"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&p), "{row}");
+        let q = p.clamp(1e-3, 1.0 - 1e-3);
+        assert!((row["margin"].as_f64().unwrap() - (q / (1.0 - q)).ln()).abs() < 1e-9);
+        let mut got = [row["chosen"].as_str().unwrap(), row["rejected"].as_str().unwrap()];
+        got.sort();
+        let mut want = pair;
+        want.sort();
+        assert_eq!(got, want);
+        assert!(row.get("response_a").is_none());
+    }
+    // Bad input names the file and line, and nothing is written.
+    std::fs::write(&pairs, "{\"prompt\": \"x\", \"chosen\": \"a\"}\n").unwrap();
+    let bad_out = tmp.path().join("bad.jsonl");
+    let out = rlhf().args(["judge", "--endpoint", &s.url, "--pairs", pairs.to_str().unwrap(), "--out", bad_out.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pairs.jsonl:1") && stderr.contains("rejected"), "{stderr}");
+    assert!(!bad_out.exists());
+}
