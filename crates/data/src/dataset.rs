@@ -54,7 +54,12 @@ pub fn load_dataset_with(path: impl AsRef<Path>, options: &LoadOptions) -> Resul
             } else {
                 // A pretty-printed JSON array saved as .jsonl fails on its first line with a parser
                 // message; say what the file is instead.
-                if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+                // (A one-line list is an ordinary bad row, reported with its line.)
+                let first_line = String::from_utf8_lossy(&bytes);
+                let first_line = first_line.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                if first_line.trim_start().starts_with('[')
+                    && serde_json::from_str::<Value>(first_line).is_err()
+                {
                     return Err(DataError::new(
                         source,
                         "this is a JSON array, not JSON Lines: name it .json (or write one object per line)",
