@@ -410,29 +410,12 @@ pub struct OnlineSummary {
     pub metrics_file: PathBuf,
 }
 
-/// Keys that may differ between a checkpoint's settings and a resumed run's.
-const RESUMABLE_CHANGES: [&str; 7] = ["resume", "max_steps", "save_steps", "logging_steps", "eval_steps", "save_total_limit", "overwrite_output_dir"];
-
-/// Names the settings that differ between checkpoint `dir` and `current`.
-fn check_resume_config(dir: &Path, current: &Value) -> Result<()> {
-    let saved = checkpoint::load_checkpoint_config(dir)?;
-    let (Value::Object(a), Value::Object(b)) = (&saved, current) else { return Ok(()) };
-    let differing: Vec<&String> = a
-        .keys()
-        .chain(b.keys().filter(|k| !a.contains_key(*k)))
-        .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()) && a.get(*k) != b.get(*k))
-        .collect();
-    if differing.is_empty() {
-        return Ok(());
-    }
-    let list: Vec<String> = differing
-        .iter()
-        .map(|k| format!("{k}: {} → {}", a.get(*k).unwrap_or(&Value::Null), b.get(*k).unwrap_or(&Value::Null)))
-        .collect();
-    Err(TrainError::Checkpoint {
-        path: dir.to_path_buf(),
-        msg: format!("saved with other settings ({}); resume with the same settings or start a new output_dir", list.join("; ")),
-    })
+/// Settings that may change when a run is resumed: the shared cadence keys, plus the run length (continuing an
+/// RL run for more steps is the usual reason to resume) and the held-out prompts.
+fn resume_free_keys() -> Vec<&'static str> {
+    let mut keys = checkpoint::RESUME_FREE_KEYS.to_vec();
+    keys.extend(["max_steps", "eval_prompts"]);
+    keys
 }
 
 /// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its checkpoint).
@@ -470,9 +453,9 @@ pub fn run<A: Algorithm>(
     args.validate()?;
     let out = required(&args.output_dir, "output_dir")?.clone();
     crate::output_dir::prepare(required(&args.model, "model")?, &out, args.overwrite_output_dir, args.resume)?;
-    let resume_dir = if args.resume { checkpoint::latest_checkpoint(&out)? } else { None };
+    let resume_dir = if args.resume { Some(checkpoint::resume_dir(&out)?) } else { None };
     if let Some(dir) = &resume_dir {
-        check_resume_config(dir, settings)?;
+        checkpoint::check_resume_config(dir, &checkpoint::load_checkpoint_config(dir)?, settings, &resume_free_keys())?;
     }
     let prompts_path = required(&args.prompts, "prompts")?;
 
