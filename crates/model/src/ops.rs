@@ -478,7 +478,14 @@ fn attn_tile_probs(
     scale: f32,
     lse: Option<&[f32]>,
 ) -> Vec<f32> {
-    gemm_into(s, r1, false, q.row_range(r0, r1), k.row_range(0, r1).t(), false);
+    gemm_into(
+        s,
+        r1,
+        false,
+        q.row_range(r0, r1),
+        k.row_range(0, r1).t(),
+        false,
+    );
     let mut out = Vec::new();
     for (i, row) in s.chunks_mut(r1).take(r1 - r0).enumerate() {
         let (vis, hidden) = row.split_at_mut(r0 + i + 1);
@@ -536,7 +543,14 @@ impl CustomOp3 for CausalAttention {
                     let s = &mut s[..(r1 - r0) * r1];
                     lse.extend(attn_tile_probs(s, qh, kk, (r0, r1), self.scale, None));
                     let p = MatRef::new(s, r1 - r0, r1, r1);
-                    gemm_into(&mut o[(r * t + r0) * d..], d, false, p, vv.row_range(0, r1), false);
+                    gemm_into(
+                        &mut o[(r * t + r0) * d..],
+                        d,
+                        false,
+                        p,
+                        vv.row_range(0, r1),
+                        false,
+                    );
                 }
             }
             (o, lse)
@@ -625,7 +639,14 @@ impl CausalAttention {
                     let s = &mut s[..rows * r1];
                     attn_tile_probs(s, qh, kk, (r0, r1), self.scale, Some(lse_h));
                     let go_tile = goh.row_range(r0, r1);
-                    gemm_into(&mut dv, d, true, MatRef::new(s, rows, r1, r1).t(), go_tile, false);
+                    gemm_into(
+                        &mut dv,
+                        d,
+                        true,
+                        MatRef::new(s, rows, r1, r1).t(),
+                        go_tile,
+                        false,
+                    );
                     let dp = &mut dp[..rows * r1];
                     gemm_into(dp, r1, false, go_tile, vv.row_range(0, r1).t(), false);
                     for (i, (sr, dr)) in s.chunks_mut(r1).zip(dp.chunks(r1)).enumerate() {
@@ -635,14 +656,24 @@ impl CausalAttention {
                         }
                     }
                     let ds = MatRef::new(s, rows, r1, r1);
-                    gemm_into(&mut dq[(r * t + r0) * d..], d, false, ds, kk.row_range(0, r1), false);
+                    gemm_into(
+                        &mut dq[(r * t + r0) * d..],
+                        d,
+                        false,
+                        ds,
+                        kk.row_range(0, r1),
+                        false,
+                    );
                     gemm_into(&mut dk, d, true, ds.t(), qh.row_range(r0, r1), false);
                 }
             }
             (dq, dk, dv)
         });
         let mut dq_all = Vec::with_capacity(b * nh * t * d);
-        let (mut dk_all, mut dv_all) = (Vec::with_capacity(b * nkv * t * d), Vec::with_capacity(b * nkv * t * d));
+        let (mut dk_all, mut dv_all) = (
+            Vec::with_capacity(b * nkv * t * d),
+            Vec::with_capacity(b * nkv * t * d),
+        );
         for (dq, dk, dv) in groups {
             dq_all.extend_from_slice(&dq);
             dk_all.extend_from_slice(&dk);
@@ -1214,7 +1245,10 @@ impl CustomOp2 for LmHeadLogprobs {
         let t = &self.targets;
         let m = t.len();
         if x.len() != m * h {
-            bail!("lm head log-probs: hidden {:?} does not hold {m} rows of {h}", l1.dims())
+            bail!(
+                "lm head log-probs: hidden {:?} does not hold {m} rows of {h}",
+                l1.dims()
+            )
         }
         check_targets(t, vocab)?;
         let xm = MatRef::new(x, m, h, h);
@@ -1240,7 +1274,12 @@ impl CustomOp2 for LmHeadLogprobs {
         } else {
             (0..chunks).fold(init(), step).0
         };
-        let lse: Vec<f32> = acc.max.iter().zip(&acc.sum).map(|(mx, s)| mx + s.ln()).collect();
+        let lse: Vec<f32> = acc
+            .max
+            .iter()
+            .zip(&acc.sum)
+            .map(|(mx, s)| mx + s.ln())
+            .collect();
         let out = acc.target.iter().zip(&lse).map(|(tv, l)| tv - l).collect();
         let argmax = acc.best.iter().map(|b| b.1).collect();
         // Each op instance is applied exactly once (apply_op2 takes it by value).
@@ -1274,7 +1313,8 @@ impl CustomOp2 for LmHeadLogprobs {
             } else {
                 (0..chunks).map(|_| None).collect()
             };
-            let step = |(mut gx, mut buf): (Vec<f32>, Vec<f32>), (c, gw_c): (usize, Option<&mut [f32]>)| {
+            let step = |(mut gx, mut buf): (Vec<f32>, Vec<f32>),
+                        (c, gw_c): (usize, Option<&mut [f32]>)| {
                 let (v0, v1) = (c * VOCAB_CHUNK, ((c + 1) * VOCAB_CHUNK).min(vocab));
                 let n = v1 - v0;
                 buf.resize(m * n, 0.0);
@@ -1328,7 +1368,11 @@ impl CustomOp2 for LmHeadLogprobs {
 /// `hidden [.., h]`, an LM head `weight [vocab, h]` (no bias), u32/i64 `targets [..]` →
 /// (f32 `[..]`, u32 `[..]`). Differentiable wrt `hidden` and `weight`; the fused CPU kernel works in
 /// vocabulary chunks and never materialises the logits.
-pub fn lm_head_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn lm_head_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let hd = hidden.dims();
     if hd.is_empty() || &hd[..hd.len() - 1] != targets.dims() {
         bail!(
@@ -1359,13 +1403,23 @@ pub fn lm_head_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> R
         Some((_, a)) => a.clone(),
         None => bail!("lm head log-probs: forward produced no statistics"),
     };
-    Ok((lp, Tensor::from_vec(argmax, targets.shape(), hidden.device())?))
+    Ok((
+        lp,
+        Tensor::from_vec(argmax, targets.shape(), hidden.device())?,
+    ))
 }
 
 /// Plain composition of [`lm_head_logprobs`] (reference / non-CPU path).
-pub fn lm_head_logprobs_ref(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn lm_head_logprobs_ref(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let logits = linear_matmul_ref(hidden, weight, true)?;
-    Ok((token_logprobs_ref(&logits, targets)?, logits.argmax(D::Minus1)?))
+    Ok((
+        token_logprobs_ref(&logits, targets)?,
+        logits.argmax(D::Minus1)?,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1584,7 +1638,11 @@ impl CustomOp2 for LinearGrad {
             let k = *l2.dims().last().unwrap_or(&1);
             let x = MatRef::rows_of(o, k);
             if x.nrows() != m {
-                bail!("linear backward: input {:?} vs gradient {:?}", l2.dims(), l1.dims())
+                bail!(
+                    "linear backward: input {:?} vs gradient {:?}",
+                    l2.dims(),
+                    l1.dims()
+                )
             }
             let mut gw = vec![0f32; n * k];
             let shape = if self.transposed {
@@ -1598,10 +1656,21 @@ impl CustomOp2 for LinearGrad {
         } else {
             let (wn, k) = linear_dims(l2.dims(), self.transposed)?;
             if wn != n {
-                bail!("linear backward: weight {:?} vs gradient {:?}", l2.dims(), l1.dims())
+                bail!(
+                    "linear backward: weight {:?} vs gradient {:?}",
+                    l2.dims(),
+                    l1.dims()
+                )
             }
             let mut gx = vec![0f32; m * k];
-            gemm_into(&mut gx, k, false, g, linear_rhs(o, n, k, self.transposed).t(), true);
+            gemm_into(
+                &mut gx,
+                k,
+                false,
+                g,
+                linear_rhs(o, n, k, self.transposed).t(),
+                true,
+            );
             Ok((CpuStorage::F32(gx), Shape::from((m, k))))
         }
     }

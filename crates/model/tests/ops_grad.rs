@@ -171,7 +171,11 @@ fn causal_attention_matches_reference_and_finite_differences() {
         );
     }
     // Position 0 sees only itself, so its output is its own value row, whatever the later keys.
-    let (q, k, v) = (randn(&[1, 1, 6, 4], 9), randn(&[1, 1, 6, 4], 10), randn(&[1, 1, 6, 4], 11));
+    let (q, k, v) = (
+        randn(&[1, 1, 6, 4], 9),
+        randn(&[1, 1, 6, 4], 10),
+        randn(&[1, 1, 6, 4], 11),
+    );
     let out = ops::causal_attention(&q, &k, &v, 1.0).unwrap();
     let first = out.get(0).unwrap().get(0).unwrap();
     let v0 = v.get(0).unwrap().get(0).unwrap().get(0).unwrap();
@@ -301,7 +305,10 @@ fn lm_head_logprobs_matches_reference_and_finite_differences() {
     check("lm_head_logprobs", &inputs, 2, &lp, &lp_ref);
     let (_, am) = ops::lm_head_logprobs(&inputs[0], &inputs[1], &inputs[2]).unwrap();
     let (_, am_ref) = ops::lm_head_logprobs_ref(&inputs[0], &inputs[1], &inputs[2]).unwrap();
-    assert_eq!(am.to_vec2::<u32>().unwrap(), am_ref.to_vec2::<u32>().unwrap());
+    assert_eq!(
+        am.to_vec2::<u32>().unwrap(),
+        am_ref.to_vec2::<u32>().unwrap()
+    );
     // Large enough for the parallel kernels (64 rows x 1000 ids x 80).
     let targets = Tensor::from_vec(
         (0..64u32).map(|i| (i * 131) % 1000).collect::<Vec<_>>(),
@@ -311,7 +318,11 @@ fn lm_head_logprobs_matches_reference_and_finite_differences() {
     .unwrap();
     check(
         "lm_head_logprobs (parallel)",
-        &[randn(&[64, 80], 18), (randn(&[1000, 80], 19) * 0.3).unwrap(), targets],
+        &[
+            randn(&[64, 80], 18),
+            (randn(&[1000, 80], 19) * 0.3).unwrap(),
+            targets,
+        ],
         2,
         &lp,
         &lp_ref,
@@ -345,7 +356,10 @@ fn fused_model_matches_reference_ops_on_every_architecture() {
             fused.to_scalar::<f32>().unwrap(),
             reference.to_scalar::<f32>().unwrap(),
         );
-        assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{name}: loss {a} vs reference {b}");
+        assert!(
+            (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+            "{name}: loss {a} vs reference {b}"
+        );
         let (gf, gr) = (fused.backward().unwrap(), reference.backward().unwrap());
         let vars = m.varmap().data().lock().unwrap();
         for (pname, v) in vars.iter() {
@@ -362,10 +376,17 @@ fn fused_model_matches_reference_ops_on_every_architecture() {
         let (lp, am) = m.token_logprobs_and_argmax(&hidden, &targets).unwrap();
         let logits = m.logits(&hidden).unwrap();
         let full = ops::token_logprobs(&logits, &targets).unwrap();
-        assert!(max_abs(&(lp - full).unwrap()) < 1e-5, "{name}: seam vs full logits");
+        assert!(
+            max_abs(&(lp - full).unwrap()) < 1e-5,
+            "{name}: seam vs full logits"
+        );
         assert_eq!(
             am.to_vec2::<u32>().unwrap(),
-            logits.argmax(candle_core::D::Minus1).unwrap().to_vec2::<u32>().unwrap(),
+            logits
+                .argmax(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec2::<u32>()
+                .unwrap(),
             "{name}: argmax"
         );
     }
