@@ -1598,13 +1598,15 @@ impl CustomOp2 for LinearMatmul {
             )
         };
         // Frozen weights (LoRA base, reference models) and constant inputs get no gradient.
-        let gx = match x.track_op() {
-            true => Some(grad_of(false, w)?.reshape(x.shape())?),
-            false => None,
+        let gx = if x.track_op() {
+            Some(grad_of(false, w)?.reshape(x.shape())?)
+        } else {
+            None
         };
-        let gw = match w.track_op() {
-            true => Some(grad_of(true, x)?),
-            false => None,
+        let gw = if w.track_op() {
+            Some(grad_of(true, x)?)
+        } else {
+            None
         };
         Ok((gx, gw))
     }
