@@ -181,8 +181,8 @@ impl KvCache {
 /// Attention over `q: [b, nh, tq, d]`, `k, v: [b, nkv, tq, d]` (contiguous), returning
 /// `[b, tq, nh*d]`. Without a cache the mask is plain causal (right-padded training batches).
 ///
-/// GQA without copies: query heads `g*rep .. (g+1)*rep` share key head `g`, so `q` is viewed as
-/// `[b, nkv, rep*tq, d]` and multiplied by the un-repeated keys.
+/// GQA without copies: query heads `g*rep .. (g+1)*rep` share key head `g`; on the generic path
+/// `q` is viewed as `[b, nkv, rep*tq, d]` and multiplied by the un-repeated keys.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -195,14 +195,7 @@ pub(crate) fn attention(
     let nkv = k.dim(1)?;
     let rep = nh / nkv;
     let Some(cache) = cache else {
-        let q = q.reshape((b, nkv, rep * tq, d))?;
-        let s = q.matmul(&k.t()?)?;
-        let p = ops::causal_softmax(&s, scale, tq, 0)?;
-        return p
-            .matmul(v)?
-            .reshape((b, nh, tq, d))?
-            .transpose(1, 2)?
-            .reshape((b, tq, nh * d));
+        return ops::causal_attention(q, k, v, scale);
     };
     if cache.step != tq {
         candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")

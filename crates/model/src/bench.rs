@@ -1,6 +1,6 @@
 //! Reference model shapes and timing helpers for benchmark commands (`rlhf bench ...`).
 
-use crate::{generate, ops, CausalLm, GenRequest, ModelConfig, Sampling};
+use crate::{generate, CausalLm, GenRequest, ModelConfig, Sampling};
 use candle_core::{Device, Result, Tensor};
 use serde_json::json;
 use std::time::Instant;
@@ -89,7 +89,8 @@ pub struct StepBench {
     pub backward_s: f64,
 }
 
-/// Times the forward pass (to the mean token log-prob loss) and the backward pass of one
+/// Times the forward pass (to the mean token log-prob loss, through the trainers' seam
+/// [`CausalLm::token_logprobs_from_hidden`]) and the backward pass of one
 /// training step on a random `[batch, seq_len]` batch (the optimizer update is not included).
 pub fn bench_train_step(
     model: &CausalLm,
@@ -103,7 +104,9 @@ pub fn bench_train_step(
     let input = all.narrow(1, 0, seq_len)?.contiguous()?;
     let targets = all.narrow(1, 1, seq_len)?.contiguous()?;
     let t = Instant::now();
-    let loss = ops::token_logprobs(&model.forward(&input)?, &targets)?
+    let hidden = model.hidden_states(&input, None)?;
+    let loss = model
+        .token_logprobs_from_hidden(&hidden, &targets)?
         .mean_all()?
         .neg()?;
     loss.to_scalar::<f32>()?;

@@ -12,6 +12,7 @@ pub mod io;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+mod matmul;
 pub mod ops;
 pub mod qwen2;
 pub mod seq_cls;
@@ -519,6 +520,27 @@ impl CausalLm {
     /// Logits `[.., vocab]` of hidden states `[.., hidden]` (tied or separate `lm_head`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head().forward(hidden)
+    }
+
+    /// Per-token log-probabilities `log_softmax(lm_head(hidden))[targets]`: `hidden` `[.., hidden]`
+    /// (from [`CausalLm::hidden_states`]), u32/i64 `targets` `[..]` → f32 `[..]`, differentiable wrt
+    /// the hidden states and the head weight. This is the trainers' seam: on CPU the head and the
+    /// log-softmax run in vocabulary chunks forward and backward ([`ops::lm_head_logprobs`]), so
+    /// the `[.., vocab]` logits and their gradient never exist. A head with a bias or an adapter
+    /// (LoRA on `lm_head`) goes through the full logits.
+    pub fn token_logprobs_from_hidden(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.token_logprobs_and_argmax(hidden, targets)?.0)
+    }
+
+    /// [`CausalLm::token_logprobs_from_hidden`] and the most likely token at every position (u32
+    /// `[..]`, not differentiable; e.g. for token accuracy), from the same pass over the head.
+    pub fn token_logprobs_and_argmax(&self, hidden: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        let head = self.lm_head();
+        if head.bias.is_none() && head.adapter.is_none() && head.layout == WeightLayout::OutIn {
+            return ops::lm_head_logprobs(hidden, &head.weight, targets);
+        }
+        let logits = self.logits(hidden)?;
+        Ok((ops::token_logprobs(&logits, targets)?, logits.argmax(candle_core::D::Minus1)?))
     }
 
     /// Logits `[b, t, vocab]` of u32 `input_ids` `[b, t]`.

@@ -12,18 +12,40 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 use rayon::prelude::*;
-use std::sync::OnceLock;
+use std::cell::Cell;
+use std::sync::{Arc, OnceLock};
+
+use crate::matmul::{gemm_into, MatRef};
 
 /// Below this many f32 elements a kernel runs on the calling thread: rayon's fork/join costs more
 /// than it saves on the tiny tensors of the small models.
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
+thread_local! {
+    static REFERENCE_OPS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every op of this module built from its plain candle composition (`*_ref`) on
+/// this thread: the oracle the fused kernels are tested against, whole models included.
+pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REFERENCE_OPS.set(self.0);
+        }
+    }
+    let _restore = Restore(REFERENCE_OPS.replace(true));
+    f()
+}
+
 fn fused_ok(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    !REFERENCE_OPS.get()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 fn f32_in<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -391,64 +413,106 @@ pub fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Te
 }
 
 // ---------------------------------------------------------------------------------------------
-// Causal attention softmax
+// Causal self-attention over a whole sequence (training and scoring)
 
-/// `softmax(scale * s)` over the last dim with a causal mask. `s` is `[.., rows, tk]`; row `r` of
-/// each matrix is query position `r % tq + offset` (rows hold `rows / tq` query heads sharing a
-/// key head, see the GQA layout in `llama.rs`), and sees keys `0..=position`.
-struct CausalSoftmax {
+/// Query rows per tile: the queries `r0..r1` are multiplied only by keys `0..r1`, so most of the
+/// masked upper triangle is never computed.
+const ATTN_TILE: usize = 32;
+
+/// `softmax(scale · q kᵀ + causal mask) v` for `q [b, nh, t, d]`, `k, v [b, nkv, t, d]`
+/// (query heads `g*rep..(g+1)*rep` share key head `g`), returning `[b, t, nh*d]`, the layout the
+/// output projection reads. Forward keeps only each row's log-sum-exp; the backward pass
+/// recomputes the probabilities tile by tile (as FlashAttention does), so the `[t, t]` matrices
+/// exist one tile at a time.
+struct CausalAttention {
     scale: f32,
-    tq: usize,
-    offset: usize,
+    lse: OnceLock<Vec<f32>>,
 }
 
-impl CausalSoftmax {
-    fn visible(&self, row: usize, rows: usize, tk: usize) -> usize {
-        ((row % rows) % self.tq + self.offset + 1).min(tk)
-    }
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    d: usize,
 }
 
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "rlhf-causal-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_in(s, l, self.name())?;
-        let dims = l.dims();
-        if dims.len() < 2 {
-            bail!("{}: expected at least 2 dims, got {:?}", self.name(), dims)
-        }
-        let (rows, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let mut out = vec![0f32; x.len()];
-        for_rows(&mut out, tk, |i, o| {
-            let n = self.visible(i, rows, tk);
-            let xr = &x[i * tk..i * tk + n];
-            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * self.scale;
-            let mut sum = 0f32;
-            for (o, &v) in o[..n].iter_mut().zip(xr) {
-                *o = fast_exp(v * self.scale - m);
-                sum += *o;
+impl AttnDims {
+    fn of(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
+        match (q, k) {
+            (&[b, nh, t, d], &[kb, nkv, kt, kd])
+                if kb == b && kt == t && kd == d && k == v && nkv > 0 && nh % nkv == 0 =>
+            {
+                Ok(Self { b, nh, nkv, t, d })
             }
-            let inv = 1.0 / sum;
-            o[..n].iter_mut().for_each(|v| *v *= inv);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+            _ => bail!("causal attention: q {q:?}, k {k:?}, v {v:?} do not fit [b, nh, t, d] / [b, nkv, t, d]"),
+        }
     }
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g =
-            res.apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?;
-        Ok(Some(g))
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+    /// Groups (batch row, key head) are independent; parallel when there is enough work.
+    fn parallel(&self) -> bool {
+        self.b * self.nkv > 1 && self.b * self.nh * self.t * self.t * self.d >= 1 << 18
     }
 }
 
-/// grad_s = scale * y * (g - Σ g·y); masked entries have y = 0 and get no gradient.
-struct CausalSoftmaxBwd {
+/// `f(group)` for every group, in parallel or not.
+fn map_groups<T: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    if parallel {
+        (0..n).into_par_iter().map(f).collect()
+    } else {
+        (0..n).map(f).collect()
+    }
+}
+
+/// Scores of the query tile `r0..r1` against keys `0..r1` into `s [r1 - r0, r1]`, then each row
+/// turned into probabilities in place (masked entries 0): with `lse` given, `exp(scale·s - lse)`;
+/// otherwise a softmax whose log-sum-exp is returned per row.
+fn attn_tile_probs(
+    s: &mut [f32],
+    q: MatRef,
+    k: MatRef,
+    (r0, r1): (usize, usize),
     scale: f32,
+    lse: Option<&[f32]>,
+) -> Vec<f32> {
+    gemm_into(
+        s,
+        r1,
+        false,
+        q.row_range(r0, r1),
+        k.row_range(0, r1).t(),
+        false,
+    );
+    let mut out = Vec::new();
+    for (i, row) in s.chunks_mut(r1).take(r1 - r0).enumerate() {
+        let (vis, hidden) = row.split_at_mut(r0 + i + 1);
+        hidden.fill(0.0);
+        match lse {
+            Some(l) => vis
+                .iter_mut()
+                .for_each(|x| *x = fast_exp(*x * scale - l[r0 + i])),
+            None => {
+                let m = vis.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x * scale));
+                let mut sum = 0f32;
+                for x in vis.iter_mut() {
+                    *x = fast_exp(*x * scale - m);
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                vis.iter_mut().for_each(|x| *x *= inv);
+                out.push(m + sum.ln());
+            }
+        }
+    }
+    out
 }
 
-impl CustomOp2 for CausalSoftmaxBwd {
+impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
-        "rlhf-causal-softmax-bwd"
+        "rlhf-causal-attention"
     }
     fn cpu_fwd(
         &self,
@@ -456,49 +520,208 @@ impl CustomOp2 for CausalSoftmaxBwd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_in(s1, l1, self.name())?;
-        let g = f32_in(s2, l2, self.name())?;
-        let tk = *l1.dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; y.len()];
-        for_rows(&mut out, tk, |i, o| {
-            let yr = &y[i * tk..(i + 1) * tk];
-            let gr = &g[i * tk..(i + 1) * tk];
-            let dot = yr.iter().zip(gr).map(|(a, b)| a * b).sum::<f32>();
-            for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                *o = self.scale * yv * (gv - dot);
+        let q = f32_in(s1, l1, self.name())?;
+        let k = f32_in(s2, l2, self.name())?;
+        let v = f32_in(s3, l3, self.name())?;
+        let dm = AttnDims::of(l1.dims(), l2.dims(), l3.dims())?;
+        let AttnDims { b, nh, nkv, t, d } = dm;
+        let rep = dm.rep();
+        // Per group: outputs [rep, t, d] and log-sum-exps [rep, t].
+        let groups = map_groups(b * nkv, dm.parallel(), |bg| {
+            let kk = MatRef::new(&k[bg * t * d..], t, d, d);
+            let vv = MatRef::new(&v[bg * t * d..], t, d, d);
+            let mut o = vec![0f32; rep * t * d];
+            let mut lse = Vec::with_capacity(rep * t);
+            let mut s = vec![0f32; ATTN_TILE.min(t) * t];
+            for r in 0..rep {
+                let qh = MatRef::new(&q[(bg * rep + r) * t * d..], t, d, d);
+                for r0 in (0..t).step_by(ATTN_TILE) {
+                    let r1 = (r0 + ATTN_TILE).min(t);
+                    let s = &mut s[..(r1 - r0) * r1];
+                    lse.extend(attn_tile_probs(s, qh, kk, (r0, r1), self.scale, None));
+                    let p = MatRef::new(s, r1 - r0, r1, r1);
+                    gemm_into(
+                        &mut o[(r * t + r0) * d..],
+                        d,
+                        false,
+                        p,
+                        vv.row_range(0, r1),
+                        false,
+                    );
+                }
             }
+            (o, lse)
         });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let mut out = vec![0f32; b * t * nh * d];
+        let mut lse_all = vec![0f32; b * nh * t];
+        for (bg, (o, lse)) in groups.into_iter().enumerate() {
+            let (bi, g) = (bg / nkv, bg % nkv);
+            lse_all[bg * rep * t..(bg + 1) * rep * t].copy_from_slice(&lse);
+            for r in 0..rep {
+                let h = g * rep + r;
+                for ti in 0..t {
+                    out[((bi * t + ti) * nh + h) * d..][..d]
+                        .copy_from_slice(&o[(r * t + ti) * d..][..d]);
+                }
+            }
+        }
+        // Each op instance is applied exactly once (apply_op3 takes it by value).
+        let _ = self.lse.set(lse_all);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, nh * d))))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = match self.lse.get() {
+            Some(l) => l.as_slice(),
+            None => bail!("causal attention: backward before forward"),
+        };
+        let dm = AttnDims::of(q.dims(), k.dims(), v.dims())?;
+        let AttnDims { b, nh, nkv, t, d } = dm;
+        let grad = grad.contiguous()?;
+        let (dq, dk, dv) = with_f32_slices(&[q, k, v, res, &grad], self.name(), |s| {
+            Ok(self.backward(dm, lse, s[0], s[1], s[2], s[3], s[4]))
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, nh, t, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, nkv, t, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, nkv, t, d), dev)?),
+        ))
     }
 }
 
-/// Causally masked, scaled softmax of attention scores `[.., rows, tk]` (see `CausalSoftmax`).
-pub fn causal_softmax(s: &Tensor, scale: f64, tq: usize, offset: usize) -> Result<Tensor> {
-    if fused_ok(&[s]) {
-        s.contiguous()?.apply_op1(CausalSoftmax {
-            scale: scale as f32,
-            tq,
-            offset,
-        })
+impl CausalAttention {
+    /// Gradients wrt q, k, v given the forward's inputs, its output `o` and the upstream `go`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dm: AttnDims,
+        lse: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        go: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let AttnDims { b, nh, nkv, t, d } = dm;
+        let (rep, row) = (dm.rep(), nh * d);
+        // Per group: dq [rep, t, d], dk [t, d], dv [t, d].
+        let groups = map_groups(b * nkv, dm.parallel(), |bg| {
+            let (bi, g) = (bg / nkv, bg % nkv);
+            let kk = MatRef::new(&k[bg * t * d..], t, d, d);
+            let vv = MatRef::new(&v[bg * t * d..], t, d, d);
+            let mut dq = vec![0f32; rep * t * d];
+            let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
+            let n = ATTN_TILE.min(t) * t;
+            let (mut s, mut dp) = (vec![0f32; n], vec![0f32; n]);
+            for r in 0..rep {
+                let h = g * rep + r;
+                let qh = MatRef::new(&q[(bg * rep + r) * t * d..], t, d, d);
+                let base = bi * t * row + h * d;
+                let goh = MatRef::new(&go[base..], t, d, row);
+                let lse_h = &lse[(bi * nh + h) * t..][..t];
+                // Σ_j dP_ij P_ij = dO_i · O_i.
+                let delta: Vec<f32> = (0..t)
+                    .map(|i| dot(&go[base + i * row..][..d], &o[base + i * row..][..d]))
+                    .collect();
+                for r0 in (0..t).step_by(ATTN_TILE) {
+                    let r1 = (r0 + ATTN_TILE).min(t);
+                    let rows = r1 - r0;
+                    let s = &mut s[..rows * r1];
+                    attn_tile_probs(s, qh, kk, (r0, r1), self.scale, Some(lse_h));
+                    let go_tile = goh.row_range(r0, r1);
+                    gemm_into(
+                        &mut dv,
+                        d,
+                        true,
+                        MatRef::new(s, rows, r1, r1).t(),
+                        go_tile,
+                        false,
+                    );
+                    let dp = &mut dp[..rows * r1];
+                    gemm_into(dp, r1, false, go_tile, vv.row_range(0, r1).t(), false);
+                    for (i, (sr, dr)) in s.chunks_mut(r1).zip(dp.chunks(r1)).enumerate() {
+                        let di = delta[r0 + i];
+                        for (sv, &dpv) in sr.iter_mut().zip(dr) {
+                            *sv *= (dpv - di) * self.scale;
+                        }
+                    }
+                    let ds = MatRef::new(s, rows, r1, r1);
+                    gemm_into(
+                        &mut dq[(r * t + r0) * d..],
+                        d,
+                        false,
+                        ds,
+                        kk.row_range(0, r1),
+                        false,
+                    );
+                    gemm_into(&mut dk, d, true, ds.t(), qh.row_range(r0, r1), false);
+                }
+            }
+            (dq, dk, dv)
+        });
+        let mut dq_all = Vec::with_capacity(b * nh * t * d);
+        let (mut dk_all, mut dv_all) = (
+            Vec::with_capacity(b * nkv * t * d),
+            Vec::with_capacity(b * nkv * t * d),
+        );
+        for (dq, dk, dv) in groups {
+            dq_all.extend_from_slice(&dq);
+            dk_all.extend_from_slice(&dk);
+            dv_all.extend_from_slice(&dv);
+        }
+        (dq_all, dk_all, dv_all)
+    }
+}
+
+/// Causal self-attention `softmax(scale · q kᵀ + mask) v` with grouped key/value heads: `q`
+/// `[b, nh, t, d]`, `k, v` `[b, nkv, t, d]` → `[b, t, nh*d]`. Differentiable wrt q, k, v.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_ok(&[q, k, v]) {
+        q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            CausalAttention {
+                scale: scale as f32,
+                lse: OnceLock::new(),
+            },
+        )
     } else {
-        causal_softmax_ref(s, scale, tq, offset)
+        causal_attention_ref(q, k, v, scale)
     }
 }
 
-/// Plain differentiable causal softmax (reference / non-CPU path).
-pub fn causal_softmax_ref(s: &Tensor, scale: f64, tq: usize, offset: usize) -> Result<Tensor> {
+/// Plain differentiable causal attention (reference / non-CPU path): GQA without copies by
+/// viewing `q` as `[b, nkv, rep*t, d]` against the un-repeated keys.
+pub fn causal_attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let q = q.reshape((b, nkv, nh / nkv * t, d))?;
+    let s = q.matmul(&k.t()?)?;
+    let p = causal_softmax_ref(&s, scale, t)?;
+    p.matmul(v)?
+        .reshape((b, nh, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * d))
+}
+
+/// Causally masked, scaled softmax of attention scores `[.., rows, tk]`: row `r` of each matrix
+/// is query position `r % tq` and sees keys `0..=r % tq`.
+fn causal_softmax_ref(s: &Tensor, scale: f64, tq: usize) -> Result<Tensor> {
     let dims = s.dims();
     let (rows, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     // A large finite negative instead of -inf keeps 0 * mask out of the backward pass.
     let mask: Vec<f32> = (0..rows * tk)
-        .map(|i| {
-            if i % tk < ((i / tk) % tq + offset + 1) {
-                0.0
-            } else {
-                -1e30
-            }
-        })
+        .map(|i| if i % tk <= (i / tk) % tq { 0.0 } else { -1e30 })
         .collect();
     let mask = Tensor::from_vec(mask, (rows, tk), s.device())?.to_dtype(s.dtype())?;
     candle_nn::ops::softmax(&(s * scale)?.broadcast_add(&mask)?, D::Minus1)
@@ -909,6 +1132,297 @@ pub fn token_logprobs_ref(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// LM head and log_softmax gathered at targets, in vocabulary chunks
+
+/// Vocabulary rows of the head weight per chunk: the `[rows, chunk]` block of logits stays in
+/// cache, and the `[rows, vocab]` logits and their gradient never exist.
+const VOCAB_CHUNK: usize = 256;
+
+/// Below this many multiply-adds the chunked head runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 22;
+
+/// Per-row log-sum-exp and argmax of the logits, filled by the forward pass.
+type HeadStats = Arc<OnceLock<(Vec<f32>, Vec<u32>)>>;
+
+/// `log_softmax(x Wᵀ)[targets]` for `x [m, h]` and a head weight `W [vocab, h]` (`nn.Linear`
+/// layout, no bias). Forward keeps each row's log-sum-exp; backward recomputes the logits one
+/// chunk at a time, writes that chunk's rows of the weight gradient and accumulates the input
+/// gradient, so the pass costs one extra head matmul instead of two `[m, vocab]` buffers.
+struct LmHeadLogprobs {
+    targets: Vec<u32>,
+    out_shape: Shape,
+    stats: HeadStats,
+}
+
+/// Running per-row statistics over vocabulary chunks (online log-sum-exp).
+struct RowStats {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    target: Vec<f32>,
+    best: Vec<(f32, u32)>,
+}
+
+impl RowStats {
+    fn new(m: usize) -> Self {
+        Self {
+            max: vec![f32::NEG_INFINITY; m],
+            sum: vec![0.0; m],
+            target: vec![0.0; m],
+            best: vec![(f32::NEG_INFINITY, u32::MAX); m],
+        }
+    }
+
+    /// Folds in row `i`'s logits for vocabulary ids `v0..`.
+    fn add_row(&mut self, i: usize, row: &[f32], v0: usize, target: u32) {
+        let (mut cm, mut ci) = (f32::NEG_INFINITY, 0);
+        for (j, &x) in row.iter().enumerate() {
+            if x > cm {
+                (cm, ci) = (x, j);
+            }
+        }
+        let s = row.iter().map(|&x| fast_exp(x - cm)).sum::<f32>();
+        self.fold(i, cm, s, (cm, (v0 + ci) as u32));
+        if let Some(tv) = (target as usize).checked_sub(v0).and_then(|j| row.get(j)) {
+            self.target[i] = *tv;
+        }
+    }
+
+    fn fold(&mut self, i: usize, m: f32, s: f32, best: (f32, u32)) {
+        let mx = self.max[i].max(m);
+        if mx == f32::NEG_INFINITY {
+            return;
+        }
+        self.sum[i] = self.sum[i] * fast_exp(self.max[i] - mx) + s * fast_exp(m - mx);
+        self.max[i] = mx;
+        let b = &mut self.best[i];
+        // Ties go to the lowest id, as torch's argmax.
+        if best.0 > b.0 || (best.0 == b.0 && best.1 < b.1) {
+            *b = best;
+        }
+    }
+
+    fn merge(mut self, o: Self) -> Self {
+        for i in 0..self.max.len() {
+            self.fold(i, o.max[i], o.sum[i], o.best[i]);
+            self.target[i] += o.target[i];
+        }
+        self
+    }
+}
+
+/// Reads the f32 CPU data of contiguous tensors (backward passes that need more operands than a
+/// `CustomOp3` takes) and calls `f` with them.
+fn with_f32_slices<R>(
+    ts: &[&Tensor],
+    op: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (st, l) in &guards {
+        match &**st {
+            Storage::Cpu(c) => slices.push(f32_in(c, l, op)?),
+            _ => bail!("{op}: backward on a non-CPU tensor"),
+        }
+    }
+    f(&slices)
+}
+
+impl CustomOp2 for LmHeadLogprobs {
+    fn name(&self) -> &'static str {
+        "rlhf-lm-head-logprobs"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_in(s1, l1, self.name())?;
+        let w = f32_in(s2, l2, self.name())?;
+        let (vocab, h) = linear_dims(l2.dims(), true)?;
+        let t = &self.targets;
+        let m = t.len();
+        if x.len() != m * h {
+            bail!(
+                "lm head log-probs: hidden {:?} does not hold {m} rows of {h}",
+                l1.dims()
+            )
+        }
+        check_targets(t, vocab)?;
+        let xm = MatRef::new(x, m, h, h);
+        let step = |(mut acc, mut buf): (RowStats, Vec<f32>), c: usize| {
+            let (v0, v1) = (c * VOCAB_CHUNK, ((c + 1) * VOCAB_CHUNK).min(vocab));
+            let n = v1 - v0;
+            buf.resize(m * n, 0.0);
+            let wc = MatRef::new(&w[v0 * h..v1 * h], n, h, h);
+            gemm_into(&mut buf, n, false, xm, wc.t(), false);
+            for (i, row) in buf.chunks(n).enumerate() {
+                acc.add_row(i, row, v0, t[i]);
+            }
+            (acc, buf)
+        };
+        let chunks = vocab.div_ceil(VOCAB_CHUNK);
+        let init = || (RowStats::new(m), Vec::new());
+        let acc = if m * vocab * h >= PAR_MIN_MACS {
+            (0..chunks)
+                .into_par_iter()
+                .fold(init, step)
+                .map(|(a, _)| a)
+                .reduce(|| RowStats::new(m), RowStats::merge)
+        } else {
+            (0..chunks).fold(init(), step).0
+        };
+        let lse: Vec<f32> = acc
+            .max
+            .iter()
+            .zip(&acc.sum)
+            .map(|(mx, s)| mx + s.ln())
+            .collect();
+        let out = acc.target.iter().zip(&lse).map(|(tv, l)| tv - l).collect();
+        let argmax = acc.best.iter().map(|b| b.1).collect();
+        // Each op instance is applied exactly once (apply_op2 takes it by value).
+        let _ = self.stats.set((lse, argmax));
+        Ok((CpuStorage::F32(out), self.out_shape.clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let lse = match self.stats.get() {
+            Some((l, _)) => l.as_slice(),
+            None => bail!("lm head log-probs: backward before forward"),
+        };
+        let (vocab, h) = linear_dims(w.dims(), true)?;
+        let t = &self.targets;
+        let m = t.len();
+        let want_w = w.track_op();
+        let grad = grad.contiguous()?;
+        let (gx, gw) = with_f32_slices(&[x, w, &grad], self.name(), |s| {
+            let (x, w, g) = (s[0], s[1], s[2]);
+            let xm = MatRef::new(x, m, h, h);
+            // A frozen head (reference model, LoRA base) gets no weight gradient.
+            let mut gw = vec![0f32; if want_w { vocab * h } else { 0 }];
+            let chunks = vocab.div_ceil(VOCAB_CHUNK);
+            let parts: Vec<Option<&mut [f32]>> = if want_w {
+                gw.chunks_mut(VOCAB_CHUNK * h).map(Some).collect()
+            } else {
+                (0..chunks).map(|_| None).collect()
+            };
+            let step = |(mut gx, mut buf): (Vec<f32>, Vec<f32>),
+                        (c, gw_c): (usize, Option<&mut [f32]>)| {
+                let (v0, v1) = (c * VOCAB_CHUNK, ((c + 1) * VOCAB_CHUNK).min(vocab));
+                let n = v1 - v0;
+                buf.resize(m * n, 0.0);
+                let wc = MatRef::new(&w[v0 * h..v1 * h], n, h, h);
+                gemm_into(&mut buf, n, false, xm, wc.t(), false);
+                // d logprob_i / d logit_ij = 1{j = target_i} - softmax_ij, times the upstream g_i.
+                for (i, row) in buf.chunks_mut(n).enumerate() {
+                    let (gi, l) = (g[i], lse[i]);
+                    row.iter_mut().for_each(|z| *z = -gi * fast_exp(*z - l));
+                    if let Some(z) = (t[i] as usize).checked_sub(v0).and_then(|j| row.get_mut(j)) {
+                        *z += gi;
+                    }
+                }
+                let gl = MatRef::new(&buf, m, n, n);
+                if let Some(gw_c) = gw_c {
+                    gemm_into(gw_c, h, false, gl.t(), xm, false);
+                }
+                gemm_into(&mut gx, h, true, gl, wc, false);
+                (gx, buf)
+            };
+            let init = || (vec![0f32; m * h], Vec::new());
+            let gx = if m * vocab * h >= PAR_MIN_MACS {
+                parts
+                    .into_par_iter()
+                    .enumerate()
+                    .fold(init, step)
+                    .map(|(gx, _)| gx)
+                    .reduce(
+                        || vec![0f32; m * h],
+                        |mut a, b| {
+                            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                            a
+                        },
+                    )
+            } else {
+                parts.into_iter().enumerate().fold(init(), step).0
+            };
+            Ok((gx, gw))
+        })?;
+        let dev = x.device();
+        let gw = if want_w {
+            Some(Tensor::from_vec(gw, w.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((Some(Tensor::from_vec(gx, x.shape(), dev)?), gw))
+    }
+}
+
+/// `log_softmax(hidden · weightᵀ)` gathered at `targets`, and the argmax over the vocabulary:
+/// `hidden [.., h]`, an LM head `weight [vocab, h]` (no bias), u32/i64 `targets [..]` →
+/// (f32 `[..]`, u32 `[..]`). Differentiable wrt `hidden` and `weight`; the fused CPU kernel works in
+/// vocabulary chunks and never materialises the logits.
+pub fn lm_head_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let hd = hidden.dims();
+    if hd.is_empty() || &hd[..hd.len() - 1] != targets.dims() {
+        bail!(
+            "lm head log-probs: hidden {:?} and targets {:?} must agree on all but the last dim",
+            hidden.shape(),
+            targets.shape()
+        )
+    }
+    if !fused_ok(&[hidden, weight]) {
+        return lm_head_logprobs_ref(hidden, weight, targets);
+    }
+    let ids = {
+        let tc = targets.contiguous()?;
+        let (st, l) = tc.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => u32_in(c, l, "lm head log-probs")?,
+            _ => bail!("lm head log-probs: targets must be on the CPU like hidden"),
+        }
+    };
+    let stats = HeadStats::default();
+    let op = LmHeadLogprobs {
+        targets: ids,
+        out_shape: targets.shape().clone(),
+        stats: stats.clone(),
+    };
+    let lp = hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+    let argmax = match stats.get() {
+        Some((_, a)) => a.clone(),
+        None => bail!("lm head log-probs: forward produced no statistics"),
+    };
+    Ok((
+        lp,
+        Tensor::from_vec(argmax, targets.shape(), hidden.device())?,
+    ))
+}
+
+/// Plain composition of [`lm_head_logprobs`] (reference / non-CPU path).
+pub fn lm_head_logprobs_ref(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let logits = linear_matmul_ref(hidden, weight, true)?;
+    Ok((
+        token_logprobs_ref(&logits, targets)?,
+        logits.argmax(D::Minus1)?,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention over a KV cache (inference only)
 
 /// `Σ a_i b_i` with independent accumulators so that it vectorises (f32 sums are not reassociated
@@ -1018,9 +1532,27 @@ impl CustomOp3 for CachedAttention {
 /// `y = x · Wᵀ` (`W` `[out, in]`, `transposed`) or `y = x · W` (`W` `[in, out]`) as one graph node.
 /// Through candle ops this is a reshape, a transpose, a matmul and a reshape, and every one of
 /// them costs the backward pass a zero-filled buffer plus an addition — for the transpose, of
-/// the weight's size, strided.
+/// the weight's size, strided. Forward and backward are direct gemm calls that read the
+/// transposed operands through their strides.
 struct LinearMatmul {
     transposed: bool,
+}
+
+/// `(out, in)` of a linear weight stored `[out, in]` (`transposed`) or `[in, out]`.
+fn linear_dims(w: &[usize], transposed: bool) -> Result<(usize, usize)> {
+    match (w, transposed) {
+        (&[o, i], true) | (&[i, o], false) => Ok((o, i)),
+        (other, _) => bail!("linear: weight must be 2-D, got {other:?}"),
+    }
+}
+
+/// The weight as the `[in, out]` right-hand side of `x · W`.
+fn linear_rhs<'a>(w: &'a [f32], n: usize, k: usize, transposed: bool) -> MatRef<'a> {
+    if transposed {
+        MatRef::new(w, n, k, k).t()
+    } else {
+        MatRef::new(w, k, n, n)
+    }
 }
 
 impl CustomOp2 for LinearMatmul {
@@ -1036,54 +1568,14 @@ impl CustomOp2 for LinearMatmul {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_in(s1, l1, self.name())?;
         let w = f32_in(s2, l2, self.name())?;
-        let (n, k) = match (l2.dims(), self.transposed) {
-            (&[o, i], true) => (o, i),
-            (&[i, o], false) => (o, i),
-            (other, _) => bail!("linear: weight must be 2-D, got {other:?}"),
-        };
+        let (n, k) = linear_dims(l2.dims(), self.transposed)?;
         let xd = l1.dims();
         if xd.last() != Some(&k) {
             bail!("linear: input {xd:?} does not end in the weight's input size {k}")
         }
-        let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
-        // Strides of the [k, n] right-hand side: Wᵀ of a row-major [n, k] or a row-major [k, n].
-        let (rhs_cs, rhs_rs) = if self.transposed {
-            (k as isize, 1)
-        } else {
-            (1, n as isize)
-        };
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: x is [m, k], w holds k*n elements with the strides above, y is [m, n]; all
-        // row-major and in bounds.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                rhs_cs,
-                rhs_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
+        let mut y = vec![0f32; x.len() / k.max(1) * n];
+        let rhs = linear_rhs(w, n, k, self.transposed);
+        gemm_into(&mut y, n, false, MatRef::rows_of(x, k), rhs, true);
         let mut out = xd.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -1095,20 +1587,94 @@ impl CustomOp2 for LinearMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let k = *x.dims().last().unwrap_or(&1);
-        let n = *grad.dims().last().unwrap_or(&1);
-        let m = x.elem_count() / k.max(1);
-        let (x2, g2, w) = (
-            x.detach().reshape((m, k))?,
-            grad.detach().reshape((m, n))?,
-            w.detach(),
-        );
-        let (gx, gw) = if self.transposed {
-            (g2.matmul(&w)?, g2.t()?.matmul(&x2)?)
-        } else {
-            (g2.matmul(&w.t()?)?, x2.t()?.matmul(&g2)?)
+        let g = grad.contiguous()?;
+        let grad_of = |wrt_weight, other: &Tensor| {
+            g.apply_op2_no_bwd(
+                other,
+                &LinearGrad {
+                    transposed: self.transposed,
+                    wrt_weight,
+                },
+            )
         };
-        Ok((Some(gx.reshape(x.shape())?), Some(gw)))
+        // Frozen weights (LoRA base, reference models) and constant inputs get no gradient.
+        let gx = if x.track_op() {
+            Some(grad_of(false, w)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(grad_of(true, x)?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// Backward of [`LinearMatmul`], applied to the upstream gradient `g [.., out]` and the weight
+/// (grad of the input `[.., in]`: `g · W`) or, `wrt_weight`, the input `x` (grad of the weight in
+/// its own layout: `gᵀ · x` or `xᵀ · g`).
+struct LinearGrad {
+    transposed: bool,
+    wrt_weight: bool,
+}
+
+impl CustomOp2 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "rlhf-linear-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_in(s1, l1, self.name())?;
+        let o = f32_in(s2, l2, self.name())?;
+        let n = *l1.dims().last().unwrap_or(&1);
+        let m = g.len() / n.max(1);
+        let g = MatRef::rows_of(g, n);
+        if self.wrt_weight {
+            let k = *l2.dims().last().unwrap_or(&1);
+            let x = MatRef::rows_of(o, k);
+            if x.nrows() != m {
+                bail!(
+                    "linear backward: input {:?} vs gradient {:?}",
+                    l2.dims(),
+                    l1.dims()
+                )
+            }
+            let mut gw = vec![0f32; n * k];
+            let shape = if self.transposed {
+                gemm_into(&mut gw, k, false, g.t(), x, true);
+                Shape::from((n, k))
+            } else {
+                gemm_into(&mut gw, n, false, x.t(), g, true);
+                Shape::from((k, n))
+            };
+            Ok((CpuStorage::F32(gw), shape))
+        } else {
+            let (wn, k) = linear_dims(l2.dims(), self.transposed)?;
+            if wn != n {
+                bail!(
+                    "linear backward: weight {:?} vs gradient {:?}",
+                    l2.dims(),
+                    l1.dims()
+                )
+            }
+            let mut gx = vec![0f32; m * k];
+            gemm_into(
+                &mut gx,
+                k,
+                false,
+                g,
+                linear_rhs(o, n, k, self.transposed).t(),
+                true,
+            );
+            Ok((CpuStorage::F32(gx), Shape::from((m, k))))
+        }
     }
 }
 

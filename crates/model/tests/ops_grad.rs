@@ -155,32 +155,31 @@ fn layer_norm_matches_reference_and_finite_differences() {
 }
 
 #[test]
-fn causal_softmax_matches_reference_and_finite_differences() {
-    // 2 query heads per key head (GQA layout: rows = 2 * tq), 2 cached positions before the step.
-    check(
-        "causal_softmax",
-        &[randn(&[2, 3, 8, 6], 6)],
-        1,
-        &|a| ops::causal_softmax(&a[0], 0.7, 4, 2),
-        &|a| ops::causal_softmax_ref(&a[0], 0.7, 4, 2),
-    );
-    // Plain training shape: tq = tk, offset 0 (masked entries must be exactly 0).
-    let s = randn(&[1, 2, 5, 5], 7);
-    let v: Vec<Vec<f32>> = ops::causal_softmax(&s, 1.0, 5, 0)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(1)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    for (i, row) in v.iter().enumerate() {
-        assert!(
-            row[i + 1..].iter().all(|&x| x == 0.0),
-            "row {i} sees the future: {row:?}"
+fn causal_attention_matches_reference_and_finite_differences() {
+    // GQA (4 query heads on 2 key heads); t = 37 spans two query tiles and a partial one.
+    for (b, nh, nkv, t) in [(2, 4, 2, 5), (1, 2, 1, 37)] {
+        check(
+            "causal_attention",
+            &[
+                randn(&[b, nh, t, 8], 6),
+                randn(&[b, nkv, t, 8], 7),
+                randn(&[b, nkv, t, 8], 8),
+            ],
+            3,
+            &|a| ops::causal_attention(&a[0], &a[1], &a[2], 0.35),
+            &|a| ops::causal_attention_ref(&a[0], &a[1], &a[2], 0.35),
         );
-        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
+    // Position 0 sees only itself, so its output is its own value row, whatever the later keys.
+    let (q, k, v) = (
+        randn(&[1, 1, 6, 4], 9),
+        randn(&[1, 1, 6, 4], 10),
+        randn(&[1, 1, 6, 4], 11),
+    );
+    let out = ops::causal_attention(&q, &k, &v, 1.0).unwrap();
+    let first = out.get(0).unwrap().get(0).unwrap();
+    let v0 = v.get(0).unwrap().get(0).unwrap().get(0).unwrap();
+    assert!(max_abs(&(first - v0).unwrap()) < 1e-6);
 }
 
 fn rope_tables(rows: usize, t: usize, half: usize) -> (Tensor, Tensor) {
@@ -287,6 +286,108 @@ fn linear_matmul_matches_reference_and_finite_differences() {
             2,
             &move |a| ops::linear_matmul(&a[0], &a[1], transposed),
             &move |a| ops::linear_matmul_ref(&a[0], &a[1], transposed),
+        );
+    }
+}
+
+#[test]
+fn lm_head_logprobs_matches_reference_and_finite_differences() {
+    // vocab 600: two full chunks of 256 and a partial one; targets in each of them.
+    let targets = Tensor::from_vec(
+        (0..10u32).map(|i| (i * 263) % 600).collect::<Vec<_>>(),
+        (2, 5),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let lp = |a: &[Tensor]| Ok(ops::lm_head_logprobs(&a[0], &a[1], &a[2])?.0);
+    let lp_ref = |a: &[Tensor]| Ok(ops::lm_head_logprobs_ref(&a[0], &a[1], &a[2])?.0);
+    let inputs = [randn(&[2, 5, 8], 16), randn(&[600, 8], 17), targets];
+    check("lm_head_logprobs", &inputs, 2, &lp, &lp_ref);
+    let (_, am) = ops::lm_head_logprobs(&inputs[0], &inputs[1], &inputs[2]).unwrap();
+    let (_, am_ref) = ops::lm_head_logprobs_ref(&inputs[0], &inputs[1], &inputs[2]).unwrap();
+    assert_eq!(
+        am.to_vec2::<u32>().unwrap(),
+        am_ref.to_vec2::<u32>().unwrap()
+    );
+    // Large enough for the parallel kernels (64 rows x 1000 ids x 80).
+    let targets = Tensor::from_vec(
+        (0..64u32).map(|i| (i * 131) % 1000).collect::<Vec<_>>(),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    check(
+        "lm_head_logprobs (parallel)",
+        &[
+            randn(&[64, 80], 18),
+            (randn(&[1000, 80], 19) * 0.3).unwrap(),
+            targets,
+        ],
+        2,
+        &lp,
+        &lp_ref,
+    );
+    let bad = Tensor::new(&[3u32, 600], &Device::Cpu).unwrap();
+    let err = ops::lm_head_logprobs(&randn(&[2, 8], 1), &randn(&[600, 8], 2), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of range"), "{err}");
+}
+
+/// Loss = mean token log-prob of random targets through the seam the trainers use.
+fn seam_loss(m: &rlhf_model::CausalLm, ids: &Tensor, targets: &Tensor) -> Tensor {
+    let hidden = m.hidden_states(ids, None).unwrap();
+    m.token_logprobs_from_hidden(&hidden, targets)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
+#[test]
+fn fused_model_matches_reference_ops_on_every_architecture() {
+    for (name, cfg) in common::all_configs() {
+        let m = common::model(cfg, 4);
+        // t = 40 spans two attention tiles.
+        let ids = common::ids(2, 40, m.vocab_size(), 7);
+        let targets = common::ids(2, 40, m.vocab_size(), 8);
+        let fused = seam_loss(&m, &ids, &targets);
+        let reference = ops::with_reference_ops(|| seam_loss(&m, &ids, &targets));
+        let (a, b) = (
+            fused.to_scalar::<f32>().unwrap(),
+            reference.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+            "{name}: loss {a} vs reference {b}"
+        );
+        let (gf, gr) = (fused.backward().unwrap(), reference.backward().unwrap());
+        let vars = m.varmap().data().lock().unwrap();
+        for (pname, v) in vars.iter() {
+            let (x, y) = (gf.get(v).unwrap(), gr.get(v).unwrap());
+            let err = max_abs(&(x - y).unwrap());
+            assert!(
+                err < 1e-5 * (1.0 + max_abs(y)),
+                "{name}: gradient of `{pname}` differs from the reference by {err}"
+            );
+            assert!(max_abs(y) > 0.0, "{name}: `{pname}` got a zero gradient");
+        }
+        // The seam agrees with the full logits, argmax included.
+        let hidden = m.hidden_states(&ids, None).unwrap();
+        let (lp, am) = m.token_logprobs_and_argmax(&hidden, &targets).unwrap();
+        let logits = m.logits(&hidden).unwrap();
+        let full = ops::token_logprobs(&logits, &targets).unwrap();
+        assert!(
+            max_abs(&(lp - full).unwrap()) < 1e-5,
+            "{name}: seam vs full logits"
+        );
+        assert_eq!(
+            am.to_vec2::<u32>().unwrap(),
+            logits
+                .argmax(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec2::<u32>()
+                .unwrap(),
+            "{name}: argmax"
         );
     }
 }
