@@ -202,15 +202,18 @@ pub fn completion_hidden(model: &CausalLm, batch: &SeqBatch) -> Result<Tensor> {
 /// Per-token log-probs of the completions under `softmax(logits / T)` (differentiable, `[tokens]`), and, when
 /// `with_entropy`, the entropy of that distribution at each position (detached).
 pub fn token_logprobs(model: &CausalLm, batch: &SeqBatch, temperature: f64, with_entropy: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
-    let logits = model.logits(&completion_hidden(model, batch)?)?;
-    let logits = if temperature > 0.0 && temperature != 1.0 { (logits / temperature)? } else { logits };
+    let hidden = completion_hidden(model, batch)?;
+    let scaled = temperature > 0.0 && temperature != 1.0;
+    if !with_entropy {
+        // The fused LM head + log-softmax never materialises [tokens, vocab]; the supported heads have no bias,
+        // so logits / T = W·(h / T).
+        let h = if scaled { (hidden / temperature)? } else { hidden };
+        return Ok((model.token_logprobs_from_hidden(&h, &batch.targets)?, None));
+    }
+    let logits = model.logits(&hidden)?;
+    let logits = if scaled { (logits / temperature)? } else { logits };
     let logp = rlhf_model::token_logprobs(&logits, &batch.targets)?;
-    let entropy = if with_entropy {
-        let lsm = candle_nn::ops::log_softmax(&logits.detach(), 1)?;
-        let ent = (lsm.exp()? * &lsm)?.sum(1)?.neg()?;
-        Some(ent.to_vec1::<f32>()?)
-    } else {
-        None
-    };
-    Ok((logp, entropy))
+    let lsm = candle_nn::ops::log_softmax(&logits.detach(), 1)?;
+    let ent = (lsm.exp()? * &lsm)?.sum(1)?.neg()?;
+    Ok((logp, Some(ent.to_vec1::<f32>()?)))
 }

@@ -190,7 +190,7 @@ fn ppo_raises_the_reward_model_score_with_bounded_kl() {
     let tmp = tempfile::tempdir().unwrap();
     let s = run_ppo(&ppo_args(
         tmp.path(),
-        &["--max-steps", "40", "--prompts-per-step", "16", "--learning-rate", "2e-3", "--num-mini-batches", "2", "--target-kl", "6"],
+        &["--max-steps", "40", "--prompts-per-step", "16", "--learning-rate", "2e-3", "--num-mini-batches", "2", "--target-kl", "4", "--kl-horizon", "200"],
     ))
     .unwrap();
     let scores = final_reward(&s.metrics_file, "objective/scores");
