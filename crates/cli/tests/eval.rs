@@ -167,7 +167,7 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     assert!(sft.0 > base.2, "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}");
     let names: Vec<&str> =
         s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["base", "sft", "dpo"]);
+    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo"]);
     assert!(s["preference_pairs"].as_u64().unwrap() > 100);
     let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
     assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
