@@ -202,6 +202,17 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
         assert!(demos.contains(reply), "no demonstration with {reply:?}");
     }
 
+    // The trainers' reward sources through `rlhf eval`: the run's reward model and a regex.
+    let out = ok(t, &["eval", "--model", "run/sft", "--prompts", "run/data/eval_prompts.jsonl", "--reward", "rm:run/rm",
+        "--reward", "regex:[0-9]", "--limit", "20", "--out", "rm_eval.json"]);
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(t.join("rm_eval.json")).unwrap()).unwrap();
+    let r = &e["models"][0]["rewards"];
+    assert_eq!((r[0]["source"].as_str(), r[1]["source"].as_str()), (Some("rm:run/rm"), Some("regex:[0-9]")), "{out}");
+    assert!(r[0]["reward"]["mean"].as_f64().unwrap().is_finite());
+    let share = r[1]["reward"]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share) && share > 0.0, "share of completions with a digit: {share}");
+    fails(t, &["eval", "--model", "run/sft", "--prompts", "run/data/eval_prompts.jsonl", "--reward", "0.5*eos:1"], &["eos", "finish reasons"]);
+
     let stderr =
         String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
     assert!(stderr.contains("reusing the base model"), "{stderr}");
