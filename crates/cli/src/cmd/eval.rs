@@ -21,7 +21,8 @@ pub struct Args {
     #[arg(long)]
     pub prompts: PathBuf,
     /// Reward source (repeatable): `gold` (the sandbox's gold reward, from PROMPTS.gold.jsonl next to the
-    /// prompts), `gold:FILE`, or `exact:COLUMN` (1 when the completion equals the row's COLUMN).
+    /// prompts), `gold:FILE`, `exact:COLUMN` (1 when the completion equals the row's COLUMN), or a trainer's
+    /// source: `rm:DIR`, `regex:PATTERN`, `length:COEF`, `cmd:COMMAND` (optionally weighted, `0.5*rm:DIR`).
     #[arg(long = "reward", required = true)]
     pub rewards: Vec<String>,
     /// Reference model for the KL column (same tokenizer).
