@@ -13,7 +13,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Quick-start on bundled data: a tiny model's answers before and after SFT.
+    /// The whole RLHF loop in the sandbox world (`rlhf sandbox` with its presets), with a report.
     Demo(cmd::demo::Args),
     /// Create a new model (random init from a preset or config.json) and train its byte-level BPE tokenizer.
     Init(cmd::init::Args),

@@ -167,7 +167,7 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     assert!(sft.0 > base.2, "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}");
     let names: Vec<&str> =
         s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["base", "sft", "dpo"]);
+    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo"]);
     assert!(s["preference_pairs"].as_u64().unwrap() > 100);
     let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
     assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
@@ -201,6 +201,17 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     for reply in [rlhf_sandbox::world::REFUSAL, rlhf_sandbox::world::ABSTAIN, " Thanks!"] {
         assert!(demos.contains(reply), "no demonstration with {reply:?}");
     }
+
+    // The trainers' reward sources through `rlhf eval`: the run's reward model and a regex.
+    let out = ok(t, &["eval", "--model", "run/sft", "--prompts", "run/data/eval_prompts.jsonl", "--reward", "rm:run/rm",
+        "--reward", "regex:[0-9]", "--limit", "20", "--out", "rm_eval.json"]);
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(t.join("rm_eval.json")).unwrap()).unwrap();
+    let r = &e["models"][0]["rewards"];
+    assert_eq!((r[0]["source"].as_str(), r[1]["source"].as_str()), (Some("rm:run/rm"), Some("regex:[0-9]")), "{out}");
+    assert!(r[0]["reward"]["mean"].as_f64().unwrap().is_finite());
+    let share = r[1]["reward"]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share) && share > 0.0, "share of completions with a digit: {share}");
+    fails(t, &["eval", "--model", "run/sft", "--prompts", "run/data/eval_prompts.jsonl", "--reward", "0.5*eos:1"], &["eos", "finish reasons"]);
 
     let stderr =
         String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();

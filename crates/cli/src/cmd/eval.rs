@@ -21,7 +21,8 @@ pub struct Args {
     #[arg(long)]
     pub prompts: PathBuf,
     /// Reward source (repeatable): `gold` (the sandbox's gold reward, from PROMPTS.gold.jsonl next to the
-    /// prompts), `gold:FILE`, or `exact:COLUMN` (1 when the completion equals the row's COLUMN).
+    /// prompts), `gold:FILE`, `exact:COLUMN` (1 when the completion equals the row's COLUMN), or a trainer's
+    /// source: `rm:DIR`, `regex:PATTERN`, `length:COEF`, `cmd:COMMAND` (optionally weighted, `0.5*rm:DIR`).
     #[arg(long = "reward", required = true)]
     pub rewards: Vec<String>,
     /// Reference model for the KL column (same tokenizer).
@@ -62,14 +63,57 @@ fn model_spec(s: &str) -> ModelSpec {
     }
 }
 
-fn reward_source(spec: &str, prompts: &Path) -> Result<Box<dyn RewardSource>> {
+fn reward_source(spec: &str, prompts: &Path, tokenizer_dir: &Path, max_length: usize) -> Result<Box<dyn RewardSource>> {
     if let Some(r) = parse_builtin(spec)? {
         return Ok(r);
     }
     match spec.split_once(':') {
         None if spec == "gold" => Ok(Box::new(GoldReward::load(&gold_path(prompts))?)),
         Some(("gold", file)) => Ok(Box::new(GoldReward::load(Path::new(file))?)),
-        _ => bail!("unknown reward source {spec:?}: use gold, gold:FILE or exact:COLUMN"),
+        Some((kind, _)) if kind.rsplit('*').next() == Some("eos") => bail!("--reward {spec}: eval keeps no finish reasons, so eos: cannot be scored here"),
+        Some(_) => Ok(Box::new(TrainReward::new(spec, tokenizer_dir, max_length)?)),
+        None => bail!("unknown reward source {spec:?}: use gold, gold:FILE, exact:COLUMN, rm:DIR, regex:, length:, cmd:"),
+    }
+}
+
+/// The online-RL trainers' reward sources (`rm:`, `regex:`, `length:`, `cmd:`, weights `W*…`) scored one
+/// completion at a time. Token ids (what `rm:` reads when the tokenizers match, and `length:` counts) come from
+/// the tokenizer of the first `--model`.
+struct TrainReward {
+    name: String,
+    weight: f64,
+    source: std::cell::RefCell<Box<dyn rlhf_train::reward::RewardSource>>,
+    tokenizer: rlhf_data::Tokenizer,
+}
+
+impl TrainReward {
+    fn new(spec: &str, tokenizer_dir: &Path, max_length: usize) -> Result<Self> {
+        let tokenizer = rlhf_data::Tokenizer::from_dir(tokenizer_dir)?;
+        let (weight, source) =
+            rlhf_train::reward::parse_spec(spec, &tokenizer, max_length, std::time::Duration::from_secs(60))?;
+        Ok(Self { name: spec.to_string(), weight, source: std::cell::RefCell::new(source), tokenizer })
+    }
+}
+
+impl RewardSource for TrainReward {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn score(&self, row: &rlhf_eval::reward::Row, completion: &str) -> Result<Option<f64>> {
+        let prompt = row.get("prompt").and_then(|p| p.as_str()).unwrap_or_default();
+        let prompt_ids = self.tokenizer.encode(prompt, true)?;
+        let completion_ids = self.tokenizer.encode(completion, false)?;
+        let sample = rlhf_train::reward::Sample {
+            prompt,
+            completion,
+            prompt_ids: &prompt_ids,
+            completion_ids: &completion_ids,
+            eos: true,
+            row,
+        };
+        let scores = self.source.borrow_mut().score(&[sample])?;
+        Ok(scores.first().map(|s| self.weight * s))
     }
 }
 
@@ -84,7 +128,9 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.limit {
         rows.truncate(n.max(1));
     }
-    let rewards = a.rewards.iter().map(|r| reward_source(r, &a.prompts)).collect::<Result<Vec<_>>>()?;
+    let first = &models[0].dir;
+    let rewards =
+        a.rewards.iter().map(|r| reward_source(r, &a.prompts, first, 1024)).collect::<Result<Vec<_>>>()?;
     let cfg = EvalConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
