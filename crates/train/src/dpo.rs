@@ -224,7 +224,7 @@ pub fn completion_logps(model: &CausalLm, tb: &TokenBatch) -> Result<(Tensor, Ve
     let hidden = model.hidden_states(&ids, None)?;
     let h = hidden.dim(2)?;
     let picked = hidden.reshape((r * t, h))?.index_select(&Tensor::from_vec(gather, n, device)?, 0)?;
-    let lp = rlhf_model::token_logprobs(&model.logits(&picked)?, &Tensor::from_vec(targets, n, device)?)?;
+    let lp = model.token_logprobs_from_hidden(&picked, &Tensor::from_vec(targets, n, device)?)?;
     // Row sums as a product with the [rows, n] membership matrix (differentiable, one gemm).
     let mut member = vec![0f32; r * n];
     for (j, &row) in owner.iter().enumerate() {

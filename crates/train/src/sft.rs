@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use rlhf_data::{EpochSampler, TokenizedSequence};
 use rlhf_model::lora::Lora;
 use rlhf_model::CausalLm;
@@ -67,10 +67,10 @@ pub fn sft_nll(model: &CausalLm, batch: &SftBatch) -> Result<(Tensor, usize)> {
     // Only loss positions reach the LM head: the vocab projection and softmax are the largest ops, and
     // completion-only SFT uses a fraction of the positions.
     let picked = hidden.reshape((b * t, h))?.index_select(&batch.gather, 0)?;
-    let logits = model.logits(&picked)?;
-    let logp = rlhf_model::token_logprobs(&logits, &batch.targets)?;
+    // The fused LM head + log-softmax: the [tokens, vocab] logits and their gradient never exist.
+    let (logp, pred) = model.token_logprobs_and_argmax(&picked, &batch.targets)?;
     let nll = logp.sum_all()?.neg()?;
-    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let pred: Vec<u32> = pred.to_vec1()?;
     let correct = pred.iter().zip(&batch.target_ids).filter(|(p, t)| p == t).count();
     Ok((nll, correct))
 }
