@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -24,7 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::checkpoint::{self, TrainerState};
 use crate::error::{io_err, Result, TrainError};
 use crate::lora::LoraArgs;
-use crate::metrics::Progress;
+use crate::metrics::{MetricsWriter, Progress};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::reward::{Rewards, Sample};
 use crate::rollout::{self, PromptRow, Rollout, SampleSpec, SeqBatch};
@@ -418,22 +417,15 @@ fn resume_free_keys() -> Vec<&'static str> {
     keys
 }
 
-/// Keeps the metrics lines of steps ≤ `step` (a resumed run rewrites what came after its checkpoint).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step").and_then(Value::as_u64)).is_some_and(|s| s <= step))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    fs::write(&tmp, kept).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-fn write_line(path: &Path, line: &Map<String, Value>) -> Result<()> {
-    let mut f = fs::OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
-    writeln!(f, "{}", serde_json::to_string(line).expect("plain data")).map_err(io_err(path))
+/// What the reward sources see of each rollout.
+fn samples<'a>(rollouts: &'a [Rollout], prompts: &[&'a PromptRow]) -> Vec<Sample<'a>> {
+    rollouts
+        .iter()
+        .map(|r| {
+            let p = prompts[r.prompt];
+            Sample { prompt: &p.text, completion: &r.completion, prompt_ids: &p.ids, completion_ids: &r.completion_ids, eos: r.eos, row: &p.row }
+        })
+        .collect()
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -495,10 +487,11 @@ pub fn run<A: Algorithm>(
         state = checkpoint::load_checkpoint(dir, &mut optimizer)?;
         algo.restore(dir)?;
         sampler = EpochSampler::resume(prompts.len(), args.seed, true, state.data);
-        truncate_metrics(&metrics_path, state.global_step)?;
-    } else {
-        fs::create_dir_all(&out).map_err(io_err(&out))?;
     }
+    let mut log = match &resume_dir {
+        Some(_) => MetricsWriter::open_resumed(&metrics_path, state.global_step)?,
+        None => MetricsWriter::open(&metrics_path, false)?,
+    };
     let spec = args.sampling();
     let mut last_checkpoint = resume_dir.clone();
     let progress = Progress::new(total, state.global_step);
@@ -522,14 +515,7 @@ pub fn run<A: Algorithm>(
         let t_gen = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let samples: Vec<Sample> = rollouts
-            .iter()
-            .map(|r| {
-                let p = chosen[r.prompt];
-                Sample { prompt: &p.text, completion: &r.completion, prompt_ids: &p.ids, completion_ids: &r.completion_ids, eos: r.eos, row: &p.row }
-            })
-            .collect();
-        let scored = rewards.score(&samples)?;
+        let scored = rewards.score(&samples(&rollouts, &chosen))?;
         let t_score = t1.elapsed().as_secs_f64();
 
         let t2 = Instant::now();
@@ -591,7 +577,7 @@ pub fn run<A: Algorithm>(
             line.insert("learning_rate".into(), json!(schedule.lr(state.global_step - 1)));
             line.insert("num_tokens".into(), json!(state.num_tokens));
             window_steps = 0;
-            write_line(&metrics_path, &line)?;
+            log.write_line(&line)?;
         }
         if (args.eval_steps > 0 && step_no.is_multiple_of(args.eval_steps)) || step_no == total {
             eval = evaluate(&policy, &mut rewards)?;
@@ -601,7 +587,7 @@ pub fn run<A: Algorithm>(
                 for (k, v) in e {
                     line.insert(format!("eval_{k}"), json!(v));
                 }
-                write_line(&metrics_path, &line)?;
+                log.write_line(&line)?;
             }
         }
         if args.save_steps > 0 && step_no.is_multiple_of(args.save_steps) {
@@ -639,14 +625,7 @@ pub fn evaluate_greedy(policy: &Policy, rewards: &mut Rewards, prompts: &[Prompt
     let spec = SampleSpec { sampling: Sampling::greedy(), max_new_tokens: args.max_new_tokens, batch_size: args.generation_batch_size };
     let refs: Vec<&PromptRow> = prompts.iter().collect();
     let rollouts = rollout::sample(&policy.model, &policy.tokenizer, &refs, 1, &spec, args.seed, 0)?;
-    let samples: Vec<Sample> = rollouts
-        .iter()
-        .map(|r| {
-            let p = refs[r.prompt];
-            Sample { prompt: &p.text, completion: &r.completion, prompt_ids: &p.ids, completion_ids: &r.completion_ids, eos: r.eos, row: &p.row }
-        })
-        .collect();
-    let scored = rewards.score(&samples)?;
+    let scored = rewards.score(&samples(&rollouts, &refs))?;
     let mut m = Metrics::new();
     m.insert("reward".into(), scored.total.iter().sum::<f64>() / scored.total.len() as f64);
     for (name, v) in &scored.per_source {

@@ -28,15 +28,7 @@ fn model_err(e: impl std::fmt::Display) -> TrainError {
 /// `tokenizer_dir` into `dir`.
 fn make_models(dir: &Path, tokenizer_dir: &Path, with_rm: bool) -> Result<()> {
     let policy = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 1234, &Device::Cpu).map_err(model_err)?;
-    let copy_tok = |to: &Path| -> Result<()> {
-        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
-            let from = tokenizer_dir.join(f);
-            if from.is_file() {
-                std::fs::copy(&from, to.join(f)).map_err(io_err(&from))?;
-            }
-        }
-        Ok(())
-    };
+    let copy_tok = |to: &Path| crate::pref_train::copy_tokenizer(tokenizer_dir, to);
     policy.save(&dir.join("policy")).map_err(model_err)?;
     copy_tok(&dir.join("policy"))?;
     if with_rm {
