@@ -5,6 +5,7 @@
 //! All parameters are f32 [`candle_core::Var`]s in a [`candle_nn::VarMap`] under their HF names.
 
 pub mod attention;
+pub mod bf16;
 pub mod bench;
 pub mod generate;
 pub mod gpt2;
@@ -18,6 +19,7 @@ pub mod qwen2;
 pub mod seq_cls;
 
 pub use attention::KvCache;
+pub use bf16::Precision;
 pub use generate::{generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken};
 pub use linear::{Linear, LinearAdapter, WeightLayout};
 pub use ops::token_logprobs;

@@ -45,6 +45,27 @@ impl<'a> MatRef<'a> {
         self.rows
     }
 
+    pub(crate) fn ncols(&self) -> usize {
+        self.cols
+    }
+
+    /// Element `(i, j)`.
+    #[inline(always)]
+    pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+
+    /// Row `i` as a slice when the columns are contiguous (`None` for a transposed view).
+    #[inline(always)]
+    pub(crate) fn row(&self, i: usize) -> Option<&'a [f32]> {
+        (self.cs == 1).then(|| &self.data[i * self.rs..i * self.rs + self.cols])
+    }
+
+    /// Whether consecutive rows of a column are adjacent in memory (a transposed row-major matrix).
+    pub(crate) fn column_major(&self) -> bool {
+        self.rs == 1 && self.cs != 1
+    }
+
     /// Rows `r0..r1` (a view).
     pub(crate) fn row_range(self, r0: usize, r1: usize) -> Self {
         assert!(r0 <= r1 && r1 <= self.rows, "MatRef::rows out of range");

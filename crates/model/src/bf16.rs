@@ -1,0 +1,514 @@
+//! bf16 matrix products with f32 accumulation, the numerics of `torch.autocast("cpu", bfloat16)`:
+//! both operands are rounded to bf16 (round to nearest even), products and sums are f32.
+//!
+//! The kernel is chosen at run time:
+//! * AVX512-BF16 (`vdpbf16ps`: two multiply-adds per f32 lane per instruction, twice the f32 FMA
+//!   rate): `A` is converted to bf16 rows, `B` packed into 48-column panels of bf16 pairs along `k`
+//!   (the "VNNI" layout the instruction reads), an 8 × 48 register tile accumulates in f32;
+//! * elsewhere, an emulation that rounds both operands to bf16 and runs the f32 gemm: the same
+//!   numbers on every machine, only not faster than f32.
+//!
+//! AMX tiles (`tdpbf16ps`) are not used: the machines this was built and measured on have no AMX,
+//! and a kernel that cannot be run here could not be tested.
+
+use crate::matmul::{gemm_into, MatRef};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Operand precision of the model's matrix products (master weights, optimizer state and every
+/// other op stay f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// bf16 operands, f32 accumulation.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" | "f32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision `{other}` (expected fp32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The bf16 gemm implementation in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Avx512Bf16,
+    /// Operands rounded to bf16, f32 gemm.
+    Emulated,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (detected once).
+    pub fn detect() -> Kernel {
+        static K: OnceLock<Kernel> = OnceLock::new();
+        *K.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+                return Kernel::Avx512Bf16;
+            }
+            Kernel::Emulated
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512Bf16 => "avx512-bf16",
+            Kernel::Emulated => "emulated (bf16-rounded operands, f32 gemm)",
+        }
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even; NaN stays a (quiet) NaN, overflow goes to ±inf.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let r = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        0x7FC0
+    } else {
+        r
+    }
+}
+
+/// `x` rounded to the nearest bf16, as an f32.
+#[inline(always)]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+/// Rows per parallel conversion task.
+const CONVERT_ROWS: usize = 64;
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 20;
+
+/// `dst[i * ld + j] = f(src(i, j))` over all of `src` (columns `src.ncols()..ld` are left as they
+/// are: the zero padding of the packed layouts).
+fn convert<T: Send>(src: MatRef, dst: &mut [T], ld: usize, parallel: bool, f: impl Fn(f32) -> T + Sync) {
+    let (m, n) = (src.nrows(), src.ncols());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let block = |(bi, d): (usize, &mut [T])| {
+        let r0 = bi * CONVERT_ROWS;
+        let s = src.row_range(r0, (r0 + CONVERT_ROWS).min(m));
+        if s.column_major() {
+            // A transposed view: walk 16 rows at a time so each read down a source column stays
+            // within one or two cache lines.
+            for i0 in (0..s.nrows()).step_by(16) {
+                for j in 0..n {
+                    for i in i0..(i0 + 16).min(s.nrows()) {
+                        d[i * ld + j] = f(s.at(i, j));
+                    }
+                }
+            }
+        } else {
+            for i in 0..s.nrows() {
+                let di = &mut d[i * ld..i * ld + n];
+                match s.row(i) {
+                    Some(r) => di.iter_mut().zip(r).for_each(|(o, &x)| *o = f(x)),
+                    None => di.iter_mut().enumerate().for_each(|(j, o)| *o = f(s.at(i, j))),
+                }
+            }
+        }
+    };
+    let dst = &mut dst[..m * ld];
+    if parallel && m * n >= PAR_MIN_MACS >> 6 {
+        dst.par_chunks_mut(CONVERT_ROWS * ld).enumerate().for_each(block);
+    } else {
+        dst.chunks_mut(CONVERT_ROWS * ld).enumerate().for_each(block);
+    }
+}
+
+/// Rows of the register tile.
+const MR: usize = 8;
+/// Columns of the register tile and width of a packed `B` panel (three 16-lane vectors).
+const NR: usize = 48;
+/// `k` pairs per cache block: a 48-column panel block is 24 KiB, within L1.
+const KC: usize = 128;
+/// Rows per parallel task (the `A` block of one task, `MC × 2·KC` bf16 = 64 KiB, stays in L2).
+const MC: usize = 128;
+
+/// The right-hand operand of a bf16 product, converted once and reusable across calls
+/// (inference weights are packed when the decoder is built, never per product).
+#[derive(Debug)]
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    data: Packed,
+}
+
+#[derive(Debug)]
+enum Packed {
+    /// `n.div_ceil(NR)` panels of `[k.div_ceil(2)][NR]` bf16 pairs (low half = even `k`),
+    /// zero-padded.
+    Vnni(Vec<u32>),
+    /// bf16-rounded `[k, n]` row-major f32 (emulated kernel).
+    Rounded(Vec<f32>),
+}
+
+/// Views `u32` storage as twice as many `u16`s (bf16 values; pairs little-endian).
+fn as_u16(v: &mut [u32]) -> &mut [u16] {
+    // SAFETY: u16 has weaker alignment than u32 and every bit pattern is valid for both.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), v.len() * 2) }
+}
+
+impl PackedB {
+    pub(crate) fn new(b: MatRef, parallel: bool) -> Self {
+        Self::with_kernel(b, Kernel::detect(), parallel)
+    }
+
+    fn with_kernel(b: MatRef, kernel: Kernel, parallel: bool) -> Self {
+        let (k, n) = (b.nrows(), b.ncols());
+        let data = match kernel {
+            Kernel::Emulated => {
+                let mut r = vec![0f32; k * n];
+                convert(b, &mut r, n, parallel, round_bf16);
+                Packed::Rounded(r)
+            }
+            Kernel::Avx512Bf16 => {
+                let kp = k.div_ceil(2);
+                let mut panels = vec![0u32; n.div_ceil(NR) * kp * NR];
+                let pack = |(j, p): (usize, &mut [u32])| {
+                    let (n0, nc) = (j * NR, NR.min(n - j * NR));
+                    let p = as_u16(p);
+                    // Element (kk, n0 + c) of B sits at pair kk/2, column c, half kk%2.
+                    let at = |kk: usize, c: usize| (kk / 2 * NR + c) * 2 + kk % 2;
+                    if b.column_major() {
+                        for c in 0..nc {
+                            for kk in 0..k {
+                                p[at(kk, c)] = bf16_bits(b.at(kk, n0 + c));
+                            }
+                        }
+                    } else {
+                        for kk in 0..k {
+                            for c in 0..nc {
+                                p[at(kk, c)] = bf16_bits(b.at(kk, n0 + c));
+                            }
+                        }
+                    }
+                };
+                if kp * NR > 0 {
+                    if parallel && k * n >= PAR_MIN_MACS >> 6 {
+                        panels.par_chunks_mut(kp * NR).enumerate().for_each(pack);
+                    } else {
+                        panels.chunks_mut(kp * NR).enumerate().for_each(pack);
+                    }
+                }
+                Packed::Vnni(panels)
+            }
+        };
+        Self { k, n, data }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.k
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+/// `dst = a · b` (or `+=` when `accumulate`) with bf16 operands and f32 accumulation; same
+/// contract as [`gemm_into`].
+pub(crate) fn gemm_bf16_into(dst: &mut [f32], ld: usize, accumulate: bool, a: MatRef, b: MatRef, parallel: bool) {
+    gemm_bf16_packed(dst, ld, accumulate, a, &PackedB::new(b, parallel), parallel)
+}
+
+/// [`gemm_into`] (f32) or [`gemm_bf16_into`] by `precision`.
+pub(crate) fn gemm_prec(
+    precision: Precision,
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    a: MatRef,
+    b: MatRef,
+    parallel: bool,
+) {
+    match precision {
+        Precision::Fp32 => gemm_into(dst, ld, accumulate, a, b, parallel),
+        Precision::Bf16 => gemm_bf16_into(dst, ld, accumulate, a, b, parallel),
+    }
+}
+
+/// [`gemm_bf16_into`] with `b` already packed.
+pub(crate) fn gemm_bf16_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: MatRef, b: &PackedB, parallel: bool) {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.n);
+    assert_eq!(k, b.k, "gemm_bf16: inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ld >= n && dst.len() >= (m - 1) * ld + n, "gemm_bf16: destination too small");
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| dst[i * ld..i * ld + n].fill(0.0));
+        }
+        return;
+    }
+    let parallel = parallel && m * n * k >= PAR_MIN_MACS;
+    match &b.data {
+        Packed::Rounded(br) => {
+            let mut ar = vec![0f32; m * k];
+            convert(a, &mut ar, k, parallel, round_bf16);
+            gemm_into(dst, ld, accumulate, MatRef::new(&ar, m, k, k), MatRef::new(br, k, n, n), parallel)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Packed::Vnni(panels) => {
+            assert_eq!(Kernel::detect(), Kernel::Avx512Bf16, "VNNI panels need the AVX512-BF16 kernel");
+            vnni::gemm(dst, ld, accumulate, a, panels, k, n, parallel)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Packed::Vnni(_) => unreachable!("VNNI panels are only built on x86_64"),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{as_u16, convert, bf16_bits, KC, MC, MR, NR};
+    use crate::matmul::MatRef;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// The destination of a product shared by tasks that write disjoint tiles of it.
+    #[derive(Clone, Copy)]
+    struct Dst(*mut f32);
+    // SAFETY: every task writes only its own rows × columns block (see `gemm`).
+    unsafe impl Send for Dst {}
+    unsafe impl Sync for Dst {}
+
+    impl Dst {
+        /// (A method, so that closures capture the whole `Send + Sync` wrapper, not its field.)
+        fn ptr(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// `c[MR × NR] (+)= a · b` over `kc` pairs: `a` rows `lda` pairs apart, `b` one packed panel
+    /// (`NR` pairs per step). Reads `c` only when `load_c`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        for p in 0..kc {
+            let bp = b.add(p * NR);
+            let bv: [__m512bh; 3] = std::array::from_fn(|v| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16 * v).cast()))
+            });
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let ar = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                    *acc_rv = _mm512_dpbf16_ps(*acc_rv, ar, bv[v]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (v, acc_rv) in acc_r.iter().enumerate() {
+                let cp = c.add(r * ldc + 16 * v);
+                let x = if load_c { _mm512_add_ps(*acc_rv, _mm512_loadu_ps(cp)) } else { *acc_rv };
+                _mm512_storeu_ps(cp, x);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        dst: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+        a: MatRef,
+        panels: &[u32],
+        k: usize,
+        n: usize,
+        parallel: bool,
+    ) {
+        let m = a.nrows();
+        let kp = k.div_ceil(2);
+        // A as bf16 rows of `kp` pairs, zero rows up to a multiple of the tile height.
+        let mut ap = vec![0u32; m.div_ceil(MR) * MR * kp];
+        convert(a, as_u16(&mut ap), 2 * kp, parallel, bf16_bits);
+        let np = n.div_ceil(NR);
+        // Tasks are MC rows × a group of panels; enough groups that both cores get work when M is
+        // a single block (decoding, small batches).
+        let mblocks = m.div_ceil(MC);
+        let groups = if parallel { (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np) } else { 1 };
+        let per_group = np.div_ceil(groups);
+        let out = Dst(dst.as_mut_ptr());
+        let task = |t: usize| {
+            let (mb, g) = (t / groups, t % groups);
+            let (i0, i1) = (mb * MC, ((mb + 1) * MC).min(m));
+            let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
+            let mut edge = [0f32; MR * NR];
+            for pc in (0..kp).step_by(KC) {
+                let kc = KC.min(kp - pc);
+                let load = accumulate || pc > 0;
+                for j in j0..j1 {
+                    let (n0, nc) = (j * NR, NR.min(n - j * NR));
+                    let bp = panels[(j * kp + pc) * NR..].as_ptr();
+                    for i in (i0..i1).step_by(MR) {
+                        let mr = MR.min(m - i);
+                        let apt = ap[i * kp + pc..].as_ptr();
+                        // SAFETY: the kernel runs only where AVX512-BF16 was detected (the panels
+                        // exist only then); `ap` holds MR rows of `kp` pairs from row `i` and the
+                        // panel `kc` × NR pairs from `pc`; full tiles lie inside `dst`
+                        // (`(m-1)·ld + n ≤ len`, checked by the caller), edge tiles go through
+                        // `edge`, and no other task touches rows i0..i1 × panels j0..j1.
+                        unsafe {
+                            let c = out.ptr().add(i * ld + n0);
+                            if mr == MR && nc == NR {
+                                tile(kc, apt, kp, bp, c, ld, load);
+                            } else {
+                                for r in 0..mr {
+                                    for col in 0..nc {
+                                        edge[r * NR + col] = if load { *c.add(r * ld + col) } else { 0.0 };
+                                    }
+                                }
+                                tile(kc, apt, kp, bp, edge.as_mut_ptr(), NR, true);
+                                for r in 0..mr {
+                                    for col in 0..nc {
+                                        *c.add(r * ld + col) = edge[r * NR + col];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let tasks = mblocks * groups;
+        if parallel && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        let h = 2f32.powi(-8); // half a bf16 ulp at 1.0
+        assert_eq!(round_bf16(1.0 + h), 1.0); // tie → even (1.0)
+        assert_eq!(round_bf16(1.0 + 3.0 * h), 1.0 + 4.0 * h); // tie → even (1 + 2^-6)
+        assert_eq!(round_bf16(1.0 + 1.5 * h), 1.0 + 2.0 * h);
+        assert_eq!(round_bf16(-1.0 - 0.5 * h), -1.0);
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(bf16_bits(1.0), 0x3F80);
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut ks = vec![Kernel::Emulated];
+        if Kernel::detect() == Kernel::Avx512Bf16 {
+            ks.push(Kernel::Avx512Bf16);
+        } else {
+            eprintln!("SKIP: no AVX512-BF16 on this CPU; only the emulated bf16 kernel is tested");
+        }
+        ks
+    }
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 20_001) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// One product through `kernel` against f64 sums of the bf16-rounded operands. f32
+    /// accumulation of k products errs by at most ~k·2⁻²⁴ of Σ|a·b| (plus the f32 rounding of the
+    /// old value of C), so 1e-5 of Σ|a·b| + |c₀| holds for every k here (≤ 300) with room to spare.
+    #[allow(clippy::too_many_arguments)]
+    fn check(kernel: Kernel, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool, parallel: bool) {
+        let (av, bv) = (data(m * k, 1 + m as u64), data(k * n, 2 + n as u64));
+        // Stored transposed when `ta` / `tb`, and read back through transposed views.
+        let a = if ta { MatRef::new(&av, k, m, m).t() } else { MatRef::new(&av, m, k, k) };
+        let b = if tb { MatRef::new(&bv, n, k, k).t() } else { MatRef::new(&bv, k, n, n) };
+        let ld = n + 3;
+        let c0 = data(m * ld, 3);
+        let mut c = c0.clone();
+        gemm_bf16_packed(&mut c, ld, accumulate, a, &PackedB::with_kernel(b, kernel, parallel), parallel);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut scale) = (0f64, 0f64);
+                for kk in 0..k {
+                    let p = round_bf16(a.at(i, kk)) as f64 * round_bf16(b.at(kk, j)) as f64;
+                    want += p;
+                    scale += p.abs();
+                }
+                if accumulate {
+                    want += c0[i * ld + j] as f64;
+                    scale += (c0[i * ld + j] as f64).abs();
+                }
+                let got = c[i * ld + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * scale + 1e-30,
+                    "{kernel:?} {m}x{k}x{n} ta={ta} tb={tb} acc={accumulate}: c[{i},{j}] = {got}, want {want}"
+                );
+            }
+            // Padding columns of the destination are never written.
+            assert_eq!(&c[i * ld + n..(i * ld + ld).min(c.len())], &c0[i * ld + n..(i * ld + ld).min(c.len())]);
+        }
+    }
+
+    #[test]
+    fn bf16_gemm_matches_f64_of_rounded_operands() {
+        for kernel in kernels() {
+            for &(m, k, n) in &[(1, 1, 1), (17, 33, 65), (8, 2, 48), (3, 300, 5), (130, 300, 100)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for accumulate in [false, true] {
+                        check(kernel, m, k, n, ta, tb, accumulate, m > 100);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn operands_are_rounded_to_bf16() {
+        // 1 + 2⁻¹⁰ is not a bf16: it rounds to 1, so 4 of them times 1 gives exactly 4 (f32: 4.0039).
+        for kernel in kernels() {
+            let a = [1.0 + 2f32.powi(-10); 4];
+            let b = [1.0f32; 4];
+            let mut c = [0f32];
+            let pb = PackedB::with_kernel(MatRef::new(&b, 4, 1, 1), kernel, false);
+            gemm_bf16_packed(&mut c, 1, false, MatRef::new(&a, 1, 4, 4), &pb, false);
+            assert_eq!(c[0], 4.0, "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn precision_parses() {
+        assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert_eq!("fp32".parse::<Precision>(), Ok(Precision::Fp32));
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("fp16"));
+    }
+}
