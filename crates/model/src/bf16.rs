@@ -150,21 +150,12 @@ const KC: usize = 128;
 /// Rows per parallel task (the `A` block of one task, `MC × 2·KC` bf16 = 64 KiB, stays in L2).
 const MC: usize = 128;
 
-/// The right-hand operand of a bf16 product, converted once and reusable across calls
-/// (inference weights are packed when the decoder is built, never per product).
-#[derive(Debug)]
-pub(crate) struct PackedB {
-    k: usize,
-    n: usize,
-    data: Packed,
-}
-
-#[derive(Debug)]
 enum Packed {
-    /// `n.div_ceil(NR)` panels of `[k.div_ceil(2)][NR]` bf16 pairs (low half = even `k`),
-    /// zero-padded.
+    /// bf16 pairs along `k` (low half = even `k`), zero-padded: for `A`, rows of `k.div_ceil(2)`
+    /// pairs (row count rounded up to `MR`); for `B`, `n.div_ceil(NR)` panels of
+    /// `[k.div_ceil(2)][NR]` pairs (the layout `vdpbf16ps` reads).
     Vnni(Vec<u32>),
-    /// bf16-rounded `[k, n]` row-major f32 (emulated kernel).
+    /// bf16-rounded values, row-major f32 (emulated kernel).
     Rounded(Vec<f32>),
 }
 
@@ -172,6 +163,52 @@ enum Packed {
 fn as_u16(v: &mut [u32]) -> &mut [u16] {
     // SAFETY: u16 has weaker alignment than u32 and every bit pattern is valid for both.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), v.len() * 2) }
+}
+
+/// The left operand of bf16 products, converted once (e.g. the hidden states the chunked LM head
+/// multiplies by every vocabulary chunk).
+pub(crate) struct PackedA {
+    m: usize,
+    k: usize,
+    data: Packed,
+}
+
+impl PackedA {
+    pub(crate) fn new(a: MatRef, parallel: bool) -> Self {
+        Self::with_kernel(a, Kernel::detect(), parallel)
+    }
+
+    fn with_kernel(a: MatRef, kernel: Kernel, parallel: bool) -> Self {
+        let (m, k) = (a.nrows(), a.ncols());
+        let data = match kernel {
+            Kernel::Emulated => {
+                let mut r = vec![0f32; m * k];
+                convert(a, &mut r, k, parallel, round_bf16);
+                Packed::Rounded(r)
+            }
+            Kernel::Avx512Bf16 => {
+                let kp = k.div_ceil(2);
+                let mut rows = vec![0u32; m.div_ceil(MR) * MR * kp];
+                convert(a, as_u16(&mut rows), 2 * kp, parallel, bf16_bits);
+                Packed::Vnni(rows)
+            }
+        };
+        Self { m, k, data }
+    }
+}
+
+/// The right-hand operand of bf16 products, converted once and reusable across calls
+/// (inference weights are packed when the decoder is built, never per product).
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    data: Packed,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB {{ k: {}, n: {} }}", self.k, self.n)
+    }
 }
 
 impl PackedB {
@@ -209,7 +246,7 @@ impl PackedB {
                         }
                     }
                 };
-                if kp * NR > 0 {
+                if kp > 0 {
                     if parallel && k * n >= PAR_MIN_MACS >> 6 {
                         panels.par_chunks_mut(kp * NR).enumerate().for_each(pack);
                     } else {
@@ -222,22 +259,45 @@ impl PackedB {
         Self { k, n, data }
     }
 
-    pub(crate) fn rows(&self) -> usize {
-        self.k
-    }
-
-    pub(crate) fn cols(&self) -> usize {
-        self.n
+    /// `(k, n)`.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
     }
 }
 
-/// `dst = a · b` (or `+=` when `accumulate`) with bf16 operands and f32 accumulation; same
-/// contract as [`gemm_into`].
-pub(crate) fn gemm_bf16_into(dst: &mut [f32], ld: usize, accumulate: bool, a: MatRef, b: MatRef, parallel: bool) {
-    gemm_bf16_packed(dst, ld, accumulate, a, &PackedB::new(b, parallel), parallel)
+/// A left operand at either precision.
+pub(crate) enum Lhs<'a> {
+    F32(MatRef<'a>),
+    Bf16(PackedA),
 }
 
-/// [`gemm_into`] (f32) or [`gemm_bf16_into`] by `precision`.
+/// A right operand at either precision.
+pub(crate) enum Rhs<'a> {
+    F32(MatRef<'a>),
+    Bf16(PackedB),
+    /// Packed ahead of time (an inference weight).
+    Prepacked(&'a PackedB),
+}
+
+impl<'a> Lhs<'a> {
+    pub(crate) fn new(precision: Precision, a: MatRef<'a>, parallel: bool) -> Self {
+        match precision {
+            Precision::Fp32 => Lhs::F32(a),
+            Precision::Bf16 => Lhs::Bf16(PackedA::new(a, parallel)),
+        }
+    }
+}
+
+impl<'a> Rhs<'a> {
+    pub(crate) fn new(precision: Precision, b: MatRef<'a>, parallel: bool) -> Self {
+        match precision {
+            Precision::Fp32 => Rhs::F32(b),
+            Precision::Bf16 => Rhs::Bf16(PackedB::new(b, parallel)),
+        }
+    }
+}
+
+/// [`gemm_into`] with the operands at `precision` (bf16: rounded, f32 accumulation).
 pub(crate) fn gemm_prec(
     precision: Precision,
     dst: &mut [f32],
@@ -247,15 +307,19 @@ pub(crate) fn gemm_prec(
     b: MatRef,
     parallel: bool,
 ) {
-    match precision {
-        Precision::Fp32 => gemm_into(dst, ld, accumulate, a, b, parallel),
-        Precision::Bf16 => gemm_bf16_into(dst, ld, accumulate, a, b, parallel),
-    }
+    gemm_ops(dst, ld, accumulate, &Lhs::new(precision, a, parallel), &Rhs::new(precision, b, parallel), parallel)
 }
 
-/// [`gemm_bf16_into`] with `b` already packed.
-pub(crate) fn gemm_bf16_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: MatRef, b: &PackedB, parallel: bool) {
-    let (m, k, n) = (a.nrows(), a.ncols(), b.n);
+/// `dst = a · b` (or `+=` when `accumulate`), `dst` row-major with row stride `ld`; both
+/// operands must be at the same precision. Same contract as [`gemm_into`].
+pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b: &Rhs, parallel: bool) {
+    let (a, b) = match (a, b) {
+        (Lhs::F32(a), Rhs::F32(b)) => return gemm_into(dst, ld, accumulate, *a, *b, parallel),
+        (Lhs::Bf16(a), Rhs::Bf16(b)) => (a, b),
+        (Lhs::Bf16(a), Rhs::Prepacked(b)) => (a, *b),
+        _ => panic!("gemm_ops: operands at different precisions"),
+    };
+    let (m, k, n) = (a.m, a.k, b.n);
     assert_eq!(k, b.k, "gemm_bf16: inner dimensions differ");
     if m == 0 || n == 0 {
         return;
@@ -268,26 +332,22 @@ pub(crate) fn gemm_bf16_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: 
         return;
     }
     let parallel = parallel && m * n * k >= PAR_MIN_MACS;
-    match &b.data {
-        Packed::Rounded(br) => {
-            let mut ar = vec![0f32; m * k];
-            convert(a, &mut ar, k, parallel, round_bf16);
-            gemm_into(dst, ld, accumulate, MatRef::new(&ar, m, k, k), MatRef::new(br, k, n, n), parallel)
+    match (&a.data, &b.data) {
+        (Packed::Rounded(ar), Packed::Rounded(br)) => {
+            gemm_into(dst, ld, accumulate, MatRef::new(ar, m, k, k), MatRef::new(br, k, n, n), parallel)
         }
         #[cfg(target_arch = "x86_64")]
-        Packed::Vnni(panels) => {
-            assert_eq!(Kernel::detect(), Kernel::Avx512Bf16, "VNNI panels need the AVX512-BF16 kernel");
-            vnni::gemm(dst, ld, accumulate, a, panels, k, n, parallel)
+        (Packed::Vnni(rows), Packed::Vnni(panels)) => {
+            assert_eq!(Kernel::detect(), Kernel::Avx512Bf16, "VNNI operands need the AVX512-BF16 kernel");
+            vnni::gemm(dst, ld, accumulate, rows, panels, m, k, n, parallel)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        Packed::Vnni(_) => unreachable!("VNNI panels are only built on x86_64"),
+        _ => panic!("gemm_ops: operands packed for different kernels"),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{as_u16, convert, bf16_bits, KC, MC, MR, NR};
-    use crate::matmul::MatRef;
+    use super::{KC, MC, MR, NR};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
@@ -331,22 +391,21 @@ mod vnni {
         }
     }
 
+    /// `dst[m × n] (+)= a · b` for `a` bf16 rows (padded to `MR`) and `b` packed panels.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         dst: &mut [f32],
         ld: usize,
         accumulate: bool,
-        a: MatRef,
+        ap: &[u32],
         panels: &[u32],
+        m: usize,
         k: usize,
         n: usize,
         parallel: bool,
     ) {
-        let m = a.nrows();
         let kp = k.div_ceil(2);
-        // A as bf16 rows of `kp` pairs, zero rows up to a multiple of the tile height.
-        let mut ap = vec![0u32; m.div_ceil(MR) * MR * kp];
-        convert(a, as_u16(&mut ap), 2 * kp, parallel, bf16_bits);
+        assert!(ap.len() >= m.div_ceil(MR) * MR * kp && panels.len() >= n.div_ceil(NR) * kp * NR);
         let np = n.div_ceil(NR);
         // Tasks are MC rows × a group of panels; enough groups that both cores get work when M is
         // a single block (decoding, small batches).
@@ -368,11 +427,12 @@ mod vnni {
                     for i in (i0..i1).step_by(MR) {
                         let mr = MR.min(m - i);
                         let apt = ap[i * kp + pc..].as_ptr();
-                        // SAFETY: the kernel runs only where AVX512-BF16 was detected (the panels
-                        // exist only then); `ap` holds MR rows of `kp` pairs from row `i` and the
-                        // panel `kc` × NR pairs from `pc`; full tiles lie inside `dst`
-                        // (`(m-1)·ld + n ≤ len`, checked by the caller), edge tiles go through
-                        // `edge`, and no other task touches rows i0..i1 × panels j0..j1.
+                        // SAFETY: the kernel runs only where AVX512-BF16 was detected (VNNI
+                        // operands exist only then); `ap` holds MR rows of `kp` pairs from row `i`
+                        // and the panel `kc` × NR pairs from `pc` (lengths asserted above); full
+                        // tiles lie inside `dst` (`(m-1)·ld + n ≤ len`, checked by the caller),
+                        // edge tiles go through `edge`, and no other task touches rows i0..i1 ×
+                        // panels j0..j1.
                         unsafe {
                             let c = out.ptr().add(i * ld + n0);
                             if mr == MR && nc == NR {
@@ -455,7 +515,8 @@ mod tests {
         let ld = n + 3;
         let c0 = data(m * ld, 3);
         let mut c = c0.clone();
-        gemm_bf16_packed(&mut c, ld, accumulate, a, &PackedB::with_kernel(b, kernel, parallel), parallel);
+        let (pa, pb) = (PackedA::with_kernel(a, kernel, parallel), PackedB::with_kernel(b, kernel, parallel));
+        gemm_ops(&mut c, ld, accumulate, &Lhs::Bf16(pa), &Rhs::Bf16(pb), parallel);
         for i in 0..m {
             for j in 0..n {
                 let (mut want, mut scale) = (0f64, 0f64);
@@ -499,8 +560,9 @@ mod tests {
             let a = [1.0 + 2f32.powi(-10); 4];
             let b = [1.0f32; 4];
             let mut c = [0f32];
+            let pa = PackedA::with_kernel(MatRef::new(&a, 1, 4, 4), kernel, false);
             let pb = PackedB::with_kernel(MatRef::new(&b, 4, 1, 1), kernel, false);
-            gemm_bf16_packed(&mut c, 1, false, MatRef::new(&a, 1, 4, 4), &pb, false);
+            gemm_ops(&mut c, 1, false, &Lhs::Bf16(pa), &Rhs::Bf16(pb), false);
             assert_eq!(c[0], 4.0, "{kernel:?}");
         }
     }

@@ -358,6 +358,7 @@ pub struct CausalLm {
     inner: Inner,
     device: Device,
     generation_config: Option<Value>,
+    precision: Precision,
 }
 
 impl CausalLm {
@@ -428,7 +429,7 @@ impl CausalLm {
             )
         }
         let inner = build_inner(&config, &varmap, true)?;
-        Ok(Self { config, varmap, inner, device: device.clone(), generation_config })
+        Ok(Self { config, varmap, inner, device: device.clone(), generation_config, precision: Precision::Fp32 })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -539,7 +540,7 @@ impl CausalLm {
     pub fn token_logprobs_and_argmax(&self, hidden: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
         let head = self.lm_head();
         if head.bias.is_none() && head.adapter.is_none() && head.layout == WeightLayout::OutIn {
-            return ops::lm_head_logprobs(hidden, &head.weight, targets);
+            return ops::lm_head_logprobs(hidden, &head.weight, targets, head.precision);
         }
         let logits = self.logits(hidden)?;
         Ok((ops::token_logprobs(&logits, targets)?, logits.argmax(candle_core::D::Minus1)?))
@@ -575,13 +576,30 @@ impl CausalLm {
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Self::from_tensors(
+        let mut copy = Self::from_tensors(
             self.config.clone(),
             tensors,
             self.generation_config.clone(),
             &self.device,
             "duplicate",
-        )
+        )?;
+        copy.set_precision(self.precision);
+        Ok(copy)
+    }
+
+    /// Precision of every linear layer's matrix products, LM head included, forward and backward
+    /// (`torch.autocast("cpu", bfloat16)`'s scope): bf16 operands with f32 accumulation, while the
+    /// parameters, their gradients, the optimizer and all other ops stay f32. Generation
+    /// ([`generate`], [`Decoder`]) converts the weights to bf16 once when it starts.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        for (_, l) in self.inner.linears_mut() {
+            l.precision = precision;
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// With `false`, the forward pass uses detached views of the parameters, so no gradient is
@@ -589,6 +607,7 @@ impl CausalLm {
     /// call it before attaching adapters.
     pub fn set_trainable(&mut self, trainable: bool) -> Result<()> {
         self.inner = build_inner(&self.config, &self.varmap, trainable)?;
+        self.set_precision(self.precision);
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Linear layers shared by all architectures, with the seam where LoRA (or any other adapter)
 //! plugs in.
 
+use crate::bf16::{PackedB, Precision};
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
@@ -29,6 +30,11 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub layout: WeightLayout,
     pub adapter: Option<Arc<dyn LinearAdapter>>,
+    /// Of the base layer's matrix products (set model-wide by [`crate::CausalLm::set_precision`]);
+    /// adapters compute in f32.
+    pub precision: Precision,
+    /// The weight converted to bf16 once, in inference copies at bf16.
+    packed: Option<Arc<PackedB>>,
 }
 
 impl Linear {
@@ -38,6 +44,8 @@ impl Linear {
             bias,
             layout,
             adapter: None,
+            precision: Precision::Fp32,
+            packed: None,
         }
     }
 
@@ -56,23 +64,32 @@ impl Linear {
     }
 
     /// A detached copy with the weight stored `[in, out]` contiguously: at decode batch sizes the
-    /// CPU gemm multiplies by it about twice as fast as by the transposed view of `[out, in]`.
+    /// CPU gemm multiplies by it about twice as fast as by the transposed view of `[out, in]`. At
+    /// bf16 the copy also holds the weight converted once (decoding multiplies a few rows by
+    /// it, so converting it per product would cost as much as the product).
     pub fn inference_copy(&self) -> Result<Linear> {
         let weight = match self.layout {
             WeightLayout::OutIn => self.weight.detach().t()?.contiguous()?,
             WeightLayout::InOut => self.weight.detach(),
+        };
+        let packed = match self.precision {
+            Precision::Bf16 => crate::ops::pack_linear_weight(&weight, false)?,
+            Precision::Fp32 => None,
         };
         Ok(Linear {
             weight,
             bias: self.bias.as_ref().map(Tensor::detach),
             layout: WeightLayout::InOut,
             adapter: self.adapter.clone(),
+            precision: self.precision,
+            packed,
         })
     }
 
     /// Output of the frozen base layer only (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::linear_matmul(x, &self.weight, self.layout == WeightLayout::OutIn)?;
+        let transposed = self.layout == WeightLayout::OutIn;
+        let y = crate::ops::linear_matmul_packed(x, &self.weight, transposed, self.precision, self.packed.clone())?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
+use crate::bf16::{gemm_ops, gemm_prec, Lhs, PackedB, Precision, Rhs};
 use crate::matmul::{gemm_into, MatRef};
 
 /// Below this many f32 elements a kernel runs on the calling thread: rayon's fork/join costs more
@@ -1152,6 +1153,7 @@ struct LmHeadLogprobs {
     targets: Vec<u32>,
     out_shape: Shape,
     stats: HeadStats,
+    precision: Precision,
 }
 
 /// Running per-row statistics over vocabulary chunks (online log-sum-exp).
@@ -1251,13 +1253,14 @@ impl CustomOp2 for LmHeadLogprobs {
             )
         }
         check_targets(t, vocab)?;
-        let xm = MatRef::new(x, m, h, h);
+        // Converted once for every vocabulary chunk (bf16).
+        let xa = Lhs::new(self.precision, MatRef::new(x, m, h, h), true);
         let step = |(mut acc, mut buf): (RowStats, Vec<f32>), c: usize| {
             let (v0, v1) = (c * VOCAB_CHUNK, ((c + 1) * VOCAB_CHUNK).min(vocab));
             let n = v1 - v0;
             buf.resize(m * n, 0.0);
             let wc = MatRef::new(&w[v0 * h..v1 * h], n, h, h);
-            gemm_into(&mut buf, n, false, xm, wc.t(), false);
+            gemm_ops(&mut buf, n, false, &xa, &Rhs::new(self.precision, wc.t(), false), false);
             for (i, row) in buf.chunks(n).enumerate() {
                 acc.add_row(i, row, v0, t[i]);
             }
@@ -1305,6 +1308,9 @@ impl CustomOp2 for LmHeadLogprobs {
         let (gx, gw) = with_f32_slices(&[x, w, &grad], self.name(), |s| {
             let (x, w, g) = (s[0], s[1], s[2]);
             let xm = MatRef::new(x, m, h, h);
+            // The hidden states in both operand roles, converted once for every chunk (bf16).
+            let prec = self.precision;
+            let (xa, xb) = (Lhs::new(prec, xm, true), Rhs::new(prec, xm, true));
             // A frozen head (reference model, LoRA base) gets no weight gradient.
             let mut gw = vec![0f32; if want_w { vocab * h } else { 0 }];
             let chunks = vocab.div_ceil(VOCAB_CHUNK);
@@ -1319,7 +1325,7 @@ impl CustomOp2 for LmHeadLogprobs {
                 let n = v1 - v0;
                 buf.resize(m * n, 0.0);
                 let wc = MatRef::new(&w[v0 * h..v1 * h], n, h, h);
-                gemm_into(&mut buf, n, false, xm, wc.t(), false);
+                gemm_ops(&mut buf, n, false, &xa, &Rhs::new(prec, wc.t(), false), false);
                 // d logprob_i / d logit_ij = 1{j = target_i} - softmax_ij, times the upstream g_i.
                 for (i, row) in buf.chunks_mut(n).enumerate() {
                     let (gi, l) = (g[i], lse[i]);
@@ -1330,9 +1336,9 @@ impl CustomOp2 for LmHeadLogprobs {
                 }
                 let gl = MatRef::new(&buf, m, n, n);
                 if let Some(gw_c) = gw_c {
-                    gemm_into(gw_c, h, false, gl.t(), xm, false);
+                    gemm_ops(gw_c, h, false, &Lhs::new(prec, gl.t(), false), &xb, false);
                 }
-                gemm_into(&mut gx, h, true, gl, wc, false);
+                gemm_prec(prec, &mut gx, h, true, gl, wc, false);
                 (gx, buf)
             };
             let init = || (vec![0f32; m * h], Vec::new());
@@ -1367,11 +1373,13 @@ impl CustomOp2 for LmHeadLogprobs {
 /// `log_softmax(hidden · weightᵀ)` gathered at `targets`, and the argmax over the vocabulary:
 /// `hidden [.., h]`, an LM head `weight [vocab, h]` (no bias), u32/i64 `targets [..]` →
 /// (f32 `[..]`, u32 `[..]`). Differentiable wrt `hidden` and `weight`; the fused CPU kernel works in
-/// vocabulary chunks and never materialises the logits.
+/// vocabulary chunks and never materialises the logits. `precision` is that of the head's matrix
+/// products (forward and backward); the log-softmax is f32.
 pub fn lm_head_logprobs(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
+    precision: Precision,
 ) -> Result<(Tensor, Tensor)> {
     let hd = hidden.dims();
     if hd.is_empty() || &hd[..hd.len() - 1] != targets.dims() {
@@ -1397,6 +1405,7 @@ pub fn lm_head_logprobs(
         targets: ids,
         out_shape: targets.shape().clone(),
         stats: stats.clone(),
+        precision,
     };
     let lp = hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
     let argmax = match stats.get() {
@@ -1536,6 +1545,9 @@ impl CustomOp3 for CachedAttention {
 /// transposed operands through their strides.
 struct LinearMatmul {
     transposed: bool,
+    precision: Precision,
+    /// The weight already converted to bf16 (inference copies), used instead of `w` forward.
+    packed: Option<Arc<PackedB>>,
 }
 
 /// `(out, in)` of a linear weight stored `[out, in]` (`transposed`) or `[in, out]`.
@@ -1575,7 +1587,14 @@ impl CustomOp2 for LinearMatmul {
         }
         let mut y = vec![0f32; x.len() / k.max(1) * n];
         let rhs = linear_rhs(w, n, k, self.transposed);
-        gemm_into(&mut y, n, false, MatRef::rows_of(x, k), rhs, true);
+        match (&self.packed, self.precision) {
+            (Some(p), Precision::Bf16) if p.dims() == (k, n) => {
+                let lhs = Lhs::new(Precision::Bf16, MatRef::rows_of(x, k), true);
+                let rhs = Rhs::Prepacked(p);
+                gemm_ops(&mut y, n, false, &lhs, &rhs, true)
+            }
+            _ => gemm_prec(self.precision, &mut y, n, false, MatRef::rows_of(x, k), rhs, true),
+        }
         let mut out = xd.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -1594,6 +1613,7 @@ impl CustomOp2 for LinearMatmul {
                 &LinearGrad {
                     transposed: self.transposed,
                     wrt_weight,
+                    precision: self.precision,
                 },
             )
         };
@@ -1618,6 +1638,7 @@ impl CustomOp2 for LinearMatmul {
 struct LinearGrad {
     transposed: bool,
     wrt_weight: bool,
+    precision: Precision,
 }
 
 impl CustomOp2 for LinearGrad {
@@ -1648,10 +1669,10 @@ impl CustomOp2 for LinearGrad {
             }
             let mut gw = vec![0f32; n * k];
             let shape = if self.transposed {
-                gemm_into(&mut gw, k, false, g.t(), x, true);
+                gemm_prec(self.precision, &mut gw, k, false, g.t(), x, true);
                 Shape::from((n, k))
             } else {
-                gemm_into(&mut gw, n, false, x.t(), g, true);
+                gemm_prec(self.precision, &mut gw, n, false, x.t(), g, true);
                 Shape::from((k, n))
             };
             Ok((CpuStorage::F32(gw), shape))
@@ -1665,28 +1686,48 @@ impl CustomOp2 for LinearGrad {
                 )
             }
             let mut gx = vec![0f32; m * k];
-            gemm_into(
-                &mut gx,
-                k,
-                false,
-                g,
-                linear_rhs(o, n, k, self.transposed).t(),
-                true,
-            );
+            let rhs = linear_rhs(o, n, k, self.transposed).t();
+            gemm_prec(self.precision, &mut gx, k, false, g, rhs, true);
             Ok((CpuStorage::F32(gx), Shape::from((m, k))))
         }
     }
 }
 
 /// `x [.., in]` times a linear weight: `[out, in]` when `transposed` (torch `nn.Linear`), else
-/// `[in, out]` (GPT-2 `Conv1D`). Returns `[.., out]`; differentiable wrt both.
-pub fn linear_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+/// `[in, out]` (GPT-2 `Conv1D`). Returns `[.., out]`; differentiable wrt both. `precision` is that
+/// of the three matrix products (forward, both gradients); inputs and outputs are f32 either way.
+pub fn linear_matmul(x: &Tensor, w: &Tensor, transposed: bool, precision: Precision) -> Result<Tensor> {
+    linear_matmul_packed(x, w, transposed, precision, None)
+}
+
+/// [`linear_matmul`] whose forward product uses `packed` (the weight already converted to bf16)
+/// when `precision` is bf16.
+pub(crate) fn linear_matmul_packed(
+    x: &Tensor,
+    w: &Tensor,
+    transposed: bool,
+    precision: Precision,
+    packed: Option<Arc<PackedB>>,
+) -> Result<Tensor> {
     if fused_ok(&[x, w]) {
         x.contiguous()?
-            .apply_op2(&w.contiguous()?, LinearMatmul { transposed })
+            .apply_op2(&w.contiguous()?, LinearMatmul { transposed, precision, packed })
     } else {
         linear_matmul_ref(x, w, transposed)
     }
+}
+
+/// A linear weight (`[out, in]` when `transposed`) as the packed bf16 right-hand side of `x · W`,
+/// for weights that no longer change (inference copies). `None` off the CPU fused path.
+pub(crate) fn pack_linear_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>>> {
+    if !fused_ok(&[w]) {
+        return Ok(None);
+    }
+    let (n, k) = linear_dims(w.dims(), transposed)?;
+    let w = w.contiguous()?;
+    with_f32_slices(&[&w], "pack linear weight", |s| {
+        Ok(Some(Arc::new(PackedB::new(linear_rhs(s[0], n, k, transposed), true))))
+    })
 }
 
 /// Plain candle composition of [`linear_matmul`] (reference / non-CPU path).

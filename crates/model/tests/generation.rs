@@ -390,3 +390,29 @@ fn requests_joining_between_steps_decode_as_if_alone() {
         assert!(dec.add(request(&ps[0], 0, Sampling::greedy(), 0)).is_err());
     }
 }
+
+/// At bf16, generation (weights converted once, decode through the cache) reports the log-probs a
+/// bf16 full forward pass gives the same tokens: both round the same activations and weights, so
+/// only f32 summation order differs — and the rare activation whose rounding that order flips
+/// moves a log-prob by ~1e-4, hence 1e-3.
+#[test]
+fn bf16_generation_matches_bf16_rescoring() {
+    for (name, cfg) in all_configs() {
+        let mut m = model(cfg, 12);
+        m.set_precision(rlhf_model::Precision::Bf16);
+        let ps = prompts(m.vocab_size());
+        let reqs: Vec<GenRequest> = ps.iter().enumerate().map(|(i, p)| request(p, 9, Sampling::default(), i as u64)).collect();
+        let out = generate(&m, &reqs, None).unwrap();
+        let mut m32 = m.duplicate().unwrap();
+        m32.set_precision(rlhf_model::Precision::Fp32);
+        let (mut err16, mut diff32) = (0f32, 0f32);
+        for (p, o) in ps.iter().zip(&out) {
+            for ((a, b), c) in o.logprobs.iter().zip(rescore(&m, p, &o.tokens)).zip(rescore(&m32, p, &o.tokens)) {
+                err16 = err16.max((a - b).abs());
+                diff32 = diff32.max((a - c).abs());
+            }
+        }
+        assert!(err16 <= 1e-3, "{name}: bf16 generation vs bf16 re-scoring differ by {err16}");
+        assert!(diff32 > err16, "{name}: bf16 generation is no closer to bf16 ({err16}) than to f32 ({diff32})");
+    }
+}

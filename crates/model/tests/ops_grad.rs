@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rlhf_model::ops;
+use rlhf_model::{ops, Precision};
 
 type OpFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
 
@@ -284,7 +284,7 @@ fn linear_matmul_matches_reference_and_finite_differences() {
             "linear_matmul",
             &[randn(&[2, 3, 5], 15), w],
             2,
-            &move |a| ops::linear_matmul(&a[0], &a[1], transposed),
+            &move |a| ops::linear_matmul(&a[0], &a[1], transposed, Precision::Fp32),
             &move |a| ops::linear_matmul_ref(&a[0], &a[1], transposed),
         );
     }
@@ -299,11 +299,11 @@ fn lm_head_logprobs_matches_reference_and_finite_differences() {
         &Device::Cpu,
     )
     .unwrap();
-    let lp = |a: &[Tensor]| Ok(ops::lm_head_logprobs(&a[0], &a[1], &a[2])?.0);
+    let lp = |a: &[Tensor]| Ok(ops::lm_head_logprobs(&a[0], &a[1], &a[2], Precision::Fp32)?.0);
     let lp_ref = |a: &[Tensor]| Ok(ops::lm_head_logprobs_ref(&a[0], &a[1], &a[2])?.0);
     let inputs = [randn(&[2, 5, 8], 16), randn(&[600, 8], 17), targets];
     check("lm_head_logprobs", &inputs, 2, &lp, &lp_ref);
-    let (_, am) = ops::lm_head_logprobs(&inputs[0], &inputs[1], &inputs[2]).unwrap();
+    let (_, am) = ops::lm_head_logprobs(&inputs[0], &inputs[1], &inputs[2], Precision::Fp32).unwrap();
     let (_, am_ref) = ops::lm_head_logprobs_ref(&inputs[0], &inputs[1], &inputs[2]).unwrap();
     assert_eq!(
         am.to_vec2::<u32>().unwrap(),
@@ -328,7 +328,7 @@ fn lm_head_logprobs_matches_reference_and_finite_differences() {
         &lp_ref,
     );
     let bad = Tensor::new(&[3u32, 600], &Device::Cpu).unwrap();
-    let err = ops::lm_head_logprobs(&randn(&[2, 8], 1), &randn(&[600, 8], 2), &bad)
+    let err = ops::lm_head_logprobs(&randn(&[2, 8], 1), &randn(&[600, 8], 2), &bad, Precision::Fp32)
         .unwrap_err()
         .to_string();
     assert!(err.contains("out of range"), "{err}");
@@ -389,5 +389,88 @@ fn fused_model_matches_reference_ops_on_every_architecture() {
                 .unwrap(),
             "{name}: argmax"
         );
+    }
+}
+
+fn bf(v: f32) -> f64 {
+    half::bf16::from_f32(v).to_f64()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// A bf16 linear layer's forward and both gradients are the f32-accumulated products of the
+/// bf16-rounded operands (to f32 summation error, 1e-5 of Σ|terms|), and stay within bf16's
+/// rounding of the f32 results: each operand is off by ≤ 2⁻⁹ relative, so each product by
+/// ≤ ~2⁻⁸ and any sum by ≤ 2⁻⁸·Σ|terms|; 2⁻⁷ leaves a factor 2.
+#[test]
+fn linear_matmul_bf16_products_and_gradients() {
+    let (m, k, n) = (15, 37, 6);
+    for transposed in [true, false] {
+        let x = Var::from_tensor(&randn(&[3, 5, k], 21)).unwrap();
+        let w_shape = if transposed { [n, k] } else { [k, n] };
+        let w = Var::from_tensor(&randn(&w_shape, 22)).unwrap();
+        let r = randn(&[3, 5, n], 23);
+        let run = |p| {
+            let y = ops::linear_matmul(x.as_tensor(), w.as_tensor(), transposed, p).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&w).unwrap())]
+        };
+        let (b16, f32s) = (run(Precision::Bf16), run(Precision::Fp32));
+        let (xs, ws, rs) = (flat(x.as_tensor()), flat(w.as_tensor()), flat(&r));
+        let widx = |o: usize, i: usize| if transposed { o * k + i } else { i * n + o };
+        // (output, index, terms of the sum) for y, then dL/dx, then dL/dW (in W's layout).
+        let mut cases: Vec<(usize, usize, Vec<(f32, f32)>)> = vec![];
+        for i in 0..m {
+            for o in 0..n {
+                cases.push((0, i * n + o, (0..k).map(|kk| (xs[i * k + kk], ws[widx(o, kk)])).collect()));
+            }
+            for kk in 0..k {
+                cases.push((1, i * k + kk, (0..n).map(|o| (rs[i * n + o], ws[widx(o, kk)])).collect()));
+            }
+        }
+        for o in 0..n {
+            for kk in 0..k {
+                cases.push((2, widx(o, kk), (0..m).map(|i| (rs[i * n + o], xs[i * k + kk])).collect()));
+            }
+        }
+        let mut max_rel_vs_f32 = 0f64;
+        for (out, idx, terms) in cases {
+            let want: f64 = terms.iter().map(|&(a, b)| bf(a) * bf(b)).sum();
+            let scale: f64 = terms.iter().map(|&(a, b)| (a as f64 * b as f64).abs()).sum();
+            let (got, f) = (b16[out][idx] as f64, f32s[out][idx] as f64);
+            assert!((got - want).abs() <= 1e-5 * scale, "t={transposed} out {out}[{idx}]: {got} vs {want}");
+            assert!((got - f).abs() <= 2f64.powi(-7) * scale, "t={transposed} out {out}[{idx}]: bf16 {got} vs f32 {f}");
+            max_rel_vs_f32 = max_rel_vs_f32.max((got - f).abs() / scale);
+        }
+        // The bf16 path really rounds (an f32 product would agree with f32 to ~1e-7).
+        assert!(max_rel_vs_f32 > 1e-4, "bf16 results equal the f32 ones ({max_rel_vs_f32})");
+    }
+}
+
+/// The chunked LM head at bf16: log-probs are those of the f32 head applied to bf16-rounded
+/// hidden states and weights (the products are exact in f32 up to summation order); gradients
+/// (whose products also take the rounded softmax gradient) are within bf16's ~3 significant digits
+/// of the f32 head's.
+#[test]
+fn lm_head_logprobs_bf16() {
+    let targets = Tensor::from_vec((0..64u32).map(|i| (i * 131) % 1000).collect::<Vec<_>>(), 64, &Device::Cpu).unwrap();
+    let h = Var::from_tensor(&randn(&[64, 80], 18)).unwrap();
+    let w = Var::from_tensor(&(randn(&[1000, 80], 19) * 0.3).unwrap()).unwrap();
+    let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let (lp16, am16) = ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, Precision::Bf16).unwrap();
+    let (lp_r, am_r) = ops::lm_head_logprobs_ref(&round(h.as_tensor()), &round(w.as_tensor()), &targets).unwrap();
+    let err = max_abs(&(&lp16 - &lp_r).unwrap());
+    assert!(err < 1e-4 * (1.0 + max_abs(&lp_r)), "bf16 log-probs differ from f32 on rounded inputs by {err}");
+    assert_eq!(am16.to_vec1::<u32>().unwrap(), am_r.to_vec1::<u32>().unwrap());
+    let (lp32, _) = ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, Precision::Fp32).unwrap();
+    assert!(max_abs(&(&lp16 - &lp32).unwrap()) > 1e-4, "bf16 log-probs equal the f32 ones");
+    let g16 = lp16.sum_all().unwrap().backward().unwrap();
+    let g32 = lp32.sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("hidden", &h), ("weight", &w)] {
+        let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
+        let err = max_abs(&(a - b).unwrap());
+        assert!(err < 1e-2 * max_abs(b), "grad of {name}: bf16 vs f32 differ by {err} (max {})", max_abs(b));
     }
 }

@@ -102,6 +102,9 @@ pub struct SftArgs {
     /// Train into an output_dir that holds a previous run (or the model itself), replacing it [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite_output_dir: Option<bool>,
+    /// bf16 matrix products with f32 accumulation, f32 weights and optimizer, as TRL's `bf16=True` [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub bf16: Option<bool>,
     /// LoRA: train adapters only; the output dir gets the merged model and the adapter in `adapter/`.
     #[command(flatten)]
     #[serde(flatten)]
@@ -143,6 +146,9 @@ pub struct SftConfig {
     /// LoRA adapters instead of full fine-tuning.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Linear layers' matrix products in bf16 (see `rlhf_model::CausalLm::set_precision`).
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 impl SftConfig {
@@ -177,6 +183,7 @@ impl SftConfig {
             resume: false,
             overwrite_output_dir: false,
             lora: None,
+            bf16: false,
         }
     }
 
@@ -204,7 +211,7 @@ macro_rules! with_fields {
             model, train_file, eval_file, output_dir, max_length, packing, completion_only_loss, batch_size,
             gradient_accumulation_steps, learning_rate, lr_scheduler_type, warmup_steps, warmup_ratio,
             weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, max_steps, num_train_epochs,
-            logging_steps, eval_steps, save_steps, save_total_limit, seed, resume, overwrite_output_dir
+            logging_steps, eval_steps, save_steps, save_total_limit, seed, resume, overwrite_output_dir, bf16
         )
     };
 }
@@ -289,6 +296,7 @@ impl SftArgs {
             resume: merged.resume.unwrap_or(d.resume),
             overwrite_output_dir: merged.overwrite_output_dir.unwrap_or(d.overwrite_output_dir),
             lora: merged.lora.apply(None),
+            bf16: merged.bf16.unwrap_or(d.bf16),
             ..d
         };
 

@@ -196,6 +196,9 @@ impl SftTrainer {
         if train.is_empty() {
             return Err(TrainError::Data(format!("{}: no training examples", cfg.train_file.display())));
         }
+        if cfg.bf16 {
+            model.set_precision(rlhf_model::Precision::Bf16);
+        }
         let lora = crate::lora::attach_lora(&mut model, cfg.lora.as_ref(), cfg.seed)?;
         let params = crate::optim::sorted_params(lora.as_ref().map_or(model.varmap(), |l| l.varmap()));
         let optimizer = AdamW::new(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
-use rlhf_model::{bench, lora::LoraConfig, CausalLm, ModelConfig};
+use rlhf_model::{bench, lora::LoraConfig, CausalLm, ModelConfig, Precision};
 use rlhf_train::bench::{bench_sft, peak_rss_mb, BenchData, SftBenchShape};
 use serde_json::json;
 
@@ -41,6 +41,9 @@ pub struct Common {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Matrix products of the linear layers: fp32, or bf16 operands with f32 accumulation (generate, sft).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
 }
 
 impl Common {
@@ -75,6 +78,8 @@ pub struct Training {
 pub enum Bench {
     /// Sampled generation: 32 prompts × 8 tokens → 64 new tokens each, KV cache, T = 1.
     Generate(Common),
+    /// GFLOP/s of one matrix product, 1024³ and the SmolLM2-135M linear-layer shapes (8 × 128 tokens; 32 rows = decoding).
+    Gemm(GemmArgs),
     /// SFT steps: tiny = batch 8 addition samples (completion-only loss); smollm2 = batch 8 × 128 random tokens.
     Sft(Training),
     /// Reward-model (Bradley–Terry) steps, 8 pairs each, tiny shape.
@@ -89,6 +94,16 @@ pub enum Bench {
     Rloo(Online),
     /// PPO updates as bench-trl's bench_ppo.py: 32 rollouts × 8 new tokens, 4 epochs, 1 mini-batch, tiny shape.
     Ppo(Online),
+}
+
+#[derive(ClapArgs)]
+pub struct GemmArgs {
+    /// fp32, or bf16 operands with f32 accumulation.
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    /// Timed repetitions per shape (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
 }
 
 #[derive(ClapArgs)]
@@ -108,7 +123,23 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Generate(c) => {
             for shape in c.shapes() {
-                println!("{}", bench_generate(shape, c.repeats.max(1))?);
+                println!("{}", bench_generate(shape, c.repeats.max(1), c.precision)?);
+            }
+        }
+        Bench::Gemm(g) => {
+            // (m, k, n): C[m, n] = A[m, k] · W[n, k]ᵀ.
+            let shapes = [(1024, 1024, 1024), (1024, 576, 576), (1024, 576, 192), (1024, 576, 1536), (1024, 1536, 576), (1024, 576, 256), (32, 576, 1536)];
+            for (m, k, n) in shapes {
+                let r = bench::bench_gemm(m, k, n, g.precision, g.repeats);
+                println!(
+                    "{}",
+                    json!({
+                        "bench": "gemm", "precision": g.precision.name(), "kernel": kernel_name(g.precision),
+                        "m": m, "k": k, "n": n, "sec_median": round(r.seconds, 6), "gflops": round(r.gflops, 1),
+                        "gflops_operands_preconverted": round(r.gflops_kernel, 1),
+                        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+                    })
+                );
             }
         }
         Bench::Sft(t) => {
@@ -124,13 +155,19 @@ pub fn run(b: Bench) -> Result<()> {
                     // A 135M step takes seconds: fewer timed steps.
                     Shape::Smollm2 => (BenchData::Random { seq_len: 128, num_rows: 64 }, 2, t.steps.min(5)),
                 };
-                let model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
-                let v = bench_sft(SftBenchShape { name: shape.name().into(), model, data, batch_size: 8, warmup_steps, steps })?;
+                let mut model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
+                model.set_precision(t.common.precision);
+                let mut v = bench_sft(SftBenchShape { name: shape.name().into(), model, data, batch_size: 8, warmup_steps, steps })?;
+                v["precision"] = json!(t.common.precision.name());
+                v["bf16_kernel"] = json!(kernel_name(t.common.precision));
                 println!("{v}");
             }
         }
         Bench::Rm(t) | Bench::Dpo(t) if t.common.shapes() != [Shape::Tiny] && !t.common.shape.is_empty() => {
             anyhow::bail!("the rm and dpo benchmarks measure the tiny shape only (--shape tiny)")
+        }
+        Bench::Rm(t) | Bench::Dpo(t) if t.common.precision != Precision::Fp32 => {
+            anyhow::bail!("the rm and dpo benchmarks run at fp32 only (--precision bf16 is wired for sft and generate)")
         }
         Bench::Serve(a) => crate::cmd::serve::bench(a)?,
         Bench::Rm(t) => println!("{}", rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?),
@@ -146,10 +183,16 @@ fn lora(t: &Training) -> Option<LoraConfig> {
     t.lora_r.map(|r| LoraConfig { r, ..Default::default() })
 }
 
-fn bench_generate(shape: Shape, repeats: usize) -> Result<serde_json::Value> {
+/// The bf16 kernel this CPU runs (`null` at fp32).
+fn kernel_name(p: Precision) -> Option<&'static str> {
+    (p == Precision::Bf16).then(|| rlhf_model::bf16::Kernel::detect().name())
+}
+
+fn bench_generate(shape: Shape, repeats: usize, precision: Precision) -> Result<serde_json::Value> {
     let (prompts, prompt_len, new) = (32, 8, 64);
     reset_peak_rss();
-    let model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
+    let mut model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
+    model.set_precision(precision);
     bench::bench_generate(&model, 2, prompt_len, 4, 0)?; // warm-up
     let mut runs = (0..repeats)
         .map(|i| bench::bench_generate(&model, prompts, prompt_len, new, i as u64))
@@ -160,6 +203,7 @@ fn bench_generate(shape: Shape, repeats: usize) -> Result<serde_json::Value> {
         "bench": "generate", "shape": shape.name(), "prompts": prompts, "prompt_tokens": prompt_len,
         "max_new_tokens": new, "new_tokens": m.new_tokens, "sec_median": round(m.seconds, 4),
         "new_tokens_per_sec": round(m.new_tokens_per_sec, 1), "peak_rss_mb": peak_rss_mb().map(|x| round(x, 1)),
+        "precision": precision.name(), "bf16_kernel": kernel_name(precision),
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
     }))
 }

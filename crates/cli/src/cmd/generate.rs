@@ -40,6 +40,9 @@ pub struct Args {
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Matrix products of the linear layers: fp32, or bf16 weights/activations with f32 accumulation.
+    #[arg(long, default_value = "fp32")]
+    pub precision: rlhf_model::Precision,
 }
 
 impl Args {
@@ -67,7 +70,8 @@ impl Args {
 
 pub fn run(a: Args) -> Result<()> {
     a.validate()?;
-    let generator = Generator::load(&a.model)?;
+    let mut generator = Generator::load(&a.model)?;
+    generator.model.set_precision(a.precision);
     let data = load_dataset(&a.prompts)?;
     let context = generator.model.config().max_position_embeddings();
     let mut prompts = Vec::with_capacity(data.rows.len());
