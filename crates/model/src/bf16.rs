@@ -113,13 +113,15 @@ fn convert<T: Send>(src: MatRef, dst: &mut [T], ld: usize, parallel: bool, f: im
     let block = |(bi, d): (usize, &mut [T])| {
         let r0 = bi * CONVERT_ROWS;
         let s = src.row_range(r0, (r0 + CONVERT_ROWS).min(m));
-        if s.column_major() {
-            // A transposed view: walk 16 rows at a time so each read down a source column stays
-            // within one or two cache lines.
+        if s.col(0).is_some() {
+            // A transposed view: walk 16 rows at a time, reading 16 adjacent values of each
+            // column (one cache line) per step.
             for i0 in (0..s.nrows()).step_by(16) {
+                let i1 = (i0 + 16).min(s.nrows());
                 for j in 0..n {
-                    for i in i0..(i0 + 16).min(s.nrows()) {
-                        d[i * ld + j] = f(s.at(i, j));
+                    let col = &s.col(j).expect("column-major view")[i0..i1];
+                    for (i, &x) in (i0..i1).zip(col) {
+                        d[i * ld + j] = f(x);
                     }
                 }
             }
@@ -227,21 +229,30 @@ impl PackedB {
             Kernel::Avx512Bf16 => {
                 let kp = k.div_ceil(2);
                 let mut panels = vec![0u32; n.div_ceil(NR) * kp * NR];
-                let pack = |(j, p): (usize, &mut [u32])| {
+                // Panel j holds B's columns n0..n0+NR: pair p of column c at p·NR + c.
+                let pair = |lo: f32, hi: f32| bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16;
+                let pack = |(j, panel): (usize, &mut [u32])| {
                     let (n0, nc) = (j * NR, NR.min(n - j * NR));
-                    let p = as_u16(p);
-                    // Element (kk, n0 + c) of B sits at pair kk/2, column c, half kk%2.
-                    let at = |kk: usize, c: usize| (kk / 2 * NR + c) * 2 + kk % 2;
-                    if b.column_major() {
+                    if b.col(0).is_some() {
+                        // The nn.Linear forward (B = Wᵀ): a column is a weight row, its pairs adjacent.
                         for c in 0..nc {
-                            for kk in 0..k {
-                                p[at(kk, c)] = bf16_bits(b.at(kk, n0 + c));
+                            let col = b.col(n0 + c).expect("column-major view");
+                            for (p, two) in col.chunks(2).enumerate() {
+                                panel[p * NR + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
                             }
                         }
                     } else {
-                        for kk in 0..k {
-                            for c in 0..nc {
-                                p[at(kk, c)] = bf16_bits(b.at(kk, n0 + c));
+                        for p in 0..kp {
+                            let dst = &mut panel[p * NR..p * NR + nc];
+                            match (b.row(2 * p), (2 * p + 1 < k).then(|| b.row(2 * p + 1))) {
+                                (Some(r0), Some(Some(r1))) => {
+                                    let (r0, r1) = (&r0[n0..n0 + nc], &r1[n0..n0 + nc]);
+                                    dst.iter_mut().zip(r0.iter().zip(r1)).for_each(|(d, (&lo, &hi))| *d = pair(lo, hi));
+                                }
+                                _ => dst.iter_mut().enumerate().for_each(|(c, d)| {
+                                    let hi = if 2 * p + 1 < k { b.at(2 * p + 1, n0 + c) } else { 0.0 };
+                                    *d = pair(b.at(2 * p, n0 + c), hi)
+                                }),
                             }
                         }
                     }

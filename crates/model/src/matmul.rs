@@ -61,9 +61,10 @@ impl<'a> MatRef<'a> {
         (self.cs == 1).then(|| &self.data[i * self.rs..i * self.rs + self.cols])
     }
 
-    /// Whether consecutive rows of a column are adjacent in memory (a transposed row-major matrix).
-    pub(crate) fn column_major(&self) -> bool {
-        self.rs == 1 && self.cs != 1
+    /// Column `j` as a slice when the rows are contiguous (a transposed row-major matrix).
+    #[inline(always)]
+    pub(crate) fn col(&self, j: usize) -> Option<&'a [f32]> {
+        (self.rs == 1 && self.cs != 1).then(|| &self.data[j * self.cs..j * self.cs + self.rows])
     }
 
     /// Rows `r0..r1` (a view).
