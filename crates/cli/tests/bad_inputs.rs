@@ -171,6 +171,15 @@ fn generate_refuses_meaningless_sampling_flags() {
     gen(&["--top-p", "2"], &["--top-p"]);
     gen(&["--batch-size", "0"], &["--batch-size", "at least 1"]);
     gen(&["--stop", ""], &["--stop", "empty"]);
+    // A bad --precision is a usage error (clap: exit 2) naming the flag and the accepted values.
+    let bad = rlhf(t, &["generate", "--model", s(&model), "--prompts", s(&p), "--out", "out.jsonl", "--precision", "fp16"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(bad.status.code() == Some(2) && err.contains("--precision") && err.contains("expected fp32 or bf16"), "{err}");
+    // bf16 products (weights converted once, f32 accumulation) generate normally.
+    let args = ["generate", "--model", s(&model), "--prompts", s(&p), "--out", "bf16.jsonl", "--precision", "bf16"];
+    ok(t, &[&args[..], &["--max-new-tokens", "4", "--temperature", "0"]].concat());
+    let rows = std::fs::read_to_string(t.join("bf16.jsonl")).unwrap();
+    assert!(!rows.is_empty() && rows.lines().all(|l| l.contains("\"completion_ids\"")), "{rows}");
     // Prompt + new tokens beyond the model's context (the fixture's max_position_embeddings is 128).
     gen(&["--max-new-tokens", "200"], &["prompts.jsonl:1:", "max_position_embeddings 128"]);
     write(&t.join("seeds.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"seed\": 3}\n{\"prompt\": \"Q: 1+2=\", \"seed\": \"x\"}\n");
