@@ -57,8 +57,10 @@ pub trait Objective {
     fn evaluate(&mut self) -> Result<Option<Metrics>>;
     fn optimizer(&self) -> &AdamW;
     fn optimizer_mut(&mut self) -> &mut AdamW;
-    /// Writes the trained model (or adapter) to `dir`.
+    /// Writes the trained model (or adapter) to `dir` (checkpoints).
     fn save(&self, dir: &Path) -> Result<()>;
+    /// Writes the final output to `dir`: a complete model (with LoRA: merged, the adapter in `dir/adapter`).
+    fn save_final(&mut self, dir: &Path) -> Result<()>;
     /// The adapters being trained, whose dropout RNG checkpoints hold.
     fn lora(&self) -> Option<&Lora> {
         None
@@ -237,7 +239,7 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig, lr: f64) -> Result<
         }
     }
     progress.finish();
-    obj.save(&out_dir)?;
+    obj.save_final(&out_dir)?;
     Ok(PrefSummary {
         steps: state.global_step,
         train_loss: loss_sum / steps_run.max(1) as f64,
