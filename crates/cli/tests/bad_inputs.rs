@@ -525,3 +525,20 @@ fn generate_keeps_input_columns_and_takes_prompts_from_the_command_line_or_stdin
     assert_eq!(a["completion_ids"], b["completion_ids"], "the same prompt, greedy: the same completion");
     assert_eq!(a["completion_ids"].as_array().unwrap().len(), 3);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// 17: documented behaviour
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn every_trainer_summary_names_eval_metrics_alike() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    for (cmd, eval, metric) in [("sft", "sft_eval", "eval_mean_token_accuracy"), ("rm", "pref_eval", "eval_accuracy"), ("dpo", "pref_eval", "eval_rewards/accuracies")] {
+        let eval = root().join(format!("data/{eval}.jsonl"));
+        let stdout = ok(t, &train_args(cmd, s(&llama()), s(&data_for(cmd)), cmd, &["--max-steps", "1", "--eval-file", s(&eval)]));
+        let summary: Value = serde_json::from_str(&stdout).unwrap();
+        assert!(summary["eval"]["eval_loss"].as_f64().is_some_and(f64::is_finite), "{cmd}: {summary}");
+        assert!(summary["eval"][metric].is_number(), "{cmd}: {summary}");
+    }
+}

@@ -75,6 +75,9 @@ pub struct PrefSummary {
     pub final_loss: f64,
     /// Train metrics of the last step.
     pub final_metrics: Metrics,
+    /// Eval metrics of the end (keys without the `eval_` prefix; the JSON summary has them with it, as
+    /// metrics.jsonl and `rlhf sft`'s summary do: `eval_loss`, `eval_accuracy`, …).
+    #[serde(serialize_with = "eval_prefixed")]
     pub eval: Option<Metrics>,
     pub num_tokens: u64,
     pub train_runtime_s: f64,
@@ -82,6 +85,11 @@ pub struct PrefSummary {
     pub metrics_file: PathBuf,
     /// Step the run resumed from (None for a fresh start).
     pub resumed_from_step: Option<u64>,
+}
+
+fn eval_prefixed<S: serde::Serializer>(eval: &Option<Metrics>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    let prefixed = eval.as_ref().map(|m| m.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect::<Metrics>());
+    prefixed.serialize(s)
 }
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
