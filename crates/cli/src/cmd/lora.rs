@@ -28,7 +28,12 @@ pub fn run(c: LoraCommand) -> Result<()> {
     match c {
         LoraCommand::Merge(a) => {
             let base = rlhf_train::lora::merge_adapter(&a.adapter, a.model.as_deref(), &a.out)?;
-            eprintln!("merged {} into {} → {}", a.adapter.display(), base.display(), a.out.display());
+            eprintln!(
+                "merged {} into {} → {}",
+                a.adapter.display(),
+                base.display(),
+                a.out.display()
+            );
         }
     }
     Ok(())
