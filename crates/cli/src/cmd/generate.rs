@@ -102,14 +102,14 @@ fn read_prompts(a: &Args) -> Result<Dataset> {
 
 /// The column of the generated text; refuses one that would overwrite an input column.
 fn completion_column(a: &Args, data: &Dataset) -> Result<String> {
-    let has = |row: &Row, key: &str| row.extra.contains_key(key) || row.record.to_json().contains_key(key);
+    let columns: Vec<_> = data.rows.iter().map(|r| r.to_json()).collect();
     let column = match &a.completion_column {
         Some(c) => c.clone(),
-        None if data.rows.iter().any(|r| has(r, COMPLETION)) => GENERATED.to_string(),
+        None if columns.iter().any(|c| c.contains_key(COMPLETION)) => GENERATED.to_string(),
         None => COMPLETION.to_string(),
     };
-    for row in &data.rows {
-        if let Some(key) = std::iter::once(column.as_str()).chain(OUTPUT_COLUMNS).find(|k| has(row, k)) {
+    for (row, cols) in data.rows.iter().zip(&columns) {
+        if let Some(key) = std::iter::once(column.as_str()).chain(OUTPUT_COLUMNS).find(|k| cols.contains_key(*k)) {
             let hint = if key == column { "choose another --completion-column" } else { "rename or drop it" };
             let msg = format!("the input already has a column \"{key}\" that generate would overwrite; {hint}");
             return Err(data.row_error(row, Some(key), msg).into());
