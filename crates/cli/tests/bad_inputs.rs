@@ -447,10 +447,10 @@ fn every_trainer_writes_a_complete_model_and_lora_merge_rebuilds_it() {
         }
     }
     // Merging refuses what it would overwrite, and names a missing adapter file.
-    fails(t, &["lora", "merge", "--adapter", s(&t.join("dpo_lora/adapter")), "--model", s(&base), "--out", s(&base)], &[
-        "is the --model directory",
-    ]);
-    fails(t, &["lora", "merge", "--adapter", s(&t.join("dpo_lora")), "--model", s(&base), "--out", "m"], &["dpo_lora/adapter_config.json"]);
+    let adapter = t.join("dpo_lora/adapter");
+    fails(t, &["lora", "merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&base)], &["base model's directory"]);
+    fails(t, &["lora", "merge", "--adapter", s(&adapter), "--model", s(&base), "--out", "sft_merged"], &["sft_merged", "already holds a model"]);
+    fails(t, &["lora", "merge", "--adapter", s(&t.join("dpo_lora")), "--model", s(&base), "--out", "m"], &["dpo_lora/adapter_config.json", "not found", "output_dir/adapter"]);
     // init writes generation_config.json with its tokenizer's ids.
     ok(t, &["init", "--out", "fresh", "--corpus", s(&sft_train()), "--vocab-size", "300", "--add-bos"]);
     let g: Value = serde_json::from_str(&std::fs::read_to_string(t.join("fresh/generation_config.json")).unwrap()).unwrap();

@@ -140,13 +140,17 @@ pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) ->
 }
 
 /// `rlhf lora merge`: folds the PEFT LoRA adapter in `adapter` into its base model (`base`, or else the
-/// adapter's `base_model_name_or_path`) and writes the merged model, with the base's tokenizer files, to `out`.
-/// A `CAUSAL_LM` adapter gives a language model; a `SEQ_CLS` one (from `rlhf rm`, its head stored beside the
-/// adapters) a reward model. `out` is checked like a training run's output directory. Returns the base used.
+/// adapter's `base_model_name_or_path`) and writes the merged model, with the base's tokenizer files, to `out`
+/// (which must not be the base nor hold a model). A `CAUSAL_LM` adapter gives a language model; a `SEQ_CLS` one
+/// (from `rlhf rm`, its head stored beside the adapters) a reward model. Returns the base used.
 pub fn merge_adapter(adapter: &Path, base: Option<&Path>, out: &Path) -> Result<std::path::PathBuf> {
     use rlhf_model::lora::{read_safetensors, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
     let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
     let cfg_path = adapter.join(ADAPTER_CONFIG);
+    if !cfg_path.is_file() {
+        let msg = "not found: --adapter must be a PEFT adapter directory (e.g. a LoRA run's output_dir/adapter)";
+        return Err(TrainError::Model(format!("{}: {msg}", cfg_path.display())));
+    }
     let raw = rlhf_model::io::read_json(&cfg_path).map_err(model_err)?;
     let field = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
     let cfg_err = |key: &str, msg: String| TrainError::Config { file: cfg_path.display().to_string(), key: key.into(), msg };
@@ -155,7 +159,14 @@ pub fn merge_adapter(adapter: &Path, base: Option<&Path>, out: &Path) -> Result<
         None if !field("base_model_name_or_path").is_empty() => field("base_model_name_or_path").into(),
         None => return Err(cfg_err("base_model_name_or_path", "empty: pass the base model with --model".into())),
     };
-    crate::output_dir::prepare(&base, out, false, false)?;
+    // Never over a model: neither the base itself nor any directory that already holds one.
+    let out_err = |msg: &str| TrainError::OutputDir { path: out.to_path_buf(), msg: msg.into() };
+    if out.canonicalize().ok().is_some_and(|o| base.canonicalize().ok() == Some(o)) {
+        return Err(out_err("this is the base model's directory; merging writes a new model: choose another --out"));
+    }
+    if ["config.json", "model.safetensors", ADAPTER_CONFIG].iter().any(|f| out.join(f).exists()) {
+        return Err(out_err("already holds a model or adapter; choose a new --out directory"));
+    }
     let device = candle_core::Device::Cpu;
     match field("task_type").as_str() {
         "CAUSAL_LM" => {
