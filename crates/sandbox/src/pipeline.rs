@@ -76,15 +76,26 @@ pub struct PipelineConfig {
     /// GRPO against the reward model: `batch_size` = prompts per step, each sampled `grpo_generations` times.
     pub grpo: Budget,
     pub grpo_generations: usize,
-    /// KL leash to the SFT model of both online stages (PPO's `kl_coef`, GRPO's `beta`).
-    pub rl_kl_coef: f64,
+    /// PPO's KL penalty to the SFT model (`kl_coef`).
+    pub ppo_kl_coef: f64,
+    /// GRPO's KL coefficient to the SFT model (`beta`).
+    pub grpo_beta: f64,
     pub eval_prompts: usize,
     pub eval: EvalConfig,
     /// Sampling temperature of the SFT samples shown to annotators.
     pub sample_temperature: f32,
+    /// SFT samples drawn per preference prompt; annotators compare the first two that differ (as InstructGPT
+    /// shows labellers K outputs): a confident SFT model often repeats itself, and identical pairs teach nothing.
+    pub candidates_per_prompt: usize,
+    /// Export the preferences as the feedback app does with `--by-reliability` (its reliability model decides
+    /// each pair) instead of by raw majority vote.
+    pub export_by_reliability: bool,
     pub max_length: usize,
-    /// Held-out prompts whose SFT sample pairs measure the reward model's agreement with gold.
+    /// Held-out prompts whose SFT sample pairs measure the reward model's agreement with gold (and on which the
+    /// best-of-n over-optimisation sweep runs).
     pub rm_gold_pairs: usize,
+    /// Largest n of the best-of-n sweep (powers of two up to it).
+    pub best_of_n: usize,
 }
 
 impl PipelineConfig {
@@ -97,25 +108,32 @@ impl PipelineConfig {
             vocab_size: 384,
             corpus_prompts: 3000,
             pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
-            demonstrations: 200,
-            sft: Budget { steps: 80, batch_size: 16, learning_rate: 1e-3 },
+            // LIMA-style and deliberately short: the SFT model still refuses, abstains and formats unevenly, which
+            // leaves the preference stages something to fix (with 200 demonstrations × 80 steps SFT was already
+            // near the gold ceiling on every kind but arithmetic, and no policy stage could improve on it).
+            demonstrations: 50,
+            sft: Budget { steps: 30, batch_size: 16, learning_rate: 1e-3 },
             preference_prompts: 1000,
             panel: Panel::default_mix(seed),
-            rm: Budget { steps: 60, batch_size: 16, learning_rate: 1e-3 },
+            rm: Budget { steps: 100, batch_size: 16, learning_rate: 1e-3 },
             dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
             dpo_beta: 0.1,
             dpo_loss: LossType::Sigmoid,
-            // Measured (quick, seed 0): lr 3e-4 moved PPO to gold −0.087 (KL 2.8) and GRPO to −0.003, GRPO at
-            // 1e-3 to −0.154; at 1e-4 both stay at SFT's level (0.010, 0.007). The reward model is weak.
-            ppo: Budget { steps: 30, batch_size: 16, learning_rate: 1e-4 },
-            grpo: Budget { steps: 30, batch_size: 8, learning_rate: 1e-4 },
+            // Measured (quick, seed 0, SFT gold −0.055): PPO at lr 1e-4 × 60 steps reached 0.130, GRPO at 2e-4 0.054
+            // (both beyond the 95 % intervals); at 30 steps and 1e-4 neither moved.
+            ppo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            grpo: Budget { steps: 60, batch_size: 8, learning_rate: 2e-4 },
             grpo_generations: 4,
-            rl_kl_coef: 0.05,
+            ppo_kl_coef: 0.05,
+            grpo_beta: 0.05,
             eval_prompts: 600,
             eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
             sample_temperature: 1.0,
+            candidates_per_prompt: 4,
+            export_by_reliability: true,
             max_length: 128,
             rm_gold_pairs: 300,
+            best_of_n: 8,
         }
     }
 
@@ -289,11 +307,11 @@ impl PolicyStage for OnlineStage {
 pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> {
     vec![
         Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta, loss: cfg.dpo_loss }),
-        Box::new(OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.rl_kl_coef }),
+        Box::new(OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.ppo_kl_coef }),
         Box::new(OnlineStage {
             algorithm: Online::Grpo { generations: cfg.grpo_generations },
             budget: cfg.grpo,
-            kl_coef: cfg.rl_kl_coef,
+            kl_coef: cfg.grpo_beta,
         }),
     ]
 }
@@ -337,6 +355,8 @@ pub struct RunSummary {
     pub preference_pairs: usize,
     pub annotators: Vec<FlagCheck>,
     pub agreement: Value,
+    /// Best-of-n against the proxy reward model, scored by the proxy and by gold (over-optimisation).
+    pub best_of_n: Vec<crate::overopt::BestOfN>,
     pub eval: Summary,
     /// Plain-language findings, each computed from the numbers above.
     pub findings: Vec<String>,
@@ -398,10 +418,14 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     );
     let pairs = sample_pairs(&sft, &pref_prompts, cfg)?;
     let session = pairwise(&cfg.panel, &pairs);
-    let prefs = session.export(Format::Preference)?;
+    let prefs = if cfg.export_by_reliability {
+        session.export_by_reliability(Format::Preference)?
+    } else {
+        session.export(Format::Preference)?
+    };
     if prefs.len() < 4 {
         bail!(
-            "only {} preference pairs (the SFT samples were identical); raise preference_prompts or sample_temperature",
+            "only {} preference pairs (the SFT samples were identical); raise preference_prompts, candidates_per_prompt or sample_temperature",
             prefs.len()
         );
     }
@@ -420,11 +444,15 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg);
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
-    let gold_acc =
-        rm_gold_agreement(&rm_dir, &sft, &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)], cfg, &data)?;
+    let probe = &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)];
+    let gold_acc = rm_gold_agreement(&rm_dir, &sft, probe, cfg, &data)?;
     let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
         "gold_agreement": gold_acc});
     lap("rm", &mut t);
+    eprintln!("  best-of-n sweep (n ≤ {}) on {} held-out prompts: proxy reward model vs gold", cfg.best_of_n, probe.len());
+    let best_of_n =
+        crate::overopt::sweep(&sft, &rm_dir, probe, cfg.best_of_n, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.seed)?;
+    lap("best_of_n", &mut t);
 
     let mut stages = vec![base_info, sft_info, rm_info];
     let mut models =
@@ -466,13 +494,14 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     eval.reference = Some("sft".into());
     lap("eval", &mut t);
 
-    let findings = findings(&eval, &flags, &stages[2]);
+    let findings = findings(&eval, &flags, &stages[2], &best_of_n);
     let summary = RunSummary {
         config: cfg.clone(),
         stages,
         preference_pairs: prefs.len(),
         annotators: flags,
         agreement,
+        best_of_n,
         eval,
         findings,
     };
@@ -555,7 +584,8 @@ fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -
     Ok(info)
 }
 
-/// Two samples of the SFT model per prompt (different seeds): the pairs annotators compare.
+/// `candidates_per_prompt` samples of the SFT model per prompt (different seeds); the pair is the first sample
+/// and the first later one that differs from it (or the second, when all are the same).
 fn sample_pairs<'a>(
     model: &Path,
     prompts: &'a [Prompt],
@@ -569,12 +599,23 @@ fn sample_pairs<'a>(
         sampling: Sampling { temperature: cfg.sample_temperature, ..Sampling::default() },
         ..Default::default()
     };
-    let n = prompts.len() as u64;
-    let seeds_a: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(2 * i + 1)).collect();
-    let seeds_b: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(2 * i + 2)).collect();
-    let a = g.run(&ids, &seeds_a, &template, cfg.eval.batch_size)?;
-    let b = g.run(&ids, &seeds_b, &template, cfg.eval.batch_size)?;
-    Ok(prompts.iter().zip(a).zip(b).map(|((p, (x, _)), (y, _))| (p, x, y)).collect())
+    let (n, k) = (prompts.len() as u64, cfg.candidates_per_prompt.max(2) as u64);
+    let mut candidates: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
+    for j in 0..k {
+        let seeds: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(k * i + j + 1)).collect();
+        for (c, (text, _)) in candidates.iter_mut().zip(g.run(&ids, &seeds, &template, cfg.eval.batch_size)?) {
+            c.push(text);
+        }
+    }
+    Ok(prompts
+        .iter()
+        .zip(candidates)
+        .map(|(p, mut c)| {
+            let other = c.iter().skip(1).position(|x| *x != c[0]).map_or(1, |i| i + 1);
+            let b = c.swap_remove(other);
+            (p, c.swap_remove(0), b)
+        })
+        .collect())
 }
 
 /// Share of held-out SFT sample pairs (gold rewards differing) that the reward model orders as gold does.
@@ -613,7 +654,7 @@ fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineCo
 }
 
 /// Statements computed from the run; expected effects that did not appear are said so.
-fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
+fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value, best_of_n: &[crate::overopt::BestOfN]) -> Vec<String> {
     let mut f = Vec::new();
     let gold = |name: &str| eval.model(name).and_then(|m| m.reward("gold")).map(|r| r.reward);
     let cmp = |a: &str, b: &str| -> Option<String> {
@@ -650,6 +691,7 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
             rm["eval"]["accuracy"].as_f64().map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
         ));
     }
+    f.extend(best_of_n_finding(best_of_n));
     let biased: Vec<&FlagCheck> = flags.iter().filter(|c| c.bias != crate::annotators::Bias::None).collect();
     let caught = biased.iter().filter(|c| !c.flags.is_empty()).count();
     let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
@@ -663,6 +705,26 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
         ));
     }
     f
+}
+
+/// What the best-of-n sweep shows: gold following the proxy, peaking (over-optimisation) or falling.
+fn best_of_n_finding(points: &[crate::overopt::BestOfN]) -> Option<String> {
+    let (first, last) = (points.first()?, points.last()?);
+    let peak = points.iter().fold(first, |b, p| if p.gold > b.gold { p } else { b });
+    let head = format!(
+        "best-of-n against the reward model (n = 1 → {}, KL 0 → {:.2} nats): proxy {:.3} → {:.3}, gold {:.3} → {:.3}",
+        last.n, last.kl, first.proxy, last.proxy, first.gold, last.gold
+    );
+    Some(if peak.n == last.n {
+        format!("{head}; gold rises with the proxy up to the largest n (no over-optimisation visible in this range)")
+    } else if last.gold < first.gold {
+        format!("{head}; gold peaks at n = {} ({:.3}) and ends BELOW n = 1: the proxy is over-optimised", peak.n, peak.gold)
+    } else {
+        format!(
+            "{head}; gold peaks at n = {} (KL {:.2}, gold {:.3}) and then falls while the proxy keeps rising: over-optimisation",
+            peak.n, peak.kl, peak.gold
+        )
+    })
 }
 
 fn metric_points(path: &Path, key: &str) -> Vec<(f64, f64)> {
@@ -700,6 +762,7 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     h.push_str("</ul>");
     sections.push(Section { id: "findings".into(), heading: "Findings".into(), html: h });
     sections.extend(report::eval_sections(&s.eval));
+    sections.push(over_optimisation_section(s, curves));
 
     let mut h = String::from("<p>Pairwise labels are Bradley–Terry choices on the gold reward at each annotator's temperature, plus the annotator's bias. The flags are the feedback app's own (position bias, speed, accuracy on quality-control items).</p><table><tr><th class=l>annotator</th><th class=l>bias (truth)</th><th>labels</th><th>agreement with gold</th><th class=l>app's flags</th><th class=l>verdict</th></tr>");
     for a in &s.annotators {
@@ -764,6 +827,32 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
         .join(" · ");
     let intro = format!("{intro}<p class=ok>Gold reward (mean [95 % CI]): {gold_table}</p>");
     report::render(&Report { title: "rlhf sandbox report".into(), intro, sections })
+}
+
+/// Gao et al.'s picture: proxy and gold reward against KL to the SFT model, for best-of-n and along PPO.
+fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Section {
+    let mut h = String::from(
+        "<p>Best-of-n: of n SFT samples per held-out prompt the reward model (the proxy) picks one; its proxy and \
+         gold rewards are plotted against KL(best-of-n ‖ SFT) = log n − (n − 1)/n. Where gold stops following the \
+         proxy, optimising the reward model harder no longer helps.</p>",
+    );
+    let pts = |f: fn(&crate::overopt::BestOfN) -> f64| s.best_of_n.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>();
+    let series = vec![("proxy (reward model)".to_string(), pts(|p| p.proxy)), ("gold".to_string(), pts(|p| p.gold))];
+    h.push_str(&report::line_chart("best-of-n: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
+    h.push_str("<table><tr><th>n</th><th>KL (nats)</th><th>proxy</th><th>gold</th></tr>");
+    for p in &s.best_of_n {
+        let _ = write!(h, "<tr><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", p.n, p.kl, p.proxy, p.gold);
+    }
+    h.push_str("</table>");
+    if let Some((_, path)) = curves.iter().find(|(n, _)| n == "ppo") {
+        let kl = metric_points(path, "objective/kl");
+        let proxy = metric_points(path, "objective/scores");
+        let along: Vec<(f64, f64)> =
+            kl.iter().zip(&proxy).filter(|(a, b)| a.0 == b.0).map(|(a, b)| (a.1, b.1)).collect();
+        h.push_str("<p>Along the PPO run (training batches): the reward model's score against the policy's KL to SFT.</p>");
+        h.push_str(&report::line_chart("PPO: proxy score against KL", "KL to SFT (nats)", "reward-model score", &[("ppo".into(), along)], true));
+    }
+    Section { id: "over-optimisation".into(), heading: "Reward over-optimisation".into(), html: h }
 }
 
 /// `key/sub: value` pairs of a JSON object, numbers to 4 significant digits.
