@@ -96,6 +96,10 @@ pub struct PipelineConfig {
     pub rm_gold_pairs: usize,
     /// Largest n of the best-of-n sweep (powers of two up to it).
     pub best_of_n: usize,
+    /// DPO budget of the length-bias probe (null = no probe): the preference pairs relabelled by an all-unbiased
+    /// and an all-length-loving panel, DPO from SFT on each (models `dpo-unbiased`, `dpo-long`): does the
+    /// annotators' verbosity bias reach the policy?
+    pub length_bias_probe: Option<Budget>,
 }
 
 impl PipelineConfig {
@@ -134,6 +138,8 @@ impl PipelineConfig {
             max_length: 128,
             rm_gold_pairs: 300,
             best_of_n: 8,
+            // A larger rate than the DPO stage's, so that the policy moves far enough for its length to tell.
+            length_bias_probe: Some(Budget { steps: 60, batch_size: 16, learning_rate: 5e-4 }),
         }
     }
 
@@ -144,12 +150,20 @@ impl PipelineConfig {
             vocab_size: 512,
             corpus_prompts: 6000,
             pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
-            demonstrations: 400,
-            sft: Budget { steps: 300, batch_size: 16, learning_rate: 5e-4 },
+            // Measured (seed 0): with 400 demonstrations × 300 steps SFT reached the gold ceiling on notes, refusals
+            // and abstentions (0.98–1.0), so no policy stage could improve on it; with 100 × 50 it leaves room.
+            demonstrations: 100,
+            sft: Budget { steps: 50, batch_size: 16, learning_rate: 5e-4 },
             preference_prompts: 2000,
-            // A few hundred pairs: more than ~3 epochs over-fit (200 DPO steps measured KL 8.5, gold −0.12).
-            rm: Budget { steps: 80, batch_size: 16, learning_rate: 5e-4 },
-            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            rm: Budget { steps: 150, batch_size: 16, learning_rate: 5e-4 },
+            // At 1e-4 DPO moved far (KL 2.6) and lost gold on notes (0.90 → 0.56) to the biased labels.
+            dpo: Budget { steps: 100, batch_size: 16, learning_rate: 3e-5 },
+            // Measured (seed 0, SFT gold 0.064 [0.018, 0.107]): PPO 0.189 [0.149, 0.226] (KL 3.2);
+            // GRPO 0.178 [0.137, 0.215] at β 0.1 × 150 steps (0.078 at β 0.05 × 100).
+            ppo: Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 },
+            grpo: Budget { steps: 150, batch_size: 8, learning_rate: 2e-4 },
+            grpo_beta: 0.1,
+            best_of_n: 16,
             eval_prompts: 1000,
             ..Self::quick(seed)
         }
@@ -481,6 +495,16 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         lap(&name, &mut t);
     }
 
+    if let Some(budget) = &cfg.length_bias_probe {
+        eprintln!("[sandbox 5/6] length-bias probe: the same pairs relabelled by unbiased and by length-loving panels, DPO on each");
+        for (name, dir, info) in length_bias_probe(cfg, budget, &pairs, &sft, &data, out)? {
+            stages.push(info);
+            curves.push((name.clone(), dir.join("metrics.jsonl")));
+            models.push(ModelSpec { name, dir });
+        }
+        lap("length_bias_probe", &mut t);
+    }
+
     eprintln!("[sandbox 6/6] evaluation of {} models on {} held-out prompts", models.len(), eval_prompts.len());
     let gold = GoldReward::new(eval_prompts.iter().map(|p| p.gold.clone()));
     let rewards: Vec<Box<dyn RewardSource + '_>> =
@@ -518,9 +542,44 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// Panels of three annotators sharing one bias relabel the SFT sample pairs; DPO from SFT (the
+/// probe's budget) on each panel's export. Returns (model name, directory, stage info) per panel.
+fn length_bias_probe(
+    cfg: &PipelineConfig,
+    budget: &Budget,
+    pairs: &[(&Prompt, String, String)],
+    sft: &Path,
+    data: &Path,
+    out: &Path,
+) -> Result<Vec<(String, PathBuf, Value)>> {
+    use crate::annotators::{Annotator, Bias};
+    let panels = [("dpo-unbiased", Bias::None), ("dpo-long", Bias::PrefersLonger { weight: 1.0 })];
+    let mut done = Vec::new();
+    for (name, bias) in panels {
+        let panel = Panel {
+            annotators: (0..3).map(|i| Annotator::new(&format!("{name}-{i}"), 0.1, bias)).collect(),
+            overlap: 3,
+            gold_item_share: 0.0,
+            seed: cfg.seed ^ 0x1E,
+        };
+        let prefs = pairwise(&panel, pairs).export(Format::Preference)?;
+        let file = data.join(format!("preferences-{name}.jsonl"));
+        write_rows(&file, &prefs)?;
+        let dir = out.join(name);
+        let mut c = pref_config(sft, &file, &dir, budget, cfg);
+        c.dpo.params.beta = cfg.dpo_beta;
+        c.dpo.loss_type = cfg.dpo_loss;
+        let s = rlhf_train::dpo::run_dpo(&c).with_context(|| format!("length-bias probe {name}"))?;
+        let info = json!({"name": name, "result": {"steps": s.steps, "final_loss": s.final_loss, "pairs": prefs.len(),
+            "labels": format!("3 annotators, {}", bias.describe())}});
+        done.push((name.to_string(), dir, info));
+    }
+    Ok(done)
+}
+
 /// Clears what an earlier run wrote (the base model stays: [`pretrain`] decides whether it is reusable).
 fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
-    let fixed = ["data", "sft", "rm", "summary.json", "report.html", "timings.json"];
+    let fixed = ["data", "sft", "rm", "dpo-unbiased", "dpo-long", "summary.json", "report.html", "timings.json"];
     let names: Vec<String> = fixed.iter().map(|s| s.to_string()).chain(stages.iter().map(|s| s.name())).collect();
     for n in names {
         let p = out.join(&n);
@@ -692,6 +751,21 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value, best_of_n: &[crate:
         ));
     }
     f.extend(best_of_n_finding(best_of_n));
+    if let (Some(u), Some(l)) = (eval.model("dpo-unbiased"), eval.model("dpo-long")) {
+        let (lu, ll) = (&u.length_tokens, &l.length_tokens);
+        let verdict = if ll.above(lu) {
+            "the length bias reaches the policy (longer, beyond the 95 % intervals)"
+        } else if ll.mean > lu.mean {
+            "longer, but the intervals overlap (no clear leak at this budget)"
+        } else {
+            "NOT longer: no leak visible at this budget"
+        };
+        let g = |m: &rlhf_eval::ModelSummary| m.reward("gold").map_or(f64::NAN, |r| r.reward.mean);
+        f.push(format!(
+            "length-bias probe: DPO on the same pairs labelled by length-loving annotators answers in {:.1} tokens (gold {:.3}) vs {:.1} (gold {:.3}) with unbiased labels: {verdict}",
+            ll.mean, g(l), lu.mean, g(u)
+        ));
+    }
     let biased: Vec<&FlagCheck> = flags.iter().filter(|c| c.bias != crate::annotators::Bias::None).collect();
     let caught = biased.iter().filter(|c| !c.flags.is_empty()).count();
     let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
