@@ -180,11 +180,12 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     assert!(proxy.windows(2).all(|w| w[1] >= w[0]), "{proxy:?}");
     let names: Vec<&str> =
         s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo", "dpo-unbiased", "dpo-long"]);
+    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo", "sft-large", "dpo-unbiased", "dpo-long"]);
     assert!(s["preference_pairs"].as_u64().unwrap() > 100);
     let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
     assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
     assert!(findings.iter().any(|f| f.starts_with("best-of-n against the reward model")), "{findings:?}");
+    assert!(findings.iter().any(|f| f.starts_with("InstructGPT in miniature: ppo")), "{findings:?}");
     // The verbosity bias of length-loving annotators reaches the policy trained on their labels.
     assert!(findings.iter().any(|f| f.starts_with("length-bias probe") && f.contains("reaches the policy")), "{findings:?}");
     let html = std::fs::read_to_string(t.join("run/report.html")).unwrap();

@@ -74,7 +74,11 @@ pub fn sweep(
                 row: &empty,
             })
             .collect();
-        let scores = rm.score(&samples)?;
+        // In batches: one padded batch of every prompt would hold all their activations at once.
+        let mut scores = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(32) {
+            scores.extend(rm.score(chunk)?);
+        }
         for (i, ((text, _), s)) in out.iter().zip(scores).enumerate() {
             proxy[i].push(s);
             gold[i].push(gold_reward(&prompts[i].gold, text));

@@ -96,6 +96,10 @@ pub struct PipelineConfig {
     pub rm_gold_pairs: usize,
     /// Largest n of the best-of-n sweep (powers of two up to it).
     pub best_of_n: usize,
+    /// A larger model (its own pretraining budget), SFT'd on the same demonstrations as `sft-large`: does RLHF
+    /// on the small model beat SFT on the larger one, as InstructGPT's 1.3 B PPO model beat its 175 B SFT model?
+    /// Null: not run.
+    pub larger: Option<Larger>,
     /// DPO budget of the length-bias probe (null = no probe): the preference pairs relabelled by an all-unbiased
     /// and an all-length-loving panel, DPO from SFT on each (models `dpo-unbiased`, `dpo-long`): does the
     /// annotators' verbosity bias reach the policy?
@@ -138,6 +142,10 @@ impl PipelineConfig {
             max_length: 128,
             rm_gold_pairs: 300,
             best_of_n: 8,
+            larger: Some(Larger {
+                shape: Shape { hidden_size: 96, num_hidden_layers: 3, num_attention_heads: 4, intermediate_size: 256 },
+                pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
+            }),
             // A larger rate than the DPO stage's, so that the policy moves far enough for its length to tell.
             length_bias_probe: Some(Budget { steps: 60, batch_size: 16, learning_rate: 5e-4 }),
         }
@@ -164,12 +172,24 @@ impl PipelineConfig {
             grpo: Budget { steps: 150, batch_size: 8, learning_rate: 2e-4 },
             grpo_beta: 0.1,
             best_of_n: 16,
+            larger: Some(Larger {
+                shape: Shape { hidden_size: 192, num_hidden_layers: 4, num_attention_heads: 6, intermediate_size: 512 },
+                pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
+            }),
             // At the quick preset's 5e-4 the unbiased-label DPO collapsed here (KL 5.8 nats, 2.9 tokens).
             length_bias_probe: Some(Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 }),
             eval_prompts: 1000,
             ..Self::quick(seed)
         }
     }
+}
+
+/// Shape and pretraining budget of the larger model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Larger {
+    pub shape: Shape,
+    pub pretrain: Budget,
 }
 
 /// What a policy stage is given: the SFT model it starts from, the reward model, the annotators'
@@ -497,6 +517,18 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         lap(&name, &mut t);
     }
 
+    if let Some(l) = &cfg.larger {
+        let (base_large, sft_large) = (out.join("base-large"), out.join("sft-large"));
+        let big = PipelineConfig { shape: l.shape, pretrain: l.pretrain, ..cfg.clone() };
+        eprintln!("[sandbox 5/6] larger model: pretraining → {}, SFT on the same demonstrations", base_large.display());
+        let mut info = pretrain(&big, &corpus, &data, &base_large)?;
+        info["name"] = json!("base-large");
+        stages.push(info);
+        let s = run_sft(&sft_config(&base_large, &data.join("demonstrations.jsonl"), &sft_large, &cfg.sft, cfg))?;
+        stages.push(json!({"name": "sft-large", "steps": s.steps, "final_loss": s.final_loss}));
+        models.push(ModelSpec { name: "sft-large".into(), dir: sft_large });
+        lap("larger", &mut t);
+    }
     if let Some(budget) = &cfg.length_bias_probe {
         eprintln!("[sandbox 5/6] length-bias probe: the same pairs relabelled by unbiased and by length-loving panels, DPO on each");
         for (name, dir, info) in length_bias_probe(cfg, budget, &pairs, &sft, &data, out)? {
@@ -520,7 +552,9 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     eval.reference = Some("sft".into());
     lap("eval", &mut t);
 
-    let findings = findings(&eval, &flags, &stages[2], &best_of_n);
+    let params = |name: &str| stages.iter().find(|s| s["name"] == name).and_then(|s| s["parameters"].as_f64());
+    let larger_ratio = params("base-large").zip(params("base")).map(|(l, s)| l / s);
+    let findings = findings(&eval, &flags, &stages[2], &best_of_n, larger_ratio);
     let summary = RunSummary {
         config: cfg.clone(),
         stages,
@@ -581,7 +615,7 @@ fn length_bias_probe(
 
 /// Clears what an earlier run wrote (the base model stays: [`pretrain`] decides whether it is reusable).
 fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
-    let fixed = ["data", "sft", "rm", "dpo-unbiased", "dpo-long", "summary.json", "report.html", "timings.json"];
+    let fixed = ["data", "sft", "rm", "sft-large", "dpo-unbiased", "dpo-long", "summary.json", "report.html", "timings.json"];
     let names: Vec<String> = fixed.iter().map(|s| s.to_string()).chain(stages.iter().map(|s| s.name())).collect();
     for n in names {
         let p = out.join(&n);
@@ -715,7 +749,13 @@ fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineCo
 }
 
 /// Statements computed from the run; expected effects that did not appear are said so.
-fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value, best_of_n: &[crate::overopt::BestOfN]) -> Vec<String> {
+fn findings(
+    eval: &Summary,
+    flags: &[FlagCheck],
+    rm: &Value,
+    best_of_n: &[crate::overopt::BestOfN],
+    larger_ratio: Option<f64>,
+) -> Vec<String> {
     let mut f = Vec::new();
     let gold = |name: &str| eval.model(name).and_then(|m| m.reward("gold")).map(|r| r.reward);
     let cmp = |a: &str, b: &str| -> Option<String> {
@@ -753,6 +793,24 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value, best_of_n: &[crate:
         ));
     }
     f.extend(best_of_n_finding(best_of_n));
+    if let Some(large) = gold("sft-large") {
+        for rl in ["ppo", "grpo"] {
+            let Some(r) = gold(rl) else { continue };
+            let verdict = if r.above(&large) {
+                "the small RLHF model is better, beyond the 95 % intervals"
+            } else if large.above(&r) {
+                "the larger SFT model is better, beyond the 95 % intervals"
+            } else {
+                "the intervals overlap"
+            };
+            f.push(format!(
+                "InstructGPT in miniature: {rl} on the small model ({:.3}) vs SFT on the {:.1}× larger model ({:.3}): {verdict}",
+                r.mean,
+                larger_ratio.unwrap_or(f64::NAN),
+                large.mean
+            ));
+        }
+    }
     if let (Some(u), Some(l)) = (eval.model("dpo-unbiased"), eval.model("dpo-long")) {
         let (lu, ll) = (&u.length_tokens, &l.length_tokens);
         let verdict = if ll.above(lu) {
