@@ -771,8 +771,27 @@ fn findings(
         };
         Some(format!("gold reward of {a} ({:.3}) vs {b} ({:.3}): {verdict}", x.mean, y.mean))
     };
+    // The policy stages proper; the larger SFT model and the length-bias probe have findings of their own.
+    let probes = ["sft-large", "dpo-unbiased", "dpo-long"];
+    let policies: Vec<&str> =
+        eval.models.iter().skip(2).map(|m| m.name.as_str()).filter(|n| !probes.contains(n)).collect();
+    if let Some(sft) = gold("sft") {
+        let (better, not): (Vec<&str>, Vec<&str>) =
+            policies.iter().partition(|n| gold(n).is_some_and(|g| g.above(&sft)));
+        f.push(match (better.is_empty(), not.is_empty()) {
+            (false, true) => format!("headline: every policy stage ({}) beats SFT by the gold reward, beyond the 95 % intervals", better.join(", ")),
+            (false, false) => format!(
+                "headline: {} {} SFT by the gold reward beyond the 95 % intervals; {} {} not",
+                better.join(" and "),
+                if better.len() == 1 { "beats" } else { "beat" },
+                not.join(" and "),
+                if not.len() == 1 { "does" } else { "do" }
+            ),
+            _ => format!("headline: NO policy stage ({}) beats SFT by the gold reward beyond the 95 % intervals", not.join(", ")),
+        });
+    }
     f.extend(cmp("sft", "base"));
-    for m in eval.models.iter().skip(2) {
+    for m in eval.models.iter().skip(2).filter(|m| policies.contains(&m.name.as_str())) {
         f.extend(cmp(&m.name, "sft"));
         if let Some(w) = eval.win_rates.iter().find(|w| w.source == "gold" && w.model == m.name && w.versus == "sft") {
             f.push(format!("{} wins {:.0} % of prompts against sft by gold (ties half)", m.name, 100.0 * w.win_rate));
@@ -971,7 +990,7 @@ fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Se
          proxy, optimising the reward model harder no longer helps.</p>",
     );
     let pts = |f: fn(&crate::overopt::BestOfN) -> f64| s.best_of_n.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>();
-    let series = vec![("proxy (reward model)".to_string(), pts(|p| p.proxy)), ("gold".to_string(), pts(|p| p.gold))];
+    let series = vec![("proxy (RM)".to_string(), pts(|p| p.proxy)), ("gold".to_string(), pts(|p| p.gold))];
     h.push_str(&report::line_chart("best-of-n: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
     h.push_str("<table><tr><th>n</th><th>KL (nats)</th><th>proxy</th><th>gold</th></tr>");
     for p in &s.best_of_n {
