@@ -55,6 +55,7 @@ fn main() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     rlhf_model::tune_allocator();
+    rlhf_serve::judge_reward::register();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
