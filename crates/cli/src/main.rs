@@ -39,6 +39,8 @@ enum Command {
     Chat(cmd::chat::Args),
     /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
     Judge(cmd::judge::Args),
+    /// Iterated RLHF: rounds of sampling, labelling (reward, judge, simulated annotators or a feedback-app project), DPO and evaluation.
+    Iterate(cmd::rl::Raw),
     /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
@@ -78,6 +80,7 @@ fn main() {
         Command::Judge(a) => cmd::judge::run(a),
         Command::Bench(b) => cmd::bench::run(b),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Iterate(a) => cmd::iterate::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),
     };
     if let Err(e) = result {

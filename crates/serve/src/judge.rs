@@ -89,6 +89,11 @@ impl Judge {
         Ok(Self { client, model, cfg, undecided: AtomicUsize::new(0) })
     }
 
+    /// The served model id the judge asks.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// Verdicts scored as undecided so far (neither log-probs nor text named an answer).
     pub fn undecided(&self) -> usize {
         self.undecided.load(Ordering::Relaxed)
