@@ -1,7 +1,7 @@
 //! A live feedback-app project as the label source: the round's candidate pairs are imported as items over the
 //! app's HTTP interface (as an admin, through its forms and CSRF tokens), the app is polled until every item has
 //! its overlap of labels or the deadline passes, and the decided pairs are pulled with the app's own preference
-//! export (majority vote, with `item_id`, `label_ids` and `annotator_ids`). Importing is idempotent (items carry
+//! export (majority vote, with `item_id`, `label_ids` and `annotator_ids`; PII scrubbed on the way out). Importing is idempotent (items carry
 //! ids), so a resumed run pushes again without duplicating anything.
 
 use std::collections::{BTreeMap, HashMap};
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::label::{pairs, record, Candidates, LabelInfo};
 use crate::store::LabelLog;
 
-/// A logged-in admin session with the app.
+/// A logged-in session with the app (an admin's, for importing and exporting).
 pub struct App {
     base: String,
     http: reqwest::Client,
@@ -29,7 +29,7 @@ fn csrf_in(html: &str) -> Option<String> {
 }
 
 impl App {
-    /// Logs in as `user` (an admin of the app).
+    /// Logs in as `user`.
     pub fn login(base: &str, user: &str, password: &str) -> Result<Self> {
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(Duration::from_secs(60)).build()?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -74,7 +74,13 @@ impl App {
         Ok((status, text))
     }
 
-    fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Result<String> {
+    /// GET `path`; the body.
+    pub fn get(&mut self, path: &str) -> Result<String> {
+        Ok(self.send(reqwest::Method::GET, path, None)?.1)
+    }
+
+    /// POSTs a form with the session's CSRF token; the body.
+    pub fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Result<String> {
         let csrf = self.csrf.clone();
         let mut form = vec![("csrf", csrf.as_str())];
         form.extend_from_slice(fields);
@@ -82,7 +88,7 @@ impl App {
     }
 
     fn get_json(&mut self, path: &str) -> Result<Value> {
-        let (_, text) = self.send(reqwest::Method::GET, path, None)?;
+        let text = self.get(path)?;
         serde_json::from_str(&text).with_context(|| format!("{}{path}: not JSON", self.base))
     }
 
@@ -104,9 +110,9 @@ impl App {
         Ok((overlap, counts))
     }
 
-    /// The app's preference export of `project` (decided pairs with their provenance).
+    /// The app's preference export of `project` (decided pairs with their provenance), PII scrubbed.
     pub fn export_preferences(&mut self, project: i64) -> Result<Vec<Value>> {
-        let text = self.post(&format!("/p/{project}/export"), &[("format", "preference")])?;
+        let text = self.post(&format!("/p/{project}/export"), &[("format", "preference"), ("scrub", "1")])?;
         text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).context("export row is not JSON")).collect()
     }
 
@@ -170,9 +176,14 @@ pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], log: 
     let mut labels = Vec::new();
     for row in app.export_preferences(t.project)? {
         let Some(p) = row["external_id"].as_str().and_then(|e| by_external.get(e)) else { continue };
-        let c = &cands[p.prompt_index];
-        let chosen = row["chosen"].as_str().unwrap_or_default();
-        let p_a = if chosen == c.candidates[p.a].text { 1.0 } else { 0.0 };
+        // The item's responses are [a, b]: the vote counts per response index say which won (the texts may
+        // have been scrubbed on the way out).
+        let (va, vb) = (row["votes"]["0"].as_u64().unwrap_or(0), row["votes"]["1"].as_u64().unwrap_or(0));
+        let p_a = match va.cmp(&vb) {
+            std::cmp::Ordering::Greater => 1.0,
+            std::cmp::Ordering::Less => 0.0,
+            std::cmp::Ordering::Equal => continue,
+        };
         let detail = json!({"item_id": row["item_id"], "label_ids": row["label_ids"], "annotator_ids": row["annotator_ids"],
             "votes": row["votes"], "margin": row["margin"], "project": row["project"]});
         labels.push(record(round, "feedback", &by, p, p_a, detail));

@@ -1,6 +1,7 @@
 //! The LLM judge as a reward source of the online-RL trainers:
-//! `judge:URL[,model=ID][,api=chat][,rubric=FILE][,template=FILE]` (`template`: the rating template, with
-//! `{rubric}`, `{prompt}` and `{response}`).
+//! `judge:URL[,model=ID][,api=chat][,rubric=FILE][,template=FILE][,pairwise=FILE]` (`template`: the rating
+//! template, with `{rubric}`, `{prompt}` and `{response}`; `pairwise`: the pairwise template, for labellers that
+//! compare, with `{rubric}`, `{prompt}`, `{response_a}`, `{response_b}`).
 //!
 //! Each completion is scored by [`Judge::rate`]: the expected rating in [1, 9] under the judge's distribution
 //! over the digits (the default constitution-style rubric, or the rubric file). The API key, if the endpoint
@@ -46,7 +47,7 @@ impl JudgeSpec {
         }
         let mut config = JudgeConfig::default();
         for opt in parts {
-            let (k, v) = opt.split_once('=').with_context(|| format!("option `{opt}`: expected key=value (model, api, rubric, template)"))?;
+            let (k, v) = opt.split_once('=').with_context(|| format!("option `{opt}`: expected key=value (model, api, rubric, template, pairwise)"))?;
             match k.trim() {
                 "model" => config.model = Some(v.trim().to_string()),
                 "api" => {
@@ -58,12 +59,11 @@ impl JudgeSpec {
                 }
                 "rubric" => config.rubric = read(v)?,
                 "template" => config.rating_template = read(v)?,
-                other => bail!("unknown option `{other}` (model, api, rubric, template)"),
+                "pairwise" => config.pairwise_template = read(v)?,
+                other => bail!("unknown option `{other}` (model, api, rubric, template, pairwise)"),
             }
         }
-        if !config.rating_template.contains("{prompt}") || !config.rating_template.contains("{response}") {
-            bail!("the rating template needs {{prompt}} and {{response}} placeholders");
-        }
+        config.check()?;
         // Fails now on a malformed URL (e.g. https://, which this build cannot reach).
         Client::new(&url, None)?;
         Ok(Self { url, config })
