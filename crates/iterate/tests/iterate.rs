@@ -85,6 +85,16 @@ fn two_rounds_labelled_by_a_served_judge() {
         assert_eq!(card["labellers"]["judge"]["model"], "tiny");
         assert!(std::fs::read_to_string(rd.join("MODEL_CARD.md")).unwrap().contains("> Right sums win."));
     }
+
+    // An endpoint nothing listens on: retried, then an error naming it; the run stops after sampling.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let e = run(&args(tmp.path(), &["--labels", &format!("judge:{dead_url}"), "--name", "dead", "--reward-retries", "1"])).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("round 1, phase label") && e.contains(&dead_url) && e.contains("after 2 attempts"), "{e}");
+    let state = read_json(&tmp.path().join("dead/state.json"));
+    assert_eq!(state["done"], serde_json::json!(["sample"]));
 }
 
 /// The feedback app on a fresh SQLite database with an admin and three annotators, and one pairwise project
