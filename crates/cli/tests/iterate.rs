@@ -177,5 +177,7 @@ fn bad_configs_name_file_line_and_key() {
     assert!(e.contains("\"prompts\"") && e.contains("required"), "{e}");
     let e = run("model = \"fixtures/models/llama\"\nlabels = \"feedback:http://127.0.0.1:1\"\nprompts = \"data/prompts.jsonl\"\n");
     assert!(e.contains("\"feedback_project\"") && e.contains("required"), "{e}");
+    let e = run("model = \"fixtures/models/llama\"\nprompts = \"data/prompts.jsonl\"\n\nlabels = \"rgx:[0-9]\"\n");
+    assert!(e.contains("it.toml:4") && e.contains("\"labels\"") && e.contains("unknown kind `rgx`"), "{e}");
     assert!(!tmp.path().join("iterate").exists(), "nothing is written for a bad config");
 }

@@ -54,26 +54,31 @@ pub fn run(args: &IterateArgs) -> Result<Summary> {
     let dir = args.run_dir();
     let settings = serde_json::to_value(args)?;
     let state_path = dir.join(STATE_FILE);
-    let mut state = match store::load_state(&state_path, &settings, &config::RESUME_FREE_KEYS)? {
-        Some(s) => s,
-        None => {
-            if dir.read_dir().is_ok_and(|mut d| d.next().is_some()) {
-                bail!("{}: holds files but no {STATE_FILE}; choose another `name` or remove it", dir.display());
-            }
-            let s = State { settings, round: 1, done: Vec::new() };
-            write_json(&state_path, &s)?;
-            s
-        }
-    };
+    let resumed = store::load_state(&state_path, &settings, &config::RESUME_FREE_KEYS)?;
+    let sandbox_eval = dir.join("eval_prompts.jsonl");
+    let rewritten = [sandbox_eval.clone(), gold_path(&sandbox_eval)];
+    if resumed.is_none() && dir.read_dir().is_ok_and(|d| d.flatten().any(|e| !rewritten.contains(&e.path()))) {
+        bail!("{}: holds files but no {STATE_FILE}; choose another `name` or remove it", dir.display());
+    }
     let source = args.label_source();
     let eval_prompts = match (&source, &args.eval_prompts) {
         // The world is a function of the seed: rewritten identically on every start.
         (LabelSource::Sandbox, _) => {
-            let p = dir.join("eval_prompts.jsonl");
-            write_prompts(&p, &generate(args.sandbox_eval_prompts, &Mix::default(), args.seed ^ 0xE7A1, "eval-"))?;
-            Some(p)
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            write_prompts(&sandbox_eval, &generate(args.sandbox_eval_prompts, &Mix::default(), args.seed ^ 0xE7A1, "eval-"))?;
+            Some(sandbox_eval)
         }
         (_, p) => p.clone(),
+    };
+    check_sources(args, &source, eval_prompts.as_deref())?;
+    // Written only once the sources are known to work, so a misspelt setting leaves nothing to resume.
+    let mut state = match resumed {
+        Some(s) => s,
+        None => {
+            let s = State { settings, round: 1, done: Vec::new() };
+            write_json(&state_path, &s)?;
+            s
+        }
     };
     for k in state.round..=args.rounds {
         let rd = round_dir(&dir, k);
@@ -99,6 +104,28 @@ pub fn run(args: &IterateArgs) -> Result<Summary> {
     }
     let rounds = (1..=args.rounds).map(|k| read_json(&round_dir(&dir, k).join("metrics.json"))).collect::<Result<Vec<_>>>()?;
     Ok(Summary { final_model: round_dir(&dir, args.rounds).join("model"), run_dir: dir, rounds })
+}
+
+/// Builds the label and evaluation sources once before any round, so that a misspelt spec fails at start-up
+/// (naming its key), not after a round of sampling.
+fn check_sources(args: &IterateArgs, source: &LabelSource, eval_prompts: Option<&Path>) -> Result<()> {
+    let tok = rlhf_data::Tokenizer::from_dir(args.model()).with_context(|| format!("model {}", args.model().display()))?;
+    match source {
+        LabelSource::Reward(spec) => {
+            let timeout = Duration::from_secs_f64(args.reward_timeout_s);
+            rlhf_train::reward::parse_spec(spec, &tok, args.max_length, timeout).map_err(|e| args.err("labels", e.to_string()))?;
+        }
+        LabelSource::Judge(arg) => {
+            rlhf_serve::judge_reward::JudgeSpec::parse(arg).map_err(|e| args.err("labels", format!("judge:{arg}: {e:#}")))?;
+        }
+        LabelSource::Sandbox | LabelSource::Feedback(_) => {}
+    }
+    if let Some(p) = eval_prompts {
+        for spec in args.eval_rewards() {
+            reward_source(&spec, p, args.model(), args.max_length).map_err(|e| args.err("eval_reward", format!("{spec}: {e:#}")))?;
+        }
+    }
+    Ok(())
 }
 
 pub fn round_dir(run: &Path, k: usize) -> PathBuf {
