@@ -143,9 +143,9 @@ fn the_example_config_runs_with_the_sandbox_annotators() {
     .output()
     .unwrap());
     let rd = tmp.path().join("iterate-sandbox/round-2");
-    // Six annotators, three per item, one pair per prompt.
+    // Three annotators per pair, 4 candidates = 6 pairs per prompt.
     let labels = jsonl(&rd.join("labels.jsonl"));
-    assert_eq!(labels.len(), 18);
+    assert_eq!(labels.len(), 6 * 6 * 3);
     assert!(labels.iter().all(|l| l["source"] == "sandbox" && l["by"].as_str().unwrap().starts_with("sandbox:")));
     let card: Value = serde_json::from_str(&std::fs::read_to_string(rd.join("model_card.json")).unwrap()).unwrap();
     let stats = &card["labellers"]["stats"];
