@@ -151,6 +151,13 @@ fn the_example_config_runs_with_the_sandbox_annotators() {
     let stats = &card["labellers"]["stats"];
     assert_eq!(stats["annotators"].as_array().unwrap().len(), 6, "{stats}");
     assert!(stats["agreement"].as_array().is_some_and(|a| !a.is_empty()), "{stats}");
+    // The annotators' decisive labels checked against the hidden gold reward.
+    let g = &card["labellers"]["agreement_with_gold"];
+    let by: u64 = g["by_labeller"].as_object().unwrap().values().map(|a| a["compared"].as_u64().unwrap()).sum();
+    assert_eq!(g["compared"].as_u64(), Some(by), "{g}");
+    assert!(g["compared"].as_u64().unwrap() > 0 && g["agree"].as_u64() <= g["compared"].as_u64(), "{g}");
+    let decisive = labels.iter().filter(|l| l["p_a"].as_f64() != Some(0.5)).count() as u64;
+    assert!(by <= decisive);
     let gold = &s["rounds"][1]["eval"]["trained"]["rewards"]["gold"];
     assert!((-1.0..=1.0).contains(&gold["mean"].as_f64().unwrap()), "{gold}");
     let md = std::fs::read_to_string(rd.join("MODEL_CARD.md")).unwrap();
@@ -177,6 +184,8 @@ fn bad_configs_name_file_line_and_key() {
     assert!(e.contains("\"prompts\"") && e.contains("required"), "{e}");
     let e = run("model = \"fixtures/models/llama\"\nlabels = \"feedback:http://127.0.0.1:1\"\nprompts = \"data/prompts.jsonl\"\n");
     assert!(e.contains("\"feedback_project\"") && e.contains("required"), "{e}");
+    let e = run("model = \"fixtures/models/llama\"\nlabels = \"sandbox\"\nprompts = \"data/prompts.jsonl\"\n");
+    assert!(e.contains("it.toml:3") && e.contains("\"prompts\"") && e.contains("sandbox world"), "{e}");
     let e = run("model = \"fixtures/models/llama\"\nprompts = \"data/prompts.jsonl\"\n\nlabels = \"rgx:[0-9]\"\n");
     assert!(e.contains("it.toml:4") && e.contains("\"labels\"") && e.contains("unknown kind `rgx`"), "{e}");
     assert!(!tmp.path().join("iterate").exists(), "nothing is written for a bad config");

@@ -32,7 +32,7 @@ pub fn write(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
         "model": rd.join("model"),
         "start_policy": start,
         "data_sources": {
-            "prompts": if args.label_source() == crate::LabelSource::Sandbox { json!("sandbox world (seeded)") } else { json!(args.prompts) },
+            "prompts": if args.world_prompts() { json!("sandbox world (seeded)") } else { json!(args.prompts) },
             "round_prompts": rd.join("prompts.jsonl"),
             "candidates": rd.join("candidates.jsonl"),
             "candidates_per_prompt": args.candidates,
@@ -76,6 +76,13 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
         let _ = writeln!(s, "| {who} | {} | {} | {} |", v(&n["prefers_a"]), v(&n["prefers_b"]), v(&n["undecided"]));
     }
     let info = &c["labellers"];
+    if let Some(g) = info.get("agreement_with_gold") {
+        let _ = writeln!(s, "\nAgreement with the sandbox's hidden gold reward: {} of {} decisive labels on pairs gold separates ({}).",
+            v(&g["agree"]), v(&g["compared"]), v(&g["rate"]));
+        for (who, a) in g["by_labeller"].as_object().into_iter().flatten() {
+            let _ = writeln!(s, "- {who}: {} of {}", v(&a["agree"]), v(&a["compared"]));
+        }
+    }
     if let Some(stats) = info.get("stats") {
         let _ = writeln!(s, "\n### Annotators (agreement and flags from the feedback app's quality statistics)\n");
         let _ = writeln!(s, "| annotator | labels | left share | gold accuracy | reliability | flags |\n| --- | --- | --- | --- | --- | --- |");

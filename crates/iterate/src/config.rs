@@ -58,8 +58,9 @@ pub struct IterateArgs {
     /// The initial policy (HF model directory); round k starts from round k−1's model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training prompts (JSONL, a string `prompt` per row; other columns reach reward sources). Not used with
-    /// labels = "sandbox", whose prompts come from the sandbox world.
+    /// Training prompts (JSONL, a string `prompt` per row; other columns reach reward sources), or `sandbox`:
+    /// fresh prompts of the sandbox world each round, whose hidden gold reward then measures every label source's
+    /// agreement and is the default evaluation reward (the default with labels = "sandbox").
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Held-out prompts for the evaluation after each round (sandbox: drawn from the world).
@@ -149,6 +150,14 @@ impl IterateArgs {
         LabelSource::parse(self.labels.as_deref().unwrap_or_default())
     }
 
+    /// Prompts are drawn from the sandbox world (which has a gold reward).
+    pub fn world_prompts(&self) -> bool {
+        match self.prompts.as_deref() {
+            None => self.label_source() == LabelSource::Sandbox,
+            Some(p) => p == Path::new("sandbox"),
+        }
+    }
+
     pub fn model(&self) -> &Path {
         self.model.as_deref().expect("validated")
     }
@@ -159,7 +168,7 @@ impl IterateArgs {
             return self.eval_reward.clone();
         }
         match self.label_source() {
-            LabelSource::Sandbox => vec!["gold".into()],
+            _ if self.world_prompts() => vec!["gold".into()],
             LabelSource::Reward(spec) => vec![spec],
             _ => Vec::new(),
         }
@@ -170,8 +179,9 @@ impl IterateArgs {
         need("model", self.model.is_some())?;
         need("labels", self.labels.as_deref().is_some_and(|l| !l.trim().is_empty()))?;
         let source = self.label_source();
-        if source != LabelSource::Sandbox {
-            need("prompts", self.prompts.is_some())?;
+        need("prompts", self.world_prompts() || self.prompts.is_some())?;
+        if source == LabelSource::Sandbox && !self.world_prompts() {
+            return Err(self.err("prompts", "the sandbox's annotators label the sandbox world's prompts: leave prompts unset or set it to \"sandbox\""));
         }
         if let LabelSource::Feedback(url) = &source {
             need("feedback_project", self.feedback_project.is_some())?;

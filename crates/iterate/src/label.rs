@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rlhf_data::Tokenizer;
 use rlhf_sandbox::annotators::{pairwise, Panel};
+use rlhf_sandbox::gold::gold_reward;
 use rlhf_sandbox::world::{Gold, Prompt};
 use rlhf_serve::judge_reward::JudgeSpec;
 use rlhf_train::reward::{Rewards, Sample};
@@ -172,4 +173,24 @@ pub fn by_sandbox(gold_file: &Path, seed: u64, round: usize, cands: &[Candidates
     log.append(labels)?;
     let annotators: Vec<Value> = panel.annotators.iter().map(|a| json!({"name": a.name, "bias": a.bias.describe(), "temperature": a.temperature})).collect();
     Ok(json!({"panel": annotators, "overlap": panel.overlap, "stats": session.stats()}))
+}
+
+/// How often decisive labels (P(a ≻ b) ≠ ½) agree with the hidden gold reward, on pairs whose gold rewards differ:
+/// overall and per labeller.
+pub fn gold_agreement(gold_file: &Path, cands: &[Candidates], labels: &[LabelRecord]) -> Result<Value> {
+    let golds: Vec<Gold> = crate::store::read_jsonl(gold_file)?;
+    let mut per: std::collections::BTreeMap<&str, [usize; 2]> = Default::default();
+    for l in labels.iter().filter(|l| l.p_a != 0.5) {
+        let (c, g) = (&cands[l.prompt_index], &golds[l.prompt_index]);
+        let (ga, gb) = (gold_reward(g, &c.candidates[l.a].text), gold_reward(g, &c.candidates[l.b].text));
+        if ga != gb {
+            let e = per.entry(&l.by).or_default();
+            e[0] += usize::from((l.p_a > 0.5) == (ga > gb));
+            e[1] += 1;
+        }
+    }
+    let (agree, compared) = per.values().fold((0, 0), |(a, n), v| (a + v[0], n + v[1]));
+    let rate = |a: usize, n: usize| if n == 0 { Value::Null } else { json!(a as f64 / n as f64) };
+    Ok(json!({"agree": agree, "compared": compared, "rate": rate(agree, compared),
+        "by_labeller": per.iter().map(|(k, v)| (k.to_string(), json!({"agree": v[0], "compared": v[1], "rate": rate(v[0], v[1])}))).collect::<Map<_, _>>()}))
 }

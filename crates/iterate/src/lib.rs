@@ -61,14 +61,14 @@ pub fn run(args: &IterateArgs) -> Result<Summary> {
         bail!("{}: holds files but no {STATE_FILE}; choose another `name` or remove it", dir.display());
     }
     let source = args.label_source();
-    let eval_prompts = match (&source, &args.eval_prompts) {
+    let eval_prompts = match &args.eval_prompts {
         // The world is a function of the seed: rewritten identically on every start.
-        (LabelSource::Sandbox, _) => {
+        _ if args.world_prompts() => {
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
             write_prompts(&sandbox_eval, &generate(args.sandbox_eval_prompts, &Mix::default(), args.seed ^ 0xE7A1, "eval-"))?;
             Some(sandbox_eval)
         }
-        (_, p) => p.clone(),
+        p => p.clone(),
     };
     check_sources(args, &source, eval_prompts.as_deref())?;
     // Written only once the sources are known to work, so a misspelt setting leaves nothing to resume.
@@ -141,7 +141,7 @@ pub fn read_json(path: &Path) -> Result<Value> {
 fn round_prompts(args: &IterateArgs, k: usize, rd: &Path) -> Result<Vec<Map<String, Value>>> {
     let n = args.prompts_per_round;
     let path = rd.join("prompts.jsonl");
-    if args.label_source() == LabelSource::Sandbox {
+    if args.world_prompts() {
         let world = generate(n, &Mix::default(), args.seed.wrapping_add(k as u64), &format!("r{k}-"));
         write_prompts(&path, &world)?;
         return Ok(world.iter().map(|p| p.public_row()).collect());
@@ -214,6 +214,10 @@ fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: 
             &mut log,
         )?,
     };
+    let mut info = info;
+    if args.world_prompts() {
+        info["agreement_with_gold"] = label::gold_agreement(&gold_path(&rd.join("prompts.jsonl")), &cands, &log.labels)?;
+    }
     write_json(&rd.join("label_info.json"), &info)
 }
 
@@ -317,4 +321,52 @@ fn eval(args: &IterateArgs, k: usize, start: &Path, rd: &Path, prompts: Option<&
             "win_rates": s.win_rates.iter().filter(|w| w.model == "trained").map(|w| json!({"source": w.source, "win_rate": w.win_rate, "n": w.n})).collect::<Vec<_>>()});
     }
     write_json(&rd.join("metrics.json"), &metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(item: (usize, usize, usize), by: &str, p_a: f64) -> LabelRecord {
+        LabelRecord {
+            id: format!("r1-p{}-{}-{}:{by}", item.0, item.1, item.2),
+            round: 1,
+            source: "sandbox".into(),
+            by: by.into(),
+            item: format!("r1-p{}-{}-{}", item.0, item.1, item.2),
+            prompt_index: item.0,
+            a: item.1,
+            b: item.2,
+            p_a,
+            detail: json!({"label_ids": [7]}),
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_the_mean_and_drop_undecided_majorities() {
+        let texts = |t: &[&str]| t.iter().map(|s| Candidate { text: s.to_string(), ids: vec![], eos: true }).collect();
+        let mut row = Map::new();
+        row.insert("prompt".into(), json!("Q"));
+        let cands = vec![Candidates { prompt_index: 0, row, prompt_ids: vec![1], candidates: texts(&["x", "y", "z"]) }];
+        let labels = vec![
+            // (0,1): 2 of 3 prefer b.
+            label((0, 0, 1), "u1", 0.0),
+            label((0, 0, 1), "u2", 0.0),
+            label((0, 0, 1), "u3", 1.0),
+            // (0,2): two ties and one vote: mostly undecided, left out.
+            label((0, 0, 2), "u1", 0.5),
+            label((0, 0, 2), "u2", 0.5),
+            label((0, 0, 2), "u3", 1.0),
+            // (1,2): a judge's probability.
+            label((0, 1, 2), "judge", 0.7),
+        ];
+        let (rows, prov) = decisions(&cands, &labels);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0]["chosen"].as_str(), rows[0]["rejected"].as_str()), (Some("y"), Some("x")));
+        assert_eq!((rows[1]["chosen"].as_str(), rows[1]["rejected"].as_str()), (Some("y"), Some("z")));
+        assert_eq!(prov[0]["label_ids"], json!(["r1-p0-0-1:u1", "r1-p0-0-1:u2", "r1-p0-0-1:u3"]));
+        assert!((prov[0]["p_chosen"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(prov[1]["app_label_ids"], json!([[7]]));
+    }
 }
