@@ -7,6 +7,7 @@
 
 pub mod annotators;
 pub mod gold;
+pub mod overopt;
 pub mod pipeline;
 pub mod source;
 pub mod world;
