@@ -190,3 +190,29 @@ fn bad_configs_name_file_line_and_key() {
     assert!(e.contains("it.toml:4") && e.contains("\"labels\"") && e.contains("unknown kind `rgx`"), "{e}");
     assert!(!tmp.path().join("iterate").exists(), "nothing is written for a bad config");
 }
+
+#[test]
+fn rm_retrain_then_grpo_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs").display().to_string();
+    let eval = eval_prompts(tmp.path());
+    let fast = scorer("0");
+    let mut a = base_args(&runs, &eval, &fast);
+    a.extend(["--trainer", "rm_grpo", "--rm-steps", "3", "--grpo-steps", "2", "--batch-size", "2", "--learning-rate", "1e-5"]);
+    let s = ok(&rlhf(&a).output().unwrap());
+    let run = tmp.path().join("runs/t");
+    let rows = |k: usize| jsonl(&run.join(format!("round-{k}/train.jsonl"))).len();
+    // The reward model of round 2 learns from the pairs of both rounds.
+    assert_eq!(jsonl(&run.join("round-2/rm_train.jsonl")).len(), rows(1) + rows(2));
+    for k in 1..=2 {
+        let rd = run.join(format!("round-{k}"));
+        let t: Value = serde_json::from_str(&std::fs::read_to_string(rd.join("train_summary.json")).unwrap()).unwrap();
+        assert_eq!((t["summary"]["rm"]["steps"].as_u64(), t["summary"]["steps"].as_u64()), (Some(3), Some(2)), "{t}");
+        assert!(t["summary"]["final_metrics"]["kl"].is_number(), "GRPO with β > 0 reports its KL: {t}");
+        assert_eq!(t["config"]["grpo"]["beta"], 0.05);
+        assert!(rd.join("rm/model.safetensors").is_file() && rd.join("model/model.safetensors").is_file());
+        assert!(s["rounds"][k - 1]["eval"]["trained"]["kl_to_start"]["mean"].is_number());
+        let md = std::fs::read_to_string(rd.join("MODEL_CARD.md")).unwrap();
+        assert!(md.contains("then GRPO") && md.contains("\"rm\""), "{md}");
+    }
+}

@@ -46,7 +46,7 @@ pub fn write(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
             "first_at_ms": first, "last_at_ms": last,
         },
         "labellers": info,
-        "training": {"algorithm": "dpo (reference = the round's starting policy)", "rows": rows.len(), "rows_file": rd.join("training_rows.jsonl"),
+        "training": {"algorithm": train["summary"]["algorithm"], "rows": rows.len(), "rows_file": rd.join("training_rows.jsonl"),
             "summary": train["summary"], "config": train["config"]},
         "evaluation": metrics["eval"],
     });
@@ -110,10 +110,9 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
         let _ = writeln!(s, "\n### Reward\n\nPairs ordered by `{}`.", v(r));
     }
     let t = &c["training"];
-    let cfg = &t["config"];
-    let _ = writeln!(s, "\n## Training\n\n{}: {} rows (`{}`), {} steps, final loss {}; β {}, learning rate {}, batch {}, max length {}, seed {}.",
-        v(&t["algorithm"]), v(&t["rows"]), v(&t["rows_file"]), v(&t["summary"]["steps"]), v(&t["summary"]["final_loss"]),
-        v(&cfg["dpo"]["beta"]), v(&cfg["learning_rate"]), v(&cfg["batch_size"]), v(&cfg["max_length"]), v(&cfg["seed"]));
+    let _ = writeln!(s, "\n## Training\n\n{}: {} rows (`{}`), {} steps.", v(&t["algorithm"]), v(&t["rows"]), v(&t["rows_file"]), v(&t["summary"]["steps"]));
+    let _ = writeln!(s, "\nResult:\n\n```json\n{}\n```", serde_json::to_string_pretty(&t["summary"]).unwrap_or_default());
+    let _ = writeln!(s, "\nConfiguration:\n\n```json\n{}\n```", serde_json::to_string_pretty(&t["config"]).unwrap_or_default());
     let _ = writeln!(s, "\n## Evaluation\n");
     let e = &c["evaluation"];
     if e.is_null() {

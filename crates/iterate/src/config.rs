@@ -43,6 +43,18 @@ impl LabelSource {
     }
 }
 
+/// How a round trains the policy on its labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainer {
+    /// Online/iterative DPO on the round's decided pairs, reference = the round's starting policy.
+    Dpo,
+    /// Retrain a reward model on the decided pairs of every round so far, then GRPO against it on the round's
+    /// prompts with a KL leash (`grpo_beta`) to the round's starting policy.
+    #[value(name = "rm_grpo")]
+    RmGrpo,
+}
+
 /// Settings of `rlhf iterate` (TOML key ⇔ flag of the same name with dashes).
 #[derive(Debug, Clone, PartialEq, clap::Parser, Serialize, Deserialize)]
 #[command(about = "Iterated RLHF: rounds of sample → label → DPO → evaluate, with provenance and resume")]
@@ -99,11 +111,26 @@ pub struct IterateArgs {
     /// Sandbox: held-out prompts drawn from the world for the evaluation.
     #[arg(long, default_value_t = 64)]
     pub sandbox_eval_prompts: usize,
+    /// dpo or rm_grpo.
+    #[arg(long, value_enum, default_value_t = Trainer::Dpo)]
+    pub trainer: Trainer,
     /// DPO optimizer steps per round (reference = the round's starting policy).
     #[arg(long, default_value_t = 20)]
     pub dpo_steps: u64,
+    /// rm_grpo: reward-model steps per round (retrained from `model` on every round's pairs so far).
+    #[arg(long, default_value_t = 20)]
+    pub rm_steps: u64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub rm_learning_rate: f64,
+    /// rm_grpo: GRPO steps per round (`batch_size` prompts per step, `candidates` samples each).
+    #[arg(long, default_value_t = 10)]
+    pub grpo_steps: u64,
+    /// rm_grpo: KL coefficient β to the round's starting policy.
+    #[arg(long, default_value_t = 0.05)]
+    pub grpo_beta: f64,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Learning rate of the policy (DPO or GRPO).
     #[arg(long, default_value_t = 1e-4)]
     pub learning_rate: f64,
     /// DPO β.
@@ -200,6 +227,8 @@ impl IterateArgs {
             ("max_length", self.max_length),
             ("sandbox_eval_prompts", self.sandbox_eval_prompts),
             ("dpo_steps", self.dpo_steps as usize),
+            ("rm_steps", self.rm_steps as usize),
+            ("grpo_steps", self.grpo_steps as usize),
         ] {
             if v == 0 {
                 return Err(self.err(key, "must be at least 1"));
@@ -208,10 +237,16 @@ impl IterateArgs {
         if self.candidates < 2 {
             return Err(self.err("candidates", format!("must be at least 2 (pairs are labelled), got {}", self.candidates)));
         }
-        for (key, v) in [("temperature", self.temperature), ("learning_rate", self.learning_rate), ("beta", self.beta), ("feedback_poll_s", self.feedback_poll_s), ("reward_timeout_s", self.reward_timeout_s)] {
+        for (key, v) in [("temperature", self.temperature), ("learning_rate", self.learning_rate), ("rm_learning_rate", self.rm_learning_rate), ("beta", self.beta), ("feedback_poll_s", self.feedback_poll_s), ("reward_timeout_s", self.reward_timeout_s)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(self.err(key, format!("must be a finite number > 0, got {v}")));
             }
+        }
+        if !(self.grpo_beta.is_finite() && self.grpo_beta >= 0.0) {
+            return Err(self.err("grpo_beta", "must be a finite number >= 0"));
+        }
+        if self.max_new_tokens >= self.max_length {
+            return Err(self.err("max_new_tokens", format!("must be below max_length ({})", self.max_length)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(self.err("top_p", format!("must be in (0, 1], got {}", self.top_p)));

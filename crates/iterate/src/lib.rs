@@ -4,8 +4,9 @@
 //! 2. **label** — every candidate pair labelled by the configured source ([`config::LabelSource`]): a reward
 //!    spec, an LLM judge, the sandbox's simulated annotators or a live feedback-app project (`labels.jsonl`, each
 //!    label with its provenance; `label_info.json` about the labellers);
-//! 3. **train** — DPO from the round's starting policy, which is also the reference (`train.jsonl`,
-//!    `training_rows.jsonl` mapping each training row to its label ids, `model/`);
+//! 3. **train** — DPO from the round's starting policy, which is also the reference, or a reward model retrained
+//!    on every round's pairs then GRPO against it (`train.jsonl`, `training_rows.jsonl` mapping each training row
+//!    to its label ids, `model/`);
 //! 4. **eval** — the starting and the trained policy on held-out prompts (`eval_summary.json`, `metrics.json`);
 //! 5. **card** — `MODEL_CARD.md` and `model_card.json`.
 //!
@@ -29,12 +30,13 @@ use rlhf_generate::Generator;
 use rlhf_model::{FinishReason, GenRequest, Sampling};
 use rlhf_sandbox::source::{gold_path, reward_source, write_prompts};
 use rlhf_sandbox::world::{generate, Mix};
+use rlhf_train::grpo::GrpoArgs;
 use rlhf_train::pref_config::PrefConfig;
 use rlhf_train::schedule::ScheduleKind;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-pub use config::{IterateArgs, LabelSource};
+pub use config::{IterateArgs, LabelSource, Trainer};
 use label::{Candidate, Candidates};
 use store::{read_jsonl, write_json, write_jsonl, LabelLog, LabelRecord, State, PHASES};
 
@@ -254,16 +256,63 @@ fn train(args: &IterateArgs, start: &Path, rd: &Path) -> Result<()> {
     let (train_file, out) = (rd.join("train.jsonl"), rd.join("model"));
     write_jsonl(&train_file, &rows)?;
     write_jsonl(&rd.join("training_rows.jsonl"), &provenance)?;
-    let cfg = dpo_config(args, start, &train_file, &out);
-    let summary = if rows.is_empty() {
+    if rows.is_empty() {
         // Nothing decided: the policy carries over unchanged (the card says so).
         copy_model(start, &out)?;
-        json!({"steps": 0, "rows": 0, "note": "no decided pair: the policy is the round's starting policy"})
-    } else {
-        let s = rlhf_train::dpo::run_dpo(&cfg)?;
-        json!({"steps": s.steps, "rows": rows.len(), "final_loss": s.final_loss, "train_loss": s.train_loss, "final_metrics": s.final_metrics})
+        let summary = json!({"algorithm": "none", "steps": 0, "rows": 0, "note": "no decided pair: the policy is the round's starting policy"});
+        return write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": Value::Null}));
+    }
+    let (summary, config) = match args.trainer {
+        Trainer::Dpo => {
+            let cfg = dpo_config(args, start, &train_file, &out);
+            let s = rlhf_train::dpo::run_dpo(&cfg)?;
+            (json!({"algorithm": "dpo (reference = the round's starting policy)", "steps": s.steps, "rows": rows.len(),
+                "final_loss": s.final_loss, "train_loss": s.train_loss, "final_metrics": s.final_metrics}), json!(cfg))
+        }
+        Trainer::RmGrpo => rm_grpo(args, start, rd, rows.len())?,
     };
-    write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": cfg}))
+    write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": config}))
+}
+
+/// A reward model retrained from `model` on the decided pairs of rounds 1..=k, then GRPO against it from the
+/// round's starting policy (the KL reference) on the round's prompts.
+fn rm_grpo(args: &IterateArgs, start: &Path, rd: &Path, rows: usize) -> Result<(Value, Value)> {
+    let run = args.run_dir();
+    let k: usize = rd.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("round-")).and_then(|n| n.parse().ok()).expect("round dir");
+    let mut all = Vec::new();
+    for j in 1..=k {
+        all.extend(read_jsonl::<Value>(&round_dir(&run, j).join("train.jsonl"))?);
+    }
+    let rm_train = rd.join("rm_train.jsonl");
+    write_jsonl(&rm_train, &all)?;
+    let mut rc = dpo_config(args, args.model(), &rm_train, &rd.join("rm"));
+    rc.learning_rate = Some(args.rm_learning_rate);
+    rc.max_steps = Some(args.rm_steps);
+    let r = rlhf_train::rm::run_rm(&rc)?;
+    let out = rd.join("model");
+    let flags: Vec<std::ffi::OsString> = [
+        "--model", &start.display().to_string(), "--prompts", &rd.join("prompts.jsonl").display().to_string(),
+        "--output-dir", &out.display().to_string(), "--reward", &format!("rm:{}", rd.join("rm").display()),
+        "--max-steps", &args.grpo_steps.to_string(), "--prompts-per-step", &args.batch_size.to_string(),
+        "--num-generations", &args.candidates.to_string(), "--beta", &args.grpo_beta.to_string(),
+        "--learning-rate", &args.learning_rate.to_string(), "--lr-scheduler-type", "constant",
+        "--max-new-tokens", &args.max_new_tokens.to_string(), "--temperature", &args.temperature.to_string(),
+        "--max-prompt-length", &(args.max_length - args.max_new_tokens).to_string(), "--seed", &args.seed.to_string(),
+        // A run killed while training redoes the phase from the start.
+        "--overwrite-output-dir",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let g = rlhf_train::settings::load::<GrpoArgs>("grpo", &flags).map_err(|e| match e {
+        rlhf_train::settings::LoadError::Cli(e) => anyhow::anyhow!("{e}"),
+        rlhf_train::settings::LoadError::Settings(e) => e.into(),
+    })?;
+    let s = rlhf_train::grpo::run_grpo(&g)?;
+    let summary = json!({"algorithm": "reward model (retrained on every round's pairs) then GRPO, KL to the round's starting policy",
+        "rows": rows, "rm": {"pairs": all.len(), "steps": r.steps, "final_loss": r.final_loss, "final_metrics": r.final_metrics},
+        "steps": s.steps, "final_metrics": s.final_metrics});
+    Ok((summary, json!({"rm": rc, "grpo": g})))
 }
 
 /// The round's DPO settings: reference = the starting policy (DPO's default when no reference is named).
