@@ -188,7 +188,9 @@ fn bad_configs_name_file_line_and_key() {
     assert!(e.contains("it.toml:3") && e.contains("\"prompts\"") && e.contains("sandbox world"), "{e}");
     let e = run("model = \"fixtures/models/llama\"\nprompts = \"data/prompts.jsonl\"\n\nlabels = \"rgx:[0-9]\"\n");
     assert!(e.contains("it.toml:4") && e.contains("\"labels\"") && e.contains("unknown kind `rgx`"), "{e}");
-    assert!(!tmp.path().join("iterate").exists(), "nothing is written for a bad config");
+    let e = run("model = \"fixtures/models/llama\"\nprompts = \"data/prompts.jsonl\"\nlabels = \"exact:answer\"\neval_reward = [\"exact:answer\"]\n");
+    assert!(e.contains("\"eval_prompts\"") && e.contains("required with eval_reward"), "{e}");
+        assert!(!tmp.path().join("iterate").exists(), "nothing is written for a bad config");
 }
 
 #[test]

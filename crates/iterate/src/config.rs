@@ -251,6 +251,13 @@ impl IterateArgs {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(self.err("top_p", format!("must be in (0, 1], got {}", self.top_p)));
         }
+        if !self.world_prompts() {
+            match (self.eval_prompts.is_some(), self.eval_rewards().is_empty()) {
+                (false, false) if !self.eval_reward.is_empty() => return Err(self.err("eval_prompts", "required with eval_reward (held-out prompts to evaluate on)")),
+                (true, true) => return Err(self.err("eval_reward", "required with eval_prompts when labels is a judge or a feedback app (e.g. exact:answer or rm:DIR)")),
+                _ => {}
+            }
+        }
         if !(self.feedback_deadline_s.is_finite() && self.feedback_deadline_s >= 0.0) {
             return Err(self.err("feedback_deadline_s", "must be a finite number >= 0"));
         }

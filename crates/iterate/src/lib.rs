@@ -112,7 +112,10 @@ fn check_sources(args: &IterateArgs, source: &LabelSource, eval_prompts: Option<
     match source {
         LabelSource::Reward(spec) => {
             let timeout = Duration::from_secs_f64(args.reward_timeout_s);
-            rlhf_train::reward::parse_spec(spec, &tok, args.max_length, timeout).map_err(|e| args.err("labels", e.to_string()))?;
+            rlhf_train::reward::parse_spec(spec, &tok, args.max_length, timeout).map_err(|e| match e {
+                rlhf_train::TrainError::Config { msg, .. } => args.err("labels", msg),
+                other => args.err("labels", other.to_string()),
+            })?;
         }
         LabelSource::Judge(arg) => {
             rlhf_serve::judge_reward::JudgeSpec::parse(arg).map_err(|e| args.err("labels", format!("judge:{arg}: {e:#}")))?;
