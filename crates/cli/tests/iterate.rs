@@ -1,6 +1,10 @@
 //! `rlhf iterate` as a process on the fixture tiny Llama: two rounds labelled by a program reward, the shipped
-//! example (sandbox annotators), resume after `kill -9` in the middle of labelling without a lost or duplicated
-//! label, and bad configs named by file, line and key.
+//! example (sandbox annotators), resume after `kill -9` in the middle of labelling (by a program, and while
+//! waiting for a live feedback app's annotators) without a lost or duplicated label, and bad configs named by
+//! file, line and key.
+
+#[path = "../../iterate/tests/common/mod.rs"]
+mod feedback_app;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -217,4 +221,53 @@ fn rm_retrain_then_grpo_rounds() {
         let md = std::fs::read_to_string(rd.join("MODEL_CARD.md")).unwrap();
         assert!(md.contains("then GRPO") && md.contains("\"rm\""), "{md}");
     }
+}
+
+#[test]
+fn killed_while_waiting_for_the_feedback_app_then_resumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, project, _rt) = feedback_app::feedback_app(tmp.path());
+    let runs = tmp.path().join("runs").display().to_string();
+    let labels = format!("feedback:{url}");
+    let project_s = project.to_string();
+    let eval = eval_prompts(tmp.path());
+    let mut a = base_args(&runs, &eval, &labels);
+    a.extend(["--feedback-project", &project_s, "--feedback-poll-s", "0.05", "--feedback-deadline-s", "120", "--rounds", "1"]);
+    let cmd = || {
+        let mut c = rlhf(&a);
+        c.env("RLHF_FEEDBACK_PASSWORD", feedback_app::PASSWORD);
+        c
+    };
+    let mut child = cmd().spawn().unwrap();
+    // Wait until the round's items are in the app (nobody labels yet), then kill the waiting run.
+    let mut admin = rlhf_iterate::feedback::App::login(&url, "admin", feedback_app::PASSWORD).unwrap();
+    let ours = |admin: &mut rlhf_iterate::feedback::App| {
+        let (_, counts) = admin.label_counts(project).unwrap();
+        counts.into_iter().filter(|(id, _)| id.starts_with("t/r1-")).collect::<Vec<_>>()
+    };
+    let t0 = Instant::now();
+    while ours(&mut admin).len() < 6 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "items never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/t/state.json")).unwrap()).unwrap();
+    assert_eq!(state["done"], serde_json::json!(["sample"]), "killed while waiting for labels");
+
+    // The annotators come; the same command pushes again (nothing duplicated), waits and pulls.
+    let (stop, workers) = feedback_app::start_annotators(&url, project);
+    let s = ok(&cmd().output().unwrap());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let submitted: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let items = ours(&mut admin);
+    assert_eq!(items.len(), 6, "one item per pair, however often pushed");
+    assert!(items.iter().all(|(_, n)| *n == 2), "{items:?}");
+    assert_eq!(submitted, 12);
+    let labels = jsonl(&tmp.path().join("runs/t/round-1/labels.jsonl"));
+    let ids: HashSet<&str> = labels.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), labels.len());
+    assert_eq!(s["rounds"][0]["labels"].as_u64(), Some(labels.len() as u64));
+    assert!(labels.iter().all(|l| l["detail"]["label_ids"].as_array().unwrap().len() == 2));
 }

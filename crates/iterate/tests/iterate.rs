@@ -2,12 +2,13 @@
 //! `rlhf serve`'s router (the same fixture model), and a live feedback-app project whose simulated annotators log
 //! in and label through the app's own pages.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use rlhf_iterate::feedback::App;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::{feedback_app, start_annotators, ANNOTATORS, PASSWORD};
 use rlhf_iterate::{run, IterateArgs};
 use serde_json::Value;
 
@@ -97,79 +98,13 @@ fn two_rounds_labelled_by_a_served_judge() {
     assert_eq!(state["done"], serde_json::json!(["sample"]));
 }
 
-/// The feedback app on a fresh SQLite database with an admin and three annotators, and one pairwise project
-/// with overlap 2 they are members of. Returns (URL, project id, runtime).
-fn feedback_app(dir: &Path) -> (String, i64, tokio::runtime::Runtime) {
-    use rlhf_feedback::model::{NewProject, Role, TaskKind};
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let db_path = dir.join("fb.sqlite").display().to_string();
-    let (db, project) = rt.block_on(async {
-        let db = rlhf_feedback::Db::connect(&db_path).await.unwrap();
-        let h = rlhf_feedback::auth::hash_password(PASSWORD).unwrap();
-        db.create_user(None, "admin", Role::Admin, Some(&h)).await.unwrap();
-        let mut p = NewProject::new("iterate", TaskKind::Pairwise);
-        p.overlap = 2;
-        p.min_seconds = 0.0;
-        let project = db.create_project(None, &p).await.unwrap();
-        for name in ANNOTATORS {
-            let id = db.create_user(None, name, Role::Annotator, Some(&h)).await.unwrap();
-            db.set_member(None, project, id, true).await.unwrap();
-        }
-        (db, project)
-    });
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(rlhf_feedback::web::serve_on(listener, db, rlhf_feedback::web::Config::default()));
-    (url, project, rt)
-}
-
-const PASSWORD: &str = "password-123";
-const ANNOTATORS: [&str; 3] = ["ann1", "ann2", "ann3"];
-
-fn unescape(s: &str) -> String {
-    s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'").replace("&amp;", "&")
-}
-
-fn between<'a>(html: &'a str, start: &str, end: &str) -> Option<&'a str> {
-    let i = html.find(start)? + start.len();
-    Some(&html[i..i + html[i..].find(end)?])
-}
-
-/// A simulated annotator working through the app's task pages until `stop`: prefers the shorter response
-/// (ties: "tie"). Returns how many labels it submitted.
-fn annotate(url: String, project: i64, name: &'static str, stop: Arc<AtomicBool>) -> usize {
-    let mut app = App::login(&url, name, PASSWORD).unwrap();
-    let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let page = app.get(&format!("/p/{project}/task")).unwrap();
-        let (Some(a), Some(b)) = (between(&page, r#"id="resp-a">"#, "</div>"), between(&page, r#"id="resp-b">"#, "</div>")) else {
-            std::thread::sleep(Duration::from_millis(30));
-            continue;
-        };
-        let (la, lb) = (unescape(a).chars().count(), unescape(b).chars().count());
-        let choice = if la < lb { "A" } else if lb < la { "B" } else { "tie" };
-        let field = |f: &str| between(&page, &format!(r#"name="{f}" value=""#), "\"").unwrap().to_string();
-        let (assignment, key) = (field("assignment"), field("key"));
-        app.post(&format!("/p/{project}/label"), &[("assignment", &assignment), ("key", &key), ("choice", choice)]).unwrap();
-        n += 1;
-    }
-    n
-}
-
 #[test]
 fn two_rounds_labelled_by_annotators_through_a_live_feedback_app() {
     std::env::set_current_dir(root()).unwrap();
     std::env::set_var("RLHF_FEEDBACK_PASSWORD", PASSWORD);
     let tmp = tempfile::tempdir().unwrap();
     let (url, project, _rt) = feedback_app(tmp.path());
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = ANNOTATORS
-        .iter()
-        .map(|name| {
-            let (url, stop) = (url.clone(), stop.clone());
-            std::thread::spawn(move || annotate(url, project, name, stop))
-        })
-        .collect();
+    let (stop, workers) = start_annotators(&url, project);
     let labels = format!("feedback:{url}");
     let project_s = project.to_string();
     let a = args(tmp.path(), &["--labels", &labels, "--feedback-project", &project_s, "--feedback-poll-s", "0.05", "--feedback-deadline-s", "120", "--name", "fb"]);
