@@ -54,6 +54,11 @@ pub fn write(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
     write_atomic(&rd.join("MODEL_CARD.md"), markdown(&card, &rows).as_bytes())
 }
 
+/// Text safe inside a Markdown table cell (labeller names may be shell commands with pipes).
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
 fn markdown(c: &Value, rows: &[Value]) -> String {
     let mut s = String::new();
     let v = |x: &Value| match x {
@@ -73,7 +78,7 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
     let _ = writeln!(s, "## Labels\n\n{} pairwise labels in `{}`.\n", v(&l["total"]), v(&l["file"]));
     let _ = writeln!(s, "| labeller | prefers A | prefers B | undecided |\n| --- | --- | --- | --- |");
     for (who, n) in l["per_labeller"].as_object().into_iter().flatten() {
-        let _ = writeln!(s, "| {who} | {} | {} | {} |", v(&n["prefers_a"]), v(&n["prefers_b"]), v(&n["undecided"]));
+        let _ = writeln!(s, "| {} | {} | {} | {} |", cell(who), v(&n["prefers_a"]), v(&n["prefers_b"]), v(&n["undecided"]));
     }
     let info = &c["labellers"];
     if let Some(g) = info.get("agreement_with_gold") {
@@ -127,7 +132,7 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
     let _ = writeln!(s, "\n## Provenance of the training rows\n\n| row | item | label ids |\n| --- | --- | --- |");
     for r in rows {
         let ids: Vec<String> = r["label_ids"].as_array().into_iter().flatten().map(v).collect();
-        let _ = writeln!(s, "| {} | {} | {} |", v(&r["row"]), v(&r["item"]), ids.join(", "));
+        let _ = writeln!(s, "| {} | {} | {} |", v(&r["row"]), v(&r["item"]), cell(&ids.join(", ")));
     }
     s
 }
