@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rlhf_data::Tokenizer;
 use rlhf_sandbox::annotators::{pairwise, Panel};
 use rlhf_sandbox::gold::gold_reward;
 use rlhf_sandbox::world::{Gold, Prompt};
@@ -85,9 +84,9 @@ pub fn record(round: usize, source: &str, by: &str, pair: &Pair, p_a: f64, detai
 /// What the model card reports about the labellers beyond the labels themselves.
 pub type LabelInfo = Value;
 
-/// Scores each prompt's candidates with the reward spec (one call per prompt) and labels every pair by score.
-pub fn by_reward(spec: &str, tokenizer: &Tokenizer, max_length: usize, timeout_s: f64, retries: usize, round: usize, cands: &[Candidates], log: &mut LabelLog) -> Result<LabelInfo> {
-    let mut rewards = Rewards::from_specs(&[spec.to_string()], tokenizer, max_length, timeout_s, retries)?;
+/// Scores each prompt's candidates with `rewards` (built from `spec`; one call per prompt) and labels every pair
+/// by score.
+pub fn by_reward(spec: &str, rewards: &mut Rewards, round: usize, cands: &[Candidates], log: &mut LabelLog) -> Result<LabelInfo> {
     let all = pairs(round, cands);
     for c in cands {
         let todo: Vec<&Pair> = all.iter().filter(|p| p.prompt_index == c.prompt_index && !log.has(&format!("{}:{spec}", p.id))).collect();

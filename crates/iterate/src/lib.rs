@@ -198,7 +198,8 @@ fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: 
     let info = match source {
         LabelSource::Reward(spec) => {
             let tok = rlhf_data::Tokenizer::from_dir(policy)?;
-            label::by_reward(spec, &tok, args.max_length, args.reward_timeout_s, args.reward_retries, k, &cands, &mut log)?
+            let mut rewards = rlhf_train::reward::Rewards::from_specs(std::slice::from_ref(spec), &tok, args.max_length, args.reward_timeout_s, args.reward_retries)?;
+            label::by_reward(spec, &mut rewards, k, &cands, &mut log)?
         }
         LabelSource::Judge(arg) => label::by_judge(arg, k, &cands, &mut log, args.reward_retries)?,
         LabelSource::Sandbox => label::by_sandbox(&gold_path(&rd.join("prompts.jsonl")), args.seed, k, &cands, &mut log)?,

@@ -8,6 +8,7 @@
 //! - `eos:PENALTY` — `−PENALTY` for a completion that ended without EOS (TRL's `missing_eos_penalty`);
 //! - `cmd:COMMAND` — an external program: JSONL rows (`prompt`, `completion`, the dataset columns) on its stdin,
 //!   one score per line on its stdout, within `reward_timeout_s`.
+//!
 //! A source that errors, times out or returns a non-finite score is retried; then the run stops with an error
 //! naming the source. There is never a silent zero.
 //!
