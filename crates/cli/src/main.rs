@@ -39,6 +39,8 @@ enum Command {
     Chat(cmd::chat::Args),
     /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
     Judge(cmd::judge::Args),
+    /// Iterated RLHF: rounds of sampling, labelling (reward, judge, simulated annotators or a feedback-app project), DPO and evaluation.
+    Iterate(cmd::rl::Raw),
     /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
@@ -58,6 +60,7 @@ fn main() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     rlhf_model::tune_allocator();
+    rlhf_serve::judge_reward::register();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -82,6 +85,7 @@ fn main() {
         Command::Bench(b) => cmd::bench::run(b),
         Command::Lora(c) => cmd::lora::run(c),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Iterate(a) => cmd::iterate::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),
     };
     if let Err(e) = result {

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod init;
+pub mod iterate;
 pub mod judge;
 pub mod lora;
 pub mod pref;
