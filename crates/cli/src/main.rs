@@ -39,6 +39,9 @@ enum Command {
     Chat(cmd::chat::Args),
     /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
     Judge(cmd::judge::Args),
+    /// Critiques and demonstrations → training rows: revision pairs, critic SFT data, demonstration pairs.
+    #[command(subcommand)]
+    Transform(cmd::transform::Transform),
     /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
@@ -75,6 +78,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Judge(a) => cmd::judge::run(a),
+        Command::Transform(t) => cmd::transform::run(t),
         Command::Bench(b) => cmd::bench::run(b),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),

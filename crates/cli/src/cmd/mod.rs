@@ -1,3 +1,4 @@
+pub mod active;
 pub mod bench;
 pub mod chat;
 pub mod demo;
@@ -10,3 +11,4 @@ pub mod serve;
 pub mod rl;
 pub mod sandbox;
 pub mod sft;
+pub mod transform;

@@ -4,11 +4,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Args as ClapArgs;
+use clap::{Args as ClapArgs, Subcommand};
 use rlhf_sandbox::pipeline::{default_policy_stages, run as run_pipeline, PipelineConfig};
 
 #[derive(ClapArgs)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub experiment: Option<Experiment>,
     /// Run directory (its earlier results are replaced; a base model built with the same settings is reused).
     #[arg(long, default_value = "runs/sandbox")]
     pub out: PathBuf,
@@ -27,7 +30,17 @@ pub struct Args {
     pub print_config: bool,
 }
 
+/// Experiments in the sandbox world besides the pipeline.
+#[derive(Subcommand)]
+pub enum Experiment {
+    /// Random vs uncertainty-sampled pairs: reward-model accuracy against gold per label budget.
+    ActiveLearning(super::active::Args),
+}
+
 pub fn run(a: Args) -> Result<()> {
+    if let Some(Experiment::ActiveLearning(x)) = a.experiment {
+        return super::active::run(x);
+    }
     let cfg = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;

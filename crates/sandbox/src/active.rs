@@ -1,0 +1,686 @@
+//! Active learning, measured (`rlhf sandbox active-learning`): with the same label budget, does choosing the
+//! pairs people label by reward-model ensemble disagreement give a reward model that agrees with the gold
+//! reward more often than choosing them at random?
+//!
+//! Pool-based simulation: a pool of candidate pairs (two world replies per prompt, of varying quality; some
+//! identical in gold, which no label can teach anything) is labelled once by the simulated panel up front,
+//! and a label is revealed when its pair is selected, so every arm sees the same answer for the same pair.
+//! All arms start from the same random seed set; each round retrains a small ensemble of reward models from
+//! scratch (different random trunks and bootstrap samples of the labels, [`rlhf_train::rm::run_rm`]), scores
+//! the held-out pairs against gold, and selects the next batch from the unlabelled pool
+//! ([`rlhf_train::select`]). `active_learning.json` is a function of the configuration alone.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rlhf_data::tokenizer::{train_bpe, BpeConfig};
+use rlhf_data::Tokenizer;
+use rlhf_eval::report::{self, esc, Report, Section};
+use rlhf_feedback::export::Format;
+use rlhf_model::{CausalLm, ModelConfig};
+use rlhf_train::ensemble::Ensemble;
+use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::schedule::ScheduleKind;
+use rlhf_train::select::{score_pairs, select, PairScore, Strategy};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::annotators::{pairwise, Panel};
+use crate::gold::gold_reward;
+use crate::pipeline::Shape;
+use crate::source::write_rows;
+use crate::world::{generate, Mix, Prompt};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveConfig {
+    /// One full experiment per seed (world, panel, models); the curves are reported per seed and averaged.
+    pub seeds: Vec<u64>,
+    pub mix: Mix,
+    /// Shape of each ensemble member (a Llama trunk trained from random initialisation, plus a reward head).
+    pub shape: Shape,
+    pub vocab_size: usize,
+    /// Candidate pairs to choose from (one per prompt).
+    pub pool_prompts: usize,
+    /// Held-out prompts; their pairs whose gold rewards differ measure accuracy.
+    pub eval_prompts: usize,
+    /// Pairs labelled before the first selection (chosen at random, the same for every strategy).
+    pub initial_pairs: usize,
+    /// Pairs labelled per round: the budget every strategy gets.
+    pub pairs_per_round: usize,
+    pub rounds: usize,
+    /// Reward models per ensemble.
+    pub members: usize,
+    /// Passes over the labelled pairs per retraining (at least `min_steps` optimizer steps).
+    pub epochs: f64,
+    pub min_steps: u64,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub panel: Panel,
+    pub strategies: Vec<Strategy>,
+    pub max_length: usize,
+}
+
+impl ActiveConfig {
+    /// ≈ a few minutes on 2 cores in a release build: 2 seeds, 3 strategies, 6 budgets.
+    pub fn standard() -> Self {
+        ActiveConfig {
+            seeds: vec![0, 1],
+            mix: Mix::default(),
+            shape: Shape {
+                hidden_size: 64,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                intermediate_size: 176,
+            },
+            vocab_size: 384,
+            pool_prompts: 1500,
+            eval_prompts: 600,
+            initial_pairs: 100,
+            pairs_per_round: 100,
+            rounds: 5,
+            members: 3,
+            epochs: 4.0,
+            min_steps: 30,
+            batch_size: 16,
+            learning_rate: 2e-3,
+            panel: Panel::default_mix(0),
+            strategies: vec![Strategy::Random, Strategy::Disagreement, Strategy::Margin],
+            max_length: 96,
+        }
+    }
+
+    /// Seconds in a test build: small pool, tiny members, 2 rounds.
+    pub fn quick() -> Self {
+        ActiveConfig {
+            seeds: vec![0],
+            shape: Shape {
+                hidden_size: 32,
+                num_hidden_layers: 1,
+                num_attention_heads: 2,
+                intermediate_size: 64,
+            },
+            vocab_size: 320,
+            pool_prompts: 160,
+            eval_prompts: 120,
+            initial_pairs: 16,
+            pairs_per_round: 16,
+            rounds: 2,
+            members: 2,
+            epochs: 2.0,
+            min_steps: 8,
+            strategies: vec![Strategy::Random, Strategy::Disagreement],
+            ..Self::standard()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        anyhow::ensure!(!self.seeds.is_empty(), "seeds: give at least one");
+        anyhow::ensure!(!self.strategies.is_empty(), "strategies: give at least one");
+        anyhow::ensure!(
+            self.members >= 2,
+            "members: an ensemble needs at least 2 (disagreement is a std over them)"
+        );
+        anyhow::ensure!(
+            self.initial_pairs > 0 && self.pairs_per_round > 0,
+            "initial_pairs and pairs_per_round must be > 0"
+        );
+        anyhow::ensure!(
+            self.initial_pairs + self.rounds * self.pairs_per_round <= self.pool_prompts,
+            "pool_prompts ({}) must hold initial_pairs + rounds × pairs_per_round ({})",
+            self.pool_prompts,
+            self.initial_pairs + self.rounds * self.pairs_per_round
+        );
+        Ok(())
+    }
+}
+
+/// One point of a learning curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub round: usize,
+    /// Pairs sent to the annotators so far (the budget).
+    pub pairs: usize,
+    /// Annotator labels so far (pairs × overlap).
+    pub labels: usize,
+    /// Exported preference rows the reward models trained on (pairs with a winner).
+    pub training_pairs: usize,
+    /// Held-out pairs ordered as gold orders them by the ensemble mean (ties count half).
+    pub accuracy: f64,
+    /// Of the pairs selected in this round (the random seed set in round 0): the share whose two replies
+    /// have the same gold reward, from which no label can teach an order.
+    pub selected_uninformative: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Curve {
+    pub seed: u64,
+    pub strategy: Strategy,
+    pub points: Vec<Point>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActiveSummary {
+    pub config: ActiveConfig,
+    /// Held-out pairs (gold rewards differ) per seed.
+    pub eval_pairs: Vec<usize>,
+    pub curves: Vec<Curve>,
+    /// Per strategy: (pairs, accuracy averaged over seeds) per round.
+    pub mean_curves: BTreeMap<String, Vec<(usize, f64)>>,
+    pub findings: Vec<String>,
+}
+
+/// A candidate pair: prompt, two replies, and the gold order (hidden from the selection).
+struct Pair {
+    prompt: Prompt,
+    a: String,
+    b: String,
+}
+
+impl Pair {
+    fn gold_diff(&self) -> f64 {
+        gold_reward(&self.prompt.gold, &self.a) - gold_reward(&self.prompt.gold, &self.b)
+    }
+}
+
+/// Pairs of two "web-like" replies (right a third of the time, otherwise a typical failure of the kind).
+fn pairs_for(prompts: Vec<Prompt>, rng: &mut StdRng) -> Vec<Pair> {
+    prompts
+        .into_iter()
+        .map(|p| {
+            let (a, b) = (p.noisy(rng), p.noisy(rng));
+            Pair { prompt: p, a, b }
+        })
+        .collect()
+}
+
+/// Runs every seed and strategy in `out` (replaced); writes `active_learning.json`, `.md` and `.html`.
+pub fn run(cfg: &ActiveConfig, out: &Path) -> Result<ActiveSummary> {
+    cfg.validate()?;
+    if out.exists() {
+        std::fs::remove_dir_all(out)
+            .with_context(|| format!("{}: cannot clear the earlier run", out.display()))?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut curves = Vec::new();
+    let mut eval_pairs = Vec::new();
+    for &seed in &cfg.seeds {
+        let (c, n) = run_seed(cfg, seed, &out.join(format!("seed-{seed}")))?;
+        curves.extend(c);
+        eval_pairs.push(n);
+    }
+    let mean_curves = mean_curves(cfg, &curves);
+    let findings = findings(cfg, &curves, &mean_curves);
+    let summary = ActiveSummary {
+        config: cfg.clone(),
+        eval_pairs,
+        curves,
+        mean_curves,
+        findings,
+    };
+    std::fs::write(
+        out.join("active_learning.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )
+    .with_context(|| format!("{}: cannot write", out.display()))?;
+    std::fs::write(out.join("active_learning.md"), markdown(&summary))?;
+    std::fs::write(out.join("active_learning.html"), html(&summary))?;
+    Ok(summary)
+}
+
+fn run_seed(cfg: &ActiveConfig, seed: u64, dir: &Path) -> Result<(Vec<Curve>, usize)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xAC71);
+    let eval_prompts = generate(cfg.eval_prompts, &cfg.mix, seed ^ 0xE7A1, "eval-");
+    let held_out: HashSet<&str> = eval_prompts.iter().map(|p| p.text.as_str()).collect();
+    let pool_prompts: Vec<Prompt> = generate(cfg.pool_prompts * 2, &cfg.mix, seed ^ 0xA0, "pool-")
+        .into_iter()
+        .filter(|p| p.gold.kind.recurs() || !held_out.contains(p.text.as_str()))
+        .take(cfg.pool_prompts)
+        .collect();
+    let pool = pairs_for(pool_prompts, &mut rng);
+    let eval: Vec<Pair> = pairs_for(eval_prompts, &mut rng)
+        .into_iter()
+        .filter(|p| p.gold_diff() != 0.0)
+        .collect();
+    anyhow::ensure!(
+        !eval.is_empty(),
+        "no held-out pair differs in gold: raise eval_prompts"
+    );
+
+    let members = init_members(cfg, seed, &pool, dir)?;
+    let tokenizer = Tokenizer::from_dir(&members[0])?;
+    let encode = |pairs: &[Pair]| -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        pairs
+            .iter()
+            .map(|p| {
+                let enc = |r: &str| -> Result<Vec<u32>> {
+                    let e = rlhf_data::tokenize_completion(
+                        &rlhf_data::Text::Plain(p.prompt.text.clone()),
+                        &rlhf_data::Text::Plain(r.into()),
+                        &tokenizer,
+                        None,
+                    )?;
+                    Ok([e.prompt_ids, e.completion_ids].concat())
+                };
+                Ok((enc(&p.a)?, enc(&p.b)?))
+            })
+            .collect()
+    };
+    let (pool_ids, eval_ids) = (encode(&pool)?, encode(&eval)?);
+
+    // Every pool pair labelled once by the panel; a selection reveals its row (None: no winner, e.g. a tie).
+    let panel = Panel {
+        seed,
+        ..cfg.panel.clone()
+    };
+    let refs: Vec<(&Prompt, String, String)> = pool
+        .iter()
+        .map(|p| (&p.prompt, p.a.clone(), p.b.clone()))
+        .collect();
+    let mut answers: Vec<Option<Value>> = vec![None; pool.len()];
+    for row in pairwise(&panel, &refs).export(Format::Preference)? {
+        let item = row["item_id"]
+            .as_i64()
+            .context("an exported row without item_id")? as usize;
+        answers[item - 1] = Some(row);
+    }
+
+    let mut initial: Vec<usize> = (0..pool.len()).collect();
+    rand::seq::SliceRandom::shuffle(
+        initial.as_mut_slice(),
+        &mut StdRng::seed_from_u64(seed ^ 0x1417),
+    );
+    initial.truncate(cfg.initial_pairs);
+    let uninformative = |idx: &[usize]| {
+        idx.iter().filter(|&&i| pool[i].gold_diff() == 0.0).count() as f64 / idx.len().max(1) as f64
+    };
+
+    let round0 = evaluate_round(
+        cfg,
+        seed,
+        &members,
+        &answers,
+        &initial,
+        &pool_ids,
+        &eval_ids,
+        &eval,
+        &dir.join("round-0"),
+    )?;
+    let mut curves = Vec::new();
+    for &strategy in &cfg.strategies {
+        let mut labelled = initial.clone();
+        let point = |round: usize, labelled: &[usize], accuracy: f64, selected: &[usize]| Point {
+            round,
+            pairs: labelled.len(),
+            labels: labelled.len() * panel.overlap,
+            training_pairs: labelled.iter().filter(|&&i| answers[i].is_some()).count(),
+            accuracy,
+            selected_uninformative: uninformative(selected),
+        };
+        let mut points = vec![point(0, &labelled, round0.0, &initial)];
+        let mut scores = round0.1.clone();
+        for round in 1..=cfg.rounds {
+            let taken: HashSet<usize> = labelled.iter().copied().collect();
+            let open: Vec<usize> = (0..pool.len()).filter(|i| !taken.contains(i)).collect();
+            let open_scores: Vec<PairScore> = open.iter().map(|&i| scores[i]).collect();
+            let pick: Vec<usize> = select(
+                strategy,
+                &open_scores,
+                cfg.pairs_per_round,
+                seed.wrapping_mul(31).wrapping_add(round as u64),
+            )
+            .into_iter()
+            .map(|j| open[j])
+            .collect();
+            labelled.extend(&pick);
+            let work = dir.join(format!("{}-round-{round}", strategy.name()));
+            let (acc, s) = evaluate_round(
+                cfg, seed, &members, &answers, &labelled, &pool_ids, &eval_ids, &eval, &work,
+            )?;
+            scores = s;
+            points.push(point(round, &labelled, acc, &pick));
+            eprintln!(
+                "  seed {seed} {:<12} round {round}: {} pairs, accuracy {acc:.3}",
+                strategy.name(),
+                labelled.len()
+            );
+        }
+        curves.push(Curve {
+            seed,
+            strategy,
+            points,
+        });
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
+    Ok((curves, eval.len()))
+}
+
+/// Random-initialised member models (different trunk seeds) sharing a tokenizer trained on the pool's texts.
+fn init_members(cfg: &ActiveConfig, seed: u64, pool: &[Pair], dir: &Path) -> Result<Vec<PathBuf>> {
+    let tok_dir = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok_dir)?;
+    let corpus = dir.join("corpus.txt");
+    let text: String = pool
+        .iter()
+        .flat_map(|p| {
+            [
+                format!("{}{}\n", p.prompt.text, p.a),
+                format!("{}{}\n", p.prompt.text, p.b),
+            ]
+        })
+        .collect();
+    std::fs::write(&corpus, text).with_context(|| format!("{}: cannot write", corpus.display()))?;
+    let tok = train_bpe(
+        &[corpus],
+        &BpeConfig {
+            vocab_size: cfg.vocab_size,
+            ..Default::default()
+        },
+        &tok_dir,
+    )?;
+    let s = cfg.shape;
+    let raw = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.vocab_size(),
+        "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size, "num_hidden_layers": s.num_hidden_layers,
+        "num_attention_heads": s.num_attention_heads, "num_key_value_heads": s.num_attention_heads,
+        "max_position_embeddings": cfg.max_length, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "bos_token_id": tok.bos.as_ref().map(|t| t.id), "eos_token_id": tok.eos.as_ref().map(|t| t.id),
+        "pad_token_id": tok.pad.as_ref().map(|t| t.id),
+    });
+    let mut tok_files: Vec<PathBuf> = std::fs::read_dir(&tok_dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    tok_files.sort();
+    (0..cfg.members)
+        .map(|j| {
+            let m = dir.join(format!("init-{j}"));
+            let model = CausalLm::init_random(
+                ModelConfig::from_json(raw.clone(), "active-learning member")?,
+                seed * 1000 + j as u64,
+                &Device::Cpu,
+            )?;
+            model.save(&m)?;
+            for f in &tok_files {
+                std::fs::copy(f, m.join(f.file_name().context("a file name")?))?;
+            }
+            Ok(m)
+        })
+        .collect()
+}
+
+/// Trains the ensemble on the labelled pairs, returns held-out gold accuracy and the scores of every pool pair.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_round(
+    cfg: &ActiveConfig,
+    seed: u64,
+    members: &[PathBuf],
+    answers: &[Option<Value>],
+    labelled: &[usize],
+    pool_ids: &[(Vec<u32>, Vec<u32>)],
+    eval_ids: &[(Vec<u32>, Vec<u32>)],
+    eval: &[Pair],
+    work: &Path,
+) -> Result<(f64, Vec<PairScore>)> {
+    let rows: Vec<Value> = labelled
+        .iter()
+        .filter_map(|&i| answers[i].clone())
+        .collect();
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no labelled pair has a winner yet: raise initial_pairs"
+    );
+    std::fs::create_dir_all(work)?;
+    let steps =
+        ((cfg.epochs * rows.len() as f64 / cfg.batch_size as f64).ceil() as u64).max(cfg.min_steps);
+    let mut trained = Vec::with_capacity(members.len());
+    for (j, init) in members.iter().enumerate() {
+        // A bootstrap sample per member: members disagree where the labels do not pin the order down.
+        let mut rng = StdRng::seed_from_u64(seed ^ ((labelled.len() as u64) << 8) ^ j as u64);
+        let sample: Vec<Value> = (0..rows.len())
+            .map(|_| rows[rng.gen_range(0..rows.len())].clone())
+            .collect();
+        let train_file = work.join(format!("train-{j}.jsonl"));
+        write_rows(&train_file, &sample)?;
+        let out = work.join(format!("member-{j}"));
+        let c = PrefConfig {
+            model: Some(init.clone()),
+            train_file: Some(train_file),
+            output_dir: Some(out.clone()),
+            max_length: cfg.max_length,
+            batch_size: cfg.batch_size,
+            learning_rate: Some(cfg.learning_rate),
+            lr_scheduler_type: ScheduleKind::Cosine,
+            max_steps: Some(steps),
+            logging_steps: steps,
+            save_steps: 0,
+            seed: seed * 1000 + j as u64,
+            ..PrefConfig::default()
+        };
+        rlhf_train::rm::run_rm(&c)?;
+        trained.push(out);
+    }
+    let ensemble = Ensemble::load(&trained, &Device::Cpu)?;
+    let e = score_pairs(&ensemble, eval_ids, 64)?;
+    let hits: f64 = e
+        .iter()
+        .zip(eval)
+        .map(|(s, p)| {
+            if s.reward_diff == 0.0 {
+                0.5
+            } else {
+                f64::from(u8::from((s.reward_diff > 0.0) == (p.gold_diff() > 0.0)))
+            }
+        })
+        .sum();
+    let pool_scores = score_pairs(&ensemble, pool_ids, 64)?;
+    std::fs::remove_dir_all(work)?;
+    Ok((hits / eval.len() as f64, pool_scores))
+}
+
+fn mean_curves(cfg: &ActiveConfig, curves: &[Curve]) -> BTreeMap<String, Vec<(usize, f64)>> {
+    cfg.strategies
+        .iter()
+        .map(|s| {
+            let mine: Vec<&Curve> = curves.iter().filter(|c| c.strategy == *s).collect();
+            let points = (0..=cfg.rounds)
+                .map(|r| {
+                    let acc =
+                        mine.iter().map(|c| c.points[r].accuracy).sum::<f64>() / mine.len() as f64;
+                    (mine[0].points[r].pairs, acc)
+                })
+                .collect();
+            (s.name().to_string(), points)
+        })
+        .collect()
+}
+
+/// Each non-random strategy against random: the mean difference over rounds ≥ 1 and seeds, and how many
+/// (seed, round) cells it wins, ties or loses. Said plainly either way.
+fn findings(
+    cfg: &ActiveConfig,
+    curves: &[Curve],
+    mean: &BTreeMap<String, Vec<(usize, f64)>>,
+) -> Vec<String> {
+    let mut f = Vec::new();
+    let Some(random) = mean.get(Strategy::Random.name()) else {
+        return f;
+    };
+    for s in cfg.strategies.iter().filter(|s| **s != Strategy::Random) {
+        let (mut win, mut tie, mut lose, mut diffs) = (0, 0, 0, Vec::new());
+        for c in curves.iter().filter(|c| c.strategy == *s) {
+            let r = curves
+                .iter()
+                .find(|r| r.strategy == Strategy::Random && r.seed == c.seed)
+                .expect("random arm");
+            for (p, q) in c.points.iter().zip(&r.points).skip(1) {
+                let d = p.accuracy - q.accuracy;
+                diffs.push(d);
+                match d {
+                    d if d > 1e-12 => win += 1,
+                    d if d < -1e-12 => lose += 1,
+                    _ => tie += 1,
+                }
+            }
+        }
+        let avg = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
+        let last = |m: &[(usize, f64)]| m.last().map_or(f64::NAN, |p| p.1);
+        let mine = &mean[s.name()];
+        let verdict = if win > lose && avg > 0.0 {
+            "beats random"
+        } else if lose > win && avg < 0.0 {
+            "does NOT beat random: it is worse"
+        } else {
+            "does NOT beat random: no consistent difference"
+        };
+        f.push(format!(
+            "{} {verdict}: accuracy minus random's {:+.1} points on average over {} (seed, budget) cells, higher in {win}, equal in {tie}, lower in {lose}; at the final budget of {} pairs {:.1} % vs {:.1} %",
+            s.name(),
+            100.0 * avg,
+            diffs.len(),
+            mine.last().map_or(0, |p| p.0),
+            100.0 * last(mine),
+            100.0 * last(random)
+        ));
+        let wasted = |st: Strategy| {
+            let v: Vec<f64> = curves
+                .iter()
+                .filter(|c| c.strategy == st)
+                .flat_map(|c| c.points.iter().skip(1).map(|p| p.selected_uninformative))
+                .collect();
+            100.0 * v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        f.push(format!(
+            "{} selected pairs with equal gold rewards (nothing to learn) {:.0} % of the time, random {:.0} %",
+            s.name(),
+            wasted(*s),
+            wasted(Strategy::Random)
+        ));
+    }
+    f
+}
+
+/// The curves as a markdown table (mean over seeds, then per seed).
+pub fn markdown(s: &ActiveSummary) -> String {
+    let names: Vec<&String> = s.mean_curves.keys().collect();
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "| pairs labelled | labels | {} |",
+        names
+            .iter()
+            .map(|n| format!("{n} (mean)"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(m, "|---|---|{}", "---|".repeat(names.len()));
+    let rounds = s.mean_curves.values().next().map_or(0, Vec::len);
+    for r in 0..rounds {
+        let pairs = s.mean_curves[names[0]][r].0;
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| format!("{:.1} %", 100.0 * s.mean_curves[*n][r].1))
+            .collect();
+        let _ = writeln!(
+            m,
+            "| {pairs} | {} | {} |",
+            pairs * s.config.panel.overlap,
+            cells.join(" | ")
+        );
+    }
+    let _ = writeln!(m, "\nPer seed (held-out pairs: {:?}):\n", s.eval_pairs);
+    let _ = writeln!(
+        m,
+        "| seed | strategy | {} |",
+        (0..rounds)
+            .map(|r| format!("round {r}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(m, "|---|---|{}", "---|".repeat(rounds));
+    for c in &s.curves {
+        let cells: Vec<String> = c
+            .points
+            .iter()
+            .map(|p| format!("{:.1} %", 100.0 * p.accuracy))
+            .collect();
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} |",
+            c.seed,
+            c.strategy.name(),
+            cells.join(" | ")
+        );
+    }
+    let _ = writeln!(m);
+    for f in &s.findings {
+        let _ = writeln!(m, "- {f}");
+    }
+    m
+}
+
+fn html(s: &ActiveSummary) -> String {
+    let series: Vec<(String, Vec<(f64, f64)>)> = s
+        .mean_curves
+        .iter()
+        .map(|(n, pts)| {
+            (
+                format!("{n} (mean)"),
+                pts.iter().map(|&(x, y)| (x as f64, y)).collect(),
+            )
+        })
+        .collect();
+    let per_seed: Vec<(String, Vec<(f64, f64)>)> = s
+        .curves
+        .iter()
+        .map(|c| {
+            (
+                format!("{} seed {}", c.strategy.name(), c.seed),
+                c.points
+                    .iter()
+                    .map(|p| (p.pairs as f64, p.accuracy))
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut h = String::from("<ul>");
+    for f in &s.findings {
+        let _ = write!(h, "<li>{}</li>", esc(f));
+    }
+    h.push_str("</ul>");
+    let curves =
+        report::line_chart(
+            "held-out accuracy against gold",
+            "pairs labelled",
+            "accuracy",
+            &series,
+            false,
+        ) + &report::line_chart("per seed", "pairs labelled", "accuracy", &per_seed, false);
+    let c = &s.config;
+    let intro = format!(
+        "<p>Pool of {} candidate pairs per seed, {} initial random pairs, then {} rounds of {} pairs chosen by each strategy; \
+         an ensemble of {} reward models retrained from scratch each round; accuracy = held-out pairs ({:?} per seed) ordered as the gold reward orders them. Seeds {:?}.</p>",
+        c.pool_prompts, c.initial_pairs, c.rounds, c.pairs_per_round, c.members, s.eval_pairs, c.seeds
+    );
+    report::render(&Report {
+        title: "rlhf sandbox: active learning".into(),
+        intro,
+        sections: vec![
+            Section {
+                id: "findings".into(),
+                heading: "Findings".into(),
+                html: h,
+            },
+            Section {
+                id: "curves".into(),
+                heading: "Learning curves".into(),
+                html: curves,
+            },
+        ],
+    })
+}
