@@ -12,29 +12,20 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rlhf_data::tokenizer::{train_bpe, BpeConfig};
-use rlhf_data::Tokenizer;
+use rand::SeedableRng;
 use rlhf_eval::report::{self, esc, Report, Section};
 use rlhf_feedback::export::Format;
-use rlhf_model::{CausalLm, ModelConfig};
-use rlhf_train::ensemble::Ensemble;
-use rlhf_train::pref_config::PrefConfig;
-use rlhf_train::schedule::ScheduleKind;
-use rlhf_train::select::{score_pairs, select, PairScore, Strategy};
+use rlhf_train::select::{select, PairScore, Strategy};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::annotators::{pairwise, Panel};
-use crate::gold::gold_reward;
-use crate::pipeline::Shape;
-use crate::source::write_rows;
-use crate::world::{generate, Mix, Prompt};
+use crate::rm_lab::{Lab, RmSetup};
+use crate::world::{Mix, Prompt};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,9 +33,8 @@ pub struct ActiveConfig {
     /// One full experiment per seed (world, panel, models); the curves are reported per seed and averaged.
     pub seeds: Vec<u64>,
     pub mix: Mix,
-    /// Shape of each ensemble member (a Llama trunk trained from random initialisation, plus a reward head).
-    pub shape: Shape,
-    pub vocab_size: usize,
+    /// The reward-model ensembles retrained every round.
+    pub rm: RmSetup,
     /// Candidate pairs to choose from (one per prompt).
     pub pool_prompts: usize,
     /// Held-out prompts; their pairs whose gold rewards differ measure accuracy.
@@ -54,44 +44,24 @@ pub struct ActiveConfig {
     /// Pairs labelled per round: the budget every strategy gets.
     pub pairs_per_round: usize,
     pub rounds: usize,
-    /// Reward models per ensemble.
-    pub members: usize,
-    /// Passes over the labelled pairs per retraining (at least `min_steps` optimizer steps).
-    pub epochs: f64,
-    pub min_steps: u64,
-    pub batch_size: usize,
-    pub learning_rate: f64,
     pub panel: Panel,
     pub strategies: Vec<Strategy>,
-    pub max_length: usize,
 }
 
 impl ActiveConfig {
-    /// ≈ a few minutes on 2 cores in a release build: 2 seeds, 3 strategies, 6 budgets.
+    /// ≈ 10 minutes of CPU time on 2 cores: 2 seeds, 3 strategies, 6 budgets of 100 to 600 pairs.
     pub fn standard() -> Self {
         ActiveConfig {
             seeds: vec![0, 1],
             mix: Mix::default(),
-            shape: Shape {
-                hidden_size: 64,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                intermediate_size: 176,
-            },
-            vocab_size: 384,
+            rm: RmSetup::standard(),
             pool_prompts: 1500,
             eval_prompts: 600,
             initial_pairs: 100,
             pairs_per_round: 100,
             rounds: 5,
-            members: 3,
-            epochs: 4.0,
-            min_steps: 30,
-            batch_size: 16,
-            learning_rate: 2e-3,
             panel: Panel::default_mix(0),
             strategies: vec![Strategy::Random, Strategy::Disagreement, Strategy::Margin],
-            max_length: 96,
         }
     }
 
@@ -99,21 +69,12 @@ impl ActiveConfig {
     pub fn quick() -> Self {
         ActiveConfig {
             seeds: vec![0],
-            shape: Shape {
-                hidden_size: 32,
-                num_hidden_layers: 1,
-                num_attention_heads: 2,
-                intermediate_size: 64,
-            },
-            vocab_size: 320,
+            rm: RmSetup::quick(),
             pool_prompts: 160,
             eval_prompts: 120,
             initial_pairs: 16,
             pairs_per_round: 16,
             rounds: 2,
-            members: 2,
-            epochs: 2.0,
-            min_steps: 8,
             strategies: vec![Strategy::Random, Strategy::Disagreement],
             ..Self::standard()
         }
@@ -123,8 +84,8 @@ impl ActiveConfig {
         anyhow::ensure!(!self.seeds.is_empty(), "seeds: give at least one");
         anyhow::ensure!(!self.strategies.is_empty(), "strategies: give at least one");
         anyhow::ensure!(
-            self.members >= 2,
-            "members: an ensemble needs at least 2 (disagreement is a std over them)"
+            self.rm.members >= 2,
+            "rm.members: an ensemble needs at least 2 (disagreement is a std over them)"
         );
         anyhow::ensure!(
             self.initial_pairs > 0 && self.pairs_per_round > 0,
@@ -175,30 +136,6 @@ pub struct ActiveSummary {
     pub findings: Vec<String>,
 }
 
-/// A candidate pair: prompt, two replies, and the gold order (hidden from the selection).
-struct Pair {
-    prompt: Prompt,
-    a: String,
-    b: String,
-}
-
-impl Pair {
-    fn gold_diff(&self) -> f64 {
-        gold_reward(&self.prompt.gold, &self.a) - gold_reward(&self.prompt.gold, &self.b)
-    }
-}
-
-/// Pairs of two "web-like" replies (right a third of the time, otherwise a typical failure of the kind).
-fn pairs_for(prompts: Vec<Prompt>, rng: &mut StdRng) -> Vec<Pair> {
-    prompts
-        .into_iter()
-        .map(|p| {
-            let (a, b) = (p.noisy(rng), p.noisy(rng));
-            Pair { prompt: p, a, b }
-        })
-        .collect()
-}
-
 /// Runs every seed and strategy in `out` (replaced); writes `active_learning.json`, `.md` and `.html`.
 pub fn run(cfg: &ActiveConfig, out: &Path) -> Result<ActiveSummary> {
     cfg.validate()?;
@@ -234,46 +171,15 @@ pub fn run(cfg: &ActiveConfig, out: &Path) -> Result<ActiveSummary> {
 }
 
 fn run_seed(cfg: &ActiveConfig, seed: u64, dir: &Path) -> Result<(Vec<Curve>, usize)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0xAC71);
-    let eval_prompts = generate(cfg.eval_prompts, &cfg.mix, seed ^ 0xE7A1, "eval-");
-    let held_out: HashSet<&str> = eval_prompts.iter().map(|p| p.text.as_str()).collect();
-    let pool_prompts: Vec<Prompt> = generate(cfg.pool_prompts * 2, &cfg.mix, seed ^ 0xA0, "pool-")
-        .into_iter()
-        .filter(|p| p.gold.kind.recurs() || !held_out.contains(p.text.as_str()))
-        .take(cfg.pool_prompts)
-        .collect();
-    let pool = pairs_for(pool_prompts, &mut rng);
-    let eval: Vec<Pair> = pairs_for(eval_prompts, &mut rng)
-        .into_iter()
-        .filter(|p| p.gold_diff() != 0.0)
-        .collect();
-    anyhow::ensure!(
-        !eval.is_empty(),
-        "no held-out pair differs in gold: raise eval_prompts"
-    );
-
-    let members = init_members(cfg, seed, &pool, dir)?;
-    let tokenizer = Tokenizer::from_dir(&members[0])?;
-    let encode = |pairs: &[Pair]| -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        pairs
-            .iter()
-            .map(|p| {
-                let enc = |r: &str| -> Result<Vec<u32>> {
-                    let e = rlhf_data::tokenize_completion(
-                        &rlhf_data::Text::Plain(p.prompt.text.clone()),
-                        &rlhf_data::Text::Plain(r.into()),
-                        &tokenizer,
-                        None,
-                    )?;
-                    Ok([e.prompt_ids, e.completion_ids].concat())
-                };
-                Ok((enc(&p.a)?, enc(&p.b)?))
-            })
-            .collect()
-    };
-    let (pool_ids, eval_ids) = (encode(&pool)?, encode(&eval)?);
-
+    let lab = Lab::new(
+        &cfg.rm,
+        &cfg.mix,
+        cfg.pool_prompts,
+        cfg.eval_prompts,
+        seed,
+        dir,
+    )?;
+    let pool = &lab.pool;
     // Every pool pair labelled once by the panel; a selection reveals its row (None: no winner, e.g. a tie).
     let panel = Panel {
         seed,
@@ -301,17 +207,9 @@ fn run_seed(cfg: &ActiveConfig, seed: u64, dir: &Path) -> Result<(Vec<Curve>, us
         idx.iter().filter(|&&i| pool[i].gold_diff() == 0.0).count() as f64 / idx.len().max(1) as f64
     };
 
-    let round0 = evaluate_round(
-        cfg,
-        seed,
-        &members,
-        &answers,
-        &initial,
-        &pool_ids,
-        &eval_ids,
-        &eval,
-        &dir.join("round-0"),
-    )?;
+    let labelled_rows =
+        |idx: &[usize]| -> Vec<Value> { idx.iter().filter_map(|&i| answers[i].clone()).collect() };
+    let round0 = lab.train_and_score(&labelled_rows(&initial), initial.len() as u64)?;
     let mut curves = Vec::new();
     for &strategy in &cfg.strategies {
         let mut labelled = initial.clone();
@@ -339,10 +237,7 @@ fn run_seed(cfg: &ActiveConfig, seed: u64, dir: &Path) -> Result<(Vec<Curve>, us
             .map(|j| open[j])
             .collect();
             labelled.extend(&pick);
-            let work = dir.join(format!("{}-round-{round}", strategy.name()));
-            let (acc, s) = evaluate_round(
-                cfg, seed, &members, &answers, &labelled, &pool_ids, &eval_ids, &eval, &work,
-            )?;
+            let (acc, s) = lab.train_and_score(&labelled_rows(&labelled), labelled.len() as u64)?;
             scores = s;
             points.push(point(round, &labelled, acc, &pick));
             eprintln!(
@@ -357,130 +252,9 @@ fn run_seed(cfg: &ActiveConfig, seed: u64, dir: &Path) -> Result<(Vec<Curve>, us
             points,
         });
     }
-    std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
-    Ok((curves, eval.len()))
-}
-
-/// Random-initialised member models (different trunk seeds) sharing a tokenizer trained on the pool's texts.
-fn init_members(cfg: &ActiveConfig, seed: u64, pool: &[Pair], dir: &Path) -> Result<Vec<PathBuf>> {
-    let tok_dir = dir.join("tokenizer");
-    std::fs::create_dir_all(&tok_dir)?;
-    let corpus = dir.join("corpus.txt");
-    let text: String = pool
-        .iter()
-        .flat_map(|p| {
-            [
-                format!("{}{}\n", p.prompt.text, p.a),
-                format!("{}{}\n", p.prompt.text, p.b),
-            ]
-        })
-        .collect();
-    std::fs::write(&corpus, text).with_context(|| format!("{}: cannot write", corpus.display()))?;
-    let tok = train_bpe(
-        &[corpus],
-        &BpeConfig {
-            vocab_size: cfg.vocab_size,
-            ..Default::default()
-        },
-        &tok_dir,
-    )?;
-    let s = cfg.shape;
-    let raw = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.vocab_size(),
-        "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size, "num_hidden_layers": s.num_hidden_layers,
-        "num_attention_heads": s.num_attention_heads, "num_key_value_heads": s.num_attention_heads,
-        "max_position_embeddings": cfg.max_length, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
-        "bos_token_id": tok.bos.as_ref().map(|t| t.id), "eos_token_id": tok.eos.as_ref().map(|t| t.id),
-        "pad_token_id": tok.pad.as_ref().map(|t| t.id),
-    });
-    let mut tok_files: Vec<PathBuf> = std::fs::read_dir(&tok_dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?;
-    tok_files.sort();
-    (0..cfg.members)
-        .map(|j| {
-            let m = dir.join(format!("init-{j}"));
-            let model = CausalLm::init_random(
-                ModelConfig::from_json(raw.clone(), "active-learning member")?,
-                seed * 1000 + j as u64,
-                &Device::Cpu,
-            )?;
-            model.save(&m)?;
-            for f in &tok_files {
-                std::fs::copy(f, m.join(f.file_name().context("a file name")?))?;
-            }
-            Ok(m)
-        })
-        .collect()
-}
-
-/// Trains the ensemble on the labelled pairs, returns held-out gold accuracy and the scores of every pool pair.
-#[allow(clippy::too_many_arguments)]
-fn evaluate_round(
-    cfg: &ActiveConfig,
-    seed: u64,
-    members: &[PathBuf],
-    answers: &[Option<Value>],
-    labelled: &[usize],
-    pool_ids: &[(Vec<u32>, Vec<u32>)],
-    eval_ids: &[(Vec<u32>, Vec<u32>)],
-    eval: &[Pair],
-    work: &Path,
-) -> Result<(f64, Vec<PairScore>)> {
-    let rows: Vec<Value> = labelled
-        .iter()
-        .filter_map(|&i| answers[i].clone())
-        .collect();
-    anyhow::ensure!(
-        !rows.is_empty(),
-        "no labelled pair has a winner yet: raise initial_pairs"
-    );
-    std::fs::create_dir_all(work)?;
-    let steps =
-        ((cfg.epochs * rows.len() as f64 / cfg.batch_size as f64).ceil() as u64).max(cfg.min_steps);
-    let mut trained = Vec::with_capacity(members.len());
-    for (j, init) in members.iter().enumerate() {
-        // A bootstrap sample per member: members disagree where the labels do not pin the order down.
-        let mut rng = StdRng::seed_from_u64(seed ^ ((labelled.len() as u64) << 8) ^ j as u64);
-        let sample: Vec<Value> = (0..rows.len())
-            .map(|_| rows[rng.gen_range(0..rows.len())].clone())
-            .collect();
-        let train_file = work.join(format!("train-{j}.jsonl"));
-        write_rows(&train_file, &sample)?;
-        let out = work.join(format!("member-{j}"));
-        let c = PrefConfig {
-            model: Some(init.clone()),
-            train_file: Some(train_file),
-            output_dir: Some(out.clone()),
-            max_length: cfg.max_length,
-            batch_size: cfg.batch_size,
-            learning_rate: Some(cfg.learning_rate),
-            lr_scheduler_type: ScheduleKind::Cosine,
-            max_steps: Some(steps),
-            logging_steps: steps,
-            save_steps: 0,
-            seed: seed * 1000 + j as u64,
-            ..PrefConfig::default()
-        };
-        rlhf_train::rm::run_rm(&c)?;
-        trained.push(out);
-    }
-    let ensemble = Ensemble::load(&trained, &Device::Cpu)?;
-    let e = score_pairs(&ensemble, eval_ids, 64)?;
-    let hits: f64 = e
-        .iter()
-        .zip(eval)
-        .map(|(s, p)| {
-            if s.reward_diff == 0.0 {
-                0.5
-            } else {
-                f64::from(u8::from((s.reward_diff > 0.0) == (p.gold_diff() > 0.0)))
-            }
-        })
-        .sum();
-    let pool_scores = score_pairs(&ensemble, pool_ids, 64)?;
-    std::fs::remove_dir_all(work)?;
-    Ok((hits / eval.len() as f64, pool_scores))
+    let eval_pairs = lab.eval.len();
+    lab.finish()?;
+    Ok((curves, eval_pairs))
 }
 
 fn mean_curves(cfg: &ActiveConfig, curves: &[Curve]) -> BTreeMap<String, Vec<(usize, f64)>> {
@@ -665,7 +439,7 @@ fn html(s: &ActiveSummary) -> String {
     let intro = format!(
         "<p>Pool of {} candidate pairs per seed, {} initial random pairs, then {} rounds of {} pairs chosen by each strategy; \
          an ensemble of {} reward models retrained from scratch each round; accuracy = held-out pairs ({:?} per seed) ordered as the gold reward orders them. Seeds {:?}.</p>",
-        c.pool_prompts, c.initial_pairs, c.rounds, c.pairs_per_round, c.members, s.eval_pairs, c.seeds
+        c.pool_prompts, c.initial_pairs, c.rounds, c.pairs_per_round, c.rm.members, s.eval_pairs, c.seeds
     );
     report::render(&Report {
         title: "rlhf sandbox: active learning".into(),

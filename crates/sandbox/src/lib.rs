@@ -8,7 +8,9 @@
 pub mod active;
 pub mod annotators;
 pub mod gold;
+pub mod kinds;
 pub mod pipeline;
+pub mod rm_lab;
 pub mod source;
 pub mod world;
 

@@ -1,4 +1,4 @@
-pub mod active;
+pub mod experiments;
 pub mod bench;
 pub mod chat;
 pub mod demo;

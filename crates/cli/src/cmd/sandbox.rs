@@ -34,12 +34,16 @@ pub struct Args {
 #[derive(Subcommand)]
 pub enum Experiment {
     /// Random vs uncertainty-sampled pairs: reward-model accuracy against gold per label budget.
-    ActiveLearning(super::active::Args),
+    ActiveLearning(super::experiments::Args),
+    /// Pairwise vs ratings vs corrections: reward-model accuracy against gold per label.
+    FeedbackKinds(super::experiments::Args),
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(Experiment::ActiveLearning(x)) = a.experiment {
-        return super::active::run(x);
+    match a.experiment {
+        Some(Experiment::ActiveLearning(x)) => return super::experiments::active_learning(x),
+        Some(Experiment::FeedbackKinds(x)) => return super::experiments::feedback_kinds(x),
+        None => {}
     }
     let cfg = match &a.config {
         Some(path) => {
