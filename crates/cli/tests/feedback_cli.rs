@@ -130,6 +130,43 @@ fn critiques_and_demonstrations_train_the_existing_trainers() {
         text.contains("\"uncertainty\"") && text.contains("\"item_id\""),
         "{text}"
     );
+    // The same file is both a feedback-app import and its uncertainty scores.
+    let db = ["--db", "f.sqlite"];
+    ok(
+        d,
+        &[
+            &[
+                "feedback",
+                "create-project",
+                "--name",
+                "next",
+                "--kind",
+                "pairwise",
+            ][..],
+            &db[..],
+        ]
+        .concat(),
+    );
+    ok(
+        d,
+        &[
+            &["feedback", "import", "--project", "next", s(&picked)][..],
+            &db[..],
+        ]
+        .concat(),
+    );
+    let stored = ok(
+        d,
+        &[
+            &["feedback", "import-scores", "--project", "next", s(&picked)][..],
+            &db[..],
+        ]
+        .concat(),
+    );
+    assert!(
+        stored.contains("uncertainty stored for 1 items"),
+        "{stored}"
+    );
 }
 
 #[test]

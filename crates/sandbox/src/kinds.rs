@@ -66,7 +66,7 @@ impl KindsConfig {
             rm: RmSetup::standard(),
             pool_prompts: 1500,
             eval_prompts: 600,
-            label_budgets: vec![100, 200, 400, 800],
+            label_budgets: vec![100, 200, 400],
             panel: Panel::default_mix(0),
             kinds: vec![Kind::Pairwise, Kind::Rating, Kind::Correction],
         }
