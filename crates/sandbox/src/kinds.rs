@@ -197,7 +197,7 @@ pub fn run(cfg: &KindsConfig, out: &Path) -> Result<KindsSummary> {
             (k.name().to_string(), pts)
         })
         .collect();
-    let findings = findings(&mean);
+    let findings = findings(&mean, &measurements);
     let s = KindsSummary {
         config: cfg.clone(),
         eval_pairs,
@@ -238,12 +238,24 @@ fn labelled_rows(cfg: &KindsConfig, lab: &Lab, kind: Kind) -> Result<Vec<Value>>
     })
 }
 
-/// The best kind at each budget, and the smallest budget at which each kind reaches the best kind's
-/// accuracy at the smallest budget.
-fn findings(mean: &BTreeMap<String, Vec<(usize, f64)>>) -> Vec<String> {
+/// The ranking of the kinds at each budget, judged against the seed-to-seed spread: the mean over (kind,
+/// budget) of the range of accuracies across seeds. A lead smaller than that spread is said to be unclear.
+fn findings(
+    mean: &BTreeMap<String, Vec<(usize, f64)>>,
+    measurements: &[Measurement],
+) -> Vec<String> {
     let Some(first) = mean.values().next() else {
         return vec![];
     };
+    let mut ranges = BTreeMap::<(Kind, usize), (f64, f64)>::new();
+    for m in measurements {
+        let r = ranges
+            .entry((m.kind, m.labels))
+            .or_insert((f64::INFINITY, f64::NEG_INFINITY));
+        *r = (r.0.min(m.accuracy), r.1.max(m.accuracy));
+    }
+    let spread = ranges.values().map(|r| r.1 - r.0).sum::<f64>() / ranges.len().max(1) as f64;
+    let several_seeds = measurements.iter().any(|m| m.seed != measurements[0].seed);
     first
         .iter()
         .enumerate()
@@ -254,8 +266,22 @@ fn findings(mean: &BTreeMap<String, Vec<(usize, f64)>>) -> Vec<String> {
                 .iter()
                 .map(|(k, a)| format!("{k} {:.1} %", 100.0 * a))
                 .collect();
+            let lead = row[0].1 - row.get(1).map_or(row[0].1, |r| r.1);
+            let verdict = match several_seeds {
+                false => "one seed: no spread to judge the lead by".to_string(),
+                true if lead < spread => format!(
+                    "a lead of {:.1} points, smaller than the seed-to-seed spread of {:.1}: NOT a clear difference",
+                    100.0 * lead,
+                    100.0 * spread
+                ),
+                true => format!(
+                    "a lead of {:.1} points, larger than the seed-to-seed spread of {:.1}",
+                    100.0 * lead,
+                    100.0 * spread
+                ),
+            };
             format!(
-                "{labels} labels: {} gives the most accurate reward model ({:.1} %), then {}",
+                "{labels} labels: {} {:.1} %, then {} ({verdict})",
                 row[0].0,
                 100.0 * row[0].1,
                 rest.join(", ")
