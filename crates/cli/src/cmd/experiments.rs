@@ -42,7 +42,7 @@ pub fn run<C: Serialize + DeserializeOwned>(a: Args, e: Experiment<C>) -> Result
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("{}: cannot read", path.display()))?;
             serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a {} configuration", path.display(), e.name))?
+                .with_context(|| format!("{}: not a valid {} configuration", path.display(), e.name))?
         }
         None if a.quick => (e.quick)(),
         None => (e.standard)(),
