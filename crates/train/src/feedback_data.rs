@@ -137,17 +137,23 @@ fn load_rows(path: &Path, extra: Option<&str>) -> Result<Dataset> {
     Ok(ds)
 }
 
-/// (prompt, completion, the `extra` column or "") of a row checked by [`load_rows`].
-fn texts<'a>(row: &'a Row, extra: &str) -> (&'a str, &'a str, &'a str) {
+/// (prompt, completion) of a row checked by [`load_rows`].
+fn texts(row: &Row) -> (&str, &str) {
     let Record::PromptCompletion(r) = &row.record else {
         unreachable!("checked by load_rows")
     };
-    let s = |t: &'a Text| t.as_plain().expect("checked by load_rows");
     (
-        s(&r.prompt),
-        s(&r.completion),
-        row.extra.get(extra).and_then(Value::as_str).unwrap_or(""),
+        r.prompt.as_plain().expect("checked by load_rows"),
+        r.completion.as_plain().expect("checked by load_rows"),
     )
+}
+
+/// The critique of a row checked by [`load_rows`] with `extra = Some("critique")`.
+fn critique(row: &Row) -> &str {
+    row.extra
+        .get("critique")
+        .and_then(Value::as_str)
+        .expect("checked by load_rows")
 }
 
 fn fill(template: &str, prompt: &str, response: &str, critique: &str) -> String {
@@ -228,14 +234,14 @@ pub fn revise(args: &ReviseArgs) -> Result<TransformSummary> {
         .rows
         .iter()
         .filter(|r| {
-            let c = texts(r, "critique").2;
+            let c = critique(r);
             !args.skip_containing.iter().any(|s| c.contains(s.as_str()))
         })
         .collect();
     let requests: Vec<String> = keep
         .iter()
         .map(|r| {
-            let (p, c, k) = texts(r, "critique");
+            let ((p, c), k) = (texts(r), critique(r));
             fill(&args.template, p, c, k)
         })
         .collect();
@@ -243,9 +249,9 @@ pub fn revise(args: &ReviseArgs) -> Result<TransformSummary> {
     let rows: Vec<Map<String, Value>> = keep
         .iter()
         .zip(&revisions)
-        .filter(|(r, rev)| !rev.trim().is_empty() && !same(rev, texts(r, "critique").1))
+        .filter(|(r, rev)| !rev.trim().is_empty() && !same(rev, texts(r).1))
         .map(|(r, rev)| {
-            let (p, c, _) = texts(r, "critique");
+            let (p, c) = texts(r);
             output_row(
                 r,
                 "critique-revision",
@@ -272,7 +278,7 @@ pub fn critic_sft(args: &CriticArgs) -> Result<TransformSummary> {
         .rows
         .iter()
         .map(|r| {
-            let (p, c, k) = texts(r, "critique");
+            let ((p, c), k) = (texts(r), critique(r));
             output_row(
                 r,
                 "critic",
@@ -299,15 +305,15 @@ pub fn critic_sft(args: &CriticArgs) -> Result<TransformSummary> {
 /// Demonstrations → `demonstration ≻ policy sample` pairs.
 pub fn demo_pairs(args: &DemoPairsArgs) -> Result<TransformSummary> {
     let ds = load_rows(&args.demonstrations, None)?;
-    let prompts: Vec<String> = ds.rows.iter().map(|r| texts(r, "").0.to_string()).collect();
+    let prompts: Vec<String> = ds.rows.iter().map(|r| texts(r).0.to_string()).collect();
     let samples = sample(&args.sample, &prompts)?;
     let rows: Vec<Map<String, Value>> = ds
         .rows
         .iter()
         .zip(&samples)
-        .filter(|(r, s)| !same(s, texts(r, "").1))
+        .filter(|(r, s)| !same(s, texts(r).1))
         .map(|(r, s)| {
-            let (p, demo, _) = texts(r, "");
+            let (p, demo) = texts(r);
             output_row(
                 r,
                 "demonstration-vs-policy",
