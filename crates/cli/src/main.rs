@@ -46,6 +46,9 @@ enum Command {
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
     Sandbox(cmd::sandbox::Args),
+    /// LoRA adapters: `rlhf lora merge` folds one into its base model.
+    #[command(subcommand)]
+    Lora(cmd::lora::LoraCommand),
     /// Benchmarks; each prints one JSON line per measured shape.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -63,6 +66,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Demo(a) => cmd::demo::run(a),
@@ -80,6 +84,7 @@ fn main() {
         Command::Judge(a) => cmd::judge::run(a),
         Command::Transform(t) => cmd::transform::run(t),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Lora(c) => cmd::lora::run(c),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),
     };

@@ -9,6 +9,7 @@ pub mod active;
 pub mod annotators;
 pub mod gold;
 pub mod kinds;
+pub mod overopt;
 pub mod pipeline;
 pub mod rm_lab;
 pub mod source;

@@ -62,6 +62,14 @@ impl RewardModel {
     pub fn load(dirs: &[PathBuf], policy_tokenizer: &Tokenizer, max_length: usize) -> Result<Self> {
         let ensemble = Ensemble::load(dirs, &Device::Cpu)?;
         let tok = Tokenizer::from_dir(&dirs[0]).map_err(|e| TrainError::Data(e.to_string()))?;
+        if let Some(v) = ensemble.vocab_sizes().into_iter().find(|&v| tok.vocab_size() > v) {
+            return Err(TrainError::Model(format!(
+                "{}: its tokenizer has {} tokens but the model's vocab_size is {v}, so some ids would index past the \
+                 embedding; give the reward model the tokenizer it was trained with",
+                dirs[0].display(),
+                tok.vocab_size()
+            )));
+        }
         let same = tok.inner().to_string(false).ok() == policy_tokenizer.inner().to_string(false).ok();
         let name = format!("rm:{}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(","));
         Ok(Self { name, ensemble, retokenize: (!same).then_some(tok), max_length })

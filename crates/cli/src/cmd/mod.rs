@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod judge;
+pub mod lora;
 pub mod pref;
 pub mod serve;
 pub mod rl;
