@@ -305,15 +305,14 @@ fn findings(
         let avg = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
         let last = |m: &[(usize, f64)]| m.last().map_or(f64::NAN, |p| p.1);
         let mine = &mean[s.name()];
-        let verdict = if win > lose && avg > 0.0 {
-            "beats random"
-        } else if lose > win && avg < 0.0 {
-            "does NOT beat random: it is worse"
-        } else {
-            "does NOT beat random: no consistent difference"
+        let p = sign_test(win, lose);
+        let verdict = match (p < 0.05, win > lose) {
+            (true, true) => "beats random",
+            (true, false) => "does NOT beat random: it is worse",
+            (false, _) => "does NOT beat random: no consistent difference",
         };
         f.push(format!(
-            "{} {verdict}: accuracy minus random's {:+.1} points on average over {} (seed, budget) cells, higher in {win}, equal in {tie}, lower in {lose}; at the final budget of {} pairs {:.1} % vs {:.1} %",
+            "{} {verdict}: accuracy minus random's {:+.1} points on average over {} (seed, budget) cells, higher in {win}, equal in {tie}, lower in {lose} (two-sided sign test p = {p:.3}); at the final budget of {} pairs {:.1} % vs {:.1} %",
             s.name(),
             100.0 * avg,
             diffs.len(),
@@ -337,6 +336,24 @@ fn findings(
         ));
     }
     f
+}
+
+/// Two-sided sign test: the probability of a split at least this uneven between `win` and `lose` if either
+/// side were equally likely (ties left out). The cells of one seed share a pool and a start, so they are not
+/// independent: the p-value is a guide, not an exact level.
+pub fn sign_test(win: usize, lose: usize) -> f64 {
+    let n = win + lose;
+    let k = win.min(lose);
+    // P(X <= k) for X ~ Binomial(n, 1/2), summed in log space (n can be in the hundreds).
+    let ln_choose = |n: usize, i: usize| -> f64 {
+        (1..=i)
+            .map(|j| ((n - i + j) as f64).ln() - (j as f64).ln())
+            .sum()
+    };
+    let tail: f64 = (0..=k)
+        .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
+        .sum();
+    (2.0 * tail).min(1.0)
 }
 
 /// The curves as a markdown table (mean over seeds, then per seed).

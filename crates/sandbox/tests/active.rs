@@ -83,3 +83,14 @@ fn a_pool_too_small_for_the_budget_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn sign_test_matches_the_binomial_tails() {
+    use rlhf_sandbox::active::sign_test;
+    assert_eq!(sign_test(5, 5), 1.0);
+    assert_eq!(sign_test(0, 0), 1.0);
+    // 2 · P(X ≤ 1 | n = 10) = 2 · 11 / 1024; 2 · P(X ≤ 5 | n = 20) = 2 · 21700 / 2^20.
+    assert!((sign_test(9, 1) - 22.0 / 1024.0).abs() < 1e-12);
+    assert!((sign_test(5, 15) - 2.0 * 21700.0 / 1048576.0).abs() < 1e-12);
+    assert_eq!(sign_test(1, 9), sign_test(9, 1));
+}
