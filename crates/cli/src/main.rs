@@ -41,6 +41,9 @@ enum Command {
     Judge(cmd::judge::Args),
     /// Iterated RLHF: rounds of sampling, labelling (reward, judge, simulated annotators or a feedback-app project), DPO and evaluation.
     Iterate(cmd::rl::Raw),
+    /// Critiques and demonstrations → training rows: revision pairs, critic SFT data, demonstration pairs.
+    #[command(subcommand)]
+    Transform(cmd::transform::Transform),
     /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
@@ -82,6 +85,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Judge(a) => cmd::judge::run(a),
+        Command::Transform(t) => cmd::transform::run(t),
         Command::Bench(b) => cmd::bench::run(b),
         Command::Lora(c) => cmd::lora::run(c),
         Command::Eval(a) => cmd::eval::run(a),

@@ -1,3 +1,4 @@
+pub mod experiments;
 pub mod bench;
 pub mod chat;
 pub mod demo;
@@ -12,3 +13,4 @@ pub mod serve;
 pub mod rl;
 pub mod sandbox;
 pub mod sft;
+pub mod transform;
