@@ -371,12 +371,12 @@ fn every_example_config_trains_a_few_steps() {
         let name = path.file_stem().unwrap().to_str().unwrap().to_string();
         // The file says which trainer reads it (its run line).
         let text = std::fs::read_to_string(&path).unwrap();
-        let cmd = ["sft", "rm", "dpo", "grpo", "rloo", "ppo"]
+        let cmd = ["sft", "rm", "dpo", "grpo", "rloo", "ppo", "iterate"]
             .into_iter()
             .find(|c| text.contains(&format!("rlhf {c} --config")))
             .unwrap_or_else(|| panic!("{name}: no `rlhf <trainer> --config` run line"));
-        if ["grpo", "rloo", "ppo"].contains(&cmd) {
-            continue; // online RL examples run in online_rl_cli.rs (they report rewards, not an eval loss)
+        if ["grpo", "rloo", "ppo", "iterate"].contains(&cmd) {
+            continue; // online RL examples run in online_rl_cli.rs, iterate's in iterate.rs (rewards, not an eval loss)
         }
         let out = tmp.path().join(&name);
         // From the repository root, as the files say; the fixture model stands in for the demo's.
