@@ -39,10 +39,18 @@ enum Command {
     Chat(cmd::chat::Args),
     /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
     Judge(cmd::judge::Args),
+    /// Iterated RLHF: rounds of sampling, labelling (reward, judge, simulated annotators or a feedback-app project), DPO and evaluation.
+    Iterate(cmd::rl::Raw),
+    /// Critiques and demonstrations → training rows: revision pairs, critic SFT data, demonstration pairs.
+    #[command(subcommand)]
+    Transform(cmd::transform::Transform),
     /// Evaluate models on held-out prompts: reward with 95 % CIs, win rates, KL, length, diversity; HTML report.
     Eval(cmd::eval::Args),
     /// The whole RLHF loop in a small world with a hidden gold reward and simulated annotators.
     Sandbox(cmd::sandbox::Args),
+    /// LoRA adapters: `rlhf lora merge` folds one into its base model.
+    #[command(subcommand)]
+    Lora(cmd::lora::LoraCommand),
     /// Benchmarks; each prints one JSON line per measured shape.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -55,11 +63,13 @@ fn main() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     rlhf_model::tune_allocator();
+    rlhf_serve::judge_reward::register();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Demo(a) => cmd::demo::run(a),
@@ -75,8 +85,11 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Judge(a) => cmd::judge::run(a),
+        Command::Transform(t) => cmd::transform::run(t),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Lora(c) => cmd::lora::run(c),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Iterate(a) => cmd::iterate::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),
     };
     if let Err(e) = result {

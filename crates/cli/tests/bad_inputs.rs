@@ -329,3 +329,225 @@ fn data_files_that_are_not_what_they_claim() {
         "does not exist",
     ]);
 }
+
+#[test]
+fn a_row_too_long_for_any_max_length_is_refused_before_tokenizing() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let m = llama();
+    // 210 kB in one field: far more than 64 tokens of this tokenizer can cover (tokenizing a 50 MB line took
+    // 18.6 GB and minutes before it was cut to max_length).
+    let long = "ab ".repeat(70_000);
+    let row = |fields: &[(&str, &str)]| {
+        let obj: serde_json::Map<String, Value> = fields.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
+        format!("{}\n", Value::Object(obj))
+    };
+    write(&t.join("text.jsonl"), &format!("{}{}", row(&[("text", "short")]), row(&[("text", &long)])));
+    fails(t, &train_args("sft", s(&m), "text.jsonl", "o", &["--max-steps", "1", "--max-length", "64"]), &[
+        "text.jsonl:2:",
+        "field \"text\"",
+        "210000 bytes of text cannot fit in 64 tokens (max_length",
+    ]);
+    write(&t.join("pairs.jsonl"), &row(&[("prompt", "Q: 1+1="), ("chosen", &long), ("rejected", " 3")]));
+    for cmd in ["rm", "dpo"] {
+        fails(t, &train_args(cmd, s(&m), "pairs.jsonl", "o", &["--max-steps", "1", "--max-length", "64"]), &[
+            "pairs.jsonl:1:",
+            "field \"chosen\"",
+            "cannot fit in 64 tokens",
+        ]);
+    }
+    assert!(!t.join("o").exists());
+    write(&t.join("items.jsonl"), &row(&[("prompt", "Q: 1+1="), ("completion", &long)]));
+    let rm = root().join("fixtures/models/llama-rm");
+    fails(t, &["rm", "score", "--model", s(&rm), "--input", "items.jsonl", "--output", "scores.jsonl"], &[
+        "items.jsonl:1:",
+        "field \"completion\"",
+        "(--max-length;",
+    ]);
+    // generate: bounded by the model's context (the long completion is not what it reads, the prompt is).
+    write(&t.join("prompts.jsonl"), &format!("{}{}", row(&[("prompt", "Q: 1+1="), ("completion", &long)]), row(&[("prompt", &long), ("completion", "x")])));
+    fails(t, &["generate", "--model", s(&m), "--prompts", "prompts.jsonl", "--out", "out.jsonl"], &[
+        "prompts.jsonl:2:",
+        "field \"prompt\"",
+        "cannot fit in 128 tokens (the model's max_position_embeddings",
+    ]);
+}
+
+#[test]
+fn rm_score_refuses_a_classifier_but_scores_an_ensemble() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    ok(t, &train_args("rm", s(&llama()), s(&pref_train()), "ens", &["--max-steps", "1", "--num-heads", "3"]));
+    let items = write(&t.join("items.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"completion\": \" 2\", \"item_id\": 7}\n");
+    ok(t, &["rm", "score", "--model", "ens", "--input", s(&items), "--output", "scores.jsonl"]);
+    let scored = read_jsonl(&t.join("scores.jsonl"));
+    assert!(scored[0]["reward_std"].as_f64().unwrap() > 0.0 && scored[0]["uncertainty"] == scored[0]["reward_std"], "{scored:?}");
+    // The same weights with a classifier's labels: its label scores are not rewards.
+    let cls = t.join("cls");
+    copy_dir(&t.join("ens"), &cls);
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(cls.join("config.json")).unwrap()).unwrap();
+    config["id2label"] = serde_json::json!({"0": "negative", "1": "neutral", "2": "positive"});
+    std::fs::write(cls.join("config.json"), config.to_string()).unwrap();
+    fails(t, &["rm", "score", "--model", "cls", "--input", s(&items), "--output", "cls.jsonl"], &[
+        "cls/config.json",
+        "field \"num_labels\"",
+        "3 labels (negative, neutral, positive) make a classifier",
+    ]);
+    assert!(!t.join("cls.jsonl").exists());
+}
+
+#[test]
+fn a_diverged_run_names_a_checkpoint_whose_weights_did_not_diverge() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    // A warmup towards lr 1e30: finite losses for a step or two, then NaN; a checkpoint after every step.
+    let diverge = ["--max-steps", "8", "--save-steps", "1", "--learning-rate", "1e30", "--warmup-steps", "100000"];
+    let line = fails(t, &train_args("sft", s(&llama()), s(&sft_train()), "run", &diverge), &["non-finite loss", "last good checkpoint: run/checkpoint-"]);
+    let named = |marker: &str| {
+        let rest = &line[line.find(marker).unwrap() + marker.len()..];
+        rest.split([' ', ')', ',']).next().unwrap().to_string()
+    };
+    let good = named("last good checkpoint: ");
+    let bad = named(&format!("{good} ("));
+    assert!(line.contains(&format!("({bad} holds the weights that diverged)")), "{line}");
+    // What the message calls good generates; the newest checkpoint holds the weights that produced NaN.
+    let p = prompts(t);
+    ok(t, &["generate", "--model", &good, "--prompts", s(&p), "--out", "good.jsonl", "--max-new-tokens", "2"]);
+    fails(t, &["generate", "--model", &bad, "--prompts", s(&p), "--out", "bad.jsonl", "--max-new-tokens", "2"], &["non-finite"]);
+    // With only the newest checkpoint kept, no good one is left, and the message says so.
+    let keep_one = [&diverge[..], &["--save-total-limit", "1"]].concat();
+    fails(t, &train_args("dpo", s(&llama()), s(&pref_train()), "run1", &keep_one), &["no good checkpoint is left (run1/checkpoint-"]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 13–15: the newcomer's path
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn every_trainer_writes_a_complete_model_and_lora_merge_rebuilds_it() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    // A base without generation_config.json: every output gets one, from config.json's special tokens.
+    let base = t.join("base");
+    copy_dir(&llama(), &base);
+    std::fs::remove_file(base.join("generation_config.json")).unwrap();
+    let lora = ["--max-steps", "2", "--lora-r", "4", "--learning-rate", "1e-2"];
+    let p = prompts(t);
+    for cmd in ["sft", "dpo", "rm"] {
+        let out = t.join(format!("{cmd}_lora"));
+        ok(t, &train_args(cmd, s(&base), s(&data_for(cmd)), s(&out), &lora));
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+            assert!(out.join(f).is_file(), "{cmd}: no {f} in the output dir");
+        }
+        // The output dir is the usable model; `rlhf lora merge` rebuilds it from the adapter and the base.
+        let merged = t.join(format!("{cmd}_merged"));
+        ok(t, &["lora", "merge", "--adapter", s(&out.join("adapter")), "--model", s(&base), "--out", s(&merged)]);
+        assert!(std::fs::read(merged.join("model.safetensors")).unwrap() == std::fs::read(out.join("model.safetensors")).unwrap(), "{cmd}");
+        if cmd == "rm" {
+            let items = write(&t.join("items.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"completion\": \" 2\"}\n");
+            ok(t, &["rm", "score", "--model", s(&out), "--input", s(&items), "--output", "scores.jsonl"]);
+        } else {
+            ok(t, &["generate", "--model", s(&out), "--prompts", s(&p), "--out", "gen.jsonl", "--max-new-tokens", "2"]);
+            let g: Value = serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap()).unwrap();
+            let c: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+            for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                assert_eq!(g[k], c[k], "{cmd}: generation_config.json {k}");
+            }
+        }
+    }
+    // Merging refuses what it would overwrite, and names a missing adapter file.
+    let adapter = t.join("dpo_lora/adapter");
+    fails(t, &["lora", "merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&base)], &["base model's directory"]);
+    fails(t, &["lora", "merge", "--adapter", s(&adapter), "--model", s(&base), "--out", "sft_merged"], &["sft_merged", "already holds a model"]);
+    fails(t, &["lora", "merge", "--adapter", s(&t.join("dpo_lora")), "--model", s(&base), "--out", "m"], &["dpo_lora/adapter_config.json", "not found", "output_dir/adapter"]);
+    // init writes generation_config.json with its tokenizer's ids.
+    ok(t, &["init", "--out", "fresh", "--corpus", s(&sft_train()), "--vocab-size", "300", "--add-bos"]);
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(t.join("fresh/generation_config.json")).unwrap()).unwrap();
+    assert_eq!((g["bos_token_id"].as_u64(), g["eos_token_id"].as_u64()), (Some(1), Some(2)), "{g}");
+}
+
+/// `rlhf ARGS` with `stdin` piped in and logging at its default level, stderr not a terminal (as in CI).
+fn rlhf_logged(cwd: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "rlhf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[test]
+fn training_without_a_terminal_logs_one_line_per_logging_step() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let m = llama();
+    for cmd in ["sft", "dpo"] {
+        let data = data_for(cmd);
+        let args = [cmd, "--model", s(&m), "--train-file", s(&data), "--output-dir", cmd, "--max-steps", "4", "--logging-steps", "2"];
+        let stderr = String::from_utf8(rlhf_logged(t, &args, "").stderr).unwrap();
+        let steps: Vec<&str> = stderr.lines().filter(|l| l.contains("\"loss\":")).collect();
+        assert_eq!(steps.len(), 2, "{cmd}: {stderr}");
+        assert!(steps[0].contains("{\"step\":2,") && steps[1].contains("{\"step\":4,"), "{cmd}: {stderr}");
+        assert!(!stderr.contains('\u{1b}'), "{cmd}: colour codes in a log file: {stderr}");
+    }
+}
+
+#[test]
+fn generate_keeps_input_columns_and_takes_prompts_from_the_command_line_or_stdin() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let m = llama();
+    // Reference answers in `completion` stay; the generated text goes to `generated`.
+    let refs = write(&t.join("refs.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"completion\": \" 2\", \"id\": 4}\n");
+    ok(t, &["generate", "--model", s(&m), "--prompts", s(&refs), "--out", "gen.jsonl", "--max-new-tokens", "3"]);
+    let rows = read_jsonl(&t.join("gen.jsonl"));
+    assert_eq!((rows[0]["completion"].as_str(), rows[0]["id"].as_u64()), (Some(" 2"), Some(4)));
+    assert_eq!(rows[0]["completion_ids"].as_array().unwrap().len(), 3);
+    assert!(rows[0]["generated"].is_string(), "{rows:?}");
+    // Prompt-only rows get `completion` (prompt/completion data for rm score, sft, eval).
+    ok(t, &["generate", "--model", s(&m), "--prompts", s(&prompts(t)), "--out", "plain.jsonl", "--max-new-tokens", "3"]);
+    let plain = read_jsonl(&t.join("plain.jsonl"));
+    assert!(plain[0]["completion"].is_string() && !plain[0].contains_key("generated"), "{plain:?}");
+    // A column name the input has, or an input column generate writes, is refused rather than overwritten.
+    fails(t, &["generate", "--model", s(&m), "--prompts", s(&refs), "--out", "x.jsonl", "--completion-column", "id"], &[
+        "refs.jsonl:1:",
+        "field \"id\"",
+        "--completion-column",
+    ]);
+    fails(t, &["generate", "--model", s(&m), "--prompts", "plain.jsonl", "--out", "x.jsonl"], &["plain.jsonl:1:", "field \"completion_ids\"", "overwrite"]);
+    // --prompt TEXT and --prompts - (JSONL on stdin) write JSONL to stdout without --out.
+    let greedy = ["--max-new-tokens", "3", "--temperature", "0"];
+    let one = rlhf_logged(t, &[&["generate", "--model", s(&m), "--prompt", "Q: 7+5="][..], &greedy[..]].concat(), "");
+    let piped = rlhf_logged(t, &[&["generate", "--model", s(&m), "--prompts", "-"][..], &greedy[..]].concat(), "{\"prompt\": \"Q: 7+5=\", \"k\": 1}\n");
+    let a: Value = serde_json::from_slice(&one.stdout).unwrap();
+    let b: Value = serde_json::from_slice(&piped.stdout).unwrap();
+    assert_eq!((a["prompt"].as_str(), b["k"].as_u64()), (Some("Q: 7+5="), Some(1)));
+    assert_eq!(a["completion_ids"], b["completion_ids"], "the same prompt, greedy: the same completion");
+    assert_eq!(a["completion_ids"].as_array().unwrap().len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 17: documented behaviour
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn every_trainer_summary_names_eval_metrics_alike() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    for (cmd, eval, metric) in [("sft", "sft_eval", "eval_mean_token_accuracy"), ("rm", "pref_eval", "eval_accuracy"), ("dpo", "pref_eval", "eval_rewards/accuracies")] {
+        let eval = root().join(format!("data/{eval}.jsonl"));
+        let stdout = ok(t, &train_args(cmd, s(&llama()), s(&data_for(cmd)), cmd, &["--max-steps", "1", "--eval-file", s(&eval)]));
+        let summary: Value = serde_json::from_str(&stdout).unwrap();
+        assert!(summary["eval"]["eval_loss"].as_f64().is_some_and(f64::is_finite), "{cmd}: {summary}");
+        assert!(summary["eval"][metric].is_number(), "{cmd}: {summary}");
+    }
+}

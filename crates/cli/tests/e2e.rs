@@ -268,6 +268,12 @@ fn unknown_or_ill_typed_toml_key() {
     assert!(!t.join("run").exists());
 }
 
+/// The checkpoint a non-finite-loss error says holds the diverged weights: `… (DIR holds the weights …)`.
+fn diverged_checkpoint(line: &str) -> &str {
+    let rest = &line[line.rfind(" (").expect("a checkpoint in parentheses") + 2..];
+    rest.split_whitespace().next().unwrap()
+}
+
 #[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let tmp = TempDir::new().unwrap();
@@ -276,17 +282,18 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let line = fails(t, &[
         "sft", "--model", s(&llama()), "--train-file", s(&sft_train()), "--output-dir", s(&out), "--max-steps", "6",
         "--batch-size", "4", "--learning-rate", "1e30", "--save-steps", "1", "--logging-steps", "1",
-    ], &["non-finite loss", "checkpoint-"]);
+    ], &["non-finite loss", "no good checkpoint is left (", "holds the weights that diverged)"]);
     // The named checkpoint exists, is complete, and loads.
-    let ckpt = line.split_whitespace().last().unwrap();
+    let ckpt = diverged_checkpoint(&line);
     let ckpt = out.join(Path::new(ckpt).file_name().unwrap());
     assert!(ckpt.join("model.safetensors").is_file(), "{line}");
     assert!(!out.join("model.safetensors").exists(), "a diverged run saved a final model");
     for m in read_jsonl(&out.join("metrics.jsonl")) {
         assert!(m["loss"].as_f64().is_some_and(f64::is_finite), "metrics.jsonl logged a non-finite loss: {m:?}");
     }
-    // The checkpoint loads as a model. Its weights took one step at lr 1e30, so generation from it refuses
-    // the non-finite log-probs instead of writing garbage.
+    // The checkpoint loads as a model. Its weights took one step at lr 1e30 (they gave the NaN loss of step
+    // 2, which is why the message calls them diverged), so generation from it refuses the non-finite
+    // log-probs instead of writing garbage.
     let (gen, p) = (t.join("gen.jsonl"), prompts(t));
     let args = ["generate", "--model", s(&ckpt), "--prompts", s(&p), "--out", s(&gen), "--temperature", "0"];
     fails(t, &args, &["model.safetensors", "non-finite log-probabilities"]);
@@ -345,8 +352,8 @@ fn preference_failures() {
     let line = fails(t, &[
         "dpo", "--model", m, "--train-file", s(&pref), "--output-dir", "run", "--max-steps", "4", "--batch-size", "4",
         "--learning-rate=1e30", "--save-steps", "1",
-    ], &["non-finite loss", "checkpoint-"]);
-    let ckpt = t.join("run").join(Path::new(line.split_whitespace().last().unwrap()).file_name().unwrap());
+    ], &["non-finite loss", "holds the weights that diverged"]);
+    let ckpt = t.join("run").join(Path::new(diverged_checkpoint(&line)).file_name().unwrap());
     assert!(ckpt.join("model.safetensors").is_file(), "{line}");
     assert!(!t.join("run/model.safetensors").exists(), "a diverged run saved a final model");
 }
@@ -364,12 +371,12 @@ fn every_example_config_trains_a_few_steps() {
         let name = path.file_stem().unwrap().to_str().unwrap().to_string();
         // The file says which trainer reads it (its run line).
         let text = std::fs::read_to_string(&path).unwrap();
-        let cmd = ["sft", "rm", "dpo", "grpo", "rloo", "ppo"]
+        let cmd = ["sft", "rm", "dpo", "grpo", "rloo", "ppo", "iterate"]
             .into_iter()
             .find(|c| text.contains(&format!("rlhf {c} --config")))
             .unwrap_or_else(|| panic!("{name}: no `rlhf <trainer> --config` run line"));
-        if ["grpo", "rloo", "ppo"].contains(&cmd) {
-            continue; // online RL examples run in online_rl_cli.rs (they report rewards, not an eval loss)
+        if ["grpo", "rloo", "ppo", "iterate"].contains(&cmd) {
+            continue; // online RL examples run in online_rl_cli.rs, iterate's in iterate.rs (rewards, not an eval loss)
         }
         let out = tmp.path().join(&name);
         // From the repository root, as the files say; the fixture model stands in for the demo's.

@@ -165,17 +165,34 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     };
     let (base, sft) = (gold("base"), gold("sft"));
     assert!(sft.0 > base.2, "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}");
+    // RLHF works in the sandbox: both online policies beat SFT by the hidden gold reward, beyond the intervals.
+    for rl in ["ppo", "grpo"] {
+        let r = gold(rl);
+        assert!(r.0 > sft.2, "{rl} should beat SFT beyond the CIs: sft {sft:?}, {rl} {r:?}");
+    }
+    // Best-of-n against the proxy: n doubles up to the configured maximum, KL is the analytic bound, and the
+    // proxy score of the pick never falls as n grows (the samples are shared).
+    let bon = s["best_of_n"].as_array().unwrap();
+    let ns: Vec<u64> = bon.iter().map(|p| p["n"].as_u64().unwrap()).collect();
+    assert_eq!(ns, [1, 2, 4, 8]);
+    assert_eq!(bon[0]["kl"].as_f64(), Some(0.0));
+    let proxy: Vec<f64> = bon.iter().map(|p| p["proxy"].as_f64().unwrap()).collect();
+    assert!(proxy.windows(2).all(|w| w[1] >= w[0]), "{proxy:?}");
     let names: Vec<&str> =
         s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo"]);
+    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo", "sft-large", "dpo-unbiased", "dpo-long"]);
     assert!(s["preference_pairs"].as_u64().unwrap() > 100);
     let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
     assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
+    assert!(findings.iter().any(|f| f.starts_with("best-of-n against the reward model")), "{findings:?}");
+    assert!(findings.iter().any(|f| f.starts_with("InstructGPT in miniature: ppo")), "{findings:?}");
+    // The verbosity bias of length-loving annotators reaches the policy trained on their labels.
+    assert!(findings.iter().any(|f| f.starts_with("length-bias probe") && f.contains("reaches the policy")), "{findings:?}");
     let html = std::fs::read_to_string(t.join("run/report.html")).unwrap();
-    for id in ["findings", "rewards", "indicators", "win-rates", "diversity", "annotators", "training", "examples"] {
+    for id in ["findings", "rewards", "indicators", "win-rates", "diversity", "over-optimisation", "annotators", "training", "examples"] {
         assert!(html.contains(&format!("id=\"{id}\"")), "section {id} missing");
     }
-    assert!(html.matches("<svg").count() >= 5);
+    assert!(html.matches("<svg").count() >= 7);
     assert!(t.join("run/timings.json").is_file());
     // What the trainers read holds no gold: only the feedback app's export columns and public prompt columns.
     let keys = |file: &str| -> std::collections::BTreeSet<String> {
@@ -191,8 +208,8 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
         let k = keys(file);
         assert!(k.iter().all(|k| export.contains(&k.as_str()) || extra.contains(&k.as_str())), "{file}: {k:?}");
     };
-    allowed(&["chosen", "rejected", "margin", "votes"], "preferences.jsonl");
-    allowed(&["chosen", "rejected", "margin", "votes"], "rm_train.jsonl");
+    allowed(&["chosen", "rejected", "margin", "votes", "confidence"], "preferences.jsonl");
+    allowed(&["chosen", "rejected", "margin", "votes", "confidence"], "rm_train.jsonl");
     allowed(&["completion"], "demonstrations.jsonl");
     allowed(&["id", "answer"], "train_prompts.jsonl");
     assert_eq!(keys("corpus.jsonl").into_iter().collect::<Vec<_>>(), ["text"]);

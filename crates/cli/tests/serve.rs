@@ -164,3 +164,43 @@ fn judge_labels_pairs_from_a_served_model() {
     assert!(stderr.contains("pairs.jsonl:1") && stderr.contains("rejected"), "{stderr}");
     assert!(!bad_out.exists());
 }
+
+#[test]
+fn grpo_takes_its_reward_from_a_served_judge_and_stops_clearly_when_it_is_unreachable() {
+    let s = Served::start(&[]);
+    let tmp = TempDir::new().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = tmp.path().join("grpo");
+    // The fixture has 128 positions: a one-line rubric and rating prompt.
+    let (rubric, template) = (tmp.path().join("rubric.txt"), tmp.path().join("rate.txt"));
+    std::fs::write(&rubric, "Correct sums are best.").unwrap();
+    std::fs::write(&template, "{rubric}\n{prompt}{response}\nScore 1-9:").unwrap();
+    let spec = format!("judge:{},model=llama,rubric={},template={}", s.url, rubric.display(), template.display());
+    let grpo = |reward: &str, out: &Path| {
+        rlhf()
+            .current_dir(&root)
+            .args(["grpo", "--model", "fixtures/models/llama", "--prompts", "data/prompts.jsonl", "--reward", reward])
+            .args(["--output-dir", out.to_str().unwrap(), "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "2"])
+            .args(["--max-new-tokens", "4", "--learning-rate", "1e-4"])
+            .output()
+            .unwrap()
+    };
+    let o = grpo(&spec, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["steps"], 2);
+    // The judge's expected rating on the 1–9 scale, for every step's rollouts.
+    let r = summary["final_metrics"][format!("rewards/{spec}/mean")].as_f64().unwrap_or_else(|| panic!("{summary}"));
+    assert!((1.0..=9.0).contains(&r), "{r}");
+    assert!(out.join("model.safetensors").is_file());
+
+    // A port nothing listens on: retried, then a non-zero exit naming the source and the attempts.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let o = grpo(&format!("judge:{url}"), &tmp.path().join("dead"));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("reward source `judge:{url}`")) && err.contains("3 attempts") && err.contains("request failed"), "{err}");
+    assert!(!tmp.path().join("dead/model.safetensors").exists());
+}

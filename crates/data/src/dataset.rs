@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{DataError, Position, Result};
 use crate::formats::{Format, LoadOptions, Preference, Record, Row, Text};
+use crate::tokenizer::Tokenizer;
 use crate::{jsonl, parquet};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +185,30 @@ impl Dataset {
         e.position = row.position;
         e.field = field.map(str::to_string);
         e
+    }
+
+    /// Refuses a row with a text field longer than `max_tokens` tokens can be (see
+    /// [`Tokenizer::max_token_bytes`]) before anything is tokenized: tokenizing a multi-megabyte field costs
+    /// gigabytes, and all but its first `max_tokens` tokens would be cut anyway. `limit` names the bound for
+    /// the message (e.g. `max_length`); `only`: check just these fields (empty: every text field).
+    pub fn check_text_size(&self, tokenizer: &Tokenizer, max_tokens: usize, limit: &str, only: &[&str]) -> Result<()> {
+        let per_token = tokenizer.max_token_bytes();
+        let max_bytes = max_tokens.saturating_mul(per_token);
+        for row in &self.rows {
+            let checked = |f: &str| only.is_empty() || only.contains(&f);
+            let too_long = row.record.text_fields().into_iter().find(|&(f, n)| checked(f) && n > max_bytes);
+            if let Some((field, n)) = too_long {
+                return Err(self.row_error(
+                    row,
+                    Some(field),
+                    format!(
+                        "{n} bytes of text cannot fit in {max_tokens} tokens ({limit}; no token of this tokenizer \
+                         is longer than {per_token} bytes, so at most {max_bytes} bytes fit): shorten or split the row"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Fails unless the dataset is in one of `formats`; `purpose` says what it was meant for.

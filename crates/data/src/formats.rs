@@ -74,12 +74,24 @@ impl Text {
         }
     }
 
+    /// Bytes of text: the string, or the sum of the messages' contents.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Text::Plain(s) => s.len(),
+            Text::Messages(ms) => messages_bytes(ms),
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         match self {
             Text::Plain(s) => Value::String(s.clone()),
             Text::Messages(ms) => Value::Array(ms.iter().map(Message::to_json).collect()),
         }
     }
+}
+
+fn messages_bytes(ms: &[Message]) -> usize {
+    ms.iter().map(|m| m.content.len()).sum()
 }
 
 impl From<&str> for Text {
@@ -483,6 +495,30 @@ impl Record {
             Record::ImplicitPreference(p) => Some(p.to_explicit()),
             Record::Correction(c) => Some(Ok(c.to_preference())),
             _ => None,
+        }
+    }
+
+    /// Each text field with its size in bytes (message lists: the sum of their contents), for bounding what
+    /// one row may cost before it is tokenized.
+    pub fn text_fields(&self) -> Vec<(&'static str, usize)> {
+        match self {
+            Record::LanguageModeling(r) => vec![("text", r.text.len())],
+            Record::Conversational(r) => vec![("messages", messages_bytes(&r.messages))],
+            Record::PromptOnly(r) => vec![("prompt", r.prompt.byte_len())],
+            Record::PromptCompletion(r) => vec![("prompt", r.prompt.byte_len()), ("completion", r.completion.byte_len())],
+            Record::Preference(r) => vec![
+                ("prompt", r.prompt.byte_len()),
+                ("chosen", r.chosen.byte_len()),
+                ("rejected", r.rejected.byte_len()),
+            ],
+            Record::ImplicitPreference(r) => vec![("chosen", r.chosen.byte_len()), ("rejected", r.rejected.byte_len())],
+            Record::Unpaired(r) => vec![("prompt", r.prompt.byte_len()), ("completion", r.completion.byte_len())],
+            Record::Rating(r) => vec![("prompt", r.prompt.byte_len()), ("completion", r.completion.byte_len())],
+            Record::Correction(r) => vec![
+                ("prompt", r.prompt.byte_len()),
+                ("completion", r.completion.byte_len()),
+                ("corrected", r.corrected.byte_len()),
+            ],
         }
     }
 

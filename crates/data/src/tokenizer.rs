@@ -286,6 +286,12 @@ impl Tokenizer {
             .unwrap_or(0)
     }
 
+    /// Bytes of the longest token (vocabulary string or added token): `n` tokens never cover more than
+    /// `n × this` bytes of text, so a longer text certainly has more than `n` tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
+    }
+
     /// The id of `token` (a vocabulary string or an added token).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

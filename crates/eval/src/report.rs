@@ -33,13 +33,13 @@ pub fn fmt_est(e: &Estimate) -> String {
 const CSS: &str = "body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;color:#222;max-width:1000px;margin:2em auto;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 h3{font-size:1.05em;margin-bottom:.3em}
-table{border-collapse:collapse;margin:.6em 0 1em;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;margin:.6em 0 1em;font-variant-numeric:tabular-nums;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top;white-space:nowrap}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.ci{color:#777;font-size:.9em}
 .note{background:#fffbe6;border-left:4px solid #e6b800;padding:.4em .8em;margin:.6em 0}
 .ok{background:#eef8ee;border-left:4px solid #3a3;padding:.4em .8em;margin:.6em 0}
 code,pre,td.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.88em}
-td.mono,td.wrap{white-space:pre-wrap;max-width:420px;word-break:break-word}nav a{margin-right:1em}svg{display:block;margin:.4em 0 1em}";
+td.mono,td.wrap{white-space:pre-wrap;max-width:420px;word-break:break-word}nav a{margin-right:1em}svg{display:block;margin:.4em 0 1em;max-width:100%;height:auto}";
 
 pub fn render(r: &Report) -> String {
     let mut h = String::new();

@@ -208,7 +208,7 @@ impl Driver {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_labels_every_kind_and_exports() {
     let (Some(chromium), Some(chromedriver)) = (which("chromium").or_else(|| which("chromium-browser")), which("chromedriver")) else {
-        eprintln!("\n*** SKIP: chromium and/or chromedriver not installed; the browser test did not run. Install them with `bash .ci/feedback-setup.sh`. ***\n");
+        skip("browser", "chromium and/or chromedriver not installed; install them with `bash .ci/feedback-setup.sh`");
         return;
     };
     for tdb in databases().await {

@@ -62,7 +62,7 @@ async fn attempt(http: &reqwest::Client, base: &str, user: &str, passwords: &[&s
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_flood_keeps_memory_flat() {
     if !std::path::Path::new("/proc/self/status").exists() {
-        eprintln!("\n*** SKIP: no /proc/self/status; the login-flood memory test needs Linux. ***\n");
+        skip("login-flood", "no /proc/self/status; the login-flood memory test needs Linux");
         return;
     }
     let tdb = sqlite_db();

@@ -13,7 +13,7 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 
-pub(crate) fn read_json(path: &Path) -> Result<Value> {
+pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read: {e}", path.display())))?;
     serde_json::from_str(&text)
@@ -233,8 +233,22 @@ pub(crate) fn save(model: &CausalLm, dir: &Path) -> Result<()> {
         obj.insert(key.into(), Value::String("float32".into()));
     }
     write_atomic(&dir.join(CONFIG), &json_bytes(&cfg)?)?;
-    if let Some(g) = model.generation_config() {
-        write_atomic(&dir.join(GENERATION_CONFIG), &json_bytes(g)?)?;
+    let generation = match model.generation_config() {
+        Some(g) => g.clone(),
+        None => generation_config_from(&cfg),
+    };
+    write_atomic(&dir.join(GENERATION_CONFIG), &json_bytes(&generation)?)
+}
+
+/// What `transformers` writes for a model without its own generation config
+/// (`GenerationConfig.from_model_config`): the special-token ids of config.json.
+fn generation_config_from(config: &Value) -> Value {
+    let mut g = serde_json::Map::new();
+    g.insert("_from_model_config".into(), Value::Bool(true));
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"] {
+        if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
+            g.insert(key.into(), v.clone());
+        }
     }
-    Ok(())
+    Value::Object(g)
 }

@@ -560,8 +560,8 @@ impl CausalLm {
         KvCache::new(layers, batch, kv_heads, head_dim, capacity, &self.device)
     }
 
-    /// Writes `config.json`, `model.safetensors` (f32) and, if one was loaded,
-    /// `generation_config.json` to `dir`, each atomically (temp file + rename).
+    /// Writes `config.json`, `model.safetensors` (f32) and `generation_config.json` (the loaded one, or the
+    /// special-token ids of config.json as `transformers` derives it) to `dir`, each atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         io::save(self, dir)
     }

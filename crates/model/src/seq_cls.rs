@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 pub const HEAD: &str = "score.weight";
+/// Label prefix of the heads of a reward ensemble (`reward_0`, …), which tells them apart from a classifier's
+/// labels; a single reward head keeps transformers' `LABEL_0`.
+pub const REWARD_LABEL: &str = "reward_";
 
 /// A sequence classifier / reward model.
 // Not Debug: candle_nn::VarMap is not.
@@ -106,8 +109,9 @@ impl SeqCls {
         };
         obj.insert("architectures".into(), json!([class_name(lm.config().model_type())]));
         obj.insert("num_labels".into(), json!(k));
-        obj.insert("id2label".into(), (0..k).map(|i| (i.to_string(), json!(format!("LABEL_{i}")))).collect());
-        obj.insert("label2id".into(), (0..k).map(|i| (format!("LABEL_{i}"), json!(i))).collect());
+        let label = |i: usize| if k == 1 { "LABEL_0".to_string() } else { format!("{REWARD_LABEL}{i}") };
+        obj.insert("id2label".into(), (0..k).map(|i| (i.to_string(), json!(label(i)))).collect());
+        obj.insert("label2id".into(), (0..k).map(|i| (label(i), json!(i))).collect());
         obj.insert("pad_token_id".into(), json!(pad_token_id));
         let head = VarMap::new();
         let var = Var::from_tensor(&score.to_dtype(DType::F32)?)?;

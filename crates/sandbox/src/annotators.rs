@@ -11,7 +11,7 @@ use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use rlhf_feedback::export::{export_rows, Format};
+use rlhf_feedback::export::{export_rows, export_rows_with, Format, Options};
 use rlhf_feedback::model::{Choice, Item, Label, LabelValue, Project, Role, TaskKind, User};
 use rlhf_feedback::quality::{project_stats, ProjectStats};
 use serde::{Deserialize, Serialize};
@@ -156,6 +156,13 @@ impl Session {
     /// Rows exactly as `rlhf feedback export --format …` writes them.
     pub fn export(&self, format: Format) -> Result<Vec<Value>> {
         Ok(export_rows(&self.project, &self.items, &self.labels, format, false)?)
+    }
+
+    /// Rows as `rlhf feedback export --format … --by-reliability` writes them: each item decided by the app's
+    /// reliability model (Crowd-BT for pairs), so careless and biased annotators count less.
+    pub fn export_by_reliability(&self, format: Format) -> Result<Vec<Value>> {
+        let opts = Options { by_reliability: true, ..Options::default() };
+        Ok(export_rows_with(&self.project, &self.items, &self.labels, format, &opts)?)
     }
 
     /// The app's agreement statistics and per-annotator flags.

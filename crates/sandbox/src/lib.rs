@@ -5,9 +5,13 @@
 //! Nothing a trainer reads carries gold information: prompts files hold `id`, `prompt` and (arithmetic only)
 //! the reference `answer`; the gold side lives in a separate `*.gold.jsonl` that only the evaluation opens.
 
+pub mod active;
 pub mod annotators;
 pub mod gold;
+pub mod kinds;
+pub mod overopt;
 pub mod pipeline;
+pub mod rm_lab;
 pub mod source;
 pub mod world;
 

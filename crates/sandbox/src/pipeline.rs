@@ -76,15 +76,34 @@ pub struct PipelineConfig {
     /// GRPO against the reward model: `batch_size` = prompts per step, each sampled `grpo_generations` times.
     pub grpo: Budget,
     pub grpo_generations: usize,
-    /// KL leash to the SFT model of both online stages (PPO's `kl_coef`, GRPO's `beta`).
-    pub rl_kl_coef: f64,
+    /// PPO's KL penalty to the SFT model (`kl_coef`).
+    pub ppo_kl_coef: f64,
+    /// GRPO's KL coefficient to the SFT model (`beta`).
+    pub grpo_beta: f64,
     pub eval_prompts: usize,
     pub eval: EvalConfig,
     /// Sampling temperature of the SFT samples shown to annotators.
     pub sample_temperature: f32,
+    /// SFT samples drawn per preference prompt; annotators compare the first two that differ (as InstructGPT
+    /// shows labellers K outputs): a confident SFT model often repeats itself, and identical pairs teach nothing.
+    pub candidates_per_prompt: usize,
+    /// Export the preferences as the feedback app does with `--by-reliability` (its reliability model decides
+    /// each pair) instead of by raw majority vote.
+    pub export_by_reliability: bool,
     pub max_length: usize,
-    /// Held-out prompts whose SFT sample pairs measure the reward model's agreement with gold.
+    /// Held-out prompts whose SFT sample pairs measure the reward model's agreement with gold (and on which the
+    /// best-of-n over-optimisation sweep runs).
     pub rm_gold_pairs: usize,
+    /// Largest n of the best-of-n sweep (powers of two up to it).
+    pub best_of_n: usize,
+    /// A larger model (its own pretraining budget), SFT'd on the same demonstrations as `sft-large`: does RLHF
+    /// on the small model beat SFT on the larger one, as InstructGPT's 1.3 B PPO model beat its 175 B SFT model?
+    /// Null: not run.
+    pub larger: Option<Larger>,
+    /// DPO budget of the length-bias probe (null = no probe): the preference pairs relabelled by an all-unbiased
+    /// and an all-length-loving panel, DPO from SFT on each (models `dpo-unbiased`, `dpo-long`): does the
+    /// annotators' verbosity bias reach the policy?
+    pub length_bias_probe: Option<Budget>,
 }
 
 impl PipelineConfig {
@@ -97,25 +116,38 @@ impl PipelineConfig {
             vocab_size: 384,
             corpus_prompts: 3000,
             pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
-            demonstrations: 200,
-            sft: Budget { steps: 80, batch_size: 16, learning_rate: 1e-3 },
+            // LIMA-style and deliberately short: the SFT model still refuses, abstains and formats unevenly, which
+            // leaves the preference stages something to fix (with 200 demonstrations × 80 steps SFT was already
+            // near the gold ceiling on every kind but arithmetic, and no policy stage could improve on it).
+            demonstrations: 50,
+            sft: Budget { steps: 30, batch_size: 16, learning_rate: 1e-3 },
             preference_prompts: 1000,
             panel: Panel::default_mix(seed),
-            rm: Budget { steps: 60, batch_size: 16, learning_rate: 1e-3 },
+            rm: Budget { steps: 100, batch_size: 16, learning_rate: 1e-3 },
             dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
             dpo_beta: 0.1,
             dpo_loss: LossType::Sigmoid,
-            // Measured (quick, seed 0): lr 3e-4 moved PPO to gold −0.087 (KL 2.8) and GRPO to −0.003, GRPO at
-            // 1e-3 to −0.154; at 1e-4 both stay at SFT's level (0.010, 0.007). The reward model is weak.
-            ppo: Budget { steps: 30, batch_size: 16, learning_rate: 1e-4 },
-            grpo: Budget { steps: 30, batch_size: 8, learning_rate: 1e-4 },
+            // Measured (quick, seed 0, SFT gold −0.055): PPO at lr 1e-4 × 60 steps reached 0.130, GRPO at 2e-4 0.054
+            // (both beyond the 95 % intervals); at 30 steps and 1e-4 neither moved.
+            ppo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            grpo: Budget { steps: 60, batch_size: 8, learning_rate: 2e-4 },
             grpo_generations: 4,
-            rl_kl_coef: 0.05,
+            ppo_kl_coef: 0.05,
+            grpo_beta: 0.05,
             eval_prompts: 600,
             eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
             sample_temperature: 1.0,
+            candidates_per_prompt: 4,
+            export_by_reliability: true,
             max_length: 128,
             rm_gold_pairs: 300,
+            best_of_n: 8,
+            larger: Some(Larger {
+                shape: Shape { hidden_size: 96, num_hidden_layers: 3, num_attention_heads: 4, intermediate_size: 256 },
+                pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
+            }),
+            // A larger rate than the DPO stage's, so that the policy moves far enough for its length to tell.
+            length_bias_probe: Some(Budget { steps: 60, batch_size: 16, learning_rate: 5e-4 }),
         }
     }
 
@@ -126,16 +158,38 @@ impl PipelineConfig {
             vocab_size: 512,
             corpus_prompts: 6000,
             pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
-            demonstrations: 400,
-            sft: Budget { steps: 300, batch_size: 16, learning_rate: 5e-4 },
+            // Measured (seed 0): with 400 demonstrations × 300 steps SFT reached the gold ceiling on notes, refusals
+            // and abstentions (0.98–1.0), so no policy stage could improve on it; with 100 × 50 it leaves room.
+            demonstrations: 100,
+            sft: Budget { steps: 50, batch_size: 16, learning_rate: 5e-4 },
             preference_prompts: 2000,
-            // A few hundred pairs: more than ~3 epochs over-fit (200 DPO steps measured KL 8.5, gold −0.12).
-            rm: Budget { steps: 80, batch_size: 16, learning_rate: 5e-4 },
-            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            rm: Budget { steps: 150, batch_size: 16, learning_rate: 5e-4 },
+            // At 1e-4 DPO moved far (KL 2.6) and lost gold on notes (0.90 → 0.56) to the biased labels.
+            dpo: Budget { steps: 100, batch_size: 16, learning_rate: 3e-5 },
+            // Measured (seed 0, SFT gold 0.064 [0.018, 0.107]): PPO 0.189 [0.149, 0.226] (KL 3.2);
+            // GRPO 0.178 [0.137, 0.215] at β 0.1 × 150 steps (0.078 at β 0.05 × 100).
+            ppo: Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 },
+            grpo: Budget { steps: 150, batch_size: 8, learning_rate: 2e-4 },
+            grpo_beta: 0.1,
+            best_of_n: 16,
+            larger: Some(Larger {
+                shape: Shape { hidden_size: 192, num_hidden_layers: 4, num_attention_heads: 6, intermediate_size: 512 },
+                pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
+            }),
+            // At the quick preset's 5e-4 the unbiased-label DPO collapsed here (KL 5.8 nats, 2.9 tokens).
+            length_bias_probe: Some(Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 }),
             eval_prompts: 1000,
             ..Self::quick(seed)
         }
     }
+}
+
+/// Shape and pretraining budget of the larger model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Larger {
+    pub shape: Shape,
+    pub pretrain: Budget,
 }
 
 /// What a policy stage is given: the SFT model it starts from, the reward model, the annotators'
@@ -289,11 +343,11 @@ impl PolicyStage for OnlineStage {
 pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> {
     vec![
         Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta, loss: cfg.dpo_loss }),
-        Box::new(OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.rl_kl_coef }),
+        Box::new(OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.ppo_kl_coef }),
         Box::new(OnlineStage {
             algorithm: Online::Grpo { generations: cfg.grpo_generations },
             budget: cfg.grpo,
-            kl_coef: cfg.rl_kl_coef,
+            kl_coef: cfg.grpo_beta,
         }),
     ]
 }
@@ -337,6 +391,8 @@ pub struct RunSummary {
     pub preference_pairs: usize,
     pub annotators: Vec<FlagCheck>,
     pub agreement: Value,
+    /// Best-of-n against the proxy reward model, scored by the proxy and by gold (over-optimisation).
+    pub best_of_n: Vec<crate::overopt::BestOfN>,
     pub eval: Summary,
     /// Plain-language findings, each computed from the numbers above.
     pub findings: Vec<String>,
@@ -398,10 +454,14 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     );
     let pairs = sample_pairs(&sft, &pref_prompts, cfg)?;
     let session = pairwise(&cfg.panel, &pairs);
-    let prefs = session.export(Format::Preference)?;
+    let prefs = if cfg.export_by_reliability {
+        session.export_by_reliability(Format::Preference)?
+    } else {
+        session.export(Format::Preference)?
+    };
     if prefs.len() < 4 {
         bail!(
-            "only {} preference pairs (the SFT samples were identical); raise preference_prompts or sample_temperature",
+            "only {} preference pairs (the SFT samples were identical); raise preference_prompts, candidates_per_prompt or sample_temperature",
             prefs.len()
         );
     }
@@ -420,11 +480,15 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg);
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
-    let gold_acc =
-        rm_gold_agreement(&rm_dir, &sft, &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)], cfg, &data)?;
+    let probe = &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)];
+    let gold_acc = rm_gold_agreement(&rm_dir, &sft, probe, cfg, &data)?;
     let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
         "gold_agreement": gold_acc});
     lap("rm", &mut t);
+    eprintln!("  best-of-n sweep (n ≤ {}) on {} held-out prompts: proxy reward model vs gold", cfg.best_of_n, probe.len());
+    let best_of_n =
+        crate::overopt::sweep(&sft, &rm_dir, probe, cfg.best_of_n, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.seed)?;
+    lap("best_of_n", &mut t);
 
     let mut stages = vec![base_info, sft_info, rm_info];
     let mut models =
@@ -453,6 +517,28 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         lap(&name, &mut t);
     }
 
+    if let Some(l) = &cfg.larger {
+        let (base_large, sft_large) = (out.join("base-large"), out.join("sft-large"));
+        let big = PipelineConfig { shape: l.shape, pretrain: l.pretrain, ..cfg.clone() };
+        eprintln!("[sandbox 5/6] larger model: pretraining → {}, SFT on the same demonstrations", base_large.display());
+        let mut info = pretrain(&big, &corpus, &data, &base_large)?;
+        info["name"] = json!("base-large");
+        stages.push(info);
+        let s = run_sft(&sft_config(&base_large, &data.join("demonstrations.jsonl"), &sft_large, &cfg.sft, cfg))?;
+        stages.push(json!({"name": "sft-large", "steps": s.steps, "final_loss": s.final_loss}));
+        models.push(ModelSpec { name: "sft-large".into(), dir: sft_large });
+        lap("larger", &mut t);
+    }
+    if let Some(budget) = &cfg.length_bias_probe {
+        eprintln!("[sandbox 5/6] length-bias probe: the same pairs relabelled by unbiased and by length-loving panels, DPO on each");
+        for (name, dir, info) in length_bias_probe(cfg, budget, &pairs, &sft, &data, out)? {
+            stages.push(info);
+            curves.push((name.clone(), dir.join("metrics.jsonl")));
+            models.push(ModelSpec { name, dir });
+        }
+        lap("length_bias_probe", &mut t);
+    }
+
     eprintln!("[sandbox 6/6] evaluation of {} models on {} held-out prompts", models.len(), eval_prompts.len());
     let gold = GoldReward::new(eval_prompts.iter().map(|p| p.gold.clone()));
     let rewards: Vec<Box<dyn RewardSource + '_>> =
@@ -466,13 +552,16 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     eval.reference = Some("sft".into());
     lap("eval", &mut t);
 
-    let findings = findings(&eval, &flags, &stages[2]);
+    let params = |name: &str| stages.iter().find(|s| s["name"] == name).and_then(|s| s["parameters"].as_f64());
+    let larger_ratio = params("base-large").zip(params("base")).map(|(l, s)| l / s);
+    let findings = findings(&eval, &flags, &stages[2], &best_of_n, larger_ratio);
     let summary = RunSummary {
         config: cfg.clone(),
         stages,
         preference_pairs: prefs.len(),
         annotators: flags,
         agreement,
+        best_of_n,
         eval,
         findings,
     };
@@ -489,9 +578,44 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// Panels of three annotators sharing one bias relabel the SFT sample pairs; DPO from SFT (the
+/// probe's budget) on each panel's export. Returns (model name, directory, stage info) per panel.
+fn length_bias_probe(
+    cfg: &PipelineConfig,
+    budget: &Budget,
+    pairs: &[(&Prompt, String, String)],
+    sft: &Path,
+    data: &Path,
+    out: &Path,
+) -> Result<Vec<(String, PathBuf, Value)>> {
+    use crate::annotators::{Annotator, Bias};
+    let panels = [("dpo-unbiased", Bias::None), ("dpo-long", Bias::PrefersLonger { weight: 1.0 })];
+    let mut done = Vec::new();
+    for (name, bias) in panels {
+        let panel = Panel {
+            annotators: (0..3).map(|i| Annotator::new(&format!("{name}-{i}"), 0.1, bias)).collect(),
+            overlap: 3,
+            gold_item_share: 0.0,
+            seed: cfg.seed ^ 0x1E,
+        };
+        let prefs = pairwise(&panel, pairs).export(Format::Preference)?;
+        let file = data.join(format!("preferences-{name}.jsonl"));
+        write_rows(&file, &prefs)?;
+        let dir = out.join(name);
+        let mut c = pref_config(sft, &file, &dir, budget, cfg);
+        c.dpo.params.beta = cfg.dpo_beta;
+        c.dpo.loss_type = cfg.dpo_loss;
+        let s = rlhf_train::dpo::run_dpo(&c).with_context(|| format!("length-bias probe {name}"))?;
+        let info = json!({"name": name, "result": {"steps": s.steps, "final_loss": s.final_loss, "pairs": prefs.len(),
+            "labels": format!("3 annotators, {}", bias.describe())}});
+        done.push((name.to_string(), dir, info));
+    }
+    Ok(done)
+}
+
 /// Clears what an earlier run wrote (the base model stays: [`pretrain`] decides whether it is reusable).
 fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
-    let fixed = ["data", "sft", "rm", "summary.json", "report.html", "timings.json"];
+    let fixed = ["data", "sft", "rm", "sft-large", "dpo-unbiased", "dpo-long", "summary.json", "report.html", "timings.json"];
     let names: Vec<String> = fixed.iter().map(|s| s.to_string()).chain(stages.iter().map(|s| s.name())).collect();
     for n in names {
         let p = out.join(&n);
@@ -555,7 +679,8 @@ fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -
     Ok(info)
 }
 
-/// Two samples of the SFT model per prompt (different seeds): the pairs annotators compare.
+/// `candidates_per_prompt` samples of the SFT model per prompt (different seeds); the pair is the first sample
+/// and the first later one that differs from it (or the second, when all are the same).
 fn sample_pairs<'a>(
     model: &Path,
     prompts: &'a [Prompt],
@@ -569,12 +694,23 @@ fn sample_pairs<'a>(
         sampling: Sampling { temperature: cfg.sample_temperature, ..Sampling::default() },
         ..Default::default()
     };
-    let n = prompts.len() as u64;
-    let seeds_a: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(2 * i + 1)).collect();
-    let seeds_b: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(2 * i + 2)).collect();
-    let a = g.run(&ids, &seeds_a, &template, cfg.eval.batch_size)?;
-    let b = g.run(&ids, &seeds_b, &template, cfg.eval.batch_size)?;
-    Ok(prompts.iter().zip(a).zip(b).map(|((p, (x, _)), (y, _))| (p, x, y)).collect())
+    let (n, k) = (prompts.len() as u64, cfg.candidates_per_prompt.max(2) as u64);
+    let mut candidates: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
+    for j in 0..k {
+        let seeds: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(k * i + j + 1)).collect();
+        for (c, (text, _)) in candidates.iter_mut().zip(g.run(&ids, &seeds, &template, cfg.eval.batch_size)?) {
+            c.push(text);
+        }
+    }
+    Ok(prompts
+        .iter()
+        .zip(candidates)
+        .map(|(p, mut c)| {
+            let other = c.iter().skip(1).position(|x| *x != c[0]).map_or(1, |i| i + 1);
+            let b = c.swap_remove(other);
+            (p, c.swap_remove(0), b)
+        })
+        .collect())
 }
 
 /// Share of held-out SFT sample pairs (gold rewards differing) that the reward model orders as gold does.
@@ -613,7 +749,13 @@ fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineCo
 }
 
 /// Statements computed from the run; expected effects that did not appear are said so.
-fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
+fn findings(
+    eval: &Summary,
+    flags: &[FlagCheck],
+    rm: &Value,
+    best_of_n: &[crate::overopt::BestOfN],
+    larger_ratio: Option<f64>,
+) -> Vec<String> {
     let mut f = Vec::new();
     let gold = |name: &str| eval.model(name).and_then(|m| m.reward("gold")).map(|r| r.reward);
     let cmp = |a: &str, b: &str| -> Option<String> {
@@ -629,8 +771,27 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
         };
         Some(format!("gold reward of {a} ({:.3}) vs {b} ({:.3}): {verdict}", x.mean, y.mean))
     };
+    // The policy stages proper; the larger SFT model and the length-bias probe have findings of their own.
+    let probes = ["sft-large", "dpo-unbiased", "dpo-long"];
+    let policies: Vec<&str> =
+        eval.models.iter().skip(2).map(|m| m.name.as_str()).filter(|n| !probes.contains(n)).collect();
+    if let Some(sft) = gold("sft") {
+        let (better, not): (Vec<&str>, Vec<&str>) =
+            policies.iter().partition(|n| gold(n).is_some_and(|g| g.above(&sft)));
+        f.push(match (better.is_empty(), not.is_empty()) {
+            (false, true) => format!("headline: every policy stage ({}) beats SFT by the gold reward, beyond the 95 % intervals", better.join(", ")),
+            (false, false) => format!(
+                "headline: {} {} SFT by the gold reward beyond the 95 % intervals; {} {} not",
+                better.join(" and "),
+                if better.len() == 1 { "beats" } else { "beat" },
+                not.join(" and "),
+                if not.len() == 1 { "does" } else { "do" }
+            ),
+            _ => format!("headline: NO policy stage ({}) beats SFT by the gold reward beyond the 95 % intervals", not.join(", ")),
+        });
+    }
     f.extend(cmp("sft", "base"));
-    for m in eval.models.iter().skip(2) {
+    for m in eval.models.iter().skip(2).filter(|m| policies.contains(&m.name.as_str())) {
         f.extend(cmp(&m.name, "sft"));
         if let Some(w) = eval.win_rates.iter().find(|w| w.source == "gold" && w.model == m.name && w.versus == "sft") {
             f.push(format!("{} wins {:.0} % of prompts against sft by gold (ties half)", m.name, 100.0 * w.win_rate));
@@ -650,6 +811,40 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
             rm["eval"]["accuracy"].as_f64().map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
         ));
     }
+    f.extend(best_of_n_finding(best_of_n));
+    if let Some(large) = gold("sft-large") {
+        for rl in ["ppo", "grpo"] {
+            let Some(r) = gold(rl) else { continue };
+            let verdict = if r.above(&large) {
+                "the small RLHF model is better, beyond the 95 % intervals"
+            } else if large.above(&r) {
+                "the larger SFT model is better, beyond the 95 % intervals"
+            } else {
+                "the intervals overlap"
+            };
+            f.push(format!(
+                "InstructGPT in miniature: {rl} on the small model ({:.3}) vs SFT on the {:.1}× larger model ({:.3}): {verdict}",
+                r.mean,
+                larger_ratio.unwrap_or(f64::NAN),
+                large.mean
+            ));
+        }
+    }
+    if let (Some(u), Some(l)) = (eval.model("dpo-unbiased"), eval.model("dpo-long")) {
+        let (lu, ll) = (&u.length_tokens, &l.length_tokens);
+        let verdict = if ll.above(lu) {
+            "the length bias reaches the policy (longer, beyond the 95 % intervals)"
+        } else if ll.mean > lu.mean {
+            "longer, but the intervals overlap (no clear leak at this budget)"
+        } else {
+            "NOT longer: no leak visible at this budget"
+        };
+        let g = |m: &rlhf_eval::ModelSummary| m.reward("gold").map_or(f64::NAN, |r| r.reward.mean);
+        f.push(format!(
+            "length-bias probe: DPO on the same pairs labelled by length-loving annotators answers in {:.1} tokens (gold {:.3}) vs {:.1} (gold {:.3}) with unbiased labels: {verdict}",
+            ll.mean, g(l), lu.mean, g(u)
+        ));
+    }
     let biased: Vec<&FlagCheck> = flags.iter().filter(|c| c.bias != crate::annotators::Bias::None).collect();
     let caught = biased.iter().filter(|c| !c.flags.is_empty()).count();
     let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
@@ -663,6 +858,26 @@ fn findings(eval: &Summary, flags: &[FlagCheck], rm: &Value) -> Vec<String> {
         ));
     }
     f
+}
+
+/// What the best-of-n sweep shows: gold following the proxy, peaking (over-optimisation) or falling.
+fn best_of_n_finding(points: &[crate::overopt::BestOfN]) -> Option<String> {
+    let (first, last) = (points.first()?, points.last()?);
+    let peak = points.iter().fold(first, |b, p| if p.gold > b.gold { p } else { b });
+    let head = format!(
+        "best-of-n against the reward model (n = 1 → {}, KL 0 → {:.2} nats): proxy {:.3} → {:.3}, gold {:.3} → {:.3}",
+        last.n, last.kl, first.proxy, last.proxy, first.gold, last.gold
+    );
+    Some(if peak.n == last.n {
+        format!("{head}; gold rises with the proxy up to the largest n (no over-optimisation visible in this range)")
+    } else if last.gold < first.gold {
+        format!("{head}; gold peaks at n = {} ({:.3}) and ends BELOW n = 1: the proxy is over-optimised", peak.n, peak.gold)
+    } else {
+        format!(
+            "{head}; gold peaks at n = {} (KL {:.2}, gold {:.3}) and then falls while the proxy keeps rising: over-optimisation",
+            peak.n, peak.kl, peak.gold
+        )
+    })
 }
 
 fn metric_points(path: &Path, key: &str) -> Vec<(f64, f64)> {
@@ -700,6 +915,7 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     h.push_str("</ul>");
     sections.push(Section { id: "findings".into(), heading: "Findings".into(), html: h });
     sections.extend(report::eval_sections(&s.eval));
+    sections.push(over_optimisation_section(s, curves));
 
     let mut h = String::from("<p>Pairwise labels are Bradley–Terry choices on the gold reward at each annotator's temperature, plus the annotator's bias. The flags are the feedback app's own (position bias, speed, accuracy on quality-control items).</p><table><tr><th class=l>annotator</th><th class=l>bias (truth)</th><th>labels</th><th>agreement with gold</th><th class=l>app's flags</th><th class=l>verdict</th></tr>");
     for a in &s.annotators {
@@ -764,6 +980,32 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
         .join(" · ");
     let intro = format!("{intro}<p class=ok>Gold reward (mean [95 % CI]): {gold_table}</p>");
     report::render(&Report { title: "rlhf sandbox report".into(), intro, sections })
+}
+
+/// Gao et al.'s picture: proxy and gold reward against KL to the SFT model, for best-of-n and along PPO.
+fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Section {
+    let mut h = String::from(
+        "<p>Best-of-n: of n SFT samples per held-out prompt the reward model (the proxy) picks one; its proxy and \
+         gold rewards are plotted against KL(best-of-n ‖ SFT) = log n − (n − 1)/n. Where gold stops following the \
+         proxy, optimising the reward model harder no longer helps.</p>",
+    );
+    let pts = |f: fn(&crate::overopt::BestOfN) -> f64| s.best_of_n.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>();
+    let series = vec![("proxy (RM)".to_string(), pts(|p| p.proxy)), ("gold".to_string(), pts(|p| p.gold))];
+    h.push_str(&report::line_chart("best-of-n: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
+    h.push_str("<table><tr><th>n</th><th>KL (nats)</th><th>proxy</th><th>gold</th></tr>");
+    for p in &s.best_of_n {
+        let _ = write!(h, "<tr><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", p.n, p.kl, p.proxy, p.gold);
+    }
+    h.push_str("</table>");
+    if let Some((_, path)) = curves.iter().find(|(n, _)| n == "ppo") {
+        let kl = metric_points(path, "objective/kl");
+        let proxy = metric_points(path, "objective/scores");
+        let along: Vec<(f64, f64)> =
+            kl.iter().zip(&proxy).filter(|(a, b)| a.0 == b.0).map(|(a, b)| (a.1, b.1)).collect();
+        h.push_str("<p>Along the PPO run (training batches): the reward model's score against the policy's KL to SFT.</p>");
+        h.push_str(&report::line_chart("PPO: proxy score against KL", "KL to SFT (nats)", "reward-model score", &[("ppo".into(), along)], true));
+    }
+    Section { id: "over-optimisation".into(), heading: "Reward over-optimisation".into(), html: h }
 }
 
 /// `key/sub: value` pairs of a JSON object, numbers to 4 significant digits.

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use rlhf_eval::reward::parse_builtin;
 use rlhf_eval::{RewardSource, Row};
 use serde_json::Value;
 
@@ -106,5 +107,62 @@ impl RewardSource for GoldReward {
             _ => {}
         }
         Ok(m)
+    }
+}
+
+/// An evaluation reward source from a `--reward` spec: `gold` (the gold records next to `prompts`), `gold:FILE`,
+/// the evaluation's own (`exact:COLUMN`), or any trainer's spec (`rm:`, `regex:`, `length:`, `cmd:`, registered
+/// kinds such as `judge:`), whose token ids come from the tokenizer in `tokenizer_dir`.
+pub fn reward_source(spec: &str, prompts: &Path, tokenizer_dir: &Path, max_length: usize) -> Result<Box<dyn RewardSource>> {
+    if let Some(r) = parse_builtin(spec)? {
+        return Ok(r);
+    }
+    match spec.split_once(':') {
+        None if spec == "gold" => Ok(Box::new(GoldReward::load(&gold_path(prompts))?)),
+        Some(("gold", file)) => Ok(Box::new(GoldReward::load(Path::new(file))?)),
+        Some((kind, _)) if kind.rsplit('*').next() == Some("eos") => bail!("--reward {spec}: eval keeps no finish reasons, so eos: cannot be scored here"),
+        Some(_) => Ok(Box::new(TrainReward::new(spec, tokenizer_dir, max_length)?)),
+        None => bail!("unknown reward source {spec:?}: use gold, gold:FILE, exact:COLUMN, rm:DIR, regex:, length:, cmd:"),
+    }
+}
+
+/// The online-RL trainers' reward sources (`rm:`, `regex:`, `length:`, `cmd:`, weights `W*…`) scored one
+/// completion at a time. Token ids (what `rm:` reads when the tokenizers match, and `length:` counts) come from
+/// the tokenizer of the first `--model`.
+struct TrainReward {
+    name: String,
+    weight: f64,
+    source: std::cell::RefCell<Box<dyn rlhf_train::reward::RewardSource>>,
+    tokenizer: rlhf_data::Tokenizer,
+}
+
+impl TrainReward {
+    fn new(spec: &str, tokenizer_dir: &Path, max_length: usize) -> Result<Self> {
+        let tokenizer = rlhf_data::Tokenizer::from_dir(tokenizer_dir)?;
+        let (weight, source) =
+            rlhf_train::reward::parse_spec(spec, &tokenizer, max_length, std::time::Duration::from_secs(60))?;
+        Ok(Self { name: spec.to_string(), weight, source: std::cell::RefCell::new(source), tokenizer })
+    }
+}
+
+impl RewardSource for TrainReward {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn score(&self, row: &Row, completion: &str) -> Result<Option<f64>> {
+        let prompt = row.get("prompt").and_then(|p| p.as_str()).unwrap_or_default();
+        let prompt_ids = self.tokenizer.encode(prompt, true)?;
+        let completion_ids = self.tokenizer.encode(completion, false)?;
+        let sample = rlhf_train::reward::Sample {
+            prompt,
+            completion,
+            prompt_ids: &prompt_ids,
+            completion_ids: &completion_ids,
+            eos: true,
+            row,
+        };
+        let scores = self.source.borrow_mut().score(&[sample])?;
+        Ok(scores.first().map(|s| self.weight * s))
     }
 }

@@ -61,6 +61,21 @@ impl Default for JudgeConfig {
     }
 }
 
+impl JudgeConfig {
+    /// Refuses a template missing one of its placeholders.
+    pub fn check(&self) -> Result<()> {
+        for (name, t, keys) in [
+            ("pairwise", &self.pairwise_template, &["{prompt}", "{response_a}", "{response_b}"][..]),
+            ("rating", &self.rating_template, &["{prompt}", "{response}"][..]),
+        ] {
+            if let Some(k) = keys.iter().find(|k| !t.contains(*k)) {
+                bail!("the {name} template has no {k} placeholder")
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Judge {
     client: Client,
     model: String,
@@ -74,19 +89,17 @@ const SCALE: std::ops::RangeInclusive<u32> = 1..=9;
 
 impl Judge {
     pub fn new(client: Client, cfg: JudgeConfig) -> Result<Self> {
-        for (name, t, keys) in [
-            ("pairwise", &cfg.pairwise_template, &["{prompt}", "{response_a}", "{response_b}"][..]),
-            ("rating", &cfg.rating_template, &["{prompt}", "{response}"][..]),
-        ] {
-            if let Some(k) = keys.iter().find(|k| !t.contains(*k)) {
-                bail!("the {name} template has no {k} placeholder")
-            }
-        }
+        cfg.check()?;
         let model = match &cfg.model {
             Some(m) => m.clone(),
             None => client.models()?.into_iter().next().ok_or_else(|| anyhow::anyhow!("the endpoint serves no model"))?,
         };
         Ok(Self { client, model, cfg, undecided: AtomicUsize::new(0) })
+    }
+
+    /// The served model id the judge asks.
+    pub fn model(&self) -> &str {
+        &self.model
     }
 
     /// Verdicts scored as undecided so far (neither log-probs nor text named an answer).

@@ -154,6 +154,7 @@ impl DpoData {
 /// `unpaired` rows; pairs given to `kto` become one desirable and one undesirable example each.
 pub fn load_dpo_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Result<DpoData> {
     let ds = rlhf_data::load_dataset(path).map_err(data_err)?;
+    ds.check_text_size(tokenizer, cfg.max_length, "max_length", &[]).map_err(data_err)?;
     let kto = cfg.dpo.loss_type == LossType::Kto;
     let data = match ds.format {
         Format::Preference | Format::ImplicitPreference | Format::Correction => {
@@ -519,6 +520,14 @@ impl Objective for DpoTrainer {
             Some(src) => copy_tokenizer(src, dir),
             None => Ok(()),
         }
+    }
+
+    fn save_final(&mut self, dir: &Path) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            let base = self.source_dir.clone().unwrap_or_default();
+            crate::lora::save_and_merge(l, &mut self.policy, dir, &base, "CAUSAL_LM", &[])?;
+        }
+        self.save(dir)
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use rlhf_model::seq_cls::SeqCls;
+use rlhf_model::seq_cls::{SeqCls, REWARD_LABEL};
 
 use crate::error::{Result, TrainError};
 
@@ -22,6 +22,21 @@ fn check_reward_model(dir: &Path) -> Result<()> {
             "{}: field \"architectures\": {} is not a reward model (*ForSequenceClassification); train one with `rlhf rm`",
             path.display(),
             arch.map_or("missing".to_string(), |a| format!("\"{a}\""))
+        )));
+    }
+    // k outputs are k reward heads only when `rlhf rm --num-heads k` wrote them (labels `reward_0`, …); any
+    // other multi-label model is a classifier whose label scores are not rewards.
+    let labels: Vec<&str> = match raw.get("id2label").and_then(|l| l.as_object()) {
+        Some(m) => m.values().map(|v| v.as_str().unwrap_or("")).collect(),
+        None => Vec::new(),
+    };
+    let num_labels = raw.get("num_labels").and_then(|n| n.as_u64()).unwrap_or(labels.len().max(1) as u64);
+    if num_labels > 1 && !(labels.len() as u64 == num_labels && labels.iter().all(|l| l.starts_with(REWARD_LABEL))) {
+        return Err(TrainError::Model(format!(
+            "{}: field \"num_labels\": {num_labels} labels ({}) make a classifier, not a reward model (num_labels 1) \
+             nor an ensemble of `rlhf rm --num-heads` (labels {REWARD_LABEL}0, {REWARD_LABEL}1, …)",
+            path.display(),
+            if labels.is_empty() { "no id2label".to_string() } else { labels.join(", ") }
         )));
     }
     Ok(())

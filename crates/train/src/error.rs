@@ -19,11 +19,10 @@ pub enum TrainError {
     #[error("{}: {msg}", path.display())]
     OutputDir { path: PathBuf, msg: String },
 
-    /// Training diverged (loss or gradient norm is NaN/inf); the last good checkpoint is left untouched.
-    #[error("non-finite {what} ({value}) at step {step}; training stopped{}", match last_checkpoint {
-        Some(p) => format!(", last good checkpoint: {}", p.display()),
-        None => ", no checkpoint was saved yet".to_string(),
-    })]
+    /// Training diverged (loss or gradient norm is NaN/inf) at `step`; `last_checkpoint` is the newest one
+    /// saved (or resumed from). Checkpoints are left untouched; the message names the last one whose weights
+    /// did not produce the divergence.
+    #[error("non-finite {what} ({value}) at step {step}; training stopped{}", last_good_note(*step, last_checkpoint))]
     NonFinite { step: u64, what: &'static str, value: f64, last_checkpoint: Option<PathBuf> },
 
     #[error("model: {0}")]
@@ -38,6 +37,31 @@ pub enum TrainError {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The loss of step `s` is computed with the weights after step `s − 1`: a checkpoint of step `s − 1` holds
+/// exactly the weights that diverged, so the last good one is the newest earlier checkpoint still on disk
+/// (`save_total_limit` may have pruned it).
+fn last_good_note(step: u64, newest: &Option<PathBuf>) -> String {
+    let Some(newest) = newest else { return ", no checkpoint was saved yet".into() };
+    let step_of = |p: &std::path::Path| {
+        p.file_name().and_then(|n| n.to_str()).and_then(|n| n.rsplit('-').next()).and_then(|s| s.parse::<u64>().ok())
+    };
+    if step_of(newest).is_none_or(|s| s + 1 < step) {
+        return format!(", last good checkpoint: {}", newest.display());
+    }
+    let earlier = newest
+        .parent()
+        .and_then(|dir| crate::checkpoint::list_checkpoints(dir).ok())
+        .and_then(|all| all.into_iter().rev().find(|(s, _)| s + 1 < step));
+    match earlier {
+        Some((_, good)) => format!(
+            ", last good checkpoint: {} ({} holds the weights that diverged)",
+            good.display(),
+            newest.display()
+        ),
+        None => format!(", no good checkpoint is left ({} holds the weights that diverged)", newest.display()),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

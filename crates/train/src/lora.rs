@@ -12,6 +12,8 @@ use crate::error::{Result, TrainError};
 
 /// PEFT's prefix of every tensor name in `adapter_model.safetensors`.
 pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
+/// Where a LoRA run's output directory keeps the adapter (PEFT layout), beside the merged model.
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// `--lora-*` flags; any of them enables LoRA (defaults for the others).
 #[derive(Debug, Clone, Default, PartialEq, Args, Serialize, Deserialize)]
@@ -101,6 +103,22 @@ pub(crate) fn attach_lora(lm: &mut rlhf_model::CausalLm, lora: Option<&LoraConfi
     lora.map(|l| Lora::attach(lm, l, seed).map_err(|e| TrainError::Model(e.to_string()))).transpose()
 }
 
+/// The final output of a LoRA run: the adapter (PEFT layout; `extra` are fully trained modules such as a
+/// reward head) in `out/adapter`, then folded into `model`, which the caller saves in `out`: every trainer's
+/// output directory is a complete model, as `generate`, `serve` and transformers load it.
+pub(crate) fn save_and_merge(
+    lora: Lora,
+    model: &mut rlhf_model::CausalLm,
+    out: &Path,
+    base: &Path,
+    task_type: &str,
+    extra: &[(&str, &candle_core::Tensor)],
+) -> Result<()> {
+    lora.save(&out.join(ADAPTER_DIR), &base.display().to_string(), task_type, extra)
+        .and_then(|()| lora.merge_into(model))
+        .map_err(|e| TrainError::Model(e.to_string()))
+}
+
 /// Sets each variable `(name, var)` of `vars` to the tensor `<prefix><name>` of the safetensors file `path` (a
 /// checkpoint's adapter, which must hold exactly these tensors, with the same shapes).
 pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) -> Result<()> {
@@ -119,4 +137,64 @@ pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) ->
         var.set(t)?;
     }
     Ok(())
+}
+
+/// `rlhf lora merge`: folds the PEFT LoRA adapter in `adapter` into its base model (`base`, or else the
+/// adapter's `base_model_name_or_path`) and writes the merged model, with the base's tokenizer files, to `out`
+/// (which must not be the base nor hold a model). A `CAUSAL_LM` adapter gives a language model; a `SEQ_CLS` one
+/// (from `rlhf rm`, its head stored beside the adapters) a reward model. Returns the base used.
+pub fn merge_adapter(adapter: &Path, base: Option<&Path>, out: &Path) -> Result<std::path::PathBuf> {
+    use rlhf_model::lora::{read_safetensors, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
+    let cfg_path = adapter.join(ADAPTER_CONFIG);
+    if !cfg_path.is_file() {
+        let msg = "not found: --adapter must be a PEFT adapter directory (e.g. a LoRA run's output_dir/adapter)";
+        return Err(TrainError::Model(format!("{}: {msg}", cfg_path.display())));
+    }
+    let raw = rlhf_model::io::read_json(&cfg_path).map_err(model_err)?;
+    let field = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let cfg_err = |key: &str, msg: String| TrainError::Config { file: cfg_path.display().to_string(), key: key.into(), msg };
+    let base = match base {
+        Some(b) => b.to_path_buf(),
+        None if !field("base_model_name_or_path").is_empty() => field("base_model_name_or_path").into(),
+        None => return Err(cfg_err("base_model_name_or_path", "empty: pass the base model with --model".into())),
+    };
+    // Never over a model: neither the base itself nor any directory that already holds one.
+    let out_err = |msg: &str| TrainError::OutputDir { path: out.to_path_buf(), msg: msg.into() };
+    if out.canonicalize().ok().is_some_and(|o| base.canonicalize().ok() == Some(o)) {
+        return Err(out_err("this is the base model's directory; merging writes a new model: choose another --out"));
+    }
+    if ["config.json", "model.safetensors", ADAPTER_CONFIG].iter().any(|f| out.join(f).exists()) {
+        return Err(out_err("already holds a model or adapter; choose a new --out directory"));
+    }
+    let device = candle_core::Device::Cpu;
+    match field("task_type").as_str() {
+        "CAUSAL_LM" => {
+            let mut lm = rlhf_model::CausalLm::load(&base, &device).map_err(model_err)?;
+            Lora::load(&mut lm, adapter).and_then(|l| l.merge_into(&mut lm)).map_err(model_err)?;
+            lm.save(out).map_err(model_err)?;
+        }
+        "SEQ_CLS" => {
+            let weights = adapter.join(ADAPTER_WEIGHTS);
+            let head_name = format!("{PEFT_PREFIX}{}", rlhf_model::seq_cls::HEAD);
+            let score = read_safetensors(&weights, &device).map_err(model_err)?.remove(&head_name).ok_or_else(|| {
+                TrainError::Checkpoint { path: weights.clone(), msg: format!("no tensor `{head_name}` (the reward head)") }
+            })?;
+            let pad = rlhf_data::Tokenizer::from_dir(&base).ok().and_then(|t| t.pad_id().ok());
+            let mut model = rlhf_model::seq_cls::SeqCls::load(&base, score.dims()[0], pad, 0, &device).map_err(model_err)?;
+            if model.score_weight().dims() != score.dims() {
+                let msg = format!("`{head_name}` has shape {:?}, the base's head {:?}", score.dims(), model.score_weight().dims());
+                return Err(TrainError::Checkpoint { path: weights, msg });
+            }
+            for var in model.head().all_vars() {
+                var.set(&score)?;
+            }
+            Lora::load(&mut model.lm, adapter).and_then(|l| l.merge_into(&mut model.lm)).map_err(model_err)?;
+            model.save(out).map_err(model_err)?;
+        }
+        other => return Err(cfg_err("task_type", format!("{other:?}: expected \"CAUSAL_LM\" or \"SEQ_CLS\""))),
+    }
+    let tokenizer_from = if base.join("tokenizer.json").is_file() { base.clone() } else { adapter.to_path_buf() };
+    crate::pref_train::copy_tokenizer(&tokenizer_from, out)?;
+    Ok(base)
 }

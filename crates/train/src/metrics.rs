@@ -34,10 +34,13 @@ pub struct LogRecord {
     pub step_time_s: Option<f64>,
 }
 
-/// Appends records to a JSONL file, flushing each line so a crashed run leaves a readable log.
+/// Appends records to a JSONL file, flushing each line so a crashed run leaves a readable log. When stderr is
+/// not a terminal (logs, CI, `nohup`: no progress bar), each line is also logged there at level info, so a
+/// run shows its progress once per logging step.
 pub struct MetricsWriter {
     path: PathBuf,
     file: File,
+    echo: bool,
 }
 
 impl MetricsWriter {
@@ -53,7 +56,7 @@ impl MetricsWriter {
             .truncate(!append)
             .open(path)
             .map_err(io_err(path))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, echo: !std::io::stderr().is_terminal() })
     }
 
     /// Continue the log of a run resumed at `step`: lines for later steps (written after the checkpoint
@@ -96,6 +99,9 @@ impl MetricsWriter {
     /// Writes any serialisable record (e.g. a map of free-form metric names) as one line.
     pub fn write_line<T: Serialize + ?Sized>(&mut self, record: &T) -> Result<()> {
         let line = serde_json::to_string(record).expect("plain data serialises");
+        if self.echo {
+            tracing::info!("{line}");
+        }
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(io_err(&self.path))
     }
 }

@@ -53,7 +53,7 @@ pub struct OnlineArgs {
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Reward source `[WEIGHT*]KIND:ARG`, repeatable (summed): rm:DIR, exact:COLUMN, regex:PATTERN, length:COEF,
-    /// eos:PENALTY, cmd:COMMAND.
+    /// eos:PENALTY, cmd:COMMAND, judge:URL[,model=ID] (an LLM judge's 1–9 rating; see docs/serve.md).
     #[arg(long)]
     pub reward: Vec<String>,
     /// Frozen reference model directory (default: the initial policy; with LoRA, the base without adapters).

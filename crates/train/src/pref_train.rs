@@ -57,8 +57,10 @@ pub trait Objective {
     fn evaluate(&mut self) -> Result<Option<Metrics>>;
     fn optimizer(&self) -> &AdamW;
     fn optimizer_mut(&mut self) -> &mut AdamW;
-    /// Writes the trained model (or adapter) to `dir`.
+    /// Writes the trained model (or adapter) to `dir` (checkpoints).
     fn save(&self, dir: &Path) -> Result<()>;
+    /// Writes the final output to `dir`: a complete model (with LoRA: merged, the adapter in `dir/adapter`).
+    fn save_final(&mut self, dir: &Path) -> Result<()>;
     /// The adapters being trained, whose dropout RNG checkpoints hold.
     fn lora(&self) -> Option<&Lora> {
         None
@@ -73,6 +75,9 @@ pub struct PrefSummary {
     pub final_loss: f64,
     /// Train metrics of the last step.
     pub final_metrics: Metrics,
+    /// Eval metrics of the end (keys without the `eval_` prefix; the JSON summary has them with it, as
+    /// metrics.jsonl and `rlhf sft`'s summary do: `eval_loss`, `eval_accuracy`, …).
+    #[serde(serialize_with = "eval_prefixed")]
     pub eval: Option<Metrics>,
     pub num_tokens: u64,
     pub train_runtime_s: f64,
@@ -80,6 +85,11 @@ pub struct PrefSummary {
     pub metrics_file: PathBuf,
     /// Step the run resumed from (None for a fresh start).
     pub resumed_from_step: Option<u64>,
+}
+
+fn eval_prefixed<S: serde::Serializer>(eval: &Option<Metrics>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    let prefixed = eval.as_ref().map(|m| m.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect::<Metrics>());
+    prefixed.serialize(s)
 }
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -237,7 +247,7 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig, lr: f64) -> Result<
         }
     }
     progress.finish();
-    obj.save(&out_dir)?;
+    obj.save_final(&out_dir)?;
     Ok(PrefSummary {
         steps: state.global_step,
         train_loss: loss_sum / steps_run.max(1) as f64,

@@ -8,12 +8,19 @@
 //! - `eos:PENALTY` — `−PENALTY` for a completion that ended without EOS (TRL's `missing_eos_penalty`);
 //! - `cmd:COMMAND` — an external program: JSONL rows (`prompt`, `completion`, the dataset columns) on its stdin,
 //!   one score per line on its stdout, within `reward_timeout_s`.
+//!
 //! A source that errors, times out or returns a non-finite score is retried; then the run stops with an error
 //! naming the source. There is never a silent zero.
+//!
+//! Crates above this one add kinds with [`register_scheme`] (e.g. `judge:URL`, an LLM judge served over HTTP,
+//! lives in `rlhf-serve`, which this crate must not depend on); the binary registers them once at start-up, so
+//! every trainer, `rlhf eval` and `rlhf iterate` accept them without extra plumbing.
 
 use std::io::{BufRead, BufReader, Write};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -62,6 +69,14 @@ impl RewardModel {
     pub fn load(dirs: &[PathBuf], policy_tokenizer: &Tokenizer, max_length: usize) -> Result<Self> {
         let ensemble = Ensemble::load(dirs, &Device::Cpu)?;
         let tok = Tokenizer::from_dir(&dirs[0]).map_err(|e| TrainError::Data(e.to_string()))?;
+        if let Some(v) = ensemble.vocab_sizes().into_iter().find(|&v| tok.vocab_size() > v) {
+            return Err(TrainError::Model(format!(
+                "{}: its tokenizer has {} tokens but the model's vocab_size is {v}, so some ids would index past the \
+                 embedding; give the reward model the tokenizer it was trained with",
+                dirs[0].display(),
+                tok.vocab_size()
+            )));
+        }
         let same = tok.inner().to_string(false).ok() == policy_tokenizer.inner().to_string(false).ok();
         let name = format!("rm:{}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(","));
         Ok(Self { name, ensemble, retokenize: (!same).then_some(tok), max_length })
@@ -258,6 +273,40 @@ impl RewardSource for External {
     }
 }
 
+/// What a registered kind's constructor is given besides its `ARG`.
+pub struct SpecContext<'a> {
+    /// The `[WEIGHT*]KIND:ARG` spec, for error messages.
+    pub spec: &'a str,
+    pub policy_tokenizer: &'a Tokenizer,
+    pub max_length: usize,
+    /// Time limit of one scoring call (`reward_timeout_s`).
+    pub timeout: Duration,
+}
+
+/// Builds a source from its `ARG`.
+pub type SchemeFactory = dyn Fn(&str, &SpecContext) -> Result<Box<dyn RewardSource>> + Send + Sync;
+
+fn schemes() -> &'static RwLock<BTreeMap<String, Arc<SchemeFactory>>> {
+    static SCHEMES: OnceLock<RwLock<BTreeMap<String, Arc<SchemeFactory>>>> = OnceLock::new();
+    SCHEMES.get_or_init(Default::default)
+}
+
+const BUILTIN_KINDS: [&str; 6] = ["rm", "exact", "regex", "length", "eos", "cmd"];
+
+/// Adds reward kind `kind` (`KIND:ARG` specs) for the whole process; registering a kind again replaces it.
+/// A built-in kind cannot be replaced.
+pub fn register_scheme(kind: &str, factory: impl Fn(&str, &SpecContext) -> Result<Box<dyn RewardSource>> + Send + Sync + 'static) {
+    assert!(!BUILTIN_KINDS.contains(&kind), "reward kind `{kind}` is built in");
+    schemes().write().unwrap_or_else(|e| e.into_inner()).insert(kind.to_string(), Arc::new(factory));
+}
+
+/// Every kind a spec may name: the built-in ones, then the registered ones.
+pub fn known_kinds() -> Vec<String> {
+    let mut kinds: Vec<String> = BUILTIN_KINDS.iter().map(|k| k.to_string()).collect();
+    kinds.extend(schemes().read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+    kinds
+}
+
 /// Parses one `[WEIGHT*]KIND:ARG` spec into (weight, source).
 pub fn parse_spec(spec: &str, policy_tokenizer: &Tokenizer, max_length: usize, timeout: Duration) -> Result<(f64, Box<dyn RewardSource>)> {
     let bad = |msg: String| TrainError::Config { file: "command line".into(), key: "reward".into(), msg: format!("`{spec}`: {msg}") };
@@ -270,7 +319,7 @@ pub fn parse_spec(spec: &str, policy_tokenizer: &Tokenizer, max_length: usize, t
     }
     let (kind, arg) = rest
         .split_once(':')
-        .ok_or_else(|| bad("expected KIND:ARG with KIND one of rm, exact, regex, length, eos, cmd".into()))?;
+        .ok_or_else(|| bad(format!("expected KIND:ARG with KIND one of {}", known_kinds().join(", "))))?;
     let name = rest.to_string();
     let number = |what: &str| arg.trim().parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| bad(format!("{what} must be a finite number")));
     let source: Box<dyn RewardSource> = match kind.trim() {
@@ -288,7 +337,13 @@ pub fn parse_spec(spec: &str, policy_tokenizer: &Tokenizer, max_length: usize, t
         "eos" => Box::new(MissingEos { name, penalty: number("the missing-EOS penalty")? }),
         "cmd" if !arg.trim().is_empty() => Box::new(External { name, command: arg.to_string(), timeout }),
         "cmd" => return Err(bad("give the command to run".into())),
-        other => return Err(bad(format!("unknown kind `{other}` (rm, exact, regex, length, eos, cmd)"))),
+        other => {
+            let factory = schemes().read().unwrap_or_else(|e| e.into_inner()).get(other).cloned();
+            match factory {
+                Some(f) => f(arg, &SpecContext { spec, policy_tokenizer, max_length, timeout })?,
+                None => return Err(bad(format!("unknown kind `{other}` ({})", known_kinds().join(", ")))),
+            }
+        }
     };
     Ok((weight, source))
 }
@@ -415,6 +470,26 @@ mod tests {
         let mut r = Rewards::new(vec![(1.0, Box::new(Flaky { calls: 0, nan_calls: usize::MAX }))], 2).unwrap();
         let e = r.score(&[sample("a", &row)]).unwrap_err().to_string();
         assert!(e.contains("flaky") && e.contains("non-finite") && e.contains("3 attempts"), "{e}");
+    }
+
+    #[test]
+    fn registered_kinds_parse_with_their_argument_and_weight() {
+        let tok = Tokenizer::from_dir(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama"))).unwrap();
+        let t = Duration::from_secs(1);
+        let e = parse_spec("const7:2.5", &tok, 64, t).err().unwrap().to_string();
+        assert!(e.contains("unknown kind `const7`") && e.contains("cmd"), "{e}");
+        register_scheme("const7", |arg, ctx| {
+            let v: f64 = arg.parse().map_err(|_| reward_err(ctx.spec, "ARG must be a number"))?;
+            Ok(Box::new(LengthPenalty { name: format!("const7:{arg}"), coef: -v }))
+        });
+        assert!(known_kinds().contains(&"const7".to_string()));
+        let (w, mut s) = parse_spec("3*const7:2.5", &tok, 64, t).unwrap();
+        let row = Map::new();
+        assert_eq!((w, s.name().to_string()), (3.0, "const7:2.5".to_string()));
+        // LengthPenalty with coef −2.5 on 3 completion tokens.
+        assert_eq!(s.score(&[sample("a", &row)]).unwrap(), vec![7.5]);
+        let e = parse_spec("const7:x", &tok, 64, t).err().unwrap().to_string();
+        assert!(e.contains("const7:x") && e.contains("ARG must be a number"), "{e}");
     }
 
     #[test]

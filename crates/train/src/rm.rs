@@ -139,6 +139,7 @@ pub fn load_rm_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Res
         _ => None,
     };
     let ds = rlhf_data::load_dataset_with(path, &LoadOptions { score_scale: scale }).map_err(data_err)?;
+    ds.check_text_size(tokenizer, cfg.max_length, "max_length", &[]).map_err(data_err)?;
     let source = path.display().to_string();
     let data = match ds.format {
         Format::Preference | Format::ImplicitPreference | Format::Correction => {
@@ -350,6 +351,15 @@ impl Objective for RmTrainer {
             None => Ok(()),
         }
     }
+
+    fn save_final(&mut self, dir: &Path) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            let base = self.source_dir.clone().unwrap_or_default();
+            let score = self.model.score_weight().clone();
+            crate::lora::save_and_merge(l, &mut self.model.lm, dir, &base, "SEQ_CLS", &[("score", &score)])?;
+        }
+        self.save(dir)
+    }
 }
 
 /// `rlhf rm`: trains a reward model as configured; the model is written to `output_dir`.
@@ -376,6 +386,7 @@ pub fn run_rm_score(args: &RmScoreArgs) -> Result<usize> {
         tokenizer.check_vocab(vocab, dir.join("config.json")).map_err(data_err)?;
     }
     let ds = rlhf_data::load_dataset(&args.input).map_err(data_err)?;
+    ds.check_text_size(&tokenizer, args.max_length, "--max-length", &[]).map_err(data_err)?;
     let template = if ds.conversational { Some(tokenizer.chat_template(args.chat_template.as_deref()).map_err(data_err)?) } else { None };
     let mut seqs = Vec::with_capacity(ds.len());
     for row in &ds.rows {

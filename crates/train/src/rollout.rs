@@ -29,6 +29,8 @@ pub struct PromptRow {
 pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, chat_template: Option<&str>, max_prompt_length: usize) -> Result<Vec<PromptRow>> {
     let data_err = |e: rlhf_data::DataError| TrainError::Data(e.to_string());
     let dataset = load_dataset(path).map_err(data_err)?;
+    // Refuse a megabyte prompt before tokenizing it (that alone would cost gigabytes).
+    dataset.check_text_size(tokenizer, max_prompt_length, "max_prompt_length", &["prompt"]).map_err(data_err)?;
     let ids = tokenize_prompts(&dataset, tokenizer, chat_template).map_err(data_err)?;
     let prompts = dataset.prompts().map_err(data_err)?;
     if dataset.rows.is_empty() {

@@ -74,11 +74,22 @@ pub fn merge<C: Serialize + DeserializeOwned>(flags: &C, explicit: &[String]) ->
     serde_path_to_error::deserialize(Value::Object(merged)).map_err(|e| {
         let key = e.path().to_string();
         let file = match (&config, origin.contains_key(&key)) {
-            (Some(p), true) => p.clone(),
+            (Some(p), true) => locate(Path::new(p), &key),
             _ => "command line".to_string(),
         };
         TrainError::Config { file, key, msg: e.inner().to_string() }
     })
+}
+
+/// `FILE:LINE` of the top-level `key = …` line of a TOML file (`FILE` alone when it is not found), for errors.
+pub fn locate(path: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let line = text
+        .lines()
+        .position(|l| l.trim_start().strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')))
+        .map(|i| format!(":{}", i + 1))
+        .unwrap_or_default();
+    format!("{}{line}", path.display())
 }
 
 /// The TOML file as JSON values, checking every key is known.
@@ -91,14 +102,9 @@ fn read_toml(path: &Path, known: &Map<String, Value>) -> Result<Map<String, Valu
     let mut out = Map::new();
     for (key, value) in table {
         if key == CONFIG_KEY || !known.contains_key(&key) {
-            let line = text
-                .lines()
-                .position(|l| l.trim_start().strip_prefix(key.as_str()).is_some_and(|r| r.trim_start().starts_with('=')))
-                .map(|i| format!(":{}", i + 1))
-                .unwrap_or_default();
             let mut keys: Vec<&str> = known.keys().map(String::as_str).filter(|k| *k != CONFIG_KEY).collect();
             keys.sort_unstable();
-            return Err(TrainError::Config { file: format!("{file}{line}"), key, msg: format!("unknown key (known: {})", keys.join(", ")) });
+            return Err(TrainError::Config { file: locate(path, &key), key, msg: format!("unknown key (known: {})", keys.join(", ")) });
         }
         out.insert(key, serde_json::to_value(value).expect("TOML values are JSON values"));
     }
@@ -148,6 +154,6 @@ mod tests {
         assert!(e.contains("c.toml:2") && e.contains("\"beat\"") && e.contains("unknown key"), "{e}");
         std::fs::write(&f, "steps = \"many\"\n").unwrap();
         let e = load::<S>("x", &args(&["--config", f.to_str().unwrap()])).unwrap_err().settings().unwrap().to_string();
-        assert!(e.contains("c.toml") && e.contains("\"steps\""), "{e}");
+        assert!(e.contains("c.toml:1") && e.contains("\"steps\""), "{e}");
     }
 }

@@ -122,7 +122,7 @@ pub struct SftSummary {
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Subdirectory of output_dir that receives the trained LoRA adapter (PEFT layout).
-pub const ADAPTER_DIR: &str = "adapter";
+pub use crate::lora::ADAPTER_DIR;
 /// Tokenizer files copied next to saved weights so an output directory is a complete HF model.
 const TOKENIZER_FILES: [&str; 4] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
@@ -505,9 +505,7 @@ impl SftTrainer {
     fn save_final(&mut self) -> Result<()> {
         let out = self.cfg.output_dir.clone();
         if let Some(l) = self.lora.take() {
-            l.save(&out.join(ADAPTER_DIR), &self.cfg.model.display().to_string(), "CAUSAL_LM", &[])
-                .and_then(|()| l.merge_into(&mut self.model))
-                .map_err(|e| TrainError::Model(e.to_string()))?;
+            crate::lora::save_and_merge(l, &mut self.model, &out, &self.cfg.model, "CAUSAL_LM", &[])?;
         }
         self.save_model(&out)
     }
@@ -523,6 +521,7 @@ pub fn run_sft(cfg: &SftConfig) -> Result<SftSummary> {
 fn tokenize(cfg: &SftConfig, tokenizer: &rlhf_data::Tokenizer, path: &Path) -> Result<Vec<TokenizedSequence>> {
     let data_err = |e: rlhf_data::DataError| TrainError::Data(e.to_string());
     let dataset = rlhf_data::load_dataset(path).map_err(data_err)?;
+    dataset.check_text_size(tokenizer, cfg.max_length, "max_length", &[]).map_err(data_err)?;
     let data_cfg = rlhf_data::SftConfig {
         max_length: Some(cfg.max_length),
         completion_only_loss: cfg.completion_only_loss,

@@ -72,27 +72,27 @@ fn dpo_with_lora_trains_adapters_only_and_round_trips_through_peft_files() {
     let s = run_dpo(&cfg).unwrap();
     assert!(s.final_metrics["rewards/margins"] > 0.0, "{:?}", s.final_metrics);
 
-    // PEFT layout.
+    // PEFT layout in out/adapter; out itself is the merged model.
     let out = d.join("out");
-    let ac: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let adapter = out.join("adapter");
+    let ac: Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(ac["peft_type"], "LORA");
     assert_eq!(ac["task_type"], "CAUSAL_LM");
     assert_eq!((ac["r"].as_u64(), ac["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
     assert_eq!(ac["target_modules"], json!(["q_proj", "v_proj", "down_proj"]));
     assert_eq!(ac["base_model_name_or_path"], json!(llama().display().to_string()));
-    let w = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let w = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(w.len(), 12);
     assert_eq!(w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dims(), &[4, 64]);
     assert_eq!(w["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].dims(), &[32, 4]);
     assert_eq!(w["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].dims(), &[4, 176]);
     assert!(w["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "B trained");
-    assert!(!out.join("model.safetensors").exists(), "the base is not saved again");
 
     // Reload onto the untouched base, then merge: same function without adapters.
     let base = CausalLm::load(&llama(), &Device::Cpu).unwrap();
     let base_logits = base.forward(&ids()).unwrap();
     let mut m = CausalLm::load(&llama(), &Device::Cpu).unwrap();
-    let lora = Lora::load(&mut m, &out).unwrap();
+    let lora = Lora::load(&mut m, &adapter).unwrap();
     lora.set_training(false);
     let adapted = m.forward(&ids()).unwrap();
     assert!(max_diff(&adapted, &base_logits) > 1e-3, "training changed the function");
@@ -104,6 +104,9 @@ fn dpo_with_lora_trains_adapters_only_and_round_trips_through_peft_files() {
     m.save(&d.join("merged")).unwrap();
     let reloaded = CausalLm::load(&d.join("merged"), &Device::Cpu).unwrap();
     assert!(max_diff(&reloaded.forward(&ids()).unwrap(), &adapted) < 1e-4);
+    // The run's own output is that merged model.
+    let output = CausalLm::load(&out, &Device::Cpu).unwrap();
+    assert!(max_diff(&output.forward(&ids()).unwrap(), &adapted) < 1e-4, "output_dir holds the merged model");
 }
 
 #[test]
@@ -123,15 +126,25 @@ fn reward_model_with_lora_saves_adapters_and_head() {
     let s = run_rm(&cfg).unwrap();
     assert!(s.final_metrics["accuracy"] >= 0.5);
     let out = d.join("out");
-    let ac: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let adapter = out.join("adapter");
+    let ac: Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((ac["task_type"].as_str(), ac["modules_to_save"].clone()), (Some("SEQ_CLS"), json!(["score"])));
-    let w = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let w = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(w["base_model.model.score.weight"].dims(), &[1, 64]);
     // The adapters load back onto a fresh trunk (the head is PEFT's modules_to_save entry).
     let mut rm = SeqCls::from_causal_lm(CausalLm::load(&llama(), &Device::Cpu).unwrap(), 1, None, 0).unwrap();
-    let lora = Lora::load(&mut rm.lm, &out).unwrap();
+    let lora = Lora::load(&mut rm.lm, &adapter).unwrap();
     lora.set_training(false);
     assert_eq!(lora.modules().len(), 6);
+    // out itself is the merged reward model: base + adapters, with the trained head.
+    let head = &w["base_model.model.score.weight"];
+    for var in rm.head().all_vars() {
+        var.set(head).unwrap();
+    }
+    let merged = SeqCls::load(&out, 1, None, 0, &Device::Cpu).unwrap();
+    let lengths = vec![ids().dims()[1]; ids().dims()[0]];
+    let (a, b) = (rm.forward(&ids(), &lengths).unwrap(), merged.forward(&ids(), &lengths).unwrap());
+    assert!(max_diff(&a, &b) < 1e-4, "output_dir holds base + adapters + head");
 }
 
 #[test]

@@ -253,6 +253,12 @@ fn bad_input_fails_clearly_and_keeps_the_last_checkpoint() {
     let e = run_grpo(&a).unwrap_err().to_string();
     assert!(e.contains("prompts.jsonl:1") && e.contains("max_prompt_length"), "{e}");
     assert!(!tmp.path().join("out2").exists(), "a refused run created its output dir");
+    // A megabyte prompt is refused by its size, before it is tokenized.
+    write_jsonl(&tmp.path().join("huge.jsonl"), &[json!({"prompt": "Q: 1+1=".repeat(150_000)})]);
+    let mut a = grpo_args(tmp.path(), &["--reward", "regex:1"]);
+    a.online.prompts = Some(tmp.path().join("huge.jsonl"));
+    let e = run_grpo(&a).unwrap_err().to_string();
+    assert!(e.contains("huge.jsonl:1") && e.contains("bytes of text cannot fit") && e.contains("max_prompt_length"), "{e}");
     // Output dir = model dir.
     let mut a = grpo_args(tmp.path(), &["--reward", "regex:1"]);
     a.online.output_dir = Some(fixture("llama"));

@@ -45,7 +45,7 @@ type Run = fn(&PrefConfig) -> rlhf_train::Result<PrefSummary>;
 /// The files that hold the trained weights.
 fn weight_files(lora: bool) -> &'static [&'static str] {
     if lora {
-        &["adapter_model.safetensors"]
+        &["adapter/adapter_model.safetensors", "model.safetensors"]
     } else {
         &["model.safetensors", "config.json"]
     }
@@ -123,7 +123,7 @@ fn lora_dropout_runs_are_reproducible() {
     rlhf_train::dpo::run_dpo(&c).unwrap();
     c.output_dir = Some(b.clone());
     rlhf_train::dpo::run_dpo(&c).unwrap();
-    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    let read = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(read(&a) == read(&b), "two identical LoRA runs with dropout 0.1 gave different adapters");
     // And dropout is on: another seed gives another adapter.
     c.output_dir = Some(tmp.path().join("c"));

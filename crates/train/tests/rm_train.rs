@@ -178,7 +178,8 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
             let ckpt = last_checkpoint.clone().expect("a checkpoint was saved before divergence");
             assert_eq!(ckpt, d.join("out").join(format!("checkpoint-{}", step - 1)));
             assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("config.json").is_file());
-            assert!(e.to_string().contains("last good checkpoint"), "{e}");
+            // The loss of step s is computed with the weights saved at step s − 1: the message says so.
+            assert!(e.to_string().contains(&format!("{} holds the weights that diverged", ckpt.display())), "{e}");
         }
         other => panic!("expected a non-finite stop, got {:?}", other.map(|s| s.final_loss)),
     }

@@ -1,26 +1,44 @@
-//! `rlhf generate`: prompts JSONL in, completions JSONL out (one row per prompt, input columns kept).
+//! `rlhf generate`: prompts in (a JSONL/Parquet file, JSONL on stdin, or `--prompt TEXT`), completions JSONL
+//! out (one row per prompt, every input column kept).
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use rlhf_data::load_dataset;
+use rlhf_data::{load_dataset, Dataset, LoadOptions, PromptOnly, Record, Row, Text};
 use rlhf_generate::Generator;
 use rlhf_model::{GenRequest, Sampling};
 use serde_json::json;
+
+/// Where the generated text goes unless `--completion-column` says otherwise.
+const COMPLETION: &str = "completion";
+/// Where it goes when the input rows have a `completion` column of their own (e.g. reference answers).
+const GENERATED: &str = "generated";
+/// The other columns generate adds to every row.
+const OUTPUT_COLUMNS: [&str; 4] = ["completion_ids", "logprobs", "sampling_logprobs", "finish_reason"];
 
 #[derive(ClapArgs)]
 pub struct Args {
     /// Model directory (config.json, safetensors, tokenizer files).
     #[arg(long)]
     pub model: PathBuf,
-    /// JSONL/Parquet with a `prompt` column (a string, or a list of messages rendered with the chat template).
+    /// JSONL/Parquet with a `prompt` column (a string, or a list of messages rendered with the chat template);
+    /// `-` reads JSONL from stdin.
+    #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt")]
+    pub prompts: Option<PathBuf>,
+    /// One prompt given on the command line (instead of --prompts).
     #[arg(long)]
-    pub prompts: PathBuf,
-    /// Output JSONL: every input column plus `completion`, `completion_ids`, `logprobs` (T = 1),
-    /// `sampling_logprobs` (under `log_softmax(logits / temperature)`, as TRL), `finish_reason`.
+    pub prompt: Option<String>,
+    /// Output JSONL (stdout when not given): every input column plus the completion (see
+    /// --completion-column), `completion_ids`, `logprobs` (T = 1), `sampling_logprobs` (under
+    /// `log_softmax(logits / temperature)`, as TRL), `finish_reason`.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Column of the generated text [default: `completion`, or `generated` when the input rows have a
+    /// `completion` column, which is kept]. A name the input already has is refused.
+    #[arg(long)]
+    pub completion_column: Option<String>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
@@ -68,12 +86,50 @@ impl Args {
     }
 }
 
+/// The prompts of `--prompt`, `--prompts -` (stdin) or `--prompts FILE`.
+fn read_prompts(a: &Args) -> Result<Dataset> {
+    match (&a.prompt, &a.prompts) {
+        (Some(text), _) => {
+            let row = Row::new(Record::PromptOnly(PromptOnly { prompt: Text::Plain(text.clone()) }));
+            Ok(Dataset::from_rows("--prompt", vec![row])?)
+        }
+        (None, Some(p)) if p.as_os_str() == "-" => {
+            let mut bytes = Vec::new();
+            std::io::stdin().read_to_end(&mut bytes).context("stdin: cannot read")?;
+            Ok(Dataset::parse_jsonl("<stdin>", &bytes, &LoadOptions::default())?)
+        }
+        (None, Some(p)) => Ok(load_dataset(p)?),
+        (None, None) => unreachable!("clap requires --prompts or --prompt"),
+    }
+}
+
+/// The column of the generated text; refuses one that would overwrite an input column.
+fn completion_column(a: &Args, data: &Dataset) -> Result<String> {
+    let columns: Vec<_> = data.rows.iter().map(|r| r.to_json()).collect();
+    let column = match &a.completion_column {
+        Some(c) => c.clone(),
+        None if columns.iter().any(|c| c.contains_key(COMPLETION)) => GENERATED.to_string(),
+        None => COMPLETION.to_string(),
+    };
+    for (row, cols) in data.rows.iter().zip(&columns) {
+        if let Some(key) = std::iter::once(column.as_str()).chain(OUTPUT_COLUMNS).find(|k| cols.contains_key(*k)) {
+            let hint = if key == column { "choose another --completion-column" } else { "rename or drop it" };
+            let msg = format!("the input already has a column \"{key}\" that generate would overwrite; {hint}");
+            return Err(data.row_error(row, Some(key), msg).into());
+        }
+    }
+    Ok(column)
+}
+
 pub fn run(a: Args) -> Result<()> {
     a.validate()?;
     let mut generator = Generator::load(&a.model)?;
     generator.model.set_precision(a.precision);
-    let data = load_dataset(&a.prompts)?;
+    let data = read_prompts(&a)?;
+    let column = completion_column(&a, &data)?;
     let context = generator.model.config().max_position_embeddings();
+    // A multi-megabyte prompt would cost gigabytes to tokenize before the context check below refuses it.
+    data.check_text_size(&generator.tokenizer, context, "the model's max_position_embeddings", &["prompt"])?;
     let mut prompts = Vec::with_capacity(data.rows.len());
     let mut seeds = Vec::with_capacity(data.rows.len());
     for (i, row) in data.rows.iter().enumerate() {
@@ -117,7 +173,7 @@ pub fn run(a: Args) -> Result<()> {
             return Err(anyhow::anyhow!("{}: {msg}", a.model.join("model.safetensors").display()));
         }
         let mut obj = row.to_json();
-        obj.insert("completion".into(), json!(completion));
+        obj.insert(column.clone(), json!(completion));
         obj.insert("completion_ids".into(), json!(o.tokens));
         obj.insert("logprobs".into(), json!(o.logprobs));
         obj.insert("sampling_logprobs".into(), json!(o.sampling_logprobs));
@@ -125,8 +181,13 @@ pub fn run(a: Args) -> Result<()> {
         text.push_str(&serde_json::to_string(&obj)?);
         text.push('\n');
     }
-    write_atomic(&a.out, text.as_bytes())?;
-    eprintln!("wrote {} completions to {}", data.rows.len(), a.out.display());
+    match &a.out {
+        Some(out) => {
+            write_atomic(out, text.as_bytes())?;
+            eprintln!("wrote {} completions (column \"{column}\") to {}", data.rows.len(), out.display());
+        }
+        None => std::io::stdout().lock().write_all(text.as_bytes()).context("stdout: cannot write")?,
+    }
     Ok(())
 }
 

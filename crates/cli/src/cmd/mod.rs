@@ -1,12 +1,16 @@
+pub mod experiments;
 pub mod bench;
 pub mod chat;
 pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod init;
+pub mod iterate;
 pub mod judge;
+pub mod lora;
 pub mod pref;
 pub mod serve;
 pub mod rl;
 pub mod sandbox;
 pub mod sft;
+pub mod transform;

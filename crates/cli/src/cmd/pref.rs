@@ -17,6 +17,8 @@ pub struct RmCommand {
 pub enum RmAction {
     /// Score prompt/completion rows with a reward model (or an ensemble: repeat --model).
     Score(rm::RmScoreArgs),
+    /// Pick the candidate pairs to label next by ensemble disagreement, Bradley–Terry margin or at random.
+    Select(rlhf_train::select::SelectArgs),
 }
 
 pub fn run_rm(c: RmCommand) -> Result<()> {
@@ -24,6 +26,10 @@ pub fn run_rm(c: RmCommand) -> Result<()> {
         Some(RmAction::Score(a)) => {
             let n = rm::run_rm_score(&a)?;
             eprintln!("scored {n} rows → {}", a.output.display());
+        }
+        Some(RmAction::Select(a)) => {
+            let n = rlhf_train::select::run_select(&a)?;
+            eprintln!("selected {n} pairs ({}) → {}", a.strategy.name(), a.out.display());
         }
         None => {
             let summary = rm::run_rm(&c.train.resolve()?)?;

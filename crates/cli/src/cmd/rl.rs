@@ -18,7 +18,7 @@ pub struct Raw {
     args: Vec<OsString>,
 }
 
-fn settings<C>(name: &str, raw: &Raw) -> Result<C>
+pub(crate) fn settings<C>(name: &str, raw: &Raw) -> Result<C>
 where
     C: clap::Parser + serde::Serialize + serde::de::DeserializeOwned,
 {

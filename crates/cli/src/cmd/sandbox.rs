@@ -4,11 +4,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Args as ClapArgs;
+use clap::{Args as ClapArgs, Subcommand};
 use rlhf_sandbox::pipeline::{default_policy_stages, run as run_pipeline, PipelineConfig};
 
 #[derive(ClapArgs)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub experiment: Option<Experiment>,
     /// Run directory (its earlier results are replaced; a base model built with the same settings is reused).
     #[arg(long, default_value = "runs/sandbox")]
     pub out: PathBuf,
@@ -27,7 +30,21 @@ pub struct Args {
     pub print_config: bool,
 }
 
+/// Experiments in the sandbox world besides the pipeline.
+#[derive(Subcommand)]
+pub enum Experiment {
+    /// Random vs uncertainty-sampled pairs: reward-model accuracy against gold per label budget.
+    ActiveLearning(super::experiments::Args),
+    /// Pairwise vs ratings vs corrections: reward-model accuracy against gold per label.
+    FeedbackKinds(super::experiments::Args),
+}
+
 pub fn run(a: Args) -> Result<()> {
+    match a.experiment {
+        Some(Experiment::ActiveLearning(x)) => return super::experiments::active_learning(x),
+        Some(Experiment::FeedbackKinds(x)) => return super::experiments::feedback_kinds(x),
+        None => {}
+    }
     let cfg = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;

@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn llama() -> PathBuf {
@@ -45,14 +48,28 @@ pub fn ok(cwd: &Path, args: &[&str]) -> String {
 pub fn fails(cwd: &Path, args: &[&str], needles: &[&str]) -> String {
     let out = rlhf(cwd, args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "rlhf {args:?}: expected exit 1, stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "rlhf {args:?} panicked: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "rlhf {args:?}: expected exit 1, stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "rlhf {args:?} panicked: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "rlhf {args:?}: expected a one-line error, got: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "rlhf {args:?}: expected a one-line error, got: {stderr}"
+    );
     let line = lines[0];
     assert!(line.starts_with("error: "), "rlhf {args:?}: {line}");
     for n in needles {
-        assert!(line.contains(n), "rlhf {args:?}: error should mention {n:?}: {line}");
+        assert!(
+            line.contains(n),
+            "rlhf {args:?}: error should mention {n:?}: {line}"
+        );
     }
     line.to_string()
 }
@@ -106,7 +123,10 @@ pub fn llama_with(tmp: &Path, name: &str, key: &str, new: &str) -> (PathBuf, usi
     copy_dir(&llama(), &dir);
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let prefix = format!("\"{key}\": ");
-    let line = text.lines().position(|l| l.trim_start().starts_with(&prefix)).unwrap_or_else(|| panic!("no {key}"));
+    let line = text
+        .lines()
+        .position(|l| l.trim_start().starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {key}"));
     let edited: Vec<String> = text
         .lines()
         .enumerate()
@@ -133,7 +153,17 @@ pub fn prompts(tmp: &Path) -> PathBuf {
 }
 
 pub fn generate(cwd: &Path, model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
-    let mut args = vec!["generate", "--model", s(model), "--prompts", s(prompts), "--out", s(out), "--max-new-tokens", "12"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(model),
+        "--prompts",
+        s(prompts),
+        "--out",
+        s(out),
+        "--max-new-tokens",
+        "12",
+    ];
     args.extend_from_slice(extra);
     ok(cwd, &args);
     std::fs::read(out).unwrap()

@@ -321,6 +321,7 @@ pub fn router(state: Shared) -> Router {
         .route("/p/{id}/undo", post(pages::undo))
         .route("/p/{id}/stats", get(pages::stats_fragment))
         .route("/p/{id}/stats.json", get(pages::stats_json))
+        .route("/p/{id}/items.json", get(pages::items_json))
         .route("/p/{id}/export", post(pages::export))
         .layer(middleware::from_fn_with_state(state.clone(), session_and_csrf))
         .with_state(state)

@@ -8,7 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::html::{csrf_field, esc, fmt_opt, fmt_time, markdownish, page, progress_bar, queue_progress};
 use super::upload::{read_upload, Upload};
@@ -565,6 +565,16 @@ pub async fn stats_json(State(st): State<Shared>, Extension(ctx): Extension<Ctx>
     let p = st.db.project(id).await?;
     let s = project_stats(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, &st.db.users().await?);
     Ok(axum::Json(s).into_response())
+}
+
+/// Every item's external id and how many annotators have a live label on it, with the project's overlap: what a
+/// program that pushed items (`rlhf iterate`) polls to know when they are labelled.
+pub async fn items_json(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>) -> AppResult<Response> {
+    ctx.admin()?;
+    let p = st.db.project(id).await?;
+    let items: Vec<Value> =
+        st.db.items(id).await?.iter().map(|i| json!({"id": i.id, "external_id": i.external_id, "label_count": i.label_count})).collect();
+    Ok(axum::Json(json!({"project_id": id, "overlap": p.overlap, "items": items})).into_response())
 }
 
 pub async fn project_settings(
