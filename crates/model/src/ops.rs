@@ -98,6 +98,29 @@ fn for_rows_with(
     }
 }
 
+/// Groups of [`fold_groups`]: enough to keep every core busy, few enough that per-group state stays small.
+const FOLD_GROUPS: usize = 8;
+
+/// A parallel fold whose float results do not depend on thread scheduling: `items` are cut into at most
+/// [`FOLD_GROUPS`] contiguous groups fixed by their count alone, each folded in order on some thread, and the
+/// group results merged in order. (rayon's `fold`/`reduce` group by work stealing, so sums would differ in the
+/// last bits between runs and training would not reproduce.)
+fn fold_groups<I: Send, A: Send>(
+    items: Vec<I>,
+    init: impl Fn() -> A + Sync + Send,
+    step: impl Fn(A, I) -> A + Sync + Send,
+    merge: impl Fn(A, A) -> A,
+) -> A {
+    let per = items.len().div_ceil(FOLD_GROUPS).max(1);
+    let mut groups: Vec<Vec<I>> = Vec::new();
+    let mut it = items.into_iter().peekable();
+    while it.peek().is_some() {
+        groups.push(it.by_ref().take(per).collect());
+    }
+    let parts: Vec<A> = groups.into_par_iter().map(|g| g.into_iter().fold(init(), &step)).collect();
+    parts.into_iter().reduce(merge).unwrap_or_else(init)
+}
+
 /// Sums per-row contributions `f(row_index, acc)` into `k` accumulators of length `len`
 /// (parallel over row blocks, then reduced).
 fn reduce_rows(
@@ -120,10 +143,10 @@ fn reduce_rows(
         a
     };
     if rows * len >= PAR_MIN_ELEMS {
-        (0..nblocks)
-            .into_par_iter()
-            .map(run)
-            .reduce(|| vec![0f32; len * k], add)
+        // Collected, then summed in block order: a rayon `reduce` would add in a scheduling-dependent order and
+        // make training differ in the last bits from run to run.
+        let parts: Vec<Vec<f32>> = (0..nblocks).into_par_iter().map(run).collect();
+        parts.into_iter().fold(vec![0f32; len * k], add)
     } else {
         (0..nblocks).map(run).fold(vec![0f32; len * k], add)
     }
@@ -1269,11 +1292,7 @@ impl CustomOp2 for LmHeadLogprobs {
         let chunks = vocab.div_ceil(VOCAB_CHUNK);
         let init = || (RowStats::new(m), Vec::new());
         let acc = if m * vocab * h >= PAR_MIN_MACS {
-            (0..chunks)
-                .into_par_iter()
-                .fold(init, step)
-                .map(|(a, _)| a)
-                .reduce(|| RowStats::new(m), RowStats::merge)
+            fold_groups((0..chunks).collect(), init, step, |(a, buf), (b, _)| (a.merge(b), buf)).0
         } else {
             (0..chunks).fold(init(), step).0
         };
@@ -1343,18 +1362,11 @@ impl CustomOp2 for LmHeadLogprobs {
             };
             let init = || (vec![0f32; m * h], Vec::new());
             let gx = if m * vocab * h >= PAR_MIN_MACS {
-                parts
-                    .into_par_iter()
-                    .enumerate()
-                    .fold(init, step)
-                    .map(|(gx, _)| gx)
-                    .reduce(
-                        || vec![0f32; m * h],
-                        |mut a, b| {
-                            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                            a
-                        },
-                    )
+                let add = |(mut a, buf): (Vec<f32>, Vec<f32>), (b, _): (Vec<f32>, Vec<f32>)| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    (a, buf)
+                };
+                fold_groups(parts.into_iter().enumerate().collect(), init, step, add).0
             } else {
                 parts.into_iter().enumerate().fold(init(), step).0
             };
