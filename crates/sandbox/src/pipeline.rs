@@ -795,6 +795,27 @@ fn findings(
         });
     }
     f.extend(cmp("sft", "base"));
+    // Where a gain comes from hedging rather than answering: the gold reward scores "I don't know" (0) above a
+    // wrong number (−0.5), and annotators prefer it too.
+    let indicator = |name: &str, key: &str| {
+        eval.model(name).and_then(|m| m.reward("gold")).and_then(|r| r.indicators.get(key)).map(|e| e.mean)
+    };
+    let (abst, acc) = ("abstains when the answer is known", "accuracy (numeric prompts)");
+    for p in &policies {
+        if let (Some(a), Some(a0), Some(c), Some(c0)) =
+            (indicator(p, abst), indicator("sft", abst), indicator(p, acc), indicator("sft", acc))
+        {
+            if a > 0.2 && a > 2.0 * a0 {
+                f.push(format!(
+                    "{p} hedges: it abstains on {:.0} % of numeric prompts it could answer (sft {:.0} %), accuracy {:.1} % → {:.1} %; much of its gold gain is \"I don't know\" (0) replacing wrong numbers (−0.5)",
+                    100.0 * a,
+                    100.0 * a0,
+                    100.0 * c0,
+                    100.0 * c
+                ));
+            }
+        }
+    }
     for m in eval.models.iter().skip(2).filter(|m| policies.contains(&m.name.as_str())) {
         f.extend(cmp(&m.name, "sft"));
         if let Some(w) = eval.win_rates.iter().find(|w| w.source == "gold" && w.model == m.name && w.versus == "sft") {
