@@ -29,7 +29,8 @@ pub fn smollm2_135m_config() -> ModelConfig {
     ModelConfig::from_json(raw, "smollm2_135m_config").expect("valid built-in config")
 }
 
-fn pseudo_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+/// `n` pseudo-random token ids (xorshift; ids 3.. so no special token): benchmark inputs without a dataset.
+pub fn pseudo_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

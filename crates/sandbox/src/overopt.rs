@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rlhf_generate::Generator;
-use rlhf_model::{GenRequest, Sampling};
+use rlhf_model::{GenOutput, GenRequest, Sampling};
 use rlhf_train::reward::{RewardModel, RewardSource, Sample};
 use serde::Serialize;
 use serde_json::Map;
@@ -45,32 +45,23 @@ pub fn sweep(
     seed: u64,
 ) -> Result<Vec<BestOfN>> {
     let g = Generator::load(sft)?;
-    let ids: Vec<Vec<u32>> =
-        prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
-    let template = GenRequest {
-        max_new_tokens,
-        sampling: Sampling { temperature, ..Sampling::default() },
-        ..Default::default()
-    };
+    let (ids, draws) = sample_k(&g, prompts, max_n, seed.wrapping_mul(6151), temperature, max_new_tokens, 64)?;
     let max_len = g.model.config().max_position_embeddings();
     let mut rm = RewardModel::load(&[reward_model.to_path_buf()], &g.tokenizer, max_len)
         .with_context(|| format!("{}: cannot load the reward model", reward_model.display()))?;
     let empty = Map::new();
     // proxy[i][j], gold[i][j]: sample j of prompt i.
     let (mut proxy, mut gold) = (vec![Vec::new(); prompts.len()], vec![Vec::new(); prompts.len()]);
-    for j in 0..max_n as u64 {
-        let seeds: Vec<u64> =
-            (0..prompts.len() as u64).map(|i| seed.wrapping_mul(6151).wrapping_add(max_n as u64 * i + j)).collect();
-        let out = g.run(&ids, &seeds, &template, 64)?;
-        let samples: Vec<Sample> = out
+    for j in 0..max_n {
+        let samples: Vec<Sample> = draws
             .iter()
             .zip(prompts.iter().zip(&ids))
-            .map(|((text, o), (p, pid))| Sample {
+            .map(|(d, (p, pid))| Sample {
                 prompt: &p.text,
-                completion: text,
+                completion: &d[j].0,
                 prompt_ids: pid,
-                completion_ids: &o.tokens,
-                eos: o.finish_reason == rlhf_model::FinishReason::Eos,
+                completion_ids: &d[j].1.tokens,
+                eos: d[j].1.finish_reason == rlhf_model::FinishReason::Eos,
                 row: &empty,
             })
             .collect();
@@ -79,9 +70,9 @@ pub fn sweep(
         for chunk in samples.chunks(32) {
             scores.extend(rm.score(chunk)?);
         }
-        for (i, ((text, _), s)) in out.iter().zip(scores).enumerate() {
+        for (i, (d, s)) in draws.iter().zip(scores).enumerate() {
             proxy[i].push(s);
-            gold[i].push(gold_reward(&prompts[i].gold, text));
+            gold[i].push(gold_reward(&prompts[i].gold, &d[j].0));
         }
     }
     let mut points = Vec::new();
@@ -99,6 +90,35 @@ pub fn sweep(
         n *= 2;
     }
     Ok(points)
+}
+
+/// `k` samples per prompt at `temperature`; sample j of prompt i is seeded `base_seed + k·i + j`. Returns the
+/// prompts' token ids and, per prompt, its `k` (text, output) pairs in draw order.
+pub(crate) fn sample_k(
+    g: &Generator,
+    prompts: &[Prompt],
+    k: usize,
+    base_seed: u64,
+    temperature: f32,
+    max_new_tokens: usize,
+    batch_size: usize,
+) -> Result<(Vec<Vec<u32>>, Vec<Vec<(String, GenOutput)>>)> {
+    let ids: Vec<Vec<u32>> =
+        prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
+    let template = GenRequest {
+        max_new_tokens,
+        sampling: Sampling { temperature, ..Sampling::default() },
+        ..Default::default()
+    };
+    let (n, k64) = (prompts.len() as u64, k as u64);
+    let mut draws: Vec<Vec<(String, GenOutput)>> = (0..prompts.len()).map(|_| Vec::with_capacity(k)).collect();
+    for j in 0..k64 {
+        let seeds: Vec<u64> = (0..n).map(|i| base_seed.wrapping_add(k64 * i + j)).collect();
+        for (d, out) in draws.iter_mut().zip(g.run(&ids, &seeds, &template, batch_size)?) {
+            d.push(out);
+        }
+    }
+    Ok((ids, draws))
 }
 
 #[cfg(test)]

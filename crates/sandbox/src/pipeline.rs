@@ -17,7 +17,7 @@ use rlhf_eval::report::{self, esc, fmt_est, Report, Section};
 use rlhf_eval::{evaluate, EvalConfig, ExactMatch, ModelSpec, RewardSource, Summary};
 use rlhf_feedback::export::Format;
 use rlhf_generate::Generator;
-use rlhf_model::{CausalLm, GenRequest, ModelConfig, Sampling};
+use rlhf_model::{CausalLm, ModelConfig};
 use rlhf_train::pref_loss::LossType;
 use rlhf_train::pref_config::PrefConfig;
 use rlhf_train::rm::run_rm;
@@ -238,10 +238,7 @@ impl PolicyStage for DpoStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome> {
-        let mut c = pref_config(ctx.sft_model, ctx.preferences, &ctx.out, &self.budget, ctx.config);
-        c.dpo.params.beta = self.beta;
-        c.dpo.loss_type = self.loss;
-        let s = rlhf_train::dpo::run_dpo(&c)?;
+        let s = run_dpo(ctx.sft_model, ctx.preferences, &ctx.out, &self.budget, self.beta, self.loss, ctx.config)?;
         Ok(StageOutcome {
             model_dir: ctx.out.clone(),
             metrics_file: Some(s.metrics_file.clone()),
@@ -354,6 +351,22 @@ pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> 
             kl_coef: cfg.grpo_beta,
         }),
     ]
+}
+
+/// DPO from `model` on the preference rows of `train` into `out`.
+fn run_dpo(
+    model: &Path,
+    train: &Path,
+    out: &Path,
+    b: &Budget,
+    beta: f64,
+    loss: LossType,
+    cfg: &PipelineConfig,
+) -> Result<rlhf_train::pref_train::PrefSummary> {
+    let mut c = pref_config(model, train, out, b, cfg);
+    c.dpo.params.beta = beta;
+    c.dpo.loss_type = loss;
+    Ok(rlhf_train::dpo::run_dpo(&c)?)
 }
 
 fn pref_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> PrefConfig {
@@ -606,10 +619,8 @@ fn length_bias_probe(
         let file = data.join(format!("preferences-{name}.jsonl"));
         write_rows(&file, &prefs)?;
         let dir = out.join(name);
-        let mut c = pref_config(sft, &file, &dir, budget, cfg);
-        c.dpo.params.beta = cfg.dpo_beta;
-        c.dpo.loss_type = cfg.dpo_loss;
-        let s = rlhf_train::dpo::run_dpo(&c).with_context(|| format!("length-bias probe {name}"))?;
+        let s = run_dpo(sft, &file, &dir, budget, cfg.dpo_beta, cfg.dpo_loss, cfg)
+            .with_context(|| format!("length-bias probe {name}"))?;
         let info = json!({"name": name, "result": {"steps": s.steps, "final_loss": s.final_loss, "pairs": prefs.len(),
             "labels": format!("3 annotators, {}", bias.describe())}});
         done.push((name.to_string(), dir, info));
@@ -691,21 +702,11 @@ fn sample_pairs<'a>(
     cfg: &PipelineConfig,
 ) -> Result<Vec<(&'a Prompt, String, String)>> {
     let g = Generator::load(model)?;
-    let ids: Vec<Vec<u32>> =
-        prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
-    let template = GenRequest {
-        max_new_tokens: cfg.eval.max_new_tokens,
-        sampling: Sampling { temperature: cfg.sample_temperature, ..Sampling::default() },
-        ..Default::default()
-    };
-    let (n, k) = (prompts.len() as u64, cfg.candidates_per_prompt.max(2) as u64);
-    let mut candidates: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
-    for j in 0..k {
-        let seeds: Vec<u64> = (0..n).map(|i| cfg.seed.wrapping_mul(7919).wrapping_add(k * i + j + 1)).collect();
-        for (c, (text, _)) in candidates.iter_mut().zip(g.run(&ids, &seeds, &template, cfg.eval.batch_size)?) {
-            c.push(text);
-        }
-    }
+    let k = cfg.candidates_per_prompt.max(2);
+    let base = cfg.seed.wrapping_mul(7919).wrapping_add(1);
+    let (_, draws) =
+        crate::overopt::sample_k(&g, prompts, k, base, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.eval.batch_size)?;
+    let candidates = draws.into_iter().map(|d| d.into_iter().map(|(text, _)| text).collect::<Vec<_>>());
     Ok(prompts
         .iter()
         .zip(candidates)

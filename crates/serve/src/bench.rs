@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use rlhf_generate::Generator;
+use rlhf_model::bench::pseudo_ids;
 use rlhf_model::{generate, GenRequest, Sampling};
 use serde_json::{json, Value};
 
@@ -19,19 +20,6 @@ pub struct ServeBench {
     pub prompt_len: usize,
     /// Request r asks for `max_tokens - (r % 4) * max_tokens / 8` tokens: uneven lengths, as real traffic.
     pub max_tokens: usize,
-}
-
-/// Pseudo-random prompt ids (xorshift; ids 3.. so no special token).
-fn prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (3 + s % (vocab as u64 - 3)) as u32
-        })
-        .collect()
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -54,7 +42,7 @@ pub fn bench_serve(generator: Arc<Generator>, b: &ServeBench) -> Result<Value> {
     let n = b.clients * b.requests_per_client;
     let requests: Vec<GenRequest> = (0..n)
         .map(|r| GenRequest {
-            prompt_ids: prompt(b.prompt_len, vocab, r as u64),
+            prompt_ids: pseudo_ids(b.prompt_len, vocab, r as u64),
             max_new_tokens: (b.max_tokens - (r % 4) * b.max_tokens / 8).max(1),
             sampling: Sampling::default(),
             seed: r as u64,
