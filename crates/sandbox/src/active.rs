@@ -139,11 +139,7 @@ pub struct ActiveSummary {
 /// Runs every seed and strategy in `out` (replaced); writes `active_learning.json`, `.md` and `.html`.
 pub fn run(cfg: &ActiveConfig, out: &Path) -> Result<ActiveSummary> {
     cfg.validate()?;
-    if out.exists() {
-        std::fs::remove_dir_all(out)
-            .with_context(|| format!("{}: cannot clear the earlier run", out.display()))?;
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    crate::rm_lab::fresh_dir(out)?;
     let mut curves = Vec::new();
     let mut eval_pairs = Vec::new();
     for &seed in &cfg.seeds {
@@ -160,13 +156,7 @@ pub fn run(cfg: &ActiveConfig, out: &Path) -> Result<ActiveSummary> {
         mean_curves,
         findings,
     };
-    std::fs::write(
-        out.join("active_learning.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )
-    .with_context(|| format!("{}: cannot write", out.display()))?;
-    std::fs::write(out.join("active_learning.md"), markdown(&summary))?;
-    std::fs::write(out.join("active_learning.html"), html(&summary))?;
+    crate::rm_lab::write_reports(out, "active_learning", &serde_json::to_string_pretty(&summary)?, &markdown(&summary), &html(&summary))?;
     Ok(summary)
 }
 

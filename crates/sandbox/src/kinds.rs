@@ -131,11 +131,7 @@ pub struct KindsSummary {
 /// Runs every seed, kind and budget in `out` (replaced); writes `feedback_kinds.json`, `.md` and `.html`.
 pub fn run(cfg: &KindsConfig, out: &Path) -> Result<KindsSummary> {
     cfg.validate()?;
-    if out.exists() {
-        std::fs::remove_dir_all(out)
-            .with_context(|| format!("{}: cannot clear the earlier run", out.display()))?;
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    crate::rm_lab::fresh_dir(out)?;
     let (mut measurements, mut eval_pairs) = (Vec::new(), Vec::new());
     for &seed in &cfg.seeds {
         let lab = Lab::new(
@@ -205,13 +201,7 @@ pub fn run(cfg: &KindsConfig, out: &Path) -> Result<KindsSummary> {
         mean,
         findings,
     };
-    let write = |name: &str, text: String| {
-        let p = out.join(name);
-        std::fs::write(&p, text).with_context(|| format!("{}: cannot write", p.display()))
-    };
-    write("feedback_kinds.json", serde_json::to_string_pretty(&s)?)?;
-    write("feedback_kinds.md", markdown(&s))?;
-    write("feedback_kinds.html", html(&s))?;
+    crate::rm_lab::write_reports(out, "feedback_kinds", &serde_json::to_string_pretty(&s)?, &markdown(&s), &html(&s))?;
     Ok(s)
 }
 
