@@ -177,12 +177,18 @@ fn output_row(row: &Row, source: &str, fields: Vec<(&str, Value)>) -> Map<String
 }
 
 /// Writes the rows (all at once, after everything succeeded: a failed run leaves no partial file).
-fn write_out(path: &Path, rows: &[Map<String, Value>]) -> Result<()> {
+/// Writes `rows` to `path` (JSONL) and says how many of `input_rows` gave no row.
+fn write_out(path: &Path, rows: &[Map<String, Value>], input_rows: usize) -> Result<TransformSummary> {
     let text: String = rows
         .iter()
         .map(|r| format!("{}\n", Value::Object(r.clone())))
         .collect();
-    std::fs::write(path, text).map_err(io_err(path))
+    std::fs::write(path, text).map_err(io_err(path))?;
+    Ok(TransformSummary {
+        input_rows,
+        output_rows: rows.len(),
+        skipped: input_rows - rows.len(),
+    })
 }
 
 /// Completions of the policy for plain-text `prompts`, row i sampled with seed + i.
@@ -263,12 +269,7 @@ pub fn revise(args: &ReviseArgs) -> Result<TransformSummary> {
             )
         })
         .collect();
-    write_out(&args.out, &rows)?;
-    Ok(TransformSummary {
-        input_rows: ds.len(),
-        output_rows: rows.len(),
-        skipped: ds.len() - rows.len(),
-    })
+    write_out(&args.out, &rows, ds.len())
 }
 
 /// Critique rows → SFT rows of a generative critic.
@@ -294,12 +295,7 @@ pub fn critic_sft(args: &CriticArgs) -> Result<TransformSummary> {
             m
         })
         .collect();
-    write_out(&args.out, &rows)?;
-    Ok(TransformSummary {
-        input_rows: ds.len(),
-        output_rows: rows.len(),
-        skipped: 0,
-    })
+    write_out(&args.out, &rows, ds.len())
 }
 
 /// Demonstrations → `demonstration ≻ policy sample` pairs.
@@ -325,10 +321,5 @@ pub fn demo_pairs(args: &DemoPairsArgs) -> Result<TransformSummary> {
             )
         })
         .collect();
-    write_out(&args.out, &rows)?;
-    Ok(TransformSummary {
-        input_rows: ds.len(),
-        output_rows: rows.len(),
-        skipped: ds.len() - rows.len(),
-    })
+    write_out(&args.out, &rows, ds.len())
 }
