@@ -194,10 +194,6 @@ impl SftConfig {
         }
     }
 
-    pub fn max_grad_norm(&self) -> Option<f64> {
-        (self.max_grad_norm > 0.0).then_some(self.max_grad_norm)
-    }
-
     /// Read and validate a TOML file alone (no flags).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         SftArgs { config: Some(path.to_path_buf()), ..Default::default() }.resolve()

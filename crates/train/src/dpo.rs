@@ -22,7 +22,8 @@ use crate::optim::AdamW;
 use crate::pref_config::{CommonArgs, DpoOptions, PrefConfig};
 use crate::pref_data::{bench_pairs, data_err, row_err, tokenize_completion};
 use crate::pref_loss::{self, KtoLogps, LossType, PairLogps};
-use crate::pref_train::{bench_steps, copy_tokenizer, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
+use crate::trainer::copy_tokenizer;
+use crate::pref_train::{bench_steps, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
 /// `rlhf dpo` flags.
 #[derive(Debug, Clone, Default, Args)]
@@ -336,9 +337,14 @@ impl DpoTrainer {
             return Err(TrainError::Data(format!("loss `{}` does not match the data (unpaired data is for kto)", opts.loss_type.name())));
         }
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
+        // The reference computes in the policy's precision (TRL autocasts both).
+        if cfg.bf16 {
+            policy.set_precision(rlhf_model::Precision::Bf16);
+        }
         let reference = match (opts.loss_type.needs_reference(), reference, &cfg.lora) {
             (false, _, _) => Reference::None,
             (true, Some(mut r), _) => {
+                r.set_precision(policy.precision());
                 r.set_trainable(false).map_err(model_err)?;
                 Reference::Model(Box::new(r))
             }

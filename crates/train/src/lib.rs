@@ -29,6 +29,7 @@ pub mod select;
 pub mod rollout;
 pub mod schedule;
 pub mod settings;
+pub mod trainer;
 pub mod sft;
 
 pub use error::{Result, TrainError};

@@ -195,6 +195,6 @@ pub fn merge_adapter(adapter: &Path, base: Option<&Path>, out: &Path) -> Result<
         other => return Err(cfg_err("task_type", format!("{other:?}: expected \"CAUSAL_LM\" or \"SEQ_CLS\""))),
     }
     let tokenizer_from = if base.join("tokenizer.json").is_file() { base.clone() } else { adapter.to_path_buf() };
-    crate::pref_train::copy_tokenizer(&tokenizer_from, out)?;
+    crate::trainer::copy_tokenizer(&tokenizer_from, out)?;
     Ok(base)
 }

@@ -1,38 +1,34 @@
-//! The online-RL core shared by `rlhf grpo`, `rlhf rloo` and `rlhf ppo`: settings common to all three, the
-//! policy with its frozen reference, and the loop — sample prompts → generate rollouts → score them → let the
-//! algorithm take its optimizer steps → metrics → atomic checkpoints — with exact resume.
+//! Online RL on the training core (`rlhf grpo`, `rlhf rloo`, `rlhf ppo`): the settings common to the three, the
+//! policy with its frozen reference, and [`run`], which drives an [`Algorithm`] through [`crate::trainer::run`]:
+//! each step samples its prompts' rollouts, scores them and lets the algorithm take its optimizer steps; the core
+//! does the schedule, metrics, evaluation cadence, checkpoints and exact resume.
 //!
 //! An [`Algorithm`] only turns a [`Batch`] of scored rollouts into losses (its file holds its settings, its
-//! loss as small named functions and its step); everything else lives here. Sampling needs no RNG state:
-//! every completion's seed derives from (seed, step, index), so a resumed run draws what the uninterrupted one
-//! would have. LoRA dropout is off during RL (as TRL disables dropout for PPO), which keeps the importance
-//! ratio of the first inner step exactly 1.
+//! loss as small named functions and its step). Sampling needs no RNG state: every completion's seed derives
+//! from (seed, step, index), so a resumed run draws what the uninterrupted one would have. LoRA dropout is off
+//! during RL (as TRL disables dropout for PPO), which keeps the importance ratio of the first inner step exactly 1.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
-use rlhf_data::{EpochSampler, Tokenizer};
+use candle_core::{Device, Var};
+use rlhf_data::Tokenizer;
 use rlhf_model::lora::Lora;
 use rlhf_model::{CausalLm, Sampling};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint;
 use crate::error::{io_err, Result, TrainError};
-use crate::lora::LoraArgs;
-use crate::metrics::{MetricsWriter, Progress};
+use crate::lora::{LoraArgs, ADAPTER_DIR};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::reward::{Rewards, Sample};
 use crate::rollout::{self, PromptRow, Rollout, SampleSpec, SeqBatch};
-use crate::schedule::{Schedule, ScheduleKind, Warmup};
+use crate::schedule::{ScheduleKind, Warmup};
+use crate::trainer::{LoopSettings, StepInfo, StepOut, Trainer};
 
-pub type Metrics = BTreeMap<String, f64>;
-
-pub const METRICS_FILE: &str = "metrics.jsonl";
-const ADAPTER_DIR: &str = "adapter";
+pub use crate::trainer::{Metrics, Step, METRICS_FILE};
 
 /// Settings of every online-RL trainer (TOML key ⇔ flag of the same name).
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -128,6 +124,11 @@ pub struct OnlineArgs {
     /// Time limit of one call of a `cmd:` reward source.
     #[arg(long, default_value_t = 60.0)]
     pub reward_timeout_s: f64,
+    /// bf16 matrix products with f32 accumulation, weights and optimizer (TRL's `bf16=True`), for the policy, its
+    /// reference and the rollouts.
+    #[arg(long)]
+    #[serde(default)]
+    pub bf16: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub lora: LoraArgs,
@@ -239,12 +240,16 @@ impl Policy {
             _ => dir.clone(),
         };
         let mut model = CausalLm::load(&weights_dir, &device).map_err(|e| model_err(format!("{}: {e}", weights_dir.display())))?;
+        if args.bf16 {
+            model.set_precision(rlhf_model::Precision::Bf16);
+        }
         let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| TrainError::Data(e.to_string()))?;
         tokenizer.check_vocab(model.vocab_size(), dir.join("config.json")).map_err(|e| TrainError::Data(e.to_string()))?;
         let reference = match (with_reference, &args.reference_model, &lora_cfg) {
             (false, _, _) => None,
             (true, Some(r), _) => {
                 let mut m = CausalLm::load(r, &device).map_err(|e| model_err(format!("{}: {e}", r.display())))?;
+                m.set_precision(model.precision());
                 m.set_trainable(false).map_err(model_err)?;
                 Some(Reference::Model(Box::new(m)))
             }
@@ -255,6 +260,7 @@ impl Policy {
                 } else {
                     model.duplicate().map_err(model_err)?
                 };
+                m.set_precision(model.precision());
                 m.set_trainable(false).map_err(model_err)?;
                 Some(Reference::Model(Box::new(m)))
             }
@@ -297,19 +303,19 @@ impl Policy {
             Some(l) => l.save(&dir.join(ADAPTER_DIR), &self.model_dir.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err),
             None => {
                 self.model.save(dir).map_err(model_err)?;
-                crate::pref_train::copy_tokenizer(&self.model_dir, dir)
+                crate::trainer::copy_tokenizer(&self.model_dir, dir)
             }
         }
     }
 
     /// The final model: with LoRA the adapter in `out/adapter` and the merged model in `out`.
-    fn save_final(mut self, out: &Path) -> Result<()> {
+    fn save_final(&mut self, out: &Path) -> Result<()> {
         if let Some(l) = self.lora.take() {
             l.save(&out.join(ADAPTER_DIR), &self.model_dir.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err)?;
             l.merge_into(&mut self.model).map_err(model_err)?;
         }
         self.model.save(out).map_err(model_err)?;
-        crate::pref_train::copy_tokenizer(&self.model_dir, out)
+        crate::trainer::copy_tokenizer(&self.model_dir, out)
     }
 }
 
@@ -346,52 +352,6 @@ pub trait Algorithm {
     /// Restores what [`Algorithm::save`] wrote.
     fn restore(&mut self, _dir: &Path) -> Result<()> {
         Ok(())
-    }
-}
-
-/// The optimizer as one RL step sees it: gradient steps at this step's learning rate, with finite checks.
-pub struct Step<'a> {
-    optimizer: &'a mut AdamW,
-    lr: f64,
-    max_grad_norm: Option<f64>,
-    global_step: u64,
-    last_checkpoint: &'a Option<PathBuf>,
-    /// Gradient norms of the optimizer steps taken.
-    pub grad_norms: Vec<f64>,
-}
-
-impl<'a> Step<'a> {
-    /// A step at learning rate `lr` (the core makes one per RL step; tests drive an algorithm directly).
-    pub fn new(optimizer: &'a mut AdamW, lr: f64, max_grad_norm: Option<f64>, global_step: u64, last_checkpoint: &'a Option<PathBuf>) -> Self {
-        Self { optimizer, lr, max_grad_norm, global_step, last_checkpoint, grad_norms: Vec::new() }
-    }
-
-    /// The RL step being taken (1-based).
-    pub fn global_step(&self) -> u64 {
-        self.global_step
-    }
-
-    /// Backward through `loss`, clip, AdamW. Refuses a non-finite loss or gradient before touching the weights.
-    pub fn apply(&mut self, loss: &Tensor) -> Result<f64> {
-        let value = loss.to_scalar::<f32>()? as f64;
-        let non_finite = |what, value| TrainError::NonFinite {
-            step: self.global_step,
-            what,
-            value,
-            last_checkpoint: self.last_checkpoint.clone(),
-        };
-        if !value.is_finite() {
-            return Err(non_finite("loss", value));
-        }
-        let store = loss.backward()?;
-        let grads = self.optimizer.collect_grads(&store)?;
-        let norm = grads.global_norm()?;
-        if !norm.is_finite() {
-            return Err(non_finite("gradient norm", norm));
-        }
-        self.optimizer.step_with_norm(&grads, self.lr, self.max_grad_norm, norm)?;
-        self.grad_norms.push(norm);
-        Ok(value)
     }
 }
 
@@ -432,95 +392,42 @@ fn mean(v: &[f32]) -> f64 {
     crate::advantage::mean(v) as f64
 }
 
-/// Runs an algorithm with `args`. `settings` is the trainer's whole settings struct (stored in checkpoints and
-/// compared on resume); `with_reference` loads the frozen reference; `make` builds the algorithm once the policy is loaded (with the checkpoint to restore
-/// from, if resuming).
-pub fn run<A: Algorithm>(
-    args: &OnlineArgs,
-    settings: &Value,
-    with_reference: bool,
-    make: impl FnOnce(&Policy, Option<&Path>) -> Result<A>,
-) -> Result<OnlineSummary> {
-    let t_run = Instant::now();
-    args.validate()?;
-    let out = required(&args.output_dir, "output_dir")?.clone();
-    crate::output_dir::prepare(required(&args.model, "model")?, &out, args.overwrite_output_dir, args.resume)?;
-    let resume_dir = if args.resume { Some(checkpoint::resume_dir(&out)?) } else { None };
-    if let Some(dir) = &resume_dir {
-        checkpoint::check_resume_config(dir, &checkpoint::load_checkpoint_config(dir)?, settings, &resume_free_keys())?;
-    }
-    let prompts_path = required(&args.prompts, "prompts")?;
+/// An [`Algorithm`] with its policy, reward sources and prompts, as the core loop drives it: each step samples
+/// rollouts of its prompts, scores them and lets the algorithm learn from them.
+struct OnlineTrainer<'a, A> {
+    args: &'a OnlineArgs,
+    /// The trainer's whole settings, written beside the final model.
+    settings: &'a Value,
+    policy: Policy,
+    algo: A,
+    optimizer: AdamW,
+    rewards: Rewards,
+    prompts: Vec<PromptRow>,
+    eval_prompts: Vec<PromptRow>,
+}
 
-    // Everything that can fail on bad input is checked before the output directory is touched.
-    let policy = Policy::load(args, with_reference, resume_dir.as_deref())?;
-    let mut algo = make(&policy, resume_dir.as_deref())?;
-    let g = algo.generations();
-    let prompts = rollout::load_prompts(prompts_path, &policy.tokenizer, args.chat_template.as_deref(), args.max_prompt_length)?;
-    let eval_prompts = match &args.eval_prompts {
-        Some(p) => rollout::load_prompts(p, &policy.tokenizer, args.chat_template.as_deref(), args.max_prompt_length)?,
-        None => Vec::new(),
-    };
-    let positions = policy.model.config().max_position_embeddings();
-    let longest = prompts.iter().chain(&eval_prompts).map(|p| p.ids.len()).max().unwrap_or(0);
-    if longest + args.max_new_tokens > positions {
-        return Err(args.setting_err(
-            "max_new_tokens",
-            format!(
-                "the longest prompt ({longest} tokens) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({positions}): lower max_new_tokens or shorten the prompts",
-                args.max_new_tokens
-            ),
-        ));
+impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
+    fn num_examples(&self) -> usize {
+        self.prompts.len()
     }
-    let max_len = positions;
-    let mut rewards = Rewards::from_specs(&args.reward, &policy.tokenizer, max_len, args.reward_timeout_s, args.reward_retries)?;
-    let mut params = policy.params();
-    params.extend(algo.extra_params());
-    let mut optimizer = AdamW::new(params, AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })?;
 
-    let steps_per_epoch = prompts.len().div_ceil(args.prompts_per_step) as u64;
-    let total = args.max_steps.unwrap_or_else(|| ((args.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1));
-    let schedule = Schedule::new(args.lr_scheduler_type, args.learning_rate, Warmup::Steps(args.warmup_steps), total);
-    let mut sampler = EpochSampler::new(prompts.len(), args.seed, true);
-    let mut state = TrainerState::new(sampler.state(), args.seed);
-    let metrics_path = out.join(METRICS_FILE);
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::load_checkpoint(dir, &mut optimizer)?;
-        algo.restore(dir)?;
-        sampler = EpochSampler::resume(prompts.len(), args.seed, true, state.data);
-    }
-    let mut log = match &resume_dir {
-        Some(_) => MetricsWriter::open_resumed(&metrics_path, state.global_step)?,
-        None => MetricsWriter::open(&metrics_path, false)?,
-    };
-    let spec = args.sampling();
-    let mut last_checkpoint = resume_dir.clone();
-    let progress = Progress::new(total, state.global_step);
-    let (mut window, mut window_steps) = (Metrics::new(), 0u64);
-    let mut final_metrics = Metrics::new();
-    let mut eval = None;
-    let evaluate = |policy: &Policy, rewards: &mut Rewards| -> Result<Option<Metrics>> {
-        if eval_prompts.is_empty() {
-            return Ok(None);
-        }
-        evaluate_greedy(policy, rewards, &eval_prompts, args).map(Some)
-    };
-
-    while state.global_step < total {
-        let step_no = state.global_step + 1;
-        let idx = sampler.next_batch(args.prompts_per_step, false);
-        let chosen: Vec<&PromptRow> = idx.iter().map(|&i| &prompts[i]).collect();
+    /// Sampling needs no RNG state: every completion's seed derives from (seed, step, index).
+    fn train_step(&mut self, idx: &[usize], info: &StepInfo) -> Result<StepOut> {
+        let args = self.args;
+        let g = self.algo.generations();
+        let chosen: Vec<&PromptRow> = idx.iter().map(|&i| &self.prompts[i]).collect();
 
         let t0 = Instant::now();
-        let rollouts = rollout::sample(&policy.model, &policy.tokenizer, &chosen, g, &spec, args.seed, step_no)?;
+        let rollouts = rollout::sample(&self.policy.model, &self.policy.tokenizer, &chosen, g, &args.sampling(), args.seed, info.step)?;
         let t_gen = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let scored = rewards.score(&samples(&rollouts, &chosen))?;
+        let scored = self.rewards.score(&samples(&rollouts, &chosen))?;
         let t_score = t1.elapsed().as_secs_f64();
 
         let t2 = Instant::now();
         let pairs: Vec<(&[u32], &[u32])> = rollouts.iter().map(|r| (chosen[r.prompt].ids.as_slice(), r.completion_ids.as_slice())).collect();
-        let seqs = SeqBatch::new(&pairs, policy.tokenizer.pad_id().unwrap_or(0), &Device::Cpu)?;
+        let seqs = SeqBatch::new(&pairs, self.policy.tokenizer.pad_id().unwrap_or(0), &Device::Cpu)?;
         let batch = Batch {
             prompt_ids: rollouts.iter().map(|r| chosen[r.prompt].ids.clone()).collect(),
             old_logprobs: rollouts.iter().flat_map(|r| r.sampling_logprobs.iter().copied()).collect(),
@@ -530,14 +437,8 @@ pub fn run<A: Algorithm>(
             generations: g,
             temperature: args.temperature,
         };
-        let mut step = Step::new(
-            &mut optimizer,
-            schedule.lr(state.global_step),
-            (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-            step_no,
-            &last_checkpoint,
-        );
-        let mut metrics = algo.learn(&policy, &mut step, &batch)?;
+        let mut step = info.step_with(&mut self.optimizer);
+        let mut metrics = self.algo.learn(&self.policy, &mut step, &batch)?;
         let t_train = t2.elapsed().as_secs_f64();
 
         let lengths: Vec<f32> = batch.rollouts.iter().map(|r| r.completion_ids.len() as f32).collect();
@@ -557,66 +458,114 @@ pub fn run<A: Algorithm>(
         metrics.insert("timing/training_s".into(), t_train);
         metrics.insert("timing/step_s".into(), t0.elapsed().as_secs_f64());
         metrics.insert("step_tokens".into(), tokens as f64);
-        state.global_step = step_no;
-        state.data = sampler.state();
-        state.num_tokens += tokens as u64;
-        progress.update(step_no, metrics.get("reward").copied());
-        for (k, v) in &metrics {
-            *window.entry(k.clone()).or_default() += v;
-        }
-        window_steps += 1;
-        final_metrics = metrics;
-
-        if step_no.is_multiple_of(args.logging_steps) || step_no == total {
-            let mut line = Map::new();
-            line.insert("step".into(), json!(step_no));
-            line.insert("epoch".into(), json!(step_no as f64 / steps_per_epoch as f64));
-            for (k, v) in std::mem::take(&mut window) {
-                line.insert(k, json!(v / window_steps as f64));
-            }
-            line.insert("learning_rate".into(), json!(schedule.lr(state.global_step - 1)));
-            line.insert("num_tokens".into(), json!(state.num_tokens));
-            window_steps = 0;
-            log.write_line(&line)?;
-        }
-        if (args.eval_steps > 0 && step_no.is_multiple_of(args.eval_steps)) || step_no == total {
-            eval = evaluate(&policy, &mut rewards)?;
-            if let Some(e) = &eval {
-                let mut line = Map::new();
-                line.insert("step".into(), json!(step_no));
-                for (k, v) in e {
-                    line.insert(format!("eval_{k}"), json!(v));
-                }
-                log.write_line(&line)?;
-            }
-        }
-        if args.save_steps > 0 && step_no.is_multiple_of(args.save_steps) {
-            let dir = checkpoint::save_checkpoint(
-                &out,
-                |d| {
-                    policy.save_checkpoint(d)?;
-                    algo.save(d)
-                },
-                &optimizer,
-                &state,
-                settings,
-                args.save_total_limit,
-            )?;
-            last_checkpoint = Some(dir);
-        }
+        Ok(StepOut { metrics, num_tokens: tokens as u64, ..Default::default() })
     }
-    progress.finish();
-    policy.save_final(&out)?;
-    let cfg_path = out.join(checkpoint::CONFIG_FILE);
-    fs::write(&cfg_path, serde_json::to_string_pretty(settings).expect("plain data")).map_err(io_err(&cfg_path))?;
+
+    fn evaluate(&mut self) -> Result<Option<Metrics>> {
+        if self.eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        evaluate_greedy(&self.policy, &mut self.rewards, &self.eval_prompts, self.args).map(Some)
+    }
+
+    fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.policy.save_checkpoint(dir)?;
+        self.algo.save(dir)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        self.algo.restore(dir)
+    }
+
+    fn save_final(&mut self, out: &Path) -> Result<()> {
+        self.policy.save_final(out)?;
+        let cfg_path = out.join(checkpoint::CONFIG_FILE);
+        fs::write(&cfg_path, serde_json::to_string_pretty(self.settings).expect("plain data")).map_err(io_err(&cfg_path))
+    }
+
+    fn lora(&self) -> Option<&Lora> {
+        self.policy.lora.as_ref()
+    }
+
+    fn progress_key(&self) -> &'static str {
+        "reward"
+    }
+}
+
+/// Runs an algorithm with `args`. `settings` is the trainer's whole settings struct (stored in checkpoints and
+/// compared on resume); `with_reference` loads the frozen reference; `make` builds the algorithm once the policy
+/// is loaded (with the checkpoint to restore from, if resuming).
+pub fn run<A: Algorithm>(
+    args: &OnlineArgs,
+    settings: &Value,
+    with_reference: bool,
+    make: impl FnOnce(&Policy, Option<&Path>) -> Result<A>,
+) -> Result<OnlineSummary> {
+    args.validate()?;
+    let out = required(&args.output_dir, "output_dir")?.clone();
+    crate::output_dir::prepare(required(&args.model, "model")?, &out, args.overwrite_output_dir, args.resume)?;
+    let resume_from = if args.resume { Some(checkpoint::resume_dir(&out)?) } else { None };
+    let prompts_path = required(&args.prompts, "prompts")?;
+
+    // Everything that can fail on bad input is checked before the output directory is touched.
+    let policy = Policy::load(args, with_reference, resume_from.as_deref())?;
+    let algo = make(&policy, resume_from.as_deref())?;
+    let prompts = rollout::load_prompts(prompts_path, &policy.tokenizer, args.chat_template.as_deref(), args.max_prompt_length)?;
+    let eval_prompts = match &args.eval_prompts {
+        Some(p) => rollout::load_prompts(p, &policy.tokenizer, args.chat_template.as_deref(), args.max_prompt_length)?,
+        None => Vec::new(),
+    };
+    let positions = policy.model.config().max_position_embeddings();
+    let longest = prompts.iter().chain(&eval_prompts).map(|p| p.ids.len()).max().unwrap_or(0);
+    if longest + args.max_new_tokens > positions {
+        return Err(args.setting_err(
+            "max_new_tokens",
+            format!(
+                "the longest prompt ({longest} tokens) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({positions}): lower max_new_tokens or shorten the prompts",
+                args.max_new_tokens
+            ),
+        ));
+    }
+    let rewards = Rewards::from_specs(&args.reward, &policy.tokenizer, positions, args.reward_timeout_s, args.reward_retries)?;
+    let mut params = policy.params();
+    params.extend(algo.extra_params());
+    let optimizer = AdamW::new(params, AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })?;
+    let loop_settings = LoopSettings {
+        output_dir: out.clone(),
+        resume_from,
+        examples_per_step: args.prompts_per_step,
+        learning_rate: args.learning_rate,
+        lr_scheduler_type: args.lr_scheduler_type,
+        warmup: Warmup::Steps(args.warmup_steps),
+        max_grad_norm: args.max_grad_norm,
+        max_steps: args.max_steps,
+        num_train_epochs: args.num_train_epochs,
+        logging_steps: args.logging_steps,
+        eval_steps: args.eval_steps,
+        save_steps: args.save_steps,
+        save_total_limit: args.save_total_limit,
+        seed: args.seed,
+        config: settings.clone(),
+        resume_free_keys: resume_free_keys(),
+    };
+    let mut trainer = OnlineTrainer { args, settings, policy, algo, optimizer, rewards, prompts, eval_prompts };
+    let r = crate::trainer::run(&mut trainer, &loop_settings)?;
     Ok(OnlineSummary {
-        steps: state.global_step,
-        final_metrics,
-        eval,
-        num_tokens: state.num_tokens,
-        train_runtime_s: t_run.elapsed().as_secs_f64(),
+        steps: r.steps,
+        final_metrics: r.final_metrics,
+        eval: r.eval,
+        num_tokens: r.num_tokens,
+        train_runtime_s: r.train_runtime_s,
         output_dir: out,
-        metrics_file: metrics_path,
+        metrics_file: r.metrics_file,
     })
 }
 

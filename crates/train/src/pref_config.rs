@@ -50,6 +50,8 @@ pub struct PrefConfig {
     pub resume: bool,
     /// Train into an `output_dir` that holds a previous run (or the model itself), replacing it.
     pub overwrite_output_dir: bool,
+    /// Linear layers' matrix products in bf16 (f32 accumulation, weights and optimizer), as TRL's `bf16=True`.
+    pub bf16: bool,
     /// LoRA adapters instead of full fine-tuning (section `[lora]`).
     pub lora: Option<LoraConfig>,
     pub rm: RmOptions,
@@ -80,6 +82,7 @@ impl Default for PrefConfig {
             seed: 42,
             resume: false,
             overwrite_output_dir: false,
+            bf16: false,
             lora: None,
             rm: RmOptions::default(),
             dpo: DpoOptions::default(),
@@ -175,6 +178,9 @@ pub struct CommonArgs {
     /// Train into an output dir that holds a previous run (or the model itself), replacing it [default: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite_output_dir: Option<bool>,
+    /// bf16 matrix products with f32 accumulation, weights and optimizer (TRL's `bf16=True`) [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub bf16: Option<bool>,
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
 }
@@ -271,7 +277,7 @@ impl PrefConfig {
         }
         set_plain!(
             max_length, batch_size, lr_scheduler_type, warmup_steps, weight_decay, max_grad_norm, num_train_epochs,
-            logging_steps, eval_steps, save_steps, seed, resume, overwrite_output_dir
+            logging_steps, eval_steps, save_steps, seed, resume, overwrite_output_dir, bf16
         );
         c.lora = a.lora.apply(c.lora.take());
         Ok(c)
@@ -327,9 +333,5 @@ impl PrefConfig {
     pub(crate) fn required(&self) -> (PathBuf, PathBuf, PathBuf) {
         let get = |p: &Option<PathBuf>| p.clone().expect("validated");
         (get(&self.model), get(&self.train_file), get(&self.output_dir))
-    }
-
-    pub(crate) fn max_grad_norm(&self) -> Option<f64> {
-        (self.max_grad_norm > 0.0).then_some(self.max_grad_norm)
     }
 }

@@ -28,7 +28,7 @@ fn model_err(e: impl std::fmt::Display) -> TrainError {
 /// `tokenizer_dir` into `dir`.
 fn make_models(dir: &Path, tokenizer_dir: &Path, with_rm: bool) -> Result<()> {
     let policy = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 1234, &Device::Cpu).map_err(model_err)?;
-    let copy_tok = |to: &Path| crate::pref_train::copy_tokenizer(tokenizer_dir, to);
+    let copy_tok = |to: &Path| crate::trainer::copy_tokenizer(tokenizer_dir, to);
     policy.save(&dir.join("policy")).map_err(model_err)?;
     copy_tok(&dir.join("policy"))?;
     if with_rm {

@@ -23,7 +23,8 @@ use crate::lora::attach_lora;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::pref_config::{cfg_err, CommonArgs, PrefConfig};
 use crate::pref_data::{data_err, pad_rows, row_err, tokenize_completion};
-use crate::pref_train::{copy_tokenizer, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
+use crate::trainer::copy_tokenizer;
+use crate::pref_train::{eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
 #[derive(Debug, Clone, Default, Args)]
 pub struct RmArgs {
@@ -234,6 +235,9 @@ impl RmTrainer {
 
     /// A trainer over a loaded model and tokenized data (tests, benchmarks).
     pub fn from_parts(mut model: SeqCls, train: RmData, eval: Option<RmData>, cfg: &PrefConfig) -> Result<Self> {
+        if cfg.bf16 {
+            model.lm.set_precision(rlhf_model::Precision::Bf16);
+        }
         let lora = attach_lora(&mut model.lm, cfg.lora.as_ref(), cfg.seed)?;
         let params = match &lora {
             // The head is new for the task, so it trains with the adapters (PEFT's modules_to_save).

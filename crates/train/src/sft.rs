@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use rlhf_data::{EpochSampler, TokenizedSequence};
+use rlhf_data::TokenizedSequence;
 use rlhf_model::lora::Lora;
 use rlhf_model::CausalLm;
 use serde::Serialize;
@@ -16,9 +16,8 @@ use serde::Serialize;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::SftConfig;
 use crate::error::{io_err, Result, TrainError};
-use crate::metrics::{LogRecord, MetricsWriter, Progress};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::Schedule;
+use crate::trainer::{copy_tokenizer, LoopSettings, Metrics, Session, StepInfo, StepOut, Trainer};
 
 /// A right-padded micro-batch on the device, with the flat positions whose next token is a target.
 pub struct SftBatch {
@@ -119,33 +118,52 @@ pub struct SftSummary {
     pub resumed_from_step: Option<u64>,
 }
 
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use crate::trainer::METRICS_FILE;
 
 /// Subdirectory of output_dir that receives the trained LoRA adapter (PEFT layout).
 pub use crate::lora::ADAPTER_DIR;
-/// Tokenizer files copied next to saved weights so an output directory is a complete HF model.
-const TOKENIZER_FILES: [&str; 4] =
-    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
-
-/// The SFT trainer; drive it with [`SftTrainer::train`] or step by step (benchmarks, tests).
-pub struct SftTrainer {
+/// The model, data and optimizer of an SFT run: what the core loop ([`crate::trainer`]) drives.
+struct Sft {
     cfg: SftConfig,
     model: CausalLm,
     /// The adapters being trained (the base model is then frozen).
     lora: Option<Lora>,
     optimizer: AdamW,
-    schedule: Schedule,
     train: Vec<TokenizedSequence>,
     eval: Vec<TokenizedSequence>,
     pad_id: u32,
-    state: TrainerState,
-    /// Example order; its (epoch, index) is `state.data`.
-    sampler: EpochSampler,
-    steps_per_epoch: u64,
     /// Directory whose tokenizer files are copied into saved models.
     tokenizer_dir: Option<PathBuf>,
-    last_checkpoint: Option<PathBuf>,
-    resumed_from: Option<u64>,
+    /// What the last step did, for [`SftTrainer::step`].
+    last: Option<StepStats>,
+}
+
+/// The SFT trainer; drive it with [`SftTrainer::train`] or step by step (benchmarks, tests).
+pub struct SftTrainer {
+    sft: Sft,
+    session: Session,
+}
+
+/// The core loop's settings of `cfg`, continuing checkpoint `resume_from` when given.
+fn loop_settings(cfg: &SftConfig, resume_from: Option<PathBuf>) -> LoopSettings {
+    LoopSettings {
+        output_dir: cfg.output_dir.clone(),
+        resume_from,
+        examples_per_step: cfg.batch_size * cfg.gradient_accumulation_steps,
+        learning_rate: cfg.learning_rate,
+        lr_scheduler_type: cfg.lr_scheduler_type,
+        warmup: cfg.warmup(),
+        max_grad_norm: cfg.max_grad_norm,
+        max_steps: cfg.max_steps,
+        num_train_epochs: cfg.num_train_epochs,
+        logging_steps: cfg.logging_steps,
+        eval_steps: cfg.eval_steps,
+        save_steps: cfg.save_steps,
+        save_total_limit: cfg.save_total_limit,
+        seed: cfg.seed,
+        config: serde_json::to_value(cfg).expect("config serialises"),
+        resume_free_keys: checkpoint::RESUME_FREE_KEYS.to_vec(),
+    }
 }
 
 impl SftTrainer {
@@ -172,26 +190,31 @@ impl SftTrainer {
             .check_vocab(model.vocab_size(), model_dir.join("config.json"))
             .map_err(|e| TrainError::Data(e.to_string()))?;
         let tokenizer_dir = Some(cfg.model.clone());
-        let mut trainer = Self::from_parts(cfg, model, train, eval, pad_id)?;
-        trainer.tokenizer_dir = tokenizer_dir;
-        if let Some(dir) = resume_dir {
-            if let Some(l) = &trainer.lora {
-                let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
-                crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
-            }
-            trainer.resume_from(&dir)?;
-        }
-        Ok(trainer)
+        Self::build(cfg, model, train, eval, pad_id, tokenizer_dir, resume_dir)
     }
 
     /// A trainer over already tokenized data (benchmarks, tests). With `cfg.lora` this freezes `model` and
     /// attaches fresh adapters (initialised from `cfg.seed`).
     pub fn from_parts(
         cfg: SftConfig,
+        model: CausalLm,
+        train: Vec<TokenizedSequence>,
+        eval: Vec<TokenizedSequence>,
+        pad_id: u32,
+    ) -> Result<Self> {
+        Self::build(cfg, model, train, eval, pad_id, None, None)
+    }
+
+    /// The trainer, continuing checkpoint `resume` (whose full weights `model` holds; a LoRA run's adapter is
+    /// read here) when given.
+    fn build(
+        cfg: SftConfig,
         mut model: CausalLm,
         train: Vec<TokenizedSequence>,
         eval: Vec<TokenizedSequence>,
         pad_id: u32,
+        tokenizer_dir: Option<PathBuf>,
+        resume: Option<PathBuf>,
     ) -> Result<Self> {
         if train.is_empty() {
             return Err(TrainError::Data(format!("{}: no training examples", cfg.train_file.display())));
@@ -210,128 +233,151 @@ impl SftTrainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        let micro_batches = train.len().div_ceil(cfg.batch_size) as u64;
-        let steps_per_epoch = micro_batches.div_ceil(cfg.gradient_accumulation_steps as u64);
-        let total_steps = match cfg.max_steps {
-            Some(s) => s,
-            None => ((cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1),
-        };
-        let schedule = Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup(), total_steps);
-        let sampler = EpochSampler::new(train.len(), cfg.seed, true);
-        let state = TrainerState::new(sampler.state(), cfg.seed);
-        Ok(Self {
-            cfg,
-            model,
-            lora,
-            optimizer,
-            schedule,
-            train,
-            eval,
-            pad_id,
-            state,
-            sampler,
-            steps_per_epoch,
-            tokenizer_dir: None,
-            last_checkpoint: None,
-            resumed_from: None,
-        })
+        if let (Some(dir), Some(l)) = (&resume, &lora) {
+            let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
+            crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
+        }
+        let settings = loop_settings(&cfg, resume);
+        let mut sft = Sft { cfg, model, lora, optimizer, train, eval, pad_id, tokenizer_dir, last: None };
+        let session = Session::start(&mut sft, settings)?;
+        Ok(Self { sft, session })
     }
 
     pub fn config(&self) -> &SftConfig {
-        &self.cfg
+        &self.sft.cfg
     }
     pub fn model(&self) -> &CausalLm {
-        &self.model
+        &self.sft.model
     }
     /// The adapters being trained (None without LoRA, and after [`SftTrainer::train`] merged them).
     pub fn lora(&self) -> Option<&Lora> {
-        self.lora.as_ref()
+        self.sft.lora.as_ref()
     }
     pub fn optimizer(&self) -> &AdamW {
-        &self.optimizer
+        &self.sft.optimizer
     }
     pub fn state(&self) -> &TrainerState {
-        &self.state
+        self.session.state()
     }
     pub fn total_steps(&self) -> u64 {
-        self.schedule.total_steps
+        self.session.total_steps()
     }
     pub fn steps_per_epoch(&self) -> u64 {
-        self.steps_per_epoch
+        self.session.steps_per_epoch()
     }
     /// Fractional epoch as transformers logs it.
     pub fn epoch(&self) -> f64 {
-        self.state.global_step as f64 / self.steps_per_epoch as f64
+        self.session.epoch()
     }
 
-    /// The micro-batches (as example indices) of the next optimizer step. A step never spans two epochs
-    /// (the last step of an epoch may have fewer micro-batches), so the data position is (epoch, index).
-    fn next_micro_batches(&mut self) -> Vec<Vec<usize>> {
-        let idx = self.sampler.next_batch(self.cfg.batch_size * self.cfg.gradient_accumulation_steps, false);
-        self.state.data = self.sampler.state();
-        idx.chunks(self.cfg.batch_size).map(|c| c.to_vec()).collect()
-    }
-
-    /// One optimizer step: forward/backward over the accumulated micro-batches, clip, AdamW.
+    /// One optimizer step on the next examples: forward/backward over the accumulated micro-batches, clip, AdamW.
     pub fn step(&mut self) -> Result<StepStats> {
+        self.session.step(&mut self.sft)?;
+        Ok(self.sft.last.take().expect("a step records its stats"))
+    }
+
+    /// Loss and token accuracy on the eval split (see [`Trainer::evaluate`] of the SFT trainer).
+    pub fn evaluate(&mut self) -> Result<Option<EvalStats>> {
+        Ok(self.sft.evaluate()?.map(|m| EvalStats { eval_loss: m["loss"], eval_mean_token_accuracy: m["mean_token_accuracy"] }))
+    }
+
+    /// Save what training changes into `dir`, with the tokenizer files: the model (HF layout), or with LoRA
+    /// the adapter (PEFT layout, `adapter_config.json` + `adapter_model.safetensors`).
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        self.sft.save_model(dir)
+    }
+
+    /// Write `checkpoint-<step>` atomically (pruning to save_total_limit).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.session.save_checkpoint(&self.sft)
+    }
+
+    /// The full loop: steps until `total_steps`, logging, evaluation, checkpoints, final model.
+    pub fn train(&mut self) -> Result<SftSummary> {
+        let r = self.session.run(&mut self.sft)?;
+        let final_loss = r.final_metrics.get("loss").copied().unwrap_or(f64::NAN);
+        Ok(SftSummary {
+            steps: r.steps,
+            epoch: r.epoch,
+            train_loss: r.train_loss,
+            final_loss,
+            eval: r.eval.map(|m| EvalStats { eval_loss: m["loss"], eval_mean_token_accuracy: m["mean_token_accuracy"] }),
+            num_tokens: r.num_tokens,
+            train_runtime_s: r.train_runtime_s,
+            output_dir: self.sft.cfg.output_dir.clone(),
+            metrics_file: r.metrics_file,
+            resumed_from_step: r.resumed_from_step,
+        })
+    }
+}
+
+impl Sft {
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
+        match &self.lora {
+            Some(l) => l.save(dir, &self.cfg.model.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err)?,
+            None => self.model.save(dir).map_err(model_err)?,
+        }
+        match &self.tokenizer_dir {
+            Some(src) => copy_tokenizer(src, dir),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Trainer for Sft {
+    fn num_examples(&self) -> usize {
+        self.train.len()
+    }
+
+    /// Forward/backward over the micro-batches of `idx` (`batch_size` examples each), clip, AdamW. A step never
+    /// spans two epochs: the last one of an epoch may have fewer micro-batches.
+    fn train_step(&mut self, idx: &[usize], info: &StepInfo) -> Result<StepOut> {
         let t_step = Instant::now();
         let device = self.model.device().clone();
-        let micro = self.next_micro_batches();
-        let batches = micro
-            .iter()
-            .map(|idx| {
-                let ex: Vec<&TokenizedSequence> = idx.iter().map(|&i| &self.train[i]).collect();
+        let batches = idx
+            .chunks(self.cfg.batch_size)
+            .map(|chunk| {
+                let ex: Vec<&TokenizedSequence> = chunk.iter().map(|&i| &self.train[i]).collect();
                 SftBatch::new(&ex, self.pad_id, &device)
             })
             .collect::<Result<Vec<_>>>()?;
         // transformers' num_items_in_batch: the loss is a sum over the whole accumulated batch divided
         // by its loss-token count, so micro-batch boundaries do not change it.
         let total_loss_tokens: usize = batches.iter().map(|b| b.num_loss_tokens).sum();
-        let step = self.state.global_step + 1;
         if let Some(l) = &self.lora {
             l.set_training(true);
         }
         let (mut forward_s, mut backward_s) = (0.0, 0.0);
         let mut loss = 0.0f64;
         let mut accuracies = Vec::with_capacity(batches.len());
-        let mut grads = None;
+        let mut opt = info.step_with(&mut self.optimizer);
         for batch in batches.iter().filter(|b| b.num_loss_tokens > 0) {
             let t0 = Instant::now();
             let (nll, correct) = sft_nll(&self.model, batch)?;
             let mb_loss = (nll / total_loss_tokens as f64)?;
-            let mb_value = mb_loss.to_scalar::<f32>()? as f64;
             forward_s += t0.elapsed().as_secs_f64();
-            if !mb_value.is_finite() {
-                return Err(self.non_finite(step, "loss", mb_value));
-            }
-            loss += mb_value;
-            accuracies.push(correct as f64 / batch.num_loss_tokens as f64);
             let t1 = Instant::now();
-            let store = mb_loss.backward()?;
-            match &mut grads {
-                None => grads = Some(self.optimizer.collect_grads(&store)?),
-                Some(acc) => self.optimizer.accumulate_grads(acc, &store)?,
-            }
+            loss += opt.backward(&mb_loss)?;
+            accuracies.push(correct as f64 / batch.num_loss_tokens as f64);
             backward_s += t1.elapsed().as_secs_f64();
         }
-        let grads = grads.ok_or_else(|| TrainError::Data("an optimizer step without any loss token".into()))?;
         let t2 = Instant::now();
-        let lr = self.schedule.lr(self.state.global_step);
-        let grad_norm = grads.global_norm()?;
-        if !grad_norm.is_finite() {
-            return Err(self.non_finite(step, "gradient norm", grad_norm));
-        }
-        self.optimizer.step_with_norm(&grads, lr, self.cfg.max_grad_norm(), grad_norm)?;
+        let grad_norm = opt.update()?;
         let optimizer_s = t2.elapsed().as_secs_f64();
 
         let num_tokens: usize = batches.iter().map(|b| b.num_tokens).sum();
-        self.state.global_step = step;
-        self.state.num_tokens += num_tokens as u64;
-        Ok(StepStats {
-            step,
+        let out = StepOut {
+            metrics: Metrics::from([("loss".to_string(), loss), ("grad_norm".to_string(), grad_norm)]),
+            per_micro_batch: accuracies.iter().map(|&a| ("mean_token_accuracy", a)).collect(),
+            num_tokens: num_tokens as u64,
+        };
+        self.last = Some(StepStats {
+            step: info.step,
             loss,
             grad_norm,
-            learning_rate: lr,
+            learning_rate: info.lr,
             num_tokens,
             num_loss_tokens: total_loss_tokens,
             micro_batch_accuracies: accuracies,
@@ -339,20 +385,17 @@ impl SftTrainer {
             backward_s,
             optimizer_s,
             step_s: t_step.elapsed().as_secs_f64(),
-        })
-    }
-
-    fn non_finite(&self, step: u64, what: &'static str, value: f64) -> TrainError {
-        TrainError::NonFinite { step, what, value, last_checkpoint: self.last_checkpoint.clone() }
+        });
+        Ok(out)
     }
 
     /// Loss and token accuracy on the eval split, as transformers/TRL report them: the mean over eval
     /// batches (weighted by batch size) of each batch's mean token loss, and the mean of per-batch accuracies.
-    pub fn evaluate(&self) -> Result<Option<EvalStats>> {
+    fn evaluate(&mut self) -> Result<Option<Metrics>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
-        // No adapter dropout while evaluating; `step` turns it back on.
+        // No adapter dropout while evaluating; `train_step` turns it back on.
         if let Some(l) = &self.lora {
             l.set_training(false);
         }
@@ -373,141 +416,35 @@ impl SftTrainer {
         if batches == 0 {
             return Ok(None);
         }
-        Ok(Some(EvalStats { eval_loss: loss_sum / rows as f64, eval_mean_token_accuracy: acc_sum / batches as f64 }))
+        Ok(Some(Metrics::from([
+            ("loss".to_string(), loss_sum / rows as f64),
+            ("mean_token_accuracy".to_string(), acc_sum / batches as f64),
+        ])))
     }
 
-    /// Save what training changes into `dir`, with the tokenizer files: the model (HF layout), or with LoRA
-    /// the adapter (PEFT layout, `adapter_config.json` + `adapter_model.safetensors`).
-    pub fn save_model(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
-        match &self.lora {
-            Some(l) => l.save(dir, &self.cfg.model.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err)?,
-            None => self.model.save(dir).map_err(model_err)?,
-        }
-        if let Some(src) = &self.tokenizer_dir {
-            for name in TOKENIZER_FILES {
-                let from = src.join(name);
-                if from.is_file() && src != dir {
-                    std::fs::copy(&from, dir.join(name)).map_err(io_err(&from))?;
-                }
-            }
-        }
-        Ok(())
+    fn optimizer(&self) -> &AdamW {
+        &self.optimizer
     }
 
-    /// Write `checkpoint-<step>` atomically (pruning to save_total_limit).
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        self.state.lora_dropout = self.lora.as_ref().map(Lora::dropout_state).unwrap_or_default();
-        let config = serde_json::to_value(&self.cfg).expect("config serialises");
-        let dir = checkpoint::save_checkpoint(
-            &self.cfg.output_dir,
-            |d| self.save_model(d),
-            &self.optimizer,
-            &self.state,
-            &config,
-            self.cfg.save_total_limit,
-        )?;
-        self.last_checkpoint = Some(dir.clone());
-        Ok(dir)
+    fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
     }
 
-    /// Continue from a checkpoint directory whose weights are already loaded into the model.
-    fn resume_from(&mut self, dir: &Path) -> Result<()> {
-        let saved = checkpoint::load_checkpoint_config(dir)?;
-        let current = serde_json::to_value(&self.cfg).expect("config serialises");
-        checkpoint::check_resume_config(dir, &saved, &current, checkpoint::RESUME_FREE_KEYS)?;
-        let state = checkpoint::load_checkpoint(dir, &mut self.optimizer)?;
-        if state.data.index > self.train.len() {
-            return Err(TrainError::Checkpoint {
-                path: dir.join(checkpoint::STATE_FILE),
-                msg: format!("data index {} beyond the {} training examples", state.data.index, self.train.len()),
-            });
-        }
-        self.sampler = EpochSampler::resume(self.train.len(), state.shuffle_seed, true, state.data);
-        if let Some(l) = &self.lora {
-            // Checkpoints from before seeded dropout hold no dropout state; those runs were not reproducible.
-            if !state.lora_dropout.is_empty() {
-                l.set_dropout_state(&state.lora_dropout).map_err(|e| TrainError::Checkpoint {
-                    path: dir.join(checkpoint::STATE_FILE),
-                    msg: e.to_string(),
-                })?;
-            }
-        }
-        self.resumed_from = Some(state.global_step);
-        self.state = state;
-        self.last_checkpoint = Some(dir.to_path_buf());
-        Ok(())
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.save_model(dir)
     }
 
-    /// The full loop: steps until `total_steps`, logging, evaluation, checkpoints, final model.
-    pub fn train(&mut self) -> Result<SftSummary> {
-        let t_run = Instant::now();
-        let metrics_path = self.cfg.output_dir.join(METRICS_FILE);
-        let mut metrics = match self.resumed_from {
-            Some(step) => MetricsWriter::open_resumed(&metrics_path, step)?,
-            None => MetricsWriter::open(&metrics_path, false)?,
-        };
-        let progress = Progress::new(self.total_steps(), self.state.global_step);
-        let mut window = LogWindow::default();
-        let (mut loss_sum, mut steps_run, mut final_loss) = (0.0, 0u64, f64::NAN);
-        let mut eval = None;
-        while self.state.global_step < self.total_steps() {
-            let stats = self.step()?;
-            let step = stats.step;
-            loss_sum += stats.loss;
-            steps_run += 1;
-            final_loss = stats.loss;
-            window.add(&stats);
-            progress.update(step, Some(stats.loss));
-            if step % self.cfg.logging_steps == 0 || step == self.total_steps() {
-                metrics.write(&window.record(step, self.epoch(), self.schedule.lr(step), self.state.num_tokens))?;
-                window = LogWindow::default();
-            }
-            let eval_due = self.cfg.eval_steps > 0 && step % self.cfg.eval_steps == 0;
-            if eval_due || step == self.total_steps() {
-                eval = self.evaluate()?;
-                if let Some(e) = &eval {
-                    metrics.write(&LogRecord {
-                        step,
-                        epoch: self.epoch(),
-                        eval_loss: Some(e.eval_loss),
-                        eval_mean_token_accuracy: Some(e.eval_mean_token_accuracy),
-                        ..Default::default()
-                    })?;
-                }
-            }
-            if self.cfg.save_steps > 0 && step % self.cfg.save_steps == 0 {
-                self.save_checkpoint()?;
-            }
-        }
-        progress.finish();
-        self.save_final()?;
-        Ok(SftSummary {
-            steps: self.state.global_step,
-            epoch: self.epoch(),
-            train_loss: if steps_run > 0 { loss_sum / steps_run as f64 } else { f64::NAN },
-            final_loss,
-            eval,
-            num_tokens: self.state.num_tokens,
-            train_runtime_s: t_run.elapsed().as_secs_f64(),
-            output_dir: self.cfg.output_dir.clone(),
-            metrics_file: metrics_path,
-            resumed_from_step: self.resumed_from,
-        })
-    }
-}
-
-impl SftTrainer {
-    /// The final output: the model in output_dir; with LoRA the adapter in `output_dir/adapter` and the
-    /// merged model (a complete HF dir) in output_dir. Merging consumes the adapters, so afterwards the
-    /// trainer holds the merged model.
-    fn save_final(&mut self) -> Result<()> {
-        let out = self.cfg.output_dir.clone();
+    /// The model in `out`; with LoRA the adapter in `out/adapter` and the merged model (a complete HF dir) in
+    /// `out`. Merging consumes the adapters, so afterwards the trainer holds the merged model.
+    fn save_final(&mut self, out: &Path) -> Result<()> {
         if let Some(l) = self.lora.take() {
-            crate::lora::save_and_merge(l, &mut self.model, &out, &self.cfg.model, "CAUSAL_LM", &[])?;
+            crate::lora::save_and_merge(l, &mut self.model, out, &self.cfg.model, "CAUSAL_LM", &[])?;
         }
-        self.save_model(&out)
+        self.save_model(out)
+    }
+
+    fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
     }
 }
 
@@ -533,41 +470,4 @@ fn tokenize(cfg: &SftConfig, tokenizer: &rlhf_data::Tokenizer, path: &Path) -> R
         return Err(TrainError::Data(format!("{}: no example has a token to train on", path.display())));
     }
     Ok(rows)
-}
-
-/// Metrics accumulated between two log lines, reduced as transformers/TRL do: mean loss over steps,
-/// mean of micro-batch accuracies, the last grad norm.
-#[derive(Default)]
-struct LogWindow {
-    loss_sum: f64,
-    steps: u64,
-    accuracies: Vec<f64>,
-    grad_norm: f64,
-    step_time_s: f64,
-}
-
-impl LogWindow {
-    fn add(&mut self, s: &StepStats) {
-        self.loss_sum += s.loss;
-        self.steps += 1;
-        self.accuracies.extend(&s.micro_batch_accuracies);
-        self.grad_norm = s.grad_norm;
-        self.step_time_s += s.step_s;
-    }
-
-    /// `learning_rate` is the rate after the scheduler advanced, which is what transformers logs.
-    fn record(&self, step: u64, epoch: f64, learning_rate: f64, num_tokens: u64) -> LogRecord {
-        let n = self.steps.max(1) as f64;
-        LogRecord {
-            step,
-            epoch,
-            loss: Some(self.loss_sum / n),
-            grad_norm: Some(self.grad_norm),
-            learning_rate: Some(learning_rate),
-            num_tokens: Some(num_tokens),
-            mean_token_accuracy: Some(self.accuracies.iter().sum::<f64>() / self.accuracies.len().max(1) as f64),
-            step_time_s: Some(self.step_time_s / n),
-            ..Default::default()
-        }
-    }
 }

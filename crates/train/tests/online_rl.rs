@@ -135,10 +135,11 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
-/// Killed after step 2 and resumed, a run ends with the same weights as an uninterrupted one.
+/// Killed after step 2 and resumed, a run ends with the same weights as an uninterrupted one: GRPO with a KL
+/// term, RLOO, and PPO with the adaptive KL controller (whose β the checkpoint must carry).
 #[test]
-fn grpo_and_ppo_resume_bit_identically() {
-    for algo in ["grpo", "ppo"] {
+fn grpo_rloo_and_ppo_resume_bit_identically() {
+    for algo in ["grpo", "rloo", "ppo"] {
         let full = tempfile::tempdir().unwrap();
         let part = tempfile::tempdir().unwrap();
         let run = |dir: &Path, steps: &str, resume: bool| {
@@ -151,7 +152,22 @@ fn grpo_and_ppo_resume_bit_identically() {
                     e.extend(["--reward", "regex:1", "--beta", "0.05"]);
                     run_grpo(&grpo_args(dir, &e)).map(|s| s.steps)
                 }
-                _ => run_ppo(&ppo_args(dir, &e)).map(|s| s.steps),
+                "rloo" => {
+                    addition_prompts(&dir.join("prompts.jsonl"), 32);
+                    let (model, prompts, out) = (fixture("llama"), dir.join("prompts.jsonl"), dir.join("out"));
+                    let mut a = vec![
+                        "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(),
+                        "--output-dir", out.to_str().unwrap(), "--reward", "regex:1", "--max-new-tokens", "6",
+                        "--prompts-per-step", "4", "--num-generations", "4", "--learning-rate", "1e-3",
+                        "--lr-scheduler-type", "constant",
+                    ];
+                    a.extend(e);
+                    run_rloo(&load::<RlooArgs>("rloo", &args(&a)).unwrap()).map(|s| s.steps)
+                }
+                _ => {
+                    e.extend(["--target-kl", "0.5", "--kl-horizon", "20"]);
+                    run_ppo(&ppo_args(dir, &e)).map(|s| s.steps)
+                }
             }
         };
         run(full.path(), "4", false).unwrap();
