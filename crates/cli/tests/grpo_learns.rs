@@ -5,20 +5,12 @@
 //! rewarded only by `exact:answer`, moves that probability mass: held-out greedy exact match must rise beyond
 //! the SFT model's 95 % interval. Deterministic (fixed seeds); about two minutes in a release build.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{ok as rlhf, root};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn rlhf(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf")).current_dir(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "rlhf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The bundled demonstrations with the carry dropped (answer − 10) on 6 of every 10 carry problems.
 fn flawed_demonstrations(path: &Path) -> usize {
