@@ -125,3 +125,20 @@ impl RewardSource for JudgeReward {
         self.judge.as_ref().expect("connected above").rate(&items).map_err(err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_name_a_url_or_a_model_directory_and_the_critic_mode() {
+        let s = JudgeSpec::parse("http://127.0.0.1:1,mode=critic,max_tokens=12").unwrap();
+        assert_eq!((s.config.mode, s.config.critic_max_tokens, s.config.max_tokens), (Mode::Critic, 12, 12));
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama");
+        assert_eq!(JudgeSpec::parse(dir).unwrap().config.mode, Mode::Verdict);
+        let e = |arg: &str| format!("{:#}", JudgeSpec::parse(arg).unwrap_err());
+        assert!(e("no/such/dir").contains("neither an http:// endpoint nor a model directory"), "{}", e("no/such/dir"));
+        assert!(e("http://h:1,mode=judge").contains("expected verdict or critic"));
+        assert!(e("http://h:1,max_tokens=0").contains("max_tokens=0"));
+    }
+}
