@@ -171,6 +171,8 @@ fn generate_refuses_meaningless_sampling_flags() {
     gen(&["--top-p", "2"], &["--top-p"]);
     gen(&["--batch-size", "0"], &["--batch-size", "at least 1"]);
     gen(&["--stop", ""], &["--stop", "empty"]);
+    // `rlhf chat` shares the flags and their checks.
+    fails(t, &["chat", "--model", s(&model), "--top-p", "2"], &["--top-p", "(0, 1]"]);
     // A bad --precision is a usage error (clap: exit 2) naming the flag and the accepted values.
     let bad = rlhf(t, &["generate", "--model", s(&model), "--prompts", s(&p), "--out", "out.jsonl", "--precision", "fp16"]);
     let err = String::from_utf8_lossy(&bad.stderr);

@@ -142,7 +142,7 @@ fn the_example_config_runs_with_the_sandbox_annotators() {
     let runs = tmp.path().display().to_string();
     let s = ok(&rlhf(&[
         "iterate", "--config", "examples/iterate.toml", "--model", "fixtures/models/llama", "--runs-dir", &runs,
-        "--prompts-per-round", "6", "--dpo-steps", "2", "--sandbox-eval-prompts", "8", "--max-new-tokens", "8",
+        "--prompts-per-round", "6", "--dpo-steps", "2", "--sandbox-eval-prompts", "8", "--max-new-tokens", "8", "--rounds", "2",
     ])
     .output()
     .unwrap());

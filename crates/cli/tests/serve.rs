@@ -31,8 +31,12 @@ struct Served {
 
 impl Served {
     fn start(extra: &[&str]) -> Self {
+        Self::model(&llama(), extra)
+    }
+
+    fn model(dir: &Path, extra: &[&str]) -> Self {
         let mut child = rlhf()
-            .args(["serve", "--model", llama().to_str().unwrap(), "--port", "0"])
+            .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -41,7 +45,7 @@ impl Served {
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         stderr.read_line(&mut line).unwrap();
         let url = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(line.starts_with("serving llama on http://127.0.0.1:"), "{line}");
+        assert!(line.starts_with("serving ") && line.contains(" on http://127.0.0.1:"), "{line}");
         Self { child, url, _stderr: stderr }
     }
 }
@@ -203,4 +207,77 @@ fn grpo_takes_its_reward_from_a_served_judge_and_stops_clearly_when_it_is_unreac
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("reward source `judge:{url}`")) && err.contains("3 attempts") && err.contains("request failed"), "{err}");
     assert!(!tmp.path().join("dead/model.safetensors").exists());
+}
+
+/// A critic trained (tiny, overfitted) on critic-sft rows that end in a verdict line judges pairs from its model
+/// directory and through `rlhf serve`, labels an `rlhf iterate` round and scores as a reward source; a model that
+/// writes no verdict is an error naming the pair, not a silent score.
+#[test]
+fn a_trained_critic_is_a_judge_locally_served_and_in_iterate() {
+    let tmp = TempDir::new().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        p("critiques.jsonl"),
+        concat!(
+            r#"{"prompt": "2+2=", "completion": " 4", "critique": "Right.", "verdict": 9, "label_ids": [1]}"#, "\n",
+            r#"{"prompt": "2+2=", "completion": " 5", "critique": "Wrong sum.", "verdict": 1, "label_ids": [2]}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let ok = |out: Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    ok(rlhf().args(["transform", "critic-sft", "--critiques", &p("critiques.jsonl"), "--out", &p("critic.jsonl"), "--score-column", "verdict"]).output().unwrap());
+    let rows: Vec<Value> = std::fs::read_to_string(p("critic.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows[0]["prompt"], "2+2=\nResponse: 4\nCritique:");
+    assert_eq!((rows[0]["completion"].as_str(), rows[1]["completion"].as_str()), (Some(" Right.\nScore: 9"), Some(" Wrong sum.\nScore: 1")));
+    // A score off the scale names the file, line and column.
+    std::fs::write(p("bad.jsonl"), r#"{"prompt": "x", "completion": "y", "critique": "z", "verdict": 12}"#).unwrap();
+    let out = rlhf().args(["transform", "critic-sft", "--critiques", &p("bad.jsonl"), "--out", &p("bad_out.jsonl"), "--score-column", "verdict"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("bad.jsonl:1") && stderr.contains("verdict") && stderr.contains("1..=9"), "{stderr}");
+
+    ok(rlhf()
+        .args(["sft", "--model", llama().to_str().unwrap(), "--train-file", &p("critic.jsonl"), "--output-dir", &p("critic"), "--max-steps", "60"])
+        .args(["--learning-rate", "3e-3", "--batch-size", "2", "--lr-scheduler-type", "constant", "--save-steps", "0"])
+        .output()
+        .unwrap());
+    std::fs::write(p("pairs.jsonl"), concat!(r#"{"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}"#, "\n", r#"{"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}"#, "\n")).unwrap();
+    let judge = |endpoint: &str, out: &str| rlhf().args(["judge", "--endpoint", endpoint, "--mode", "critic", "--pairs", &p("pairs.jsonl"), "--out", &p(out)]).output().unwrap();
+    let local: Value = serde_json::from_slice(&ok(judge(&p("critic"), "local.jsonl")).stdout).unwrap();
+    assert_eq!(local["agreement_with_input_labels"], 1.0, "{local}");
+    let judged: Vec<Value> = std::fs::read_to_string(p("local.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((judged[0]["chosen"].as_str(), judged[0]["probability"].as_f64()), (Some(" 4"), Some(1.0)), "score 9 beats score 1");
+    let served = Served::model(Path::new(&p("critic")), &[]);
+    let remote: Value = serde_json::from_slice(&ok(judge(&served.url, "served.jsonl")).stdout).unwrap();
+    assert_eq!(remote["agreement_with_input_labels"], 1.0, "{remote}");
+    assert_eq!(std::fs::read_to_string(p("served.jsonl")).unwrap(), std::fs::read_to_string(p("local.jsonl")).unwrap(), "the same greedy critiques");
+
+    // The untrained fixture writes no verdict line: an error naming the pair and the missing line.
+    let out = judge(llama().to_str().unwrap(), "none.jsonl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pairs.jsonl:1") && stderr.contains("no verdict line `Score: N`"), "{stderr}");
+    assert!(!tmp.path().join("none.jsonl").exists());
+
+    // The served critic labels an iterate round, and the local one is its evaluation reward.
+    std::fs::write(p("prompts.jsonl"), "{\"prompt\": \"2+2=\"}\n{\"prompt\": \"2+2=\"}\n").unwrap();
+    let critic_spec = |target: &str| format!("judge:{target},mode=critic,max_tokens=12");
+    let out = ok(rlhf()
+        .args(["iterate", "--model", llama().to_str().unwrap(), "--prompts", &p("prompts.jsonl"), "--eval-prompts", &p("prompts.jsonl")])
+        .args(["--labels", &critic_spec(&served.url), "--eval-reward", &critic_spec(&p("critic")), "--runs-dir", &p("runs"), "--name", "c"])
+        .args(["--rounds", "1", "--prompts-per-round", "2", "--candidates", "2", "--max-new-tokens", "4", "--dpo-steps", "1", "--batch-size", "2"])
+        .output()
+        .unwrap());
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let eval = &summary["rounds"][0]["eval"]["trained"]["rewards"];
+    let score = eval.as_object().unwrap().values().next().unwrap()["mean"].as_f64().unwrap();
+    assert!((1.0..=9.0).contains(&score), "the critic's verdicts are the reward: {eval}");
+    let rd = tmp.path().join("runs/c/round-1");
+    let labels: Vec<Value> = std::fs::read_to_string(rd.join("labels.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(labels.len(), 2);
+    assert!(labels.iter().all(|l| l["detail"]["critic"] == true && [0.0, 0.5, 1.0].contains(&l["p_a"].as_f64().unwrap())), "{labels:?}");
+    let card = std::fs::read_to_string(rd.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("A trained critic") && card.contains("Critique:"), "{card}");
 }

@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper};
 
@@ -501,6 +503,9 @@ pub struct BpeConfig {
     pub unk_token: String,
     /// Prepend BOS when encoding with special tokens (a `<s> $A` post-processor). The baseline has none.
     pub add_bos: bool,
+    /// Split numbers into single digits before BPE (as Llama 3 and Qwen2 do), so no token spans two digits:
+    /// arithmetic then sees each digit, which small models need to generalise addition.
+    pub split_digits: bool,
     pub model_max_length: usize,
     pub chat_template: String,
 }
@@ -514,6 +519,7 @@ impl Default for BpeConfig {
             eos_token: "</s>".into(),
             unk_token: "<unk>".into(),
             add_bos: false,
+            split_digits: false,
             model_max_length: 256,
             chat_template: DEFAULT_CHAT_TEMPLATE.into(),
         }
@@ -573,9 +579,12 @@ pub fn train_bpe(
             .build(),
     );
     let mut tok = tokenizers::Tokenizer::new(BPE::default());
-    tok.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(
-        ByteLevel::default().add_prefix_space(false),
-    )));
+    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false));
+    tok.with_pre_tokenizer(Some(if config.split_digits {
+        PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level]))
+    } else {
+        byte_level
+    }));
     tok.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
     let files: Vec<String> = corpus_files
         .iter()

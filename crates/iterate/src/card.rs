@@ -22,7 +22,14 @@ pub fn write(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
     let rows: Vec<Value> = read_jsonl(&rd.join("training_rows.jsonl"))?;
 
     let mut per_labeller: BTreeMap<&str, [usize; 3]> = BTreeMap::new();
+    let (mut by_kind, mut rows_by_kind) = (BTreeMap::<&str, usize>::new(), BTreeMap::<String, usize>::new());
     for l in &log.labels {
+        *by_kind.entry(&l.kind).or_default() += 1;
+    }
+    for r in &rows {
+        *rows_by_kind.entry(r["kind"].as_str().unwrap_or("pairwise").to_string()).or_default() += 1;
+    }
+    for l in log.labels.iter().filter(|l| l.kind == "pairwise") {
         let e = per_labeller.entry(&l.by).or_default();
         e[if l.p_a > 0.5 { 0 } else if l.p_a < 0.5 { 1 } else { 2 }] += 1;
     }
@@ -41,12 +48,12 @@ pub fn write(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
         "labels": {
             "file": rd.join("labels.jsonl"),
             "total": log.labels.len(),
-            "by_kind": {"pairwise": log.labels.len()},
+            "by_kind": by_kind,
             "per_labeller": per_labeller.iter().map(|(k, v)| (k.to_string(), json!({"prefers_a": v[0], "prefers_b": v[1], "undecided": v[2]}))).collect::<serde_json::Map<_, _>>(),
             "first_at_ms": first, "last_at_ms": last,
         },
         "labellers": info,
-        "training": {"algorithm": train["summary"]["algorithm"], "rows": rows.len(), "rows_file": rd.join("training_rows.jsonl"),
+        "training": {"algorithm": train["summary"]["algorithm"], "rows": rows.len(), "rows_by_kind": rows_by_kind, "rows_file": rd.join("training_rows.jsonl"),
             "summary": train["summary"], "config": train["config"]},
         "evaluation": metrics["eval"],
     });
@@ -75,8 +82,13 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
     let _ = writeln!(s, "- candidates: {} per prompt from the starting policy (`{}`)", v(&d["candidates_per_prompt"]), v(&d["candidates"]));
     let _ = writeln!(s, "- label source: `{}`\n", v(&d["label_source"]));
     let l = &c["labels"];
-    let _ = writeln!(s, "## Labels\n\n{} pairwise labels in `{}`.\n", v(&l["total"]), v(&l["file"]));
-    let _ = writeln!(s, "| labeller | prefers A | prefers B | undecided |\n| --- | --- | --- | --- |");
+    let _ = writeln!(s, "## Labels\n\n{} labels in `{}`.\n", v(&l["total"]), v(&l["file"]));
+    let rows_by_kind = &c["training"]["rows_by_kind"];
+    let _ = writeln!(s, "| kind | labels | training rows |\n| --- | --- | --- |");
+    for (kind, n) in l["by_kind"].as_object().into_iter().flatten() {
+        let _ = writeln!(s, "| {kind} | {} | {} |", v(n), v(rows_by_kind.get(kind).unwrap_or(&json!(0))));
+    }
+    let _ = writeln!(s, "\nPairwise labels per labeller:\n\n| labeller | prefers A | prefers B | undecided |\n| --- | --- | --- | --- |");
     for (who, n) in l["per_labeller"].as_object().into_iter().flatten() {
         let _ = writeln!(s, "| {} | {} | {} | {} |", cell(who), v(&n["prefers_a"]), v(&n["prefers_b"]), v(&n["undecided"]));
     }
@@ -100,7 +112,10 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
             let _ = writeln!(s, "\nAgreement: `{ag}`");
         }
     }
-    if let Some(j) = info.get("judge") {
+    if let Some(j) = info.get("judge").filter(|j| j["mode"] == "critic") {
+        let _ = writeln!(s, "\n### Judge\n\nA trained critic, `{}` at {} ({} API): it critiques each response on its own and ends with a verdict \
+            line `Score: N`; the higher score wins a pair. Its input:\n\n```text\n{}\n```", v(&j["model"]), v(&j["endpoint"]), v(&j["api"]), v(&j["critic_template"]));
+    } else if let Some(j) = info.get("judge") {
         let _ = writeln!(s, "\n### Judge\n\n`{}` at {} ({} API), both presentation orders averaged; {} undecided verdicts. Rubric:\n",
             v(&j["model"]), v(&j["endpoint"]), v(&j["api"]), v(&j["undecided_verdicts"]));
         for line in j["rubric"].as_str().unwrap_or_default().lines() {
@@ -129,10 +144,10 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
             let _ = writeln!(s, "| {src} | {} | {} | [{}, {}] |", v(&e["start"]["rewards"][src]["mean"]), v(&r["mean"]), v(&r["ci_low"]), v(&r["ci_high"]));
         }
     }
-    let _ = writeln!(s, "\n## Provenance of the training rows\n\n| row | item | label ids |\n| --- | --- | --- |");
+    let _ = writeln!(s, "\n## Provenance of the training rows\n\n| row | kind | item | label ids |\n| --- | --- | --- | --- |");
     for r in rows {
         let ids: Vec<String> = r["label_ids"].as_array().into_iter().flatten().map(v).collect();
-        let _ = writeln!(s, "| {} | {} | {} |", v(&r["row"]), v(&r["item"]), cell(&ids.join(", ")));
+        let _ = writeln!(s, "| {} | {} | {} | {} |", v(&r["row"]), v(&r["kind"]), v(&r["item"]), cell(&ids.join(", ")));
     }
     s
 }

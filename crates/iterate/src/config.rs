@@ -8,6 +8,8 @@ use rlhf_train::settings::locate;
 use rlhf_train::TrainError;
 use serde::{Deserialize, Serialize};
 
+use crate::kinds::Kind;
+
 /// Where labels come from (the `labels` key).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LabelSource {
@@ -97,6 +99,24 @@ pub struct IterateArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Pairwise comparisons per round (a seeded draw of the candidate pairs); default: every pair.
+    #[arg(long)]
+    pub pairwise_budget: Option<usize>,
+    /// Candidates rated per round (whole prompts at a time; the panel's overlap of annotators each; sandbox).
+    #[arg(long, default_value_t = 0)]
+    pub rating_budget: usize,
+    /// Candidates corrected per round (one annotator each; sandbox).
+    #[arg(long, default_value_t = 0)]
+    pub correction_budget: usize,
+    /// Prompts demonstrated per round (one annotator each; sandbox).
+    #[arg(long, default_value_t = 0)]
+    pub demonstration_budget: usize,
+    /// Candidates critiqued per round (one annotator each; sandbox); each critique is revised by the policy.
+    #[arg(long, default_value_t = 0)]
+    pub critique_budget: usize,
+    /// Critiques containing this text ask for no revision (repeatable).
+    #[arg(long, default_values_t = ["nothing to fix".to_string()])]
+    pub critique_skip_containing: Vec<String>,
     /// Feedback app: the project receiving the items (a pairwise project).
     #[arg(long)]
     pub feedback_project: Option<i64>,
@@ -201,6 +221,17 @@ impl IterateArgs {
         }
     }
 
+    /// The per-round budget of a single-response kind.
+    pub fn budget(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Pairwise => self.pairwise_budget.unwrap_or(usize::MAX),
+            Kind::Rating => self.rating_budget,
+            Kind::Correction => self.correction_budget,
+            Kind::Demonstration => self.demonstration_budget,
+            Kind::Critique => self.critique_budget,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), TrainError> {
         let need = |key: &str, ok: bool| if ok { Ok(()) } else { Err(self.err(key, format!("required (set it in the config file or pass --{})", key.replace('_', "-")))) };
         need("model", self.model.is_some())?;
@@ -215,6 +246,14 @@ impl IterateArgs {
             if !url.starts_with("http://") {
                 return Err(self.err("labels", format!("feedback:{url}: expected feedback:http://HOST:PORT (no TLS in this build)")));
             }
+        }
+        if let Some(kind) = Kind::SINGLE.into_iter().find(|&k| self.budget(k) > 0) {
+            if source != LabelSource::Sandbox {
+                return Err(self.err(kind.budget_key(), format!("{} labels come from the sandbox's annotators only (labels = \"sandbox\"); set it to 0", kind.name())));
+            }
+        }
+        if [Kind::Pairwise].into_iter().chain(Kind::SINGLE).all(|k| self.budget(k) == 0) {
+            return Err(self.err("pairwise_budget", "every kind's budget is 0: a round would ask for no label"));
         }
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(self.err("name", format!("{:?} must be a plain directory name", self.name)));

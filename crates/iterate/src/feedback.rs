@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::label::{pairs, record, Candidates, LabelInfo};
+use crate::label::{record, Candidates, LabelInfo, Pair};
 use crate::store::LabelLog;
 
 /// A logged-in session with the app (an admin's, for importing and exporting).
@@ -145,14 +145,13 @@ pub struct FeedbackTarget<'a> {
     pub poll: Duration,
 }
 
-/// Pushes the round's pairs, waits for their labels and appends the app's decisions to the log.
-pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], log: &mut LabelLog) -> Result<LabelInfo> {
+/// Pushes the round's pairs `all`, waits for their labels and appends the app's decisions to the log.
+pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], all: &[Pair], log: &mut LabelLog) -> Result<LabelInfo> {
     let password = std::env::var("RLHF_FEEDBACK_PASSWORD").map_err(|_| anyhow!("set RLHF_FEEDBACK_PASSWORD to the password of feedback user {:?}", t.user))?;
     let mut app = App::login(t.url, t.user, &password)?;
-    let all = pairs(round, cands);
     let external = |id: &str| format!("{}/{id}", t.run);
     let mut jsonl = String::new();
-    for p in &all {
+    for p in all {
         let c = &cands[p.prompt_index];
         let row = json!({"id": external(&p.id), "prompt": c.prompt(), "responses": [c.candidates[p.a].text, c.candidates[p.b].text]});
         jsonl.push_str(&row.to_string());
@@ -172,7 +171,7 @@ pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], log: 
         std::thread::sleep(t.poll);
     };
     let by = format!("feedback:{}#project-{}", t.url, t.project);
-    let by_external: HashMap<String, &crate::label::Pair> = all.iter().map(|p| (external(&p.id), p)).collect();
+    let by_external: HashMap<String, &Pair> = all.iter().map(|p| (external(&p.id), p)).collect();
     let mut labels = Vec::new();
     for row in app.export_preferences(t.project)? {
         let Some(p) = row["external_id"].as_str().and_then(|e| by_external.get(e)) else { continue };

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use rlhf_sandbox::annotators::{pairwise, Panel};
 use rlhf_sandbox::gold::gold_reward;
 use rlhf_sandbox::world::{Gold, Prompt};
+use rlhf_serve::judge::Mode;
 use rlhf_serve::judge_reward::JudgeSpec;
 use rlhf_train::reward::{Rewards, Sample};
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,7 @@ pub fn record(round: usize, source: &str, by: &str, pair: &Pair, p_a: f64, detai
         id: format!("{}:{by}", pair.id),
         round,
         source: source.into(),
+        kind: "pairwise".into(),
         by: by.into(),
         item: pair.id.clone(),
         prompt_index: pair.prompt_index,
@@ -84,10 +86,9 @@ pub fn record(round: usize, source: &str, by: &str, pair: &Pair, p_a: f64, detai
 /// What the model card reports about the labellers beyond the labels themselves.
 pub type LabelInfo = Value;
 
-/// Scores each prompt's candidates with `rewards` (built from `spec`; one call per prompt) and labels every pair
-/// by score.
-pub fn by_reward(spec: &str, rewards: &mut Rewards, round: usize, cands: &[Candidates], log: &mut LabelLog) -> Result<LabelInfo> {
-    let all = pairs(round, cands);
+/// Scores each prompt's candidates with `rewards` (built from `spec`; one call per prompt) and labels the pairs
+/// `all` by score.
+pub fn by_reward(spec: &str, rewards: &mut Rewards, round: usize, cands: &[Candidates], all: &[Pair], log: &mut LabelLog) -> Result<LabelInfo> {
     for c in cands {
         let todo: Vec<&Pair> = all.iter().filter(|p| p.prompt_index == c.prompt_index && !log.has(&format!("{}:{spec}", p.id))).collect();
         if todo.is_empty() {
@@ -112,21 +113,26 @@ pub fn by_reward(spec: &str, rewards: &mut Rewards, round: usize, cands: &[Candi
     Ok(json!({"reward": spec}))
 }
 
-/// Asks the judge about every pair not yet labelled (both presentation orders, averaged).
-pub fn by_judge(arg: &str, round: usize, cands: &[Candidates], log: &mut LabelLog, retries: usize) -> Result<LabelInfo> {
+/// Asks the judge about every pair of `all` not yet labelled (both presentation orders, averaged).
+pub fn by_judge(arg: &str, round: usize, cands: &[Candidates], all: &[Pair], log: &mut LabelLog, retries: usize) -> Result<LabelInfo> {
     let spec = JudgeSpec::parse(arg).with_context(|| format!("labels = \"judge:{arg}\""))?;
     let judge = retry(retries, || spec.connect())?;
     let by = format!("judge:{}#{}", spec.url, judge.model());
-    for p in pairs(round, cands) {
+    for p in all {
         if log.has(&format!("{}:{by}", p.id)) {
             continue;
         }
         let c = &cands[p.prompt_index];
         let prob = retry(retries, || judge.compare(c.prompt(), &c.candidates[p.a].text, &c.candidates[p.b].text))
             .with_context(|| format!("judge {}", spec.url))?;
-        log.append(vec![record(round, "judge", &by, &p, prob, json!({"probability_a": prob, "orders": 2}))])?;
+        let detail = match judge.mode() {
+            Mode::Verdict => json!({"probability_a": prob, "orders": 2}),
+            Mode::Critic => json!({"probability_a": prob, "critic": true}),
+        };
+        log.append(vec![record(round, "judge", &by, p, prob, detail)])?;
     }
     Ok(json!({"judge": {"endpoint": spec.url, "model": judge.model(), "api": format!("{:?}", spec.config.api).to_lowercase(),
+        "mode": format!("{:?}", spec.config.mode).to_lowercase(), "critic_template": spec.config.critic_template,
         "rubric": spec.config.rubric, "pairwise_template": spec.config.pairwise_template, "undecided_verdicts": judge.undecided()}}))
 }
 
@@ -145,12 +151,11 @@ fn retry<T>(retries: usize, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     }
 }
 
-/// The sandbox's annotators (the default panel, seeded per round) on the round's pairs; their choices follow the
+/// The sandbox's annotators (the default panel, seeded per round) on the pairs `all`; their choices follow the
 /// hidden gold reward of `gold_file` (written next to the round's prompts).
-pub fn by_sandbox(gold_file: &Path, seed: u64, round: usize, cands: &[Candidates], log: &mut LabelLog) -> Result<LabelInfo> {
+pub fn by_sandbox(gold_file: &Path, seed: u64, round: usize, cands: &[Candidates], all: &[Pair], log: &mut LabelLog) -> Result<LabelInfo> {
     let golds: Vec<Gold> = crate::store::read_jsonl(gold_file)?;
     let prompts: Vec<Prompt> = cands.iter().zip(golds).map(|(c, gold)| Prompt { text: c.prompt().to_string(), gold }).collect();
-    let all = pairs(round, cands);
     let shown: Vec<(&Prompt, String, String)> = all
         .iter()
         .map(|p| (&prompts[p.prompt_index], cands[p.prompt_index].candidates[p.a].text.clone(), cands[p.prompt_index].candidates[p.b].text.clone()))
@@ -179,7 +184,7 @@ pub fn by_sandbox(gold_file: &Path, seed: u64, round: usize, cands: &[Candidates
 pub fn gold_agreement(gold_file: &Path, cands: &[Candidates], labels: &[LabelRecord]) -> Result<Value> {
     let golds: Vec<Gold> = crate::store::read_jsonl(gold_file)?;
     let mut per: std::collections::BTreeMap<&str, [usize; 2]> = Default::default();
-    for l in labels.iter().filter(|l| l.p_a != 0.5) {
+    for l in labels.iter().filter(|l| l.kind == "pairwise" && l.p_a != 0.5) {
         let (c, g) = (&cands[l.prompt_index], &golds[l.prompt_index]);
         let (ga, gb) = (gold_reward(g, &c.candidates[l.a].text), gold_reward(g, &c.candidates[l.b].text));
         if ga != gb {

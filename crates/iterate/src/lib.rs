@@ -16,6 +16,7 @@
 pub mod card;
 pub mod config;
 pub mod feedback;
+pub mod kinds;
 pub mod label;
 pub mod store;
 pub mod train;
@@ -195,14 +196,17 @@ fn sample(args: &IterateArgs, k: usize, policy: &Path, rd: &Path) -> Result<()> 
 fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: &Path) -> Result<()> {
     let cands: Vec<Candidates> = read_jsonl(&rd.join("candidates.jsonl"))?;
     let mut log = LabelLog::open(&rd.join("labels.jsonl"))?;
+    let gold = gold_path(&rd.join("prompts.jsonl"));
+    let pairs = kinds::choose_pairs(label::pairs(k, &cands), args.pairwise_budget, args.seed, k);
     let info = match source {
+        _ if pairs.is_empty() => json!({}),
         LabelSource::Reward(spec) => {
             let tok = rlhf_data::Tokenizer::from_dir(policy)?;
             let mut rewards = rlhf_train::reward::Rewards::from_specs(std::slice::from_ref(spec), &tok, args.max_length, args.reward_timeout_s, args.reward_retries)?;
-            label::by_reward(spec, &mut rewards, k, &cands, &mut log)?
+            label::by_reward(spec, &mut rewards, k, &cands, &pairs, &mut log)?
         }
-        LabelSource::Judge(arg) => label::by_judge(arg, k, &cands, &mut log, args.reward_retries)?,
-        LabelSource::Sandbox => label::by_sandbox(&gold_path(&rd.join("prompts.jsonl")), args.seed, k, &cands, &mut log)?,
+        LabelSource::Judge(arg) => label::by_judge(arg, k, &cands, &pairs, &mut log, args.reward_retries)?,
+        LabelSource::Sandbox => label::by_sandbox(&gold, args.seed, k, &cands, &pairs, &mut log)?,
         LabelSource::Feedback(url) => feedback::by_feedback(
             &feedback::FeedbackTarget {
                 url,
@@ -214,10 +218,18 @@ fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: 
             },
             k,
             &cands,
+            &pairs,
             &mut log,
         )?,
     };
     let mut info = info;
+    let mut asked = Map::new();
+    asked.insert("pairwise".into(), json!({"items": pairs.len()}));
+    for kind in kinds::Kind::SINGLE.into_iter().filter(|&kind| args.budget(kind) > 0) {
+        let items = kinds::choose_items(kind, args.budget(kind), args.seed, k, &cands);
+        asked.insert(kind.name().into(), kinds::by_sandbox(kind, &items, &gold, args.seed, k, &cands, &mut log)?);
+    }
+    info["kinds"] = Value::Object(asked);
     if args.world_prompts() {
         info["agreement_with_gold"] = label::gold_agreement(&gold_path(&rd.join("prompts.jsonl")), &cands, &log.labels)?;
     }

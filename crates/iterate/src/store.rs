@@ -75,19 +75,32 @@ pub struct LabelRecord {
     pub round: usize,
     /// `sandbox`, `judge`, `feedback` or `reward`.
     pub source: String,
+    /// The kind of feedback ([`crate::kinds::Kind`]): `pairwise` (the default of older logs), `rating`,
+    /// `correction`, `demonstration` or `critique`.
+    #[serde(default = "pairwise")]
+    pub kind: String,
     /// The labeller: annotator name, judge endpoint + model, reward spec, or the feedback app's annotator ids.
     pub by: String,
-    /// The pair: `r<round>-p<prompt>-<a>-<b>`.
+    /// The pair `r<round>-p<prompt>-<a>-<b>`, or for the other kinds `r<round>-p<prompt>-c<candidate>-<kind>`
+    /// (`r<round>-p<prompt>-demonstration`).
     pub item: String,
     pub prompt_index: usize,
+    /// The candidates compared; for a rating, correction or critique `a` = `b` = the candidate labelled (a
+    /// demonstration: 0).
     pub a: usize,
     pub b: usize,
-    /// P(candidate a ≻ candidate b): 1, 0 or ½ (tie) for a vote, the judge's probability, or by score.
+    /// Pairwise: P(candidate a ≻ candidate b): 1, 0 or ½ (tie) for a vote, the judge's probability, or by
+    /// score. Other kinds: ½ (no preference; their answer is in `detail`).
     pub p_a: f64,
-    /// Source-specific details: scores, choice, the app's item and label ids.
+    /// Source-specific details: scores, choice, the app's item and label ids; the answer of the other kinds
+    /// (`score`, `corrected`, `text`).
     pub detail: Value,
     /// Unix milliseconds when the label was obtained.
     pub at_ms: u64,
+}
+
+fn pairwise() -> String {
+    "pairwise".into()
 }
 
 /// `labels.jsonl` of a round: read deduplicated, appended durably.
@@ -176,7 +189,7 @@ mod tests {
     use serde_json::json;
 
     fn label(id: &str) -> LabelRecord {
-        LabelRecord { id: id.into(), round: 1, source: "reward".into(), by: "x".into(), item: "i".into(), prompt_index: 0, a: 0, b: 1, p_a: 1.0, detail: Value::Null, at_ms: 1 }
+        LabelRecord { id: id.into(), round: 1, source: "reward".into(), kind: "pairwise".into(), by: "x".into(), item: "i".into(), prompt_index: 0, a: 0, b: 1, p_a: 1.0, detail: Value::Null, at_ms: 1 }
     }
 
     #[test]

@@ -11,15 +11,17 @@ use rlhf_train::schedule::ScheduleKind;
 use serde_json::{json, Value};
 
 use crate::config::{IterateArgs, Trainer};
+use crate::kinds::{self, Kind};
 use crate::label::Candidates;
 use crate::round_dir;
 use crate::store::{read_jsonl, write_json, write_jsonl, LabelLog, LabelRecord};
 
-/// One DPO row per decided pair. As in the feedback app's export, an item most of whose labels are undecided (ties,
-/// both bad) is left out; otherwise its labels' P(a ≻ b) are averaged and an exact ½ is left out too.
+/// One DPO row per decided pair of the pairwise labels. As in the feedback app's export, an item most of whose
+/// labels are undecided (ties, both bad) is left out; otherwise its labels' P(a ≻ b) are averaged and an exact ½
+/// is left out too.
 pub fn decisions(cands: &[Candidates], labels: &[LabelRecord]) -> (Vec<Value>, Vec<Value>) {
     let mut by_item: BTreeMap<(usize, usize, usize), Vec<&LabelRecord>> = BTreeMap::new();
-    for l in labels {
+    for l in labels.iter().filter(|l| l.kind == Kind::Pairwise.name()) {
         by_item.entry((l.prompt_index, l.a, l.b)).or_default().push(l);
     }
     let (mut rows, mut provenance) = (Vec::new(), Vec::new());
@@ -34,8 +36,8 @@ pub fn decisions(cands: &[Candidates], labels: &[LabelRecord]) -> (Vec<Value>, V
         let label_ids: Vec<&str> = ls.iter().map(|l| l.id.as_str()).collect();
         let app_ids: Vec<Value> = ls.iter().filter_map(|l| l.detail.get("label_ids").cloned()).collect();
         rows.push(json!({"prompt": c.prompt(), "chosen": c.candidates[chosen].text, "rejected": c.candidates[rejected].text,
-            "item": ls[0].item, "label_ids": label_ids}));
-        provenance.push(json!({"row": rows.len() - 1, "item": ls[0].item, "label_ids": label_ids, "app_label_ids": app_ids,
+            "item": ls[0].item, "kind": "pairwise", "label_ids": label_ids}));
+        provenance.push(json!({"row": rows.len() - 1, "kind": "pairwise", "item": ls[0].item, "label_ids": label_ids, "app_label_ids": app_ids,
             "p_chosen": p.max(1.0 - p), "labellers": ls.iter().map(|l| l.by.as_str()).collect::<Vec<_>>()}));
     }
     (rows, provenance)
@@ -45,17 +47,23 @@ pub fn decisions(cands: &[Candidates], labels: &[LabelRecord]) -> (Vec<Value>, V
 pub fn train(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()> {
     let cands: Vec<Candidates> = read_jsonl(&rd.join("candidates.jsonl"))?;
     let log = LabelLog::open(&rd.join("labels.jsonl"))?;
-    let (rows, provenance) = decisions(&cands, &log.labels);
+    let (mut rows, mut provenance) = decisions(&cands, &log.labels);
+    let mut too_long = 0;
+    for (row, mut prov) in kinds::rows(args, k, start, rd, &cands, &log.labels, &mut too_long)? {
+        prov["row"] = json!(rows.len());
+        rows.push(row);
+        provenance.push(prov);
+    }
     let (train_file, out) = (rd.join("train.jsonl"), rd.join("model"));
     write_jsonl(&train_file, &rows)?;
     write_jsonl(&rd.join("training_rows.jsonl"), &provenance)?;
     if rows.is_empty() {
         // Nothing decided: the policy carries over unchanged (the card says so).
         copy_model(start, &out)?;
-        let summary = json!({"algorithm": "none", "steps": 0, "rows": 0, "note": "no decided pair: the policy is the round's starting policy"});
+        let summary = json!({"algorithm": "none", "steps": 0, "rows": 0, "critiques_too_long": too_long, "note": "no decided pair: the policy is the round's starting policy"});
         return write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": Value::Null}));
     }
-    let (summary, config) = match args.trainer {
+    let (mut summary, config) = match args.trainer {
         Trainer::Dpo => {
             let cfg = dpo_config(args, start, &train_file, &out);
             let s = rlhf_train::dpo::run_dpo(&cfg)?;
@@ -64,6 +72,7 @@ pub fn train(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
         }
         Trainer::RmGrpo => rm_grpo(args, k, start, rd, rows.len())?,
     };
+    summary["critiques_too_long"] = json!(too_long);
     write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": config}))
 }
 
@@ -151,6 +160,7 @@ mod tests {
             id: format!("r1-p{}-{}-{}:{by}", item.0, item.1, item.2),
             round: 1,
             source: "sandbox".into(),
+            kind: "pairwise".into(),
             by: by.into(),
             item: format!("r1-p{}-{}-{}", item.0, item.1, item.2),
             prompt_index: item.0,

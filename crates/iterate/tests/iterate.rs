@@ -156,3 +156,95 @@ fn two_rounds_labelled_by_annotators_through_a_live_feedback_app() {
     assert_eq!(s.rounds[0]["training_rows"], 0);
     assert_eq!(std::fs::read(rd.join("model/model.safetensors")).unwrap(), std::fs::read(root().join("fixtures/models/llama/model.safetensors")).unwrap());
 }
+
+/// Sandbox settings (the world's prompts) with the given budgets.
+fn sandbox_args(runs: &Path, extra: &[&str]) -> IterateArgs {
+    let mut a: Vec<std::ffi::OsString> = [
+        "--model", "fixtures/models/llama", "--labels", "sandbox", "--rounds", "1", "--prompts-per-round", "4", "--candidates", "2",
+        "--max-new-tokens", "6", "--dpo-steps", "2", "--batch-size", "4", "--sandbox-eval-prompts", "4",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    a.extend(["--runs-dir".into(), runs.as_os_str().to_owned()]);
+    a.extend(extra.iter().map(Into::into));
+    rlhf_train::settings::load::<IterateArgs>("rlhf iterate", &a).unwrap()
+}
+
+#[test]
+fn a_round_mixes_every_kind_of_sandbox_feedback_traces_each_row_and_resumes_without_duplicates() {
+    std::env::set_current_dir(root()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let budgets = ["--pairwise-budget", "3", "--rating-budget", "4", "--correction-budget", "3", "--demonstration-budget", "2", "--critique-budget", "3"];
+    let a = sandbox_args(tmp.path(), &[&["--name", "mix"][..], &budgets].concat());
+    run(&a).unwrap();
+    let rd = tmp.path().join("mix/round-1");
+    let labels = jsonl(&rd.join("labels.jsonl"));
+    let count = |kind: &str| labels.iter().filter(|l| l["kind"] == kind).count();
+    // Pairs and ratings by the panel's overlap (3), the free-text kinds by one annotator each (the fixture's
+    // replies are never perfect, so every correction is made).
+    assert_eq!((count("pairwise"), count("rating"), count("correction"), count("demonstration"), count("critique")), (9, 12, 3, 2, 3), "{labels:?}");
+    let items: std::collections::HashSet<&str> = labels.iter().filter(|l| l["kind"] == "pairwise").map(|l| l["item"].as_str().unwrap()).collect();
+    assert_eq!(items.len(), 3, "the pairwise budget");
+    let by_id: std::collections::HashMap<&str, &Value> = labels.iter().map(|l| (l["id"].as_str().unwrap(), l)).collect();
+    assert_eq!(by_id.len(), labels.len(), "label ids are unique");
+
+    let (rows, prov) = (jsonl(&rd.join("train.jsonl")), jsonl(&rd.join("training_rows.jsonl")));
+    let cands = jsonl(&rd.join("candidates.jsonl"));
+    assert_eq!(rows.len(), prov.len());
+    let mut kinds_seen = std::collections::BTreeSet::new();
+    for (i, (row, p)) in rows.iter().zip(&prov).enumerate() {
+        assert_eq!((p["row"].as_u64(), &p["kind"]), (Some(i as u64), &row["kind"]), "{p}");
+        kinds_seen.insert(row["kind"].as_str().unwrap().to_string());
+        let ls: Vec<&Value> = p["label_ids"].as_array().unwrap().iter().map(|id| by_id[id.as_str().unwrap()]).collect();
+        assert!(!ls.is_empty() && ls.iter().all(|l| l["kind"] == row["kind"]), "every row traces to labels of its kind: {p}");
+        let text = |l: &Value, c: &str| cands[l["prompt_index"].as_u64().unwrap() as usize]["candidates"][l[c].as_u64().unwrap() as usize]["text"].clone();
+        match row["kind"].as_str().unwrap() {
+            "correction" => assert_eq!((&row["chosen"], &row["rejected"]), (&ls[0]["detail"]["corrected"], &text(ls[0], "a")), "corrected ≻ original"),
+            "demonstration" => assert_eq!(row["chosen"], ls[0]["detail"]["text"], "demonstration ≻ sample"),
+            "rating" => {
+                let mean = |t: &Value| {
+                    let s: Vec<f64> = ls.iter().filter(|l| &text(l, "a") == t).map(|l| l["detail"]["score"].as_f64().unwrap()).collect();
+                    s.iter().sum::<f64>() / s.len() as f64
+                };
+                assert!(mean(&row["chosen"]) > mean(&row["rejected"]), "the higher mean rating wins: {row}");
+            }
+            "critique" => assert_eq!(row["rejected"], text(ls[0], "a"), "revision ≻ original"),
+            _ => {}
+        }
+    }
+    assert!(kinds_seen.contains("correction") && kinds_seen.contains("demonstration"), "{kinds_seen:?}");
+    // Critiques that found something to fix were revised by the policy.
+    let fixable = labels.iter().filter(|l| l["kind"] == "critique" && !l["detail"]["text"].as_str().unwrap().contains("nothing to fix")).count();
+    assert_eq!(jsonl(&rd.join("critiques.jsonl")).len(), fixable);
+    let card = read_json(&rd.join("model_card.json"));
+    assert_eq!(card["labels"]["by_kind"], serde_json::json!({"pairwise": 9, "rating": 12, "correction": 3, "demonstration": 2, "critique": 3}));
+    let per_kind: u64 = card["training"]["rows_by_kind"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(per_kind, rows.len() as u64);
+    let md = std::fs::read_to_string(rd.join("MODEL_CARD.md")).unwrap();
+    assert!(md.contains("| rating | 12 |") && md.contains("| correction | 3 |"), "{md}");
+
+    // What a kill -9 during labelling leaves: the state before the label phase and a log cut mid-line. The rerun
+    // asks only for the missing labels and ends with the same ones, each once.
+    let log = rd.join("labels.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kept: String = text.lines().take(10).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, format!("{kept}{}", &text.lines().nth(10).unwrap()[..20])).unwrap();
+    let mut state = read_json(&tmp.path().join("mix/state.json"));
+    (state["round"], state["done"]) = (serde_json::json!(1), serde_json::json!(["sample"]));
+    std::fs::write(tmp.path().join("mix/state.json"), state.to_string()).unwrap();
+    run(&a).unwrap();
+    let again = jsonl(&log);
+    assert_eq!(again.len(), labels.len(), "no label lost or duplicated");
+    assert!(std::fs::read_to_string(&log).unwrap().starts_with(&kept), "labels given before the kill are kept as they were");
+    let ids = |ls: &[Value]| ls.iter().map(|l| l["id"].as_str().unwrap().to_string()).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(ids(&again), ids(&labels));
+    assert_eq!(jsonl(&rd.join("train.jsonl")), rows, "the same rows from the same labels");
+
+    // Kinds other than pairwise need the sandbox's annotators.
+    let mut bad = a.clone();
+    bad.labels = Some("exact:answer".into());
+    bad.prompts = Some("data/prompts.jsonl".into());
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("rating_budget") && e.contains("sandbox"), "{e}");
+}

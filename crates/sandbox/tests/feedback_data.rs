@@ -131,6 +131,7 @@ fn critiques_become_revision_pairs_and_critic_sft_rows() {
 
     let critic = tmp.path().join("critic.jsonl");
     let s = critic_sft(&CriticArgs {
+        score_column: None,
         critiques: input,
         out: critic.clone(),
         template: CRITIC_TEMPLATE.into(),
@@ -207,6 +208,7 @@ fn bad_rows_name_file_line_and_field() {
     let out = tmp.path().join("out.jsonl");
     let critic = |path: &Path| {
         critic_sft(&CriticArgs {
+            score_column: None,
             critiques: path.into(),
             out: out.clone(),
             template: CRITIC_TEMPLATE.into(),

@@ -28,6 +28,11 @@ pub const REVISION_TEMPLATE: &str =
     "{prompt}\nDraft:{response}\nCritique: {critique}\nRevised reply:";
 /// What the critic sees; its completion is the critique.
 pub const CRITIC_TEMPLATE: &str = "{prompt}\nResponse:{response}\nCritique:";
+/// Starts the critic's last line, `Score: N` with N in 1..=9, when critic-sft is given a score column: the
+/// verdict the critic judge (`judge:…,mode=critic`) reads.
+pub const VERDICT_PREFIX: &str = "Score:";
+/// The verdict scale (single digits: one token in any tokenizer).
+pub const VERDICT_SCALE: std::ops::RangeInclusive<i64> = 1..=9;
 
 /// Sampling of the policy's revisions or samples.
 #[derive(Debug, Clone, Args)]
@@ -78,6 +83,10 @@ pub struct CriticArgs {
     /// The critic's input; `{prompt}` and `{response}` are replaced.
     #[arg(long, default_value = CRITIC_TEMPLATE)]
     pub template: String,
+    /// A column holding the response's score, an integer 1..=9 (e.g. a rating of the same response): the
+    /// completion then ends in a verdict line `Score: N`, which makes the trained critic usable as a judge.
+    #[arg(long, value_name = "COLUMN")]
+    pub score_column: Option<String>,
 }
 
 /// `rlhf transform demo-pairs`.
@@ -272,7 +281,28 @@ pub fn revise(args: &ReviseArgs) -> Result<TransformSummary> {
     write_out(&args.out, &rows, ds.len())
 }
 
-/// Critique rows → SFT rows of a generative critic.
+/// The verdict line of a critic's completion.
+pub fn verdict_line(score: i64) -> String {
+    format!("{VERDICT_PREFIX} {score}")
+}
+
+/// The score of `row` in `column`: an integer on the verdict scale.
+fn score(ds: &Dataset, row: &Row, column: &str) -> Result<i64> {
+    match row.extra.get(column).and_then(Value::as_f64) {
+        Some(s) if s.fract() == 0.0 && VERDICT_SCALE.contains(&(s as i64)) => Ok(s as i64),
+        _ => Err(data_err(ds.row_error(
+            row,
+            Some(column),
+            &format!(
+                "expected an integer score {}..={}",
+                VERDICT_SCALE.start(),
+                VERDICT_SCALE.end()
+            ),
+        ))),
+    }
+}
+
+/// Critique rows → SFT rows of a generative critic (ending in a verdict line when `score_column` is given).
 pub fn critic_sft(args: &CriticArgs) -> Result<TransformSummary> {
     let ds = load_rows(&args.critiques, Some("critique"))?;
     let rows: Vec<Map<String, Value>> = ds
@@ -280,15 +310,21 @@ pub fn critic_sft(args: &CriticArgs) -> Result<TransformSummary> {
         .iter()
         .map(|r| {
             let ((p, c), k) = (texts(r), critique(r));
-            output_row(
+            let completion = match &args.score_column {
+                Some(col) => format!(" {}\n{}", k.trim(), verdict_line(score(&ds, r, col)?)),
+                None => format!(" {}", k.trim()),
+            };
+            Ok(output_row(
                 r,
                 "critic",
                 vec![
                     ("prompt", json!(fill(&args.template, p, c, ""))),
-                    ("completion", json!(format!(" {}", k.trim()))),
+                    ("completion", json!(completion)),
                 ],
-            )
+            ))
         })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
         .map(|mut m| {
             // The critique is now the completion; a copy under its old name would only confuse format detection.
             m.remove("critique");

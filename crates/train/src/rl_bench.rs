@@ -13,7 +13,7 @@ use rlhf_model::seq_cls::SeqCls;
 use rlhf_model::CausalLm;
 use serde_json::{json, Value};
 
-use crate::bench::{median, peak_rss_mb};
+use crate::bench::{cpu_snapshot, median, peak_rss_mb};
 use crate::error::{io_err, Result, TrainError};
 use crate::online::OnlineSummary;
 use crate::settings::load;
@@ -68,11 +68,13 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
         crate::settings::LoadError::Settings(e) => e,
         crate::settings::LoadError::Cli(e) => TrainError::Config { file: "bench".into(), key: "-".into(), msg: e.to_string() },
     };
+    let cpu_start = cpu_snapshot();
     let summary: OnlineSummary = match algo {
         "grpo" => crate::grpo::run_grpo(&load(algo, &argv).map_err(settings_err)?)?,
         "rloo" => crate::rloo::run_rloo(&load(algo, &argv).map_err(settings_err)?)?,
         _ => crate::ppo::run_ppo(&load(algo, &argv).map_err(settings_err)?)?,
     };
+    let cpu_end = cpu_snapshot();
     let lines: Vec<Value> = std::fs::read_to_string(&summary.metrics_file)
         .map_err(io_err(&summary.metrics_file))?
         .lines()
@@ -84,6 +86,12 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
     let step_s = col("timing/step_s");
     let tokens = col("step_tokens");
     let _ = std::fs::remove_dir_all(&tmp);
+    // CPU-seconds of this process per step over the whole run (warm-up steps included: the run is one call),
+    // which a busy machine disturbs less than wall time.
+    let own_cpu = match (cpu_start, cpu_end) {
+        (Some((_, own0)), Some((_, own1))) => Some((own1 - own0) / lines.len().max(1) as f64),
+        _ => None,
+    };
     Ok(json!({
         "bench": algo,
         "shape": "tiny-llama",
@@ -93,6 +101,8 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
         "generation_s_median": median(col("timing/generation_s")),
         "scoring_s_median": median(col("timing/scoring_s")),
         "training_s_median": median(col("timing/training_s")),
+        "own_cpu_s_per_step": own_cpu,
+        "threads": rayon::current_num_threads(),
         "final_reward": summary.final_metrics.get("reward"),
         "peak_rss_mb": peak_rss_mb(),
     }))

@@ -121,12 +121,14 @@ pub fn sample(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[&PromptRow], g
     Ok(out)
 }
 
-/// Right-padded `prompt ++ completion` rows and where their completion tokens are.
+/// Right-padded `prompt ++ completion` rows and where their completion tokens are. A row's last token is left
+/// out of `input_ids`: no position predicts from it, and under the causal mask it changes no other position's
+/// output, so feeding it would only cost a forward and backward pass per row.
 #[derive(Debug, Clone)]
 pub struct SeqBatch {
     pub rows: usize,
     pub seq_len: usize,
-    /// `[rows, seq_len]` u32 token ids.
+    /// `[rows, seq_len]` u32 token ids: `prompt ++ completion` without its last token, right-padded.
     pub input_ids: Tensor,
     /// Flat positions (`row * seq_len + t`) whose output predicts a completion token, row by row.
     pub positions: Tensor,
@@ -139,14 +141,15 @@ pub struct SeqBatch {
 impl SeqBatch {
     /// `rows` are (prompt ids, completion ids); every completion must have at least one token.
     pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
-        let seq_len = rows.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+        let seq_len = rows.iter().map(|(p, c)| (p.len() + c.len()).saturating_sub(1)).max().unwrap_or(0);
         let (mut ids, mut positions, mut targets, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), vec![0]);
         for (i, (p, c)) in rows.iter().enumerate() {
             if p.is_empty() || c.is_empty() {
                 return Err(TrainError::Data(format!("rollout {i}: empty prompt or completion")));
             }
-            ids.extend(p.iter().chain(c.iter()).copied());
-            ids.extend(std::iter::repeat_n(pad, seq_len - p.len() - c.len()));
+            let fed = p.len() + c.len() - 1;
+            ids.extend(p.iter().chain(c.iter()).take(fed).copied());
+            ids.extend(std::iter::repeat_n(pad, seq_len - fed));
             for (j, &tok) in c.iter().enumerate() {
                 positions.push((i * seq_len + p.len() - 1 + j) as u32);
                 targets.push(tok);

@@ -9,8 +9,10 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args as ClapArgs;
 use rlhf_data::{Message, Text};
 use rlhf_generate::Generator;
-use rlhf_model::{GenRequest, Sampling};
+use rlhf_model::GenRequest;
 use rlhf_serve::{Engine, TextStream};
+
+use super::sampling::SamplingArgs;
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -22,23 +24,15 @@ pub struct Args {
     pub system: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// 0 = no top-k truncation.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Turn i samples with seed + i.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop the reply at this string (repeatable; not shown); EOS always stops.
-    #[arg(long)]
-    pub stop: Vec<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.sampling.validate()?;
     let generator = Arc::new(Generator::load(&a.model)?);
     generator.tokenizer.chat_template(None).map_err(|e| anyhow!("{}: cannot chat: {e}", a.model.display()))?;
     let engine = Engine::start(generator.clone(), 1);
@@ -69,13 +63,13 @@ pub fn run(a: Args) -> Result<()> {
                 let req = GenRequest {
                     max_new_tokens: a.max_new_tokens.min(context - prompt_ids.len()),
                     prompt_ids,
-                    sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
+                    sampling: a.sampling.sampling(),
                     seed: a.seed + turn,
                     stop_ids: generator.model.eos_token_ids(),
-                    stop_strings: a.stop.clone(),
+                    stop_strings: a.sampling.stop.clone(),
                     top_logprobs: 0,
                 };
-                let reply = stream_reply(&engine, req, &a.stop, &mut out)?;
+                let reply = stream_reply(&engine, req, &a.sampling.stop, &mut out)?;
                 history.push(Message::new("assistant", reply));
                 turn += 1;
             }

@@ -8,8 +8,10 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use rlhf_data::{load_dataset, Dataset, LoadOptions, PromptOnly, Record, Row, Text};
 use rlhf_generate::Generator;
-use rlhf_model::{GenRequest, Sampling};
+use rlhf_model::GenRequest;
 use serde_json::json;
+
+use super::sampling::{bad, SamplingArgs};
 
 /// Where the generated text goes unless `--completion-column` says otherwise.
 const COMPLETION: &str = "completion";
@@ -41,20 +43,11 @@ pub struct Args {
     pub completion_column: Option<String>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// 0 = no top-k truncation.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Request i samples with seed + i (or the row's own integer `seed` column), so reruns reproduce.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop when the completion ends with this string (repeatable); EOS always stops.
-    #[arg(long)]
-    pub stop: Vec<String>,
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -66,21 +59,12 @@ pub struct Args {
 impl Args {
     /// Refuses sampling settings that can only produce garbage, naming the flag.
     fn validate(&self) -> Result<()> {
-        let bad = |flag: &str, msg: String| anyhow::anyhow!("command line: flag --{flag}: {msg}");
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(bad("temperature", format!("{} is not a finite number >= 0 (0 = greedy)", self.temperature)));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(bad("top-p", format!("{} is not in (0, 1] (1 = no nucleus truncation)", self.top_p)));
-        }
+        self.sampling.validate()?;
         if self.batch_size == 0 {
             return Err(bad("batch-size", "must be at least 1".into()));
         }
         if self.max_new_tokens == 0 {
             return Err(bad("max-new-tokens", "must be at least 1".into()));
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(bad("stop", "an empty stop string would stop before the first token".into()));
         }
         Ok(())
     }
@@ -160,8 +144,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let template = GenRequest {
         max_new_tokens: a.max_new_tokens,
-        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
-        stop_strings: a.stop.clone(),
+        sampling: a.sampling.sampling(),
+        stop_strings: a.sampling.stop.clone(),
         ..Default::default()
     };
     let outputs = generator.run(&prompts, &seeds, &template, a.batch_size)?;

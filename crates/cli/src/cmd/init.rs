@@ -37,6 +37,9 @@ pub struct Args {
     /// Prepend the BOS token when encoding with special tokens.
     #[arg(long)]
     pub add_bos: bool,
+    /// Split numbers into single digits before BPE (Llama 3 / Qwen2 style), so small models can learn arithmetic.
+    #[arg(long)]
+    pub split_digits: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -91,7 +94,7 @@ fn create(a: &Args) -> Result<CausalLm> {
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
     let corpus = corpus_text_files(&a.corpus, &a.out)?;
-    let bpe = BpeConfig { vocab_size: a.vocab_size, add_bos: a.add_bos, ..Default::default() };
+    let bpe = BpeConfig { vocab_size: a.vocab_size, add_bos: a.add_bos, split_digits: a.split_digits, ..Default::default() };
     let trained = train_bpe(&corpus, &bpe, &a.out);
     // The extracted-text files were only tokenizer input.
     for f in corpus.iter().filter(|f| f.starts_with(&a.out)) {

@@ -1,12 +1,12 @@
 //! `rlhf judge`: AI-feedback preference labels for pairs of completions from an LLM judge behind an
-//! OpenAI-compatible endpoint (e.g. `rlhf serve`). Writes TRL explicit-preference JSONL.
+//! OpenAI-compatible endpoint (e.g. `rlhf serve`) or in a local model directory, or from a trained critic
+//! (`--mode critic`). Writes TRL explicit-preference JSONL.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
-use rlhf_serve::judge::{Api, Judge, JudgeConfig};
-use rlhf_serve::Client;
+use rlhf_serve::judge::{Api, Judge, JudgeConfig, Mode};
 use serde_json::{json, Map, Value};
 
 use crate::cmd::generate::write_atomic;
@@ -17,9 +17,18 @@ pub enum ApiKind {
     Chat,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ModeKind {
+    /// The judge answers A/B right after the pairwise template.
+    Verdict,
+    /// A critic (trained on `rlhf transform critic-sft --score-column` rows) critiques each response and ends
+    /// with `Score: N`; the higher score wins. An output without that line is an error.
+    Critic,
+}
+
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000.
+    /// Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000, or a local model directory.
     #[arg(long)]
     pub endpoint: String,
     #[arg(long, env = "RLHF_API_KEY", hide_env_values = true)]
@@ -44,6 +53,14 @@ pub struct Args {
     /// Pairwise template file with {rubric} {prompt} {response_a} {response_b}.
     #[arg(long)]
     pub template: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "verdict")]
+    pub mode: ModeKind,
+    /// Critic mode: the critic's input template file with {prompt} {response} (default: critic-sft's).
+    #[arg(long)]
+    pub critic_template: Option<PathBuf>,
+    /// Critic mode: tokens of critique and verdict generated (greedy).
+    #[arg(long, default_value_t = 64)]
+    pub critic_max_tokens: usize,
 }
 
 /// A text field as the judge reads it: strings as is, message lists as `role: content` lines.
@@ -67,8 +84,16 @@ pub fn run(a: Args) -> Result<()> {
             ApiKind::Completions => Api::Completions,
             ApiKind::Chat => Api::Chat,
         },
+        mode: match a.mode {
+            ModeKind::Verdict => Mode::Verdict,
+            ModeKind::Critic => Mode::Critic,
+        },
+        critic_max_tokens: a.critic_max_tokens,
         ..Default::default()
     };
+    if let Some(p) = &a.critic_template {
+        cfg.critic_template = read(p)?;
+    }
     if let Some(p) = &a.rubric {
         cfg.rubric = read(p)?;
     }
@@ -89,12 +114,12 @@ pub fn run(a: Args) -> Result<()> {
         };
         let ra = field(a_key).with_context(|| format!("{at}: missing field `{a_key}`"))??;
         let rb = field(b_key).with_context(|| format!("{at}: missing field `{b_key}`"))??;
-        rows.push((row, prompt, ra, rb, a_key, b_key, labelled));
+        rows.push((row, prompt, ra, rb, a_key, b_key, labelled, at));
     }
-    let judge = Judge::new(Client::new(&a.endpoint, a.api_key.clone())?, cfg)?;
+    let judge = Judge::open(&a.endpoint, a.api_key.clone(), cfg)?;
     let (mut text, mut agree, mut labelled_rows) = (String::new(), 0usize, 0usize);
-    for (row, prompt, ra, rb, a_key, b_key, labelled) in rows {
-        let p = judge.compare(&prompt, &ra, &rb)?;
+    for (row, prompt, ra, rb, a_key, b_key, labelled, at) in rows {
+        let p = judge.compare(&prompt, &ra, &rb).with_context(|| format!("{at}: judging the pair"))?;
         if labelled {
             labelled_rows += 1;
             agree += usize::from(p > 0.5);

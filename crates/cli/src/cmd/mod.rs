@@ -11,6 +11,7 @@ pub mod lora;
 pub mod pref;
 pub mod serve;
 pub mod rl;
+pub mod sampling;
 pub mod sandbox;
 pub mod sft;
 pub mod transform;
