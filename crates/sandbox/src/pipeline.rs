@@ -463,7 +463,8 @@ pub struct PpoCheckpoint {
     pub step: u64,
     /// KL to SFT, nats per sequence (the evaluation's estimate on the policy's own samples).
     pub kl: Estimate,
-    /// The pipeline's reward model's score (what PPO optimises).
+    /// The pipeline's reward model's score (what PPO optimises), scored as PPO scores its rollouts, on a second
+    /// sample per prompt.
     pub proxy: Estimate,
     pub gold: Estimate,
 }
@@ -629,7 +630,7 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         if name == "ppo" && cfg.ppo_checkpoint_steps > 0 {
             eprintln!("  PPO checkpoints on {} held-out prompts: proxy, gold and KL along training", probe.len());
             let steps = o.info["steps"].as_u64().unwrap_or(0);
-            ppo_checkpoints = evaluate_checkpoints(&sft, &rm_dir, &o.model_dir, steps, probe, &data, cfg)?;
+            ppo_checkpoints = evaluate_checkpoints(&sft, &rm_dir, &o.model_dir, steps, probe, cfg)?;
         }
         let mut info = json!({"name": name});
         info["result"] = o.info;
@@ -971,7 +972,6 @@ fn evaluate_checkpoints(
     ppo_dir: &Path,
     steps: u64,
     prompts: &[Prompt],
-    data: &Path,
     cfg: &PipelineConfig,
 ) -> Result<Vec<PpoCheckpoint>> {
     let mut at: Vec<(u64, PathBuf)> = vec![(0, sft.to_path_buf())];
@@ -980,21 +980,22 @@ fn evaluate_checkpoints(
         at.push((steps, ppo_dir.to_path_buf()));
     }
     let models: Vec<ModelSpec> = at.iter().map(|(s, d)| ModelSpec { name: format!("step {s}"), dir: d.clone() }).collect();
-    // An `rm:` source reads no prompts file; the evaluation prompts are named for its signature's sake.
-    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![
-        Box::new(GoldReward::new(prompts.iter().map(|p| p.gold.clone()))),
-        crate::source::reward_source(&format!("rm:{}", rm.display()), &data.join("eval_prompts.jsonl"), sft, cfg.max_length)?,
-    ];
+    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(prompts.iter().map(|p| p.gold.clone())))];
     let rows: Vec<_> = prompts.iter().map(Prompt::public_row).collect();
     let e = evaluate(&models, Some(sft), &rows, &rewards, &EvalConfig { examples: 0, ..cfg.eval.clone() })?;
     at.iter()
         .zip(&e.models)
-        .map(|((step, _), m)| {
+        .map(|((step, dir), m)| {
+            // The proxy as PPO scores its rollouts (generated token ids, EOS only where generation stopped), on
+            // a second sample per prompt: re-encoding the evaluation's text and always appending EOS (what
+            // `rlhf eval --reward rm:` does) scores truncated completions differently from the trainer.
+            let d = Draws::new(dir, prompts, 1, cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.seed ^ 0xC4)?;
+            let proxy: Vec<f64> = d.proxy(rm)?.into_iter().map(|p| p[0]).collect();
             Ok(PpoCheckpoint {
                 step: *step,
                 kl: m.kl_to_reference.context("no KL to SFT")?,
                 gold: m.rewards[0].reward,
-                proxy: m.rewards[1].reward,
+                proxy: bootstrap(&proxy, cfg.seed),
             })
         })
         .collect()
@@ -1378,14 +1379,15 @@ fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Se
         let _ = write!(
             h,
             "<h3>Gold along the PPO run</h3><p>The PPO policy every {} steps (step 0 = SFT), sampled on the {} held-out \
-             prompts of the best-of-n sweep and scored by the reward model it optimises (proxy) and by gold; KL to SFT \
-             on its own samples. Gold turning down while the proxy keeps rising is over-optimisation along training.</p>",
+             prompts of the best-of-n sweep and scored by gold, with its KL to SFT on those samples; the reward model it \
+             optimises (proxy) scores a second sample per prompt as PPO scores its rollouts (generated tokens, EOS \
+             only where generation stopped). Gold turning down while the proxy keeps rising is over-optimisation along training.</p>",
             s.config.ppo_checkpoint_steps,
             s.ppo_checkpoints[0].gold.n
         );
         let pts = |f: fn(&PpoCheckpoint) -> f64| s.ppo_checkpoints.iter().map(|p| (p.kl.mean, f(p))).collect::<Vec<_>>();
         let series = vec![("proxy (RM)".to_string(), pts(|p| p.proxy.mean)), ("gold".to_string(), pts(|p| p.gold.mean))];
-        h.push_str(&report::line_chart("PPO checkpoints: reward against KL", "KL to SFT (nats)", "mean reward", &series, false));
+        h.push_str(&report::line_chart("PPO checkpoints: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
         h.push_str("<table><tr><th>step</th><th>KL to SFT (nats)</th><th>proxy (RM)</th><th>gold</th></tr>");
         for p in &s.ppo_checkpoints {
             let _ = write!(
@@ -1422,18 +1424,18 @@ fn label_noise_section(s: &RunSummary) -> Section {
     let mut h = format!(
         "<p>A share of the reward model's training pairs (a seeded choice; a larger share flips a superset) has chosen \
          and rejected swapped, and a reward model is trained on each set with the same budget (0 % is the pipeline's \
-         own). Accuracy is measured on the annotators' held-out pairs (not flipped) and against gold on held-out SFT \
-         sample pairs. The policy optimised against each reward model, scored by gold: {policies}.</p>"
+         own). Held-out accuracy: on the annotators' held-out pairs (not flipped); agreement with gold: on held-out SFT \
+         sample pairs whose gold rewards differ (their number in brackets). The policy optimised against each reward model, scored by gold: {policies}.</p>"
     );
-    h.push_str("<table><tr><th>labels flipped</th><th>pairs flipped</th><th>accuracy (held-out annotator pairs)</th><th>agreement with gold</th><th>gold of best-of-n</th>");
+    let _ = write!(h, "<table><tr><th>flipped</th><th>pairs</th><th>held-out accuracy</th><th>agrees with gold</th><th>best-of-{n} gold</th>");
     if ppo {
-        h.push_str("<th>gold of PPO</th><th>PPO's KL to SFT (nats)</th>");
+        h.push_str("<th>PPO gold</th><th>PPO KL (nats)</th>");
     }
     h.push_str("</tr>");
     for l in &s.label_noise {
         let _ = write!(
             h,
-            "<tr><td>{:.0} %</td><td>{} of {}</td><td>{}</td><td>{:.1} % <span class=ci>of {} pairs</span></td><td>{}</td>",
+            "<tr><td>{:.0} %</td><td>{} of {}</td><td>{}</td><td>{:.1} % <span class=ci>({})</span></td><td>{}</td>",
             100.0 * l.noise,
             l.flipped,
             l.train_pairs,
@@ -1450,7 +1452,7 @@ fn label_noise_section(s: &RunSummary) -> Section {
     h.push_str("</table>");
     let pct = |l: &NoiseLevel| 100.0 * l.noise;
     let series = vec![
-        ("agreement with gold".to_string(), s.label_noise.iter().map(|l| (pct(l), l.rm_gold_agreement)).collect()),
+        ("gold agreement".to_string(), s.label_noise.iter().map(|l| (pct(l), l.rm_gold_agreement)).collect()),
         (
             "held-out accuracy".to_string(),
             s.label_noise.iter().filter_map(|l| Some((pct(l), l.rm_eval_accuracy?))).collect(),
