@@ -1427,15 +1427,15 @@ fn label_noise_section(s: &RunSummary) -> Section {
          own). Held-out accuracy: on the annotators' held-out pairs (not flipped); agreement with gold: on held-out SFT \
          sample pairs whose gold rewards differ (their number in brackets). The policy optimised against each reward model, scored by gold: {policies}.</p>"
     );
-    let _ = write!(h, "<table><tr><th>flipped</th><th>pairs</th><th>held-out accuracy</th><th>agrees with gold</th><th>best-of-{n} gold</th>");
+    let _ = write!(h, "<table><tr><th>labels flipped</th><th>held-out accuracy</th><th>agrees with gold</th><th>best-of-{n} gold</th>");
     if ppo {
-        h.push_str("<th>PPO gold</th><th>PPO KL (nats)</th>");
+        h.push_str("<th>PPO gold</th><th>PPO KL</th>");
     }
     h.push_str("</tr>");
     for l in &s.label_noise {
         let _ = write!(
             h,
-            "<tr><td>{:.0} %</td><td>{} of {}</td><td>{}</td><td>{:.1} % <span class=ci>({})</span></td><td>{}</td>",
+            "<tr><td>{:.0} % <span class=ci>({} of {})</span></td><td>{}</td><td>{:.1} % <span class=ci>({})</span></td><td>{}</td>",
             100.0 * l.noise,
             l.flipped,
             l.train_pairs,
