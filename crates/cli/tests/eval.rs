@@ -145,6 +145,10 @@ fn eval_failures_name_the_problem() {
     std::fs::write(t.join("c.json"), cfg.replace("\"corpus_prompts\"", "\"corpus_prompt\"")).unwrap();
     fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["c.json", "not a sandbox configuration", "corpus_prompt"]);
     fails(t, &["sandbox", "--config", "missing.json"], &["missing.json", "cannot read"]);
+    let mut bad: Value = serde_json::from_str(&cfg).unwrap();
+    bad["label_noise"] = serde_json::json!([0.0, 1.5]);
+    std::fs::write(t.join("c.json"), bad.to_string()).unwrap();
+    fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["label_noise", "1.5", "[0, 1]"]);
     assert!(!t.join("run").exists());
 }
 
