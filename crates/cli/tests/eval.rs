@@ -145,6 +145,10 @@ fn eval_failures_name_the_problem() {
     std::fs::write(t.join("c.json"), cfg.replace("\"corpus_prompts\"", "\"corpus_prompt\"")).unwrap();
     fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["c.json", "not a sandbox configuration", "corpus_prompt"]);
     fails(t, &["sandbox", "--config", "missing.json"], &["missing.json", "cannot read"]);
+    let mut bad: Value = serde_json::from_str(&cfg).unwrap();
+    bad["label_noise"] = serde_json::json!([0.0, 1.5]);
+    std::fs::write(t.join("c.json"), bad.to_string()).unwrap();
+    fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["label_noise", "1.5", "[0, 1]"]);
     assert!(!t.join("run").exists());
 }
 
@@ -178,6 +182,60 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     assert_eq!(bon[0]["kl"].as_f64(), Some(0.0));
     let proxy: Vec<f64> = bon.iter().map(|p| p["proxy"].as_f64().unwrap()).collect();
     assert!(proxy.windows(2).all(|w| w[1] >= w[0]), "{proxy:?}");
+    // Label noise: one reward model per level on nested flips of the same training pairs; level 0 is the
+    // pipeline's own reward model, and best-of-n picked by it is the sweep's largest n (the same samples).
+    let in_ci = |e: &Value, lo: f64, hi: f64| {
+        let (l, m, h) = (e["ci_low"].as_f64().unwrap(), e["mean"].as_f64().unwrap(), e["ci_high"].as_f64().unwrap());
+        assert!(lo <= l && l <= m && m <= h && h <= hi, "{e}");
+        m
+    };
+    let noise = s["label_noise"].as_array().unwrap();
+    let levels: Vec<f64> = noise.iter().map(|l| l["noise"].as_f64().unwrap()).collect();
+    assert_eq!(levels, [0.0, 0.2, 0.4]);
+    let train_pairs = noise[0]["train_pairs"].as_u64().unwrap();
+    let flipped: Vec<u64> = noise.iter().map(|l| l["flipped"].as_u64().unwrap()).collect();
+    for (l, f) in noise.iter().zip(&flipped) {
+        assert_eq!(l["train_pairs"].as_u64(), Some(train_pairs));
+        assert_eq!(*f, (l["noise"].as_f64().unwrap() * train_pairs as f64).round() as u64);
+        for k in ["rm_gold_agreement", "rm_eval_accuracy"] {
+            assert!((0.0..=1.0).contains(&l[k].as_f64().unwrap()), "{k}: {l}");
+        }
+        assert!(l["gold_pairs"].as_u64().unwrap() > 50, "{l}");
+        assert_eq!(l["best_of_n"], 8);
+        in_ci(&l["best_of_n_gold"], -1.0, 1.0);
+    }
+    assert!(flipped[0] == 0 && flipped[1] < flipped[2], "{flipped:?}");
+    let rm = s["stages"].as_array().unwrap().iter().find(|st| st["name"] == "rm").unwrap();
+    assert_eq!(noise[0]["rm_gold_agreement"], rm["gold_agreement"]["accuracy"]);
+    assert_eq!(noise[0]["rm_eval_accuracy"], rm["eval"]["accuracy"]);
+    let bon_gold = noise[0]["best_of_n_gold"]["mean"].as_f64().unwrap();
+    assert!((bon_gold - bon[3]["gold"].as_f64().unwrap()).abs() < 1e-9, "{bon_gold} vs {}", bon[3]);
+    for l in &levels[1..] {
+        assert!(t.join(format!("run/rm-noise-{:.0}/model.safetensors", 100.0 * l)).is_file());
+    }
+    // Gold along the PPO run: step 0 is SFT (KL exactly 0), then every checkpoint up to the last step.
+    let along = s["ppo_checkpoints"].as_array().unwrap();
+    let steps: Vec<u64> = along.iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 10, 20, 30, 40, 50, 60]);
+    assert_eq!(along[0]["kl"]["mean"].as_f64(), Some(0.0));
+    for p in along {
+        in_ci(&p["gold"], -1.0, 1.0);
+        in_ci(&p["proxy"], f64::NEG_INFINITY, f64::INFINITY);
+        assert_eq!(p["gold"]["n"], 300);
+    }
+    // PPO raises the score of the reward model it optimises (held-out prompts).
+    let proxy = |p: &Value| p["proxy"]["mean"].as_f64().unwrap();
+    assert!(proxy(&along[6]) > proxy(&along[0]), "{along:?}");
+    // PPO per noise level, on the same prompts and sampling seeds: level 0 is the pipeline's PPO policy, whose
+    // last checkpoint is its final model.
+    for l in noise {
+        in_ci(&l["ppo_gold"], -1.0, 1.0);
+        assert_eq!(l["ppo_gold"]["n"], 300);
+    }
+    assert_eq!((&noise[0]["ppo_gold"], &noise[0]["ppo_kl"]), (&along[6]["gold"], &along[6]["kl"]));
+    for l in &levels[1..] {
+        assert!(t.join(format!("run/ppo-noise-{:.0}/model.safetensors", 100.0 * l)).is_file());
+    }
     let names: Vec<&str> =
         s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo", "sft-large", "dpo-unbiased", "dpo-long"]);
@@ -185,14 +243,19 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
     assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
     assert!(findings.iter().any(|f| f.starts_with("best-of-n against the reward model")), "{findings:?}");
+    assert!(findings.iter().any(|f| f.starts_with("along the PPO run (7 checkpoints on 300 held-out prompts")), "{findings:?}");
+    assert!(findings.iter().any(|f| f.starts_with("label noise (0 → 20 → 40 % of")), "{findings:?}");
     assert!(findings.iter().any(|f| f.starts_with("InstructGPT in miniature: ppo")), "{findings:?}");
     // The verbosity bias of length-loving annotators reaches the policy trained on their labels.
     assert!(findings.iter().any(|f| f.starts_with("length-bias probe") && f.contains("reaches the policy")), "{findings:?}");
     let html = std::fs::read_to_string(t.join("run/report.html")).unwrap();
-    for id in ["findings", "rewards", "indicators", "win-rates", "diversity", "over-optimisation", "annotators", "training", "examples"] {
+    for id in ["findings", "rewards", "indicators", "win-rates", "diversity", "over-optimisation", "label-noise", "annotators", "training", "examples"] {
         assert!(html.contains(&format!("id=\"{id}\"")), "section {id} missing");
     }
-    assert!(html.matches("<svg").count() >= 7);
+    for chart in ["PPO checkpoints: reward against KL", "reward model against label noise", "gold of the policies against each reward model"] {
+        assert!(html.contains(&format!("aria-label='{chart}'")), "chart {chart:?} missing");
+    }
+    assert!(html.matches("<svg").count() >= 10);
     assert!(t.join("run/timings.json").is_file());
     // What the trainers read holds no gold: only the feedback app's export columns and public prompt columns.
     let keys = |file: &str| -> std::collections::BTreeSet<String> {

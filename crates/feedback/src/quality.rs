@@ -1,5 +1,5 @@
 //! Live quality numbers for a project: agreement between annotators and per-annotator
-//! flags (position bias, speed, accuracy on gold items).
+//! flags (position bias, length bias, speed, accuracy on gold items, reliability).
 
 use std::collections::BTreeMap;
 
@@ -20,6 +20,11 @@ pub const GOLD_MIN_ACCURACY: f64 = 0.6;
 /// is below this, over at least `RELIABILITY_MIN_LABELS` decisive answers.
 pub const RELIABILITY_MIN: f64 = 0.6;
 pub const RELIABILITY_MIN_LABELS: usize = 10;
+/// Pairwise: flag annotators who, where they disagree with the other annotators' majority on an item whose
+/// responses differ in length, picked the longer response in at least `LENGTH_MIN_SHARE` of at least
+/// `LENGTH_MIN_DISAGREEMENTS` such items.
+pub const LENGTH_MIN_DISAGREEMENTS: usize = 20;
+pub const LENGTH_MIN_SHARE: f64 = 0.75;
 
 #[derive(Debug, Serialize)]
 pub struct Agreement {
@@ -42,6 +47,11 @@ pub struct AnnotatorStats {
     /// Pairwise only: share of decisive (A/B) answers that picked the left side.
     pub left_share: Option<f64>,
     pub decisive: usize,
+    /// Pairwise only: items (responses of different length) where this annotator's decisive answer differs
+    /// from the majority of the others' decisive answers.
+    pub length_disagreements: usize,
+    /// Share of those disagreements in which this annotator picked the longer response.
+    pub longer_share: Option<f64>,
     pub median_seconds: Option<f64>,
     pub gold_answered: usize,
     pub gold_accuracy: Option<f64>,
@@ -221,6 +231,45 @@ fn gold_match(gold: &Value, v: &LabelValue) -> Option<bool> {
     }
 }
 
+/// Per annotator: (disagreements with the others' majority on items whose responses differ in length, how
+/// many of them picked the longer response). The longer response is often the better one too (a complete
+/// answer is longer than a truncated one), so a raw "picks the longer" rate confounds quality with length;
+/// where the others agree on what is better and this annotator does not, the item's quality is settled by
+/// the others and what remains is the annotator's own leaning.
+fn length_disagreements(items: &BTreeMap<i64, &Item>, labels: &[Label]) -> BTreeMap<i64, (usize, usize)> {
+    let mut picks: BTreeMap<i64, Vec<(i64, usize)>> = BTreeMap::new();
+    for l in labels {
+        if let LabelValue::Pairwise { preferred: Some(p), .. } = &l.value {
+            if *p < 2 {
+                picks.entry(l.item_id).or_default().push((l.user_id, *p));
+            }
+        }
+    }
+    let mut out: BTreeMap<i64, (usize, usize)> = BTreeMap::new();
+    for (item_id, votes) in &picks {
+        let Some(item) = items.get(item_id) else { continue };
+        let [a, b] = [0, 1].map(|i| item.responses.get(i).map_or(0, |r| r.chars().count()));
+        if a == b {
+            continue;
+        }
+        let longer = usize::from(b > a);
+        for &(user, pick) in votes {
+            let for_first = votes.iter().filter(|(u, p)| *u != user && *p == 0).count();
+            let for_second = votes.iter().filter(|(u, p)| *u != user && *p == 1).count();
+            let majority = match for_first.cmp(&for_second) {
+                std::cmp::Ordering::Greater => 0,
+                std::cmp::Ordering::Less => 1,
+                std::cmp::Ordering::Equal => continue,
+            };
+            if pick != majority {
+                let e = out.entry(user).or_default();
+                *e = (e.0 + 1, e.1 + usize::from(pick == longer));
+            }
+        }
+    }
+    out
+}
+
 pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users: &[User]) -> ProjectStats {
     let items_by_id: BTreeMap<i64, &Item> = items.iter().map(|i| (i.id, i)).collect();
     let mut agreement_out = Vec::new();
@@ -247,6 +296,7 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
     }
 
     let rel = reliability(project, items, labels);
+    let by_length = length_disagreements(&items_by_id, labels);
     let mut annotators = Vec::new();
     for u in users {
         let mine: Vec<&Label> = labels.iter().filter(|l| l.user_id == u.id).collect();
@@ -282,6 +332,16 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
                 flags.push(format!("position bias: picks the {side} side in {:.0}% of {decisive} decisions", 100.0 * s.max(1.0 - s)));
             }
         }
+        let (length_disagreements, longer) = by_length.get(&u.id).copied().unwrap_or((0, 0));
+        let longer_share = (length_disagreements > 0).then(|| longer as f64 / length_disagreements as f64);
+        if let Some(s) = longer_share {
+            if length_disagreements >= LENGTH_MIN_DISAGREEMENTS && s >= LENGTH_MIN_SHARE {
+                flags.push(format!(
+                    "prefers the longer response: picks it in {:.0}% of {length_disagreements} disagreements with the others",
+                    100.0 * s
+                ));
+            }
+        }
         if let Some(m) = median_seconds {
             if secs.len() >= FAST_MIN_LABELS && m < project.min_seconds {
                 flags.push(format!("too fast: median {m:.1}s per item (threshold {:.1}s)", project.min_seconds));
@@ -304,6 +364,8 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
             labels: mine.len(),
             left_share,
             decisive,
+            length_disagreements,
+            longer_share,
             median_seconds,
             gold_answered: gold.len(),
             gold_accuracy,
@@ -400,5 +462,136 @@ mod tests {
         assert_eq!(a.units, 12);
         assert_eq!(a.cohen.len(), 1);
         assert_eq!(a.cohen[0].2, 12);
+    }
+
+    /// Pairwise items whose two responses have the given lengths, with every annotator's choice of response
+    /// (`pick(annotator, item)` → 0/1), each shown in its natural order.
+    fn pairwise_set(
+        n: i64,
+        lengths: impl Fn(i64) -> (usize, usize),
+        names: &[&str],
+        pick: impl Fn(usize, i64) -> usize,
+    ) -> ProjectStats {
+        let p = Project {
+            id: 1,
+            name: "p".into(),
+            kind: TaskKind::Pairwise,
+            criteria: vec![],
+            likert_max: 5,
+            overlap: names.len() as i64,
+            min_seconds: 3.0,
+            guidelines: String::new(),
+            created_at: 0,
+        };
+        let items: Vec<Item> = (0..n)
+            .map(|i| {
+                let (a, b) = lengths(i);
+                Item {
+                    id: i,
+                    project_id: 1,
+                    external_id: i.to_string(),
+                    prompt: "p".into(),
+                    responses: vec!["x".repeat(a), "y".repeat(b)],
+                    gold: None,
+                    uncertainty: None,
+                    label_count: 0,
+                }
+            })
+            .collect();
+        let users: Vec<User> = names
+            .iter()
+            .enumerate()
+            .map(|(u, name)| User {
+                id: u as i64 + 1,
+                username: name.to_string(),
+                role: Role::Annotator,
+                has_password: true,
+            })
+            .collect();
+        let mut labels = vec![];
+        for i in 0..n {
+            for u in 0..names.len() {
+                let p = pick(u, i);
+                labels.push(Label {
+                    id: labels.len() as i64,
+                    project_id: 1,
+                    item_id: i,
+                    user_id: u as i64 + 1,
+                    assignment_id: None,
+                    value: LabelValue::Pairwise {
+                        choice: if p == 0 { Choice::A } else { Choice::B },
+                        shown_order: vec![0, 1],
+                        preferred: Some(p),
+                    },
+                    supersedes: None,
+                    duration_ms: Some(9000),
+                    created_at: 0,
+                });
+            }
+        }
+        project_stats(&p, &items, &labels, &users)
+    }
+
+    fn length_flag(a: &AnnotatorStats) -> Option<&String> {
+        a.flags.iter().find(|f| f.starts_with("prefers the longer response"))
+    }
+
+    #[test]
+    fn length_flag_catches_the_annotator_who_prefers_longer_responses() {
+        // 72 items: the longer response sits left on even items; it is the better one on half of the items
+        // (i % 4 < 2). Careful annotators pick the better one; "noisy" errs on every third item, as often
+        // towards the shorter as towards the longer response; the long-lover always picks the longer, the
+        // short-lover always the shorter.
+        let names = ["careful-1", "careful-2", "careful-3", "noisy", "long-lover", "short-lover"];
+        let longer = |i: i64| usize::from(i % 2 == 1);
+        let better = |i: i64| if i % 4 < 2 { longer(i) } else { 1 - longer(i) };
+        let s = pairwise_set(72, |i| if i % 2 == 0 { (40, 8) } else { (8, 40) }, &names, |u, i| match names[u] {
+            "noisy" if i % 3 == 0 => 1 - better(i),
+            "long-lover" => longer(i),
+            "short-lover" => 1 - longer(i),
+            _ => better(i),
+        });
+        let by = |n: &str| s.annotators.iter().find(|a| a.username == n).unwrap();
+        let long = by("long-lover");
+        // It disagrees with the others' majority exactly where the shorter response is better.
+        assert_eq!((long.length_disagreements, long.longer_share), (36, Some(1.0)));
+        assert_eq!(
+            length_flag(long).map(String::as_str),
+            Some("prefers the longer response: picks it in 100% of 36 disagreements with the others")
+        );
+        // As many disagreements, but no leaning: not flagged.
+        let noisy = by("noisy");
+        assert_eq!((noisy.length_disagreements, noisy.longer_share), (24, Some(0.5)));
+        assert_eq!(length_flag(noisy), None, "{:?}", noisy.flags);
+        // Preferring shorter responses is not this flag's concern.
+        let short = by("short-lover");
+        assert_eq!(short.longer_share, Some(0.0));
+        assert_eq!(length_flag(short), None, "{:?}", short.flags);
+        for n in ["careful-1", "careful-2", "careful-3"] {
+            assert_eq!(by(n).length_disagreements, 0, "{n}");
+            assert!(by(n).flags.is_empty(), "{n}: {:?}", by(n).flags);
+        }
+    }
+
+    #[test]
+    fn length_flag_needs_enough_disagreements_and_different_lengths() {
+        let names = ["careful-1", "careful-2", "long-lover"];
+        let longer = |i: i64| usize::from(i % 2 == 1);
+        let better = |i: i64| if i % 4 < 2 { longer(i) } else { 1 - longer(i) };
+        let pick = |u: usize, i: i64| if names[u] == "long-lover" { longer(i) } else { better(i) };
+        // Equal lengths: nothing to measure.
+        let s = pairwise_set(72, |_| (20, 20), &names, pick);
+        assert!(s.annotators.iter().all(|a| a.length_disagreements == 0 && a.longer_share.is_none()));
+        assert!(s.annotators.iter().all(|a| length_flag(a).is_none()));
+        // 19 disagreements, all towards the longer response: below the minimum count.
+        let s = pairwise_set(39, |i| if i % 2 == 0 { (40, 8) } else { (8, 40) }, &names, pick);
+        let long = s.annotators.iter().find(|a| a.username == "long-lover").unwrap();
+        assert_eq!((long.length_disagreements, long.longer_share), (19, Some(1.0)));
+        assert_eq!(length_flag(long), None, "{:?}", long.flags);
+        // One more and it is flagged.
+        let s = pairwise_set(40, |i| if i % 2 == 0 { (40, 8) } else { (8, 40) }, &names, pick);
+        let long = s.annotators.iter().find(|a| a.username == "long-lover").unwrap();
+        assert_eq!(long.length_disagreements, LENGTH_MIN_DISAGREEMENTS);
+        assert!(length_flag(long).is_some(), "{:?}", long.flags);
     }
 }

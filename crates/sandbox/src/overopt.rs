@@ -33,63 +33,95 @@ pub fn best_of_n_kl(n: usize) -> f64 {
     n.ln() - (n - 1.0) / n
 }
 
-/// The sweep over n = 1, 2, 4, … ≤ `max_n`: `max_n` samples per prompt at `temperature`, scored once; the
-/// first n of them form best-of-n, so the points share samples and differ only in n.
-pub fn sweep(
-    sft: &Path,
-    reward_model: &Path,
-    prompts: &[Prompt],
-    max_n: usize,
-    temperature: f32,
-    max_new_tokens: usize,
-    seed: u64,
-) -> Result<Vec<BestOfN>> {
-    let g = Generator::load(sft)?;
-    let (ids, draws) = sample_k(&g, prompts, max_n, seed.wrapping_mul(6151), temperature, max_new_tokens, 64)?;
-    let max_len = g.model.config().max_position_embeddings();
-    let mut rm = RewardModel::load(&[reward_model.to_path_buf()], &g.tokenizer, max_len)
-        .with_context(|| format!("{}: cannot load the reward model", reward_model.display()))?;
-    let empty = Map::new();
-    // proxy[i][j], gold[i][j]: sample j of prompt i.
-    let (mut proxy, mut gold) = (vec![Vec::new(); prompts.len()], vec![Vec::new(); prompts.len()]);
-    for j in 0..max_n {
-        let samples: Vec<Sample> = draws
-            .iter()
-            .zip(prompts.iter().zip(&ids))
-            .map(|(d, (p, pid))| Sample {
-                prompt: &p.text,
-                completion: &d[j].0,
-                prompt_ids: pid,
-                completion_ids: &d[j].1.tokens,
-                eos: d[j].1.finish_reason == rlhf_model::FinishReason::Eos,
-                row: &empty,
-            })
-            .collect();
-        // In batches: one padded batch of every prompt would hold all their activations at once.
-        let mut scores = Vec::with_capacity(samples.len());
-        for chunk in samples.chunks(32) {
-            scores.extend(rm.score(chunk)?);
-        }
-        for (i, (d, s)) in draws.iter().zip(scores).enumerate() {
-            proxy[i].push(s);
-            gold[i].push(gold_reward(&prompts[i].gold, &d[j].0));
-        }
+/// `max_n` SFT samples per held-out prompt, drawn once and scored by gold; each reward model then scores them
+/// ([`Draws::proxy`]) and [`Draws::sweep`] forms best-of-n from the first n, so the points of a sweep (and the
+/// sweeps of different reward models) share their samples and differ only in n and in the picker.
+pub struct Draws<'a> {
+    prompts: &'a [Prompt],
+    ids: Vec<Vec<u32>>,
+    draws: Vec<Vec<(String, GenOutput)>>,
+    /// gold[i][j]: gold reward of sample j of prompt i.
+    gold: Vec<Vec<f64>>,
+    generator: Generator,
+}
+
+impl<'a> Draws<'a> {
+    pub fn new(
+        sft: &Path,
+        prompts: &'a [Prompt],
+        max_n: usize,
+        temperature: f32,
+        max_new_tokens: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let generator = Generator::load(sft)?;
+        let max_n = max_n.max(1);
+        let (ids, draws) =
+            sample_k(&generator, prompts, max_n, seed.wrapping_mul(6151), temperature, max_new_tokens, 64)?;
+        let gold =
+            draws.iter().zip(prompts).map(|(d, p)| d.iter().map(|(t, _)| gold_reward(&p.gold, t)).collect()).collect();
+        Ok(Draws { prompts, ids, draws, gold, generator })
     }
-    let mut points = Vec::new();
-    let mut n = 1;
-    while n <= max_n {
-        let (mut p_sum, mut g_sum) = (0.0, 0.0);
-        for (p, g) in proxy.iter().zip(&gold) {
-            // First best on ties, so the choice is deterministic.
-            let best = (1..n).fold(0, |b, j| if p[j] > p[b] { j } else { b });
-            p_sum += p[best];
-            g_sum += g[best];
+
+    /// proxy[i][j]: the reward model's score of sample j of prompt i.
+    pub fn proxy(&self, reward_model: &Path) -> Result<Vec<Vec<f64>>> {
+        let g = &self.generator;
+        let max_len = g.model.config().max_position_embeddings();
+        let mut rm = RewardModel::load(&[reward_model.to_path_buf()], &g.tokenizer, max_len)
+            .with_context(|| format!("{}: cannot load the reward model", reward_model.display()))?;
+        let empty = Map::new();
+        let mut proxy = vec![Vec::new(); self.prompts.len()];
+        for j in 0..self.draws.first().map_or(0, Vec::len) {
+            let samples: Vec<Sample> = self
+                .draws
+                .iter()
+                .zip(self.prompts.iter().zip(&self.ids))
+                .map(|(d, (p, pid))| Sample {
+                    prompt: &p.text,
+                    completion: &d[j].0,
+                    prompt_ids: pid,
+                    completion_ids: &d[j].1.tokens,
+                    eos: d[j].1.finish_reason == rlhf_model::FinishReason::Eos,
+                    row: &empty,
+                })
+                .collect();
+            // In batches: one padded batch of every prompt would hold all their activations at once.
+            for (i, chunk) in samples.chunks(32).enumerate() {
+                for (k, s) in rm.score(chunk)?.into_iter().enumerate() {
+                    proxy[32 * i + k].push(s);
+                }
+            }
         }
-        let m = prompts.len().max(1) as f64;
-        points.push(BestOfN { n, kl: best_of_n_kl(n), proxy: p_sum / m, gold: g_sum / m });
-        n *= 2;
+        Ok(proxy)
     }
-    Ok(points)
+
+    /// Per prompt, the index of the sample the proxy likes best among the first `n` (the first on ties, so the
+    /// choice is deterministic).
+    fn picks(proxy: &[Vec<f64>], n: usize) -> Vec<usize> {
+        proxy.iter().map(|p| (1..n.min(p.len())).fold(0, |b, j| if p[j] > p[b] { j } else { b })).collect()
+    }
+
+    /// Best-of-n for n = 1, 2, 4, … ≤ the samples drawn, picked by `proxy`.
+    pub fn sweep(&self, proxy: &[Vec<f64>]) -> Vec<BestOfN> {
+        let max_n = self.draws.first().map_or(0, Vec::len);
+        let m = self.prompts.len().max(1) as f64;
+        let mut points = Vec::new();
+        let mut n = 1;
+        while n <= max_n {
+            let picks = Self::picks(proxy, n);
+            let p_sum: f64 = picks.iter().zip(proxy).map(|(&b, p)| p[b]).sum();
+            let g_sum: f64 = picks.iter().zip(&self.gold).map(|(&b, g)| g[b]).sum();
+            points.push(BestOfN { n, kl: best_of_n_kl(n), proxy: p_sum / m, gold: g_sum / m });
+            n *= 2;
+        }
+        points
+    }
+
+    /// Gold rewards, one per prompt, of the samples `proxy` picks among all that were drawn.
+    pub fn best_gold(&self, proxy: &[Vec<f64>]) -> Vec<f64> {
+        let n = self.draws.first().map_or(0, Vec::len);
+        Self::picks(proxy, n).iter().zip(&self.gold).map(|(&b, g)| g[b]).collect()
+    }
 }
 
 /// `k` samples per prompt at `temperature`; sample j of prompt i is seeded `base_seed + k·i + j`. Returns the

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rlhf_data::tokenizer::{train_bpe, BpeConfig};
 use rlhf_eval::report::{self, esc, fmt_est, Report, Section};
+use rlhf_eval::stats::{bootstrap, Estimate};
 use rlhf_eval::{evaluate, EvalConfig, ExactMatch, ModelSpec, RewardSource, Summary};
 use rlhf_feedback::export::Format;
 use rlhf_generate::Generator;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::annotators::{check_flags, demonstrations, pairwise, FlagCheck, Panel};
+use crate::overopt::Draws;
 use crate::source::{write_prompts, write_rows, GoldReward};
 use crate::world::{generate, Mix, Prompt};
 
@@ -104,6 +106,20 @@ pub struct PipelineConfig {
     /// and an all-length-loving panel, DPO from SFT on each (models `dpo-unbiased`, `dpo-long`): does the
     /// annotators' verbosity bias reach the policy?
     pub length_bias_probe: Option<Budget>,
+    /// Label-noise robustness (empty = not run): for each share, that fraction of the reward model's training
+    /// pairs (a seeded choice, nested: the 40 % flips include the 20 % ones) has chosen and rejected swapped; a
+    /// reward model is trained on it with the `rm` budget (share 0 is the pipeline's own) and measured against
+    /// gold, and best-of-`best_of_n` picked by it on the held-out prompts is scored by gold.
+    #[serde(default)]
+    pub label_noise: Vec<f64>,
+    /// Also run PPO (the `ppo` budget) against each noisy reward model and score it by gold on the same held-out
+    /// prompts (share 0: the pipeline's own PPO policy).
+    #[serde(default)]
+    pub label_noise_ppo: bool,
+    /// Checkpoint PPO every N steps and evaluate each checkpoint on the held-out prompts of the best-of-n sweep:
+    /// proxy (reward model), gold and KL to SFT along training (Gao et al.'s curve). 0 = not.
+    #[serde(default)]
+    pub ppo_checkpoint_steps: u64,
 }
 
 impl PipelineConfig {
@@ -149,7 +165,18 @@ impl PipelineConfig {
             }),
             // A larger rate than the DPO stage's, so that the policy moves far enough for its length to tell.
             length_bias_probe: Some(Budget { steps: 60, batch_size: 16, learning_rate: 5e-4 }),
+            label_noise: vec![0.0, 0.2, 0.4],
+            label_noise_ppo: true,
+            ppo_checkpoint_steps: 10,
         }
+    }
+
+    /// Settings a run cannot start with, named by field.
+    fn validate(&self) -> Result<()> {
+        if let Some(x) = self.label_noise.iter().find(|x| !(0.0..=1.0).contains(*x)) {
+            bail!("label_noise: {x} is not a share of flipped labels in [0, 1]");
+        }
+        Ok(())
     }
 
     /// The default: a ~0.9 M parameter model and longer budgets.
@@ -180,6 +207,7 @@ impl PipelineConfig {
             }),
             // At the quick preset's 5e-4 the unbiased-label DPO collapsed here (KL 5.8 nats, 2.9 tokens).
             length_bias_probe: Some(Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 }),
+            ppo_checkpoint_steps: 20,
             eval_prompts: 1000,
             ..Self::quick(seed)
         }
@@ -254,6 +282,8 @@ pub struct OnlineStage {
     pub algorithm: Online,
     pub budget: Budget,
     pub kl_coef: f64,
+    /// Checkpoint every N steps (0: never), for evaluating the policy along training.
+    pub save_steps: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -288,6 +318,8 @@ impl OnlineStage {
             cfg.max_length.saturating_sub(cfg.eval.max_new_tokens).to_string(),
             "--seed".into(),
             cfg.seed.to_string(),
+            "--save-steps".into(),
+            self.save_steps.to_string(),
         ];
         match self.algorithm {
             Online::Ppo => f.extend(["--kl-coef".into(), self.kl_coef.to_string()]),
@@ -344,11 +376,17 @@ impl PolicyStage for OnlineStage {
 pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> {
     vec![
         Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta, loss: cfg.dpo_loss }),
-        Box::new(OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.ppo_kl_coef }),
+        Box::new(OnlineStage {
+            algorithm: Online::Ppo,
+            budget: cfg.ppo,
+            kl_coef: cfg.ppo_kl_coef,
+            save_steps: cfg.ppo_checkpoint_steps,
+        }),
         Box::new(OnlineStage {
             algorithm: Online::Grpo { generations: cfg.grpo_generations },
             budget: cfg.grpo,
             kl_coef: cfg.grpo_beta,
+            save_steps: 0,
         }),
     ]
 }
@@ -410,14 +448,52 @@ pub struct RunSummary {
     pub agreement: Value,
     /// Best-of-n against the proxy reward model, scored by the proxy and by gold (over-optimisation).
     pub best_of_n: Vec<crate::overopt::BestOfN>,
+    /// The PPO policy at its checkpoints (step 0 = SFT) on the best-of-n sweep's held-out prompts.
+    pub ppo_checkpoints: Vec<PpoCheckpoint>,
+    /// Reward models trained on labels with a share flipped, against gold.
+    pub label_noise: Vec<NoiseLevel>,
     pub eval: Summary,
     /// Plain-language findings, each computed from the numbers above.
     pub findings: Vec<String>,
 }
 
+/// The PPO policy at one checkpoint, on held-out prompts (means with 95 % intervals over the prompts).
+#[derive(Debug, Clone, Serialize)]
+pub struct PpoCheckpoint {
+    pub step: u64,
+    /// KL to SFT, nats per sequence (the evaluation's estimate on the policy's own samples).
+    pub kl: Estimate,
+    /// The pipeline's reward model's score (what PPO optimises), scored as PPO scores its rollouts, on a second
+    /// sample per prompt.
+    pub proxy: Estimate,
+    pub gold: Estimate,
+}
+
+/// A reward model trained with a share of its training labels flipped.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoiseLevel {
+    /// Share of training pairs with chosen and rejected swapped.
+    pub noise: f64,
+    pub flipped: usize,
+    pub train_pairs: usize,
+    /// Accuracy on the annotators' held-out pairs (not flipped).
+    pub rm_eval_accuracy: Option<f64>,
+    /// Share of held-out SFT sample pairs (gold rewards differing) the reward model orders as gold does.
+    pub rm_gold_agreement: f64,
+    pub gold_pairs: usize,
+    /// The policy optimised against this reward model: best-of-n of the SFT model's samples.
+    pub best_of_n: usize,
+    /// Gold reward of best-of-n picked by this reward model (per prompt, with a 95 % interval).
+    pub best_of_n_gold: Estimate,
+    /// PPO against this reward model (`label_noise_ppo`): gold and KL to SFT on the same prompts.
+    pub ppo_gold: Option<Estimate>,
+    pub ppo_kl: Option<Estimate>,
+}
+
 /// Runs the whole pipeline in `out` (cleared, except a base model built with the same settings, which is
 /// reused). Writes `summary.json`, `timings.json` and `report.html`.
 pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStage>]) -> Result<RunSummary> {
+    cfg.validate()?;
     let t0 = Instant::now();
     let mut timings = serde_json::Map::new();
     let mut lap = |name: &str, t: &mut Instant| {
@@ -498,20 +574,47 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
     let probe = &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)];
-    let gold_acc = rm_gold_agreement(&rm_dir, &sft, probe, cfg, &data)?;
+    let gold_pairs = sample_pairs(&sft, probe, cfg)?;
+    let gold_acc = rm_gold_agreement(&rm_dir, &gold_pairs, cfg, &data)?;
     let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
-        "gold_agreement": gold_acc});
+        "gold_agreement": {"pairs": gold_acc.1, "accuracy": gold_acc.0}});
     lap("rm", &mut t);
     eprintln!("  best-of-n sweep (n ≤ {}) on {} held-out prompts: proxy reward model vs gold", cfg.best_of_n, probe.len());
-    let best_of_n =
-        crate::overopt::sweep(&sft, &rm_dir, probe, cfg.best_of_n, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.seed)?;
+    let draws = Draws::new(&sft, probe, cfg.best_of_n, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.seed)?;
+    let proxy = draws.proxy(&rm_dir)?;
+    let best_of_n = draws.sweep(&proxy);
     lap("best_of_n", &mut t);
+    let (mut label_noise, mut noise_rms) = (Vec::new(), Vec::new());
+    for &noise in &cfg.label_noise {
+        eprintln!("  label noise {:.0} %: reward model on flipped labels vs gold", 100.0 * noise);
+        label_noise.push(if noise == 0.0 {
+            // The pipeline's own reward model is the one trained on the labels as given.
+            noise_rms.push(rm_dir.clone());
+            noise_level(noise, rm_train.len(), 0, r.eval.as_ref(), gold_acc, &draws, &proxy, cfg)
+        } else {
+            let (rows, flipped) = flip_labels(rm_train, noise, cfg.seed ^ 0xF11);
+            let tag = format!("{:.0}", 100.0 * noise);
+            let file = data.join(format!("rm_train-noise-{tag}.jsonl"));
+            write_rows(&file, &rows)?;
+            let dir = out.join(format!("rm-noise-{tag}"));
+            let mut c = pref_config(&sft, &file, &dir, &cfg.rm, cfg);
+            c.eval_file = Some(data.join("rm_eval.jsonl"));
+            let r = run_rm(&c).with_context(|| format!("reward model with {tag} % flipped labels"))?;
+            let acc = rm_gold_agreement(&dir, &gold_pairs, cfg, &data)?;
+            let level = noise_level(noise, rows.len(), flipped, r.eval.as_ref(), acc, &draws, &draws.proxy(&dir)?, cfg);
+            noise_rms.push(dir);
+            level
+        });
+    }
+    drop(draws);
+    lap("label_noise", &mut t);
 
     let mut stages = vec![base_info, sft_info, rm_info];
     let mut models =
         vec![ModelSpec { name: "base".into(), dir: base.clone() }, ModelSpec { name: "sft".into(), dir: sft.clone() }];
     let mut curves =
         vec![("sft".to_string(), sft.join("metrics.jsonl")), ("rm".to_string(), rm_dir.join("metrics.jsonl"))];
+    let mut ppo_checkpoints = Vec::new();
     for (i, stage) in policy_stages.iter().enumerate() {
         let name = stage.name();
         eprintln!("[sandbox 5/6] policy stage {}/{}: {name}", i + 1, policy_stages.len());
@@ -524,6 +627,11 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
             train_prompts: &data.join("train_prompts.jsonl"),
         };
         let o = stage.run(&ctx).with_context(|| format!("policy stage {name}"))?;
+        if name == "ppo" && cfg.ppo_checkpoint_steps > 0 {
+            eprintln!("  PPO checkpoints on {} held-out prompts: proxy, gold and KL along training", probe.len());
+            let steps = o.info["steps"].as_u64().unwrap_or(0);
+            ppo_checkpoints = evaluate_checkpoints(&sft, &rm_dir, &o.model_dir, steps, probe, cfg)?;
+        }
         let mut info = json!({"name": name});
         info["result"] = o.info;
         stages.push(info);
@@ -534,6 +642,12 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         lap(&name, &mut t);
     }
 
+    if cfg.label_noise_ppo && !label_noise.is_empty() {
+        let main_ppo = models.iter().find(|m| m.name == "ppo").map(|m| m.dir.as_path());
+        let inputs = (prefs_path.as_path(), data.join("train_prompts.jsonl"));
+        noise_ppo(cfg, &mut label_noise, &noise_rms, main_ppo, probe, &sft, (inputs.0, &inputs.1), out)?;
+        lap("label_noise_ppo", &mut t);
+    }
     if let Some(l) = &cfg.larger {
         let (base_large, sft_large) = (out.join("base-large"), out.join("sft-large"));
         let big = PipelineConfig { shape: l.shape, pretrain: l.pretrain, ..cfg.clone() };
@@ -571,7 +685,7 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
 
     let params = |name: &str| stages.iter().find(|s| s["name"] == name).and_then(|s| s["parameters"].as_f64());
     let larger_ratio = params("base-large").zip(params("base")).map(|(l, s)| l / s);
-    let findings = findings(&eval, &flags, &stages[2], &best_of_n, larger_ratio);
+    let findings = findings(&eval, &flags, &stages[2], &best_of_n, &ppo_checkpoints, &label_noise, larger_ratio);
     let summary = RunSummary {
         config: cfg.clone(),
         stages,
@@ -579,6 +693,8 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         annotators: flags,
         agreement,
         best_of_n,
+        ppo_checkpoints,
+        label_noise,
         eval,
         findings,
     };
@@ -632,7 +748,14 @@ fn length_bias_probe(
 fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
     let fixed = ["data", "sft", "rm", "sft-large", "dpo-unbiased", "dpo-long", "summary.json", "report.html", "timings.json"];
     let names: Vec<String> = fixed.iter().map(|s| s.to_string()).chain(stages.iter().map(|s| s.name())).collect();
-    for n in names {
+    // Reward models and PPO policies of the label-noise sweep, whatever shares an earlier run used.
+    let noise_dirs = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("rm-noise-") || n.starts_with("ppo-noise-"))
+        .collect::<Vec<_>>();
+    for n in names.into_iter().chain(noise_dirs) {
         let p = out.join(&n);
         if p.is_dir() {
             std::fs::remove_dir_all(&p).with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
@@ -718,9 +841,9 @@ fn sample_pairs<'a>(
         .collect())
 }
 
-/// Share of held-out SFT sample pairs (gold rewards differing) that the reward model orders as gold does.
-fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineConfig, data: &Path) -> Result<Value> {
-    let pairs = sample_pairs(sft, prompts, cfg)?;
+/// Share of held-out SFT sample `pairs` (gold rewards differing) that the reward model orders as gold does, and
+/// how many such pairs there were.
+fn rm_gold_agreement(rm: &Path, pairs: &[(&Prompt, String, String)], cfg: &PipelineConfig, data: &Path) -> Result<(f64, usize)> {
     let rows: Vec<Value> = pairs
         .iter()
         .flat_map(|(p, a, b)| [json!({"prompt": p.text, "completion": a}), json!({"prompt": p.text, "completion": b})])
@@ -750,7 +873,132 @@ fn rm_gold_agreement(rm: &Path, sft: &Path, prompts: &[Prompt], cfg: &PipelineCo
             agree += usize::from((s[0] > s[1]) == (ga > gb));
         }
     }
-    Ok(json!({"pairs": n, "accuracy": if n > 0 { agree as f64 / n as f64 } else { f64::NAN }}))
+    Ok((if n > 0 { agree as f64 / n as f64 } else { f64::NAN }, n))
+}
+
+/// `rows` with chosen and rejected swapped in round(`share` × rows) of them, chosen by a seeded shuffle (the
+/// same order for every share, so a larger share flips a superset). Returns the rows and how many were flipped.
+fn flip_labels(rows: &[Value], share: f64, seed: u64) -> (Vec<Value>, usize) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let k = ((share * rows.len() as f64).round() as usize).min(rows.len());
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let mut out = rows.to_vec();
+    for &i in &order[..k] {
+        if let Some(row) = out[i].as_object_mut() {
+            let (c, r) = (row.remove("chosen"), row.remove("rejected"));
+            row.extend(r.map(|r| ("chosen".to_string(), r)).into_iter().chain(c.map(|c| ("rejected".to_string(), c))));
+        }
+    }
+    (out, k)
+}
+
+/// One row of the label-noise table: the reward model's accuracies and best-of-n picked by it.
+#[allow(clippy::too_many_arguments)]
+fn noise_level(
+    noise: f64,
+    train_pairs: usize,
+    flipped: usize,
+    eval: Option<&std::collections::BTreeMap<String, f64>>,
+    (gold_agreement, gold_pairs): (f64, usize),
+    draws: &Draws,
+    proxy: &[Vec<f64>],
+    cfg: &PipelineConfig,
+) -> NoiseLevel {
+    NoiseLevel {
+        noise,
+        flipped,
+        train_pairs,
+        rm_eval_accuracy: eval.and_then(|m| m.get("accuracy")).copied(),
+        rm_gold_agreement: gold_agreement,
+        gold_pairs,
+        best_of_n: cfg.best_of_n,
+        best_of_n_gold: bootstrap(&draws.best_gold(proxy), cfg.seed),
+        ppo_gold: None,
+        ppo_kl: None,
+    }
+}
+
+/// PPO (the `ppo` budget, from SFT) against each level's reward model in `rms`, and every level's policy scored
+/// by gold on `prompts` with KL to SFT. Share 0 uses `main_ppo` (the pipeline's own PPO policy) when there is one.
+#[allow(clippy::too_many_arguments)]
+fn noise_ppo(
+    cfg: &PipelineConfig,
+    levels: &mut [NoiseLevel],
+    rms: &[PathBuf],
+    main_ppo: Option<&Path>,
+    prompts: &[Prompt],
+    sft: &Path,
+    (preferences, train_prompts): (&Path, &Path),
+    out: &Path,
+) -> Result<()> {
+    let stage = OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.ppo_kl_coef, save_steps: 0 };
+    let mut models = Vec::new();
+    for (l, rm) in levels.iter().zip(rms) {
+        let name = format!("ppo-noise-{:.0}", 100.0 * l.noise);
+        let dir = match main_ppo {
+            Some(dir) if l.noise == 0.0 => dir.to_path_buf(),
+            _ => {
+                eprintln!("  label noise {:.0} %: PPO against its reward model → {}", 100.0 * l.noise, out.join(&name).display());
+                let ctx = StageContext {
+                    config: cfg,
+                    out: out.join(&name),
+                    sft_model: sft,
+                    reward_model: rm,
+                    preferences,
+                    train_prompts,
+                };
+                stage.run(&ctx).with_context(|| format!("PPO with {:.0} % flipped labels", 100.0 * l.noise))?.model_dir
+            }
+        };
+        models.push(ModelSpec { name, dir });
+    }
+    let gold: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(prompts.iter().map(|p| p.gold.clone())))];
+    let rows: Vec<_> = prompts.iter().map(Prompt::public_row).collect();
+    let e = evaluate(&models, Some(sft), &rows, &gold, &EvalConfig { examples: 0, ..cfg.eval.clone() })?;
+    for (l, m) in levels.iter_mut().zip(&e.models) {
+        l.ppo_gold = Some(m.rewards[0].reward);
+        l.ppo_kl = m.kl_to_reference;
+    }
+    Ok(())
+}
+
+/// The PPO policy at step 0 (SFT), at each checkpoint in `ppo_dir` and at the end (`steps`), evaluated on
+/// `prompts` with gold and the pipeline's reward model, KL to SFT.
+fn evaluate_checkpoints(
+    sft: &Path,
+    rm: &Path,
+    ppo_dir: &Path,
+    steps: u64,
+    prompts: &[Prompt],
+    cfg: &PipelineConfig,
+) -> Result<Vec<PpoCheckpoint>> {
+    let mut at: Vec<(u64, PathBuf)> = vec![(0, sft.to_path_buf())];
+    at.extend(rlhf_train::checkpoint::list_checkpoints(ppo_dir)?);
+    if at.last().is_some_and(|(s, _)| *s < steps) {
+        at.push((steps, ppo_dir.to_path_buf()));
+    }
+    let models: Vec<ModelSpec> = at.iter().map(|(s, d)| ModelSpec { name: format!("step {s}"), dir: d.clone() }).collect();
+    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(prompts.iter().map(|p| p.gold.clone())))];
+    let rows: Vec<_> = prompts.iter().map(Prompt::public_row).collect();
+    let e = evaluate(&models, Some(sft), &rows, &rewards, &EvalConfig { examples: 0, ..cfg.eval.clone() })?;
+    at.iter()
+        .zip(&e.models)
+        .map(|((step, dir), m)| {
+            // The proxy as PPO scores its rollouts (generated token ids, EOS only where generation stopped), on
+            // a second sample per prompt: re-encoding the evaluation's text and always appending EOS (what
+            // `rlhf eval --reward rm:` does) scores truncated completions differently from the trainer.
+            let d = Draws::new(dir, prompts, 1, cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.seed ^ 0xC4)?;
+            let proxy: Vec<f64> = d.proxy(rm)?.into_iter().map(|p| p[0]).collect();
+            Ok(PpoCheckpoint {
+                step: *step,
+                kl: m.kl_to_reference.context("no KL to SFT")?,
+                gold: m.rewards[0].reward,
+                proxy: bootstrap(&proxy, cfg.seed),
+            })
+        })
+        .collect()
 }
 
 /// Statements computed from the run; expected effects that did not appear are said so.
@@ -759,6 +1007,8 @@ fn findings(
     flags: &[FlagCheck],
     rm: &Value,
     best_of_n: &[crate::overopt::BestOfN],
+    ppo_checkpoints: &[PpoCheckpoint],
+    label_noise: &[NoiseLevel],
     larger_ratio: Option<f64>,
 ) -> Vec<String> {
     let mut f = Vec::new();
@@ -838,6 +1088,8 @@ fn findings(
         ));
     }
     f.extend(best_of_n_finding(best_of_n));
+    f.extend(ppo_checkpoint_finding(ppo_checkpoints));
+    f.extend(label_noise_finding(label_noise, best_of_n.first()));
     if let Some(large) = gold("sft-large") {
         for rl in ["ppo", "grpo"] {
             let Some(r) = gold(rl) else { continue };
@@ -906,6 +1158,95 @@ fn best_of_n_finding(points: &[crate::overopt::BestOfN]) -> Option<String> {
     })
 }
 
+/// Gao et al. along training: does gold turn down while the proxy keeps rising?
+fn ppo_checkpoint_finding(points: &[PpoCheckpoint]) -> Option<String> {
+    let (first, last) = (points.first()?, points.last()?);
+    if points.len() < 2 {
+        return None;
+    }
+    let peak = points.iter().fold(first, |b, p| if p.gold.mean > b.gold.mean { p } else { b });
+    let head = format!(
+        "along the PPO run ({} checkpoints on {} held-out prompts, step 0 = SFT → step {}): proxy {:.3} → {:.3}, gold {:.3} → {:.3}, KL to SFT {:.2} → {:.2} nats",
+        points.len(),
+        last.gold.n,
+        last.step,
+        first.proxy.mean,
+        last.proxy.mean,
+        first.gold.mean,
+        last.gold.mean,
+        first.kl.mean,
+        last.kl.mean
+    );
+    let proxy = if last.proxy.mean > peak.proxy.mean {
+        format!("while the proxy keeps rising ({:.3} → {:.3})", peak.proxy.mean, last.proxy.mean)
+    } else {
+        format!("and the proxy does not rise after it either ({:.3} → {:.3})", peak.proxy.mean, last.proxy.mean)
+    };
+    Some(if peak.step == last.step {
+        format!("{head}; gold is highest at the last checkpoint: no over-optimisation within this run")
+    } else if peak.gold.above(&last.gold) {
+        format!(
+            "{head}; gold peaks at step {} ({:.3}, KL {:.2}) and then falls beyond the 95 % intervals {proxy}: over-optimisation along training",
+            peak.step, peak.gold.mean, peak.kl.mean
+        )
+    } else {
+        format!(
+            "{head}; gold peaks at step {} ({:.3}) and ends {:.3} lower, within the 95 % intervals {proxy}: no clear turn down",
+            peak.step,
+            peak.gold.mean,
+            peak.gold.mean - last.gold.mean
+        )
+    })
+}
+
+/// Whether the reward model's accuracy and the gold of the policy picked by it fall as labels are flipped.
+fn label_noise_finding(levels: &[NoiseLevel], n1: Option<&crate::overopt::BestOfN>) -> Option<String> {
+    let (first, last) = (levels.first()?, levels.last()?);
+    if levels.len() < 2 {
+        return None;
+    }
+    let join = |f: &dyn Fn(&NoiseLevel) -> String| levels.iter().map(f).collect::<Vec<_>>().join(" → ");
+    let falls = |xs: Vec<f64>| xs.windows(2).all(|w| w[1] < w[0]);
+    let acc = levels.iter().map(|l| l.rm_gold_agreement).collect::<Vec<_>>();
+    let acc_verdict = if falls(acc.clone()) {
+        "falls with every step of noise"
+    } else if last.rm_gold_agreement < first.rm_gold_agreement {
+        "is lower at the most noise, but not at every step"
+    } else {
+        "does NOT fall with noise"
+    };
+    let fall = |g0: &Estimate, g1: &Estimate| {
+        if g0.above(g1) {
+            "falls beyond the 95 % intervals"
+        } else if g1.mean < g0.mean {
+            "is lower, but the intervals overlap (no clear fall)"
+        } else {
+            "does NOT fall"
+        }
+    };
+    let mut out = format!(
+        "label noise ({} % of the reward model's training pairs flipped): its agreement with gold on {} held-out pairs {} ({acc_verdict}); gold of best-of-{} picked by it {} (n = 1: {}): from {:.0} % to {:.0} % flipped it {}",
+        join(&|l| format!("{:.0}", 100.0 * l.noise)),
+        first.gold_pairs,
+        join(&|l| format!("{:.0} %", 100.0 * l.rm_gold_agreement)),
+        first.best_of_n,
+        join(&|l| format!("{:.3}", l.best_of_n_gold.mean)),
+        n1.map_or("-".into(), |p| format!("{:.3}", p.gold)),
+        100.0 * first.noise,
+        100.0 * last.noise,
+        fall(&first.best_of_n_gold, &last.best_of_n_gold)
+    );
+    if let (Some(p0), Some(p1)) = (&first.ppo_gold, &last.ppo_gold) {
+        let _ = write!(
+            out,
+            "; gold of PPO against it {}: {}",
+            join(&|l| l.ppo_gold.map_or("-".into(), |g| format!("{:.3}", g.mean))),
+            fall(p0, p1)
+        );
+    }
+    Some(out)
+}
+
 fn metric_points(path: &Path, key: &str) -> Vec<(f64, f64)> {
     let Ok(text) = std::fs::read_to_string(path) else { return vec![] };
     text.lines()
@@ -942,8 +1283,11 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     sections.push(Section { id: "findings".into(), heading: "Findings".into(), html: h });
     sections.extend(report::eval_sections(&s.eval));
     sections.push(over_optimisation_section(s, curves));
+    if !s.label_noise.is_empty() {
+        sections.push(label_noise_section(s));
+    }
 
-    let mut h = String::from("<p>Pairwise labels are Bradley–Terry choices on the gold reward at each annotator's temperature, plus the annotator's bias. The flags are the feedback app's own (position bias, speed, accuracy on quality-control items).</p><table><tr><th class=l>annotator</th><th class=l>bias (truth)</th><th>labels</th><th>agreement with gold</th><th class=l>app's flags</th><th class=l>verdict</th></tr>");
+    let mut h = String::from("<p>Pairwise labels are Bradley–Terry choices on the gold reward at each annotator's temperature, plus the annotator's bias. The flags are the feedback app's own (position bias, preferring the longer response where the others disagree, speed, accuracy on quality-control items, reliability).</p><table><tr><th class=l>annotator</th><th class=l>bias (truth)</th><th>labels</th><th>agreement with gold</th><th class=l>app's flags</th><th class=l>verdict</th></tr>");
     for a in &s.annotators {
         let bias = a.bias.describe();
         let verdict = match (a.bias == crate::annotators::Bias::None, a.flags.is_empty()) {
@@ -1031,7 +1375,95 @@ fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Se
         h.push_str("<p>Along the PPO run (training batches): the reward model's score against the policy's KL to SFT.</p>");
         h.push_str(&report::line_chart("PPO: proxy score against KL", "KL to SFT (nats)", "reward-model score", &[("ppo".into(), along)], true));
     }
+    if !s.ppo_checkpoints.is_empty() {
+        let _ = write!(
+            h,
+            "<h3>Gold along the PPO run</h3><p>The PPO policy every {} steps (step 0 = SFT), sampled on the {} held-out \
+             prompts of the best-of-n sweep and scored by gold, with its KL to SFT on those samples; the reward model it \
+             optimises (proxy) scores a second sample per prompt as PPO scores its rollouts (generated tokens, EOS \
+             only where generation stopped). Gold turning down while the proxy keeps rising is over-optimisation along training.</p>",
+            s.config.ppo_checkpoint_steps,
+            s.ppo_checkpoints[0].gold.n
+        );
+        let pts = |f: fn(&PpoCheckpoint) -> f64| s.ppo_checkpoints.iter().map(|p| (p.kl.mean, f(p))).collect::<Vec<_>>();
+        let series = vec![("proxy (RM)".to_string(), pts(|p| p.proxy.mean)), ("gold".to_string(), pts(|p| p.gold.mean))];
+        h.push_str(&report::line_chart("PPO checkpoints: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
+        h.push_str("<table><tr><th>step</th><th>KL to SFT (nats)</th><th>proxy (RM)</th><th>gold</th></tr>");
+        for p in &s.ppo_checkpoints {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                p.step,
+                fmt_est(&p.kl),
+                fmt_est(&p.proxy),
+                fmt_est(&p.gold)
+            );
+        }
+        h.push_str("</table>");
+    }
     Section { id: "over-optimisation".into(), heading: "Reward over-optimisation".into(), html: h }
+}
+
+/// Reward models trained on labels with a share flipped: accuracy against gold and the policy picked by each.
+fn label_noise_section(s: &RunSummary) -> Section {
+    let n = s.label_noise.first().map_or(0, |l| l.best_of_n);
+    let ppo = s.label_noise.iter().all(|l| l.ppo_gold.is_some());
+    let policies = if ppo {
+        format!(
+            "two policies per level: best-of-{n} of the SFT model's samples on the held-out prompts of the \
+             over-optimisation sweep (the same samples for every reward model), and PPO from SFT with the pipeline's \
+             PPO budget ({} steps; 0 % is the pipeline's own PPO policy), sampled on the same prompts",
+            s.config.ppo.steps
+        )
+    } else {
+        format!(
+            "best-of-{n} of the SFT model's samples on the held-out prompts of the over-optimisation sweep (the \
+             same samples for every reward model; no PPO per level in this configuration)"
+        )
+    };
+    let mut h = format!(
+        "<p>A share of the reward model's training pairs (a seeded choice; a larger share flips a superset) has chosen \
+         and rejected swapped, and a reward model is trained on each set with the same budget (0 % is the pipeline's \
+         own). Held-out accuracy: on the annotators' held-out pairs (not flipped); agreement with gold: on held-out SFT \
+         sample pairs whose gold rewards differ (their number in brackets). The policy optimised against each reward model, scored by gold: {policies}.</p>"
+    );
+    let _ = write!(h, "<table><tr><th>labels flipped</th><th>held-out accuracy</th><th>agrees with gold</th><th>best-of-{n} gold</th>");
+    if ppo {
+        h.push_str("<th>PPO gold</th><th>PPO KL</th>");
+    }
+    h.push_str("</tr>");
+    for l in &s.label_noise {
+        let _ = write!(
+            h,
+            "<tr><td>{:.0} % <span class=ci>({} of {})</span></td><td>{}</td><td>{:.1} % <span class=ci>({})</span></td><td>{}</td>",
+            100.0 * l.noise,
+            l.flipped,
+            l.train_pairs,
+            l.rm_eval_accuracy.map_or("–".into(), |a| format!("{:.1} %", 100.0 * a)),
+            100.0 * l.rm_gold_agreement,
+            l.gold_pairs,
+            fmt_est(&l.best_of_n_gold)
+        );
+        if let (true, Some(g), Some(k)) = (ppo, &l.ppo_gold, &l.ppo_kl) {
+            let _ = write!(h, "<td>{}</td><td>{}</td>", fmt_est(g), fmt_est(k));
+        }
+        h.push_str("</tr>");
+    }
+    h.push_str("</table>");
+    let pct = |l: &NoiseLevel| 100.0 * l.noise;
+    let series = vec![
+        ("gold agreement".to_string(), s.label_noise.iter().map(|l| (pct(l), l.rm_gold_agreement)).collect()),
+        (
+            "held-out accuracy".to_string(),
+            s.label_noise.iter().filter_map(|l| Some((pct(l), l.rm_eval_accuracy?))).collect(),
+        ),
+    ];
+    h.push_str(&report::line_chart("reward model against label noise", "labels flipped (%)", "share of pairs ordered right", &series, false));
+    let mut bars: Vec<(String, Estimate)> =
+        s.label_noise.iter().map(|l| (format!("bo{n} {:.0} %", pct(l)), l.best_of_n_gold)).collect();
+    bars.extend(s.label_noise.iter().filter_map(|l| Some((format!("ppo {:.0} %", pct(l)), l.ppo_gold?))));
+    h.push_str(&report::bar_chart("gold of the policies against each reward model", "gold reward", &bars));
+    Section { id: "label-noise".into(), heading: "Label noise".into(), html: h }
 }
 
 /// `key/sub: value` pairs of a JSON object, numbers to 4 significant digits.

@@ -100,8 +100,10 @@ fn temperature_controls_agreement_with_gold() {
 }
 
 #[test]
-fn the_apps_flags_catch_position_bias_and_carelessness() {
-    let ps = world();
+fn the_apps_flags_catch_position_bias_length_bias_and_carelessness() {
+    // Four times the usual world: the length flag needs ≥ 20 disagreements with the others, and the long-lover
+    // disagrees on few items (9, all towards the longer reply, on the 240-prompt world).
+    let ps = generate(960, &Mix::default(), 11, "a-");
     let pr = pairs(&ps);
     let panel = Panel::default_mix(2);
     let s = pairwise(&panel, &pr);
@@ -115,9 +117,11 @@ fn the_apps_flags_catch_position_bias_and_carelessness() {
     let careless = by("careless");
     assert!(careless.flags.iter().any(|f| f.starts_with("too fast")), "{:?}", careless.flags);
     assert!((careless.gold_agreement.unwrap() - 0.5).abs() < 0.15);
-    // The app has no length-bias flag: the long-lover is measured, not caught.
+    // The long-lover agrees with gold less than the careful annotators, and the app's length flag (its leaning
+    // where it disagrees with the others) catches it.
     let long = by("long-lover");
     assert!(long.gold_agreement.unwrap() < by("careful-1").gold_agreement.unwrap());
+    assert!(long.flags.iter().any(|f| f.starts_with("prefers the longer response")), "{:?}", long.flags);
     assert!(!long.flags.iter().any(|f| f.starts_with("position") || f.starts_with("too fast")), "{:?}", long.flags);
     // Agreement statistics come from the app's quality code.
     let stats = s.stats();

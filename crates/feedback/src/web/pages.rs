@@ -499,7 +499,7 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
         None => "no reliability model for free-text tasks",
     };
     out.push_str(&format!(
-        "<h3>Annotators</h3><p>{flagged} of {} flagged · {model}</p><table><tr><th>Annotator</th><th>Flags</th><th>Labels</th><th>Reliability</th><th>Mean Cohen's κ</th><th>Left share</th><th>Median s/item</th><th>Gold accuracy</th></tr>",
+        "<h3>Annotators</h3><p>{flagged} of {} flagged · {model}</p><table><tr><th>Annotator</th><th>Flags</th><th>Labels</th><th>Reliability</th><th>Mean Cohen's κ</th><th>Left share</th><th>Longer share (disagreements)</th><th>Median s/item</th><th>Gold accuracy</th></tr>",
         annotators.len()
     ));
     for a in &annotators {
@@ -509,12 +509,14 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
             a.flags.iter().map(|f| format!(r#"<div class="flag">{}</div>"#, esc(f))).collect()
         };
         out.push_str(&format!(
-            "<tr><td>{}</td><td>{flags}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({} gold)</td></tr>",
+            "<tr><td>{}</td><td>{flags}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{} ({} gold)</td></tr>",
             esc(&a.username),
             a.labels,
             fmt_opt(a.reliability, 2),
             fmt_opt(mean_kappa(a.user_id), 2),
             fmt_opt(a.left_share, 2),
+            fmt_opt(a.longer_share, 2),
+            a.length_disagreements,
             fmt_opt(a.median_seconds, 1),
             fmt_opt(a.gold_accuracy, 2),
             a.gold_answered
