@@ -359,7 +359,7 @@ impl PolicyStage for OnlineStage {
         let last: serde_json::Map<String, Value> = s
             .final_metrics
             .iter()
-            .filter(|(k, _)| !k.starts_with("timing/"))
+            .filter(|(k, _)| !k.starts_with("timing/") && k.as_str() != "step_time_s")
             // Metric names carry the reward source (`rewards/rm:<dir>/mean`): the directory would tie the
             // summary to where the run happened.
             .map(|(k, v)| (k.replace(&format!("rm:{}", ctx.reward_model.display()), "rm"), json!(v)))
