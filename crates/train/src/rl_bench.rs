@@ -40,7 +40,8 @@ fn make_models(dir: &Path, tokenizer_dir: &Path, with_rm: bool) -> Result<()> {
 }
 
 /// Runs `algo` ("grpo", "rloo" or "ppo") for `steps` timed steps after the warm-up; one JSON object.
-pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usize) -> Result<Value> {
+/// `precision` bf16 runs the trainer with `--bf16` (policy, reference and rollouts).
+pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usize, precision: rlhf_model::Precision) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tmp = std::env::temp_dir().join(format!("rlhf-bench-{algo}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -62,6 +63,9 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
     flags.extend(more.iter().map(|x| x.to_string()));
     if algo == "ppo" {
         flags.extend(["--reward".into(), format!("rm:{}", s(&tmp.join("rm")))]);
+    }
+    if precision == rlhf_model::Precision::Bf16 {
+        flags.push("--bf16".into());
     }
     let argv: Vec<OsString> = flags.into_iter().map(Into::into).collect();
     let settings_err = |e: crate::settings::LoadError| match e {
@@ -95,6 +99,7 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
     Ok(json!({
         "bench": algo,
         "shape": "tiny-llama",
+        "precision": precision.name(),
         "steps": timed.len(),
         "sec_per_step_median": median(step_s.clone()),
         "tokens_per_sec": tokens.iter().sum::<f64>() / step_s.iter().sum::<f64>(),

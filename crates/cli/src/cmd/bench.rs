@@ -117,6 +117,9 @@ pub struct Online {
     /// Prompts with an `answer` column.
     #[arg(long, default_value = "data/prompts.jsonl")]
     prompts: PathBuf,
+    /// fp32, or bf16 matrix products with f32 accumulation (the trainers' `--bf16`).
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -172,9 +175,9 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Serve(a) => crate::cmd::serve::bench(a)?,
         Bench::Rm(t) => println!("{}", rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?),
         Bench::Dpo(t) => println!("{}", rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?),
-        Bench::Grpo(o) => println!("{}", rlhf_train::rl_bench::bench_online("grpo", &o.tokenizer, &o.prompts, o.steps)?),
-        Bench::Rloo(o) => println!("{}", rlhf_train::rl_bench::bench_online("rloo", &o.tokenizer, &o.prompts, o.steps)?),
-        Bench::Ppo(o) => println!("{}", rlhf_train::rl_bench::bench_online("ppo", &o.tokenizer, &o.prompts, o.steps)?),
+        Bench::Grpo(o) => println!("{}", rlhf_train::rl_bench::bench_online("grpo", &o.tokenizer, &o.prompts, o.steps, o.precision)?),
+        Bench::Rloo(o) => println!("{}", rlhf_train::rl_bench::bench_online("rloo", &o.tokenizer, &o.prompts, o.steps, o.precision)?),
+        Bench::Ppo(o) => println!("{}", rlhf_train::rl_bench::bench_online("ppo", &o.tokenizer, &o.prompts, o.steps, o.precision)?),
     }
     Ok(())
 }
