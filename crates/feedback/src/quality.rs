@@ -382,19 +382,24 @@ mod tests {
     use crate::model::Role;
     use serde_json::json;
 
-    #[test]
-    fn flags() {
-        let p = Project {
+    /// Project 1: pairwise, every item labelled by `overlap` annotators, 3 s minimum per label.
+    fn pairwise_project(overlap: i64) -> Project {
+        Project {
             id: 1,
             name: "p".into(),
             kind: TaskKind::Pairwise,
             criteria: vec![],
             likert_max: 5,
-            overlap: 2,
+            overlap,
             min_seconds: 3.0,
             guidelines: String::new(),
             created_at: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn flags() {
+        let p = pairwise_project(2);
         let items: Vec<Item> = (0..12)
             .map(|i| Item {
                 id: i,
@@ -472,17 +477,7 @@ mod tests {
         names: &[&str],
         pick: impl Fn(usize, i64) -> usize,
     ) -> ProjectStats {
-        let p = Project {
-            id: 1,
-            name: "p".into(),
-            kind: TaskKind::Pairwise,
-            criteria: vec![],
-            likert_max: 5,
-            overlap: names.len() as i64,
-            min_seconds: 3.0,
-            guidelines: String::new(),
-            created_at: 0,
-        };
+        let p = pairwise_project(names.len() as i64);
         let items: Vec<Item> = (0..n)
             .map(|i| {
                 let (a, b) = lengths(i);
