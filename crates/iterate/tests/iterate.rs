@@ -26,13 +26,16 @@ fn read_json(path: &Path) -> Value {
 
 /// Settings as flags (parsed as `rlhf iterate` parses them).
 fn args(runs: &Path, extra: &[&str]) -> IterateArgs {
-    let mut a: Vec<std::ffi::OsString> = [
+    let base = [
         "--model", "fixtures/models/llama", "--prompts", "data/prompts.jsonl", "--rounds", "2", "--prompts-per-round", "4",
         "--candidates", "2", "--max-new-tokens", "5", "--dpo-steps", "2", "--batch-size", "4",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
+    ];
+    parse(&base, runs, extra)
+}
+
+/// `base` flags, then `--runs-dir runs`, then `extra`, parsed as `rlhf iterate` parses them.
+fn parse(base: &[&str], runs: &Path, extra: &[&str]) -> IterateArgs {
+    let mut a: Vec<std::ffi::OsString> = base.iter().map(Into::into).collect();
     a.extend(["--runs-dir".into(), runs.as_os_str().to_owned()]);
     a.extend(extra.iter().map(Into::into));
     rlhf_train::settings::load::<IterateArgs>("rlhf iterate", &a).unwrap()
@@ -159,16 +162,11 @@ fn two_rounds_labelled_by_annotators_through_a_live_feedback_app() {
 
 /// Sandbox settings (the world's prompts) with the given budgets.
 fn sandbox_args(runs: &Path, extra: &[&str]) -> IterateArgs {
-    let mut a: Vec<std::ffi::OsString> = [
+    let base = [
         "--model", "fixtures/models/llama", "--labels", "sandbox", "--rounds", "1", "--prompts-per-round", "4", "--candidates", "2",
         "--max-new-tokens", "6", "--dpo-steps", "2", "--batch-size", "4", "--sandbox-eval-prompts", "4",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
-    a.extend(["--runs-dir".into(), runs.as_os_str().to_owned()]);
-    a.extend(extra.iter().map(Into::into));
-    rlhf_train::settings::load::<IterateArgs>("rlhf iterate", &a).unwrap()
+    ];
+    parse(&base, runs, extra)
 }
 
 #[test]
