@@ -1,15 +1,17 @@
 //! bf16 matrix products with f32 accumulation, the numerics of `torch.autocast("cpu", bfloat16)`:
 //! both operands are rounded to bf16 (round to nearest even), products and sums are f32.
 //!
-//! The kernel is chosen at run time:
+//! The kernel is chosen at run time (the environment variable `RLHF_BF16_KERNEL=avx512-bf16` or
+//! `=emulated` caps it, to compare kernels on one machine):
+//! * AMX-BF16 (`tdpbf16ps`: a 16 × 16 f32 tile += 16 × 32 bf16 · 32 × 16 bf16 per instruction):
+//!   `A` as bf16 rows and `B` as 32-column panels of bf16 pairs along `k` (both zero-padded to 16
+//!   pairs), a 32 × 32 block of four accumulator tiles held over the whole `k`. Linux hands out the
+//!   tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once at detection;
 //! * AVX512-BF16 (`vdpbf16ps`: two multiply-adds per f32 lane per instruction, twice the f32 FMA
 //!   rate): `A` is converted to bf16 rows, `B` packed into 48-column panels of bf16 pairs along `k`
-//!   (the "VNNI" layout the instruction reads), an 8 × 48 register tile accumulates in f32;
+//!   (the "VNNI" layout both instructions read), an 8 × 48 register tile accumulates in f32;
 //! * elsewhere, an emulation that rounds both operands to bf16 and runs the f32 gemm: the same
 //!   numbers on every machine, only not faster than f32.
-//!
-//! AMX tiles (`tdpbf16ps`) are not used: the machines this was built and measured on have no AMX,
-//! and a kernel that cannot be run here could not be tested.
 
 use crate::matmul::{gemm_into, MatRef};
 use rayon::prelude::*;
@@ -51,31 +53,70 @@ impl std::fmt::Display for Precision {
     }
 }
 
-/// The bf16 gemm implementation in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The bf16 gemm implementation in use; declared fastest first (the order a cap compares by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX-512 registers (`vdpbf16ps`).
     Avx512Bf16,
     /// Operands rounded to bf16, f32 gemm.
     Emulated,
 }
 
+/// Names `RLHF_BF16_KERNEL` accepts, fastest first.
+const KERNEL_NAMES: [(&str, Kernel); 3] =
+    [("amx", Kernel::Amx), ("avx512-bf16", Kernel::Avx512Bf16), ("emulated", Kernel::Emulated)];
+
 impl Kernel {
-    /// The fastest kernel this CPU runs (detected once).
+    /// The fastest kernel this CPU runs, at most the one `RLHF_BF16_KERNEL` names (detected once).
     pub fn detect() -> Kernel {
         static K: OnceLock<Kernel> = OnceLock::new();
         *K.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
-                return Kernel::Avx512Bf16;
-            }
-            Kernel::Emulated
+            let cap = match std::env::var("RLHF_BF16_KERNEL") {
+                Ok(v) => match KERNEL_NAMES.iter().find(|(n, _)| *n == v) {
+                    Some(&(_, k)) => k,
+                    None => {
+                        let names: Vec<&str> = KERNEL_NAMES.iter().map(|(n, _)| *n).collect();
+                        eprintln!("warning: RLHF_BF16_KERNEL={v} is not one of {}; ignoring it", names.join(", "));
+                        Kernel::Amx
+                    }
+                },
+                Err(_) => Kernel::Amx,
+            };
+            Kernel::available().into_iter().find(|&k| k >= cap).unwrap_or(Kernel::Emulated)
         })
+    }
+
+    /// Every kernel this CPU runs, fastest first (the emulation always).
+    pub fn available() -> Vec<Kernel> {
+        let mut ks = vec![];
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if amx::enable() {
+            ks.push(Kernel::Amx);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+            ks.push(Kernel::Avx512Bf16);
+        }
+        ks.push(Kernel::Emulated);
+        ks
     }
 
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::Amx => "amx-bf16",
             Kernel::Avx512Bf16 => "avx512-bf16",
             Kernel::Emulated => "emulated (bf16-rounded operands, f32 gemm)",
+        }
+    }
+
+    /// How this kernel's packed operands are laid out: `(row padding of A, panel width of B, k-pair
+    /// padding of both)`.
+    fn geometry(self) -> (usize, usize, usize) {
+        match self {
+            Kernel::Amx => (AMX_MB, AMX_NB, AMX_KQ),
+            _ => (MR, NR, 1),
         }
     }
 }
@@ -145,6 +186,11 @@ fn convert<T: Send>(src: MatRef, dst: &mut [T], ld: usize, parallel: bool, f: im
 
 /// Rows of the register tile.
 const MR: usize = 8;
+/// Rows and columns of the AMX accumulator block (2 × 2 tiles of 16 × 16 f32).
+const AMX_MB: usize = 32;
+const AMX_NB: usize = 32;
+/// k pairs per AMX step: one 16-row × 64-byte tile of `A` or `B`.
+const AMX_KQ: usize = 16;
 /// Columns of the register tile and width of a packed `B` panel (three 16-lane vectors).
 const NR: usize = 48;
 /// `k` pairs per cache block: a 48-column panel block is 24 KiB, within L1.
@@ -153,10 +199,11 @@ const KC: usize = 128;
 const MC: usize = 128;
 
 enum Packed {
-    /// bf16 pairs along `k` (low half = even `k`), zero-padded: for `A`, rows of `k.div_ceil(2)`
-    /// pairs (row count rounded up to `MR`); for `B`, `n.div_ceil(NR)` panels of
-    /// `[k.div_ceil(2)][NR]` pairs (the layout `vdpbf16ps` reads).
-    Vnni(Vec<u32>),
+    /// bf16 pairs along `k` (low half = even `k`), zero-padded to the kernel's geometry
+    /// ([`Kernel::geometry`]): for `A`, rows of `kp` pairs (`k.div_ceil(2)` rounded up to the k-pair
+    /// padding; row count rounded up to the row padding); for `B`, `n.div_ceil(nr)` panels of
+    /// `[kp][nr]` pairs (the layout `vdpbf16ps` and `tdpbf16ps` read).
+    Pairs { kernel: Kernel, kp: usize, data: Vec<u32> },
     /// bf16-rounded values, row-major f32 (emulated kernel).
     Rounded(Vec<f32>),
 }
@@ -188,11 +235,12 @@ impl PackedA {
                 convert(a, &mut r, k, parallel, round_bf16);
                 Packed::Rounded(r)
             }
-            Kernel::Avx512Bf16 => {
-                let kp = k.div_ceil(2);
-                let mut rows = vec![0u32; m.div_ceil(MR) * MR * kp];
+            Kernel::Avx512Bf16 | Kernel::Amx => {
+                let (mr, _, kq) = kernel.geometry();
+                let kp = k.div_ceil(2).next_multiple_of(kq);
+                let mut rows = vec![0u32; m.div_ceil(mr) * mr * kp];
                 convert(a, as_u16(&mut rows), 2 * kp, parallel, bf16_bits);
-                Packed::Vnni(rows)
+                Packed::Pairs { kernel, kp, data: rows }
             }
         };
         Self { m, k, data }
@@ -226,24 +274,26 @@ impl PackedB {
                 convert(b, &mut r, n, parallel, round_bf16);
                 Packed::Rounded(r)
             }
-            Kernel::Avx512Bf16 => {
-                let kp = k.div_ceil(2);
-                let mut panels = vec![0u32; n.div_ceil(NR) * kp * NR];
-                // Panel j holds B's columns n0..n0+NR: pair p of column c at p·NR + c.
+            Kernel::Avx512Bf16 | Kernel::Amx => {
+                let (_, nr, kq) = kernel.geometry();
+                let kp = k.div_ceil(2).next_multiple_of(kq);
+                let mut panels = vec![0u32; n.div_ceil(nr) * kp * nr];
+                // Panel j holds B's columns n0..n0+nr: pair p of column c at p·nr + c; pairs past
+                // k.div_ceil(2) stay zero.
                 let pair = |lo: f32, hi: f32| bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16;
                 let pack = |(j, panel): (usize, &mut [u32])| {
-                    let (n0, nc) = (j * NR, NR.min(n - j * NR));
+                    let (n0, nc) = (j * nr, nr.min(n - j * nr));
                     if b.col(0).is_some() {
                         // The nn.Linear forward (B = Wᵀ): a column is a weight row, its pairs adjacent.
                         for c in 0..nc {
                             let col = b.col(n0 + c).expect("column-major view");
                             for (p, two) in col.chunks(2).enumerate() {
-                                panel[p * NR + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                                panel[p * nr + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
                             }
                         }
                     } else {
-                        for p in 0..kp {
-                            let dst = &mut panel[p * NR..p * NR + nc];
+                        for p in 0..k.div_ceil(2) {
+                            let dst = &mut panel[p * nr..p * nr + nc];
                             match (b.row(2 * p), (2 * p + 1 < k).then(|| b.row(2 * p + 1))) {
                                 (Some(r0), Some(Some(r1))) => {
                                     let (r0, r1) = (&r0[n0..n0 + nc], &r1[n0..n0 + nc]);
@@ -259,12 +309,12 @@ impl PackedB {
                 };
                 if kp > 0 {
                     if parallel && k * n >= PAR_MIN_MACS >> 6 {
-                        panels.par_chunks_mut(kp * NR).enumerate().for_each(pack);
+                        panels.par_chunks_mut(kp * nr).enumerate().for_each(pack);
                     } else {
-                        panels.chunks_mut(kp * NR).enumerate().for_each(pack);
+                        panels.chunks_mut(kp * nr).enumerate().for_each(pack);
                     }
                 }
-                Packed::Vnni(panels)
+                Packed::Pairs { kernel, kp, data: panels }
             }
         };
         Self { k, n, data }
@@ -348,9 +398,13 @@ pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b:
             gemm_into(dst, ld, accumulate, MatRef::new(ar, m, k, k), MatRef::new(br, k, n, n), parallel)
         }
         #[cfg(target_arch = "x86_64")]
-        (Packed::Vnni(rows), Packed::Vnni(panels)) => {
-            assert_eq!(Kernel::detect(), Kernel::Avx512Bf16, "VNNI operands need the AVX512-BF16 kernel");
-            vnni::gemm(dst, ld, accumulate, rows, panels, m, k, n, parallel)
+        (Packed::Pairs { kernel: ka, kp, data: rows }, Packed::Pairs { kernel: kb, data: panels, .. }) if ka == kb => {
+            match ka {
+                Kernel::Avx512Bf16 => vnni::gemm(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
+                #[cfg(target_os = "linux")]
+                Kernel::Amx => amx::gemm(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
+                _ => unreachable!("pairs are packed only for the AVX512-BF16 and AMX kernels"),
+            }
         }
         _ => panic!("gemm_ops: operands packed for different kernels"),
     }
@@ -411,11 +465,10 @@ mod vnni {
         ap: &[u32],
         panels: &[u32],
         m: usize,
-        k: usize,
+        kp: usize,
         n: usize,
         parallel: bool,
     ) {
-        let kp = k.div_ceil(2);
         assert!(ap.len() >= m.div_ceil(MR) * MR * kp && panels.len() >= n.div_ceil(NR) * kp * NR);
         let np = n.div_ceil(NR);
         // Tasks are MC rows × a group of panels; enough groups that both cores get work when M is
@@ -475,6 +528,178 @@ mod vnni {
     }
 }
 
+/// The AMX-BF16 kernel (Linux: the tile state must be requested from the kernel).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use super::{AMX_KQ, AMX_MB, AMX_NB, MC};
+    use rayon::prelude::*;
+    use std::arch::asm;
+
+    /// `arch_prctl` requests of Linux's `asm/prctl.h`, and the xstate component of the tile data.
+    const ARCH_GET_XCOMP_PERM: libc::c_ulong = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+
+    /// True when the CPU has AMX-TILE and AMX-BF16 and Linux granted this process the tile state.
+    pub(super) fn enable() -> bool {
+        // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+        // CPUID leaf 7 exists on every x86-64 CPU that has AVX-512 (checked first).
+        let has_cpu = is_x86_feature_detected!("avx512f") && {
+            let r = std::arch::x86_64::__cpuid_count(7, 0);
+            r.edx & (1 << 22) != 0 && r.edx & (1 << 24) != 0
+        };
+        if !has_cpu {
+            return false;
+        }
+        let mut granted: libc::c_ulong = 0;
+        // SAFETY: plain syscalls; the second writes one u64 through a valid pointer.
+        unsafe {
+            libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+                && libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut granted as *mut libc::c_ulong) == 0
+                && granted & (1 << XFEATURE_XTILEDATA) != 0
+        }
+    }
+
+    /// `ldtilecfg`'s 64-byte operand: palette 1, tiles 0–7 all 16 rows × 64 bytes
+    /// (0–3: C blocks of 16 × 16 f32; 4–5: A, 16 rows × 16 pairs; 6–7: B, 16 pairs × 16 columns).
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// The destination shared by tasks that write disjoint blocks of it.
+    #[derive(Clone, Copy)]
+    struct Dst(*mut f32);
+    // SAFETY: every task writes only its own rows × panels block (see `gemm`).
+    unsafe impl Send for Dst {}
+    unsafe impl Sync for Dst {}
+
+    impl Dst {
+        /// (A method, so that closures capture the whole `Send + Sync` wrapper, not its field.)
+        fn ptr(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// `c[32 × 32] (+)= a · b` over `kp` pairs (a multiple of 16): `a` 32 rows `lda` bytes apart,
+    /// `b` one 32-column panel (`ldb` = 128 bytes per pair), `c` rows `ldc` bytes apart. Reads `c`
+    /// only when `load_c`. The tile configuration must be loaded.
+    unsafe fn block(kp: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+        let ldb = 4 * AMX_NB;
+        let (c0, c1, c2, c3) = (c, c.add(16), c.byte_add(16 * ldc), c.byte_add(16 * ldc).add(16));
+        if load_c {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}]", "tileloadd tmm1, [{c1} + {s}]",
+                "tileloadd tmm2, [{c2} + {s}]", "tileloadd tmm3, [{c3} + {s}]",
+                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) ldc,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        }
+        for q in (0..kp).step_by(AMX_KQ) {
+            let (a0, b0) = (a.add(q), b.add(q * AMX_NB));
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}]", "tileloadd tmm5, [{a1} + {sa}]",
+                "tileloadd tmm6, [{b0} + {sb}]", "tileloadd tmm7, [{b1} + {sb}]",
+                "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, a1 = in(reg) a0.byte_add(16 * lda), sa = in(reg) lda,
+                b0 = in(reg) b0, b1 = in(reg) b0.add(16), sb = in(reg) ldb,
+                options(nostack, readonly),
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {s}], tmm0", "tilestored [{c1} + {s}], tmm1",
+            "tilestored [{c2} + {s}], tmm2", "tilestored [{c3} + {s}], tmm3",
+            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) ldc,
+            options(nostack),
+        );
+    }
+
+    /// `dst[m × n] (+)= a · b` for `a` bf16 rows (padded to 32 rows of `kp` pairs, `kp` a multiple
+    /// of 16) and `b` packed 32-column panels.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        dst: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+        ap: &[u32],
+        panels: &[u32],
+        m: usize,
+        kp: usize,
+        n: usize,
+        parallel: bool,
+    ) {
+        assert!(kp % AMX_KQ == 0 && ap.len() >= m.div_ceil(AMX_MB) * AMX_MB * kp && panels.len() >= n.div_ceil(AMX_NB) * kp * AMX_NB);
+        let np = n.div_ceil(AMX_NB);
+        // Tasks are MC rows × a group of panels, as in the AVX-512 kernel.
+        let mblocks = m.div_ceil(MC);
+        let groups = if parallel { (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np) } else { 1 };
+        let per_group = np.div_ceil(groups);
+        let out = Dst(dst.as_mut_ptr());
+        let task = |t: usize| {
+            let (mb, g) = (t / groups, t % groups);
+            let (i0, i1) = (mb * MC, ((mb + 1) * MC).min(m));
+            let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
+            let mut edge = [0f32; AMX_MB * AMX_NB];
+            // SAFETY: AMX operands are packed only after `enable` succeeded; CONFIG is a valid palette-1
+            // configuration, loaded on this thread before any tile instruction and released after.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+            for j in j0..j1 {
+                let (n0, nc) = (j * AMX_NB, AMX_NB.min(n - j * AMX_NB));
+                let bp = panels[j * kp * AMX_NB..].as_ptr();
+                for i in (i0..i1).step_by(AMX_MB) {
+                    let mr = AMX_MB.min(m - i);
+                    let apt = ap[i * kp..].as_ptr();
+                    // SAFETY: `ap` holds 32 rows of `kp` pairs from row `i` and the panel `kp` × 32
+                    // pairs (lengths asserted above); full blocks lie inside `dst` (`(m-1)·ld + n ≤
+                    // len`, checked by the caller), edge blocks go through `edge`, and no other task
+                    // touches rows i0..i1 × panels j0..j1.
+                    unsafe {
+                        let c = out.ptr().add(i * ld + n0);
+                        if mr == AMX_MB && nc == AMX_NB {
+                            block(kp, apt, 4 * kp, bp, c, 4 * ld, accumulate);
+                        } else {
+                            for r in 0..mr {
+                                for col in 0..nc {
+                                    edge[r * AMX_NB + col] = if accumulate { *c.add(r * ld + col) } else { 0.0 };
+                                }
+                            }
+                            block(kp, apt, 4 * kp, bp, edge.as_mut_ptr(), 4 * AMX_NB, true);
+                            for r in 0..mr {
+                                for col in 0..nc {
+                                    *c.add(r * ld + col) = edge[r * AMX_NB + col];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // SAFETY: releases this thread's tile state (the next task loads the configuration again).
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        };
+        let tasks = mblocks * groups;
+        if parallel && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,11 +718,11 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let mut ks = vec![Kernel::Emulated];
-        if Kernel::detect() == Kernel::Avx512Bf16 {
-            ks.push(Kernel::Avx512Bf16);
-        } else {
-            eprintln!("SKIP: no AVX512-BF16 on this CPU; only the emulated bf16 kernel is tested");
+        let ks = Kernel::available();
+        for k in [Kernel::Amx, Kernel::Avx512Bf16] {
+            if !ks.contains(&k) {
+                eprintln!("SKIP: this CPU (or OS) has no {}; that kernel is not tested here", k.name());
+            }
         }
         ks
     }
