@@ -184,6 +184,125 @@ fn convert<T: Send>(src: MatRef, dst: &mut [T], ld: usize, parallel: bool, f: im
     }
 }
 
+/// AVX-512 conversions into the pair layouts: both pair kernels run only where AVX-512F is, and the
+/// scalar loops (transposing ones above all) cost a large part of a product otherwise. Same
+/// rounding as [`bf16_bits`].
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::bf16_bits;
+    use std::arch::x86_64::*;
+
+    /// 16 f32 → their bf16 bit patterns, one per 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rne(x: __m512) -> __m512i {
+        let b = _mm512_castps_si512(x);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
+        _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), _mm512_set1_epi32(0x7FC0))
+    }
+
+    /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pairs32(x: *const f32) -> __m512i {
+        let lo = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x)));
+        let hi = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x.add(16))));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    fn pair(lo: f32, hi: f32) -> u32 {
+        bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+    }
+
+    /// `dst[p · stride] = (x[2p], x[2p+1])` for every pair of `x` (an odd tail pairs with 0).
+    ///
+    /// # Safety
+    /// AVX-512F; `dst` valid for writes at every `p · stride`, `p < x.len().div_ceil(2)`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_pairs(x: &[f32], dst: *mut u32, stride: usize) {
+        let full = x.len() / 32;
+        let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
+        for q in 0..full {
+            let v = pairs32(x.as_ptr().add(32 * q));
+            if stride == 1 {
+                _mm512_storeu_si512(dst.add(16 * q).cast(), v);
+            } else {
+                _mm512_i32scatter_epi32::<4>(dst.add(16 * q * stride).cast(), idx, v);
+            }
+        }
+        for p in 16 * full..x.len().div_ceil(2) {
+            *dst.add(p * stride) = pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
+        }
+    }
+
+    /// `dst[i · stride] = (lo[i], hi[i])` (`hi` absent: 0), for `i < lo.len()`.
+    ///
+    /// # Safety
+    /// AVX-512F; `hi` at least as long as `lo`; `dst` valid for writes at every `i · stride`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: *mut u32, stride: usize) {
+        let n = lo.len();
+        let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
+        for q in 0..n / 16 {
+            let l = rne(_mm512_loadu_ps(lo.as_ptr().add(16 * q)));
+            let h = match hi {
+                Some(h) => _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr().add(16 * q)))),
+                None => _mm512_setzero_si512(),
+            };
+            let v = _mm512_or_si512(l, h);
+            if stride == 1 {
+                _mm512_storeu_si512(dst.add(16 * q).cast(), v);
+            } else {
+                _mm512_i32scatter_epi32::<4>(dst.add(16 * q * stride).cast(), idx, v);
+            }
+        }
+        for i in n / 16 * 16..n {
+            *dst.add(i * stride) = pair(lo[i], hi.map_or(0.0, |h| h[i]));
+        }
+    }
+}
+
+/// `A` into rows of `kp` pairs (`rows[i · kp + p]` = (a(i, 2p), a(i, 2p+1))), for the pair kernels.
+fn pack_a_pairs(a: MatRef, rows: &mut [u32], kp: usize, parallel: bool) {
+    let (m, k) = (a.nrows(), a.ncols());
+    if m == 0 || k == 0 {
+        return;
+    }
+    let block = |(bi, d): (usize, &mut [u32])| {
+        let r0 = bi * CONVERT_ROWS;
+        let s = a.row_range(r0, (r0 + CONVERT_ROWS).min(m));
+        let dp = d.as_mut_ptr();
+        // SAFETY: the pair kernels exist only where AVX-512F was detected; row i of the block owns
+        // d[i·kp .. i·kp + kp] and k.div_ceil(2) ≤ kp pairs are written into it.
+        unsafe {
+            if s.col(0).is_some() {
+                // A transposed view: columns 2p and 2p+1 give pair p of every row of the block.
+                for p in 0..k.div_ceil(2) {
+                    let lo = s.col(2 * p).expect("column-major view");
+                    simd::zip_pairs(lo, (2 * p + 1 < k).then(|| s.col(2 * p + 1).expect("column-major view")), dp.add(p), kp);
+                }
+            } else {
+                for i in 0..s.nrows() {
+                    match s.row(i) {
+                        Some(r) => simd::row_pairs(r, dp.add(i * kp), 1),
+                        None => {
+                            let r: Vec<f32> = (0..k).map(|j| s.at(i, j)).collect();
+                            simd::row_pairs(&r, dp.add(i * kp), 1)
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let rows = &mut rows[..m * kp];
+    if parallel && m * k >= PAR_MIN_MACS >> 6 {
+        rows.par_chunks_mut(CONVERT_ROWS * kp).enumerate().for_each(block);
+    } else {
+        rows.chunks_mut(CONVERT_ROWS * kp).enumerate().for_each(block);
+    }
+}
+
 /// Rows of the register tile.
 const MR: usize = 8;
 /// Rows and columns of the AMX accumulator block (2 × 2 tiles of 16 × 16 f32).
@@ -206,12 +325,6 @@ enum Packed {
     Pairs { kernel: Kernel, kp: usize, data: Vec<u32> },
     /// bf16-rounded values, row-major f32 (emulated kernel).
     Rounded(Vec<f32>),
-}
-
-/// Views `u32` storage as twice as many `u16`s (bf16 values; pairs little-endian).
-fn as_u16(v: &mut [u32]) -> &mut [u16] {
-    // SAFETY: u16 has weaker alignment than u32 and every bit pattern is valid for both.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), v.len() * 2) }
 }
 
 /// The left operand of bf16 products, converted once (e.g. the hidden states the chunked LM head
@@ -239,7 +352,7 @@ impl PackedA {
                 let (mr, _, kq) = kernel.geometry();
                 let kp = k.div_ceil(2).next_multiple_of(kq);
                 let mut rows = vec![0u32; m.div_ceil(mr) * mr * kp];
-                convert(a, as_u16(&mut rows), 2 * kp, parallel, bf16_bits);
+                pack_a_pairs(a, &mut rows, kp, parallel);
                 Packed::Pairs { kernel, kp, data: rows }
             }
         };
@@ -280,29 +393,33 @@ impl PackedB {
                 let mut panels = vec![0u32; n.div_ceil(nr) * kp * nr];
                 // Panel j holds B's columns n0..n0+nr: pair p of column c at p·nr + c; pairs past
                 // k.div_ceil(2) stay zero.
-                let pair = |lo: f32, hi: f32| bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16;
                 let pack = |(j, panel): (usize, &mut [u32])| {
                     let (n0, nc) = (j * nr, nr.min(n - j * nr));
-                    if b.col(0).is_some() {
-                        // The nn.Linear forward (B = Wᵀ): a column is a weight row, its pairs adjacent.
-                        for c in 0..nc {
-                            let col = b.col(n0 + c).expect("column-major view");
-                            for (p, two) in col.chunks(2).enumerate() {
-                                panel[p * nr + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                    let dp = panel.as_mut_ptr();
+                    // SAFETY: the pair kernels exist only where AVX-512F was detected; the panel is
+                    // kp · nr pairs and every write lands at p · nr + c with p < k.div_ceil(2) ≤ kp,
+                    // c < nc ≤ nr.
+                    unsafe {
+                        if b.col(0).is_some() {
+                            // The nn.Linear forward (B = Wᵀ): a column is a weight row, its pairs adjacent.
+                            for c in 0..nc {
+                                simd::row_pairs(b.col(n0 + c).expect("column-major view"), dp.add(c), nr);
                             }
-                        }
-                    } else {
-                        for p in 0..k.div_ceil(2) {
-                            let dst = &mut panel[p * nr..p * nr + nc];
-                            match (b.row(2 * p), (2 * p + 1 < k).then(|| b.row(2 * p + 1))) {
-                                (Some(r0), Some(Some(r1))) => {
-                                    let (r0, r1) = (&r0[n0..n0 + nc], &r1[n0..n0 + nc]);
-                                    dst.iter_mut().zip(r0.iter().zip(r1)).for_each(|(d, (&lo, &hi))| *d = pair(lo, hi));
+                        } else {
+                            for p in 0..k.div_ceil(2) {
+                                let row = |r: usize| -> Vec<f32> {
+                                    match b.row(r) {
+                                        Some(x) => x[n0..n0 + nc].to_vec(),
+                                        None => (0..nc).map(|c| b.at(r, n0 + c)).collect(),
+                                    }
+                                };
+                                match (b.row(2 * p), (2 * p + 1 < k).then(|| b.row(2 * p + 1)).flatten()) {
+                                    (Some(r0), Some(r1)) => simd::zip_pairs(&r0[n0..n0 + nc], Some(&r1[n0..n0 + nc]), dp.add(p * nr), 1),
+                                    _ => {
+                                        let hi = (2 * p + 1 < k).then(|| row(2 * p + 1));
+                                        simd::zip_pairs(&row(2 * p), hi.as_deref(), dp.add(p * nr), 1)
+                                    }
                                 }
-                                _ => dst.iter_mut().enumerate().for_each(|(c, d)| {
-                                    let hi = if 2 * p + 1 < k { b.at(2 * p + 1, n0 + c) } else { 0.0 };
-                                    *d = pair(b.at(2 * p, n0 + c), hi)
-                                }),
                             }
                         }
                     }
