@@ -261,6 +261,88 @@ mod simd {
             *dst.add(i * stride) = pair(lo[i], hi.map_or(0.0, |h| h[i]));
         }
     }
+    /// The 16 × 16 transpose of 32-bit lanes: `out[j]` lane i = `r[i]` lane j.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let z = _mm512_setzero_si512();
+        let (mut t, mut u, mut v, mut out) = ([z; 16], [z; 16], [z; 16], [z; 16]);
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + s], 128-bit lane L: column 4L + s of rows 4g..4g+4.
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        for h in [0, 8] {
+            for s in 0..4 {
+                v[h + s] = _mm512_shuffle_i32x4::<0x88>(u[h + s], u[h + 4 + s]);
+                v[h + 4 + s] = _mm512_shuffle_i32x4::<0xdd>(u[h + s], u[h + 4 + s]);
+            }
+        }
+        for s in 0..4 {
+            out[s] = _mm512_shuffle_i32x4::<0x88>(v[s], v[8 + s]);
+            out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v[s], v[8 + s]);
+            out[4 + s] = _mm512_shuffle_i32x4::<0x88>(v[4 + s], v[12 + s]);
+            out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(v[4 + s], v[12 + s]);
+        }
+        out
+    }
+
+    /// Pairs of 16 sequences at once, transposed: `dst[p · stride + c] = (x_c[2p], x_c[2p+1])` for
+    /// `c < 16` and every pair (an odd tail pairs with 0); `x_c = cols[c]`, all of one length.
+    ///
+    /// # Safety
+    /// AVX-512F; `dst` valid for writes at every `p · stride + c`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_pairs16(cols: [&[f32]; 16], dst: *mut u32, stride: usize) {
+        let len = cols[0].len();
+        let full = len / 32;
+        for q in 0..full {
+            let v = transpose16(std::array::from_fn(|c| pairs32(cols[c].as_ptr().add(32 * q))));
+            for (p, vp) in v.iter().enumerate() {
+                _mm512_storeu_si512(dst.add((16 * q + p) * stride).cast(), *vp);
+            }
+        }
+        for p in 16 * full..len.div_ceil(2) {
+            for (c, x) in cols.iter().enumerate() {
+                *dst.add(p * stride + c) = pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
+            }
+        }
+    }
+
+    /// 16 rows of pairs from columns: `dst[i · stride + p] = (col(2p)[i], col(2p+1)[i])` for `i < 16`
+    /// and `p < pairs` (column `2p + 1 = k` absent: 0); every column has at least 16 values.
+    ///
+    /// # Safety
+    /// AVX-512F; `dst` valid for writes at every `i · stride + p`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn col_pairs16<'a>(col: impl Fn(usize) -> Option<&'a [f32]>, pairs: usize, dst: *mut u32, stride: usize) {
+        let zip = |p: usize| -> __m512i {
+            let lo = rne(_mm512_loadu_ps(col(2 * p).expect("column 2p exists").as_ptr()));
+            match col(2 * p + 1) {
+                Some(h) => _mm512_or_si512(lo, _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr())))),
+                None => lo,
+            }
+        };
+        for p0 in (0..pairs / 16 * 16).step_by(16) {
+            let v = transpose16(std::array::from_fn(|t| zip(p0 + t)));
+            for (i, vi) in v.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(i * stride + p0).cast(), *vi);
+            }
+        }
+        for p in pairs / 16 * 16..pairs {
+            let v = zip(p);
+            let lanes: [u32; 16] = std::mem::transmute(v);
+            for (i, &x) in lanes.iter().enumerate() {
+                *dst.add(i * stride + p) = x;
+            }
+        }
+    }
 }
 
 /// `A` into rows of `kp` pairs (`rows[i · kp + p]` = (a(i, 2p), a(i, 2p+1))), for the pair kernels.
@@ -277,10 +359,17 @@ fn pack_a_pairs(a: MatRef, rows: &mut [u32], kp: usize, parallel: bool) {
         // d[i·kp .. i·kp + kp] and k.div_ceil(2) ≤ kp pairs are written into it.
         unsafe {
             if s.col(0).is_some() {
-                // A transposed view: columns 2p and 2p+1 give pair p of every row of the block.
+                // A transposed view: columns 2p and 2p+1 give pair p of every row of the block;
+                // 16 rows at a time are transposed in registers, a remainder scattered.
+                let full = s.nrows() / 16 * 16;
+                for i0 in (0..full).step_by(16) {
+                    let col = |j: usize| (j < k).then(|| &s.col(j).expect("column-major view")[i0..i0 + 16]);
+                    simd::col_pairs16(col, k.div_ceil(2), dp.add(i0 * kp), kp);
+                }
                 for p in 0..k.div_ceil(2) {
-                    let lo = s.col(2 * p).expect("column-major view");
-                    simd::zip_pairs(lo, (2 * p + 1 < k).then(|| s.col(2 * p + 1).expect("column-major view")), dp.add(p), kp);
+                    let lo = &s.col(2 * p).expect("column-major view")[full..];
+                    let hi = (2 * p + 1 < k).then(|| &s.col(2 * p + 1).expect("column-major view")[full..]);
+                    simd::zip_pairs(lo, hi, dp.add(full * kp + p), kp);
                 }
             } else {
                 for i in 0..s.nrows() {
@@ -401,9 +490,14 @@ impl PackedB {
                     // c < nc ≤ nr.
                     unsafe {
                         if b.col(0).is_some() {
-                            // The nn.Linear forward (B = Wᵀ): a column is a weight row, its pairs adjacent.
-                            for c in 0..nc {
-                                simd::row_pairs(b.col(n0 + c).expect("column-major view"), dp.add(c), nr);
+                            // The nn.Linear forward (B = Wᵀ): a column is a weight row, its pairs adjacent;
+                            // 16 columns at a time are transposed in registers, a remainder scattered.
+                            let col = |c: usize| b.col(n0 + c).expect("column-major view");
+                            for c0 in (0..nc / 16 * 16).step_by(16) {
+                                simd::row_pairs16(std::array::from_fn(|c| col(c0 + c)), dp.add(c0), nr);
+                            }
+                            for c in nc / 16 * 16..nc {
+                                simd::row_pairs(col(c), dp.add(c), nr);
                             }
                         } else {
                             for p in 0..k.div_ceil(2) {
@@ -649,6 +743,10 @@ mod vnni {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
     use super::{AMX_KQ, AMX_MB, AMX_NB, MC};
+
+    /// k pairs per cache block: a 32-column panel block is 16 KiB and a 32-row `A` block as much, both
+    /// within L1 (the whole `k` of a 1,536-wide product is not).
+    const KC: usize = 128;
     use rayon::prelude::*;
     use std::arch::asm;
 
@@ -775,30 +873,34 @@ mod amx {
             // SAFETY: AMX operands are packed only after `enable` succeeded; CONFIG is a valid palette-1
             // configuration, loaded on this thread before any tile instruction and released after.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-            for j in j0..j1 {
-                let (n0, nc) = (j * AMX_NB, AMX_NB.min(n - j * AMX_NB));
-                let bp = panels[j * kp * AMX_NB..].as_ptr();
-                for i in (i0..i1).step_by(AMX_MB) {
-                    let mr = AMX_MB.min(m - i);
-                    let apt = ap[i * kp..].as_ptr();
-                    // SAFETY: `ap` holds 32 rows of `kp` pairs from row `i` and the panel `kp` × 32
-                    // pairs (lengths asserted above); full blocks lie inside `dst` (`(m-1)·ld + n ≤
-                    // len`, checked by the caller), edge blocks go through `edge`, and no other task
-                    // touches rows i0..i1 × panels j0..j1.
-                    unsafe {
-                        let c = out.ptr().add(i * ld + n0);
-                        if mr == AMX_MB && nc == AMX_NB {
-                            block(kp, apt, 4 * kp, bp, c, 4 * ld, accumulate);
-                        } else {
-                            for r in 0..mr {
-                                for col in 0..nc {
-                                    edge[r * AMX_NB + col] = if accumulate { *c.add(r * ld + col) } else { 0.0 };
+            for pc in (0..kp).step_by(KC) {
+                let kc = KC.min(kp - pc);
+                let load = accumulate || pc > 0;
+                for j in j0..j1 {
+                    let (n0, nc) = (j * AMX_NB, AMX_NB.min(n - j * AMX_NB));
+                    let bp = panels[(j * kp + pc) * AMX_NB..].as_ptr();
+                    for i in (i0..i1).step_by(AMX_MB) {
+                        let mr = AMX_MB.min(m - i);
+                        let apt = ap[i * kp + pc..].as_ptr();
+                        // SAFETY: `ap` holds 32 rows of `kp` pairs from row `i` and the panel `kp` × 32
+                        // pairs (lengths asserted above; `kc` pairs from `pc` lie inside both); full
+                        // blocks lie inside `dst` (`(m-1)·ld + n ≤ len`, checked by the caller), edge
+                        // blocks go through `edge`, and no other task touches rows i0..i1 × panels j0..j1.
+                        unsafe {
+                            let c = out.ptr().add(i * ld + n0);
+                            if mr == AMX_MB && nc == AMX_NB {
+                                block(kc, apt, 4 * kp, bp, c, 4 * ld, load);
+                            } else {
+                                for r in 0..mr {
+                                    for col in 0..nc {
+                                        edge[r * AMX_NB + col] = if load { *c.add(r * ld + col) } else { 0.0 };
+                                    }
                                 }
-                            }
-                            block(kp, apt, 4 * kp, bp, edge.as_mut_ptr(), 4 * AMX_NB, true);
-                            for r in 0..mr {
-                                for col in 0..nc {
-                                    *c.add(r * ld + col) = edge[r * AMX_NB + col];
+                                block(kc, apt, 4 * kp, bp, edge.as_mut_ptr(), 4 * AMX_NB, true);
+                                for r in 0..mr {
+                                    for col in 0..nc {
+                                        *c.add(r * ld + col) = edge[r * AMX_NB + col];
+                                    }
                                 }
                             }
                         }
