@@ -63,23 +63,25 @@ impl Linear {
         }
     }
 
-    /// A detached copy with the weight stored `[in, out]` contiguously: at decode batch sizes the
-    /// CPU gemm multiplies by it about twice as fast as by the transposed view of `[out, in]`. At
-    /// bf16 the copy also holds the weight converted once (decoding multiplies a few rows by
-    /// it, so converting it per product would cost as much as the product).
+    /// A detached copy for decoding. At f32 the weight is stored `[in, out]` contiguously: at decode
+    /// batch sizes the CPU gemm multiplies by it about twice as fast as by the transposed view of
+    /// `[out, in]`. At bf16 the copy holds the weight converted once, packed straight from its stored
+    /// layout (decoding multiplies a few rows by it, so converting it per product would cost as much
+    /// as the product; an f32 transposed copy would only be read once, by the packing).
     pub fn inference_copy(&self) -> Result<Linear> {
-        let weight = match self.layout {
-            WeightLayout::OutIn => self.weight.detach().t()?.contiguous()?,
-            WeightLayout::InOut => self.weight.detach(),
-        };
-        let packed = match self.precision {
-            Precision::Bf16 => crate::ops::pack_linear_weight(&weight, false)?,
-            Precision::Fp32 => None,
+        let (weight, layout, packed) = match (self.precision, self.layout) {
+            (Precision::Bf16, layout) => {
+                let w = self.weight.detach();
+                let packed = crate::ops::pack_linear_weight(&w, layout == WeightLayout::OutIn)?;
+                (w, layout, packed)
+            }
+            (Precision::Fp32, WeightLayout::OutIn) => (self.weight.detach().t()?.contiguous()?, WeightLayout::InOut, None),
+            (Precision::Fp32, WeightLayout::InOut) => (self.weight.detach(), WeightLayout::InOut, None),
         };
         Ok(Linear {
             weight,
             bias: self.bias.as_ref().map(Tensor::detach),
-            layout: WeightLayout::InOut,
+            layout,
             adapter: self.adapter.clone(),
             precision: self.precision,
             packed,
