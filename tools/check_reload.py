@@ -7,7 +7,7 @@ with a reference.  Usage (see tools/README.md):
 REF is one of
   * fixtures/reference/logits.safetensors — uses its `input_ids`/`attention_mask` and the tensor
     `<NAME>.logits` (causal LM) or `<NAME>.scores` (sequence classifier); NAME defaults to the
-    config's model_type (llama / qwen2 / gpt2), or `llama-rm` for a sequence-classification config;
+XX
   * any safetensors file with `input_ids` [B, T] (int), optional `attention_mask` [B, T], and
     `logits` [B, T, V] or `scores` [B] — e.g. dumped by the Rust side for its own trained model;
   * another model directory — both models run on the fixed batch of logits.safetensors.
@@ -75,7 +75,7 @@ def reference(model, ref, key):
     mask = tensors.get("attention_mask", torch.ones_like(ids)).long()
     kind = "scores" if is_classifier(model.config) else "logits"
     if key is None and kind not in tensors:
-        key = "llama-rm" if kind == "scores" else model.config.model_type
+        key = f"{model.config.model_type}-rm" if kind == "scores" else model.config.model_type
     name = kind if key is None else f"{key}.{kind}"
     if name not in tensors:
         sys.exit(f"{ref}: no tensor {name!r} (keys: {sorted(tensors)}); pass --key")
@@ -89,7 +89,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("ref")
-    ap.add_argument("--key", help="tensor prefix in REF, e.g. llama, qwen2, gpt2, llama-rm")
+    ap.add_argument("--key", help="tensor prefix in REF, e.g. llama, qwen2, gpt2, mistral, llama-rm, mistral-rm")
     ap.add_argument("--tol", type=float, default=1e-4, help="max abs error allowed (default 1e-4)")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -36,6 +36,9 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralForSequenceClassification,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -160,6 +163,9 @@ COMMON = dict(vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, dt
 # 0.02 (the HF default) gives near-uniform logits whose top-2 gap is ~1e-3, so greedy decoding
 # would hinge on float rounding; 0.1 gives clear argmaxes while staying well-conditioned.
 INIT_RANGE = 0.1
+# Mistral's sliding window: above every sequence of the logits and greedy references (≤ 65 tokens), so
+# the window changes nothing there and a loader must refuse only longer sequences.
+MISTRAL_WINDOW = 96
 
 
 def model_configs():
@@ -177,6 +183,12 @@ def model_configs():
         "gpt2": (GPT2LMHeadModel, GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=128, activation_function="gelu_new",
             tie_word_embeddings=True, initializer_range=INIT_RANGE, **COMMON)),
+        # Last, so the models above keep their seeds. head_dim 32 ≠ hidden/heads exercises an explicit head_dim.
+        "mistral": (MistralForCausalLM, MistralConfig(
+            hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6,
+            rope_parameters=rope, tie_word_embeddings=False, sliding_window=MISTRAL_WINDOW,
+            initializer_range=INIT_RANGE, **COMMON)),
     }
 
 
@@ -209,12 +221,15 @@ def build_models(tok):
         if name == "llama":
             # ~140 k params = 560 kB of fp32; 200 kB shards give several files + index.
             save_model(model, tok, os.path.join(MODELS, "llama-sharded"), max_shard_size="200KB")
-    # Reward model: the llama backbone plus a fresh scalar head, as an RM initialised from a
-    # causal-LM checkpoint would be.
-    torch.manual_seed(SEED + 10)
-    rm = LlamaForSequenceClassification.from_pretrained(
-        os.path.join(MODELS, "llama"), num_labels=1, pad_token_id=0).eval()
-    save_model(rm, tok, os.path.join(MODELS, "llama-rm"))
+    # Reward models: a backbone plus a fresh scalar head, as an RM initialised from a causal-LM
+    # checkpoint would be.
+    for seed, (base, cls) in enumerate(RM_CLASSES.items(), SEED + 10):
+        torch.manual_seed(seed)
+        rm = cls.from_pretrained(os.path.join(MODELS, base), num_labels=1, pad_token_id=0).eval()
+        save_model(rm, tok, os.path.join(MODELS, f"{base}-rm"))
+
+
+RM_CLASSES = {"llama": LlamaForSequenceClassification, "mistral": MistralForSequenceClassification}
 
 
 def save_model(model, tok, out, **kw):
@@ -235,7 +250,7 @@ def save_model(model, tok, out, **kw):
 
 def load_model(name):
     d = os.path.join(MODELS, name)
-    cls = LlamaForSequenceClassification if name == "llama-rm" else transformers.AutoModelForCausalLM
+    cls = RM_CLASSES[name[:-3]] if name.endswith("-rm") else transformers.AutoModelForCausalLM
     return cls.from_pretrained(d, dtype=torch.float32).eval()
 
 
@@ -259,7 +274,7 @@ def make_logits(tok):
     tensors = {"input_ids": ids, "attention_mask": mask, "lengths": torch.tensor(lens)}
     valid = mask.unsqueeze(-1).float()
     with torch.no_grad():
-        for name in ("llama", "qwen2", "gpt2", "llama-sharded"):
+        for name in ("llama", "qwen2", "gpt2", "mistral", "llama-sharded"):
             model = load_model(name)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             for r, n in enumerate(lens):  # right padding must not change the valid positions
@@ -268,12 +283,14 @@ def make_logits(tok):
             # Positions past each row's length are padding: their values are implementation
             # details of the attention mask, so they are stored as 0.
             tensors[f"{name}.logits"] = (logits * valid).contiguous()
-        rm = load_model("llama-rm")
-        out = rm(input_ids=ids, attention_mask=mask)
-        tensors["llama-rm.scores"] = out.logits[:, 0].contiguous()
-        per_pos = rm.score(rm.model(input_ids=ids, attention_mask=mask).last_hidden_state)
-        assert torch.allclose(per_pos[torch.arange(2), torch.tensor(lens) - 1, 0], out.logits[:, 0])
-        tensors["llama-rm.token_scores"] = (per_pos * valid).contiguous()
+        check_mistral_window_is_live(load_model("mistral"))
+        for base in RM_CLASSES:
+            rm = load_model(f"{base}-rm")
+            out = rm(input_ids=ids, attention_mask=mask)
+            tensors[f"{base}-rm.scores"] = out.logits[:, 0].contiguous()
+            per_pos = rm.score(rm.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+            assert torch.allclose(per_pos[torch.arange(2), torch.tensor(lens) - 1, 0], out.logits[:, 0])
+            tensors[f"{base}-rm.token_scores"] = (per_pos * valid).contiguous()
     assert torch.equal(tensors["llama.logits"], tensors["llama-sharded.logits"])
     del tensors["llama-sharded.logits"]
     os.makedirs(REF, exist_ok=True)
@@ -282,6 +299,21 @@ def make_logits(tok):
               # file's bytes vary between runs.
               metadata={"info": json.dumps({"texts": LOGIT_TEXTS, "torch": torch.__version__,
                                             "transformers": transformers.__version__})})
+
+
+def check_mistral_window_is_live(model):
+    """transformers applies `sliding_window`: up to the window the logits equal full causal attention's,
+    one token beyond they differ, so a loader without a window must refuse longer sequences."""
+    ids = torch.randint(4, 512, (1, MISTRAL_WINDOW + 1), generator=torch.Generator().manual_seed(SEED))
+
+    def last_logits(ids, window):
+        model.config.sliding_window = window
+        return model(input_ids=ids).logits[0, -1]
+
+    within = ids[:, :MISTRAL_WINDOW]
+    assert (last_logits(within, MISTRAL_WINDOW) - last_logits(within, None)).abs().max() < 1e-5
+    assert (last_logits(ids, MISTRAL_WINDOW) - last_logits(ids, None)).abs().max() > 1e-4
+    model.config.sliding_window = MISTRAL_WINDOW
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +352,7 @@ def make_greedy(tok):
     ids, mask = left_padded(out["prompt_ids"])
     out["batched_left_padded"] = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "models": {}}
     with torch.no_grad():
-        for name in ("llama", "qwen2", "gpt2"):
+        for name in ("llama", "qwen2", "gpt2", "mistral"):
             model = load_model(name)
             rows = []
             for p_ids in out["prompt_ids"]:

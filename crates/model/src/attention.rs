@@ -87,6 +87,13 @@ impl KvCache {
         self.step = 0;
     }
 
+    /// The most keys any real query of a step of `tq` new positions attends to (its row's tokens
+    /// from the row start up to the step's last position).
+    pub(crate) fn longest_span(&self, tq: usize) -> usize {
+        let first = self.row_start.iter().copied().min().unwrap_or(0);
+        (self.len + tq).saturating_sub(first)
+    }
+
     /// Number of batch rows.
     pub fn rows(&self) -> usize {
         self.row_start.len()

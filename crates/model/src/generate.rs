@@ -15,7 +15,8 @@
 //! and leave the batch — their KV-cache rows dropped — as soon as they finish, so late steps only
 //! pay for the requests still running. [`generate`] is a batch run of it.
 
-use crate::{CausalLm, Inner, KvCache, Positions};
+use crate::arch::Network;
+use crate::{CausalLm, KvCache, Positions};
 use candle_core::{bail, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -257,7 +258,7 @@ fn check_prompt(req: &GenRequest, vocab: usize) -> Result<()> {
 /// docs). Each request's output is the same whatever else runs beside it and whenever it joined.
 pub struct Decoder<'m> {
     model: &'m CausalLm,
-    net: Inner,
+    net: Box<dyn Network>,
     /// One row per `active` request, in order; `None` while nothing runs.
     cache: Option<KvCache>,
     active: Vec<Seq>,

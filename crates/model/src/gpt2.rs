@@ -1,14 +1,31 @@
 //! `GPT2LMHeadModel`: learned positions, pre-norm LayerNorm, fused `c_attn`, `Conv1D` weights
 //! stored `[in, out]`, tanh-approximated GELU, tied `lm_head`.
 
+use crate::arch::{Arch, ArchInfo, Dims, Network};
 use crate::attention::{attention, KvCache};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ops, Init, ParamSpec, Params, Positions};
 use candle_core::{bail, Result, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Gpt2Config {
+pub(crate) const ARCH: ArchInfo = ArchInfo {
+    model_type: "gpt2",
+    causal_lm: "GPT2LMHeadModel",
+    sequence_classification: "GPT2ForSequenceClassification",
+    lora_targets: &["c_attn"],
+    parse,
+};
+
+fn parse(raw: &Value, file: &str) -> Result<Arc<dyn Arch>> {
+    let c: Gpt2Config = crate::typed(raw, file)?;
+    c.check(file)?;
+    Ok(Arc::new(c))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Gpt2Config {
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     #[serde(default = "d_positions")]
@@ -25,7 +42,7 @@ pub struct Gpt2Config {
     pub activation_function: String,
     #[serde(default = "d_eps")]
     pub layer_norm_epsilon: f64,
-    #[serde(default = "crate::llama::default_init_range")]
+    #[serde(default = "crate::decoder::default_init_range")]
     pub initializer_range: f64,
     #[serde(default = "d_true")]
     pub scale_attn_weights: bool,
@@ -98,7 +115,7 @@ impl Gpt2Config {
         })
     }
 
-    pub(crate) fn check(&self, file: &str) -> Result<()> {
+    fn check(&self, file: &str) -> Result<()> {
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
                 "{file}: n_embd ({}) must be a multiple of n_head ({})",
@@ -111,8 +128,20 @@ impl Gpt2Config {
         }
         self.act(file).map(|_| ())
     }
+}
 
-    pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
+impl Arch for Gpt2Config {
+    fn dims(&self) -> Dims {
+        Dims {
+            vocab: self.vocab_size,
+            hidden: self.n_embd,
+            layers: self.n_layer,
+            max_positions: self.n_positions,
+            tie_word_embeddings: self.tie_word_embeddings,
+        }
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
         let (h, inner) = (self.n_embd, self.inner());
         let normal = Init::Normal(self.initializer_range);
         // GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
@@ -148,6 +177,10 @@ impl Gpt2Config {
         }
         v
     }
+
+    fn build(&self, params: &Params) -> Result<Box<dyn Network>> {
+        Ok(Box::new(Gpt2::new(self.clone(), params, "config.json")?))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -161,7 +194,7 @@ struct Block {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Gpt2 {
+struct Gpt2 {
     cfg: Gpt2Config,
     act: Act,
     wte: Tensor,
@@ -172,7 +205,7 @@ pub(crate) struct Gpt2 {
 }
 
 impl Gpt2 {
-    pub(crate) fn new(cfg: Gpt2Config, p: &Params, file: &str) -> Result<Self> {
+    fn new(cfg: Gpt2Config, p: &Params, file: &str) -> Result<Self> {
         let conv = |name: &str| -> Result<Linear> {
             Ok(Linear::new(
                 p.get(&format!("{name}.weight"))?,
@@ -215,8 +248,10 @@ impl Gpt2 {
             cfg,
         })
     }
+}
 
-    pub(crate) fn kv_shape(&self) -> (usize, usize, usize) {
+impl Network for Gpt2 {
+    fn kv_shape(&self) -> (usize, usize, usize) {
         (
             self.cfg.n_layer,
             self.cfg.n_head,
@@ -224,12 +259,7 @@ impl Gpt2 {
         )
     }
 
-    pub(crate) fn hidden_states(
-        &self,
-        ids: &Tensor,
-        pos: &Positions,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    fn hidden(&self, ids: &Tensor, pos: &Positions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let d = h / nh;
@@ -277,11 +307,15 @@ impl Gpt2 {
         ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
     }
 
-    pub(crate) fn lm_head(&self) -> &Linear {
+    fn lm_head(&self) -> &Linear {
         &self.lm_head
     }
 
-    pub(crate) fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+    fn clone_box(&self) -> Box<dyn Network> {
+        Box::new(self.clone())
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut v = Vec::new();
         for (i, b) in self.blocks.iter_mut().enumerate() {
             let p = format!("transformer.h.{i}");

@@ -1,53 +1,60 @@
-//! Hugging Face–compatible causal language models on candle (CPU first): Llama, Qwen2 and GPT-2
-//! with fused differentiable CPU ops, safetensors load/save in the `transformers` layout, and
+//! Hugging Face–compatible causal language models on candle (CPU first): Llama, Qwen2, Mistral and
+//! GPT-2 with fused differentiable CPU ops, safetensors load/save in the `transformers` layout, and
 //! batched KV-cache generation.
 //!
 //! All parameters are f32 [`candle_core::Var`]s in a [`candle_nn::VarMap`] under their HF names.
 
+pub mod arch;
 pub mod attention;
 pub mod bf16;
 pub mod bench;
+mod decoder;
 pub mod generate;
-pub mod gpt2;
 pub mod io;
 pub mod linear;
-pub mod llama;
 pub mod lora;
 mod matmul;
 pub mod ops;
-pub mod qwen2;
 pub mod seq_cls;
 
+/// Declares the architecture modules and the one table that lists them ([`ARCHITECTURES`]).
+macro_rules! architectures {
+    ($($module:ident),* $(,)?) => {
+        $(mod $module;)*
+        /// Every supported architecture, in the order error messages list them. Adding one: a module
+        /// defining `ARCH` and its name here (docs/architectures.md).
+        pub static ARCHITECTURES: &[&ArchInfo] = &[$(&$module::ARCH),*];
+    };
+}
+architectures!(llama, qwen2, mistral, gpt2);
+
+pub use arch::ArchInfo;
 pub use attention::KvCache;
 pub use bf16::Precision;
 pub use generate::{generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken};
 pub use linear::{Linear, LinearAdapter, WeightLayout};
 pub use ops::token_logprobs;
 
+use arch::{Arch, Network};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-/// Architecture-specific part of a `config.json`.
-#[derive(Debug, Clone)]
-pub enum Architecture {
-    Llama(llama::LlamaConfig),
-    Qwen2(qwen2::Qwen2Config),
-    Gpt2(gpt2::Gpt2Config),
-}
-
-/// A parsed `config.json`: the typed fields the model needs plus the original JSON, which
+/// A parsed `config.json`: its architecture's typed view plus the original JSON, which
 /// [`CausalLm::save`] writes back (so fields this crate does not use survive a round trip).
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
-    pub arch: Architecture,
+    info: &'static ArchInfo,
+    arch: Arc<dyn Arch>,
     pub raw: Value,
 }
 
-fn typed<T: serde::de::DeserializeOwned>(raw: &Value, file: &str) -> Result<T> {
+/// Deserializes `raw` (a config.json) into `T`, naming the file and the field on error.
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(raw: &Value, file: &str) -> Result<T> {
     serde_path_to_error::deserialize(raw.clone()).map_err(|e| {
         candle_core::Error::Msg(format!("{file}: field \"{}\": {}", e.path(), e.inner()))
     })
@@ -65,38 +72,27 @@ impl ModelConfig {
             .and_then(|a| a.as_array())
             .and_then(|a| a.first())
             .and_then(|a| a.as_str());
-        let kind = match (raw.get("model_type"), arch_field) {
-            (Some(Value::String(t)), _) => t.clone(),
+        let supported = |name: fn(&ArchInfo) -> &str| ARCHITECTURES.iter().map(|a| name(a)).collect::<Vec<_>>().join(", ");
+        let info = match (raw.get("model_type"), arch_field) {
+            (Some(Value::String(t)), _) => match ARCHITECTURES.iter().find(|a| a.model_type == t) {
+                Some(info) => *info,
+                None => bail!(
+                    "{file}: field \"model_type\": unsupported architecture \"{t}\" (supported: {})",
+                    supported(|a| a.model_type)
+                ),
+            },
             (Some(other), _) => bail!("{file}: field \"model_type\": expected a string, got {other}"),
-            (None, Some("LlamaForCausalLM")) => "llama".into(),
-            (None, Some("Qwen2ForCausalLM")) => "qwen2".into(),
-            (None, Some("GPT2LMHeadModel")) => "gpt2".into(),
-            (None, Some(a)) => bail!(
-                "{file}: field \"architectures\": unsupported architecture \"{a}\" (supported: LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel)"
-            ),
+            (None, Some(a)) => match ARCHITECTURES.iter().find(|info| info.has_class(a)) {
+                Some(info) => *info,
+                None => bail!(
+                    "{file}: field \"architectures\": unsupported architecture \"{a}\" (supported: {})",
+                    supported(|a| a.causal_lm)
+                ),
+            },
             (None, None) => bail!("{file}: neither field \"model_type\" nor \"architectures\" is present"),
         };
-        let arch = match kind.as_str() {
-            "llama" => {
-                let c: llama::LlamaConfig = typed(&raw, file)?;
-                c.spec(file)?;
-                Architecture::Llama(c)
-            }
-            "qwen2" => {
-                let c: qwen2::Qwen2Config = typed(&raw, file)?;
-                c.spec(file)?;
-                Architecture::Qwen2(c)
-            }
-            "gpt2" => {
-                let c: gpt2::Gpt2Config = typed(&raw, file)?;
-                c.check(file)?;
-                Architecture::Gpt2(c)
-            }
-            other => bail!(
-                "{file}: field \"model_type\": unsupported architecture \"{other}\" (supported: llama, qwen2, gpt2)"
-            ),
-        };
-        let config = Self { arch, raw };
+        let arch = (info.parse)(&raw, file)?;
+        let config = Self { info, arch, raw };
         config.check_size(file)?;
         Ok(config)
     }
@@ -105,7 +101,7 @@ impl ModelConfig {
     /// anything is allocated (otherwise the process aborts on a failed allocation or is OOM-killed).
     fn check_size(&self, file: &str) -> Result<()> {
         let params = self
-            .param_specs()?
+            .param_specs()
             .iter()
             .try_fold(0u64, |acc, s| s.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).and_then(|n| acc.checked_add(n)));
         let bytes = params.and_then(|p| p.checked_mul(4));
@@ -126,52 +122,34 @@ impl ModelConfig {
         Self::from_json(raw, &path.display().to_string())
     }
 
+    /// The registration of this config's architecture (names, LoRA defaults).
+    pub fn arch_info(&self) -> &'static ArchInfo {
+        self.info
+    }
+
     pub fn model_type(&self) -> &'static str {
-        match self.arch {
-            Architecture::Llama(_) => "llama",
-            Architecture::Qwen2(_) => "qwen2",
-            Architecture::Gpt2(_) => "gpt2",
-        }
+        self.info.model_type
     }
 
     pub fn vocab_size(&self) -> usize {
-        match &self.arch {
-            Architecture::Llama(c) => c.vocab_size,
-            Architecture::Qwen2(c) => c.vocab_size,
-            Architecture::Gpt2(c) => c.vocab_size,
-        }
+        self.arch.dims().vocab
     }
 
     pub fn hidden_size(&self) -> usize {
-        match &self.arch {
-            Architecture::Llama(c) => c.hidden_size,
-            Architecture::Qwen2(c) => c.hidden_size,
-            Architecture::Gpt2(c) => c.n_embd,
-        }
+        self.arch.dims().hidden
     }
 
     pub fn num_layers(&self) -> usize {
-        match &self.arch {
-            Architecture::Llama(c) => c.num_hidden_layers,
-            Architecture::Qwen2(c) => c.num_hidden_layers,
-            Architecture::Gpt2(c) => c.n_layer,
-        }
+        self.arch.dims().layers
     }
 
+    /// `max_position_embeddings` (GPT-2: `n_positions`), or the architecture's default when absent.
     pub fn max_position_embeddings(&self) -> usize {
-        match &self.arch {
-            Architecture::Llama(c) => c.max_position_embeddings,
-            Architecture::Qwen2(c) => c.max_position_embeddings,
-            Architecture::Gpt2(c) => c.n_positions,
-        }
+        self.arch.dims().max_positions
     }
 
     pub fn tie_word_embeddings(&self) -> bool {
-        match &self.arch {
-            Architecture::Llama(c) => c.tie_word_embeddings,
-            Architecture::Qwen2(c) => c.tie_word_embeddings,
-            Architecture::Gpt2(c) => c.tie_word_embeddings,
-        }
+        self.arch.dims().tie_word_embeddings
     }
 
     fn token_ids(&self, field: &str) -> Vec<u32> {
@@ -192,12 +170,8 @@ impl ModelConfig {
     }
 
     /// Every parameter of the model: HF name, shape and HF-style initialisation.
-    pub fn param_specs(&self) -> Result<Vec<ParamSpec>> {
-        Ok(match &self.arch {
-            Architecture::Llama(c) => c.spec("config.json")?.param_specs(),
-            Architecture::Qwen2(c) => c.spec("config.json")?.param_specs(),
-            Architecture::Gpt2(c) => c.param_specs(),
-        })
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        self.arch.param_specs()
     }
 }
 
@@ -321,41 +295,11 @@ impl Positions<'_> {
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) enum Inner {
-    /// Llama and Qwen2.
-    Decoder(llama::Decoder),
-    Gpt2(gpt2::Gpt2),
-}
-
-impl Inner {
-    pub(crate) fn hidden(&self, ids: &Tensor, pos: &Positions, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        match self {
-            Inner::Decoder(m) => m.hidden_states(ids, pos, cache),
-            Inner::Gpt2(m) => m.hidden_states(ids, pos, cache),
-        }
-    }
-
-    pub(crate) fn lm_head(&self) -> &Linear {
-        match self {
-            Inner::Decoder(m) => m.lm_head(),
-            Inner::Gpt2(m) => m.lm_head(),
-        }
-    }
-
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        match self {
-            Inner::Decoder(m) => m.linears_mut(),
-            Inner::Gpt2(m) => m.linears_mut(),
-        }
-    }
-}
-
 /// A causal LM (`*ForCausalLM` / `GPT2LMHeadModel`) whose parameters live in a `VarMap`.
 pub struct CausalLm {
     config: ModelConfig,
     varmap: VarMap,
-    inner: Inner,
+    inner: Box<dyn Network>,
     device: Device,
     generation_config: Option<Value>,
     precision: Precision,
@@ -380,7 +324,7 @@ impl CausalLm {
     pub fn init_random(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
-        for spec in config.param_specs()? {
+        for spec in config.param_specs() {
             let n: usize = spec.shape.iter().product();
             let data: Vec<f32> = match spec.init {
                 Init::Zeros => vec![0.0; n],
@@ -405,7 +349,7 @@ impl CausalLm {
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().expect("VarMap lock poisoned");
-            for spec in config.param_specs()? {
+            for spec in config.param_specs() {
                 let t = match tensors.remove(&spec.name) {
                     Some(t) => t,
                     None => bail!("missing tensor `{}` in {source}", spec.name),
@@ -512,7 +456,7 @@ impl CausalLm {
 
     /// The network with every linear layer replaced by its [`Linear::inference_copy`] (used by
     /// generation; no gradients flow through it).
-    pub(crate) fn inference_copy(&self) -> Result<Inner> {
+    pub(crate) fn inference_copy(&self) -> Result<Box<dyn Network>> {
         let mut inner = self.inner.clone();
         for (_, l) in inner.linears_mut() {
             *l = l.inference_copy()?;
@@ -553,10 +497,7 @@ impl CausalLm {
 
     /// A preallocated KV cache for `batch` rows of up to `capacity` positions.
     pub fn new_kv_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        let (layers, kv_heads, head_dim) = match &self.inner {
-            Inner::Decoder(m) => m.kv_shape(),
-            Inner::Gpt2(m) => m.kv_shape(),
-        };
+        let (layers, kv_heads, head_dim) = self.inner.kv_shape();
         KvCache::new(layers, batch, kv_heads, head_dim, capacity, &self.device)
     }
 
@@ -629,7 +570,7 @@ impl std::fmt::Debug for CausalLm {
     }
 }
 
-fn build_inner(config: &ModelConfig, varmap: &VarMap, trainable: bool) -> Result<Inner> {
+fn build_inner(config: &ModelConfig, varmap: &VarMap, trainable: bool) -> Result<Box<dyn Network>> {
     let params = Params(
         varmap
             .data()
@@ -642,11 +583,7 @@ fn build_inner(config: &ModelConfig, varmap: &VarMap, trainable: bool) -> Result
             })
             .collect(),
     );
-    Ok(match &config.arch {
-        Architecture::Llama(c) => Inner::Decoder(llama::Decoder::new(c.spec("config.json")?, &params)?),
-        Architecture::Qwen2(c) => Inner::Decoder(llama::Decoder::new(c.spec("config.json")?, &params)?),
-        Architecture::Gpt2(c) => Inner::Gpt2(gpt2::Gpt2::new(c.clone(), &params, "config.json")?),
-    })
+    config.arch.build(&params)
 }
 
 /// Standard normal sample (Box–Muller), so initialisation needs no extra crate.

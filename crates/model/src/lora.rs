@@ -250,10 +250,13 @@ impl Lora {
             modules.push(name);
         }
         if modules.is_empty() {
+            let info = model.config().arch_info();
             bail!(
-                "lora: key \"target_modules\": {:?} matches no linear layer of this {} model",
+                "lora: key \"target_modules\": {:?} matches no linear layer of this {} model (PEFT's default for {} is {:?})",
                 config.target_modules,
-                model.config().model_type()
+                info.model_type,
+                info.model_type,
+                info.lora_targets
             )
         }
         if let Some(extra) = tensors.keys().next() {

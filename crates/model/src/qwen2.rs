@@ -1,79 +1,40 @@
-//! `Qwen2ForCausalLM`: the Llama decoder with biases on q/k/v (not on o_proj or the MLP).
+//! `Qwen2ForCausalLM`: the shared decoder ([`crate::decoder`]) with biases on q/k/v (not on o_proj
+//! or the MLP).
 
-use crate::llama::{default_act, default_init_range, DecoderSpec, RopeParameters, RopeSpec};
+use crate::arch::{Arch, ArchInfo};
+use crate::decoder::{DecoderConfig, DecoderOptions};
 use candle_core::{bail, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Qwen2Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
+pub(crate) const ARCH: ArchInfo = ArchInfo {
+    model_type: "qwen2",
+    causal_lm: "Qwen2ForCausalLM",
+    sequence_classification: "Qwen2ForSequenceClassification",
+    lora_targets: &["q_proj", "v_proj"],
+    parse,
+};
+
+/// Qwen2's own `config.json` fields (the shared ones are in [`DecoderConfig`]).
+#[derive(Debug, Clone, Deserialize)]
+struct Config {
     #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    #[serde(default = "default_rms_eps")]
-    pub rms_norm_eps: f64,
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
-    pub rope_scaling: Option<RopeParameters>,
-    #[serde(default)]
-    pub rope_parameters: Option<RopeParameters>,
-    #[serde(default = "default_max_pos")]
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub use_sliding_window: bool,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    #[serde(default = "default_init_range")]
-    pub initializer_range: f64,
+    use_sliding_window: bool,
 }
 
-fn default_rms_eps() -> f64 {
-    1e-6
-}
-fn default_max_pos() -> usize {
-    32768
-}
-
-impl Qwen2Config {
-    pub(crate) fn spec(&self, file: &str) -> Result<DecoderSpec> {
-        if self.hidden_act != "silu" {
-            bail!(
-                "{file}: field \"hidden_act\": only \"silu\" is supported, got \"{}\"",
-                self.hidden_act
-            )
-        }
-        if self.use_sliding_window {
-            bail!("{file}: field \"use_sliding_window\": sliding-window attention is not supported")
-        }
-        let head_dim = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
-        let scaling = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
-        let spec = DecoderSpec {
-            vocab: self.vocab_size,
-            hidden: self.hidden_size,
-            inter: self.intermediate_size,
-            layers: self.num_hidden_layers,
-            heads: self.num_attention_heads,
-            kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim,
-            eps: self.rms_norm_eps,
-            rope: RopeSpec::new(head_dim, self.rope_theta, scaling, file)?,
-            tie: self.tie_word_embeddings,
-            qkv_bias: true,
-            o_bias: false,
-            mlp_bias: false,
-            init_std: self.initializer_range,
-        };
-        spec.check(file)?;
-        Ok(spec)
+fn parse(raw: &Value, file: &str) -> Result<Arc<dyn Arch>> {
+    let c: Config = crate::typed(raw, file)?;
+    if c.use_sliding_window {
+        // Qwen2 windows only the layers from `max_window_layers` on, which a length limit does not capture.
+        bail!("{file}: field \"use_sliding_window\": sliding-window attention is not supported")
     }
+    let options = DecoderOptions {
+        default_max_positions: 32768,
+        qkv_bias: true,
+        o_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
+    };
+    Ok(Arc::new(crate::typed::<DecoderConfig>(raw, file)?.spec(options, file)?))
 }

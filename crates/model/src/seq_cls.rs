@@ -1,8 +1,9 @@
 //! `*ForSequenceClassification` models (reward models): a causal-LM trunk plus a bias-free linear head
 //! `score.weight` `[num_labels, hidden]` read at the last non-pad token of each row.
 //!
-//! Saved in the `transformers` layout (`architectures: ["LlamaForSequenceClassification"]`, `num_labels`,
-//! `id2label`, `pad_token_id`, trunk tensors `model.*` and `score.weight`, no `lm_head`), so
+//! Saved in the `transformers` layout (`architectures`: the architecture's
+//! [`crate::ArchInfo::sequence_classification`], e.g. `["LlamaForSequenceClassification"]`; `num_labels`,
+//! `id2label`, `pad_token_id`, the trunk tensors and `score.weight`, no `lm_head`), so
 //! `AutoModelForSequenceClassification.from_pretrained` loads it. An ensemble of k reward heads on one trunk
 //! is the same model with `num_labels = k`.
 
@@ -31,15 +32,6 @@ pub struct SeqCls {
     /// config.json as it will be saved (classification fields set).
     raw_config: Value,
     pad_token_id: u32,
-}
-
-/// `*ForSequenceClassification` class name for a model type.
-fn class_name(model_type: &str) -> &'static str {
-    match model_type {
-        "qwen2" => "Qwen2ForSequenceClassification",
-        "gpt2" => "GPT2ForSequenceClassification",
-        _ => "LlamaForSequenceClassification",
-    }
 }
 
 fn is_classifier(raw: &Value) -> bool {
@@ -107,7 +99,7 @@ impl SeqCls {
             Some(o) => o,
             None => bail!("{file}: expected a JSON object"),
         };
-        obj.insert("architectures".into(), json!([class_name(lm.config().model_type())]));
+        obj.insert("architectures".into(), json!([lm.config().arch_info().sequence_classification]));
         obj.insert("num_labels".into(), json!(k));
         let label = |i: usize| if k == 1 { "LABEL_0".to_string() } else { format!("{REWARD_LABEL}{i}") };
         obj.insert("id2label".into(), (0..k).map(|i| (i.to_string(), json!(label(i)))).collect());

@@ -39,11 +39,25 @@ pub fn gpt2_config() -> ModelConfig {
     ModelConfig::from_json(raw, "gpt2 test config").unwrap()
 }
 
+/// Mistral with an explicit head_dim (≠ hidden / heads) and a sliding window as long as the context, so
+/// every sequence the tests run fits in it.
+pub fn mistral_config() -> ModelConfig {
+    let raw = json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        "vocab_size": 91, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": 64, "sliding_window": 64,
+        "tie_word_embeddings": false, "initializer_range": 0.1
+    });
+    ModelConfig::from_json(raw, "mistral test config").unwrap()
+}
+
 pub fn all_configs() -> Vec<(&'static str, ModelConfig)> {
     vec![
         ("llama", llama_config()),
         ("qwen2", qwen2_config()),
         ("gpt2", gpt2_config()),
+        ("mistral", mistral_config()),
     ]
 }
 
