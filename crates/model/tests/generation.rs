@@ -394,7 +394,8 @@ fn requests_joining_between_steps_decode_as_if_alone() {
 /// At bf16, generation (weights converted once, decode through the cache) reports the log-probs a
 /// bf16 full forward pass gives the same tokens: both round the same activations and weights, so
 /// only f32 summation order differs — and the rare activation whose rounding that order flips
-/// moves a log-prob by ~1e-4, hence 1e-3.
+/// moves a log-prob by up to ~1.5e-3 (seen on the Mistral config with the AMX kernel; 0 for Llama),
+/// hence 2e-3, and at most a quarter of the bf16–f32 gap (≈ 5e-3–1e-2 here).
 #[test]
 fn bf16_generation_matches_bf16_rescoring() {
     for (name, cfg) in all_configs() {
@@ -412,7 +413,7 @@ fn bf16_generation_matches_bf16_rescoring() {
                 diff32 = diff32.max((a - c).abs());
             }
         }
-        assert!(err16 <= 1e-3, "{name}: bf16 generation vs bf16 re-scoring differ by {err16}");
-        assert!(diff32 > err16, "{name}: bf16 generation is no closer to bf16 ({err16}) than to f32 ({diff32})");
+        assert!(err16 <= 2e-3, "{name}: bf16 generation vs bf16 re-scoring differ by {err16}");
+        assert!(4.0 * err16 <= diff32, "{name}: bf16 generation is not much closer to bf16 ({err16}) than to f32 ({diff32})");
     }
 }
