@@ -20,17 +20,18 @@ enum Command {
     /// Generate completions for a JSONL of prompts.
     Generate(cmd::generate::Args),
     /// Supervised fine-tuning on demonstrations (prompt/completion, messages or text data).
-    Sft(rlhf_train::SftArgs),
-    /// Train a reward model (Bradley–Terry, margins, ratings, ensembles); `rlhf rm score` scores completions.
-    Rm(cmd::pref::RmCommand),
+    Sft(cmd::settings::Raw),
+    /// Train a reward model (Bradley–Terry, margins, ratings, ensembles); `rlhf rm score` scores completions,
+    /// `rlhf rm select` picks pairs to label.
+    Rm(cmd::settings::Raw),
     /// Direct preference optimisation: sigmoid (DPO), ipo, robust, hinge, kto, orpo, simpo, cpl.
-    Dpo(rlhf_train::dpo::DpoArgs),
+    Dpo(cmd::settings::Raw),
     /// Online RL: Group Relative Policy Optimization (GRPO, DAPO, Dr. GRPO, GSPO) with reward sources.
-    Grpo(cmd::rl::Raw),
+    Grpo(cmd::settings::Raw),
     /// Online RL: REINFORCE Leave-One-Out (RLOO) and REINFORCE++.
-    Rloo(cmd::rl::Raw),
+    Rloo(cmd::settings::Raw),
     /// Online RL: PPO with a KL penalty to a frozen reference and a value model.
-    Ppo(cmd::rl::Raw),
+    Ppo(cmd::settings::Raw),
     /// The feedback app: serve it, manage users and projects, import items, export training data.
     Feedback(rlhf_feedback::cli::FeedbackArgs),
     /// OpenAI-compatible server (completions, chat, streaming, continuous batching) for a model directory.
@@ -40,7 +41,7 @@ enum Command {
     /// AI feedback: preference labels for completion pairs from an LLM judge behind an OpenAI-compatible endpoint.
     Judge(cmd::judge::Args),
     /// Iterated RLHF: rounds of sampling, labelling (reward, judge, simulated annotators or a feedback-app project), DPO and evaluation.
-    Iterate(cmd::rl::Raw),
+    Iterate(cmd::settings::Raw),
     /// Critiques and demonstrations → training rows: revision pairs, critic SFT data, demonstration pairs.
     #[command(subcommand)]
     Transform(cmd::transform::Transform),

@@ -179,6 +179,8 @@ pub struct IterateArgs {
 /// Keys that may change when a run is resumed (they change how long we wait, not what is computed).
 pub const RESUME_FREE_KEYS: [&str; 4] = ["config", "feedback_deadline_s", "feedback_poll_s", "reward_timeout_s"];
 
+impl rlhf_train::settings::Settings for IterateArgs {}
+
 impl IterateArgs {
     /// An invalid-setting error naming the file and line of `key` (or the command line).
     pub fn err(&self, key: &str, msg: impl Into<String>) -> TrainError {

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rlhf_train::grpo::GrpoArgs;
 use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::TrainDefaults;
 use rlhf_train::schedule::ScheduleKind;
 use serde_json::{json, Value};
 
@@ -87,8 +88,8 @@ fn rm_grpo(args: &IterateArgs, k: usize, start: &Path, rd: &Path, rows: usize) -
     let rm_train = rd.join("rm_train.jsonl");
     write_jsonl(&rm_train, &all)?;
     let mut rc = dpo_config(args, args.model(), &rm_train, &rd.join("rm"));
-    rc.learning_rate = Some(args.rm_learning_rate);
-    rc.max_steps = Some(args.rm_steps);
+    rc.train.learning_rate = args.rm_learning_rate;
+    rc.train.max_steps = Some(args.rm_steps);
     let r = rlhf_train::rm::run_rm(&rc)?;
     let out = rd.join("model");
     let flags: Vec<std::ffi::OsString> = [
@@ -119,21 +120,19 @@ fn rm_grpo(args: &IterateArgs, k: usize, start: &Path, rd: &Path, rows: usize) -
 /// The round's DPO settings: reference = the starting policy (DPO's default when no reference is named).
 pub fn dpo_config(args: &IterateArgs, start: &Path, train_file: &Path, out: &Path) -> PrefConfig {
     let mut c = PrefConfig {
-        model: Some(start.into()),
-        train_file: Some(train_file.into()),
-        output_dir: Some(out.into()),
         max_length: args.max_length,
         batch_size: args.batch_size,
-        learning_rate: Some(args.learning_rate),
-        lr_scheduler_type: ScheduleKind::Constant,
-        max_steps: Some(args.dpo_steps),
-        logging_steps: 1,
-        save_steps: 0,
-        seed: args.seed,
-        // A run killed while training redoes the phase from the start.
-        overwrite_output_dir: true,
-        ..PrefConfig::default()
+        ..PrefConfig::new(start.into(), train_file.into(), out.into(), &TrainDefaults::DPO)
     };
+    let t = &mut c.train;
+    t.learning_rate = args.learning_rate;
+    t.lr_scheduler_type = ScheduleKind::Constant;
+    t.max_steps = Some(args.dpo_steps);
+    t.logging_steps = 1;
+    t.save_steps = 0;
+    t.seed = args.seed;
+    // A run killed while training redoes the phase from the start.
+    t.overwrite_output_dir = true;
     c.dpo.params.beta = args.beta;
     c
 }

@@ -23,7 +23,7 @@ use rlhf_train::pref_loss::LossType;
 use rlhf_train::pref_config::PrefConfig;
 use rlhf_train::rm::run_rm;
 use rlhf_train::schedule::ScheduleKind;
-use rlhf_train::{run_sft, SftConfig};
+use rlhf_train::{run_sft, SftConfig, TrainConfig, TrainDefaults};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -401,40 +401,34 @@ fn run_dpo(
     loss: LossType,
     cfg: &PipelineConfig,
 ) -> Result<rlhf_train::pref_train::PrefSummary> {
-    let mut c = pref_config(model, train, out, b, cfg);
+    let mut c = pref_config(model, train, out, b, cfg, &TrainDefaults::DPO);
     c.dpo.params.beta = beta;
     c.dpo.loss_type = loss;
     Ok(rlhf_train::dpo::run_dpo(&c)?)
 }
 
-fn pref_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> PrefConfig {
-    PrefConfig {
-        model: Some(model.into()),
-        train_file: Some(train.into()),
-        output_dir: Some(out.into()),
-        max_length: cfg.max_length,
-        batch_size: b.batch_size,
-        learning_rate: Some(b.learning_rate),
-        lr_scheduler_type: ScheduleKind::Cosine,
-        max_steps: Some(b.steps),
-        logging_steps: 5,
-        save_steps: 0,
-        seed: cfg.seed,
-        ..PrefConfig::default()
-    }
+fn pref_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig, d: &TrainDefaults) -> PrefConfig {
+    let mut c = PrefConfig { max_length: cfg.max_length, batch_size: b.batch_size, ..PrefConfig::new(model.into(), train.into(), out.into(), d) };
+    budget(&mut c.train, b, cfg);
+    c
+}
+
+/// The shared settings of a stage with budget `b`: cosine schedule, a metrics line every 5 steps, no checkpoints.
+fn budget(t: &mut TrainConfig, b: &Budget, cfg: &PipelineConfig) {
+    t.max_steps = Some(b.steps);
+    t.learning_rate = b.learning_rate;
+    t.lr_scheduler_type = ScheduleKind::Cosine;
+    t.logging_steps = 5;
+    t.save_steps = 0;
+    t.seed = cfg.seed;
 }
 
 fn sft_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> SftConfig {
     let mut c = SftConfig::with_defaults(model.into(), train.into(), out.into());
-    c.max_steps = Some(b.steps);
     c.batch_size = b.batch_size;
-    c.learning_rate = b.learning_rate;
-    c.lr_scheduler_type = ScheduleKind::Cosine;
-    c.warmup_steps = b.steps / 20;
     c.max_length = cfg.max_length;
-    c.logging_steps = 5;
-    c.save_steps = 0;
-    c.seed = cfg.seed;
+    budget(&mut c.train, b, cfg);
+    c.train.warmup_steps = b.steps / 20;
     c
 }
 
@@ -570,7 +564,7 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let (rm_train, rm_eval) = prefs.split_at(prefs.len() - n_eval);
     write_rows(&data.join("rm_train.jsonl"), rm_train)?;
     write_rows(&data.join("rm_eval.jsonl"), rm_eval)?;
-    let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg);
+    let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg, &TrainDefaults::RM);
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
     let probe = &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)];
@@ -597,7 +591,7 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
             let file = data.join(format!("rm_train-noise-{tag}.jsonl"));
             write_rows(&file, &rows)?;
             let dir = out.join(format!("rm-noise-{tag}"));
-            let mut c = pref_config(&sft, &file, &dir, &cfg.rm, cfg);
+            let mut c = pref_config(&sft, &file, &dir, &cfg.rm, cfg, &TrainDefaults::RM);
             c.eval_file = Some(data.join("rm_eval.jsonl"));
             let r = run_rm(&c).with_context(|| format!("reward model with {tag} % flipped labels"))?;
             let acc = rm_gold_agreement(&dir, &gold_pairs, cfg, &data)?;

@@ -15,6 +15,7 @@ use rlhf_data::{Text, Tokenizer};
 use rlhf_model::{CausalLm, ModelConfig};
 use rlhf_train::ensemble::Ensemble;
 use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::TrainDefaults;
 use rlhf_train::schedule::ScheduleKind;
 use rlhf_train::select::{score_pairs, PairScore};
 use serde::{Deserialize, Serialize};
@@ -196,20 +197,18 @@ impl Lab {
             let train_file = work.join(format!("train-{j}.jsonl"));
             write_rows(&train_file, &sample)?;
             let out = work.join(format!("member-{j}"));
-            let c = PrefConfig {
-                model: Some(init.clone()),
-                train_file: Some(train_file),
-                output_dir: Some(out.clone()),
+            let mut c = PrefConfig {
                 max_length: s.max_length,
                 batch_size: s.batch_size,
-                learning_rate: Some(s.learning_rate),
-                lr_scheduler_type: ScheduleKind::Cosine,
-                max_steps: Some(steps),
-                logging_steps: steps,
-                save_steps: 0,
-                seed: self.seed * 1000 + j as u64,
-                ..PrefConfig::default()
+                ..PrefConfig::new(init.clone(), train_file, out.clone(), &TrainDefaults::RM)
             };
+            let t = &mut c.train;
+            t.learning_rate = s.learning_rate;
+            t.lr_scheduler_type = ScheduleKind::Cosine;
+            t.max_steps = Some(steps);
+            t.logging_steps = steps;
+            t.save_steps = 0;
+            t.seed = self.seed * 1000 + j as u64;
             rlhf_train::rm::run_rm(&c)?;
             trained.push(out);
         }

@@ -67,9 +67,9 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
     let unused = PathBuf::from("/nonexistent");
     let mut cfg = SftConfig::with_defaults(unused.clone(), unused.clone(), unused);
     cfg.batch_size = batch_size;
-    cfg.learning_rate = 1e-3;
-    cfg.lr_scheduler_type = ScheduleKind::Constant;
-    cfg.max_steps = Some(total as u64);
+    cfg.train.learning_rate = 1e-3;
+    cfg.train.lr_scheduler_type = ScheduleKind::Constant;
+    cfg.train.max_steps = Some(total as u64);
     let mut trainer = SftTrainer::from_parts(cfg, model, rows, Vec::new(), pad_id)?;
 
     let mut stats: Vec<StepStats> = Vec::with_capacity(total);

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use clap::Args;
+use serde::{Deserialize, Serialize};
 use rlhf_data::{collate, collate_preference, Format, PreferenceExample, Record, TokenBatch, TokenizedSequence, Tokenizer, Truncation, IGNORE};
 use rlhf_model::lora::Lora;
 use rlhf_model::CausalLm;
@@ -19,17 +19,22 @@ use serde_json::{json, Value};
 use crate::error::{io_err, Result, TrainError};
 use crate::lora::attach_lora;
 use crate::optim::AdamW;
-use crate::pref_config::{CommonArgs, DpoOptions, PrefConfig};
+use crate::pref_config::{DpoOptions, PrefArgs, PrefConfig};
+use crate::settings::Settings;
+use crate::train_args::TrainDefaults;
 use crate::pref_data::{bench_pairs, data_err, row_err, tokenize_completion};
 use crate::pref_loss::{self, KtoLogps, LossType, PairLogps};
 use crate::trainer::copy_tokenizer;
 use crate::pref_train::{bench_steps, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
-/// `rlhf dpo` flags.
-#[derive(Debug, Clone, Default, Args)]
+/// Settings of `rlhf dpo`: the preference trainers' settings plus these (TOML keys and flags of the same names;
+/// older files group them in a section `[dpo]`).
+#[derive(Debug, Clone, Default, PartialEq, clap::Parser, Serialize, Deserialize)]
+#[command(about = "Direct preference optimisation: sigmoid (DPO), ipo, robust, hinge, kto, orpo, simpo, cpl")]
 pub struct DpoArgs {
     #[command(flatten)]
-    pub common: CommonArgs,
+    #[serde(flatten)]
+    pub common: PrefArgs,
     /// Preference loss [default: sigmoid]
     #[arg(long, value_enum)]
     pub loss_type: Option<LossType>,
@@ -37,7 +42,7 @@ pub struct DpoArgs {
     #[arg(long)]
     pub reference_model: Option<PathBuf>,
     /// Compute reference log-probs once before training [default: false]
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub precompute_ref_log_probs: Option<bool>,
     /// β temperature [default: 0.1]
     #[arg(long)]
@@ -68,17 +73,21 @@ pub struct DpoArgs {
     pub undesirable_weight: Option<f64>,
 }
 
+impl Settings for DpoArgs {
+    fn help_defaults() -> Vec<(&'static str, String)> {
+        TrainDefaults::DPO.help()
+    }
+}
+
 impl DpoArgs {
-    /// File + flags, validated for preference optimisation.
+    /// File + flags (merged by [`crate::settings::load`]), validated for preference optimisation.
     pub fn resolve(&self) -> Result<PrefConfig> {
-        let mut c = PrefConfig::from_common(&self.common)?;
+        let mut c = self.common.resolve(&TrainDefaults::DPO)?;
         let d = &mut c.dpo;
         if let Some(v) = self.loss_type {
             d.loss_type = v;
         }
-        if let Some(v) = &self.reference_model {
-            d.reference_model = Some(v.clone());
-        }
+        d.reference_model = self.reference_model.clone();
         if let Some(v) = self.precompute_ref_log_probs {
             d.precompute_ref_log_probs = v;
         }
@@ -98,15 +107,12 @@ impl DpoArgs {
                 *field = v;
             }
         }
-        let file = self.common.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
-        c.validate(self.common.config.as_deref())?;
-        validate_dpo(&c.dpo, &file)?;
+        validate_dpo(&c.dpo, &|k, m| self.common.err(k, m))?;
         Ok(c)
     }
 }
 
-fn validate_dpo(d: &DpoOptions, file: &str) -> Result<()> {
-    let err = |key: &str, msg: String| TrainError::Config { file: file.into(), key: format!("dpo.{key}"), msg };
+fn validate_dpo(d: &DpoOptions, err: &dyn Fn(&str, String) -> TrainError) -> Result<()> {
     d.params.validate(d.loss_type).map_err(|(k, m)| err(&k, m))?;
     if let Some(r) = &d.reference_model {
         if !d.loss_type.needs_reference() {
@@ -285,19 +291,19 @@ impl DpoTrainer {
     /// Loads the policy, reference, tokenizer and data of a validated `cfg`; with `cfg.resume` the policy
     /// weights of the newest checkpoint in `output_dir`.
     pub fn new(cfg: &PrefConfig) -> Result<Self> {
-        let checkpoint = cfg.resume.then(|| crate::checkpoint::resume_dir(&cfg.required().2)).transpose()?;
+        let checkpoint = cfg.train.resume.then(|| crate::checkpoint::resume_dir(&cfg.train.output_dir)).transpose()?;
         Self::load(cfg, checkpoint.as_deref())
     }
 
     /// [`DpoTrainer::new`] with the policy weights of `checkpoint` when given (the model, or with LoRA the
     /// adapters over the base). The reference stays the initial model.
     fn load(cfg: &PrefConfig, checkpoint: Option<&Path>) -> Result<Self> {
-        let (model_dir, train_file, _) = cfg.required();
+        let (model_dir, train_file) = (cfg.model.clone(), &cfg.train_file);
         let device = Device::Cpu;
         let tokenizer = Tokenizer::from_dir(&model_dir).map_err(data_err)?;
         let pad = tokenizer.pad_id().map_err(data_err)?;
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
-        let policy_dir = match (checkpoint, &cfg.lora) {
+        let policy_dir = match (checkpoint, &cfg.train.lora) {
             (Some(dir), None) => dir,
             _ => model_dir.as_path(),
         };
@@ -311,7 +317,7 @@ impl DpoTrainer {
             (None, _) => None,
         };
         let reference = reference_dir.map(|dir| CausalLm::load(dir, &device).map_err(model_err)).transpose()?;
-        let train = load_dpo_data(&train_file, &tokenizer, cfg)?;
+        let train = load_dpo_data(train_file, &tokenizer, cfg)?;
         let eval = cfg.eval_file.as_deref().map(|f| load_dpo_data(f, &tokenizer, cfg)).transpose()?;
         let mut t = Self::from_parts(policy, reference, train, eval, pad, cfg)?;
         t.source_dir = Some(model_dir);
@@ -338,10 +344,10 @@ impl DpoTrainer {
         }
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         // The reference computes in the policy's precision (TRL autocasts both).
-        if cfg.bf16 {
+        if cfg.train.bf16 {
             policy.set_precision(rlhf_model::Precision::Bf16);
         }
-        let reference = match (opts.loss_type.needs_reference(), reference, &cfg.lora) {
+        let reference = match (opts.loss_type.needs_reference(), reference, &cfg.train.lora) {
             (false, _, _) => Reference::None,
             (true, Some(mut r), _) => {
                 r.set_precision(policy.precision());
@@ -355,12 +361,12 @@ impl DpoTrainer {
                 Reference::Model(Box::new(r))
             }
         };
-        let lora = attach_lora(&mut policy, cfg.lora.as_ref(), cfg.seed)?;
+        let lora = attach_lora(&mut policy, cfg.train.lora.as_ref(), cfg.train.seed)?;
         let params = match &lora {
             Some(l) => crate::optim::sorted_params(l.varmap()),
             None => crate::optim::sorted_params(policy.varmap()),
         };
-        let optimizer = AdamW::new(params, crate::optim::AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() })?;
+        let optimizer = AdamW::new(params, cfg.train.adamw())?;
         let mut t = Self {
             policy,
             lora,
@@ -541,7 +547,7 @@ impl Objective for DpoTrainer {
 pub fn run_dpo(cfg: &PrefConfig) -> Result<PrefSummary> {
     let checkpoint = prepare_run(cfg)?;
     let mut t = DpoTrainer::load(cfg, checkpoint.as_deref())?;
-    train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-6))
+    train_loop(&mut t, cfg)
 }
 
 /// DPO benchmark at the TRL baseline's shape: sigmoid loss, β 0.1, 8 pairs/step, a reference forward every
@@ -553,7 +559,8 @@ pub fn bench_dpo(tokenizer_dir: &Path, steps: usize, lora: Option<&rlhf_model::l
     let config = rlhf_model::bench::tiny_llama_config();
     let policy = CausalLm::init_random(config, 1234, &Device::Cpu).map_err(|e| TrainError::Model(e.to_string()))?;
     let pairs = bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
-    let cfg = PrefConfig { batch_size: 8, max_length: 64, lora: lora.cloned(), ..Default::default() };
+    let mut cfg = PrefConfig { batch_size: 8, max_length: 64, ..PrefConfig::new(PathBuf::new(), PathBuf::new(), PathBuf::new(), &TrainDefaults::DPO) };
+    cfg.train.lora = lora.cloned();
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg)?;
     let mut v = bench_steps(&mut t, steps, 5, 1e-4)?;
     v["trainer"] = json!("dpo");

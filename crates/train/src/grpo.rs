@@ -81,6 +81,12 @@ pub struct GrpoArgs {
     pub use_bias_correction_kl: bool,
 }
 
+impl crate::settings::Settings for GrpoArgs {
+    fn help_defaults() -> Vec<(&'static str, String)> {
+        crate::train_args::TrainDefaults::ONLINE.help()
+    }
+}
+
 impl GrpoArgs {
     pub fn validate(&self) -> Result<()> {
         if self.num_generations < 2 {

@@ -29,9 +29,11 @@ pub mod select;
 pub mod rollout;
 pub mod schedule;
 pub mod settings;
+pub mod train_args;
 pub mod trainer;
 pub mod sft;
 
 pub use error::{Result, TrainError};
 pub use config::{SftArgs, SftConfig};
+pub use train_args::{TrainArgs, TrainConfig, TrainDefaults};
 pub use sft::{run_sft, SftSummary, SftTrainer};

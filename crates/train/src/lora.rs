@@ -1,5 +1,6 @@
-//! LoRA settings shared by every trainer: the `--lora-*` flags (flat TOML keys `lora_r`, … in the SFT config;
-//! the `[lora]` section of the preference config), their validation, and attaching adapters to a model.
+//! LoRA settings shared by every trainer: the `--lora-*` flags and TOML keys `lora_r`, … (part of
+//! [`crate::train_args::TrainArgs`]; an older file's `[lora]` section `r = …` reads as `lora_r`), their
+//! validation, and attaching adapters to a model.
 
 use std::path::Path;
 
@@ -59,15 +60,6 @@ impl LoraArgs {
             l.target_modules = t.clone();
         }
         Some(l)
-    }
-
-    /// `self` with every field that `other` sets replaced by `other`'s value.
-    pub fn overridden_by(mut self, other: &LoraArgs) -> LoraArgs {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f.clone(); } )* };
-        }
-        lora_fields!(take);
-        self
     }
 
     /// Names of the settings given here.

@@ -21,12 +21,12 @@ use serde_json::Value;
 
 use crate::checkpoint;
 use crate::error::{io_err, Result, TrainError};
-use crate::lora::{LoraArgs, ADAPTER_DIR};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::lora::ADAPTER_DIR;
+use crate::optim::AdamW;
 use crate::reward::{Rewards, Sample};
 use crate::rollout::{self, PromptRow, Rollout, SampleSpec, SeqBatch};
-use crate::schedule::{ScheduleKind, Warmup};
-use crate::trainer::{LoopSettings, StepInfo, StepOut, Trainer};
+use crate::train_args::{TrainArgs, TrainConfig, TrainDefaults};
+use crate::trainer::{StepInfo, StepOut, Trainer};
 
 pub use crate::trainer::{Metrics, Step, METRICS_FILE};
 
@@ -45,9 +45,6 @@ pub struct OnlineArgs {
     /// Held-out prompts: greedy completions scored every eval_steps and at the end (`eval_reward`).
     #[arg(long)]
     pub eval_prompts: Option<PathBuf>,
-    /// Where checkpoints, metrics.jsonl and the final model go.
-    #[arg(long)]
-    pub output_dir: Option<PathBuf>,
     /// Reward source `[WEIGHT*]KIND:ARG`, repeatable (summed): rm:DIR, exact:COLUMN, regex:PATTERN, length:COEF,
     /// eos:PENALTY, cmd:COMMAND, judge:URL[,model=ID] (an LLM judge's 1–9 rating; see docs/serve.md).
     #[arg(long)]
@@ -79,66 +76,27 @@ pub struct OnlineArgs {
     /// Completions generated in one batch.
     #[arg(long, default_value_t = 64)]
     pub generation_batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-6)]
-    pub learning_rate: f64,
-    /// constant, linear or cosine.
-    #[arg(long, value_enum, default_value_t = ScheduleKind::Linear)]
-    pub lr_scheduler_type: ScheduleKind,
-    #[arg(long, default_value_t = 0)]
-    pub warmup_steps: u64,
-    /// AdamW weight decay (not applied to norms and biases).
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// Global gradient-norm clip; 0 disables.
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    /// Steps to run (default: num_train_epochs passes over the prompts).
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    #[arg(long, default_value_t = 1.0)]
-    pub num_train_epochs: f64,
-    /// Write a metrics line (means over the window) every N steps.
-    #[arg(long, default_value_t = 1)]
-    pub logging_steps: u64,
-    /// Evaluate on eval_prompts every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
-    pub eval_steps: u64,
-    /// Checkpoint every N steps (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub save_steps: u64,
-    /// Keep only the newest N checkpoints.
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Continue from the newest checkpoint in output_dir (its settings must match these).
-    #[arg(long)]
-    pub resume: bool,
-    /// Replace what output_dir holds instead of refusing.
-    #[arg(long)]
-    pub overwrite_output_dir: bool,
     /// Extra attempts for a reward source that fails or returns a non-finite score.
     #[arg(long, default_value_t = 2)]
     pub reward_retries: usize,
     /// Time limit of one call of a `cmd:` reward source.
     #[arg(long, default_value_t = 60.0)]
     pub reward_timeout_s: f64,
-    /// bf16 matrix products with f32 accumulation, weights and optimizer (TRL's `bf16=True`), for the policy, its
-    /// reference and the rollouts.
-    #[arg(long)]
-    #[serde(default)]
-    pub bf16: bool,
+    /// The settings every trainer shares (bf16 applies to the policy, its reference and the rollouts).
     #[command(flatten)]
     #[serde(flatten)]
-    pub lora: LoraArgs,
+    pub train: TrainArgs,
 }
 
 impl OnlineArgs {
     /// An invalid-setting error naming where settings came from (the config file, else the command line).
     pub fn setting_err(&self, key: &str, msg: impl Into<String>) -> TrainError {
-        let file = self.config.as_ref().map_or("command line".to_string(), |p| format!("{} (or the command line)", p.display()));
-        TrainError::Config { file, key: key.into(), msg: msg.into() }
+        crate::settings::setting_err(self.config.as_deref(), key, msg)
+    }
+
+    /// The shared settings over the online trainers' defaults, validated.
+    pub fn train(&self) -> Result<TrainConfig> {
+        self.train.resolve(&TrainDefaults::ONLINE, &|k, m| self.setting_err(k, m))
     }
 }
 
@@ -152,10 +110,11 @@ fn required<'a>(v: &'a Option<PathBuf>, key: &str) -> Result<&'a PathBuf> {
 }
 
 impl OnlineArgs {
-    pub fn validate(&self) -> Result<()> {
+    /// Validates the settings; returns the shared ones resolved.
+    pub fn validate(&self) -> Result<TrainConfig> {
         required(&self.model, "model")?;
         required(&self.prompts, "prompts")?;
-        required(&self.output_dir, "output_dir")?;
+        let train = self.train()?;
         if self.reward.is_empty() {
             return Err(self.setting_err("reward", "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)"));
         }
@@ -167,36 +126,21 @@ impl OnlineArgs {
             }
         };
         positive("temperature", self.temperature)?;
-        positive("learning_rate", self.learning_rate)?;
-        positive("num_train_epochs", self.num_train_epochs)?;
         positive("reward_timeout_s", self.reward_timeout_s)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(self.setting_err("top_p", format!("must be in (0, 1], got {}", self.top_p)));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(self.setting_err("weight_decay", "must be a finite number >= 0"));
-        }
-        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return Err(self.setting_err("max_grad_norm", "must be a finite number >= 0 (0 disables clipping)"));
         }
         for (key, v) in [
             ("max_new_tokens", self.max_new_tokens),
             ("prompts_per_step", self.prompts_per_step),
             ("max_prompt_length", self.max_prompt_length),
             ("generation_batch_size", self.generation_batch_size),
-            ("logging_steps", self.logging_steps as usize),
         ] {
             if v == 0 {
                 return Err(self.setting_err(key, "must be at least 1"));
             }
         }
-        if self.max_steps == Some(0) {
-            return Err(self.setting_err("max_steps", "must be at least 1 (or leave it unset for num_train_epochs)"));
-        }
-        if let Some(l) = self.lora.apply(None) {
-            crate::lora::check(&l).map_err(|(k, m)| self.setting_err(&format!("lora_{k}"), m))?;
-        }
-        Ok(())
+        Ok(train)
     }
 
     pub fn sampling(&self) -> SampleSpec {
@@ -234,13 +178,14 @@ impl Policy {
     pub fn load(args: &OnlineArgs, with_reference: bool, resume: Option<&Path>) -> Result<Self> {
         let dir = required(&args.model, "model")?.clone();
         let device = Device::Cpu;
-        let lora_cfg = args.lora.apply(None);
+        let train = args.train()?;
+        let lora_cfg = train.lora.clone();
         let weights_dir = match (resume, &lora_cfg) {
             (Some(ckpt), None) => ckpt.to_path_buf(),
             _ => dir.clone(),
         };
         let mut model = CausalLm::load(&weights_dir, &device).map_err(|e| model_err(format!("{}: {e}", weights_dir.display())))?;
-        if args.bf16 {
+        if train.bf16 {
             model.set_precision(rlhf_model::Precision::Bf16);
         }
         let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| TrainError::Data(e.to_string()))?;
@@ -267,7 +212,7 @@ impl Policy {
         };
         let lora = match (&lora_cfg, resume) {
             (Some(_), Some(ckpt)) => Some(Lora::load(&mut model, &ckpt.join(ADAPTER_DIR)).map_err(model_err)?),
-            (cfg, _) => crate::lora::attach_lora(&mut model, cfg.as_ref(), args.seed)?,
+            (cfg, _) => crate::lora::attach_lora(&mut model, cfg.as_ref(), train.seed)?,
         };
         if let Some(l) = &lora {
             l.set_training(false);
@@ -396,6 +341,8 @@ fn mean(v: &[f32]) -> f64 {
 /// rollouts of its prompts, scores them and lets the algorithm learn from them.
 struct OnlineTrainer<'a, A> {
     args: &'a OnlineArgs,
+    /// Seed of the sampling (every completion's seed derives from it, the step and its index).
+    seed: u64,
     /// The trainer's whole settings, written beside the final model.
     settings: &'a Value,
     policy: Policy,
@@ -418,7 +365,7 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
         let chosen: Vec<&PromptRow> = idx.iter().map(|&i| &self.prompts[i]).collect();
 
         let t0 = Instant::now();
-        let rollouts = rollout::sample(&self.policy.model, &self.policy.tokenizer, &chosen, g, &args.sampling(), args.seed, info.step)?;
+        let rollouts = rollout::sample(&self.policy.model, &self.policy.tokenizer, &chosen, g, &args.sampling(), self.seed, info.step)?;
         let t_gen = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -465,7 +412,7 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
         if self.eval_prompts.is_empty() {
             return Ok(None);
         }
-        evaluate_greedy(&self.policy, &mut self.rewards, &self.eval_prompts, self.args).map(Some)
+        evaluate_greedy(&self.policy, &mut self.rewards, &self.eval_prompts, self.args, self.seed).map(Some)
     }
 
     fn optimizer(&self) -> &AdamW {
@@ -500,6 +447,21 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
     }
 }
 
+/// The trainer's settings as stored (checkpoints, the final model's `training_config.json`): the shared keys
+/// resolved (`lora_*` as one `lora` object, as every trainer stores them) instead of as given.
+fn resolved_settings(settings: &Value, train: &TrainConfig) -> Value {
+    let mut out = settings.as_object().cloned().unwrap_or_default();
+    if let Value::Object(given) = serde_json::to_value(TrainArgs::default()).expect("plain data") {
+        for k in given.keys() {
+            out.remove(k);
+        }
+    }
+    if let Value::Object(resolved) = serde_json::to_value(train).expect("plain data") {
+        out.extend(resolved);
+    }
+    Value::Object(out)
+}
+
 /// Runs an algorithm with `args`. `settings` is the trainer's whole settings struct (stored in checkpoints and
 /// compared on resume); `with_reference` loads the frozen reference; `make` builds the algorithm once the policy
 /// is loaded (with the checkpoint to restore from, if resuming).
@@ -509,10 +471,10 @@ pub fn run<A: Algorithm>(
     with_reference: bool,
     make: impl FnOnce(&Policy, Option<&Path>) -> Result<A>,
 ) -> Result<OnlineSummary> {
-    args.validate()?;
-    let out = required(&args.output_dir, "output_dir")?.clone();
-    crate::output_dir::prepare(required(&args.model, "model")?, &out, args.overwrite_output_dir, args.resume)?;
-    let resume_from = if args.resume { Some(checkpoint::resume_dir(&out)?) } else { None };
+    let train = args.validate()?;
+    let out = train.output_dir.clone();
+    crate::output_dir::prepare(required(&args.model, "model")?, &out, train.overwrite_output_dir, train.resume)?;
+    let resume_from = if train.resume { Some(checkpoint::resume_dir(&out)?) } else { None };
     let prompts_path = required(&args.prompts, "prompts")?;
 
     // Everything that can fail on bad input is checked before the output directory is touched.
@@ -537,26 +499,10 @@ pub fn run<A: Algorithm>(
     let rewards = Rewards::from_specs(&args.reward, &policy.tokenizer, positions, args.reward_timeout_s, args.reward_retries)?;
     let mut params = policy.params();
     params.extend(algo.extra_params());
-    let optimizer = AdamW::new(params, AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })?;
-    let loop_settings = LoopSettings {
-        output_dir: out.clone(),
-        resume_from,
-        examples_per_step: args.prompts_per_step,
-        learning_rate: args.learning_rate,
-        lr_scheduler_type: args.lr_scheduler_type,
-        warmup: Warmup::Steps(args.warmup_steps),
-        max_grad_norm: args.max_grad_norm,
-        max_steps: args.max_steps,
-        num_train_epochs: args.num_train_epochs,
-        logging_steps: args.logging_steps,
-        eval_steps: args.eval_steps,
-        save_steps: args.save_steps,
-        save_total_limit: args.save_total_limit,
-        seed: args.seed,
-        config: settings.clone(),
-        resume_free_keys: resume_free_keys(),
-    };
-    let mut trainer = OnlineTrainer { args, settings, policy, algo, optimizer, rewards, prompts, eval_prompts };
+    let optimizer = AdamW::new(params, train.adamw())?;
+    let settings = &resolved_settings(settings, &train);
+    let loop_settings = train.loop_settings(resume_from, args.prompts_per_step, settings.clone(), resume_free_keys());
+    let mut trainer = OnlineTrainer { args, seed: train.seed, settings, policy, algo, optimizer, rewards, prompts, eval_prompts };
     let r = crate::trainer::run(&mut trainer, &loop_settings)?;
     Ok(OnlineSummary {
         steps: r.steps,
@@ -570,10 +516,10 @@ pub fn run<A: Algorithm>(
 }
 
 /// Greedy completions of `prompts` scored by `rewards`: `reward` (mean) and one mean per source.
-pub fn evaluate_greedy(policy: &Policy, rewards: &mut Rewards, prompts: &[PromptRow], args: &OnlineArgs) -> Result<Metrics> {
+pub fn evaluate_greedy(policy: &Policy, rewards: &mut Rewards, prompts: &[PromptRow], args: &OnlineArgs, seed: u64) -> Result<Metrics> {
     let spec = SampleSpec { sampling: Sampling::greedy(), max_new_tokens: args.max_new_tokens, batch_size: args.generation_batch_size };
     let refs: Vec<&PromptRow> = prompts.iter().collect();
-    let rollouts = rollout::sample(&policy.model, &policy.tokenizer, &refs, 1, &spec, args.seed, 0)?;
+    let rollouts = rollout::sample(&policy.model, &policy.tokenizer, &refs, 1, &spec, seed, 0)?;
     let scored = rewards.score(&samples(&rollouts, &refs))?;
     let mut m = Metrics::new();
     m.insert("reward".into(), scored.total.iter().sum::<f64>() / scored.total.len() as f64);

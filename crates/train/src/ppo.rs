@@ -69,6 +69,12 @@ pub struct PpoArgs {
     pub whiten_rewards: bool,
 }
 
+impl crate::settings::Settings for PpoArgs {
+    fn help_defaults() -> Vec<(&'static str, String)> {
+        crate::train_args::TrainDefaults::ONLINE.help()
+    }
+}
+
 impl PpoArgs {
     pub fn validate(&self) -> Result<()> {
         for (k, v) in [("num_ppo_epochs", self.num_ppo_epochs), ("num_mini_batches", self.num_mini_batches)] {
@@ -141,6 +147,8 @@ struct PpoState {
 
 pub struct Ppo {
     args: PpoArgs,
+    /// Seed of the value head and the mini-batch order.
+    seed: u64,
     value: SeqCls,
     kl: AdaptiveKl,
 }
@@ -153,6 +161,7 @@ impl Ppo {
     /// The value model from checkpoint `resume`, else from `value_model` / the single reward model / the policy.
     pub fn new(args: PpoArgs, policy: &Policy, resume: Option<&Path>) -> Result<Self> {
         args.validate()?;
+        let seed = args.online.train()?.seed;
         let device = Device::Cpu;
         let pad = policy.tokenizer.pad_id().ok();
         let single_rm = match args.online.reward.as_slice() {
@@ -160,13 +169,13 @@ impl Ppo {
             _ => None,
         };
         let value = match (resume, args.value_model.clone().or(single_rm)) {
-            (Some(ckpt), _) => SeqCls::load(&ckpt.join(VALUE_DIR), 1, pad, args.online.seed, &device),
-            (None, Some(dir)) => SeqCls::load(&dir, 1, pad, args.online.seed, &device),
-            (None, None) => SeqCls::from_causal_lm(policy.model.duplicate().map_err(model_err)?, 1, pad, args.online.seed),
+            (Some(ckpt), _) => SeqCls::load(&ckpt.join(VALUE_DIR), 1, pad, seed, &device),
+            (None, Some(dir)) => SeqCls::load(&dir, 1, pad, seed, &device),
+            (None, None) => SeqCls::from_causal_lm(policy.model.duplicate().map_err(model_err)?, 1, pad, seed),
         }
         .map_err(|e| model_err(format!("value model: {e}")))?;
         let kl = AdaptiveKl { beta: args.kl_coef, target: args.target_kl.unwrap_or(1.0), horizon: args.kl_horizon };
-        Ok(Self { args, value, kl })
+        Ok(Self { args, seed, value, kl })
     }
 
     pub fn kl_coef(&self) -> f64 {
@@ -228,7 +237,7 @@ impl Algorithm for Ppo {
         let mb = n_rows.div_ceil(a.num_mini_batches);
         let (mut pg_losses, mut vf_losses, mut pg_clip, mut vf_clip, mut approx_kl, mut ratios, mut entropies) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(a.online.seed, step.global_step(), 0x9e37));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(self.seed, step.global_step(), 0x9e37));
         for _epoch in 0..a.num_ppo_epochs {
             let mut order: Vec<usize> = (0..n_rows).collect();
             order.shuffle(&mut rng);

@@ -51,7 +51,7 @@ impl LossType {
 }
 
 /// Hyper-parameters of all losses (each loss reads the ones it needs). Unknown keys are rejected by the config
-/// reader (this struct is flattened into `[dpo]`, where serde cannot deny them).
+/// reader (this struct is flattened into the stored `dpo` settings).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LossParams {

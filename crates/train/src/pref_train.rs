@@ -15,8 +15,7 @@ use crate::checkpoint;
 use crate::error::Result;
 use crate::optim::AdamW;
 use crate::pref_config::PrefConfig;
-use crate::schedule::Warmup;
-use crate::trainer::{LoopSettings, StepInfo, StepOut, Trainer};
+use crate::trainer::{StepInfo, StepOut, Trainer};
 
 pub use crate::trainer::Metrics;
 
@@ -93,9 +92,9 @@ pub use crate::trainer::METRICS_FILE;
 /// Checks the output directory of a validated `cfg` before anything is loaded or written
 /// (see [`crate::output_dir::prepare`]); returns the checkpoint to resume from when `cfg.resume`.
 pub fn prepare_run(cfg: &PrefConfig) -> Result<Option<PathBuf>> {
-    let (model, _, out) = cfg.required();
-    crate::output_dir::prepare(&model, &out, cfg.overwrite_output_dir, cfg.resume)?;
-    cfg.resume.then(|| checkpoint::resume_dir(&out)).transpose()
+    let t = &cfg.train;
+    crate::output_dir::prepare(&cfg.model, &t.output_dir, t.overwrite_output_dir, t.resume)?;
+    t.resume.then(|| checkpoint::resume_dir(&t.output_dir)).transpose()
 }
 
 /// One optimizer step on the examples `idx`: forward, backward, clip, AdamW (refusing a non-finite loss or
@@ -141,28 +140,13 @@ impl Trainer for PrefTrainer<'_> {
     }
 }
 
-/// The core loop ([`crate::trainer::run`]) over `obj` with the settings of `cfg` at peak learning rate `lr`.
-/// With `cfg.resume` it continues the newest checkpoint exactly where it stopped.
-pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig, lr: f64) -> Result<PrefSummary> {
-    let (_, _, output_dir) = cfg.required();
-    let settings = LoopSettings {
-        resume_from: if cfg.resume { Some(checkpoint::resume_dir(&output_dir)?) } else { None },
-        output_dir: output_dir.clone(),
-        examples_per_step: cfg.batch_size,
-        learning_rate: lr,
-        lr_scheduler_type: cfg.lr_scheduler_type,
-        warmup: Warmup::Steps(cfg.warmup_steps),
-        max_grad_norm: cfg.max_grad_norm,
-        max_steps: cfg.max_steps,
-        num_train_epochs: cfg.num_train_epochs,
-        logging_steps: cfg.logging_steps,
-        eval_steps: cfg.eval_steps,
-        save_steps: cfg.save_steps,
-        save_total_limit: cfg.save_total_limit,
-        seed: cfg.seed,
-        config: serde_json::to_value(cfg).expect("config serialises"),
-        resume_free_keys: checkpoint::RESUME_FREE_KEYS.to_vec(),
-    };
+/// The core loop ([`crate::trainer::run`]) over `obj` with the settings of `cfg`.
+/// With `cfg.train.resume` it continues the newest checkpoint exactly where it stopped.
+pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig) -> Result<PrefSummary> {
+    let output_dir = cfg.train.output_dir.clone();
+    let resume_from = if cfg.train.resume { Some(checkpoint::resume_dir(&output_dir)?) } else { None };
+    let config = serde_json::to_value(cfg).expect("config serialises");
+    let settings = cfg.train.loop_settings(resume_from, cfg.batch_size, config, checkpoint::RESUME_FREE_KEYS.to_vec());
     let r = crate::trainer::run(&mut PrefTrainer(obj), &settings)?;
     let mut final_metrics = r.final_metrics;
     let final_loss = final_metrics.remove("loss").unwrap_or(f64::NAN);

@@ -65,6 +65,12 @@ pub struct Rloo {
     args: RlooArgs,
 }
 
+impl crate::settings::Settings for RlooArgs {
+    fn help_defaults() -> Vec<(&'static str, String)> {
+        crate::train_args::TrainDefaults::ONLINE.help()
+    }
+}
+
 impl Rloo {
     pub fn new(args: RlooArgs) -> Result<Self> {
         if args.num_generations < 2 {

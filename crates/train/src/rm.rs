@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
+use serde::{Deserialize, Serialize};
 use rlhf_data::{collate_preference, Format, LoadOptions, PreferenceExample, Record, ScoreScale, Tokenizer, Truncation};
 use rlhf_model::lora::{Lora, LoraConfig};
 use rlhf_model::seq_cls::SeqCls;
@@ -20,16 +21,22 @@ use serde_json::{json, Map, Value};
 use crate::ensemble::{mean_std, Ensemble};
 use crate::error::{io_err, Result, TrainError};
 use crate::lora::attach_lora;
-use crate::optim::{AdamW, AdamWConfig};
-use crate::pref_config::{cfg_err, CommonArgs, PrefConfig};
+use crate::optim::AdamW;
+use crate::pref_config::{PrefArgs, PrefConfig, RmOptions};
+use crate::settings::Settings;
+use crate::train_args::TrainDefaults;
 use crate::pref_data::{data_err, pad_rows, row_err, tokenize_completion};
 use crate::trainer::copy_tokenizer;
 use crate::pref_train::{eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
-#[derive(Debug, Clone, Default, Args)]
+/// Settings of `rlhf rm`: the preference trainers' settings plus these (TOML keys and flags of the same names;
+/// older files group them in a section `[rm]`).
+#[derive(Debug, Clone, Default, PartialEq, clap::Parser, Serialize, Deserialize)]
+#[command(about = "Train a reward model (Bradley–Terry, margins, ratings, ensembles); `rlhf rm score --help` and `rlhf rm select --help` for scoring and pair selection")]
 pub struct RmArgs {
     #[command(flatten)]
-    pub common: CommonArgs,
+    #[serde(flatten)]
+    pub common: PrefArgs,
     /// Reward-centering coefficient η of η·mean((r_c + r_r)²) (off by default)
     #[arg(long)]
     pub center_rewards_coefficient: Option<f64>,
@@ -42,6 +49,12 @@ pub struct RmArgs {
     /// Highest score of rating rows that declare no scale
     #[arg(long)]
     pub score_max: Option<f64>,
+}
+
+impl Settings for RmArgs {
+    fn help_defaults() -> Vec<(&'static str, String)> {
+        TrainDefaults::RM.help()
+    }
 }
 
 /// `rlhf rm score` flags: score prompt/completion rows with one reward model or an ensemble.
@@ -66,43 +79,32 @@ pub struct RmScoreArgs {
 
 
 impl RmArgs {
-    /// File + flags, validated for reward modelling.
+    /// File + flags (merged by [`crate::settings::load`]), validated for reward modelling.
     pub fn resolve(&self) -> Result<PrefConfig> {
-        let mut c = PrefConfig::from_common(&self.common)?;
-        if let Some(v) = self.center_rewards_coefficient {
-            c.rm.center_rewards_coefficient = Some(v);
-        }
-        if let Some(v) = self.num_heads {
-            c.rm.num_heads = v;
-        }
-        if let Some(v) = self.score_min {
-            c.rm.score_min = Some(v);
-        }
-        if let Some(v) = self.score_max {
-            c.rm.score_max = Some(v);
-        }
-        c.validate(self.common.config.as_deref())?;
-        let f = c.origin(self.common.config.as_deref());
+        let mut c = self.common.resolve(&TrainDefaults::RM)?;
+        let d = RmOptions::default();
+        c.rm = RmOptions {
+            center_rewards_coefficient: self.center_rewards_coefficient,
+            num_heads: self.num_heads.unwrap_or(d.num_heads),
+            score_min: self.score_min,
+            score_max: self.score_max,
+        };
+        let err = |k: &str, m: String| self.common.err(k, m);
         if let Some(eta) = c.rm.center_rewards_coefficient {
-            if !(eta.is_finite() && eta >= 0.0) {
-                return Err(cfg_err(&f, "rm.center_rewards_coefficient", format!("{eta} is not a finite number >= 0")));
-            }
-        }
-        for (k, v) in [("rm.score_min", c.rm.score_min), ("rm.score_max", c.rm.score_max)] {
-            if v.is_some_and(|v| !v.is_finite()) {
-                return Err(cfg_err(&f, k, "must be a finite number"));
+            if eta < 0.0 {
+                return Err(err("center_rewards_coefficient", format!("{eta} is not a finite number >= 0")));
             }
         }
         if c.rm.num_heads == 0 {
-            return Err(cfg_err(&f, "rm.num_heads", "must be at least 1"));
+            return Err(err("num_heads", "must be at least 1".into()));
         }
         if let (Some(lo), Some(hi)) = (c.rm.score_min, c.rm.score_max) {
             if lo >= hi {
-                return Err(cfg_err(&f, "rm.score_max", format!("must be greater than score_min ({lo})")));
+                return Err(err("score_max", format!("must be greater than score_min ({lo})")));
             }
         }
         if c.rm.score_min.is_some() != c.rm.score_max.is_some() {
-            return Err(cfg_err(&f, "rm.score_min", "set both score_min and score_max, or neither"));
+            return Err(err("score_min", "set both score_min and score_max, or neither".into()));
         }
         Ok(c)
     }
@@ -178,10 +180,6 @@ pub fn load_rm_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Res
 // Reward-model trainer
 // ---------------------------------------------------------------------------------------------------------
 
-fn adamw(params: Vec<(String, Var)>, cfg: &PrefConfig) -> Result<AdamW> {
-    AdamW::new(params, AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() })
-}
-
 fn vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
     varmap.data().lock().expect("VarMap lock poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
@@ -204,25 +202,25 @@ impl RmTrainer {
     /// Loads the model (a reward-model dir, or a causal LM with a new head), tokenizer and data of `cfg`;
     /// with `cfg.resume` the weights of the newest checkpoint in `output_dir`.
     pub fn new(cfg: &PrefConfig) -> Result<Self> {
-        let checkpoint = cfg.resume.then(|| crate::checkpoint::resume_dir(&cfg.required().2)).transpose()?;
+        let checkpoint = cfg.train.resume.then(|| crate::checkpoint::resume_dir(&cfg.train.output_dir)).transpose()?;
         Self::load(cfg, checkpoint.as_deref())
     }
 
     /// [`RmTrainer::new`] with the weights of `checkpoint` when given (the trunk and head, or with LoRA the
     /// adapters and head over the base model).
     fn load(cfg: &PrefConfig, checkpoint: Option<&Path>) -> Result<Self> {
-        let (model_dir, train_file, _) = cfg.required();
+        let (model_dir, train_file) = (cfg.model.clone(), &cfg.train_file);
         let tokenizer = Tokenizer::from_dir(&model_dir).map_err(data_err)?;
         let pad = tokenizer.pad_id().ok();
-        let weights_dir = match (checkpoint, &cfg.lora) {
+        let weights_dir = match (checkpoint, &cfg.train.lora) {
             (Some(dir), None) => dir,
             _ => model_dir.as_path(),
         };
-        let model = SeqCls::load(weights_dir, cfg.rm.num_heads, pad, cfg.seed, &Device::Cpu)
+        let model = SeqCls::load(weights_dir, cfg.rm.num_heads, pad, cfg.train.seed, &Device::Cpu)
             .map_err(|e| TrainError::Model(e.to_string()))?;
         // Token ids past the embedding table would otherwise fail deep inside the forward pass.
         tokenizer.check_vocab(model.lm.vocab_size(), model_dir.join("config.json")).map_err(data_err)?;
-        let train = load_rm_data(&train_file, &tokenizer, cfg)?;
+        let train = load_rm_data(train_file, &tokenizer, cfg)?;
         let eval = cfg.eval_file.as_deref().map(|f| load_rm_data(f, &tokenizer, cfg)).transpose()?;
         let mut t = Self::from_parts(model, train, eval, cfg)?;
         t.source_dir = Some(model_dir);
@@ -235,16 +233,16 @@ impl RmTrainer {
 
     /// A trainer over a loaded model and tokenized data (tests, benchmarks).
     pub fn from_parts(mut model: SeqCls, train: RmData, eval: Option<RmData>, cfg: &PrefConfig) -> Result<Self> {
-        if cfg.bf16 {
+        if cfg.train.bf16 {
             model.lm.set_precision(rlhf_model::Precision::Bf16);
         }
-        let lora = attach_lora(&mut model.lm, cfg.lora.as_ref(), cfg.seed)?;
+        let lora = attach_lora(&mut model.lm, cfg.train.lora.as_ref(), cfg.train.seed)?;
         let params = match &lora {
             // The head is new for the task, so it trains with the adapters (PEFT's modules_to_save).
             Some(l) => [vars(l.varmap()), vars(model.head())].concat(),
             None => model.trainable_vars(),
         };
-        let optimizer = adamw(params, cfg)?;
+        let optimizer = AdamW::new(params, cfg.train.adamw())?;
         Ok(Self {
             model,
             lora,
@@ -370,7 +368,7 @@ impl Objective for RmTrainer {
 pub fn run_rm(cfg: &PrefConfig) -> Result<PrefSummary> {
     let checkpoint = prepare_run(cfg)?;
     let mut t = RmTrainer::load(cfg, checkpoint.as_deref())?;
-    train_loop(&mut t, cfg, cfg.learning_rate.unwrap_or(1e-4))
+    train_loop(&mut t, cfg)
 }
 
 fn write_line(file: &mut File, path: &Path, v: &Map<String, Value>) -> Result<()> {
@@ -449,7 +447,8 @@ pub fn bench_rm(tokenizer_dir: &Path, steps: usize, lora: Option<&LoraConfig>) -
     let lm = rlhf_model::CausalLm::init_random(config, 1234, &Device::Cpu).map_err(model_err)?;
     let model = SeqCls::from_causal_lm(lm, 1, Some(0), 1234).map_err(model_err)?;
     let pairs = crate::pref_data::bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
-    let cfg = PrefConfig { batch_size: 8, max_length: 64, lora: lora.cloned(), ..Default::default() };
+    let mut cfg = PrefConfig { batch_size: 8, max_length: 64, ..PrefConfig::new(PathBuf::new(), PathBuf::new(), PathBuf::new(), &TrainDefaults::RM) };
+    cfg.train.lora = lora.cloned();
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs), None, &cfg)?;
     let mut v = crate::pref_train::bench_steps(&mut t, steps, 5, 1e-3)?;
     v["trainer"] = json!("rm");

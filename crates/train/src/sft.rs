@@ -1,7 +1,7 @@
 //! Supervised fine-tuning (TRL `SFTTrainer` semantics): causal-LM cross-entropy on the loss tokens
 //! (completion-only by default), normalised over ALL loss tokens of the accumulated batch, AdamW with a
 //! warmup schedule, periodic logging / evaluation / atomic checkpoints, and bit-exact resume.
-//! With LoRA (`cfg.lora`) only the adapters train; checkpoints hold the adapter (PEFT layout) and its
+//! With LoRA (`cfg.train.lora`) only the adapters train; checkpoints hold the adapter (PEFT layout) and its
 //! optimizer state, and the output dir gets the merged model plus the adapter in `adapter/`.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ use serde::Serialize;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::SftConfig;
 use crate::error::{io_err, Result, TrainError};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::trainer::{copy_tokenizer, LoopSettings, Metrics, Session, StepInfo, StepOut, Trainer};
+use crate::optim::AdamW;
+use crate::trainer::{copy_tokenizer, Metrics, Session, StepInfo, StepOut, Trainer};
 
 /// A right-padded micro-batch on the device, with the flat positions whose next token is a target.
 pub struct SftBatch {
@@ -144,32 +144,10 @@ pub struct SftTrainer {
     session: Session,
 }
 
-/// The core loop's settings of `cfg`, continuing checkpoint `resume_from` when given.
-fn loop_settings(cfg: &SftConfig, resume_from: Option<PathBuf>) -> LoopSettings {
-    LoopSettings {
-        output_dir: cfg.output_dir.clone(),
-        resume_from,
-        examples_per_step: cfg.batch_size * cfg.gradient_accumulation_steps,
-        learning_rate: cfg.learning_rate,
-        lr_scheduler_type: cfg.lr_scheduler_type,
-        warmup: cfg.warmup(),
-        max_grad_norm: cfg.max_grad_norm,
-        max_steps: cfg.max_steps,
-        num_train_epochs: cfg.num_train_epochs,
-        logging_steps: cfg.logging_steps,
-        eval_steps: cfg.eval_steps,
-        save_steps: cfg.save_steps,
-        save_total_limit: cfg.save_total_limit,
-        seed: cfg.seed,
-        config: serde_json::to_value(cfg).expect("config serialises"),
-        resume_free_keys: checkpoint::RESUME_FREE_KEYS.to_vec(),
-    }
-}
-
 impl SftTrainer {
     /// Load the model, tokenizer and data named by `cfg`; resume from the newest checkpoint if asked.
     pub fn new(cfg: SftConfig) -> Result<Self> {
-        crate::output_dir::prepare(&cfg.model, &cfg.output_dir, cfg.overwrite_output_dir, cfg.resume)?;
+        crate::output_dir::prepare(&cfg.model, &cfg.train.output_dir, cfg.train.overwrite_output_dir, cfg.train.resume)?;
         let device = Device::Cpu;
         let tokenizer = rlhf_data::tokenizer::Tokenizer::from_dir(&cfg.model).map_err(|e| TrainError::Data(e.to_string()))?;
         let pad_id = tokenizer.pad_id().map_err(|e| TrainError::Data(e.to_string()))?;
@@ -178,9 +156,9 @@ impl SftTrainer {
             Some(f) => tokenize(&cfg, &tokenizer, f)?,
             None => Vec::new(),
         };
-        let resume_dir = if cfg.resume { Some(checkpoint::resume_dir(&cfg.output_dir)?) } else { None };
+        let resume_dir = if cfg.train.resume { Some(checkpoint::resume_dir(&cfg.train.output_dir)?) } else { None };
         // With LoRA a checkpoint holds only the adapter: the base comes from cfg.model.
-        let model_dir = match (&resume_dir, &cfg.lora) {
+        let model_dir = match (&resume_dir, &cfg.train.lora) {
             (Some(dir), None) => dir.as_path(),
             _ => cfg.model.as_path(),
         };
@@ -193,8 +171,8 @@ impl SftTrainer {
         Self::build(cfg, model, train, eval, pad_id, tokenizer_dir, resume_dir)
     }
 
-    /// A trainer over already tokenized data (benchmarks, tests). With `cfg.lora` this freezes `model` and
-    /// attaches fresh adapters (initialised from `cfg.seed`).
+    /// A trainer over already tokenized data (benchmarks, tests). With `cfg.train.lora` this freezes `model` and
+    /// attaches fresh adapters (initialised from `cfg.train.seed`).
     pub fn from_parts(
         cfg: SftConfig,
         model: CausalLm,
@@ -219,25 +197,22 @@ impl SftTrainer {
         if train.is_empty() {
             return Err(TrainError::Data(format!("{}: no training examples", cfg.train_file.display())));
         }
-        if cfg.bf16 {
+        if cfg.train.bf16 {
             model.set_precision(rlhf_model::Precision::Bf16);
         }
-        let lora = crate::lora::attach_lora(&mut model, cfg.lora.as_ref(), cfg.seed)?;
+        let lora = crate::lora::attach_lora(&mut model, cfg.train.lora.as_ref(), cfg.train.seed)?;
         let params = crate::optim::sorted_params(lora.as_ref().map_or(model.varmap(), |l| l.varmap()));
-        let optimizer = AdamW::new(
-            params,
-            AdamWConfig {
-                beta1: cfg.adam_beta1,
-                beta2: cfg.adam_beta2,
-                eps: cfg.adam_epsilon,
-                weight_decay: cfg.weight_decay,
-            },
-        )?;
+        let optimizer = AdamW::new(params, cfg.train.adamw())?;
         if let (Some(dir), Some(l)) = (&resume, &lora) {
             let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
             crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
         }
-        let settings = loop_settings(&cfg, resume);
+        let settings = cfg.train.loop_settings(
+            resume,
+            cfg.batch_size * cfg.gradient_accumulation_steps,
+            serde_json::to_value(&cfg).expect("config serialises"),
+            checkpoint::RESUME_FREE_KEYS.to_vec(),
+        );
         let mut sft = Sft { cfg, model, lora, optimizer, train, eval, pad_id, tokenizer_dir, last: None };
         let session = Session::start(&mut sft, settings)?;
         Ok(Self { sft, session })
@@ -304,7 +279,7 @@ impl SftTrainer {
             eval: r.eval.map(|m| EvalStats { eval_loss: m["loss"], eval_mean_token_accuracy: m["mean_token_accuracy"] }),
             num_tokens: r.num_tokens,
             train_runtime_s: r.train_runtime_s,
-            output_dir: self.sft.cfg.output_dir.clone(),
+            output_dir: self.sft.cfg.train.output_dir.clone(),
             metrics_file: r.metrics_file,
             resumed_from_step: r.resumed_from_step,
         })

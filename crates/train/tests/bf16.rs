@@ -4,7 +4,7 @@
 mod common;
 
 use rlhf_model::Precision;
-use rlhf_train::{SftArgs, SftTrainer};
+use rlhf_train::SftTrainer;
 
 /// 20 steps from the same weights on the same batches: the bf16 losses track the f32 ones. The
 /// first step differs only by the forward's operand rounding (≤ 2⁻⁸ relative per product, mostly
@@ -16,8 +16,8 @@ fn bf16_sft_loss_tracks_f32() {
     let run = |bf16: bool| {
         let out = tempfile::tempdir().unwrap();
         let mut cfg = common::addition_config(out.path());
-        cfg.max_steps = Some(20);
-        cfg.bf16 = bf16;
+        cfg.train.max_steps = Some(20);
+        cfg.train.bf16 = bf16;
         let mut trainer = SftTrainer::new(cfg).unwrap();
         let want = if bf16 { Precision::Bf16 } else { Precision::Fp32 };
         assert_eq!(trainer.model().precision(), want);
@@ -44,15 +44,15 @@ fn bf16_key_and_flag() {
     )
     .unwrap();
     let path = toml.to_str().unwrap();
-    assert!(SftArgs::parse_flags(["--config", path]).unwrap().resolve().unwrap().bf16);
-    assert!(!SftArgs::parse_flags(["--config", path, "--bf16", "false"]).unwrap().resolve().unwrap().bf16);
+    assert!(common::sft_flags(&["--config", path]).unwrap().train.bf16);
+    assert!(!common::sft_flags(&["--config", path, "--bf16", "false"]).unwrap().train.bf16);
     let flags = |extra: &[&str]| {
         let base = ["--model", model.to_str().unwrap(), "--train-file", data.to_str().unwrap(), "--output-dir", "o"];
-        SftArgs::parse_flags(base.iter().chain(extra)).unwrap().resolve().unwrap().bf16
+        common::sft_flags(&[&base[..], extra].concat()).unwrap().train.bf16
     };
     assert!(flags(&["--bf16"]));
     assert!(!flags(&[]));
     std::fs::write(&toml, "bf16 = \"yes\"\n").unwrap();
-    let err = SftArgs::parse_flags(["--config", path]).unwrap().resolve().unwrap_err().to_string();
+    let err = common::sft_flags(&["--config", path]).unwrap_err().to_string();
     assert!(err.contains("bf16"), "{err}");
 }

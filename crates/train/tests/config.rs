@@ -26,20 +26,19 @@ fn file_values_defaults_and_flag_overrides() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), &(base(dir.path()) + "learning_rate = 1e-3\nbatch_size = 4\nlr_scheduler_type = \"cosine\"\npacking = true\n"));
     let cfg = SftConfig::from_toml_file(&path).unwrap();
-    assert_eq!((cfg.learning_rate, cfg.batch_size, cfg.lr_scheduler_type, cfg.packing), (1e-3, 4, ScheduleKind::Cosine, true));
+    assert_eq!((cfg.train.learning_rate, cfg.batch_size, cfg.train.lr_scheduler_type, cfg.packing), (1e-3, 4, ScheduleKind::Cosine, true));
     // Untouched keys keep the defaults.
-    let d = SftConfig::with_defaults(cfg.model.clone(), cfg.train_file.clone(), cfg.output_dir.clone());
-    assert_eq!((cfg.max_grad_norm, cfg.completion_only_loss, cfg.seed), (d.max_grad_norm, d.completion_only_loss, d.seed));
+    let d = SftConfig::with_defaults(cfg.model.clone(), cfg.train_file.clone(), cfg.train.output_dir.clone());
+    assert_eq!((cfg.train.max_grad_norm, cfg.completion_only_loss, cfg.train.seed), (d.train.max_grad_norm, d.completion_only_loss, d.train.seed));
 
     let config_flag = format!("--config={}", path.display());
-    let args = SftArgs::parse_flags([config_flag.as_str(), "--learning-rate", "5e-4", "--packing", "false", "--resume"]).unwrap();
-    let cfg = args.resolve().unwrap();
-    assert_eq!((cfg.learning_rate, cfg.batch_size, cfg.packing, cfg.resume), (5e-4, 4, false, true));
+    let cfg = common::sft_flags(&[config_flag.as_str(), "--learning-rate", "5e-4", "--packing", "false", "--resume"]).unwrap();
+    assert_eq!((cfg.train.learning_rate, cfg.batch_size, cfg.packing, cfg.train.resume), (5e-4, 4, false, true));
 }
 
 #[test]
 fn every_setting_is_a_flag_and_a_key() {
-    let keys = SftArgs::keys();
+    let keys: Vec<String> = serde_json::to_value(SftArgs::default()).unwrap().as_object().unwrap().keys().filter(|k| *k != "config").cloned().collect();
     for k in ["model", "train_file", "eval_file", "output_dir", "max_length", "packing", "completion_only_loss", "batch_size",
         "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
         "max_grad_norm", "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -87,9 +86,9 @@ fn bad_files_name_file_and_key() {
 
 #[test]
 fn flag_errors_name_the_command_line() {
-    let e = SftArgs::parse_flags(["--model", "/nonexistent", "--train-file", "x", "--output-dir", "o"]).unwrap().resolve().unwrap_err().to_string();
+    let e = common::sft_flags(&["--model", "/nonexistent", "--train-file", "x", "--output-dir", "o"]).unwrap_err().to_string();
     assert!(e.contains("command line") && e.contains("\"model\""), "{e}");
-    let e = SftArgs::parse_flags(["--learning-rate", "1e-3"]).unwrap().resolve().unwrap_err().to_string();
+    let e = common::sft_flags(&["--learning-rate", "1e-3"]).unwrap_err().to_string();
     assert!(e.contains("\"model\"") && e.contains("required"), "{e}");
-    assert!(SftArgs::parse_flags(["--learning-rate", "fast"]).is_err());
+    assert!(common::sft_flags(&["--learning-rate", "fast"]).is_err());
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rlhf_train::dpo::{DpoArgs, DpoTrainer};
 use rlhf_train::pref_loss::LossType;
-use rlhf_train::pref_config::{CommonArgs, PrefConfig};
+use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::settings::load;
+use rlhf_train::TrainDefaults;
 use rlhf_train::pref_train::{train_loop, Objective};
 use serde_json::{json, Value};
 
@@ -38,17 +40,14 @@ fn cfg(dir: &Path, loss: LossType) -> PrefConfig {
     write_jsonl(&dir.join("train.jsonl"), &sum_pairs(160, 1));
     write_jsonl(&dir.join("eval.jsonl"), &sum_pairs(64, 2));
     let mut c = PrefConfig {
-        model: Some(llama()),
-        train_file: Some(dir.join("train.jsonl")),
         eval_file: Some(dir.join("eval.jsonl")),
-        output_dir: Some(dir.join("out")),
         max_length: 64,
         batch_size: 8,
-        learning_rate: Some(5e-4),
-        lr_scheduler_type: rlhf_train::schedule::ScheduleKind::Constant,
-        max_steps: Some(20),
-        ..Default::default()
+        ..PrefConfig::new(llama(), dir.join("train.jsonl"), dir.join("out"), &TrainDefaults::DPO)
     };
+    c.train.learning_rate = 5e-4;
+    c.train.lr_scheduler_type = rlhf_train::schedule::ScheduleKind::Constant;
+    c.train.max_steps = Some(20);
     c.dpo.loss_type = loss;
     c
 }
@@ -57,12 +56,12 @@ fn cfg(dir: &Path, loss: LossType) -> PrefConfig {
 fn dpo_moves_preference_accuracy_and_margins_the_right_way() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cfg(tmp.path(), LossType::Sigmoid);
-    c.max_steps = Some(60);
+    c.train.max_steps = Some(60);
     let mut t = DpoTrainer::new(&c).unwrap();
     let before = t.evaluate().unwrap().unwrap();
     // Policy = reference at the start: every implicit reward is 0.
     assert!(before["rewards/margins"].abs() < 1e-6 && (before["loss"] - std::f64::consts::LN_2).abs() < 1e-5);
-    let s = train_loop(&mut t, &c, 5e-4).unwrap();
+    let s = train_loop(&mut t, &c).unwrap();
     let after = s.eval.clone().unwrap();
     // From all-ties (accuracy 0, margin 0) to a clear held-out preference (60 steps at β 0.1, lr 5e-4).
     assert!(after["rewards/accuracies"] >= 0.75, "eval reward accuracy {}", after["rewards/accuracies"]);
@@ -87,7 +86,7 @@ fn every_loss_type_trains() {
         }
         let mut t = DpoTrainer::new(&c).unwrap();
         let before = t.evaluate().unwrap().unwrap();
-        let s = train_loop(&mut t, &c, 5e-4).unwrap();
+        let s = train_loop(&mut t, &c).unwrap();
         let after = s.eval.unwrap();
         assert!(after["loss"] < before["loss"], "{loss:?}: eval loss {} -> {}", before["loss"], after["loss"]);
         assert!(after["rewards/margins"] > before["rewards/margins"], "{loss:?}: margins {} -> {}", before["rewards/margins"], after["rewards/margins"]);
@@ -121,32 +120,33 @@ fn failure_paths_name_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     write_jsonl(&d.join("train.jsonl"), &sum_pairs(8, 1));
-    let common = CommonArgs {
-        model: Some(llama()),
-        train_file: Some(d.join("train.jsonl")),
-        output_dir: Some(d.join("out")),
-        ..Default::default()
+    let (model, train, out) = (llama().display().to_string(), d.join("train.jsonl").display().to_string(), d.join("out").display().to_string());
+    let dpo = |extra: &[&str]| -> rlhf_train::Result<PrefConfig> {
+        let flags: Vec<std::ffi::OsString> =
+            ["--model", &model, "--train-file", &train, "--output-dir", &out].iter().chain(extra).map(Into::into).collect();
+        load::<DpoArgs>("dpo", &flags)?.resolve()
     };
-    let missing = DpoArgs { common: common.clone(), reference_model: Some(d.join("no-such-ref")), ..Default::default() };
-    let err = missing.resolve().unwrap_err().to_string();
-    assert!(err.contains("dpo.reference_model") && err.contains("no-such-ref"), "{err}");
+    let missing = d.join("no-such-ref").display().to_string();
+    let err = dpo(&["--reference-model", &missing]).unwrap_err().to_string();
+    assert!(err.contains("\"reference_model\"") && err.contains("no-such-ref") && err.contains("command line"), "{err}");
 
-    let bad_beta = DpoArgs { common: common.clone(), beta: Some(0.0), ..Default::default() };
-    assert!(bad_beta.resolve().unwrap_err().to_string().contains("dpo.beta"));
+    let err = dpo(&["--beta", "0"]).unwrap_err().to_string();
+    assert!(err.contains("\"beta\""), "{err}");
 
-    std::fs::write(d.join("dpo.toml"), "[dpo]\nloss_type = \"sigmoid\"\nbeta = 0.2\ngamma = 1\n").unwrap();
-    let with_file = DpoArgs { common: CommonArgs { config: Some(d.join("dpo.toml")), ..common.clone() }, ..Default::default() };
-    let err = with_file.resolve().unwrap_err().to_string();
-    assert!(err.contains("dpo.toml") && err.contains("dpo.gamma") && err.contains("unknown key"), "{err}");
+    let file = d.join("dpo.toml").display().to_string();
+    std::fs::write(&file, "[dpo]\nloss_type = \"sigmoid\"\nbeta = 0.2\ngamma = 1\n").unwrap();
+    let err = dpo(&["--config", &file]).unwrap_err().to_string();
+    assert!(err.contains("dpo.toml:4") && err.contains("dpo.gamma") && err.contains("unknown key"), "{err}");
 
-    std::fs::write(d.join("dpo.toml"), "[dpo]\nloss_type = \"simpo\"\nsimpo_gamma = 1.0\n[lora]\nr = 4\n").unwrap();
-    let ok = with_file.resolve().unwrap();
-    assert_eq!((ok.dpo.loss_type, ok.dpo.params.simpo_gamma, ok.lora.as_ref().unwrap().r), (LossType::Simpo, 1.0, 4));
+    // The sections of older files read as the flat keys: `[dpo] simpo_gamma` is `simpo_gamma`, `[lora] r` is `lora_r`.
+    std::fs::write(&file, "[dpo]\nloss_type = \"simpo\"\nsimpo_gamma = 1.0\n[lora]\nr = 4\n").unwrap();
+    let ok = dpo(&["--config", &file]).unwrap();
+    assert_eq!((ok.dpo.loss_type, ok.dpo.params.simpo_gamma, ok.train.lora.as_ref().unwrap().r), (LossType::Simpo, 1.0, 4));
 
     // Unpaired rows only fit kto.
     write_jsonl(&d.join("unpaired.jsonl"), &[json!({"prompt": "Q: 1+1=", "completion": " 2", "label": true})]);
     let mut c = cfg(d, LossType::Sigmoid);
-    c.train_file = Some(d.join("unpaired.jsonl"));
+    c.train_file = d.join("unpaired.jsonl");
     let err = DpoTrainer::new(&c).err().expect("unpaired data for sigmoid").to_string();
     assert!(err.contains("unpaired.jsonl") && err.contains("not unpaired"), "{err}");
 }
@@ -158,17 +158,20 @@ fn bf16_dpo_trains() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let mut c = cfg(d, LossType::Sigmoid);
-    c.logging_steps = 1;
+    c.train.logging_steps = 1;
     std::fs::write(d.join("bf16.toml"), "bf16 = true\n").unwrap();
-    let common = CommonArgs { config: Some(d.join("bf16.toml")), ..CommonArgs::default() };
-    assert!(PrefConfig::from_common(&common).unwrap().bf16);
-    assert!(!PrefConfig::from_common(&CommonArgs { bf16: Some(false), ..common }).unwrap().bf16);
+    let bf16 = |extra: &[&str]| {
+        let file = d.join("bf16.toml");
+        let flags: Vec<std::ffi::OsString> = ["--config", file.to_str().unwrap()].iter().chain(extra).map(Into::into).collect();
+        load::<DpoArgs>("dpo", &flags).unwrap().common.train.bf16
+    };
+    assert_eq!((bf16(&[]), bf16(&["--bf16", "false"])), (Some(true), Some(false)));
 
     let losses = |c: &PrefConfig| -> Vec<f64> {
         let mut t = DpoTrainer::new(c).unwrap();
-        let want = if c.bf16 { rlhf_model::Precision::Bf16 } else { rlhf_model::Precision::Fp32 };
+        let want = if c.train.bf16 { rlhf_model::Precision::Bf16 } else { rlhf_model::Precision::Fp32 };
         assert_eq!(t.policy().precision(), want);
-        let s = train_loop(&mut t, c, 5e-4).unwrap();
+        let s = train_loop(&mut t, c).unwrap();
         std::fs::read_to_string(&s.metrics_file)
             .unwrap()
             .lines()
@@ -177,10 +180,10 @@ fn bf16_dpo_trains() {
             .collect()
     };
     let mut c32 = c.clone();
-    c32.output_dir = Some(d.join("out32"));
+    c32.train.output_dir = d.join("out32");
     let l32 = losses(&c32);
-    c.bf16 = true;
-    c.max_steps = Some(60);
+    c.train.bf16 = true;
+    c.train.max_steps = Some(60);
     let l16 = losses(&c);
     // Step 1: policy = reference in both precisions, so the loss is ln 2 exactly; from step 2 on bf16 rounding shows.
     assert_eq!(l32[0], l16[0]);

@@ -26,6 +26,15 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// LoRA training on `pairs_file(d)` into `d/out` (the learning rate is set, so the trainer's defaults do not matter).
+fn lora_pref_config(d: &Path) -> PrefConfig {
+    let mut c = PrefConfig { max_length: 64, ..PrefConfig::new(llama(), pairs_file(d), d.join("out"), &rlhf_train::TrainDefaults::DPO) };
+    c.train.learning_rate = 5e-3;
+    c.train.max_steps = Some(12);
+    c.train.lora = Some(lora_cfg());
+    c
+}
+
 fn pairs_file(dir: &Path) -> PathBuf {
     let p = dir.join("train.jsonl");
     let mut f = std::fs::File::create(&p).unwrap();
@@ -58,16 +67,7 @@ fn attach_is_identity_and_counts_only_adapters() {
 fn dpo_with_lora_trains_adapters_only_and_round_trips_through_peft_files() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let mut cfg = PrefConfig {
-        model: Some(llama()),
-        train_file: Some(pairs_file(d)),
-        output_dir: Some(d.join("out")),
-        max_length: 64,
-        learning_rate: Some(5e-3),
-        max_steps: Some(12),
-        lora: Some(lora_cfg()),
-        ..Default::default()
-    };
+    let mut cfg = lora_pref_config(d);
     cfg.dpo.loss_type = LossType::Sigmoid;
     let s = run_dpo(&cfg).unwrap();
     assert!(s.final_metrics["rewards/margins"] > 0.0, "{:?}", s.final_metrics);
@@ -113,16 +113,7 @@ fn dpo_with_lora_trains_adapters_only_and_round_trips_through_peft_files() {
 fn reward_model_with_lora_saves_adapters_and_head() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cfg = PrefConfig {
-        model: Some(llama()),
-        train_file: Some(pairs_file(d)),
-        output_dir: Some(d.join("out")),
-        max_length: 64,
-        learning_rate: Some(5e-3),
-        max_steps: Some(12),
-        lora: Some(lora_cfg()),
-        ..Default::default()
-    };
+    let cfg = lora_pref_config(d);
     let s = run_rm(&cfg).unwrap();
     assert!(s.final_metrics["accuracy"] >= 0.5);
     let out = d.join("out");

@@ -265,7 +265,7 @@ fn bad_input_fails_clearly_and_keeps_the_last_checkpoint() {
     assert!(e.contains("empty.jsonl:2") && e.contains("empty prompt"), "{e}");
     // Prompt over the limit.
     let mut a = grpo_args(tmp.path(), &["--reward", "regex:1", "--max-prompt-length", "3"]);
-    a.online.output_dir = Some(tmp.path().join("out2"));
+    a.online.train.output_dir = Some(tmp.path().join("out2"));
     let e = run_grpo(&a).unwrap_err().to_string();
     assert!(e.contains("prompts.jsonl:1") && e.contains("max_prompt_length"), "{e}");
     assert!(!tmp.path().join("out2").exists(), "a refused run created its output dir");
@@ -277,7 +277,7 @@ fn bad_input_fails_clearly_and_keeps_the_last_checkpoint() {
     assert!(e.contains("huge.jsonl:1") && e.contains("bytes of text cannot fit") && e.contains("max_prompt_length"), "{e}");
     // Output dir = model dir.
     let mut a = grpo_args(tmp.path(), &["--reward", "regex:1"]);
-    a.online.output_dir = Some(fixture("llama"));
+    a.online.train.output_dir = Some(fixture("llama"));
     let e = run_grpo(&a).unwrap_err().to_string();
     assert!(e.contains("model directory"), "{e}");
 
@@ -286,18 +286,18 @@ fn bad_input_fails_clearly_and_keeps_the_last_checkpoint() {
     let cmd = format!("cmd:if [ -e {} ]; then echo broken >&2; exit 1; fi; while read l; do echo 1; done", flag.display());
     let out = tmp.path().join("out3");
     let mut a = grpo_args(tmp.path(), &["--reward", cmd.as_str(), "--save-steps", "1", "--max-steps", "3", "--reward-retries", "1"]);
-    a.online.output_dir = Some(out.clone());
-    a.online.max_steps = Some(1);
+    a.online.train.output_dir = Some(out.clone());
+    a.online.train.max_steps = Some(1);
     run_grpo(&a).unwrap();
     std::fs::write(&flag, "").unwrap();
-    a.online.max_steps = Some(3);
-    a.online.resume = true;
+    a.online.train.max_steps = Some(3);
+    a.online.train.resume = Some(true);
     let e = run_grpo(&a).unwrap_err().to_string();
     assert!(e.contains("broken") && e.contains("2 attempts"), "{e}");
     assert!(out.join("checkpoint-1/trainer_state.json").is_file());
     // Resuming with another learning rate is refused, naming the key.
     std::fs::remove_file(&flag).unwrap();
-    a.online.learning_rate = 5e-3;
+    a.online.train.learning_rate = Some(5e-3);
     let e = run_grpo(&a).unwrap_err().to_string();
     assert!(e.contains("learning_rate"), "{e}");
 }
@@ -311,7 +311,7 @@ fn settings_come_from_toml_and_flags() {
     assert_eq!(a.beta, 0.0);
     assert_eq!(a.loss_type, rlhf_train::grpo::GrpoLoss::DrGrpo);
     assert_eq!(a.online.reward, vec!["exact:answer".to_string()]);
-    assert_eq!(a.online.lora.lora_r, Some(4));
+    assert_eq!(a.online.train.lora.lora_r, Some(4));
     assert_eq!(a.online.model, Some(PathBuf::from("m")));
     std::fs::write(&f, "lose_type = \"grpo\"\n").unwrap();
     let e = load::<GrpoArgs>("grpo", &args(&["--config", f.to_str().unwrap()])).unwrap_err().settings().unwrap().to_string();

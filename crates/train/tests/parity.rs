@@ -34,11 +34,11 @@ fn trainer(r: &Value, weight_decay: f64, max_grad_norm: f64) -> SftTrainer {
     let dir = common::model_dir();
     let mut cfg = SftConfig::with_defaults(dir.clone(), dir.join("unused"), dir.join("unused"));
     cfg.batch_size = 4;
-    cfg.learning_rate = 1e-3;
-    cfg.lr_scheduler_type = ScheduleKind::Constant;
-    cfg.weight_decay = weight_decay;
-    cfg.max_grad_norm = max_grad_norm;
-    cfg.max_steps = Some(1);
+    cfg.train.learning_rate = 1e-3;
+    cfg.train.lr_scheduler_type = ScheduleKind::Constant;
+    cfg.train.weight_decay = weight_decay;
+    cfg.train.max_grad_norm = max_grad_norm;
+    cfg.train.max_steps = Some(1);
     SftTrainer::from_parts(cfg, common::load(&dir), examples(r), Vec::new(), 0).unwrap()
 }
 

@@ -9,6 +9,7 @@ use rlhf_model::lora::LoraConfig;
 use rlhf_train::pref_config::PrefConfig;
 use rlhf_train::pref_loss::LossType;
 use rlhf_train::pref_train::PrefSummary;
+use rlhf_train::TrainDefaults;
 use serde_json::{json, Value};
 
 fn llama() -> PathBuf {
@@ -25,19 +26,14 @@ fn pairs(path: &Path, n: usize) {
 }
 
 fn cfg(data: &Path, out: &Path, lora: bool) -> PrefConfig {
-    PrefConfig {
-        model: Some(llama()),
-        train_file: Some(data.to_path_buf()),
-        output_dir: Some(out.to_path_buf()),
-        max_length: 64,
-        batch_size: 4,
-        learning_rate: Some(1e-3),
-        max_steps: Some(6),
-        save_steps: 3,
-        logging_steps: 1,
-        lora: lora.then(|| LoraConfig { dropout: 0.1, ..LoraConfig::default() }),
-        ..Default::default()
-    }
+    let mut c = PrefConfig { max_length: 64, batch_size: 4, ..PrefConfig::new(llama(), data.into(), out.into(), &TrainDefaults::DPO) };
+    let t = &mut c.train;
+    t.learning_rate = 1e-3;
+    t.max_steps = Some(6);
+    t.save_steps = 3;
+    t.logging_steps = 1;
+    t.lora = lora.then(|| LoraConfig { dropout: 0.1, ..LoraConfig::default() });
+    c
 }
 
 type Run = fn(&PrefConfig) -> rlhf_train::Result<PrefSummary>;
@@ -81,7 +77,7 @@ fn assert_resume_is_bit_identical(run: Run, loss: Option<LossType>, lora: bool) 
         std::fs::remove_file(killed.join(f)).unwrap();
     }
     let mut c = config(&killed);
-    c.resume = true;
+    c.train.resume = true;
     let s = run(&c).unwrap();
     assert_eq!((s.resumed_from_step, s.steps), (Some(3), 6));
     for f in weight_files(lora) {
@@ -119,15 +115,15 @@ fn lora_dropout_runs_are_reproducible() {
     pairs(&data, 40);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let mut c = cfg(&data, &a, true);
-    c.save_steps = 0;
+    c.train.save_steps = 0;
     rlhf_train::dpo::run_dpo(&c).unwrap();
-    c.output_dir = Some(b.clone());
+    c.train.output_dir = b.clone();
     rlhf_train::dpo::run_dpo(&c).unwrap();
     let read = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(read(&a) == read(&b), "two identical LoRA runs with dropout 0.1 gave different adapters");
     // And dropout is on: another seed gives another adapter.
-    c.output_dir = Some(tmp.path().join("c"));
-    c.seed = 7;
+    c.train.output_dir = tmp.path().join("c");
+    c.train.seed = 7;
     rlhf_train::dpo::run_dpo(&c).unwrap();
     assert!(read(&a) != read(&tmp.path().join("c")));
 }
@@ -139,14 +135,14 @@ fn resume_refuses_a_checkpoint_with_other_settings_naming_every_key() {
     pairs(&data, 40);
     let out = tmp.path().join("out");
     let mut c = cfg(&data, &out, false);
-    c.max_steps = Some(3);
+    c.train.max_steps = Some(3);
     rlhf_train::rm::run_rm(&c).unwrap();
     let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
-    c.resume = true;
-    c.learning_rate = Some(5e-4);
-    c.max_steps = Some(5);
+    c.train.resume = true;
+    c.train.learning_rate = 5e-4;
+    c.train.max_steps = Some(5);
     // Logging cadence may change.
-    c.logging_steps = 2;
+    c.train.logging_steps = 2;
     let e = rlhf_train::rm::run_rm(&c).unwrap_err().to_string();
     assert!(e.contains("checkpoint-3/training_config.json"), "{e}");
     assert!(e.contains("learning_rate (checkpoint: 0.001, now: 0.0005)") && e.contains("max_steps (checkpoint: 3, now: 5)"), "{e}");

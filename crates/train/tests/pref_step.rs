@@ -73,7 +73,7 @@ fn reward_model_step_matches_trl() {
         assert_eq!(p.rejected_sequence(), ids(&t["rejected_ids"]));
     }
     let model = SeqCls::load(&dir, 1, None, 0, &Device::Cpu).unwrap();
-    let cfg = PrefConfig { batch_size: 4, ..Default::default() };
+    let cfg = PrefConfig { batch_size: 4, ..PrefConfig::new(dir.clone(), dir.join("unused"), dir.join("unused"), &rlhf_train::TrainDefaults::DPO) };
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs.clone()), None, &cfg).unwrap();
     let refs: Vec<&PreferenceExample> = pairs.iter().collect();
     let (c, r, _, _) = t.pair_rewards(&refs).unwrap();
@@ -101,7 +101,7 @@ fn dpo_step_matches_trl() {
         assert_eq!(p.rejected_ids, ids(&t["rejected_ids"]));
     }
     let policy = CausalLm::load(&dir, &Device::Cpu).unwrap();
-    let cfg = PrefConfig { batch_size: 4, ..Default::default() };
+    let cfg = PrefConfig { batch_size: 4, ..PrefConfig::new(dir.clone(), dir.join("unused"), dir.join("unused"), &rlhf_train::TrainDefaults::DPO) };
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg).unwrap();
     let out = t.forward(&[0, 1, 2, 3]).unwrap();
     rel_close(out.metrics["logps/chosen"], mean(&f["initial_chosen_logps"]), 1e-4, "logps/chosen");

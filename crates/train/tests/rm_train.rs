@@ -10,7 +10,8 @@ use rand::{Rng, SeedableRng};
 use rlhf_model::seq_cls::SeqCls;
 use rlhf_train::pref_config::PrefConfig;
 use rlhf_train::rm::{run_rm, run_rm_score, RmArgs, RmScoreArgs};
-use rlhf_train::TrainError;
+use rlhf_train::settings::load;
+use rlhf_train::{TrainDefaults, TrainError};
 use serde_json::{json, Value};
 
 fn llama() -> PathBuf {
@@ -37,18 +38,16 @@ fn sum_pairs(n: usize, seed: u64) -> Vec<Value> {
 }
 
 fn base_cfg(dir: &Path) -> PrefConfig {
-    PrefConfig {
-        model: Some(llama()),
-        train_file: Some(dir.join("train.jsonl")),
+    let mut c = PrefConfig {
         eval_file: Some(dir.join("eval.jsonl")),
-        output_dir: Some(dir.join("out")),
         max_length: 64,
         batch_size: 8,
-        learning_rate: Some(1e-3),
-        max_steps: Some(40),
-        logging_steps: 10,
-        ..Default::default()
-    }
+        ..PrefConfig::new(llama(), dir.join("train.jsonl"), dir.join("out"), &TrainDefaults::RM)
+    };
+    c.train.learning_rate = 1e-3;
+    c.train.max_steps = Some(40);
+    c.train.logging_steps = 10;
+    c
 }
 
 #[test]
@@ -125,7 +124,7 @@ fn ratings_regress_on_the_normalised_score() {
     write_jsonl(&d.join("train.jsonl"), &rows);
     let mut cfg = base_cfg(d);
     cfg.eval_file = None;
-    cfg.max_steps = Some(60);
+    cfg.train.max_steps = Some(60);
     cfg.rm.score_min = Some(1.0);
     cfg.rm.score_max = Some(5.0);
     let s = run_rm(&cfg).unwrap();
@@ -148,14 +147,14 @@ fn bad_rows_and_keys_are_reported_with_their_location() {
     assert!(err.contains("train.jsonl:2") && err.contains("\"chosen\""), "{err}");
 
     std::fs::write(d.join("rm.toml"), "batch_size = 4\n[rm]\nnum_heads = 2\ncenter_reward = 0.1\n").unwrap();
-    let args = RmArgs { common: rlhf_train::pref_config::CommonArgs { config: Some(d.join("rm.toml")), ..Default::default() }, ..Default::default() };
-    let err = args.resolve().unwrap_err().to_string();
-    assert!(err.contains("rm.toml") && err.contains("rm.center_reward") && err.contains("unknown key"), "{err}");
+    let flags = ["--config".into(), d.join("rm.toml").into()];
+    let err = load::<RmArgs>("rm", &flags).unwrap_err().settings().unwrap().to_string();
+    assert!(err.contains("rm.toml:4") && err.contains("rm.center_reward") && err.contains("unknown key"), "{err}");
 
-    // Ill-typed values name their key, inside sections too.
-    for (toml, key) in [("batch_size = \"x\"\n", "\"batch_size\""), ("[rm]\nnum_heads = 1.5\n", "\"rm.num_heads\"")] {
+    // Ill-typed values name their file, line and key, inside sections too.
+    for (toml, key) in [("batch_size = \"x\"\n", "rm.toml:1: key \"batch_size\""), ("\n[rm]\nnum_heads = 1.5\n", "rm.toml:3: key \"rm.num_heads\"")] {
         std::fs::write(d.join("rm.toml"), toml).unwrap();
-        let err = args.resolve().unwrap_err().to_string();
+        let err = load::<RmArgs>("rm", &flags).unwrap_err().settings().unwrap().to_string();
         assert!(err.contains(key) && err.contains("invalid type"), "{err}");
     }
 }
@@ -168,10 +167,10 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
     let mut cfg = base_cfg(d);
     cfg.eval_file = None;
     // A learning rate this large overflows the activations within a few steps.
-    cfg.learning_rate = Some(1e30);
-    cfg.max_grad_norm = 0.0;
-    cfg.save_steps = 1;
-    cfg.max_steps = Some(20);
+    cfg.train.learning_rate = 1e30;
+    cfg.train.max_grad_norm = 0.0;
+    cfg.train.save_steps = 1;
+    cfg.train.max_steps = Some(20);
     match run_rm(&cfg) {
         Err(e @ TrainError::NonFinite { .. }) => {
             let TrainError::NonFinite { step, last_checkpoint, .. } = &e else { unreachable!() };

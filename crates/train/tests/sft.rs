@@ -10,8 +10,8 @@ use rlhf_train::{SftTrainer, TrainError};
 fn loss_decreases_on_addition_data() {
     let out = tempfile::tempdir().unwrap();
     let mut cfg = common::addition_config(out.path());
-    cfg.max_steps = Some(40);
-    cfg.eval_steps = 20;
+    cfg.train.max_steps = Some(40);
+    cfg.train.eval_steps = 20;
     let mut trainer = SftTrainer::new(cfg).unwrap();
     let summary = trainer.train().unwrap();
     assert_eq!(summary.steps, 40);
@@ -44,7 +44,7 @@ fn gradient_accumulation_matches_full_batch() {
         let mut cfg = common::addition_config(out.path());
         cfg.batch_size = batch;
         cfg.gradient_accumulation_steps = accum;
-        cfg.max_steps = Some(3);
+        cfg.train.max_steps = Some(3);
         let mut t = SftTrainer::new(cfg).unwrap();
         let stats: Vec<_> = (0..3).map(|_| t.step().unwrap()).collect();
         (stats, common::weights(t.model()))
@@ -73,11 +73,11 @@ fn resumed_run_is_bit_identical() {
         let mut cfg = common::addition_config(dir);
         cfg.batch_size = 4;
         cfg.gradient_accumulation_steps = 2;
-        cfg.max_steps = Some(7);
-        cfg.save_steps = 3;
-        cfg.lr_scheduler_type = rlhf_train::schedule::ScheduleKind::Cosine;
-        cfg.warmup_steps = 2;
-        cfg.weight_decay = 0.01;
+        cfg.train.max_steps = Some(7);
+        cfg.train.save_steps = 3;
+        cfg.train.lr_scheduler_type = rlhf_train::schedule::ScheduleKind::Cosine;
+        cfg.train.warmup_steps = 2;
+        cfg.train.weight_decay = 0.01;
         cfg
     };
     let mut full = SftTrainer::new(config(full_dir.path())).unwrap();
@@ -89,7 +89,7 @@ fn resumed_run_is_bit_identical() {
     std::fs::remove_dir_all(killed_dir.path().join("checkpoint-6")).unwrap();
     std::fs::remove_file(killed_dir.path().join("model.safetensors")).unwrap();
     let mut cfg = config(killed_dir.path());
-    cfg.resume = true;
+    cfg.train.resume = true;
     let mut resumed = SftTrainer::new(cfg).unwrap();
     assert_eq!(resumed.state().global_step, 3);
     let summary = resumed.train().unwrap();
@@ -127,8 +127,8 @@ fn resume_across_an_epoch_boundary() {
         let mut cfg = common::addition_config(out);
         cfg.train_file = data.clone();
         cfg.eval_file = None;
-        cfg.max_steps = Some(8);
-        cfg.save_steps = 4;
+        cfg.train.max_steps = Some(8);
+        cfg.train.save_steps = 4;
         cfg
     };
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
@@ -144,7 +144,7 @@ fn resume_across_an_epoch_boundary() {
         assert_eq!((t.state().data.epoch, t.state().data.index), (1, 8));
     }
     let mut cfg = config(&b);
-    cfg.resume = true;
+    cfg.train.resume = true;
     let mut resumed = SftTrainer::new(cfg).unwrap();
     resumed.train().unwrap();
     assert_eq!(common::weights(full.model()), common::weights(resumed.model()));
@@ -155,9 +155,9 @@ fn resume_across_an_epoch_boundary() {
 fn checkpoints_are_atomic_models_and_rotate() {
     let out = tempfile::tempdir().unwrap();
     let mut cfg = common::addition_config(out.path());
-    cfg.max_steps = Some(4);
-    cfg.save_steps = 1;
-    cfg.save_total_limit = Some(2);
+    cfg.train.max_steps = Some(4);
+    cfg.train.save_steps = 1;
+    cfg.train.save_total_limit = Some(2);
     cfg.eval_file = None;
     SftTrainer::new(cfg).unwrap().train().unwrap();
     let kept: Vec<u64> = list_checkpoints(out.path()).unwrap().into_iter().map(|(s, _)| s).collect();
@@ -178,9 +178,9 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let out = tempfile::tempdir().unwrap();
     let mut cfg = common::addition_config(out.path());
     // Adam moves every weight by ~lr: after one step at 1e30 the activations overflow.
-    cfg.learning_rate = 1e30;
-    cfg.max_steps = Some(5);
-    cfg.save_steps = 1;
+    cfg.train.learning_rate = 1e30;
+    cfg.train.max_steps = Some(5);
+    cfg.train.save_steps = 1;
     cfg.eval_file = None;
     let err = SftTrainer::new(cfg).unwrap().train().unwrap_err();
     let TrainError::NonFinite { step, last_checkpoint, .. } = &err else { panic!("unexpected error {err}") };
@@ -198,11 +198,11 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
 fn resume_refuses_a_changed_batch_configuration() {
     let out = tempfile::tempdir().unwrap();
     let mut cfg = common::addition_config(out.path());
-    cfg.max_steps = Some(2);
-    cfg.save_steps = 2;
+    cfg.train.max_steps = Some(2);
+    cfg.train.save_steps = 2;
     cfg.eval_file = None;
     SftTrainer::new(cfg.clone()).unwrap().train().unwrap();
-    cfg.resume = true;
+    cfg.train.resume = true;
     cfg.batch_size = 4;
     let err = SftTrainer::new(cfg).err().expect("changed batch size must be refused").to_string();
     assert!(err.contains("training_config.json") && err.contains("batch_size"), "{err}");
@@ -213,7 +213,7 @@ fn packing_trains_on_packed_rows() {
     let out = tempfile::tempdir().unwrap();
     let mut cfg = common::addition_config(out.path());
     cfg.packing = true;
-    cfg.max_steps = Some(3);
+    cfg.train.max_steps = Some(3);
     let mut t = SftTrainer::new(cfg).unwrap();
     // ~10-token examples in rows of 64: 2000 examples fit in a few hundred rows.
     assert!(t.steps_per_epoch() < 2000 / 8 / 3, "rows were not packed: {} steps per epoch", t.steps_per_epoch());

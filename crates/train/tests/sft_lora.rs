@@ -9,15 +9,15 @@ use candle_core::{Device, Tensor};
 use rlhf_model::lora::{Lora, LoraConfig};
 use rlhf_model::CausalLm;
 use rlhf_train::metrics::read_metrics;
-use rlhf_train::{SftArgs, SftConfig, SftTrainer};
+use rlhf_train::{SftConfig, SftTrainer};
 
 fn lora_config(out: &Path) -> SftConfig {
     let mut cfg = common::addition_config(out);
     // Adapters start at B = 0 and need a larger step than full fine-tuning to move in a few steps.
-    cfg.learning_rate = 1e-2;
-    cfg.max_steps = Some(12);
+    cfg.train.learning_rate = 1e-2;
+    cfg.train.max_steps = Some(12);
     // Dropout on: its masks are seeded and checkpointed, so runs and resumes are still exact.
-    cfg.lora = Some(LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] });
+    cfg.train.lora = Some(LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] });
     cfg
 }
 
@@ -89,9 +89,9 @@ fn lora_resume_is_bit_identical() {
     let killed_dir = tempfile::tempdir().unwrap();
     let config = |dir: &Path| {
         let mut cfg = lora_config(dir);
-        cfg.max_steps = Some(7);
-        cfg.save_steps = 3;
-        cfg.weight_decay = 0.01;
+        cfg.train.max_steps = Some(7);
+        cfg.train.save_steps = 3;
+        cfg.train.weight_decay = 0.01;
         cfg
     };
     let mut full = SftTrainer::new(config(full_dir.path())).unwrap();
@@ -105,7 +105,7 @@ fn lora_resume_is_bit_identical() {
     std::fs::remove_dir_all(killed_dir.path().join("adapter")).unwrap();
     std::fs::remove_file(killed_dir.path().join("model.safetensors")).unwrap();
     let mut cfg = config(killed_dir.path());
-    cfg.resume = true;
+    cfg.train.resume = true;
     let mut resumed = SftTrainer::new(cfg).unwrap();
     assert_eq!(resumed.state().global_step, 3);
     resumed.train().unwrap();
@@ -124,8 +124,8 @@ fn lora_resume_is_bit_identical() {
 
     // Resuming with another LoRA rank is refused.
     let mut cfg = config(killed_dir.path());
-    cfg.resume = true;
-    cfg.lora.as_mut().unwrap().r = 2;
+    cfg.train.resume = true;
+    cfg.train.lora.as_mut().unwrap().r = 2;
     let e = SftTrainer::new(cfg).err().expect("rank change must be refused").to_string();
     assert!(e.contains("lora"), "{e}");
 }
@@ -146,17 +146,17 @@ fn lora_flags_and_toml_keys() {
     )
     .unwrap();
     let cfg = SftConfig::from_toml_file(&toml).unwrap();
-    let l = cfg.lora.unwrap();
+    let l = cfg.train.lora.unwrap();
     assert_eq!((l.r, l.alpha, l.dropout), (16, 32.0, LoraConfig::default().dropout));
     assert_eq!(l.target_modules, ["q_proj", "k_proj"]);
 
     let flag = format!("--config={}", toml.display());
-    let cfg = SftArgs::parse_flags([flag.as_str(), "--lora-r", "2", "--lora-dropout", "0"]).unwrap().resolve().unwrap();
-    let l = cfg.lora.unwrap();
+    let cfg = common::sft_flags(&[flag.as_str(), "--lora-r", "2", "--lora-dropout", "0"]).unwrap();
+    let l = cfg.train.lora.unwrap();
     assert_eq!((l.r, l.alpha, l.dropout), (2, 32.0, 0.0));
 
     // Without any lora key, full fine-tuning.
-    let plain = SftArgs::parse_flags([
+    let plain = common::sft_flags(&[
         "--model",
         common::model_dir().to_str().unwrap(),
         "--train-file",
@@ -164,12 +164,10 @@ fn lora_flags_and_toml_keys() {
         "--output-dir",
         "o",
     ])
-    .unwrap()
-    .resolve()
     .unwrap();
-    assert!(plain.lora.is_none());
+    assert!(plain.train.lora.is_none());
 
-    let e = SftArgs::parse_flags([flag.as_str(), "--lora-dropout", "1.5"]).unwrap().resolve().unwrap_err().to_string();
+    let e = common::sft_flags(&[flag.as_str(), "--lora-dropout", "1.5"]).unwrap_err().to_string();
     assert!(e.contains("lora_dropout") && e.contains("[0, 1)"), "{e}");
     std::fs::write(&toml, "lora_r = \"eight\"\n").unwrap();
     let e = SftConfig::from_toml_file(&toml).unwrap_err().to_string();

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use rlhf_iterate::IterateArgs;
 
-use super::rl::{settings, Raw};
+use super::settings::{settings, Raw};
 
 pub fn run(raw: Raw) -> Result<()> {
     let s = rlhf_iterate::run(&settings::<IterateArgs>("rlhf iterate", &raw)?)?;

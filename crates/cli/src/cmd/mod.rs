@@ -13,5 +13,6 @@ pub mod serve;
 pub mod rl;
 pub mod sampling;
 pub mod sandbox;
+pub mod settings;
 pub mod sft;
 pub mod transform;

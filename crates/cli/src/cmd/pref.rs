@@ -1,16 +1,17 @@
 //! `rlhf rm` (train a reward model), `rlhf rm score` (score completions) and `rlhf dpo` (the DPO family).
 
 use anyhow::Result;
-use clap::{Args as ClapArgs, Subcommand};
+use clap::{Parser, Subcommand};
 use rlhf_train::{dpo, rm};
 
-#[derive(ClapArgs)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct RmCommand {
+use super::settings::{settings, Raw};
+
+/// `rlhf rm score|select …`.
+#[derive(Parser)]
+#[command(name = "rlhf rm")]
+struct RmSubcommand {
     #[command(subcommand)]
-    pub action: Option<RmAction>,
-    #[command(flatten)]
-    pub train: rm::RmArgs,
+    action: RmAction,
 }
 
 #[derive(Subcommand)]
@@ -21,8 +22,13 @@ pub enum RmAction {
     Select(rlhf_train::select::SelectArgs),
 }
 
-pub fn run_rm(c: RmCommand) -> Result<()> {
-    match c.action {
+/// `rlhf rm score|select …`, else training with the trainer's flags.
+pub fn run_rm(raw: Raw) -> Result<()> {
+    let action = match raw.args.first().and_then(|a| a.to_str()) {
+        Some("score" | "select") => Some(RmSubcommand::parse_from(std::iter::once("rlhf rm".into()).chain(raw.args.iter().cloned())).action),
+        _ => None,
+    };
+    match action {
         Some(RmAction::Score(a)) => {
             let n = rm::run_rm_score(&a)?;
             eprintln!("scored {n} rows → {}", a.output.display());
@@ -32,15 +38,15 @@ pub fn run_rm(c: RmCommand) -> Result<()> {
             eprintln!("selected {n} pairs ({}) → {}", a.strategy.name(), a.out.display());
         }
         None => {
-            let summary = rm::run_rm(&c.train.resolve()?)?;
+            let summary = rm::run_rm(&settings::<rm::RmArgs>("rlhf rm", &raw)?.resolve()?)?;
             println!("{}", serde_json::to_string(&summary)?);
         }
     }
     Ok(())
 }
 
-pub fn run_dpo(a: dpo::DpoArgs) -> Result<()> {
-    let summary = dpo::run_dpo(&a.resolve()?)?;
+pub fn run_dpo(raw: Raw) -> Result<()> {
+    let summary = dpo::run_dpo(&settings::<dpo::DpoArgs>("rlhf dpo", &raw)?.resolve()?)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }

@@ -3,8 +3,10 @@
 use anyhow::Result;
 use rlhf_train::{run_sft, SftArgs};
 
-pub fn run(args: SftArgs) -> Result<()> {
-    let cfg = args.resolve()?;
+use super::settings::{settings, Raw};
+
+pub fn run(raw: Raw) -> Result<()> {
+    let cfg = settings::<SftArgs>("rlhf sft", &raw)?.resolve()?;
     let summary = run_sft(&cfg)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

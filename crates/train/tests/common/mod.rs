@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use rlhf_model::CausalLm;
-use rlhf_train::SftConfig;
+use rlhf_train::{SftArgs, SftConfig};
 
 pub fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -23,10 +23,10 @@ pub fn addition_config(out: &Path) -> SftConfig {
     let mut cfg = SftConfig::with_defaults(model_dir(), root().join("data/sft_train.jsonl"), out.to_path_buf());
     cfg.eval_file = Some(root().join("data/sft_eval.jsonl"));
     cfg.max_length = 64;
-    cfg.learning_rate = 1e-3;
-    cfg.lr_scheduler_type = rlhf_train::schedule::ScheduleKind::Constant;
-    cfg.logging_steps = 1;
-    cfg.save_steps = 0;
+    cfg.train.learning_rate = 1e-3;
+    cfg.train.lr_scheduler_type = rlhf_train::schedule::ScheduleKind::Constant;
+    cfg.train.logging_steps = 1;
+    cfg.train.save_steps = 0;
     cfg
 }
 
@@ -38,4 +38,10 @@ pub fn weights(model: &CausalLm) -> BTreeMap<String, Vec<f32>> {
 
 pub fn load(dir: &Path) -> CausalLm {
     CausalLm::load(dir, &Device::Cpu).unwrap()
+}
+
+/// `rlhf sft FLAGS` as the CLI reads them (flags merged over `--config FILE`), resolved.
+pub fn sft_flags<S: AsRef<str>>(flags: &[S]) -> rlhf_train::Result<SftConfig> {
+    let flags: Vec<std::ffi::OsString> = flags.iter().map(|f| f.as_ref().into()).collect();
+    rlhf_train::settings::load::<SftArgs>("sft", &flags)?.resolve()
 }
