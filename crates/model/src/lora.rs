@@ -34,12 +34,14 @@ pub struct LoraConfig {
     /// Dropout on the adapter input while training.
     pub dropout: f64,
     /// Module-name suffixes to adapt (PEFT matching: the full name or its last components), e.g. `q_proj`.
+    /// Empty: the architecture's default, as PEFT's `target_modules=None` (`q_proj`, `v_proj` for the
+    /// Llama family, `c_attn` for GPT-2; [`crate::arch::ArchInfo::lora_targets`]).
     pub target_modules: Vec<String>,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec!["q_proj".into(), "v_proj".into()] }
+        Self { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec![] }
     }
 }
 
@@ -60,10 +62,16 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("lora: key \"dropout\": must be in [0, 1), got {}", self.dropout)
         }
-        if self.target_modules.is_empty() {
-            bail!("lora: key \"target_modules\": name at least one module (e.g. [\"q_proj\", \"v_proj\"])")
-        }
         Ok(())
+    }
+
+    /// This config with empty `target_modules` replaced by `model`'s architecture default.
+    fn for_model(&self, model: &CausalLm) -> LoraConfig {
+        let mut c = self.clone();
+        if c.target_modules.is_empty() {
+            c.target_modules = model.config().arch_info().lora_targets.iter().map(|t| t.to_string()).collect();
+        }
+        c
     }
 }
 
@@ -156,6 +164,7 @@ impl Lora {
     /// [`Lora::dropout_state`]), so a run is reproducible. Errors when a target matches nothing.
     pub fn attach(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
+        let config = &config.for_model(model);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = model.device().clone();
         let mut tensors = HashMap::new();

@@ -28,7 +28,7 @@ pub struct LoraArgs {
     /// LoRA dropout on the adapter input [default: 0.05]
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Comma-separated module names to adapt [default: q_proj,v_proj]
+    /// Comma-separated module names to adapt [default: the architecture's, as PEFT: q_proj,v_proj; c_attn for GPT-2]
     #[arg(long, value_delimiter = ',')]
     pub lora_target_modules: Option<Vec<String>>,
 }
@@ -83,9 +83,6 @@ pub fn check(l: &LoraConfig) -> std::result::Result<(), (&'static str, &'static 
     }
     if !(l.alpha.is_finite() && l.alpha > 0.0) {
         return Err(("alpha", "must be a finite number > 0"));
-    }
-    if l.target_modules.is_empty() {
-        return Err(("target_modules", "must name at least one module"));
     }
     Ok(())
 }

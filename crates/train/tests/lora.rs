@@ -157,3 +157,21 @@ fn merge_handles_transposed_conv1d_weights() {
     lora.merge_into(&mut m).unwrap();
     assert!(max_diff(&m.forward(&ids()).unwrap(), &adapted) < 1e-4);
 }
+
+#[test]
+fn default_targets_are_the_architectures_as_in_peft() {
+    // No target_modules: PEFT's per-model-type default (q_proj + v_proj for Llama, c_attn for GPT-2).
+    let gpt2 = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/gpt2"));
+    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, ..LoraConfig::default() };
+    for (dir, want) in [(llama(), vec!["q_proj", "v_proj"]), (gpt2, vec!["c_attn"])] {
+        let mut m = CausalLm::load(&dir, &Device::Cpu).unwrap();
+        let lora = Lora::attach(&mut m, &cfg, 0).unwrap();
+        let layers = m.config().num_layers();
+        assert_eq!(lora.modules().len(), want.len() * layers, "{}", dir.display());
+        assert!(lora.modules().iter().all(|n| want.iter().any(|t| n.ends_with(&format!(".{t}")))), "{:?}", lora.modules());
+        let tmp = tempfile::tempdir().unwrap();
+        lora.save(tmp.path(), "base", "CAUSAL_LM", &[]).unwrap();
+        let ac: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(ac["target_modules"], json!(want), "the saved adapter names the modules it adapted");
+    }
+}
