@@ -72,7 +72,29 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    // Servers stay on the main thread: their request threads use the pool, which a worker blocked serving
+    // would leave one thread short.
+    let serves = matches!(command, Command::Feedback(_) | Command::Serve(_) | Command::Bench(cmd::bench::Bench::Serve(_)));
+    let result = if serves { run(command) } else { on_pool_worker(move || run(command)) };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs `f` on a worker of rayon's global pool. A parallel op started on a worker is shared with the other
+/// workers by work stealing; one started from the main thread is handed to the pool and waited for, two thread
+/// wake-ups per op, which cost 12–26 % of a tiny model's training step (RM, DPO, GRPO, PPO, SFT benches).
+/// Numbers are the same either way: every parallel reduction has a fixed split.
+fn on_pool_worker(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    // A roomy stack: the worker now runs what the main thread ran (autograd walks deep graphs recursively).
+    rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build_global()?;
+    rayon::scope(|_| f())
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Init(a) => cmd::init::run(a),
         Command::Generate(a) => cmd::generate::run(a),
@@ -92,9 +114,5 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Iterate(a) => cmd::iterate::run(a),
         Command::Sandbox(a) => cmd::sandbox::run(a),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }
