@@ -401,7 +401,8 @@ const AMX_NB: usize = 32;
 const AMX_KQ: usize = 16;
 /// Columns of the register tile and width of a packed `B` panel (three 16-lane vectors).
 const NR: usize = 48;
-/// `k` pairs per cache block: a 48-column panel block is 24 KiB, within L1.
+/// `k` pairs per cache block: a 48-column panel block is 24 KiB, a 32-column one and a 32-row `A`
+/// block 16 KiB each, within L1 (the whole `k` of a 1,536-wide product is not).
 const KC: usize = 128;
 /// Rows per parallel task (the `A` block of one task, `MC × 2·KC` bf16 = 64 KiB, stays in L2).
 const MC: usize = 128;
@@ -611,9 +612,9 @@ pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b:
         #[cfg(target_arch = "x86_64")]
         (Packed::Pairs { kernel: ka, kp, data: rows }, Packed::Pairs { kernel: kb, data: panels, .. }) if ka == kb => {
             match ka {
-                Kernel::Avx512Bf16 => vnni::gemm(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
+                Kernel::Avx512Bf16 => drive::<vnni::Vnni>(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
                 #[cfg(target_os = "linux")]
-                Kernel::Amx => amx::gemm(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
+                Kernel::Amx => drive::<amx::Amx>(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
                 _ => unreachable!("pairs are packed only for the AVX512-BF16 and AMX kernels"),
             }
         }
@@ -621,25 +622,121 @@ pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b:
     }
 }
 
+/// The destination of a product shared by tasks that write disjoint blocks of it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: every task of `drive` writes only its own rows × panels block.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Dst {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Dst {}
+
+#[cfg(target_arch = "x86_64")]
+impl Dst {
+    /// (A method, so that closures capture the whole `Send + Sync` wrapper, not its field.)
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A pair kernel's innermost product, which [`drive`] blocks and parallelises (a trait, so that each
+/// kernel's driver is compiled with its product inlined).
+#[cfg(target_arch = "x86_64")]
+trait Micro {
+    /// Rows and columns of one block of `C` (`B`'s panel width).
+    const MB: usize;
+    const NB: usize;
+    /// The k-pair count of every call is a multiple of this.
+    const KQ: usize;
+    /// `c[MB × NB] (+)= a · b` over `kc` pairs: `a` rows `lda` pairs apart, `b` one panel (`NB` pairs
+    /// per k pair), `c` rows `ldc` floats apart; reads `c` only when `load_c`.
+    ///
+    /// # Safety
+    /// The CPU runs this kernel, [`Micro::enter`] ran on this thread, and the pointers cover the block.
+    unsafe fn block(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool);
+    /// Run by each task before its first and after its last block (AMX: load and release the tiles).
+    ///
+    /// # Safety
+    /// The CPU runs this kernel.
+    unsafe fn enter() {}
+    /// # Safety
+    /// As [`Micro::enter`], after it.
+    unsafe fn leave() {}
+}
+
+/// `dst[m × n] (+)= a · b` for `a` bf16 rows (padded to `K::MB` rows of `kp` pairs) and `b` packed
+/// `K::NB`-column panels. `K` must be a kernel this CPU runs (pairs are packed only then).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn drive<K: Micro>(dst: &mut [f32], ld: usize, accumulate: bool, ap: &[u32], panels: &[u32], m: usize, kp: usize, n: usize, parallel: bool) {
+    let (mb, nb) = (K::MB, K::NB);
+    assert!(kp.is_multiple_of(K::KQ) && ap.len() >= m.div_ceil(mb) * mb * kp && panels.len() >= n.div_ceil(nb) * kp * nb);
+    let np = n.div_ceil(nb);
+    // Tasks are MC rows × a group of panels; enough groups that both cores get work when M is a
+    // single block (decoding, small batches).
+    let mblocks = m.div_ceil(MC);
+    let groups = if parallel { (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np) } else { 1 };
+    let per_group = np.div_ceil(groups);
+    let out = Dst(dst.as_mut_ptr());
+    let task = |t: usize| {
+        let (g0, g) = (t / groups, t % groups);
+        let (i0, i1) = (g0 * MC, ((g0 + 1) * MC).min(m));
+        let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
+        let mut edge = vec![0f32; mb * nb];
+        // SAFETY: the micro-kernel runs on this CPU (see above); `enter`/`leave` bracket its blocks on
+        // this thread.
+        unsafe { K::enter() };
+        for pc in (0..kp).step_by(KC) {
+            let kc = KC.min(kp - pc);
+            let load = accumulate || pc > 0;
+            for j in j0..j1 {
+                let (n0, nc) = (j * nb, nb.min(n - j * nb));
+                let bp = panels[(j * kp + pc) * nb..].as_ptr();
+                for i in (i0..i1).step_by(mb) {
+                    let mr = mb.min(m - i);
+                    let apt = ap[i * kp + pc..].as_ptr();
+                    // SAFETY: `ap` holds `mb` rows of `kp` pairs from row `i` and the panel `kp` × `nb`
+                    // pairs (lengths asserted above; `kc` pairs from `pc` lie inside both, `kc` a
+                    // multiple of `KQ` as KC and `kp` are); full blocks lie inside `dst` (`(m-1)·ld + n
+                    // ≤ len`, checked by the caller), edge blocks go through `edge`, and no other task
+                    // touches rows i0..i1 × panels j0..j1.
+                    unsafe {
+                        let c = out.ptr().add(i * ld + n0);
+                        if mr == mb && nc == nb {
+                            K::block(kc, apt, kp, bp, c, ld, load);
+                        } else {
+                            for r in 0..mr {
+                                for col in 0..nc {
+                                    edge[r * nb + col] = if load { *c.add(r * ld + col) } else { 0.0 };
+                                }
+                            }
+                            K::block(kc, apt, kp, bp, edge.as_mut_ptr(), nb, true);
+                            for r in 0..mr {
+                                for col in 0..nc {
+                                    *c.add(r * ld + col) = edge[r * nb + col];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: as `enter`.
+        unsafe { K::leave() };
+    };
+    let tasks = mblocks * groups;
+    if parallel && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{KC, MC, MR, NR};
-    use rayon::prelude::*;
+    use super::{Micro, MR, NR};
     use std::arch::x86_64::*;
-
-    /// The destination of a product shared by tasks that write disjoint tiles of it.
-    #[derive(Clone, Copy)]
-    struct Dst(*mut f32);
-    // SAFETY: every task writes only its own rows × columns block (see `gemm`).
-    unsafe impl Send for Dst {}
-    unsafe impl Sync for Dst {}
-
-    impl Dst {
-        /// (A method, so that closures capture the whole `Send + Sync` wrapper, not its field.)
-        fn ptr(self) -> *mut f32 {
-            self.0
-        }
-    }
 
     /// `c[MR × NR] (+)= a · b` over `kc` pairs: `a` rows `lda` pairs apart, `b` one packed panel
     /// (`NR` pairs per step). Reads `c` only when `load_c`.
@@ -667,74 +764,15 @@ mod vnni {
         }
     }
 
-    /// `dst[m × n] (+)= a · b` for `a` bf16 rows (padded to `MR`) and `b` packed panels.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
-        dst: &mut [f32],
-        ld: usize,
-        accumulate: bool,
-        ap: &[u32],
-        panels: &[u32],
-        m: usize,
-        kp: usize,
-        n: usize,
-        parallel: bool,
-    ) {
-        assert!(ap.len() >= m.div_ceil(MR) * MR * kp && panels.len() >= n.div_ceil(NR) * kp * NR);
-        let np = n.div_ceil(NR);
-        // Tasks are MC rows × a group of panels; enough groups that both cores get work when M is
-        // a single block (decoding, small batches).
-        let mblocks = m.div_ceil(MC);
-        let groups = if parallel { (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np) } else { 1 };
-        let per_group = np.div_ceil(groups);
-        let out = Dst(dst.as_mut_ptr());
-        let task = |t: usize| {
-            let (mb, g) = (t / groups, t % groups);
-            let (i0, i1) = (mb * MC, ((mb + 1) * MC).min(m));
-            let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
-            let mut edge = [0f32; MR * NR];
-            for pc in (0..kp).step_by(KC) {
-                let kc = KC.min(kp - pc);
-                let load = accumulate || pc > 0;
-                for j in j0..j1 {
-                    let (n0, nc) = (j * NR, NR.min(n - j * NR));
-                    let bp = panels[(j * kp + pc) * NR..].as_ptr();
-                    for i in (i0..i1).step_by(MR) {
-                        let mr = MR.min(m - i);
-                        let apt = ap[i * kp + pc..].as_ptr();
-                        // SAFETY: the kernel runs only where AVX512-BF16 was detected (VNNI
-                        // operands exist only then); `ap` holds MR rows of `kp` pairs from row `i`
-                        // and the panel `kc` × NR pairs from `pc` (lengths asserted above); full
-                        // tiles lie inside `dst` (`(m-1)·ld + n ≤ len`, checked by the caller),
-                        // edge tiles go through `edge`, and no other task touches rows i0..i1 ×
-                        // panels j0..j1.
-                        unsafe {
-                            let c = out.ptr().add(i * ld + n0);
-                            if mr == MR && nc == NR {
-                                tile(kc, apt, kp, bp, c, ld, load);
-                            } else {
-                                for r in 0..mr {
-                                    for col in 0..nc {
-                                        edge[r * NR + col] = if load { *c.add(r * ld + col) } else { 0.0 };
-                                    }
-                                }
-                                tile(kc, apt, kp, bp, edge.as_mut_ptr(), NR, true);
-                                for r in 0..mr {
-                                    for col in 0..nc {
-                                        *c.add(r * ld + col) = edge[r * NR + col];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        let tasks = mblocks * groups;
-        if parallel && tasks > 1 {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
+    /// The AVX512-BF16 micro-kernel for [`super::drive`].
+    pub(super) struct Vnni;
+
+    impl Micro for Vnni {
+        const MB: usize = MR;
+        const NB: usize = NR;
+        const KQ: usize = 1;
+        unsafe fn block(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+            tile(kc, a, lda, b, c, ldc, load_c)
         }
     }
 }
@@ -742,12 +780,7 @@ mod vnni {
 /// The AMX-BF16 kernel (Linux: the tile state must be requested from the kernel).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
-    use super::{AMX_KQ, AMX_MB, AMX_NB, MC};
-
-    /// k pairs per cache block: a 32-column panel block is 16 KiB and a 32-row `A` block as much, both
-    /// within L1 (the whole `k` of a 1,536-wide product is not).
-    const KC: usize = 128;
-    use rayon::prelude::*;
+    use super::{Micro, AMX_KQ, AMX_MB, AMX_NB};
     use std::arch::asm;
 
     /// `arch_prctl` requests of Linux's `asm/prctl.h`, and the xstate component of the tile data.
@@ -794,25 +827,12 @@ mod amx {
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
 
-    /// The destination shared by tasks that write disjoint blocks of it.
-    #[derive(Clone, Copy)]
-    struct Dst(*mut f32);
-    // SAFETY: every task writes only its own rows × panels block (see `gemm`).
-    unsafe impl Send for Dst {}
-    unsafe impl Sync for Dst {}
-
-    impl Dst {
-        /// (A method, so that closures capture the whole `Send + Sync` wrapper, not its field.)
-        fn ptr(self) -> *mut f32 {
-            self.0
-        }
-    }
-
-    /// `c[32 × 32] (+)= a · b` over `kp` pairs (a multiple of 16): `a` 32 rows `lda` bytes apart,
-    /// `b` one 32-column panel (`ldb` = 128 bytes per pair), `c` rows `ldc` bytes apart. Reads `c`
-    /// only when `load_c`. The tile configuration must be loaded.
+    /// `c[32 × 32] (+)= a · b` over `kp` pairs (a multiple of 16): `a` 32 rows `lda` pairs apart,
+    /// `b` one 32-column panel, `c` rows `ldc` floats apart. Reads `c` only when `load_c`. The tile
+    /// configuration must be loaded ([`Micro::enter`]).
     unsafe fn block(kp: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
-        let ldb = 4 * AMX_NB;
+        // Tile loads and stores take strides in bytes.
+        let (lda, ldb, ldc) = (4 * lda, 4 * AMX_NB, 4 * ldc);
         let (c0, c1, c2, c3) = (c, c.add(16), c.byte_add(16 * ldc), c.byte_add(16 * ldc).add(16));
         if load_c {
             asm!(
@@ -844,77 +864,23 @@ mod amx {
         );
     }
 
-    /// `dst[m × n] (+)= a · b` for `a` bf16 rows (padded to 32 rows of `kp` pairs, `kp` a multiple
-    /// of 16) and `b` packed 32-column panels.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
-        dst: &mut [f32],
-        ld: usize,
-        accumulate: bool,
-        ap: &[u32],
-        panels: &[u32],
-        m: usize,
-        kp: usize,
-        n: usize,
-        parallel: bool,
-    ) {
-        assert!(kp % AMX_KQ == 0 && ap.len() >= m.div_ceil(AMX_MB) * AMX_MB * kp && panels.len() >= n.div_ceil(AMX_NB) * kp * AMX_NB);
-        let np = n.div_ceil(AMX_NB);
-        // Tasks are MC rows × a group of panels, as in the AVX-512 kernel.
-        let mblocks = m.div_ceil(MC);
-        let groups = if parallel { (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np) } else { 1 };
-        let per_group = np.div_ceil(groups);
-        let out = Dst(dst.as_mut_ptr());
-        let task = |t: usize| {
-            let (mb, g) = (t / groups, t % groups);
-            let (i0, i1) = (mb * MC, ((mb + 1) * MC).min(m));
-            let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
-            let mut edge = [0f32; AMX_MB * AMX_NB];
-            // SAFETY: AMX operands are packed only after `enable` succeeded; CONFIG is a valid palette-1
-            // configuration, loaded on this thread before any tile instruction and released after.
-            unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-            for pc in (0..kp).step_by(KC) {
-                let kc = KC.min(kp - pc);
-                let load = accumulate || pc > 0;
-                for j in j0..j1 {
-                    let (n0, nc) = (j * AMX_NB, AMX_NB.min(n - j * AMX_NB));
-                    let bp = panels[(j * kp + pc) * AMX_NB..].as_ptr();
-                    for i in (i0..i1).step_by(AMX_MB) {
-                        let mr = AMX_MB.min(m - i);
-                        let apt = ap[i * kp + pc..].as_ptr();
-                        // SAFETY: `ap` holds 32 rows of `kp` pairs from row `i` and the panel `kp` × 32
-                        // pairs (lengths asserted above; `kc` pairs from `pc` lie inside both); full
-                        // blocks lie inside `dst` (`(m-1)·ld + n ≤ len`, checked by the caller), edge
-                        // blocks go through `edge`, and no other task touches rows i0..i1 × panels j0..j1.
-                        unsafe {
-                            let c = out.ptr().add(i * ld + n0);
-                            if mr == AMX_MB && nc == AMX_NB {
-                                block(kc, apt, 4 * kp, bp, c, 4 * ld, load);
-                            } else {
-                                for r in 0..mr {
-                                    for col in 0..nc {
-                                        edge[r * AMX_NB + col] = if load { *c.add(r * ld + col) } else { 0.0 };
-                                    }
-                                }
-                                block(kc, apt, 4 * kp, bp, edge.as_mut_ptr(), 4 * AMX_NB, true);
-                                for r in 0..mr {
-                                    for col in 0..nc {
-                                        *c.add(r * ld + col) = edge[r * AMX_NB + col];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            // SAFETY: releases this thread's tile state (the next task loads the configuration again).
-            unsafe { asm!("tilerelease", options(nostack, nomem)) };
-        };
-        let tasks = mblocks * groups;
-        if parallel && tasks > 1 {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
+    /// The AMX micro-kernel for [`super::drive`].
+    pub(super) struct Amx;
+
+    impl Micro for Amx {
+        const MB: usize = AMX_MB;
+        const NB: usize = AMX_NB;
+        const KQ: usize = AMX_KQ;
+        unsafe fn block(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+            block(kc, a, lda, b, c, ldc, load_c)
+        }
+        /// Loads the tile configuration on this thread.
+        unsafe fn enter() {
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        }
+        /// Releases this thread's tile state (the next task loads the configuration again).
+        unsafe fn leave() {
+            asm!("tilerelease", options(nostack, nomem));
         }
     }
 }
