@@ -17,7 +17,11 @@ use rlhf_model::CausalLm;
 
 /// Different lengths so that the batch has padding; addition prompts like data/.
 const PROMPTS: [&str; 2] = ["Q: 60+62= 122", "Q: 7+5="];
-const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 fn main() -> Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -35,7 +39,10 @@ fn main() -> Result<()> {
     };
     let tokenizer = Tokenizer::from_dir(dir)?;
     let pad = tokenizer.pad_id()?;
-    let rows = PROMPTS.iter().map(|p| tokenizer.encode(p, true)).collect::<rlhf_data::Result<Vec<_>>>()?;
+    let rows = PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p, true))
+        .collect::<rlhf_data::Result<Vec<_>>>()?;
     let t = rows.iter().map(Vec::len).max().unwrap_or(0);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for r in &rows {
@@ -52,12 +59,24 @@ fn main() -> Result<()> {
         ("logits", CausalLm::load(dir, &Device::Cpu)?.forward(&ids)?)
     };
     let tensors = HashMap::from([
-        ("input_ids".to_string(), ids.to_dtype(candle_core::DType::I64)?),
-        ("attention_mask".to_string(), Tensor::from_vec(mask, (rows.len(), t), &Device::Cpu)?),
+        (
+            "input_ids".to_string(),
+            ids.to_dtype(candle_core::DType::I64)?,
+        ),
+        (
+            "attention_mask".to_string(),
+            Tensor::from_vec(mask, (rows.len(), t), &Device::Cpu)?,
+        ),
         (output.0.to_string(), output.1),
     ]);
-    candle_core::safetensors::save(&tensors, out).with_context(|| format!("{}: cannot write", out.display()))?;
-    eprintln!("wrote {} ({} rows x {t} tokens) from {}", out.display(), rows.len(), dir.display());
+    candle_core::safetensors::save(&tensors, out)
+        .with_context(|| format!("{}: cannot write", out.display()))?;
+    eprintln!(
+        "wrote {} ({} rows x {t} tokens) from {}",
+        out.display(),
+        rows.len(),
+        dir.display()
+    );
     Ok(())
 }
 
@@ -68,7 +87,8 @@ fn resave_dir(src: &Path, dst: &Path) -> Result<()> {
     model.save(dst)?;
     for f in TOKENIZER_FILES {
         if src.join(f).is_file() {
-            std::fs::copy(src.join(f), dst.join(f)).with_context(|| format!("{}: cannot copy", src.join(f).display()))?;
+            std::fs::copy(src.join(f), dst.join(f))
+                .with_context(|| format!("{}: cannot copy", src.join(f).display()))?;
         }
     }
     Ok(())
@@ -77,7 +97,11 @@ fn resave_dir(src: &Path, dst: &Path) -> Result<()> {
 /// As transformers' Auto classes: the config's first architecture says whether this is a classifier.
 fn is_classifier(dir: &Path) -> Result<bool> {
     let path = dir.join("config.json");
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?)
-        .with_context(|| format!("{}: invalid JSON", path.display()))?;
-    Ok(config["architectures"][0].as_str().is_some_and(|a| a.ends_with("ForSequenceClassification")))
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    Ok(config["architectures"][0]
+        .as_str()
+        .is_some_and(|a| a.ends_with("ForSequenceClassification")))
 }

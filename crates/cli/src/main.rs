@@ -5,7 +5,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "Reinforcement learning from human feedback, end to end")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "Reinforcement learning from human feedback, end to end"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,8 +79,15 @@ fn main() {
     let command = Cli::parse().command;
     // Servers stay on the main thread: their request threads use the pool, which a worker blocked serving
     // would leave one thread short.
-    let serves = matches!(command, Command::Feedback(_) | Command::Serve(_) | Command::Bench(cmd::bench::Bench::Serve(_)));
-    let result = if serves { run(command) } else { on_pool_worker(move || run(command)) };
+    let serves = matches!(
+        command,
+        Command::Feedback(_) | Command::Serve(_) | Command::Bench(cmd::bench::Bench::Serve(_))
+    );
+    let result = if serves {
+        run(command)
+    } else {
+        on_pool_worker(move || run(command))
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -89,7 +100,9 @@ fn main() {
 /// Numbers are the same either way: every parallel reduction has a fixed split.
 fn on_pool_worker(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
     // A roomy stack: the worker now runs what the main thread ran (autograd walks deep graphs recursively).
-    rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build_global()?;
+    rayon::ThreadPoolBuilder::new()
+        .stack_size(64 << 20)
+        .build_global()?;
     rayon::scope(|_| f())
 }
 

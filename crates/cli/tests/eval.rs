@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn rlhf(cwd: &Path, args: &[&str]) -> Output {
@@ -22,7 +25,11 @@ fn rlhf(cwd: &Path, args: &[&str]) -> Output {
 
 fn ok(cwd: &Path, args: &[&str]) -> String {
     let out = rlhf(cwd, args);
-    assert!(out.status.success(), "rlhf {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rlhf {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -35,7 +42,11 @@ fn fails(cwd: &Path, args: &[&str], needles: &[&str]) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one-line error expected: {stderr}");
     for n in needles {
-        assert!(lines[0].contains(n), "error should mention {n:?}: {}", lines[0]);
+        assert!(
+            lines[0].contains(n),
+            "error should mention {n:?}: {}",
+            lines[0]
+        );
     }
 }
 
@@ -81,7 +92,8 @@ fn eval_two_models_with_gold_and_exact_rewards() {
         ],
     );
     assert!(stdout.contains("reward gold on 12 prompts"), "{stdout}");
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(t.join("s.json")).unwrap()).unwrap();
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("s.json")).unwrap()).unwrap();
     assert_eq!(s["prompts"], 12);
     let models = s["models"].as_array().unwrap();
     assert_eq!(models.len(), 2);
@@ -107,8 +119,17 @@ fn eval_two_models_with_gold_and_exact_rewards() {
     assert_eq!(models[0]["rewards"][1]["reward"]["n"], numeric as u64);
     assert!(models[0]["token_entropy"].as_f64().unwrap() > 0.0);
     let html = std::fs::read_to_string(t.join("r.html")).unwrap();
-    for id in ["rewards", "indicators", "win-rates", "diversity", "examples"] {
-        assert!(html.contains(&format!("id=\"{id}\"")), "section {id} missing");
+    for id in [
+        "rewards",
+        "indicators",
+        "win-rates",
+        "diversity",
+        "examples",
+    ] {
+        assert!(
+            html.contains(&format!("id=\"{id}\"")),
+            "section {id} missing"
+        );
     }
     assert!(html.matches("<svg").count() >= 3);
     assert!(!html.contains("<script"));
@@ -120,35 +141,112 @@ fn eval_failures_name_the_problem() {
     let t = tmp.path();
     let l = root().join("fixtures/models/llama");
     let l = l.to_str().unwrap();
-    std::fs::write(t.join("p.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n{\"prompt\": 3}\n").unwrap();
+    std::fs::write(
+        t.join("p.jsonl"),
+        "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
     fails(
         t,
-        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer"],
+        &[
+            "eval",
+            "--model",
+            l,
+            "--prompts",
+            "p.jsonl",
+            "--reward",
+            "exact:answer",
+        ],
         &["p.jsonl:2", "\"prompt\" must be a string"],
     );
-    std::fs::write(t.join("p.jsonl"), "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n").unwrap();
+    std::fs::write(
+        t.join("p.jsonl"),
+        "{\"prompt\": \"Q: 1+1=\", \"id\": \"x\"}\n",
+    )
+    .unwrap();
     fails(
         t,
-        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "gold"],
+        &[
+            "eval",
+            "--model",
+            l,
+            "--prompts",
+            "p.jsonl",
+            "--reward",
+            "gold",
+        ],
         &["p.gold.jsonl", "cannot read the gold file"],
     );
-    fails(t, &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "bleu"], &["unknown reward source \"bleu\""]);
     fails(
         t,
-        &["eval", "--model", l, "--prompts", "p.jsonl", "--reward", "exact:answer", "--max-new-tokens", "2"],
+        &[
+            "eval",
+            "--model",
+            l,
+            "--prompts",
+            "p.jsonl",
+            "--reward",
+            "bleu",
+        ],
+        &["unknown reward source \"bleu\""],
+    );
+    fails(
+        t,
+        &[
+            "eval",
+            "--model",
+            l,
+            "--prompts",
+            "p.jsonl",
+            "--reward",
+            "exact:answer",
+            "--max-new-tokens",
+            "2",
+        ],
         &["exact:answer applies to none of the 1 prompts"],
     );
-    fails(t, &["eval", "--model", "nope", "--prompts", "p.jsonl", "--reward", "exact:id"], &["nope"]);
-    assert!(!t.join("eval_summary.json").exists(), "nothing written on failure");
+    fails(
+        t,
+        &[
+            "eval",
+            "--model",
+            "nope",
+            "--prompts",
+            "p.jsonl",
+            "--reward",
+            "exact:id",
+        ],
+        &["nope"],
+    );
+    assert!(
+        !t.join("eval_summary.json").exists(),
+        "nothing written on failure"
+    );
     // The sandbox's JSON configuration: unknown keys and missing files are named.
     let cfg = ok(t, &["sandbox", "--quick", "--print-config"]);
-    std::fs::write(t.join("c.json"), cfg.replace("\"corpus_prompts\"", "\"corpus_prompt\"")).unwrap();
-    fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["c.json", "not a sandbox configuration", "corpus_prompt"]);
-    fails(t, &["sandbox", "--config", "missing.json"], &["missing.json", "cannot read"]);
+    std::fs::write(
+        t.join("c.json"),
+        cfg.replace("\"corpus_prompts\"", "\"corpus_prompt\""),
+    )
+    .unwrap();
+    fails(
+        t,
+        &["sandbox", "--config", "c.json", "--out", "run"],
+        &["c.json", "not a sandbox configuration", "corpus_prompt"],
+    );
+    fails(
+        t,
+        &["sandbox", "--config", "missing.json"],
+        &["missing.json", "cannot read"],
+    );
     let mut bad: Value = serde_json::from_str(&cfg).unwrap();
     bad["label_noise"] = serde_json::json!([0.0, 1.5]);
     std::fs::write(t.join("c.json"), bad.to_string()).unwrap();
-    fails(t, &["sandbox", "--config", "c.json", "--out", "run"], &["label_noise", "1.5", "[0, 1]"]);
+    fails(
+        t,
+        &["sandbox", "--config", "c.json", "--out", "run"],
+        &["label_noise", "1.5", "[0, 1]"],
+    );
     assert!(!t.join("run").exists());
 }
 
@@ -159,20 +257,39 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let stdout = ok(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]);
-    assert!(stdout.contains("gold reward on 600 held-out prompts"), "{stdout}");
+    assert!(
+        stdout.contains("gold reward on 600 held-out prompts"),
+        "{stdout}"
+    );
     let first = std::fs::read(t.join("run/summary.json")).unwrap();
     let s: Value = serde_json::from_slice(&first).unwrap();
     let gold = |name: &str| {
-        let m = s["eval"]["models"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone();
+        let m = s["eval"]["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()
+            .clone();
         let r = &m["rewards"][0]["reward"];
-        (r["ci_low"].as_f64().unwrap(), r["mean"].as_f64().unwrap(), r["ci_high"].as_f64().unwrap())
+        (
+            r["ci_low"].as_f64().unwrap(),
+            r["mean"].as_f64().unwrap(),
+            r["ci_high"].as_f64().unwrap(),
+        )
     };
     let (base, sft) = (gold("base"), gold("sft"));
-    assert!(sft.0 > base.2, "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}");
+    assert!(
+        sft.0 > base.2,
+        "SFT should beat the base model beyond the CIs: base {base:?}, sft {sft:?}"
+    );
     // RLHF works in the sandbox: both online policies beat SFT by the hidden gold reward, beyond the intervals.
     for rl in ["ppo", "grpo"] {
         let r = gold(rl);
-        assert!(r.0 > sft.2, "{rl} should beat SFT beyond the CIs: sft {sft:?}, {rl} {r:?}");
+        assert!(
+            r.0 > sft.2,
+            "{rl} should beat SFT beyond the CIs: sft {sft:?}, {rl} {r:?}"
+        );
     }
     // Best-of-n against the proxy: n doubles up to the configured maximum, KL is the analytic bound, and the
     // proxy score of the pick never falls as n grows (the samples are shared).
@@ -185,7 +302,11 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     // Label noise: one reward model per level on nested flips of the same training pairs; level 0 is the
     // pipeline's own reward model, and best-of-n picked by it is the sweep's largest n (the same samples).
     let in_ci = |e: &Value, lo: f64, hi: f64| {
-        let (l, m, h) = (e["ci_low"].as_f64().unwrap(), e["mean"].as_f64().unwrap(), e["ci_high"].as_f64().unwrap());
+        let (l, m, h) = (
+            e["ci_low"].as_f64().unwrap(),
+            e["mean"].as_f64().unwrap(),
+            e["ci_high"].as_f64().unwrap(),
+        );
         assert!(lo <= l && l <= m && m <= h && h <= hi, "{e}");
         m
     };
@@ -193,10 +314,16 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
     let levels: Vec<f64> = noise.iter().map(|l| l["noise"].as_f64().unwrap()).collect();
     assert_eq!(levels, [0.0, 0.2, 0.4]);
     let train_pairs = noise[0]["train_pairs"].as_u64().unwrap();
-    let flipped: Vec<u64> = noise.iter().map(|l| l["flipped"].as_u64().unwrap()).collect();
+    let flipped: Vec<u64> = noise
+        .iter()
+        .map(|l| l["flipped"].as_u64().unwrap())
+        .collect();
     for (l, f) in noise.iter().zip(&flipped) {
         assert_eq!(l["train_pairs"].as_u64(), Some(train_pairs));
-        assert_eq!(*f, (l["noise"].as_f64().unwrap() * train_pairs as f64).round() as u64);
+        assert_eq!(
+            *f,
+            (l["noise"].as_f64().unwrap() * train_pairs as f64).round() as u64
+        );
         for k in ["rm_gold_agreement", "rm_eval_accuracy"] {
             assert!((0.0..=1.0).contains(&l[k].as_f64().unwrap()), "{k}: {l}");
         }
@@ -205,13 +332,27 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
         in_ci(&l["best_of_n_gold"], -1.0, 1.0);
     }
     assert!(flipped[0] == 0 && flipped[1] < flipped[2], "{flipped:?}");
-    let rm = s["stages"].as_array().unwrap().iter().find(|st| st["name"] == "rm").unwrap();
-    assert_eq!(noise[0]["rm_gold_agreement"], rm["gold_agreement"]["accuracy"]);
+    let rm = s["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["name"] == "rm")
+        .unwrap();
+    assert_eq!(
+        noise[0]["rm_gold_agreement"],
+        rm["gold_agreement"]["accuracy"]
+    );
     assert_eq!(noise[0]["rm_eval_accuracy"], rm["eval"]["accuracy"]);
     let bon_gold = noise[0]["best_of_n_gold"]["mean"].as_f64().unwrap();
-    assert!((bon_gold - bon[3]["gold"].as_f64().unwrap()).abs() < 1e-9, "{bon_gold} vs {}", bon[3]);
+    assert!(
+        (bon_gold - bon[3]["gold"].as_f64().unwrap()).abs() < 1e-9,
+        "{bon_gold} vs {}",
+        bon[3]
+    );
     for l in &levels[1..] {
-        assert!(t.join(format!("run/rm-noise-{:.0}/model.safetensors", 100.0 * l)).is_file());
+        assert!(t
+            .join(format!("run/rm-noise-{:.0}/model.safetensors", 100.0 * l))
+            .is_file());
     }
     // Gold along the PPO run: step 0 is SFT (KL exactly 0), then every checkpoint up to the last step.
     let along = s["ppo_checkpoints"].as_array().unwrap();
@@ -232,28 +373,103 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
         in_ci(&l["ppo_gold"], -1.0, 1.0);
         assert_eq!(l["ppo_gold"]["n"], 300);
     }
-    assert_eq!((&noise[0]["ppo_gold"], &noise[0]["ppo_kl"]), (&along[6]["gold"], &along[6]["kl"]));
+    assert_eq!(
+        (&noise[0]["ppo_gold"], &noise[0]["ppo_kl"]),
+        (&along[6]["gold"], &along[6]["kl"])
+    );
     for l in &levels[1..] {
-        assert!(t.join(format!("run/ppo-noise-{:.0}/model.safetensors", 100.0 * l)).is_file());
+        assert!(t
+            .join(format!("run/ppo-noise-{:.0}/model.safetensors", 100.0 * l))
+            .is_file());
     }
-    let names: Vec<&str> =
-        s["eval"]["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["base", "sft", "dpo", "ppo", "grpo", "sft-large", "dpo-unbiased", "dpo-long"]);
+    let names: Vec<&str> = s["eval"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "base",
+            "sft",
+            "dpo",
+            "ppo",
+            "grpo",
+            "sft-large",
+            "dpo-unbiased",
+            "dpo-long"
+        ]
+    );
     assert!(s["preference_pairs"].as_u64().unwrap() > 100);
-    let findings: Vec<&str> = s["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-    assert!(findings.iter().any(|f| f.starts_with("gold reward of dpo")), "{findings:?}");
-    assert!(findings.iter().any(|f| f.starts_with("best-of-n against the reward model")), "{findings:?}");
-    assert!(findings.iter().any(|f| f.starts_with("along the PPO run (7 checkpoints on 300 held-out prompts")), "{findings:?}");
-    assert!(findings.iter().any(|f| f.starts_with("label noise (0 → 20 → 40 % of")), "{findings:?}");
-    assert!(findings.iter().any(|f| f.starts_with("InstructGPT in miniature: ppo")), "{findings:?}");
+    let findings: Vec<&str> = s["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        findings.iter().any(|f| f.starts_with("gold reward of dpo")),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with("best-of-n against the reward model")),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with("along the PPO run (7 checkpoints on 300 held-out prompts")),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with("label noise (0 → 20 → 40 % of")),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with("InstructGPT in miniature: ppo")),
+        "{findings:?}"
+    );
     // The verbosity bias of length-loving annotators reaches the policy trained on their labels.
-    assert!(findings.iter().any(|f| f.starts_with("length-bias probe") && f.contains("reaches the policy")), "{findings:?}");
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.starts_with("length-bias probe") && f.contains("reaches the policy")),
+        "{findings:?}"
+    );
     let html = std::fs::read_to_string(t.join("run/report.html")).unwrap();
-    for id in ["findings", "rewards", "indicators", "win-rates", "diversity", "over-optimisation", "label-noise", "annotators", "training", "examples"] {
-        assert!(html.contains(&format!("id=\"{id}\"")), "section {id} missing");
+    for id in [
+        "findings",
+        "rewards",
+        "indicators",
+        "win-rates",
+        "diversity",
+        "over-optimisation",
+        "label-noise",
+        "annotators",
+        "training",
+        "examples",
+    ] {
+        assert!(
+            html.contains(&format!("id=\"{id}\"")),
+            "section {id} missing"
+        );
     }
-    for chart in ["PPO checkpoints: reward against KL", "reward model against label noise", "gold of the policies against each reward model"] {
-        assert!(html.contains(&format!("aria-label='{chart}'")), "chart {chart:?} missing");
+    for chart in [
+        "PPO checkpoints: reward against KL",
+        "reward model against label noise",
+        "gold of the policies against each reward model",
+    ] {
+        assert!(
+            html.contains(&format!("aria-label='{chart}'")),
+            "chart {chart:?} missing"
+        );
     }
     assert!(html.matches("<svg").count() >= 10);
     assert!(t.join("run/timings.json").is_file());
@@ -262,39 +478,110 @@ fn sandbox_quick_run_is_reproducible_and_measures_improvement() {
         let text = std::fs::read_to_string(t.join("run/data").join(file)).unwrap();
         text.lines()
             .flat_map(|l| {
-                serde_json::from_str::<serde_json::Map<String, Value>>(l).unwrap().keys().cloned().collect::<Vec<_>>()
+                serde_json::from_str::<serde_json::Map<String, Value>>(l)
+                    .unwrap()
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
             })
             .collect()
     };
-    let export = ["prompt", "project", "item_id", "external_id", "annotator_ids", "label_ids", "gold"];
+    let export = [
+        "prompt",
+        "project",
+        "item_id",
+        "external_id",
+        "annotator_ids",
+        "label_ids",
+        "gold",
+    ];
     let allowed = |extra: &[&str], file: &str| {
         let k = keys(file);
-        assert!(k.iter().all(|k| export.contains(&k.as_str()) || extra.contains(&k.as_str())), "{file}: {k:?}");
+        assert!(
+            k.iter()
+                .all(|k| export.contains(&k.as_str()) || extra.contains(&k.as_str())),
+            "{file}: {k:?}"
+        );
     };
-    allowed(&["chosen", "rejected", "margin", "votes", "confidence"], "preferences.jsonl");
-    allowed(&["chosen", "rejected", "margin", "votes", "confidence"], "rm_train.jsonl");
+    allowed(
+        &["chosen", "rejected", "margin", "votes", "confidence"],
+        "preferences.jsonl",
+    );
+    allowed(
+        &["chosen", "rejected", "margin", "votes", "confidence"],
+        "rm_train.jsonl",
+    );
     allowed(&["completion"], "demonstrations.jsonl");
     allowed(&["id", "answer"], "train_prompts.jsonl");
-    assert_eq!(keys("corpus.jsonl").into_iter().collect::<Vec<_>>(), ["text"]);
+    assert_eq!(
+        keys("corpus.jsonl").into_iter().collect::<Vec<_>>(),
+        ["text"]
+    );
     // The demonstrations cover every behaviour, refusals and abstentions included.
     let demos = std::fs::read_to_string(t.join("run/data/demonstrations.jsonl")).unwrap();
-    for reply in [rlhf_sandbox::world::REFUSAL, rlhf_sandbox::world::ABSTAIN, " Thanks!"] {
+    for reply in [
+        rlhf_sandbox::world::REFUSAL,
+        rlhf_sandbox::world::ABSTAIN,
+        " Thanks!",
+    ] {
         assert!(demos.contains(reply), "no demonstration with {reply:?}");
     }
 
     // The trainers' reward sources through `rlhf eval`: the run's reward model and a regex.
-    let out = ok(t, &["eval", "--model", "run/sft", "--prompts", "run/data/eval_prompts.jsonl", "--reward", "rm:run/rm",
-        "--reward", "regex:[0-9]", "--limit", "20", "--out", "rm_eval.json"]);
-    let e: Value = serde_json::from_str(&std::fs::read_to_string(t.join("rm_eval.json")).unwrap()).unwrap();
+    let out = ok(
+        t,
+        &[
+            "eval",
+            "--model",
+            "run/sft",
+            "--prompts",
+            "run/data/eval_prompts.jsonl",
+            "--reward",
+            "rm:run/rm",
+            "--reward",
+            "regex:[0-9]",
+            "--limit",
+            "20",
+            "--out",
+            "rm_eval.json",
+        ],
+    );
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("rm_eval.json")).unwrap()).unwrap();
     let r = &e["models"][0]["rewards"];
-    assert_eq!((r[0]["source"].as_str(), r[1]["source"].as_str()), (Some("rm:run/rm"), Some("regex:[0-9]")), "{out}");
+    assert_eq!(
+        (r[0]["source"].as_str(), r[1]["source"].as_str()),
+        (Some("rm:run/rm"), Some("regex:[0-9]")),
+        "{out}"
+    );
     assert!(r[0]["reward"]["mean"].as_f64().unwrap().is_finite());
     let share = r[1]["reward"]["mean"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&share) && share > 0.0, "share of completions with a digit: {share}");
-    fails(t, &["eval", "--model", "run/sft", "--prompts", "run/data/eval_prompts.jsonl", "--reward", "0.5*eos:1"], &["eos", "finish reasons"]);
+    assert!(
+        (0.0..=1.0).contains(&share) && share > 0.0,
+        "share of completions with a digit: {share}"
+    );
+    fails(
+        t,
+        &[
+            "eval",
+            "--model",
+            "run/sft",
+            "--prompts",
+            "run/data/eval_prompts.jsonl",
+            "--reward",
+            "0.5*eos:1",
+        ],
+        &["eos", "finish reasons"],
+    );
 
-    let stderr =
-        String::from_utf8_lossy(&rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr).into_owned();
+    let stderr = String::from_utf8_lossy(
+        &rlhf(t, &["sandbox", "--quick", "--out", "run", "--seed", "0"]).stderr,
+    )
+    .into_owned();
     assert!(stderr.contains("reusing the base model"), "{stderr}");
-    assert_eq!(std::fs::read(t.join("run/summary.json")).unwrap(), first, "same seed, different summary");
+    assert_eq!(
+        std::fs::read(t.join("run/summary.json")).unwrap(),
+        first,
+        "same seed, different summary"
+    );
 }

@@ -20,7 +20,11 @@ fn flawed_demonstrations(path: &Path) -> usize {
     for line in text.lines() {
         let row: Value = serde_json::from_str(line).unwrap();
         let prompt = row["prompt"].as_str().unwrap();
-        let (a, b) = prompt.trim_start_matches("Q: ").trim_end_matches('=').split_once('+').unwrap();
+        let (a, b) = prompt
+            .trim_start_matches("Q: ")
+            .trim_end_matches('=')
+            .split_once('+')
+            .unwrap();
         let (a, b): (i64, i64) = (a.parse().unwrap(), b.parse().unwrap());
         let mut answer = a + b;
         if a % 10 + b % 10 >= 10 {
@@ -30,7 +34,9 @@ fn flawed_demonstrations(path: &Path) -> usize {
                 flawed += 1;
             }
         }
-        rows.push_str(&serde_json::json!({"prompt": prompt, "completion": format!(" {answer}")}).to_string());
+        rows.push_str(
+            &serde_json::json!({"prompt": prompt, "completion": format!(" {answer}")}).to_string(),
+        );
         rows.push('\n');
     }
     std::fs::write(path, rows).unwrap();
@@ -40,20 +46,33 @@ fn flawed_demonstrations(path: &Path) -> usize {
 /// Held-out greedy exact match (mean, ci_low, ci_high) of each model, from one `rlhf eval` run.
 fn greedy_exact(dir: &Path, models: &[&str]) -> Vec<(f64, f64, f64)> {
     let eval = root().join("data/sft_eval.jsonl");
-    let mut args = vec!["eval", "--prompts", eval.to_str().unwrap(), "--reward", "exact:completion", "--temperature", "0"];
+    let mut args = vec![
+        "eval",
+        "--prompts",
+        eval.to_str().unwrap(),
+        "--reward",
+        "exact:completion",
+        "--temperature",
+        "0",
+    ];
     args.extend(["--max-new-tokens", "6", "--out", "eval.json"]);
     for m in models {
         args.extend(["--model", m]);
     }
     rlhf(dir, &args);
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
     summary["models"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| {
             let r = &m["rewards"][0]["reward"];
-            (r["mean"].as_f64().unwrap(), r["ci_low"].as_f64().unwrap(), r["ci_high"].as_f64().unwrap())
+            (
+                r["mean"].as_f64().unwrap(),
+                r["ci_low"].as_f64().unwrap(),
+                r["ci_high"].as_f64().unwrap(),
+            )
         })
         .collect()
 }
@@ -64,23 +83,97 @@ fn grpo_with_the_exact_answer_verifier_raises_held_out_greedy_exact_match_above_
     let t = tmp.path();
     let flawed = flawed_demonstrations(&t.join("demos.jsonl"));
     assert!(flawed > 400, "{flawed} flawed demonstrations");
-    rlhf(t, &["init", "--out", "base", "--preset", "tiny-llama", "--corpus", "demos.jsonl", "--split-digits", "--vocab-size", "300"]);
-    rlhf(t, &[
-        "sft", "--model", "base", "--train-file", "demos.jsonl", "--output-dir", "sft", "--max-length", "64",
-        "--batch-size", "32", "--learning-rate", "1e-3", "--lr-scheduler-type", "cosine", "--warmup-steps", "20",
-        "--max-steps", "1500", "--save-steps", "0", "--logging-steps", "100",
-    ]);
+    rlhf(
+        t,
+        &[
+            "init",
+            "--out",
+            "base",
+            "--preset",
+            "tiny-llama",
+            "--corpus",
+            "demos.jsonl",
+            "--split-digits",
+            "--vocab-size",
+            "300",
+        ],
+    );
+    rlhf(
+        t,
+        &[
+            "sft",
+            "--model",
+            "base",
+            "--train-file",
+            "demos.jsonl",
+            "--output-dir",
+            "sft",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "32",
+            "--learning-rate",
+            "1e-3",
+            "--lr-scheduler-type",
+            "cosine",
+            "--warmup-steps",
+            "20",
+            "--max-steps",
+            "1500",
+            "--save-steps",
+            "0",
+            "--logging-steps",
+            "100",
+        ],
+    );
     let prompts = root().join("data/prompts.jsonl");
-    rlhf(t, &[
-        "grpo", "--model", "sft", "--prompts", prompts.to_str().unwrap(), "--output-dir", "grpo", "--reward",
-        "exact:answer", "--num-generations", "8", "--prompts-per-step", "8", "--max-new-tokens", "6", "--temperature",
-        "1.0", "--learning-rate", "3e-5", "--lr-scheduler-type", "constant", "--max-steps", "200", "--loss-type", "dapo",
-        "--beta", "0", "--save-steps", "0",
-    ]);
+    rlhf(
+        t,
+        &[
+            "grpo",
+            "--model",
+            "sft",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--output-dir",
+            "grpo",
+            "--reward",
+            "exact:answer",
+            "--num-generations",
+            "8",
+            "--prompts-per-step",
+            "8",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.0",
+            "--learning-rate",
+            "3e-5",
+            "--lr-scheduler-type",
+            "constant",
+            "--max-steps",
+            "200",
+            "--loss-type",
+            "dapo",
+            "--beta",
+            "0",
+            "--save-steps",
+            "0",
+        ],
+    );
     let scores = greedy_exact(t, &["sft", "grpo"]);
     let ((sft, _, sft_high), (grpo, grpo_low, _)) = (scores[0], scores[1]);
-    eprintln!("held-out greedy exact: SFT {:?}, GRPO {:?}", scores[0], scores[1]);
+    eprintln!(
+        "held-out greedy exact: SFT {:?}, GRPO {:?}",
+        scores[0], scores[1]
+    );
     // The flaw must be visible in the SFT model, or the test would measure nothing.
-    assert!((0.3..0.85).contains(&sft), "SFT greedy exact {sft}: the flawed-demonstration setup no longer bites");
-    assert!(grpo > sft + 0.1 && grpo_low > sft_high, "GRPO {grpo} (low {grpo_low}) vs SFT {sft} (high {sft_high})");
+    assert!(
+        (0.3..0.85).contains(&sft),
+        "SFT greedy exact {sft}: the flawed-demonstration setup no longer bites"
+    );
+    assert!(
+        grpo > sft + 0.1 && grpo_low > sft_high,
+        "GRPO {grpo} (low {grpo_low}) vs SFT {sft} (high {sft_high})"
+    );
 }

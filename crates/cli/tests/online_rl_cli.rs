@@ -10,7 +10,11 @@ fn root() -> PathBuf {
 }
 
 fn rlhf(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rlhf")).current_dir(root()).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn ok(out: &std::process::Output) -> serde_json::Value {
@@ -24,8 +28,19 @@ fn run_example(trainer: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
     let config = format!("examples/{trainer}.toml");
     let out = out.display().to_string();
     let mut args = vec![
-        trainer, "--config", config.as_str(), "--model", "fixtures/models/llama", "--output-dir", out.as_str(),
-        "--max-steps", "2", "--prompts-per-step", "2", "--save-steps", "1",
+        trainer,
+        "--config",
+        config.as_str(),
+        "--model",
+        "fixtures/models/llama",
+        "--output-dir",
+        out.as_str(),
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--save-steps",
+        "1",
     ];
     args.extend_from_slice(extra);
     ok(&rlhf(&args))
@@ -43,8 +58,18 @@ fn example_configs_run_with_flag_overrides() {
         let s = run_example(trainer, &out, extra);
         assert_eq!(s["steps"], 2, "{trainer}: {s}");
         assert!(s["final_metrics"]["reward"].is_number(), "{trainer}: {s}");
-        assert!(out.join("model.safetensors").is_file() && out.join("checkpoint-2").is_dir(), "{trainer}");
-        assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2, "{trainer}");
+        assert!(
+            out.join("model.safetensors").is_file() && out.join("checkpoint-2").is_dir(),
+            "{trainer}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            2,
+            "{trainer}"
+        );
     }
 }
 
@@ -53,7 +78,12 @@ fn help_and_bad_settings() {
     let help = rlhf(&["grpo", "--help"]);
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    assert!(text.contains("--num-generations") && text.contains("--loss-type") && text.contains("--reward"), "{text}");
+    assert!(
+        text.contains("--num-generations")
+            && text.contains("--loss-type")
+            && text.contains("--reward"),
+        "{text}"
+    );
 
     let bad_flag = rlhf(&["ppo", "--kl-coeff", "0.1"]);
     assert_eq!(bad_flag.status.code(), Some(2));
@@ -61,11 +91,20 @@ fn help_and_bad_settings() {
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("grpo.toml");
-    std::fs::write(&cfg, "model = \"fixtures/models/llama\"\nnum_generation = 4\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "model = \"fixtures/models/llama\"\nnum_generation = 4\n",
+    )
+    .unwrap();
     let out = rlhf(&["grpo", "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("grpo.toml:2") && err.contains("num_generation") && err.contains("unknown key"), "{err}");
+    assert!(
+        err.contains("grpo.toml:2")
+            && err.contains("num_generation")
+            && err.contains("unknown key"),
+        "{err}"
+    );
 
     std::fs::write(&cfg, "model = \"fixtures/models/llama\"\nprompts = \"data/prompts.jsonl\"\noutput_dir = \"x\"\nreward = [\"exact:answer\"]\ntemperature = -1.0\n").unwrap();
     let out = rlhf(&["grpo", "--config", cfg.to_str().unwrap()]);

@@ -57,7 +57,10 @@ pub fn load_dataset_with(path: impl AsRef<Path>, options: &LoadOptions) -> Resul
                 // message; say what the file is instead.
                 // (A one-line list is an ordinary bad row, reported with its line.)
                 let first_line = String::from_utf8_lossy(&bytes);
-                let first_line = first_line.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                let first_line = first_line
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
                 if first_line.trim_start().starts_with('[')
                     && serde_json::from_str::<Value>(first_line).is_err()
                 {
@@ -191,12 +194,22 @@ impl Dataset {
     /// [`Tokenizer::max_token_bytes`]) before anything is tokenized: tokenizing a multi-megabyte field costs
     /// gigabytes, and all but its first `max_tokens` tokens would be cut anyway. `limit` names the bound for
     /// the message (e.g. `max_length`); `only`: check just these fields (empty: every text field).
-    pub fn check_text_size(&self, tokenizer: &Tokenizer, max_tokens: usize, limit: &str, only: &[&str]) -> Result<()> {
+    pub fn check_text_size(
+        &self,
+        tokenizer: &Tokenizer,
+        max_tokens: usize,
+        limit: &str,
+        only: &[&str],
+    ) -> Result<()> {
         let per_token = tokenizer.max_token_bytes();
         let max_bytes = max_tokens.saturating_mul(per_token);
         for row in &self.rows {
             let checked = |f: &str| only.is_empty() || only.contains(&f);
-            let too_long = row.record.text_fields().into_iter().find(|&(f, n)| checked(f) && n > max_bytes);
+            let too_long = row
+                .record
+                .text_fields()
+                .into_iter()
+                .find(|&(f, n)| checked(f) && n > max_bytes);
             if let Some((field, n)) = too_long {
                 return Err(self.row_error(
                     row,

@@ -505,15 +505,27 @@ impl Record {
             Record::LanguageModeling(r) => vec![("text", r.text.len())],
             Record::Conversational(r) => vec![("messages", messages_bytes(&r.messages))],
             Record::PromptOnly(r) => vec![("prompt", r.prompt.byte_len())],
-            Record::PromptCompletion(r) => vec![("prompt", r.prompt.byte_len()), ("completion", r.completion.byte_len())],
+            Record::PromptCompletion(r) => vec![
+                ("prompt", r.prompt.byte_len()),
+                ("completion", r.completion.byte_len()),
+            ],
             Record::Preference(r) => vec![
                 ("prompt", r.prompt.byte_len()),
                 ("chosen", r.chosen.byte_len()),
                 ("rejected", r.rejected.byte_len()),
             ],
-            Record::ImplicitPreference(r) => vec![("chosen", r.chosen.byte_len()), ("rejected", r.rejected.byte_len())],
-            Record::Unpaired(r) => vec![("prompt", r.prompt.byte_len()), ("completion", r.completion.byte_len())],
-            Record::Rating(r) => vec![("prompt", r.prompt.byte_len()), ("completion", r.completion.byte_len())],
+            Record::ImplicitPreference(r) => vec![
+                ("chosen", r.chosen.byte_len()),
+                ("rejected", r.rejected.byte_len()),
+            ],
+            Record::Unpaired(r) => vec![
+                ("prompt", r.prompt.byte_len()),
+                ("completion", r.completion.byte_len()),
+            ],
+            Record::Rating(r) => vec![
+                ("prompt", r.prompt.byte_len()),
+                ("completion", r.completion.byte_len()),
+            ],
             Record::Correction(r) => vec![
                 ("prompt", r.prompt.byte_len()),
                 ("completion", r.completion.byte_len()),
@@ -627,7 +639,14 @@ struct RowParser<'a> {
 
 /// Message roles chat templates know (OpenAI's and TRL's names); anything else is most likely a typo
 /// that a template would silently drop or render wrongly.
-const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 const TEXT_EXPECTED: &str = "expected a string or a list of {role, content} messages";
 
@@ -828,7 +847,10 @@ impl<'a> RowParser<'a> {
                 if !ROLES.contains(&role.as_str()) {
                     return Err(self.err(
                         Some(&format!("{at}.role")),
-                        format!("unknown role \"{role}\" (expected one of {})", ROLES.join(", ")),
+                        format!(
+                            "unknown role \"{role}\" (expected one of {})",
+                            ROLES.join(", ")
+                        ),
                     ));
                 }
                 let content = get("content")?;

@@ -291,7 +291,13 @@ impl Tokenizer {
     /// Bytes of the longest token (vocabulary string or added token): `n` tokens never cover more than
     /// `n × this` bytes of text, so a longer text certainly has more than `n` tokens.
     pub fn max_token_bytes(&self) -> usize {
-        self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// The id of `token` (a vocabulary string or an added token).
@@ -581,7 +587,10 @@ pub fn train_bpe(
     let mut tok = tokenizers::Tokenizer::new(BPE::default());
     let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false));
     tok.with_pre_tokenizer(Some(if config.split_digits {
-        PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level]))
+        PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level,
+        ]))
     } else {
         byte_level
     }));

@@ -388,14 +388,34 @@ fn trained_bpe_directory_reloads() {
     // Split digits: every number becomes one token per digit, whatever merges the corpus would allow.
     let numbers = dir.path().join("numbers.txt");
     std::fs::write(&numbers, "Q: 60+62= 122\n".repeat(50)).unwrap();
-    let cfg = |split_digits| BpeConfig { vocab_size: 280, split_digits, ..BpeConfig::default() };
-    let merged = train_bpe(std::slice::from_ref(&numbers), &cfg(false), dir.path().join("d")).unwrap();
-    assert!(merged.encode(" 122", false).unwrap().len() < 4, "without splitting, digits merge");
+    let cfg = |split_digits| BpeConfig {
+        vocab_size: 280,
+        split_digits,
+        ..BpeConfig::default()
+    };
+    let merged = train_bpe(
+        std::slice::from_ref(&numbers),
+        &cfg(false),
+        dir.path().join("d"),
+    )
+    .unwrap();
+    assert!(
+        merged.encode(" 122", false).unwrap().len() < 4,
+        "without splitting, digits merge"
+    );
     let split = train_bpe(&[numbers], &cfg(true), dir.path().join("e")).unwrap();
     let ids = split.encode(" 122", false).unwrap();
-    let pieces: Vec<String> = ids.iter().map(|&i| split.decode(&[i], false).unwrap()).collect();
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&i| split.decode(&[i], false).unwrap())
+        .collect();
     assert_eq!(pieces, [" ", "1", "2", "2"]);
-    assert_eq!(split.decode(&split.encode("Q: 60+62= 122", false).unwrap(), false).unwrap(), "Q: 60+62= 122");
+    assert_eq!(
+        split
+            .decode(&split.encode("Q: 60+62= 122", false).unwrap(), false)
+            .unwrap(),
+        "Q: 60+62= 122"
+    );
     let small = BpeConfig {
         vocab_size: 100,
         ..BpeConfig::default()

@@ -30,7 +30,14 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { max_new_tokens: 48, temperature: 1.0, top_p: 1.0, seed: 0, batch_size: 32, examples: 6 }
+        EvalConfig {
+            max_new_tokens: 48,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+            batch_size: 32,
+            examples: 6,
+        }
     }
 }
 
@@ -113,7 +120,9 @@ impl ModelSummary {
 }
 
 fn prompt_text(row: &Row) -> &str {
-    row.get("prompt").and_then(Value::as_str).unwrap_or_default()
+    row.get("prompt")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 /// Evaluates `models` on `rows` with every source of `rewards`; `reference` (a model directory with the same
@@ -128,25 +137,38 @@ pub fn evaluate(
     ensure!(!models.is_empty(), "no model to evaluate");
     ensure!(!rows.is_empty(), "no prompts to evaluate on");
     let reference_model = match reference {
-        Some(dir) => Some(Generator::load(dir).with_context(|| format!("reference model {}", dir.display()))?),
+        Some(dir) => Some(
+            Generator::load(dir).with_context(|| format!("reference model {}", dir.display()))?,
+        ),
         None => None,
     };
     let mut out = Vec::with_capacity(models.len());
     for spec in models {
-        out.push(evaluate_one(spec, reference_model.as_ref(), rows, rewards, cfg)?);
+        out.push(evaluate_one(
+            spec,
+            reference_model.as_ref(),
+            rows,
+            rewards,
+            cfg,
+        )?);
     }
     let mut win_rates = Vec::new();
     for (s, source) in rewards.iter().enumerate() {
         for a in &out {
             for b in out.iter().filter(|b| b.name != a.name) {
-                let (xa, xb): (Vec<f64>, Vec<f64>) =
-                    a.per_prompt.iter().zip(&b.per_prompt).filter_map(|(ra, rb)| Some((ra[s]?, rb[s]?))).unzip();
+                let (xa, xb): (Vec<f64>, Vec<f64>) = a
+                    .per_prompt
+                    .iter()
+                    .zip(&b.per_prompt)
+                    .filter_map(|(ra, rb)| Some((ra[s]?, rb[s]?)))
+                    .unzip();
                 win_rates.push(WinRate {
                     source: source.name(),
                     model: a.name.clone(),
                     versus: b.name.clone(),
                     win_rate: win_rate(&xa, &xb),
-                    ties: xa.iter().zip(&xb).filter(|(x, y)| x == y).count() as f64 / xa.len().max(1) as f64,
+                    ties: xa.iter().zip(&xb).filter(|(x, y)| x == y).count() as f64
+                        / xa.len().max(1) as f64,
                     n: xa.len(),
                 });
             }
@@ -169,10 +191,15 @@ fn evaluate_one(
     cfg: &EvalConfig,
 ) -> Result<ModelSummary> {
     let g = Generator::load(&spec.dir).with_context(|| format!("model {}", spec.dir.display()))?;
-    let prompts: Vec<Vec<u32>> =
-        rows.iter().map(|r| g.encode_prompt(&Text::Plain(prompt_text(r).into()))).collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| g.encode_prompt(&Text::Plain(prompt_text(r).into())))
+        .collect::<Result<_>>()?;
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        bail!("prompt {} encodes to no tokens (empty prompt and no BOS token)", i + 1);
+        bail!(
+            "prompt {} encodes to no tokens (empty prompt and no BOS token)",
+            i + 1
+        );
     }
     if let Some(r) = reference {
         ensure!(
@@ -192,21 +219,42 @@ fn evaluate_one(
             }
         }
     }
-    let seeds: Vec<u64> = (0..rows.len() as u64).map(|i| cfg.seed.wrapping_mul(1_000_003).wrapping_add(i)).collect();
-    let sampling = Sampling { temperature: cfg.temperature, top_k: 0, top_p: cfg.top_p };
-    let template = GenRequest { max_new_tokens: cfg.max_new_tokens, sampling, ..Default::default() };
+    let seeds: Vec<u64> = (0..rows.len() as u64)
+        .map(|i| cfg.seed.wrapping_mul(1_000_003).wrapping_add(i))
+        .collect();
+    let sampling = Sampling {
+        temperature: cfg.temperature,
+        top_k: 0,
+        top_p: cfg.top_p,
+    };
+    let template = GenRequest {
+        max_new_tokens: cfg.max_new_tokens,
+        sampling,
+        ..Default::default()
+    };
     let outputs = g.run(&prompts, &seeds, &template, cfg.batch_size)?;
     let eos = g.model.config().eos_token_ids();
 
     let mut per_prompt = Vec::with_capacity(rows.len());
     let mut indicators: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); rewards.len()];
-    let (mut kls, mut entropies, mut len_tok, mut len_chr): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) =
-        Default::default();
+    let (mut kls, mut entropies, mut len_tok, mut len_chr): (
+        Vec<f64>,
+        Vec<f64>,
+        Vec<f64>,
+        Vec<f64>,
+    ) = Default::default();
     let mut completions = Vec::with_capacity(rows.len());
     for (i, ((row, ids), (text, o))) in rows.iter().zip(&prompts).zip(&outputs).enumerate() {
         let mut rs = Vec::with_capacity(rewards.len());
         for (s, source) in rewards.iter().enumerate() {
-            let at = || format!("prompt {} ({:?}), reward {}", i + 1, prompt_text(row), source.name());
+            let at = || {
+                format!(
+                    "prompt {} ({:?}), reward {}",
+                    i + 1,
+                    prompt_text(row),
+                    source.name()
+                )
+            };
             rs.push(source.score(row, text).with_context(at)?);
             for (k, v) in source.indicators(row, text).with_context(at)? {
                 indicators[s].entry(k).or_default().push(v);
@@ -229,7 +277,11 @@ fn evaluate_one(
     }
     for (s, source) in rewards.iter().enumerate() {
         if per_prompt.iter().all(|r| r[s].is_none()) {
-            bail!("reward {} applies to none of the {} prompts (a missing column?)", source.name(), rows.len());
+            bail!(
+                "reward {} applies to none of the {} prompts (a missing column?)",
+                source.name(),
+                rows.len()
+            );
         }
     }
     let seed = cfg.seed;
@@ -238,8 +290,14 @@ fn evaluate_one(
         .enumerate()
         .map(|(s, source)| RewardSummary {
             source: source.name(),
-            reward: bootstrap(&per_prompt.iter().filter_map(|r| r[s]).collect::<Vec<_>>(), seed),
-            indicators: indicators[s].iter().map(|(k, v)| (k.clone(), bootstrap(v, seed))).collect(),
+            reward: bootstrap(
+                &per_prompt.iter().filter_map(|r| r[s]).collect::<Vec<_>>(),
+                seed,
+            ),
+            indicators: indicators[s]
+                .iter()
+                .map(|(k, v)| (k.clone(), bootstrap(v, seed)))
+                .collect(),
         })
         .collect();
     let examples = rows
@@ -247,7 +305,11 @@ fn evaluate_one(
         .zip(&completions)
         .zip(&per_prompt)
         .take(cfg.examples)
-        .map(|((row, c), r)| Example { prompt: prompt_text(row).into(), completion: c.clone(), rewards: r.clone() })
+        .map(|((row, c), r)| Example {
+            prompt: prompt_text(row).into(),
+            completion: c.clone(),
+            rewards: r.clone(),
+        })
         .collect();
     Ok(ModelSummary {
         name: spec.name.clone(),
@@ -267,7 +329,11 @@ fn evaluate_one(
 
 /// Per completion token: log p(token) and the entropy of the next-token distribution it was drawn from
 /// (T = 1), from one full forward over prompt + completion.
-fn score_tokens(model: &CausalLm, prompt: &[u32], completion: &[u32]) -> Result<(Vec<f64>, Vec<f64>)> {
+fn score_tokens(
+    model: &CausalLm,
+    prompt: &[u32],
+    completion: &[u32],
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let logits = model.forward(&input)?.squeeze(0)?.to_vec2::<f32>()?;

@@ -23,11 +23,17 @@ pub struct Report {
 
 /// HTML-escapes text.
 pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 pub fn fmt_est(e: &Estimate) -> String {
-    format!("{:.3} <span class=ci>[{:.3}, {:.3}]</span>", e.mean, e.ci_low, e.ci_high)
+    format!(
+        "{:.3} <span class=ci>[{:.3}, {:.3}]</span>",
+        e.mean, e.ci_low, e.ci_high
+    )
 }
 
 const CSS: &str = "body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;color:#222;max-width:1000px;margin:2em auto;padding:0 1em}
@@ -54,22 +60,36 @@ pub fn render(r: &Report) -> String {
     }
     h.push_str("</nav>");
     for s in &r.sections {
-        let _ = write!(h, "<section id=\"{}\"><h2>{}</h2>{}</section>", s.id, esc(&s.heading), s.html);
+        let _ = write!(
+            h,
+            "<section id=\"{}\"><h2>{}</h2>{}</section>",
+            s.id,
+            esc(&s.heading),
+            s.html
+        );
     }
     h.push_str("</body></html>\n");
     h
 }
 
-const PALETTE: [&str; 8] = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"];
+const PALETTE: [&str; 8] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f",
+];
 
 /// "Nice" tick positions covering [lo, hi].
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(1e-9);
     let raw = span / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= 6.0).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| span / s <= 6.0)
+        .unwrap_or(10.0 * mag);
     let start = (lo / step).floor() * step;
-    (0..=((hi - start) / step).ceil() as usize).map(|i| start + i as f64 * step).collect()
+    (0..=((hi - start) / step).ceil() as usize)
+        .map(|i| start + i as f64 * step)
+        .collect()
 }
 
 fn tick_label(v: f64) -> String {
@@ -96,8 +116,15 @@ fn grid_line(s: &mut String, x0: f64, x1: f64, y: f64, label: &str) {
 /// Bars with 95 % whiskers, one per label.
 pub fn bar_chart(title: &str, y_label: &str, bars: &[(String, Estimate)]) -> String {
     let (w, h, left, top, bottom) = (620.0, 280.0, 60.0, 30.0, 50.0);
-    let lo = bars.iter().map(|b| b.1.ci_low.min(b.1.mean)).fold(0.0f64, f64::min);
-    let hi = bars.iter().map(|b| b.1.ci_high.max(b.1.mean)).fold(0.0f64, f64::max).max(lo + 1e-6);
+    let lo = bars
+        .iter()
+        .map(|b| b.1.ci_low.min(b.1.mean))
+        .fold(0.0f64, f64::min);
+    let hi = bars
+        .iter()
+        .map(|b| b.1.ci_high.max(b.1.mean))
+        .fold(0.0f64, f64::max)
+        .max(lo + 1e-6);
     let t = ticks(lo, hi);
     let (y0, y1) = (t[0], *t.last().expect("ticks"));
     let ph = h - top - bottom;
@@ -181,15 +208,30 @@ pub fn line_chart(
     points: bool,
 ) -> String {
     let (w, h, left, top, bottom, right) = (620.0, 300.0, 60.0, 30.0, 45.0, 150.0);
-    let all: Vec<(f64, f64)> =
-        series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
     if all.is_empty() {
         return format!("<p class=note>{}: no data.</p>", esc(title));
     }
-    let (xmin, xmax) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (ymin, ymax) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.min(p.1), a.1.max(p.1)));
-    let (tx, ty) = (ticks(xmin, xmax.max(xmin + 1e-6)), ticks(ymin, ymax.max(ymin + 1e-6)));
-    let (x0, x1, y0, y1) = (tx[0], *tx.last().expect("ticks"), ty[0], *ty.last().expect("ticks"));
+    let (xmin, xmax) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.0), a.1.max(p.0))
+    });
+    let (ymin, ymax) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+        (a.0.min(p.1), a.1.max(p.1))
+    });
+    let (tx, ty) = (
+        ticks(xmin, xmax.max(xmin + 1e-6)),
+        ticks(ymin, ymax.max(ymin + 1e-6)),
+    );
+    let (x0, x1, y0, y1) = (
+        tx[0],
+        *tx.last().expect("ticks"),
+        ty[0],
+        *ty.last().expect("ticks"),
+    );
     let (pw, ph) = (w - left - right, h - top - bottom);
     let px = |v: f64| left + pw * (v - x0) / (x1 - x0);
     let py = |v: f64| top + ph * (1.0 - (v - y0) / (y1 - y0));
@@ -215,7 +257,10 @@ pub fn line_chart(
             tick_label(*v)
         );
     }
-    let _ = write!(s, "<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#888'/>");
+    let _ = write!(
+        s,
+        "<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#888'/>"
+    );
     let _ = write!(
         s,
         "<text x='{}' y='{}' font-size='12' text-anchor='middle'>{}</text>",
@@ -243,7 +288,11 @@ pub fn line_chart(
             }
         }
         if !points {
-            let _ = write!(s, "<polyline points='{}' fill='none' stroke='{c}' stroke-width='2'/>", coords.join(" "));
+            let _ = write!(
+                s,
+                "<polyline points='{}' fill='none' stroke='{c}' stroke-width='2'/>",
+                coords.join(" ")
+            );
         }
         let ly = top + 14.0 + 18.0 * i as f64;
         let _ = write!(
@@ -263,8 +312,11 @@ pub fn line_chart(
 /// The evaluation's own sections: rewards, indicators, win rates, KL/length/diversity, examples.
 pub fn eval_sections(sum: &Summary) -> Vec<Section> {
     let mut out = Vec::new();
-    let sources: Vec<String> =
-        sum.models.first().map(|m| m.rewards.iter().map(|r| r.source.clone()).collect()).unwrap_or_default();
+    let sources: Vec<String> = sum
+        .models
+        .first()
+        .map(|m| m.rewards.iter().map(|r| r.source.clone()).collect())
+        .unwrap_or_default();
     let mut h = format!(
         "<p>{} held-out prompts, one completion per prompt and model (temperature {}, at most {} new tokens, seed {}); the same sampling seeds for every model. Intervals: 95 % percentile bootstrap.</p>",
         sum.prompts, sum.config.temperature, sum.config.max_new_tokens, sum.config.seed
@@ -278,13 +330,27 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
         let mut bars = Vec::new();
         for m in &sum.models {
             let e = m.rewards[s].reward;
-            let _ = write!(h, "<tr><td class=l>{}</td><td>{}</td><td>{}</td></tr>", esc(&m.name), fmt_est(&e), e.n);
+            let _ = write!(
+                h,
+                "<tr><td class=l>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&m.name),
+                fmt_est(&e),
+                e.n
+            );
             bars.push((m.name.clone(), e));
         }
         h.push_str("</table>");
-        h.push_str(&bar_chart(&format!("mean reward ({source})"), "reward", &bars));
+        h.push_str(&bar_chart(
+            &format!("mean reward ({source})"),
+            "reward",
+            &bars,
+        ));
     }
-    out.push(Section { id: "rewards".into(), heading: "Reward".into(), html: h });
+    out.push(Section {
+        id: "rewards".into(),
+        heading: "Reward".into(),
+        html: h,
+    });
 
     let mut h = String::new();
     for (s, source) in sources.iter().enumerate() {
@@ -300,7 +366,11 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
         for k in keys {
             let _ = write!(h, "<tr><td class=l>{}</td>", esc(k));
             for m in &sum.models {
-                let cell = m.rewards[s].indicators.get(k).map(fmt_est).unwrap_or_else(|| "–".into());
+                let cell = m.rewards[s]
+                    .indicators
+                    .get(k)
+                    .map(fmt_est)
+                    .unwrap_or_else(|| "–".into());
                 let _ = write!(h, "<td>{cell}</td>");
             }
             let n = sum.models[0].rewards[s].indicators[k].n;
@@ -309,13 +379,21 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
         h.push_str("</table>");
     }
     if !h.is_empty() {
-        out.push(Section { id: "indicators".into(), heading: "Behaviour".into(), html: h });
+        out.push(Section {
+            id: "indicators".into(),
+            heading: "Behaviour".into(),
+            html: h,
+        });
     }
 
     if sum.models.len() > 1 {
         let mut h = String::from("<p>Row model against column model: share of prompts where the row's completion scores higher, ties counting half; in brackets the share of ties.</p>");
         for source in &sources {
-            let _ = write!(h, "<h3><code>{}</code></h3><table><tr><th class=l>row vs column</th>", esc(source));
+            let _ = write!(
+                h,
+                "<h3><code>{}</code></h3><table><tr><th class=l>row vs column</th>",
+                esc(source)
+            );
             for m in &sum.models {
                 let _ = write!(h, "<th>{}</th>", esc(&m.name));
             }
@@ -323,8 +401,10 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
             for a in &sum.models {
                 let _ = write!(h, "<tr><td class=l>{}</td>", esc(&a.name));
                 for b in &sum.models {
-                    let w =
-                        sum.win_rates.iter().find(|w| &w.source == source && w.model == a.name && w.versus == b.name);
+                    let w = sum
+                        .win_rates
+                        .iter()
+                        .find(|w| &w.source == source && w.model == a.name && w.versus == b.name);
                     match w {
                         Some(w) => {
                             let shade = (w.win_rate - 0.5).clamp(-0.5, 0.5);
@@ -347,7 +427,11 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
             }
             h.push_str("</table>");
         }
-        out.push(Section { id: "win-rates".into(), heading: "Win rates".into(), html: h });
+        out.push(Section {
+            id: "win-rates".into(),
+            heading: "Win rates".into(),
+            html: h,
+        });
     }
 
     let mut h = String::from("<table><tr><th class=l>model</th>");
@@ -375,10 +459,28 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
     if let Some(r) = &sum.reference {
         let _ = write!(h, "<p>KL: mean over prompts of Σ log p<sub>model</sub> − log p<sub>reference</sub> over the model's own sampled tokens; reference <code>{}</code>.</p>", esc(r));
     }
-    let ent: Vec<(String, Vec<(f64, f64)>)> =
-        sum.models.iter().map(|m| (m.name.clone(), vec![(m.length_tokens.mean, m.token_entropy)])).collect();
-    h.push_str(&line_chart("entropy against length", "mean length (tokens)", "token entropy (nats)", &ent, true));
-    out.push(Section { id: "diversity".into(), heading: "KL, length and diversity".into(), html: h });
+    let ent: Vec<(String, Vec<(f64, f64)>)> = sum
+        .models
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                vec![(m.length_tokens.mean, m.token_entropy)],
+            )
+        })
+        .collect();
+    h.push_str(&line_chart(
+        "entropy against length",
+        "mean length (tokens)",
+        "token entropy (nats)",
+        &ent,
+        true,
+    ));
+    out.push(Section {
+        id: "diversity".into(),
+        heading: "KL, length and diversity".into(),
+        html: h,
+    });
 
     let first = sources.first().map_or("reward".into(), |s| s.clone());
     let mut h = format!("<p>The first prompts of the evaluation, each model's sampled completion and its <code>{}</code> reward.</p><table><tr><th class=l>prompt</th>", esc(&first));
@@ -386,18 +488,40 @@ pub fn eval_sections(sum: &Summary) -> Vec<Section> {
         let _ = write!(h, "<th class=l>{}</th>", esc(&m.name));
     }
     h.push_str("</tr>");
-    let shown = sum.models.iter().map(|m| m.examples.len()).min().unwrap_or(0);
+    let shown = sum
+        .models
+        .iter()
+        .map(|m| m.examples.len())
+        .min()
+        .unwrap_or(0);
     for i in 0..shown {
-        let _ = write!(h, "<tr><td class='l mono'>{}</td>", esc(&sum.models[0].examples[i].prompt));
+        let _ = write!(
+            h,
+            "<tr><td class='l mono'>{}</td>",
+            esc(&sum.models[0].examples[i].prompt)
+        );
         for m in &sum.models {
             let e = &m.examples[i];
-            let r = e.rewards.first().copied().flatten().map_or("–".into(), |v| format!("{v:.2}"));
-            let _ = write!(h, "<td class='l mono'>{}<br><span class=ci>{r}</span></td>", esc(&e.completion));
+            let r = e
+                .rewards
+                .first()
+                .copied()
+                .flatten()
+                .map_or("–".into(), |v| format!("{v:.2}"));
+            let _ = write!(
+                h,
+                "<td class='l mono'>{}<br><span class=ci>{r}</span></td>",
+                esc(&e.completion)
+            );
         }
         h.push_str("</tr>");
     }
     h.push_str("</table>");
-    out.push(Section { id: "examples".into(), heading: "Examples".into(), html: h });
+    out.push(Section {
+        id: "examples".into(),
+        heading: "Examples".into(),
+        html: h,
+    });
     out
 }
 
@@ -414,11 +538,22 @@ mod tests {
 
     #[test]
     fn charts_escape_and_draw_every_bar() {
-        let e = Estimate { mean: 0.5, ci_low: 0.4, ci_high: 0.6, n: 10 };
+        let e = Estimate {
+            mean: 0.5,
+            ci_low: 0.4,
+            ci_high: 0.6,
+            n: 10,
+        };
         let svg = bar_chart("a<b", "r", &[("x&y".into(), e), ("z".into(), e)]);
         assert!(svg.contains("a&lt;b") && svg.contains("x&amp;y"));
         assert_eq!(svg.matches("<rect").count(), 2);
-        let lines = line_chart("t", "x", "y", &[("s".into(), vec![(0.0, 1.0), (1.0, 2.0)])], false);
+        let lines = line_chart(
+            "t",
+            "x",
+            "y",
+            &[("s".into(), vec![(0.0, 1.0), (1.0, 2.0)])],
+            false,
+        );
         assert_eq!(lines.matches("<polyline").count(), 1);
     }
 }

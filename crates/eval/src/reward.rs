@@ -37,7 +37,10 @@ impl RewardSource for ExactMatch {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             Some(Value::Null) | None => return Ok(None),
-            Some(other) => bail!("column {:?} must be a string or number, got {other}", self.column),
+            Some(other) => bail!(
+                "column {:?} must be a string or number, got {other}",
+                self.column
+            ),
         };
         let norm = |s: &str| s.trim().trim_end_matches('.').trim().to_string();
         Ok(Some(f64::from(u8::from(norm(completion) == norm(&want)))))
@@ -58,12 +61,20 @@ pub fn parse_builtin(spec: &str) -> Result<Option<Box<dyn RewardSource>>> {
 
 /// The rows of a prompts JSONL file; each needs a string `prompt`. Errors name the file and line.
 pub fn read_prompt_rows(path: &std::path::Path) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let at = || format!("{}:{}", path.display(), i + 1);
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
-        let Value::Object(m) = v else { bail!("{}: a JSON object expected", at()) };
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let Value::Object(m) = v else {
+            bail!("{}: a JSON object expected", at())
+        };
         match m.get("prompt") {
             Some(Value::String(_)) => {}
             Some(_) => bail!("{}: field \"prompt\" must be a string", at()),

@@ -37,14 +37,25 @@ pub fn bootstrap(xs: &[f64], seed: u64) -> Estimate {
     let n = xs.len();
     let m = mean(xs);
     if n < 2 {
-        return Estimate { mean: m, ci_low: m, ci_high: m, n };
+        return Estimate {
+            mean: m,
+            ci_low: m,
+            ci_high: m,
+            n,
+        };
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut means: Vec<f64> =
-        (0..RESAMPLES).map(|_| (0..n).map(|_| xs[rng.gen_range(0..n)]).sum::<f64>() / n as f64).collect();
+    let mut means: Vec<f64> = (0..RESAMPLES)
+        .map(|_| (0..n).map(|_| xs[rng.gen_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
     means.sort_by(f64::total_cmp);
     let q = |p: f64| means[((p * (RESAMPLES - 1) as f64).round() as usize).min(RESAMPLES - 1)];
-    Estimate { mean: m, ci_low: q(0.025), ci_high: q(0.975), n }
+    Estimate {
+        mean: m,
+        ci_low: q(0.025),
+        ci_high: q(0.975),
+        n,
+    }
 }
 
 /// Share of prompts where `a` scores above `b`, ties counting half.
@@ -106,7 +117,10 @@ mod tests {
 
     #[test]
     fn win_rate_counts_ties_half() {
-        assert_eq!(win_rate(&[1.0, 0.0, 0.5, 2.0], &[0.0, 1.0, 0.5, 1.0]), 0.625);
+        assert_eq!(
+            win_rate(&[1.0, 0.0, 0.5, 2.0], &[0.0, 1.0, 0.5, 1.0]),
+            0.625
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Password hashing (argon2id, PHC strings).
 
-use argon2::password_hash::{self, rand_core::OsRng, Output, ParamsString, PasswordHash, SaltString};
+use argon2::password_hash::{
+    self, rand_core::OsRng, Output, ParamsString, PasswordHash, SaltString,
+};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 
 use std::sync::Arc;
@@ -13,7 +15,9 @@ pub const MIN_PASSWORD_LEN: usize = 8;
 
 pub fn check_password_rules(p: &str) -> Result<()> {
     if p.chars().count() < MIN_PASSWORD_LEN {
-        return Err(invalid(format!("password must be at least {MIN_PASSWORD_LEN} characters")));
+        return Err(invalid(format!(
+            "password must be at least {MIN_PASSWORD_LEN} characters"
+        )));
     }
     if p.len() > 1024 {
         return Err(invalid("password too long"));
@@ -52,7 +56,12 @@ fn hash_in(mem: &mut Memory, p: &str) -> Result<String> {
         let mut buf = [0u8; 64];
         let salt_bytes = salt.as_salt().decode_b64(&mut buf)?;
         let hash = Output::init_with(Params::DEFAULT_OUTPUT_LEN, |out| {
-            Ok(argon.hash_password_into_with_memory(p.as_bytes(), salt_bytes, out, mem.blocks(&params))?)
+            Ok(argon.hash_password_into_with_memory(
+                p.as_bytes(),
+                salt_bytes,
+                out,
+                mem.blocks(&params),
+            )?)
         })?;
         Ok(PasswordHash {
             algorithm: Algorithm::Argon2id.ident(),
@@ -71,14 +80,25 @@ fn verify_in(mem: &mut Memory, p: &str, hash: &str) -> bool {
     fn check(mem: &mut Memory, p: &str, hash: &str) -> password_hash::Result<bool> {
         let h = PasswordHash::new(hash)?;
         let algorithm = Algorithm::try_from(h.algorithm)?;
-        let version = h.version.map(Version::try_from).transpose()?.unwrap_or_default();
+        let version = h
+            .version
+            .map(Version::try_from)
+            .transpose()?
+            .unwrap_or_default();
         let params = Params::try_from(&h)?;
-        let (Some(salt), Some(expected)) = (h.salt, h.hash) else { return Ok(false) };
+        let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+            return Ok(false);
+        };
         let mut buf = [0u8; 64];
         let salt = salt.decode_b64(&mut buf)?;
         let argon = Argon2::new(algorithm, version, params.clone());
         let got = Output::init_with(expected.len(), |out| {
-            Ok(argon.hash_password_into_with_memory(p.as_bytes(), salt, out, mem.blocks(&params))?)
+            Ok(argon.hash_password_into_with_memory(
+                p.as_bytes(),
+                salt,
+                out,
+                mem.blocks(&params),
+            )?)
         })?;
         // Output's comparison is constant-time.
         Ok(got == expected)
@@ -111,17 +131,19 @@ impl HashPool {
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..workers.max(1) {
             let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || {
-                let mut mem = Memory::default();
-                loop {
-                    // The lock is held only while waiting for the next job, not while hashing.
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
-                    match job {
-                        Some(job) => job(&mut mem),
-                        None => return, // the pool was dropped
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    let mut mem = Memory::default();
+                    loop {
+                        // The lock is held only while waiting for the next job, not while hashing.
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
+                        match job {
+                            Some(job) => job(&mut mem),
+                            None => return, // the pool was dropped
+                        }
                     }
-                }
-            });
+                });
             if let Err(e) = spawned {
                 tracing::error!("cannot start password-hashing thread: {e}");
             }
@@ -129,7 +151,10 @@ impl HashPool {
         HashPool { jobs: tx }
     }
 
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Memory) -> T + Send + 'static) -> Result<T> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Memory) -> T + Send + 'static,
+    ) -> Result<T> {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move |mem| {
             let _ = done.send(f(mem));
@@ -138,7 +163,9 @@ impl HashPool {
             msg: "The server is busy checking passwords; try again in a few seconds.".into(),
             retry_after_s: 2,
         })?;
-        result.await.map_err(|e| Error::Other(anyhow::anyhow!("password hashing thread stopped: {e}")))
+        result
+            .await
+            .map_err(|e| Error::Other(anyhow::anyhow!("password hashing thread stopped: {e}")))
     }
 
     /// Checks a password; `hash: None` (unknown user) still costs one real verification
@@ -177,12 +204,24 @@ mod tests {
         assert!(hash_password("short").is_err());
         // Interchangeable with the argon2 crate's own PHC hashing and verification
         // (databases written before the pool keep working).
-        let theirs = Argon2::default().hash_password(b"old password", &SaltString::generate(&mut OsRng)).unwrap().to_string();
+        let theirs = Argon2::default()
+            .hash_password(b"old password", &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string();
         assert!(verify_in(&mut mem, "old password", &theirs));
-        assert!(Argon2::default().verify_password(b"correct horse", &PasswordHash::new(&h).unwrap()).is_ok());
+        assert!(Argon2::default()
+            .verify_password(b"correct horse", &PasswordHash::new(&h).unwrap())
+            .is_ok());
         // Other parameters: memory grows to fit.
-        let small = Argon2::new(Algorithm::Argon2i, Version::V0x10, Params::new(2048, 3, 1, None).unwrap());
-        let h2 = small.hash_password(b"pw", &SaltString::generate(&mut OsRng)).unwrap().to_string();
+        let small = Argon2::new(
+            Algorithm::Argon2i,
+            Version::V0x10,
+            Params::new(2048, 3, 1, None).unwrap(),
+        );
+        let h2 = small
+            .hash_password(b"pw", &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string();
         assert!(verify_in(&mut mem, "pw", &h2) && !verify_in(&mut mem, "pW", &h2));
     }
 
@@ -207,7 +246,10 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!((2..=3).contains(&ok) && ok + busy == 10, "{ok} checked, {busy} refused");
+        assert!(
+            (2..=3).contains(&ok) && ok + busy == 10,
+            "{ok} checked, {busy} refused"
+        );
         // Unknown user: false, after a real verification.
         assert!(!pool.verify("correct horse".into(), None).await.unwrap());
     }

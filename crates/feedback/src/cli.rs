@@ -147,19 +147,30 @@ pub enum Command {
 
 /// Runs a command on a fresh tokio runtime (for callers that are not async).
 pub fn run(args: FeedbackArgs) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run_async(args))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async(args))
 }
 
 pub async fn run_async(args: FeedbackArgs) -> Result<()> {
     match args.command {
-        Command::Serve { db, addr, public_url, session_hours } => {
+        Command::Serve {
+            db,
+            addr,
+            public_url,
+            session_hours,
+        } => {
             let db = Db::connect(&db.db).await?;
             let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
             if db.count_users().await? == 0 {
                 // First start: hand out a bootstrap link for the first admin.
                 let id = db.create_user(None, "admin", Role::Admin, None).await?;
                 let token = db.create_invite(None, id, 7 * 24 * 3600 * 1000).await?;
-                eprintln!("No users yet. Set the admin password here: {}/invite/{token}", public_url.trim_end_matches('/'));
+                eprintln!(
+                    "No users yet. Set the admin password here: {}/invite/{token}",
+                    public_url.trim_end_matches('/')
+                );
             }
             let cfg = Config {
                 session_ttl_ms: (session_hours * 3600.0 * 1000.0) as i64,
@@ -172,17 +183,27 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             }
             web::serve(db, cfg, addr).await
         }
-        Command::AddUser { db, username, role, password_stdin, public_url } => {
+        Command::AddUser {
+            db,
+            username,
+            role,
+            password_stdin,
+            public_url,
+        } => {
             let db = Db::connect(&db.db).await?;
             let role = Role::parse(&role)?;
             let hash = if password_stdin {
                 let mut p = String::new();
                 std::io::stdin().read_to_string(&mut p)?;
-                Some(crate::auth::hash_password(p.trim_end_matches(['\n', '\r']))?)
+                Some(crate::auth::hash_password(
+                    p.trim_end_matches(['\n', '\r']),
+                )?)
             } else {
                 None
             };
-            let id = db.create_user(None, &username, role, hash.as_deref()).await?;
+            let id = db
+                .create_user(None, &username, role, hash.as_deref())
+                .await?;
             if hash.is_none() {
                 let token = db.create_invite(None, id, 7 * 24 * 3600 * 1000).await?;
                 println!("{}/invite/{token}", public_url.trim_end_matches('/'));
@@ -191,7 +212,16 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             }
             Ok(())
         }
-        Command::CreateProject { db, name, kind, criteria, likert_max, overlap, min_seconds, guidelines } => {
+        Command::CreateProject {
+            db,
+            name,
+            kind,
+            criteria,
+            likert_max,
+            overlap,
+            min_seconds,
+            guidelines,
+        } => {
             let db = Db::connect(&db.db).await?;
             let mut p = NewProject::new(&name, kind);
             p.criteria = parse_criteria(&criteria);
@@ -199,7 +229,8 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             p.overlap = overlap;
             p.min_seconds = min_seconds;
             if let Some(g) = guidelines {
-                p.guidelines = std::fs::read_to_string(&g).with_context(|| format!("reading {}", g.display()))?;
+                p.guidelines = std::fs::read_to_string(&g)
+                    .with_context(|| format!("reading {}", g.display()))?;
             }
             let id = db.create_project(None, &p).await?;
             println!("created project {name} (id {id})");
@@ -209,42 +240,90 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             for u in users {
-                let (user, _) = db.user_by_name(&u).await?.with_context(|| format!("no user {u:?}"))?;
+                let (user, _) = db
+                    .user_by_name(&u)
+                    .await?
+                    .with_context(|| format!("no user {u:?}"))?;
                 db.set_member(None, p.id, user.id, true).await?;
             }
             Ok(())
         }
-        Command::Import { db, project, file, generate_url, model, n, max_tokens, temperature } => {
+        Command::Import {
+            db,
+            project,
+            file,
+            generate_url,
+            model,
+            n,
+            max_tokens,
+            temperature,
+        } => {
             let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             let src = file.display().to_string();
-            let data = decode_utf8(&src, std::fs::read(&file).with_context(|| format!("reading {src}"))?)?;
+            let data = decode_utf8(
+                &src,
+                std::fs::read(&file).with_context(|| format!("reading {src}"))?,
+            )?;
             let mut rows = parse_jsonl(&src, &data)?;
             if let Some(url) = generate_url {
-                let g = Generate { url, model, n, max_tokens, temperature, api_key: std::env::var("RLHF_FEEDBACK_API_KEY").ok() };
+                let g = Generate {
+                    url,
+                    model,
+                    n,
+                    max_tokens,
+                    temperature,
+                    api_key: std::env::var("RLHF_FEEDBACK_API_KEY").ok(),
+                };
                 let k = g.fill(&mut rows).await?;
                 eprintln!("generated candidates for {k} prompts");
             }
             let items = expand(&src, &rows, p.kind, &p.criteria, p.likert_max)?;
             let (ins, skip) = db.insert_items(None, p.id, &src, &items).await?;
-            println!("{} rows → {ins} items added, {skip} already present", rows.len());
+            println!(
+                "{} rows → {ins} items added, {skip} already present",
+                rows.len()
+            );
             Ok(())
         }
         Command::ImportScores { db, project, file } => {
             let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             let src = file.display().to_string();
-            let data = decode_utf8(&src, std::fs::read(&file).with_context(|| format!("reading {src}"))?)?;
-            let n = db.set_uncertainties(None, p.id, &src, &parse_scores(&src, &data)?).await?;
+            let data = decode_utf8(
+                &src,
+                std::fs::read(&file).with_context(|| format!("reading {src}"))?,
+            )?;
+            let n = db
+                .set_uncertainties(None, p.id, &src, &parse_scores(&src, &data)?)
+                .await?;
             println!("uncertainty stored for {n} items");
             Ok(())
         }
-        Command::Export { db, project, format, scrub_pii, by_reliability, min_confidence, output } => {
+        Command::Export {
+            db,
+            project,
+            format,
+            scrub_pii,
+            by_reliability,
+            min_confidence,
+            output,
+        } => {
             let db = Db::open(&db.db, Open::MustExist).await?;
             let p = db.project_by_name(&project).await?;
             let format = format.unwrap_or(Format::for_kind(p.kind)[0]);
-            let opts = ExportOptions { scrub: scrub_pii, by_reliability, min_confidence };
-            let rows = export_rows_with(&p, &db.items(p.id).await?, &db.live_labels(p.id).await?, format, &opts)?;
+            let opts = ExportOptions {
+                scrub: scrub_pii,
+                by_reliability,
+                min_confidence,
+            };
+            let rows = export_rows_with(
+                &p,
+                &db.items(p.id).await?,
+                &db.live_labels(p.id).await?,
+                format,
+                &opts,
+            )?;
             db.audit(
                 None,
                 "export",
@@ -254,7 +333,8 @@ pub async fn run_async(args: FeedbackArgs) -> Result<()> {
             let text = to_jsonl(&rows);
             match output {
                 Some(path) => {
-                    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
                     eprintln!("wrote {} rows to {}", rows.len(), path.display());
                 }
                 None => print!("{text}"),

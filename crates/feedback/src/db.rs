@@ -4,10 +4,10 @@
 //! BIGINT / DOUBLE / TEXT columns. Only the DDL differs, so there are two migration sets.
 
 use anyhow::{bail, Context, Result};
+use futures_core::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{AnyPool, Executor, Row};
-use futures_core::future::BoxFuture;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -19,8 +19,18 @@ pub enum Backend {
 
 /// Migrations, in order: (version, name, sqlite DDL, postgres DDL).
 const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
-    (1, "init", include_str!("../migrations/sqlite/0001_init.sql"), include_str!("../migrations/postgres/0001_init.sql")),
-    (2, "leases", include_str!("../migrations/sqlite/0002_leases.sql"), include_str!("../migrations/postgres/0002_leases.sql")),
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "leases",
+        include_str!("../migrations/sqlite/0002_leases.sql"),
+        include_str!("../migrations/postgres/0002_leases.sql"),
+    ),
 ];
 
 /// Whether opening a SQLite path may create the file. Commands that only read or that
@@ -52,7 +62,11 @@ pub fn database_url(db: &str, open: Open) -> String {
     if is_server_url(db) || db.starts_with("sqlite:") {
         db.to_string()
     } else {
-        let mode = if open == Open::CreateIfMissing { "rwc" } else { "rw" };
+        let mode = if open == Open::CreateIfMissing {
+            "rwc"
+        } else {
+            "rw"
+        };
         format!("sqlite://{db}?mode={mode}")
     }
 }
@@ -67,11 +81,16 @@ impl Db {
     pub async fn open(db: &str, open: Open) -> Result<Db> {
         sqlx::any::install_default_drivers();
         let url = database_url(db, open);
-        let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
         if backend == Backend::Sqlite {
             check_sqlite_file(db, open).await?;
         }
-        let mut opts = AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 4 } else { 16 });
+        let mut opts =
+            AnyPoolOptions::new().max_connections(if backend == Backend::Sqlite { 4 } else { 16 });
         if backend == Backend::Sqlite {
             opts = opts.after_connect(|conn, _meta| sqlite_pragmas(conn));
         }
@@ -104,12 +123,13 @@ impl Db {
         .execute(&self.pool)
         .await
         .context("creating schema_migrations")?;
-        let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations ORDER BY version")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| r.get::<i64, _>(0))
-            .collect();
+        let applied: Vec<i64> =
+            sqlx::query("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.get::<i64, _>(0))
+                .collect();
         if let Some(&max) = applied.last() {
             if max > MIGRATIONS.last().map(|m| m.0).unwrap_or(0) {
                 bail!("database schema version {max} is newer than this build understands");
@@ -128,12 +148,14 @@ impl Db {
                 .execute(&mut *tx)
                 .await
                 .with_context(|| format!("applying migration {version} ({name})"))?;
-            sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
-                .bind(version)
-                .bind(name)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(version)
+            .bind(name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
         }
         Ok(())
@@ -146,7 +168,10 @@ impl Db {
 /// "pool timed out".)
 async fn check_sqlite_file(db: &str, open: Open) -> Result<()> {
     use sqlx::Connection;
-    let path = db.strip_prefix("sqlite://").or_else(|| db.strip_prefix("sqlite:")).unwrap_or(db);
+    let path = db
+        .strip_prefix("sqlite://")
+        .or_else(|| db.strip_prefix("sqlite:"))
+        .unwrap_or(db);
     let path = path.split('?').next().unwrap_or(path);
     let p = std::path::Path::new(path);
     if open == Open::MustExist && !p.exists() {
@@ -161,7 +186,9 @@ async fn check_sqlite_file(db: &str, open: Open) -> Result<()> {
     let mut conn = AnyConnection::connect(&database_url(db, Open::MustExist))
         .await
         .with_context(|| format!("cannot open database {path}"))?;
-    let check = sqlx::query("SELECT COUNT(*) FROM sqlite_master").fetch_one(&mut conn).await;
+    let check = sqlx::query("SELECT COUNT(*) FROM sqlite_master")
+        .fetch_one(&mut conn)
+        .await;
     let _ = conn.close().await;
     check.with_context(|| format!("cannot open database {path}: not a readable SQLite database (corrupt, or another kind of file?)"))?;
     Ok(())
@@ -178,7 +205,10 @@ fn sqlite_pragmas(conn: &mut AnyConnection) -> BoxFuture<'_, Result<(), sqlx::Er
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Hides the password in a postgres URL for error messages.
@@ -206,9 +236,18 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(database_url("fb.sqlite", Open::CreateIfMissing), "sqlite://fb.sqlite?mode=rwc");
-        assert_eq!(database_url("fb.sqlite", Open::MustExist), "sqlite://fb.sqlite?mode=rw");
-        assert_eq!(database_url("postgres://u:p@h/db", Open::MustExist), "postgres://u:p@h/db");
+        assert_eq!(
+            database_url("fb.sqlite", Open::CreateIfMissing),
+            "sqlite://fb.sqlite?mode=rwc"
+        );
+        assert_eq!(
+            database_url("fb.sqlite", Open::MustExist),
+            "sqlite://fb.sqlite?mode=rw"
+        );
+        assert_eq!(
+            database_url("postgres://u:p@h/db", Open::MustExist),
+            "postgres://u:p@h/db"
+        );
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("fb.sqlite"), "fb.sqlite");
     }

@@ -13,7 +13,12 @@ enum Op {
 /// (over ~4M cells) become one replacement, which is still a correct (if coarse) diff.
 fn edit_script<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<(Op, &'a str)> {
     let pre = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suf = a[pre..].iter().rev().zip(b[pre..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let suf = a[pre..]
+        .iter()
+        .rev()
+        .zip(b[pre..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
     let (am, bm) = (&a[pre..a.len() - suf], &b[pre..b.len() - suf]);
     let mut out: Vec<(Op, &str)> = a[..pre].iter().map(|t| (Op::Keep, *t)).collect();
     if am.len().saturating_mul(bm.len()) > 4_000_000 {
@@ -62,7 +67,12 @@ pub fn unified_diff(original: &str, corrected: &str) -> String {
     }
     const CTX: usize = 3;
     // Positions (in the script) of changes, grouped into hunks when close together.
-    let changes: Vec<usize> = script.iter().enumerate().filter(|(_, (op, _))| *op != Op::Keep).map(|(i, _)| i).collect();
+    let changes: Vec<usize> = script
+        .iter()
+        .enumerate()
+        .filter(|(_, (op, _))| *op != Op::Keep)
+        .map(|(i, _)| i)
+        .collect();
     let mut hunks: Vec<(usize, usize)> = Vec::new();
     for &c in &changes {
         let (s, e) = (c.saturating_sub(CTX), (c + CTX + 1).min(script.len()));
@@ -79,7 +89,13 @@ pub fn unified_diff(original: &str, corrected: &str) -> String {
         let a_len = script[s..e].iter().filter(|(op, _)| *op != Op::Ins).count();
         let b_len = script[s..e].iter().filter(|(op, _)| *op != Op::Del).count();
         let start = |st: usize, len: usize| if len == 0 { st } else { st + 1 };
-        out.push_str(&format!("@@ -{},{} +{},{} @@\n", start(a_start, a_len), a_len, start(b_start, b_len), b_len));
+        out.push_str(&format!(
+            "@@ -{},{} +{},{} @@\n",
+            start(a_start, a_len),
+            a_len,
+            start(b_start, b_len),
+            b_len
+        ));
         for (op, line) in &script[s..e] {
             let sign = match op {
                 Op::Keep => ' ',
@@ -171,13 +187,19 @@ mod tests {
         let d = unified_diff(&a, &b);
         assert_eq!(d.matches("@@ -").count(), 2, "{d}");
         assert!(d.contains("@@ -1,5 +1,5 @@\n 1\n-2\n+two\n"), "{d}");
-        assert!(d.contains("@@ -16,5 +16,5 @@\n 16\n 17\n 18\n-19\n+nineteen\n 20\n"), "{d}");
+        assert!(
+            d.contains("@@ -16,5 +16,5 @@\n 16\n 17\n 18\n-19\n+nineteen\n 20\n"),
+            "{d}"
+        );
     }
 
     #[test]
     fn words() {
         assert_eq!(
-            word_diff("The capital of France is Lyon.", "The capital of France is Paris."),
+            word_diff(
+                "The capital of France is Lyon.",
+                "The capital of France is Paris."
+            ),
             "The capital of France is [-Lyon.-]{+Paris.+}"
         );
         assert_eq!(word_diff("a b", "a b"), "a b");

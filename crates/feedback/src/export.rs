@@ -43,8 +43,14 @@ pub enum Format {
 }
 
 impl Format {
-    pub const ALL: [Format; 6] =
-        [Format::Preference, Format::Kto, Format::Rating, Format::Correction, Format::Critique, Format::Demonstration];
+    pub const ALL: [Format; 6] = [
+        Format::Preference,
+        Format::Kto,
+        Format::Rating,
+        Format::Correction,
+        Format::Critique,
+        Format::Demonstration,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Preference => "preference",
@@ -56,7 +62,10 @@ impl Format {
         }
     }
     pub fn parse(s: &str) -> Result<Format> {
-        Format::ALL.into_iter().find(|f| f.as_str() == s).ok_or_else(|| invalid(format!("unknown export format {s:?}")))
+        Format::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| invalid(format!("unknown export format {s:?}")))
     }
     /// The formats a project kind can produce (first = default).
     pub fn for_kind(kind: TaskKind) -> &'static [Format] {
@@ -74,11 +83,21 @@ fn pii_patterns() -> &'static [(Regex, &'static str)] {
     static P: OnceLock<Vec<(Regex, &'static str)>> = OnceLock::new();
     P.get_or_init(|| {
         vec![
-            (Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").unwrap(), "[EMAIL]"),
+            (
+                Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+                    .unwrap(),
+                "[EMAIL]",
+            ),
             // International numbers with a leading +, or North-American style 555-123-4567 /
             // (555) 123 4567. Plain digit runs (years, counts, ids) are left alone.
-            (Regex::new(r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}\d").unwrap(), "[PHONE]"),
-            (Regex::new(r"(?:\(\d{3}\)\s?|\b\d{3}[ .-])\d{3}[ .-]\d{4}\b").unwrap(), "[PHONE]"),
+            (
+                Regex::new(r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}\d").unwrap(),
+                "[PHONE]",
+            ),
+            (
+                Regex::new(r"(?:\(\d{3}\)\s?|\b\d{3}[ .-])\d{3}[ .-]\d{4}\b").unwrap(),
+                "[PHONE]",
+            ),
         ]
     })
 }
@@ -93,23 +112,53 @@ pub fn scrub_pii(s: &str) -> String {
 }
 
 /// Builds export rows by vote count. `labels` must be the project's live labels.
-pub fn export_rows(project: &Project, items: &[Item], labels: &[Label], format: Format, scrub: bool) -> Result<Vec<Value>> {
-    export_rows_with(project, items, labels, format, &Options { scrub, ..Options::default() })
+pub fn export_rows(
+    project: &Project,
+    items: &[Item],
+    labels: &[Label],
+    format: Format,
+    scrub: bool,
+) -> Result<Vec<Value>> {
+    export_rows_with(
+        project,
+        items,
+        labels,
+        format,
+        &Options {
+            scrub,
+            ..Options::default()
+        },
+    )
 }
 
 /// Builds export rows with all options (reliability weighting and filtering).
-pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], format: Format, opts: &Options) -> Result<Vec<Value>> {
+pub fn export_rows_with(
+    project: &Project,
+    items: &[Item],
+    labels: &[Label],
+    format: Format,
+    opts: &Options,
+) -> Result<Vec<Value>> {
     let scrub = opts.scrub;
     if let Some(c) = opts.min_confidence {
         if !(0.0..=1.0).contains(&c) {
-            return Err(invalid(format!("minimum confidence must be between 0 and 1, got {c}")));
+            return Err(invalid(format!(
+                "minimum confidence must be between 0 and 1, got {c}"
+            )));
         }
     }
     let by_rel = opts.by_reliability || opts.min_confidence.is_some();
-    let posterior = if by_rel { reliability(project, items, labels).items } else { BTreeMap::new() };
+    let posterior = if by_rel {
+        reliability(project, items, labels).items
+    } else {
+        BTreeMap::new()
+    };
     let confident_enough = |c: f64| opts.min_confidence.is_none_or(|m| c >= m);
     if !Format::for_kind(project.kind).contains(&format) {
-        let ok: Vec<&str> = Format::for_kind(project.kind).iter().map(|f| f.as_str()).collect();
+        let ok: Vec<&str> = Format::for_kind(project.kind)
+            .iter()
+            .map(|f| f.as_str())
+            .collect();
         return Err(invalid(format!(
             "a {} project exports as {}, not {}",
             project.kind.as_str(),
@@ -124,14 +173,22 @@ pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], for
     let clean = |s: &str| if scrub { scrub_pii(s) } else { s.to_string() };
     let mut rows = Vec::new();
     for item in items {
-        let Some(ls) = by_item.get(&item.id) else { continue };
+        let Some(ls) = by_item.get(&item.id) else {
+            continue;
+        };
         let provenance = |ls: &[&Label]| {
             let mut m = Map::new();
             m.insert("project".into(), json!(project.name));
             m.insert("item_id".into(), json!(item.id));
             m.insert("external_id".into(), json!(item.external_id));
-            m.insert("annotator_ids".into(), json!(ls.iter().map(|l| l.user_id).collect::<Vec<_>>()));
-            m.insert("label_ids".into(), json!(ls.iter().map(|l| l.id).collect::<Vec<_>>()));
+            m.insert(
+                "annotator_ids".into(),
+                json!(ls.iter().map(|l| l.user_id).collect::<Vec<_>>()),
+            );
+            m.insert(
+                "label_ids".into(),
+                json!(ls.iter().map(|l| l.id).collect::<Vec<_>>()),
+            );
             if item.gold.is_some() {
                 m.insert("gold".into(), json!(true));
             }
@@ -158,7 +215,10 @@ pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], for
                 let Some((win, margin)) = decided else {
                     if format == Format::Kto && v.both_bad_majority() {
                         for r in &item.responses {
-                            rows.push(base(ls, vec![("completion", json!(clean(r))), ("label", json!(false))]));
+                            rows.push(base(
+                                ls,
+                                vec![("completion", json!(clean(r))), ("label", json!(false))],
+                            ));
                         }
                     }
                     continue;
@@ -185,7 +245,10 @@ pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], for
                     rows.push(r);
                 } else {
                     for (text, label) in [(chosen, true), (rejected, false)] {
-                        let mut r = base(ls, vec![("completion", json!(clean(text))), ("label", json!(label))]);
+                        let mut r = base(
+                            ls,
+                            vec![("completion", json!(clean(text))), ("label", json!(label))],
+                        );
                         if let Some(c) = confidence.filter(|_| by_rel) {
                             r["confidence"] = json!(c);
                         }
@@ -198,13 +261,17 @@ pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], for
                 let Some(mut mean) = mean else { continue };
                 let confidence = posterior.get(&item.id).map(|p| p.confidence);
                 if by_rel {
-                    let Some(p) = posterior.get(&item.id) else { continue };
+                    let Some(p) = posterior.get(&item.id) else {
+                        continue;
+                    };
                     if !confident_enough(p.confidence) {
                         continue;
                     }
                     mean = p.score.unwrap_or(mean);
                 }
-                let completion = json!(clean(item.responses.first().map(String::as_str).unwrap_or("")));
+                let completion = json!(clean(
+                    item.responses.first().map(String::as_str).unwrap_or("")
+                ));
                 if format == Format::Rating {
                     let mut r = base(ls, vec![("completion", completion), ("score", json!(mean))]);
                     r["criteria_scores"] = json!(per);
@@ -220,21 +287,34 @@ pub fn export_rows_with(project: &Project, items: &[Item], labels: &[Label], for
                     // neutral items carry no signal and are left out.
                     let mid = (1.0 + project.likert_max as f64) / 2.0;
                     if (mean - mid).abs() > 1e-9 {
-                        rows.push(base(ls, vec![("completion", completion), ("label", json!(mean > mid))]));
+                        rows.push(base(
+                            ls,
+                            vec![("completion", completion), ("label", json!(mean > mid))],
+                        ));
                     }
                 }
             }
             Format::Correction | Format::Critique | Format::Demonstration => {
                 for l in ls {
-                    let completion = clean(item.responses.first().map(String::as_str).unwrap_or(""));
+                    let completion =
+                        clean(item.responses.first().map(String::as_str).unwrap_or(""));
                     let fields = match &l.value {
-                        LabelValue::Correction { corrected, unified_diff, .. } => vec![
+                        LabelValue::Correction {
+                            corrected,
+                            unified_diff,
+                            ..
+                        } => vec![
                             ("completion", json!(completion)),
                             ("corrected", json!(clean(corrected))),
                             ("diff", json!(clean(unified_diff))),
                         ],
-                        LabelValue::Critique { text } => vec![("completion", json!(completion)), ("critique", json!(clean(text)))],
-                        LabelValue::Demonstration { text } => vec![("completion", json!(clean(text)))],
+                        LabelValue::Critique { text } => vec![
+                            ("completion", json!(completion)),
+                            ("critique", json!(clean(text))),
+                        ],
+                        LabelValue::Demonstration { text } => {
+                            vec![("completion", json!(clean(text)))]
+                        }
                         _ => continue,
                     };
                     rows.push(base(&[*l], fields));
@@ -275,7 +355,10 @@ impl Votes {
 pub fn votes(labels: &[&Label]) -> Votes {
     let mut v = Votes::default();
     for l in labels {
-        if let LabelValue::Pairwise { preferred, choice, .. } = &l.value {
+        if let LabelValue::Pairwise {
+            preferred, choice, ..
+        } = &l.value
+        {
             match (preferred, choice) {
                 (Some(i), _) if *i < 2 => v.counts[*i] += 1,
                 (_, crate::model::Choice::BothBad) => v.both_bad += 1,
@@ -298,8 +381,13 @@ fn mean_scores(labels: &[&Label]) -> (Option<f64>, BTreeMap<String, f64>) {
             }
         }
     }
-    let (sum, n) = per.values().fold((0.0, 0), |(s, n), (cs, cn)| (s + cs, n + cn));
-    let means = per.into_iter().map(|(c, (s, n))| (c, s / n as f64)).collect();
+    let (sum, n) = per
+        .values()
+        .fold((0.0, 0), |(s, n), (cs, cn)| (s + cs, n + cn));
+    let means = per
+        .into_iter()
+        .map(|(c, (s, n))| (c, s / n as f64))
+        .collect();
     ((n > 0).then(|| sum / n as f64), means)
 }
 
@@ -346,7 +434,17 @@ mod tests {
     }
 
     fn label(id: i64, item_id: i64, user: i64, value: LabelValue) -> Label {
-        Label { id, project_id: 1, item_id, user_id: user, assignment_id: None, value, supersedes: None, duration_ms: None, created_at: 0 }
+        Label {
+            id,
+            project_id: 1,
+            item_id,
+            user_id: user,
+            assignment_id: None,
+            value,
+            supersedes: None,
+            duration_ms: None,
+            created_at: 0,
+        }
     }
 
     fn pw(choice: Choice, order: [usize; 2]) -> LabelValue {
@@ -355,7 +453,11 @@ mod tests {
             Choice::B => Some(order[1]),
             _ => None,
         };
-        LabelValue::Pairwise { choice, shown_order: order.to_vec(), preferred }
+        LabelValue::Pairwise {
+            choice,
+            shown_order: order.to_vec(),
+            preferred,
+        }
     }
 
     #[test]
@@ -384,8 +486,14 @@ mod tests {
 
         let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
         assert_eq!(kto.len(), 2);
-        assert_eq!((kto[0]["completion"].as_str(), kto[0]["label"].as_bool()), (Some("r1"), Some(true)));
-        assert_eq!((kto[1]["completion"].as_str(), kto[1]["label"].as_bool()), (Some("r0"), Some(false)));
+        assert_eq!(
+            (kto[0]["completion"].as_str(), kto[0]["label"].as_bool()),
+            (Some("r1"), Some(true))
+        );
+        assert_eq!(
+            (kto[1]["completion"].as_str(), kto[1]["label"].as_bool()),
+            (Some("r0"), Some(false))
+        );
         assert!(export_rows(&p, &items, &labels, Format::Rating, false).is_err());
     }
 
@@ -393,18 +501,37 @@ mod tests {
     fn ratings_and_texts() {
         let p = project(TaskKind::Rating);
         let items = vec![item(1, &["answer"])];
-        let scores = |h: i64, s: i64| LabelValue::Rating { scores: [("helpful".to_string(), h), ("harmless".to_string(), s)].into() };
+        let scores = |h: i64, s: i64| LabelValue::Rating {
+            scores: [("helpful".to_string(), h), ("harmless".to_string(), s)].into(),
+        };
         let labels = vec![label(1, 1, 7, scores(5, 4)), label(2, 1, 8, scores(3, 4))];
         let rows = export_rows(&p, &items, &labels, Format::Rating, false).unwrap();
         assert_eq!(rows[0]["score"], json!(4.0));
-        assert_eq!(rows[0]["criteria_scores"], json!({"harmless": 4.0, "helpful": 4.0}));
-        assert_eq!((rows[0]["score_min"].as_i64(), rows[0]["score_max"].as_i64()), (Some(1), Some(5)));
+        assert_eq!(
+            rows[0]["criteria_scores"],
+            json!({"harmless": 4.0, "helpful": 4.0})
+        );
+        assert_eq!(
+            (rows[0]["score_min"].as_i64(), rows[0]["score_max"].as_i64()),
+            (Some(1), Some(5))
+        );
         let kto = export_rows(&p, &items, &labels, Format::Kto, false).unwrap();
         assert_eq!(kto[0]["label"], json!(true));
 
         let p = project(TaskKind::Correction);
-        let corr = LabelValue::Correction { corrected: "fixed, call 555-123-4567".into(), unified_diff: "d".into(), word_diff: "w".into() };
-        let rows = export_rows(&p, &items, &[label(3, 1, 7, corr)], Format::Correction, true).unwrap();
+        let corr = LabelValue::Correction {
+            corrected: "fixed, call 555-123-4567".into(),
+            unified_diff: "d".into(),
+            word_diff: "w".into(),
+        };
+        let rows = export_rows(
+            &p,
+            &items,
+            &[label(3, 1, 7, corr)],
+            Format::Correction,
+            true,
+        )
+        .unwrap();
         assert_eq!(rows[0]["corrected"], "fixed, call [PHONE]");
         assert_eq!(rows[0]["completion"], "answer");
         assert_eq!(rows[0]["annotator_ids"], json!([7]));
@@ -412,8 +539,17 @@ mod tests {
 
     #[test]
     fn pii() {
-        assert_eq!(scrub_pii("mail a.b+c@mail.example.co.uk now"), "mail [EMAIL] now");
-        assert_eq!(scrub_pii("call +44 20 7946 0958 or (555) 123-4567."), "call [PHONE] or [PHONE].");
-        assert_eq!(scrub_pii("in 2023 we sold 1234567 units, 3.14159"), "in 2023 we sold 1234567 units, 3.14159");
+        assert_eq!(
+            scrub_pii("mail a.b+c@mail.example.co.uk now"),
+            "mail [EMAIL] now"
+        );
+        assert_eq!(
+            scrub_pii("call +44 20 7946 0958 or (555) 123-4567."),
+            "call [PHONE] or [PHONE]."
+        );
+        assert_eq!(
+            scrub_pii("in 2023 we sold 1234567 units, 3.14159"),
+            "in 2023 we sold 1234567 units, 3.14159"
+        );
     }
 }

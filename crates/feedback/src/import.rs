@@ -47,10 +47,16 @@ fn text(v: &Value, src: &str, line: usize, field: &str) -> Result<String> {
             Ok(if parts.len() == 1 {
                 parts.remove(0).1
             } else {
-                parts.iter().map(|(r, c)| format!("{r}: {c}")).collect::<Vec<_>>().join("\n\n")
+                parts
+                    .iter()
+                    .map(|(r, c)| format!("{r}: {c}"))
+                    .collect::<Vec<_>>()
+                    .join("\n\n")
             })
         }
-        _ => Err(invalid(format!("{src}:{line}: field \"{field}\": expected a string or a list of messages"))),
+        _ => Err(invalid(format!(
+            "{src}:{line}: field \"{field}\": expected a string or a list of messages"
+        ))),
     }
 }
 
@@ -59,8 +65,15 @@ pub fn decode_utf8(src: &str, bytes: Vec<u8>) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         let (b, at) = (e.as_bytes(), e.utf8_error().valid_up_to());
         let line = b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
-        let col = at - b[..at].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1) + 1;
-        invalid(format!("{src}:{line}: invalid UTF-8 at byte {col} of the line (save the file as UTF-8)"))
+        let col = at
+            - b[..at]
+                .iter()
+                .rposition(|&c| c == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        invalid(format!(
+            "{src}:{line}: invalid UTF-8 at byte {col} of the line (save the file as UTF-8)"
+        ))
     })
 }
 
@@ -72,25 +85,36 @@ pub fn parse_jsonl(src: &str, data: &str) -> Result<Vec<Row>> {
         if raw.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(raw).map_err(|e| invalid(format!("{src}:{line}: invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(raw)
+            .map_err(|e| invalid(format!("{src}:{line}: invalid JSON: {e}")))?;
         let Value::Object(obj) = &v else {
             return Err(invalid(format!("{src}:{line}: expected a JSON object")));
         };
         let prompt = match obj.get("prompt") {
             Some(p) => text(p, src, line, "prompt")?,
-            None => return Err(invalid(format!("{src}:{line}: field \"prompt\": missing (implicit-prompt rows are not supported)"))),
+            None => return Err(invalid(format!(
+                "{src}:{line}: field \"prompt\": missing (implicit-prompt rows are not supported)"
+            ))),
         };
         let responses = if let Some(r) = obj.get("responses") {
             let Value::Array(list) = r else {
-                return Err(invalid(format!("{src}:{line}: field \"responses\": expected a list")));
+                return Err(invalid(format!(
+                    "{src}:{line}: field \"responses\": expected a list"
+                )));
             };
             list.iter()
                 .enumerate()
                 .map(|(j, x)| text(x, src, line, &format!("responses[{j}]")))
                 .collect::<Result<Vec<_>>>()?
         } else if obj.contains_key("chosen") || obj.contains_key("rejected") {
-            let get = |f: &str| obj.get(f).ok_or_else(|| invalid(format!("{src}:{line}: field \"{f}\": missing")));
-            vec![text(get("chosen")?, src, line, "chosen")?, text(get("rejected")?, src, line, "rejected")?]
+            let get = |f: &str| {
+                obj.get(f)
+                    .ok_or_else(|| invalid(format!("{src}:{line}: field \"{f}\": missing")))
+            };
+            vec![
+                text(get("chosen")?, src, line, "chosen")?,
+                text(get("rejected")?, src, line, "rejected")?,
+            ]
         } else if let Some(c) = obj.get("completion") {
             vec![text(c, src, line, "completion")?]
         } else {
@@ -100,9 +124,19 @@ pub fn parse_jsonl(src: &str, data: &str) -> Result<Vec<Row>> {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
-            Some(_) => return Err(invalid(format!("{src}:{line}: field \"id\": expected a string or number"))),
+            Some(_) => {
+                return Err(invalid(format!(
+                    "{src}:{line}: field \"id\": expected a string or number"
+                )))
+            }
         };
-        rows.push(Row { line, id, prompt, responses, gold: obj.get("gold").filter(|g| !g.is_null()).cloned() });
+        rows.push(Row {
+            line,
+            id,
+            prompt,
+            responses,
+            gold: obj.get("gold").filter(|g| !g.is_null()).cloned(),
+        });
     }
     Ok(rows)
 }
@@ -111,7 +145,13 @@ pub fn parse_jsonl(src: &str, data: &str) -> Result<Vec<Row>> {
 /// responses, single-response kinds get one item per response, demonstrations keep
 /// the prompt with all responses as references. Gold answers are validated and
 /// re-indexed for each expanded item.
-pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], likert_max: i64) -> Result<Vec<NewItem>> {
+pub fn expand(
+    src: &str,
+    rows: &[Row],
+    kind: TaskKind,
+    criteria: &[String],
+    likert_max: i64,
+) -> Result<Vec<NewItem>> {
     let mut items = Vec::new();
     // Explicit ids must be unique within a file: a repeated row is skipped, but a
     // different row under a used id would be dropped silently by the store.
@@ -119,7 +159,9 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
     for row in rows {
         if let Some(id) = row.id.as_deref() {
             if let Some(first) = by_id.get(id) {
-                if (&first.prompt, &first.responses, &first.gold) != (&row.prompt, &row.responses, &row.gold) {
+                if (&first.prompt, &first.responses, &first.gold)
+                    != (&row.prompt, &row.responses, &row.gold)
+                {
                     return Err(invalid(format!(
                         "{src}:{}: field \"id\": {id:?} is already used on line {} by a row with different content; ids must be unique",
                         row.line, first.line
@@ -131,7 +173,9 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
         }
         let base = row.id.clone().unwrap_or_else(|| {
             // Content hash, so re-importing the same file doesn't duplicate items.
-            token_hash(&serde_json::to_string(&(&row.prompt, &row.responses)).unwrap_or_default())[..16].to_string()
+            token_hash(&serde_json::to_string(&(&row.prompt, &row.responses)).unwrap_or_default())
+                [..16]
+                .to_string()
         });
         let err = |msg: String| invalid(format!("{src}:{}: {msg}", row.line));
         match kind {
@@ -140,7 +184,12 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
                 if n < 2 {
                     return Err(err(format!("field \"responses\": a pairwise project needs at least 2 responses, got {n}")));
                 }
-                let gold = row.gold.as_ref().map(|g| pairwise_gold(g, n)).transpose().map_err(&err)?;
+                let gold = row
+                    .gold
+                    .as_ref()
+                    .map(|g| pairwise_gold(g, n))
+                    .transpose()
+                    .map_err(&err)?;
                 for i in 0..n {
                     for j in i + 1..n {
                         let g = gold.as_ref().and_then(|g| match g {
@@ -150,7 +199,11 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
                             PairGold::Tie => Some(json!("tie")),
                             PairGold::BothBad => Some(json!("both_bad")),
                         });
-                        let id = if n == 2 { base.clone() } else { format!("{base}#{i}-{j}") };
+                        let id = if n == 2 {
+                            base.clone()
+                        } else {
+                            format!("{base}#{i}-{j}")
+                        };
                         items.push(NewItem {
                             external_id: id,
                             prompt: row.prompt.clone(),
@@ -163,7 +216,10 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
             TaskKind::Rating | TaskKind::Correction | TaskKind::Critique => {
                 let n = row.responses.len();
                 if n == 0 {
-                    return Err(err(format!("field \"responses\": a {} project needs at least one response", kind.as_str())));
+                    return Err(err(format!(
+                        "field \"responses\": a {} project needs at least one response",
+                        kind.as_str()
+                    )));
                 }
                 let golds: Vec<Option<Value>> = match (&row.gold, kind) {
                     (None, _) => vec![None; n],
@@ -171,15 +227,31 @@ pub fn expand(src: &str, rows: &[Row], kind: TaskKind, criteria: &[String], like
                     (Some(_), _) => return Err(err(format!("field \"gold\": gold answers apply to pairwise and rating projects, not {}", kind.as_str()))),
                 };
                 for (i, (resp, g)) in row.responses.iter().zip(golds).enumerate() {
-                    let id = if n == 1 { base.clone() } else { format!("{base}#{i}") };
-                    items.push(NewItem { external_id: id, prompt: row.prompt.clone(), responses: vec![resp.clone()], gold: g });
+                    let id = if n == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}#{i}")
+                    };
+                    items.push(NewItem {
+                        external_id: id,
+                        prompt: row.prompt.clone(),
+                        responses: vec![resp.clone()],
+                        gold: g,
+                    });
                 }
             }
             TaskKind::Demonstration => {
                 if row.gold.is_some() {
-                    return Err(err("field \"gold\": demonstration projects have no gold answers".into()));
+                    return Err(err(
+                        "field \"gold\": demonstration projects have no gold answers".into(),
+                    ));
                 }
-                items.push(NewItem { external_id: base, prompt: row.prompt.clone(), responses: row.responses.clone(), gold: None });
+                items.push(NewItem {
+                    external_id: base,
+                    prompt: row.prompt.clone(),
+                    responses: row.responses.clone(),
+                    gold: None,
+                });
             }
         }
     }
@@ -196,35 +268,65 @@ fn pairwise_gold(g: &Value, n: usize) -> Result<PairGold, String> {
     match g {
         Value::Number(x) => match x.as_u64() {
             Some(k) if (k as usize) < n => Ok(PairGold::Index(k as usize)),
-            _ => Err(format!("field \"gold\": expected a response index 0..{}, got {x}", n - 1)),
+            _ => Err(format!(
+                "field \"gold\": expected a response index 0..{}, got {x}",
+                n - 1
+            )),
         },
         Value::String(s) if s == "tie" => Ok(PairGold::Tie),
         Value::String(s) if s == "both_bad" => Ok(PairGold::BothBad),
-        _ => Err("field \"gold\": expected the index of the better response, \"tie\" or \"both_bad\"".into()),
+        _ => Err(
+            "field \"gold\": expected the index of the better response, \"tie\" or \"both_bad\""
+                .into(),
+        ),
     }
 }
 
 /// Rating gold: one `{criterion: score}` object (single response) or a list aligned with
 /// the responses (null entries allowed).
-fn rating_gold(g: &Value, n: usize, criteria: &[String], likert_max: i64) -> Result<Vec<Option<Value>>, String> {
+fn rating_gold(
+    g: &Value,
+    n: usize,
+    criteria: &[String],
+    likert_max: i64,
+) -> Result<Vec<Option<Value>>, String> {
     let check = |o: &Value| -> Result<Value, String> {
-        let Value::Object(m) = o else { return Err("field \"gold\": expected {\"criterion\": score, ...}".into()) };
+        let Value::Object(m) = o else {
+            return Err("field \"gold\": expected {\"criterion\": score, ...}".into());
+        };
         for (k, v) in m {
             if !criteria.contains(k) {
-                return Err(format!("field \"gold\": unknown criterion {k:?} (project criteria: {})", criteria.join(", ")));
+                return Err(format!(
+                    "field \"gold\": unknown criterion {k:?} (project criteria: {})",
+                    criteria.join(", ")
+                ));
             }
             match v.as_i64() {
                 Some(s) if (1..=likert_max).contains(&s) => {}
-                _ => return Err(format!("field \"gold.{k}\": expected an integer score 1..{likert_max}")),
+                _ => {
+                    return Err(format!(
+                        "field \"gold.{k}\": expected an integer score 1..{likert_max}"
+                    ))
+                }
             }
         }
         Ok(o.clone())
     };
     match g {
-        Value::Array(list) if list.len() == n => {
-            list.iter().map(|x| if x.is_null() { Ok(None) } else { check(x).map(Some) }).collect()
-        }
-        Value::Array(list) => Err(format!("field \"gold\": {} entries for {n} responses", list.len())),
+        Value::Array(list) if list.len() == n => list
+            .iter()
+            .map(|x| {
+                if x.is_null() {
+                    Ok(None)
+                } else {
+                    check(x).map(Some)
+                }
+            })
+            .collect(),
+        Value::Array(list) => Err(format!(
+            "field \"gold\": {} entries for {n} responses",
+            list.len()
+        )),
         o if n == 1 => Ok(vec![Some(check(o)?)]),
         _ => Err("field \"gold\": with several responses give a list aligned with them".into()),
     }
@@ -238,17 +340,26 @@ pub fn parse_scores(src: &str, data: &str) -> Result<Vec<(String, f64, usize)>> 
         if raw.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(raw).map_err(|e| invalid(format!("{src}:{line}: invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(raw)
+            .map_err(|e| invalid(format!("{src}:{line}: invalid JSON: {e}")))?;
         let id = match v.get("item_id") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(invalid(format!("{src}:{line}: field \"item_id\": expected a string or number"))),
+            _ => {
+                return Err(invalid(format!(
+                    "{src}:{line}: field \"item_id\": expected a string or number"
+                )))
+            }
         };
         let u = v
             .get("uncertainty")
             .and_then(Value::as_f64)
             .filter(|u| u.is_finite())
-            .ok_or_else(|| invalid(format!("{src}:{line}: field \"uncertainty\": expected a finite number")))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{src}:{line}: field \"uncertainty\": expected a finite number"
+                ))
+            })?;
         out.push((id, u, line));
     }
     Ok(out)
@@ -289,13 +400,23 @@ impl Generate {
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
         }
-        let resp = req.send().await.map_err(|e| Error::Other(anyhow::anyhow!("{url}: request failed: {e}")))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::Other(anyhow::anyhow!("{url}: request failed: {e}")))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| Error::Other(anyhow::anyhow!("{url}: reading response: {e}")))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Error::Other(anyhow::anyhow!("{url}: reading response: {e}")))?;
         if !status.is_success() {
-            return Err(invalid(format!("{url}: HTTP {status}: {}", text.chars().take(300).collect::<String>())));
+            return Err(invalid(format!(
+                "{url}: HTTP {status}: {}",
+                text.chars().take(300).collect::<String>()
+            )));
         }
-        let v: Value = serde_json::from_str(&text).map_err(|e| invalid(format!("{url}: response is not JSON: {e}")))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| invalid(format!("{url}: response is not JSON: {e}")))?;
         let choices = v
             .get("choices")
             .and_then(Value::as_array)
@@ -361,34 +482,72 @@ mod tests {
         assert_eq!(pw[1].external_id, "7#0-2");
         assert_eq!(pw[1].gold, Some(json!(1)));
         assert_eq!(pw[2].gold, Some(json!(1)));
-        let err = expand("in.jsonl", &rows[3..4], TaskKind::Pairwise, &crit, 5).unwrap_err().to_string();
-        assert_eq!(err, "in.jsonl:5: field \"responses\": a pairwise project needs at least 2 responses, got 1");
+        let err = expand("in.jsonl", &rows[3..4], TaskKind::Pairwise, &crit, 5)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "in.jsonl:5: field \"responses\": a pairwise project needs at least 2 responses, got 1"
+        );
         let demo = expand("in.jsonl", &rows[4..], TaskKind::Demonstration, &crit, 5).unwrap();
         assert_eq!(demo.len(), 1);
         // Same content → same id, so re-imports are deduplicated.
-        let again = expand("x", &parse_jsonl("x", r#"{"prompt": "p5"}"#).unwrap(), TaskKind::Demonstration, &crit, 5).unwrap();
+        let again = expand(
+            "x",
+            &parse_jsonl("x", r#"{"prompt": "p5"}"#).unwrap(),
+            TaskKind::Demonstration,
+            &crit,
+            5,
+        )
+        .unwrap();
         assert_eq!(again[0].external_id, demo[0].external_id);
     }
 
     #[test]
     fn errors_name_file_line_field() {
         let e = |d: &str| parse_jsonl("data/f.jsonl", d).unwrap_err().to_string();
-        assert_eq!(e("{\"prompt\": 3}"), "data/f.jsonl:1: field \"prompt\": expected a string or a list of messages");
+        assert_eq!(
+            e("{\"prompt\": 3}"),
+            "data/f.jsonl:1: field \"prompt\": expected a string or a list of messages"
+        );
         assert!(e("\n{oops").starts_with("data/f.jsonl:2: invalid JSON"));
-        assert_eq!(e("{\"prompt\": \"p\", \"chosen\": \"c\"}"), "data/f.jsonl:1: field \"rejected\": missing");
+        assert_eq!(
+            e("{\"prompt\": \"p\", \"chosen\": \"c\"}"),
+            "data/f.jsonl:1: field \"rejected\": missing"
+        );
         assert_eq!(e("[1]"), "data/f.jsonl:1: expected a JSON object");
-        let rows = parse_jsonl("g", r#"{"prompt": "p", "responses": ["a"], "gold": {"helpful": 9}}"#).unwrap();
-        let err = expand("g", &rows, TaskKind::Rating, &["helpful".into()], 5).unwrap_err().to_string();
-        assert_eq!(err, "g:1: field \"gold.helpful\": expected an integer score 1..5");
-        let s = parse_scores("s.jsonl", "{\"item_id\": 1, \"uncertainty\": 0.5}\n{\"item_id\": \"x\"}").unwrap_err().to_string();
-        assert_eq!(s, "s.jsonl:2: field \"uncertainty\": expected a finite number");
+        let rows = parse_jsonl(
+            "g",
+            r#"{"prompt": "p", "responses": ["a"], "gold": {"helpful": 9}}"#,
+        )
+        .unwrap();
+        let err = expand("g", &rows, TaskKind::Rating, &["helpful".into()], 5)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "g:1: field \"gold.helpful\": expected an integer score 1..5"
+        );
+        let s = parse_scores(
+            "s.jsonl",
+            "{\"item_id\": 1, \"uncertainty\": 0.5}\n{\"item_id\": \"x\"}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            s,
+            "s.jsonl:2: field \"uncertainty\": expected a finite number"
+        );
     }
 
     #[test]
     fn invalid_utf8_names_the_line() {
         let bytes = b"{\"prompt\": \"ok\"}\n{\"prompt\": \"caf\xe9\"}\n".to_vec();
         let e = decode_utf8("in.jsonl", bytes).unwrap_err().to_string();
-        assert_eq!(e, "in.jsonl:2: invalid UTF-8 at byte 16 of the line (save the file as UTF-8)");
+        assert_eq!(
+            e,
+            "in.jsonl:2: invalid UTF-8 at byte 16 of the line (save the file as UTF-8)"
+        );
         assert_eq!(decode_utf8("x", "é\n".as_bytes().to_vec()).unwrap(), "é\n");
     }
 
@@ -401,8 +560,15 @@ mod tests {
                     {\"id\": \"q1\", \"prompt\": \"p\", \"responses\": [\"a\", \"c\"]}\n";
         let rows = parse_jsonl("d.jsonl", data).unwrap();
         // Line 3 repeats line 1 exactly: skipped. Line 4 differs: refused.
-        assert_eq!(expand("d.jsonl", &rows[..3], TaskKind::Pairwise, &crit, 5).unwrap().len(), 2);
-        let e = expand("d.jsonl", &rows, TaskKind::Pairwise, &crit, 5).unwrap_err().to_string();
+        assert_eq!(
+            expand("d.jsonl", &rows[..3], TaskKind::Pairwise, &crit, 5)
+                .unwrap()
+                .len(),
+            2
+        );
+        let e = expand("d.jsonl", &rows, TaskKind::Pairwise, &crit, 5)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "d.jsonl:4: field \"id\": \"q1\" is already used on line 1 by a row with different content; ids must be unique");
     }
 }

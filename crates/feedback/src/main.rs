@@ -11,9 +11,12 @@ struct Cli {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = rlhf_feedback::cli::run(Cli::parse().args) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -23,7 +23,9 @@ impl Role {
         match s {
             "admin" => Ok(Role::Admin),
             "annotator" => Ok(Role::Annotator),
-            _ => Err(invalid(format!("role must be admin or annotator, got {s:?}"))),
+            _ => Err(invalid(format!(
+                "role must be admin or annotator, got {s:?}"
+            ))),
         }
     }
 }
@@ -39,8 +41,13 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 5] =
-        [TaskKind::Pairwise, TaskKind::Rating, TaskKind::Correction, TaskKind::Critique, TaskKind::Demonstration];
+    pub const ALL: [TaskKind; 5] = [
+        TaskKind::Pairwise,
+        TaskKind::Rating,
+        TaskKind::Correction,
+        TaskKind::Critique,
+        TaskKind::Demonstration,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Pairwise => "pairwise",
@@ -104,32 +111,55 @@ impl NewProject {
         }
     }
     pub fn validate(&self) -> Result<()> {
-        validate_settings(&self.name, &self.criteria, self.likert_max, self.overlap, self.min_seconds)
+        validate_settings(
+            &self.name,
+            &self.criteria,
+            self.likert_max,
+            self.overlap,
+            self.min_seconds,
+        )
     }
 }
 
-pub fn validate_settings(name: &str, criteria: &[String], likert_max: i64, overlap: i64, min_seconds: f64) -> Result<()> {
+pub fn validate_settings(
+    name: &str,
+    criteria: &[String],
+    likert_max: i64,
+    overlap: i64,
+    min_seconds: f64,
+) -> Result<()> {
     if name.trim().is_empty() || name.len() > 200 {
         return Err(invalid("project name must be 1–200 characters"));
     }
     if criteria.is_empty() || criteria.iter().any(|c| c.trim().is_empty() || c.len() > 60) {
-        return Err(invalid("criteria must be a non-empty comma-separated list of names (≤ 60 characters each)"));
+        return Err(invalid(
+            "criteria must be a non-empty comma-separated list of names (≤ 60 characters each)",
+        ));
     }
     if !(2..=10).contains(&likert_max) {
-        return Err(invalid(format!("likert scale maximum must be between 2 and 10, got {likert_max}")));
+        return Err(invalid(format!(
+            "likert scale maximum must be between 2 and 10, got {likert_max}"
+        )));
     }
     if !(1..=50).contains(&overlap) {
-        return Err(invalid(format!("overlap (annotators per item) must be between 1 and 50, got {overlap}")));
+        return Err(invalid(format!(
+            "overlap (annotators per item) must be between 1 and 50, got {overlap}"
+        )));
     }
     if !(0.0..=3600.0).contains(&min_seconds) {
-        return Err(invalid(format!("minimum seconds per item must be between 0 and 3600, got {min_seconds}")));
+        return Err(invalid(format!(
+            "minimum seconds per item must be between 0 and 3600, got {min_seconds}"
+        )));
     }
     Ok(())
 }
 
 /// Parses "helpful, truthful ,harmless" into names.
 pub fn parse_criteria(s: &str) -> Vec<String> {
-    s.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect()
+    s.split(',')
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -182,7 +212,9 @@ impl Choice {
             "B" | "b" | "2" => Ok(Choice::B),
             "tie" | "3" => Ok(Choice::Tie),
             "both_bad" | "4" => Ok(Choice::BothBad),
-            _ => Err(invalid(format!("choice must be A, B, tie or both_bad, got {s:?}"))),
+            _ => Err(invalid(format!(
+                "choice must be A, B, tie or both_bad, got {s:?}"
+            ))),
         }
     }
 }
@@ -198,10 +230,20 @@ pub enum LabelValue {
         /// Index of the preferred response; None for tie / both bad.
         preferred: Option<usize>,
     },
-    Rating { scores: std::collections::BTreeMap<String, i64> },
-    Correction { corrected: String, unified_diff: String, word_diff: String },
-    Critique { text: String },
-    Demonstration { text: String },
+    Rating {
+        scores: std::collections::BTreeMap<String, i64>,
+    },
+    Correction {
+        corrected: String,
+        unified_diff: String,
+        word_diff: String,
+    },
+    Critique {
+        text: String,
+    },
+    Demonstration {
+        text: String,
+    },
     /// Withdraws the annotator's previous label on the item.
     Undo,
 }

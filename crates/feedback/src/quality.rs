@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::model::{Choice, Item, Label, LabelValue, Project, TaskKind, User};
 use crate::reliability::{bradley_terry, dawid_skene, Comparison, Vote};
-use crate::stats::{alpha_from_ratings, fleiss_from_ratings, median, pairwise_cohen, Metric, Rating};
+use crate::stats::{
+    alpha_from_ratings, fleiss_from_ratings, median, pairwise_cohen, Metric, Rating,
+};
 
 /// Flag thresholds (documented in docs/feedback/README.md).
 pub const BIAS_MIN_DECISIVE: usize = 10;
@@ -98,7 +100,8 @@ pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Relia
         u
     };
     let uidx = |id: i64| users.binary_search(&id).unwrap_or(0);
-    let item_idx: BTreeMap<i64, usize> = items.iter().enumerate().map(|(i, it)| (it.id, i)).collect();
+    let item_idx: BTreeMap<i64, usize> =
+        items.iter().enumerate().map(|(i, it)| (it.id, i)).collect();
     let mut out = Reliability::default();
     match project.kind {
         TaskKind::Pairwise => {
@@ -115,9 +118,16 @@ pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Relia
             let comparisons: Vec<Comparison> = labels
                 .iter()
                 .filter_map(|l| match (&l.value, item_idx.get(&l.item_id)) {
-                    (LabelValue::Pairwise { preferred: Some(p), .. }, Some(&i)) if *p < 2 => {
-                        Some(Comparison { item: i, annotator: uidx(l.user_id), first_wins: *p == 0 })
-                    }
+                    (
+                        LabelValue::Pairwise {
+                            preferred: Some(p), ..
+                        },
+                        Some(&i),
+                    ) if *p < 2 => Some(Comparison {
+                        item: i,
+                        annotator: uidx(l.user_id),
+                        first_wins: *p == 0,
+                    }),
                     _ => None,
                 })
                 .collect();
@@ -129,9 +139,21 @@ pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Relia
             for c in &comparisons {
                 let q = bt.posterior[c.item];
                 let (winner, confidence) = if q >= 0.5 { (0, q) } else { (1, 1.0 - q) };
-                out.items.insert(items[c.item].id, ItemPosterior { winner: Some(winner), score: None, confidence });
+                out.items.insert(
+                    items[c.item].id,
+                    ItemPosterior {
+                        winner: Some(winner),
+                        score: None,
+                        confidence,
+                    },
+                );
             }
-            out.annotators = users.iter().zip(&bt.reliability).filter(|(_, r)| r.is_finite()).map(|(u, r)| (*u, *r)).collect();
+            out.annotators = users
+                .iter()
+                .zip(&bt.reliability)
+                .filter(|(_, r)| r.is_finite())
+                .map(|(u, r)| (*u, *r))
+                .collect();
         }
         TaskKind::Rating => {
             let k = project.likert_max.max(2) as usize;
@@ -144,7 +166,11 @@ pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Relia
                         (LabelValue::Rating { scores }, Some(&i)) => scores
                             .get(c)
                             .filter(|s| (1..=k as i64).contains(s))
-                            .map(|s| Vote { item: i, annotator: uidx(l.user_id), label: (*s - 1) as usize }),
+                            .map(|s| Vote {
+                                item: i,
+                                annotator: uidx(l.user_id),
+                                label: (*s - 1) as usize,
+                            }),
                         _ => None,
                     })
                     .collect();
@@ -172,10 +198,22 @@ pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Relia
                 return out;
             }
             out.model = Some("dawid-skene");
-            out.annotators = per_user.into_iter().map(|(u, rs)| (u, rs.iter().sum::<f64>() / rs.len() as f64)).collect();
+            out.annotators = per_user
+                .into_iter()
+                .map(|(u, rs)| (u, rs.iter().sum::<f64>() / rs.len() as f64))
+                .collect();
             out.items = per_item
                 .into_iter()
-                .map(|(id, (m, c, n))| (id, ItemPosterior { winner: None, score: Some(m / n as f64), confidence: c / n as f64 }))
+                .map(|(id, (m, c, n))| {
+                    (
+                        id,
+                        ItemPosterior {
+                            winner: None,
+                            score: Some(m / n as f64),
+                            confidence: c / n as f64,
+                        },
+                    )
+                })
                 .collect();
         }
         TaskKind::Correction | TaskKind::Critique | TaskKind::Demonstration => {}
@@ -187,8 +225,13 @@ pub fn reliability(project: &Project, items: &[Item], labels: &[Label]) -> Relia
 /// response preferred, 2 = tie, 3 = both bad.
 fn pairwise_code(v: &LabelValue) -> Option<f64> {
     match v {
-        LabelValue::Pairwise { preferred: Some(i), .. } => Some(*i as f64),
-        LabelValue::Pairwise { choice: Choice::BothBad, .. } => Some(3.0),
+        LabelValue::Pairwise {
+            preferred: Some(i), ..
+        } => Some(*i as f64),
+        LabelValue::Pairwise {
+            choice: Choice::BothBad,
+            ..
+        } => Some(3.0),
         LabelValue::Pairwise { .. } => Some(2.0),
         _ => None,
     }
@@ -204,8 +247,12 @@ fn agreement(scope: String, ratings: &[Rating], numeric: bool) -> Agreement {
         units: per_unit.values().filter(|&&n| n >= 2).count(),
         fleiss_kappa: fleiss_from_ratings(ratings),
         alpha_nominal: alpha_from_ratings(ratings, Metric::Nominal),
-        alpha_ordinal: numeric.then(|| alpha_from_ratings(ratings, Metric::Ordinal)).flatten(),
-        alpha_interval: numeric.then(|| alpha_from_ratings(ratings, Metric::Interval)).flatten(),
+        alpha_ordinal: numeric
+            .then(|| alpha_from_ratings(ratings, Metric::Ordinal))
+            .flatten(),
+        alpha_interval: numeric
+            .then(|| alpha_from_ratings(ratings, Metric::Interval))
+            .flatten(),
         cohen: pairwise_cohen(ratings, 2),
     }
 }
@@ -213,8 +260,12 @@ fn agreement(scope: String, ratings: &[Rating], numeric: bool) -> Agreement {
 /// Whether a label matches an item's gold answer.
 fn gold_match(gold: &Value, v: &LabelValue) -> Option<bool> {
     match v {
-        LabelValue::Pairwise { preferred, choice, .. } => Some(match gold {
-            Value::Number(n) => preferred.map(|p| Some(p as u64) == n.as_u64()).unwrap_or(false),
+        LabelValue::Pairwise {
+            preferred, choice, ..
+        } => Some(match gold {
+            Value::Number(n) => preferred
+                .map(|p| Some(p as u64) == n.as_u64())
+                .unwrap_or(false),
             Value::String(s) if s == "tie" => *choice == Choice::Tie,
             Value::String(s) if s == "both_bad" => *choice == Choice::BothBad,
             _ => return None,
@@ -222,10 +273,13 @@ fn gold_match(gold: &Value, v: &LabelValue) -> Option<bool> {
         // Within one scale point on every criterion the gold answer specifies.
         LabelValue::Rating { scores } => {
             let g = gold.as_object()?;
-            Some(g.iter().all(|(c, want)| match (scores.get(c), want.as_i64()) {
-                (Some(got), Some(w)) => (got - w).abs() <= 1,
-                _ => false,
-            }))
+            Some(
+                g.iter()
+                    .all(|(c, want)| match (scores.get(c), want.as_i64()) {
+                        (Some(got), Some(w)) => (got - w).abs() <= 1,
+                        _ => false,
+                    }),
+            )
         }
         _ => None,
     }
@@ -236,10 +290,16 @@ fn gold_match(gold: &Value, v: &LabelValue) -> Option<bool> {
 /// answer is longer than a truncated one), so a raw "picks the longer" rate confounds quality with length;
 /// where the others agree on what is better and this annotator does not, the item's quality is settled by
 /// the others and what remains is the annotator's own leaning.
-fn length_disagreements(items: &BTreeMap<i64, &Item>, labels: &[Label]) -> BTreeMap<i64, (usize, usize)> {
+fn length_disagreements(
+    items: &BTreeMap<i64, &Item>,
+    labels: &[Label],
+) -> BTreeMap<i64, (usize, usize)> {
     let mut picks: BTreeMap<i64, Vec<(i64, usize)>> = BTreeMap::new();
     for l in labels {
-        if let LabelValue::Pairwise { preferred: Some(p), .. } = &l.value {
+        if let LabelValue::Pairwise {
+            preferred: Some(p), ..
+        } = &l.value
+        {
             if *p < 2 {
                 picks.entry(l.item_id).or_default().push((l.user_id, *p));
             }
@@ -247,7 +307,9 @@ fn length_disagreements(items: &BTreeMap<i64, &Item>, labels: &[Label]) -> BTree
     }
     let mut out: BTreeMap<i64, (usize, usize)> = BTreeMap::new();
     for (item_id, votes) in &picks {
-        let Some(item) = items.get(item_id) else { continue };
+        let Some(item) = items.get(item_id) else {
+            continue;
+        };
         let [a, b] = [0, 1].map(|i| item.responses.get(i).map_or(0, |r| r.chars().count()));
         if a == b {
             continue;
@@ -270,13 +332,20 @@ fn length_disagreements(items: &BTreeMap<i64, &Item>, labels: &[Label]) -> BTree
     out
 }
 
-pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users: &[User]) -> ProjectStats {
+pub fn project_stats(
+    project: &Project,
+    items: &[Item],
+    labels: &[Label],
+    users: &[User],
+) -> ProjectStats {
     let items_by_id: BTreeMap<i64, &Item> = items.iter().map(|i| (i.id, i)).collect();
     let mut agreement_out = Vec::new();
     match project.kind {
         TaskKind::Pairwise => {
-            let ratings: Vec<Rating> =
-                labels.iter().filter_map(|l| pairwise_code(&l.value).map(|c| (l.item_id, l.user_id, c))).collect();
+            let ratings: Vec<Rating> = labels
+                .iter()
+                .filter_map(|l| pairwise_code(&l.value).map(|c| (l.item_id, l.user_id, c)))
+                .collect();
             agreement_out.push(agreement("preference (nominal)".into(), &ratings, false));
         }
         TaskKind::Rating => {
@@ -284,7 +353,9 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
                 let ratings: Vec<Rating> = labels
                     .iter()
                     .filter_map(|l| match &l.value {
-                        LabelValue::Rating { scores } => scores.get(c).map(|s| (l.item_id, l.user_id, *s as f64)),
+                        LabelValue::Rating { scores } => {
+                            scores.get(c).map(|s| (l.item_id, l.user_id, *s as f64))
+                        }
                         _ => None,
                     })
                     .collect();
@@ -318,22 +389,36 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
             }
         }
         let left_share = (decisive > 0).then(|| left as f64 / decisive as f64);
-        let secs: Vec<f64> = mine.iter().filter_map(|l| l.duration_ms).map(|d| d as f64 / 1000.0).collect();
+        let secs: Vec<f64> = mine
+            .iter()
+            .filter_map(|l| l.duration_ms)
+            .map(|d| d as f64 / 1000.0)
+            .collect();
         let median_seconds = median(&secs);
         let gold: Vec<bool> = mine
             .iter()
-            .filter_map(|l| items_by_id.get(&l.item_id).and_then(|i| i.gold.as_ref()).and_then(|g| gold_match(g, &l.value)))
+            .filter_map(|l| {
+                items_by_id
+                    .get(&l.item_id)
+                    .and_then(|i| i.gold.as_ref())
+                    .and_then(|g| gold_match(g, &l.value))
+            })
             .collect();
-        let gold_accuracy = (!gold.is_empty()).then(|| gold.iter().filter(|&&b| b).count() as f64 / gold.len() as f64);
+        let gold_accuracy = (!gold.is_empty())
+            .then(|| gold.iter().filter(|&&b| b).count() as f64 / gold.len() as f64);
         let mut flags = Vec::new();
         if let Some(s) = left_share {
             if decisive >= BIAS_MIN_DECISIVE && (s - 0.5).abs() >= BIAS_MAX_DEVIATION {
                 let side = if s > 0.5 { "left" } else { "right" };
-                flags.push(format!("position bias: picks the {side} side in {:.0}% of {decisive} decisions", 100.0 * s.max(1.0 - s)));
+                flags.push(format!(
+                    "position bias: picks the {side} side in {:.0}% of {decisive} decisions",
+                    100.0 * s.max(1.0 - s)
+                ));
             }
         }
         let (length_disagreements, longer) = by_length.get(&u.id).copied().unwrap_or((0, 0));
-        let longer_share = (length_disagreements > 0).then(|| longer as f64 / length_disagreements as f64);
+        let longer_share =
+            (length_disagreements > 0).then(|| longer as f64 / length_disagreements as f64);
         if let Some(s) = longer_share {
             if length_disagreements >= LENGTH_MIN_DISAGREEMENTS && s >= LENGTH_MIN_SHARE {
                 flags.push(format!(
@@ -344,18 +429,28 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
         }
         if let Some(m) = median_seconds {
             if secs.len() >= FAST_MIN_LABELS && m < project.min_seconds {
-                flags.push(format!("too fast: median {m:.1}s per item (threshold {:.1}s)", project.min_seconds));
+                flags.push(format!(
+                    "too fast: median {m:.1}s per item (threshold {:.1}s)",
+                    project.min_seconds
+                ));
             }
         }
         if let Some(a) = gold_accuracy {
             if gold.len() >= GOLD_MIN_ANSWERED && a < GOLD_MIN_ACCURACY {
-                flags.push(format!("low gold agreement: {:.0}% of {} gold items", 100.0 * a, gold.len()));
+                flags.push(format!(
+                    "low gold agreement: {:.0}% of {} gold items",
+                    100.0 * a,
+                    gold.len()
+                ));
             }
         }
         let reliability = rel.annotators.get(&u.id).copied();
         if let (Some(r), TaskKind::Pairwise) = (reliability, project.kind) {
             if decisive >= RELIABILITY_MIN_LABELS && r < RELIABILITY_MIN {
-                flags.push(format!("low reliability: picks the better response {:.0}% of the time (estimated)", 100.0 * r));
+                flags.push(format!(
+                    "low reliability: picks the better response {:.0}% of the time (estimated)",
+                    100.0 * r
+                ));
             }
         }
         annotators.push(AnnotatorStats {
@@ -373,7 +468,11 @@ pub fn project_stats(project: &Project, items: &[Item], labels: &[Label], users:
             flags,
         });
     }
-    ProjectStats { agreement: agreement_out, annotators, reliability_model: rel.model }
+    ProjectStats {
+        agreement: agreement_out,
+        annotators,
+        reliability_model: rel.model,
+    }
 }
 
 #[cfg(test)]
@@ -413,8 +512,18 @@ mod tests {
             })
             .collect();
         let users = vec![
-            User { id: 1, username: "lefty".into(), role: Role::Annotator, has_password: true },
-            User { id: 2, username: "careful".into(), role: Role::Annotator, has_password: true },
+            User {
+                id: 1,
+                username: "lefty".into(),
+                role: Role::Annotator,
+                has_password: true,
+            },
+            User {
+                id: 2,
+                username: "careful".into(),
+                role: Role::Annotator,
+                has_password: true,
+            },
         ];
         let mut labels = vec![];
         for i in 0..12 {
@@ -427,7 +536,11 @@ mod tests {
                 item_id: i,
                 user_id: 1,
                 assignment_id: None,
-                value: LabelValue::Pairwise { choice: Choice::A, shown_order: order, preferred: Some(pref) },
+                value: LabelValue::Pairwise {
+                    choice: Choice::A,
+                    shown_order: order,
+                    preferred: Some(pref),
+                },
                 supersedes: None,
                 duration_ms: Some(800),
                 created_at: 0,
@@ -457,10 +570,18 @@ mod tests {
         assert!(lefty.flags[1].starts_with("too fast"));
         assert!(lefty.flags[2].starts_with("low gold agreement: 50%"));
         // Crowd-BT sides with the consistent annotator: lefty is right half the time.
-        assert!(lefty.flags[3].starts_with("low reliability: picks the better response 5"), "{:?}", lefty.flags);
+        assert!(
+            lefty.flags[3].starts_with("low reliability: picks the better response 5"),
+            "{:?}",
+            lefty.flags
+        );
         let careful = &s.annotators[1];
         assert!(careful.flags.is_empty(), "{:?}", careful.flags);
-        assert!(careful.reliability.unwrap() > 0.8, "{:?}", careful.reliability);
+        assert!(
+            careful.reliability.unwrap() > 0.8,
+            "{:?}",
+            careful.reliability
+        );
         assert_eq!(careful.gold_accuracy, Some(1.0));
         // They agree on half of the items (the ones where left = response 0).
         let a = &s.agreement[0];
@@ -528,7 +649,9 @@ mod tests {
     }
 
     fn length_flag(a: &AnnotatorStats) -> Option<&String> {
-        a.flags.iter().find(|f| f.starts_with("prefers the longer response"))
+        a.flags
+            .iter()
+            .find(|f| f.starts_with("prefers the longer response"))
     }
 
     #[test]
@@ -537,26 +660,46 @@ mod tests {
         // (i % 4 < 2). Careful annotators pick the better one; "noisy" errs on every third item, as often
         // towards the shorter as towards the longer response; the long-lover always picks the longer, the
         // short-lover always the shorter.
-        let names = ["careful-1", "careful-2", "careful-3", "noisy", "long-lover", "short-lover"];
+        let names = [
+            "careful-1",
+            "careful-2",
+            "careful-3",
+            "noisy",
+            "long-lover",
+            "short-lover",
+        ];
         let longer = |i: i64| usize::from(i % 2 == 1);
         let better = |i: i64| if i % 4 < 2 { longer(i) } else { 1 - longer(i) };
-        let s = pairwise_set(72, |i| if i % 2 == 0 { (40, 8) } else { (8, 40) }, &names, |u, i| match names[u] {
-            "noisy" if i % 3 == 0 => 1 - better(i),
-            "long-lover" => longer(i),
-            "short-lover" => 1 - longer(i),
-            _ => better(i),
-        });
+        let s = pairwise_set(
+            72,
+            |i| if i % 2 == 0 { (40, 8) } else { (8, 40) },
+            &names,
+            |u, i| match names[u] {
+                "noisy" if i % 3 == 0 => 1 - better(i),
+                "long-lover" => longer(i),
+                "short-lover" => 1 - longer(i),
+                _ => better(i),
+            },
+        );
         let by = |n: &str| s.annotators.iter().find(|a| a.username == n).unwrap();
         let long = by("long-lover");
         // It disagrees with the others' majority exactly where the shorter response is better.
-        assert_eq!((long.length_disagreements, long.longer_share), (36, Some(1.0)));
+        assert_eq!(
+            (long.length_disagreements, long.longer_share),
+            (36, Some(1.0))
+        );
         assert_eq!(
             length_flag(long).map(String::as_str),
-            Some("prefers the longer response: picks it in 100% of 36 disagreements with the others")
+            Some(
+                "prefers the longer response: picks it in 100% of 36 disagreements with the others"
+            )
         );
         // As many disagreements, but no leaning: not flagged.
         let noisy = by("noisy");
-        assert_eq!((noisy.length_disagreements, noisy.longer_share), (24, Some(0.5)));
+        assert_eq!(
+            (noisy.length_disagreements, noisy.longer_share),
+            (24, Some(0.5))
+        );
         assert_eq!(length_flag(noisy), None, "{:?}", noisy.flags);
         // Preferring shorter responses is not this flag's concern.
         let short = by("short-lover");
@@ -573,19 +716,49 @@ mod tests {
         let names = ["careful-1", "careful-2", "long-lover"];
         let longer = |i: i64| usize::from(i % 2 == 1);
         let better = |i: i64| if i % 4 < 2 { longer(i) } else { 1 - longer(i) };
-        let pick = |u: usize, i: i64| if names[u] == "long-lover" { longer(i) } else { better(i) };
+        let pick = |u: usize, i: i64| {
+            if names[u] == "long-lover" {
+                longer(i)
+            } else {
+                better(i)
+            }
+        };
         // Equal lengths: nothing to measure.
         let s = pairwise_set(72, |_| (20, 20), &names, pick);
-        assert!(s.annotators.iter().all(|a| a.length_disagreements == 0 && a.longer_share.is_none()));
+        assert!(s
+            .annotators
+            .iter()
+            .all(|a| a.length_disagreements == 0 && a.longer_share.is_none()));
         assert!(s.annotators.iter().all(|a| length_flag(a).is_none()));
         // 19 disagreements, all towards the longer response: below the minimum count.
-        let s = pairwise_set(39, |i| if i % 2 == 0 { (40, 8) } else { (8, 40) }, &names, pick);
-        let long = s.annotators.iter().find(|a| a.username == "long-lover").unwrap();
-        assert_eq!((long.length_disagreements, long.longer_share), (19, Some(1.0)));
+        let s = pairwise_set(
+            39,
+            |i| if i % 2 == 0 { (40, 8) } else { (8, 40) },
+            &names,
+            pick,
+        );
+        let long = s
+            .annotators
+            .iter()
+            .find(|a| a.username == "long-lover")
+            .unwrap();
+        assert_eq!(
+            (long.length_disagreements, long.longer_share),
+            (19, Some(1.0))
+        );
         assert_eq!(length_flag(long), None, "{:?}", long.flags);
         // One more and it is flagged.
-        let s = pairwise_set(40, |i| if i % 2 == 0 { (40, 8) } else { (8, 40) }, &names, pick);
-        let long = s.annotators.iter().find(|a| a.username == "long-lover").unwrap();
+        let s = pairwise_set(
+            40,
+            |i| if i % 2 == 0 { (40, 8) } else { (8, 40) },
+            &names,
+            pick,
+        );
+        let long = s
+            .annotators
+            .iter()
+            .find(|a| a.username == "long-lover")
+            .unwrap();
         assert_eq!(long.length_disagreements, LENGTH_MIN_DISAGREEMENTS);
         assert!(length_flag(long).is_some(), "{:?}", long.flags);
     }

@@ -36,7 +36,12 @@ const MAX_ITERATIONS: usize = 200;
 const TOLERANCE: f64 = 1e-7;
 
 /// Dawid–Skene EM. Labels must be `< n_classes`, items `< n_items`, annotators `< n_annotators`.
-pub fn dawid_skene(n_items: usize, n_annotators: usize, n_classes: usize, votes: &[Vote]) -> DawidSkene {
+pub fn dawid_skene(
+    n_items: usize,
+    n_annotators: usize,
+    n_classes: usize,
+    votes: &[Vote],
+) -> DawidSkene {
     let k = n_classes.max(1);
     // Start: each item's vote shares (soft majority vote).
     let mut post = vec![vec![0.0; k]; n_items];
@@ -64,7 +69,9 @@ pub fn dawid_skene(n_items: usize, n_annotators: usize, n_classes: usize, votes:
         normalise(&mut prior);
         for m in confusion.iter_mut() {
             for (t, row) in m.iter_mut().enumerate() {
-                row.iter_mut().enumerate().for_each(|(l, x)| *x = if l == t { 1.5 } else { 0.5 });
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(l, x)| *x = if l == t { 1.5 } else { 0.5 });
             }
         }
         for v in votes {
@@ -78,7 +85,9 @@ pub fn dawid_skene(n_items: usize, n_annotators: usize, n_classes: usize, votes:
             }
         }
         // E step, in log space.
-        let mut logp: Vec<Vec<f64>> = (0..n_items).map(|_| prior.iter().map(|p| p.ln()).collect()).collect();
+        let mut logp: Vec<Vec<f64>> = (0..n_items)
+            .map(|_| prior.iter().map(|p| p.ln()).collect())
+            .collect();
         for v in votes {
             for t in 0..k {
                 logp[v.item][t] += confusion[v.annotator][t][v.label].ln();
@@ -87,7 +96,12 @@ pub fn dawid_skene(n_items: usize, n_annotators: usize, n_classes: usize, votes:
         let mut change: f64 = 0.0;
         for (i, lp) in logp.iter().enumerate() {
             let new = softmax(lp);
-            change = change.max(new.iter().zip(&post[i]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max));
+            change = change.max(
+                new.iter()
+                    .zip(&post[i])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max),
+            );
             post[i] = new;
         }
         if change < TOLERANCE {
@@ -99,9 +113,21 @@ pub fn dawid_skene(n_items: usize, n_annotators: usize, n_classes: usize, votes:
     let reliability = confusion
         .iter()
         .zip(&gave)
-        .map(|(m, &g)| if g { (0..k).map(|t| prior[t] * m[t][t]).sum() } else { f64::NAN })
+        .map(|(m, &g)| {
+            if g {
+                (0..k).map(|t| prior[t] * m[t][t]).sum()
+            } else {
+                f64::NAN
+            }
+        })
         .collect();
-    DawidSkene { reliability, confusion, prior, posterior: post, iterations }
+    DawidSkene {
+        reliability,
+        confusion,
+        prior,
+        posterior: post,
+        iterations,
+    }
 }
 
 /// A pairwise judgement on `item` (a pair of objects): did the first object win?
@@ -129,7 +155,12 @@ const R_PRIOR: (f64, f64) = (2.0, 1.0);
 const RIDGE: f64 = 1.0;
 
 /// Crowd-BT EM. `pairs[i]` = the two objects compared in item i.
-pub fn bradley_terry(n_objects: usize, pairs: &[(usize, usize)], n_annotators: usize, comparisons: &[Comparison]) -> BradleyTerry {
+pub fn bradley_terry(
+    n_objects: usize,
+    pairs: &[(usize, usize)],
+    n_annotators: usize,
+    comparisons: &[Comparison],
+) -> BradleyTerry {
     let n_items = pairs.len();
     let mut strength = vec![0.0; n_objects];
     // Start from the vote share per item.
@@ -182,7 +213,10 @@ pub fn bradley_terry(n_objects: usize, pairs: &[(usize, usize)], n_annotators: u
             }
         }
         // E step.
-        let mut logit: Vec<f64> = pairs.iter().map(|&(x, y)| strength[x] - strength[y]).collect();
+        let mut logit: Vec<f64> = pairs
+            .iter()
+            .map(|&(x, y)| strength[x] - strength[y])
+            .collect();
         for c in comparisons {
             let w = (rel[c.annotator] / (1.0 - rel[c.annotator])).ln();
             logit[c.item] += if c.first_wins { w } else { -w };
@@ -199,8 +233,17 @@ pub fn bradley_terry(n_objects: usize, pairs: &[(usize, usize)], n_annotators: u
     }
     let mut gave = vec![false; n_annotators];
     comparisons.iter().for_each(|c| gave[c.annotator] = true);
-    let reliability = rel.iter().zip(&gave).map(|(&r, &g)| if g { r } else { f64::NAN }).collect();
-    BradleyTerry { reliability, strength, posterior: post, iterations }
+    let reliability = rel
+        .iter()
+        .zip(&gave)
+        .map(|(&r, &g)| if g { r } else { f64::NAN })
+        .collect();
+    BradleyTerry {
+        reliability,
+        strength,
+        posterior: post,
+        iterations,
+    }
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -230,7 +273,9 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
         let mut idx: Vec<usize> = (0..v.len()).collect();
         idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
         let mut r = vec![0.0; v.len()];
-        idx.iter().enumerate().for_each(|(pos, &i)| r[i] = pos as f64);
+        idx.iter()
+            .enumerate()
+            .for_each(|(pos, &i)| r[i] = pos as f64);
         r
     };
     let (ra, rb) = (rank(a), rank(b));
@@ -258,8 +303,16 @@ mod tests {
         let annotators: Vec<usize> = (0..acc.len()).collect();
         for (i, &t) in truth.iter().enumerate() {
             for &a in annotators.choose_multiple(&mut rng, 5) {
-                let label = if rng.gen_bool(acc[a]) { t } else { (t + rng.gen_range(1..k)) % k };
-                votes.push(Vote { item: i, annotator: a, label });
+                let label = if rng.gen_bool(acc[a]) {
+                    t
+                } else {
+                    (t + rng.gen_range(1..k)) % k
+                };
+                votes.push(Vote {
+                    item: i,
+                    annotator: a,
+                    label,
+                });
             }
         }
         let ds = dawid_skene(n_items, acc.len(), k, &votes);
@@ -267,13 +320,19 @@ mod tests {
         let ds_acc = accuracy(&truth, |i| argmax(&ds.posterior[i]));
         let mv_acc = accuracy(&truth, |i| {
             let mut c = vec![0; k];
-            votes.iter().filter(|v| v.item == i).for_each(|v| c[v.label] += 1);
+            votes
+                .iter()
+                .filter(|v| v.item == i)
+                .for_each(|v| c[v.label] += 1);
             argmax(&c.iter().map(|&x| x as f64).collect::<Vec<_>>())
         });
         eprintln!("dawid-skene: reliabilities {:?}, spearman {rho:.3}, accuracy {ds_acc:.3} vs majority {mv_acc:.3}, {} iterations", ds.reliability.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(), ds.iterations);
         assert!(rho >= 0.95, "order not recovered: {rho}");
         for (a, (t, e)) in acc.iter().zip(&ds.reliability).enumerate() {
-            assert!((t - e).abs() < 0.08, "annotator {a}: true {t}, estimated {e}");
+            assert!(
+                (t - e).abs() < 0.08,
+                "annotator {a}: true {t}, estimated {e}"
+            );
         }
         assert!(ds_acc >= 0.93, "{ds_acc}");
         assert!(ds_acc >= mv_acc + 0.03, "DS {ds_acc} vs majority {mv_acc}");
@@ -287,44 +346,95 @@ mod tests {
         let rel = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.35];
         let n_objects = 450;
         let strength: Vec<f64> = (0..n_objects).map(|_| rng.gen_range(-2.0..2.0)).collect();
-        let pairs: Vec<(usize, usize)> = (0..150).flat_map(|p| [(3 * p, 3 * p + 1), (3 * p, 3 * p + 2), (3 * p + 1, 3 * p + 2)]).collect();
-        let truth: Vec<bool> = pairs.iter().map(|&(x, y)| strength[x] > strength[y]).collect();
+        let pairs: Vec<(usize, usize)> = (0..150)
+            .flat_map(|p| {
+                [
+                    (3 * p, 3 * p + 1),
+                    (3 * p, 3 * p + 2),
+                    (3 * p + 1, 3 * p + 2),
+                ]
+            })
+            .collect();
+        let truth: Vec<bool> = pairs
+            .iter()
+            .map(|&(x, y)| strength[x] > strength[y])
+            .collect();
         let annotators: Vec<usize> = (0..rel.len()).collect();
         let mut comparisons = vec![];
         for (i, &first_better) in truth.iter().enumerate() {
             for &a in annotators.choose_multiple(&mut rng, 3) {
                 let right = rng.gen_bool(rel[a]);
-                comparisons.push(Comparison { item: i, annotator: a, first_wins: first_better == right });
+                comparisons.push(Comparison {
+                    item: i,
+                    annotator: a,
+                    first_wins: first_better == right,
+                });
             }
         }
         let bt = bradley_terry(n_objects, &pairs, rel.len(), &comparisons);
         let rho = spearman(&rel, &bt.reliability);
         let bt_acc = accuracy(&truth, |i| bt.posterior[i] > 0.5);
         let mv_acc = accuracy(&truth, |i| {
-            let wins = comparisons.iter().filter(|c| c.item == i && c.first_wins).count();
+            let wins = comparisons
+                .iter()
+                .filter(|c| c.item == i && c.first_wins)
+                .count();
             2 * wins > comparisons.iter().filter(|c| c.item == i).count()
         });
         eprintln!("crowd-bt: reliabilities {:?}, spearman {rho:.3}, accuracy {bt_acc:.3} vs majority {mv_acc:.3}, {} iterations", bt.reliability.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(), bt.iterations);
         assert!(rho >= 0.9, "order not recovered: {rho}");
         assert!(bt_acc >= mv_acc + 0.03, "BT {bt_acc} vs majority {mv_acc}");
         // Posteriors are calibrated enough to filter on: confident items are mostly right.
-        let confident: Vec<usize> = (0..pairs.len()).filter(|&i| (bt.posterior[i] - 0.5).abs() >= 0.4).collect();
-        let conf_acc = confident.iter().filter(|&&i| (bt.posterior[i] > 0.5) == truth[i]).count() as f64 / confident.len() as f64;
-        eprintln!("crowd-bt: {} of {} items with confidence ≥ 0.9, accuracy {conf_acc:.3}", confident.len(), pairs.len());
+        let confident: Vec<usize> = (0..pairs.len())
+            .filter(|&i| (bt.posterior[i] - 0.5).abs() >= 0.4)
+            .collect();
+        let conf_acc = confident
+            .iter()
+            .filter(|&&i| (bt.posterior[i] > 0.5) == truth[i])
+            .count() as f64
+            / confident.len() as f64;
+        eprintln!(
+            "crowd-bt: {} of {} items with confidence ≥ 0.9, accuracy {conf_acc:.3}",
+            confident.len(),
+            pairs.len()
+        );
         assert!(conf_acc > bt_acc, "{conf_acc} vs {bt_acc}");
     }
 
     #[test]
     fn one_annotator_per_item_is_majority_vote() {
-        let votes = [Vote { item: 0, annotator: 0, label: 2 }, Vote { item: 1, annotator: 1, label: 0 }];
+        let votes = [
+            Vote {
+                item: 0,
+                annotator: 0,
+                label: 2,
+            },
+            Vote {
+                item: 1,
+                annotator: 1,
+                label: 0,
+            },
+        ];
         let ds = dawid_skene(3, 2, 3, &votes);
         assert_eq!(argmax(&ds.posterior[0]), 2);
         assert_eq!(argmax(&ds.posterior[1]), 0);
         // The unlabelled item gets the prior.
         assert!((ds.posterior[2].iter().sum::<f64>() - 1.0).abs() < 1e-9);
-        let bt = bradley_terry(2, &[(0, 1)], 1, &[Comparison { item: 0, annotator: 0, first_wins: false }]);
+        let bt = bradley_terry(
+            2,
+            &[(0, 1)],
+            1,
+            &[Comparison {
+                item: 0,
+                annotator: 0,
+                first_wins: false,
+            }],
+        );
         assert!(bt.posterior[0] < 0.5);
-        assert!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) == 1.0 && spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) == -1.0);
+        assert!(
+            spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) == 1.0
+                && spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) == -1.0
+        );
     }
 
     fn argmax(p: &[f64]) -> usize {
@@ -332,6 +442,11 @@ mod tests {
     }
 
     fn accuracy<T: PartialEq + Copy>(truth: &[T], predict: impl Fn(usize) -> T) -> f64 {
-        truth.iter().enumerate().filter(|(i, t)| predict(*i) == **t).count() as f64 / truth.len() as f64
+        truth
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| predict(*i) == **t)
+            .count() as f64
+            / truth.len() as f64
     }
 }

@@ -32,7 +32,10 @@ pub fn cohens_kappa(pairs: &[(usize, usize)]) -> Option<f64> {
 /// have different numbers of raters (each needs ≥ 2); with a constant number this is the
 /// textbook formula. None when undefined.
 pub fn fleiss_kappa(counts: &[Vec<u32>]) -> Option<f64> {
-    let subjects: Vec<&Vec<u32>> = counts.iter().filter(|r| r.iter().sum::<u32>() >= 2).collect();
+    let subjects: Vec<&Vec<u32>> = counts
+        .iter()
+        .filter(|r| r.iter().sum::<u32>() >= 2)
+        .collect();
     if subjects.is_empty() {
         return None;
     }
@@ -68,7 +71,12 @@ pub enum Metric {
 /// Values are compared exactly, so pass category codes or scale points.
 pub fn krippendorff_alpha(units: &[Vec<f64>], metric: Metric) -> Option<f64> {
     // Distinct values, sorted (ordinal distance needs the rank order).
-    let mut values: Vec<f64> = units.iter().filter(|u| u.len() >= 2).flatten().copied().collect();
+    let mut values: Vec<f64> = units
+        .iter()
+        .filter(|u| u.len() >= 2)
+        .flatten()
+        .copied()
+        .collect();
     values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     values.dedup();
     let v = values.len();
@@ -127,7 +135,11 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     let mut s = xs.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let m = s.len() / 2;
-    Some(if s.len().is_multiple_of(2) { (s[m - 1] + s[m]) / 2.0 } else { s[m] })
+    Some(if s.len().is_multiple_of(2) {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
+    })
 }
 
 /// Ratings in a long format: (unit, rater, value).
@@ -135,7 +147,10 @@ pub type Rating = (i64, i64, f64);
 
 /// Pairwise Cohen's κ for every pair of raters with at least `min_common` shared units.
 /// Values are treated as nominal categories.
-pub fn pairwise_cohen(ratings: &[Rating], min_common: usize) -> Vec<(i64, i64, usize, Option<f64>)> {
+pub fn pairwise_cohen(
+    ratings: &[Rating],
+    min_common: usize,
+) -> Vec<(i64, i64, usize, Option<f64>)> {
     let mut by_rater: BTreeMap<i64, BTreeMap<i64, f64>> = BTreeMap::new();
     let mut cats: Vec<f64> = Vec::new();
     for &(unit, rater, v) in ratings {
@@ -254,7 +269,12 @@ mod tests {
         // Two raters, Cohen example again in long format: κ = 0.4 pairwise.
         let mut ratings = vec![];
         let mut unit = 0;
-        for (a, b, times) in [(1.0, 1.0, 20), (1.0, 0.0, 5), (0.0, 1.0, 10), (0.0, 0.0, 15)] {
+        for (a, b, times) in [
+            (1.0, 1.0, 20),
+            (1.0, 0.0, 5),
+            (0.0, 1.0, 10),
+            (0.0, 0.0, 15),
+        ] {
             for _ in 0..times {
                 ratings.push((unit, 7, a));
                 ratings.push((unit, 9, b));

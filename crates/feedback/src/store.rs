@@ -23,38 +23,56 @@ pub fn random_token() -> String {
 /// Tokens are stored hashed so a leaked database does not leak live sessions/invites.
 pub fn token_hash(token: &str) -> String {
     use blake2::{Blake2s256, Digest};
-    Blake2s256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Blake2s256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-pub async fn audit_tx(tx: &mut Transaction<'_, Any>, user_id: Option<i64>, action: &str, detail: Value) -> Result<()> {
-    sqlx::query("INSERT INTO audit_log (at, user_id, action, detail) VALUES ($1, NULLIF($2, 0), $3, $4)")
-        .bind(now_ms())
-        .bind(user_id.unwrap_or(0))
-        .bind(action)
-        .bind(detail.to_string())
-        .execute(&mut **tx)
-        .await?;
+pub async fn audit_tx(
+    tx: &mut Transaction<'_, Any>,
+    user_id: Option<i64>,
+    action: &str,
+    detail: Value,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, user_id, action, detail) VALUES ($1, NULLIF($2, 0), $3, $4)",
+    )
+    .bind(now_ms())
+    .bind(user_id.unwrap_or(0))
+    .bind(action)
+    .bind(detail.to_string())
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
 /// Marks a user's unused invites as used (revoked); returns how many.
 async fn revoke_invites(tx: &mut Transaction<'_, Any>, user_id: i64, now: i64) -> Result<u64> {
-    Ok(sqlx::query("UPDATE invites SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
-        .bind(now)
-        .bind(user_id)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("UPDATE invites SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected(),
+    )
 }
 
 /// Deletes a user's sessions except `keep` (a raw session token); returns how many.
-async fn end_sessions(tx: &mut Transaction<'_, Any>, user_id: i64, keep: Option<&str>) -> Result<u64> {
-    Ok(sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2")
-        .bind(user_id)
-        .bind(keep.map(token_hash).unwrap_or_default())
-        .execute(&mut **tx)
-        .await?
-        .rows_affected())
+async fn end_sessions(
+    tx: &mut Transaction<'_, Any>,
+    user_id: i64,
+    keep: Option<&str>,
+) -> Result<u64> {
+    Ok(
+        sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2")
+            .bind(user_id)
+            .bind(keep.map(token_hash).unwrap_or_default())
+            .execute(&mut **tx)
+            .await?
+            .rows_affected(),
+    )
 }
 
 fn user_from_row(r: &AnyRow) -> Result<User> {
@@ -108,12 +126,14 @@ fn label_from_row(r: &AnyRow) -> Result<Label> {
     })
 }
 
-const ITEM_COLS: &str = "id, project_id, external_id, prompt, responses, gold, uncertainty, label_count";
+const ITEM_COLS: &str =
+    "id, project_id, external_id, prompt, responses, gold, uncertainty, label_count";
 const LABEL_COLS: &str =
     "id, project_id, item_id, user_id, assignment_id, value, supersedes, duration_ms, created_at";
 
 /// Live labels: heads of their chain that are not undos.
-const LIVE: &str = "NOT EXISTS (SELECT 1 FROM labels s WHERE s.supersedes = l.id) AND l.kind <> 'undo'";
+const LIVE: &str =
+    "NOT EXISTS (SELECT 1 FROM labels s WHERE s.supersedes = l.id) AND l.kind <> 'undo'";
 
 pub enum Submitted {
     New(i64),
@@ -133,17 +153,29 @@ impl Db {
     // ---------------------------------------------------------------- users
 
     pub async fn count_users(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM users").fetch_one(&self.pool).await?.try_get(0)?)
+        Ok(sqlx::query("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
     }
 
-    pub async fn create_user(&self, actor: Option<i64>, username: &str, role: Role, password_hash: Option<&str>) -> Result<i64> {
+    pub async fn create_user(
+        &self,
+        actor: Option<i64>,
+        username: &str,
+        role: Role,
+        password_hash: Option<&str>,
+    ) -> Result<i64> {
         let username = username.trim();
         if username.is_empty() || username.len() > 64 || username.chars().any(|c| c.is_control()) {
             return Err(invalid("username must be 1–64 printable characters"));
         }
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT id FROM users WHERE username = $1").bind(username).fetch_optional(&mut *tx).await?;
+        let exists = sqlx::query("SELECT id FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_optional(&mut *tx)
+            .await?;
         if exists.is_some() {
             return Err(Error::Conflict(format!("user {username:?} already exists")));
         }
@@ -157,17 +189,30 @@ impl Db {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
-        audit_tx(&mut tx, actor, "user_create", json!({"user_id": id, "username": username, "role": role.as_str()})).await?;
+        audit_tx(
+            &mut tx,
+            actor,
+            "user_create",
+            json!({"user_id": id, "username": username, "role": role.as_str()}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(id)
     }
 
     pub async fn user_by_name(&self, username: &str) -> Result<Option<(User, Option<String>)>> {
-        let row = sqlx::query("SELECT id, username, role, password_hash FROM users WHERE username = $1")
-            .bind(username)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| Ok((user_from_row(&r)?, r.try_get::<Option<String>, _>("password_hash")?))).transpose()
+        let row =
+            sqlx::query("SELECT id, username, role, password_hash FROM users WHERE username = $1")
+                .bind(username)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok((
+                user_from_row(&r)?,
+                r.try_get::<Option<String>, _>("password_hash")?,
+            ))
+        })
+        .transpose()
     }
 
     pub async fn user(&self, id: i64) -> Result<User> {
@@ -198,14 +243,26 @@ impl Db {
             .ok_or_else(|| Error::NotFound(format!("user {user_id}")))?
             .try_get(0)?;
         if old == "admin" && role != Role::Admin {
-            let admins: i64 =
-                sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin'").fetch_one(&mut *tx).await?.try_get(0)?;
+            let admins: i64 = sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin'")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
             if admins <= 1 {
                 return Err(invalid("cannot demote the last admin"));
             }
         }
-        sqlx::query("UPDATE users SET role = $1 WHERE id = $2").bind(role.as_str()).bind(user_id).execute(&mut *tx).await?;
-        audit_tx(&mut tx, Some(actor), "role_change", json!({"user_id": user_id, "from": old, "to": role.as_str()})).await?;
+        sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
+            .bind(role.as_str())
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        audit_tx(
+            &mut tx,
+            Some(actor),
+            "role_change",
+            json!({"user_id": user_id, "from": old, "to": role.as_str()}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -216,9 +273,19 @@ impl Db {
     pub async fn set_password(&self, user_id: i64, hash: &str, keep: Option<&str>) -> Result<()> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(hash).bind(user_id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
         let ended = end_sessions(&mut tx, user_id, keep).await?;
-        audit_tx(&mut tx, Some(user_id), "password_set", json!({"user_id": user_id, "sessions_ended": ended})).await?;
+        audit_tx(
+            &mut tx,
+            Some(user_id),
+            "password_set",
+            json!({"user_id": user_id, "sessions_ended": ended}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -227,7 +294,12 @@ impl Db {
 
     /// Single-use invite for an existing user; returns the raw token (shown once). Any
     /// older unused invite of the user stops working: only the newest link is valid.
-    pub async fn create_invite(&self, actor: Option<i64>, user_id: i64, ttl_ms: i64) -> Result<String> {
+    pub async fn create_invite(
+        &self,
+        actor: Option<i64>,
+        user_id: i64,
+        ttl_ms: i64,
+    ) -> Result<String> {
         let token = random_token();
         let now = now_ms();
         let _g = self.write_guard().await;
@@ -271,11 +343,21 @@ impl Db {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let user_id: i64 = row.try_get(0)?;
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(password_hash).bind(user_id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(password_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
         // An invite is also a password reset: other links and every old session end here.
         revoke_invites(&mut tx, user_id, now_ms()).await?;
         let ended = end_sessions(&mut tx, user_id, None).await?;
-        audit_tx(&mut tx, Some(user_id), "invite_redeemed", json!({"user_id": user_id, "sessions_ended": ended})).await?;
+        audit_tx(
+            &mut tx,
+            Some(user_id),
+            "invite_redeemed",
+            json!({"user_id": user_id, "sessions_ended": ended}),
+        )
+        .await?;
         tx.commit().await?;
         drop(_g);
         Ok(Some(self.user(user_id).await?))
@@ -297,7 +379,10 @@ impl Db {
             .bind(now + ttl_ms)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM sessions WHERE expires_at < $1").bind(now).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM sessions WHERE expires_at < $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         audit_tx(&mut tx, Some(user_id), "login", json!({})).await?;
         tx.commit().await?;
         Ok((token, csrf))
@@ -313,13 +398,17 @@ impl Db {
         .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| Ok((user_from_row(&r)?, r.try_get::<String, _>("csrf_token")?))).transpose()
+        row.map(|r| Ok((user_from_row(&r)?, r.try_get::<String, _>("csrf_token")?)))
+            .transpose()
     }
 
     pub async fn delete_session(&self, token: &str, user_id: i64) -> Result<()> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(token_hash(token)).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+            .bind(token_hash(token))
+            .execute(&mut *tx)
+            .await?;
         audit_tx(&mut tx, Some(user_id), "logout", json!({})).await?;
         tx.commit().await?;
         Ok(())
@@ -342,8 +431,16 @@ impl Db {
         p.validate()?;
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
-        if sqlx::query("SELECT id FROM projects WHERE name = $1").bind(&p.name).fetch_optional(&mut *tx).await?.is_some() {
-            return Err(Error::Conflict(format!("project {:?} already exists", p.name)));
+        if sqlx::query("SELECT id FROM projects WHERE name = $1")
+            .bind(&p.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
+            return Err(Error::Conflict(format!(
+                "project {:?} already exists",
+                p.name
+            )));
         }
         let id: i64 = sqlx::query(
             "INSERT INTO projects (name, task_kind, criteria, likert_max, overlap, min_seconds, guidelines, created_at) \
@@ -360,7 +457,13 @@ impl Db {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
-        audit_tx(&mut tx, actor, "project_create", json!({"project_id": id, "name": p.name, "kind": p.kind.as_str()})).await?;
+        audit_tx(
+            &mut tx,
+            actor,
+            "project_create",
+            json!({"project_id": id, "name": p.name, "kind": p.kind.as_str()}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -451,8 +554,18 @@ impl Db {
     pub async fn set_guidelines(&self, actor: i64, id: i64, text: &str) -> Result<()> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE projects SET guidelines = $1 WHERE id = $2").bind(text).bind(id).execute(&mut *tx).await?;
-        audit_tx(&mut tx, Some(actor), "guidelines_edit", json!({"project_id": id, "chars": text.chars().count()})).await?;
+        sqlx::query("UPDATE projects SET guidelines = $1 WHERE id = $2")
+            .bind(text)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        audit_tx(
+            &mut tx,
+            Some(actor),
+            "guidelines_edit",
+            json!({"project_id": id, "chars": text.chars().count()}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -470,7 +583,13 @@ impl Db {
         .collect()
     }
 
-    pub async fn set_member(&self, actor: Option<i64>, project_id: i64, user_id: i64, member: bool) -> Result<()> {
+    pub async fn set_member(
+        &self,
+        actor: Option<i64>,
+        project_id: i64,
+        user_id: i64,
+        member: bool,
+    ) -> Result<()> {
         self.project(project_id).await?;
         self.user(user_id).await?;
         let _g = self.write_guard().await;
@@ -488,8 +607,18 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        let action = if member { "member_add" } else { "member_remove" };
-        audit_tx(&mut tx, actor, action, json!({"project_id": project_id, "user_id": user_id})).await?;
+        let action = if member {
+            "member_add"
+        } else {
+            "member_remove"
+        };
+        audit_tx(
+            &mut tx,
+            actor,
+            action,
+            json!({"project_id": project_id, "user_id": user_id}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -498,7 +627,13 @@ impl Db {
 
     /// Inserts items; ones whose external id already exists in the project are skipped
     /// (re-importing a file is harmless). Returns (inserted, skipped).
-    pub async fn insert_items(&self, actor: Option<i64>, project_id: i64, source: &str, items: &[NewItem]) -> Result<(usize, usize)> {
+    pub async fn insert_items(
+        &self,
+        actor: Option<i64>,
+        project_id: i64,
+        source: &str,
+        items: &[NewItem],
+    ) -> Result<(usize, usize)> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
@@ -526,28 +661,38 @@ impl Db {
     }
 
     pub async fn item(&self, project_id: i64, item_id: i64) -> Result<Item> {
-        let r = sqlx::query(&format!("SELECT {ITEM_COLS} FROM items WHERE id = $1 AND project_id = $2"))
-            .bind(item_id)
-            .bind(project_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("item {item_id} in project {project_id}")))?;
+        let r = sqlx::query(&format!(
+            "SELECT {ITEM_COLS} FROM items WHERE id = $1 AND project_id = $2"
+        ))
+        .bind(item_id)
+        .bind(project_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("item {item_id} in project {project_id}")))?;
         item_from_row(&r)
     }
 
     pub async fn items(&self, project_id: i64) -> Result<Vec<Item>> {
-        sqlx::query(&format!("SELECT {ITEM_COLS} FROM items WHERE project_id = $1 ORDER BY id"))
-            .bind(project_id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(item_from_row)
-            .collect()
+        sqlx::query(&format!(
+            "SELECT {ITEM_COLS} FROM items WHERE project_id = $1 ORDER BY id"
+        ))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(item_from_row)
+        .collect()
     }
 
     /// Stores reward-model uncertainty per item; `key` is the numeric item id or the
     /// external id. Errors name the first unknown key.
-    pub async fn set_uncertainties(&self, actor: Option<i64>, project_id: i64, source: &str, values: &[(String, f64, usize)]) -> Result<usize> {
+    pub async fn set_uncertainties(
+        &self,
+        actor: Option<i64>,
+        project_id: i64,
+        source: &str,
+        values: &[(String, f64, usize)],
+    ) -> Result<usize> {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
         for (key, value, line) in values {
@@ -560,10 +705,18 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
             if res.rows_affected() == 0 {
-                return Err(invalid(format!("{source}:{line}: field \"item_id\": no item {key:?} in this project")));
+                return Err(invalid(format!(
+                    "{source}:{line}: field \"item_id\": no item {key:?} in this project"
+                )));
             }
         }
-        audit_tx(&mut tx, actor, "import_scores", json!({"project_id": project_id, "source": source, "items": values.len()})).await?;
+        audit_tx(
+            &mut tx,
+            actor,
+            "import_scores",
+            json!({"project_id": project_id, "source": source, "items": values.len()}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(values.len())
     }
@@ -583,7 +736,13 @@ impl Db {
     ///
     /// Gold items are interleaved every `GOLD_EVERY`-th item and are shown to everyone
     /// (also past the overlap target) once nothing else is left.
-    pub async fn open_task(&self, project: &Project, user_id: i64, done: i64, lease_ms: i64) -> Result<Option<(Assignment, Item)>> {
+    pub async fn open_task(
+        &self,
+        project: &Project,
+        user_id: i64,
+        done: i64,
+        lease_ms: i64,
+    ) -> Result<Option<(Assignment, Item)>> {
         let now = now_ms();
         if let Some(open) = self.open_assignment(project.id, user_id, now).await? {
             return Ok(Some(open));
@@ -591,10 +750,23 @@ impl Db {
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(project.id).execute(&mut *tx).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(project.id)
+                .execute(&mut *tx)
+                .await?;
         }
-        let Some(item) = pick_item(&mut tx, project, user_id, done, now).await? else { return Ok(None) };
-        let a = insert_assignment(&mut tx, &item, user_id, project.kind == TaskKind::Pairwise, now, lease_ms).await?;
+        let Some(item) = pick_item(&mut tx, project, user_id, done, now).await? else {
+            return Ok(None);
+        };
+        let a = insert_assignment(
+            &mut tx,
+            &item,
+            user_id,
+            project.kind == TaskKind::Pairwise,
+            now,
+            lease_ms,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some((a, item)))
     }
@@ -602,7 +774,13 @@ impl Db {
     /// An assignment for a specific item (changing an answer, or after an undo): the
     /// annotator's open one if any, else a new lease that keeps the order of the sides
     /// they saw before.
-    pub async fn open_item(&self, item: &Item, user_id: i64, randomise: bool, lease_ms: i64) -> Result<Assignment> {
+    pub async fn open_item(
+        &self,
+        item: &Item,
+        user_id: i64,
+        randomise: bool,
+        lease_ms: i64,
+    ) -> Result<Assignment> {
         let now = now_ms();
         let _g = self.write_guard().await;
         let mut tx = self.pool.begin().await?;
@@ -629,7 +807,12 @@ impl Db {
     }
 
     /// The annotator's open (leased, unanswered) task in the project, oldest first.
-    async fn open_assignment(&self, project_id: i64, user_id: i64, now: i64) -> Result<Option<(Assignment, Item)>> {
+    async fn open_assignment(
+        &self,
+        project_id: i64,
+        user_id: i64,
+        now: i64,
+    ) -> Result<Option<(Assignment, Item)>> {
         let r = sqlx::query(&format!(
             "SELECT a.id AS a_id, a.shown_order, a.served_at, {} FROM assignments a JOIN items i ON i.id = a.item_id \
              WHERE a.user_id = $1 AND a.lease_until > $2 AND i.project_id = $3 ORDER BY a.id LIMIT 1",
@@ -640,11 +823,18 @@ impl Db {
         .bind(project_id)
         .fetch_optional(&self.pool)
         .await?;
-        r.as_ref().map(|r| assignment_and_item(r, user_id)).transpose()
+        r.as_ref()
+            .map(|r| assignment_and_item(r, user_id))
+            .transpose()
     }
 
     /// A user's assignment together with its item, which must be in `project_id`.
-    pub async fn assignment_item(&self, id: i64, user_id: i64, project_id: i64) -> Result<(Assignment, Item)> {
+    pub async fn assignment_item(
+        &self,
+        id: i64,
+        user_id: i64,
+        project_id: i64,
+    ) -> Result<(Assignment, Item)> {
         let r = sqlx::query(&format!(
             "SELECT a.id AS a_id, a.shown_order, a.served_at, {} FROM assignments a JOIN items i ON i.id = a.item_id \
              WHERE a.id = $1 AND a.user_id = $2 AND i.project_id = $3",
@@ -765,18 +955,25 @@ impl Db {
 
     /// (label id, item id) of the user's label stored under an idempotency key.
     pub async fn label_by_key(&self, user_id: i64, key: &str) -> Result<Option<(i64, i64)>> {
-        Ok(sqlx::query("SELECT id, item_id FROM labels WHERE user_id = $1 AND idempotency_key = $2")
-            .bind(user_id)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
-            .transpose()?)
+        Ok(sqlx::query(
+            "SELECT id, item_id FROM labels WHERE user_id = $1 AND idempotency_key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
+        .transpose()?)
     }
 
     /// The user's most recent live labels in the project, newest first (the first one
     /// is what "undo" withdraws).
-    pub async fn recent_live_labels(&self, project_id: i64, user_id: i64, limit: i64) -> Result<Vec<Label>> {
+    pub async fn recent_live_labels(
+        &self,
+        project_id: i64,
+        user_id: i64,
+        limit: i64,
+    ) -> Result<Vec<Label>> {
         sqlx::query(&format!(
             "SELECT {LABEL_COLS} FROM labels l WHERE l.project_id = $1 AND l.user_id = $2 AND {LIVE} ORDER BY l.id DESC LIMIT $3"
         ))
@@ -791,28 +988,36 @@ impl Db {
     }
 
     pub async fn last_live_label(&self, project_id: i64, user_id: i64) -> Result<Option<Label>> {
-        Ok(self.recent_live_labels(project_id, user_id, 1).await?.into_iter().next())
+        Ok(self
+            .recent_live_labels(project_id, user_id, 1)
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// The user's live label on an item, if any.
     pub async fn live_label(&self, item_id: i64, user_id: i64) -> Result<Option<Label>> {
-        let r = sqlx::query(&format!("SELECT {LABEL_COLS} FROM labels l WHERE l.item_id = $1 AND l.user_id = $2 AND {LIVE}"))
-            .bind(item_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let r = sqlx::query(&format!(
+            "SELECT {LABEL_COLS} FROM labels l WHERE l.item_id = $1 AND l.user_id = $2 AND {LIVE}"
+        ))
+        .bind(item_id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
         r.as_ref().map(label_from_row).transpose()
     }
 
     /// All live labels of a project, oldest first.
     pub async fn live_labels(&self, project_id: i64) -> Result<Vec<Label>> {
-        sqlx::query(&format!("SELECT {LABEL_COLS} FROM labels l WHERE l.project_id = $1 AND {LIVE} ORDER BY l.id"))
-            .bind(project_id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(label_from_row)
-            .collect()
+        sqlx::query(&format!(
+            "SELECT {LABEL_COLS} FROM labels l WHERE l.project_id = $1 AND {LIVE} ORDER BY l.id"
+        ))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(label_from_row)
+        .collect()
     }
 
     /// Every label row (history included) of a user in a project, oldest first.
@@ -841,7 +1046,11 @@ impl Db {
         .bind(user_id)
         .fetch_one(&self.pool)
         .await?;
-        let (done, eligible, mine): (i64, i64, i64) = (r.try_get("done")?, r.try_get("eligible")?, r.try_get("mine")?);
+        let (done, eligible, mine): (i64, i64, i64) = (
+            r.try_get("done")?,
+            r.try_get("eligible")?,
+            r.try_get("mine")?,
+        );
         Ok((done, eligible - mine))
     }
 
@@ -912,7 +1121,11 @@ impl Db {
 }
 
 fn prefixed_item_cols() -> String {
-    ITEM_COLS.split(", ").map(|c| format!("i.{c}")).collect::<Vec<_>>().join(", ")
+    ITEM_COLS
+        .split(", ")
+        .map(|c| format!("i.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn assignment_and_item(r: &AnyRow, user_id: i64) -> Result<(Assignment, Item)> {
@@ -928,9 +1141,17 @@ fn assignment_and_item(r: &AnyRow, user_id: i64) -> Result<(Assignment, Item)> {
 }
 
 /// The next item for an annotator (see `Db::open_task`); run inside its transaction.
-async fn pick_item(tx: &mut Transaction<'_, Any>, project: &Project, user_id: i64, done: i64, now: i64) -> Result<Option<Item>> {
+async fn pick_item(
+    tx: &mut Transaction<'_, Any>,
+    project: &Project,
+    user_id: i64,
+    done: i64,
+    now: i64,
+) -> Result<Option<Item>> {
     const GOLD_EVERY: i64 = 10;
-    let not_mine = format!("NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $2 AND {LIVE})");
+    let not_mine = format!(
+        "NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.user_id = $2 AND {LIVE})"
+    );
     // Labels plus open leases of others must stay under the overlap target.
     let room = "i.label_count + (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.lease_until > $4) < $3";
     let gold_sql = format!("SELECT {ITEM_COLS} FROM items i WHERE i.project_id = $1 AND i.gold IS NOT NULL AND {not_mine} ORDER BY i.id LIMIT 1");
@@ -947,7 +1168,11 @@ async fn pick_item(tx: &mut Transaction<'_, Any>, project: &Project, user_id: i6
     // (query, whether it uses the overlap and time parameters $3, $4)
     let gold = (gold_sql.as_str(), false);
     let (scored, least) = ((queries[0].as_str(), true), (queries[1].as_str(), true));
-    let order = if (done + 1) % GOLD_EVERY == 0 { [gold, scored, least] } else { [scored, least, gold] };
+    let order = if (done + 1) % GOLD_EVERY == 0 {
+        [gold, scored, least]
+    } else {
+        [scored, least, gold]
+    };
     for (sql, room_params) in order {
         let mut q = sqlx::query(sql).bind(project.id).bind(user_id);
         if room_params {
@@ -991,7 +1216,13 @@ async fn insert_assignment(
     .await?;
     let id: i64 = r.try_get("id")?;
     let order: Vec<usize> = serde_json::from_str(&r.try_get::<String, _>("shown_order")?)?;
-    Ok(Assignment { id, item_id: item.id, user_id, shown_order: order, served_at: now })
+    Ok(Assignment {
+        id,
+        item_id: item.id,
+        user_id,
+        shown_order: order,
+        served_at: now,
+    })
 }
 
 fn is_unique_violation(e: &anyhow::Error) -> bool {

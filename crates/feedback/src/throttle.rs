@@ -19,9 +19,19 @@ pub struct Policy {
 
 impl Policy {
     /// Per account: 5 free failures, then 1 s, 2 s, 4 s … up to 15 minutes.
-    pub const ACCOUNT: Policy = Policy { free_failures: 5, base_delay_ms: 1000, max_delay_ms: 15 * 60 * 1000, window_ms: 15 * 60 * 1000 };
+    pub const ACCOUNT: Policy = Policy {
+        free_failures: 5,
+        base_delay_ms: 1000,
+        max_delay_ms: 15 * 60 * 1000,
+        window_ms: 15 * 60 * 1000,
+    };
     /// Per client address: more headroom (people share addresses behind NAT).
-    pub const ADDRESS: Policy = Policy { free_failures: 20, base_delay_ms: 1000, max_delay_ms: 15 * 60 * 1000, window_ms: 15 * 60 * 1000 };
+    pub const ADDRESS: Policy = Policy {
+        free_failures: 20,
+        base_delay_ms: 1000,
+        max_delay_ms: 15 * 60 * 1000,
+        window_ms: 15 * 60 * 1000,
+    };
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,7 +63,10 @@ pub struct Throttle {
 
 impl Throttle {
     pub fn new(policy: Policy) -> Throttle {
-        Throttle { policy, entries: Mutex::new(HashMap::new()) }
+        Throttle {
+            policy,
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -80,10 +93,17 @@ impl Throttle {
         }
         e.failures += 1;
         e.last_failure = now;
-        let mut out = Failure { first_in_burst, failures: e.failures, ..Failure::default() };
+        let mut out = Failure {
+            first_in_burst,
+            failures: e.failures,
+            ..Failure::default()
+        };
         if e.failures > p.free_failures {
             let doublings = (e.failures - p.free_failures - 1).min(40);
-            let delay = p.base_delay_ms.saturating_mul(1i64 << doublings).min(p.max_delay_ms);
+            let delay = p
+                .base_delay_ms
+                .saturating_mul(1i64 << doublings)
+                .min(p.max_delay_ms);
             e.blocked_until = now + delay;
             out.blocked_for_ms = delay;
             out.lockout_started = !e.lock_audited;
@@ -103,15 +123,25 @@ mod tests {
 
     #[test]
     fn delays_grow_and_bursts_are_audited_once() {
-        let t = Throttle::new(Policy { free_failures: 3, base_delay_ms: 100, max_delay_ms: 350, window_ms: 10_000 });
+        let t = Throttle::new(Policy {
+            free_failures: 3,
+            base_delay_ms: 100,
+            max_delay_ms: 350,
+            window_ms: 10_000,
+        });
         let mut now = 1_000;
         let f: Vec<Failure> = (0..3).map(|_| t.failure("u:bob", now)).collect();
         assert!(f[0].first_in_burst && !f[1].first_in_burst && !f[2].first_in_burst);
-        assert!(f.iter().all(|x| !x.lockout_started && x.blocked_for_ms == 0));
+        assert!(f
+            .iter()
+            .all(|x| !x.lockout_started && x.blocked_for_ms == 0));
         assert_eq!(t.blocked_for("u:bob", now), None);
         // 4th failure: locked 100 ms, audited once; then 200, then capped at 350.
         let f4 = t.failure("u:bob", now);
-        assert_eq!((f4.lockout_started, f4.blocked_for_ms, f4.failures), (true, 100, 4));
+        assert_eq!(
+            (f4.lockout_started, f4.blocked_for_ms, f4.failures),
+            (true, 100, 4)
+        );
         assert_eq!(t.blocked_for("u:bob", now + 40), Some(60));
         now += 100;
         assert_eq!(t.blocked_for("u:bob", now), None);

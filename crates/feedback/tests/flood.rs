@@ -42,7 +42,10 @@ async fn attempt(http: &reqwest::Client, base: &str, user: &str, passwords: &[&s
         .get_all("set-cookie")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix("rlhf_pre=").map(|v| v.split(';').next().unwrap().to_string()))
+        .find_map(|v| {
+            v.strip_prefix("rlhf_pre=")
+                .map(|v| v.split(';').next().unwrap().to_string())
+        })
         .unwrap();
     let csrf = field(&r.text().await.unwrap(), "csrf");
     let mut out = vec![];
@@ -62,7 +65,10 @@ async fn attempt(http: &reqwest::Client, base: &str, user: &str, passwords: &[&s
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_flood_keeps_memory_flat() {
     if !std::path::Path::new("/proc/self/status").exists() {
-        skip("login-flood", "no /proc/self/status; the login-flood memory test needs Linux");
+        skip(
+            "login-flood",
+            "no /proc/self/status; the login-flood memory test needs Linux",
+        );
         return;
     }
     let tdb = sqlite_db();
@@ -72,13 +78,29 @@ async fn login_flood_keeps_memory_flat() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     // All clients share 127.0.0.1: switch the per-address throttle off so every guess
     // reaches the hash pool (the worst case for memory).
-    let open = Policy { free_failures: u32::MAX, ..Policy::ADDRESS };
-    let cfg = Config { address_throttle: open, ..Config::default() };
-    let server = tokio::spawn(serve_on(listener, Db::connect(&tdb.url).await.unwrap(), cfg));
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let open = Policy {
+        free_failures: u32::MAX,
+        ..Policy::ADDRESS
+    };
+    let cfg = Config {
+        address_throttle: open,
+        ..Config::default()
+    };
+    let server = tokio::spawn(serve_on(
+        listener,
+        Db::connect(&tdb.url).await.unwrap(),
+        cfg,
+    ));
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     // Warm up: one real log-in (one hash, the dummy hash, connections).
     assert_eq!(attempt(&http, &base, "admin", &[PASSWORD]).await, vec![303]);
-    assert_eq!(attempt(&http, &base, "nobody", &["wrong-one"]).await, vec![401]);
+    assert_eq!(
+        attempt(&http, &base, "nobody", &["wrong-one"]).await,
+        vec![401]
+    );
     let before = rss_kib();
 
     let peak = Arc::new(AtomicU64::new(before));
@@ -99,7 +121,9 @@ async fn login_flood_keeps_memory_flat() {
             // the way and every 429 comes from the hash queue. Unknown users cost a
             // real hash too (timing must not reveal which accounts exist).
             let user = format!("ghost{i}");
-            tokio::spawn(async move { attempt(&http, &base, &user, &["wrong-1", "wrong-2", "wrong-3"]).await })
+            tokio::spawn(async move {
+                attempt(&http, &base, &user, &["wrong-1", "wrong-2", "wrong-3"]).await
+            })
         })
         .collect();
     let mut statuses = std::collections::BTreeMap::new();
@@ -119,8 +143,15 @@ async fn login_flood_keeps_memory_flat() {
         peak as f64 / 1024.0,
         after as f64 / 1024.0
     );
-    assert!(peak.saturating_sub(before) < MAX_GROWTH_MIB * 1024, "RSS grew by {} MiB", (peak - before) / 1024);
-    assert!(statuses.get(&429).copied().unwrap_or(0) > 0, "the hash queue never filled: {statuses:?}");
+    assert!(
+        peak.saturating_sub(before) < MAX_GROWTH_MIB * 1024,
+        "RSS grew by {} MiB",
+        (peak - before) / 1024
+    );
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) > 0,
+        "the hash queue never filled: {statuses:?}"
+    );
     // The server still serves real log-ins.
     assert_eq!(attempt(&http, &base, "admin", &[PASSWORD]).await, vec![303]);
     server.abort();

@@ -26,7 +26,11 @@ const OVERLAP: i64 = 3;
 const ITEMS: usize = 5_000;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The server process; killed on drop so a failing test leaves nothing running.
@@ -48,13 +52,15 @@ impl Server {
 }
 
 fn start_server(db: &str, port: u16) -> Server {
-    Server(Command::new(env!("CARGO_BIN_EXE_rlhf-feedback"))
-        .args(["serve", "--db", db, "--addr", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start rlhf-feedback serve"))
+    Server(
+        Command::new(env!("CARGO_BIN_EXE_rlhf-feedback"))
+            .args(["serve", "--db", db, "--addr", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start rlhf-feedback serve"),
+    )
 }
 
 async fn wait_healthy(http: &reqwest::Client, base: &str) {
@@ -65,7 +71,10 @@ async fn wait_healthy(http: &reqwest::Client, base: &str) {
                 return;
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "server did not come up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "server did not come up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -77,11 +86,15 @@ fn field(body: &str, name: &str) -> Option<String> {
 }
 
 fn cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
-    resp.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
-        let kv = v.split(';').next()?;
-        let (k, val) = kv.split_once('=')?;
-        (k == name && !val.is_empty()).then(|| val.to_string())
-    })
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            let kv = v.split(';').next()?;
+            let (k, val) = kv.split_once('=')?;
+            (k == name && !val.is_empty()).then(|| val.to_string())
+        })
 }
 
 /// What every simulated annotator of one load run shares.
@@ -100,16 +113,31 @@ struct Load {
 /// One annotator: logs in, then fetches tasks and submits labels. Network errors (the
 /// server being killed) are retried: GETs simply again, POSTs with the same key.
 async fn annotator(load: Load, user: String, submissions: usize) {
-    let Load { http, base, pid, tag, acked, ack_count, latency } = load;
+    let Load {
+        http,
+        base,
+        pid,
+        tag,
+        acked,
+        ack_count,
+        latency,
+    } = load;
     let retry = || tokio::time::sleep(Duration::from_millis(50));
     let session = loop {
-        let Ok(r) = http.get(format!("{base}/login")).send().await else { retry().await; continue };
+        let Ok(r) = http.get(format!("{base}/login")).send().await else {
+            retry().await;
+            continue;
+        };
         let pre = cookie(&r, "rlhf_pre").unwrap();
         let csrf = field(&r.text().await.unwrap(), "csrf").unwrap();
         let Ok(r) = http
             .post(format!("{base}/login"))
             .header("cookie", format!("rlhf_pre={pre}"))
-            .form(&[("csrf", csrf.as_str()), ("username", user.as_str()), ("password", PASSWORD)])
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("username", user.as_str()),
+                ("password", PASSWORD),
+            ])
             .send()
             .await
         else {
@@ -128,13 +156,28 @@ async fn annotator(load: Load, user: String, submissions: usize) {
     let mut n = 0;
     while n < submissions {
         let t = Instant::now();
-        let Ok(r) = http.get(format!("{base}/p/{pid}/task")).header("cookie", &ck).send().await else { retry().await; continue };
+        let Ok(r) = http
+            .get(format!("{base}/p/{pid}/task"))
+            .header("cookie", &ck)
+            .send()
+            .await
+        else {
+            retry().await;
+            continue;
+        };
         if r.status() != 200 {
             retry().await;
             continue;
         }
-        let Ok(body) = r.text().await else { retry().await; continue };
-        latency.lock().unwrap().0.push(t.elapsed().as_secs_f64() * 1000.0);
+        let Ok(body) = r.text().await else {
+            retry().await;
+            continue;
+        };
+        latency
+            .lock()
+            .unwrap()
+            .0
+            .push(t.elapsed().as_secs_f64() * 1000.0);
         let (Some(csrf), Some(a)) = (field(&body, "csrf"), field(&body, "assignment")) else {
             panic!("{user}: no task left after {n} submissions:\n{body}");
         };
@@ -145,15 +188,28 @@ async fn annotator(load: Load, user: String, submissions: usize) {
             let sent = http
                 .post(format!("{base}/p/{pid}/label"))
                 .header("cookie", &ck)
-                .form(&[("csrf", csrf.as_str()), ("assignment", a.as_str()), ("key", key.as_str()), ("choice", choice)])
+                .form(&[
+                    ("csrf", csrf.as_str()),
+                    ("assignment", a.as_str()),
+                    ("key", key.as_str()),
+                    ("choice", choice),
+                ])
                 .send()
                 .await;
             match sent {
                 Ok(r) if r.status() == 303 => {
-                    latency.lock().unwrap().1.push(t.elapsed().as_secs_f64() * 1000.0);
+                    latency
+                        .lock()
+                        .unwrap()
+                        .1
+                        .push(t.elapsed().as_secs_f64() * 1000.0);
                     break;
                 }
-                Ok(r) => panic!("{user}: label rejected: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                Ok(r) => panic!(
+                    "{user}: label rejected: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
                 Err(_) => retry().await,
             }
         }
@@ -174,8 +230,18 @@ async fn run_load(
 ) -> (Vec<String>, Vec<f64>, Vec<f64>) {
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let latency = Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
-    let load = Load { http: http.clone(), base: base.to_string(), pid, tag, acked: acked.clone(), ack_count, latency: latency.clone() };
-    let tasks: Vec<_> = (0..ANNOTATORS).map(|i| tokio::spawn(annotator(load.clone(), format!("a{i}"), per_annotator))).collect();
+    let load = Load {
+        http: http.clone(),
+        base: base.to_string(),
+        pid,
+        tag,
+        acked: acked.clone(),
+        ack_count,
+        latency: latency.clone(),
+    };
+    let tasks: Vec<_> = (0..ANNOTATORS)
+        .map(|i| tokio::spawn(annotator(load.clone(), format!("a{i}"), per_annotator)))
+        .collect();
     for t in tasks {
         t.await.unwrap();
     }
@@ -205,9 +271,17 @@ async fn keys_in_db(url: &str, prefix: &str) -> Vec<(String, i64)> {
 fn check_exactly_once(acked: &[String], stored: &[(String, i64)]) -> (usize, usize) {
     let stored_keys: HashSet<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
     let dup = stored.iter().filter(|(_, n)| *n != 1).count();
-    let missing: Vec<&String> = acked.iter().filter(|k| !stored_keys.contains(k.as_str())).collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|k| !stored_keys.contains(k.as_str()))
+        .collect();
     assert_eq!(dup, 0, "a key was stored twice");
-    assert!(missing.is_empty(), "{} acknowledged submissions lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged submissions lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     (missing.len(), dup)
 }
 
@@ -236,11 +310,19 @@ async fn load_and_crash(tdb: TestDb) {
             p.overlap = OVERLAP;
             let pid = db.create_project(None, &p).await.unwrap();
             for i in 0..ANNOTATORS {
-                let uid = db.create_user(None, &format!("a{i}"), Role::Annotator, Some(&hash)).await.unwrap();
+                let uid = db
+                    .create_user(None, &format!("a{i}"), Role::Annotator, Some(&hash))
+                    .await
+                    .unwrap();
                 db.set_member(None, pid, uid, true).await.unwrap();
             }
             let items: Vec<NewItem> = (0..ITEMS)
-                .map(|i| NewItem { external_id: format!("it{i}"), prompt: format!("prompt {i}"), responses: vec![format!("a{i}"), format!("b{i}")], gold: None })
+                .map(|i| NewItem {
+                    external_id: format!("it{i}"),
+                    prompt: format!("prompt {i}"),
+                    responses: vec![format!("a{i}"), format!("b{i}")],
+                    gold: None,
+                })
                 .collect();
             db.insert_items(None, pid, "load", &items).await.unwrap();
             db.pool.close().await;
@@ -248,14 +330,19 @@ async fn load_and_crash(tdb: TestDb) {
         };
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(Duration::from_secs(30)).build().unwrap();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
         let mut server = start_server(&tdb.url, port);
         wait_healthy(&http, &base).await;
 
         // Phase 1: 10,000 submissions.
         let t1 = Instant::now();
         let count1 = Arc::new(AtomicUsize::new(0));
-        let (acked1, mut get_ms, mut post_ms) = run_load(&http, &base, pid, PHASE1_TOTAL / ANNOTATORS, "p1", count1).await;
+        let (acked1, mut get_ms, mut post_ms) =
+            run_load(&http, &base, pid, PHASE1_TOTAL / ANNOTATORS, "p1", count1).await;
         let secs = t1.elapsed().as_secs_f64();
         assert_eq!(acked1.len(), PHASE1_TOTAL);
         let stored1 = keys_in_db(&tdb.url, "p1").await;
@@ -276,7 +363,11 @@ async fn load_and_crash(tdb: TestDb) {
         let count2 = Arc::new(AtomicUsize::new(0));
         let load = {
             let (http, base, c) = (http.clone(), base.clone(), count2.clone());
-            tokio::spawn(async move { run_load(&http, &base, pid, PHASE2_PER_ANNOTATOR, "p2", c).await.0 })
+            tokio::spawn(async move {
+                run_load(&http, &base, pid, PHASE2_PER_ANNOTATOR, "p2", c)
+                    .await
+                    .0
+            })
         };
         let target = ANNOTATORS * PHASE2_PER_ANNOTATOR / 3;
         while count2.load(Ordering::SeqCst) < target {
@@ -287,11 +378,19 @@ async fn load_and_crash(tdb: TestDb) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         server = start_server(&tdb.url, port);
         let acked2 = load.await.unwrap();
-        eprintln!("[{}] phase 2: killed after {at_kill} acks, {} acknowledged in total", tdb.name, acked2.len());
+        eprintln!(
+            "[{}] phase 2: killed after {at_kill} acks, {} acknowledged in total",
+            tdb.name,
+            acked2.len()
+        );
         assert_eq!(acked2.len(), ANNOTATORS * PHASE2_PER_ANNOTATOR);
         let stored2 = keys_in_db(&tdb.url, "p2").await;
         let (lost2, dup2) = check_exactly_once(&acked2, &stored2);
-        assert_eq!(stored2.len(), acked2.len(), "every stored submission was eventually acknowledged");
+        assert_eq!(
+            stored2.len(),
+            acked2.len(),
+            "every stored submission was eventually acknowledged"
+        );
         server.kill9();
         // Overlap: labels beyond the target (items with more than k live labels).
         let db = Db::connect(&tdb.url).await.unwrap();
@@ -306,8 +405,15 @@ async fn load_and_crash(tdb: TestDb) {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        let (beyond, items_over, max_labels): (i64, i64, Option<i64>) = (r.get(0), r.get(1), r.get(2));
-        let unlabelled: i64 = sqlx::query("SELECT COUNT(*) FROM items WHERE project_id = $1 AND label_count = 0").bind(pid).fetch_one(&db.pool).await.unwrap().get(0);
+        let (beyond, items_over, max_labels): (i64, i64, Option<i64>) =
+            (r.get(0), r.get(1), r.get(2));
+        let unlabelled: i64 =
+            sqlx::query("SELECT COUNT(*) FROM items WHERE project_id = $1 AND label_count = 0")
+                .bind(pid)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                .get(0);
         let overshoot = beyond as f64 / live as f64;
         eprintln!(
             "[{}] overshoot {:.2}% ({beyond} labels beyond overlap {OVERLAP} on {items_over} items, max {} labels on one item); {unlabelled} of {ITEMS} items unlabelled; phase 2 lost {lost2}, duplicated {dup2}",
@@ -315,7 +421,15 @@ async fn load_and_crash(tdb: TestDb) {
             100.0 * overshoot,
             max_labels.unwrap_or(OVERLAP)
         );
-        assert!(overshoot <= 0.01, "overshoot {:.2}% > 1%", 100.0 * overshoot);
-        eprintln!("[{}] load test total {:.1}s", tdb.name, t0.elapsed().as_secs_f64());
+        assert!(
+            overshoot <= 0.01,
+            "overshoot {:.2}% > 1%",
+            100.0 * overshoot
+        );
+        eprintln!(
+            "[{}] load test total {:.1}s",
+            tdb.name,
+            t0.elapsed().as_secs_f64()
+        );
     }
 }

@@ -50,11 +50,19 @@ impl Generator {
         template: &GenRequest,
         batch_size: usize,
     ) -> Result<Vec<(String, GenOutput)>> {
-        anyhow::ensure!(prompts.len() == seeds.len(), "{} prompts but {} seeds", prompts.len(), seeds.len());
+        anyhow::ensure!(
+            prompts.len() == seeds.len(),
+            "{} prompts but {} seeds",
+            prompts.len(),
+            seeds.len()
+        );
         let eos = self.model.config().eos_token_ids();
         let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
         let mut out = Vec::with_capacity(prompts.len());
-        for (chunk, seed_chunk) in prompts.chunks(batch_size.max(1)).zip(seeds.chunks(batch_size.max(1))) {
+        for (chunk, seed_chunk) in prompts
+            .chunks(batch_size.max(1))
+            .zip(seeds.chunks(batch_size.max(1)))
+        {
             let requests: Vec<GenRequest> = chunk
                 .iter()
                 .zip(seed_chunk)

@@ -22,18 +22,32 @@ pub fn write(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
     let rows: Vec<Value> = read_jsonl(&rd.join("training_rows.jsonl"))?;
 
     let mut per_labeller: BTreeMap<&str, [usize; 3]> = BTreeMap::new();
-    let (mut by_kind, mut rows_by_kind) = (BTreeMap::<&str, usize>::new(), BTreeMap::<String, usize>::new());
+    let (mut by_kind, mut rows_by_kind) = (
+        BTreeMap::<&str, usize>::new(),
+        BTreeMap::<String, usize>::new(),
+    );
     for l in &log.labels {
         *by_kind.entry(&l.kind).or_default() += 1;
     }
     for r in &rows {
-        *rows_by_kind.entry(r["kind"].as_str().unwrap_or("pairwise").to_string()).or_default() += 1;
+        *rows_by_kind
+            .entry(r["kind"].as_str().unwrap_or("pairwise").to_string())
+            .or_default() += 1;
     }
     for l in log.labels.iter().filter(|l| l.kind == "pairwise") {
         let e = per_labeller.entry(&l.by).or_default();
-        e[if l.p_a > 0.5 { 0 } else if l.p_a < 0.5 { 1 } else { 2 }] += 1;
+        e[if l.p_a > 0.5 {
+            0
+        } else if l.p_a < 0.5 {
+            1
+        } else {
+            2
+        }] += 1;
     }
-    let (first, last) = (log.labels.iter().map(|l| l.at_ms).min(), log.labels.iter().map(|l| l.at_ms).max());
+    let (first, last) = (
+        log.labels.iter().map(|l| l.at_ms).min(),
+        log.labels.iter().map(|l| l.at_ms).max(),
+    );
     let card = json!({
         "round": k,
         "model": rd.join("model"),
@@ -71,26 +85,64 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
     let v = |x: &Value| match x {
         Value::String(s) => s.clone(),
         Value::Null => "—".into(),
-        Value::Number(n) => n.as_f64().map_or(n.to_string(), |f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") }),
+        Value::Number(n) => n.as_f64().map_or(n.to_string(), |f| {
+            if f.fract() == 0.0 {
+                format!("{f}")
+            } else {
+                format!("{f:.4}")
+            }
+        }),
         other => other.to_string(),
     };
     let _ = writeln!(s, "# Model card: round {}\n", c["round"]);
-    let _ = writeln!(s, "Model `{}`, trained from `{}`.\n", v(&c["model"]), v(&c["start_policy"]));
+    let _ = writeln!(
+        s,
+        "Model `{}`, trained from `{}`.\n",
+        v(&c["model"]),
+        v(&c["start_policy"])
+    );
     let _ = writeln!(s, "## Data\n");
     let d = &c["data_sources"];
-    let _ = writeln!(s, "- prompts: {} (this round: `{}`)", v(&d["prompts"]), v(&d["round_prompts"]));
-    let _ = writeln!(s, "- candidates: {} per prompt from the starting policy (`{}`)", v(&d["candidates_per_prompt"]), v(&d["candidates"]));
+    let _ = writeln!(
+        s,
+        "- prompts: {} (this round: `{}`)",
+        v(&d["prompts"]),
+        v(&d["round_prompts"])
+    );
+    let _ = writeln!(
+        s,
+        "- candidates: {} per prompt from the starting policy (`{}`)",
+        v(&d["candidates_per_prompt"]),
+        v(&d["candidates"])
+    );
     let _ = writeln!(s, "- label source: `{}`\n", v(&d["label_source"]));
     let l = &c["labels"];
-    let _ = writeln!(s, "## Labels\n\n{} labels in `{}`.\n", v(&l["total"]), v(&l["file"]));
+    let _ = writeln!(
+        s,
+        "## Labels\n\n{} labels in `{}`.\n",
+        v(&l["total"]),
+        v(&l["file"])
+    );
     let rows_by_kind = &c["training"]["rows_by_kind"];
     let _ = writeln!(s, "| kind | labels | training rows |\n| --- | --- | --- |");
     for (kind, n) in l["by_kind"].as_object().into_iter().flatten() {
-        let _ = writeln!(s, "| {kind} | {} | {} |", v(n), v(rows_by_kind.get(kind).unwrap_or(&json!(0))));
+        let _ = writeln!(
+            s,
+            "| {kind} | {} | {} |",
+            v(n),
+            v(rows_by_kind.get(kind).unwrap_or(&json!(0)))
+        );
     }
     let _ = writeln!(s, "\nPairwise labels per labeller:\n\n| labeller | prefers A | prefers B | undecided |\n| --- | --- | --- | --- |");
     for (who, n) in l["per_labeller"].as_object().into_iter().flatten() {
-        let _ = writeln!(s, "| {} | {} | {} | {} |", cell(who), v(&n["prefers_a"]), v(&n["prefers_b"]), v(&n["undecided"]));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            cell(who),
+            v(&n["prefers_a"]),
+            v(&n["prefers_b"]),
+            v(&n["undecided"])
+        );
     }
     let info = &c["labellers"];
     if let Some(g) = info.get("agreement_with_gold") {
@@ -101,12 +153,27 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
         }
     }
     if let Some(stats) = info.get("stats") {
-        let _ = writeln!(s, "\n### Annotators (agreement and flags from the feedback app's quality statistics)\n");
+        let _ = writeln!(
+            s,
+            "\n### Annotators (agreement and flags from the feedback app's quality statistics)\n"
+        );
         let _ = writeln!(s, "| annotator | labels | left share | gold accuracy | reliability | flags |\n| --- | --- | --- | --- | --- | --- |");
         for a in stats["annotators"].as_array().into_iter().flatten() {
             let flags: Vec<String> = a["flags"].as_array().into_iter().flatten().map(v).collect();
-            let _ = writeln!(s, "| {} | {} | {} | {} | {} | {} |", v(&a["username"]), v(&a["labels"]), v(&a["left_share"]), v(&a["gold_accuracy"]),
-                v(&a["reliability"]), if flags.is_empty() { "none".into() } else { flags.join("; ") });
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                v(&a["username"]),
+                v(&a["labels"]),
+                v(&a["left_share"]),
+                v(&a["gold_accuracy"]),
+                v(&a["reliability"]),
+                if flags.is_empty() {
+                    "none".into()
+                } else {
+                    flags.join("; ")
+                }
+            );
         }
         for ag in stats["agreement"].as_array().into_iter().flatten() {
             let _ = writeln!(s, "\nAgreement: `{ag}`");
@@ -130,24 +197,69 @@ fn markdown(c: &Value, rows: &[Value]) -> String {
         let _ = writeln!(s, "\n### Reward\n\nPairs ordered by `{}`.", v(r));
     }
     let t = &c["training"];
-    let _ = writeln!(s, "\n## Training\n\n{}: {} rows (`{}`), {} steps.", v(&t["algorithm"]), v(&t["rows"]), v(&t["rows_file"]), v(&t["summary"]["steps"]));
-    let _ = writeln!(s, "\nResult:\n\n```json\n{}\n```", serde_json::to_string_pretty(&t["summary"]).unwrap_or_default());
-    let _ = writeln!(s, "\nConfiguration:\n\n```json\n{}\n```", serde_json::to_string_pretty(&t["config"]).unwrap_or_default());
+    let _ = writeln!(
+        s,
+        "\n## Training\n\n{}: {} rows (`{}`), {} steps.",
+        v(&t["algorithm"]),
+        v(&t["rows"]),
+        v(&t["rows_file"]),
+        v(&t["summary"]["steps"])
+    );
+    let _ = writeln!(
+        s,
+        "\nResult:\n\n```json\n{}\n```",
+        serde_json::to_string_pretty(&t["summary"]).unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "\nConfiguration:\n\n```json\n{}\n```",
+        serde_json::to_string_pretty(&t["config"]).unwrap_or_default()
+    );
     let _ = writeln!(s, "\n## Evaluation\n");
     let e = &c["evaluation"];
     if e.is_null() {
-        let _ = writeln!(s, "Not evaluated (no held-out prompts or evaluation reward configured).");
+        let _ = writeln!(
+            s,
+            "Not evaluated (no held-out prompts or evaluation reward configured)."
+        );
     } else {
-        let _ = writeln!(s, "{} held-out prompts. KL(trained ‖ start) per sequence: {}.\n", v(&e["prompts"]), v(&e["trained"]["kl_to_start"]["mean"]));
-        let _ = writeln!(s, "| reward | start | trained | 95 % CI (trained) |\n| --- | --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "{} held-out prompts. KL(trained ‖ start) per sequence: {}.\n",
+            v(&e["prompts"]),
+            v(&e["trained"]["kl_to_start"]["mean"])
+        );
+        let _ = writeln!(
+            s,
+            "| reward | start | trained | 95 % CI (trained) |\n| --- | --- | --- | --- |"
+        );
         for (src, r) in e["trained"]["rewards"].as_object().into_iter().flatten() {
-            let _ = writeln!(s, "| {src} | {} | {} | [{}, {}] |", v(&e["start"]["rewards"][src]["mean"]), v(&r["mean"]), v(&r["ci_low"]), v(&r["ci_high"]));
+            let _ = writeln!(
+                s,
+                "| {src} | {} | {} | [{}, {}] |",
+                v(&e["start"]["rewards"][src]["mean"]),
+                v(&r["mean"]),
+                v(&r["ci_low"]),
+                v(&r["ci_high"])
+            );
         }
     }
     let _ = writeln!(s, "\n## Provenance of the training rows\n\n| row | kind | item | label ids |\n| --- | --- | --- | --- |");
     for r in rows {
-        let ids: Vec<String> = r["label_ids"].as_array().into_iter().flatten().map(v).collect();
-        let _ = writeln!(s, "| {} | {} | {} | {} |", v(&r["row"]), v(&r["kind"]), v(&r["item"]), cell(&ids.join(", ")));
+        let ids: Vec<String> = r["label_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(v)
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            v(&r["row"]),
+            v(&r["kind"]),
+            v(&r["item"]),
+            cell(&ids.join(", "))
+        );
     }
     s
 }

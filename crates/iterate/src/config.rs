@@ -59,7 +59,9 @@ pub enum Trainer {
 
 /// Settings of `rlhf iterate` (TOML key ⇔ flag of the same name with dashes).
 #[derive(Debug, Clone, PartialEq, clap::Parser, Serialize, Deserialize)]
-#[command(about = "Iterated RLHF: rounds of sample → label → DPO → evaluate, with provenance and resume")]
+#[command(
+    about = "Iterated RLHF: rounds of sample → label → DPO → evaluate, with provenance and resume"
+)]
 pub struct IterateArgs {
     /// TOML file with any of these settings; flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
@@ -177,7 +179,12 @@ pub struct IterateArgs {
 }
 
 /// Keys that may change when a run is resumed (they change how long we wait, not what is computed).
-pub const RESUME_FREE_KEYS: [&str; 4] = ["config", "feedback_deadline_s", "feedback_poll_s", "reward_timeout_s"];
+pub const RESUME_FREE_KEYS: [&str; 4] = [
+    "config",
+    "feedback_deadline_s",
+    "feedback_poll_s",
+    "reward_timeout_s",
+];
 
 impl rlhf_train::settings::Settings for IterateArgs {}
 
@@ -188,7 +195,11 @@ impl IterateArgs {
             Some(p) => format!("{} (or the command line)", locate(p, key)),
             None => "command line".to_string(),
         };
-        TrainError::Config { file, key: key.into(), msg: msg.into() }
+        TrainError::Config {
+            file,
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -235,9 +246,24 @@ impl IterateArgs {
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
-        let need = |key: &str, ok: bool| if ok { Ok(()) } else { Err(self.err(key, format!("required (set it in the config file or pass --{})", key.replace('_', "-")))) };
+        let need = |key: &str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(self.err(
+                    key,
+                    format!(
+                        "required (set it in the config file or pass --{})",
+                        key.replace('_', "-")
+                    ),
+                ))
+            }
+        };
         need("model", self.model.is_some())?;
-        need("labels", self.labels.as_deref().is_some_and(|l| !l.trim().is_empty()))?;
+        need(
+            "labels",
+            self.labels.as_deref().is_some_and(|l| !l.trim().is_empty()),
+        )?;
         let source = self.label_source();
         need("prompts", self.world_prompts() || self.prompts.is_some())?;
         if source == LabelSource::Sandbox && !self.world_prompts() {
@@ -246,7 +272,12 @@ impl IterateArgs {
         if let LabelSource::Feedback(url) = &source {
             need("feedback_project", self.feedback_project.is_some())?;
             if !url.starts_with("http://") {
-                return Err(self.err("labels", format!("feedback:{url}: expected feedback:http://HOST:PORT (no TLS in this build)")));
+                return Err(self.err(
+                    "labels",
+                    format!(
+                        "feedback:{url}: expected feedback:http://HOST:PORT (no TLS in this build)"
+                    ),
+                ));
             }
         }
         if let Some(kind) = Kind::SINGLE.into_iter().find(|&k| self.budget(k) > 0) {
@@ -254,11 +285,21 @@ impl IterateArgs {
                 return Err(self.err(kind.budget_key(), format!("{} labels come from the sandbox's annotators only (labels = \"sandbox\"); set it to 0", kind.name())));
             }
         }
-        if [Kind::Pairwise].into_iter().chain(Kind::SINGLE).all(|k| self.budget(k) == 0) {
-            return Err(self.err("pairwise_budget", "every kind's budget is 0: a round would ask for no label"));
+        if [Kind::Pairwise]
+            .into_iter()
+            .chain(Kind::SINGLE)
+            .all(|k| self.budget(k) == 0)
+        {
+            return Err(self.err(
+                "pairwise_budget",
+                "every kind's budget is 0: a round would ask for no label",
+            ));
         }
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
-            return Err(self.err("name", format!("{:?} must be a plain directory name", self.name)));
+            return Err(self.err(
+                "name",
+                format!("{:?} must be a plain directory name", self.name),
+            ));
         }
         for (key, v) in [
             ("rounds", self.rounds),
@@ -276,9 +317,22 @@ impl IterateArgs {
             }
         }
         if self.candidates < 2 {
-            return Err(self.err("candidates", format!("must be at least 2 (pairs are labelled), got {}", self.candidates)));
+            return Err(self.err(
+                "candidates",
+                format!(
+                    "must be at least 2 (pairs are labelled), got {}",
+                    self.candidates
+                ),
+            ));
         }
-        for (key, v) in [("temperature", self.temperature), ("learning_rate", self.learning_rate), ("rm_learning_rate", self.rm_learning_rate), ("beta", self.beta), ("feedback_poll_s", self.feedback_poll_s), ("reward_timeout_s", self.reward_timeout_s)] {
+        for (key, v) in [
+            ("temperature", self.temperature),
+            ("learning_rate", self.learning_rate),
+            ("rm_learning_rate", self.rm_learning_rate),
+            ("beta", self.beta),
+            ("feedback_poll_s", self.feedback_poll_s),
+            ("reward_timeout_s", self.reward_timeout_s),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(self.err(key, format!("must be a finite number > 0, got {v}")));
             }
@@ -287,7 +341,10 @@ impl IterateArgs {
             return Err(self.err("grpo_beta", "must be a finite number >= 0"));
         }
         if self.max_new_tokens >= self.max_length {
-            return Err(self.err("max_new_tokens", format!("must be below max_length ({})", self.max_length)));
+            return Err(self.err(
+                "max_new_tokens",
+                format!("must be below max_length ({})", self.max_length),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(self.err("top_p", format!("must be in (0, 1], got {}", self.top_p)));

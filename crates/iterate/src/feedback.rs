@@ -31,34 +31,82 @@ fn csrf_in(html: &str) -> Option<String> {
 impl App {
     /// Logs in as `user`.
     pub fn login(base: &str, user: &str, password: &str) -> Result<Self> {
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(Duration::from_secs(60)).build()?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let mut app = Self { base: base.trim_end_matches('/').to_string(), http, rt, cookies: BTreeMap::new(), csrf: String::new() };
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut app = Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            rt,
+            cookies: BTreeMap::new(),
+            csrf: String::new(),
+        };
         let (_, page) = app.send(reqwest::Method::GET, "/login", None)?;
-        let csrf = csrf_in(&page).ok_or_else(|| anyhow!("{}/login: no login form (is this the feedback app?)", app.base))?;
-        let (status, _) = app.send(reqwest::Method::POST, "/login", Some(&[("csrf", &csrf), ("username", user), ("password", password)]))?;
+        let csrf = csrf_in(&page).ok_or_else(|| {
+            anyhow!(
+                "{}/login: no login form (is this the feedback app?)",
+                app.base
+            )
+        })?;
+        let (status, _) = app.send(
+            reqwest::Method::POST,
+            "/login",
+            Some(&[("csrf", &csrf), ("username", user), ("password", password)]),
+        )?;
         if status != 303 || !app.cookies.contains_key("rlhf_session") {
             bail!("{}: cannot log in as {user:?} (HTTP {status}); check feedback_user and RLHF_FEEDBACK_PASSWORD", app.base);
         }
         let (_, home) = app.send(reqwest::Method::GET, "/", None)?;
-        app.csrf = csrf_in(&home).ok_or_else(|| anyhow!("{}: no CSRF token on the home page", app.base))?;
+        app.csrf = csrf_in(&home)
+            .ok_or_else(|| anyhow!("{}: no CSRF token on the home page", app.base))?;
         Ok(app)
     }
 
     /// One request with the session's cookies; returns (status, body).
-    fn send(&mut self, method: reqwest::Method, path: &str, form: Option<&[(&str, &str)]>) -> Result<(u16, String)> {
+    fn send(
+        &mut self,
+        method: reqwest::Method,
+        path: &str,
+        form: Option<&[(&str, &str)]>,
+    ) -> Result<(u16, String)> {
         let url = format!("{}{path}", self.base);
-        let cookie = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
+        let cookie = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
         let mut req = self.http.request(method, &url).header("cookie", cookie);
         if let Some(f) = form {
-            let body: String = f.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&");
-            req = req.header("content-type", "application/x-www-form-urlencoded").body(body);
+            let body: String = f
+                .iter()
+                .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+                .collect::<Vec<_>>()
+                .join("&");
+            req = req
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body);
         }
         let (status, set, text) = self.rt.block_on(async {
-            let resp = req.send().await.with_context(|| format!("{url}: request failed"))?;
-            let set: Vec<String> = resp.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok().map(str::to_string)).collect();
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("{url}: request failed"))?;
+            let set: Vec<String> = resp
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::to_string))
+                .collect();
             let status = resp.status().as_u16();
-            let text = resp.text().await.with_context(|| format!("{url}: cannot read the response"))?;
+            let text = resp
+                .text()
+                .await
+                .with_context(|| format!("{url}: cannot read the response"))?;
             anyhow::Ok((status, set, text))
         })?;
         for c in set {
@@ -94,26 +142,43 @@ impl App {
 
     /// Imports items (JSONL rows with `id`, `prompt`, `responses`) into `project`.
     pub fn import(&mut self, project: i64, source: &str, jsonl: &str) -> Result<()> {
-        self.post(&format!("/p/{project}/import"), &[("source", source), ("jsonl", jsonl)]).map(drop)
+        self.post(
+            &format!("/p/{project}/import"),
+            &[("source", source), ("jsonl", jsonl)],
+        )
+        .map(drop)
     }
 
     /// The project's overlap and, per external id, how many annotators have labelled the item.
     pub fn label_counts(&mut self, project: i64) -> Result<(i64, HashMap<String, i64>)> {
         let v = self.get_json(&format!("/p/{project}/items.json"))?;
-        let overlap = v["overlap"].as_i64().ok_or_else(|| anyhow!("items.json without overlap: {v}"))?;
+        let overlap = v["overlap"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("items.json without overlap: {v}"))?;
         let counts = v["items"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|i| Some((i["external_id"].as_str()?.to_string(), i["label_count"].as_i64()?)))
+            .filter_map(|i| {
+                Some((
+                    i["external_id"].as_str()?.to_string(),
+                    i["label_count"].as_i64()?,
+                ))
+            })
             .collect();
         Ok((overlap, counts))
     }
 
     /// The app's preference export of `project` (decided pairs with their provenance), PII scrubbed.
     pub fn export_preferences(&mut self, project: i64) -> Result<Vec<Value>> {
-        let text = self.post(&format!("/p/{project}/export"), &[("format", "preference"), ("scrub", "1")])?;
-        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).context("export row is not JSON")).collect()
+        let text = self.post(
+            &format!("/p/{project}/export"),
+            &[("format", "preference"), ("scrub", "1")],
+        )?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).context("export row is not JSON"))
+            .collect()
     }
 
     /// The app's quality statistics of `project` (agreement, per-annotator flags).
@@ -126,7 +191,9 @@ fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -146,8 +213,19 @@ pub struct FeedbackTarget<'a> {
 }
 
 /// Pushes the round's pairs `all`, waits for their labels and appends the app's decisions to the log.
-pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], all: &[Pair], log: &mut LabelLog) -> Result<LabelInfo> {
-    let password = std::env::var("RLHF_FEEDBACK_PASSWORD").map_err(|_| anyhow!("set RLHF_FEEDBACK_PASSWORD to the password of feedback user {:?}", t.user))?;
+pub fn by_feedback(
+    t: &FeedbackTarget,
+    round: usize,
+    cands: &[Candidates],
+    all: &[Pair],
+    log: &mut LabelLog,
+) -> Result<LabelInfo> {
+    let password = std::env::var("RLHF_FEEDBACK_PASSWORD").map_err(|_| {
+        anyhow!(
+            "set RLHF_FEEDBACK_PASSWORD to the password of feedback user {:?}",
+            t.user
+        )
+    })?;
     let mut app = App::login(t.url, t.user, &password)?;
     let external = |id: &str| format!("{}/{id}", t.run);
     let mut jsonl = String::new();
@@ -161,7 +239,10 @@ pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], all: 
     let started = Instant::now();
     let (overlap, waiting, timed_out) = loop {
         let (overlap, counts) = app.label_counts(t.project)?;
-        let waiting = all.iter().filter(|p| counts.get(&external(&p.id)).copied().unwrap_or(0) < overlap).count();
+        let waiting = all
+            .iter()
+            .filter(|p| counts.get(&external(&p.id)).copied().unwrap_or(0) < overlap)
+            .count();
         if waiting == 0 {
             break (overlap, 0, false);
         }
@@ -174,10 +255,15 @@ pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], all: 
     let by_external: HashMap<String, &Pair> = all.iter().map(|p| (external(&p.id), p)).collect();
     let mut labels = Vec::new();
     for row in app.export_preferences(t.project)? {
-        let Some(p) = row["external_id"].as_str().and_then(|e| by_external.get(e)) else { continue };
+        let Some(p) = row["external_id"].as_str().and_then(|e| by_external.get(e)) else {
+            continue;
+        };
         // The item's responses are [a, b]: the vote counts per response index say which won (the texts may
         // have been scrubbed on the way out).
-        let (va, vb) = (row["votes"]["0"].as_u64().unwrap_or(0), row["votes"]["1"].as_u64().unwrap_or(0));
+        let (va, vb) = (
+            row["votes"]["0"].as_u64().unwrap_or(0),
+            row["votes"]["1"].as_u64().unwrap_or(0),
+        );
         let p_a = match va.cmp(&vb) {
             std::cmp::Ordering::Greater => 1.0,
             std::cmp::Ordering::Less => 0.0,
@@ -188,7 +274,9 @@ pub fn by_feedback(t: &FeedbackTarget, round: usize, cands: &[Candidates], all: 
         labels.push(record(round, "feedback", &by, p, p_a, detail));
     }
     log.append(labels)?;
-    Ok(json!({"feedback": {"url": t.url, "project": t.project, "overlap": overlap, "items_pushed": all.len(),
+    Ok(
+        json!({"feedback": {"url": t.url, "project": t.project, "overlap": overlap, "items_pushed": all.len(),
         "items_short_of_overlap": waiting, "deadline_passed": timed_out, "waited_s": started.elapsed().as_secs_f64()},
-        "stats": app.stats(t.project)?}))
+        "stats": app.stats(t.project)?}),
+    )
 }

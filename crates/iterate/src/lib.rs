@@ -57,15 +57,31 @@ pub fn run(args: &IterateArgs) -> Result<Summary> {
     let resumed = store::load_state(&state_path, &settings, &config::RESUME_FREE_KEYS)?;
     let sandbox_eval = dir.join("eval_prompts.jsonl");
     let rewritten = [sandbox_eval.clone(), gold_path(&sandbox_eval)];
-    if resumed.is_none() && dir.read_dir().is_ok_and(|d| d.flatten().any(|e| !rewritten.contains(&e.path()))) {
-        bail!("{}: holds files but no {STATE_FILE}; choose another `name` or remove it", dir.display());
+    if resumed.is_none()
+        && dir
+            .read_dir()
+            .is_ok_and(|d| d.flatten().any(|e| !rewritten.contains(&e.path())))
+    {
+        bail!(
+            "{}: holds files but no {STATE_FILE}; choose another `name` or remove it",
+            dir.display()
+        );
     }
     let source = args.label_source();
     let eval_prompts = match &args.eval_prompts {
         // The world is a function of the seed: rewritten identically on every start.
         _ if args.world_prompts() => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-            write_prompts(&sandbox_eval, &generate(args.sandbox_eval_prompts, &Mix::default(), args.seed ^ 0xE7A1, "eval-"))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("{}: cannot create", dir.display()))?;
+            write_prompts(
+                &sandbox_eval,
+                &generate(
+                    args.sandbox_eval_prompts,
+                    &Mix::default(),
+                    args.seed ^ 0xE7A1,
+                    "eval-",
+                ),
+            )?;
             Some(sandbox_eval)
         }
         p => p.clone(),
@@ -75,7 +91,11 @@ pub fn run(args: &IterateArgs) -> Result<Summary> {
     let mut state = match resumed {
         Some(s) => s,
         None => {
-            let s = State { settings, round: 1, done: Vec::new() };
+            let s = State {
+                settings,
+                round: 1,
+                done: Vec::new(),
+            };
             write_json(&state_path, &s)?;
             s
         }
@@ -83,49 +103,77 @@ pub fn run(args: &IterateArgs) -> Result<Summary> {
     for k in state.round..=args.rounds {
         let rd = round_dir(&dir, k);
         std::fs::create_dir_all(&rd).with_context(|| format!("{}: cannot create", rd.display()))?;
-        let start = if k == 1 { args.model().to_path_buf() } else { round_dir(&dir, k - 1).join("model") };
-        let phase = |state: &mut State, name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-            if !state.is_done(k, name) {
-                f().with_context(|| format!("round {k}, phase {name}"))?;
-                state.done.push(name.to_string());
-                if name == PHASES[PHASES.len() - 1] {
-                    state.round = k + 1;
-                    state.done.clear();
-                }
-                write_json(&state_path, state)?;
-            }
-            Ok(())
+        let start = if k == 1 {
+            args.model().to_path_buf()
+        } else {
+            round_dir(&dir, k - 1).join("model")
         };
+        let phase =
+            |state: &mut State, name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+                if !state.is_done(k, name) {
+                    f().with_context(|| format!("round {k}, phase {name}"))?;
+                    state.done.push(name.to_string());
+                    if name == PHASES[PHASES.len() - 1] {
+                        state.round = k + 1;
+                        state.done.clear();
+                    }
+                    write_json(&state_path, state)?;
+                }
+                Ok(())
+            };
         phase(&mut state, "sample", &mut || sample(args, k, &start, &rd))?;
-        phase(&mut state, "label", &mut || label(args, &source, k, &start, &rd))?;
-        phase(&mut state, "train", &mut || train::train(args, k, &start, &rd))?;
-        phase(&mut state, "eval", &mut || eval(args, k, &start, &rd, eval_prompts.as_deref()))?;
-        phase(&mut state, "card", &mut || card::write(args, k, &start, &rd))?;
+        phase(&mut state, "label", &mut || {
+            label(args, &source, k, &start, &rd)
+        })?;
+        phase(&mut state, "train", &mut || {
+            train::train(args, k, &start, &rd)
+        })?;
+        phase(&mut state, "eval", &mut || {
+            eval(args, k, &start, &rd, eval_prompts.as_deref())
+        })?;
+        phase(&mut state, "card", &mut || {
+            card::write(args, k, &start, &rd)
+        })?;
     }
-    let rounds = (1..=args.rounds).map(|k| read_json(&round_dir(&dir, k).join("metrics.json"))).collect::<Result<Vec<_>>>()?;
-    Ok(Summary { final_model: round_dir(&dir, args.rounds).join("model"), run_dir: dir, rounds })
+    let rounds = (1..=args.rounds)
+        .map(|k| read_json(&round_dir(&dir, k).join("metrics.json")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Summary {
+        final_model: round_dir(&dir, args.rounds).join("model"),
+        run_dir: dir,
+        rounds,
+    })
 }
 
 /// Builds the label and evaluation sources once before any round, so that a misspelt spec fails at start-up
 /// (naming its key), not after a round of sampling.
-fn check_sources(args: &IterateArgs, source: &LabelSource, eval_prompts: Option<&Path>) -> Result<()> {
-    let tok = rlhf_data::Tokenizer::from_dir(args.model()).with_context(|| format!("model {}", args.model().display()))?;
+fn check_sources(
+    args: &IterateArgs,
+    source: &LabelSource,
+    eval_prompts: Option<&Path>,
+) -> Result<()> {
+    let tok = rlhf_data::Tokenizer::from_dir(args.model())
+        .with_context(|| format!("model {}", args.model().display()))?;
     match source {
         LabelSource::Reward(spec) => {
             let timeout = Duration::from_secs_f64(args.reward_timeout_s);
-            rlhf_train::reward::parse_spec(spec, &tok, args.max_length, timeout).map_err(|e| match e {
-                rlhf_train::TrainError::Config { msg, .. } => args.err("labels", msg),
-                other => args.err("labels", other.to_string()),
+            rlhf_train::reward::parse_spec(spec, &tok, args.max_length, timeout).map_err(|e| {
+                match e {
+                    rlhf_train::TrainError::Config { msg, .. } => args.err("labels", msg),
+                    other => args.err("labels", other.to_string()),
+                }
             })?;
         }
         LabelSource::Judge(arg) => {
-            rlhf_serve::judge_reward::JudgeSpec::parse(arg).map_err(|e| args.err("labels", format!("judge:{arg}: {e:#}")))?;
+            rlhf_serve::judge_reward::JudgeSpec::parse(arg)
+                .map_err(|e| args.err("labels", format!("judge:{arg}: {e:#}")))?;
         }
         LabelSource::Sandbox | LabelSource::Feedback(_) => {}
     }
     if let Some(p) = eval_prompts {
         for spec in args.eval_rewards() {
-            reward_source(&spec, p, args.model(), args.max_length).map_err(|e| args.err("eval_reward", format!("{spec}: {e:#}")))?;
+            reward_source(&spec, p, args.model(), args.max_length)
+                .map_err(|e| args.err("eval_reward", format!("{spec}: {e:#}")))?;
         }
     }
     Ok(())
@@ -136,8 +184,11 @@ pub fn round_dir(run: &Path, k: usize) -> PathBuf {
 }
 
 pub fn read_json(path: &Path) -> Result<Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?)
-        .with_context(|| format!("{}: not JSON", path.display()))
+    serde_json::from_str(
+        &std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", path.display()))
 }
 
 /// The round's prompt rows: a fresh draw from the sandbox world, or the next window of the prompts file.
@@ -145,13 +196,20 @@ fn round_prompts(args: &IterateArgs, k: usize, rd: &Path) -> Result<Vec<Map<Stri
     let n = args.prompts_per_round;
     let path = rd.join("prompts.jsonl");
     if args.world_prompts() {
-        let world = generate(n, &Mix::default(), args.seed.wrapping_add(k as u64), &format!("r{k}-"));
+        let world = generate(
+            n,
+            &Mix::default(),
+            args.seed.wrapping_add(k as u64),
+            &format!("r{k}-"),
+        );
         write_prompts(&path, &world)?;
         return Ok(world.iter().map(|p| p.public_row()).collect());
     }
     let all = read_prompt_rows(args.prompts.as_deref().expect("validated"))?;
     let first = (k - 1) * n % all.len();
-    let rows: Vec<Map<String, Value>> = (0..n).map(|i| all[(first + i) % all.len()].clone()).collect();
+    let rows: Vec<Map<String, Value>> = (0..n)
+        .map(|i| all[(first + i) % all.len()].clone())
+        .collect();
     write_jsonl(&path, &rows)?;
     Ok(rows)
 }
@@ -170,11 +228,29 @@ fn sample(args: &IterateArgs, k: usize, policy: &Path, rd: &Path) -> Result<()> 
         }
         ids.push(p);
     }
-    let prompts: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), kk)).collect();
+    let prompts: Vec<Vec<u32>> = ids
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), kk))
+        .collect();
     // A seed per (run seed, round, prompt, candidate): a resumed round samples exactly what the first try did.
-    let seeds: Vec<u64> = (0..prompts.len() as u64).map(|j| args.seed.wrapping_mul(1_000_003).wrapping_add((k as u64) << 32).wrapping_add(j)).collect();
-    let sampling = Sampling { temperature: args.temperature as f32, top_k: 0, top_p: args.top_p as f32 };
-    let template = GenRequest { max_new_tokens: args.max_new_tokens, sampling, ..Default::default() };
+    let seeds: Vec<u64> = (0..prompts.len() as u64)
+        .map(|j| {
+            args.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add((k as u64) << 32)
+                .wrapping_add(j)
+        })
+        .collect();
+    let sampling = Sampling {
+        temperature: args.temperature as f32,
+        top_k: 0,
+        top_p: args.top_p as f32,
+    };
+    let template = GenRequest {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        ..Default::default()
+    };
     let out = g.run(&prompts, &seeds, &template, 32)?;
     let cands: Vec<Candidates> = rows
         .into_iter()
@@ -186,14 +262,24 @@ fn sample(args: &IterateArgs, k: usize, policy: &Path, rd: &Path) -> Result<()> 
             prompt_ids,
             candidates: out[i * kk..(i + 1) * kk]
                 .iter()
-                .map(|(text, o)| Candidate { text: text.clone(), ids: o.tokens.clone(), eos: o.finish_reason == FinishReason::Eos })
+                .map(|(text, o)| Candidate {
+                    text: text.clone(),
+                    ids: o.tokens.clone(),
+                    eos: o.finish_reason == FinishReason::Eos,
+                })
                 .collect(),
         })
         .collect();
     write_jsonl(&rd.join("candidates.jsonl"), &cands)
 }
 
-fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: &Path) -> Result<()> {
+fn label(
+    args: &IterateArgs,
+    source: &LabelSource,
+    k: usize,
+    policy: &Path,
+    rd: &Path,
+) -> Result<()> {
     let cands: Vec<Candidates> = read_jsonl(&rd.join("candidates.jsonl"))?;
     let mut log = LabelLog::open(&rd.join("labels.jsonl"))?;
     let gold = gold_path(&rd.join("prompts.jsonl"));
@@ -202,10 +288,18 @@ fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: 
         _ if pairs.is_empty() => json!({}),
         LabelSource::Reward(spec) => {
             let tok = rlhf_data::Tokenizer::from_dir(policy)?;
-            let mut rewards = rlhf_train::reward::Rewards::from_specs(std::slice::from_ref(spec), &tok, args.max_length, args.reward_timeout_s, args.reward_retries)?;
+            let mut rewards = rlhf_train::reward::Rewards::from_specs(
+                std::slice::from_ref(spec),
+                &tok,
+                args.max_length,
+                args.reward_timeout_s,
+                args.reward_retries,
+            )?;
             label::by_reward(spec, &mut rewards, k, &cands, &pairs, &mut log)?
         }
-        LabelSource::Judge(arg) => label::by_judge(arg, k, &cands, &pairs, &mut log, args.reward_retries)?,
+        LabelSource::Judge(arg) => {
+            label::by_judge(arg, k, &cands, &pairs, &mut log, args.reward_retries)?
+        }
         LabelSource::Sandbox => label::by_sandbox(&gold, args.seed, k, &cands, &pairs, &mut log)?,
         LabelSource::Feedback(url) => feedback::by_feedback(
             &feedback::FeedbackTarget {
@@ -225,18 +319,31 @@ fn label(args: &IterateArgs, source: &LabelSource, k: usize, policy: &Path, rd: 
     let mut info = info;
     let mut asked = Map::new();
     asked.insert("pairwise".into(), json!({"items": pairs.len()}));
-    for kind in kinds::Kind::SINGLE.into_iter().filter(|&kind| args.budget(kind) > 0) {
+    for kind in kinds::Kind::SINGLE
+        .into_iter()
+        .filter(|&kind| args.budget(kind) > 0)
+    {
         let items = kinds::choose_items(kind, args.budget(kind), args.seed, k, &cands);
-        asked.insert(kind.name().into(), kinds::by_sandbox(kind, &items, &gold, args.seed, k, &cands, &mut log)?);
+        asked.insert(
+            kind.name().into(),
+            kinds::by_sandbox(kind, &items, &gold, args.seed, k, &cands, &mut log)?,
+        );
     }
     info["kinds"] = Value::Object(asked);
     if args.world_prompts() {
-        info["agreement_with_gold"] = label::gold_agreement(&gold_path(&rd.join("prompts.jsonl")), &cands, &log.labels)?;
+        info["agreement_with_gold"] =
+            label::gold_agreement(&gold_path(&rd.join("prompts.jsonl")), &cands, &log.labels)?;
     }
     write_json(&rd.join("label_info.json"), &info)
 }
 
-fn eval(args: &IterateArgs, k: usize, start: &Path, rd: &Path, prompts: Option<&Path>) -> Result<()> {
+fn eval(
+    args: &IterateArgs,
+    k: usize,
+    start: &Path,
+    rd: &Path,
+    prompts: Option<&Path>,
+) -> Result<()> {
     let log = LabelLog::open(&rd.join("labels.jsonl"))?;
     let train = read_json(&rd.join("train_summary.json"))?;
     let specs = args.eval_rewards();
@@ -244,9 +351,27 @@ fn eval(args: &IterateArgs, k: usize, start: &Path, rd: &Path, prompts: Option<&
         "training_rows": train["summary"]["rows"], "train": train["summary"], "eval": Value::Null});
     if let (Some(prompts), false) = (prompts, specs.is_empty()) {
         let rows = read_prompt_rows(prompts)?;
-        let rewards = specs.iter().map(|s| reward_source(s, prompts, start, args.max_length)).collect::<Result<Vec<_>>>()?;
-        let models = [ModelSpec { name: "start".into(), dir: start.into() }, ModelSpec { name: "trained".into(), dir: rd.join("model") }];
-        let cfg = EvalConfig { max_new_tokens: args.max_new_tokens, temperature: args.eval_temperature, seed: args.seed, examples: 3, ..EvalConfig::default() };
+        let rewards = specs
+            .iter()
+            .map(|s| reward_source(s, prompts, start, args.max_length))
+            .collect::<Result<Vec<_>>>()?;
+        let models = [
+            ModelSpec {
+                name: "start".into(),
+                dir: start.into(),
+            },
+            ModelSpec {
+                name: "trained".into(),
+                dir: rd.join("model"),
+            },
+        ];
+        let cfg = EvalConfig {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.eval_temperature,
+            seed: args.seed,
+            examples: 3,
+            ..EvalConfig::default()
+        };
         let s = evaluate(&models, Some(start), &rows, &rewards, &cfg)?;
         write_json(&rd.join("eval_summary.json"), &s)?;
         let per_model = |name: &str| {

@@ -32,16 +32,28 @@ impl State {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so `path` is either old or complete.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
-    let mut f = fs::File::create(&tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    let mut f =
+        fs::File::create(&tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))
 }
 
@@ -59,11 +71,15 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
 }
 
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text =
+        fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: unreadable row", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: unreadable row", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -113,16 +129,32 @@ pub struct LabelLog {
 impl LabelLog {
     /// Opens (or creates) the log. A last line without its newline is what a kill left mid-write: it is cut off.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut text = fs::read_to_string(path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(String::new()) } else { Err(e) })
+        let mut text = fs::read_to_string(path)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
+            })
             .with_context(|| format!("{}: cannot read", path.display()))?;
         if !text.is_empty() && !text.ends_with('\n') {
             let keep = text.rfind('\n').map_or(0, |i| i + 1);
             text.truncate(keep);
             write_atomic(path, text.as_bytes())?;
         }
-        let mut log = Self { path: path.to_path_buf(), labels: Vec::new(), ids: HashSet::new() };
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let l: LabelRecord = serde_json::from_str(line).with_context(|| format!("{}:{}: not a label record", path.display(), i + 1))?;
+        let mut log = Self {
+            path: path.to_path_buf(),
+            labels: Vec::new(),
+            ids: HashSet::new(),
+        };
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let l: LabelRecord = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a label record", path.display(), i + 1))?;
             if log.ids.insert(l.id.clone()) {
                 log.labels.push(l);
             }
@@ -137,7 +169,10 @@ impl LabelLog {
     /// Appends the labels not yet present (by id) and syncs them to disk; returns how many were new.
     pub fn append(&mut self, labels: Vec<LabelRecord>) -> Result<usize> {
         let mut seen = HashSet::new();
-        let fresh: Vec<LabelRecord> = labels.into_iter().filter(|l| !self.ids.contains(&l.id) && seen.insert(l.id.clone())).collect();
+        let fresh: Vec<LabelRecord> = labels
+            .into_iter()
+            .filter(|l| !self.ids.contains(&l.id) && seen.insert(l.id.clone()))
+            .collect();
         if fresh.is_empty() {
             return Ok(0);
         }
@@ -146,8 +181,14 @@ impl LabelLog {
             text.push_str(&serde_json::to_string(l)?);
             text.push('\n');
         }
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.path).with_context(|| format!("{}: cannot append", self.path.display()))?;
-        f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).with_context(|| format!("{}: cannot append", self.path.display()))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("{}: cannot append", self.path.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("{}: cannot append", self.path.display()))?;
         let n = fresh.len();
         for l in fresh {
             self.ids.insert(l.id.clone());
@@ -162,14 +203,24 @@ pub fn load_state(path: &Path, settings: &Value, free: &[&str]) -> Result<Option
     if !path.exists() {
         return Ok(None);
     }
-    let s: State = serde_json::from_str(&fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?)
-        .with_context(|| format!("{}: not a state file of rlhf iterate", path.display()))?;
-    let (Value::Object(old), Value::Object(new)) = (&s.settings, settings) else { bail!("{}: settings are not an object", path.display()) };
+    let s: State = serde_json::from_str(
+        &fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?,
+    )
+    .with_context(|| format!("{}: not a state file of rlhf iterate", path.display()))?;
+    let (Value::Object(old), Value::Object(new)) = (&s.settings, settings) else {
+        bail!("{}: settings are not an object", path.display())
+    };
     let differ: Vec<String> = old
         .keys()
         .chain(new.keys())
         .filter(|k| !free.contains(&k.as_str()) && old.get(*k) != new.get(*k))
-        .map(|k| format!("{k} (was {}, now {})", old.get(k).unwrap_or(&Value::Null), new.get(k).unwrap_or(&Value::Null)))
+        .map(|k| {
+            format!(
+                "{k} (was {}, now {})",
+                old.get(k).unwrap_or(&Value::Null),
+                new.get(k).unwrap_or(&Value::Null)
+            )
+        })
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -189,7 +240,20 @@ mod tests {
     use serde_json::json;
 
     fn label(id: &str) -> LabelRecord {
-        LabelRecord { id: id.into(), round: 1, source: "reward".into(), kind: "pairwise".into(), by: "x".into(), item: "i".into(), prompt_index: 0, a: 0, b: 1, p_a: 1.0, detail: Value::Null, at_ms: 1 }
+        LabelRecord {
+            id: id.into(),
+            round: 1,
+            source: "reward".into(),
+            kind: "pairwise".into(),
+            by: "x".into(),
+            item: "i".into(),
+            prompt_index: 0,
+            a: 0,
+            b: 1,
+            p_a: 1.0,
+            detail: Value::Null,
+            at_ms: 1,
+        }
     }
 
     #[test]
@@ -197,13 +261,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("labels.jsonl");
         let mut log = LabelLog::open(&p).unwrap();
-        assert_eq!(log.append(vec![label("a"), label("b"), label("a")]).unwrap(), 2);
+        assert_eq!(
+            log.append(vec![label("a"), label("b"), label("a")])
+                .unwrap(),
+            2
+        );
         assert_eq!(log.append(vec![label("b"), label("c")]).unwrap(), 1);
         // A kill in the middle of a write.
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"id\": \"d\", \"rou").unwrap();
         let log = LabelLog::open(&p).unwrap();
-        assert_eq!(log.labels.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            log.labels.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
         assert!(fs::read_to_string(&p).unwrap().ends_with("}\n"));
     }
 
@@ -212,10 +283,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.json");
         assert!(load_state(&p, &json!({}), &[]).unwrap().is_none());
-        write_json(&p, &State { settings: json!({"rounds": 2, "feedback_poll_s": 1.0}), round: 1, done: vec!["sample".into()] }).unwrap();
-        let s = load_state(&p, &json!({"rounds": 2, "feedback_poll_s": 5.0}), &["feedback_poll_s"]).unwrap().unwrap();
+        write_json(
+            &p,
+            &State {
+                settings: json!({"rounds": 2, "feedback_poll_s": 1.0}),
+                round: 1,
+                done: vec!["sample".into()],
+            },
+        )
+        .unwrap();
+        let s = load_state(
+            &p,
+            &json!({"rounds": 2, "feedback_poll_s": 5.0}),
+            &["feedback_poll_s"],
+        )
+        .unwrap()
+        .unwrap();
         assert!(s.is_done(1, "sample") && !s.is_done(1, "label") && !s.is_done(2, "sample"));
-        let e = load_state(&p, &json!({"rounds": 3, "feedback_poll_s": 1.0}), &[]).unwrap_err().to_string();
+        let e = load_state(&p, &json!({"rounds": 3, "feedback_poll_s": 1.0}), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rounds (was 2, now 3)"), "{e}");
     }
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rlhf_train::grpo::GrpoArgs;
 use rlhf_train::pref_config::PrefConfig;
-use rlhf_train::TrainDefaults;
 use rlhf_train::schedule::ScheduleKind;
+use rlhf_train::TrainDefaults;
 use serde_json::{json, Value};
 
 use crate::config::{IterateArgs, Trainer};
@@ -23,7 +23,10 @@ use crate::store::{read_jsonl, write_json, write_jsonl, LabelLog, LabelRecord};
 pub fn decisions(cands: &[Candidates], labels: &[LabelRecord]) -> (Vec<Value>, Vec<Value>) {
     let mut by_item: BTreeMap<(usize, usize, usize), Vec<&LabelRecord>> = BTreeMap::new();
     for l in labels.iter().filter(|l| l.kind == Kind::Pairwise.name()) {
-        by_item.entry((l.prompt_index, l.a, l.b)).or_default().push(l);
+        by_item
+            .entry((l.prompt_index, l.a, l.b))
+            .or_default()
+            .push(l);
     }
     let (mut rows, mut provenance) = (Vec::new(), Vec::new());
     for ((i, a, b), ls) in by_item {
@@ -35,7 +38,10 @@ pub fn decisions(cands: &[Candidates], labels: &[LabelRecord]) -> (Vec<Value>, V
         let (chosen, rejected) = if p > 0.5 { (a, b) } else { (b, a) };
         let c = &cands[i];
         let label_ids: Vec<&str> = ls.iter().map(|l| l.id.as_str()).collect();
-        let app_ids: Vec<Value> = ls.iter().filter_map(|l| l.detail.get("label_ids").cloned()).collect();
+        let app_ids: Vec<Value> = ls
+            .iter()
+            .filter_map(|l| l.detail.get("label_ids").cloned())
+            .collect();
         rows.push(json!({"prompt": c.prompt(), "chosen": c.candidates[chosen].text, "rejected": c.candidates[rejected].text,
             "item": ls[0].item, "kind": "pairwise", "label_ids": label_ids}));
         provenance.push(json!({"row": rows.len() - 1, "kind": "pairwise", "item": ls[0].item, "label_ids": label_ids, "app_label_ids": app_ids,
@@ -62,28 +68,45 @@ pub fn train(args: &IterateArgs, k: usize, start: &Path, rd: &Path) -> Result<()
         // Nothing decided: the policy carries over unchanged (the card says so).
         copy_model(start, &out)?;
         let summary = json!({"algorithm": "none", "steps": 0, "rows": 0, "critiques_too_long": too_long, "note": "no decided pair: the policy is the round's starting policy"});
-        return write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": Value::Null}));
+        return write_json(
+            &rd.join("train_summary.json"),
+            &json!({"summary": summary, "config": Value::Null}),
+        );
     }
     let (mut summary, config) = match args.trainer {
         Trainer::Dpo => {
             let cfg = dpo_config(args, start, &train_file, &out);
             let s = rlhf_train::dpo::run_dpo(&cfg)?;
-            (json!({"algorithm": "dpo (reference = the round's starting policy)", "steps": s.steps, "rows": rows.len(),
-                "final_loss": s.final_loss, "train_loss": s.train_loss, "final_metrics": s.final_metrics}), json!(cfg))
+            (
+                json!({"algorithm": "dpo (reference = the round's starting policy)", "steps": s.steps, "rows": rows.len(),
+                "final_loss": s.final_loss, "train_loss": s.train_loss, "final_metrics": s.final_metrics}),
+                json!(cfg),
+            )
         }
         Trainer::RmGrpo => rm_grpo(args, k, start, rd, rows.len())?,
     };
     summary["critiques_too_long"] = json!(too_long);
-    write_json(&rd.join("train_summary.json"), &json!({"summary": summary, "config": config}))
+    write_json(
+        &rd.join("train_summary.json"),
+        &json!({"summary": summary, "config": config}),
+    )
 }
 
 /// A reward model retrained from `model` on the decided pairs of rounds 1..=k, then GRPO against it from the
 /// round's starting policy (the KL reference) on the round's prompts.
-fn rm_grpo(args: &IterateArgs, k: usize, start: &Path, rd: &Path, rows: usize) -> Result<(Value, Value)> {
+fn rm_grpo(
+    args: &IterateArgs,
+    k: usize,
+    start: &Path,
+    rd: &Path,
+    rows: usize,
+) -> Result<(Value, Value)> {
     let run = args.run_dir();
     let mut all = Vec::new();
     for j in 1..=k {
-        all.extend(read_jsonl::<Value>(&round_dir(&run, j).join("train.jsonl"))?);
+        all.extend(read_jsonl::<Value>(
+            &round_dir(&run, j).join("train.jsonl"),
+        )?);
     }
     let rm_train = rd.join("rm_train.jsonl");
     write_jsonl(&rm_train, &all)?;
@@ -93,13 +116,34 @@ fn rm_grpo(args: &IterateArgs, k: usize, start: &Path, rd: &Path, rows: usize) -
     let r = rlhf_train::rm::run_rm(&rc)?;
     let out = rd.join("model");
     let flags: Vec<std::ffi::OsString> = [
-        "--model", &start.display().to_string(), "--prompts", &rd.join("prompts.jsonl").display().to_string(),
-        "--output-dir", &out.display().to_string(), "--reward", &format!("rm:{}", rd.join("rm").display()),
-        "--max-steps", &args.grpo_steps.to_string(), "--prompts-per-step", &args.batch_size.to_string(),
-        "--num-generations", &args.candidates.to_string(), "--beta", &args.grpo_beta.to_string(),
-        "--learning-rate", &args.learning_rate.to_string(), "--lr-scheduler-type", "constant",
-        "--max-new-tokens", &args.max_new_tokens.to_string(), "--temperature", &args.temperature.to_string(),
-        "--max-prompt-length", &(args.max_length - args.max_new_tokens).to_string(), "--seed", &args.seed.to_string(),
+        "--model",
+        &start.display().to_string(),
+        "--prompts",
+        &rd.join("prompts.jsonl").display().to_string(),
+        "--output-dir",
+        &out.display().to_string(),
+        "--reward",
+        &format!("rm:{}", rd.join("rm").display()),
+        "--max-steps",
+        &args.grpo_steps.to_string(),
+        "--prompts-per-step",
+        &args.batch_size.to_string(),
+        "--num-generations",
+        &args.candidates.to_string(),
+        "--beta",
+        &args.grpo_beta.to_string(),
+        "--learning-rate",
+        &args.learning_rate.to_string(),
+        "--lr-scheduler-type",
+        "constant",
+        "--max-new-tokens",
+        &args.max_new_tokens.to_string(),
+        "--temperature",
+        &args.temperature.to_string(),
+        "--max-prompt-length",
+        &(args.max_length - args.max_new_tokens).to_string(),
+        "--seed",
+        &args.seed.to_string(),
         // A run killed while training redoes the phase from the start.
         "--overwrite-output-dir",
     ]
@@ -122,7 +166,12 @@ pub fn dpo_config(args: &IterateArgs, start: &Path, train_file: &Path, out: &Pat
     let mut c = PrefConfig {
         max_length: args.max_length,
         batch_size: args.batch_size,
-        ..PrefConfig::new(start.into(), train_file.into(), out.into(), &TrainDefaults::DPO)
+        ..PrefConfig::new(
+            start.into(),
+            train_file.into(),
+            out.into(),
+            &TrainDefaults::DPO,
+        )
     };
     let t = &mut c.train;
     t.learning_rate = args.learning_rate;
@@ -142,7 +191,8 @@ fn copy_model(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
         let e = e?;
         if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).with_context(|| format!("{}: cannot copy", e.path().display()))?;
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .with_context(|| format!("{}: cannot copy", e.path().display()))?;
         }
     }
     Ok(())
@@ -173,10 +223,23 @@ mod tests {
 
     #[test]
     fn decisions_follow_the_mean_and_drop_undecided_majorities() {
-        let texts = |t: &[&str]| t.iter().map(|s| Candidate { text: s.to_string(), ids: vec![], eos: true }).collect();
+        let texts = |t: &[&str]| {
+            t.iter()
+                .map(|s| Candidate {
+                    text: s.to_string(),
+                    ids: vec![],
+                    eos: true,
+                })
+                .collect()
+        };
         let mut row = Map::new();
         row.insert("prompt".into(), json!("Q"));
-        let cands = vec![Candidates { prompt_index: 0, row, prompt_ids: vec![1], candidates: texts(&["x", "y", "z"]) }];
+        let cands = vec![Candidates {
+            prompt_index: 0,
+            row,
+            prompt_ids: vec![1],
+            candidates: texts(&["x", "y", "z"]),
+        }];
         let labels = vec![
             // (0,1): 2 of 3 prefer b.
             label((0, 0, 1), "u1", 0.0),
@@ -191,9 +254,18 @@ mod tests {
         ];
         let (rows, prov) = decisions(&cands, &labels);
         assert_eq!(rows.len(), 2);
-        assert_eq!((rows[0]["chosen"].as_str(), rows[0]["rejected"].as_str()), (Some("y"), Some("x")));
-        assert_eq!((rows[1]["chosen"].as_str(), rows[1]["rejected"].as_str()), (Some("y"), Some("z")));
-        assert_eq!(prov[0]["label_ids"], json!(["r1-p0-0-1:u1", "r1-p0-0-1:u2", "r1-p0-0-1:u3"]));
+        assert_eq!(
+            (rows[0]["chosen"].as_str(), rows[0]["rejected"].as_str()),
+            (Some("y"), Some("x"))
+        );
+        assert_eq!(
+            (rows[1]["chosen"].as_str(), rows[1]["rejected"].as_str()),
+            (Some("y"), Some("z"))
+        );
+        assert_eq!(
+            prov[0]["label_ids"],
+            json!(["r1-p0-0-1:u1", "r1-p0-0-1:u2", "r1-p0-0-1:u3"])
+        );
         assert!((prov[0]["p_chosen"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(prov[1]["app_label_ids"], json!([[7]]));
     }

@@ -60,6 +60,11 @@ pub(crate) trait Arch: std::fmt::Debug + Send + Sync {
 pub(crate) trait Network: std::fmt::Debug + Send + Sync {
     /// Hidden states after the final norm, `[b, t, hidden]`.
     fn hidden(&self, ids: &Tensor, pos: &Positions, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// [`Network::hidden`] on the engine ([`crate::engine`]) without a cache, when this network
+    /// has a hand-written stack that can run it (`None`: use the candle graph).
+    fn hidden_engine(&self, _ids: &Tensor, _pos: &Positions) -> Option<Result<Tensor>> {
+        None
+    }
     fn lm_head(&self) -> &Linear;
     /// Every linear layer under its HF module name (the LoRA and precision seam).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;

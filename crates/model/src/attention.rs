@@ -105,7 +105,8 @@ impl KvCache {
     /// longest kept row), so padding that no kept row needs any more is trimmed away; `extra` free
     /// positions are reserved after the new length.
     pub fn regroup(parts: &[(&KvCache, &[usize])], extra: usize) -> Result<KvCache> {
-        let parts: Vec<&(&KvCache, &[usize])> = parts.iter().filter(|(_, r)| !r.is_empty()).collect();
+        let parts: Vec<&(&KvCache, &[usize])> =
+            parts.iter().filter(|(_, r)| !r.is_empty()).collect();
         let Some(((first, _), _)) = parts.split_first() else {
             candle_core::bail!("KvCache::regroup: no rows to keep")
         };
@@ -118,20 +119,36 @@ impl KvCache {
             }
         }
         // Valid positions of a row are row_start..len; the new length fits the longest.
-        let used = |c: &KvCache, rows: &[usize]| c.len - rows.iter().map(|&r| c.row_start[r]).min().unwrap_or(c.len);
-        let len = parts.iter().map(|(c, rows)| used(c, rows)).max().unwrap_or(0);
+        let used = |c: &KvCache, rows: &[usize]| {
+            c.len - rows.iter().map(|&r| c.row_start[r]).min().unwrap_or(c.len)
+        };
+        let len = parts
+            .iter()
+            .map(|(c, rows)| used(c, rows))
+            .max()
+            .unwrap_or(0);
         // Old position j of a part moves to j + len - c.len.
         let shift = |c: &KvCache| (c.len.saturating_sub(len), len.saturating_sub(c.len));
         let row_start = parts
             .iter()
-            .flat_map(|(c, rows)| rows.iter().map(|&r| c.row_start[r] + shift(c).1 - shift(c).0))
+            .flat_map(|(c, rows)| {
+                rows.iter()
+                    .map(|&r| c.row_start[r] + shift(c).1 - shift(c).0)
+            })
             .collect();
         let mut layers = Vec::with_capacity(first.layers.len());
         for layer in 0..first.layers.len() {
-            let (mut ks, mut vs) = (Vec::with_capacity(parts.len()), Vec::with_capacity(parts.len()));
+            let (mut ks, mut vs) = (
+                Vec::with_capacity(parts.len()),
+                Vec::with_capacity(parts.len()),
+            );
             for (c, rows) in &parts {
                 let (cut, pad) = shift(c);
-                let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), rows.len(), c.device())?;
+                let idx = Tensor::from_vec(
+                    rows.iter().map(|&r| r as u32).collect(),
+                    rows.len(),
+                    c.device(),
+                )?;
                 let take = |t: &Tensor| {
                     t.index_select(&idx, 0)?
                         .narrow(2, cut, c.len - cut)?
@@ -153,7 +170,9 @@ impl KvCache {
     }
 
     fn device(&self) -> &Device {
-        self.layers.first().map_or(&Device::Cpu, |(k, _)| k.device())
+        self.layers
+            .first()
+            .map_or(&Device::Cpu, |(k, _)| k.device())
     }
 
     /// Keys visible to the query at absolute position `a` of row `b`: `lo..=a`. A padding query

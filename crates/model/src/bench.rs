@@ -113,7 +113,7 @@ pub fn bench_train_step(
     loss.to_scalar::<f32>()?;
     let forward_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let grads = loss.backward()?;
+    let grads = crate::engine::backward(&loss)?;
     let backward_s = t.elapsed().as_secs_f64();
     drop(grads);
     Ok(StepBench {
@@ -135,11 +135,23 @@ pub struct GemmBench {
 /// Times `C = A · Bᵀ` for random `A [m, k]` and `B [n, k]` (the `nn.Linear` layout, read through a
 /// transposed view as the linear layers do) at `precision`, on the rayon pool; medians of
 /// `repeats` runs after one warm-up.
-pub fn bench_gemm(m: usize, k: usize, n: usize, precision: crate::Precision, repeats: usize) -> GemmBench {
+pub fn bench_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    precision: crate::Precision,
+    repeats: usize,
+) -> GemmBench {
     use crate::bf16::{gemm_ops, Lhs, Rhs};
     use crate::matmul::MatRef;
-    let a: Vec<f32> = pseudo_ids(m * k, 1000, 1).iter().map(|&x| x as f32 / 500.0 - 1.0).collect();
-    let b: Vec<f32> = pseudo_ids(n * k, 1000, 2).iter().map(|&x| x as f32 / 500.0 - 1.0).collect();
+    let a: Vec<f32> = pseudo_ids(m * k, 1000, 1)
+        .iter()
+        .map(|&x| x as f32 / 500.0 - 1.0)
+        .collect();
+    let b: Vec<f32> = pseudo_ids(n * k, 1000, 2)
+        .iter()
+        .map(|&x| x as f32 / 500.0 - 1.0)
+        .collect();
     let (am, bm) = (MatRef::new(&a, m, k, k), MatRef::new(&b, n, k, k).t());
     let mut c = vec![0f32; m * n];
     let median = |f: &mut dyn FnMut()| {
@@ -155,10 +167,21 @@ pub fn bench_gemm(m: usize, k: usize, n: usize, precision: crate::Precision, rep
         ts[ts.len() / 2]
     };
     let seconds = median(&mut || {
-        gemm_ops(&mut c, n, false, &Lhs::new(precision, am, true), &Rhs::new(precision, bm, true), true)
+        gemm_ops(
+            &mut c,
+            n,
+            false,
+            &Lhs::new(precision, am, true),
+            &Rhs::new(precision, bm, true),
+            true,
+        )
     });
     let (lhs, rhs) = (Lhs::new(precision, am, true), Rhs::new(precision, bm, true));
     let kernel = median(&mut || gemm_ops(&mut c, n, false, &lhs, &rhs, true));
     let flop = 2.0 * (m * k * n) as f64;
-    GemmBench { seconds, gflops: flop / seconds / 1e9, gflops_kernel: flop / kernel / 1e9 }
+    GemmBench {
+        seconds,
+        gflops: flop / seconds / 1e9,
+        gflops_kernel: flop / kernel / 1e9,
+    }
 }

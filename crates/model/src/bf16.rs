@@ -42,7 +42,9 @@ impl std::str::FromStr for Precision {
         match s {
             "fp32" | "f32" => Ok(Precision::Fp32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(format!("unknown precision `{other}` (expected fp32 or bf16)")),
+            other => Err(format!(
+                "unknown precision `{other}` (expected fp32 or bf16)"
+            )),
         }
     }
 }
@@ -65,8 +67,11 @@ pub enum Kernel {
 }
 
 /// Names `RLHF_BF16_KERNEL` accepts, fastest first.
-const KERNEL_NAMES: [(&str, Kernel); 3] =
-    [("amx", Kernel::Amx), ("avx512-bf16", Kernel::Avx512Bf16), ("emulated", Kernel::Emulated)];
+const KERNEL_NAMES: [(&str, Kernel); 3] = [
+    ("amx", Kernel::Amx),
+    ("avx512-bf16", Kernel::Avx512Bf16),
+    ("emulated", Kernel::Emulated),
+];
 
 impl Kernel {
     /// The fastest kernel this CPU runs, at most the one `RLHF_BF16_KERNEL` names (detected once).
@@ -78,13 +83,19 @@ impl Kernel {
                     Some(&(_, k)) => k,
                     None => {
                         let names: Vec<&str> = KERNEL_NAMES.iter().map(|(n, _)| *n).collect();
-                        eprintln!("warning: RLHF_BF16_KERNEL={v} is not one of {}; ignoring it", names.join(", "));
+                        eprintln!(
+                            "warning: RLHF_BF16_KERNEL={v} is not one of {}; ignoring it",
+                            names.join(", ")
+                        );
                         Kernel::Amx
                     }
                 },
                 Err(_) => Kernel::Amx,
             };
-            Kernel::available().into_iter().find(|&k| k >= cap).unwrap_or(Kernel::Emulated)
+            Kernel::available()
+                .into_iter()
+                .find(|&k| k >= cap)
+                .unwrap_or(Kernel::Emulated)
         })
     }
 
@@ -146,7 +157,13 @@ const PAR_MIN_MACS: usize = 1 << 20;
 
 /// `dst[i * ld + j] = f(src(i, j))` over all of `src` (columns `src.ncols()..ld` are left as they
 /// are: the zero padding of the packed layouts).
-fn convert<T: Send>(src: MatRef, dst: &mut [T], ld: usize, parallel: bool, f: impl Fn(f32) -> T + Sync) {
+fn convert<T: Send>(
+    src: MatRef,
+    dst: &mut [T],
+    ld: usize,
+    parallel: bool,
+    f: impl Fn(f32) -> T + Sync,
+) {
     let (m, n) = (src.nrows(), src.ncols());
     if m == 0 || n == 0 {
         return;
@@ -171,16 +188,23 @@ fn convert<T: Send>(src: MatRef, dst: &mut [T], ld: usize, parallel: bool, f: im
                 let di = &mut d[i * ld..i * ld + n];
                 match s.row(i) {
                     Some(r) => di.iter_mut().zip(r).for_each(|(o, &x)| *o = f(x)),
-                    None => di.iter_mut().enumerate().for_each(|(j, o)| *o = f(s.at(i, j))),
+                    None => di
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, o)| *o = f(s.at(i, j))),
                 }
             }
         }
     };
     let dst = &mut dst[..m * ld];
     if parallel && m * n >= PAR_MIN_MACS >> 6 {
-        dst.par_chunks_mut(CONVERT_ROWS * ld).enumerate().for_each(block);
+        dst.par_chunks_mut(CONVERT_ROWS * ld)
+            .enumerate()
+            .for_each(block);
     } else {
-        dst.chunks_mut(CONVERT_ROWS * ld).enumerate().for_each(block);
+        dst.chunks_mut(CONVERT_ROWS * ld)
+            .enumerate()
+            .for_each(block);
     }
 }
 
@@ -198,8 +222,15 @@ mod simd {
     unsafe fn rne(x: __m512) -> __m512i {
         let b = _mm512_castps_si512(x);
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
-        _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), _mm512_set1_epi32(0x7FC0))
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            b,
+            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+        ));
+        _mm512_mask_mov_epi32(
+            r,
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+            _mm512_set1_epi32(0x7FC0),
+        )
     }
 
     /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
@@ -222,7 +253,10 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn row_pairs(x: &[f32], dst: *mut u32, stride: usize) {
         let full = x.len() / 32;
-        let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride as i32),
+        );
         for q in 0..full {
             let v = pairs32(x.as_ptr().add(32 * q));
             if stride == 1 {
@@ -243,7 +277,10 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: *mut u32, stride: usize) {
         let n = lo.len();
-        let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride as i32),
+        );
         for q in 0..n / 16 {
             let l = rne(_mm512_loadu_ps(lo.as_ptr().add(16 * q)));
             let h = match hi {
@@ -303,7 +340,9 @@ mod simd {
         let len = cols[0].len();
         let full = len / 32;
         for q in 0..full {
-            let v = transpose16(std::array::from_fn(|c| pairs32(cols[c].as_ptr().add(32 * q))));
+            let v = transpose16(std::array::from_fn(|c| {
+                pairs32(cols[c].as_ptr().add(32 * q))
+            }));
             for (p, vp) in v.iter().enumerate() {
                 _mm512_storeu_si512(dst.add((16 * q + p) * stride).cast(), *vp);
             }
@@ -321,11 +360,21 @@ mod simd {
     /// # Safety
     /// AVX-512F; `dst` valid for writes at every `i · stride + p`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn col_pairs16<'a>(col: impl Fn(usize) -> Option<&'a [f32]>, pairs: usize, dst: *mut u32, stride: usize) {
+    pub(super) unsafe fn col_pairs16<'a>(
+        col: impl Fn(usize) -> Option<&'a [f32]>,
+        pairs: usize,
+        dst: *mut u32,
+        stride: usize,
+    ) {
         let zip = |p: usize| -> __m512i {
-            let lo = rne(_mm512_loadu_ps(col(2 * p).expect("column 2p exists").as_ptr()));
+            let lo = rne(_mm512_loadu_ps(
+                col(2 * p).expect("column 2p exists").as_ptr(),
+            ));
             match col(2 * p + 1) {
-                Some(h) => _mm512_or_si512(lo, _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr())))),
+                Some(h) => _mm512_or_si512(
+                    lo,
+                    _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr()))),
+                ),
                 None => lo,
             }
         };
@@ -363,12 +412,15 @@ fn pack_a_pairs(a: MatRef, rows: &mut [u32], kp: usize, parallel: bool) {
                 // 16 rows at a time are transposed in registers, a remainder scattered.
                 let full = s.nrows() / 16 * 16;
                 for i0 in (0..full).step_by(16) {
-                    let col = |j: usize| (j < k).then(|| &s.col(j).expect("column-major view")[i0..i0 + 16]);
+                    let col = |j: usize| {
+                        (j < k).then(|| &s.col(j).expect("column-major view")[i0..i0 + 16])
+                    };
                     simd::col_pairs16(col, k.div_ceil(2), dp.add(i0 * kp), kp);
                 }
                 for p in 0..k.div_ceil(2) {
                     let lo = &s.col(2 * p).expect("column-major view")[full..];
-                    let hi = (2 * p + 1 < k).then(|| &s.col(2 * p + 1).expect("column-major view")[full..]);
+                    let hi = (2 * p + 1 < k)
+                        .then(|| &s.col(2 * p + 1).expect("column-major view")[full..]);
                     simd::zip_pairs(lo, hi, dp.add(full * kp + p), kp);
                 }
             } else {
@@ -386,9 +438,13 @@ fn pack_a_pairs(a: MatRef, rows: &mut [u32], kp: usize, parallel: bool) {
     };
     let rows = &mut rows[..m * kp];
     if parallel && m * k >= PAR_MIN_MACS >> 6 {
-        rows.par_chunks_mut(CONVERT_ROWS * kp).enumerate().for_each(block);
+        rows.par_chunks_mut(CONVERT_ROWS * kp)
+            .enumerate()
+            .for_each(block);
     } else {
-        rows.chunks_mut(CONVERT_ROWS * kp).enumerate().for_each(block);
+        rows.chunks_mut(CONVERT_ROWS * kp)
+            .enumerate()
+            .for_each(block);
     }
 }
 
@@ -412,7 +468,11 @@ enum Packed {
     /// ([`Kernel::geometry`]): for `A`, rows of `kp` pairs (`k.div_ceil(2)` rounded up to the k-pair
     /// padding; row count rounded up to the row padding); for `B`, `n.div_ceil(nr)` panels of
     /// `[kp][nr]` pairs (the layout `vdpbf16ps` and `tdpbf16ps` read).
-    Pairs { kernel: Kernel, kp: usize, data: Vec<u32> },
+    Pairs {
+        kernel: Kernel,
+        kp: usize,
+        data: Vec<u32>,
+    },
     /// bf16-rounded values, row-major f32 (emulated kernel).
     Rounded(Vec<f32>),
 }
@@ -443,7 +503,11 @@ impl PackedA {
                 let kp = k.div_ceil(2).next_multiple_of(kq);
                 let mut rows = vec![0u32; m.div_ceil(mr) * mr * kp];
                 pack_a_pairs(a, &mut rows, kp, parallel);
-                Packed::Pairs { kernel, kp, data: rows }
+                Packed::Pairs {
+                    kernel,
+                    kp,
+                    data: rows,
+                }
             }
         };
         Self { m, k, data }
@@ -495,7 +559,11 @@ impl PackedB {
                             // 16 columns at a time are transposed in registers, a remainder scattered.
                             let col = |c: usize| b.col(n0 + c).expect("column-major view");
                             for c0 in (0..nc / 16 * 16).step_by(16) {
-                                simd::row_pairs16(std::array::from_fn(|c| col(c0 + c)), dp.add(c0), nr);
+                                simd::row_pairs16(
+                                    std::array::from_fn(|c| col(c0 + c)),
+                                    dp.add(c0),
+                                    nr,
+                                );
                             }
                             for c in nc / 16 * 16..nc {
                                 simd::row_pairs(col(c), dp.add(c), nr);
@@ -508,11 +576,24 @@ impl PackedB {
                                         None => (0..nc).map(|c| b.at(r, n0 + c)).collect(),
                                     }
                                 };
-                                match (b.row(2 * p), (2 * p + 1 < k).then(|| b.row(2 * p + 1)).flatten()) {
-                                    (Some(r0), Some(r1)) => simd::zip_pairs(&r0[n0..n0 + nc], Some(&r1[n0..n0 + nc]), dp.add(p * nr), 1),
+                                match (
+                                    b.row(2 * p),
+                                    (2 * p + 1 < k).then(|| b.row(2 * p + 1)).flatten(),
+                                ) {
+                                    (Some(r0), Some(r1)) => simd::zip_pairs(
+                                        &r0[n0..n0 + nc],
+                                        Some(&r1[n0..n0 + nc]),
+                                        dp.add(p * nr),
+                                        1,
+                                    ),
                                     _ => {
                                         let hi = (2 * p + 1 < k).then(|| row(2 * p + 1));
-                                        simd::zip_pairs(&row(2 * p), hi.as_deref(), dp.add(p * nr), 1)
+                                        simd::zip_pairs(
+                                            &row(2 * p),
+                                            hi.as_deref(),
+                                            dp.add(p * nr),
+                                            1,
+                                        )
                                     }
                                 }
                             }
@@ -526,7 +607,11 @@ impl PackedB {
                         panels.chunks_mut(kp * nr).enumerate().for_each(pack);
                     }
                 }
-                Packed::Pairs { kernel, kp, data: panels }
+                Packed::Pairs {
+                    kernel,
+                    kp,
+                    data: panels,
+                }
             }
         };
         Self { k, n, data }
@@ -580,12 +665,26 @@ pub(crate) fn gemm_prec(
     b: MatRef,
     parallel: bool,
 ) {
-    gemm_ops(dst, ld, accumulate, &Lhs::new(precision, a, parallel), &Rhs::new(precision, b, parallel), parallel)
+    gemm_ops(
+        dst,
+        ld,
+        accumulate,
+        &Lhs::new(precision, a, parallel),
+        &Rhs::new(precision, b, parallel),
+        parallel,
+    )
 }
 
 /// `dst = a · b` (or `+=` when `accumulate`), `dst` row-major with row stride `ld`; both
 /// operands must be at the same precision. Same contract as [`gemm_into`].
-pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b: &Rhs, parallel: bool) {
+pub(crate) fn gemm_ops(
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    a: &Lhs,
+    b: &Rhs,
+    parallel: bool,
+) {
     let (a, b) = match (a, b) {
         (Lhs::F32(a), Rhs::F32(b)) => return gemm_into(dst, ld, accumulate, *a, *b, parallel),
         (Lhs::Bf16(a), Rhs::Bf16(b)) => (a, b),
@@ -597,7 +696,10 @@ pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b:
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ld >= n && dst.len() >= (m - 1) * ld + n, "gemm_bf16: destination too small");
+    assert!(
+        ld >= n && dst.len() >= (m - 1) * ld + n,
+        "gemm_bf16: destination too small"
+    );
     if k == 0 {
         if !accumulate {
             (0..m).for_each(|i| dst[i * ld..i * ld + n].fill(0.0));
@@ -606,18 +708,36 @@ pub(crate) fn gemm_ops(dst: &mut [f32], ld: usize, accumulate: bool, a: &Lhs, b:
     }
     let parallel = parallel && m * n * k >= PAR_MIN_MACS;
     match (&a.data, &b.data) {
-        (Packed::Rounded(ar), Packed::Rounded(br)) => {
-            gemm_into(dst, ld, accumulate, MatRef::new(ar, m, k, k), MatRef::new(br, k, n, n), parallel)
-        }
+        (Packed::Rounded(ar), Packed::Rounded(br)) => gemm_into(
+            dst,
+            ld,
+            accumulate,
+            MatRef::new(ar, m, k, k),
+            MatRef::new(br, k, n, n),
+            parallel,
+        ),
         #[cfg(target_arch = "x86_64")]
-        (Packed::Pairs { kernel: ka, kp, data: rows }, Packed::Pairs { kernel: kb, data: panels, .. }) if ka == kb => {
-            match ka {
-                Kernel::Avx512Bf16 => drive::<vnni::Vnni>(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
-                #[cfg(target_os = "linux")]
-                Kernel::Amx => drive::<amx::Amx>(dst, ld, accumulate, rows, panels, m, *kp, n, parallel),
-                _ => unreachable!("pairs are packed only for the AVX512-BF16 and AMX kernels"),
+        (
+            Packed::Pairs {
+                kernel: ka,
+                kp,
+                data: rows,
+            },
+            Packed::Pairs {
+                kernel: kb,
+                data: panels,
+                ..
+            },
+        ) if ka == kb => match ka {
+            Kernel::Avx512Bf16 => {
+                drive::<vnni::Vnni>(dst, ld, accumulate, rows, panels, m, *kp, n, parallel)
             }
-        }
+            #[cfg(target_os = "linux")]
+            Kernel::Amx => {
+                drive::<amx::Amx>(dst, ld, accumulate, rows, panels, m, *kp, n, parallel)
+            }
+            _ => unreachable!("pairs are packed only for the AVX512-BF16 and AMX kernels"),
+        },
         _ => panic!("gemm_ops: operands packed for different kernels"),
     }
 }
@@ -654,7 +774,15 @@ trait Micro {
     ///
     /// # Safety
     /// The CPU runs this kernel, [`Micro::enter`] ran on this thread, and the pointers cover the block.
-    unsafe fn block(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool);
+    unsafe fn block(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    );
     /// Run by each task before its first and after its last block (AMX: load and release the tiles).
     ///
     /// # Safety
@@ -669,14 +797,34 @@ trait Micro {
 /// `K::NB`-column panels. `K` must be a kernel this CPU runs (pairs are packed only then).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn drive<K: Micro>(dst: &mut [f32], ld: usize, accumulate: bool, ap: &[u32], panels: &[u32], m: usize, kp: usize, n: usize, parallel: bool) {
+fn drive<K: Micro>(
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    ap: &[u32],
+    panels: &[u32],
+    m: usize,
+    kp: usize,
+    n: usize,
+    parallel: bool,
+) {
     let (mb, nb) = (K::MB, K::NB);
-    assert!(kp.is_multiple_of(K::KQ) && ap.len() >= m.div_ceil(mb) * mb * kp && panels.len() >= n.div_ceil(nb) * kp * nb);
+    assert!(
+        kp.is_multiple_of(K::KQ)
+            && ap.len() >= m.div_ceil(mb) * mb * kp
+            && panels.len() >= n.div_ceil(nb) * kp * nb
+    );
     let np = n.div_ceil(nb);
     // Tasks are MC rows × a group of panels; enough groups that both cores get work when M is a
     // single block (decoding, small batches).
     let mblocks = m.div_ceil(MC);
-    let groups = if parallel { (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np) } else { 1 };
+    let groups = if parallel {
+        (2 * rayon::current_num_threads())
+            .div_ceil(mblocks)
+            .clamp(1, np)
+    } else {
+        1
+    };
     let per_group = np.div_ceil(groups);
     let out = Dst(dst.as_mut_ptr());
     let task = |t: usize| {
@@ -708,7 +856,8 @@ fn drive<K: Micro>(dst: &mut [f32], ld: usize, accumulate: bool, ap: &[u32], pan
                         } else {
                             for r in 0..mr {
                                 for col in 0..nc {
-                                    edge[r * nb + col] = if load { *c.add(r * ld + col) } else { 0.0 };
+                                    edge[r * nb + col] =
+                                        if load { *c.add(r * ld + col) } else { 0.0 };
                                 }
                             }
                             K::block(kc, apt, kp, bp, edge.as_mut_ptr(), nb, true);
@@ -741,7 +890,15 @@ mod vnni {
     /// `c[MR × NR] (+)= a · b` over `kc` pairs: `a` rows `lda` pairs apart, `b` one packed panel
     /// (`NR` pairs per step). Reads `c` only when `load_c`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+    unsafe fn tile(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; MR];
         for p in 0..kc {
             let bp = b.add(p * NR);
@@ -749,7 +906,9 @@ mod vnni {
                 std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16 * v).cast()))
             });
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let ar = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                let ar = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *a.add(r * lda + p) as i32,
+                ));
                 for (v, acc_rv) in acc_r.iter_mut().enumerate() {
                     *acc_rv = _mm512_dpbf16_ps(*acc_rv, ar, bv[v]);
                 }
@@ -758,7 +917,11 @@ mod vnni {
         for (r, acc_r) in acc.iter().enumerate() {
             for (v, acc_rv) in acc_r.iter().enumerate() {
                 let cp = c.add(r * ldc + 16 * v);
-                let x = if load_c { _mm512_add_ps(*acc_rv, _mm512_loadu_ps(cp)) } else { *acc_rv };
+                let x = if load_c {
+                    _mm512_add_ps(*acc_rv, _mm512_loadu_ps(cp))
+                } else {
+                    *acc_rv
+                };
                 _mm512_storeu_ps(cp, x);
             }
         }
@@ -771,7 +934,15 @@ mod vnni {
         const MB: usize = MR;
         const NB: usize = NR;
         const KQ: usize = 1;
-        unsafe fn block(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+        unsafe fn block(
+            kc: usize,
+            a: *const u32,
+            lda: usize,
+            b: *const u32,
+            c: *mut f32,
+            ldc: usize,
+            load_c: bool,
+        ) {
             tile(kc, a, lda, b, c, ldc, load_c)
         }
     }
@@ -802,8 +973,16 @@ mod amx {
         let mut granted: libc::c_ulong = 0;
         // SAFETY: plain syscalls; the second writes one u64 through a valid pointer.
         unsafe {
-            libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
-                && libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut granted as *mut libc::c_ulong) == 0
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+                && libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_GET_XCOMP_PERM,
+                    &mut granted as *mut libc::c_ulong,
+                ) == 0
                 && granted & (1 << XFEATURE_XTILEDATA) != 0
         }
     }
@@ -830,10 +1009,23 @@ mod amx {
     /// `c[32 × 32] (+)= a · b` over `kp` pairs (a multiple of 16): `a` 32 rows `lda` pairs apart,
     /// `b` one 32-column panel, `c` rows `ldc` floats apart. Reads `c` only when `load_c`. The tile
     /// configuration must be loaded ([`Micro::enter`]).
-    unsafe fn block(kp: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+    unsafe fn block(
+        kp: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
         // Tile loads and stores take strides in bytes.
         let (lda, ldb, ldc) = (4 * lda, 4 * AMX_NB, 4 * ldc);
-        let (c0, c1, c2, c3) = (c, c.add(16), c.byte_add(16 * ldc), c.byte_add(16 * ldc).add(16));
+        let (c0, c1, c2, c3) = (
+            c,
+            c.add(16),
+            c.byte_add(16 * ldc),
+            c.byte_add(16 * ldc).add(16),
+        );
         if load_c {
             asm!(
                 "tileloadd tmm0, [{c0} + {s}]", "tileloadd tmm1, [{c1} + {s}]",
@@ -842,7 +1034,13 @@ mod amx {
                 options(nostack, readonly),
             );
         } else {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
         }
         for q in (0..kp).step_by(AMX_KQ) {
             let (a0, b0) = (a.add(q), b.add(q * AMX_NB));
@@ -871,7 +1069,15 @@ mod amx {
         const MB: usize = AMX_MB;
         const NB: usize = AMX_NB;
         const KQ: usize = AMX_KQ;
-        unsafe fn block(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, load_c: bool) {
+        unsafe fn block(
+            kc: usize,
+            a: *const u32,
+            lda: usize,
+            b: *const u32,
+            c: *mut f32,
+            ldc: usize,
+            load_c: bool,
+        ) {
             block(kc, a, lda, b, c, ldc, load_c)
         }
         /// Loads the tile configuration on this thread.
@@ -906,7 +1112,10 @@ mod tests {
         let ks = Kernel::available();
         for k in [Kernel::Amx, Kernel::Avx512Bf16] {
             if !ks.contains(&k) {
-                eprintln!("SKIP: this CPU (or OS) has no {}; that kernel is not tested here", k.name());
+                eprintln!(
+                    "SKIP: this CPU (or OS) has no {}; that kernel is not tested here",
+                    k.name()
+                );
             }
         }
         ks
@@ -928,16 +1137,43 @@ mod tests {
     /// accumulation of k products errs by at most ~k·2⁻²⁴ of Σ|a·b| (plus the f32 rounding of the
     /// old value of C), so 1e-5 of Σ|a·b| + |c₀| holds for every k here (≤ 300) with room to spare.
     #[allow(clippy::too_many_arguments)]
-    fn check(kernel: Kernel, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool, parallel: bool) {
+    fn check(
+        kernel: Kernel,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+        parallel: bool,
+    ) {
         let (av, bv) = (data(m * k, 1 + m as u64), data(k * n, 2 + n as u64));
         // Stored transposed when `ta` / `tb`, and read back through transposed views.
-        let a = if ta { MatRef::new(&av, k, m, m).t() } else { MatRef::new(&av, m, k, k) };
-        let b = if tb { MatRef::new(&bv, n, k, k).t() } else { MatRef::new(&bv, k, n, n) };
+        let a = if ta {
+            MatRef::new(&av, k, m, m).t()
+        } else {
+            MatRef::new(&av, m, k, k)
+        };
+        let b = if tb {
+            MatRef::new(&bv, n, k, k).t()
+        } else {
+            MatRef::new(&bv, k, n, n)
+        };
         let ld = n + 3;
         let c0 = data(m * ld, 3);
         let mut c = c0.clone();
-        let (pa, pb) = (PackedA::with_kernel(a, kernel, parallel), PackedB::with_kernel(b, kernel, parallel));
-        gemm_ops(&mut c, ld, accumulate, &Lhs::Bf16(pa), &Rhs::Bf16(pb), parallel);
+        let (pa, pb) = (
+            PackedA::with_kernel(a, kernel, parallel),
+            PackedB::with_kernel(b, kernel, parallel),
+        );
+        gemm_ops(
+            &mut c,
+            ld,
+            accumulate,
+            &Lhs::Bf16(pa),
+            &Rhs::Bf16(pb),
+            parallel,
+        );
         for i in 0..m {
             for j in 0..n {
                 let (mut want, mut scale) = (0f64, 0f64);
@@ -957,14 +1193,23 @@ mod tests {
                 );
             }
             // Padding columns of the destination are never written.
-            assert_eq!(&c[i * ld + n..(i * ld + ld).min(c.len())], &c0[i * ld + n..(i * ld + ld).min(c.len())]);
+            assert_eq!(
+                &c[i * ld + n..(i * ld + ld).min(c.len())],
+                &c0[i * ld + n..(i * ld + ld).min(c.len())]
+            );
         }
     }
 
     #[test]
     fn bf16_gemm_matches_f64_of_rounded_operands() {
         for kernel in kernels() {
-            for &(m, k, n) in &[(1, 1, 1), (17, 33, 65), (8, 2, 48), (3, 300, 5), (130, 300, 100)] {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (17, 33, 65),
+                (8, 2, 48),
+                (3, 300, 5),
+                (130, 300, 100),
+            ] {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     for accumulate in [false, true] {
                         check(kernel, m, k, n, ta, tb, accumulate, m > 100);

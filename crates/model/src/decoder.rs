@@ -9,6 +9,8 @@ use crate::{ops, Init, ParamSpec, Params, Positions};
 use candle_core::{bail, Device, Result, Tensor};
 use serde::Deserialize;
 
+mod engine;
+
 /// `rope_scaling` (transformers < 5) or `rope_parameters` (transformers ≥ 5).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub(crate) struct RopeParameters {
@@ -150,6 +152,16 @@ impl RopeSpec {
     ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let t = pos.len() / rows.max(1);
+        let (c, s) = self.table_data(pos);
+        Ok((
+            Tensor::from_vec(c, (rows, t, half), device)?,
+            Tensor::from_vec(s, (rows, t, half), device)?,
+        ))
+    }
+
+    /// The data of [`RopeSpec::tables`].
+    pub(crate) fn table_data(&self, pos: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
         let mut c = Vec::with_capacity(pos.len() * half);
         let mut s = Vec::with_capacity(pos.len() * half);
         for &p in pos {
@@ -159,10 +171,7 @@ impl RopeSpec {
                 s.push(a.sin());
             }
         }
-        Ok((
-            Tensor::from_vec(c, (rows, t, half), device)?,
-            Tensor::from_vec(s, (rows, t, half), device)?,
-        ))
+        (c, s)
     }
 }
 
@@ -234,7 +243,9 @@ impl DecoderConfig {
             o_bias: options.o_bias,
             mlp_bias: options.mlp_bias,
             init_std: self.initializer_range,
-            max_positions: self.max_position_embeddings.unwrap_or(options.default_max_positions),
+            max_positions: self
+                .max_position_embeddings
+                .unwrap_or(options.default_max_positions),
             sliding_window: options.sliding_window,
         };
         spec.check(file)?;
@@ -436,7 +447,12 @@ impl Network for Decoder {
         (self.spec.layers, self.spec.kv_heads, self.spec.head_dim)
     }
 
-    fn hidden(&self, ids: &Tensor, pos: &Positions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         self.check_window(t, cache.as_deref())?;
         let s = &self.spec;
@@ -462,6 +478,19 @@ impl Network for Decoder {
             x = (x + l.down.forward(&m)?)?;
         }
         ops::rms_norm(&x, &self.norm, s.eps)
+    }
+
+    fn hidden_engine(&self, ids: &Tensor, pos: &Positions) -> Option<Result<Tensor>> {
+        if !self.on_engine() {
+            return None;
+        }
+        let run = || {
+            let (b, t) = ids.dims2()?;
+            self.check_window(t, None)?;
+            let (pos, rows) = pos.resolve(b, t)?;
+            crate::engine::hidden(self, ids, &pos, rows)
+        };
+        Some(run())
     }
 
     fn lm_head(&self) -> &Linear {

@@ -130,7 +130,11 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
     let truncate = (s.top_k > 0 && s.top_k < logits.len()) || s.top_p < 1.0;
     // Candidates in a batch-independent order: all ids ascending, or by (logit desc, id asc).
     let cand: Vec<usize> = if truncate {
-        let k = if s.top_k > 0 { s.top_k.min(logits.len()) } else { logits.len() };
+        let k = if s.top_k > 0 {
+            s.top_k.min(logits.len())
+        } else {
+            logits.len()
+        };
         top_k(logits, k)
     } else {
         (0..logits.len()).collect()
@@ -214,7 +218,10 @@ impl Seq {
             }
             _ => lp,
         };
-        let top = top_k(row, r.top_logprobs).into_iter().map(|i| (i as u32, row[i] - lse)).collect();
+        let top = top_k(row, r.top_logprobs)
+            .into_iter()
+            .map(|i| (i as u32, row[i] - lse))
+            .collect();
         let o = &mut self.out;
         o.tokens.push(tok as u32);
         o.logprobs.push(lp);
@@ -336,7 +343,11 @@ impl<'m> Decoder<'m> {
     /// One decode step of the running batch, then the prefill of the requests queued since the
     /// last step (which join the batch). Returns one token per request that ran.
     pub fn step(&mut self, decode: Option<Decode>) -> Result<Vec<StepToken>> {
-        if let Some(i) = self.pending.iter().position(|s| !s.req.stop_strings.is_empty() && decode.is_none()) {
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|s| !s.req.stop_strings.is_empty() && decode.is_none())
+        {
             let id = self.pending.remove(i).id;
             bail!("request {id}: stop_strings need a decode callback")
         }
@@ -344,15 +355,29 @@ impl<'m> Decoder<'m> {
         if let Some(cache) = self.cache.as_mut() {
             let dev = self.model.device();
             let b = self.active.len();
-            let last: Vec<u32> = self.active.iter().map(|s| *s.out.tokens.last().expect("active rows have a token")).collect();
-            let pos: Vec<u32> =
-                self.active.iter().map(|s| (s.req.prompt_ids.len() + s.out.tokens.len() - 1) as u32).collect();
+            let last: Vec<u32> = self
+                .active
+                .iter()
+                .map(|s| *s.out.tokens.last().expect("active rows have a token"))
+                .collect();
+            let pos: Vec<u32> = self
+                .active
+                .iter()
+                .map(|s| (s.req.prompt_ids.len() + s.out.tokens.len() - 1) as u32)
+                .collect();
             let input = Tensor::from_vec(last, (b, 1), dev)?;
             let positions = Tensor::from_vec(pos, (b, 1), dev)?;
             cache.begin_step(1)?;
-            let h = self.net.hidden(&input, &Positions::Ids(&positions), Some(cache));
+            let h = self
+                .net
+                .hidden(&input, &Positions::Ids(&positions), Some(cache));
             cache.end_step();
-            let logits = self.net.lm_head().forward(&h?)?.squeeze(1)?.to_vec2::<f32>()?;
+            let logits = self
+                .net
+                .lm_head()
+                .forward(&h?)?
+                .squeeze(1)?
+                .to_vec2::<f32>()?;
             let mut keep = Vec::with_capacity(b);
             for (i, (s, row)) in self.active.iter_mut().zip(&logits).enumerate() {
                 let (t, done) = s.push(row, decode);
@@ -376,7 +401,11 @@ impl<'m> Decoder<'m> {
         let mut new = std::mem::take(&mut self.pending);
         let dev = self.model.device();
         let b = new.len();
-        let p = new.iter().map(|s| s.req.prompt_ids.len()).max().unwrap_or(0);
+        let p = new
+            .iter()
+            .map(|s| s.req.prompt_ids.len())
+            .max()
+            .unwrap_or(0);
         let pads: Vec<usize> = new.iter().map(|s| p - s.req.prompt_ids.len()).collect();
         let mut ids = Vec::with_capacity(b * p);
         let mut pos = Vec::with_capacity(b * p);
@@ -386,7 +415,11 @@ impl<'m> Decoder<'m> {
         }
         // Alone, the prefill cache becomes the running one: reserve the decode positions now.
         let extra = match self.cache {
-            None => new.iter().map(|s| s.req.max_new_tokens - 1).max().unwrap_or(0),
+            None => new
+                .iter()
+                .map(|s| s.req.max_new_tokens - 1)
+                .max()
+                .unwrap_or(0),
             Some(_) => 0,
         };
         let mut cache = self.model.new_kv_cache(b, p + extra)?;
@@ -394,9 +427,16 @@ impl<'m> Decoder<'m> {
         cache.begin_step(p)?;
         let input = Tensor::from_vec(ids, (b, p), dev)?;
         let positions = Tensor::from_vec(pos, (b, p), dev)?;
-        let h = self.net.hidden(&input, &Positions::Ids(&positions), Some(&mut cache))?;
+        let h = self
+            .net
+            .hidden(&input, &Positions::Ids(&positions), Some(&mut cache))?;
         cache.end_step();
-        let logits = self.net.lm_head().forward(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?.to_vec2::<f32>()?;
+        let logits = self
+            .net
+            .lm_head()
+            .forward(&h.narrow(1, p - 1, 1)?)?
+            .squeeze(1)?
+            .to_vec2::<f32>()?;
         let mut keep = Vec::with_capacity(b);
         for (i, (s, row)) in new.iter_mut().zip(&logits).enumerate() {
             let (t, done) = s.push(row, decode);
@@ -408,13 +448,21 @@ impl<'m> Decoder<'m> {
         let old_rows: Vec<usize> = (0..self.active.len()).collect();
         retain_indices(&mut new, &keep);
         self.active.extend(new);
-        let need = self.active.iter().map(Seq::remaining_feeds).max().unwrap_or(0);
+        let need = self
+            .active
+            .iter()
+            .map(Seq::remaining_feeds)
+            .max()
+            .unwrap_or(0);
         self.cache = match self.cache.take() {
             None if keep.len() == b => Some(cache),
             Some(old) if keep.is_empty() => Some(old),
             None if keep.is_empty() => None,
             None => Some(KvCache::regroup(&[(&cache, &keep)], need)?),
-            Some(old) => Some(KvCache::regroup(&[(&old, &old_rows), (&cache, &keep)], need)?),
+            Some(old) => Some(KvCache::regroup(
+                &[(&old, &old_rows), (&cache, &keep)],
+                need,
+            )?),
         };
         Ok(())
     }
@@ -422,7 +470,12 @@ impl<'m> Decoder<'m> {
     /// Keeps only the active rows `keep` (ascending), shrinking the cache to what they need.
     fn retain(&mut self, keep: &[usize]) -> Result<()> {
         retain_indices(&mut self.active, keep);
-        let need = self.active.iter().map(Seq::remaining_feeds).max().unwrap_or(0);
+        let need = self
+            .active
+            .iter()
+            .map(Seq::remaining_feeds)
+            .max()
+            .unwrap_or(0);
         self.cache = match (self.cache.take(), keep.is_empty()) {
             (Some(c), false) => Some(KvCache::regroup(&[(&c, keep)], need)?),
             _ => None,
@@ -454,7 +507,8 @@ pub fn generate(
     };
     let mut outs = vec![empty; requests.len()];
     for (i, r) in requests.iter().enumerate() {
-        check_prompt(r, model.vocab_size()).map_err(|e| candle_core::Error::msg(format!("generate: request {i}: {e}")))?;
+        check_prompt(r, model.vocab_size())
+            .map_err(|e| candle_core::Error::msg(format!("generate: request {i}: {e}")))?;
         if !r.stop_strings.is_empty() && decode.is_none() {
             bail!("generate: request {i}: stop_strings need a decode callback")
         }

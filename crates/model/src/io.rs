@@ -112,8 +112,14 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     files.sort();
     files.dedup();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-        let name = missing.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let tensors = weight_map.iter().filter(|(_, f)| f.as_str() == name).count();
+        let name = missing
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let tensors = weight_map
+            .iter()
+            .filter(|(_, f)| f.as_str() == name)
+            .count();
         bail!(
             "{}: shard {name} (listed in {} for {tensors} tensors) does not exist",
             missing.display(),
@@ -245,7 +251,12 @@ pub(crate) fn save(model: &CausalLm, dir: &Path) -> Result<()> {
 fn generation_config_from(config: &Value) -> Value {
     let mut g = serde_json::Map::new();
     g.insert("_from_model_config".into(), Value::Bool(true));
-    for key in ["bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"] {
+    for key in [
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "transformers_version",
+    ] {
         if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
             g.insert(key.into(), v.clone());
         }

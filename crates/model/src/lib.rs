@@ -6,9 +6,10 @@
 
 pub mod arch;
 pub mod attention;
-pub mod bf16;
 pub mod bench;
+pub mod bf16;
 mod decoder;
+pub mod engine;
 pub mod generate;
 pub mod io;
 pub mod linear;
@@ -31,7 +32,10 @@ architectures!(llama, qwen2, mistral, gpt2);
 pub use arch::ArchInfo;
 pub use attention::KvCache;
 pub use bf16::Precision;
-pub use generate::{generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken};
+pub use engine::{backward, Backend};
+pub use generate::{
+    generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken,
+};
 pub use linear::{Linear, LinearAdapter, WeightLayout};
 pub use ops::token_logprobs;
 
@@ -72,7 +76,13 @@ impl ModelConfig {
             .and_then(|a| a.as_array())
             .and_then(|a| a.first())
             .and_then(|a| a.as_str());
-        let supported = |name: fn(&ArchInfo) -> &str| ARCHITECTURES.iter().map(|a| name(a)).collect::<Vec<_>>().join(", ");
+        let supported = |name: fn(&ArchInfo) -> &str| {
+            ARCHITECTURES
+                .iter()
+                .map(|a| name(a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let info = match (raw.get("model_type"), arch_field) {
             (Some(Value::String(t)), _) => match ARCHITECTURES.iter().find(|a| a.model_type == t) {
                 Some(info) => *info,
@@ -100,10 +110,12 @@ impl ModelConfig {
     /// Refuses a model whose f32 parameters alone would not fit in the memory available now, before
     /// anything is allocated (otherwise the process aborts on a failed allocation or is OOM-killed).
     fn check_size(&self, file: &str) -> Result<()> {
-        let params = self
-            .param_specs()
-            .iter()
-            .try_fold(0u64, |acc, s| s.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).and_then(|n| acc.checked_add(n)));
+        let params = self.param_specs().iter().try_fold(0u64, |acc, s| {
+            s.shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|n| acc.checked_add(n))
+        });
         let bytes = params.and_then(|p| p.checked_mul(4));
         let available = available_memory_bytes();
         match (bytes, available) {
@@ -212,7 +224,11 @@ fn check_values(raw: &Value, file: &str) -> Result<()> {
         }
     }
     // RoPE settings may also sit in a `rope_parameters` / `rope_scaling` object (transformers ≥ 4.56).
-    let sections = [("", Some(raw)), ("rope_parameters.", raw.get("rope_parameters")), ("rope_scaling.", raw.get("rope_scaling"))];
+    let sections = [
+        ("", Some(raw)),
+        ("rope_parameters.", raw.get("rope_parameters")),
+        ("rope_scaling.", raw.get("rope_scaling")),
+    ];
     for (prefix, section) in sections {
         for key in POSITIVE {
             if let Some(v) = section.and_then(|o| o.get(key)).and_then(Value::as_f64) {
@@ -234,7 +250,11 @@ fn check_values(raw: &Value, file: &str) -> Result<()> {
 fn ids_field(v: &Value, field: &str) -> Vec<u32> {
     match v.get(field) {
         Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -256,7 +276,11 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub(crate) fn new(name: &str, shape: &[usize], init: Init) -> Self {
-        Self { name: name.into(), shape: shape.to_vec(), init }
+        Self {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init,
+        }
     }
 }
 
@@ -287,7 +311,10 @@ impl Positions<'_> {
             Positions::Range(s) => Ok(((*s as u32..(*s + t) as u32).collect(), 1)),
             Positions::Ids(p) => {
                 if p.dims() != [b, t] {
-                    bail!("position_ids has shape {:?}, expected [{b}, {t}] like input_ids", p.dims())
+                    bail!(
+                        "position_ids has shape {:?}, expected [{b}, {t}] like input_ids",
+                        p.dims()
+                    )
                 }
                 Ok((p.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?, b))
             }
@@ -303,6 +330,7 @@ pub struct CausalLm {
     device: Device,
     generation_config: Option<Value>,
     precision: Precision,
+    backend: Backend,
 }
 
 impl CausalLm {
@@ -331,7 +359,10 @@ impl CausalLm {
                 Init::Ones => vec![1.0; n],
                 Init::Normal(std) => (0..n).map(|_| (normal(&mut rng) * std) as f32).collect(),
             };
-            tensors.insert(spec.name.clone(), Tensor::from_vec(data, spec.shape.clone(), device)?);
+            tensors.insert(
+                spec.name.clone(),
+                Tensor::from_vec(data, spec.shape.clone(), device)?,
+            );
         }
         Self::from_tensors(config, tensors, None, device, "init_random")
     }
@@ -373,7 +404,15 @@ impl CausalLm {
             )
         }
         let inner = build_inner(&config, &varmap, true)?;
-        Ok(Self { config, varmap, inner, device: device.clone(), generation_config, precision: Precision::Fp32 })
+        Ok(Self {
+            config,
+            varmap,
+            inner,
+            device: device.clone(),
+            generation_config,
+            precision: Precision::Fp32,
+            backend: Backend::default(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -409,7 +448,11 @@ impl CausalLm {
     /// End-of-sequence ids for [`GenRequest::stop_ids`]: `eos_token_id` of
     /// generation_config.json (as `transformers.generate` uses) or else of config.json.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let from_gen = self.generation_config.as_ref().map(|g| ids_field(g, "eos_token_id")).unwrap_or_default();
+        let from_gen = self
+            .generation_config
+            .as_ref()
+            .map(|g| ids_field(g, "eos_token_id"))
+            .unwrap_or_default();
         if from_gen.is_empty() {
             self.config.eos_token_ids()
         } else {
@@ -420,7 +463,11 @@ impl CausalLm {
     /// Hidden states after the final norm, `[b, t, hidden]`. `input_ids`: u32 `[b, t]`.
     /// Attention is plain causal (right-padded batches are correct for their real tokens);
     /// `position_ids` (`[b, t]`, u32 or i64) only changes the positions (e.g. packing restarts).
-    pub fn hidden_states(&self, input_ids: &Tensor, position_ids: Option<&Tensor>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let pos = match position_ids {
             Some(p) => Positions::Ids(p),
             None => Positions::Range(0),
@@ -447,6 +494,11 @@ impl CausalLm {
         pos: &Positions,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        if cache.is_none() && self.backend == Backend::Engine && ops::fused_enabled() {
+            if let Some(hidden) = self.inner.hidden_engine(input_ids, pos) {
+                return hidden;
+            }
+        }
         self.inner.hidden(input_ids, pos, cache)
     }
 
@@ -481,13 +533,20 @@ impl CausalLm {
 
     /// [`CausalLm::token_logprobs_from_hidden`] and the most likely token at every position (u32
     /// `[..]`, not differentiable; e.g. for token accuracy), from the same pass over the head.
-    pub fn token_logprobs_and_argmax(&self, hidden: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn token_logprobs_and_argmax(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let head = self.lm_head();
         if head.bias.is_none() && head.adapter.is_none() && head.layout == WeightLayout::OutIn {
             return ops::lm_head_logprobs(hidden, &head.weight, targets, head.precision);
         }
         let logits = self.logits(hidden)?;
-        Ok((ops::token_logprobs(&logits, targets)?, logits.argmax(candle_core::D::Minus1)?))
+        Ok((
+            ops::token_logprobs(&logits, targets)?,
+            logits.argmax(candle_core::D::Minus1)?,
+        ))
     }
 
     /// Logits `[b, t, vocab]` of u32 `input_ids` `[b, t]`.
@@ -525,6 +584,7 @@ impl CausalLm {
             "duplicate",
         )?;
         copy.set_precision(self.precision);
+        copy.backend = self.backend;
         Ok(copy)
     }
 
@@ -541,6 +601,17 @@ impl CausalLm {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// How [`CausalLm::hidden_states`] is computed: the engine's hand-written passes (default,
+    /// where the architecture has them) or candle's graph. Losses of a model on the engine are
+    /// differentiated with [`backward`].
+    pub fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// With `false`, the forward pass uses detached views of the parameters, so no gradient is
@@ -578,7 +649,11 @@ fn build_inner(config: &ModelConfig, varmap: &VarMap, trainable: bool) -> Result
             .expect("VarMap lock poisoned")
             .iter()
             .map(|(k, v)| {
-                let t = if trainable { v.as_tensor().clone() } else { v.as_detached_tensor() };
+                let t = if trainable {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_detached_tensor()
+                };
                 (k.clone(), t)
             })
             .collect(),
@@ -614,7 +689,9 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

@@ -75,8 +75,14 @@ impl Linear {
                 let packed = crate::ops::pack_linear_weight(&w, layout == WeightLayout::OutIn)?;
                 (w, layout, packed)
             }
-            (Precision::Fp32, WeightLayout::OutIn) => (self.weight.detach().t()?.contiguous()?, WeightLayout::InOut, None),
-            (Precision::Fp32, WeightLayout::InOut) => (self.weight.detach(), WeightLayout::InOut, None),
+            (Precision::Fp32, WeightLayout::OutIn) => (
+                self.weight.detach().t()?.contiguous()?,
+                WeightLayout::InOut,
+                None,
+            ),
+            (Precision::Fp32, WeightLayout::InOut) => {
+                (self.weight.detach(), WeightLayout::InOut, None)
+            }
         };
         Ok(Linear {
             weight,
@@ -91,7 +97,13 @@ impl Linear {
     /// Output of the frozen base layer only (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let transposed = self.layout == WeightLayout::OutIn;
-        let y = crate::ops::linear_matmul_packed(x, &self.weight, transposed, self.precision, self.packed.clone())?;
+        let y = crate::ops::linear_matmul_packed(
+            x,
+            &self.weight,
+            transposed,
+            self.precision,
+            self.packed.clone(),
+        )?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -41,7 +41,12 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec![] }
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: vec![],
+        }
     }
 }
 
@@ -52,7 +57,9 @@ impl LoraConfig {
 
     /// PEFT's rule: a target matches the whole module name or a dotted suffix of it.
     pub fn matches(&self, module: &str) -> bool {
-        self.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+        self.target_modules
+            .iter()
+            .any(|t| module == t || module.ends_with(&format!(".{t}")))
     }
 
     fn validate(&self) -> Result<()> {
@@ -60,7 +67,10 @@ impl LoraConfig {
             bail!("lora: key \"r\": must be at least 1")
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            bail!("lora: key \"dropout\": must be in [0, 1), got {}", self.dropout)
+            bail!(
+                "lora: key \"dropout\": must be in [0, 1), got {}",
+                self.dropout
+            )
         }
         Ok(())
     }
@@ -69,7 +79,13 @@ impl LoraConfig {
     fn for_model(&self, model: &CausalLm) -> LoraConfig {
         let mut c = self.clone();
         if c.target_modules.is_empty() {
-            c.target_modules = model.config().arch_info().lora_targets.iter().map(|t| t.to_string()).collect();
+            c.target_modules = model
+                .config()
+                .arch_info()
+                .lora_targets
+                .iter()
+                .map(|t| t.to_string())
+                .collect();
         }
         c
     }
@@ -103,12 +119,14 @@ impl DropoutStream {
         let threshold = (p * 4_294_967_296.0) as u64;
         let keep = (1.0 / (1.0 - p)) as f32;
         let mut mask = vec![0f32; x.elem_count()];
-        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            for (j, m) in chunk.iter_mut().enumerate() {
-                let h = mix64(key ^ ((c * CHUNK + j) as u64)) >> 32;
-                *m = if h >= threshold { keep } else { 0.0 };
-            }
-        });
+        mask.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (j, m) in chunk.iter_mut().enumerate() {
+                    let h = mix64(key ^ ((c * CHUNK + j) as u64)) >> 32;
+                    *m = if h >= threshold { keep } else { 0.0 };
+                }
+            });
         let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
@@ -176,9 +194,17 @@ impl Lora {
             let (inp, out) = (lin.in_features(), lin.out_features());
             // PEFT: kaiming_uniform_(a=√5) on [r, in] = U(−1/√in, 1/√in).
             let bound = 1.0 / (inp as f64).sqrt();
-            let a: Vec<f32> = (0..config.r * inp).map(|_| rng.gen_range(-bound..bound) as f32).collect();
-            tensors.insert(format!("{name}.lora_A.weight"), Tensor::from_vec(a, (config.r, inp), &device)?);
-            tensors.insert(format!("{name}.lora_B.weight"), Tensor::zeros((out, config.r), DType::F32, &device)?);
+            let a: Vec<f32> = (0..config.r * inp)
+                .map(|_| rng.gen_range(-bound..bound) as f32)
+                .collect();
+            tensors.insert(
+                format!("{name}.lora_A.weight"),
+                Tensor::from_vec(a, (config.r, inp), &device)?,
+            );
+            tensors.insert(
+                format!("{name}.lora_B.weight"),
+                Tensor::zeros((out, config.r), DType::F32, &device)?,
+            );
         }
         Self::install(model, config.clone(), tensors, "lora", seed)
     }
@@ -190,7 +216,9 @@ impl Lora {
         let raw = io::read_json(&cfg_path)?;
         let file = cfg_path.display().to_string();
         let config = config_from_peft(&raw, &file)?;
-        config.validate().map_err(|e| candle_core::Error::Msg(format!("{file}: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(format!("{file}: {e}")))?;
         let weights = dir.join(ADAPTER_WEIGHTS);
         let mut tensors = HashMap::new();
         for (name, t) in read_safetensors(&weights, model.device())? {
@@ -200,7 +228,10 @@ impl Lora {
                 }
                 // Heads saved next to the adapters (`modules_to_save`) belong to the caller.
                 Some(_) => {}
-                None => bail!("{}: tensor `{name}` does not start with `{PEFT_PREFIX}`", weights.display()),
+                None => bail!(
+                    "{}: tensor `{name}` does not start with `{PEFT_PREFIX}`",
+                    weights.display()
+                ),
             }
         }
         model.set_trainable(false)?;
@@ -235,18 +266,28 @@ impl Lora {
                     None => bail!("{source}: missing adapter tensor `{PEFT_PREFIX}{key}`"),
                 };
                 if t.dims() != shape {
-                    bail!("{source}: tensor `{PEFT_PREFIX}{key}` has shape {:?}, expected {shape:?}", t.dims())
+                    bail!(
+                        "{source}: tensor `{PEFT_PREFIX}{key}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    )
                 }
                 let var = Var::from_tensor(&t)?;
                 let tensor = var.as_tensor().clone();
-                varmap.data().lock().expect("VarMap lock poisoned").insert(key, var);
+                varmap
+                    .data()
+                    .lock()
+                    .expect("VarMap lock poisoned")
+                    .insert(key, var);
                 Ok(tensor)
             };
             let a = take("lora_A", [config.r, inp])?;
             let b = take("lora_B", [out, config.r])?;
             let calls = Arc::new(AtomicU64::new(0));
             dropout_calls.push(calls.clone());
-            let masks = DropoutStream { key: mix64(dropout_seed ^ mix64(modules.len() as u64)), calls };
+            let masks = DropoutStream {
+                key: mix64(dropout_seed ^ mix64(modules.len() as u64)),
+                calls,
+            };
             lin.adapter = Some(Arc::new(LoraLinear {
                 a: Linear::new(a, None, WeightLayout::OutIn),
                 b: Linear::new(b, None, WeightLayout::OutIn),
@@ -271,20 +312,34 @@ impl Lora {
         if let Some(extra) = tensors.keys().next() {
             bail!("{source}: adapter tensor `{PEFT_PREFIX}{extra}` matches no target module of this model")
         }
-        Ok(Self { config, varmap, modules, training, enabled, dropout_calls })
+        Ok(Self {
+            config,
+            varmap,
+            modules,
+            training,
+            enabled,
+            dropout_calls,
+        })
     }
 
     /// Dropout masks drawn so far per adapted layer: the whole state of the (seeded) dropout RNG, for
     /// checkpoints. Every training forward draws one mask per layer, so the counters are normally equal.
     pub fn dropout_state(&self) -> Vec<u64> {
-        self.dropout_calls.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+        self.dropout_calls
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Continue the dropout streams from a saved [`Lora::dropout_state`] (a resumed run then draws the masks
     /// the original run would have). Errors when the number of layers differs.
     pub fn set_dropout_state(&self, state: &[u64]) -> Result<()> {
         if state.len() != self.dropout_calls.len() {
-            bail!("lora: dropout state has {} layers, this adapter has {}", state.len(), self.dropout_calls.len())
+            bail!(
+                "lora: dropout state has {} layers, this adapter has {}",
+                state.len(),
+                self.dropout_calls.len()
+            )
         }
         for (c, &v) in self.dropout_calls.iter().zip(state) {
             c.store(v, Ordering::Relaxed);
@@ -322,12 +377,18 @@ impl Lora {
     /// Folds every adapter into its base weight (`W += scale·B·A`, transposed for `[in, out]` layouts) and
     /// rebuilds `model` without adapters and trainable again: a plain model that saves in the HF layout.
     pub fn merge_into(self, model: &mut CausalLm) -> Result<()> {
-        let layouts: HashMap<String, WeightLayout> =
-            model.linears_mut().into_iter().map(|(n, l)| (n, l.layout)).collect();
+        let layouts: HashMap<String, WeightLayout> = model
+            .linears_mut()
+            .into_iter()
+            .map(|(n, l)| (n, l.layout))
+            .collect();
         let data = self.varmap.data().lock().expect("VarMap lock poisoned");
         let base = model.varmap().data().lock().expect("VarMap lock poisoned");
         for m in &self.modules {
-            let (a, b) = (&data[&format!("{m}.lora_A.weight")], &data[&format!("{m}.lora_B.weight")]);
+            let (a, b) = (
+                &data[&format!("{m}.lora_A.weight")],
+                &data[&format!("{m}.lora_B.weight")],
+            );
             let delta = (b.as_tensor().matmul(a.as_tensor())? * self.config.scale())?;
             let delta = match layouts.get(m) {
                 Some(WeightLayout::InOut) => delta.t()?,
@@ -335,7 +396,9 @@ impl Lora {
             };
             let w = match base.get(&format!("{m}.weight")) {
                 Some(w) => w,
-                None => bail!("merge: module `{m}` has no weight `{m}.weight` in the model (tied lm_head?)"),
+                None => bail!(
+                    "merge: module `{m}` has no weight `{m}.weight` in the model (tied lm_head?)"
+                ),
             };
             w.set(&(w.as_tensor() + delta)?)?;
         }
@@ -346,9 +409,16 @@ impl Lora {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT layout) to `dir`. `extra` are
     /// fully trained modules stored beside the adapters (PEFT `modules_to_save`, e.g. a reward head
     /// `("score", weight)`), saved as `base_model.model.<module>.weight`.
-    pub fn save(&self, dir: &Path, base_model_name_or_path: &str, task_type: &str, extra: &[(&str, &Tensor)]) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot create directory: {e}", dir.display())))?;
+    pub fn save(
+        &self,
+        dir: &Path,
+        base_model_name_or_path: &str,
+        task_type: &str,
+        extra: &[(&str, &Tensor)],
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: cannot create directory: {e}", dir.display()))
+        })?;
         let mut named: Vec<(String, Tensor)> = self
             .varmap
             .data()
@@ -361,8 +431,11 @@ impl Lora {
             named.push((format!("{PEFT_PREFIX}{m}.weight"), (*t).clone()));
         }
         write_safetensors(&dir.join(ADAPTER_WEIGHTS), &named)?;
-        let modules_to_save: Value =
-            if extra.is_empty() { Value::Null } else { json!(extra.iter().map(|(m, _)| m).collect::<Vec<_>>()) };
+        let modules_to_save: Value = if extra.is_empty() {
+            Value::Null
+        } else {
+            json!(extra.iter().map(|(m, _)| m).collect::<Vec<_>>())
+        };
         let cfg = json!({
             "peft_type": "LORA",
             "task_type": task_type,
@@ -400,7 +473,11 @@ fn config_from_peft(raw: &Value, file: &str) -> Result<LoraConfig> {
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{file}: field \"target_modules\": expected strings")))?,
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{file}: field \"target_modules\": expected strings"
+                ))
+            })?,
         Some(Value::String(s)) => vec![s.clone()],
         _ => bail!("{file}: field \"target_modules\": missing (expected a list of module names)"),
     };
@@ -410,7 +487,10 @@ fn config_from_peft(raw: &Value, file: &str) -> Result<LoraConfig> {
     Ok(LoraConfig {
         r: num("r")? as usize,
         alpha: num("lora_alpha")?,
-        dropout: raw.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        dropout: raw
+            .get("lora_dropout")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
         target_modules,
     })
 }
@@ -422,16 +502,26 @@ pub fn write_safetensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> 
         .iter()
         .map(|(n, t)| {
             let data = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            Ok((n.clone(), t.dims().to_vec(), data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            Ok((
+                n.clone(),
+                t.dims().to_vec(),
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ))
         })
         .collect::<Result<_>>()?;
     owned.sort_by(|a, b| a.0.cmp(&b.0));
     let views = owned
         .iter()
-        .map(|(n, s, b)| Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b).map_err(candle_core::Error::wrap)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.as_str(),
+                TensorView::new(Dtype::F32, s.clone(), b).map_err(candle_core::Error::wrap)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(candle_core::Error::wrap)?;
+    let bytes =
+        safetensors::tensor::serialize(views, Some(meta)).map_err(candle_core::Error::wrap)?;
     io::write_atomic(path, &bytes)
 }
 

@@ -42,6 +42,11 @@ pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether the fused kernels are in use on this thread (not inside [`with_reference_ops`]).
+pub(crate) fn fused_enabled() -> bool {
+    !REFERENCE_OPS.get()
+}
+
 fn fused_ok(ts: &[&Tensor]) -> bool {
     !REFERENCE_OPS.get()
         && ts
@@ -117,7 +122,10 @@ fn fold_groups<I: Send, A: Send>(
     while it.peek().is_some() {
         groups.push(it.by_ref().take(per).collect());
     }
-    let parts: Vec<A> = groups.into_par_iter().map(|g| g.into_iter().fold(init(), &step)).collect();
+    let parts: Vec<A> = groups
+        .into_par_iter()
+        .map(|g| g.into_iter().fold(init(), &step))
+        .collect();
     parts.into_iter().reduce(merge).unwrap_or_else(init)
 }
 
@@ -195,16 +203,8 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_in(s1, l1, self.name())?;
         let w = f32_in(s2, l2, self.name())?;
-        let h = w.len();
         let mut out = vec![0f32; x.len()];
-        for_rows(&mut out, h, |i, o| {
-            let xr = &x[i * h..(i + 1) * h];
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
-            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = wv * (xv * r);
-            }
-        });
+        rms_norm_rows(x, w, self.eps, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -246,40 +246,69 @@ impl CustomOp3 for RmsNormBwd {
         let g = f32_in(s3, l3, self.name())?;
         let h = w.len();
         let rows = x.len() / h;
-        let inv_rms = |xr: &[f32]| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            1.0 / (ms + self.eps).sqrt()
-        };
         let mut out = vec![0f32; (rows + 1) * h];
         let (gx, gw) = out.split_at_mut(rows * h);
-        for_rows(gx, h, |i, o| {
-            let xr = &x[i * h..(i + 1) * h];
-            let gr = &g[i * h..(i + 1) * h];
-            let r = inv_rms(xr);
-            // d/dx of w*x*r: r*(g*w - n*mean(g*w*n)) with n = x*r.
-            let dot = xr
-                .iter()
-                .zip(gr)
-                .zip(w)
-                .map(|((&xv, &gv), &wv)| gv * wv * xv)
-                .sum::<f32>()
-                * r
-                / h as f32;
-            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                *o = r * (gv * wv - xv * r * dot);
-            }
-        });
-        let acc = reduce_rows(rows, h, 1, |i, acc| {
-            let xr = &x[i * h..(i + 1) * h];
-            let gr = &g[i * h..(i + 1) * h];
-            let r = inv_rms(xr);
-            for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
-                *a += gv * xv * r;
-            }
-        });
-        gw.copy_from_slice(&acc);
+        gw.copy_from_slice(&rms_norm_bwd_rows(x, w, g, self.eps, gx, false));
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, h))))
     }
+}
+
+/// `out = w * x / sqrt(mean(x²) + eps)` row by row (rows of `w.len()`).
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for_rows(out, h, |i, o| {
+        let xr = &x[i * h..(i + 1) * h];
+        let r = inv_rms(xr, eps);
+        for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+            *o = wv * (xv * r);
+        }
+    });
+}
+
+fn inv_rms(xr: &[f32], eps: f32) -> f32 {
+    let ms = xr.iter().map(|v| v * v).sum::<f32>() / xr.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// Backward of [`rms_norm_rows`] for the upstream gradient `g`: the gradient wrt `x` is written to
+/// `gx` (added to what it holds when `accumulate`: the residual stream's gradient), the one wrt the
+/// weight returned.
+pub(crate) fn rms_norm_bwd_rows(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    gx: &mut [f32],
+    accumulate: bool,
+) -> Vec<f32> {
+    let h = w.len();
+    let rows = x.len() / h;
+    for_rows(gx, h, |i, o| {
+        let xr = &x[i * h..(i + 1) * h];
+        let gr = &g[i * h..(i + 1) * h];
+        let r = inv_rms(xr, eps);
+        // d/dx of w*x*r: r*(g*w - n*mean(g*w*n)) with n = x*r.
+        let dot = xr
+            .iter()
+            .zip(gr)
+            .zip(w)
+            .map(|((&xv, &gv), &wv)| gv * wv * xv)
+            .sum::<f32>()
+            * r
+            / h as f32;
+        for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+            let d = r * (gv * wv - xv * r * dot);
+            *o = if accumulate { *o + d } else { d };
+        }
+    });
+    reduce_rows(rows, h, 1, |i, acc| {
+        let xr = &x[i * h..(i + 1) * h];
+        let gr = &g[i * h..(i + 1) * h];
+        let r = inv_rms(xr, eps);
+        for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
+            *a += gv * xv * r;
+        }
+    })
 }
 
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x²) + eps)` (Llama/Qwen2).
@@ -454,7 +483,7 @@ struct CausalAttention {
 }
 
 #[derive(Clone, Copy)]
-struct AttnDims {
+pub(crate) struct AttnDims {
     b: usize,
     nh: usize,
     nkv: usize,
@@ -463,7 +492,7 @@ struct AttnDims {
 }
 
 impl AttnDims {
-    fn of(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
+    pub(crate) fn of(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
         match (q, k) {
             (&[b, nh, t, d], &[kb, nkv, kt, kd])
                 if kb == b && kt == t && kd == d && k == v && nkv > 0 && nh % nkv == 0 =>
@@ -534,6 +563,58 @@ fn attn_tile_probs(
     out
 }
 
+/// The causal attention forward into `out` `[b, t, nh*d]`; returns each row's log-sum-exp `[b, nh, t]`.
+pub(crate) fn attention_fwd(
+    dm: AttnDims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) -> Vec<f32> {
+    let AttnDims { b, nh, nkv, t, d } = dm;
+    let rep = dm.rep();
+    // Per group: outputs [rep, t, d] and log-sum-exps [rep, t].
+    let groups = map_groups(b * nkv, dm.parallel(), |bg| {
+        let kk = MatRef::new(&k[bg * t * d..], t, d, d);
+        let vv = MatRef::new(&v[bg * t * d..], t, d, d);
+        let mut o = vec![0f32; rep * t * d];
+        let mut lse = Vec::with_capacity(rep * t);
+        let mut s = vec![0f32; ATTN_TILE.min(t) * t];
+        for r in 0..rep {
+            let qh = MatRef::new(&q[(bg * rep + r) * t * d..], t, d, d);
+            for r0 in (0..t).step_by(ATTN_TILE) {
+                let r1 = (r0 + ATTN_TILE).min(t);
+                let s = &mut s[..(r1 - r0) * r1];
+                lse.extend(attn_tile_probs(s, qh, kk, (r0, r1), scale, None));
+                let p = MatRef::new(s, r1 - r0, r1, r1);
+                gemm_into(
+                    &mut o[(r * t + r0) * d..],
+                    d,
+                    false,
+                    p,
+                    vv.row_range(0, r1),
+                    false,
+                );
+            }
+        }
+        (o, lse)
+    });
+    let mut lse_all = vec![0f32; b * nh * t];
+    for (bg, (o, lse)) in groups.into_iter().enumerate() {
+        let (bi, g) = (bg / nkv, bg % nkv);
+        lse_all[bg * rep * t..(bg + 1) * rep * t].copy_from_slice(&lse);
+        for r in 0..rep {
+            let h = g * rep + r;
+            for ti in 0..t {
+                out[((bi * t + ti) * nh + h) * d..][..d]
+                    .copy_from_slice(&o[(r * t + ti) * d..][..d]);
+            }
+        }
+    }
+    lse_all
+}
+
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "rlhf-causal-attention"
@@ -551,47 +632,9 @@ impl CustomOp3 for CausalAttention {
         let k = f32_in(s2, l2, self.name())?;
         let v = f32_in(s3, l3, self.name())?;
         let dm = AttnDims::of(l1.dims(), l2.dims(), l3.dims())?;
-        let AttnDims { b, nh, nkv, t, d } = dm;
-        let rep = dm.rep();
-        // Per group: outputs [rep, t, d] and log-sum-exps [rep, t].
-        let groups = map_groups(b * nkv, dm.parallel(), |bg| {
-            let kk = MatRef::new(&k[bg * t * d..], t, d, d);
-            let vv = MatRef::new(&v[bg * t * d..], t, d, d);
-            let mut o = vec![0f32; rep * t * d];
-            let mut lse = Vec::with_capacity(rep * t);
-            let mut s = vec![0f32; ATTN_TILE.min(t) * t];
-            for r in 0..rep {
-                let qh = MatRef::new(&q[(bg * rep + r) * t * d..], t, d, d);
-                for r0 in (0..t).step_by(ATTN_TILE) {
-                    let r1 = (r0 + ATTN_TILE).min(t);
-                    let s = &mut s[..(r1 - r0) * r1];
-                    lse.extend(attn_tile_probs(s, qh, kk, (r0, r1), self.scale, None));
-                    let p = MatRef::new(s, r1 - r0, r1, r1);
-                    gemm_into(
-                        &mut o[(r * t + r0) * d..],
-                        d,
-                        false,
-                        p,
-                        vv.row_range(0, r1),
-                        false,
-                    );
-                }
-            }
-            (o, lse)
-        });
+        let AttnDims { b, nh, t, d, .. } = dm;
         let mut out = vec![0f32; b * t * nh * d];
-        let mut lse_all = vec![0f32; b * nh * t];
-        for (bg, (o, lse)) in groups.into_iter().enumerate() {
-            let (bi, g) = (bg / nkv, bg % nkv);
-            lse_all[bg * rep * t..(bg + 1) * rep * t].copy_from_slice(&lse);
-            for r in 0..rep {
-                let h = g * rep + r;
-                for ti in 0..t {
-                    out[((bi * t + ti) * nh + h) * d..][..d]
-                        .copy_from_slice(&o[(r * t + ti) * d..][..d]);
-                }
-            }
-        }
+        let lse_all = attention_fwd(dm, self.scale, q, k, v, &mut out);
         // Each op instance is applied exactly once (apply_op3 takes it by value).
         let _ = self.lse.set(lse_all);
         Ok((CpuStorage::F32(out), Shape::from((b, t, nh * d))))
@@ -612,7 +655,9 @@ impl CustomOp3 for CausalAttention {
         let AttnDims { b, nh, nkv, t, d } = dm;
         let grad = grad.contiguous()?;
         let (dq, dk, dv) = with_f32_slices(&[q, k, v, res, &grad], self.name(), |s| {
-            Ok(self.backward(dm, lse, s[0], s[1], s[2], s[3], s[4]))
+            Ok(attention_bwd(
+                dm, self.scale, lse, s[0], s[1], s[2], s[3], s[4],
+            ))
         })?;
         let dev = q.device();
         Ok((
@@ -623,88 +668,87 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-impl CausalAttention {
-    /// Gradients wrt q, k, v given the forward's inputs, its output `o` and the upstream `go`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &self,
-        dm: AttnDims,
-        lse: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        o: &[f32],
-        go: &[f32],
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let AttnDims { b, nh, nkv, t, d } = dm;
-        let (rep, row) = (dm.rep(), nh * d);
-        // Per group: dq [rep, t, d], dk [t, d], dv [t, d].
-        let groups = map_groups(b * nkv, dm.parallel(), |bg| {
-            let (bi, g) = (bg / nkv, bg % nkv);
-            let kk = MatRef::new(&k[bg * t * d..], t, d, d);
-            let vv = MatRef::new(&v[bg * t * d..], t, d, d);
-            let mut dq = vec![0f32; rep * t * d];
-            let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
-            let n = ATTN_TILE.min(t) * t;
-            let (mut s, mut dp) = (vec![0f32; n], vec![0f32; n]);
-            for r in 0..rep {
-                let h = g * rep + r;
-                let qh = MatRef::new(&q[(bg * rep + r) * t * d..], t, d, d);
-                let base = bi * t * row + h * d;
-                let goh = MatRef::new(&go[base..], t, d, row);
-                let lse_h = &lse[(bi * nh + h) * t..][..t];
-                // Σ_j dP_ij P_ij = dO_i · O_i.
-                let delta: Vec<f32> = (0..t)
-                    .map(|i| dot(&go[base + i * row..][..d], &o[base + i * row..][..d]))
-                    .collect();
-                for r0 in (0..t).step_by(ATTN_TILE) {
-                    let r1 = (r0 + ATTN_TILE).min(t);
-                    let rows = r1 - r0;
-                    let s = &mut s[..rows * r1];
-                    attn_tile_probs(s, qh, kk, (r0, r1), self.scale, Some(lse_h));
-                    let go_tile = goh.row_range(r0, r1);
-                    gemm_into(
-                        &mut dv,
-                        d,
-                        true,
-                        MatRef::new(s, rows, r1, r1).t(),
-                        go_tile,
-                        false,
-                    );
-                    let dp = &mut dp[..rows * r1];
-                    gemm_into(dp, r1, false, go_tile, vv.row_range(0, r1).t(), false);
-                    for (i, (sr, dr)) in s.chunks_mut(r1).zip(dp.chunks(r1)).enumerate() {
-                        let di = delta[r0 + i];
-                        for (sv, &dpv) in sr.iter_mut().zip(dr) {
-                            *sv *= (dpv - di) * self.scale;
-                        }
+/// Gradients wrt q, k, v of [`attention_fwd`] given its inputs, its output `o`, the row
+/// log-sum-exps it returned and the upstream `go`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_bwd(
+    dm: AttnDims,
+    scale: f32,
+    lse: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    go: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnDims { b, nh, nkv, t, d } = dm;
+    let (rep, row) = (dm.rep(), nh * d);
+    // Per group: dq [rep, t, d], dk [t, d], dv [t, d].
+    let groups = map_groups(b * nkv, dm.parallel(), |bg| {
+        let (bi, g) = (bg / nkv, bg % nkv);
+        let kk = MatRef::new(&k[bg * t * d..], t, d, d);
+        let vv = MatRef::new(&v[bg * t * d..], t, d, d);
+        let mut dq = vec![0f32; rep * t * d];
+        let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
+        let n = ATTN_TILE.min(t) * t;
+        let (mut s, mut dp) = (vec![0f32; n], vec![0f32; n]);
+        for r in 0..rep {
+            let h = g * rep + r;
+            let qh = MatRef::new(&q[(bg * rep + r) * t * d..], t, d, d);
+            let base = bi * t * row + h * d;
+            let goh = MatRef::new(&go[base..], t, d, row);
+            let lse_h = &lse[(bi * nh + h) * t..][..t];
+            // Σ_j dP_ij P_ij = dO_i · O_i.
+            let delta: Vec<f32> = (0..t)
+                .map(|i| dot(&go[base + i * row..][..d], &o[base + i * row..][..d]))
+                .collect();
+            for r0 in (0..t).step_by(ATTN_TILE) {
+                let r1 = (r0 + ATTN_TILE).min(t);
+                let rows = r1 - r0;
+                let s = &mut s[..rows * r1];
+                attn_tile_probs(s, qh, kk, (r0, r1), scale, Some(lse_h));
+                let go_tile = goh.row_range(r0, r1);
+                gemm_into(
+                    &mut dv,
+                    d,
+                    true,
+                    MatRef::new(s, rows, r1, r1).t(),
+                    go_tile,
+                    false,
+                );
+                let dp = &mut dp[..rows * r1];
+                gemm_into(dp, r1, false, go_tile, vv.row_range(0, r1).t(), false);
+                for (i, (sr, dr)) in s.chunks_mut(r1).zip(dp.chunks(r1)).enumerate() {
+                    let di = delta[r0 + i];
+                    for (sv, &dpv) in sr.iter_mut().zip(dr) {
+                        *sv *= (dpv - di) * scale;
                     }
-                    let ds = MatRef::new(s, rows, r1, r1);
-                    gemm_into(
-                        &mut dq[(r * t + r0) * d..],
-                        d,
-                        false,
-                        ds,
-                        kk.row_range(0, r1),
-                        false,
-                    );
-                    gemm_into(&mut dk, d, true, ds.t(), qh.row_range(r0, r1), false);
                 }
+                let ds = MatRef::new(s, rows, r1, r1);
+                gemm_into(
+                    &mut dq[(r * t + r0) * d..],
+                    d,
+                    false,
+                    ds,
+                    kk.row_range(0, r1),
+                    false,
+                );
+                gemm_into(&mut dk, d, true, ds.t(), qh.row_range(r0, r1), false);
             }
-            (dq, dk, dv)
-        });
-        let mut dq_all = Vec::with_capacity(b * nh * t * d);
-        let (mut dk_all, mut dv_all) = (
-            Vec::with_capacity(b * nkv * t * d),
-            Vec::with_capacity(b * nkv * t * d),
-        );
-        for (dq, dk, dv) in groups {
-            dq_all.extend_from_slice(&dq);
-            dk_all.extend_from_slice(&dk);
-            dv_all.extend_from_slice(&dv);
         }
-        (dq_all, dk_all, dv_all)
+        (dq, dk, dv)
+    });
+    let mut dq_all = Vec::with_capacity(b * nh * t * d);
+    let (mut dk_all, mut dv_all) = (
+        Vec::with_capacity(b * nkv * t * d),
+        Vec::with_capacity(b * nkv * t * d),
+    );
+    for (dq, dk, dv) in groups {
+        dq_all.extend_from_slice(&dq);
+        dk_all.extend_from_slice(&dk);
+        dv_all.extend_from_slice(&dv);
     }
+    (dq_all, dk_all, dv_all)
 }
 
 /// Causal self-attention `softmax(scale · q kᵀ + mask) v` with grouped key/value heads: `q`
@@ -761,19 +805,19 @@ struct Rope;
 /// otherwise src `[b,h,t,d]` → dst `[b,t,h,d]` with −θ (the transpose of the rotation = its
 /// backward). cos/sin are `[bc,t,d/2]`, `bc` ∈ {1, b}.
 #[allow(clippy::too_many_arguments)]
-fn rope_kernel(
+pub(crate) fn rope_kernel(
     src: &[f32],
     cos: &[f32],
     sin: &[f32],
     (_b, t, h, d): (usize, usize, usize, usize),
     bc: usize,
     fwd: bool,
-) -> Vec<f32> {
+    dst: &mut [f32],
+) {
     let half = d / 2;
     let sign = if fwd { 1.0 } else { -1.0 };
-    let mut dst = vec![0f32; src.len()];
     // dst rows are contiguous d-vectors; index them in dst order and find the source row.
-    for_rows(&mut dst, d, |row, o| {
+    for_rows(dst, d, |row, o| {
         let (bi, ti, si) = if fwd {
             // dst [b,h,t,d]
             let bi = row / (h * t);
@@ -799,7 +843,6 @@ fn rope_kernel(
             o2[i] = x2[i] * c[i] + x1[i] * sv;
         }
     });
-    dst
 }
 
 fn rope_dims(xl: &Layout, cl: &Layout, fwd: bool) -> Result<((usize, usize, usize, usize), usize)> {
@@ -835,7 +878,8 @@ impl CustomOp3 for Rope {
         let x = f32_in(s1, l1, self.name())?;
         let cos = f32_in(s2, l2, self.name())?;
         let sin = f32_in(s3, l3, self.name())?;
-        let out = rope_kernel(x, cos, sin, (b, t, h, d), bc, true);
+        let mut out = vec![0f32; x.len()];
+        rope_kernel(x, cos, sin, (b, t, h, d), bc, true, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
     }
     fn bwd(
@@ -870,7 +914,8 @@ impl CustomOp3 for RopeBwd {
         let g = f32_in(s1, l1, self.name())?;
         let cos = f32_in(s2, l2, self.name())?;
         let sin = f32_in(s3, l3, self.name())?;
-        let out = rope_kernel(g, cos, sin, (b, t, h, d), bc, false);
+        let mut out = vec![0f32; g.len()];
+        rope_kernel(g, cos, sin, (b, t, h, d), bc, false, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((b, t, h, d))))
     }
 }
@@ -930,14 +975,8 @@ impl CustomOp2 for SiluMul {
         }
         let a = f32_in(s1, l1, self.name())?;
         let b = f32_in(s2, l2, self.name())?;
-        let row = *l1.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; a.len()];
-        for_rows(&mut out, row, |i, o| {
-            let (ar, br) = (&a[i * row..(i + 1) * row], &b[i * row..(i + 1) * row]);
-            for ((o, &av), &bv) in o.iter_mut().zip(ar).zip(br) {
-                *o = av * sigmoid(av) * bv;
-            }
-        });
+        silu_mul_rows(a, b, *l1.dims().last().unwrap_or(&1), &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -974,34 +1013,56 @@ impl CustomOp3 for SiluMulBwd {
         let b = f32_in(s2, l2, self.name())?;
         let g = f32_in(s3, l3, self.name())?;
         let n = a.len();
-        let row = *l1.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; 2 * n];
         let (ga, gb) = out.split_at_mut(n);
-        let kernel = |i: usize, oa: &mut [f32], ob: &mut [f32]| {
-            let r = i * row..(i + 1) * row;
-            for (((oa, ob), &av), (&bv, &gv)) in oa
-                .iter_mut()
-                .zip(ob.iter_mut())
-                .zip(&a[r.clone()])
-                .zip(b[r.clone()].iter().zip(&g[r]))
-            {
-                let s = sigmoid(av);
-                *oa = gv * bv * s * (1.0 + av * (1.0 - s));
-                *ob = gv * av * s;
-            }
-        };
-        if n >= PAR_MIN_ELEMS {
-            ga.par_chunks_mut(row)
-                .zip(gb.par_chunks_mut(row))
-                .enumerate()
-                .for_each(|(i, (oa, ob))| kernel(i, oa, ob));
-        } else {
-            ga.chunks_mut(row)
-                .zip(gb.chunks_mut(row))
-                .enumerate()
-                .for_each(|(i, (oa, ob))| kernel(i, oa, ob));
-        }
+        silu_mul_bwd_rows(a, b, g, *l1.dims().last().unwrap_or(&1), ga, gb);
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
+    }
+}
+
+/// `out = silu(a) * b` over rows of `row` elements.
+pub(crate) fn silu_mul_rows(a: &[f32], b: &[f32], row: usize, out: &mut [f32]) {
+    for_rows(out, row, |i, o| {
+        let (ar, br) = (&a[i * row..(i + 1) * row], &b[i * row..(i + 1) * row]);
+        for ((o, &av), &bv) in o.iter_mut().zip(ar).zip(br) {
+            *o = av * sigmoid(av) * bv;
+        }
+    });
+}
+
+/// Backward of [`silu_mul_rows`] for the upstream gradient `g`: gradients wrt `a` and `b`.
+pub(crate) fn silu_mul_bwd_rows(
+    a: &[f32],
+    b: &[f32],
+    g: &[f32],
+    row: usize,
+    ga: &mut [f32],
+    gb: &mut [f32],
+) {
+    let n = a.len();
+    let kernel = |i: usize, oa: &mut [f32], ob: &mut [f32]| {
+        let r = i * row..(i + 1) * row;
+        for (((oa, ob), &av), (&bv, &gv)) in oa
+            .iter_mut()
+            .zip(ob.iter_mut())
+            .zip(&a[r.clone()])
+            .zip(b[r.clone()].iter().zip(&g[r]))
+        {
+            let s = sigmoid(av);
+            *oa = gv * bv * s * (1.0 + av * (1.0 - s));
+            *ob = gv * av * s;
+        }
+    };
+    if n >= PAR_MIN_ELEMS {
+        ga.par_chunks_mut(row)
+            .zip(gb.par_chunks_mut(row))
+            .enumerate()
+            .for_each(|(i, (oa, ob))| kernel(i, oa, ob));
+    } else {
+        ga.chunks_mut(row)
+            .zip(gb.chunks_mut(row))
+            .enumerate()
+            .for_each(|(i, (oa, ob))| kernel(i, oa, ob));
     }
 }
 
@@ -1283,7 +1344,14 @@ impl CustomOp2 for LmHeadLogprobs {
             let n = v1 - v0;
             buf.resize(m * n, 0.0);
             let wc = MatRef::new(&w[v0 * h..v1 * h], n, h, h);
-            gemm_ops(&mut buf, n, false, &xa, &Rhs::new(self.precision, wc.t(), false), false);
+            gemm_ops(
+                &mut buf,
+                n,
+                false,
+                &xa,
+                &Rhs::new(self.precision, wc.t(), false),
+                false,
+            );
             for (i, row) in buf.chunks(n).enumerate() {
                 acc.add_row(i, row, v0, t[i]);
             }
@@ -1292,7 +1360,10 @@ impl CustomOp2 for LmHeadLogprobs {
         let chunks = vocab.div_ceil(VOCAB_CHUNK);
         let init = || (RowStats::new(m), Vec::new());
         let acc = if m * vocab * h >= PAR_MIN_MACS {
-            fold_groups((0..chunks).collect(), init, step, |(a, buf), (b, _)| (a.merge(b), buf)).0
+            fold_groups((0..chunks).collect(), init, step, |(a, buf), (b, _)| {
+                (a.merge(b), buf)
+            })
+            .0
         } else {
             (0..chunks).fold(init(), step).0
         };
@@ -1344,7 +1415,14 @@ impl CustomOp2 for LmHeadLogprobs {
                 let n = v1 - v0;
                 buf.resize(m * n, 0.0);
                 let wc = MatRef::new(&w[v0 * h..v1 * h], n, h, h);
-                gemm_ops(&mut buf, n, false, &xa, &Rhs::new(prec, wc.t(), false), false);
+                gemm_ops(
+                    &mut buf,
+                    n,
+                    false,
+                    &xa,
+                    &Rhs::new(prec, wc.t(), false),
+                    false,
+                );
                 // d logprob_i / d logit_ij = 1{j = target_i} - softmax_ij, times the upstream g_i.
                 for (i, row) in buf.chunks_mut(n).enumerate() {
                     let (gi, l) = (g[i], lse[i]);
@@ -1605,7 +1683,15 @@ impl CustomOp2 for LinearMatmul {
                 let rhs = Rhs::Prepacked(p);
                 gemm_ops(&mut y, n, false, &lhs, &rhs, true)
             }
-            _ => gemm_prec(self.precision, &mut y, n, false, MatRef::rows_of(x, k), rhs, true),
+            _ => gemm_prec(
+                self.precision,
+                &mut y,
+                n,
+                false,
+                MatRef::rows_of(x, k),
+                rhs,
+                true,
+            ),
         }
         let mut out = xd.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
@@ -1708,7 +1794,12 @@ impl CustomOp2 for LinearGrad {
 /// `x [.., in]` times a linear weight: `[out, in]` when `transposed` (torch `nn.Linear`), else
 /// `[in, out]` (GPT-2 `Conv1D`). Returns `[.., out]`; differentiable wrt both. `precision` is that
 /// of the three matrix products (forward, both gradients); inputs and outputs are f32 either way.
-pub fn linear_matmul(x: &Tensor, w: &Tensor, transposed: bool, precision: Precision) -> Result<Tensor> {
+pub fn linear_matmul(
+    x: &Tensor,
+    w: &Tensor,
+    transposed: bool,
+    precision: Precision,
+) -> Result<Tensor> {
     linear_matmul_packed(x, w, transposed, precision, None)
 }
 
@@ -1722,8 +1813,14 @@ pub(crate) fn linear_matmul_packed(
     packed: Option<Arc<PackedB>>,
 ) -> Result<Tensor> {
     if fused_ok(&[x, w]) {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, LinearMatmul { transposed, precision, packed })
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            LinearMatmul {
+                transposed,
+                precision,
+                packed,
+            },
+        )
     } else {
         linear_matmul_ref(x, w, transposed)
     }
@@ -1738,7 +1835,10 @@ pub(crate) fn pack_linear_weight(w: &Tensor, transposed: bool) -> Result<Option<
     let (n, k) = linear_dims(w.dims(), transposed)?;
     let w = w.contiguous()?;
     with_f32_slices(&[&w], "pack linear weight", |s| {
-        Ok(Some(Arc::new(PackedB::new(linear_rhs(s[0], n, k, transposed), true))))
+        Ok(Some(Arc::new(PackedB::new(
+            linear_rhs(s[0], n, k, transposed),
+            true,
+        ))))
     })
 }
 

@@ -46,7 +46,13 @@ impl SeqCls {
     /// Loads a `*ForSequenceClassification` directory, or a causal LM directory with a fresh head of
     /// `num_labels` outputs (normal(0, initializer_range) from `seed`, as `transformers`). `pad_token_id`
     /// overrides the config's (needed when the config has none).
-    pub fn load(dir: &Path, num_labels: usize, pad_token_id: Option<u32>, seed: u64, device: &Device) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        num_labels: usize,
+        pad_token_id: Option<u32>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let cfg_path = dir.join(io::CONFIG);
         let raw = io::read_json(&cfg_path)?;
         if !is_classifier(&raw) {
@@ -57,13 +63,22 @@ impl SeqCls {
         let mut tensors = read_safetensors(&weights, device)?;
         let score = match tensors.remove(HEAD) {
             Some(s) => s,
-            None => bail!("{}: missing tensor `{HEAD}` (the classification head)", weights.display()),
+            None => bail!(
+                "{}: missing tensor `{HEAD}` (the classification head)",
+                weights.display()
+            ),
         };
         // The trunk has no lm_head: build it as tied so CausalLm needs none.
         let mut trunk_raw = raw.clone();
         trunk_raw["tie_word_embeddings"] = Value::Bool(true);
         let config = ModelConfig::from_json(trunk_raw, &cfg_path.display().to_string())?;
-        let lm = CausalLm::from_tensors(config, tensors, None, device, &weights.display().to_string())?;
+        let lm = CausalLm::from_tensors(
+            config,
+            tensors,
+            None,
+            device,
+            &weights.display().to_string(),
+        )?;
         if score.rank() != 2 || score.dims()[1] != lm.hidden_size() {
             bail!(
                 "{}: tensor `{HEAD}` has shape {:?}, expected [num_labels, {}]",
@@ -72,44 +87,92 @@ impl SeqCls {
                 lm.hidden_size()
             )
         }
-        Self::assemble(lm, score, raw, pad_token_id, &cfg_path.display().to_string())
+        Self::assemble(
+            lm,
+            score,
+            raw,
+            pad_token_id,
+            &cfg_path.display().to_string(),
+        )
     }
 
     /// Puts a fresh head on a causal LM (its `lm_head`, if separate, is kept but unused and not saved).
-    pub fn from_causal_lm(lm: CausalLm, num_labels: usize, pad_token_id: Option<u32>, seed: u64) -> Result<Self> {
+    pub fn from_causal_lm(
+        lm: CausalLm,
+        num_labels: usize,
+        pad_token_id: Option<u32>,
+        seed: u64,
+    ) -> Result<Self> {
         if num_labels == 0 {
             bail!("num_labels must be at least 1")
         }
         let raw = lm.config().raw.clone();
-        let std = raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        let std = raw
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let h = lm.hidden_size();
-        let data: Vec<f32> = (0..num_labels * h).map(|_| (crate::normal(&mut rng) * std) as f32).collect();
+        let data: Vec<f32> = (0..num_labels * h)
+            .map(|_| (crate::normal(&mut rng) * std) as f32)
+            .collect();
         let score = Tensor::from_vec(data, (num_labels, h), lm.device())?;
         Self::assemble(lm, score, raw, pad_token_id, "config.json")
     }
 
-    fn assemble(lm: CausalLm, score: Tensor, mut raw: Value, pad: Option<u32>, file: &str) -> Result<Self> {
+    fn assemble(
+        lm: CausalLm,
+        score: Tensor,
+        mut raw: Value,
+        pad: Option<u32>,
+        file: &str,
+    ) -> Result<Self> {
         let pad_token_id = match pad.or(lm.config().pad_token_id()) {
             Some(p) => p,
-            None => bail!("{file}: field \"pad_token_id\": missing; a reward model needs a pad token id"),
+            None => bail!(
+                "{file}: field \"pad_token_id\": missing; a reward model needs a pad token id"
+            ),
         };
         let k = score.dims()[0];
         let obj = match raw.as_object_mut() {
             Some(o) => o,
             None => bail!("{file}: expected a JSON object"),
         };
-        obj.insert("architectures".into(), json!([lm.config().arch_info().sequence_classification]));
+        obj.insert(
+            "architectures".into(),
+            json!([lm.config().arch_info().sequence_classification]),
+        );
         obj.insert("num_labels".into(), json!(k));
-        let label = |i: usize| if k == 1 { "LABEL_0".to_string() } else { format!("{REWARD_LABEL}{i}") };
-        obj.insert("id2label".into(), (0..k).map(|i| (i.to_string(), json!(label(i)))).collect());
-        obj.insert("label2id".into(), (0..k).map(|i| (label(i), json!(i))).collect());
+        let label = |i: usize| {
+            if k == 1 {
+                "LABEL_0".to_string()
+            } else {
+                format!("{REWARD_LABEL}{i}")
+            }
+        };
+        obj.insert(
+            "id2label".into(),
+            (0..k).map(|i| (i.to_string(), json!(label(i)))).collect(),
+        );
+        obj.insert(
+            "label2id".into(),
+            (0..k).map(|i| (label(i), json!(i))).collect(),
+        );
         obj.insert("pad_token_id".into(), json!(pad_token_id));
         let head = VarMap::new();
         let var = Var::from_tensor(&score.to_dtype(DType::F32)?)?;
         let score = var.as_tensor().clone();
-        head.data().lock().expect("VarMap lock poisoned").insert(HEAD.into(), var);
-        Ok(Self { lm, head, score, raw_config: raw, pad_token_id })
+        head.data()
+            .lock()
+            .expect("VarMap lock poisoned")
+            .insert(HEAD.into(), var);
+        Ok(Self {
+            lm,
+            head,
+            score,
+            raw_config: raw,
+            pad_token_id,
+        })
     }
 
     pub fn num_labels(&self) -> usize {
@@ -141,7 +204,14 @@ impl SeqCls {
             .filter(|(k, _)| k.as_str() != "lm_head.weight")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        v.extend(self.head.data().lock().expect("VarMap lock poisoned").iter().map(|(k, v)| (k.clone(), v.clone())));
+        v.extend(
+            self.head
+                .data()
+                .lock()
+                .expect("VarMap lock poisoned")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -154,7 +224,11 @@ impl SeqCls {
         }
         let hidden = self.lm.hidden_states(input_ids, None)?;
         let h = hidden.dim(2)?;
-        let idx: Vec<u32> = lengths.iter().enumerate().map(|(i, &l)| (i * t + l - 1) as u32).collect();
+        let idx: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i * t + l - 1) as u32)
+            .collect();
         let idx = Tensor::from_vec(idx, b, hidden.device())?;
         let last = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
         last.matmul(&self.score.t()?)
@@ -164,13 +238,17 @@ impl SeqCls {
     pub fn token_scores(&self, input_ids: &Tensor) -> Result<Tensor> {
         let hidden = self.lm.hidden_states(input_ids, None)?;
         let (b, t, h) = hidden.dims3()?;
-        hidden.reshape((b * t, h))?.matmul(&self.score.t()?)?.reshape((b, t, self.num_labels()))
+        hidden
+            .reshape((b * t, h))?
+            .matmul(&self.score.t()?)?
+            .reshape((b, t, self.num_labels()))
     }
 
     /// Writes `config.json` and `model.safetensors` in the `*ForSequenceClassification` layout.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot create directory: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: cannot create directory: {e}", dir.display()))
+        })?;
         let mut named: Vec<(String, Tensor)> = self
             .lm
             .varmap()

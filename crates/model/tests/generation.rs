@@ -2,7 +2,9 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use rlhf_model::{generate, token_logprobs, CausalLm, Decoder, FinishReason, GenOutput, GenRequest, Sampling};
+use rlhf_model::{
+    generate, token_logprobs, CausalLm, Decoder, FinishReason, GenOutput, GenRequest, Sampling,
+};
 
 fn prompts(vocab: usize) -> Vec<Vec<u32>> {
     [3usize, 9, 1, 6]
@@ -274,23 +276,63 @@ fn sampling_logprobs_match_rescoring_at_the_sampling_temperature() {
         let ps = prompts(m.vocab_size());
         // (sampling, temperature the scores are under): truncation never renormalises them.
         let cases = [
-            (Sampling { temperature: 0.7, top_k: 5, top_p: 1.0 }, 0.7),
-            (Sampling { temperature: 1.3, top_k: 0, top_p: 0.8 }, 1.3),
-            (Sampling { temperature: 0.5, top_k: 0, top_p: 1.0 }, 0.5),
-            (Sampling { temperature: 2.0, top_k: 7, top_p: 0.9 }, 2.0),
+            (
+                Sampling {
+                    temperature: 0.7,
+                    top_k: 5,
+                    top_p: 1.0,
+                },
+                0.7,
+            ),
+            (
+                Sampling {
+                    temperature: 1.3,
+                    top_k: 0,
+                    top_p: 0.8,
+                },
+                1.3,
+            ),
+            (
+                Sampling {
+                    temperature: 0.5,
+                    top_k: 0,
+                    top_p: 1.0,
+                },
+                0.5,
+            ),
+            (
+                Sampling {
+                    temperature: 2.0,
+                    top_k: 7,
+                    top_p: 0.9,
+                },
+                2.0,
+            ),
             (Sampling::greedy(), 1.0),
         ];
         for (i, (s, t)) in cases.iter().enumerate() {
-            let reqs: Vec<GenRequest> =
-                ps.iter().enumerate().map(|(j, p)| request(p, 6, s.clone(), (i * 10 + j) as u64)).collect();
+            let reqs: Vec<GenRequest> = ps
+                .iter()
+                .enumerate()
+                .map(|(j, p)| request(p, 6, s.clone(), (i * 10 + j) as u64))
+                .collect();
             for (p, o) in ps.iter().zip(generate(&m, &reqs, None).unwrap()) {
                 assert_eq!(o.sampling_logprobs.len(), o.tokens.len());
                 let expect = rescore_at(&m, p, &o.tokens, *t);
                 for (a, b) in o.sampling_logprobs.iter().zip(&expect) {
-                    assert!((a - b).abs() <= 1e-5, "{name} {s:?}: sampling logprob {a} vs re-scored {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5,
+                        "{name} {s:?}: sampling logprob {a} vs re-scored {b}"
+                    );
                 }
                 if *t != 1.0 {
-                    assert!(o.sampling_logprobs.iter().zip(&o.logprobs).any(|(a, b)| (a - b).abs() > 1e-3), "{name}");
+                    assert!(
+                        o.sampling_logprobs
+                            .iter()
+                            .zip(&o.logprobs)
+                            .any(|(a, b)| (a - b).abs() > 1e-3),
+                        "{name}"
+                    );
                 }
             }
         }
@@ -298,13 +340,20 @@ fn sampling_logprobs_match_rescoring_at_the_sampling_temperature() {
 }
 
 fn solo(m: &CausalLm, r: &GenRequest) -> GenOutput {
-    generate(m, std::slice::from_ref(r), None).unwrap().remove(0)
+    generate(m, std::slice::from_ref(r), None)
+        .unwrap()
+        .remove(0)
 }
 
 fn assert_same(name: &str, a: &GenOutput, b: &GenOutput) {
     assert_eq!(a.tokens, b.tokens, "{name}");
     assert_eq!(a.finish_reason, b.finish_reason, "{name}");
-    for (x, y) in a.logprobs.iter().zip(&b.logprobs).chain(a.sampling_logprobs.iter().zip(&b.sampling_logprobs)) {
+    for (x, y) in a
+        .logprobs
+        .iter()
+        .zip(&b.logprobs)
+        .chain(a.sampling_logprobs.iter().zip(&b.sampling_logprobs))
+    {
         assert!((x - y).abs() < 1e-5, "{name}: {x} vs {y}");
     }
 }
@@ -328,7 +377,16 @@ fn finished_rows_leave_the_batch_and_the_rest_decode_unchanged() {
         // The 9-token prompt finishes first: its left padding is trimmed from the others' rows.
         let reqs = [
             request(&ps[1], 2, Sampling::default(), 1),
-            request(&ps[0], 4, Sampling { temperature: 0.8, top_k: 9, top_p: 0.9 }, 2),
+            request(
+                &ps[0],
+                4,
+                Sampling {
+                    temperature: 0.8,
+                    top_k: 9,
+                    top_p: 0.9,
+                },
+                2,
+            ),
             request(&ps[3], 7, Sampling::greedy(), 3),
         ];
         let mut dec = Decoder::new(&m).unwrap();
@@ -348,7 +406,11 @@ fn finished_rows_leave_the_batch_and_the_rest_decode_unchanged() {
         // After prefill (9 positions): 3 rows; request 0 leaves after its 2nd token, taking the
         // padding its 9-token prompt forced on the others (6 prompt + 1 fed positions remain);
         // request 1 leaves after its 4th.
-        assert_eq!(rows, [(3, 9), (2, 7), (2, 8), (1, 9), (1, 10), (1, 11), (0, 0)], "{name}");
+        assert_eq!(
+            rows,
+            [(3, 9), (2, 7), (2, 8), (1, 9), (1, 10), (1, 11), (0, 0)],
+            "{name}"
+        );
         for (i, r) in reqs.iter().enumerate() {
             assert_same(name, &outs[&(i as u64)], &solo(&m, r));
         }
@@ -363,7 +425,16 @@ fn requests_joining_between_steps_decode_as_if_alone() {
         let reqs = [
             request(&ps[0], 8, Sampling::default(), 5),
             // Joins after 3 steps with a prompt longer than the running rows: they get re-padded.
-            request(&ps[1], 5, Sampling { temperature: 0.9, top_k: 0, top_p: 0.7 }, 6),
+            request(
+                &ps[1],
+                5,
+                Sampling {
+                    temperature: 0.9,
+                    top_k: 0,
+                    top_p: 0.7,
+                },
+                6,
+            ),
             request(&ps[2], 6, Sampling::greedy(), 7),
             request(&ps[3], 9, Sampling::default(), 8),
         ];
@@ -375,7 +446,11 @@ fn requests_joining_between_steps_decode_as_if_alone() {
         }
         dec.add(reqs[1].clone()).unwrap();
         dec.add(reqs[2].clone()).unwrap();
-        assert_eq!(dec.step(None).unwrap().len(), 3, "{name}: running row + two prefills");
+        assert_eq!(
+            dec.step(None).unwrap().len(),
+            3,
+            "{name}: running row + two prefills"
+        );
         assert_eq!((dec.batch_rows(), dec.cache_len()), (3, 9), "{name}");
         let cancelled = dec.add(reqs[3].clone()).unwrap();
         dec.step(None).unwrap();
@@ -402,18 +477,33 @@ fn bf16_generation_matches_bf16_rescoring() {
         let mut m = model(cfg, 12);
         m.set_precision(rlhf_model::Precision::Bf16);
         let ps = prompts(m.vocab_size());
-        let reqs: Vec<GenRequest> = ps.iter().enumerate().map(|(i, p)| request(p, 9, Sampling::default(), i as u64)).collect();
+        let reqs: Vec<GenRequest> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| request(p, 9, Sampling::default(), i as u64))
+            .collect();
         let out = generate(&m, &reqs, None).unwrap();
         let mut m32 = m.duplicate().unwrap();
         m32.set_precision(rlhf_model::Precision::Fp32);
         let (mut err16, mut diff32) = (0f32, 0f32);
         for (p, o) in ps.iter().zip(&out) {
-            for ((a, b), c) in o.logprobs.iter().zip(rescore(&m, p, &o.tokens)).zip(rescore(&m32, p, &o.tokens)) {
+            for ((a, b), c) in o
+                .logprobs
+                .iter()
+                .zip(rescore(&m, p, &o.tokens))
+                .zip(rescore(&m32, p, &o.tokens))
+            {
                 err16 = err16.max((a - b).abs());
                 diff32 = diff32.max((a - c).abs());
             }
         }
-        assert!(err16 <= 2e-3, "{name}: bf16 generation vs bf16 re-scoring differ by {err16}");
-        assert!(4.0 * err16 <= diff32, "{name}: bf16 generation is not much closer to bf16 ({err16}) than to f32 ({diff32})");
+        assert!(
+            err16 <= 2e-3,
+            "{name}: bf16 generation vs bf16 re-scoring differ by {err16}"
+        );
+        assert!(
+            4.0 * err16 <= diff32,
+            "{name}: bf16 generation is not much closer to bf16 ({err16}) than to f32 ({diff32})"
+        );
     }
 }

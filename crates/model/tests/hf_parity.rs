@@ -139,11 +139,28 @@ fn reward_models_match_transformers_and_round_trip() {
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let lengths = r["lengths"].to_vec1::<i64>().unwrap();
     let lens: Vec<usize> = lengths.iter().map(|&l| l as usize).collect();
-    for (name, class) in [("llama-rm", "LlamaForSequenceClassification"), ("mistral-rm", "MistralForSequenceClassification")] {
-        let rm = SeqCls::load(&fixtures().join("models").join(name), 1, None, 0, &Device::Cpu).unwrap();
+    for (name, class) in [
+        ("llama-rm", "LlamaForSequenceClassification"),
+        ("mistral-rm", "MistralForSequenceClassification"),
+    ] {
+        let rm = SeqCls::load(
+            &fixtures().join("models").join(name),
+            1,
+            None,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
         let scores = rm.forward(&ids, &lens).unwrap();
         let want = &r[&format!("{name}.scores")];
-        let d = (scores.squeeze(1).unwrap() - want).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = (scores.squeeze(1).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d <= 1e-4, "{name}: max |Δscore| = {d}");
         let per_pos = rm.token_scores(&ids).unwrap();
         let d = valid_max_diff(&per_pos, &r[&format!("{name}.token_scores")], &lengths);
@@ -151,11 +168,17 @@ fn reward_models_match_transformers_and_round_trip() {
 
         let dir = tempfile::tempdir().unwrap();
         rm.save(dir.path()).unwrap();
-        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["architectures"][0], class, "{name}");
         let again = SeqCls::load(dir.path(), 1, None, 0, &Device::Cpu).unwrap();
         let again = again.forward(&ids, &lens).unwrap();
-        assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), scores.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name} reloaded");
+        assert_eq!(
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            scores.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name} reloaded"
+        );
     }
 }
 
@@ -166,10 +189,20 @@ fn reward_models_match_transformers_and_round_trip() {
 fn mistral_refuses_sequences_longer_than_its_sliding_window() {
     let m = load("mistral");
     let window = m.config().raw["sliding_window"].as_u64().unwrap() as usize;
-    let row = |n: usize| Tensor::from_vec((0..n as u32).map(|i| 4 + i % 500).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
+    let row = |n: usize| {
+        Tensor::from_vec(
+            (0..n as u32).map(|i| 4 + i % 500).collect::<Vec<_>>(),
+            (1, n),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     m.forward(&row(window)).unwrap();
     let err = m.forward(&row(window + 1)).unwrap_err().to_string();
-    assert!(err.contains("sliding_window") && err.contains("96"), "{err}");
+    assert!(
+        err.contains("sliding_window") && err.contains("96"),
+        "{err}"
+    );
 
     let req = |prompt: usize, new: usize| GenRequest {
         prompt_ids: (0..prompt as u32).map(|i| 4 + i).collect(),
@@ -178,7 +211,10 @@ fn mistral_refuses_sequences_longer_than_its_sliding_window() {
         ..Default::default()
     };
     // The last generated token is not fed back, so prompt + new − 1 positions are run.
-    assert_eq!(generate(&m, &[req(90, 7)], None).unwrap()[0].tokens.len(), 7);
+    assert_eq!(
+        generate(&m, &[req(90, 7)], None).unwrap()[0].tokens.len(),
+        7
+    );
     let err = generate(&m, &[req(90, 8)], None).unwrap_err().to_string();
     assert!(err.contains("sliding_window"), "{err}");
 }

@@ -236,10 +236,25 @@ fn architectures_are_found_by_model_type_or_class_name_in_one_table() {
             assert_eq!(parsed.model_type(), name, "{class}");
         }
     }
-    let err = ModelConfig::from_json(json!({"model_type": "mamba"}), "config.json").unwrap_err().to_string();
-    assert!(rlhf_model::ARCHITECTURES.iter().all(|a| err.contains(a.model_type)), "{err}");
-    let err = ModelConfig::from_json(json!({"architectures": ["MambaForCausalLM"]}), "config.json").unwrap_err().to_string();
-    assert!(err.contains("architectures") && err.contains("MistralForCausalLM"), "{err}");
+    let err = ModelConfig::from_json(json!({"model_type": "mamba"}), "config.json")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        rlhf_model::ARCHITECTURES
+            .iter()
+            .all(|a| err.contains(a.model_type)),
+        "{err}"
+    );
+    let err = ModelConfig::from_json(
+        json!({"architectures": ["MambaForCausalLM"]}),
+        "config.json",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("architectures") && err.contains("MistralForCausalLM"),
+        "{err}"
+    );
 }
 
 /// `sliding_window`: 0 is refused when parsed; absent means MistralConfig's default 4096 (a longer sequence is
@@ -248,16 +263,36 @@ fn architectures_are_found_by_model_type_or_class_name_in_one_table() {
 fn mistral_sliding_window_is_validated_and_defaults_like_transformers() {
     let mut raw = mistral_config().raw.clone();
     raw["sliding_window"] = json!(0);
-    let err = ModelConfig::from_json(raw.clone(), "config.json").unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("sliding_window"), "{err}");
+    let err = ModelConfig::from_json(raw.clone(), "config.json")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("sliding_window"),
+        "{err}"
+    );
 
     raw.as_object_mut().unwrap().remove("sliding_window");
-    let m = model(ModelConfig::from_json(raw.clone(), "config.json").unwrap(), 1);
-    let err = m.forward(&ids(1, 4097, m.vocab_size(), 1)).unwrap_err().to_string();
-    assert!(err.contains("sliding_window") && err.contains("4096"), "{err}");
-    assert_eq!(m.forward(&ids(1, 80, m.vocab_size(), 1)).unwrap().dims(), &[1, 80, m.vocab_size()]);
+    let m = model(
+        ModelConfig::from_json(raw.clone(), "config.json").unwrap(),
+        1,
+    );
+    let err = m
+        .forward(&ids(1, 4097, m.vocab_size(), 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sliding_window") && err.contains("4096"),
+        "{err}"
+    );
+    assert_eq!(
+        m.forward(&ids(1, 80, m.vocab_size(), 1)).unwrap().dims(),
+        &[1, 80, m.vocab_size()]
+    );
 
     raw["sliding_window"] = json!(null);
     let m = model(ModelConfig::from_json(raw, "config.json").unwrap(), 1);
-    assert_eq!(m.forward(&ids(1, 80, m.vocab_size(), 1)).unwrap().dims(), &[1, 80, m.vocab_size()]);
+    assert_eq!(
+        m.forward(&ids(1, 80, m.vocab_size(), 1)).unwrap().dims(),
+        &[1, 80, m.vocab_size()]
+    );
 }

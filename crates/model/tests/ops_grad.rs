@@ -257,7 +257,7 @@ fn every_parameter_of_every_architecture_gets_a_gradient() {
             .unwrap()
             .neg()
             .unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = rlhf_model::backward(&loss).unwrap();
         let vars = m.varmap().data().lock().unwrap();
         assert!(!vars.is_empty());
         for (pname, v) in vars.iter() {
@@ -303,7 +303,8 @@ fn lm_head_logprobs_matches_reference_and_finite_differences() {
     let lp_ref = |a: &[Tensor]| Ok(ops::lm_head_logprobs_ref(&a[0], &a[1], &a[2])?.0);
     let inputs = [randn(&[2, 5, 8], 16), randn(&[600, 8], 17), targets];
     check("lm_head_logprobs", &inputs, 2, &lp, &lp_ref);
-    let (_, am) = ops::lm_head_logprobs(&inputs[0], &inputs[1], &inputs[2], Precision::Fp32).unwrap();
+    let (_, am) =
+        ops::lm_head_logprobs(&inputs[0], &inputs[1], &inputs[2], Precision::Fp32).unwrap();
     let (_, am_ref) = ops::lm_head_logprobs_ref(&inputs[0], &inputs[1], &inputs[2]).unwrap();
     assert_eq!(
         am.to_vec2::<u32>().unwrap(),
@@ -328,9 +329,14 @@ fn lm_head_logprobs_matches_reference_and_finite_differences() {
         &lp_ref,
     );
     let bad = Tensor::new(&[3u32, 600], &Device::Cpu).unwrap();
-    let err = ops::lm_head_logprobs(&randn(&[2, 8], 1), &randn(&[600, 8], 2), &bad, Precision::Fp32)
-        .unwrap_err()
-        .to_string();
+    let err = ops::lm_head_logprobs(
+        &randn(&[2, 8], 1),
+        &randn(&[600, 8], 2),
+        &bad,
+        Precision::Fp32,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("out of range"), "{err}");
 }
 
@@ -360,7 +366,10 @@ fn fused_model_matches_reference_ops_on_every_architecture() {
             (a - b).abs() < 1e-5 * (1.0 + b.abs()),
             "{name}: loss {a} vs reference {b}"
         );
-        let (gf, gr) = (fused.backward().unwrap(), reference.backward().unwrap());
+        let (gf, gr) = (
+            rlhf_model::backward(&fused).unwrap(),
+            reference.backward().unwrap(),
+        );
         let vars = m.varmap().data().lock().unwrap();
         for (pname, v) in vars.iter() {
             let (x, y) = (gf.get(v).unwrap(), gr.get(v).unwrap());
@@ -424,28 +433,52 @@ fn linear_matmul_bf16_products_and_gradients() {
         let mut cases: Vec<(usize, usize, Vec<(f32, f32)>)> = vec![];
         for i in 0..m {
             for o in 0..n {
-                cases.push((0, i * n + o, (0..k).map(|kk| (xs[i * k + kk], ws[widx(o, kk)])).collect()));
+                cases.push((
+                    0,
+                    i * n + o,
+                    (0..k).map(|kk| (xs[i * k + kk], ws[widx(o, kk)])).collect(),
+                ));
             }
             for kk in 0..k {
-                cases.push((1, i * k + kk, (0..n).map(|o| (rs[i * n + o], ws[widx(o, kk)])).collect()));
+                cases.push((
+                    1,
+                    i * k + kk,
+                    (0..n).map(|o| (rs[i * n + o], ws[widx(o, kk)])).collect(),
+                ));
             }
         }
         for o in 0..n {
             for kk in 0..k {
-                cases.push((2, widx(o, kk), (0..m).map(|i| (rs[i * n + o], xs[i * k + kk])).collect()));
+                cases.push((
+                    2,
+                    widx(o, kk),
+                    (0..m).map(|i| (rs[i * n + o], xs[i * k + kk])).collect(),
+                ));
             }
         }
         let mut max_rel_vs_f32 = 0f64;
         for (out, idx, terms) in cases {
             let want: f64 = terms.iter().map(|&(a, b)| bf(a) * bf(b)).sum();
-            let scale: f64 = terms.iter().map(|&(a, b)| (a as f64 * b as f64).abs()).sum();
+            let scale: f64 = terms
+                .iter()
+                .map(|&(a, b)| (a as f64 * b as f64).abs())
+                .sum();
             let (got, f) = (b16[out][idx] as f64, f32s[out][idx] as f64);
-            assert!((got - want).abs() <= 1e-5 * scale, "t={transposed} out {out}[{idx}]: {got} vs {want}");
-            assert!((got - f).abs() <= 2f64.powi(-7) * scale, "t={transposed} out {out}[{idx}]: bf16 {got} vs f32 {f}");
+            assert!(
+                (got - want).abs() <= 1e-5 * scale,
+                "t={transposed} out {out}[{idx}]: {got} vs {want}"
+            );
+            assert!(
+                (got - f).abs() <= 2f64.powi(-7) * scale,
+                "t={transposed} out {out}[{idx}]: bf16 {got} vs f32 {f}"
+            );
             max_rel_vs_f32 = max_rel_vs_f32.max((got - f).abs() / scale);
         }
         // The bf16 path really rounds (an f32 product would agree with f32 to ~1e-7).
-        assert!(max_rel_vs_f32 > 1e-4, "bf16 results equal the f32 ones ({max_rel_vs_f32})");
+        assert!(
+            max_rel_vs_f32 > 1e-4,
+            "bf16 results equal the f32 ones ({max_rel_vs_f32})"
+        );
     }
 }
 
@@ -455,22 +488,48 @@ fn linear_matmul_bf16_products_and_gradients() {
 /// of the f32 head's.
 #[test]
 fn lm_head_logprobs_bf16() {
-    let targets = Tensor::from_vec((0..64u32).map(|i| (i * 131) % 1000).collect::<Vec<_>>(), 64, &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(
+        (0..64u32).map(|i| (i * 131) % 1000).collect::<Vec<_>>(),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let h = Var::from_tensor(&randn(&[64, 80], 18)).unwrap();
     let w = Var::from_tensor(&(randn(&[1000, 80], 19) * 0.3).unwrap()).unwrap();
-    let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-    let (lp16, am16) = ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, Precision::Bf16).unwrap();
-    let (lp_r, am_r) = ops::lm_head_logprobs_ref(&round(h.as_tensor()), &round(w.as_tensor()), &targets).unwrap();
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let (lp16, am16) =
+        ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, Precision::Bf16).unwrap();
+    let (lp_r, am_r) =
+        ops::lm_head_logprobs_ref(&round(h.as_tensor()), &round(w.as_tensor()), &targets).unwrap();
     let err = max_abs(&(&lp16 - &lp_r).unwrap());
-    assert!(err < 1e-4 * (1.0 + max_abs(&lp_r)), "bf16 log-probs differ from f32 on rounded inputs by {err}");
-    assert_eq!(am16.to_vec1::<u32>().unwrap(), am_r.to_vec1::<u32>().unwrap());
-    let (lp32, _) = ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, Precision::Fp32).unwrap();
-    assert!(max_abs(&(&lp16 - &lp32).unwrap()) > 1e-4, "bf16 log-probs equal the f32 ones");
+    assert!(
+        err < 1e-4 * (1.0 + max_abs(&lp_r)),
+        "bf16 log-probs differ from f32 on rounded inputs by {err}"
+    );
+    assert_eq!(
+        am16.to_vec1::<u32>().unwrap(),
+        am_r.to_vec1::<u32>().unwrap()
+    );
+    let (lp32, _) =
+        ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, Precision::Fp32).unwrap();
+    assert!(
+        max_abs(&(&lp16 - &lp32).unwrap()) > 1e-4,
+        "bf16 log-probs equal the f32 ones"
+    );
     let g16 = lp16.sum_all().unwrap().backward().unwrap();
     let g32 = lp32.sum_all().unwrap().backward().unwrap();
     for (name, v) in [("hidden", &h), ("weight", &w)] {
         let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
         let err = max_abs(&(a - b).unwrap());
-        assert!(err < 1e-2 * max_abs(b), "grad of {name}: bf16 vs f32 differ by {err} (max {})", max_abs(b));
+        assert!(
+            err < 1e-2 * max_abs(b),
+            "grad of {name}: bf16 vs f32 differ by {err} (max {})",
+            max_abs(b)
+        );
     }
 }

@@ -156,7 +156,13 @@ pub fn run(cfg: &ActiveConfig, out: &Path) -> Result<ActiveSummary> {
         mean_curves,
         findings,
     };
-    crate::rm_lab::write_reports(out, "active_learning", &serde_json::to_string_pretty(&summary)?, &markdown(&summary), &html(&summary))?;
+    crate::rm_lab::write_reports(
+        out,
+        "active_learning",
+        &serde_json::to_string_pretty(&summary)?,
+        &markdown(&summary),
+        &html(&summary),
+    )?;
     Ok(summary)
 }
 

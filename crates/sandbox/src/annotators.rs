@@ -42,8 +42,12 @@ impl Bias {
     pub fn describe(&self) -> String {
         match self {
             Bias::None => "none".into(),
-            Bias::PrefersLonger { weight } => format!("prefers longer answers (+{weight} per 40 characters)"),
-            Bias::PrefersFirst { rate } => format!("picks the left side {:.0} % of the time", 100.0 * rate),
+            Bias::PrefersLonger { weight } => {
+                format!("prefers longer answers (+{weight} per 40 characters)")
+            }
+            Bias::PrefersFirst { rate } => {
+                format!("picks the left side {:.0} % of the time", 100.0 * rate)
+            }
             Bias::Careless => "careless: random and fast".into(),
         }
     }
@@ -67,7 +71,12 @@ fn default_tie_margin() -> f64 {
 
 impl Annotator {
     pub fn new(name: &str, temperature: f64, bias: Bias) -> Self {
-        Annotator { name: name.into(), temperature, tie_margin: default_tie_margin(), bias }
+        Annotator {
+            name: name.into(),
+            temperature,
+            tie_margin: default_tie_margin(),
+            bias,
+        }
     }
 
     fn utility(&self, prompt: &Prompt, response: &str) -> f64 {
@@ -155,14 +164,29 @@ pub struct Session {
 impl Session {
     /// Rows exactly as `rlhf feedback export --format …` writes them.
     pub fn export(&self, format: Format) -> Result<Vec<Value>> {
-        Ok(export_rows(&self.project, &self.items, &self.labels, format, false)?)
+        Ok(export_rows(
+            &self.project,
+            &self.items,
+            &self.labels,
+            format,
+            false,
+        )?)
     }
 
     /// Rows as `rlhf feedback export --format … --by-reliability` writes them: each item decided by the app's
     /// reliability model (Crowd-BT for pairs), so careless and biased annotators count less.
     pub fn export_by_reliability(&self, format: Format) -> Result<Vec<Value>> {
-        let opts = Options { by_reliability: true, ..Options::default() };
-        Ok(export_rows_with(&self.project, &self.items, &self.labels, format, &opts)?)
+        let opts = Options {
+            by_reliability: true,
+            ..Options::default()
+        };
+        Ok(export_rows_with(
+            &self.project,
+            &self.items,
+            &self.labels,
+            format,
+            &opts,
+        )?)
     }
 
     /// The app's agreement statistics and per-annotator flags.
@@ -176,7 +200,11 @@ fn project(name: &str, kind: TaskKind, overlap: usize) -> Project {
         id: 1,
         name: name.into(),
         kind,
-        criteria: if kind == TaskKind::Rating { vec!["overall".into()] } else { vec![] },
+        criteria: if kind == TaskKind::Rating {
+            vec!["overall".into()]
+        } else {
+            vec![]
+        },
         likert_max: 5,
         overlap: overlap as i64,
         min_seconds: 3.0,
@@ -203,10 +231,13 @@ pub fn pairwise(panel: &Panel, pairs: &[(&Prompt, String, String)]) -> Session {
     let who = panel.assignments(pairs.len(), &mut rng);
     for (i, ((prompt, r0, r1), annotators)) in pairs.iter().zip(who).enumerate() {
         let item_id = i as i64 + 1;
-        let (g0, g1) = (judge(&prompt.gold, r0).reward, judge(&prompt.gold, r1).reward);
+        let (g0, g1) = (
+            judge(&prompt.gold, r0).reward,
+            judge(&prompt.gold, r1).reward,
+        );
         // Quality-control items: the app scores annotators on them (gold = index of the better response).
-        let gold =
-            ((g0 - g1).abs() >= 0.5 && rng.gen_bool(panel.gold_item_share)).then(|| json!(if g0 > g1 { 0 } else { 1 }));
+        let gold = ((g0 - g1).abs() >= 0.5 && rng.gen_bool(panel.gold_item_share))
+            .then(|| json!(if g0 > g1 { 0 } else { 1 }));
         items.push(Item {
             id: item_id,
             project_id: 1,
@@ -219,14 +250,24 @@ pub fn pairwise(panel: &Panel, pairs: &[(&Prompt, String, String)]) -> Session {
         });
         for a in annotators {
             let ann = &panel.annotators[a];
-            let shown_order = if rng.gen_bool(0.5) { vec![0, 1] } else { vec![1, 0] };
+            let shown_order = if rng.gen_bool(0.5) {
+                vec![0, 1]
+            } else {
+                vec![1, 0]
+            };
             let (u0, u1) = (ann.utility(prompt, r0), ann.utility(prompt, r1));
             let preferred = match ann.bias {
                 _ if r0 == r1 => None,
                 Bias::Careless => Some(rng.gen_range(0..2)),
                 Bias::PrefersFirst { rate } if rng.gen_bool(rate) => Some(shown_order[0]),
                 _ if (u0 - u1).abs() < ann.tie_margin => None,
-                _ => Some(if rng.gen_bool(sigmoid((u0 - u1) / ann.temperature.max(1e-6))) { 0 } else { 1 }),
+                _ => Some(
+                    if rng.gen_bool(sigmoid((u0 - u1) / ann.temperature.max(1e-6))) {
+                        0
+                    } else {
+                        1
+                    },
+                ),
             };
             let choice = match preferred {
                 None if u0 < 0.0 && u1 < 0.0 => Choice::BothBad,
@@ -234,8 +275,18 @@ pub fn pairwise(panel: &Panel, pairs: &[(&Prompt, String, String)]) -> Session {
                 Some(p) if p == shown_order[0] => Choice::A,
                 Some(_) => Choice::B,
             };
-            let value = LabelValue::Pairwise { choice, shown_order, preferred };
-            labels.push(label(labels.len(), item_id, a, value, ann.duration_ms(&mut rng)));
+            let value = LabelValue::Pairwise {
+                choice,
+                shown_order,
+                preferred,
+            };
+            labels.push(label(
+                labels.len(),
+                item_id,
+                a,
+                value,
+                ann.duration_ms(&mut rng),
+            ));
         }
     }
     Session {
@@ -264,47 +315,68 @@ fn label(n: usize, item_id: i64, annotator: usize, value: LabelValue, duration_m
 /// plus Gaussian noise of the annotator's temperature (in scale points × 2); longer-lovers add their bias.
 /// Export with [`Format::Rating`].
 pub fn ratings(panel: &Panel, responses: &[(&Prompt, String)]) -> Session {
-    simple(panel, responses, TaskKind::Rating, |ann, prompt, response, rng| {
-        let u = match ann.bias {
-            Bias::Careless => rng.gen_range(-1.0..1.0),
-            _ => ann.utility(prompt, response) + ann.temperature * normal(rng),
-        };
-        let score = (1.0 + (u.clamp(-1.0, 1.0) + 1.0) * 2.0).round() as i64;
-        Some(LabelValue::Rating { scores: BTreeMap::from([("overall".to_string(), score.clamp(1, 5))]) })
-    })
+    simple(
+        panel,
+        responses,
+        TaskKind::Rating,
+        |ann, prompt, response, rng| {
+            let u = match ann.bias {
+                Bias::Careless => rng.gen_range(-1.0..1.0),
+                _ => ann.utility(prompt, response) + ann.temperature * normal(rng),
+            };
+            let score = (1.0 + (u.clamp(-1.0, 1.0) + 1.0) * 2.0).round() as i64;
+            Some(LabelValue::Rating {
+                scores: BTreeMap::from([("overall".to_string(), score.clamp(1, 5))]),
+            })
+        },
+    )
 }
 
 /// Corrections: the annotator rewrites a flawed response into the ideal one (perfect responses are left
 /// alone). Export with [`Format::Correction`].
 pub fn corrections(panel: &Panel, responses: &[(&Prompt, String)]) -> Session {
-    simple(panel, responses, TaskKind::Correction, |_, prompt, response, _| {
-        let corrected = prompt.ideal();
-        (judge(&prompt.gold, response).reward < 1.0 && corrected != *response).then(|| LabelValue::Correction {
-            unified_diff: rlhf_feedback::diff::unified_diff(response, &corrected),
-            word_diff: rlhf_feedback::diff::word_diff(response, &corrected),
-            corrected,
-        })
-    })
+    simple(
+        panel,
+        responses,
+        TaskKind::Correction,
+        |_, prompt, response, _| {
+            let corrected = prompt.ideal();
+            (judge(&prompt.gold, response).reward < 1.0 && corrected != *response).then(|| {
+                LabelValue::Correction {
+                    unified_diff: rlhf_feedback::diff::unified_diff(response, &corrected),
+                    word_diff: rlhf_feedback::diff::word_diff(response, &corrected),
+                    corrected,
+                }
+            })
+        },
+    )
 }
 
 /// Critiques naming what the gold reward finds wrong. Export with [`Format::Critique`].
 pub fn critiques(panel: &Panel, responses: &[(&Prompt, String)]) -> Session {
-    simple(panel, responses, TaskKind::Critique, |_, prompt, response, _| {
-        let problems = judge(&prompt.gold, response).problems;
-        let text = if problems.is_empty() {
-            "Good: nothing to fix.".to_string()
-        } else {
-            format!("The reply {}.", problems.join("; it "))
-        };
-        Some(LabelValue::Critique { text })
-    })
+    simple(
+        panel,
+        responses,
+        TaskKind::Critique,
+        |_, prompt, response, _| {
+            let problems = judge(&prompt.gold, response).problems;
+            let text = if problems.is_empty() {
+                "Good: nothing to fix.".to_string()
+            } else {
+                format!("The reply {}.", problems.join("; it "))
+            };
+            Some(LabelValue::Critique { text })
+        },
+    )
 }
 
 /// Demonstrations: the ideal reply to each prompt. Export with [`Format::Demonstration`].
 pub fn demonstrations(panel: &Panel, prompts: &[&Prompt]) -> Session {
     let rows: Vec<(&Prompt, String)> = prompts.iter().map(|p| (*p, String::new())).collect();
     simple(panel, &rows, TaskKind::Demonstration, |_, prompt, _, _| {
-        Some(LabelValue::Demonstration { text: prompt.ideal() })
+        Some(LabelValue::Demonstration {
+            text: prompt.ideal(),
+        })
     })
 }
 
@@ -316,14 +388,25 @@ fn simple(
     answer: impl Fn(&Annotator, &Prompt, &str, &mut StdRng) -> Option<LabelValue>,
 ) -> Session {
     let mut rng = StdRng::seed_from_u64(panel.seed);
-    let overlap = if kind == TaskKind::Rating { panel.overlap } else { 1 };
-    let sub = Panel { overlap, ..panel.clone() };
+    let overlap = if kind == TaskKind::Rating {
+        panel.overlap
+    } else {
+        1
+    };
+    let sub = Panel {
+        overlap,
+        ..panel.clone()
+    };
     let who = sub.assignments(responses.len(), &mut rng);
     let mut items = Vec::with_capacity(responses.len());
     let mut labels = Vec::new();
     for (i, ((prompt, response), annotators)) in responses.iter().zip(who).enumerate() {
         let item_id = i as i64 + 1;
-        let responses = if response.is_empty() { vec![] } else { vec![response.clone()] };
+        let responses = if response.is_empty() {
+            vec![]
+        } else {
+            vec![response.clone()]
+        };
         items.push(Item {
             id: item_id,
             project_id: 1,
@@ -337,7 +420,13 @@ fn simple(
         for a in annotators {
             let ann = &panel.annotators[a];
             if let Some(value) = answer(ann, prompt, response, &mut rng) {
-                labels.push(label(labels.len(), item_id, a, value, ann.duration_ms(&mut rng)));
+                labels.push(label(
+                    labels.len(),
+                    item_id,
+                    a,
+                    value,
+                    ann.duration_ms(&mut rng),
+                ));
             }
         }
     }
@@ -363,7 +452,11 @@ pub struct FlagCheck {
 }
 
 /// Per annotator: the app's flags against the truth, and agreement with the gold preference.
-pub fn check_flags(panel: &Panel, session: &Session, pairs: &[(&Prompt, String, String)]) -> Vec<FlagCheck> {
+pub fn check_flags(
+    panel: &Panel,
+    session: &Session,
+    pairs: &[(&Prompt, String, String)],
+) -> Vec<FlagCheck> {
     let stats = session.stats();
     panel
         .annotators
@@ -376,8 +469,17 @@ pub fn check_flags(panel: &Panel, session: &Session, pairs: &[(&Prompt, String, 
             let mut agree = (0usize, 0usize);
             for l in session.labels.iter().filter(|l| l.user_id == uid) {
                 let (prompt, r0, r1) = &pairs[(l.item_id - 1) as usize];
-                let (g0, g1) = (judge(&prompt.gold, r0).reward, judge(&prompt.gold, r1).reward);
-                if let (LabelValue::Pairwise { preferred: Some(p), .. }, false) = (&l.value, g0 == g1) {
+                let (g0, g1) = (
+                    judge(&prompt.gold, r0).reward,
+                    judge(&prompt.gold, r1).reward,
+                );
+                if let (
+                    LabelValue::Pairwise {
+                        preferred: Some(p), ..
+                    },
+                    false,
+                ) = (&l.value, g0 == g1)
+                {
                     agree.1 += 1;
                     agree.0 += usize::from((*p == 0) == (g0 > g1));
                 }

@@ -31,19 +31,26 @@ const THANKS: [&str; 3] = ["thanks", "thank you", "best"];
 
 pub fn is_refusal(reply: &str) -> bool {
     let r = reply.to_lowercase();
-    ["can't help", "cannot help", "won't help", "can not help"].iter().any(|p| r.contains(p))
+    ["can't help", "cannot help", "won't help", "can not help"]
+        .iter()
+        .any(|p| r.contains(p))
 }
 
 pub fn is_abstention(reply: &str) -> bool {
     let r = reply.to_lowercase();
-    ["don't know", "do not know", "not sure"].iter().any(|p| r.contains(p))
+    ["don't know", "do not know", "not sure"]
+        .iter()
+        .any(|p| r.contains(p))
 }
 
 /// The first (optionally negative) integer in `s`.
 pub fn first_integer(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     let start = b.iter().position(u8::is_ascii_digit)?;
-    let end = b[start..].iter().position(|c| !c.is_ascii_digit()).map_or(b.len(), |e| start + e);
+    let end = b[start..]
+        .iter()
+        .position(|c| !c.is_ascii_digit())
+        .map_or(b.len(), |e| start + e);
     let neg = start > 0 && b[start - 1] == b'-';
     let v: i64 = s[start..end].parse().ok()?;
     Some(if neg { -v } else { v })
@@ -115,12 +122,21 @@ pub fn judge(gold: &Gold, reply: &str) -> Judgement {
                 -1.0
             } else {
                 let lower = reply.to_lowercase();
-                let present = gold.facts.iter().filter(|f| lower.contains(&f.to_lowercase())).count();
-                let facts = if gold.facts.is_empty() { 1.0 } else { present as f64 / gold.facts.len() as f64 };
+                let present = gold
+                    .facts
+                    .iter()
+                    .filter(|f| lower.contains(&f.to_lowercase()))
+                    .count();
+                let facts = if gold.facts.is_empty() {
+                    1.0
+                } else {
+                    present as f64 / gold.facts.len() as f64
+                };
                 if facts < 1.0 {
                     problems.push("leaves out a requested fact");
                 }
-                let polite = GREETINGS.iter().any(|g| lower.contains(g)) && THANKS.iter().any(|t| lower.contains(t));
+                let polite = GREETINGS.iter().any(|g| lower.contains(g))
+                    && THANKS.iter().any(|t| lower.contains(t));
                 if !polite {
                     problems.push("is not polite (greeting and thanks)");
                 }
@@ -132,11 +148,20 @@ pub fn judge(gold: &Gold, reply: &str) -> Judgement {
                 if cost > 0.0 {
                     problems.push("is not concise");
                 }
-                1.6 * facts - 0.6 + if polite { 0.2 } else { -0.2 } - if rude { 0.4 } else { 0.0 } - cost
+                1.6 * facts - 0.6 + if polite { 0.2 } else { -0.2 }
+                    - if rude { 0.4 } else { 0.0 }
+                    - cost
             }
         }
     };
-    Judgement { reward: reward.clamp(-1.0, 1.0), refused, abstained, number, correct, problems }
+    Judgement {
+        reward: reward.clamp(-1.0, 1.0),
+        refused,
+        abstained,
+        number,
+        correct,
+        problems,
+    }
 }
 
 /// The gold reward alone.

@@ -201,7 +201,13 @@ pub fn run(cfg: &KindsConfig, out: &Path) -> Result<KindsSummary> {
         mean,
         findings,
     };
-    crate::rm_lab::write_reports(out, "feedback_kinds", &serde_json::to_string_pretty(&s)?, &markdown(&s), &html(&s))?;
+    crate::rm_lab::write_reports(
+        out,
+        "feedback_kinds",
+        &serde_json::to_string_pretty(&s)?,
+        &markdown(&s),
+        &html(&s),
+    )?;
     Ok(s)
 }
 

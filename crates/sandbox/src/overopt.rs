@@ -56,11 +56,27 @@ impl<'a> Draws<'a> {
     ) -> Result<Self> {
         let generator = Generator::load(sft)?;
         let max_n = max_n.max(1);
-        let (ids, draws) =
-            sample_k(&generator, prompts, max_n, seed.wrapping_mul(6151), temperature, max_new_tokens, 64)?;
-        let gold =
-            draws.iter().zip(prompts).map(|(d, p)| d.iter().map(|(t, _)| gold_reward(&p.gold, t)).collect()).collect();
-        Ok(Draws { prompts, ids, draws, gold, generator })
+        let (ids, draws) = sample_k(
+            &generator,
+            prompts,
+            max_n,
+            seed.wrapping_mul(6151),
+            temperature,
+            max_new_tokens,
+            64,
+        )?;
+        let gold = draws
+            .iter()
+            .zip(prompts)
+            .map(|(d, p)| d.iter().map(|(t, _)| gold_reward(&p.gold, t)).collect())
+            .collect();
+        Ok(Draws {
+            prompts,
+            ids,
+            draws,
+            gold,
+            generator,
+        })
     }
 
     /// proxy[i][j]: the reward model's score of sample j of prompt i.
@@ -98,7 +114,10 @@ impl<'a> Draws<'a> {
     /// Per prompt, the index of the sample the proxy likes best among the first `n` (the first on ties, so the
     /// choice is deterministic).
     fn picks(proxy: &[Vec<f64>], n: usize) -> Vec<usize> {
-        proxy.iter().map(|p| (1..n.min(p.len())).fold(0, |b, j| if p[j] > p[b] { j } else { b })).collect()
+        proxy
+            .iter()
+            .map(|p| (1..n.min(p.len())).fold(0, |b, j| if p[j] > p[b] { j } else { b }))
+            .collect()
     }
 
     /// Best-of-n for n = 1, 2, 4, … ≤ the samples drawn, picked by `proxy`.
@@ -111,7 +130,12 @@ impl<'a> Draws<'a> {
             let picks = Self::picks(proxy, n);
             let p_sum: f64 = picks.iter().zip(proxy).map(|(&b, p)| p[b]).sum();
             let g_sum: f64 = picks.iter().zip(&self.gold).map(|(&b, g)| g[b]).sum();
-            points.push(BestOfN { n, kl: best_of_n_kl(n), proxy: p_sum / m, gold: g_sum / m });
+            points.push(BestOfN {
+                n,
+                kl: best_of_n_kl(n),
+                proxy: p_sum / m,
+                gold: g_sum / m,
+            });
             n *= 2;
         }
         points
@@ -120,7 +144,11 @@ impl<'a> Draws<'a> {
     /// Gold rewards, one per prompt, of the samples `proxy` picks among all that were drawn.
     pub fn best_gold(&self, proxy: &[Vec<f64>]) -> Vec<f64> {
         let n = self.draws.first().map_or(0, Vec::len);
-        Self::picks(proxy, n).iter().zip(&self.gold).map(|(&b, g)| g[b]).collect()
+        Self::picks(proxy, n)
+            .iter()
+            .zip(&self.gold)
+            .map(|(&b, g)| g[b])
+            .collect()
     }
 }
 
@@ -135,18 +163,29 @@ pub(crate) fn sample_k(
     max_new_tokens: usize,
     batch_size: usize,
 ) -> Result<(Vec<Vec<u32>>, Vec<Vec<(String, GenOutput)>>)> {
-    let ids: Vec<Vec<u32>> =
-        prompts.iter().map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone()))).collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone())))
+        .collect::<Result<_>>()?;
     let template = GenRequest {
         max_new_tokens,
-        sampling: Sampling { temperature, ..Sampling::default() },
+        sampling: Sampling {
+            temperature,
+            ..Sampling::default()
+        },
         ..Default::default()
     };
     let (n, k64) = (prompts.len() as u64, k as u64);
-    let mut draws: Vec<Vec<(String, GenOutput)>> = (0..prompts.len()).map(|_| Vec::with_capacity(k)).collect();
+    let mut draws: Vec<Vec<(String, GenOutput)>> =
+        (0..prompts.len()).map(|_| Vec::with_capacity(k)).collect();
     for j in 0..k64 {
-        let seeds: Vec<u64> = (0..n).map(|i| base_seed.wrapping_add(k64 * i + j)).collect();
-        for (d, out) in draws.iter_mut().zip(g.run(&ids, &seeds, &template, batch_size)?) {
+        let seeds: Vec<u64> = (0..n)
+            .map(|i| base_seed.wrapping_add(k64 * i + j))
+            .collect();
+        for (d, out) in draws
+            .iter_mut()
+            .zip(g.run(&ids, &seeds, &template, batch_size)?)
+        {
             d.push(out);
         }
     }

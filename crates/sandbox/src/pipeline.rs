@@ -19,8 +19,8 @@ use rlhf_eval::{evaluate, EvalConfig, ExactMatch, ModelSpec, RewardSource, Summa
 use rlhf_feedback::export::Format;
 use rlhf_generate::Generator;
 use rlhf_model::{CausalLm, ModelConfig};
-use rlhf_train::pref_loss::LossType;
 use rlhf_train::pref_config::PrefConfig;
+use rlhf_train::pref_loss::LossType;
 use rlhf_train::rm::run_rm;
 use rlhf_train::schedule::ScheduleKind;
 use rlhf_train::{run_sft, SftConfig, TrainConfig, TrainDefaults};
@@ -128,31 +128,64 @@ impl PipelineConfig {
         PipelineConfig {
             seed,
             mix: Mix::default(),
-            shape: Shape { hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 176 },
+            shape: Shape {
+                hidden_size: 64,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                intermediate_size: 176,
+            },
             vocab_size: 384,
             corpus_prompts: 3000,
-            pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
+            pretrain: Budget {
+                steps: 250,
+                batch_size: 32,
+                learning_rate: 3e-3,
+            },
             // LIMA-style and deliberately short: the SFT model still refuses, abstains and formats unevenly, which
             // leaves the preference stages something to fix (with 200 demonstrations × 80 steps SFT was already
             // near the gold ceiling on every kind but arithmetic, and no policy stage could improve on it).
             demonstrations: 50,
-            sft: Budget { steps: 30, batch_size: 16, learning_rate: 1e-3 },
+            sft: Budget {
+                steps: 30,
+                batch_size: 16,
+                learning_rate: 1e-3,
+            },
             preference_prompts: 1000,
             panel: Panel::default_mix(seed),
-            rm: Budget { steps: 100, batch_size: 16, learning_rate: 1e-3 },
-            dpo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
+            rm: Budget {
+                steps: 100,
+                batch_size: 16,
+                learning_rate: 1e-3,
+            },
+            dpo: Budget {
+                steps: 60,
+                batch_size: 16,
+                learning_rate: 1e-4,
+            },
             dpo_beta: 0.1,
             dpo_loss: LossType::Sigmoid,
             // Measured (quick, seed 0, SFT gold −0.056 [−0.108, −0.007]): PPO 0.169 [0.127, 0.213] at lr 1e-4 × 60
             // steps; GRPO 0.119 [0.077, 0.165] at 2e-4 × 100 (about 0.05, inside SFT's interval, at 60 steps); at
             // 30 steps and 1e-4 neither moved.
-            ppo: Budget { steps: 60, batch_size: 16, learning_rate: 1e-4 },
-            grpo: Budget { steps: 100, batch_size: 8, learning_rate: 2e-4 },
+            ppo: Budget {
+                steps: 60,
+                batch_size: 16,
+                learning_rate: 1e-4,
+            },
+            grpo: Budget {
+                steps: 100,
+                batch_size: 8,
+                learning_rate: 2e-4,
+            },
             grpo_generations: 4,
             ppo_kl_coef: 0.05,
             grpo_beta: 0.05,
             eval_prompts: 600,
-            eval: EvalConfig { max_new_tokens: 32, seed, ..EvalConfig::default() },
+            eval: EvalConfig {
+                max_new_tokens: 32,
+                seed,
+                ..EvalConfig::default()
+            },
             sample_temperature: 1.0,
             candidates_per_prompt: 4,
             export_by_reliability: true,
@@ -160,11 +193,24 @@ impl PipelineConfig {
             rm_gold_pairs: 300,
             best_of_n: 8,
             larger: Some(Larger {
-                shape: Shape { hidden_size: 96, num_hidden_layers: 3, num_attention_heads: 4, intermediate_size: 256 },
-                pretrain: Budget { steps: 250, batch_size: 32, learning_rate: 3e-3 },
+                shape: Shape {
+                    hidden_size: 96,
+                    num_hidden_layers: 3,
+                    num_attention_heads: 4,
+                    intermediate_size: 256,
+                },
+                pretrain: Budget {
+                    steps: 250,
+                    batch_size: 32,
+                    learning_rate: 3e-3,
+                },
             }),
             // A larger rate than the DPO stage's, so that the policy moves far enough for its length to tell.
-            length_bias_probe: Some(Budget { steps: 60, batch_size: 16, learning_rate: 5e-4 }),
+            length_bias_probe: Some(Budget {
+                steps: 60,
+                batch_size: 16,
+                learning_rate: 5e-4,
+            }),
             label_noise: vec![0.0, 0.2, 0.4],
             label_noise_ppo: true,
             ppo_checkpoint_steps: 10,
@@ -182,31 +228,73 @@ impl PipelineConfig {
     /// The default: a ~0.9 M parameter model and longer budgets.
     pub fn standard(seed: u64) -> Self {
         PipelineConfig {
-            shape: Shape { hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, intermediate_size: 344 },
+            shape: Shape {
+                hidden_size: 128,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                intermediate_size: 344,
+            },
             vocab_size: 512,
             corpus_prompts: 6000,
-            pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
+            pretrain: Budget {
+                steps: 600,
+                batch_size: 32,
+                learning_rate: 2e-3,
+            },
             // Measured (seed 0): with 400 demonstrations × 300 steps SFT reached the gold ceiling on notes, refusals
             // and abstentions (0.98–1.0), so no policy stage could improve on it; with 100 × 50 it leaves room.
             demonstrations: 100,
-            sft: Budget { steps: 50, batch_size: 16, learning_rate: 5e-4 },
+            sft: Budget {
+                steps: 50,
+                batch_size: 16,
+                learning_rate: 5e-4,
+            },
             preference_prompts: 2000,
             // At 5e-4 the reward model ordered 49 % of held-out SFT pairs as gold does and no policy beat SFT;
             // at 1e-3 61 %, and PPO reached 0.293, GRPO 0.222 (seed 0).
-            rm: Budget { steps: 150, batch_size: 16, learning_rate: 1e-3 },
+            rm: Budget {
+                steps: 150,
+                batch_size: 16,
+                learning_rate: 1e-3,
+            },
             // At 1e-4 DPO moved far (KL 2.6) and lost gold on notes (0.90 → 0.56) to the biased labels.
-            dpo: Budget { steps: 100, batch_size: 16, learning_rate: 3e-5 },
+            dpo: Budget {
+                steps: 100,
+                batch_size: 16,
+                learning_rate: 3e-5,
+            },
             // GRPO measured at β 0.1 × 150 steps 0.178 vs 0.078 at β 0.05 × 100 (seed 0, an earlier reward model).
-            ppo: Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 },
-            grpo: Budget { steps: 150, batch_size: 8, learning_rate: 2e-4 },
+            ppo: Budget {
+                steps: 100,
+                batch_size: 16,
+                learning_rate: 1e-4,
+            },
+            grpo: Budget {
+                steps: 150,
+                batch_size: 8,
+                learning_rate: 2e-4,
+            },
             grpo_beta: 0.1,
             best_of_n: 16,
             larger: Some(Larger {
-                shape: Shape { hidden_size: 192, num_hidden_layers: 4, num_attention_heads: 6, intermediate_size: 512 },
-                pretrain: Budget { steps: 600, batch_size: 32, learning_rate: 2e-3 },
+                shape: Shape {
+                    hidden_size: 192,
+                    num_hidden_layers: 4,
+                    num_attention_heads: 6,
+                    intermediate_size: 512,
+                },
+                pretrain: Budget {
+                    steps: 600,
+                    batch_size: 32,
+                    learning_rate: 2e-3,
+                },
             }),
             // At the quick preset's 5e-4 the unbiased-label DPO collapsed here (KL 5.8 nats, 2.9 tokens).
-            length_bias_probe: Some(Budget { steps: 100, batch_size: 16, learning_rate: 1e-4 }),
+            length_bias_probe: Some(Budget {
+                steps: 100,
+                batch_size: 16,
+                learning_rate: 1e-4,
+            }),
             ppo_checkpoint_steps: 20,
             eval_prompts: 1000,
             ..Self::quick(seed)
@@ -266,7 +354,15 @@ impl PolicyStage for DpoStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome> {
-        let s = run_dpo(ctx.sft_model, ctx.preferences, &ctx.out, &self.budget, self.beta, self.loss, ctx.config)?;
+        let s = run_dpo(
+            ctx.sft_model,
+            ctx.preferences,
+            &ctx.out,
+            &self.budget,
+            self.beta,
+            self.loss,
+            ctx.config,
+        )?;
         Ok(StageOutcome {
             model_dir: ctx.out.clone(),
             metrics_file: Some(s.metrics_file.clone()),
@@ -315,7 +411,9 @@ impl OnlineStage {
             cfg.eval.max_new_tokens.to_string(),
             // Prompt + completion must fit the model's positions (max_length).
             "--max-prompt-length".into(),
-            cfg.max_length.saturating_sub(cfg.eval.max_new_tokens).to_string(),
+            cfg.max_length
+                .saturating_sub(cfg.eval.max_new_tokens)
+                .to_string(),
             "--seed".into(),
             cfg.seed.to_string(),
             "--save-steps".into(),
@@ -350,10 +448,12 @@ impl PolicyStage for OnlineStage {
             rlhf_train::settings::LoadError::Settings(e) => e.into(),
         };
         let s = match self.algorithm {
-            Online::Ppo => rlhf_train::ppo::run_ppo(&load::<rlhf_train::ppo::PpoArgs>("ppo", &flags).map_err(settings_err)?)?,
-            Online::Grpo { .. } => {
-                rlhf_train::grpo::run_grpo(&load::<rlhf_train::grpo::GrpoArgs>("grpo", &flags).map_err(settings_err)?)?
-            }
+            Online::Ppo => rlhf_train::ppo::run_ppo(
+                &load::<rlhf_train::ppo::PpoArgs>("ppo", &flags).map_err(settings_err)?,
+            )?,
+            Online::Grpo { .. } => rlhf_train::grpo::run_grpo(
+                &load::<rlhf_train::grpo::GrpoArgs>("grpo", &flags).map_err(settings_err)?,
+            )?,
         };
         // Timings are dropped: the info goes into summary.json, which must depend on config + seed only.
         let last: serde_json::Map<String, Value> = s
@@ -362,7 +462,12 @@ impl PolicyStage for OnlineStage {
             .filter(|(k, _)| !k.starts_with("timing/") && k.as_str() != "step_time_s")
             // Metric names carry the reward source (`rewards/rm:<dir>/mean`): the directory would tie the
             // summary to where the run happened.
-            .map(|(k, v)| (k.replace(&format!("rm:{}", ctx.reward_model.display()), "rm"), json!(v)))
+            .map(|(k, v)| {
+                (
+                    k.replace(&format!("rm:{}", ctx.reward_model.display()), "rm"),
+                    json!(v),
+                )
+            })
             .collect();
         Ok(StageOutcome {
             model_dir: ctx.out.clone(),
@@ -375,7 +480,11 @@ impl PolicyStage for OnlineStage {
 /// The policy stages `rlhf sandbox` runs after the reward model, in order. New trainers are added here.
 pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> {
     vec![
-        Box::new(DpoStage { budget: cfg.dpo, beta: cfg.dpo_beta, loss: cfg.dpo_loss }),
+        Box::new(DpoStage {
+            budget: cfg.dpo,
+            beta: cfg.dpo_beta,
+            loss: cfg.dpo_loss,
+        }),
         Box::new(OnlineStage {
             algorithm: Online::Ppo,
             budget: cfg.ppo,
@@ -383,7 +492,9 @@ pub fn default_policy_stages(cfg: &PipelineConfig) -> Vec<Box<dyn PolicyStage>> 
             save_steps: cfg.ppo_checkpoint_steps,
         }),
         Box::new(OnlineStage {
-            algorithm: Online::Grpo { generations: cfg.grpo_generations },
+            algorithm: Online::Grpo {
+                generations: cfg.grpo_generations,
+            },
             budget: cfg.grpo,
             kl_coef: cfg.grpo_beta,
             save_steps: 0,
@@ -407,8 +518,19 @@ fn run_dpo(
     Ok(rlhf_train::dpo::run_dpo(&c)?)
 }
 
-fn pref_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig, d: &TrainDefaults) -> PrefConfig {
-    let mut c = PrefConfig { max_length: cfg.max_length, batch_size: b.batch_size, ..PrefConfig::new(model.into(), train.into(), out.into(), d) };
+fn pref_config(
+    model: &Path,
+    train: &Path,
+    out: &Path,
+    b: &Budget,
+    cfg: &PipelineConfig,
+    d: &TrainDefaults,
+) -> PrefConfig {
+    let mut c = PrefConfig {
+        max_length: cfg.max_length,
+        batch_size: b.batch_size,
+        ..PrefConfig::new(model.into(), train.into(), out.into(), d)
+    };
     budget(&mut c.train, b, cfg);
     c
 }
@@ -423,7 +545,13 @@ fn budget(t: &mut TrainConfig, b: &Budget, cfg: &PipelineConfig) {
     t.seed = cfg.seed;
 }
 
-fn sft_config(model: &Path, train: &Path, out: &Path, b: &Budget, cfg: &PipelineConfig) -> SftConfig {
+fn sft_config(
+    model: &Path,
+    train: &Path,
+    out: &Path,
+    b: &Budget,
+    cfg: &PipelineConfig,
+) -> SftConfig {
     let mut c = SftConfig::with_defaults(model.into(), train.into(), out.into());
     c.batch_size = b.batch_size;
     c.max_length = cfg.max_length;
@@ -486,7 +614,11 @@ pub struct NoiseLevel {
 
 /// Runs the whole pipeline in `out` (cleared, except a base model built with the same settings, which is
 /// reused). Writes `summary.json`, `timings.json` and `report.html`.
-pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStage>]) -> Result<RunSummary> {
+pub fn run(
+    cfg: &PipelineConfig,
+    out: &Path,
+    policy_stages: &[Box<dyn PolicyStage>],
+) -> Result<RunSummary> {
     cfg.validate()?;
     let t0 = Instant::now();
     let mut timings = serde_json::Map::new();
@@ -502,7 +634,8 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     // The world: held-out evaluation prompts first; training splits never repeat their texts, except for the
     // kinds whose few texts recur by nature (declines, unknowable questions).
     let eval_prompts = generate(cfg.eval_prompts, &cfg.mix, cfg.seed ^ 0xE7A1, "eval-");
-    let held_out: std::collections::HashSet<&str> = eval_prompts.iter().map(|p| p.text.as_str()).collect();
+    let held_out: std::collections::HashSet<&str> =
+        eval_prompts.iter().map(|p| p.text.as_str()).collect();
     let train = |n: usize, salt: u64, prefix: &str| -> Vec<Prompt> {
         generate(n * 2, &cfg.mix, cfg.seed ^ salt, prefix)
             .into_iter()
@@ -526,11 +659,21 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     lap("base", &mut t);
 
     let sft = out.join("sft");
-    eprintln!("[sandbox 2/6] SFT on {} demonstrations → {}", demo_prompts.len(), sft.display());
+    eprintln!(
+        "[sandbox 2/6] SFT on {} demonstrations → {}",
+        demo_prompts.len(),
+        sft.display()
+    );
     let demo_refs: Vec<&Prompt> = demo_prompts.iter().collect();
     let demos = demonstrations(&cfg.panel, &demo_refs).export(Format::Demonstration)?;
     write_rows(&data.join("demonstrations.jsonl"), &demos)?;
-    let s = run_sft(&sft_config(&base, &data.join("demonstrations.jsonl"), &sft, &cfg.sft, cfg))?;
+    let s = run_sft(&sft_config(
+        &base,
+        &data.join("demonstrations.jsonl"),
+        &sft,
+        &cfg.sft,
+        cfg,
+    ))?;
     let sft_info = json!({"name": "sft", "steps": s.steps, "final_loss": s.final_loss, "demonstrations": demos.len()});
     lap("sft", &mut t);
 
@@ -559,12 +702,23 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     lap("annotation", &mut t);
 
     let rm_dir = out.join("rm");
-    eprintln!("[sandbox 4/6] reward model on {} pairs → {}", prefs.len(), rm_dir.display());
+    eprintln!(
+        "[sandbox 4/6] reward model on {} pairs → {}",
+        prefs.len(),
+        rm_dir.display()
+    );
     let n_eval = (prefs.len() / 10).max(1);
     let (rm_train, rm_eval) = prefs.split_at(prefs.len() - n_eval);
     write_rows(&data.join("rm_train.jsonl"), rm_train)?;
     write_rows(&data.join("rm_eval.jsonl"), rm_eval)?;
-    let mut rc = pref_config(&sft, &data.join("rm_train.jsonl"), &rm_dir, &cfg.rm, cfg, &TrainDefaults::RM);
+    let mut rc = pref_config(
+        &sft,
+        &data.join("rm_train.jsonl"),
+        &rm_dir,
+        &cfg.rm,
+        cfg,
+        &TrainDefaults::RM,
+    );
     rc.eval_file = Some(data.join("rm_eval.jsonl"));
     let r = run_rm(&rc)?;
     let probe = &eval_prompts[..eval_prompts.len().min(cfg.rm_gold_pairs)];
@@ -573,18 +727,41 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     let rm_info = json!({"name": "rm", "steps": r.steps, "final_loss": r.final_loss, "eval": r.eval, "eval_pairs": n_eval,
         "gold_agreement": {"pairs": gold_acc.1, "accuracy": gold_acc.0}});
     lap("rm", &mut t);
-    eprintln!("  best-of-n sweep (n ≤ {}) on {} held-out prompts: proxy reward model vs gold", cfg.best_of_n, probe.len());
-    let draws = Draws::new(&sft, probe, cfg.best_of_n, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.seed)?;
+    eprintln!(
+        "  best-of-n sweep (n ≤ {}) on {} held-out prompts: proxy reward model vs gold",
+        cfg.best_of_n,
+        probe.len()
+    );
+    let draws = Draws::new(
+        &sft,
+        probe,
+        cfg.best_of_n,
+        cfg.sample_temperature,
+        cfg.eval.max_new_tokens,
+        cfg.seed,
+    )?;
     let proxy = draws.proxy(&rm_dir)?;
     let best_of_n = draws.sweep(&proxy);
     lap("best_of_n", &mut t);
     let (mut label_noise, mut noise_rms) = (Vec::new(), Vec::new());
     for &noise in &cfg.label_noise {
-        eprintln!("  label noise {:.0} %: reward model on flipped labels vs gold", 100.0 * noise);
+        eprintln!(
+            "  label noise {:.0} %: reward model on flipped labels vs gold",
+            100.0 * noise
+        );
         label_noise.push(if noise == 0.0 {
             // The pipeline's own reward model is the one trained on the labels as given.
             noise_rms.push(rm_dir.clone());
-            noise_level(noise, rm_train.len(), 0, r.eval.as_ref(), gold_acc, &draws, &proxy, cfg)
+            noise_level(
+                noise,
+                rm_train.len(),
+                0,
+                r.eval.as_ref(),
+                gold_acc,
+                &draws,
+                &proxy,
+                cfg,
+            )
         } else {
             let (rows, flipped) = flip_labels(rm_train, noise, cfg.seed ^ 0xF11);
             let tag = format!("{:.0}", 100.0 * noise);
@@ -593,9 +770,19 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
             let dir = out.join(format!("rm-noise-{tag}"));
             let mut c = pref_config(&sft, &file, &dir, &cfg.rm, cfg, &TrainDefaults::RM);
             c.eval_file = Some(data.join("rm_eval.jsonl"));
-            let r = run_rm(&c).with_context(|| format!("reward model with {tag} % flipped labels"))?;
+            let r =
+                run_rm(&c).with_context(|| format!("reward model with {tag} % flipped labels"))?;
             let acc = rm_gold_agreement(&dir, &gold_pairs, cfg, &data)?;
-            let level = noise_level(noise, rows.len(), flipped, r.eval.as_ref(), acc, &draws, &draws.proxy(&dir)?, cfg);
+            let level = noise_level(
+                noise,
+                rows.len(),
+                flipped,
+                r.eval.as_ref(),
+                acc,
+                &draws,
+                &draws.proxy(&dir)?,
+                cfg,
+            );
             noise_rms.push(dir);
             level
         });
@@ -604,14 +791,28 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     lap("label_noise", &mut t);
 
     let mut stages = vec![base_info, sft_info, rm_info];
-    let mut models =
-        vec![ModelSpec { name: "base".into(), dir: base.clone() }, ModelSpec { name: "sft".into(), dir: sft.clone() }];
-    let mut curves =
-        vec![("sft".to_string(), sft.join("metrics.jsonl")), ("rm".to_string(), rm_dir.join("metrics.jsonl"))];
+    let mut models = vec![
+        ModelSpec {
+            name: "base".into(),
+            dir: base.clone(),
+        },
+        ModelSpec {
+            name: "sft".into(),
+            dir: sft.clone(),
+        },
+    ];
+    let mut curves = vec![
+        ("sft".to_string(), sft.join("metrics.jsonl")),
+        ("rm".to_string(), rm_dir.join("metrics.jsonl")),
+    ];
     let mut ppo_checkpoints = Vec::new();
     for (i, stage) in policy_stages.iter().enumerate() {
         let name = stage.name();
-        eprintln!("[sandbox 5/6] policy stage {}/{}: {name}", i + 1, policy_stages.len());
+        eprintln!(
+            "[sandbox 5/6] policy stage {}/{}: {name}",
+            i + 1,
+            policy_stages.len()
+        );
         let ctx = StageContext {
             config: cfg,
             out: out.join(&name),
@@ -620,9 +821,14 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
             preferences: &prefs_path,
             train_prompts: &data.join("train_prompts.jsonl"),
         };
-        let o = stage.run(&ctx).with_context(|| format!("policy stage {name}"))?;
+        let o = stage
+            .run(&ctx)
+            .with_context(|| format!("policy stage {name}"))?;
         if name == "ppo" && cfg.ppo_checkpoint_steps > 0 {
-            eprintln!("  PPO checkpoints on {} held-out prompts: proxy, gold and KL along training", probe.len());
+            eprintln!(
+                "  PPO checkpoints on {} held-out prompts: proxy, gold and KL along training",
+                probe.len()
+            );
             let steps = o.info["steps"].as_u64().unwrap_or(0);
             ppo_checkpoints = evaluate_checkpoints(&sft, &rm_dir, &o.model_dir, steps, probe, cfg)?;
         }
@@ -632,26 +838,57 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         if let Some(m) = o.metrics_file {
             curves.push((name.clone(), m));
         }
-        models.push(ModelSpec { name: name.clone(), dir: o.model_dir });
+        models.push(ModelSpec {
+            name: name.clone(),
+            dir: o.model_dir,
+        });
         lap(&name, &mut t);
     }
 
     if cfg.label_noise_ppo && !label_noise.is_empty() {
-        let main_ppo = models.iter().find(|m| m.name == "ppo").map(|m| m.dir.as_path());
+        let main_ppo = models
+            .iter()
+            .find(|m| m.name == "ppo")
+            .map(|m| m.dir.as_path());
         let inputs = (prefs_path.as_path(), data.join("train_prompts.jsonl"));
-        noise_ppo(cfg, &mut label_noise, &noise_rms, main_ppo, probe, &sft, (inputs.0, &inputs.1), out)?;
+        noise_ppo(
+            cfg,
+            &mut label_noise,
+            &noise_rms,
+            main_ppo,
+            probe,
+            &sft,
+            (inputs.0, &inputs.1),
+            out,
+        )?;
         lap("label_noise_ppo", &mut t);
     }
     if let Some(l) = &cfg.larger {
         let (base_large, sft_large) = (out.join("base-large"), out.join("sft-large"));
-        let big = PipelineConfig { shape: l.shape, pretrain: l.pretrain, ..cfg.clone() };
-        eprintln!("[sandbox 5/6] larger model: pretraining → {}, SFT on the same demonstrations", base_large.display());
+        let big = PipelineConfig {
+            shape: l.shape,
+            pretrain: l.pretrain,
+            ..cfg.clone()
+        };
+        eprintln!(
+            "[sandbox 5/6] larger model: pretraining → {}, SFT on the same demonstrations",
+            base_large.display()
+        );
         let mut info = pretrain(&big, &corpus, &data, &base_large)?;
         info["name"] = json!("base-large");
         stages.push(info);
-        let s = run_sft(&sft_config(&base_large, &data.join("demonstrations.jsonl"), &sft_large, &cfg.sft, cfg))?;
+        let s = run_sft(&sft_config(
+            &base_large,
+            &data.join("demonstrations.jsonl"),
+            &sft_large,
+            &cfg.sft,
+            cfg,
+        ))?;
         stages.push(json!({"name": "sft-large", "steps": s.steps, "final_loss": s.final_loss}));
-        models.push(ModelSpec { name: "sft-large".into(), dir: sft_large });
+        models.push(ModelSpec {
+            name: "sft-large".into(),
+            dir: sft_large,
+        });
         lap("larger", &mut t);
     }
     if let Some(budget) = &cfg.length_bias_probe {
@@ -664,10 +901,18 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         lap("length_bias_probe", &mut t);
     }
 
-    eprintln!("[sandbox 6/6] evaluation of {} models on {} held-out prompts", models.len(), eval_prompts.len());
+    eprintln!(
+        "[sandbox 6/6] evaluation of {} models on {} held-out prompts",
+        models.len(),
+        eval_prompts.len()
+    );
     let gold = GoldReward::new(eval_prompts.iter().map(|p| p.gold.clone()));
-    let rewards: Vec<Box<dyn RewardSource + '_>> =
-        vec![Box::new(gold), Box::new(ExactMatch { column: "answer".into() })];
+    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![
+        Box::new(gold),
+        Box::new(ExactMatch {
+            column: "answer".into(),
+        }),
+    ];
     let rows: Vec<_> = eval_prompts.iter().map(Prompt::public_row).collect();
     let mut eval = evaluate(&models, Some(&sft), &rows, &rewards, &cfg.eval)?;
     // Directories relative to the run, so the summary does not depend on where it ran.
@@ -677,9 +922,22 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
     eval.reference = Some("sft".into());
     lap("eval", &mut t);
 
-    let params = |name: &str| stages.iter().find(|s| s["name"] == name).and_then(|s| s["parameters"].as_f64());
+    let params = |name: &str| {
+        stages
+            .iter()
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["parameters"].as_f64())
+    };
     let larger_ratio = params("base-large").zip(params("base")).map(|(l, s)| l / s);
-    let findings = findings(&eval, &flags, &stages[2], &best_of_n, &ppo_checkpoints, &label_noise, larger_ratio);
+    let findings = findings(
+        &eval,
+        &flags,
+        &stages[2],
+        &best_of_n,
+        &ppo_checkpoints,
+        &label_noise,
+        larger_ratio,
+    );
     let summary = RunSummary {
         config: cfg.clone(),
         stages,
@@ -692,10 +950,19 @@ pub fn run(cfg: &PipelineConfig, out: &Path, policy_stages: &[Box<dyn PolicyStag
         eval,
         findings,
     };
-    write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    write_atomic(&out.join("report.html"), render_report(&summary, &curves, out).as_bytes())?;
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    write_atomic(
+        &out.join("report.html"),
+        render_report(&summary, &curves, out).as_bytes(),
+    )?;
     timings.insert("total".into(), json!(t0.elapsed().as_secs_f64()));
-    write_atomic(&out.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
+    write_atomic(
+        &out.join("timings.json"),
+        serde_json::to_string_pretty(&timings)?.as_bytes(),
+    )?;
     Ok(summary)
 }
 
@@ -716,11 +983,16 @@ fn length_bias_probe(
     out: &Path,
 ) -> Result<Vec<(String, PathBuf, Value)>> {
     use crate::annotators::{Annotator, Bias};
-    let panels = [("dpo-unbiased", Bias::None), ("dpo-long", Bias::PrefersLonger { weight: 1.0 })];
+    let panels = [
+        ("dpo-unbiased", Bias::None),
+        ("dpo-long", Bias::PrefersLonger { weight: 1.0 }),
+    ];
     let mut done = Vec::new();
     for (name, bias) in panels {
         let panel = Panel {
-            annotators: (0..3).map(|i| Annotator::new(&format!("{name}-{i}"), 0.1, bias)).collect(),
+            annotators: (0..3)
+                .map(|i| Annotator::new(&format!("{name}-{i}"), 0.1, bias))
+                .collect(),
             overlap: 3,
             gold_item_share: 0.0,
             seed: cfg.seed ^ 0x1E,
@@ -740,8 +1012,22 @@ fn length_bias_probe(
 
 /// Clears what an earlier run wrote (the base model stays: [`pretrain`] decides whether it is reusable).
 fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
-    let fixed = ["data", "sft", "rm", "sft-large", "dpo-unbiased", "dpo-long", "summary.json", "report.html", "timings.json"];
-    let names: Vec<String> = fixed.iter().map(|s| s.to_string()).chain(stages.iter().map(|s| s.name())).collect();
+    let fixed = [
+        "data",
+        "sft",
+        "rm",
+        "sft-large",
+        "dpo-unbiased",
+        "dpo-long",
+        "summary.json",
+        "report.html",
+        "timings.json",
+    ];
+    let names: Vec<String> = fixed
+        .iter()
+        .map(|s| s.to_string())
+        .chain(stages.iter().map(|s| s.name()))
+        .collect();
     // Reward models and PPO policies of the label-noise sweep, whatever shares an earlier run used.
     let noise_dirs = std::fs::read_dir(out)
         .into_iter()
@@ -752,9 +1038,11 @@ fn prepare_out(out: &Path, stages: &[Box<dyn PolicyStage>]) -> Result<()> {
     for n in names.into_iter().chain(noise_dirs) {
         let p = out.join(&n);
         if p.is_dir() {
-            std::fs::remove_dir_all(&p).with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
         } else if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
+            std::fs::remove_file(&p)
+                .with_context(|| format!("{}: cannot clear the earlier run", p.display()))?;
         }
     }
     Ok(())
@@ -769,26 +1057,44 @@ fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -
     if let Ok(text) = std::fs::read_to_string(&marker) {
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
             if v.get("key") == Some(&key) {
-                eprintln!("  reusing the base model in {} (same settings)", base.display());
+                eprintln!(
+                    "  reusing the base model in {} (same settings)",
+                    base.display()
+                );
                 return Ok(v["info"].clone());
             }
         }
     }
     if base.exists() {
-        std::fs::remove_dir_all(base).with_context(|| format!("{}: cannot clear", base.display()))?;
+        std::fs::remove_dir_all(base)
+            .with_context(|| format!("{}: cannot clear", base.display()))?;
     }
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x9E);
-    let rows: Vec<Value> = corpus.iter().map(|p| json!({"text": format!("{}{}", p.text, p.noisy(&mut rng))})).collect();
+    let rows: Vec<Value> = corpus
+        .iter()
+        .map(|p| json!({"text": format!("{}{}", p.text, p.noisy(&mut rng))}))
+        .collect();
     let corpus_file = data.join("corpus.jsonl");
     write_rows(&corpus_file, &rows)?;
     let text_file = data.join("corpus.txt");
-    let text: String = rows.iter().map(|r| format!("{}\n", r["text"].as_str().unwrap_or_default())).collect();
-    std::fs::write(&text_file, text).with_context(|| format!("{}: cannot write", text_file.display()))?;
+    let text: String = rows
+        .iter()
+        .map(|r| format!("{}\n", r["text"].as_str().unwrap_or_default()))
+        .collect();
+    std::fs::write(&text_file, text)
+        .with_context(|| format!("{}: cannot write", text_file.display()))?;
 
     let init = base.join("init");
     std::fs::create_dir_all(&init).with_context(|| format!("{}: cannot create", init.display()))?;
-    let tok = train_bpe(&[text_file], &BpeConfig { vocab_size: cfg.vocab_size, ..Default::default() }, &init)?;
+    let tok = train_bpe(
+        &[text_file],
+        &BpeConfig {
+            vocab_size: cfg.vocab_size,
+            ..Default::default()
+        },
+        &init,
+    )?;
     let s = cfg.shape;
     let raw = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.vocab_size(),
@@ -799,7 +1105,11 @@ fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -
         "bos_token_id": tok.bos.as_ref().map(|t| t.id), "eos_token_id": tok.eos.as_ref().map(|t| t.id),
         "pad_token_id": tok.pad.as_ref().map(|t| t.id),
     });
-    let model = CausalLm::init_random(ModelConfig::from_json(raw, "sandbox base config")?, cfg.seed, &Device::Cpu)?;
+    let model = CausalLm::init_random(
+        ModelConfig::from_json(raw, "sandbox base config")?,
+        cfg.seed,
+        &Device::Cpu,
+    )?;
     let params = model.num_parameters();
     model.save(&init)?;
     drop(model);
@@ -807,7 +1117,10 @@ fn pretrain(cfg: &PipelineConfig, corpus: &[Prompt], data: &Path, base: &Path) -
     std::fs::remove_dir_all(&init).with_context(|| format!("{}: cannot remove", init.display()))?;
     let info = json!({"name": "base", "parameters": params, "vocab_size": tok.vocab_size(), "steps": s.steps,
         "final_loss": s.final_loss, "corpus_rows": rows.len()});
-    write_atomic(&marker, serde_json::to_string_pretty(&json!({"key": key, "info": info}))?.as_bytes())?;
+    write_atomic(
+        &marker,
+        serde_json::to_string_pretty(&json!({"key": key, "info": info}))?.as_bytes(),
+    )?;
     Ok(info)
 }
 
@@ -821,14 +1134,27 @@ fn sample_pairs<'a>(
     let g = Generator::load(model)?;
     let k = cfg.candidates_per_prompt.max(2);
     let base = cfg.seed.wrapping_mul(7919).wrapping_add(1);
-    let (_, draws) =
-        crate::overopt::sample_k(&g, prompts, k, base, cfg.sample_temperature, cfg.eval.max_new_tokens, cfg.eval.batch_size)?;
-    let candidates = draws.into_iter().map(|d| d.into_iter().map(|(text, _)| text).collect::<Vec<_>>());
+    let (_, draws) = crate::overopt::sample_k(
+        &g,
+        prompts,
+        k,
+        base,
+        cfg.sample_temperature,
+        cfg.eval.max_new_tokens,
+        cfg.eval.batch_size,
+    )?;
+    let candidates = draws
+        .into_iter()
+        .map(|d| d.into_iter().map(|(text, _)| text).collect::<Vec<_>>());
     Ok(prompts
         .iter()
         .zip(candidates)
         .map(|(p, mut c)| {
-            let other = c.iter().skip(1).position(|x| *x != c[0]).map_or(1, |i| i + 1);
+            let other = c
+                .iter()
+                .skip(1)
+                .position(|x| *x != c[0])
+                .map_or(1, |i| i + 1);
             let b = c.swap_remove(other);
             (p, c.swap_remove(0), b)
         })
@@ -837,12 +1163,25 @@ fn sample_pairs<'a>(
 
 /// Share of held-out SFT sample `pairs` (gold rewards differing) that the reward model orders as gold does, and
 /// how many such pairs there were.
-fn rm_gold_agreement(rm: &Path, pairs: &[(&Prompt, String, String)], cfg: &PipelineConfig, data: &Path) -> Result<(f64, usize)> {
+fn rm_gold_agreement(
+    rm: &Path,
+    pairs: &[(&Prompt, String, String)],
+    cfg: &PipelineConfig,
+    data: &Path,
+) -> Result<(f64, usize)> {
     let rows: Vec<Value> = pairs
         .iter()
-        .flat_map(|(p, a, b)| [json!({"prompt": p.text, "completion": a}), json!({"prompt": p.text, "completion": b})])
+        .flat_map(|(p, a, b)| {
+            [
+                json!({"prompt": p.text, "completion": a}),
+                json!({"prompt": p.text, "completion": b}),
+            ]
+        })
         .collect();
-    let (input, output) = (data.join("rm_gold_pairs.jsonl"), data.join("rm_gold_scores.jsonl"));
+    let (input, output) = (
+        data.join("rm_gold_pairs.jsonl"),
+        data.join("rm_gold_scores.jsonl"),
+    );
     write_rows(&input, &rows)?;
     let args = rlhf_train::rm::RmScoreArgs {
         models: vec![rm.into()],
@@ -853,21 +1192,36 @@ fn rm_gold_agreement(rm: &Path, pairs: &[(&Prompt, String, String)], cfg: &Pipel
         chat_template: None,
     };
     rlhf_train::rm::run_rm_score(&args)?;
-    let text = std::fs::read_to_string(&output).with_context(|| format!("{}: cannot read", output.display()))?;
+    let text = std::fs::read_to_string(&output)
+        .with_context(|| format!("{}: cannot read", output.display()))?;
     let scores: Vec<f64> = text
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["reward"].as_f64()))
+        .map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["reward"].as_f64())
+        })
         .collect::<Option<_>>()
         .with_context(|| format!("{}: a row without a reward", output.display()))?;
     let (mut agree, mut n) = (0usize, 0usize);
     for ((p, a, b), s) in pairs.iter().zip(scores.chunks(2)) {
-        let (ga, gb) = (crate::gold::gold_reward(&p.gold, a), crate::gold::gold_reward(&p.gold, b));
+        let (ga, gb) = (
+            crate::gold::gold_reward(&p.gold, a),
+            crate::gold::gold_reward(&p.gold, b),
+        );
         if ga != gb {
             n += 1;
             agree += usize::from((s[0] > s[1]) == (ga > gb));
         }
     }
-    Ok((if n > 0 { agree as f64 / n as f64 } else { f64::NAN }, n))
+    Ok((
+        if n > 0 {
+            agree as f64 / n as f64
+        } else {
+            f64::NAN
+        },
+        n,
+    ))
 }
 
 /// `rows` with chosen and rejected swapped in round(`share` × rows) of them, chosen by a seeded shuffle (the
@@ -882,7 +1236,11 @@ fn flip_labels(rows: &[Value], share: f64, seed: u64) -> (Vec<Value>, usize) {
     for &i in &order[..k] {
         if let Some(row) = out[i].as_object_mut() {
             let (c, r) = (row.remove("chosen"), row.remove("rejected"));
-            row.extend(r.map(|r| ("chosen".to_string(), r)).into_iter().chain(c.map(|c| ("rejected".to_string(), c))));
+            row.extend(
+                r.map(|r| ("chosen".to_string(), r))
+                    .into_iter()
+                    .chain(c.map(|c| ("rejected".to_string(), c))),
+            );
         }
     }
     (out, k)
@@ -927,14 +1285,23 @@ fn noise_ppo(
     (preferences, train_prompts): (&Path, &Path),
     out: &Path,
 ) -> Result<()> {
-    let stage = OnlineStage { algorithm: Online::Ppo, budget: cfg.ppo, kl_coef: cfg.ppo_kl_coef, save_steps: 0 };
+    let stage = OnlineStage {
+        algorithm: Online::Ppo,
+        budget: cfg.ppo,
+        kl_coef: cfg.ppo_kl_coef,
+        save_steps: 0,
+    };
     let mut models = Vec::new();
     for (l, rm) in levels.iter().zip(rms) {
         let name = format!("ppo-noise-{:.0}", 100.0 * l.noise);
         let dir = match main_ppo {
             Some(dir) if l.noise == 0.0 => dir.to_path_buf(),
             _ => {
-                eprintln!("  label noise {:.0} %: PPO against its reward model → {}", 100.0 * l.noise, out.join(&name).display());
+                eprintln!(
+                    "  label noise {:.0} %: PPO against its reward model → {}",
+                    100.0 * l.noise,
+                    out.join(&name).display()
+                );
                 let ctx = StageContext {
                     config: cfg,
                     out: out.join(&name),
@@ -943,14 +1310,28 @@ fn noise_ppo(
                     preferences,
                     train_prompts,
                 };
-                stage.run(&ctx).with_context(|| format!("PPO with {:.0} % flipped labels", 100.0 * l.noise))?.model_dir
+                stage
+                    .run(&ctx)
+                    .with_context(|| format!("PPO with {:.0} % flipped labels", 100.0 * l.noise))?
+                    .model_dir
             }
         };
         models.push(ModelSpec { name, dir });
     }
-    let gold: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(prompts.iter().map(|p| p.gold.clone())))];
+    let gold: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(
+        prompts.iter().map(|p| p.gold.clone()),
+    ))];
     let rows: Vec<_> = prompts.iter().map(Prompt::public_row).collect();
-    let e = evaluate(&models, Some(sft), &rows, &gold, &EvalConfig { examples: 0, ..cfg.eval.clone() })?;
+    let e = evaluate(
+        &models,
+        Some(sft),
+        &rows,
+        &gold,
+        &EvalConfig {
+            examples: 0,
+            ..cfg.eval.clone()
+        },
+    )?;
     for (l, m) in levels.iter_mut().zip(&e.models) {
         l.ppo_gold = Some(m.rewards[0].reward);
         l.ppo_kl = m.kl_to_reference;
@@ -973,17 +1354,41 @@ fn evaluate_checkpoints(
     if at.last().is_some_and(|(s, _)| *s < steps) {
         at.push((steps, ppo_dir.to_path_buf()));
     }
-    let models: Vec<ModelSpec> = at.iter().map(|(s, d)| ModelSpec { name: format!("step {s}"), dir: d.clone() }).collect();
-    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(prompts.iter().map(|p| p.gold.clone())))];
+    let models: Vec<ModelSpec> = at
+        .iter()
+        .map(|(s, d)| ModelSpec {
+            name: format!("step {s}"),
+            dir: d.clone(),
+        })
+        .collect();
+    let rewards: Vec<Box<dyn RewardSource + '_>> = vec![Box::new(GoldReward::new(
+        prompts.iter().map(|p| p.gold.clone()),
+    ))];
     let rows: Vec<_> = prompts.iter().map(Prompt::public_row).collect();
-    let e = evaluate(&models, Some(sft), &rows, &rewards, &EvalConfig { examples: 0, ..cfg.eval.clone() })?;
+    let e = evaluate(
+        &models,
+        Some(sft),
+        &rows,
+        &rewards,
+        &EvalConfig {
+            examples: 0,
+            ..cfg.eval.clone()
+        },
+    )?;
     at.iter()
         .zip(&e.models)
         .map(|((step, dir), m)| {
             // The proxy as PPO scores its rollouts (generated token ids, EOS only where generation stopped), on
             // a second sample per prompt: re-encoding the evaluation's text and always appending EOS (what
             // `rlhf eval --reward rm:` does) scores truncated completions differently from the trainer.
-            let d = Draws::new(dir, prompts, 1, cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.seed ^ 0xC4)?;
+            let d = Draws::new(
+                dir,
+                prompts,
+                1,
+                cfg.eval.temperature,
+                cfg.eval.max_new_tokens,
+                cfg.seed ^ 0xC4,
+            )?;
             let proxy: Vec<f64> = d.proxy(rm)?.into_iter().map(|p| p[0]).collect();
             Ok(PpoCheckpoint {
                 step: *step,
@@ -1006,7 +1411,11 @@ fn findings(
     larger_ratio: Option<f64>,
 ) -> Vec<String> {
     let mut f = Vec::new();
-    let gold = |name: &str| eval.model(name).and_then(|m| m.reward("gold")).map(|r| r.reward);
+    let gold = |name: &str| {
+        eval.model(name)
+            .and_then(|m| m.reward("gold"))
+            .map(|r| r.reward)
+    };
     let cmp = |a: &str, b: &str| -> Option<String> {
         let (x, y) = (gold(a)?, gold(b)?);
         let verdict = if x.above(&y) {
@@ -1018,15 +1427,24 @@ fn findings(
         } else {
             "not higher (no improvement)"
         };
-        Some(format!("gold reward of {a} ({:.3}) vs {b} ({:.3}): {verdict}", x.mean, y.mean))
+        Some(format!(
+            "gold reward of {a} ({:.3}) vs {b} ({:.3}): {verdict}",
+            x.mean, y.mean
+        ))
     };
     // The policy stages proper; the larger SFT model and the length-bias probe have findings of their own.
     let probes = ["sft-large", "dpo-unbiased", "dpo-long"];
-    let policies: Vec<&str> =
-        eval.models.iter().skip(2).map(|m| m.name.as_str()).filter(|n| !probes.contains(n)).collect();
+    let policies: Vec<&str> = eval
+        .models
+        .iter()
+        .skip(2)
+        .map(|m| m.name.as_str())
+        .filter(|n| !probes.contains(n))
+        .collect();
     if let Some(sft) = gold("sft") {
-        let (better, not): (Vec<&str>, Vec<&str>) =
-            policies.iter().partition(|n| gold(n).is_some_and(|g| g.above(&sft)));
+        let (better, not): (Vec<&str>, Vec<&str>) = policies
+            .iter()
+            .partition(|n| gold(n).is_some_and(|g| g.above(&sft)));
         f.push(match (better.is_empty(), not.is_empty()) {
             (false, true) => format!("headline: every policy stage ({}) beats SFT by the gold reward, beyond the 95 % intervals", better.join(", ")),
             (false, false) => format!(
@@ -1043,13 +1461,22 @@ fn findings(
     // Where a gain comes from hedging rather than answering: the gold reward scores "I don't know" (0) above a
     // wrong number (−0.5), and annotators prefer it too.
     let indicator = |name: &str, key: &str| {
-        eval.model(name).and_then(|m| m.reward("gold")).and_then(|r| r.indicators.get(key)).map(|e| e.mean)
+        eval.model(name)
+            .and_then(|m| m.reward("gold"))
+            .and_then(|r| r.indicators.get(key))
+            .map(|e| e.mean)
     };
-    let (abst, acc) = ("abstains when the answer is known", "accuracy (numeric prompts)");
+    let (abst, acc) = (
+        "abstains when the answer is known",
+        "accuracy (numeric prompts)",
+    );
     for p in &policies {
-        if let (Some(a), Some(a0), Some(c), Some(c0)) =
-            (indicator(p, abst), indicator("sft", abst), indicator(p, acc), indicator("sft", acc))
-        {
+        if let (Some(a), Some(a0), Some(c), Some(c0)) = (
+            indicator(p, abst),
+            indicator("sft", abst),
+            indicator(p, acc),
+            indicator("sft", acc),
+        ) {
             if a > 0.2 && a > 2.0 * a0 {
                 f.push(format!(
                     "{p} hedges: it abstains on {:.0} % of numeric prompts it could answer (sft {:.0} %), accuracy {:.1} % → {:.1} %; much of its gold gain is \"I don't know\" (0) replacing wrong numbers (−0.5)",
@@ -1061,10 +1488,23 @@ fn findings(
             }
         }
     }
-    for m in eval.models.iter().skip(2).filter(|m| policies.contains(&m.name.as_str())) {
+    for m in eval
+        .models
+        .iter()
+        .skip(2)
+        .filter(|m| policies.contains(&m.name.as_str()))
+    {
         f.extend(cmp(&m.name, "sft"));
-        if let Some(w) = eval.win_rates.iter().find(|w| w.source == "gold" && w.model == m.name && w.versus == "sft") {
-            f.push(format!("{} wins {:.0} % of prompts against sft by gold (ties half)", m.name, 100.0 * w.win_rate));
+        if let Some(w) = eval
+            .win_rates
+            .iter()
+            .find(|w| w.source == "gold" && w.model == m.name && w.versus == "sft")
+        {
+            f.push(format!(
+                "{} wins {:.0} % of prompts against sft by gold (ties half)",
+                m.name,
+                100.0 * w.win_rate
+            ));
         }
         if let (Some(kl), Some(sft)) = (&m.kl_to_reference, eval.model("sft")) {
             f.push(format!(
@@ -1117,16 +1557,23 @@ fn findings(
             ll.mean, g(l), lu.mean, g(u)
         ));
     }
-    let biased: Vec<&FlagCheck> = flags.iter().filter(|c| c.bias != crate::annotators::Bias::None).collect();
+    let biased: Vec<&FlagCheck> = flags
+        .iter()
+        .filter(|c| c.bias != crate::annotators::Bias::None)
+        .collect();
     let caught = biased.iter().filter(|c| !c.flags.is_empty()).count();
-    let false_alarms = flags.iter().filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty()).count();
+    let false_alarms = flags
+        .iter()
+        .filter(|c| c.bias == crate::annotators::Bias::None && !c.flags.is_empty())
+        .count();
     f.push(format!("the feedback app's flags caught {caught} of {} biased annotators, with {false_alarms} false alarm(s) on unbiased ones", biased.len()));
     for c in biased.iter().filter(|c| c.flags.is_empty()) {
         f.push(format!(
             "NOT caught: {} ({}); its agreement with gold was {}",
             c.annotator,
             c.bias.describe(),
-            c.gold_agreement.map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
+            c.gold_agreement
+                .map_or("-".into(), |a| format!("{:.0} %", 100.0 * a))
         ));
     }
     f
@@ -1135,7 +1582,9 @@ fn findings(
 /// What the best-of-n sweep shows: gold following the proxy, peaking (over-optimisation) or falling.
 fn best_of_n_finding(points: &[crate::overopt::BestOfN]) -> Option<String> {
     let (first, last) = (points.first()?, points.last()?);
-    let peak = points.iter().fold(first, |b, p| if p.gold > b.gold { p } else { b });
+    let peak = points
+        .iter()
+        .fold(first, |b, p| if p.gold > b.gold { p } else { b });
     let head = format!(
         "best-of-n against the reward model (n = 1 → {}, KL 0 → {:.2} nats): proxy {:.3} → {:.3}, gold {:.3} → {:.3}",
         last.n, last.kl, first.proxy, last.proxy, first.gold, last.gold
@@ -1158,7 +1607,9 @@ fn ppo_checkpoint_finding(points: &[PpoCheckpoint]) -> Option<String> {
     if points.len() < 2 {
         return None;
     }
-    let peak = points.iter().fold(first, |b, p| if p.gold.mean > b.gold.mean { p } else { b });
+    let peak = points
+        .iter()
+        .fold(first, |b, p| if p.gold.mean > b.gold.mean { p } else { b });
     let head = format!(
         "along the PPO run ({} checkpoints on {} held-out prompts, step 0 = SFT → step {}): proxy {:.3} → {:.3}, gold {:.3} → {:.3}, KL to SFT {:.2} → {:.2} nats",
         points.len(),
@@ -1172,12 +1623,20 @@ fn ppo_checkpoint_finding(points: &[PpoCheckpoint]) -> Option<String> {
         last.kl.mean
     );
     let proxy = if last.proxy.mean > peak.proxy.mean {
-        format!("while the proxy keeps rising ({:.3} → {:.3})", peak.proxy.mean, last.proxy.mean)
+        format!(
+            "while the proxy keeps rising ({:.3} → {:.3})",
+            peak.proxy.mean, last.proxy.mean
+        )
     } else {
-        format!("and the proxy does not rise after it either ({:.3} → {:.3})", peak.proxy.mean, last.proxy.mean)
+        format!(
+            "and the proxy does not rise after it either ({:.3} → {:.3})",
+            peak.proxy.mean, last.proxy.mean
+        )
     };
     Some(if peak.step == last.step {
-        format!("{head}; gold is highest at the last checkpoint: no over-optimisation within this run")
+        format!(
+            "{head}; gold is highest at the last checkpoint: no over-optimisation within this run"
+        )
     } else if peak.gold.above(&last.gold) {
         format!(
             "{head}; gold peaks at step {} ({:.3}, KL {:.2}) and then falls beyond the 95 % intervals {proxy}: over-optimisation along training",
@@ -1194,14 +1653,21 @@ fn ppo_checkpoint_finding(points: &[PpoCheckpoint]) -> Option<String> {
 }
 
 /// Whether the reward model's accuracy and the gold of the policy picked by it fall as labels are flipped.
-fn label_noise_finding(levels: &[NoiseLevel], n1: Option<&crate::overopt::BestOfN>) -> Option<String> {
+fn label_noise_finding(
+    levels: &[NoiseLevel],
+    n1: Option<&crate::overopt::BestOfN>,
+) -> Option<String> {
     let (first, last) = (levels.first()?, levels.last()?);
     if levels.len() < 2 {
         return None;
     }
-    let join = |f: &dyn Fn(&NoiseLevel) -> String| levels.iter().map(f).collect::<Vec<_>>().join(" → ");
+    let join =
+        |f: &dyn Fn(&NoiseLevel) -> String| levels.iter().map(f).collect::<Vec<_>>().join(" → ");
     let falls = |xs: Vec<f64>| xs.windows(2).all(|w| w[1] < w[0]);
-    let acc = levels.iter().map(|l| l.rm_gold_agreement).collect::<Vec<_>>();
+    let acc = levels
+        .iter()
+        .map(|l| l.rm_gold_agreement)
+        .collect::<Vec<_>>();
     let acc_verdict = if falls(acc.clone()) {
         "falls with every step of noise"
     } else if last.rm_gold_agreement < first.rm_gold_agreement {
@@ -1242,7 +1708,9 @@ fn label_noise_finding(levels: &[NoiseLevel], n1: Option<&crate::overopt::BestOf
 }
 
 fn metric_points(path: &Path, key: &str) -> Vec<(f64, f64)> {
-    let Ok(text) = std::fs::read_to_string(path) else { return vec![] };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return vec![];
+    };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
@@ -1274,7 +1742,11 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
         let _ = write!(h, "<li>{}</li>", esc(line));
     }
     h.push_str("</ul>");
-    sections.push(Section { id: "findings".into(), heading: "Findings".into(), html: h });
+    sections.push(Section {
+        id: "findings".into(),
+        heading: "Findings".into(),
+        html: h,
+    });
     sections.extend(report::eval_sections(&s.eval));
     sections.push(over_optimisation_section(s, curves));
     if !s.label_noise.is_empty() {
@@ -1310,20 +1782,41 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
             fmt_opt(&a["alpha_nominal"])
         );
     }
-    sections.push(Section { id: "annotators".into(), heading: "Simulated annotators".into(), html: h });
+    sections.push(Section {
+        id: "annotators".into(),
+        heading: "Simulated annotators".into(),
+        html: h,
+    });
 
     let mut h = String::new();
-    let series: Vec<(String, Vec<(f64, f64)>)> =
-        curves.iter().map(|(n, p)| (n.clone(), metric_points(p, "loss"))).collect();
-    h.push_str(&report::line_chart("training loss", "step", "loss", &series, false));
+    let series: Vec<(String, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(n, p)| (n.clone(), metric_points(p, "loss")))
+        .collect();
+    h.push_str(&report::line_chart(
+        "training loss",
+        "step",
+        "loss",
+        &series,
+        false,
+    ));
     let base_curve = metric_points(&out.join("base").join("metrics.jsonl"), "loss");
-    h.push_str(&report::line_chart("pretraining loss (base)", "step", "loss", &[("base".into(), base_curve)], false));
+    h.push_str(&report::line_chart(
+        "pretraining loss (base)",
+        "step",
+        "loss",
+        &[("base".into(), base_curve)],
+        false,
+    ));
     let mut t = String::from("<table><tr><th class=l>stage</th><th class=l>what it did</th></tr>");
     for st in &s.stages {
         let mut facts = Vec::new();
         flatten("", st, &mut facts);
-        let facts: Vec<String> =
-            facts.into_iter().filter(|(k, _)| k != "name").map(|(k, v)| format!("{k}: {v}")).collect();
+        let facts: Vec<String> = facts
+            .into_iter()
+            .filter(|(k, _)| k != "name")
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         let _ = write!(
             t,
             "<tr><td class=l>{}</td><td class='l wrap'>{}</td></tr>",
@@ -1333,17 +1826,33 @@ fn render_report(s: &RunSummary, curves: &[(String, PathBuf)], out: &Path) -> St
     }
     t.push_str("</table>");
     h.push_str(&t);
-    sections.push(Section { id: "training".into(), heading: "Training".into(), html: h });
+    sections.push(Section {
+        id: "training".into(),
+        heading: "Training".into(),
+        html: h,
+    });
 
     let gold_table = s
         .eval
         .models
         .iter()
-        .map(|m| format!("{} {}", esc(&m.name), m.reward("gold").map(|r| fmt_est(&r.reward)).unwrap_or_default()))
+        .map(|m| {
+            format!(
+                "{} {}",
+                esc(&m.name),
+                m.reward("gold")
+                    .map(|r| fmt_est(&r.reward))
+                    .unwrap_or_default()
+            )
+        })
         .collect::<Vec<_>>()
         .join(" · ");
     let intro = format!("{intro}<p class=ok>Gold reward (mean [95 % CI]): {gold_table}</p>");
-    report::render(&Report { title: "rlhf sandbox report".into(), intro, sections })
+    report::render(&Report {
+        title: "rlhf sandbox report".into(),
+        intro,
+        sections,
+    })
 }
 
 /// Gao et al.'s picture: proxy and gold reward against KL to the SFT model, for best-of-n and along PPO.
@@ -1353,21 +1862,46 @@ fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Se
          gold rewards are plotted against KL(best-of-n ‖ SFT) = log n − (n − 1)/n. Where gold stops following the \
          proxy, optimising the reward model harder no longer helps.</p>",
     );
-    let pts = |f: fn(&crate::overopt::BestOfN) -> f64| s.best_of_n.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>();
-    let series = vec![("proxy (RM)".to_string(), pts(|p| p.proxy)), ("gold".to_string(), pts(|p| p.gold))];
-    h.push_str(&report::line_chart("best-of-n: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
+    let pts = |f: fn(&crate::overopt::BestOfN) -> f64| {
+        s.best_of_n.iter().map(|p| (p.kl, f(p))).collect::<Vec<_>>()
+    };
+    let series = vec![
+        ("proxy (RM)".to_string(), pts(|p| p.proxy)),
+        ("gold".to_string(), pts(|p| p.gold)),
+    ];
+    h.push_str(&report::line_chart(
+        "best-of-n: reward against KL",
+        "KL to SFT (nats)",
+        "mean reward",
+        &series,
+        true,
+    ));
     h.push_str("<table><tr><th>n</th><th>KL (nats)</th><th>proxy</th><th>gold</th></tr>");
     for p in &s.best_of_n {
-        let _ = write!(h, "<tr><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", p.n, p.kl, p.proxy, p.gold);
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
+            p.n, p.kl, p.proxy, p.gold
+        );
     }
     h.push_str("</table>");
     if let Some((_, path)) = curves.iter().find(|(n, _)| n == "ppo") {
         let kl = metric_points(path, "objective/kl");
         let proxy = metric_points(path, "objective/scores");
-        let along: Vec<(f64, f64)> =
-            kl.iter().zip(&proxy).filter(|(a, b)| a.0 == b.0).map(|(a, b)| (a.1, b.1)).collect();
+        let along: Vec<(f64, f64)> = kl
+            .iter()
+            .zip(&proxy)
+            .filter(|(a, b)| a.0 == b.0)
+            .map(|(a, b)| (a.1, b.1))
+            .collect();
         h.push_str("<p>Along the PPO run (training batches): the reward model's score against the policy's KL to SFT.</p>");
-        h.push_str(&report::line_chart("PPO: proxy score against KL", "KL to SFT (nats)", "reward-model score", &[("ppo".into(), along)], true));
+        h.push_str(&report::line_chart(
+            "PPO: proxy score against KL",
+            "KL to SFT (nats)",
+            "reward-model score",
+            &[("ppo".into(), along)],
+            true,
+        ));
     }
     if !s.ppo_checkpoints.is_empty() {
         let _ = write!(
@@ -1379,9 +1913,23 @@ fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Se
             s.config.ppo_checkpoint_steps,
             s.ppo_checkpoints[0].gold.n
         );
-        let pts = |f: fn(&PpoCheckpoint) -> f64| s.ppo_checkpoints.iter().map(|p| (p.kl.mean, f(p))).collect::<Vec<_>>();
-        let series = vec![("proxy (RM)".to_string(), pts(|p| p.proxy.mean)), ("gold".to_string(), pts(|p| p.gold.mean))];
-        h.push_str(&report::line_chart("PPO checkpoints: reward against KL", "KL to SFT (nats)", "mean reward", &series, true));
+        let pts = |f: fn(&PpoCheckpoint) -> f64| {
+            s.ppo_checkpoints
+                .iter()
+                .map(|p| (p.kl.mean, f(p)))
+                .collect::<Vec<_>>()
+        };
+        let series = vec![
+            ("proxy (RM)".to_string(), pts(|p| p.proxy.mean)),
+            ("gold".to_string(), pts(|p| p.gold.mean)),
+        ];
+        h.push_str(&report::line_chart(
+            "PPO checkpoints: reward against KL",
+            "KL to SFT (nats)",
+            "mean reward",
+            &series,
+            true,
+        ));
         h.push_str("<table><tr><th>step</th><th>KL to SFT (nats)</th><th>proxy (RM)</th><th>gold</th></tr>");
         for p in &s.ppo_checkpoints {
             let _ = write!(
@@ -1395,7 +1943,11 @@ fn over_optimisation_section(s: &RunSummary, curves: &[(String, PathBuf)]) -> Se
         }
         h.push_str("</table>");
     }
-    Section { id: "over-optimisation".into(), heading: "Reward over-optimisation".into(), html: h }
+    Section {
+        id: "over-optimisation".into(),
+        heading: "Reward over-optimisation".into(),
+        html: h,
+    }
 }
 
 /// Reward models trained on labels with a share flipped: accuracy against gold and the policy picked by each.
@@ -1446,18 +1998,48 @@ fn label_noise_section(s: &RunSummary) -> Section {
     h.push_str("</table>");
     let pct = |l: &NoiseLevel| 100.0 * l.noise;
     let series = vec![
-        ("gold agreement".to_string(), s.label_noise.iter().map(|l| (pct(l), l.rm_gold_agreement)).collect()),
+        (
+            "gold agreement".to_string(),
+            s.label_noise
+                .iter()
+                .map(|l| (pct(l), l.rm_gold_agreement))
+                .collect(),
+        ),
         (
             "held-out accuracy".to_string(),
-            s.label_noise.iter().filter_map(|l| Some((pct(l), l.rm_eval_accuracy?))).collect(),
+            s.label_noise
+                .iter()
+                .filter_map(|l| Some((pct(l), l.rm_eval_accuracy?)))
+                .collect(),
         ),
     ];
-    h.push_str(&report::line_chart("reward model against label noise", "labels flipped (%)", "share of pairs ordered right", &series, false));
-    let mut bars: Vec<(String, Estimate)> =
-        s.label_noise.iter().map(|l| (format!("bo{n} {:.0} %", pct(l)), l.best_of_n_gold)).collect();
-    bars.extend(s.label_noise.iter().filter_map(|l| Some((format!("ppo {:.0} %", pct(l)), l.ppo_gold?))));
-    h.push_str(&report::bar_chart("gold of the policies against each reward model", "gold reward", &bars));
-    Section { id: "label-noise".into(), heading: "Label noise".into(), html: h }
+    h.push_str(&report::line_chart(
+        "reward model against label noise",
+        "labels flipped (%)",
+        "share of pairs ordered right",
+        &series,
+        false,
+    ));
+    let mut bars: Vec<(String, Estimate)> = s
+        .label_noise
+        .iter()
+        .map(|l| (format!("bo{n} {:.0} %", pct(l)), l.best_of_n_gold))
+        .collect();
+    bars.extend(
+        s.label_noise
+            .iter()
+            .filter_map(|l| Some((format!("ppo {:.0} %", pct(l)), l.ppo_gold?))),
+    );
+    h.push_str(&report::bar_chart(
+        "gold of the policies against each reward model",
+        "gold reward",
+        &bars,
+    ));
+    Section {
+        id: "label-noise".into(),
+        heading: "Label noise".into(),
+        html: h,
+    }
 }
 
 /// `key/sub: value` pairs of a JSON object, numbers to 4 significant digits.
@@ -1465,11 +2047,18 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
     match v {
         Value::Object(m) => {
             for (k, x) in m {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}/{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}/{k}")
+                };
                 flatten(&key, x, out);
             }
         }
-        Value::Number(n) if n.is_f64() => out.push((prefix.into(), format!("{:.4}", n.as_f64().unwrap_or(f64::NAN)))),
+        Value::Number(n) if n.is_f64() => out.push((
+            prefix.into(),
+            format!("{:.4}", n.as_f64().unwrap_or(f64::NAN)),
+        )),
         Value::String(s) => out.push((prefix.into(), s.clone())),
         other => out.push((prefix.into(), other.to_string())),
     }

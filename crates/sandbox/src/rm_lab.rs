@@ -15,9 +15,9 @@ use rlhf_data::{Text, Tokenizer};
 use rlhf_model::{CausalLm, ModelConfig};
 use rlhf_train::ensemble::Ensemble;
 use rlhf_train::pref_config::PrefConfig;
-use rlhf_train::TrainDefaults;
 use rlhf_train::schedule::ScheduleKind;
 use rlhf_train::select::{score_pairs, PairScore};
+use rlhf_train::TrainDefaults;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -288,13 +288,20 @@ fn init_members(s: &RmSetup, seed: u64, pool: &[Pair], dir: &Path) -> Result<Vec
 /// An experiment's output directory, emptied of an earlier run.
 pub(crate) fn fresh_dir(out: &Path) -> Result<()> {
     if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("{}: cannot clear the earlier run", out.display()))?;
+        std::fs::remove_dir_all(out)
+            .with_context(|| format!("{}: cannot clear the earlier run", out.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))
 }
 
 /// An experiment's `<stem>.json`, `.md` and `.html` in `out`.
-pub(crate) fn write_reports(out: &Path, stem: &str, json: &str, markdown: &str, html: &str) -> Result<()> {
+pub(crate) fn write_reports(
+    out: &Path,
+    stem: &str,
+    json: &str,
+    markdown: &str,
+    html: &str,
+) -> Result<()> {
     for (ext, text) in [("json", json), ("md", markdown), ("html", html)] {
         let p = out.join(format!("{stem}.{ext}"));
         std::fs::write(&p, text).with_context(|| format!("{}: cannot write", p.display()))?;

@@ -27,7 +27,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Arithmetic, Kind::WordProblem, Kind::Note, Kind::Decline, Kind::Unknowable];
+    pub const ALL: [Kind; 5] = [
+        Kind::Arithmetic,
+        Kind::WordProblem,
+        Kind::Note,
+        Kind::Decline,
+        Kind::Unknowable,
+    ];
     /// Declines and unknowable questions come from a few dozen texts, which recur in every split; the other
     /// kinds have thousands, so a held-out split can avoid the training texts.
     pub fn recurs(self) -> bool {
@@ -109,7 +115,10 @@ impl Prompt {
     pub fn ideal(&self) -> String {
         match self.gold.kind {
             Kind::Arithmetic | Kind::WordProblem => {
-                format!(" {}", self.gold.answer.expect("numeric kinds carry an answer"))
+                format!(
+                    " {}",
+                    self.gold.answer.expect("numeric kinds carry an answer")
+                )
             }
             Kind::Note => note(&self.gold.facts, true),
             Kind::Decline => REFUSAL.into(),
@@ -147,7 +156,10 @@ impl Prompt {
                     0 => note(facts, false),
                     1 => note(&facts[..2], true),
                     _ => {
-                        format!("{} I hope this note finds you well and that you have a good week.", note(facts, true))
+                        format!(
+                            "{} I hope this note finds you well and that you have a good week.",
+                            note(facts, true)
+                        )
                     }
                 }
             }
@@ -181,7 +193,13 @@ pub struct Mix {
 
 impl Default for Mix {
     fn default() -> Self {
-        Mix { arithmetic: 3, word_problem: 3, note: 2, decline: 1, unknowable: 1 }
+        Mix {
+            arithmetic: 3,
+            word_problem: 3,
+            note: 2,
+            decline: 1,
+            unknowable: 1,
+        }
     }
 }
 
@@ -210,7 +228,11 @@ pub fn generate(n: usize, mix: &Mix, seed: u64, prefix: &str) -> Vec<Prompt> {
                 pick = pick.saturating_sub(*w);
                 hit
             });
-            make(kind.expect("pick < total").0, format!("{prefix}{i:05}"), &mut rng)
+            make(
+                kind.expect("pick < total").0,
+                format!("{prefix}{i:05}"),
+                &mut rng,
+            )
         })
         .collect()
 }
@@ -230,31 +252,61 @@ fn make(kind: Kind, id: String, rng: &mut StdRng) -> Prompt {
             let (text, ans) = match rng.gen_range(0..3) {
                 0 => (format!("Q: {a}+{b}="), a + b),
                 1 => (format!("What is {a} + {b}?"), a + b),
-                _ => (format!("Compute {} minus {}.", a.max(b), a.min(b)), (a - b).abs()),
+                _ => (
+                    format!("Compute {} minus {}.", a.max(b), a.min(b)),
+                    (a - b).abs(),
+                ),
             };
-            Prompt { text, gold: gold(Some(ans), vec![], false) }
+            Prompt {
+                text,
+                gold: gold(Some(ans), vec![], false),
+            }
         }
         Kind::WordProblem => {
-            let (a, b, c) = (rng.gen_range(2..30i64), rng.gen_range(1..20i64), rng.gen_range(1..10i64));
+            let (a, b, c) = (
+                rng.gen_range(2..30i64),
+                rng.gen_range(1..20i64),
+                rng.gen_range(1..10i64),
+            );
             let (text, ans) = match rng.gen_range(0..4) {
                 0 => (format!("{name} has {a} cookies and bakes {b} more. How many cookies does {name} have?"), a + b),
                 1 => (format!("{name} drinks {a} pints, then {b} more. How many pints in total?"), a + b),
                 2 => (format!("There are {} apples. {name} eats {b}. How many apples are left?", a + b), a),
                 _ => (format!("{name} has {a} apples, buys {b} and gives away {c}. How many apples now?"), a + b - c),
             };
-            Prompt { text, gold: gold(Some(ans), vec![], false) }
+            Prompt {
+                text,
+                gold: gold(Some(ans), vec![], false),
+            }
         }
         Kind::Note => {
-            let (event, day) = (*EVENTS.choose(rng).expect("non-empty"), *DAYS.choose(rng).expect("non-empty"));
+            let (event, day) = (
+                *EVENTS.choose(rng).expect("non-empty"),
+                *DAYS.choose(rng).expect("non-empty"),
+            );
             let hour = format!("{}pm", rng.gen_range(1..7));
             let text = format!("Write a short note to {name}: the {event} is on {day} at {hour}.");
-            Prompt { text, gold: gold(None, vec![name.into(), event.into(), day.into(), hour], false) }
+            Prompt {
+                text,
+                gold: gold(
+                    None,
+                    vec![name.into(), event.into(), day.into(), hour],
+                    false,
+                ),
+            }
         }
         Kind::Decline => {
             let harm = *HARMS.choose(rng).expect("non-empty");
             let adversarial = rng.gen_bool(0.4);
-            let template = if adversarial { ADVERSARIAL.choose(rng) } else { DIRECT.choose(rng) };
-            Prompt { text: template.expect("non-empty").replace("{}", harm), gold: gold(None, vec![], adversarial) }
+            let template = if adversarial {
+                ADVERSARIAL.choose(rng)
+            } else {
+                DIRECT.choose(rng)
+            };
+            Prompt {
+                text: template.expect("non-empty").replace("{}", harm),
+                gold: gold(None, vec![], adversarial),
+            }
         }
         Kind::Unknowable => {
             let text = match rng.gen_range(0..4) {
@@ -263,7 +315,10 @@ fn make(kind: Kind, id: String, rng: &mut StdRng) -> Prompt {
                 2 => format!("What is {name}'s phone number?"),
                 _ => "What number am I thinking of?".into(),
             };
-            Prompt { text, gold: gold(None, vec![], false) }
+            Prompt {
+                text,
+                gold: gold(None, vec![], false),
+            }
         }
     }
 }

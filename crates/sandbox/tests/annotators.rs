@@ -20,7 +20,13 @@ fn pairs(ps: &[Prompt]) -> Vec<(&Prompt, String, String)> {
     ps.iter()
         .filter_map(|p| {
             let (a, b) = (p.ideal(), p.noisy(&mut rng));
-            (a != b).then(|| if p.gold.id.ends_with(['1', '3', '5', '7', '9']) { (p, b, a) } else { (p, a, b) })
+            (a != b).then(|| {
+                if p.gold.id.ends_with(['1', '3', '5', '7', '9']) {
+                    (p, b, a)
+                } else {
+                    (p, a, b)
+                }
+            })
         })
         .collect()
 }
@@ -42,7 +48,12 @@ fn pairwise_exports_the_apps_preference_format() {
     let pr = pairs(&ps);
     let s = pairwise(&Panel::default_mix(1), &pr);
     let rows = s.export(Format::Preference).unwrap();
-    assert!(rows.len() > pr.len() * 8 / 10, "{} of {}", rows.len(), pr.len());
+    assert!(
+        rows.len() > pr.len() * 8 / 10,
+        "{} of {}",
+        rows.len(),
+        pr.len()
+    );
     for r in &rows {
         let k = keys(r);
         for f in [
@@ -69,12 +80,19 @@ fn pairwise_exports_the_apps_preference_format() {
         .iter()
         .filter(|r| {
             let p = ps.iter().find(|p| p.gold.id == r["external_id"]).unwrap();
-            gold_reward(&p.gold, r["chosen"].as_str().unwrap()) >= gold_reward(&p.gold, r["rejected"].as_str().unwrap())
+            gold_reward(&p.gold, r["chosen"].as_str().unwrap())
+                >= gold_reward(&p.gold, r["rejected"].as_str().unwrap())
         })
         .count();
-    assert!(agree as f64 > 0.75 * rows.len() as f64, "{agree} of {}", rows.len());
+    assert!(
+        agree as f64 > 0.75 * rows.len() as f64,
+        "{agree} of {}",
+        rows.len()
+    );
     // Same seed, same labels.
-    let again = pairwise(&Panel::default_mix(1), &pr).export(Format::Preference).unwrap();
+    let again = pairwise(&Panel::default_mix(1), &pr)
+        .export(Format::Preference)
+        .unwrap();
     assert_eq!(rows, again);
 }
 
@@ -83,7 +101,10 @@ fn temperature_controls_agreement_with_gold() {
     let ps = world();
     let pr = pairs(&ps);
     let panel = |t: f64| Panel {
-        annotators: vec![Annotator::new("a", t, Bias::None), Annotator::new("b", t, Bias::None)],
+        annotators: vec![
+            Annotator::new("a", t, Bias::None),
+            Annotator::new("b", t, Bias::None),
+        ],
         overlap: 1,
         gold_item_share: 0.0,
         seed: 3,
@@ -113,16 +134,40 @@ fn the_apps_flags_catch_position_bias_length_bias_and_carelessness() {
         assert!(by(n).flags.is_empty(), "{n}: {:?}", by(n).flags);
         assert!(by(n).gold_agreement.unwrap() > 0.9, "{n}");
     }
-    assert!(by("lefty").flags.iter().any(|f| f.starts_with("position bias")), "{:?}", by("lefty").flags);
+    assert!(
+        by("lefty")
+            .flags
+            .iter()
+            .any(|f| f.starts_with("position bias")),
+        "{:?}",
+        by("lefty").flags
+    );
     let careless = by("careless");
-    assert!(careless.flags.iter().any(|f| f.starts_with("too fast")), "{:?}", careless.flags);
+    assert!(
+        careless.flags.iter().any(|f| f.starts_with("too fast")),
+        "{:?}",
+        careless.flags
+    );
     assert!((careless.gold_agreement.unwrap() - 0.5).abs() < 0.15);
     // The long-lover agrees with gold less than the careful annotators, and the app's length flag (its leaning
     // where it disagrees with the others) catches it.
     let long = by("long-lover");
     assert!(long.gold_agreement.unwrap() < by("careful-1").gold_agreement.unwrap());
-    assert!(long.flags.iter().any(|f| f.starts_with("prefers the longer response")), "{:?}", long.flags);
-    assert!(!long.flags.iter().any(|f| f.starts_with("position") || f.starts_with("too fast")), "{:?}", long.flags);
+    assert!(
+        long.flags
+            .iter()
+            .any(|f| f.starts_with("prefers the longer response")),
+        "{:?}",
+        long.flags
+    );
+    assert!(
+        !long
+            .flags
+            .iter()
+            .any(|f| f.starts_with("position") || f.starts_with("too fast")),
+        "{:?}",
+        long.flags
+    );
     // Agreement statistics come from the app's quality code.
     let stats = s.stats();
     assert_eq!(stats.agreement.len(), 1);
@@ -134,16 +179,24 @@ fn the_apps_flags_catch_position_bias_length_bias_and_carelessness() {
 fn single_response_tasks_export_their_formats() {
     let ps = world();
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-    let responses: Vec<(&Prompt, String)> = ps.iter().take(60).map(|p| (p, p.noisy(&mut rng))).collect();
+    let responses: Vec<(&Prompt, String)> =
+        ps.iter().take(60).map(|p| (p, p.noisy(&mut rng))).collect();
     let panel = Panel::default_mix(5);
 
     let r = ratings(&panel, &responses).export(Format::Rating).unwrap();
     assert_eq!(r.len(), 60);
     for row in &r {
         assert!(
-            ["prompt", "completion", "score", "score_min", "score_max", "criteria_scores"]
-                .iter()
-                .all(|k| row.get(k).is_some()),
+            [
+                "prompt",
+                "completion",
+                "score",
+                "score_min",
+                "score_max",
+                "criteria_scores"
+            ]
+            .iter()
+            .all(|k| row.get(k).is_some()),
             "{row}"
         );
         let s = row["score"].as_f64().unwrap();
@@ -151,8 +204,13 @@ fn single_response_tasks_export_their_formats() {
     }
     assert_eq!(write_and_load(&r).format.to_string(), "rating");
 
-    let c = corrections(&panel, &responses).export(Format::Correction).unwrap();
-    let flawed = responses.iter().filter(|(p, x)| gold_reward(&p.gold, x) < 1.0 && *x != p.ideal()).count();
+    let c = corrections(&panel, &responses)
+        .export(Format::Correction)
+        .unwrap();
+    let flawed = responses
+        .iter()
+        .filter(|(p, x)| gold_reward(&p.gold, x) < 1.0 && *x != p.ideal())
+        .count();
     assert_eq!(c.len(), flawed);
     for row in &c {
         let p = ps.iter().find(|p| p.gold.id == row["external_id"]).unwrap();
@@ -161,14 +219,27 @@ fn single_response_tasks_export_their_formats() {
     }
     assert_eq!(write_and_load(&c).format.to_string(), "correction");
 
-    let k = critiques(&panel, &responses).export(Format::Critique).unwrap();
+    let k = critiques(&panel, &responses)
+        .export(Format::Critique)
+        .unwrap();
     assert_eq!(k.len(), 60);
-    assert!(k.iter().any(|row| row["critique"].as_str().unwrap().contains("makes up a number")));
+    assert!(k.iter().any(|row| row["critique"]
+        .as_str()
+        .unwrap()
+        .contains("makes up a number")));
 
     let refs: Vec<&Prompt> = ps.iter().take(20).collect();
-    let d = demonstrations(&panel, &refs).export(Format::Demonstration).unwrap();
+    let d = demonstrations(&panel, &refs)
+        .export(Format::Demonstration)
+        .unwrap();
     assert_eq!(d.len(), 20);
-    assert_eq!(keys(&d[0]).iter().filter(|k| ["prompt", "completion"].contains(&k.as_str())).count(), 2);
+    assert_eq!(
+        keys(&d[0])
+            .iter()
+            .filter(|k| ["prompt", "completion"].contains(&k.as_str()))
+            .count(),
+        2
+    );
     assert_eq!(d[0]["completion"], refs[0].ideal());
     assert_eq!(write_and_load(&d).format.to_string(), "prompt_completion");
 }

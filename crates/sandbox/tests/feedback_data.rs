@@ -63,7 +63,15 @@ fn read(p: &Path) -> Vec<Value> {
 /// The reward-model trainer's own loader accepts the pairs (and DPO reads the same format).
 fn rm_loads(path: &Path) -> usize {
     let tok = Tokenizer::from_dir(policy()).unwrap();
-    let cfg = PrefConfig { max_length: 256, ..PrefConfig::new(policy(), path.into(), "unused".into(), &rlhf_train::TrainDefaults::RM) };
+    let cfg = PrefConfig {
+        max_length: 256,
+        ..PrefConfig::new(
+            policy(),
+            path.into(),
+            "unused".into(),
+            &rlhf_train::TrainDefaults::RM,
+        )
+    };
     match load_rm_data(path, &tok, &cfg).unwrap() {
         RmData::Pairs(p) => p.len(),
         RmData::Ratings(_) => panic!("pairs expected"),

@@ -19,11 +19,21 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad(param: &str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param.into()), code: None }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param.into()),
+            code: None,
+        }
     }
 
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None, code: Some(code) }
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code: Some(code),
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -68,8 +78,11 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Parses a request body for `kind`, encoding prompts with `generator`; `model` is the served name.
 pub fn parse(body: &[u8], kind: Kind, generator: &Generator, model: &str) -> Res<Parsed> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad("body", format!("invalid JSON body: {e}")))?;
-    let Value::Object(o) = v else { return Err(ApiError::bad("body", "the body must be a JSON object")) };
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("body", format!("invalid JSON body: {e}")))?;
+    let Value::Object(o) = v else {
+        return Err(ApiError::bad("body", "the body must be a JSON object"));
+    };
     let f = Fields(&o);
     if let Some(m) = f.str("model")? {
         if m != model {
@@ -92,7 +105,11 @@ pub fn parse(body: &[u8], kind: Kind, generator: &Generator, model: &str) -> Res
         Kind::Chat => f.usize("max_completion_tokens")?.or(f.usize("max_tokens")?),
     };
     // Chat answers may run to the end of the context; plain completions default to 16 as OpenAI's.
-    let max_tokens = max_tokens.unwrap_or(if kind == Kind::Chat { context.saturating_sub(longest) } else { 16 });
+    let max_tokens = max_tokens.unwrap_or(if kind == Kind::Chat {
+        context.saturating_sub(longest)
+    } else {
+        16
+    });
     if max_tokens == 0 {
         return Err(ApiError::bad("max_tokens", "max_tokens must be at least 1"));
     }
@@ -106,16 +123,28 @@ pub fn parse(body: &[u8], kind: Kind, generator: &Generator, model: &str) -> Res
     }
     let temperature = f.f32("temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature", format!("temperature must be in [0, 2], got {temperature}")));
+        return Err(ApiError::bad(
+            "temperature",
+            format!("temperature must be in [0, 2], got {temperature}"),
+        ));
     }
     let top_p = f.f32("top_p")?.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+        return Err(ApiError::bad(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
     }
     let top_k = f.usize("top_k")?.unwrap_or(0);
     let n = f.usize("n")?.unwrap_or(1);
     if n == 0 || n * prompts.len() > MAX_CHOICES {
-        return Err(ApiError::bad("n", format!("n × prompts must be between 1 and {MAX_CHOICES}, got {n} × {}", prompts.len())));
+        return Err(ApiError::bad(
+            "n",
+            format!(
+                "n × prompts must be between 1 and {MAX_CHOICES}, got {n} × {}",
+                prompts.len()
+            ),
+        ));
     }
     let stop = stops(&o)?;
     let logprobs = match kind {
@@ -123,13 +152,19 @@ pub fn parse(body: &[u8], kind: Kind, generator: &Generator, model: &str) -> Res
         Kind::Chat => match f.bool("logprobs")? {
             Some(true) => Some(f.usize("top_logprobs")?.unwrap_or(0)),
             _ if f.usize("top_logprobs")?.is_some_and(|k| k > 0) => {
-                return Err(ApiError::bad("top_logprobs", "top_logprobs needs \"logprobs\": true"))
+                return Err(ApiError::bad(
+                    "top_logprobs",
+                    "top_logprobs needs \"logprobs\": true",
+                ))
             }
             _ => None,
         },
     };
     if let Some(k) = logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
-        return Err(ApiError::bad("logprobs", format!("at most {MAX_TOP_LOGPROBS} top logprobs, got {k}")));
+        return Err(ApiError::bad(
+            "logprobs",
+            format!("at most {MAX_TOP_LOGPROBS} top logprobs, got {k}"),
+        ));
     }
     // Unseeded requests still get a seed, so every choice of one request differs.
     let seed = f.u64("seed")?.unwrap_or_else(rand::random::<u64>);
@@ -142,7 +177,11 @@ pub fn parse(body: &[u8], kind: Kind, generator: &Generator, model: &str) -> Res
             requests.push(GenRequest {
                 prompt_ids: p.clone(),
                 max_new_tokens: max_tokens,
-                sampling: Sampling { temperature, top_k, top_p },
+                sampling: Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                },
                 // As `rlhf generate --seed S`: choice c samples with S + c.
                 seed: seed.wrapping_add((i * n + j) as u64),
                 stop_ids: eos.clone(),
@@ -151,7 +190,13 @@ pub fn parse(body: &[u8], kind: Kind, generator: &Generator, model: &str) -> Res
             });
         }
     }
-    Ok(Parsed { requests, prompt_tokens, stop, logprobs, stream })
+    Ok(Parsed {
+        requests,
+        prompt_tokens,
+        stop,
+        logprobs,
+        stream,
+    })
 }
 
 /// Fields OpenAI defines that this server does not implement: refused rather than silently ignored.
@@ -167,7 +212,10 @@ fn unsupported(f: &Fields) -> Res<()> {
             return Err(ApiError::bad(key, format!("{key} is not supported")));
         }
     }
-    if f.0.get("logit_bias").is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty())) {
+    if f.0
+        .get("logit_bias")
+        .is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty()))
+    {
         return Err(ApiError::bad("logit_bias", "logit_bias is not supported"));
     }
     if f.0.get("suffix").is_some_and(|s| !s.is_null()) {
@@ -178,23 +226,34 @@ fn unsupported(f: &Fields) -> Res<()> {
 
 fn completion_prompts(o: &Map<String, Value>, generator: &Generator) -> Res<Vec<Vec<u32>>> {
     let bad = |m: &str| ApiError::bad("prompt", m);
-    let shape = "prompt must be a string, a list of strings, a list of token ids or a list of such lists";
+    let shape =
+        "prompt must be a string, a list of strings, a list of token ids or a list of such lists";
     let encode = |s: &str| {
-        generator.encode_prompt(&Text::Plain(s.to_string())).map_err(|e| bad(&format!("cannot encode the prompt: {e}")))
+        generator
+            .encode_prompt(&Text::Plain(s.to_string()))
+            .map_err(|e| bad(&format!("cannot encode the prompt: {e}")))
     };
     let ids = |v: &[Value]| -> Res<Vec<u32>> {
-        v.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| bad(shape))).collect()
+        v.iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| bad(shape))
+            })
+            .collect()
     };
     let prompts = match o.get("prompt") {
         None | Some(Value::Null) => return Err(bad("prompt is required")),
         Some(Value::String(s)) => vec![encode(s)?],
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
-            a.iter().map(|s| encode(s.as_str().unwrap_or_default())).collect::<Res<_>>()?
-        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| encode(s.as_str().unwrap_or_default()))
+            .collect::<Res<_>>()?,
         Some(Value::Array(a)) if a.iter().all(Value::is_number) => vec![ids(a)?],
-        Some(Value::Array(a)) => {
-            a.iter().map(|p| p.as_array().ok_or_else(|| bad(shape)).and_then(|p| ids(p))).collect::<Res<_>>()?
-        }
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|p| p.as_array().ok_or_else(|| bad(shape)).and_then(|p| ids(p)))
+            .collect::<Res<_>>()?,
         Some(_) => return Err(bad(shape)),
     };
     let vocab = generator.model.vocab_size();
@@ -206,7 +265,9 @@ fn completion_prompts(o: &Map<String, Value>, generator: &Generator) -> Res<Vec<
             return Err(bad(&format!("prompt {i} encodes to no tokens")));
         }
         if let Some(t) = p.iter().find(|&&t| t as usize >= vocab) {
-            return Err(bad(&format!("prompt {i}: token id {t} is out of range for vocab size {vocab}")));
+            return Err(bad(&format!(
+                "prompt {i}: token id {t} is out of range for vocab size {vocab}"
+            )));
         }
     }
     Ok(prompts)
@@ -214,7 +275,10 @@ fn completion_prompts(o: &Map<String, Value>, generator: &Generator) -> Res<Vec<
 
 fn chat_prompt(o: &Map<String, Value>, generator: &Generator) -> Res<Vec<u32>> {
     let Some(Value::Array(ms)) = o.get("messages") else {
-        return Err(ApiError::bad("messages", "messages must be a non-empty list of {role, content}"));
+        return Err(ApiError::bad(
+            "messages",
+            "messages must be a non-empty list of {role, content}",
+        ));
     };
     if ms.is_empty() {
         return Err(ApiError::bad("messages", "messages is empty"));
@@ -222,19 +286,35 @@ fn chat_prompt(o: &Map<String, Value>, generator: &Generator) -> Res<Vec<u32>> {
     let mut messages = Vec::with_capacity(ms.len());
     for (i, m) in ms.iter().enumerate() {
         let param = format!("messages[{i}]");
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad(&param, format!("{param}: role must be a string")))?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad(&param, format!("{param}: role must be a string")))?;
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             // Content parts: only text parts can reach a text model.
             Some(Value::Array(parts)) => parts
                 .iter()
-                .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => Ok(t),
-                    _ => Err(ApiError::bad(&param, format!("{param}: only text content parts are supported"))),
+                .map(|p| {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => Ok(t),
+                        _ => Err(ApiError::bad(
+                            &param,
+                            format!("{param}: only text content parts are supported"),
+                        )),
+                    }
                 })
                 .collect::<Res<Vec<_>>>()?
                 .concat(),
-            _ => return Err(ApiError::bad(&param, format!("{param}: content must be a string or a list of text parts"))),
+            _ => {
+                return Err(ApiError::bad(
+                    &param,
+                    format!("{param}: content must be a string or a list of text parts"),
+                ))
+            }
         };
         messages.push(Message::new(role, content));
     }
@@ -242,17 +322,28 @@ fn chat_prompt(o: &Map<String, Value>, generator: &Generator) -> Res<Vec<u32>> {
         .encode_prompt(&Text::Messages(messages))
         .map_err(|e| ApiError::bad("messages", format!("cannot apply the chat template: {e}")))?;
     if ids.is_empty() {
-        return Err(ApiError::bad("messages", "the chat template renders to no tokens"));
+        return Err(ApiError::bad(
+            "messages",
+            "the chat template renders to no tokens",
+        ));
     }
     Ok(ids)
 }
 
 fn stops(o: &Map<String, Value>) -> Res<Vec<String>> {
-    let bad = || ApiError::bad("stop", "stop must be a non-empty string or a list of up to 4 of them");
+    let bad = || {
+        ApiError::bad(
+            "stop",
+            "stop must be a non-empty string or a list of up to 4 of them",
+        )
+    };
     let stops = match o.get("stop") {
         None | Some(Value::Null) => vec![],
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().map(|s| s.as_str().map(str::to_string).ok_or_else(bad)).collect::<Res<_>>()?,
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string).ok_or_else(bad))
+            .collect::<Res<_>>()?,
         Some(_) => return Err(bad()),
     };
     if stops.len() > 4 || stops.iter().any(String::is_empty) {
@@ -268,7 +359,9 @@ impl Fields<'_> {
     fn get<T>(&self, key: &str, what: &str, conv: impl Fn(&Value) -> Option<T>) -> Res<Option<T>> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => conv(v).map(Some).ok_or_else(|| ApiError::bad(key, format!("{key} must be {what}, got {v}"))),
+            Some(v) => conv(v)
+                .map(Some)
+                .ok_or_else(|| ApiError::bad(key, format!("{key} must be {what}, got {v}"))),
         }
     }
     fn str(&self, key: &str) -> Res<Option<String>> {
@@ -281,7 +374,9 @@ impl Fields<'_> {
         self.get(key, "a non-negative integer", Value::as_u64)
     }
     fn usize(&self, key: &str) -> Res<Option<usize>> {
-        self.get(key, "a non-negative integer", |v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+        self.get(key, "a non-negative integer", |v| {
+            v.as_u64().and_then(|x| usize::try_from(x).ok())
+        })
     }
     fn bool(&self, key: &str) -> Res<Option<bool>> {
         self.get(key, "true or false", Value::as_bool)

@@ -37,7 +37,10 @@ fn summary(seconds: f64, tokens: usize, mut latencies: Vec<f64>) -> Value {
 /// Runs both sides and returns one JSON object: tokens/s and p50/p99 request latency of each, and
 /// whether every request got the same completion both ways (batching must not change outputs).
 pub fn bench_serve(generator: Arc<Generator>, b: &ServeBench) -> Result<Value> {
-    let vocab = generator.model.vocab_size().min(generator.tokenizer.vocab_size());
+    let vocab = generator
+        .model
+        .vocab_size()
+        .min(generator.tokenizer.vocab_size());
     let eos = generator.model.eos_token_ids();
     let n = b.clients * b.requests_per_client;
     let requests: Vec<GenRequest> = (0..n)
@@ -63,9 +66,18 @@ pub fn bench_serve(generator: Arc<Generator>, b: &ServeBench) -> Result<Value> {
     let batch_s = t.elapsed().as_secs_f64();
     let tokens: usize = batch_out.iter().map(|o| o.tokens.len()).sum();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let engine = Engine::start(generator.clone(), b.clients);
-    let app = router(engine, ServeOptions { model_name: "bench".into(), api_key: None });
+    let app = router(
+        engine,
+        ServeOptions {
+            model_name: "bench".into(),
+            api_key: None,
+        },
+    );
     let (serve_s, results) = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/completions", listener.local_addr()?);
@@ -100,10 +112,17 @@ pub fn bench_serve(generator: Arc<Generator>, b: &ServeBench) -> Result<Value> {
         }
         anyhow::Ok((t.elapsed().as_secs_f64(), results))
     })?;
-    ensure!(results.len() == n, "{} of {n} requests answered", results.len());
+    ensure!(
+        results.len() == n,
+        "{} of {n} requests answered",
+        results.len()
+    );
     let serve_tokens: usize = results.iter().map(|r| r.3).sum();
     let decode = |ids: &[u32]| generator.tokenizer.decode(ids, true).unwrap_or_default();
-    let identical = serve_tokens == tokens && results.iter().all(|(r, _, text, _)| *text == decode(&batch_out[*r].tokens));
+    let identical = serve_tokens == tokens
+        && results
+            .iter()
+            .all(|(r, _, text, _)| *text == decode(&batch_out[*r].tokens));
     Ok(json!({
         "bench": "serve", "clients": b.clients, "requests": n, "prompt_len": b.prompt_len,
         "max_tokens": b.max_tokens, "new_tokens": tokens,

@@ -35,13 +35,25 @@ pub struct Completion {
 impl Client {
     /// `base_url` like `http://127.0.0.1:8000` (a trailing `/v1` is accepted).
     pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self> {
-        let base = base_url.trim_end_matches('/').trim_end_matches("/v1").to_string();
+        let base = base_url
+            .trim_end_matches('/')
+            .trim_end_matches("/v1")
+            .to_string();
         if !base.starts_with("http://") {
             bail!("endpoint {base_url}: only http:// URLs are supported (no TLS in this build; use a local proxy)")
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        Ok(Self { base, api_key, http, rt })
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            base,
+            api_key,
+            http,
+            rt,
+        })
     }
 
     fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
@@ -54,11 +66,21 @@ impl Client {
             if let Some(body) = body {
                 req = req.json(&body);
             }
-            let resp = req.send().await.with_context(|| format!("{url}: request failed"))?;
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("{url}: request failed"))?;
             let status = resp.status();
-            let text = resp.text().await.with_context(|| format!("{url}: cannot read the response"))?;
-            let v: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{url}: HTTP {status}, not JSON: {}", text.chars().take(200).collect::<String>()))?;
+            let text = resp
+                .text()
+                .await
+                .with_context(|| format!("{url}: cannot read the response"))?;
+            let v: Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{url}: HTTP {status}, not JSON: {}",
+                    text.chars().take(200).collect::<String>()
+                )
+            })?;
             if !status.is_success() {
                 let msg = v["error"]["message"].as_str().unwrap_or(&text);
                 bail!("{url}: HTTP {status}: {msg}")
@@ -70,7 +92,12 @@ impl Client {
     /// Ids of the served models.
     pub fn models(&self) -> Result<Vec<String>> {
         let v = self.call(reqwest::Method::GET, "/v1/models", None)?;
-        Ok(v["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(str::to_string)).collect())
+        Ok(v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect())
     }
 
     /// `/v1/completions` with a raw prompt.
@@ -85,7 +112,13 @@ impl Client {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|pos| pos.as_object().into_iter().flatten().filter_map(|(t, lp)| Some((t.clone(), lp.as_f64()?))).collect())
+            .map(|pos| {
+                pos.as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(t, lp)| Some((t.clone(), lp.as_f64()?)))
+                    .collect()
+            })
             .collect();
         choice(c, c["text"].as_str(), top)
     }
@@ -111,7 +144,9 @@ impl Client {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter_map(|e| Some((e["token"].as_str()?.to_string(), e["logprob"].as_f64()?)))
+                    .filter_map(|e| {
+                        Some((e["token"].as_str()?.to_string(), e["logprob"].as_f64()?))
+                    })
                     .collect()
             })
             .collect();
@@ -119,9 +154,15 @@ impl Client {
     }
 }
 
-fn choice(c: &Value, text: Option<&str>, top_logprobs: Vec<Vec<(String, f64)>>) -> Result<Completion> {
+fn choice(
+    c: &Value,
+    text: Option<&str>,
+    top_logprobs: Vec<Vec<(String, f64)>>,
+) -> Result<Completion> {
     Ok(Completion {
-        text: text.ok_or_else(|| anyhow!("response has no choices[0] text: {c}"))?.to_string(),
+        text: text
+            .ok_or_else(|| anyhow!("response has no choices[0] text: {c}"))?
+            .to_string(),
         finish_reason: c["finish_reason"].as_str().unwrap_or_default().to_string(),
         top_logprobs,
     })

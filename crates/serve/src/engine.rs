@@ -52,7 +52,11 @@ impl Engine {
             .name("rlhf-engine".into())
             .spawn(move || run(&g, rx, &s, max_batch.max(1)))
             .expect("cannot spawn the engine thread");
-        Self { jobs, stats, generator }
+        Self {
+            jobs,
+            stats,
+            generator,
+        }
     }
 
     pub fn generator(&self) -> &Generator {
@@ -61,7 +65,9 @@ impl Engine {
 
     /// Queues a request; its tokens (tagged `tag`) arrive on `sink`.
     pub fn submit(&self, req: GenRequest, tag: usize, sink: Sink) -> Result<()> {
-        self.jobs.send(Job { req, tag, sink }).map_err(|_| anyhow!("the generation engine has stopped"))
+        self.jobs
+            .send(Job { req, tag, sink })
+            .map_err(|_| anyhow!("the generation engine has stopped"))
     }
 
     pub fn stats(&self) -> Stats {
@@ -98,7 +104,9 @@ fn run(generator: &Generator, rx: Receiver<Job>, stats: &Mutex<Stats>, max_batch
             }
         }
         while decoder.len() < max_batch {
-            let Some(job) = waiting.pop_front() else { break };
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
             if job.sink.is_closed() {
                 continue;
             }
@@ -120,7 +128,9 @@ fn run(generator: &Generator, rx: Receiver<Job>, stats: &Mutex<Stats>, max_batch
                 let n = tokens.len() as u64;
                 for t in tokens {
                     let (id, done) = (t.id, t.finished.is_some());
-                    let Some((tag, sink)) = sinks.get(&id) else { continue };
+                    let Some((tag, sink)) = sinks.get(&id) else {
+                        continue;
+                    };
                     if sink.send((*tag, Ok(t))).is_err() && !done {
                         let _ = decoder.cancel(id);
                         sinks.remove(&id);

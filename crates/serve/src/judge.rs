@@ -20,7 +20,8 @@ use rlhf_train::feedback_data::{CRITIC_TEMPLATE, VERDICT_PREFIX, VERDICT_SCALE};
 use crate::client::{Client, Completion, Params};
 
 /// A constitution-style default rubric (helpful, honest, harmless).
-pub const DEFAULT_RUBRIC: &str = "Judge the response by these principles, in order of importance:\n\
+pub const DEFAULT_RUBRIC: &str =
+    "Judge the response by these principles, in order of importance:\n\
 1. Harmless: it does not help with dangerous, illegal or hateful aims, and refuses them politely.\n\
 2. Honest: it is accurate, does not make things up, and says when it is unsure.\n\
 3. Helpful: it answers what was asked, completely and concisely, in clear language.";
@@ -91,9 +92,21 @@ impl JudgeConfig {
     /// Refuses a template missing one of its placeholders.
     pub fn check(&self) -> Result<()> {
         for (name, t, keys) in [
-            ("pairwise", &self.pairwise_template, &["{prompt}", "{response_a}", "{response_b}"][..]),
-            ("rating", &self.rating_template, &["{prompt}", "{response}"][..]),
-            ("critic", &self.critic_template, &["{prompt}", "{response}"][..]),
+            (
+                "pairwise",
+                &self.pairwise_template,
+                &["{prompt}", "{response_a}", "{response_b}"][..],
+            ),
+            (
+                "rating",
+                &self.rating_template,
+                &["{prompt}", "{response}"][..],
+            ),
+            (
+                "critic",
+                &self.critic_template,
+                &["{prompt}", "{response}"][..],
+            ),
         ] {
             if let Some(k) = keys.iter().find(|k| !t.contains(*k)) {
                 bail!("the {name} template has no {k} placeholder")
@@ -126,17 +139,34 @@ impl Judge {
         cfg.check()?;
         let model = match &cfg.model {
             Some(m) => m.clone(),
-            None => client.models()?.into_iter().next().ok_or_else(|| anyhow::anyhow!("the endpoint serves no model"))?,
+            None => client
+                .models()?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("the endpoint serves no model"))?,
         };
-        Ok(Self { backend: Backend::Endpoint(client), model, cfg, undecided: AtomicUsize::new(0) })
+        Ok(Self {
+            backend: Backend::Endpoint(client),
+            model,
+            cfg,
+            undecided: AtomicUsize::new(0),
+        })
     }
 
     /// A judge over the model directory `dir`, run in this process.
     pub fn local(dir: &Path, cfg: JudgeConfig) -> Result<Self> {
         cfg.check()?;
         let g = Generator::load(dir).with_context(|| format!("judge model {}", dir.display()))?;
-        let model = cfg.model.clone().unwrap_or_else(|| dir.display().to_string());
-        Ok(Self { backend: Backend::Local(Box::new(g)), model, cfg, undecided: AtomicUsize::new(0) })
+        let model = cfg
+            .model
+            .clone()
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self {
+            backend: Backend::Local(Box::new(g)),
+            model,
+            cfg,
+            undecided: AtomicUsize::new(0),
+        })
     }
 
     /// A judge at `target`: an `http://` endpoint, or else a local model directory.
@@ -163,7 +193,12 @@ impl Judge {
     }
 
     fn ask(&self, text: &str, max_tokens: usize) -> Result<Completion> {
-        let p = Params { max_tokens, temperature: 0.0, top_logprobs: self.cfg.top_logprobs, seed: Some(0) };
+        let p = Params {
+            max_tokens,
+            temperature: 0.0,
+            top_logprobs: self.cfg.top_logprobs,
+            seed: Some(0),
+        };
         let g = match (&self.backend, self.cfg.api) {
             (Backend::Endpoint(c), Api::Completions) => return c.complete(&self.model, text, &p),
             (Backend::Endpoint(c), Api::Chat) => return c.chat(&self.model, text, &p),
@@ -171,7 +206,11 @@ impl Judge {
         };
         let prompt = match self.cfg.api {
             Api::Completions => Text::Plain(text.to_string()),
-            Api::Chat => Text::Messages(vec![Message { role: "user".into(), content: text.to_string(), extra: Default::default() }]),
+            Api::Chat => Text::Messages(vec![Message {
+                role: "user".into(),
+                content: text.to_string(),
+                extra: Default::default(),
+            }]),
         };
         let ids = g.encode_prompt(&prompt)?;
         // The answer gets what room the context leaves (a critic whose verdict does not fit is then an error).
@@ -179,9 +218,23 @@ impl Judge {
         if ids.len() >= positions {
             bail!("judge model {}: the filled template has {} tokens, the model only {positions} positions", self.model, ids.len());
         }
-        let req = GenRequest { max_new_tokens: max_tokens.min(positions - ids.len()), sampling: Sampling { temperature: 0.0, ..Sampling::default() }, ..Default::default() };
-        let (text, out) = g.run(&[ids], &[0], &req, 1)?.pop().ok_or_else(|| anyhow!("the judge model returned nothing"))?;
-        Ok(Completion { text, finish_reason: format!("{:?}", out.finish_reason).to_lowercase(), top_logprobs: Vec::new() })
+        let req = GenRequest {
+            max_new_tokens: max_tokens.min(positions - ids.len()),
+            sampling: Sampling {
+                temperature: 0.0,
+                ..Sampling::default()
+            },
+            ..Default::default()
+        };
+        let (text, out) = g
+            .run(&[ids], &[0], &req, 1)?
+            .pop()
+            .ok_or_else(|| anyhow!("the judge model returned nothing"))?;
+        Ok(Completion {
+            text,
+            finish_reason: format!("{:?}", out.finish_reason).to_lowercase(),
+            top_logprobs: Vec::new(),
+        })
     }
 
     /// P(first response is better) for one order of presentation.
@@ -199,14 +252,20 @@ impl Judge {
         if a + b > 0.0 {
             return Ok(a / (a + b));
         }
-        Ok(match c.text.split(|ch: char| !ch.is_ascii_alphanumeric()).find(|w| *w == "A" || *w == "B") {
-            Some("A") => 1.0,
-            Some(_) => 0.0,
-            None => {
-                self.undecided.fetch_add(1, Ordering::Relaxed);
-                0.5
-            }
-        })
+        Ok(
+            match c
+                .text
+                .split(|ch: char| !ch.is_ascii_alphanumeric())
+                .find(|w| *w == "A" || *w == "B")
+            {
+                Some("A") => 1.0,
+                Some(_) => 0.0,
+                None => {
+                    self.undecided.fetch_add(1, Ordering::Relaxed);
+                    0.5
+                }
+            },
+        )
     }
 
     /// P(`a` ≻ `b`) for `prompt`: averaged over both presentation orders, or (a critic) by the critic's
@@ -214,14 +273,24 @@ impl Judge {
     pub fn compare(&self, prompt: &str, a: &str, b: &str) -> Result<f64> {
         if self.cfg.mode == Mode::Critic {
             let (sa, sb) = (self.critic_score(prompt, a)?, self.critic_score(prompt, b)?);
-            return Ok(if sa > sb { 1.0 } else if sa < sb { 0.0 } else { 0.5 });
+            return Ok(if sa > sb {
+                1.0
+            } else if sa < sb {
+                0.0
+            } else {
+                0.5
+            });
         }
         Ok(0.5 * (self.prefer_first(prompt, a, b)? + 1.0 - self.prefer_first(prompt, b, a)?))
     }
 
     /// The critic's critique of `response` and the score of its verdict line; an error if it wrote none.
     pub fn critique(&self, prompt: &str, response: &str) -> Result<(String, f64)> {
-        let text = self.cfg.critic_template.replace("{prompt}", prompt).replace("{response}", response);
+        let text = self
+            .cfg
+            .critic_template
+            .replace("{prompt}", prompt)
+            .replace("{response}", response);
         let c = self.ask(&text, self.cfg.critic_max_tokens)?;
         match parse_verdict(&c.text) {
             Some(score) => Ok((c.text, score as f64)),
@@ -262,7 +331,11 @@ impl Judge {
         if total > 0.0 {
             return Ok(weighted / total);
         }
-        match c.text.chars().find_map(|ch| ch.to_digit(10).filter(|d| SCALE.contains(d))) {
+        match c
+            .text
+            .chars()
+            .find_map(|ch| ch.to_digit(10).filter(|d| SCALE.contains(d)))
+        {
             Some(d) => Ok(d as f64),
             None => {
                 self.undecided.fetch_add(1, Ordering::Relaxed);
@@ -276,14 +349,24 @@ impl Judge {
 pub fn parse_verdict(text: &str) -> Option<i64> {
     text.lines().find_map(|l| {
         let rest = l.trim().strip_prefix(VERDICT_PREFIX)?;
-        let digits: String = rest.trim_start().chars().take_while(char::is_ascii_digit).collect();
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         digits.parse().ok().filter(|n| VERDICT_SCALE.contains(n))
     })
 }
 
 /// Probability mass the first answer token puts on tokens that read as `label` (ignoring spaces).
 fn label_mass(c: &Completion, is_label: impl Fn(&str) -> bool) -> f64 {
-    c.top_logprobs.first().into_iter().flatten().filter(|(t, _)| is_label(t.trim())).map(|(_, lp)| lp.exp()).sum()
+    c.top_logprobs
+        .first()
+        .into_iter()
+        .flatten()
+        .filter(|(t, _)| is_label(t.trim()))
+        .map(|(_, lp)| lp.exp())
+        .sum()
 }
 
 #[cfg(test)]
@@ -293,7 +376,11 @@ mod tests {
     #[test]
     fn verdict_lines_are_read_and_anything_else_is_none() {
         assert_eq!(parse_verdict(" The reply is wrong.\nScore: 2"), Some(2));
-        assert_eq!(parse_verdict("ok\n  Score:7 and more\nScore: 3"), Some(7), "the first verdict line counts");
+        assert_eq!(
+            parse_verdict("ok\n  Score:7 and more\nScore: 3"),
+            Some(7),
+            "the first verdict line counts"
+        );
         assert_eq!(parse_verdict("Score: 0\nScore: 10"), None, "outside 1..=9");
         assert_eq!(parse_verdict("The reply scores 5.\nscore 4"), None);
         assert_eq!(parse_verdict(""), None);

@@ -26,11 +26,19 @@ pub const SCHEME: &str = "judge";
 
 /// Makes `judge:` specs available to every trainer in this process (the binary calls it at start-up).
 pub fn register() {
-    register_scheme(SCHEME, |arg, ctx| JudgeReward::parse(arg).map(|j| Box::new(j) as Box<dyn RewardSource>).map_err(|e| bad(ctx, e)));
+    register_scheme(SCHEME, |arg, ctx| {
+        JudgeReward::parse(arg)
+            .map(|j| Box::new(j) as Box<dyn RewardSource>)
+            .map_err(|e| bad(ctx, e))
+    });
 }
 
 fn bad(ctx: &SpecContext, e: anyhow::Error) -> TrainError {
-    TrainError::Config { file: "command line".into(), key: "reward".into(), msg: format!("`{}`: {e:#}", ctx.spec) }
+    TrainError::Config {
+        file: "command line".into(),
+        key: "reward".into(),
+        msg: format!("`{}`: {e:#}", ctx.spec),
+    }
 }
 
 /// Where and how to ask the judge, as parsed from `URL[,key=value…]`.
@@ -53,7 +61,9 @@ impl JudgeSpec {
         }
         let mut config = JudgeConfig::default();
         for opt in parts {
-            let (k, v) = opt.split_once('=').with_context(|| format!("option `{opt}`: expected key=value ({OPTIONS})"))?;
+            let (k, v) = opt
+                .split_once('=')
+                .with_context(|| format!("option `{opt}`: expected key=value ({OPTIONS})"))?;
             match k.trim() {
                 "model" => config.model = Some(v.trim().to_string()),
                 "api" => {
@@ -75,7 +85,10 @@ impl JudgeSpec {
                 }
                 "critic_template" => config.critic_template = read(v)?,
                 "max_tokens" => {
-                    let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("max_tokens={v}: expected a whole number > 0"))?;
+                    let n: usize =
+                        v.trim().parse().ok().filter(|&n| n > 0).with_context(|| {
+                            format!("max_tokens={v}: expected a whole number > 0")
+                        })?;
                     (config.max_tokens, config.critic_max_tokens) = (n, n);
                 }
                 other => bail!("unknown option `{other}` ({OPTIONS})"),
@@ -94,7 +107,8 @@ impl JudgeSpec {
     /// Connects (asks the endpoint for its model unless `model=` was given), or loads the model directory.
     pub fn connect(&self) -> anyhow::Result<Judge> {
         let key = std::env::var("RLHF_API_KEY").ok().filter(|k| !k.is_empty());
-        Judge::open(&self.url, key, self.config.clone()).with_context(|| format!("judge at {}", self.url))
+        Judge::open(&self.url, key, self.config.clone())
+            .with_context(|| format!("judge at {}", self.url))
     }
 }
 
@@ -107,7 +121,11 @@ pub struct JudgeReward {
 
 impl JudgeReward {
     pub fn parse(arg: &str) -> anyhow::Result<Self> {
-        Ok(Self { name: format!("{SCHEME}:{arg}"), spec: JudgeSpec::parse(arg)?, judge: None })
+        Ok(Self {
+            name: format!("{SCHEME}:{arg}"),
+            spec: JudgeSpec::parse(arg)?,
+            judge: None,
+        })
     }
 }
 
@@ -117,12 +135,22 @@ impl RewardSource for JudgeReward {
     }
 
     fn score(&mut self, samples: &[Sample]) -> rlhf_train::Result<Vec<f64>> {
-        let err = |e: anyhow::Error| TrainError::Reward { source_name: self.name.clone(), msg: format!("{e:#}") };
+        let err = |e: anyhow::Error| TrainError::Reward {
+            source_name: self.name.clone(),
+            msg: format!("{e:#}"),
+        };
         if self.judge.is_none() {
             self.judge = Some(self.spec.connect().map_err(err)?);
         }
-        let items: Vec<(String, String)> = samples.iter().map(|s| (s.prompt.to_string(), s.completion.to_string())).collect();
-        self.judge.as_ref().expect("connected above").rate(&items).map_err(err)
+        let items: Vec<(String, String)> = samples
+            .iter()
+            .map(|s| (s.prompt.to_string(), s.completion.to_string()))
+            .collect();
+        self.judge
+            .as_ref()
+            .expect("connected above")
+            .rate(&items)
+            .map_err(err)
     }
 }
 
@@ -133,11 +161,22 @@ mod tests {
     #[test]
     fn specs_name_a_url_or_a_model_directory_and_the_critic_mode() {
         let s = JudgeSpec::parse("http://127.0.0.1:1,mode=critic,max_tokens=12").unwrap();
-        assert_eq!((s.config.mode, s.config.critic_max_tokens, s.config.max_tokens), (Mode::Critic, 12, 12));
+        assert_eq!(
+            (
+                s.config.mode,
+                s.config.critic_max_tokens,
+                s.config.max_tokens
+            ),
+            (Mode::Critic, 12, 12)
+        );
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama");
         assert_eq!(JudgeSpec::parse(dir).unwrap().config.mode, Mode::Verdict);
         let e = |arg: &str| format!("{:#}", JudgeSpec::parse(arg).unwrap_err());
-        assert!(e("no/such/dir").contains("neither an http:// endpoint nor a model directory"), "{}", e("no/such/dir"));
+        assert!(
+            e("no/such/dir").contains("neither an http:// endpoint nor a model directory"),
+            "{}",
+            e("no/such/dir")
+        );
         assert!(e("http://h:1,mode=judge").contains("expected verdict or critic"));
         assert!(e("http://h:1,max_tokens=0").contains("max_tokens=0"));
     }

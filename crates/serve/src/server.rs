@@ -40,17 +40,29 @@ struct AppState {
 
 /// The router of the API: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`.
 pub fn router(engine: Engine, opts: ServeOptions) -> Router {
-    let state = Arc::new(AppState { engine, opts, next_id: AtomicU64::new(0) });
+    let state = Arc::new(AppState {
+        engine,
+        opts,
+        next_id: AtomicU64::new(0),
+    });
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(|method: Method, uri: Uri| async move {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {method} {uri}"))
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {method} {uri}"),
+            )
         })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {uri}"))
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {uri}"),
+            )
         })
         .with_state(state)
 }
@@ -65,20 +77,34 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &state.opts.api_key else { return Ok(()) };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(key) = &state.opts.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     if given == Some(key.as_str()) {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "missing or wrong bearer token (Authorization: Bearer <key>)"))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "missing or wrong bearer token (Authorization: Bearer <key>)",
+        ))
     }
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
-async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn models(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     authorize(&s, &headers)?;
     Ok(Json(json!({"object": "list", "data": [{
         "id": s.opts.model_name, "object": "model", "created": 0, "owned_by": "rlhf",
@@ -91,27 +117,54 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
 }
 
 async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    respond(s, headers, body, Kind::Completion).await.unwrap_or_else(IntoResponse::into_response)
+    respond(s, headers, body, Kind::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    respond(s, headers, body, Kind::Chat).await.unwrap_or_else(IntoResponse::into_response)
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    respond(s, headers, body, Kind::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn respond(s: Arc<AppState>, headers: HeaderMap, body: Bytes, kind: Kind) -> Result<Response, ApiError> {
+async fn respond(
+    s: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let parsed = api::parse(&body, kind, s.engine.generator(), &s.opts.model_name)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     for (i, r) in parsed.requests.iter().enumerate() {
-        s.engine
-            .submit(r.clone(), i, tx.clone())
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", e.to_string()))?;
+        s.engine.submit(r.clone(), i, tx.clone()).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "engine_stopped",
+                e.to_string(),
+            )
+        })?;
     }
     // Only the engine holds senders now: if it stops, the receiver sees the end instead of hanging.
     drop(tx);
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
     let id = format!("{prefix}-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
-    let reply = Reply { state: s, kind, id, created: now(), parsed };
+    let reply = Reply {
+        state: s,
+        kind,
+        id,
+        created: now(),
+        parsed,
+    };
     if reply.parsed.stream {
         Ok(reply.stream(rx).into_response())
     } else {
@@ -153,7 +206,11 @@ impl Reply {
 
     fn choices(&self) -> Vec<Choice> {
         (0..self.parsed.requests.len())
-            .map(|_| Choice { text: TextStream::new(&self.parsed.stop), logprobs: vec![], finish: None })
+            .map(|_| Choice {
+                text: TextStream::new(&self.parsed.stop),
+                logprobs: vec![],
+                finish: None,
+            })
             .collect()
     }
 
@@ -231,7 +288,9 @@ impl Reply {
         let mut choices = self.choices();
         let mut left = choices.len();
         while left > 0 {
-            let Some((i, ev)) = rx.recv().await else { return Err(engine_error("the engine stopped".into())) };
+            let Some((i, ev)) = rx.recv().await else {
+                return Err(engine_error("the engine stopped".into()));
+            };
             let t = ev.map_err(engine_error)?;
             let c = &mut choices[i];
             c.text.push(self.tokenizer(), t.token);
@@ -269,11 +328,19 @@ impl Reply {
     }
 
     /// A chunk carrying `delta` (and the logprobs of the tokens since the last chunk) for choice `i`.
-    fn chunk(&self, i: usize, c: &mut Choice, delta: String, finish: Option<FinishReason>) -> SseEvent {
+    fn chunk(
+        &self,
+        i: usize,
+        c: &mut Choice,
+        delta: String,
+        finish: Option<FinishReason>,
+    ) -> SseEvent {
         let logprobs = self.logprobs_json(&std::mem::take(&mut c.logprobs));
         let reason = finish.map(finish_reason);
         let choice = match self.kind {
-            Kind::Completion => json!({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": reason}),
+            Kind::Completion => {
+                json!({"index": i, "text": delta, "logprobs": logprobs, "finish_reason": reason})
+            }
             Kind::Chat => {
                 json!({"index": i, "delta": {"content": delta}, "logprobs": logprobs, "finish_reason": reason})
             }
@@ -282,7 +349,10 @@ impl Reply {
     }
 
     /// Streams chunks as tokens arrive, then `data: [DONE]`.
-    fn stream(self, rx: UnboundedReceiver<Event>) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    fn stream(
+        self,
+        rx: UnboundedReceiver<Event>,
+    ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
         struct St {
             reply: Reply,
             choices: Vec<Choice>,
@@ -295,11 +365,20 @@ impl Reply {
         if self.kind == Kind::Chat {
             for i in 0..self.parsed.requests.len() {
                 let first = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                queue.push_back(SseEvent::default().data(self.envelope(true, vec![first]).to_string()));
+                queue.push_back(
+                    SseEvent::default().data(self.envelope(true, vec![first]).to_string()),
+                );
             }
         }
         let (left, choices) = (self.parsed.requests.len(), self.choices());
-        let st = St { reply: self, choices, rx, queue, left, ended: false };
+        let st = St {
+            reply: self,
+            choices,
+            rx,
+            queue,
+            left,
+            ended: false,
+        };
         let events = futures_util::stream::unfold(st, |mut st| async move {
             loop {
                 if let Some(e) = st.queue.pop_front() {
@@ -313,12 +392,18 @@ impl Reply {
                     st.queue.push_back(SseEvent::default().data("[DONE]"));
                     continue;
                 }
-                let (i, ev) = st.rx.recv().await.unwrap_or((0, Err("the engine stopped".to_string())));
+                let (i, ev) = st
+                    .rx
+                    .recv()
+                    .await
+                    .unwrap_or((0, Err("the engine stopped".to_string())));
                 let t = match ev {
                     Ok(t) => t,
                     Err(e) => {
                         st.ended = true;
-                        st.queue.push_back(SseEvent::default().data(engine_error(e).to_json().to_string()));
+                        st.queue.push_back(
+                            SseEvent::default().data(engine_error(e).to_json().to_string()),
+                        );
                         continue;
                     }
                 };

@@ -13,7 +13,11 @@ pub struct TextStream {
 
 impl TextStream {
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.to_vec(), tokens: vec![], emitted: 0 }
+        Self {
+            stops: stops.to_vec(),
+            tokens: vec![],
+            emitted: 0,
+        }
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -23,7 +27,12 @@ impl TextStream {
     /// The completion so far, cut before the first stop string.
     pub fn text(&self, tokenizer: &Tokenizer) -> String {
         let mut text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
-        if let Some(cut) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
             text.truncate(cut);
         }
         text
@@ -41,7 +50,11 @@ impl TextStream {
         let held = self
             .stops
             .iter()
-            .flat_map(|s| (1..s.len()).filter(|&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
             .filter(|p| text[..end].ends_with(p))
             .map(str::len)
             .max()

@@ -39,12 +39,25 @@ fn scripted(answer: fn(&str) -> (Vec<(&'static str, f64)>, &'static str)) -> Ser
 }
 
 fn judge(s: &Server, api: Api) -> Judge {
-    Judge::new(Client::new(&s.url, None).unwrap(), JudgeConfig { api, ..Default::default() }).unwrap()
+    Judge::new(
+        Client::new(&s.url, None).unwrap(),
+        JudgeConfig {
+            api,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// The text shown as response A in a pairwise prompt.
 fn response_a(prompt: &str) -> &str {
-    prompt.split("Response A:\n").nth(1).unwrap().split("\n\nResponse B:").next().unwrap()
+    prompt
+        .split("Response A:\n")
+        .nth(1)
+        .unwrap()
+        .split("\n\nResponse B:")
+        .next()
+        .unwrap()
 }
 
 #[test]
@@ -56,7 +69,13 @@ fn both_orders_cancel_position_bias() {
         assert!((j.compare("q", "x", "y").unwrap() - 0.5).abs() < 1e-12);
     }
     // Likes "good" but is biased to position A: P(A) = 0.9 when A is good, 0.3 when B is.
-    let s = scripted(|p| if response_a(p).contains("good") { (vec![("A", 0.9), ("B", 0.1)], "A") } else { (vec![("A", 0.3), ("B", 0.7)], "A") });
+    let s = scripted(|p| {
+        if response_a(p).contains("good") {
+            (vec![("A", 0.9), ("B", 0.1)], "A")
+        } else {
+            (vec![("A", 0.3), ("B", 0.7)], "A")
+        }
+    });
     for api in [Api::Completions, Api::Chat] {
         let j = judge(&s, api);
         assert!((j.compare("q", "good answer", "bad answer").unwrap() - 0.8).abs() < 1e-12);
@@ -68,7 +87,16 @@ fn both_orders_cancel_position_bias() {
 #[test]
 fn verdicts_fall_back_to_the_answer_text() {
     // No logprobs: the letter in the text decides each order.
-    let s = scripted(|p| (vec![], if response_a(p).contains("good") { " A." } else { " B" }));
+    let s = scripted(|p| {
+        (
+            vec![],
+            if response_a(p).contains("good") {
+                " A."
+            } else {
+                " B"
+            },
+        )
+    });
     let j = judge(&s, Api::Completions);
     assert_eq!(j.compare("q", "good", "bad").unwrap(), 1.0);
     assert_eq!(j.compare("q", "bad", "good").unwrap(), 0.0);
@@ -83,26 +111,56 @@ fn verdicts_fall_back_to_the_answer_text() {
 fn ratings_are_the_expected_digit() {
     // Mass on 7 (0.5) and 9 (0.25); the rest on a non-digit is ignored: (3.5 + 2.25) / 0.75.
     let s = scripted(|p| {
-        assert!(p.contains("Response:\nmy answer") && p.contains("Harmless"), "{p}");
+        assert!(
+            p.contains("Response:\nmy answer") && p.contains("Harmless"),
+            "{p}"
+        );
         (vec![(" 7", 0.5), ("9", 0.25), (" x", 0.25)], "7")
     });
     let j = judge(&s, Api::Completions);
-    let r = j.rate(&[("q".into(), "my answer".into()), ("q2".into(), "my answer".into())]).unwrap();
+    let r = j
+        .rate(&[
+            ("q".into(), "my answer".into()),
+            ("q2".into(), "my answer".into()),
+        ])
+        .unwrap();
     assert_eq!(r.len(), 2);
     assert!((r[0] - 23.0 / 3.0).abs() < 1e-9, "{r:?}");
     let s = scripted(|_| (vec![], "Rating: 4 out of 9"));
-    assert_eq!(judge(&s, Api::Chat).rate(&[("q".into(), "a".into())]).unwrap(), [4.0]);
+    assert_eq!(
+        judge(&s, Api::Chat)
+            .rate(&[("q".into(), "a".into())])
+            .unwrap(),
+        [4.0]
+    );
 }
 
 #[test]
 fn templates_must_have_their_placeholders() {
     let s = scripted(|_| (vec![], "A"));
-    let cfg = JudgeConfig { pairwise_template: "Which is better, {response_a} or this?".into(), ..Default::default() };
-    let err = Judge::new(Client::new(&s.url, None).unwrap(), cfg).err().unwrap().to_string();
-    assert!(err.contains("pairwise") && err.contains("{prompt}"), "{err}");
-    let err = Client::new("https://api.example.com", None).err().unwrap().to_string();
+    let cfg = JudgeConfig {
+        pairwise_template: "Which is better, {response_a} or this?".into(),
+        ..Default::default()
+    };
+    let err = Judge::new(Client::new(&s.url, None).unwrap(), cfg)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pairwise") && err.contains("{prompt}"),
+        "{err}"
+    );
+    let err = Client::new("https://api.example.com", None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("http://"), "{err}");
-    let err = Judge::new(Client::new("http://127.0.0.1:9", None).unwrap(), JudgeConfig::default()).err().unwrap();
+    let err = Judge::new(
+        Client::new("http://127.0.0.1:9", None).unwrap(),
+        JudgeConfig::default(),
+    )
+    .err()
+    .unwrap();
     assert!(format!("{err:#}").contains("127.0.0.1:9"), "{err:#}");
 }
 
@@ -123,7 +181,11 @@ fn judging_with_rlhf_serve_as_the_endpoint() {
     let ba = j.compare("What is 2 + 2?", "5", "4").unwrap();
     assert!((0.0..=1.0).contains(&ab), "{ab}");
     assert!((ab + ba - 1.0).abs() < 1e-9, "{ab} + {ba}");
-    assert_eq!(j.compare("What is 2 + 2?", "4", "5").unwrap(), ab, "greedy judging is deterministic");
+    assert_eq!(
+        j.compare("What is 2 + 2?", "4", "5").unwrap(),
+        ab,
+        "greedy judging is deterministic"
+    );
     let r = j.rate(&[("What is 2 + 2?".into(), "4".into())]).unwrap();
     assert!((1.0..=9.0).contains(&r[0]), "{r:?}");
 }

@@ -16,13 +16,30 @@ fn main() {
     let (config, data, warmup_steps) = match which.as_str() {
         "tiny" => (
             bench::tiny_llama_config(),
-            BenchData::Addition { tokenizer_dir: root.join("fixtures/tokenizer"), data_file: root.join("data/sft_train.jsonl") },
+            BenchData::Addition {
+                tokenizer_dir: root.join("fixtures/tokenizer"),
+                data_file: root.join("data/sft_train.jsonl"),
+            },
             5,
         ),
-        "smollm2" => (bench::smollm2_135m_config(), BenchData::Random { seq_len: 128, num_rows: 64 }, 2),
+        "smollm2" => (
+            bench::smollm2_135m_config(),
+            BenchData::Random {
+                seq_len: 128,
+                num_rows: 64,
+            },
+            2,
+        ),
         other => panic!("unknown shape {other} (tiny | smollm2)"),
     };
     let model = CausalLm::init_random(config, 1234, &Device::Cpu).unwrap();
-    let shape = SftBenchShape { name: which, model, data, batch_size: 8, warmup_steps, steps };
+    let shape = SftBenchShape {
+        name: which,
+        model,
+        data,
+        batch_size: 8,
+        warmup_steps,
+        steps,
+    };
     println!("{}", bench_sft(shape).unwrap());
 }

@@ -40,7 +40,10 @@ pub enum ScaleRewards {
 /// GRPO: `A_i = (r_i − mean(r_group)) / (std(r_group) + 1e-4)` for consecutive groups of `g` rewards
 /// (scaled as `scale` says). Returns the advantages and, per group, whether its rewards all equal.
 pub fn group_advantages(rewards: &[f32], g: usize, scale: ScaleRewards) -> (Vec<f32>, Vec<bool>) {
-    assert!(g > 0 && rewards.len().is_multiple_of(g), "rewards must come in whole groups");
+    assert!(
+        g > 0 && rewards.len().is_multiple_of(g),
+        "rewards must come in whole groups"
+    );
     let batch_std = std_unbiased(rewards);
     let mut adv = Vec::with_capacity(rewards.len());
     let mut zero_std = Vec::with_capacity(rewards.len() / g);
@@ -61,7 +64,10 @@ pub fn group_advantages(rewards: &[f32], g: usize, scale: ScaleRewards) -> (Vec<
 
 /// RLOO: `A_i = r_i − (Σ_group r − r_i) / (g − 1)`, the mean reward of the other samples of the prompt.
 pub fn leave_one_out_advantages(rewards: &[f32], g: usize) -> Vec<f32> {
-    assert!(g > 1 && rewards.len().is_multiple_of(g), "RLOO needs whole groups of at least two");
+    assert!(
+        g > 1 && rewards.len().is_multiple_of(g),
+        "RLOO needs whole groups of at least two"
+    );
     rewards
         .chunks(g)
         .flat_map(|group| {
@@ -155,7 +161,11 @@ mod tests {
 
     #[test]
     fn group_advantages_centre_and_scale() {
-        let (a, z) = group_advantages(&[1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5], 4, ScaleRewards::Group);
+        let (a, z) = group_advantages(
+            &[1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5],
+            4,
+            ScaleRewards::Group,
+        );
         let s = std_unbiased(&[1.0, 0.0, 1.0, 0.0]);
         assert!((a[0] - 0.5 / (s + 1e-4)).abs() < 1e-6);
         assert!((a[1] + 0.5 / (s + 1e-4)).abs() < 1e-6);
@@ -198,7 +208,11 @@ mod tests {
 
     #[test]
     fn adaptive_kl_moves_beta_toward_the_target() {
-        let mut c = AdaptiveKl { beta: 0.1, target: 6.0, horizon: 10000.0 };
+        let mut c = AdaptiveKl {
+            beta: 0.1,
+            target: 6.0,
+            horizon: 10000.0,
+        };
         c.update(12.0, 256);
         assert!((c.beta - 0.1 * (1.0 + 0.2 * 256.0 / 10000.0)).abs() < 1e-12);
         c.update(0.0, 256);

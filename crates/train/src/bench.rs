@@ -18,7 +18,10 @@ use crate::sft::{SftTrainer, StepStats};
 pub enum BenchData {
     /// A prompt/completion JSONL file tokenized with the tokenizer in `tokenizer_dir`, completion-only
     /// loss, cut to 64 tokens (bench-trl's SFT settings).
-    Addition { tokenizer_dir: PathBuf, data_file: PathBuf },
+    Addition {
+        tokenizer_dir: PathBuf,
+        data_file: PathBuf,
+    },
     /// Uniformly random token ids, every token trained (bench-trl's `torch_135m.py` step).
     Random { seq_len: usize, num_rows: usize },
 }
@@ -37,29 +40,56 @@ pub struct SftBenchShape {
 
 /// Run the benchmark; one JSON object with the measurements.
 pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
-    let SftBenchShape { name, model, data, batch_size, warmup_steps, steps } = shape;
+    let SftBenchShape {
+        name,
+        model,
+        data,
+        batch_size,
+        warmup_steps,
+        steps,
+    } = shape;
     let steps = steps.max(1);
     let vocab = model.vocab_size();
     let params = model.num_parameters();
     let (rows, pad_id, data_desc) = match &data {
-        BenchData::Addition { tokenizer_dir, data_file } => {
-            let tok = rlhf_data::Tokenizer::from_dir(tokenizer_dir).map_err(|e| TrainError::Data(e.to_string()))?;
+        BenchData::Addition {
+            tokenizer_dir,
+            data_file,
+        } => {
+            let tok = rlhf_data::Tokenizer::from_dir(tokenizer_dir)
+                .map_err(|e| TrainError::Data(e.to_string()))?;
             let pad = tok.pad_id().map_err(|e| TrainError::Data(e.to_string()))?;
-            let dataset = rlhf_data::load_dataset(data_file).map_err(|e| TrainError::Data(e.to_string()))?;
-            let cfg = rlhf_data::SftConfig { max_length: Some(64), ..Default::default() };
-            let rows = rlhf_data::tokenize_sft(&dataset, &tok, &cfg).map_err(|e| TrainError::Data(e.to_string()))?.rows;
-            (rows, pad, format!("{} (completion-only, max_length 64)", data_file.display()))
+            let dataset =
+                rlhf_data::load_dataset(data_file).map_err(|e| TrainError::Data(e.to_string()))?;
+            let cfg = rlhf_data::SftConfig {
+                max_length: Some(64),
+                ..Default::default()
+            };
+            let rows = rlhf_data::tokenize_sft(&dataset, &tok, &cfg)
+                .map_err(|e| TrainError::Data(e.to_string()))?
+                .rows;
+            (
+                rows,
+                pad,
+                format!("{} (completion-only, max_length 64)", data_file.display()),
+            )
         }
         BenchData::Random { seq_len, num_rows } => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
             let rows = (0..*num_rows)
                 .map(|_| {
-                    let ids: Vec<u32> = (0..*seq_len).map(|_| rng.gen_range(0..vocab as u32)).collect();
+                    let ids: Vec<u32> = (0..*seq_len)
+                        .map(|_| rng.gen_range(0..vocab as u32))
+                        .collect();
                     let labels = ids.iter().map(|&i| i as i64).collect();
                     TokenizedSequence::new(ids, labels)
                 })
                 .collect();
-            (rows, 0, format!("random ids, {seq_len} tokens per row, all trained"))
+            (
+                rows,
+                0,
+                format!("random ids, {seq_len} tokens per row, all trained"),
+            )
         }
     };
 
@@ -93,9 +123,10 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
     let timed_secs: f64 = timed_wall.iter().sum();
     // bench-trl's contamination check: CPU used by other processes while we ran, in cores.
     let (other_cores, own_cpu_per_step) = match (cpu_start.flatten(), cpu_end) {
-        (Some((busy0, own0)), Some((busy1, own1))) => {
-            (Some((((busy1 - busy0) - (own1 - own0)) / timed_secs).max(0.0)), Some((own1 - own0) / timed.len() as f64))
-        }
+        (Some((busy0, own0)), Some((busy1, own1))) => (
+            Some((((busy1 - busy0) - (own1 - own0)) / timed_secs).max(0.0)),
+            Some((own1 - own0) / timed.len() as f64),
+        ),
         _ => (None, None),
     };
     Ok(json!({
@@ -137,9 +168,22 @@ pub(crate) fn cpu_snapshot() -> Option<(f64, f64)> {
     // USER_HZ is 100 on every Linux configuration procfs is read with.
     const HZ: f64 = 100.0;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-    let busy = v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum::<f64>() / HZ;
+    let busy = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum::<f64>()
+        / HZ;
     let own = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();

@@ -41,7 +41,13 @@ pub struct TrainerState {
 impl TrainerState {
     /// The state before the first step of a run whose data order is `data` drawn from `seed`.
     pub fn new(data: SamplerState, seed: u64) -> Self {
-        Self { global_step: 0, data, shuffle_seed: seed, num_tokens: 0, lora_dropout: Vec::new() }
+        Self {
+            global_step: 0,
+            data,
+            shuffle_seed: seed,
+            num_tokens: 0,
+            lora_dropout: Vec::new(),
+        }
     }
 }
 
@@ -55,17 +61,37 @@ pub fn resume_dir(output_dir: &Path) -> Result<PathBuf> {
 
 /// Settings a resumed run may change: they decide where and when to log, evaluate and save, not what is
 /// trained.
-pub const RESUME_FREE_KEYS: &[&str] =
-    &["output_dir", "resume", "overwrite_output_dir", "eval_file", "logging_steps", "eval_steps", "save_steps", "save_total_limit"];
+pub const RESUME_FREE_KEYS: &[&str] = &[
+    "output_dir",
+    "resume",
+    "overwrite_output_dir",
+    "eval_file",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+];
 
 /// Refuses to resume from a checkpoint whose `training_config.json` (`saved`) differs from this run's
 /// settings (`current`, the same serialisation) in any key but `free` (settings that do not change what is
 /// trained, such as logging cadence). The error names every differing key with both values.
-pub fn check_resume_config(dir: &Path, saved: &serde_json::Value, current: &serde_json::Value, free: &[&str]) -> Result<()> {
+pub fn check_resume_config(
+    dir: &Path,
+    saved: &serde_json::Value,
+    current: &serde_json::Value,
+    free: &[&str],
+) -> Result<()> {
     let null = serde_json::Value::Null;
     let empty = serde_json::Map::new();
-    let (s, c) = (saved.as_object().unwrap_or(&empty), current.as_object().unwrap_or(&empty));
-    let mut keys: Vec<&String> = s.keys().chain(c.keys()).filter(|k| !free.contains(&k.as_str())).collect();
+    let (s, c) = (
+        saved.as_object().unwrap_or(&empty),
+        current.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = s
+        .keys()
+        .chain(c.keys())
+        .filter(|k| !free.contains(&k.as_str()))
+        .collect();
     keys.sort();
     keys.dedup();
     // A key missing on one side (a checkpoint from an older version) reads as null = unset.
@@ -92,19 +118,33 @@ pub fn check_resume_config(dir: &Path, saved: &serde_json::Value, current: &serd
 /// Removes what interrupted writers left in `output_dir`: `.tmp-checkpoint-*` directories and the
 /// `.<name>.tmp<pid>` files of [`rlhf_model::io::write_atomic`], unless the process that owns them still runs.
 pub fn remove_stale_temporaries(output_dir: &Path) -> Result<()> {
-    let Ok(entries) = fs::read_dir(output_dir) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(output_dir) else {
+        return Ok(());
+    };
     for entry in entries {
         let path = entry.map_err(io_err(output_dir))?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
         let stale = if name.starts_with(TMP_PREFIX) {
             true
-        } else if let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp")).map(|(_, pid)| pid) {
-            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !Path::new("/proc").join(pid).exists()
+        } else if let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(".tmp"))
+            .map(|(_, pid)| pid)
+        {
+            !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && !Path::new("/proc").join(pid).exists()
         } else {
             false
         };
         if stale {
-            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
             removed.map_err(io_err(&path))?;
         }
     }
@@ -122,7 +162,11 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(io_err(output_dir))?;
         let name = entry.file_name();
-        let Some(step) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|s| s.parse().ok()) else {
+        let Some(step) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|s| s.parse().ok())
+        else {
             continue;
         };
         // The state file is written last inside the temp dir; its presence double-checks completeness.
@@ -192,8 +236,10 @@ pub fn save_checkpoint(
 pub fn load_checkpoint(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), msg: e.to_string() })?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: state_path.clone(),
+        msg: e.to_string(),
+    })?;
     optimizer.load_state(&dir.join(OPTIMIZER_FILE))?;
     Ok(state)
 }
@@ -202,7 +248,10 @@ pub fn load_checkpoint(dir: &Path, optimizer: &mut AdamW) -> Result<TrainerState
 pub fn load_checkpoint_config(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(CONFIG_FILE);
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path, msg: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path,
+        msg: e.to_string(),
+    })
 }
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
@@ -217,12 +266,16 @@ fn sync_tree(dir: &Path) -> Result<()> {
         if path.is_dir() {
             sync_tree(&path)?;
         } else {
-            fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
         }
     }
     sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
 }

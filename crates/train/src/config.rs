@@ -14,7 +14,9 @@ use crate::train_args::{TrainArgs, TrainConfig, TrainDefaults};
 /// Every SFT setting, each optional so that file and flags can be merged ([`crate::settings::load`]). Field
 /// docs are the CLI help.
 #[derive(Debug, Clone, Default, PartialEq, Parser, Serialize, Deserialize)]
-#[command(about = "Supervised fine-tuning on demonstrations (prompt/completion, messages or text data)")]
+#[command(
+    about = "Supervised fine-tuning on demonstrations (prompt/completion, messages or text data)"
+)]
 pub struct SftArgs {
     /// TOML file with any of the settings below (flags override it).
     #[arg(long = "config", value_name = "FILE")]
@@ -99,26 +101,50 @@ impl SftArgs {
         let config = self.config.as_deref();
         let err = |key: &str, msg: String| setting_err(config, key, msg);
         let required = |v: &Option<PathBuf>, key: &str| {
-            v.clone().ok_or_else(|| err(key, format!("required (set it in the config file or pass --{})", key.replace('_', "-"))))
+            v.clone().ok_or_else(|| {
+                err(
+                    key,
+                    format!(
+                        "required (set it in the config file or pass --{})",
+                        key.replace('_', "-")
+                    ),
+                )
+            })
         };
-        let d = SftConfig::with_defaults(required(&self.model, "model")?, required(&self.train_file, "train_file")?, PathBuf::new());
+        let d = SftConfig::with_defaults(
+            required(&self.model, "model")?,
+            required(&self.train_file, "train_file")?,
+            PathBuf::new(),
+        );
         let cfg = SftConfig {
             eval_file: self.eval_file.clone(),
             max_length: self.max_length.unwrap_or(d.max_length),
             packing: self.packing.unwrap_or(d.packing),
             completion_only_loss: self.completion_only_loss.unwrap_or(d.completion_only_loss),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
-            gradient_accumulation_steps: self.gradient_accumulation_steps.unwrap_or(d.gradient_accumulation_steps),
+            gradient_accumulation_steps: self
+                .gradient_accumulation_steps
+                .unwrap_or(d.gradient_accumulation_steps),
             train: self.train.resolve(&TrainDefaults::SFT, &err)?,
             ..d
         };
-        for (key, v) in [("max_length", cfg.max_length), ("batch_size", cfg.batch_size), ("gradient_accumulation_steps", cfg.gradient_accumulation_steps)] {
+        for (key, v) in [
+            ("max_length", cfg.max_length),
+            ("batch_size", cfg.batch_size),
+            (
+                "gradient_accumulation_steps",
+                cfg.gradient_accumulation_steps,
+            ),
+        ] {
             if v == 0 {
                 return Err(err(key, "must be at least 1".into()));
             }
         }
         if !cfg.model.join("config.json").is_file() {
-            return Err(err("model", format!("{} has no config.json", cfg.model.display())));
+            return Err(err(
+                "model",
+                format!("{} has no config.json", cfg.model.display()),
+            ));
         }
         check_data_file(&cfg.train_file).map_err(|m| err("train_file", m))?;
         if let Some(f) = &cfg.eval_file {
@@ -131,7 +157,10 @@ impl SftArgs {
 /// Why `path` cannot be a data file (missing, or a directory), as an error message naming it.
 pub(crate) fn check_data_file(path: &Path) -> std::result::Result<(), String> {
     if path.is_dir() {
-        Err(format!("{}: is a directory, not a data file (expected a .jsonl, .json or .parquet file)", path.display()))
+        Err(format!(
+            "{}: is a directory, not a data file (expected a .jsonl, .json or .parquet file)",
+            path.display()
+        ))
     } else if !path.is_file() {
         Err(format!("{}: no such file", path.display()))
     } else {

@@ -10,27 +10,34 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
-use rlhf_data::{collate, collate_preference, Format, PreferenceExample, Record, TokenBatch, TokenizedSequence, Tokenizer, Truncation, IGNORE};
+use rlhf_data::{
+    collate, collate_preference, Format, PreferenceExample, Record, TokenBatch, TokenizedSequence,
+    Tokenizer, Truncation, IGNORE,
+};
 use rlhf_model::lora::Lora;
 use rlhf_model::CausalLm;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{io_err, Result, TrainError};
 use crate::lora::attach_lora;
 use crate::optim::AdamW;
 use crate::pref_config::{DpoOptions, PrefArgs, PrefConfig};
-use crate::settings::Settings;
-use crate::train_args::TrainDefaults;
 use crate::pref_data::{bench_pairs, data_err, row_err, tokenize_completion};
 use crate::pref_loss::{self, KtoLogps, LossType, PairLogps};
+use crate::pref_train::{
+    bench_steps, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary,
+};
+use crate::settings::Settings;
+use crate::train_args::TrainDefaults;
 use crate::trainer::copy_tokenizer;
-use crate::pref_train::{bench_steps, eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
 /// Settings of `rlhf dpo`: the preference trainers' settings plus these (TOML keys and flags of the same names;
 /// older files group them in a section `[dpo]`).
 #[derive(Debug, Clone, Default, PartialEq, clap::Parser, Serialize, Deserialize)]
-#[command(about = "Direct preference optimisation: sigmoid (DPO), ipo, robust, hinge, kto, orpo, simpo, cpl")]
+#[command(
+    about = "Direct preference optimisation: sigmoid (DPO), ipo, robust, hinge, kto, orpo, simpo, cpl"
+)]
 pub struct DpoArgs {
     #[command(flatten)]
     #[serde(flatten)]
@@ -113,17 +120,31 @@ impl DpoArgs {
 }
 
 fn validate_dpo(d: &DpoOptions, err: &dyn Fn(&str, String) -> TrainError) -> Result<()> {
-    d.params.validate(d.loss_type).map_err(|(k, m)| err(&k, m))?;
+    d.params
+        .validate(d.loss_type)
+        .map_err(|(k, m)| err(&k, m))?;
     if let Some(r) = &d.reference_model {
         if !d.loss_type.needs_reference() {
-            return Err(err("reference_model", format!("loss `{}` uses no reference model", d.loss_type.name())));
+            return Err(err(
+                "reference_model",
+                format!("loss `{}` uses no reference model", d.loss_type.name()),
+            ));
         }
         if !r.join("config.json").is_file() {
-            return Err(err("reference_model", format!("{} has no config.json (missing reference model)", r.display())));
+            return Err(err(
+                "reference_model",
+                format!(
+                    "{} has no config.json (missing reference model)",
+                    r.display()
+                ),
+            ));
         }
     }
     if d.precompute_ref_log_probs && d.loss_type == LossType::Kto {
-        return Err(err("precompute_ref_log_probs", "not supported with `kto` (its KL pairs change with the batch)".into()));
+        return Err(err(
+            "precompute_ref_log_probs",
+            "not supported with `kto` (its KL pairs change with the batch)".into(),
+        ));
     }
     Ok(())
 }
@@ -161,7 +182,8 @@ impl DpoData {
 /// `unpaired` rows; pairs given to `kto` become one desirable and one undesirable example each.
 pub fn load_dpo_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Result<DpoData> {
     let ds = rlhf_data::load_dataset(path).map_err(data_err)?;
-    ds.check_text_size(tokenizer, cfg.max_length, "max_length", &[]).map_err(data_err)?;
+    ds.check_text_size(tokenizer, cfg.max_length, "max_length", &[])
+        .map_err(data_err)?;
     let kto = cfg.dpo.loss_type == LossType::Kto;
     let data = match ds.format {
         Format::Preference | Format::ImplicitPreference | Format::Correction => {
@@ -207,7 +229,11 @@ pub fn load_dpo_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Re
         }
     };
     if data.is_empty() {
-        return Err(TrainError::Data(format!("{}: no example has a prompt shorter than max_length {}", path.display(), cfg.max_length)));
+        return Err(TrainError::Data(format!(
+            "{}: no example has a prompt shorter than max_length {}",
+            path.display(),
+            cfg.max_length
+        )));
     }
     Ok(data)
 }
@@ -231,14 +257,18 @@ pub fn completion_logps(model: &CausalLm, tb: &TokenBatch) -> Result<(Tensor, Ve
     let n = gather.len();
     let hidden = model.hidden_states(&ids, None)?;
     let h = hidden.dim(2)?;
-    let picked = hidden.reshape((r * t, h))?.index_select(&Tensor::from_vec(gather, n, device)?, 0)?;
+    let picked = hidden
+        .reshape((r * t, h))?
+        .index_select(&Tensor::from_vec(gather, n, device)?, 0)?;
     let lp = model.token_logprobs_from_hidden(&picked, &Tensor::from_vec(targets, n, device)?)?;
     // Row sums as a product with the [rows, n] membership matrix (differentiable, one gemm).
     let mut member = vec![0f32; r * n];
     for (j, &row) in owner.iter().enumerate() {
         member[row * n + j] = 1.0;
     }
-    let sums = Tensor::from_vec(member, (r, n), device)?.matmul(&lp.unsqueeze(1)?)?.squeeze(1)?;
+    let sums = Tensor::from_vec(member, (r, n), device)?
+        .matmul(&lp.unsqueeze(1)?)?
+        .squeeze(1)?;
     Ok((sums, lens))
 }
 
@@ -248,12 +278,19 @@ fn kto_batch(ex: &[&UnpairedExample], pad: u32, max_length: usize) -> TokenBatch
     let n = ex.len();
     let row = |p: &[u32], c: &[u32]| {
         let mut ids = [p, c].concat();
-        let mut labels: Vec<i64> = ids.iter().enumerate().map(|(i, &id)| if i < p.len() { IGNORE } else { i64::from(id) }).collect();
+        let mut labels: Vec<i64> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| if i < p.len() { IGNORE } else { i64::from(id) })
+            .collect();
         ids.truncate(max_length);
         labels.truncate(max_length);
         TokenizedSequence::new(ids, labels)
     };
-    let mut rows: Vec<TokenizedSequence> = ex.iter().map(|e| row(&e.prompt_ids, &e.completion_ids)).collect();
+    let mut rows: Vec<TokenizedSequence> = ex
+        .iter()
+        .map(|e| row(&e.prompt_ids, &e.completion_ids))
+        .collect();
     rows.extend((0..n).map(|i| row(&ex[i].prompt_ids, &ex[(i + n - 1) % n].completion_ids)));
     collate(&rows.iter().collect::<Vec<_>>(), pad, None)
 }
@@ -291,7 +328,11 @@ impl DpoTrainer {
     /// Loads the policy, reference, tokenizer and data of a validated `cfg`; with `cfg.resume` the policy
     /// weights of the newest checkpoint in `output_dir`.
     pub fn new(cfg: &PrefConfig) -> Result<Self> {
-        let checkpoint = cfg.train.resume.then(|| crate::checkpoint::resume_dir(&cfg.train.output_dir)).transpose()?;
+        let checkpoint = cfg
+            .train
+            .resume
+            .then(|| crate::checkpoint::resume_dir(&cfg.train.output_dir))
+            .transpose()?;
         Self::load(cfg, checkpoint.as_deref())
     }
 
@@ -309,21 +350,33 @@ impl DpoTrainer {
         };
         let policy = CausalLm::load(policy_dir, &device).map_err(model_err)?;
         // Token ids past the embedding table would otherwise fail deep inside the forward pass.
-        tokenizer.check_vocab(policy.vocab_size(), model_dir.join("config.json")).map_err(data_err)?;
+        tokenizer
+            .check_vocab(policy.vocab_size(), model_dir.join("config.json"))
+            .map_err(data_err)?;
         let reference_dir = match (&cfg.dpo.reference_model, policy_dir == model_dir.as_path()) {
             (Some(dir), _) => Some(dir.as_path()),
             // Resumed full fine-tuning: the default reference is the initial model, not the checkpoint.
             (None, false) if cfg.dpo.loss_type.needs_reference() => Some(model_dir.as_path()),
             (None, _) => None,
         };
-        let reference = reference_dir.map(|dir| CausalLm::load(dir, &device).map_err(model_err)).transpose()?;
+        let reference = reference_dir
+            .map(|dir| CausalLm::load(dir, &device).map_err(model_err))
+            .transpose()?;
         let train = load_dpo_data(train_file, &tokenizer, cfg)?;
-        let eval = cfg.eval_file.as_deref().map(|f| load_dpo_data(f, &tokenizer, cfg)).transpose()?;
+        let eval = cfg
+            .eval_file
+            .as_deref()
+            .map(|f| load_dpo_data(f, &tokenizer, cfg))
+            .transpose()?;
         let mut t = Self::from_parts(policy, reference, train, eval, pad, cfg)?;
         t.source_dir = Some(model_dir);
         if let (Some(dir), Some(l)) = (checkpoint, &t.lora) {
             let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
-            crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
+            crate::lora::restore_vars(
+                &crate::optim::sorted_params(l.varmap()),
+                &saved,
+                crate::lora::PEFT_PREFIX,
+            )?;
         }
         Ok(t)
     }
@@ -340,7 +393,10 @@ impl DpoTrainer {
     ) -> Result<Self> {
         let opts = cfg.dpo.clone();
         if matches!(train, DpoData::Unpaired(_)) != (opts.loss_type == LossType::Kto) {
-            return Err(TrainError::Data(format!("loss `{}` does not match the data (unpaired data is for kto)", opts.loss_type.name())));
+            return Err(TrainError::Data(format!(
+                "loss `{}` does not match the data (unpaired data is for kto)",
+                opts.loss_type.name()
+            )));
         }
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         // The reference computes in the policy's precision (TRL autocasts both).
@@ -402,12 +458,23 @@ impl DpoTrainer {
     }
 
     fn precompute(&self, data: &DpoData) -> Result<Vec<(f32, f32)>> {
-        let DpoData::Pairs(pairs) = data else { unreachable!("validated: kto cannot precompute") };
+        let DpoData::Pairs(pairs) = data else {
+            unreachable!("validated: kto cannot precompute")
+        };
         let mut out = Vec::with_capacity(pairs.len());
         for chunk in pairs.chunks(self.batch_size) {
             let refs: Vec<&PreferenceExample> = chunk.iter().collect();
-            let tb = collate_preference(&refs, self.pad, Some(self.max_length), Truncation::KeepStart).tokens;
-            let lp: Vec<f32> = self.reference_logps(&tb)?.expect("reference present").to_vec1()?;
+            let tb = collate_preference(
+                &refs,
+                self.pad,
+                Some(self.max_length),
+                Truncation::KeepStart,
+            )
+            .tokens;
+            let lp: Vec<f32> = self
+                .reference_logps(&tb)?
+                .expect("reference present")
+                .to_vec1()?;
             let b = chunk.len();
             out.extend((0..b).map(|i| (lp[i], lp[b + i])));
         }
@@ -429,18 +496,33 @@ impl DpoTrainer {
         })
     }
 
-    fn data_forward(&self, data: &DpoData, precomputed: Option<&Vec<(f32, f32)>>, idx: &[usize]) -> Result<Forward> {
+    fn data_forward(
+        &self,
+        data: &DpoData,
+        precomputed: Option<&Vec<(f32, f32)>>,
+        idx: &[usize],
+    ) -> Result<Forward> {
         let device = self.policy.device().clone();
         let p = &self.opts.params;
         match data {
             DpoData::Pairs(all) => {
                 let b = idx.len();
                 let pairs: Vec<&PreferenceExample> = idx.iter().map(|&i| &all[i]).collect();
-                let tb = collate_preference(&pairs, self.pad, Some(self.max_length), Truncation::KeepStart).tokens;
+                let tb = collate_preference(
+                    &pairs,
+                    self.pad,
+                    Some(self.max_length),
+                    Truncation::KeepStart,
+                )
+                .tokens;
                 let (lp, lens) = completion_logps(&self.policy, &tb)?;
                 let ref_lp = match precomputed {
                     Some(pre) => {
-                        let v: Vec<f32> = idx.iter().map(|&i| pre[i].0).chain(idx.iter().map(|&i| pre[i].1)).collect();
+                        let v: Vec<f32> = idx
+                            .iter()
+                            .map(|&i| pre[i].0)
+                            .chain(idx.iter().map(|&i| pre[i].1))
+                            .collect();
                         Some(Tensor::from_vec(v, 2 * b, &device)?)
                     }
                     None => self.reference_logps(&tb)?,
@@ -457,7 +539,11 @@ impl DpoTrainer {
                 let out = pref_loss::pair_loss(self.opts.loss_type, p, &x)?;
                 let m = pref_loss::pair_metrics(&out, &x)?;
                 let metrics = m.named().iter().map(|(k, v)| (k.to_string(), *v)).collect();
-                Ok(Forward { loss: out.loss, metrics, num_tokens: tb.num_tokens })
+                Ok(Forward {
+                    loss: out.loss,
+                    metrics,
+                    num_tokens: tb.num_tokens,
+                })
             }
             DpoData::Unpaired(all) => {
                 let n = idx.len();
@@ -473,11 +559,20 @@ impl DpoTrainer {
                     ref_kl: rl.narrow(0, n, n)?,
                 };
                 let (loss, kl, m) = pref_loss::kto(p, &x)?;
-                let mut metrics: Metrics = m.named().iter().filter(|(k, _)| *k != "rewards/accuracies").map(|(k, v)| (k.to_string(), *v)).collect();
+                let mut metrics: Metrics = m
+                    .named()
+                    .iter()
+                    .filter(|(k, _)| *k != "rewards/accuracies")
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect();
                 metrics.insert("kl".into(), kl);
                 // The KL rows are extra compute, not training tokens.
                 let num_tokens = tb.lengths()[..n].iter().sum();
-                Ok(Forward { loss, metrics, num_tokens })
+                Ok(Forward {
+                    loss,
+                    metrics,
+                    num_tokens,
+                })
             }
         }
     }
@@ -497,12 +592,17 @@ impl Objective for DpoTrainer {
 
     /// Loss and metrics over the whole eval set (per-example means).
     fn evaluate(&mut self) -> Result<Option<Metrics>> {
-        let Some(eval) = &self.eval else { return Ok(None) };
+        let Some(eval) = &self.eval else {
+            return Ok(None);
+        };
         if let Some(l) = &self.lora {
             l.set_training(false);
         }
         let pre = self.precomputed.as_ref().and_then(|p| p.1.as_ref());
-        eval_means(eval.len(), self.batch_size, |chunk| self.data_forward(eval, pre, chunk)).map(Some)
+        eval_means(eval.len(), self.batch_size, |chunk| {
+            self.data_forward(eval, pre, chunk)
+        })
+        .map(Some)
     }
 
     fn optimizer(&self) -> &AdamW {
@@ -523,7 +623,11 @@ impl Objective for DpoTrainer {
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         match &self.lora {
             Some(l) => {
-                let base = self.source_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                let base = self
+                    .source_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
                 l.save(dir, &base, "CAUSAL_LM", &[]).map_err(model_err)?
             }
             None => self.policy.save(dir).map_err(model_err)?,
@@ -553,13 +657,27 @@ pub fn run_dpo(cfg: &PrefConfig) -> Result<PrefSummary> {
 /// DPO benchmark at the TRL baseline's shape: sigmoid loss, β 0.1, 8 pairs/step, a reference forward every
 /// step, lr 1e-4. `tokenizer_dir`: the byte-level tokenizer (e.g. `fixtures/tokenizer`). With `lora` the policy
 /// trains adapters and the reference is its adapter-free base (no second model).
-pub fn bench_dpo(tokenizer_dir: &Path, steps: usize, lora: Option<&rlhf_model::lora::LoraConfig>) -> Result<Value> {
+pub fn bench_dpo(
+    tokenizer_dir: &Path,
+    steps: usize,
+    lora: Option<&rlhf_model::lora::LoraConfig>,
+) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
     let config = rlhf_model::bench::tiny_llama_config();
-    let policy = CausalLm::init_random(config, 1234, &Device::Cpu).map_err(|e| TrainError::Model(e.to_string()))?;
+    let policy = CausalLm::init_random(config, 1234, &Device::Cpu)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
     let pairs = bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
-    let mut cfg = PrefConfig { batch_size: 8, max_length: 64, ..PrefConfig::new(PathBuf::new(), PathBuf::new(), PathBuf::new(), &TrainDefaults::DPO) };
+    let mut cfg = PrefConfig {
+        batch_size: 8,
+        max_length: 64,
+        ..PrefConfig::new(
+            PathBuf::new(),
+            PathBuf::new(),
+            PathBuf::new(),
+            &TrainDefaults::DPO,
+        )
+    };
     cfg.train.lora = lora.cloned();
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg)?;
     let mut v = bench_steps(&mut t, steps, 5, 1e-4)?;

@@ -13,10 +13,16 @@ use crate::error::{Result, TrainError};
 /// fresh random head on it, and its "rewards" would be noise.
 fn check_reward_model(dir: &Path) -> Result<()> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io { path: path.clone(), source: e })?;
-    let raw: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainError::Model(format!("{}: {e}", path.display())))?;
-    let arch = raw.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str());
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let raw: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Model(format!("{}: {e}", path.display())))?;
+    let arch = raw
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str());
     if !arch.is_some_and(|a| a.ends_with("ForSequenceClassification")) {
         return Err(TrainError::Model(format!(
             "{}: field \"architectures\": {} is not a reward model (*ForSequenceClassification); train one with `rlhf rm`",
@@ -30,8 +36,14 @@ fn check_reward_model(dir: &Path) -> Result<()> {
         Some(m) => m.values().map(|v| v.as_str().unwrap_or("")).collect(),
         None => Vec::new(),
     };
-    let num_labels = raw.get("num_labels").and_then(|n| n.as_u64()).unwrap_or(labels.len().max(1) as u64);
-    if num_labels > 1 && !(labels.len() as u64 == num_labels && labels.iter().all(|l| l.starts_with(REWARD_LABEL))) {
+    let num_labels = raw
+        .get("num_labels")
+        .and_then(|n| n.as_u64())
+        .unwrap_or(labels.len().max(1) as u64);
+    if num_labels > 1
+        && !(labels.len() as u64 == num_labels
+            && labels.iter().all(|l| l.starts_with(REWARD_LABEL)))
+    {
         return Err(TrainError::Model(format!(
             "{}: field \"num_labels\": {num_labels} labels ({}) make a classifier, not a reward model (num_labels 1) \
              nor an ensemble of `rlhf rm --num-heads` (labels {REWARD_LABEL}0, {REWARD_LABEL}1, …)",
@@ -64,7 +76,11 @@ impl Ensemble {
             SeqCls::load(d, 1, None, 0, device).map_err(|e| TrainError::Model(e.to_string()))
         };
         match dirs {
-            [] => Err(TrainError::Config { file: "command line".into(), key: "model".into(), msg: "no reward model given".into() }),
+            [] => Err(TrainError::Config {
+                file: "command line".into(),
+                key: "model".into(),
+                msg: "no reward model given".into(),
+            }),
             [one] => Ok(Ensemble::Heads(Box::new(load(one)?))),
             many => {
                 let models = many.iter().map(load).collect::<Result<Vec<_>>>()?;
@@ -107,7 +123,10 @@ impl Ensemble {
         Ok(match self {
             Ensemble::Heads(m) => m.forward(input_ids, lengths)?.detach(),
             Ensemble::Models(v) => {
-                let cols = v.iter().map(|m| m.forward(input_ids, lengths)).collect::<candle_core::Result<Vec<_>>>()?;
+                let cols = v
+                    .iter()
+                    .map(|m| m.forward(input_ids, lengths))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&cols, 1)?.detach()
             }
         })
@@ -122,7 +141,11 @@ pub fn mean_std(scores: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
         .map(|r| {
             let k = r.len() as f64;
             let mean = r.iter().map(|&x| x as f64).sum::<f64>() / k;
-            let var = if r.len() > 1 { r.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (k - 1.0) } else { 0.0 };
+            let var = if r.len() > 1 {
+                r.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (k - 1.0)
+            } else {
+                0.0
+            };
             (mean as f32, var.sqrt() as f32)
         })
         .unzip())

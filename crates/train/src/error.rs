@@ -6,10 +6,17 @@ use std::path::PathBuf;
 pub enum TrainError {
     /// A configuration value is missing, unknown or invalid.
     #[error("{file}: key \"{key}\": {msg}")]
-    Config { file: String, key: String, msg: String },
+    Config {
+        file: String,
+        key: String,
+        msg: String,
+    },
 
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A checkpoint or optimizer-state file exists but cannot be used.
     #[error("{}: {msg}", path.display())]
@@ -23,7 +30,12 @@ pub enum TrainError {
     /// saved (or resumed from). Checkpoints are left untouched; the message names the last one whose weights
     /// did not produce the divergence.
     #[error("non-finite {what} ({value}) at step {step}; training stopped{}", last_good_note(*step, last_checkpoint))]
-    NonFinite { step: u64, what: &'static str, value: f64, last_checkpoint: Option<PathBuf> },
+    NonFinite {
+        step: u64,
+        what: &'static str,
+        value: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
 
     #[error("model: {0}")]
     Model(String),
@@ -43,9 +55,14 @@ pub enum TrainError {
 /// exactly the weights that diverged, so the last good one is the newest earlier checkpoint still on disk
 /// (`save_total_limit` may have pruned it).
 fn last_good_note(step: u64, newest: &Option<PathBuf>) -> String {
-    let Some(newest) = newest else { return ", no checkpoint was saved yet".into() };
+    let Some(newest) = newest else {
+        return ", no checkpoint was saved yet".into();
+    };
     let step_of = |p: &std::path::Path| {
-        p.file_name().and_then(|n| n.to_str()).and_then(|n| n.rsplit('-').next()).and_then(|s| s.parse::<u64>().ok())
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit('-').next())
+            .and_then(|s| s.parse::<u64>().ok())
     };
     if step_of(newest).is_none_or(|s| s + 1 < step) {
         return format!(", last good checkpoint: {}", newest.display());
@@ -60,7 +77,10 @@ fn last_good_note(step: u64, newest: &Option<PathBuf>) -> String {
             good.display(),
             newest.display()
         ),
-        None => format!(", no good checkpoint is left ({} holds the weights that diverged)", newest.display()),
+        None => format!(
+            ", no good checkpoint is left ({} holds the weights that diverged)",
+            newest.display()
+        ),
     }
 }
 

@@ -187,7 +187,11 @@ fn output_row(row: &Row, source: &str, fields: Vec<(&str, Value)>) -> Map<String
 
 /// Writes the rows (all at once, after everything succeeded: a failed run leaves no partial file).
 /// Writes `rows` to `path` (JSONL) and says how many of `input_rows` gave no row.
-fn write_out(path: &Path, rows: &[Map<String, Value>], input_rows: usize) -> Result<TransformSummary> {
+fn write_out(
+    path: &Path,
+    rows: &[Map<String, Value>],
+    input_rows: usize,
+) -> Result<TransformSummary> {
     let text: String = rows
         .iter()
         .map(|r| format!("{}\n", Value::Object(r.clone())))

@@ -90,12 +90,23 @@ impl crate::settings::Settings for GrpoArgs {
 impl GrpoArgs {
     pub fn validate(&self) -> Result<()> {
         if self.num_generations < 2 {
-            return Err(self.online.setting_err("num_generations", format!("must be at least 2 (a group needs a baseline), got {}", self.num_generations)));
+            return Err(self.online.setting_err(
+                "num_generations",
+                format!(
+                    "must be at least 2 (a group needs a baseline), got {}",
+                    self.num_generations
+                ),
+            ));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
-            return Err(self.online.setting_err("beta", "must be a finite number >= 0"));
+            return Err(self
+                .online
+                .setting_err("beta", "must be a finite number >= 0"));
         }
-        for (k, e) in [("epsilon", Some(self.epsilon)), ("epsilon_high", self.epsilon_high)] {
+        for (k, e) in [
+            ("epsilon", Some(self.epsilon)),
+            ("epsilon_high", self.epsilon_high),
+        ] {
             if let Some(e) = e {
                 if !(e.is_finite() && e > 0.0) {
                     return Err(self.online.setting_err(k, "must be a finite number > 0"));
@@ -103,7 +114,9 @@ impl GrpoArgs {
             }
         }
         if self.num_iterations == 0 {
-            return Err(self.online.setting_err("num_iterations", "must be at least 1"));
+            return Err(self
+                .online
+                .setting_err("num_iterations", "must be at least 1"));
         }
         Ok(())
     }
@@ -111,7 +124,12 @@ impl GrpoArgs {
 
 /// `r_t(θ) = exp(log π_θ(o_t) − log π_old(o_t))` per token, or GSPO's `exp(mean_t log-ratio)` of the sequence
 /// spread over its tokens.
-pub fn importance_ratio(logp: &Tensor, old_logp: &Tensor, level: RatioLevel, seqs: &SeqBatch) -> Result<Tensor> {
+pub fn importance_ratio(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    level: RatioLevel,
+    seqs: &SeqBatch,
+) -> Result<Tensor> {
     let log_ratio = (logp - old_logp)?;
     let log_w = match level {
         RatioLevel::Token => log_ratio,
@@ -120,14 +138,22 @@ pub fn importance_ratio(logp: &Tensor, old_logp: &Tensor, level: RatioLevel, seq
             let lens: Vec<f32> = seqs.lengths().iter().map(|&l| l as f32).collect();
             let lens = Tensor::from_vec(lens, seqs.rows, logp.device())?;
             let seq_mean = (m.matmul(&log_ratio.unsqueeze(1)?)?.squeeze(1)? / lens)?;
-            m.t()?.contiguous()?.matmul(&seq_mean.unsqueeze(1)?)?.squeeze(1)?
+            m.t()?
+                .contiguous()?
+                .matmul(&seq_mean.unsqueeze(1)?)?
+                .squeeze(1)?
         }
     };
     Ok(log_w.exp()?)
 }
 
 /// The PPO-clip surrogate per token: `−min(r·Â, clip(r, 1−ε_low, 1+ε_high)·Â)`.
-pub fn clipped_surrogate(ratio: &Tensor, advantage: &Tensor, eps_low: f64, eps_high: f64) -> Result<Tensor> {
+pub fn clipped_surrogate(
+    ratio: &Tensor,
+    advantage: &Tensor,
+    eps_low: f64,
+    eps_high: f64,
+) -> Result<Tensor> {
     let unclipped = (ratio * advantage)?;
     let clipped = (ratio.clamp(1.0 - eps_low, 1.0 + eps_high)? * advantage)?;
     Ok(unclipped.minimum(&clipped)?.neg()?)
@@ -141,9 +167,20 @@ pub fn k3_kl(logp: &Tensor, ref_logp: &Tensor) -> Result<Tensor> {
 
 /// Per-token weights that turn a sum of per-token losses into the `loss_type` aggregate. Rows with
 /// `keep[i] == false` get weight 0 and are not counted.
-pub fn token_weights(loss_type: GrpoLoss, lengths: &[usize], keep: &[bool], max_new_tokens: usize) -> Vec<f32> {
+pub fn token_weights(
+    loss_type: GrpoLoss,
+    lengths: &[usize],
+    keep: &[bool],
+    max_new_tokens: usize,
+) -> Vec<f32> {
     let rows = keep.iter().filter(|&&k| k).count().max(1) as f32;
-    let tokens = lengths.iter().zip(keep).filter(|(_, &k)| k).map(|(l, _)| *l).sum::<usize>().max(1) as f32;
+    let tokens = lengths
+        .iter()
+        .zip(keep)
+        .filter(|(_, &k)| k)
+        .map(|(l, _)| *l)
+        .sum::<usize>()
+        .max(1) as f32;
     lengths
         .iter()
         .zip(keep)
@@ -192,12 +229,21 @@ impl Grpo {
     }
 
     /// The loss of the batch under the current policy, with its metrics (used by `learn` and the parity tests).
-    pub fn loss(&self, policy: &Policy, batch: &Batch, advantages: &[f32], keep: &[bool], ref_logp: Option<&[f32]>, with_entropy: bool) -> Result<(Tensor, Metrics)> {
+    pub fn loss(
+        &self,
+        policy: &Policy,
+        batch: &Batch,
+        advantages: &[f32],
+        keep: &[bool],
+        ref_logp: Option<&[f32]>,
+        with_entropy: bool,
+    ) -> Result<(Tensor, Metrics)> {
         let a = &self.args;
         let dev = policy.model.device();
         let seqs = &batch.seqs;
         let n = seqs.num_tokens();
-        let (logp, entropy) = rollout::token_logprobs(&policy.model, seqs, batch.temperature, with_entropy)?;
+        let (logp, entropy) =
+            rollout::token_logprobs(&policy.model, seqs, batch.temperature, with_entropy)?;
         let old = Tensor::from_slice(&batch.old_logprobs, n, dev)?;
         let adv_tok = seqs.per_token(advantages);
         let adv = Tensor::from_slice(&adv_tok, n, dev)?;
@@ -206,24 +252,51 @@ impl Grpo {
         let mut per_token = clipped_surrogate(&ratio, &adv, eps_low, eps_high)?;
         let mut metrics = Metrics::new();
         let w = token_weights(a.loss_type, &seqs.lengths(), keep, a.online.max_new_tokens);
-        let kept: Vec<f32> = seqs.per_token(&keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect::<Vec<_>>());
+        let kept: Vec<f32> = seqs.per_token(
+            &keep
+                .iter()
+                .map(|&k| if k { 1.0 } else { 0.0 })
+                .collect::<Vec<_>>(),
+        );
         if let Some(r) = ref_logp {
             let mut kl = k3_kl(&logp, &Tensor::from_slice(r, n, dev)?)?;
             let kl_v: Vec<f32> = kl.to_vec1()?;
             if a.use_bias_correction_kl {
                 kl = (kl * &ratio)?;
             }
-            metrics.insert("kl".into(), kl_v.iter().zip(&kept).map(|(k, m)| (k * m) as f64).sum::<f64>() / kept.iter().sum::<f32>().max(1.0) as f64);
+            metrics.insert(
+                "kl".into(),
+                kl_v.iter()
+                    .zip(&kept)
+                    .map(|(k, m)| (k * m) as f64)
+                    .sum::<f64>()
+                    / kept.iter().sum::<f32>().max(1.0) as f64,
+            );
             per_token = (per_token + (kl * a.beta)?)?;
         }
         let loss = (per_token * Tensor::from_vec(w, n, dev)?)?.sum_all()?;
         if let Some(e) = entropy {
-            metrics.insert("entropy".into(), e.iter().zip(&kept).map(|(e, m)| (e * m) as f64).sum::<f64>() / kept.iter().sum::<f32>().max(1.0) as f64);
+            metrics.insert(
+                "entropy".into(),
+                e.iter()
+                    .zip(&kept)
+                    .map(|(e, m)| (e * m) as f64)
+                    .sum::<f64>()
+                    / kept.iter().sum::<f32>().max(1.0) as f64,
+            );
         }
         let r: Vec<f32> = ratio.to_dtype(DType::F32)?.to_vec1()?;
-        let low = r.iter().zip(&adv_tok).map(|(&r, &a)| (r as f64) < 1.0 - eps_low && a < 0.0);
-        let high = r.iter().zip(&adv_tok).map(|(&r, &a)| (r as f64) > 1.0 + eps_high && a > 0.0);
-        let region = r.iter().zip(&adv_tok).map(|(&r, &a)| ((r as f64) < 1.0 - eps_low && a < 0.0) || ((r as f64) > 1.0 + eps_high && a > 0.0));
+        let low = r
+            .iter()
+            .zip(&adv_tok)
+            .map(|(&r, &a)| (r as f64) < 1.0 - eps_low && a < 0.0);
+        let high = r
+            .iter()
+            .zip(&adv_tok)
+            .map(|(&r, &a)| (r as f64) > 1.0 + eps_high && a > 0.0);
+        let region = r.iter().zip(&adv_tok).map(|(&r, &a)| {
+            ((r as f64) < 1.0 - eps_low && a < 0.0) || ((r as f64) > 1.0 + eps_high && a > 0.0)
+        });
         metrics.insert("clip_ratio/low_mean".into(), fraction(low, &kept));
         metrics.insert("clip_ratio/high_mean".into(), fraction(high, &kept));
         metrics.insert("clip_ratio/region_mean".into(), fraction(region, &kept));
@@ -234,8 +307,11 @@ impl Grpo {
     pub fn advantages(&self, batch: &Batch) -> (Vec<f32>, Vec<bool>, f64) {
         let g = self.args.num_generations;
         let (adv, zero_std) = group_advantages(&batch.rewards, g, self.args.scale_rewards);
-        let keep: Vec<bool> = (0..batch.rewards.len()).map(|i| !(self.args.skip_zero_std_groups && zero_std[i / g])).collect();
-        let frac_zero = zero_std.iter().filter(|&&z| z).count() as f64 / zero_std.len().max(1) as f64;
+        let keep: Vec<bool> = (0..batch.rewards.len())
+            .map(|i| !(self.args.skip_zero_std_groups && zero_std[i / g]))
+            .collect();
+        let frac_zero =
+            zero_std.iter().filter(|&&z| z).count() as f64 / zero_std.len().max(1) as f64;
         (adv, keep, frac_zero)
     }
 }
@@ -251,11 +327,16 @@ impl Algorithm for Grpo {
 
     fn learn(&mut self, policy: &Policy, step: &mut Step, batch: &Batch) -> Result<Metrics> {
         let (adv, keep, frac_zero) = self.advantages(batch);
-        let ref_logp = if self.args.beta != 0.0 { Some(policy.reference_logprobs(&batch.seqs, batch.temperature)?) } else { None };
+        let ref_logp = if self.args.beta != 0.0 {
+            Some(policy.reference_logprobs(&batch.seqs, batch.temperature)?)
+        } else {
+            None
+        };
         let mut metrics = Metrics::new();
         if keep.iter().any(|&k| k) {
             for it in 0..self.args.num_iterations {
-                let (loss, m) = self.loss(policy, batch, &adv, &keep, ref_logp.as_deref(), it == 0)?;
+                let (loss, m) =
+                    self.loss(policy, batch, &adv, &keep, ref_logp.as_deref(), it == 0)?;
                 let value = step.apply(&loss)?;
                 if it == 0 {
                     metrics = m;
@@ -272,5 +353,10 @@ impl Algorithm for Grpo {
 pub fn run_grpo(args: &GrpoArgs) -> Result<OnlineSummary> {
     let settings = serde_json::to_value(args).expect("settings serialise");
     let algo = Grpo::new(args.clone())?;
-    online::run(&args.online, &settings, args.beta != 0.0, |_: &Policy, _: Option<&Path>| Ok(algo))
+    online::run(
+        &args.online,
+        &settings,
+        args.beta != 0.0,
+        |_: &Policy, _: Option<&Path>| Ok(algo),
+    )
 }

@@ -88,8 +88,13 @@ pub fn check(l: &LoraConfig) -> std::result::Result<(), (&'static str, &'static 
 }
 
 /// Freezes `lm` and attaches LoRA adapters when configured.
-pub(crate) fn attach_lora(lm: &mut rlhf_model::CausalLm, lora: Option<&LoraConfig>, seed: u64) -> Result<Option<Lora>> {
-    lora.map(|l| Lora::attach(lm, l, seed).map_err(|e| TrainError::Model(e.to_string()))).transpose()
+pub(crate) fn attach_lora(
+    lm: &mut rlhf_model::CausalLm,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+) -> Result<Option<Lora>> {
+    lora.map(|l| Lora::attach(lm, l, seed).map_err(|e| TrainError::Model(e.to_string())))
+        .transpose()
 }
 
 /// The final output of a LoRA run: the adapter (PEFT layout; `extra` are fully trained modules such as a
@@ -103,25 +108,46 @@ pub(crate) fn save_and_merge(
     task_type: &str,
     extra: &[(&str, &candle_core::Tensor)],
 ) -> Result<()> {
-    lora.save(&out.join(ADAPTER_DIR), &base.display().to_string(), task_type, extra)
-        .and_then(|()| lora.merge_into(model))
-        .map_err(|e| TrainError::Model(e.to_string()))
+    lora.save(
+        &out.join(ADAPTER_DIR),
+        &base.display().to_string(),
+        task_type,
+        extra,
+    )
+    .and_then(|()| lora.merge_into(model))
+    .map_err(|e| TrainError::Model(e.to_string()))
 }
 
 /// Sets each variable `(name, var)` of `vars` to the tensor `<prefix><name>` of the safetensors file `path` (a
 /// checkpoint's adapter, which must hold exactly these tensors, with the same shapes).
 pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) -> Result<()> {
-    let ckpt_err = |msg: String| TrainError::Checkpoint { path: path.to_path_buf(), msg };
-    let device = vars.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
-    let saved = rlhf_model::lora::read_safetensors(path, &device).map_err(|e| ckpt_err(e.to_string()))?;
+    let ckpt_err = |msg: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let device = vars
+        .first()
+        .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+    let saved =
+        rlhf_model::lora::read_safetensors(path, &device).map_err(|e| ckpt_err(e.to_string()))?;
     if saved.len() != vars.len() {
-        return Err(ckpt_err(format!("{} tensors, this run's LoRA config trains {}", saved.len(), vars.len())));
+        return Err(ckpt_err(format!(
+            "{} tensors, this run's LoRA config trains {}",
+            saved.len(),
+            vars.len()
+        )));
     }
     for (name, var) in vars {
         let key = format!("{prefix}{name}");
-        let t = saved.get(&key).ok_or_else(|| ckpt_err(format!("missing tensor `{key}`")))?;
+        let t = saved
+            .get(&key)
+            .ok_or_else(|| ckpt_err(format!("missing tensor `{key}`")))?;
         if t.dims() != var.dims() {
-            return Err(ckpt_err(format!("`{key}` has shape {:?}, this run expects {:?}", t.dims(), var.dims())));
+            return Err(ckpt_err(format!(
+                "`{key}` has shape {:?}, this run expects {:?}",
+                t.dims(),
+                var.dims()
+            )));
         }
         var.set(t)?;
     }
@@ -132,7 +158,11 @@ pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) ->
 /// adapter's `base_model_name_or_path`) and writes the merged model, with the base's tokenizer files, to `out`
 /// (which must not be the base nor hold a model). A `CAUSAL_LM` adapter gives a language model; a `SEQ_CLS` one
 /// (from `rlhf rm`, its head stored beside the adapters) a reward model. Returns the base used.
-pub fn merge_adapter(adapter: &Path, base: Option<&Path>, out: &Path) -> Result<std::path::PathBuf> {
+pub fn merge_adapter(
+    adapter: &Path,
+    base: Option<&Path>,
+    out: &Path,
+) -> Result<std::path::PathBuf> {
     use rlhf_model::lora::{read_safetensors, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
     let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
     let cfg_path = adapter.join(ADAPTER_CONFIG);
@@ -141,49 +171,104 @@ pub fn merge_adapter(adapter: &Path, base: Option<&Path>, out: &Path) -> Result<
         return Err(TrainError::Model(format!("{}: {msg}", cfg_path.display())));
     }
     let raw = rlhf_model::io::read_json(&cfg_path).map_err(model_err)?;
-    let field = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let cfg_err = |key: &str, msg: String| TrainError::Config { file: cfg_path.display().to_string(), key: key.into(), msg };
+    let field = |k: &str| {
+        raw.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let cfg_err = |key: &str, msg: String| TrainError::Config {
+        file: cfg_path.display().to_string(),
+        key: key.into(),
+        msg,
+    };
     let base = match base {
         Some(b) => b.to_path_buf(),
-        None if !field("base_model_name_or_path").is_empty() => field("base_model_name_or_path").into(),
-        None => return Err(cfg_err("base_model_name_or_path", "empty: pass the base model with --model".into())),
+        None if !field("base_model_name_or_path").is_empty() => {
+            field("base_model_name_or_path").into()
+        }
+        None => {
+            return Err(cfg_err(
+                "base_model_name_or_path",
+                "empty: pass the base model with --model".into(),
+            ))
+        }
     };
     // Never over a model: neither the base itself nor any directory that already holds one.
-    let out_err = |msg: &str| TrainError::OutputDir { path: out.to_path_buf(), msg: msg.into() };
-    if out.canonicalize().ok().is_some_and(|o| base.canonicalize().ok() == Some(o)) {
-        return Err(out_err("this is the base model's directory; merging writes a new model: choose another --out"));
+    let out_err = |msg: &str| TrainError::OutputDir {
+        path: out.to_path_buf(),
+        msg: msg.into(),
+    };
+    if out
+        .canonicalize()
+        .ok()
+        .is_some_and(|o| base.canonicalize().ok() == Some(o))
+    {
+        return Err(out_err(
+            "this is the base model's directory; merging writes a new model: choose another --out",
+        ));
     }
-    if ["config.json", "model.safetensors", ADAPTER_CONFIG].iter().any(|f| out.join(f).exists()) {
-        return Err(out_err("already holds a model or adapter; choose a new --out directory"));
+    if ["config.json", "model.safetensors", ADAPTER_CONFIG]
+        .iter()
+        .any(|f| out.join(f).exists())
+    {
+        return Err(out_err(
+            "already holds a model or adapter; choose a new --out directory",
+        ));
     }
     let device = candle_core::Device::Cpu;
     match field("task_type").as_str() {
         "CAUSAL_LM" => {
             let mut lm = rlhf_model::CausalLm::load(&base, &device).map_err(model_err)?;
-            Lora::load(&mut lm, adapter).and_then(|l| l.merge_into(&mut lm)).map_err(model_err)?;
+            Lora::load(&mut lm, adapter)
+                .and_then(|l| l.merge_into(&mut lm))
+                .map_err(model_err)?;
             lm.save(out).map_err(model_err)?;
         }
         "SEQ_CLS" => {
             let weights = adapter.join(ADAPTER_WEIGHTS);
             let head_name = format!("{PEFT_PREFIX}{}", rlhf_model::seq_cls::HEAD);
-            let score = read_safetensors(&weights, &device).map_err(model_err)?.remove(&head_name).ok_or_else(|| {
-                TrainError::Checkpoint { path: weights.clone(), msg: format!("no tensor `{head_name}` (the reward head)") }
-            })?;
-            let pad = rlhf_data::Tokenizer::from_dir(&base).ok().and_then(|t| t.pad_id().ok());
-            let mut model = rlhf_model::seq_cls::SeqCls::load(&base, score.dims()[0], pad, 0, &device).map_err(model_err)?;
+            let score = read_safetensors(&weights, &device)
+                .map_err(model_err)?
+                .remove(&head_name)
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: weights.clone(),
+                    msg: format!("no tensor `{head_name}` (the reward head)"),
+                })?;
+            let pad = rlhf_data::Tokenizer::from_dir(&base)
+                .ok()
+                .and_then(|t| t.pad_id().ok());
+            let mut model =
+                rlhf_model::seq_cls::SeqCls::load(&base, score.dims()[0], pad, 0, &device)
+                    .map_err(model_err)?;
             if model.score_weight().dims() != score.dims() {
-                let msg = format!("`{head_name}` has shape {:?}, the base's head {:?}", score.dims(), model.score_weight().dims());
+                let msg = format!(
+                    "`{head_name}` has shape {:?}, the base's head {:?}",
+                    score.dims(),
+                    model.score_weight().dims()
+                );
                 return Err(TrainError::Checkpoint { path: weights, msg });
             }
             for var in model.head().all_vars() {
                 var.set(&score)?;
             }
-            Lora::load(&mut model.lm, adapter).and_then(|l| l.merge_into(&mut model.lm)).map_err(model_err)?;
+            Lora::load(&mut model.lm, adapter)
+                .and_then(|l| l.merge_into(&mut model.lm))
+                .map_err(model_err)?;
             model.save(out).map_err(model_err)?;
         }
-        other => return Err(cfg_err("task_type", format!("{other:?}: expected \"CAUSAL_LM\" or \"SEQ_CLS\""))),
+        other => {
+            return Err(cfg_err(
+                "task_type",
+                format!("{other:?}: expected \"CAUSAL_LM\" or \"SEQ_CLS\""),
+            ))
+        }
     }
-    let tokenizer_from = if base.join("tokenizer.json").is_file() { base.clone() } else { adapter.to_path_buf() };
+    let tokenizer_from = if base.join("tokenizer.json").is_file() {
+        base.clone()
+    } else {
+        adapter.to_path_buf()
+    };
     crate::trainer::copy_tokenizer(&tokenizer_from, out)?;
     Ok(base)
 }

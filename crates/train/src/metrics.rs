@@ -56,7 +56,11 @@ impl MetricsWriter {
             .truncate(!append)
             .open(path)
             .map_err(io_err(path))?;
-        Ok(Self { path: path.to_path_buf(), file, echo: !std::io::stderr().is_terminal() })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            echo: !std::io::stderr().is_terminal(),
+        })
     }
 
     /// Continue the log of a run resumed at `step`: lines for later steps (written after the checkpoint
@@ -71,21 +75,27 @@ impl MetricsWriter {
                 None => "",
             };
             let mut kept = String::new();
-            for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            for (i, line) in complete
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
                 #[derive(Deserialize)]
                 struct Step {
                     step: u64,
                 }
-                let s: Step = serde_json::from_str(line).map_err(|e| crate::TrainError::Checkpoint {
-                    path: PathBuf::from(format!("{}:{}", path.display(), i + 1)),
-                    msg: e.to_string(),
-                })?;
+                let s: Step =
+                    serde_json::from_str(line).map_err(|e| crate::TrainError::Checkpoint {
+                        path: PathBuf::from(format!("{}:{}", path.display(), i + 1)),
+                        msg: e.to_string(),
+                    })?;
                 if s.step <= step {
                     kept.push_str(line);
                     kept.push('\n');
                 }
             }
-            rlhf_model::io::write_atomic(path, kept.as_bytes()).map_err(|e| crate::TrainError::Model(e.to_string()))?;
+            rlhf_model::io::write_atomic(path, kept.as_bytes())
+                .map_err(|e| crate::TrainError::Model(e.to_string()))?;
             Self::open(path, true)
         } else {
             Self::open(path, false)
@@ -102,7 +112,9 @@ impl MetricsWriter {
         if self.echo {
             tracing::info!("{line}");
         }
-        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(io_err(&self.path))
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(io_err(&self.path))
     }
 }
 
@@ -135,8 +147,10 @@ impl Progress {
         let bar = if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("static template"),
+                ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("static template"),
             );
             bar
         } else {

@@ -96,7 +96,8 @@ impl OnlineArgs {
 
     /// The shared settings over the online trainers' defaults, validated.
     pub fn train(&self) -> Result<TrainConfig> {
-        self.train.resolve(&TrainDefaults::ONLINE, &|k, m| self.setting_err(k, m))
+        self.train
+            .resolve(&TrainDefaults::ONLINE, &|k, m| self.setting_err(k, m))
     }
 }
 
@@ -105,7 +106,10 @@ fn required<'a>(v: &'a Option<PathBuf>, key: &str) -> Result<&'a PathBuf> {
     v.as_ref().ok_or_else(|| TrainError::Config {
         file: "settings".into(),
         key: key.into(),
-        msg: format!("required (set it in the config file or pass --{})", key.replace('_', "-")),
+        msg: format!(
+            "required (set it in the config file or pass --{})",
+            key.replace('_', "-")
+        ),
     })
 }
 
@@ -116,7 +120,10 @@ impl OnlineArgs {
         required(&self.prompts, "prompts")?;
         let train = self.train()?;
         if self.reward.is_empty() {
-            return Err(self.setting_err("reward", "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)"));
+            return Err(self.setting_err(
+                "reward",
+                "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)",
+            ));
         }
         let positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -145,7 +152,11 @@ impl OnlineArgs {
 
     pub fn sampling(&self) -> SampleSpec {
         SampleSpec {
-            sampling: Sampling { temperature: self.temperature as f32, top_k: self.top_k, top_p: self.top_p as f32 },
+            sampling: Sampling {
+                temperature: self.temperature as f32,
+                top_k: self.top_k,
+                top_p: self.top_p as f32,
+            },
             max_new_tokens: self.max_new_tokens,
             batch_size: self.generation_batch_size,
         }
@@ -184,16 +195,20 @@ impl Policy {
             (Some(ckpt), None) => ckpt.to_path_buf(),
             _ => dir.clone(),
         };
-        let mut model = CausalLm::load(&weights_dir, &device).map_err(|e| model_err(format!("{}: {e}", weights_dir.display())))?;
+        let mut model = CausalLm::load(&weights_dir, &device)
+            .map_err(|e| model_err(format!("{}: {e}", weights_dir.display())))?;
         if train.bf16 {
             model.set_precision(rlhf_model::Precision::Bf16);
         }
         let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| TrainError::Data(e.to_string()))?;
-        tokenizer.check_vocab(model.vocab_size(), dir.join("config.json")).map_err(|e| TrainError::Data(e.to_string()))?;
+        tokenizer
+            .check_vocab(model.vocab_size(), dir.join("config.json"))
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         let reference = match (with_reference, &args.reference_model, &lora_cfg) {
             (false, _, _) => None,
             (true, Some(r), _) => {
-                let mut m = CausalLm::load(r, &device).map_err(|e| model_err(format!("{}: {e}", r.display())))?;
+                let mut m = CausalLm::load(r, &device)
+                    .map_err(|e| model_err(format!("{}: {e}", r.display())))?;
                 m.set_precision(model.precision());
                 m.set_trainable(false).map_err(model_err)?;
                 Some(Reference::Model(Box::new(m)))
@@ -211,28 +226,49 @@ impl Policy {
             }
         };
         let lora = match (&lora_cfg, resume) {
-            (Some(_), Some(ckpt)) => Some(Lora::load(&mut model, &ckpt.join(ADAPTER_DIR)).map_err(model_err)?),
+            (Some(_), Some(ckpt)) => {
+                Some(Lora::load(&mut model, &ckpt.join(ADAPTER_DIR)).map_err(model_err)?)
+            }
             (cfg, _) => crate::lora::attach_lora(&mut model, cfg.as_ref(), train.seed)?,
         };
         if let Some(l) = &lora {
             l.set_training(false);
         }
-        Ok(Self { model, lora, tokenizer, reference, model_dir: dir })
+        Ok(Self {
+            model,
+            lora,
+            tokenizer,
+            reference,
+            model_dir: dir,
+        })
     }
 
     /// The trainable parameters (the adapters with LoRA), named `policy.*`.
     pub fn params(&self) -> Vec<(String, Var)> {
-        let vm = self.lora.as_ref().map_or(self.model.varmap(), |l| l.varmap());
-        crate::optim::sorted_params(vm).into_iter().map(|(k, v)| (format!("policy.{k}"), v)).collect()
+        let vm = self
+            .lora
+            .as_ref()
+            .map_or(self.model.varmap(), |l| l.varmap());
+        crate::optim::sorted_params(vm)
+            .into_iter()
+            .map(|(k, v)| (format!("policy.{k}"), v))
+            .collect()
     }
 
     /// Per-token log-probs of the batch under the frozen reference (detached).
     pub fn reference_logprobs(&self, batch: &SeqBatch, temperature: f64) -> Result<Vec<f32>> {
         let lp = match &self.reference {
-            None => return Err(model_err("this trainer was built without a reference model")),
+            None => {
+                return Err(model_err(
+                    "this trainer was built without a reference model",
+                ))
+            }
             Some(Reference::Model(m)) => rollout::token_logprobs(m, batch, temperature, false)?.0,
             Some(Reference::BaseOfAdapters) => {
-                let l = self.lora.as_ref().expect("BaseOfAdapters is only chosen with LoRA");
+                let l = self
+                    .lora
+                    .as_ref()
+                    .expect("BaseOfAdapters is only chosen with LoRA");
                 l.set_enabled(false);
                 let out = rollout::token_logprobs(&self.model, batch, temperature, false);
                 l.set_enabled(true);
@@ -245,7 +281,14 @@ impl Policy {
     /// Writes the policy into checkpoint dir `dir` (the adapter alone with LoRA).
     fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         match &self.lora {
-            Some(l) => l.save(&dir.join(ADAPTER_DIR), &self.model_dir.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err),
+            Some(l) => l
+                .save(
+                    &dir.join(ADAPTER_DIR),
+                    &self.model_dir.display().to_string(),
+                    "CAUSAL_LM",
+                    &[],
+                )
+                .map_err(model_err),
             None => {
                 self.model.save(dir).map_err(model_err)?;
                 crate::trainer::copy_tokenizer(&self.model_dir, dir)
@@ -256,7 +299,13 @@ impl Policy {
     /// The final model: with LoRA the adapter in `out/adapter` and the merged model in `out`.
     fn save_final(&mut self, out: &Path) -> Result<()> {
         if let Some(l) = self.lora.take() {
-            l.save(&out.join(ADAPTER_DIR), &self.model_dir.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err)?;
+            l.save(
+                &out.join(ADAPTER_DIR),
+                &self.model_dir.display().to_string(),
+                "CAUSAL_LM",
+                &[],
+            )
+            .map_err(model_err)?;
             l.merge_into(&mut self.model).map_err(model_err)?;
         }
         self.model.save(out).map_err(model_err)?;
@@ -328,7 +377,14 @@ fn samples<'a>(rollouts: &'a [Rollout], prompts: &[&'a PromptRow]) -> Vec<Sample
         .iter()
         .map(|r| {
             let p = prompts[r.prompt];
-            Sample { prompt: &p.text, completion: &r.completion, prompt_ids: &p.ids, completion_ids: &r.completion_ids, eos: r.eos, row: &p.row }
+            Sample {
+                prompt: &p.text,
+                completion: &r.completion,
+                prompt_ids: &p.ids,
+                completion_ids: &r.completion_ids,
+                eos: r.eos,
+                row: &p.row,
+            }
         })
         .collect()
 }
@@ -365,7 +421,15 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
         let chosen: Vec<&PromptRow> = idx.iter().map(|&i| &self.prompts[i]).collect();
 
         let t0 = Instant::now();
-        let rollouts = rollout::sample(&self.policy.model, &self.policy.tokenizer, &chosen, g, &args.sampling(), self.seed, info.step)?;
+        let rollouts = rollout::sample(
+            &self.policy.model,
+            &self.policy.tokenizer,
+            &chosen,
+            g,
+            &args.sampling(),
+            self.seed,
+            info.step,
+        )?;
         let t_gen = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -373,11 +437,24 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
         let t_score = t1.elapsed().as_secs_f64();
 
         let t2 = Instant::now();
-        let pairs: Vec<(&[u32], &[u32])> = rollouts.iter().map(|r| (chosen[r.prompt].ids.as_slice(), r.completion_ids.as_slice())).collect();
-        let seqs = SeqBatch::new(&pairs, self.policy.tokenizer.pad_id().unwrap_or(0), &Device::Cpu)?;
+        let pairs: Vec<(&[u32], &[u32])> = rollouts
+            .iter()
+            .map(|r| (chosen[r.prompt].ids.as_slice(), r.completion_ids.as_slice()))
+            .collect();
+        let seqs = SeqBatch::new(
+            &pairs,
+            self.policy.tokenizer.pad_id().unwrap_or(0),
+            &Device::Cpu,
+        )?;
         let batch = Batch {
-            prompt_ids: rollouts.iter().map(|r| chosen[r.prompt].ids.clone()).collect(),
-            old_logprobs: rollouts.iter().flat_map(|r| r.sampling_logprobs.iter().copied()).collect(),
+            prompt_ids: rollouts
+                .iter()
+                .map(|r| chosen[r.prompt].ids.clone())
+                .collect(),
+            old_logprobs: rollouts
+                .iter()
+                .flat_map(|r| r.sampling_logprobs.iter().copied())
+                .collect(),
             rewards: scored.total.iter().map(|&r| r as f32).collect(),
             seqs,
             rollouts,
@@ -388,31 +465,62 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
         let mut metrics = self.algo.learn(&self.policy, &mut step, &batch)?;
         let t_train = t2.elapsed().as_secs_f64();
 
-        let lengths: Vec<f32> = batch.rollouts.iter().map(|r| r.completion_ids.len() as f32).collect();
-        let tokens: usize = batch.rollouts.iter().map(|r| r.completion_ids.len() + chosen[r.prompt].ids.len()).sum();
+        let lengths: Vec<f32> = batch
+            .rollouts
+            .iter()
+            .map(|r| r.completion_ids.len() as f32)
+            .collect();
+        let tokens: usize = batch
+            .rollouts
+            .iter()
+            .map(|r| r.completion_ids.len() + chosen[r.prompt].ids.len())
+            .sum();
         metrics.insert("reward".into(), mean(&batch.rewards));
-        metrics.insert("reward_std".into(), crate::advantage::std_unbiased(&batch.rewards) as f64);
+        metrics.insert(
+            "reward_std".into(),
+            crate::advantage::std_unbiased(&batch.rewards) as f64,
+        );
         for (name, v) in &scored.per_source {
-            metrics.insert(format!("rewards/{name}/mean"), v.iter().sum::<f64>() / v.len() as f64);
+            metrics.insert(
+                format!("rewards/{name}/mean"),
+                v.iter().sum::<f64>() / v.len() as f64,
+            );
         }
         metrics.insert("completions/mean_length".into(), mean(&lengths));
-        metrics.insert("completions/clipped_ratio".into(), batch.rollouts.iter().filter(|r| !r.eos).count() as f64 / lengths.len() as f64);
+        metrics.insert(
+            "completions/clipped_ratio".into(),
+            batch.rollouts.iter().filter(|r| !r.eos).count() as f64 / lengths.len() as f64,
+        );
         if !step.grad_norms.is_empty() {
-            metrics.insert("grad_norm".into(), step.grad_norms.iter().sum::<f64>() / step.grad_norms.len() as f64);
+            metrics.insert(
+                "grad_norm".into(),
+                step.grad_norms.iter().sum::<f64>() / step.grad_norms.len() as f64,
+            );
         }
         metrics.insert("timing/generation_s".into(), t_gen);
         metrics.insert("timing/scoring_s".into(), t_score);
         metrics.insert("timing/training_s".into(), t_train);
         metrics.insert("timing/step_s".into(), t0.elapsed().as_secs_f64());
         metrics.insert("step_tokens".into(), tokens as f64);
-        Ok(StepOut { metrics, num_tokens: tokens as u64, ..Default::default() })
+        Ok(StepOut {
+            metrics,
+            num_tokens: tokens as u64,
+            ..Default::default()
+        })
     }
 
     fn evaluate(&mut self) -> Result<Option<Metrics>> {
         if self.eval_prompts.is_empty() {
             return Ok(None);
         }
-        evaluate_greedy(&self.policy, &mut self.rewards, &self.eval_prompts, self.args, self.seed).map(Some)
+        evaluate_greedy(
+            &self.policy,
+            &mut self.rewards,
+            &self.eval_prompts,
+            self.args,
+            self.seed,
+        )
+        .map(Some)
     }
 
     fn optimizer(&self) -> &AdamW {
@@ -435,7 +543,11 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
     fn save_final(&mut self, out: &Path) -> Result<()> {
         self.policy.save_final(out)?;
         let cfg_path = out.join(checkpoint::CONFIG_FILE);
-        fs::write(&cfg_path, serde_json::to_string_pretty(self.settings).expect("plain data")).map_err(io_err(&cfg_path))
+        fs::write(
+            &cfg_path,
+            serde_json::to_string_pretty(self.settings).expect("plain data"),
+        )
+        .map_err(io_err(&cfg_path))
     }
 
     fn lora(&self) -> Option<&Lora> {
@@ -473,20 +585,44 @@ pub fn run<A: Algorithm>(
 ) -> Result<OnlineSummary> {
     let train = args.validate()?;
     let out = train.output_dir.clone();
-    crate::output_dir::prepare(required(&args.model, "model")?, &out, train.overwrite_output_dir, train.resume)?;
-    let resume_from = if train.resume { Some(checkpoint::resume_dir(&out)?) } else { None };
+    crate::output_dir::prepare(
+        required(&args.model, "model")?,
+        &out,
+        train.overwrite_output_dir,
+        train.resume,
+    )?;
+    let resume_from = if train.resume {
+        Some(checkpoint::resume_dir(&out)?)
+    } else {
+        None
+    };
     let prompts_path = required(&args.prompts, "prompts")?;
 
     // Everything that can fail on bad input is checked before the output directory is touched.
     let policy = Policy::load(args, with_reference, resume_from.as_deref())?;
     let algo = make(&policy, resume_from.as_deref())?;
-    let prompts = rollout::load_prompts(prompts_path, &policy.tokenizer, args.chat_template.as_deref(), args.max_prompt_length)?;
+    let prompts = rollout::load_prompts(
+        prompts_path,
+        &policy.tokenizer,
+        args.chat_template.as_deref(),
+        args.max_prompt_length,
+    )?;
     let eval_prompts = match &args.eval_prompts {
-        Some(p) => rollout::load_prompts(p, &policy.tokenizer, args.chat_template.as_deref(), args.max_prompt_length)?,
+        Some(p) => rollout::load_prompts(
+            p,
+            &policy.tokenizer,
+            args.chat_template.as_deref(),
+            args.max_prompt_length,
+        )?,
         None => Vec::new(),
     };
     let positions = policy.model.config().max_position_embeddings();
-    let longest = prompts.iter().chain(&eval_prompts).map(|p| p.ids.len()).max().unwrap_or(0);
+    let longest = prompts
+        .iter()
+        .chain(&eval_prompts)
+        .map(|p| p.ids.len())
+        .max()
+        .unwrap_or(0);
     if longest + args.max_new_tokens > positions {
         return Err(args.setting_err(
             "max_new_tokens",
@@ -496,13 +632,34 @@ pub fn run<A: Algorithm>(
             ),
         ));
     }
-    let rewards = Rewards::from_specs(&args.reward, &policy.tokenizer, positions, args.reward_timeout_s, args.reward_retries)?;
+    let rewards = Rewards::from_specs(
+        &args.reward,
+        &policy.tokenizer,
+        positions,
+        args.reward_timeout_s,
+        args.reward_retries,
+    )?;
     let mut params = policy.params();
     params.extend(algo.extra_params());
     let optimizer = AdamW::new(params, train.adamw())?;
     let settings = &resolved_settings(settings, &train);
-    let loop_settings = train.loop_settings(resume_from, args.prompts_per_step, settings.clone(), resume_free_keys());
-    let mut trainer = OnlineTrainer { args, seed: train.seed, settings, policy, algo, optimizer, rewards, prompts, eval_prompts };
+    let loop_settings = train.loop_settings(
+        resume_from,
+        args.prompts_per_step,
+        settings.clone(),
+        resume_free_keys(),
+    );
+    let mut trainer = OnlineTrainer {
+        args,
+        seed: train.seed,
+        settings,
+        policy,
+        algo,
+        optimizer,
+        rewards,
+        prompts,
+        eval_prompts,
+    };
     let r = crate::trainer::run(&mut trainer, &loop_settings)?;
     Ok(OnlineSummary {
         steps: r.steps,
@@ -516,17 +673,36 @@ pub fn run<A: Algorithm>(
 }
 
 /// Greedy completions of `prompts` scored by `rewards`: `reward` (mean) and one mean per source.
-pub fn evaluate_greedy(policy: &Policy, rewards: &mut Rewards, prompts: &[PromptRow], args: &OnlineArgs, seed: u64) -> Result<Metrics> {
-    let spec = SampleSpec { sampling: Sampling::greedy(), max_new_tokens: args.max_new_tokens, batch_size: args.generation_batch_size };
+pub fn evaluate_greedy(
+    policy: &Policy,
+    rewards: &mut Rewards,
+    prompts: &[PromptRow],
+    args: &OnlineArgs,
+    seed: u64,
+) -> Result<Metrics> {
+    let spec = SampleSpec {
+        sampling: Sampling::greedy(),
+        max_new_tokens: args.max_new_tokens,
+        batch_size: args.generation_batch_size,
+    };
     let refs: Vec<&PromptRow> = prompts.iter().collect();
     let rollouts = rollout::sample(&policy.model, &policy.tokenizer, &refs, 1, &spec, seed, 0)?;
     let scored = rewards.score(&samples(&rollouts, &refs))?;
     let mut m = Metrics::new();
-    m.insert("reward".into(), scored.total.iter().sum::<f64>() / scored.total.len() as f64);
+    m.insert(
+        "reward".into(),
+        scored.total.iter().sum::<f64>() / scored.total.len() as f64,
+    );
     for (name, v) in &scored.per_source {
-        m.insert(format!("rewards/{name}/mean"), v.iter().sum::<f64>() / v.len() as f64);
+        m.insert(
+            format!("rewards/{name}/mean"),
+            v.iter().sum::<f64>() / v.len() as f64,
+        );
     }
-    let lengths: Vec<f32> = rollouts.iter().map(|r| r.completion_ids.len() as f32).collect();
+    let lengths: Vec<f32> = rollouts
+        .iter()
+        .map(|r| r.completion_ids.len() as f32)
+        .collect();
     m.insert("completions/mean_length".into(), mean(&lengths));
     Ok(m)
 }

@@ -30,7 +30,12 @@ impl Default for AdamWConfig {
     /// `torch.optim.AdamW` / transformers `adamw_torch` defaults, except weight decay which the
     /// Trainer defaults to 0.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -83,7 +88,11 @@ impl Grads {
 fn sum_squares(xs: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = xs.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
             *a += (x as f64) * (x as f64);
@@ -125,7 +134,9 @@ impl AdamW {
     pub fn new(mut params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(w) = params.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(candle_core::Error::Msg(format!("duplicate parameter name {}", w[0].0)).into());
+            return Err(
+                candle_core::Error::Msg(format!("duplicate parameter name {}", w[0].0)).into(),
+            );
         }
         let params = params
             .into_iter()
@@ -134,7 +145,14 @@ impl AdamW {
                 cpu_f32(&storage, layout, &format!("parameter {name}"))?;
                 drop(storage);
                 let n = var.as_tensor().elem_count();
-                Ok(ParamState { decay: decays(&name), name, var, m: vec![0.0; n], v: vec![0.0; n], step: 0 })
+                Ok(ParamState {
+                    decay: decays(&name),
+                    name,
+                    var,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                    step: 0,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { params, cfg })
@@ -156,7 +174,10 @@ impl AdamW {
 
     /// First and second moments and step count of a parameter (inspection, tests).
     pub fn state_of(&self, name: &str) -> Option<(&[f32], &[f32], u64)> {
-        self.params.iter().find(|p| p.name == name).map(|p| (p.m.as_slice(), p.v.as_slice(), p.step))
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| (p.m.as_slice(), p.v.as_slice(), p.step))
     }
 
     /// Gradients of one backward pass, in optimizer order.
@@ -164,7 +185,12 @@ impl AdamW {
         let grads = self
             .params
             .iter()
-            .map(|p| store.get(p.var.as_tensor()).map(|g| g.contiguous()).transpose())
+            .map(|p| {
+                store
+                    .get(p.var.as_tensor())
+                    .map(|g| g.contiguous())
+                    .transpose()
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Grads { grads })
     }
@@ -191,9 +217,18 @@ impl AdamW {
     }
 
     /// [`AdamW::step`] for a caller that already has `grads.global_norm()` (e.g. to check it is finite).
-    pub fn step_with_norm(&mut self, grads: &Grads, lr: f64, max_grad_norm: Option<f64>, norm: f64) -> Result<()> {
+    pub fn step_with_norm(
+        &mut self,
+        grads: &Grads,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+        norm: f64,
+    ) -> Result<()> {
         if grads.grads.len() != self.params.len() {
-            return Err(candle_core::Error::Msg("gradients do not match the optimizer's parameters".into()).into());
+            return Err(candle_core::Error::Msg(
+                "gradients do not match the optimizer's parameters".into(),
+            )
+            .into());
         }
         // torch.nn.utils.clip_grad_norm_: coef = max/(norm+1e-6) clamped to 1, computed in f32 and
         // multiplied into every gradient (a no-op ×1.0 when not clipping). Folded into the fused update.
@@ -221,7 +256,11 @@ impl AdamW {
                 grad_scale: scale,
                 apply_decay: wd != 0.0,
             };
-            let op = FusedAdamW { m: RefCell::new(&mut p.m), v: RefCell::new(&mut p.v), k };
+            let op = FusedAdamW {
+                m: RefCell::new(&mut p.m),
+                v: RefCell::new(&mut p.v),
+                k,
+            };
             p.var.as_tensor().inplace_op2(g, &op)?;
         }
         Ok(())
@@ -234,27 +273,47 @@ impl AdamW {
         let mut steps = BTreeMap::new();
         for p in &self.params {
             let shape = p.var.as_tensor().dims().to_vec();
-            views.push((format!("exp_avg.{}", p.name), F32View { data: &p.m, shape: shape.clone() }));
-            views.push((format!("exp_avg_sq.{}", p.name), F32View { data: &p.v, shape }));
+            views.push((
+                format!("exp_avg.{}", p.name),
+                F32View {
+                    data: &p.m,
+                    shape: shape.clone(),
+                },
+            ));
+            views.push((
+                format!("exp_avg_sq.{}", p.name),
+                F32View { data: &p.v, shape },
+            ));
             steps.insert(p.name.clone(), p.step);
         }
-        let meta = HashMap::from([("steps".to_string(), serde_json::to_string(&steps).expect("map of ints"))]);
-        safetensors::serialize_to_file(views, Some(meta), path)
-            .map_err(|e| TrainError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })
+        let meta = HashMap::from([(
+            "steps".to_string(),
+            serde_json::to_string(&steps).expect("map of ints"),
+        )]);
+        safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| {
+            TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            }
+        })
     }
 
     /// Restore state written by [`AdamW::save_state`]; the parameter set must match exactly.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bad = |msg: String| TrainError::Checkpoint { path: path.to_path_buf(), msg };
+        let bad = |msg: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
         let bytes = std::fs::read(path).map_err(io_err(path))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let steps_json = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("steps"))
             .ok_or_else(|| bad("missing metadata \"steps\"".into()))?;
-        let steps: BTreeMap<String, u64> =
-            serde_json::from_str(steps_json).map_err(|e| bad(format!("metadata \"steps\": {e}")))?;
+        let steps: BTreeMap<String, u64> = serde_json::from_str(steps_json)
+            .map_err(|e| bad(format!("metadata \"steps\": {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         if st.len() != 2 * self.params.len() || steps.len() != self.params.len() {
             return Err(bad(format!(
@@ -264,11 +323,15 @@ impl AdamW {
             )));
         }
         for p in &mut self.params {
-            p.step = *steps.get(&p.name).ok_or_else(|| bad(format!("no state for parameter {}", p.name)))?;
+            p.step = *steps
+                .get(&p.name)
+                .ok_or_else(|| bad(format!("no state for parameter {}", p.name)))?;
             for (prefix, dst) in [("exp_avg", &mut p.m), ("exp_avg_sq", &mut p.v)] {
                 let key = format!("{prefix}.{}", p.name);
                 let view = st.tensor(&key).map_err(|e| bad(format!("{key}: {e}")))?;
-                if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.var.as_tensor().dims() {
+                if view.dtype() != safetensors::Dtype::F32
+                    || view.shape() != p.var.as_tensor().dims()
+                {
                     return Err(bad(format!(
                         "{key}: {:?} {:?}, expected F32 {:?}",
                         view.dtype(),
@@ -349,11 +412,18 @@ impl InplaceOp2 for FusedAdamW<'_> {
         "fused-adamw"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("fused-adamw: parameter and gradient must be f32");
         };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("fused-adamw: parameter and gradient must be contiguous");
         };
         let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
@@ -361,7 +431,12 @@ impl InplaceOp2 for FusedAdamW<'_> {
         let mut v = self.v.borrow_mut();
         let k = self.k;
         if p.len() != g.len() || p.len() != m.len() {
-            candle_core::bail!("fused-adamw: size mismatch (param {}, grad {}, state {})", p.len(), g.len(), m.len());
+            candle_core::bail!(
+                "fused-adamw: size mismatch (param {}, grad {}, state {})",
+                p.len(),
+                g.len(),
+                m.len()
+            );
         }
         p.par_chunks_mut(PAR_CHUNK)
             .zip(g.par_chunks(PAR_CHUNK))

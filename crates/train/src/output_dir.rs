@@ -18,13 +18,20 @@ const RUN_FILES: [&str; 7] = [
     "adapter",
 ];
 /// The part of [`RUN_FILES`] that is a model (kept until the new run's final save replaces it).
-const MODEL_FILES: [&str; 3] = ["model.safetensors", "model.safetensors.index.json", "config.json"];
+const MODEL_FILES: [&str; 3] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+];
 
 /// Checks `output_dir` against `model` and what is already there; with `overwrite`, removes a previous run's
 /// metrics, adapter and checkpoints (its model files are replaced when the new run saves). Leftover
 /// temporaries of an interrupted writer are always removed.
 pub fn prepare(model: &Path, output_dir: &Path, overwrite: bool, resume: bool) -> Result<()> {
-    let err = |msg: String| TrainError::OutputDir { path: output_dir.to_path_buf(), msg };
+    let err = |msg: String| TrainError::OutputDir {
+        path: output_dir.to_path_buf(),
+        msg,
+    };
     if same_dir(model, output_dir) && !overwrite {
         return Err(err(
             "this is the --model directory: training would overwrite the base model; choose another --output-dir \
@@ -61,8 +68,16 @@ pub fn prepare(model: &Path, output_dir: &Path, overwrite: bool, resume: bool) -
 
 /// The files of a previous run in `dir` (none when it does not exist).
 fn previous_run(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut found: Vec<PathBuf> = RUN_FILES.iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect();
-    found.extend(checkpoint::list_checkpoints(dir)?.into_iter().map(|(_, p)| p));
+    let mut found: Vec<PathBuf> = RUN_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    found.extend(
+        checkpoint::list_checkpoints(dir)?
+            .into_iter()
+            .map(|(_, p)| p),
+    );
     Ok(found)
 }
 

@@ -77,20 +77,33 @@ impl crate::settings::Settings for PpoArgs {
 
 impl PpoArgs {
     pub fn validate(&self) -> Result<()> {
-        for (k, v) in [("num_ppo_epochs", self.num_ppo_epochs), ("num_mini_batches", self.num_mini_batches)] {
+        for (k, v) in [
+            ("num_ppo_epochs", self.num_ppo_epochs),
+            ("num_mini_batches", self.num_mini_batches),
+        ] {
             if v == 0 {
                 return Err(self.online.setting_err(k, "must be at least 1"));
             }
         }
         if self.num_mini_batches > self.online.prompts_per_step {
-            return Err(self.online.setting_err("num_mini_batches", format!("{} mini-batches of {} rollouts", self.num_mini_batches, self.online.prompts_per_step)));
+            return Err(self.online.setting_err(
+                "num_mini_batches",
+                format!(
+                    "{} mini-batches of {} rollouts",
+                    self.num_mini_batches, self.online.prompts_per_step
+                ),
+            ));
         }
         for (k, v) in [("kl_coef", self.kl_coef), ("vf_coef", self.vf_coef)] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(self.online.setting_err(k, "must be a finite number >= 0"));
             }
         }
-        for (k, v) in [("cliprange", self.cliprange), ("cliprange_value", self.cliprange_value), ("kl_horizon", self.kl_horizon)] {
+        for (k, v) in [
+            ("cliprange", self.cliprange),
+            ("cliprange_value", self.cliprange_value),
+            ("kl_horizon", self.kl_horizon),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(self.online.setting_err(k, "must be a finite number > 0"));
             }
@@ -101,14 +114,21 @@ impl PpoArgs {
             }
         }
         if self.target_kl.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-            return Err(self.online.setting_err("target_kl", "must be a finite number > 0"));
+            return Err(self
+                .online
+                .setting_err("target_kl", "must be a finite number > 0"));
         }
         Ok(())
     }
 }
 
 /// Clipped value loss per token: `½ max((V − R)², (clip(V, V_old ± c) − R)²)`; also whether the clip bound.
-pub fn value_loss(v: &Tensor, v_old: &Tensor, returns: &Tensor, c: f64) -> Result<(Tensor, Tensor)> {
+pub fn value_loss(
+    v: &Tensor,
+    v_old: &Tensor,
+    returns: &Tensor,
+    c: f64,
+) -> Result<(Tensor, Tensor)> {
     let clipped = (v_old + (v - v_old)?.clamp(-c, c)?)?;
     let l1 = (v - returns)?.sqr()?;
     let l2 = (clipped - returns)?.sqr()?;
@@ -165,17 +185,31 @@ impl Ppo {
         let device = Device::Cpu;
         let pad = policy.tokenizer.pad_id().ok();
         let single_rm = match args.online.reward.as_slice() {
-            [one] => one.strip_prefix("rm:").filter(|d| !d.contains(',')).map(PathBuf::from),
+            [one] => one
+                .strip_prefix("rm:")
+                .filter(|d| !d.contains(','))
+                .map(PathBuf::from),
             _ => None,
         };
         let value = match (resume, args.value_model.clone().or(single_rm)) {
             (Some(ckpt), _) => SeqCls::load(&ckpt.join(VALUE_DIR), 1, pad, seed, &device),
             (None, Some(dir)) => SeqCls::load(&dir, 1, pad, seed, &device),
-            (None, None) => SeqCls::from_causal_lm(policy.model.duplicate().map_err(model_err)?, 1, pad, seed),
+            (None, None) => {
+                SeqCls::from_causal_lm(policy.model.duplicate().map_err(model_err)?, 1, pad, seed)
+            }
         }
         .map_err(|e| model_err(format!("value model: {e}")))?;
-        let kl = AdaptiveKl { beta: args.kl_coef, target: args.target_kl.unwrap_or(1.0), horizon: args.kl_horizon };
-        Ok(Self { args, seed, value, kl })
+        let kl = AdaptiveKl {
+            beta: args.kl_coef,
+            target: args.target_kl.unwrap_or(1.0),
+            horizon: args.kl_horizon,
+        };
+        Ok(Self {
+            args,
+            seed,
+            value,
+            kl,
+        })
     }
 
     pub fn kl_coef(&self) -> f64 {
@@ -185,9 +219,20 @@ impl Ppo {
 
 /// The rows of `batch` listed in `rows` as their own batch, with the flat token indices they own.
 fn subset(batch: &Batch, rows: &[usize]) -> Result<(SeqBatch, Vec<usize>)> {
-    let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|&i| (batch.prompt_ids[i].as_slice(), batch.rollouts[i].completion_ids.as_slice())).collect();
+    let pairs: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .map(|&i| {
+            (
+                batch.prompt_ids[i].as_slice(),
+                batch.rollouts[i].completion_ids.as_slice(),
+            )
+        })
+        .collect();
     let seqs = SeqBatch::new(&pairs, 0, &Device::Cpu)?;
-    let flat = rows.iter().flat_map(|&i| batch.seqs.offsets[i]..batch.seqs.offsets[i + 1]).collect();
+    let flat = rows
+        .iter()
+        .flat_map(|&i| batch.seqs.offsets[i]..batch.seqs.offsets[i + 1])
+        .collect();
     Ok((seqs, flat))
 }
 
@@ -196,7 +241,9 @@ fn pick(v: &[f32], idx: &[usize]) -> Vec<f32> {
 }
 
 fn mean_of(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F32)?.mean_all()?.to_scalar::<f32>()? as f64)
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()? as f64)
 }
 
 impl Algorithm for Ppo {
@@ -209,7 +256,11 @@ impl Algorithm for Ppo {
     }
 
     fn extra_params(&self) -> Vec<(String, Var)> {
-        self.value.trainable_vars().into_iter().map(|(k, v)| (format!("value.{k}"), v)).collect()
+        self.value
+            .trainable_vars()
+            .into_iter()
+            .map(|(k, v)| (format!("value.{k}"), v))
+            .collect()
     }
 
     fn learn(&mut self, policy: &Policy, step: &mut Step, batch: &Batch) -> Result<Metrics> {
@@ -220,14 +271,23 @@ impl Algorithm for Ppo {
         let reference = policy.reference_logprobs(seqs, batch.temperature)?;
         let values: Vec<f32> = token_values(&self.value, seqs)?.detach().to_vec1()?;
         let beta = self.kl.beta;
-        let kl: Vec<f32> = old.iter().zip(&reference).map(|(&o, &r)| kl_estimate(o, r, a.kl_estimator)).collect();
+        let kl: Vec<f32> = old
+            .iter()
+            .zip(&reference)
+            .map(|(&o, &r)| kl_estimate(o, r, a.kl_estimator))
+            .collect();
         let mut rewards = token_rewards(&batch.rewards, &kl, &seqs.offsets, beta);
         if a.whiten_rewards {
             rewards = whiten(&rewards, false);
         }
         let (mut adv, mut ret) = (Vec::with_capacity(old.len()), Vec::with_capacity(old.len()));
         for w in seqs.offsets.windows(2) {
-            let (x, y) = gae(&rewards[w[0]..w[1]], &values[w[0]..w[1]], a.gamma as f32, a.lam as f32);
+            let (x, y) = gae(
+                &rewards[w[0]..w[1]],
+                &values[w[0]..w[1]],
+                a.gamma as f32,
+                a.lam as f32,
+            );
             adv.extend(x);
             ret.extend(y);
         }
@@ -235,21 +295,32 @@ impl Algorithm for Ppo {
 
         let n_rows = seqs.rows;
         let mb = n_rows.div_ceil(a.num_mini_batches);
-        let (mut pg_losses, mut vf_losses, mut pg_clip, mut vf_clip, mut approx_kl, mut ratios, mut entropies) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(self.seed, step.global_step(), 0x9e37));
+        let (
+            mut pg_losses,
+            mut vf_losses,
+            mut pg_clip,
+            mut vf_clip,
+            mut approx_kl,
+            mut ratios,
+            mut entropies,
+        ) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(sample_seed(self.seed, step.global_step(), 0x9e37));
         for _epoch in 0..a.num_ppo_epochs {
             let mut order: Vec<usize> = (0..n_rows).collect();
             order.shuffle(&mut rng);
             for rows in order.chunks(mb) {
-                let (sub_owned, flat) = if a.num_mini_batches == 1 { (None, (0..old.len()).collect::<Vec<_>>()) } else {
+                let (sub_owned, flat) = if a.num_mini_batches == 1 {
+                    (None, (0..old.len()).collect::<Vec<_>>())
+                } else {
                     let (s, f) = subset(batch, rows)?;
                     (Some(s), f)
                 };
                 let sub = sub_owned.as_ref().unwrap_or(seqs);
                 let n = flat.len();
                 let t = |v: &[f32]| Tensor::from_vec(pick(v, &flat), n, &dev);
-                let (new_logp, ent) = rollout::token_logprobs(&policy.model, sub, batch.temperature, true)?;
+                let (new_logp, ent) =
+                    rollout::token_logprobs(&policy.model, sub, batch.temperature, true)?;
                 let diff = (&new_logp - t(old)?)?;
                 let ratio = diff.exp()?;
                 let (pg, pg_c) = policy_loss(&ratio, &t(&adv)?, a.cliprange)?;
@@ -270,7 +341,12 @@ impl Algorithm for Ppo {
             }
         }
         let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let seq_sum = |v: &[f32]| -> Vec<f64> { seqs.offsets.windows(2).map(|w| v[w[0]..w[1]].iter().map(|&x| x as f64).sum()).collect() };
+        let seq_sum = |v: &[f32]| -> Vec<f64> {
+            seqs.offsets
+                .windows(2)
+                .map(|w| v[w[0]..w[1]].iter().map(|&x| x as f64).sum())
+                .collect()
+        };
         let kl_seq = seq_sum(&kl);
         let mean_kl = avg(&kl_seq);
         let non_score = -beta * mean_kl;
@@ -278,7 +354,10 @@ impl Algorithm for Ppo {
         let ratio_mean = avg(&ratios);
         let mut m = Metrics::new();
         m.insert("objective/kl".into(), mean_kl);
-        m.insert("objective/entropy".into(), avg(&seq_sum(&old.iter().map(|x| -x).collect::<Vec<_>>())));
+        m.insert(
+            "objective/entropy".into(),
+            avg(&seq_sum(&old.iter().map(|x| -x).collect::<Vec<_>>())),
+        );
         m.insert("objective/non_score_reward".into(), non_score);
         m.insert("objective/rlhf_reward".into(), scores + non_score);
         m.insert("objective/scores".into(), scores);
@@ -289,8 +368,15 @@ impl Algorithm for Ppo {
         m.insert("val/clipfrac_avg".into(), avg(&vf_clip));
         m.insert("policy/entropy_avg".into(), avg(&entropies));
         m.insert("val/ratio".into(), ratio_mean);
-        m.insert("val/ratio_var".into(), ratios.iter().map(|r| (r - ratio_mean).powi(2)).sum::<f64>() / ratios.len().max(1) as f64);
-        m.insert("val/num_eos_tokens".into(), batch.rollouts.iter().filter(|r| r.eos).count() as f64);
+        m.insert(
+            "val/ratio_var".into(),
+            ratios.iter().map(|r| (r - ratio_mean).powi(2)).sum::<f64>()
+                / ratios.len().max(1) as f64,
+        );
+        m.insert(
+            "val/num_eos_tokens".into(),
+            batch.rollouts.iter().filter(|r| r.eos).count() as f64,
+        );
         m.insert("kl_coef".into(), beta);
         m.insert("loss".into(), avg(&pg_losses) + a.vf_coef * avg(&vf_losses));
         if a.target_kl.is_some() {
@@ -302,13 +388,23 @@ impl Algorithm for Ppo {
     fn save(&self, dir: &Path) -> Result<()> {
         self.value.save(&dir.join(VALUE_DIR)).map_err(model_err)?;
         let path = dir.join(STATE_FILE);
-        std::fs::write(&path, serde_json::to_string(&PpoState { kl_coef: self.kl.beta }).expect("plain data")).map_err(io_err(&path))
+        std::fs::write(
+            &path,
+            serde_json::to_string(&PpoState {
+                kl_coef: self.kl.beta,
+            })
+            .expect("plain data"),
+        )
+        .map_err(io_err(&path))
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
         let path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let s: PpoState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path, msg: e.to_string() })?;
+        let s: PpoState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path,
+            msg: e.to_string(),
+        })?;
         self.kl.beta = s.kl_coef;
         Ok(())
     }
@@ -318,5 +414,10 @@ impl Algorithm for Ppo {
 pub fn run_ppo(args: &PpoArgs) -> Result<OnlineSummary> {
     let settings = serde_json::to_value(args).expect("settings serialise");
     args.validate()?;
-    online::run(&args.online, &settings, true, |policy: &Policy, resume: Option<&Path>| Ppo::new(args.clone(), policy, resume))
+    online::run(
+        &args.online,
+        &settings,
+        true,
+        |policy: &Policy, resume: Option<&Path>| Ppo::new(args.clone(), policy, resume),
+    )
 }

@@ -66,7 +66,12 @@ pub struct PrefConfig {
 impl PrefConfig {
     /// The defaults of the trainer whose shared defaults are `d` ([`TrainDefaults::RM`] or [`TrainDefaults::DPO`])
     /// for the three required settings.
-    pub fn new(model: PathBuf, train_file: PathBuf, output_dir: PathBuf, d: &TrainDefaults) -> Self {
+    pub fn new(
+        model: PathBuf,
+        train_file: PathBuf,
+        output_dir: PathBuf,
+        d: &TrainDefaults,
+    ) -> Self {
         Self {
             model,
             train_file,
@@ -91,7 +96,15 @@ impl PrefArgs {
     pub fn resolve(&self, d: &TrainDefaults) -> Result<PrefConfig> {
         let err = |key: &str, msg: String| self.err(key, msg);
         let required = |v: &Option<PathBuf>, key: &str| {
-            v.clone().ok_or_else(|| err(key, format!("required (set it in the config file or pass --{})", key.replace('_', "-"))))
+            v.clone().ok_or_else(|| {
+                err(
+                    key,
+                    format!(
+                        "required (set it in the config file or pass --{})",
+                        key.replace('_', "-")
+                    ),
+                )
+            })
         };
         let model = required(&self.model, "model")?;
         let train_file = required(&self.train_file, "train_file")?;
@@ -105,7 +118,10 @@ impl PrefArgs {
             ..base
         };
         if !c.model.join("config.json").is_file() {
-            return Err(err("model", format!("{} has no config.json", c.model.display())));
+            return Err(err(
+                "model",
+                format!("{} has no config.json", c.model.display()),
+            ));
         }
         crate::config::check_data_file(&c.train_file).map_err(|m| err("train_file", m))?;
         if let Some(e) = &c.eval_file {
@@ -135,7 +151,12 @@ pub struct RmOptions {
 
 impl Default for RmOptions {
     fn default() -> Self {
-        Self { center_rewards_coefficient: None, num_heads: 1, score_min: None, score_max: None }
+        Self {
+            center_rewards_coefficient: None,
+            num_heads: 1,
+            score_min: None,
+            score_max: None,
+        }
     }
 }
 
@@ -155,6 +176,11 @@ pub struct DpoOptions {
 
 impl Default for DpoOptions {
     fn default() -> Self {
-        Self { loss_type: LossType::Sigmoid, reference_model: None, precompute_ref_log_probs: false, params: LossParams::default() }
+        Self {
+            loss_type: LossType::Sigmoid,
+            reference_model: None,
+            precompute_ref_log_probs: false,
+            params: LossParams::default(),
+        }
     }
 }

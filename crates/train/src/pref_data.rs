@@ -17,7 +17,12 @@ pub(crate) fn tokenize_completion(
     tokenizer: &Tokenizer,
     template: Option<&rlhf_data::ChatTemplate>,
 ) -> rlhf_data::Result<(Vec<u32>, Vec<u32>)> {
-    let p = Preference { prompt: prompt.clone(), chosen: completion.clone(), rejected: completion.clone(), margin: None };
+    let p = Preference {
+        prompt: prompt.clone(),
+        chosen: completion.clone(),
+        rejected: completion.clone(),
+        margin: None,
+    };
     let ex = tokenize_pair(&p, tokenizer, template)?;
     Ok((ex.prompt_ids, ex.chosen_ids))
 }
@@ -34,7 +39,10 @@ pub(crate) fn pad_rows(rows: &[&[u32]], pad: u32, device: &Device) -> Result<(Te
     for (i, r) in rows.iter().enumerate() {
         ids[i * t..i * t + r.len()].copy_from_slice(r);
     }
-    Ok((Tensor::from_vec(ids, (rows.len(), t), device)?, rows.iter().map(|r| r.len()).collect()))
+    Ok((
+        Tensor::from_vec(ids, (rows.len(), t), device)?,
+        rows.iter().map(|r| r.len()).collect(),
+    ))
 }
 
 /// Arithmetic preference pairs like the TRL baseline's (`"Q: 17+25="` → `" 42"` vs. a wrong sum), tokenized.
@@ -44,7 +52,13 @@ pub fn bench_pairs(tokenizer: &Tokenizer, n: usize, seed: u64) -> Result<Vec<Pre
     (0..n)
         .map(|_| {
             let (a, b) = (rng.gen_range(10..100), rng.gen_range(10..100));
-            let wrong = a + b + if rng.gen_bool(0.5) { rng.gen_range(1..11) } else { -rng.gen_range(1..11) };
+            let wrong = a
+                + b
+                + if rng.gen_bool(0.5) {
+                    rng.gen_range(1..11)
+                } else {
+                    -rng.gen_range(1..11)
+                };
             let pair = Preference {
                 prompt: Text::Plain(format!("Q: {a}+{b}=")),
                 chosen: Text::Plain(format!(" {}", a + b)),

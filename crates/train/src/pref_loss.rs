@@ -119,7 +119,9 @@ impl LossParams {
             LossType::Cpl if !(self.cpl_lambda > 0.0 && self.cpl_lambda <= 1.0) => {
                 bad("cpl_lambda", "must be in (0, 1]")
             }
-            LossType::Cpl if self.cpl_alpha.is_nan() || self.cpl_alpha <= 0.0 => bad("cpl_alpha", "must be positive"),
+            LossType::Cpl if self.cpl_alpha.is_nan() || self.cpl_alpha <= 0.0 => {
+                bad("cpl_alpha", "must be positive")
+            }
             LossType::Kto if self.desirable_weight < 0.0 || self.undesirable_weight < 0.0 => {
                 bad("desirable_weight", "KTO weights must be non-negative")
             }
@@ -170,7 +172,13 @@ pub fn robust_loss(delta: &Tensor, beta: f64, eps: f64) -> Result<Tensor> {
 }
 
 /// SimPO: −(1−ε)·log σ(β·(π̄_c − π̄_r) − γ) − ε·log σ(−(…)), on per-token averaged log-probs.
-pub fn simpo_loss(avg_chosen: &Tensor, avg_rejected: &Tensor, beta: f64, gamma: f64, eps: f64) -> Result<Tensor> {
+pub fn simpo_loss(
+    avg_chosen: &Tensor,
+    avg_rejected: &Tensor,
+    beta: f64,
+    gamma: f64,
+    eps: f64,
+) -> Result<Tensor> {
     let z = (avg_chosen - avg_rejected)?.affine(beta, -gamma)?;
     let a = (log_sigmoid(&z)? * -(1.0 - eps))?;
     let b = (log_sigmoid(&z.neg()?)? * -eps)?;
@@ -179,8 +187,13 @@ pub fn simpo_loss(avg_chosen: &Tensor, avg_rejected: &Tensor, beta: f64, gamma: 
 
 /// ORPO's odds-ratio term per pair: −λ·log σ(log odds(y_c) − log odds(y_r)) with odds(y) = p/(1−p) of the
 /// per-token averaged log-probs (Hong et al. eqs. 4, 7). Returns `(loss_or [B], log_odds [B])`.
-pub fn orpo_odds_ratio_loss(avg_chosen: &Tensor, avg_rejected: &Tensor, lambda: f64) -> Result<(Tensor, Tensor)> {
-    let log_odds = ((avg_chosen - avg_rejected)? - (log1mexp(avg_chosen)? - log1mexp(avg_rejected)?)?)?;
+pub fn orpo_odds_ratio_loss(
+    avg_chosen: &Tensor,
+    avg_rejected: &Tensor,
+    lambda: f64,
+) -> Result<(Tensor, Tensor)> {
+    let log_odds =
+        ((avg_chosen - avg_rejected)? - (log1mexp(avg_chosen)? - log1mexp(avg_rejected)?)?)?;
     let loss = (log_sigmoid(&log_odds)? * -lambda)?;
     Ok((loss, log_odds))
 }
@@ -188,12 +201,18 @@ pub fn orpo_odds_ratio_loss(avg_chosen: &Tensor, avg_rejected: &Tensor, lambda: 
 /// Token-level NLL of the chosen completions over the whole batch, −Σ logp / Σ tokens (what ORPO adds, like
 /// TRL's cross-entropy over all chosen tokens, and CPL's BC regulariser).
 pub fn chosen_nll(chosen_logps: &Tensor, chosen_len: &Tensor) -> Result<Tensor> {
-    (chosen_logps.sum_all()?.neg()? / chosen_len.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?.contiguous()
+    (chosen_logps.sum_all()?.neg()? / chosen_len.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?
+        .contiguous()
 }
 
 /// CPL(λ) (Hejna et al. 2024, eq. 5 with the conservative bias of §3.3): the regret-preference likelihood
 /// −log σ(α·Σ log π(a⁺) − λ·α·Σ log π(a⁻)), on summed (undiscounted, γ = 1) log-probs of the segments.
-pub fn cpl_loss(chosen_logps: &Tensor, rejected_logps: &Tensor, alpha: f64, lambda: f64) -> Result<Tensor> {
+pub fn cpl_loss(
+    chosen_logps: &Tensor,
+    rejected_logps: &Tensor,
+    alpha: f64,
+    lambda: f64,
+) -> Result<Tensor> {
     let z = ((chosen_logps * alpha)? - (rejected_logps * (alpha * lambda))?)?;
     log_sigmoid(&z)?.neg()
 }
@@ -210,7 +229,13 @@ pub fn kto_loss(
     let beta = params.beta;
     let d = sigmoid(&desirable_logratios.affine(-beta, beta * kl)?)?;
     let u = sigmoid(&undesirable_logratios.affine(beta, -beta * kl)?)?;
-    Tensor::cat(&[(d * params.desirable_weight)?, (u * params.undesirable_weight)?], 0)
+    Tensor::cat(
+        &[
+            (d * params.desirable_weight)?,
+            (u * params.undesirable_weight)?,
+        ],
+        0,
+    )
 }
 
 /// KTO's reference point z₀: mean log-ratio of the mismatched (prompt, other completion) pairs, clamped at 0.
@@ -261,17 +286,26 @@ pub fn pair_loss(loss_type: LossType, p: &LossParams, x: &PairLogps) -> Result<P
                 LossType::Sigmoid => sigmoid_loss(&(&lc - &lr)?, beta)?,
                 LossType::Hinge => hinge_loss(&(&lc - &lr)?, beta)?,
                 LossType::Robust => robust_loss(&(&lc - &lr)?, beta, p.label_smoothing)?,
-                _ => ipo_loss(&(per_token(&lc, &x.chosen_len)? - per_token(&lr, &x.rejected_len)?)?, beta)?,
+                _ => ipo_loss(
+                    &(per_token(&lc, &x.chosen_len)? - per_token(&lr, &x.rejected_len)?)?,
+                    beta,
+                )?,
             };
             (l, (lc * beta)?, (lr * beta)?)
         }
         LossType::Simpo => {
-            let (ac, ar) = (per_token(&x.chosen, &x.chosen_len)?, per_token(&x.rejected, &x.rejected_len)?);
+            let (ac, ar) = (
+                per_token(&x.chosen, &x.chosen_len)?,
+                per_token(&x.rejected, &x.rejected_len)?,
+            );
             let l = simpo_loss(&ac, &ar, beta, p.simpo_gamma, p.label_smoothing)?;
             (l, (ac * beta)?, (ar * beta)?)
         }
         LossType::Orpo => {
-            let (ac, ar) = (per_token(&x.chosen, &x.chosen_len)?, per_token(&x.rejected, &x.rejected_len)?);
+            let (ac, ar) = (
+                per_token(&x.chosen, &x.chosen_len)?,
+                per_token(&x.rejected, &x.rejected_len)?,
+            );
             let (l, _) = orpo_odds_ratio_loss(&ac, &ar, p.orpo_lambda)?;
             let l = l.broadcast_add(&chosen_nll(&x.chosen, &x.chosen_len)?)?;
             (l, (ac * p.orpo_lambda)?, (ar * p.orpo_lambda)?)
@@ -285,7 +319,11 @@ pub fn pair_loss(loss_type: LossType, p: &LossParams, x: &PairLogps) -> Result<P
         }
         LossType::Kto => candle_core::bail!("loss `kto` works on unpaired examples: use kto_loss"),
     };
-    Ok(PairLoss { loss: per_sample.mean_all()?, chosen_rewards: rc.detach(), rejected_rewards: rr.detach() })
+    Ok(PairLoss {
+        loss: per_sample.mean_all()?,
+        chosen_rewards: rc.detach(),
+        rejected_rewards: rr.detach(),
+    })
 }
 
 /// What TRL logs for a batch of pairs (`rewards/*`, `logps/*`), as batch means.
@@ -351,7 +389,13 @@ pub struct KtoLogps {
 pub fn kto(p: &LossParams, x: &KtoLogps) -> Result<(Tensor, f64, PairMetrics)> {
     let kl = kto_kl(&x.policy_kl.detach(), &x.ref_kl)?;
     let pick = |want: bool| -> Result<Tensor> {
-        let idx: Vec<u32> = x.labels.iter().enumerate().filter(|(_, &l)| l == want).map(|(i, _)| i as u32).collect();
+        let idx: Vec<u32> = x
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l == want)
+            .map(|(i, _)| i as u32)
+            .collect();
         let n = idx.len();
         Tensor::from_vec(idx, n, x.policy.device())
     };

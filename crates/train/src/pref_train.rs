@@ -29,7 +29,11 @@ pub struct Forward {
 
 /// Per-example means of the loss and metrics over `n` examples, run in chunks of `batch_size` (the chunks only
 /// bound memory), for [`Objective::evaluate`].
-pub(crate) fn eval_means(n: usize, batch_size: usize, forward: impl Fn(&[usize]) -> Result<Forward>) -> Result<Metrics> {
+pub(crate) fn eval_means(
+    n: usize,
+    batch_size: usize,
+    forward: impl Fn(&[usize]) -> Result<Forward>,
+) -> Result<Metrics> {
     let idx: Vec<usize> = (0..n).collect();
     let mut sums = Metrics::new();
     for chunk in idx.chunks(batch_size) {
@@ -82,8 +86,15 @@ pub struct PrefSummary {
     pub resumed_from_step: Option<u64>,
 }
 
-fn eval_prefixed<S: serde::Serializer>(eval: &Option<Metrics>, s: S) -> std::result::Result<S::Ok, S::Error> {
-    let prefixed = eval.as_ref().map(|m| m.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect::<Metrics>());
+fn eval_prefixed<S: serde::Serializer>(
+    eval: &Option<Metrics>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    let prefixed = eval.as_ref().map(|m| {
+        m.iter()
+            .map(|(k, v)| (format!("eval_{k}"), *v))
+            .collect::<Metrics>()
+    });
     prefixed.serialize(s)
 }
 
@@ -94,7 +105,9 @@ pub use crate::trainer::METRICS_FILE;
 pub fn prepare_run(cfg: &PrefConfig) -> Result<Option<PathBuf>> {
     let t = &cfg.train;
     crate::output_dir::prepare(&cfg.model, &t.output_dir, t.overwrite_output_dir, t.resume)?;
-    t.resume.then(|| checkpoint::resume_dir(&t.output_dir)).transpose()
+    t.resume
+        .then(|| checkpoint::resume_dir(&t.output_dir))
+        .transpose()
 }
 
 /// One optimizer step on the examples `idx`: forward, backward, clip, AdamW (refusing a non-finite loss or
@@ -107,7 +120,11 @@ fn step_on(obj: &mut dyn Objective, idx: &[usize], info: &StepInfo) -> Result<St
     let mut metrics = out.metrics;
     metrics.insert("loss".into(), loss);
     metrics.insert("grad_norm".into(), grad_norm);
-    Ok(StepOut { metrics, num_tokens: out.num_tokens as u64, ..Default::default() })
+    Ok(StepOut {
+        metrics,
+        num_tokens: out.num_tokens as u64,
+        ..Default::default()
+    })
 }
 
 /// An [`Objective`] as the core loop drives it.
@@ -144,9 +161,18 @@ impl Trainer for PrefTrainer<'_> {
 /// With `cfg.train.resume` it continues the newest checkpoint exactly where it stopped.
 pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig) -> Result<PrefSummary> {
     let output_dir = cfg.train.output_dir.clone();
-    let resume_from = if cfg.train.resume { Some(checkpoint::resume_dir(&output_dir)?) } else { None };
+    let resume_from = if cfg.train.resume {
+        Some(checkpoint::resume_dir(&output_dir)?)
+    } else {
+        None
+    };
     let config = serde_json::to_value(cfg).expect("config serialises");
-    let settings = cfg.train.loop_settings(resume_from, cfg.batch_size, config, checkpoint::RESUME_FREE_KEYS.to_vec());
+    let settings = cfg.train.loop_settings(
+        resume_from,
+        cfg.batch_size,
+        config,
+        checkpoint::RESUME_FREE_KEYS.to_vec(),
+    );
     let r = crate::trainer::run(&mut PrefTrainer(obj), &settings)?;
     let mut final_metrics = r.final_metrics;
     let final_loss = final_metrics.remove("loss").unwrap_or(f64::NAN);
@@ -169,7 +195,12 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig) -> Result<PrefSumma
 
 /// Times `steps` optimizer steps of `obj` on 8-example batches (after `warmup` untimed ones): median s/step,
 /// tokens/s (chosen + rejected counted once, as TRL) and peak RSS.
-pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, lr: f64) -> Result<Value> {
+pub(crate) fn bench_steps(
+    obj: &mut dyn Objective,
+    steps: usize,
+    warmup: usize,
+    lr: f64,
+) -> Result<Value> {
     use crate::bench::{cpu_snapshot, median, peak_rss_mb};
     let n = obj.num_examples();
     let (mut times, mut tokens, mut total_s, mut cpu_start) = (Vec::new(), 0usize, 0.0, None);
@@ -180,7 +211,12 @@ pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, 
         let idx: Vec<usize> = (0..8).map(|j| (s * 8 + j) % n).collect();
         let t0 = Instant::now();
         let none = None;
-        let info = StepInfo { step: s as u64 + 1, lr, max_grad_norm: None, last_checkpoint: &none };
+        let info = StepInfo {
+            step: s as u64 + 1,
+            lr,
+            max_grad_norm: None,
+            last_checkpoint: &none,
+        };
         let tok = step_on(obj, &idx, &info)?.num_tokens;
         let dt = t0.elapsed().as_secs_f64();
         if s >= warmup {
@@ -191,9 +227,10 @@ pub(crate) fn bench_steps(obj: &mut dyn Objective, steps: usize, warmup: usize, 
     }
     // As bench-trl: CPU used by other processes meanwhile (cores; > 0.2 = contaminated) and our own CPU time.
     let (other_cores, own_cpu_per_step) = match (cpu_start, cpu_snapshot()) {
-        (Some((busy0, own0)), Some((busy1, own1))) => {
-            (Some((((busy1 - busy0) - (own1 - own0)) / total_s).max(0.0)), Some((own1 - own0) / steps as f64))
-        }
+        (Some((busy0, own0)), Some((busy1, own1))) => (
+            Some((((busy1 - busy0) - (own1 - own0)) / total_s).max(0.0)),
+            Some((own1 - own0) / steps as f64),
+        ),
         _ => (None, None),
     };
     Ok(json!({

@@ -16,8 +16,8 @@
 //! lives in `rlhf-serve`, which this crate must not depend on); the binary registers them once at start-up, so
 //! every trainer, `rlhf eval` and `rlhf iterate` accept them without extra plumbing.
 
-use std::io::{BufRead, BufReader, Write};
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -52,7 +52,10 @@ pub trait RewardSource {
 }
 
 fn reward_err(source: &str, msg: impl Into<String>) -> TrainError {
-    TrainError::Reward { source_name: source.to_string(), msg: msg.into() }
+    TrainError::Reward {
+        source_name: source.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// A reward model directory (or an ensemble of them). With the policy's tokenizer it reads the token ids
@@ -69,7 +72,11 @@ impl RewardModel {
     pub fn load(dirs: &[PathBuf], policy_tokenizer: &Tokenizer, max_length: usize) -> Result<Self> {
         let ensemble = Ensemble::load(dirs, &Device::Cpu)?;
         let tok = Tokenizer::from_dir(&dirs[0]).map_err(|e| TrainError::Data(e.to_string()))?;
-        if let Some(v) = ensemble.vocab_sizes().into_iter().find(|&v| tok.vocab_size() > v) {
+        if let Some(v) = ensemble
+            .vocab_sizes()
+            .into_iter()
+            .find(|&v| tok.vocab_size() > v)
+        {
             return Err(TrainError::Model(format!(
                 "{}: its tokenizer has {} tokens but the model's vocab_size is {v}, so some ids would index past the \
                  embedding; give the reward model the tokenizer it was trained with",
@@ -77,9 +84,21 @@ impl RewardModel {
                 tok.vocab_size()
             )));
         }
-        let same = tok.inner().to_string(false).ok() == policy_tokenizer.inner().to_string(false).ok();
-        let name = format!("rm:{}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(","));
-        Ok(Self { name, ensemble, retokenize: (!same).then_some(tok), max_length })
+        let same =
+            tok.inner().to_string(false).ok() == policy_tokenizer.inner().to_string(false).ok();
+        let name = format!(
+            "rm:{}",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        Ok(Self {
+            name,
+            ensemble,
+            retokenize: (!same).then_some(tok),
+            max_length,
+        })
     }
 }
 
@@ -102,14 +121,24 @@ impl RewardSource for RewardModel {
                 ids.drain(..ids.len() - self.max_length);
             }
             if ids.is_empty() {
-                return Err(reward_err(&self.name, "a prompt + completion encodes to no tokens"));
+                return Err(reward_err(
+                    &self.name,
+                    "a prompt + completion encodes to no tokens",
+                ));
             }
             rows.push(ids);
         }
         let t = rows.iter().map(Vec::len).max().unwrap_or(1);
         let pad = self.ensemble.pad_token_id();
         let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(pad, t - r.len()))).collect();
+        let flat: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, t - r.len()))
+            })
+            .collect();
         let ids = Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu)?;
         let scores = self.ensemble.scores(&ids, &lengths)?;
         let (mean, _std) = crate::ensemble::mean_std(&scores)?;
@@ -149,9 +178,20 @@ impl RewardSource for ExactAnswer {
                     _ => None,
                 }
                 .ok_or_else(|| {
-                    reward_err(&self.name, format!("the prompt row has no numeric `{}` column: {}", self.column, Value::Object(s.row.clone())))
+                    reward_err(
+                        &self.name,
+                        format!(
+                            "the prompt row has no numeric `{}` column: {}",
+                            self.column,
+                            Value::Object(s.row.clone())
+                        ),
+                    )
                 })?;
-                Ok(if leading_number(s.completion) == Some(want) { 1.0 } else { 0.0 })
+                Ok(if leading_number(s.completion) == Some(want) {
+                    1.0
+                } else {
+                    0.0
+                })
             })
             .collect()
     }
@@ -168,7 +208,16 @@ impl RewardSource for RegexMatch {
         &self.name
     }
     fn score(&mut self, samples: &[Sample]) -> Result<Vec<f64>> {
-        Ok(samples.iter().map(|s| if self.re.is_match(s.completion) { 1.0 } else { 0.0 }).collect())
+        Ok(samples
+            .iter()
+            .map(|s| {
+                if self.re.is_match(s.completion) {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect())
     }
 }
 
@@ -183,7 +232,10 @@ impl RewardSource for LengthPenalty {
         &self.name
     }
     fn score(&mut self, samples: &[Sample]) -> Result<Vec<f64>> {
-        Ok(samples.iter().map(|s| -self.coef * s.completion_ids.len() as f64).collect())
+        Ok(samples
+            .iter()
+            .map(|s| -self.coef * s.completion_ids.len() as f64)
+            .collect())
     }
 }
 
@@ -198,7 +250,10 @@ impl RewardSource for MissingEos {
         &self.name
     }
     fn score(&mut self, samples: &[Sample]) -> Result<Vec<f64>> {
-        Ok(samples.iter().map(|s| if s.eos { 0.0 } else { -self.penalty }).collect())
+        Ok(samples
+            .iter()
+            .map(|s| if s.eos { 0.0 } else { -self.penalty })
+            .collect())
     }
 }
 
@@ -235,7 +290,11 @@ impl RewardSource for External {
         let mut stdin = child.stdin.take().expect("piped");
         let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
         let stdout = child.stdout.take().expect("piped");
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().collect::<std::io::Result<Vec<String>>>());
+        let reader = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .collect::<std::io::Result<Vec<String>>>()
+        });
         let stderr = child.stderr.take().expect("piped");
         let err_reader = std::thread::spawn(move || {
             let mut s = String::new();
@@ -250,25 +309,43 @@ impl RewardSource for External {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(err(format!("timed out after {:.0} s (raise reward_timeout_s)", self.timeout.as_secs_f64())));
+                return Err(err(format!(
+                    "timed out after {:.0} s (raise reward_timeout_s)",
+                    self.timeout.as_secs_f64()
+                )));
             }
             std::thread::sleep(Duration::from_millis(5));
         };
         // A scorer that exits without reading all its input is reported by its exit status/output below.
         let _ = writer.join();
-        let lines = reader.join().expect("reader thread").map_err(|e| err(e.to_string()))?;
+        let lines = reader
+            .join()
+            .expect("reader thread")
+            .map_err(|e| err(e.to_string()))?;
         let stderr = err_reader.join().unwrap_or_default();
         if !status.success() {
             return Err(err(format!("exited with {status}: {}", stderr.trim())));
         }
         let lines: Vec<&String> = lines.iter().filter(|l| !l.trim().is_empty()).collect();
         if lines.len() != samples.len() {
-            return Err(err(format!("printed {} scores for {} rows (one number per line expected)", lines.len(), samples.len())));
+            return Err(err(format!(
+                "printed {} scores for {} rows (one number per line expected)",
+                lines.len(),
+                samples.len()
+            )));
         }
         lines
             .iter()
             .enumerate()
-            .map(|(i, l)| l.trim().parse::<f64>().map_err(|_| err(format!("output line {}: `{}` is not a number", i + 1, l.trim()))))
+            .map(|(i, l)| {
+                l.trim().parse::<f64>().map_err(|_| {
+                    err(format!(
+                        "output line {}: `{}` is not a number",
+                        i + 1,
+                        l.trim()
+                    ))
+                })
+            })
             .collect()
     }
 }
@@ -295,53 +372,129 @@ const BUILTIN_KINDS: [&str; 6] = ["rm", "exact", "regex", "length", "eos", "cmd"
 
 /// Adds reward kind `kind` (`KIND:ARG` specs) for the whole process; registering a kind again replaces it.
 /// A built-in kind cannot be replaced.
-pub fn register_scheme(kind: &str, factory: impl Fn(&str, &SpecContext) -> Result<Box<dyn RewardSource>> + Send + Sync + 'static) {
-    assert!(!BUILTIN_KINDS.contains(&kind), "reward kind `{kind}` is built in");
-    schemes().write().unwrap_or_else(|e| e.into_inner()).insert(kind.to_string(), Arc::new(factory));
+pub fn register_scheme(
+    kind: &str,
+    factory: impl Fn(&str, &SpecContext) -> Result<Box<dyn RewardSource>> + Send + Sync + 'static,
+) {
+    assert!(
+        !BUILTIN_KINDS.contains(&kind),
+        "reward kind `{kind}` is built in"
+    );
+    schemes()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(kind.to_string(), Arc::new(factory));
 }
 
 /// Every kind a spec may name: the built-in ones, then the registered ones.
 pub fn known_kinds() -> Vec<String> {
     let mut kinds: Vec<String> = BUILTIN_KINDS.iter().map(|k| k.to_string()).collect();
-    kinds.extend(schemes().read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+    kinds.extend(
+        schemes()
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned(),
+    );
     kinds
 }
 
 /// Parses one `[WEIGHT*]KIND:ARG` spec into (weight, source).
-pub fn parse_spec(spec: &str, policy_tokenizer: &Tokenizer, max_length: usize, timeout: Duration) -> Result<(f64, Box<dyn RewardSource>)> {
-    let bad = |msg: String| TrainError::Config { file: "command line".into(), key: "reward".into(), msg: format!("`{spec}`: {msg}") };
+pub fn parse_spec(
+    spec: &str,
+    policy_tokenizer: &Tokenizer,
+    max_length: usize,
+    timeout: Duration,
+) -> Result<(f64, Box<dyn RewardSource>)> {
+    let bad = |msg: String| TrainError::Config {
+        file: "command line".into(),
+        key: "reward".into(),
+        msg: format!("`{spec}`: {msg}"),
+    };
     let (weight, rest) = match spec.split_once('*') {
-        Some((w, r)) if w.trim().parse::<f64>().is_ok() && !w.contains(':') => (w.trim().parse::<f64>().expect("checked"), r),
+        Some((w, r)) if w.trim().parse::<f64>().is_ok() && !w.contains(':') => {
+            (w.trim().parse::<f64>().expect("checked"), r)
+        }
         _ => (1.0, spec),
     };
     if !weight.is_finite() {
         return Err(bad("the weight must be a finite number".into()));
     }
-    let (kind, arg) = rest
-        .split_once(':')
-        .ok_or_else(|| bad(format!("expected KIND:ARG with KIND one of {}", known_kinds().join(", "))))?;
+    let (kind, arg) = rest.split_once(':').ok_or_else(|| {
+        bad(format!(
+            "expected KIND:ARG with KIND one of {}",
+            known_kinds().join(", ")
+        ))
+    })?;
     let name = rest.to_string();
-    let number = |what: &str| arg.trim().parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| bad(format!("{what} must be a finite number")));
+    let number = |what: &str| {
+        arg.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| bad(format!("{what} must be a finite number")))
+    };
     let source: Box<dyn RewardSource> = match kind.trim() {
         "rm" => {
-            let dirs: Vec<PathBuf> = arg.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect();
+            let dirs: Vec<PathBuf> = arg
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect();
             if dirs.is_empty() {
                 return Err(bad("name a reward-model directory".into()));
             }
             Box::new(RewardModel::load(&dirs, policy_tokenizer, max_length)?)
         }
-        "exact" if !arg.trim().is_empty() => Box::new(ExactAnswer { name, column: arg.trim().to_string() }),
-        "exact" => return Err(bad("name the dataset column holding the answer, e.g. exact:answer".into())),
-        "regex" => Box::new(RegexMatch { name, re: regex::Regex::new(arg).map_err(|e| bad(e.to_string()))? }),
-        "length" => Box::new(LengthPenalty { name, coef: number("the length coefficient")? }),
-        "eos" => Box::new(MissingEos { name, penalty: number("the missing-EOS penalty")? }),
-        "cmd" if !arg.trim().is_empty() => Box::new(External { name, command: arg.to_string(), timeout }),
+        "exact" if !arg.trim().is_empty() => Box::new(ExactAnswer {
+            name,
+            column: arg.trim().to_string(),
+        }),
+        "exact" => {
+            return Err(bad(
+                "name the dataset column holding the answer, e.g. exact:answer".into(),
+            ))
+        }
+        "regex" => Box::new(RegexMatch {
+            name,
+            re: regex::Regex::new(arg).map_err(|e| bad(e.to_string()))?,
+        }),
+        "length" => Box::new(LengthPenalty {
+            name,
+            coef: number("the length coefficient")?,
+        }),
+        "eos" => Box::new(MissingEos {
+            name,
+            penalty: number("the missing-EOS penalty")?,
+        }),
+        "cmd" if !arg.trim().is_empty() => Box::new(External {
+            name,
+            command: arg.to_string(),
+            timeout,
+        }),
         "cmd" => return Err(bad("give the command to run".into())),
         other => {
-            let factory = schemes().read().unwrap_or_else(|e| e.into_inner()).get(other).cloned();
+            let factory = schemes()
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(other)
+                .cloned();
             match factory {
-                Some(f) => f(arg, &SpecContext { spec, policy_tokenizer, max_length, timeout })?,
-                None => return Err(bad(format!("unknown kind `{other}` ({})", known_kinds().join(", ")))),
+                Some(f) => f(
+                    arg,
+                    &SpecContext {
+                        spec,
+                        policy_tokenizer,
+                        max_length,
+                        timeout,
+                    },
+                )?,
+                None => {
+                    return Err(bad(format!(
+                        "unknown kind `{other}` ({})",
+                        known_kinds().join(", ")
+                    )))
+                }
             }
         }
     };
@@ -367,16 +520,26 @@ impl Rewards {
             return Err(TrainError::Config {
                 file: "command line".into(),
                 key: "reward".into(),
-                msg: "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)".into(),
+                msg: "no reward source: pass --reward KIND:ARG (e.g. exact:answer or rm:runs/rm)"
+                    .into(),
             });
         }
         Ok(Self { sources, retries })
     }
 
     /// Builds the sources of `specs`.
-    pub fn from_specs(specs: &[String], policy_tokenizer: &Tokenizer, max_length: usize, timeout_s: f64, retries: usize) -> Result<Self> {
+    pub fn from_specs(
+        specs: &[String],
+        policy_tokenizer: &Tokenizer,
+        max_length: usize,
+        timeout_s: f64,
+        retries: usize,
+    ) -> Result<Self> {
         let timeout = Duration::from_secs_f64(timeout_s.max(0.001));
-        let sources = specs.iter().map(|s| parse_spec(s, policy_tokenizer, max_length, timeout)).collect::<Result<Vec<_>>>()?;
+        let sources = specs
+            .iter()
+            .map(|s| parse_spec(s, policy_tokenizer, max_length, timeout))
+            .collect::<Result<Vec<_>>>()?;
         Self::new(sources, retries)
     }
 
@@ -389,10 +552,18 @@ impl Rewards {
             for _ in 0..=self.retries {
                 match source.score(samples) {
                     Ok(v) if v.len() != samples.len() => {
-                        last_err = Some(reward_err(source.name(), format!("returned {} scores for {} samples", v.len(), samples.len())))
+                        last_err = Some(reward_err(
+                            source.name(),
+                            format!("returned {} scores for {} samples", v.len(), samples.len()),
+                        ))
                     }
                     Ok(v) => match v.iter().position(|x| !x.is_finite()) {
-                        Some(i) => last_err = Some(reward_err(source.name(), format!("non-finite score {} for sample {i}", v[i]))),
+                        Some(i) => {
+                            last_err = Some(reward_err(
+                                source.name(),
+                                format!("non-finite score {} for sample {i}", v[i]),
+                            ))
+                        }
                         None => {
                             got = Some(v);
                             break;
@@ -404,10 +575,14 @@ impl Rewards {
             let Some(v) = got else {
                 let e = last_err.expect("an attempt was made");
                 return Err(match e {
-                    TrainError::Reward { source_name, msg } => {
-                        TrainError::Reward { source_name, msg: format!("{msg} (after {} attempts)", self.retries + 1) }
-                    }
-                    other => reward_err(source.name(), format!("{other} (after {} attempts)", self.retries + 1)),
+                    TrainError::Reward { source_name, msg } => TrainError::Reward {
+                        source_name,
+                        msg: format!("{msg} (after {} attempts)", self.retries + 1),
+                    },
+                    other => reward_err(
+                        source.name(),
+                        format!("{other} (after {} attempts)", self.retries + 1),
+                    ),
                 });
             };
             for (t, x) in total.iter_mut().zip(&v) {
@@ -424,7 +599,14 @@ mod tests {
     use super::*;
 
     fn sample<'a>(completion: &'a str, row: &'a Map<String, Value>) -> Sample<'a> {
-        Sample { prompt: "Q: 1+1=", completion, prompt_ids: &[], completion_ids: &[5, 6, 7], eos: false, row }
+        Sample {
+            prompt: "Q: 1+1=",
+            completion,
+            prompt_ids: &[],
+            completion_ids: &[5, 6, 7],
+            eos: false,
+            row,
+        }
     }
 
     #[test]
@@ -440,8 +622,15 @@ mod tests {
     fn exact_answer_and_errors() {
         let mut row = Map::new();
         row.insert("answer".into(), Value::from(2));
-        let mut s = ExactAnswer { name: "exact:answer".into(), column: "answer".into() };
-        assert_eq!(s.score(&[sample(" 2</s>", &row), sample(" 3", &row)]).unwrap(), vec![1.0, 0.0]);
+        let mut s = ExactAnswer {
+            name: "exact:answer".into(),
+            column: "answer".into(),
+        };
+        assert_eq!(
+            s.score(&[sample(" 2</s>", &row), sample(" 3", &row)])
+                .unwrap(),
+            vec![1.0, 0.0]
+        );
         let empty = Map::new();
         let e = s.score(&[sample(" 2", &empty)]).unwrap_err().to_string();
         assert!(e.contains("no numeric `answer` column"), "{e}");
@@ -460,27 +649,81 @@ mod tests {
             }
             fn score(&mut self, s: &[Sample]) -> Result<Vec<f64>> {
                 self.calls += 1;
-                Ok(vec![if self.calls <= self.nan_calls { f64::NAN } else { 1.0 }; s.len()])
+                Ok(vec![
+                    if self.calls <= self.nan_calls {
+                        f64::NAN
+                    } else {
+                        1.0
+                    };
+                    s.len()
+                ])
             }
         }
         let row = Map::new();
-        let mut r = Rewards::new(vec![(2.0, Box::new(Flaky { calls: 0, nan_calls: 1 })), (1.0, Box::new(LengthPenalty { name: "len".into(), coef: 0.5 }))], 1).unwrap();
+        let mut r = Rewards::new(
+            vec![
+                (
+                    2.0,
+                    Box::new(Flaky {
+                        calls: 0,
+                        nan_calls: 1,
+                    }),
+                ),
+                (
+                    1.0,
+                    Box::new(LengthPenalty {
+                        name: "len".into(),
+                        coef: 0.5,
+                    }),
+                ),
+            ],
+            1,
+        )
+        .unwrap();
         let out = r.score(&[sample("a", &row)]).unwrap();
         assert_eq!(out.total, vec![2.0 - 1.5]);
-        let mut r = Rewards::new(vec![(1.0, Box::new(Flaky { calls: 0, nan_calls: usize::MAX }))], 2).unwrap();
+        let mut r = Rewards::new(
+            vec![(
+                1.0,
+                Box::new(Flaky {
+                    calls: 0,
+                    nan_calls: usize::MAX,
+                }),
+            )],
+            2,
+        )
+        .unwrap();
         let e = r.score(&[sample("a", &row)]).unwrap_err().to_string();
-        assert!(e.contains("flaky") && e.contains("non-finite") && e.contains("3 attempts"), "{e}");
+        assert!(
+            e.contains("flaky") && e.contains("non-finite") && e.contains("3 attempts"),
+            "{e}"
+        );
     }
 
     #[test]
     fn registered_kinds_parse_with_their_argument_and_weight() {
-        let tok = Tokenizer::from_dir(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama"))).unwrap();
+        let tok = Tokenizer::from_dir(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/models/llama"
+        )))
+        .unwrap();
         let t = Duration::from_secs(1);
-        let e = parse_spec("const7:2.5", &tok, 64, t).err().unwrap().to_string();
-        assert!(e.contains("unknown kind `const7`") && e.contains("cmd"), "{e}");
+        let e = parse_spec("const7:2.5", &tok, 64, t)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("unknown kind `const7`") && e.contains("cmd"),
+            "{e}"
+        );
         register_scheme("const7", |arg, ctx| {
-            let v: f64 = arg.parse().map_err(|_| reward_err(ctx.spec, "ARG must be a number"))?;
-            Ok(Box::new(LengthPenalty { name: format!("const7:{arg}"), coef: -v }))
+            let v: f64 = arg
+                .parse()
+                .map_err(|_| reward_err(ctx.spec, "ARG must be a number"))?;
+            Ok(Box::new(LengthPenalty {
+                name: format!("const7:{arg}"),
+                coef: -v,
+            }))
         });
         assert!(known_kinds().contains(&"const7".to_string()));
         let (w, mut s) = parse_spec("3*const7:2.5", &tok, 64, t).unwrap();
@@ -488,20 +731,53 @@ mod tests {
         assert_eq!((w, s.name().to_string()), (3.0, "const7:2.5".to_string()));
         // LengthPenalty with coef −2.5 on 3 completion tokens.
         assert_eq!(s.score(&[sample("a", &row)]).unwrap(), vec![7.5]);
-        let e = parse_spec("const7:x", &tok, 64, t).err().unwrap().to_string();
-        assert!(e.contains("const7:x") && e.contains("ARG must be a number"), "{e}");
+        let e = parse_spec("const7:x", &tok, 64, t)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("const7:x") && e.contains("ARG must be a number"),
+            "{e}"
+        );
     }
 
     #[test]
     fn external_command_scores_times_out_and_fails_clearly() {
         let row = Map::new();
-        let mut ok = External { name: "cmd".into(), command: "while read l; do echo 0.5; done".into(), timeout: Duration::from_secs(20) };
-        assert_eq!(ok.score(&[sample("a", &row), sample("b", &row)]).unwrap(), vec![0.5, 0.5]);
-        let mut slow = External { name: "cmd".into(), command: "sleep 5".into(), timeout: Duration::from_millis(200) };
-        assert!(slow.score(&[sample("a", &row)]).unwrap_err().to_string().contains("timed out"));
-        let mut bad = External { name: "cmd".into(), command: "cat >/dev/null; echo oops".into(), timeout: Duration::from_secs(20) };
-        assert!(bad.score(&[sample("a", &row)]).unwrap_err().to_string().contains("not a number"));
-        let mut failing = External { name: "cmd".into(), command: "cat >/dev/null; echo boom >&2; exit 3".into(), timeout: Duration::from_secs(20) };
+        let mut ok = External {
+            name: "cmd".into(),
+            command: "while read l; do echo 0.5; done".into(),
+            timeout: Duration::from_secs(20),
+        };
+        assert_eq!(
+            ok.score(&[sample("a", &row), sample("b", &row)]).unwrap(),
+            vec![0.5, 0.5]
+        );
+        let mut slow = External {
+            name: "cmd".into(),
+            command: "sleep 5".into(),
+            timeout: Duration::from_millis(200),
+        };
+        assert!(slow
+            .score(&[sample("a", &row)])
+            .unwrap_err()
+            .to_string()
+            .contains("timed out"));
+        let mut bad = External {
+            name: "cmd".into(),
+            command: "cat >/dev/null; echo oops".into(),
+            timeout: Duration::from_secs(20),
+        };
+        assert!(bad
+            .score(&[sample("a", &row)])
+            .unwrap_err()
+            .to_string()
+            .contains("not a number"));
+        let mut failing = External {
+            name: "cmd".into(),
+            command: "cat >/dev/null; echo boom >&2; exit 3".into(),
+            timeout: Duration::from_secs(20),
+        };
         let e = failing.score(&[sample("a", &row)]).unwrap_err().to_string();
         assert!(e.contains("boom"), "{e}");
     }

@@ -27,13 +27,17 @@ fn model_err(e: impl std::fmt::Display) -> TrainError {
 /// Writes a random-init tiny Llama (and, for PPO, a reward model of the same shape) with the tokenizer of
 /// `tokenizer_dir` into `dir`.
 fn make_models(dir: &Path, tokenizer_dir: &Path, with_rm: bool) -> Result<()> {
-    let policy = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 1234, &Device::Cpu).map_err(model_err)?;
+    let policy = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 1234, &Device::Cpu)
+        .map_err(model_err)?;
     let copy_tok = |to: &Path| crate::trainer::copy_tokenizer(tokenizer_dir, to);
     policy.save(&dir.join("policy")).map_err(model_err)?;
     copy_tok(&dir.join("policy"))?;
     if with_rm {
-        let lm = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 4321, &Device::Cpu).map_err(model_err)?;
-        SeqCls::from_causal_lm(lm, 1, Some(0), 4321).and_then(|rm| rm.save(&dir.join("rm"))).map_err(model_err)?;
+        let lm = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 4321, &Device::Cpu)
+            .map_err(model_err)?;
+        SeqCls::from_causal_lm(lm, 1, Some(0), 4321)
+            .and_then(|rm| rm.save(&dir.join("rm")))
+            .map_err(model_err)?;
         copy_tok(&dir.join("rm"))?;
     }
     Ok(())
@@ -41,7 +45,13 @@ fn make_models(dir: &Path, tokenizer_dir: &Path, with_rm: bool) -> Result<()> {
 
 /// Runs `algo` ("grpo", "rloo" or "ppo") for `steps` timed steps after the warm-up; one JSON object.
 /// `precision` bf16 runs the trainer with `--bf16` (policy, reference and rollouts).
-pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usize, precision: rlhf_model::Precision) -> Result<Value> {
+pub fn bench_online(
+    algo: &str,
+    tokenizer_dir: &Path,
+    prompts: &Path,
+    steps: usize,
+    precision: rlhf_model::Precision,
+) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tmp = std::env::temp_dir().join(format!("rlhf-bench-{algo}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -50,15 +60,63 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
     let total = (steps + WARMUP).to_string();
     let s = |p: &Path| p.display().to_string();
     let mut flags: Vec<String> = vec![
-        "--model".into(), s(&tmp.join("policy")), "--prompts".into(), s(prompts), "--output-dir".into(), s(&tmp.join("out")),
-        "--max-new-tokens".into(), "8".into(), "--temperature".into(), "1.0".into(), "--max-steps".into(), total,
-        "--lr-scheduler-type".into(), "constant".into(), "--max-prompt-length".into(), "64".into(),
+        "--model".into(),
+        s(&tmp.join("policy")),
+        "--prompts".into(),
+        s(prompts),
+        "--output-dir".into(),
+        s(&tmp.join("out")),
+        "--max-new-tokens".into(),
+        "8".into(),
+        "--temperature".into(),
+        "1.0".into(),
+        "--max-steps".into(),
+        total,
+        "--lr-scheduler-type".into(),
+        "constant".into(),
+        "--max-prompt-length".into(),
+        "64".into(),
     ];
     let more: &[&str] = match algo {
-        "grpo" => &["--prompts-per-step", "8", "--num-generations", "4", "--learning-rate", "1e-4", "--reward", "exact:answer"],
-        "rloo" => &["--prompts-per-step", "8", "--num-generations", "4", "--learning-rate", "1e-4", "--reward", "exact:answer"],
-        "ppo" => &["--prompts-per-step", "32", "--num-ppo-epochs", "4", "--num-mini-batches", "1", "--kl-coef", "0.05", "--learning-rate", "1e-5"],
-        other => return Err(TrainError::Config { file: "command line".into(), key: "bench".into(), msg: format!("unknown trainer {other}") }),
+        "grpo" => &[
+            "--prompts-per-step",
+            "8",
+            "--num-generations",
+            "4",
+            "--learning-rate",
+            "1e-4",
+            "--reward",
+            "exact:answer",
+        ],
+        "rloo" => &[
+            "--prompts-per-step",
+            "8",
+            "--num-generations",
+            "4",
+            "--learning-rate",
+            "1e-4",
+            "--reward",
+            "exact:answer",
+        ],
+        "ppo" => &[
+            "--prompts-per-step",
+            "32",
+            "--num-ppo-epochs",
+            "4",
+            "--num-mini-batches",
+            "1",
+            "--kl-coef",
+            "0.05",
+            "--learning-rate",
+            "1e-5",
+        ],
+        other => {
+            return Err(TrainError::Config {
+                file: "command line".into(),
+                key: "bench".into(),
+                msg: format!("unknown trainer {other}"),
+            })
+        }
     };
     flags.extend(more.iter().map(|x| x.to_string()));
     if algo == "ppo" {
@@ -70,7 +128,11 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
     let argv: Vec<OsString> = flags.into_iter().map(Into::into).collect();
     let settings_err = |e: crate::settings::LoadError| match e {
         crate::settings::LoadError::Settings(e) => e,
-        crate::settings::LoadError::Cli(e) => TrainError::Config { file: "bench".into(), key: "-".into(), msg: e.to_string() },
+        crate::settings::LoadError::Cli(e) => TrainError::Config {
+            file: "bench".into(),
+            key: "-".into(),
+            msg: e.to_string(),
+        },
     };
     let cpu_start = cpu_snapshot();
     let summary: OnlineSummary = match algo {
@@ -86,7 +148,12 @@ pub fn bench_online(algo: &str, tokenizer_dir: &Path, prompts: &Path, steps: usi
         .filter(|v: &Value| v.get("timing/step_s").is_some())
         .collect();
     let timed = &lines[WARMUP.min(lines.len())..];
-    let col = |k: &str| timed.iter().filter_map(|v| v.get(k).and_then(Value::as_f64)).collect::<Vec<f64>>();
+    let col = |k: &str| {
+        timed
+            .iter()
+            .filter_map(|v| v.get(k).and_then(Value::as_f64))
+            .collect::<Vec<f64>>()
+    };
     let step_s = col("timing/step_s");
     let tokens = col("step_tokens");
     let _ = std::fs::remove_dir_all(&tmp);

@@ -55,9 +55,22 @@ pub struct RlooArgs {
 }
 
 /// RLOO's KL-shaped sequence reward: `R_i − β·Σ_t (log π_old − log π_ref)`.
-pub fn kl_shaped_rewards(rewards: &[f32], old: &[f32], reference: &[f32], offsets: &[usize], beta: f64) -> (Vec<f32>, Vec<f32>) {
-    let kl: Vec<f32> = offsets.windows(2).map(|w| (w[0]..w[1]).map(|t| old[t] - reference[t]).sum()).collect();
-    let shaped = rewards.iter().zip(&kl).map(|(r, k)| r - beta as f32 * k).collect();
+pub fn kl_shaped_rewards(
+    rewards: &[f32],
+    old: &[f32],
+    reference: &[f32],
+    offsets: &[usize],
+    beta: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let kl: Vec<f32> = offsets
+        .windows(2)
+        .map(|w| (w[0]..w[1]).map(|t| old[t] - reference[t]).sum())
+        .collect();
+    let shaped = rewards
+        .iter()
+        .zip(&kl)
+        .map(|(r, k)| r - beta as f32 * k)
+        .collect();
     (shaped, kl)
 }
 
@@ -74,16 +87,32 @@ impl crate::settings::Settings for RlooArgs {
 impl Rloo {
     pub fn new(args: RlooArgs) -> Result<Self> {
         if args.num_generations < 2 {
-            return Err(args.online.setting_err("num_generations", format!("must be at least 2 (the leave-one-out baseline needs another sample), got {}", args.num_generations)));
+            return Err(args.online.setting_err(
+                "num_generations",
+                format!(
+                    "must be at least 2 (the leave-one-out baseline needs another sample), got {}",
+                    args.num_generations
+                ),
+            ));
         }
         if !(args.beta.is_finite() && args.beta >= 0.0) {
-            return Err(args.online.setting_err("beta", "must be a finite number >= 0"));
+            return Err(args
+                .online
+                .setting_err("beta", "must be a finite number >= 0"));
         }
-        if !(args.epsilon.is_finite() && args.epsilon > 0.0) || args.epsilon_high.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
-            return Err(args.online.setting_err("epsilon", "clip ranges must be finite numbers > 0"));
+        if !(args.epsilon.is_finite() && args.epsilon > 0.0)
+            || args
+                .epsilon_high
+                .is_some_and(|e| !(e.is_finite() && e > 0.0))
+        {
+            return Err(args
+                .online
+                .setting_err("epsilon", "clip ranges must be finite numbers > 0"));
         }
         if args.num_iterations == 0 {
-            return Err(args.online.setting_err("num_iterations", "must be at least 1"));
+            return Err(args
+                .online
+                .setting_err("num_iterations", "must be at least 1"));
         }
         Ok(Self { args })
     }
@@ -92,13 +121,27 @@ impl Rloo {
     pub fn advantages(&self, batch: &Batch, ref_logp: Option<&[f32]>) -> (Vec<f32>, Option<f64>) {
         let (rewards, kl) = match ref_logp {
             Some(r) => {
-                let (s, kl) = kl_shaped_rewards(&batch.rewards, &batch.old_logprobs, r, &batch.seqs.offsets, self.args.beta);
-                (s, Some(kl.iter().map(|&k| k as f64).sum::<f64>() / batch.seqs.num_tokens().max(1) as f64))
+                let (s, kl) = kl_shaped_rewards(
+                    &batch.rewards,
+                    &batch.old_logprobs,
+                    r,
+                    &batch.seqs.offsets,
+                    self.args.beta,
+                );
+                (
+                    s,
+                    Some(
+                        kl.iter().map(|&k| k as f64).sum::<f64>()
+                            / batch.seqs.num_tokens().max(1) as f64,
+                    ),
+                )
             }
             None => (batch.rewards.clone(), None),
         };
         let mut adv = match self.args.advantage_estimator {
-            AdvantageEstimator::Rloo => leave_one_out_advantages(&rewards, self.args.num_generations),
+            AdvantageEstimator::Rloo => {
+                leave_one_out_advantages(&rewards, self.args.num_generations)
+            }
             AdvantageEstimator::ReinforcePp => normalize(&rewards),
         };
         if self.args.normalize_advantages {
@@ -110,24 +153,50 @@ impl Rloo {
     }
 
     /// Sequence-level clipped loss of the batch (mean over completions).
-    pub fn loss(&self, policy: &Policy, batch: &Batch, advantages: &[f32], with_entropy: bool) -> Result<(Tensor, Metrics)> {
+    pub fn loss(
+        &self,
+        policy: &Policy,
+        batch: &Batch,
+        advantages: &[f32],
+        with_entropy: bool,
+    ) -> Result<(Tensor, Metrics)> {
         let seqs = &batch.seqs;
         let dev = policy.model.device();
-        let (logp, entropy) = rollout::token_logprobs(&policy.model, seqs, batch.temperature, with_entropy)?;
+        let (logp, entropy) =
+            rollout::token_logprobs(&policy.model, seqs, batch.temperature, with_entropy)?;
         let m = seqs.membership()?;
         let seq_logp = m.matmul(&logp.unsqueeze(1)?)?.squeeze(1)?;
-        let old: Vec<f32> = seqs.offsets.windows(2).map(|w| batch.old_logprobs[w[0]..w[1]].iter().sum()).collect();
+        let old: Vec<f32> = seqs
+            .offsets
+            .windows(2)
+            .map(|w| batch.old_logprobs[w[0]..w[1]].iter().sum())
+            .collect();
         let ratio = (seq_logp - Tensor::from_vec(old, seqs.rows, dev)?)?.exp()?;
         let adv = Tensor::from_slice(advantages, seqs.rows, dev)?;
-        let (lo, hi) = (self.args.epsilon, self.args.epsilon_high.unwrap_or(self.args.epsilon));
+        let (lo, hi) = (
+            self.args.epsilon,
+            self.args.epsilon_high.unwrap_or(self.args.epsilon),
+        );
         let loss = clipped_surrogate(&ratio, &adv, lo, hi)?.mean_all()?;
         let mut metrics = Metrics::new();
         if let Some(e) = entropy {
-            metrics.insert("entropy".into(), e.iter().map(|&x| x as f64).sum::<f64>() / e.len().max(1) as f64);
+            metrics.insert(
+                "entropy".into(),
+                e.iter().map(|&x| x as f64).sum::<f64>() / e.len().max(1) as f64,
+            );
         }
         let r: Vec<f32> = ratio.to_vec1()?;
-        let clipped = r.iter().zip(advantages).filter(|(&r, &a)| ((r as f64) < 1.0 - lo && a < 0.0) || ((r as f64) > 1.0 + hi && a > 0.0)).count();
-        metrics.insert("clip_ratio/region_mean".into(), clipped as f64 / r.len().max(1) as f64);
+        let clipped = r
+            .iter()
+            .zip(advantages)
+            .filter(|(&r, &a)| {
+                ((r as f64) < 1.0 - lo && a < 0.0) || ((r as f64) > 1.0 + hi && a > 0.0)
+            })
+            .count();
+        metrics.insert(
+            "clip_ratio/region_mean".into(),
+            clipped as f64 / r.len().max(1) as f64,
+        );
         Ok((loss, metrics))
     }
 }
@@ -142,7 +211,11 @@ impl Algorithm for Rloo {
     }
 
     fn learn(&mut self, policy: &Policy, step: &mut Step, batch: &Batch) -> Result<Metrics> {
-        let ref_logp = if self.args.beta != 0.0 { Some(policy.reference_logprobs(&batch.seqs, batch.temperature)?) } else { None };
+        let ref_logp = if self.args.beta != 0.0 {
+            Some(policy.reference_logprobs(&batch.seqs, batch.temperature)?)
+        } else {
+            None
+        };
         let (adv, kl) = self.advantages(batch, ref_logp.as_deref());
         let mut metrics = Metrics::new();
         for it in 0..self.args.num_iterations {
@@ -164,5 +237,10 @@ impl Algorithm for Rloo {
 pub fn run_rloo(args: &RlooArgs) -> Result<OnlineSummary> {
     let settings = serde_json::to_value(args).expect("settings serialise");
     let algo = Rloo::new(args.clone())?;
-    online::run(&args.online, &settings, args.beta != 0.0, |_: &Policy, _: Option<&Path>| Ok(algo))
+    online::run(
+        &args.online,
+        &settings,
+        args.beta != 0.0,
+        |_: &Policy, _: Option<&Path>| Ok(algo),
+    )
 }

@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
-use serde::{Deserialize, Serialize};
-use rlhf_data::{collate_preference, Format, LoadOptions, PreferenceExample, Record, ScoreScale, Tokenizer, Truncation};
+use rlhf_data::{
+    collate_preference, Format, LoadOptions, PreferenceExample, Record, ScoreScale, Tokenizer,
+    Truncation,
+};
 use rlhf_model::lora::{Lora, LoraConfig};
 use rlhf_model::seq_cls::SeqCls;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::ensemble::{mean_std, Ensemble};
@@ -23,16 +26,20 @@ use crate::error::{io_err, Result, TrainError};
 use crate::lora::attach_lora;
 use crate::optim::AdamW;
 use crate::pref_config::{PrefArgs, PrefConfig, RmOptions};
+use crate::pref_data::{data_err, pad_rows, row_err, tokenize_completion};
+use crate::pref_train::{
+    eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary,
+};
 use crate::settings::Settings;
 use crate::train_args::TrainDefaults;
-use crate::pref_data::{data_err, pad_rows, row_err, tokenize_completion};
 use crate::trainer::copy_tokenizer;
-use crate::pref_train::{eval_means, prepare_run, train_loop, Forward, Metrics, Objective, PrefSummary};
 
 /// Settings of `rlhf rm`: the preference trainers' settings plus these (TOML keys and flags of the same names;
 /// older files group them in a section `[rm]`).
 #[derive(Debug, Clone, Default, PartialEq, clap::Parser, Serialize, Deserialize)]
-#[command(about = "Train a reward model (Bradley–Terry, margins, ratings, ensembles); `rlhf rm score --help` and `rlhf rm select --help` for scoring and pair selection")]
+#[command(
+    about = "Train a reward model (Bradley–Terry, margins, ratings, ensembles); `rlhf rm score --help` and `rlhf rm select --help` for scoring and pair selection"
+)]
 pub struct RmArgs {
     #[command(flatten)]
     #[serde(flatten)]
@@ -77,7 +84,6 @@ pub struct RmScoreArgs {
     pub chat_template: Option<String>,
 }
 
-
 impl RmArgs {
     /// File + flags (merged by [`crate::settings::load`]), validated for reward modelling.
     pub fn resolve(&self) -> Result<PrefConfig> {
@@ -92,7 +98,10 @@ impl RmArgs {
         let err = |k: &str, m: String| self.common.err(k, m);
         if let Some(eta) = c.rm.center_rewards_coefficient {
             if eta < 0.0 {
-                return Err(err("center_rewards_coefficient", format!("{eta} is not a finite number >= 0")));
+                return Err(err(
+                    "center_rewards_coefficient",
+                    format!("{eta} is not a finite number >= 0"),
+                ));
             }
         }
         if c.rm.num_heads == 0 {
@@ -100,11 +109,17 @@ impl RmArgs {
         }
         if let (Some(lo), Some(hi)) = (c.rm.score_min, c.rm.score_max) {
             if lo >= hi {
-                return Err(err("score_max", format!("must be greater than score_min ({lo})")));
+                return Err(err(
+                    "score_max",
+                    format!("must be greater than score_min ({lo})"),
+                ));
             }
         }
         if c.rm.score_min.is_some() != c.rm.score_max.is_some() {
-            return Err(err("score_min", "set both score_min and score_max, or neither".into()));
+            return Err(err(
+                "score_min",
+                "set both score_min and score_max, or neither".into(),
+            ));
         }
         Ok(c)
     }
@@ -141,8 +156,10 @@ pub fn load_rm_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Res
         (Some(min), Some(max)) => Some(ScoreScale { min, max }),
         _ => None,
     };
-    let ds = rlhf_data::load_dataset_with(path, &LoadOptions { score_scale: scale }).map_err(data_err)?;
-    ds.check_text_size(tokenizer, cfg.max_length, "max_length", &[]).map_err(data_err)?;
+    let ds = rlhf_data::load_dataset_with(path, &LoadOptions { score_scale: scale })
+        .map_err(data_err)?;
+    ds.check_text_size(tokenizer, cfg.max_length, "max_length", &[])
+        .map_err(data_err)?;
     let source = path.display().to_string();
     let data = match ds.format {
         Format::Preference | Format::ImplicitPreference | Format::Correction => {
@@ -171,7 +188,10 @@ pub fn load_rm_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Res
         }
     };
     if data.is_empty() {
-        return Err(TrainError::Data(format!("{source}: no example fits max_length {}", cfg.max_length)));
+        return Err(TrainError::Data(format!(
+            "{source}: no example fits max_length {}",
+            cfg.max_length
+        )));
     }
     Ok(data)
 }
@@ -181,7 +201,13 @@ pub fn load_rm_data(path: &Path, tokenizer: &Tokenizer, cfg: &PrefConfig) -> Res
 // ---------------------------------------------------------------------------------------------------------
 
 fn vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
-    varmap.data().lock().expect("VarMap lock poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    varmap
+        .data()
+        .lock()
+        .expect("VarMap lock poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Reward-model trainer (drive with [`train_loop`], or call [`Objective::forward`] directly in tests).
@@ -202,7 +228,11 @@ impl RmTrainer {
     /// Loads the model (a reward-model dir, or a causal LM with a new head), tokenizer and data of `cfg`;
     /// with `cfg.resume` the weights of the newest checkpoint in `output_dir`.
     pub fn new(cfg: &PrefConfig) -> Result<Self> {
-        let checkpoint = cfg.train.resume.then(|| crate::checkpoint::resume_dir(&cfg.train.output_dir)).transpose()?;
+        let checkpoint = cfg
+            .train
+            .resume
+            .then(|| crate::checkpoint::resume_dir(&cfg.train.output_dir))
+            .transpose()?;
         Self::load(cfg, checkpoint.as_deref())
     }
 
@@ -216,23 +246,44 @@ impl RmTrainer {
             (Some(dir), None) => dir,
             _ => model_dir.as_path(),
         };
-        let model = SeqCls::load(weights_dir, cfg.rm.num_heads, pad, cfg.train.seed, &Device::Cpu)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let model = SeqCls::load(
+            weights_dir,
+            cfg.rm.num_heads,
+            pad,
+            cfg.train.seed,
+            &Device::Cpu,
+        )
+        .map_err(|e| TrainError::Model(e.to_string()))?;
         // Token ids past the embedding table would otherwise fail deep inside the forward pass.
-        tokenizer.check_vocab(model.lm.vocab_size(), model_dir.join("config.json")).map_err(data_err)?;
+        tokenizer
+            .check_vocab(model.lm.vocab_size(), model_dir.join("config.json"))
+            .map_err(data_err)?;
         let train = load_rm_data(train_file, &tokenizer, cfg)?;
-        let eval = cfg.eval_file.as_deref().map(|f| load_rm_data(f, &tokenizer, cfg)).transpose()?;
+        let eval = cfg
+            .eval_file
+            .as_deref()
+            .map(|f| load_rm_data(f, &tokenizer, cfg))
+            .transpose()?;
         let mut t = Self::from_parts(model, train, eval, cfg)?;
         t.source_dir = Some(model_dir);
         if let (Some(dir), Some(l)) = (checkpoint, &t.lora) {
             let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
-            crate::lora::restore_vars(&[vars(l.varmap()), vars(t.model.head())].concat(), &saved, crate::lora::PEFT_PREFIX)?;
+            crate::lora::restore_vars(
+                &[vars(l.varmap()), vars(t.model.head())].concat(),
+                &saved,
+                crate::lora::PEFT_PREFIX,
+            )?;
         }
         Ok(t)
     }
 
     /// A trainer over a loaded model and tokenized data (tests, benchmarks).
-    pub fn from_parts(mut model: SeqCls, train: RmData, eval: Option<RmData>, cfg: &PrefConfig) -> Result<Self> {
+    pub fn from_parts(
+        mut model: SeqCls,
+        train: RmData,
+        eval: Option<RmData>,
+        cfg: &PrefConfig,
+    ) -> Result<Self> {
         if cfg.train.bf16 {
             model.lm.set_precision(rlhf_model::Precision::Bf16);
         }
@@ -265,17 +316,38 @@ impl RmTrainer {
     }
 
     /// Rewards `[B, k]` of the chosen and of the rejected sequences, in one forward over `2B` rows.
-    pub fn pair_rewards(&self, pairs: &[&PreferenceExample]) -> Result<(Tensor, Tensor, Option<Tensor>, usize)> {
+    pub fn pair_rewards(
+        &self,
+        pairs: &[&PreferenceExample],
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, usize)> {
         let b = pairs.len();
-        let batch = collate_preference(pairs, self.model.pad_token_id(), Some(self.max_length), Truncation::KeepStart);
+        let batch = collate_preference(
+            pairs,
+            self.model.pad_token_id(),
+            Some(self.max_length),
+            Truncation::KeepStart,
+        );
         let tb = &batch.tokens;
-        let ids = Tensor::from_vec(tb.input_ids.clone(), (tb.batch_size, tb.seq_len), &Device::Cpu)?;
+        let ids = Tensor::from_vec(
+            tb.input_ids.clone(),
+            (tb.batch_size, tb.seq_len),
+            &Device::Cpu,
+        )?;
         let r = self.model.forward(&ids, &tb.lengths())?;
         let margin = match &batch.margins {
-            Some(m) => Some(Tensor::from_vec(m.clone(), (b, 1), &Device::Cpu)?.broadcast_as((b, self.model.num_labels()))?.contiguous()?),
+            Some(m) => Some(
+                Tensor::from_vec(m.clone(), (b, 1), &Device::Cpu)?
+                    .broadcast_as((b, self.model.num_labels()))?
+                    .contiguous()?,
+            ),
             None => None,
         };
-        Ok((r.narrow(0, 0, b)?, r.narrow(0, b, b)?, margin, tb.num_tokens))
+        Ok((
+            r.narrow(0, 0, b)?,
+            r.narrow(0, b, b)?,
+            margin,
+            tb.num_tokens,
+        ))
     }
 
     fn data_forward(&self, data: &RmData, idx: &[usize]) -> Result<Forward> {
@@ -285,20 +357,36 @@ impl RmTrainer {
                 let (c, r, m, num_tokens) = self.pair_rewards(&pairs)?;
                 let loss = crate::rm_loss::pair_loss(&c, &r, m.as_ref(), self.center)?;
                 // Accuracy and margin of the ensemble mean (the single reward when k = 1).
-                let (cm, rm) = (c.detach().mean(1)?.to_vec1::<f32>()?, r.detach().mean(1)?.to_vec1::<f32>()?);
+                let (cm, rm) = (
+                    c.detach().mean(1)?.to_vec1::<f32>()?,
+                    r.detach().mean(1)?.to_vec1::<f32>()?,
+                );
                 let (acc, margin) = crate::rm_loss::pair_metrics(&cm, &rm);
-                let metrics = Metrics::from([("accuracy".to_string(), acc), ("margin".to_string(), margin)]);
-                Ok(Forward { loss, metrics, num_tokens })
+                let metrics = Metrics::from([
+                    ("accuracy".to_string(), acc),
+                    ("margin".to_string(), margin),
+                ]);
+                Ok(Forward {
+                    loss,
+                    metrics,
+                    num_tokens,
+                })
             }
             RmData::Ratings(rows) => {
                 let seqs: Vec<&[u32]> = idx.iter().map(|&i| rows[i].0.as_slice()).collect();
                 let (ids, lengths) = pad_rows(&seqs, self.model.pad_token_id(), &Device::Cpu)?;
                 let k = self.model.num_labels();
                 let target: Vec<f32> = idx.iter().map(|&i| rows[i].1).collect();
-                let target = Tensor::from_vec(target, (idx.len(), 1), &Device::Cpu)?.broadcast_as((idx.len(), k))?.contiguous()?;
+                let target = Tensor::from_vec(target, (idx.len(), 1), &Device::Cpu)?
+                    .broadcast_as((idx.len(), k))?
+                    .contiguous()?;
                 let r = self.model.forward(&ids, &lengths)?;
                 let loss = crate::rm_loss::rating_mse(&r, &target)?;
-                Ok(Forward { loss, metrics: Metrics::new(), num_tokens: lengths.iter().sum() })
+                Ok(Forward {
+                    loss,
+                    metrics: Metrics::new(),
+                    num_tokens: lengths.iter().sum(),
+                })
             }
         }
     }
@@ -318,11 +406,16 @@ impl Objective for RmTrainer {
 
     /// Loss, accuracy and margin over the whole eval set (per-pair means; batches only bound memory).
     fn evaluate(&mut self) -> Result<Option<Metrics>> {
-        let Some(eval) = &self.eval else { return Ok(None) };
+        let Some(eval) = &self.eval else {
+            return Ok(None);
+        };
         if let Some(l) = &self.lora {
             l.set_training(false);
         }
-        eval_means(eval.len(), self.batch_size, |chunk| self.data_forward(eval, chunk)).map(Some)
+        eval_means(eval.len(), self.batch_size, |chunk| {
+            self.data_forward(eval, chunk)
+        })
+        .map(Some)
     }
 
     fn optimizer(&self) -> &AdamW {
@@ -343,8 +436,18 @@ impl Objective for RmTrainer {
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         match &self.lora {
             Some(l) => {
-                let base = self.source_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-                l.save(dir, &base, "SEQ_CLS", &[("score", self.model.score_weight())]).map_err(model_err)?
+                let base = self
+                    .source_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                l.save(
+                    dir,
+                    &base,
+                    "SEQ_CLS",
+                    &[("score", self.model.score_weight())],
+                )
+                .map_err(model_err)?
             }
             None => self.model.save(dir).map_err(model_err)?,
         }
@@ -358,7 +461,14 @@ impl Objective for RmTrainer {
         if let Some(l) = self.lora.take() {
             let base = self.source_dir.clone().unwrap_or_default();
             let score = self.model.score_weight().clone();
-            crate::lora::save_and_merge(l, &mut self.model.lm, dir, &base, "SEQ_CLS", &[("score", &score)])?;
+            crate::lora::save_and_merge(
+                l,
+                &mut self.model.lm,
+                dir,
+                &base,
+                "SEQ_CLS",
+                &[("score", &score)],
+            )?;
         }
         self.save(dir)
     }
@@ -373,7 +483,9 @@ pub fn run_rm(cfg: &PrefConfig) -> Result<PrefSummary> {
 
 fn write_line(file: &mut File, path: &Path, v: &Map<String, Value>) -> Result<()> {
     let line = serde_json::to_string(v).expect("plain data serialises");
-    writeln!(file, "{line}").and_then(|_| file.flush()).map_err(io_err(path))
+    writeln!(file, "{line}")
+        .and_then(|_| file.flush())
+        .map_err(io_err(path))
 }
 
 /// `rlhf rm score`: rewards for prompt/completion rows. Writes each input row plus `reward` (ensemble mean),
@@ -385,26 +497,40 @@ pub fn run_rm_score(args: &RmScoreArgs) -> Result<usize> {
     let tokenizer = Tokenizer::from_dir(&args.models[0]).map_err(data_err)?;
     // Token ids past any member's embedding table would otherwise fail deep inside the forward pass.
     for (dir, vocab) in args.models.iter().zip(ensemble.vocab_sizes()) {
-        tokenizer.check_vocab(vocab, dir.join("config.json")).map_err(data_err)?;
+        tokenizer
+            .check_vocab(vocab, dir.join("config.json"))
+            .map_err(data_err)?;
     }
     let ds = rlhf_data::load_dataset(&args.input).map_err(data_err)?;
-    ds.check_text_size(&tokenizer, args.max_length, "--max-length", &[]).map_err(data_err)?;
-    let template = if ds.conversational { Some(tokenizer.chat_template(args.chat_template.as_deref()).map_err(data_err)?) } else { None };
+    ds.check_text_size(&tokenizer, args.max_length, "--max-length", &[])
+        .map_err(data_err)?;
+    let template = if ds.conversational {
+        Some(
+            tokenizer
+                .chat_template(args.chat_template.as_deref())
+                .map_err(data_err)?,
+        )
+    } else {
+        None
+    };
     let mut seqs = Vec::with_capacity(ds.len());
     for row in &ds.rows {
-        let (prompt, completion) = match &row.record {
-            Record::PromptCompletion(r) => (&r.prompt, &r.completion),
-            Record::Unpaired(r) => (&r.prompt, &r.completion),
-            Record::Rating(r) => (&r.prompt, &r.completion),
-            other => {
-                return Err(data_err(ds.row_error(
+        let (prompt, completion) =
+            match &row.record {
+                Record::PromptCompletion(r) => (&r.prompt, &r.completion),
+                Record::Unpaired(r) => (&r.prompt, &r.completion),
+                Record::Rating(r) => (&r.prompt, &r.completion),
+                other => return Err(data_err(ds.row_error(
                     row,
                     None,
-                    format!("rows to score need \"prompt\" and \"completion\" fields; this row is {}", other.format()),
-                )))
-            }
-        };
-        let (p, c) = tokenize_completion(prompt, completion, &tokenizer, template).map_err(|e| row_err(&ds, row, e))?;
+                    format!(
+                        "rows to score need \"prompt\" and \"completion\" fields; this row is {}",
+                        other.format()
+                    ),
+                ))),
+            };
+        let (p, c) = tokenize_completion(prompt, completion, &tokenizer, template)
+            .map_err(|e| row_err(&ds, row, e))?;
         let ids = [p, c].concat();
         // Truncating would score the prompt and a cut completion (or none of it) without saying so.
         if ids.len() > args.max_length {
@@ -417,7 +543,11 @@ pub fn run_rm_score(args: &RmScoreArgs) -> Result<usize> {
         seqs.push(ids);
     }
     let mut out = File::create(&args.output).map_err(io_err(&args.output))?;
-    for (rows, seq_chunk) in ds.rows.chunks(args.batch_size.max(1)).zip(seqs.chunks(args.batch_size.max(1))) {
+    for (rows, seq_chunk) in ds
+        .rows
+        .chunks(args.batch_size.max(1))
+        .zip(seqs.chunks(args.batch_size.max(1)))
+    {
         let refs: Vec<&[u32]> = seq_chunk.iter().map(|s| s.as_slice()).collect();
         let (ids, lengths) = pad_rows(&refs, ensemble.pad_token_id(), &device)?;
         let (mean, std) = mean_std(&ensemble.scores(&ids, &lengths)?)?;
@@ -447,7 +577,16 @@ pub fn bench_rm(tokenizer_dir: &Path, steps: usize, lora: Option<&LoraConfig>) -
     let lm = rlhf_model::CausalLm::init_random(config, 1234, &Device::Cpu).map_err(model_err)?;
     let model = SeqCls::from_causal_lm(lm, 1, Some(0), 1234).map_err(model_err)?;
     let pairs = crate::pref_data::bench_pairs(&tokenizer, 8 * (steps + 5), 1234)?;
-    let mut cfg = PrefConfig { batch_size: 8, max_length: 64, ..PrefConfig::new(PathBuf::new(), PathBuf::new(), PathBuf::new(), &TrainDefaults::RM) };
+    let mut cfg = PrefConfig {
+        batch_size: 8,
+        max_length: 64,
+        ..PrefConfig::new(
+            PathBuf::new(),
+            PathBuf::new(),
+            PathBuf::new(),
+            &TrainDefaults::RM,
+        )
+    };
     cfg.train.lora = lora.cloned();
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs), None, &cfg)?;
     let mut v = crate::pref_train::bench_steps(&mut t, steps, 5, 1e-3)?;

@@ -34,12 +34,22 @@ pub fn normalise_score(score: f64, min: f64, max: f64) -> f64 {
 pub fn pair_metrics(chosen: &[f32], rejected: &[f32]) -> (f64, f64) {
     let n = chosen.len().max(1) as f64;
     let acc = chosen.iter().zip(rejected).filter(|(c, r)| c > r).count() as f64 / n;
-    let margin = chosen.iter().zip(rejected).map(|(c, r)| (c - r) as f64).sum::<f64>() / n;
+    let margin = chosen
+        .iter()
+        .zip(rejected)
+        .map(|(c, r)| (c - r) as f64)
+        .sum::<f64>()
+        / n;
     (acc, margin)
 }
 
 /// The RM loss of one batch of pairs: mean Bradley–Terry (with margins when given) plus optional centering.
-pub fn pair_loss(chosen: &Tensor, rejected: &Tensor, margin: Option<&Tensor>, center_coef: Option<f64>) -> Result<Tensor> {
+pub fn pair_loss(
+    chosen: &Tensor,
+    rejected: &Tensor,
+    margin: Option<&Tensor>,
+    center_coef: Option<f64>,
+) -> Result<Tensor> {
     let per_pair = match margin {
         Some(m) => bradley_terry_margin(chosen, rejected, m)?,
         None => bradley_terry(chosen, rejected)?,

@@ -26,11 +26,23 @@ pub struct PromptRow {
 
 /// Reads the prompts of `path` (any format with a `prompt` column; other columns are kept for reward
 /// sources). Empty prompts and prompts over `max_prompt_length` tokens are errors naming the row.
-pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, chat_template: Option<&str>, max_prompt_length: usize) -> Result<Vec<PromptRow>> {
+pub fn load_prompts(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    chat_template: Option<&str>,
+    max_prompt_length: usize,
+) -> Result<Vec<PromptRow>> {
     let data_err = |e: rlhf_data::DataError| TrainError::Data(e.to_string());
     let dataset = load_dataset(path).map_err(data_err)?;
     // Refuse a megabyte prompt before tokenizing it (that alone would cost gigabytes).
-    dataset.check_text_size(tokenizer, max_prompt_length, "max_prompt_length", &["prompt"]).map_err(data_err)?;
+    dataset
+        .check_text_size(
+            tokenizer,
+            max_prompt_length,
+            "max_prompt_length",
+            &["prompt"],
+        )
+        .map_err(data_err)?;
     let ids = tokenize_prompts(&dataset, tokenizer, chat_template).map_err(data_err)?;
     let prompts = dataset.prompts().map_err(data_err)?;
     if dataset.rows.is_empty() {
@@ -40,10 +52,19 @@ pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, chat_template: Option<&s
     for ((row, ids), prompt) in dataset.rows.iter().zip(ids).zip(prompts) {
         let text = match prompt {
             Text::Plain(s) => s.clone(),
-            Text::Messages(m) => tokenizer.apply_chat_template(m, true).map_err(data_err)?.text,
+            Text::Messages(m) => {
+                tokenizer
+                    .apply_chat_template(m, true)
+                    .map_err(data_err)?
+                    .text
+            }
         };
         if text.trim().is_empty() || ids.is_empty() {
-            return Err(data_err(dataset.row_error(row, Some("prompt"), "empty prompt: every row needs text to generate from")));
+            return Err(data_err(dataset.row_error(
+                row,
+                Some("prompt"),
+                "empty prompt: every row needs text to generate from",
+            )));
         }
         if ids.len() > max_prompt_length {
             return Err(data_err(dataset.row_error(
@@ -52,7 +73,11 @@ pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, chat_template: Option<&s
                 format!("{} tokens, over max_prompt_length = {max_prompt_length} (raise it or shorten the prompt)", ids.len()),
             )));
         }
-        out.push(PromptRow { text, ids, row: row.to_json() });
+        out.push(PromptRow {
+            text,
+            ids,
+            row: row.to_json(),
+        });
     }
     Ok(out)
 }
@@ -73,7 +98,8 @@ pub struct Rollout {
 /// SplitMix64: decorrelated per-sample seeds from (run seed, step, sample), so sampling needs no RNG state in
 /// checkpoints and a resumed run draws exactly what the uninterrupted one would have.
 pub fn sample_seed(seed: u64, step: u64, index: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -89,7 +115,15 @@ pub struct SampleSpec {
 }
 
 /// Samples `g` completions for each of `prompts` (consecutive per prompt), seeded by (`seed`, `step`).
-pub fn sample(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[&PromptRow], g: usize, spec: &SampleSpec, seed: u64, step: u64) -> Result<Vec<Rollout>> {
+pub fn sample(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[&PromptRow],
+    g: usize,
+    spec: &SampleSpec,
+    seed: u64,
+    step: u64,
+) -> Result<Vec<Rollout>> {
     let eos = model.eos_token_ids();
     let mut requests = Vec::with_capacity(prompts.len() * g);
     for p in prompts {
@@ -108,7 +142,9 @@ pub fn sample(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[&PromptRow], g
     let mut out = Vec::with_capacity(requests.len());
     for chunk in requests.chunks(spec.batch_size.max(1)) {
         for o in generate(model, chunk, None)? {
-            let completion = tokenizer.decode(&o.tokens, true).map_err(|e| TrainError::Data(e.to_string()))?;
+            let completion = tokenizer
+                .decode(&o.tokens, true)
+                .map_err(|e| TrainError::Data(e.to_string()))?;
             out.push(Rollout {
                 prompt: out.len() / g,
                 eos: o.finish_reason == FinishReason::Eos,
@@ -141,11 +177,18 @@ pub struct SeqBatch {
 impl SeqBatch {
     /// `rows` are (prompt ids, completion ids); every completion must have at least one token.
     pub fn new(rows: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
-        let seq_len = rows.iter().map(|(p, c)| (p.len() + c.len()).saturating_sub(1)).max().unwrap_or(0);
-        let (mut ids, mut positions, mut targets, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), vec![0]);
+        let seq_len = rows
+            .iter()
+            .map(|(p, c)| (p.len() + c.len()).saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        let (mut ids, mut positions, mut targets, mut offsets) =
+            (Vec::new(), Vec::new(), Vec::new(), vec![0]);
         for (i, (p, c)) in rows.iter().enumerate() {
             if p.is_empty() || c.is_empty() {
-                return Err(TrainError::Data(format!("rollout {i}: empty prompt or completion")));
+                return Err(TrainError::Data(format!(
+                    "rollout {i}: empty prompt or completion"
+                )));
             }
             let fed = p.len() + c.len() - 1;
             ids.extend(p.iter().chain(c.iter()).take(fed).copied());
@@ -178,7 +221,11 @@ impl SeqBatch {
 
     /// The row owning each flat token.
     pub fn owners(&self) -> Vec<usize> {
-        self.offsets.windows(2).enumerate().flat_map(|(i, w)| std::iter::repeat_n(i, w[1] - w[0])).collect()
+        self.offsets
+            .windows(2)
+            .enumerate()
+            .flat_map(|(i, w)| std::iter::repeat_n(i, w[1] - w[0]))
+            .collect()
     }
 
     /// Spreads one value per row over that row's tokens.
@@ -201,22 +248,37 @@ impl SeqBatch {
 pub fn completion_hidden(model: &CausalLm, batch: &SeqBatch) -> Result<Tensor> {
     let hidden = model.hidden_states(&batch.input_ids, None)?;
     let h = hidden.dim(2)?;
-    Ok(hidden.reshape((batch.rows * batch.seq_len, h))?.index_select(&batch.positions, 0)?)
+    Ok(hidden
+        .reshape((batch.rows * batch.seq_len, h))?
+        .index_select(&batch.positions, 0)?)
 }
 
 /// Per-token log-probs of the completions under `softmax(logits / T)` (differentiable, `[tokens]`), and, when
 /// `with_entropy`, the entropy of that distribution at each position (detached).
-pub fn token_logprobs(model: &CausalLm, batch: &SeqBatch, temperature: f64, with_entropy: bool) -> Result<(Tensor, Option<Vec<f32>>)> {
+pub fn token_logprobs(
+    model: &CausalLm,
+    batch: &SeqBatch,
+    temperature: f64,
+    with_entropy: bool,
+) -> Result<(Tensor, Option<Vec<f32>>)> {
     let hidden = completion_hidden(model, batch)?;
     let scaled = temperature > 0.0 && temperature != 1.0;
     if !with_entropy {
         // The fused LM head + log-softmax never materialises [tokens, vocab]; the supported heads have no bias,
         // so logits / T = W·(h / T).
-        let h = if scaled { (hidden / temperature)? } else { hidden };
+        let h = if scaled {
+            (hidden / temperature)?
+        } else {
+            hidden
+        };
         return Ok((model.token_logprobs_from_hidden(&h, &batch.targets)?, None));
     }
     let logits = model.logits(&hidden)?;
-    let logits = if scaled { (logits / temperature)? } else { logits };
+    let logits = if scaled {
+        (logits / temperature)?
+    } else {
+        logits
+    };
     let logp = rlhf_model::token_logprobs(&logits, &batch.targets)?;
     let lsm = candle_nn::ops::log_softmax(&logits.detach(), 1)?;
     let ent = (lsm.exp()? * &lsm)?.sum(1)?.neg()?;

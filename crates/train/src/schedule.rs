@@ -54,12 +54,21 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(kind: ScheduleKind, base_lr: f64, warmup: Warmup, total_steps: u64) -> Self {
-        Self { kind, base_lr, warmup_steps: warmup.steps(total_steps), total_steps }
+        Self {
+            kind,
+            base_lr,
+            warmup_steps: warmup.steps(total_steps),
+            total_steps,
+        }
     }
 
     /// Multiplier of `base_lr` after `step` completed optimizer steps.
     pub fn factor(&self, step: u64) -> f64 {
-        let (step, warmup, total) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (step, warmup, total) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < warmup {
             return step / warmup.max(1.0);
         }

@@ -52,7 +52,11 @@ impl From<LoadError> for TrainError {
     fn from(e: LoadError) -> Self {
         match e {
             LoadError::Settings(e) => e,
-            LoadError::Cli(e) => TrainError::Config { file: "command line".into(), key: "-".into(), msg: e.to_string() },
+            LoadError::Cli(e) => TrainError::Config {
+                file: "command line".into(),
+                key: "-".into(),
+                msg: e.to_string(),
+            },
         }
     }
 }
@@ -61,7 +65,9 @@ impl From<LoadError> for TrainError {
 pub fn load<C: Settings>(name: &str, args: &[OsString]) -> std::result::Result<C, LoadError> {
     let argv = std::iter::once(OsString::from(name)).chain(args.iter().cloned());
     // A repeated flag: the last one wins (scripts append overrides); repeatable keys such as `reward` accumulate.
-    let mut command = C::command().bin_name(name.to_string()).args_override_self(true);
+    let mut command = C::command()
+        .bin_name(name.to_string())
+        .args_override_self(true);
     for (key, default) in C::help_defaults() {
         command = command.mut_arg(key, |a| {
             let help = a.get_help().map(ToString::to_string).unwrap_or_default();
@@ -92,8 +98,15 @@ fn merge<C: Serialize + DeserializeOwned>(flags: &C, explicit: &[String]) -> Res
         panic!("settings must be a struct")
     };
     // JSON has no NaN/inf: a float flag given as one serialises to null and would silently read as unset.
-    if let Some(k) = explicit.iter().find(|k| base.get(k.as_str()) == Some(&Value::Null)) {
-        return Err(TrainError::Config { file: "command line".into(), key: k.clone(), msg: "not a finite number".into() });
+    if let Some(k) = explicit
+        .iter()
+        .find(|k| base.get(k.as_str()) == Some(&Value::Null))
+    {
+        return Err(TrainError::Config {
+            file: "command line".into(),
+            key: k.clone(),
+            msg: "not a finite number".into(),
+        });
     }
     let config = match base.get(CONFIG_KEY) {
         Some(Value::String(p)) => Some(p.clone()),
@@ -103,7 +116,10 @@ fn merge<C: Serialize + DeserializeOwned>(flags: &C, explicit: &[String]) -> Res
         Some(path) => read_toml(Path::new(path), &base)?,
         None => Vec::new(),
     };
-    let from_file: Vec<(String, FileValue)> = file.into_iter().filter(|(k, _)| !explicit.contains(k)).collect();
+    let from_file: Vec<(String, FileValue)> = file
+        .into_iter()
+        .filter(|(k, _)| !explicit.contains(k))
+        .collect();
     let mut merged = base.clone();
     for (k, v) in &from_file {
         merged.insert(k.clone(), v.value.clone());
@@ -113,11 +129,21 @@ fn merge<C: Serialize + DeserializeOwned>(flags: &C, explicit: &[String]) -> Res
         let bad = from_file.iter().find_map(|(k, v)| {
             let mut one = base.clone();
             one.insert(k.clone(), v.value.clone());
-            serde_json::from_value::<C>(Value::Object(one)).err().map(|e| (v, e.to_string()))
+            serde_json::from_value::<C>(Value::Object(one))
+                .err()
+                .map(|e| (v, e.to_string()))
         });
         match bad {
-            Some((v, msg)) => TrainError::Config { file: v.at.clone(), key: v.written.clone(), msg },
-            None => TrainError::Config { file: "command line".into(), key: e.path().to_string(), msg: e.inner().to_string() },
+            Some((v, msg)) => TrainError::Config {
+                file: v.at.clone(),
+                key: v.written.clone(),
+                msg,
+            },
+            None => TrainError::Config {
+                file: "command line".into(),
+                key: e.path().to_string(),
+                msg: e.inner().to_string(),
+            },
         }
     })
 }
@@ -125,7 +151,9 @@ fn merge<C: Serialize + DeserializeOwned>(flags: &C, explicit: &[String]) -> Res
 /// `FILE:LINE` of the `key = …` line of a TOML file (`FILE` alone when it is not found), for errors. A dotted
 /// key `section.key` is looked up inside `[section]`.
 pub fn locate(path: &Path, key: &str) -> String {
-    let line = line_of(&std::fs::read_to_string(path).unwrap_or_default(), key).map(|n| format!(":{n}")).unwrap_or_default();
+    let line = line_of(&std::fs::read_to_string(path).unwrap_or_default(), key)
+        .map(|n| format!(":{n}"))
+        .unwrap_or_default();
     format!("{}{line}", path.display())
 }
 
@@ -140,7 +168,10 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         let l = l.trim_start();
         if let Some(header) = l.strip_prefix('[') {
             current = header.split(']').next().map(str::trim);
-        } else if current == section && l.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')) {
+        } else if current == section
+            && l.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        {
             return Some(i + 1);
         }
     }
@@ -153,11 +184,21 @@ pub fn setting_err(config: Option<&Path>, key: &str, msg: impl Into<String>) -> 
     let in_file = config.and_then(|p| {
         let text = std::fs::read_to_string(p).ok()?;
         // The key as written: flat, or inside one of the sections that stand for it.
-        let spellings = std::iter::once(key.to_string())
-            .chain(SECTIONS.iter().filter_map(|(s, prefix)| key.strip_prefix(prefix).map(|k| format!("{s}.{k}"))));
-        spellings.into_iter().find_map(|k| line_of(&text, &k)).map(|n| format!("{}:{n} (or the command line)", p.display()))
+        let spellings = std::iter::once(key.to_string()).chain(
+            SECTIONS
+                .iter()
+                .filter_map(|(s, prefix)| key.strip_prefix(prefix).map(|k| format!("{s}.{k}"))),
+        );
+        spellings
+            .into_iter()
+            .find_map(|k| line_of(&text, &k))
+            .map(|n| format!("{}:{n} (or the command line)", p.display()))
     });
-    TrainError::Config { file: in_file.unwrap_or_else(|| "command line".into()), key: key.into(), msg: msg.into() }
+    TrainError::Config {
+        file: in_file.unwrap_or_else(|| "command line".into()),
+        key: key.into(),
+        msg: msg.into(),
+    }
 }
 
 /// The TOML file's values by flat key (sections resolved), checking every key is known.
@@ -166,11 +207,23 @@ fn read_toml(path: &Path, known: &Map<String, Value>) -> Result<Vec<(String, Fil
     let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| TrainError::Config { file: file.clone(), key: "-".into(), msg: e.to_string() })?;
+        .map_err(|e: toml::de::Error| TrainError::Config {
+            file: file.clone(),
+            key: "-".into(),
+            msg: e.to_string(),
+        })?;
     let unknown = |written: &str| {
-        let mut keys: Vec<&str> = known.keys().map(String::as_str).filter(|k| *k != CONFIG_KEY).collect();
+        let mut keys: Vec<&str> = known
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != CONFIG_KEY)
+            .collect();
         keys.sort_unstable();
-        TrainError::Config { file: locate(path, written), key: written.into(), msg: format!("unknown key (known: {})", keys.join(", ")) }
+        TrainError::Config {
+            file: locate(path, written),
+            key: written.into(),
+            msg: format!("unknown key (known: {})", keys.join(", ")),
+        }
     };
     let mut entries = Vec::new();
     for (key, value) in table {
@@ -193,7 +246,11 @@ fn read_toml(path: &Path, known: &Map<String, Value>) -> Result<Vec<(String, Fil
         if let toml::Value::Float(f) = value {
             // JSON has no NaN/inf: such a value would silently read as unset.
             if !f.is_finite() {
-                return Err(TrainError::Config { file: at, key: written, msg: format!("{f} is not a finite number") });
+                return Err(TrainError::Config {
+                    file: at,
+                    key: written,
+                    msg: format!("{f} is not a finite number"),
+                });
             }
         }
         let value = serde_json::to_value(value).expect("TOML values are JSON values");
@@ -231,9 +288,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "beta = 0.1\nsteps = 7\nreward = [\"exact:answer\"]\n").unwrap();
-        let s: S = load("x", &args(&["--config", f.to_str().unwrap(), "--steps", "4"])).unwrap();
+        let s: S = load(
+            "x",
+            &args(&["--config", f.to_str().unwrap(), "--steps", "4"]),
+        )
+        .unwrap();
         // `--steps 4` equals the default but was given: it wins over the file.
-        assert_eq!((s.beta, s.steps, s.reward.clone()), (0.1, 4, vec!["exact:answer".to_string()]));
+        assert_eq!(
+            (s.beta, s.steps, s.reward.clone()),
+            (0.1, 4, vec!["exact:answer".to_string()])
+        );
         let s: S = load("x", &args(&[])).unwrap();
         assert_eq!((s.beta, s.steps), (0.5, 4));
     }
@@ -243,10 +307,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "beta = 0.1\nbeat = 3\n").unwrap();
-        let e = load::<S>("x", &args(&["--config", f.to_str().unwrap()])).unwrap_err().settings().unwrap().to_string();
-        assert!(e.contains("c.toml:2") && e.contains("\"beat\"") && e.contains("unknown key"), "{e}");
+        let e = load::<S>("x", &args(&["--config", f.to_str().unwrap()]))
+            .unwrap_err()
+            .settings()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("c.toml:2") && e.contains("\"beat\"") && e.contains("unknown key"),
+            "{e}"
+        );
         std::fs::write(&f, "steps = \"many\"\n").unwrap();
-        let e = load::<S>("x", &args(&["--config", f.to_str().unwrap()])).unwrap_err().settings().unwrap().to_string();
+        let e = load::<S>("x", &args(&["--config", f.to_str().unwrap()]))
+            .unwrap_err()
+            .settings()
+            .unwrap()
+            .to_string();
         assert!(e.contains("c.toml:1") && e.contains("\"steps\""), "{e}");
     }
 }

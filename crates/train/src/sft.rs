@@ -48,7 +48,11 @@ impl SftBatch {
         let packed = rows.iter().any(|r| r.packed);
         Ok(Self {
             input_ids: Tensor::from_vec(tb.input_ids, (b, t), device)?,
-            position_ids: if packed { Some(Tensor::from_vec(tb.position_ids, (b, t), device)?) } else { None },
+            position_ids: if packed {
+                Some(Tensor::from_vec(tb.position_ids, (b, t), device)?)
+            } else {
+                None
+            },
             gather: Tensor::from_vec(gather, target_ids.len(), device)?,
             targets: Tensor::from_vec(target_ids.clone(), target_ids.len(), device)?,
             target_ids,
@@ -70,7 +74,11 @@ pub fn sft_nll(model: &CausalLm, batch: &SftBatch) -> Result<(Tensor, usize)> {
     let (logp, pred) = model.token_logprobs_and_argmax(&picked, &batch.targets)?;
     let nll = logp.sum_all()?.neg()?;
     let pred: Vec<u32> = pred.to_vec1()?;
-    let correct = pred.iter().zip(&batch.target_ids).filter(|(p, t)| p == t).count();
+    let correct = pred
+        .iter()
+        .zip(&batch.target_ids)
+        .filter(|(p, t)| p == t)
+        .count();
     Ok((nll, correct))
 }
 
@@ -147,22 +155,35 @@ pub struct SftTrainer {
 impl SftTrainer {
     /// Load the model, tokenizer and data named by `cfg`; resume from the newest checkpoint if asked.
     pub fn new(cfg: SftConfig) -> Result<Self> {
-        crate::output_dir::prepare(&cfg.model, &cfg.train.output_dir, cfg.train.overwrite_output_dir, cfg.train.resume)?;
+        crate::output_dir::prepare(
+            &cfg.model,
+            &cfg.train.output_dir,
+            cfg.train.overwrite_output_dir,
+            cfg.train.resume,
+        )?;
         let device = Device::Cpu;
-        let tokenizer = rlhf_data::tokenizer::Tokenizer::from_dir(&cfg.model).map_err(|e| TrainError::Data(e.to_string()))?;
-        let pad_id = tokenizer.pad_id().map_err(|e| TrainError::Data(e.to_string()))?;
+        let tokenizer = rlhf_data::tokenizer::Tokenizer::from_dir(&cfg.model)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        let pad_id = tokenizer
+            .pad_id()
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         let train = tokenize(&cfg, &tokenizer, &cfg.train_file)?;
         let eval = match &cfg.eval_file {
             Some(f) => tokenize(&cfg, &tokenizer, f)?,
             None => Vec::new(),
         };
-        let resume_dir = if cfg.train.resume { Some(checkpoint::resume_dir(&cfg.train.output_dir)?) } else { None };
+        let resume_dir = if cfg.train.resume {
+            Some(checkpoint::resume_dir(&cfg.train.output_dir)?)
+        } else {
+            None
+        };
         // With LoRA a checkpoint holds only the adapter: the base comes from cfg.model.
         let model_dir = match (&resume_dir, &cfg.train.lora) {
             (Some(dir), None) => dir.as_path(),
             _ => cfg.model.as_path(),
         };
-        let model = CausalLm::load(model_dir, &device).map_err(|e| TrainError::Model(e.to_string()))?;
+        let model =
+            CausalLm::load(model_dir, &device).map_err(|e| TrainError::Model(e.to_string()))?;
         // Token ids past the embedding table would otherwise fail deep inside the forward pass.
         tokenizer
             .check_vocab(model.vocab_size(), model_dir.join("config.json"))
@@ -195,17 +216,25 @@ impl SftTrainer {
         resume: Option<PathBuf>,
     ) -> Result<Self> {
         if train.is_empty() {
-            return Err(TrainError::Data(format!("{}: no training examples", cfg.train_file.display())));
+            return Err(TrainError::Data(format!(
+                "{}: no training examples",
+                cfg.train_file.display()
+            )));
         }
         if cfg.train.bf16 {
             model.set_precision(rlhf_model::Precision::Bf16);
         }
         let lora = crate::lora::attach_lora(&mut model, cfg.train.lora.as_ref(), cfg.train.seed)?;
-        let params = crate::optim::sorted_params(lora.as_ref().map_or(model.varmap(), |l| l.varmap()));
+        let params =
+            crate::optim::sorted_params(lora.as_ref().map_or(model.varmap(), |l| l.varmap()));
         let optimizer = AdamW::new(params, cfg.train.adamw())?;
         if let (Some(dir), Some(l)) = (&resume, &lora) {
             let saved = dir.join(rlhf_model::lora::ADAPTER_WEIGHTS);
-            crate::lora::restore_vars(&crate::optim::sorted_params(l.varmap()), &saved, crate::lora::PEFT_PREFIX)?;
+            crate::lora::restore_vars(
+                &crate::optim::sorted_params(l.varmap()),
+                &saved,
+                crate::lora::PEFT_PREFIX,
+            )?;
         }
         let settings = cfg.train.loop_settings(
             resume,
@@ -213,7 +242,17 @@ impl SftTrainer {
             serde_json::to_value(&cfg).expect("config serialises"),
             checkpoint::RESUME_FREE_KEYS.to_vec(),
         );
-        let mut sft = Sft { cfg, model, lora, optimizer, train, eval, pad_id, tokenizer_dir, last: None };
+        let mut sft = Sft {
+            cfg,
+            model,
+            lora,
+            optimizer,
+            train,
+            eval,
+            pad_id,
+            tokenizer_dir,
+            last: None,
+        };
         let session = Session::start(&mut sft, settings)?;
         Ok(Self { sft, session })
     }
@@ -253,7 +292,10 @@ impl SftTrainer {
 
     /// Loss and token accuracy on the eval split (see [`Trainer::evaluate`] of the SFT trainer).
     pub fn evaluate(&mut self) -> Result<Option<EvalStats>> {
-        Ok(self.sft.evaluate()?.map(|m| EvalStats { eval_loss: m["loss"], eval_mean_token_accuracy: m["mean_token_accuracy"] }))
+        Ok(self.sft.evaluate()?.map(|m| EvalStats {
+            eval_loss: m["loss"],
+            eval_mean_token_accuracy: m["mean_token_accuracy"],
+        }))
     }
 
     /// Save what training changes into `dir`, with the tokenizer files: the model (HF layout), or with LoRA
@@ -276,7 +318,10 @@ impl SftTrainer {
             epoch: r.epoch,
             train_loss: r.train_loss,
             final_loss,
-            eval: r.eval.map(|m| EvalStats { eval_loss: m["loss"], eval_mean_token_accuracy: m["mean_token_accuracy"] }),
+            eval: r.eval.map(|m| EvalStats {
+                eval_loss: m["loss"],
+                eval_mean_token_accuracy: m["mean_token_accuracy"],
+            }),
             num_tokens: r.num_tokens,
             train_runtime_s: r.train_runtime_s,
             output_dir: self.sft.cfg.train.output_dir.clone(),
@@ -291,7 +336,9 @@ impl Sft {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         match &self.lora {
-            Some(l) => l.save(dir, &self.cfg.model.display().to_string(), "CAUSAL_LM", &[]).map_err(model_err)?,
+            Some(l) => l
+                .save(dir, &self.cfg.model.display().to_string(), "CAUSAL_LM", &[])
+                .map_err(model_err)?,
             None => self.model.save(dir).map_err(model_err)?,
         }
         match &self.tokenizer_dir {
@@ -344,8 +391,14 @@ impl Trainer for Sft {
 
         let num_tokens: usize = batches.iter().map(|b| b.num_tokens).sum();
         let out = StepOut {
-            metrics: Metrics::from([("loss".to_string(), loss), ("grad_norm".to_string(), grad_norm)]),
-            per_micro_batch: accuracies.iter().map(|&a| ("mean_token_accuracy", a)).collect(),
+            metrics: Metrics::from([
+                ("loss".to_string(), loss),
+                ("grad_norm".to_string(), grad_norm),
+            ]),
+            per_micro_batch: accuracies
+                .iter()
+                .map(|&a| ("mean_token_accuracy", a))
+                .collect(),
             num_tokens: num_tokens as u64,
         };
         self.last = Some(StepStats {
@@ -413,7 +466,14 @@ impl Trainer for Sft {
     /// `out`. Merging consumes the adapters, so afterwards the trainer holds the merged model.
     fn save_final(&mut self, out: &Path) -> Result<()> {
         if let Some(l) = self.lora.take() {
-            crate::lora::save_and_merge(l, &mut self.model, out, &self.cfg.model, "CAUSAL_LM", &[])?;
+            crate::lora::save_and_merge(
+                l,
+                &mut self.model,
+                out,
+                &self.cfg.model,
+                "CAUSAL_LM",
+                &[],
+            )?;
         }
         self.save_model(out)
     }
@@ -430,19 +490,30 @@ pub fn run_sft(cfg: &SftConfig) -> Result<SftSummary> {
 
 /// Tokenize a dataset file as TRL's SFTTrainer does (see [`rlhf_data::tokenize_sft`]): truncation to
 /// max_length or best-fit-decreasing packing, completion-only labels for prompt/completion rows.
-fn tokenize(cfg: &SftConfig, tokenizer: &rlhf_data::Tokenizer, path: &Path) -> Result<Vec<TokenizedSequence>> {
+fn tokenize(
+    cfg: &SftConfig,
+    tokenizer: &rlhf_data::Tokenizer,
+    path: &Path,
+) -> Result<Vec<TokenizedSequence>> {
     let data_err = |e: rlhf_data::DataError| TrainError::Data(e.to_string());
     let dataset = rlhf_data::load_dataset(path).map_err(data_err)?;
-    dataset.check_text_size(tokenizer, cfg.max_length, "max_length", &[]).map_err(data_err)?;
+    dataset
+        .check_text_size(tokenizer, cfg.max_length, "max_length", &[])
+        .map_err(data_err)?;
     let data_cfg = rlhf_data::SftConfig {
         max_length: Some(cfg.max_length),
         completion_only_loss: cfg.completion_only_loss,
         packing: cfg.packing.then_some(rlhf_data::Packing::Bfd),
         ..Default::default()
     };
-    let rows = rlhf_data::tokenize_sft(&dataset, tokenizer, &data_cfg).map_err(data_err)?.rows;
+    let rows = rlhf_data::tokenize_sft(&dataset, tokenizer, &data_cfg)
+        .map_err(data_err)?
+        .rows;
     if rows.is_empty() {
-        return Err(TrainError::Data(format!("{}: no example has a token to train on", path.display())));
+        return Err(TrainError::Data(format!(
+            "{}: no example has a token to train on",
+            path.display()
+        )));
     }
     Ok(rows)
 }

@@ -99,13 +99,33 @@ pub struct TrainDefaults {
 
 impl TrainDefaults {
     /// TRL's SFTConfig (transformers' TrainingArguments: 3 epochs, save every 500 steps).
-    pub const SFT: Self = Self { learning_rate: 2e-5, num_train_epochs: 3.0, logging_steps: 10, save_steps: 500 };
+    pub const SFT: Self = Self {
+        learning_rate: 2e-5,
+        num_train_epochs: 3.0,
+        logging_steps: 10,
+        save_steps: 500,
+    };
     /// TRL 1.16's RewardConfig.
-    pub const RM: Self = Self { learning_rate: 1e-4, num_train_epochs: 1.0, logging_steps: 10, save_steps: 500 };
+    pub const RM: Self = Self {
+        learning_rate: 1e-4,
+        num_train_epochs: 1.0,
+        logging_steps: 10,
+        save_steps: 500,
+    };
     /// TRL 1.16's DPOConfig.
-    pub const DPO: Self = Self { learning_rate: 1e-6, num_train_epochs: 1.0, logging_steps: 10, save_steps: 500 };
+    pub const DPO: Self = Self {
+        learning_rate: 1e-6,
+        num_train_epochs: 1.0,
+        logging_steps: 10,
+        save_steps: 500,
+    };
     /// GRPO, RLOO and PPO: a metrics line every step, no checkpoints unless asked.
-    pub const ONLINE: Self = Self { learning_rate: 1e-6, num_train_epochs: 1.0, logging_steps: 1, save_steps: 0 };
+    pub const ONLINE: Self = Self {
+        learning_rate: 1e-6,
+        num_train_epochs: 1.0,
+        logging_steps: 1,
+        save_steps: 0,
+    };
 
     /// `(key, default)` of every shared setting that has one, for `--help`.
     pub fn help(&self) -> Vec<(&'static str, String)> {
@@ -207,7 +227,12 @@ impl TrainConfig {
 
     /// AdamW's settings.
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig { beta1: self.adam_beta1, beta2: self.adam_beta2, eps: self.adam_epsilon, weight_decay: self.weight_decay }
+        AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+        }
     }
 
     /// What the core loop reads: these settings, the checkpoint `resume_from` to continue (the trainer was built
@@ -244,8 +269,17 @@ impl TrainConfig {
 impl TrainArgs {
     /// The settings given here over the trainer's defaults `d`, validated; `err(key, msg)` makes an error that
     /// names where the settings came from.
-    pub fn resolve(&self, d: &TrainDefaults, err: &dyn Fn(&str, String) -> TrainError) -> Result<TrainConfig> {
-        let output_dir = self.output_dir.clone().ok_or_else(|| err("output_dir", "required (set it in the config file or pass --output-dir)".into()))?;
+    pub fn resolve(
+        &self,
+        d: &TrainDefaults,
+        err: &dyn Fn(&str, String) -> TrainError,
+    ) -> Result<TrainConfig> {
+        let output_dir = self.output_dir.clone().ok_or_else(|| {
+            err(
+                "output_dir",
+                "required (set it in the config file or pass --output-dir)".into(),
+            )
+        })?;
         let base = TrainConfig::new(output_dir, d);
         let cfg = TrainConfig {
             learning_rate: self.learning_rate.unwrap_or(base.learning_rate),
@@ -265,7 +299,9 @@ impl TrainArgs {
             save_total_limit: self.save_total_limit,
             seed: self.seed.unwrap_or(base.seed),
             resume: self.resume.unwrap_or(base.resume),
-            overwrite_output_dir: self.overwrite_output_dir.unwrap_or(base.overwrite_output_dir),
+            overwrite_output_dir: self
+                .overwrite_output_dir
+                .unwrap_or(base.overwrite_output_dir),
             lora: self.lora.apply(None),
             bf16: self.bf16.unwrap_or(base.bf16),
             ..base
@@ -285,23 +321,71 @@ impl TrainConfig {
                 Err(err(key, format!("{v} is not {what}")))
             }
         };
-        in_range(self.learning_rate, "learning_rate", f64::MIN_POSITIVE, f64::MAX, "a finite number > 0")?;
-        in_range(self.weight_decay, "weight_decay", 0.0, f64::MAX, "a finite number >= 0")?;
-        in_range(self.max_grad_norm, "max_grad_norm", 0.0, f64::MAX, "a finite number >= 0 (0 disables clipping)")?;
-        in_range(self.adam_beta1, "adam_beta1", 0.0, 1.0 - f64::EPSILON, "in [0, 1)")?;
-        in_range(self.adam_beta2, "adam_beta2", 0.0, 1.0 - f64::EPSILON, "in [0, 1)")?;
-        in_range(self.adam_epsilon, "adam_epsilon", 0.0, f64::MAX, "a finite number >= 0")?;
+        in_range(
+            self.learning_rate,
+            "learning_rate",
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            "a finite number > 0",
+        )?;
+        in_range(
+            self.weight_decay,
+            "weight_decay",
+            0.0,
+            f64::MAX,
+            "a finite number >= 0",
+        )?;
+        in_range(
+            self.max_grad_norm,
+            "max_grad_norm",
+            0.0,
+            f64::MAX,
+            "a finite number >= 0 (0 disables clipping)",
+        )?;
+        in_range(
+            self.adam_beta1,
+            "adam_beta1",
+            0.0,
+            1.0 - f64::EPSILON,
+            "in [0, 1)",
+        )?;
+        in_range(
+            self.adam_beta2,
+            "adam_beta2",
+            0.0,
+            1.0 - f64::EPSILON,
+            "in [0, 1)",
+        )?;
+        in_range(
+            self.adam_epsilon,
+            "adam_epsilon",
+            0.0,
+            f64::MAX,
+            "a finite number >= 0",
+        )?;
         if let Some(r) = self.warmup_ratio {
             in_range(r, "warmup_ratio", 0.0, 1.0, "in [0, 1]")?;
             if self.warmup_steps > 0 {
-                return Err(err("warmup_ratio", "set either warmup_steps or warmup_ratio, not both".into()));
+                return Err(err(
+                    "warmup_ratio",
+                    "set either warmup_steps or warmup_ratio, not both".into(),
+                ));
             }
         }
         if self.max_steps == Some(0) {
-            return Err(err("max_steps", "must be at least 1 (leave it unset to train num_train_epochs epochs)".into()));
+            return Err(err(
+                "max_steps",
+                "must be at least 1 (leave it unset to train num_train_epochs epochs)".into(),
+            ));
         }
         if self.max_steps.is_none() {
-            in_range(self.num_train_epochs, "num_train_epochs", f64::MIN_POSITIVE, f64::MAX, "a finite number > 0")?;
+            in_range(
+                self.num_train_epochs,
+                "num_train_epochs",
+                f64::MIN_POSITIVE,
+                f64::MAX,
+                "a finite number > 0",
+            )?;
         }
         if self.logging_steps == 0 {
             return Err(err("logging_steps", "must be at least 1".into()));

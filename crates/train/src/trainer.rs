@@ -25,7 +25,12 @@ use crate::schedule::{Schedule, ScheduleKind, Warmup};
 pub type Metrics = BTreeMap<String, f64>;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
-const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
 
 /// Copies the tokenizer files of `src` next to a saved model so the directory is a complete HF model.
 pub(crate) fn copy_tokenizer(src: &Path, dir: &Path) -> Result<()> {
@@ -76,11 +81,18 @@ impl LoopSettings {
 
     /// `max_steps`, else `num_train_epochs` passes over `n` examples.
     pub fn total_steps(&self, n: usize) -> u64 {
-        self.max_steps.unwrap_or_else(|| ((self.num_train_epochs * self.steps_per_epoch(n) as f64).ceil() as u64).max(1))
+        self.max_steps.unwrap_or_else(|| {
+            ((self.num_train_epochs * self.steps_per_epoch(n) as f64).ceil() as u64).max(1)
+        })
     }
 
     pub fn schedule(&self, n: usize) -> Schedule {
-        Schedule::new(self.lr_scheduler_type, self.learning_rate, self.warmup, self.total_steps(n))
+        Schedule::new(
+            self.lr_scheduler_type,
+            self.learning_rate,
+            self.warmup,
+            self.total_steps(n),
+        )
     }
 
     pub fn max_grad_norm(&self) -> Option<f64> {
@@ -102,7 +114,13 @@ pub struct StepInfo<'a> {
 impl StepInfo<'_> {
     /// `optimizer` at this step's learning rate.
     pub fn step_with<'o>(&'o self, optimizer: &'o mut AdamW) -> Step<'o> {
-        Step::new(optimizer, self.lr, self.max_grad_norm, self.step, self.last_checkpoint)
+        Step::new(
+            optimizer,
+            self.lr,
+            self.max_grad_norm,
+            self.step,
+            self.last_checkpoint,
+        )
     }
 }
 
@@ -121,8 +139,22 @@ pub struct Step<'a> {
 
 impl<'a> Step<'a> {
     /// A step at learning rate `lr` (the loop makes one per step; tests drive a trainer directly).
-    pub fn new(optimizer: &'a mut AdamW, lr: f64, max_grad_norm: Option<f64>, global_step: u64, last_checkpoint: &'a Option<PathBuf>) -> Self {
-        Self { optimizer, lr, max_grad_norm, global_step, last_checkpoint, pending: None, grad_norms: Vec::new() }
+    pub fn new(
+        optimizer: &'a mut AdamW,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+        global_step: u64,
+        last_checkpoint: &'a Option<PathBuf>,
+    ) -> Self {
+        Self {
+            optimizer,
+            lr,
+            max_grad_norm,
+            global_step,
+            last_checkpoint,
+            pending: None,
+            grad_norms: Vec::new(),
+        }
     }
 
     /// The step being taken (1-based).
@@ -131,7 +163,12 @@ impl<'a> Step<'a> {
     }
 
     fn non_finite(&self, what: &'static str, value: f64) -> TrainError {
-        TrainError::NonFinite { step: self.global_step, what, value, last_checkpoint: self.last_checkpoint.clone() }
+        TrainError::NonFinite {
+            step: self.global_step,
+            what,
+            value,
+            last_checkpoint: self.last_checkpoint.clone(),
+        }
     }
 
     /// Backward through `loss` and add its gradients to those of this update; returns the loss value.
@@ -140,7 +177,7 @@ impl<'a> Step<'a> {
         if !value.is_finite() {
             return Err(self.non_finite("loss", value));
         }
-        let store = loss.backward()?;
+        let store = rlhf_model::backward(loss)?;
         match &mut self.pending {
             None => self.pending = Some(self.optimizer.collect_grads(&store)?),
             Some(acc) => self.optimizer.accumulate_grads(acc, &store)?,
@@ -150,12 +187,16 @@ impl<'a> Step<'a> {
 
     /// Clip the accumulated gradients and take one AdamW update; returns the pre-clip gradient norm.
     pub fn update(&mut self) -> Result<f64> {
-        let grads = self.pending.take().ok_or_else(|| TrainError::Data("an optimizer step without any loss".into()))?;
+        let grads = self
+            .pending
+            .take()
+            .ok_or_else(|| TrainError::Data("an optimizer step without any loss".into()))?;
         let norm = grads.global_norm()?;
         if !norm.is_finite() {
             return Err(self.non_finite("gradient norm", norm));
         }
-        self.optimizer.step_with_norm(&grads, self.lr, self.max_grad_norm, norm)?;
+        self.optimizer
+            .step_with_norm(&grads, self.lr, self.max_grad_norm, norm)?;
         self.grad_norms.push(norm);
         Ok(norm)
     }
@@ -270,7 +311,13 @@ pub struct RunOutcome {
 }
 
 /// A metrics line: `step`, `epoch`, then `metrics` (keys prefixed with `prefix`), then `extra`.
-fn line(step: u64, epoch: f64, metrics: impl IntoIterator<Item = (String, f64)>, prefix: &str, extra: &[(&str, Value)]) -> Map<String, Value> {
+fn line(
+    step: u64,
+    epoch: f64,
+    metrics: impl IntoIterator<Item = (String, f64)>,
+    prefix: &str,
+    extra: &[(&str, Value)],
+) -> Map<String, Value> {
     let mut l = Map::new();
     l.insert("step".into(), json!(step));
     l.insert("epoch".into(), json!(epoch));
@@ -344,7 +391,9 @@ impl Session {
 
     /// One optimizer step of `t` on the sampler's next examples.
     pub fn step(&mut self, t: &mut dyn Trainer) -> Result<StepOut> {
-        let idx = self.sampler.next_batch(self.settings.examples_per_step, false);
+        let idx = self
+            .sampler
+            .next_batch(self.settings.examples_per_step, false);
         let step = self.state.global_step + 1;
         let t0 = Instant::now();
         let info = StepInfo {
@@ -354,7 +403,8 @@ impl Session {
             last_checkpoint: &self.last_checkpoint,
         };
         let mut out = t.train_step(&idx, &info)?;
-        out.metrics.insert("step_time_s".into(), t0.elapsed().as_secs_f64());
+        out.metrics
+            .insert("step_time_s".into(), t0.elapsed().as_secs_f64());
         self.state.data = self.sampler.state();
         self.state.global_step = step;
         self.state.num_tokens += out.num_tokens;
@@ -365,7 +415,14 @@ impl Session {
     pub fn save_checkpoint(&mut self, t: &dyn Trainer) -> Result<PathBuf> {
         self.state.lora_dropout = t.lora().map(Lora::dropout_state).unwrap_or_default();
         let s = &self.settings;
-        let dir = checkpoint::save_checkpoint(&s.output_dir, |d| t.save_checkpoint(d), t.optimizer(), &self.state, &s.config, s.save_total_limit)?;
+        let dir = checkpoint::save_checkpoint(
+            &s.output_dir,
+            |d| t.save_checkpoint(d),
+            t.optimizer(),
+            &self.state,
+            &s.config,
+            s.save_total_limit,
+        )?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }
@@ -385,7 +442,8 @@ impl Session {
         let total = self.total_steps();
         let progress = Progress::new(total, self.state.global_step);
         let mut window = Window::default();
-        let (mut loss_sum, mut steps_run, mut final_metrics, mut eval) = (0.0, 0u64, Metrics::new(), None);
+        let (mut loss_sum, mut steps_run, mut final_metrics, mut eval) =
+            (0.0, 0u64, Metrics::new(), None);
         while self.state.global_step < total {
             let out = self.step(t)?;
             let step = self.state.global_step;
@@ -396,7 +454,10 @@ impl Session {
             final_metrics = out.metrics;
             let (s, epoch) = (&self.settings, self.epoch());
             if step.is_multiple_of(s.logging_steps) || step == total {
-                let extra = [("learning_rate", json!(self.schedule.lr(step))), ("num_tokens", json!(self.state.num_tokens))];
+                let extra = [
+                    ("learning_rate", json!(self.schedule.lr(step))),
+                    ("num_tokens", json!(self.state.num_tokens)),
+                ];
                 log.write_line(&line(step, epoch, window.take(), "", &extra))?;
             }
             if (s.eval_steps > 0 && step.is_multiple_of(s.eval_steps)) || step == total {
@@ -414,7 +475,11 @@ impl Session {
         Ok(RunOutcome {
             steps: self.state.global_step,
             epoch: self.epoch(),
-            train_loss: if steps_run > 0 { loss_sum / steps_run as f64 } else { f64::NAN },
+            train_loss: if steps_run > 0 {
+                loss_sum / steps_run as f64
+            } else {
+                f64::NAN
+            },
             final_metrics,
             eval,
             num_tokens: self.state.num_tokens,
@@ -432,20 +497,31 @@ pub fn run(t: &mut dyn Trainer, s: &LoopSettings) -> Result<RunOutcome> {
 
 /// Restores the optimizer, data position, dropout RNG and the trainer's own state from checkpoint `dir` (whose
 /// weights the trainer was built from), after checking that the checkpoint was trained with these settings.
-fn resume(t: &mut dyn Trainer, s: &LoopSettings, dir: &Path, n: usize) -> Result<(TrainerState, EpochSampler)> {
+fn resume(
+    t: &mut dyn Trainer,
+    s: &LoopSettings,
+    dir: &Path,
+    n: usize,
+) -> Result<(TrainerState, EpochSampler)> {
     let saved = checkpoint::load_checkpoint_config(dir)?;
     checkpoint::check_resume_config(dir, &saved, &s.config, &s.resume_free_keys)?;
     let state = checkpoint::load_checkpoint(dir, t.optimizer_mut())?;
-    let state_err = |msg: String| TrainError::Checkpoint { path: dir.join(checkpoint::STATE_FILE), msg };
+    let state_err = |msg: String| TrainError::Checkpoint {
+        path: dir.join(checkpoint::STATE_FILE),
+        msg,
+    };
     if state.data.index > n {
-        return Err(state_err(format!("data index {} beyond the {n} training examples", state.data.index)));
+        return Err(state_err(format!(
+            "data index {} beyond the {n} training examples",
+            state.data.index
+        )));
     }
     // Checkpoints from before seeded dropout hold no dropout state; those runs were not reproducible.
     if let (Some(l), false) = (t.lora(), state.lora_dropout.is_empty()) {
-        l.set_dropout_state(&state.lora_dropout).map_err(|e| state_err(e.to_string()))?;
+        l.set_dropout_state(&state.lora_dropout)
+            .map_err(|e| state_err(e.to_string()))?;
     }
     t.restore(dir)?;
     let sampler = EpochSampler::resume(n, state.shuffle_seed, true, state.data);
     Ok((state, sampler))
 }
-

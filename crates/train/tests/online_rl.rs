@@ -15,7 +15,11 @@ use rlhf_train::settings::load;
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/models"
+    ))
+    .join(name)
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) {
@@ -26,10 +30,12 @@ fn write_jsonl(path: &Path, rows: &[Value]) {
 }
 
 fn addition_prompts(path: &Path, n: usize) {
-    let rows: Vec<Value> = (0..n).map(|i| {
-        let (a, b) = (10 + (i * 7) % 90, 10 + (i * 13) % 90);
-        json!({"prompt": format!("Q: {a}+{b}="), "answer": a + b})
-    }).collect();
+    let rows: Vec<Value> = (0..n)
+        .map(|i| {
+            let (a, b) = (10 + (i * 7) % 90, 10 + (i * 13) % 90);
+            json!({"prompt": format!("Q: {a}+{b}="), "answer": a + b})
+        })
+        .collect();
     write_jsonl(path, &rows);
 }
 
@@ -41,12 +47,28 @@ fn grpo_args(dir: &Path, extra: &[&str]) -> GrpoArgs {
     addition_prompts(&dir.join("prompts.jsonl"), 32);
     let model = fixture("llama");
     let mut a = vec![
-        "--model", model.to_str().unwrap(),
-        "--prompts", dir.join("prompts.jsonl").to_str().unwrap(),
-        "--output-dir", dir.join("out").to_str().unwrap(),
-        "--max-new-tokens", "6", "--prompts-per-step", "4", "--num-generations", "4",
-        "--learning-rate", "1e-3", "--lr-scheduler-type", "constant", "--max-steps", "4",
-    ].into_iter().map(String::from).collect::<Vec<_>>();
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        dir.join("prompts.jsonl").to_str().unwrap(),
+        "--output-dir",
+        dir.join("out").to_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+        "--prompts-per-step",
+        "4",
+        "--num-generations",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler-type",
+        "constant",
+        "--max-steps",
+        "4",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
     a.extend(extra.iter().map(|s| s.to_string()));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     load::<GrpoArgs>("grpo", &args(&a)).unwrap()
@@ -62,18 +84,50 @@ fn rollout_logprobs_equal_the_trainer_rescore() {
     addition_prompts(&tmp.path().join("p.jsonl"), 6);
     let prompts = rollout::load_prompts(&tmp.path().join("p.jsonl"), &tok, None, 64).unwrap();
     let refs: Vec<_> = prompts.iter().collect();
-    for (t, k, p) in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 20, 1.0), (0.9, 0, 0.8), (0.8, 10, 0.9)] {
-        let spec = SampleSpec { sampling: Sampling { temperature: t, top_k: k, top_p: p }, max_new_tokens: 10, batch_size: 5 };
+    for (t, k, p) in [
+        (1.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.3, 20, 1.0),
+        (0.9, 0, 0.8),
+        (0.8, 10, 0.9),
+    ] {
+        let spec = SampleSpec {
+            sampling: Sampling {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+            },
+            max_new_tokens: 10,
+            batch_size: 5,
+        };
         let rollouts = rollout::sample(&model, &tok, &refs, 3, &spec, 7, 1).unwrap();
         assert_eq!(rollouts.len(), 18);
-        let pairs: Vec<(&[u32], &[u32])> = rollouts.iter().map(|r| (prompts[r.prompt].ids.as_slice(), r.completion_ids.as_slice())).collect();
+        let pairs: Vec<(&[u32], &[u32])> = rollouts
+            .iter()
+            .map(|r| {
+                (
+                    prompts[r.prompt].ids.as_slice(),
+                    r.completion_ids.as_slice(),
+                )
+            })
+            .collect();
         let seqs = SeqBatch::new(&pairs, 0, &Device::Cpu).unwrap();
         let (lp, _) = rollout::token_logprobs(&model, &seqs, t as f64, false).unwrap();
         let lp: Vec<f32> = lp.to_vec1().unwrap();
-        let old: Vec<f32> = rollouts.iter().flat_map(|r| r.sampling_logprobs.clone()).collect();
+        let old: Vec<f32> = rollouts
+            .iter()
+            .flat_map(|r| r.sampling_logprobs.clone())
+            .collect();
         assert_eq!(lp.len(), old.len());
-        let worst = lp.iter().zip(&old).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-5, "T={t} top_k={k} top_p={p}: max |log ratio| = {worst}");
+        let worst = lp
+            .iter()
+            .zip(&old)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-5,
+            "T={t} top_k={k} top_p={p}: max |log ratio| = {worst}"
+        );
     }
 }
 
@@ -89,7 +143,19 @@ fn final_reward(metrics: &Path, key: &str) -> Vec<f64> {
 #[test]
 fn grpo_raises_a_verifiable_reward() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = grpo_args(tmp.path(), &["--reward", "regex:^ ?1", "--max-steps", "30", "--learning-rate", "3e-3", "--max-new-tokens", "3"]);
+    let a = grpo_args(
+        tmp.path(),
+        &[
+            "--reward",
+            "regex:^ ?1",
+            "--max-steps",
+            "30",
+            "--learning-rate",
+            "3e-3",
+            "--max-new-tokens",
+            "3",
+        ],
+    );
     let s = run_grpo(&a).unwrap();
     let r = final_reward(&s.metrics_file, "reward");
     assert_eq!(r.len(), 30);
@@ -103,16 +169,48 @@ fn grpo_raises_a_verifiable_reward() {
 fn grpo_variants_run_and_report_trl_metrics() {
     for extra in [
         &["--loss-type", "grpo", "--beta", "0.04"][..],
-        &["--loss-type", "dr_grpo", "--importance-sampling-level", "sequence", "--num-iterations", "2"],
-        &["--loss-type", "bnpo", "--scale-rewards", "batch", "--epsilon-high", "0.28", "--skip-zero-std-groups"],
+        &[
+            "--loss-type",
+            "dr_grpo",
+            "--importance-sampling-level",
+            "sequence",
+            "--num-iterations",
+            "2",
+        ],
+        &[
+            "--loss-type",
+            "bnpo",
+            "--scale-rewards",
+            "batch",
+            "--epsilon-high",
+            "0.28",
+            "--skip-zero-std-groups",
+        ],
         &["--lora-r", "4", "--beta", "0.1"],
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut e = vec!["--reward", "regex:1", "--reward", "0.01*length:1", "--max-steps", "2"];
+        let mut e = vec![
+            "--reward",
+            "regex:1",
+            "--reward",
+            "0.01*length:1",
+            "--max-steps",
+            "2",
+        ];
         e.extend_from_slice(extra);
         let s = run_grpo(&grpo_args(tmp.path(), &e)).unwrap();
-        for k in ["reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "timing/generation_s"] {
-            assert!(s.final_metrics.contains_key(k), "{extra:?}: no {k} in {:?}", s.final_metrics);
+        for k in [
+            "reward",
+            "reward_std",
+            "completions/mean_length",
+            "frac_reward_zero_std",
+            "timing/generation_s",
+        ] {
+            assert!(
+                s.final_metrics.contains_key(k),
+                "{extra:?}: no {k} in {:?}",
+                s.final_metrics
+            );
         }
         if extra.contains(&"--beta") {
             assert!(s.final_metrics["kl"].is_finite(), "{extra:?}");
@@ -129,7 +227,12 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
         .lock()
         .unwrap()
         .iter()
-        .map(|(k, t)| (k.clone(), t.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -154,12 +257,27 @@ fn grpo_rloo_and_ppo_resume_bit_identically() {
                 }
                 "rloo" => {
                     addition_prompts(&dir.join("prompts.jsonl"), 32);
-                    let (model, prompts, out) = (fixture("llama"), dir.join("prompts.jsonl"), dir.join("out"));
+                    let (model, prompts, out) =
+                        (fixture("llama"), dir.join("prompts.jsonl"), dir.join("out"));
                     let mut a = vec![
-                        "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(),
-                        "--output-dir", out.to_str().unwrap(), "--reward", "regex:1", "--max-new-tokens", "6",
-                        "--prompts-per-step", "4", "--num-generations", "4", "--learning-rate", "1e-3",
-                        "--lr-scheduler-type", "constant",
+                        "--model",
+                        model.to_str().unwrap(),
+                        "--prompts",
+                        prompts.to_str().unwrap(),
+                        "--output-dir",
+                        out.to_str().unwrap(),
+                        "--reward",
+                        "regex:1",
+                        "--max-new-tokens",
+                        "6",
+                        "--prompts-per-step",
+                        "4",
+                        "--num-generations",
+                        "4",
+                        "--learning-rate",
+                        "1e-3",
+                        "--lr-scheduler-type",
+                        "constant",
                     ];
                     a.extend(e);
                     run_rloo(&load::<RlooArgs>("rloo", &args(&a)).unwrap()).map(|s| s.steps)
@@ -177,9 +295,22 @@ fn grpo_rloo_and_ppo_resume_bit_identically() {
         let e = run(part.path(), "4", false).unwrap_err().to_string();
         assert!(e.contains("--resume"), "{e}");
         assert_eq!(run(part.path(), "4", true).unwrap(), 4);
-        assert_eq!(weights(&full.path().join("out")), weights(&part.path().join("out")), "{algo}");
-        let lines = |d: &Path| std::fs::read_to_string(d.join("out/metrics.jsonl")).unwrap().lines().count();
-        assert_eq!(lines(full.path()), lines(part.path()), "{algo}: metrics lines");
+        assert_eq!(
+            weights(&full.path().join("out")),
+            weights(&part.path().join("out")),
+            "{algo}"
+        );
+        let lines = |d: &Path| {
+            std::fs::read_to_string(d.join("out/metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .count()
+        };
+        assert_eq!(
+            lines(full.path()),
+            lines(part.path()),
+            "{algo}: metrics lines"
+        );
     }
 }
 
@@ -188,13 +319,28 @@ fn ppo_args(dir: &Path, extra: &[&str]) -> PpoArgs {
     let model = fixture("llama");
     let rm = format!("rm:{}", fixture("llama-rm").display());
     let mut a = vec![
-        "--model", model.to_str().unwrap(),
-        "--prompts", dir.join("prompts.jsonl").to_str().unwrap(),
-        "--output-dir", dir.join("out").to_str().unwrap(),
-        "--reward", rm.as_str(),
-        "--max-new-tokens", "6", "--prompts-per-step", "8",
-        "--learning-rate", "1e-3", "--lr-scheduler-type", "constant", "--max-steps", "4",
-    ].into_iter().map(String::from).collect::<Vec<_>>();
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        dir.join("prompts.jsonl").to_str().unwrap(),
+        "--output-dir",
+        dir.join("out").to_str().unwrap(),
+        "--reward",
+        rm.as_str(),
+        "--max-new-tokens",
+        "6",
+        "--prompts-per-step",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler-type",
+        "constant",
+        "--max-steps",
+        "4",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
     a.extend(extra.iter().map(|s| s.to_string()));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     load::<PpoArgs>("ppo", &args(&a)).unwrap()
@@ -206,7 +352,20 @@ fn ppo_raises_the_reward_model_score_with_bounded_kl() {
     let tmp = tempfile::tempdir().unwrap();
     let s = run_ppo(&ppo_args(
         tmp.path(),
-        &["--max-steps", "40", "--prompts-per-step", "16", "--learning-rate", "2e-3", "--num-mini-batches", "2", "--target-kl", "4", "--kl-horizon", "200"],
+        &[
+            "--max-steps",
+            "40",
+            "--prompts-per-step",
+            "16",
+            "--learning-rate",
+            "2e-3",
+            "--num-mini-batches",
+            "2",
+            "--target-kl",
+            "4",
+            "--kl-horizon",
+            "200",
+        ],
     ))
     .unwrap();
     let scores = final_reward(&s.metrics_file, "objective/scores");
@@ -214,9 +373,19 @@ fn ppo_raises_the_reward_model_score_with_bounded_kl() {
     assert_eq!(scores.len(), 40);
     let first: f64 = scores[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = scores[30..].iter().sum::<f64>() / 10.0;
-    assert!(last > first + 0.15, "RM score {first:.4} → {last:.4}: {scores:?}");
+    assert!(
+        last > first + 0.15,
+        "RM score {first:.4} → {last:.4}: {scores:?}"
+    );
     assert!(kl.iter().all(|k| k.is_finite() && *k < 20.0), "KL {kl:?}");
-    for k in ["policy/clipfrac_avg", "val/clipfrac_avg", "loss/value_avg", "objective/rlhf_reward", "objective/entropy", "kl_coef"] {
+    for k in [
+        "policy/clipfrac_avg",
+        "val/clipfrac_avg",
+        "loss/value_avg",
+        "objective/rlhf_reward",
+        "objective/entropy",
+        "kl_coef",
+    ] {
         assert!(s.final_metrics.contains_key(k), "no {k}");
     }
 }
@@ -229,11 +398,26 @@ fn rloo_raises_a_verifiable_reward() {
     let a = load::<RlooArgs>(
         "rloo",
         &args(&[
-            "--model", model.to_str().unwrap(),
-            "--prompts", tmp.path().join("prompts.jsonl").to_str().unwrap(),
-            "--output-dir", tmp.path().join("out").to_str().unwrap(),
-            "--reward", "regex:^ ?1", "--max-new-tokens", "3", "--prompts-per-step", "4", "--num-generations", "4",
-            "--learning-rate", "3e-3", "--lr-scheduler-type", "constant", "--max-steps", "60",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            tmp.path().join("prompts.jsonl").to_str().unwrap(),
+            "--output-dir",
+            tmp.path().join("out").to_str().unwrap(),
+            "--reward",
+            "regex:^ ?1",
+            "--max-new-tokens",
+            "3",
+            "--prompts-per-step",
+            "4",
+            "--num-generations",
+            "4",
+            "--learning-rate",
+            "3e-3",
+            "--lr-scheduler-type",
+            "constant",
+            "--max-steps",
+            "60",
         ]),
     )
     .unwrap();
@@ -249,32 +433,67 @@ fn rloo_raises_a_verifiable_reward() {
 fn bad_input_fails_clearly_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     // G < 2.
-    let e = run_grpo(&grpo_args(tmp.path(), &["--reward", "regex:1", "--num-generations", "1"])).unwrap_err().to_string();
-    assert!(e.contains("num_generations") && e.contains("at least 2"), "{e}");
+    let e = run_grpo(&grpo_args(
+        tmp.path(),
+        &["--reward", "regex:1", "--num-generations", "1"],
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("num_generations") && e.contains("at least 2"),
+        "{e}"
+    );
     // No reward source.
-    let e = run_grpo(&grpo_args(tmp.path(), &[])).unwrap_err().to_string();
+    let e = run_grpo(&grpo_args(tmp.path(), &[]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("reward"), "{e}");
     // Unknown reward kind.
-    let e = run_grpo(&grpo_args(tmp.path(), &["--reward", "magic:1"])).unwrap_err().to_string();
+    let e = run_grpo(&grpo_args(tmp.path(), &["--reward", "magic:1"]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown kind `magic`"), "{e}");
     // Empty prompt, named by file and line.
-    write_jsonl(&tmp.path().join("empty.jsonl"), &[json!({"prompt": "Q: 1+1="}), json!({"prompt": ""})]);
+    write_jsonl(
+        &tmp.path().join("empty.jsonl"),
+        &[json!({"prompt": "Q: 1+1="}), json!({"prompt": ""})],
+    );
     let mut a = grpo_args(tmp.path(), &["--reward", "regex:1"]);
     a.online.prompts = Some(tmp.path().join("empty.jsonl"));
     let e = run_grpo(&a).unwrap_err().to_string();
-    assert!(e.contains("empty.jsonl:2") && e.contains("empty prompt"), "{e}");
+    assert!(
+        e.contains("empty.jsonl:2") && e.contains("empty prompt"),
+        "{e}"
+    );
     // Prompt over the limit.
-    let mut a = grpo_args(tmp.path(), &["--reward", "regex:1", "--max-prompt-length", "3"]);
+    let mut a = grpo_args(
+        tmp.path(),
+        &["--reward", "regex:1", "--max-prompt-length", "3"],
+    );
     a.online.train.output_dir = Some(tmp.path().join("out2"));
     let e = run_grpo(&a).unwrap_err().to_string();
-    assert!(e.contains("prompts.jsonl:1") && e.contains("max_prompt_length"), "{e}");
-    assert!(!tmp.path().join("out2").exists(), "a refused run created its output dir");
+    assert!(
+        e.contains("prompts.jsonl:1") && e.contains("max_prompt_length"),
+        "{e}"
+    );
+    assert!(
+        !tmp.path().join("out2").exists(),
+        "a refused run created its output dir"
+    );
     // A megabyte prompt is refused by its size, before it is tokenized.
-    write_jsonl(&tmp.path().join("huge.jsonl"), &[json!({"prompt": "Q: 1+1=".repeat(150_000)})]);
+    write_jsonl(
+        &tmp.path().join("huge.jsonl"),
+        &[json!({"prompt": "Q: 1+1=".repeat(150_000)})],
+    );
     let mut a = grpo_args(tmp.path(), &["--reward", "regex:1"]);
     a.online.prompts = Some(tmp.path().join("huge.jsonl"));
     let e = run_grpo(&a).unwrap_err().to_string();
-    assert!(e.contains("huge.jsonl:1") && e.contains("bytes of text cannot fit") && e.contains("max_prompt_length"), "{e}");
+    assert!(
+        e.contains("huge.jsonl:1")
+            && e.contains("bytes of text cannot fit")
+            && e.contains("max_prompt_length"),
+        "{e}"
+    );
     // Output dir = model dir.
     let mut a = grpo_args(tmp.path(), &["--reward", "regex:1"]);
     a.online.train.output_dir = Some(fixture("llama"));
@@ -283,9 +502,24 @@ fn bad_input_fails_clearly_and_keeps_the_last_checkpoint() {
 
     // A reward command that starts failing after the first checkpoint: clear error, checkpoint intact.
     let flag = tmp.path().join("fail");
-    let cmd = format!("cmd:if [ -e {} ]; then echo broken >&2; exit 1; fi; while read l; do echo 1; done", flag.display());
+    let cmd = format!(
+        "cmd:if [ -e {} ]; then echo broken >&2; exit 1; fi; while read l; do echo 1; done",
+        flag.display()
+    );
     let out = tmp.path().join("out3");
-    let mut a = grpo_args(tmp.path(), &["--reward", cmd.as_str(), "--save-steps", "1", "--max-steps", "3", "--reward-retries", "1"]);
+    let mut a = grpo_args(
+        tmp.path(),
+        &[
+            "--reward",
+            cmd.as_str(),
+            "--save-steps",
+            "1",
+            "--max-steps",
+            "3",
+            "--reward-retries",
+            "1",
+        ],
+    );
     a.online.train.output_dir = Some(out.clone());
     a.online.train.max_steps = Some(1);
     run_grpo(&a).unwrap();
@@ -307,13 +541,21 @@ fn settings_come_from_toml_and_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("grpo.toml");
     std::fs::write(&f, "model = \"m\"\nbeta = 0.2\nloss_type = \"dr_grpo\"\nreward = [\"exact:answer\"]\nlora_r = 4\n").unwrap();
-    let a = load::<GrpoArgs>("grpo", &args(&["--config", f.to_str().unwrap(), "--beta", "0.0"])).unwrap();
+    let a = load::<GrpoArgs>(
+        "grpo",
+        &args(&["--config", f.to_str().unwrap(), "--beta", "0.0"]),
+    )
+    .unwrap();
     assert_eq!(a.beta, 0.0);
     assert_eq!(a.loss_type, rlhf_train::grpo::GrpoLoss::DrGrpo);
     assert_eq!(a.online.reward, vec!["exact:answer".to_string()]);
     assert_eq!(a.online.train.lora.lora_r, Some(4));
     assert_eq!(a.online.model, Some(PathBuf::from("m")));
     std::fs::write(&f, "lose_type = \"grpo\"\n").unwrap();
-    let e = load::<GrpoArgs>("grpo", &args(&["--config", f.to_str().unwrap()])).unwrap_err().settings().unwrap().to_string();
+    let e = load::<GrpoArgs>("grpo", &args(&["--config", f.to_str().unwrap()]))
+        .unwrap_err()
+        .settings()
+        .unwrap()
+        .to_string();
     assert!(e.contains("grpo.toml:1") && e.contains("lose_type"), "{e}");
 }

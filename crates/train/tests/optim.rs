@@ -22,12 +22,18 @@ fn values(v: &Var) -> Vec<f32> {
 #[test]
 fn adamw_matches_hand_computed_two_steps() {
     let w = var(&[1.0, -2.0, 0.5]);
-    let cfg = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
+    let cfg = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
     let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).unwrap();
     // Reference (f64, PyTorch AdamW): p *= 1-lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
     // p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps), lr 0.1, betas (0.9, 0.999), eps 1e-8.
     // A zero gradient leaves m = v = 0, so only weight decay moves the third element in step 1.
-    let expected = [[0.899000002, -1.898000001, 0.4995], [0.8177969063826517, -1.8533171424282264, 0.5734141770961723]];
+    let expected = [
+        [0.899000002, -1.898000001, 0.4995],
+        [0.8177969063826517, -1.8533171424282264, 0.5734141770961723],
+    ];
     for (g, want) in [[0.5f32, -1.0, 0.0], [0.1, 0.3, -0.2]].iter().zip(expected) {
         let grads = grads_for(&opt, &[(&w, g)]);
         opt.step(&grads, 0.1, None).unwrap();
@@ -42,9 +48,15 @@ fn adamw_matches_hand_computed_two_steps() {
 fn norm_and_bias_parameters_are_not_decayed() {
     let norm = var(&[1.0]);
     let weight = var(&[1.0]);
-    let cfg = AdamWConfig { weight_decay: 0.5, ..AdamWConfig::default() };
+    let cfg = AdamWConfig {
+        weight_decay: 0.5,
+        ..AdamWConfig::default()
+    };
     let mut opt = AdamW::new(
-        vec![("model.norm.weight".into(), norm.clone()), ("lm_head.weight".into(), weight.clone())],
+        vec![
+            ("model.norm.weight".into(), norm.clone()),
+            ("lm_head.weight".into(), weight.clone()),
+        ],
         cfg,
     )
     .unwrap();
@@ -59,7 +71,11 @@ fn norm_and_bias_parameters_are_not_decayed() {
 fn clipping_returns_pre_clip_norm_and_scales_gradients() {
     let a = var(&[0.0, 0.0]);
     let b = var(&[0.0]);
-    let mut opt = AdamW::new(vec![("b".into(), b.clone()), ("a".into(), a.clone())], AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(
+        vec![("b".into(), b.clone()), ("a".into(), a.clone())],
+        AdamWConfig::default(),
+    )
+    .unwrap();
     // Global norm over both tensors: sqrt(3² + 4² + 12²) = 13.
     let grads = grads_for(&opt, &[(&a, &[3.0, 4.0]), (&b, &[12.0])]);
     assert_eq!(grads.global_norm().unwrap(), 13.0);
@@ -86,8 +102,12 @@ fn accumulated_gradients_add_up() {
     let w = var(&[1.0, 2.0]);
     let opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
     let mut acc = grads_for(&opt, &[(&w, &[1.0, -1.0])]);
-    let loss = (w.as_tensor() * Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
-    opt.accumulate_grads(&mut acc, &loss.backward().unwrap()).unwrap();
+    let loss = (w.as_tensor() * Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    opt.accumulate_grads(&mut acc, &loss.backward().unwrap())
+        .unwrap();
     let g: Vec<f32> = acc.as_slice()[0].as_ref().unwrap().to_vec1().unwrap();
     assert_eq!(g, [1.5, -0.75]);
 }
@@ -117,5 +137,8 @@ fn state_round_trips_through_safetensors() {
     let other = var(&[0.0]);
     let mut opt3 = AdamW::new(vec![("other".into(), other)], AdamWConfig::default()).unwrap();
     let err = opt3.load_state(&path).unwrap_err().to_string();
-    assert!(err.contains("opt.safetensors") && err.contains("no state for parameter other"), "{err}");
+    assert!(
+        err.contains("opt.safetensors") && err.contains("no state for parameter other"),
+        "{err}"
+    );
 }

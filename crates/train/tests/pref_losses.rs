@@ -9,12 +9,20 @@ use serde_json::Value;
 const TOL: f64 = 1e-5;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/reference/pref_losses.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read pref_losses.json")).expect("valid JSON")
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/reference/pref_losses.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read pref_losses.json"))
+        .expect("valid JSON")
 }
 
 fn vec(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 fn t(v: &[f32]) -> Tensor {
@@ -26,7 +34,10 @@ fn scalar(x: &Tensor) -> f64 {
 }
 
 fn close(got: f64, want: f64, what: &str) {
-    assert!((got - want).abs() <= TOL * want.abs().max(1.0), "{what}: got {got}, TRL {want}");
+    assert!(
+        (got - want).abs() <= TOL * want.abs().max(1.0),
+        "{what}: got {got}, TRL {want}"
+    );
 }
 
 fn close_vec(got: &Tensor, want: &Value, what: &str) {
@@ -63,16 +74,35 @@ fn dpo_family_matches_trl() {
         let cfg = &case["config"];
         let params = LossParams {
             beta: cfg["beta"].as_f64().unwrap(),
-            label_smoothing: cfg.get("label_smoothing").and_then(Value::as_f64).unwrap_or(0.0),
+            label_smoothing: cfg
+                .get("label_smoothing")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
             ..Default::default()
         };
         let out = pref_loss::pair_loss(ty, &params, &x).unwrap();
-        close(scalar(&out.loss), case["loss"].as_f64().unwrap(), &format!("{key} loss"));
-        close_vec(&out.chosen_rewards, &case["chosen_rewards"], &format!("{key} chosen_rewards"));
-        close_vec(&out.rejected_rewards, &case["rejected_rewards"], &format!("{key} rejected_rewards"));
+        close(
+            scalar(&out.loss),
+            case["loss"].as_f64().unwrap(),
+            &format!("{key} loss"),
+        );
+        close_vec(
+            &out.chosen_rewards,
+            &case["chosen_rewards"],
+            &format!("{key} chosen_rewards"),
+        );
+        close_vec(
+            &out.rejected_rewards,
+            &case["rejected_rewards"],
+            &format!("{key} rejected_rewards"),
+        );
         let m = pref_loss::pair_metrics(&out, &x).unwrap();
         for (name, got) in m.named() {
-            close(got, case["metrics"][name].as_f64().unwrap(), &format!("{key} {name}"));
+            close(
+                got,
+                case["metrics"][name].as_f64().unwrap(),
+                &format!("{key} {name}"),
+            );
         }
     }
 }
@@ -81,14 +111,25 @@ fn dpo_family_matches_trl() {
 fn orpo_matches_trl() {
     let f = fixture();
     let case = &f["orpo"];
-    let (c, r) = (t(&vec(&case["inputs"]["policy_chosen_logps_avg"])), t(&vec(&case["inputs"]["policy_rejected_logps_avg"])));
+    let (c, r) = (
+        t(&vec(&case["inputs"]["policy_chosen_logps_avg"])),
+        t(&vec(&case["inputs"]["policy_rejected_logps_avg"])),
+    );
     let lambda = case["config"]["beta"].as_f64().unwrap();
     let (loss_or, log_odds) = pref_loss::orpo_odds_ratio_loss(&c, &r, lambda).unwrap();
     close_vec(&log_odds, &case["log_odds"], "orpo log_odds");
     // TRL's `or_losses` are λ·log σ(log_odds), i.e. minus our per-pair loss term.
-    close_vec(&loss_or.neg().unwrap(), &case["or_losses"], "orpo or_losses");
+    close_vec(
+        &loss_or.neg().unwrap(),
+        &case["or_losses"],
+        "orpo or_losses",
+    );
     let nll = case["inputs"]["nll_loss"].as_f64().unwrap();
-    close(nll + scalar(&loss_or.mean_all().unwrap()), case["loss"].as_f64().unwrap(), "orpo loss");
+    close(
+        nll + scalar(&loss_or.mean_all().unwrap()),
+        case["loss"].as_f64().unwrap(),
+        "orpo loss",
+    );
 
     // Through pair_loss: sums and lengths whose averages are the fixture's, NLL = −Σ logp / Σ len.
     let len = t(&[3.0, 2.0, 5.0, 1.0]);
@@ -100,13 +141,32 @@ fn orpo_matches_trl() {
         chosen_len: len.clone(),
         rejected_len: len.clone(),
     };
-    let params = LossParams { orpo_lambda: lambda, ..Default::default() };
+    let params = LossParams {
+        orpo_lambda: lambda,
+        ..Default::default()
+    };
     let out = pref_loss::pair_loss(LossType::Orpo, &params, &x).unwrap();
-    let sum_c: f64 = vec(&case["inputs"]["policy_chosen_logps_avg"]).iter().zip([3.0, 2.0, 5.0, 1.0]).map(|(a, l)| *a as f64 * l).sum();
+    let sum_c: f64 = vec(&case["inputs"]["policy_chosen_logps_avg"])
+        .iter()
+        .zip([3.0, 2.0, 5.0, 1.0])
+        .map(|(a, l)| *a as f64 * l)
+        .sum();
     let own_nll = -sum_c / 11.0;
-    close(scalar(&out.loss), own_nll + scalar(&loss_or.mean_all().unwrap()), "orpo pair_loss");
-    close_vec(&out.chosen_rewards, &case["chosen_rewards"], "orpo chosen_rewards");
-    close_vec(&out.rejected_rewards, &case["rejected_rewards"], "orpo rejected_rewards");
+    close(
+        scalar(&out.loss),
+        own_nll + scalar(&loss_or.mean_all().unwrap()),
+        "orpo pair_loss",
+    );
+    close_vec(
+        &out.chosen_rewards,
+        &case["chosen_rewards"],
+        "orpo chosen_rewards",
+    );
+    close_vec(
+        &out.rejected_rewards,
+        &case["rejected_rewards"],
+        "orpo rejected_rewards",
+    );
 }
 
 #[test]
@@ -120,8 +180,18 @@ fn simpo_matches_trl() {
         label_smoothing: cfg["label_smoothing"].as_f64().unwrap(),
         ..Default::default()
     };
-    let (c, r) = (vec(&case["inputs"]["policy_chosen_logps_avg"]), vec(&case["inputs"]["policy_rejected_logps_avg"]));
-    let per = pref_loss::simpo_loss(&t(&c), &t(&r), params.beta, params.simpo_gamma, params.label_smoothing).unwrap();
+    let (c, r) = (
+        vec(&case["inputs"]["policy_chosen_logps_avg"]),
+        vec(&case["inputs"]["policy_rejected_logps_avg"]),
+    );
+    let per = pref_loss::simpo_loss(
+        &t(&c),
+        &t(&r),
+        params.beta,
+        params.simpo_gamma,
+        params.label_smoothing,
+    )
+    .unwrap();
     close_vec(&per, &case["losses"], "simpo losses");
     // Via pair_loss on sums with lengths 2: the per-token averages are the fixture's.
     let two = t(&[2.0; 4]);
@@ -134,9 +204,21 @@ fn simpo_matches_trl() {
         rejected_len: two,
     };
     let out = pref_loss::pair_loss(LossType::Simpo, &params, &x).unwrap();
-    close(scalar(&out.loss), case["loss"].as_f64().unwrap(), "simpo loss");
-    close_vec(&out.chosen_rewards, &case["chosen_rewards"], "simpo chosen_rewards");
-    close_vec(&out.rejected_rewards, &case["rejected_rewards"], "simpo rejected_rewards");
+    close(
+        scalar(&out.loss),
+        case["loss"].as_f64().unwrap(),
+        "simpo loss",
+    );
+    close_vec(
+        &out.chosen_rewards,
+        &case["chosen_rewards"],
+        "simpo chosen_rewards",
+    );
+    close_vec(
+        &out.rejected_rewards,
+        &case["rejected_rewards"],
+        "simpo rejected_rewards",
+    );
 }
 
 #[test]
@@ -154,7 +236,12 @@ fn kto_matches_trl() {
     let x = pref_loss::KtoLogps {
         policy: t(&vec(&i["policy_logps"])),
         reference: t(&vec(&i["ref_logps"])),
-        labels: i["labels"].as_array().unwrap().iter().map(|b| b.as_bool().unwrap()).collect(),
+        labels: i["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_bool().unwrap())
+            .collect(),
         policy_kl: t(&vec(&i["policy_KL_logps"])),
         ref_kl: t(&vec(&i["ref_KL_logps"])),
     };
@@ -172,7 +259,12 @@ fn kto_matches_trl() {
 fn grad(x: &[f32], f: impl Fn(&Tensor) -> Tensor) -> Vec<f32> {
     let v = Var::new(x, &Device::Cpu).unwrap();
     let y = f(v.as_tensor());
-    y.backward().unwrap().get(v.as_tensor()).unwrap().to_vec1().unwrap()
+    y.backward()
+        .unwrap()
+        .get(v.as_tensor())
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -181,14 +273,26 @@ fn log_sigmoid_is_stable_and_has_exact_gradient() {
     let y: Vec<f32> = pref_loss::log_sigmoid(&t(&xs)).unwrap().to_vec1().unwrap();
     for (x, y) in xs.iter().zip(&y) {
         let want = -((-*x as f64).exp().ln_1p());
-        let want = if x.abs() > 50.0 { x.min(0.0) as f64 } else { want };
-        assert!((*y as f64 - want).abs() < 1e-5, "log σ({x}) = {y}, want {want}");
+        let want = if x.abs() > 50.0 {
+            x.min(0.0) as f64
+        } else {
+            want
+        };
+        assert!(
+            (*y as f64 - want).abs() < 1e-5,
+            "log σ({x}) = {y}, want {want}"
+        );
     }
     // d/dx log σ(x) = σ(−x); at 0 it is 0.5 (a composition of min/abs gets 1.0 there).
-    let g = grad(&xs, |x| pref_loss::log_sigmoid(x).unwrap().sum_all().unwrap());
+    let g = grad(&xs, |x| {
+        pref_loss::log_sigmoid(x).unwrap().sum_all().unwrap()
+    });
     for (x, g) in xs.iter().zip(&g) {
         let want = 1.0 / (1.0 + (*x as f64).exp());
-        assert!((*g as f64 - want).abs() < 1e-6, "grad at {x}: {g}, want {want}");
+        assert!(
+            (*g as f64 - want).abs() < 1e-6,
+            "grad at {x}: {g}, want {want}"
+        );
     }
 }
 
@@ -197,18 +301,35 @@ fn cpl_follows_the_paper() {
     // CPL(λ): −log σ(α·Σlogπ(a⁺) − λ·α·Σlogπ(a⁻)); λ = 1 is the unbiased contrastive loss.
     let (c, r) = ([-4.0f32, -10.0], [-6.0f32, -3.0]);
     let (alpha, lambda) = (0.1, 0.5);
-    let got: Vec<f32> = pref_loss::cpl_loss(&t(&c), &t(&r), alpha, lambda).unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = pref_loss::cpl_loss(&t(&c), &t(&r), alpha, lambda)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for i in 0..2 {
         let z = alpha * c[i] as f64 - lambda * alpha * r[i] as f64;
         let want = (1.0 + (-z).exp()).ln();
         close(got[i] as f64, want, "cpl");
     }
     // λ < 1 makes the rejected segment's probability count less: lowering it helps less than raising chosen.
-    let g = grad(&r, |x| pref_loss::cpl_loss(&t(&c), x, alpha, lambda).unwrap().sum_all().unwrap());
-    let gc = grad(&c, |x| pref_loss::cpl_loss(x, &t(&r), alpha, lambda).unwrap().sum_all().unwrap());
+    let g = grad(&r, |x| {
+        pref_loss::cpl_loss(&t(&c), x, alpha, lambda)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    });
+    let gc = grad(&c, |x| {
+        pref_loss::cpl_loss(x, &t(&r), alpha, lambda)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    });
     for i in 0..2 {
         assert!(gc[i] < 0.0 && g[i] > 0.0, "chosen pushed up, rejected down");
-        close((g[i] / -gc[i]) as f64, lambda, "rejected/chosen gradient ratio = λ");
+        close(
+            (g[i] / -gc[i]) as f64,
+            lambda,
+            "rejected/chosen gradient ratio = λ",
+        );
     }
     // The BC variant adds the chosen per-token NLL.
     let x = PairLogps {
@@ -219,7 +340,12 @@ fn cpl_follows_the_paper() {
         chosen_len: t(&[2.0, 4.0]),
         rejected_len: t(&[2.0, 4.0]),
     };
-    let p = LossParams { cpl_alpha: alpha, cpl_lambda: lambda, cpl_bc_weight: 0.5, ..Default::default() };
+    let p = LossParams {
+        cpl_alpha: alpha,
+        cpl_lambda: lambda,
+        cpl_bc_weight: 0.5,
+        ..Default::default()
+    };
     let out = pref_loss::pair_loss(LossType::Cpl, &p, &x).unwrap();
     let want = (got[0] as f64 + got[1] as f64) / 2.0 + 0.5 * (14.0 / 6.0);
     close(scalar(&out.loss), want, "cpl + bc");
@@ -235,7 +361,9 @@ fn reference_based_losses_require_reference() {
         chosen_len: t(&[1.0]),
         rejected_len: t(&[1.0]),
     };
-    let err = pref_loss::pair_loss(LossType::Sigmoid, &LossParams::default(), &x).unwrap_err().to_string();
+    let err = pref_loss::pair_loss(LossType::Sigmoid, &LossParams::default(), &x)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("needs reference log-probs"), "{err}");
     assert!(LossType::Sigmoid.needs_reference() && !LossType::Simpo.needs_reference());
 }
@@ -243,18 +371,38 @@ fn reference_based_losses_require_reference() {
 #[test]
 fn reward_model_objectives() {
     let (c, r, m) = ([1.0f32, -0.5, 2.0], [0.0f32, 0.5, 2.5], [0.5f32, 0.0, 1.0]);
-    let bt: Vec<f32> = rm_loss::bradley_terry(&t(&c), &t(&r)).unwrap().to_vec1().unwrap();
-    let btm: Vec<f32> = rm_loss::bradley_terry_margin(&t(&c), &t(&r), &t(&m)).unwrap().to_vec1().unwrap();
+    let bt: Vec<f32> = rm_loss::bradley_terry(&t(&c), &t(&r))
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let btm: Vec<f32> = rm_loss::bradley_terry_margin(&t(&c), &t(&r), &t(&m))
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for i in 0..3 {
         let d = (c[i] - r[i]) as f64;
         close(bt[i] as f64, (1.0 + (-d).exp()).ln(), "bradley-terry");
-        close(btm[i] as f64, (1.0 + (-(d - m[i] as f64)).exp()).ln(), "bradley-terry margin");
+        close(
+            btm[i] as f64,
+            (1.0 + (-(d - m[i] as f64)).exp()).ln(),
+            "bradley-terry margin",
+        );
     }
     let center = scalar(&rm_loss::centering(&t(&c), &t(&r), 0.01).unwrap());
     close(center, 0.01 * (1.0 + 0.0 + 20.25) / 3.0, "centering");
     let total = scalar(&rm_loss::pair_loss(&t(&c), &t(&r), Some(&t(&m)), Some(0.01)).unwrap());
-    close(total, btm.iter().map(|&x| x as f64).sum::<f64>() / 3.0 + center, "rm pair_loss");
-    let mse = scalar(&rm_loss::rating_mse(&t(&[0.5, 1.0]), &t(&[rm_loss::normalise_score(4.0, 1.0, 5.0) as f32, 1.0])).unwrap());
+    close(
+        total,
+        btm.iter().map(|&x| x as f64).sum::<f64>() / 3.0 + center,
+        "rm pair_loss",
+    );
+    let mse = scalar(
+        &rm_loss::rating_mse(
+            &t(&[0.5, 1.0]),
+            &t(&[rm_loss::normalise_score(4.0, 1.0, 5.0) as f32, 1.0]),
+        )
+        .unwrap(),
+    );
     close(mse, (0.5f64 - 0.75).powi(2) / 2.0, "rating mse");
     let (acc, margin) = rm_loss::pair_metrics(&c, &r);
     close(acc, 1.0 / 3.0, "accuracy");

@@ -13,7 +13,10 @@ use rlhf_train::TrainDefaults;
 use serde_json::{json, Value};
 
 fn llama() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/models/llama"
+    ))
 }
 
 fn pairs(path: &Path, n: usize) {
@@ -26,13 +29,20 @@ fn pairs(path: &Path, n: usize) {
 }
 
 fn cfg(data: &Path, out: &Path, lora: bool) -> PrefConfig {
-    let mut c = PrefConfig { max_length: 64, batch_size: 4, ..PrefConfig::new(llama(), data.into(), out.into(), &TrainDefaults::DPO) };
+    let mut c = PrefConfig {
+        max_length: 64,
+        batch_size: 4,
+        ..PrefConfig::new(llama(), data.into(), out.into(), &TrainDefaults::DPO)
+    };
     let t = &mut c.train;
     t.learning_rate = 1e-3;
     t.max_steps = Some(6);
     t.save_steps = 3;
     t.logging_steps = 1;
-    t.lora = lora.then(|| LoraConfig { dropout: 0.1, ..LoraConfig::default() });
+    t.lora = lora.then(|| LoraConfig {
+        dropout: 0.1,
+        ..LoraConfig::default()
+    });
     c
 }
 
@@ -53,7 +63,12 @@ fn train_lines(out: &Path) -> Vec<(u64, String)> {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), format!("{} {} {}", v["loss"], v["grad_norm"], v["learning_rate"])))
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                format!("{} {} {}", v["loss"], v["grad_norm"], v["learning_rate"]),
+            )
+        })
         .collect()
 }
 
@@ -81,10 +96,16 @@ fn assert_resume_is_bit_identical(run: Run, loss: Option<LossType>, lora: bool) 
     let s = run(&c).unwrap();
     assert_eq!((s.resumed_from_step, s.steps), (Some(3), 6));
     for f in weight_files(lora) {
-        assert!(std::fs::read(full.join(f)).unwrap() == std::fs::read(killed.join(f)).unwrap(), "{f} differs after resume");
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(killed.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
     }
     let (a, b) = (train_lines(&full), train_lines(&killed));
-    assert_eq!(a.iter().map(|l| l.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        a.iter().map(|l| l.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
     assert_eq!(a, b, "resumed metrics differ");
 }
 
@@ -120,7 +141,10 @@ fn lora_dropout_runs_are_reproducible() {
     c.train.output_dir = b.clone();
     rlhf_train::dpo::run_dpo(&c).unwrap();
     let read = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(read(&a) == read(&b), "two identical LoRA runs with dropout 0.1 gave different adapters");
+    assert!(
+        read(&a) == read(&b),
+        "two identical LoRA runs with dropout 0.1 gave different adapters"
+    );
     // And dropout is on: another seed gives another adapter.
     c.train.output_dir = tmp.path().join("c");
     c.train.seed = 7;
@@ -145,7 +169,15 @@ fn resume_refuses_a_checkpoint_with_other_settings_naming_every_key() {
     c.train.logging_steps = 2;
     let e = rlhf_train::rm::run_rm(&c).unwrap_err().to_string();
     assert!(e.contains("checkpoint-3/training_config.json"), "{e}");
-    assert!(e.contains("learning_rate (checkpoint: 0.001, now: 0.0005)") && e.contains("max_steps (checkpoint: 3, now: 5)"), "{e}");
+    assert!(
+        e.contains("learning_rate (checkpoint: 0.001, now: 0.0005)")
+            && e.contains("max_steps (checkpoint: 3, now: 5)"),
+        "{e}"
+    );
     assert!(!e.contains("logging_steps"), "{e}");
-    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before, "a refused resume changed metrics.jsonl");
+    assert_eq!(
+        std::fs::read(out.join("metrics.jsonl")).unwrap(),
+        before,
+        "a refused resume changed metrics.jsonl"
+    );
 }

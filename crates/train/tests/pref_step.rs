@@ -24,11 +24,18 @@ fn fixture(name: &str) -> Value {
 }
 
 fn rel_close(got: f64, want: f64, tol: f64, what: &str) {
-    assert!((got - want).abs() <= tol * want.abs().max(1e-3), "{what}: got {got}, TRL {want}");
+    assert!(
+        (got - want).abs() <= tol * want.abs().max(1e-3),
+        "{what}: got {got}, TRL {want}"
+    );
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// The fixture pairs tokenized by rlhf-data (checked against TRL's tokenization where given).
@@ -39,7 +46,12 @@ fn pairs(f: &Value, tok: &Tokenizer) -> Vec<PreferenceExample> {
         .iter()
         .map(|p| {
             let s = |k: &str| Text::Plain(p[k].as_str().unwrap().to_string());
-            let pref = Preference { prompt: s("prompt"), chosen: s("chosen"), rejected: s("rejected"), margin: None };
+            let pref = Preference {
+                prompt: s("prompt"),
+                chosen: s("chosen"),
+                rejected: s("rejected"),
+                margin: None,
+            };
             tokenize_pair(&pref, tok, None).unwrap()
         })
         .collect()
@@ -47,18 +59,46 @@ fn pairs(f: &Value, tok: &Tokenizer) -> Vec<PreferenceExample> {
 
 /// Checks every parameter's gradient norm (1e-3 relative) and the total (1e-4 relative) of a loss.
 fn check_grads(obj: &mut dyn Objective, loss: &candle_core::Tensor, f: &Value) {
-    let store = loss.backward().unwrap();
+    let store = rlhf_model::backward(&loss).unwrap();
     let grads = obj.optimizer().collect_grads(&store).unwrap();
-    let names: Vec<String> = obj.optimizer().params().map(|(n, _)| n.to_string()).collect();
+    let names: Vec<String> = obj
+        .optimizer()
+        .params()
+        .map(|(n, _)| n.to_string())
+        .collect();
     let want = f["grad_norms"].as_object().unwrap();
     for (name, g) in names.iter().zip(grads.as_slice()) {
-        let norm = g.as_ref().map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64).unwrap_or(0.0);
+        let norm = g
+            .as_ref()
+            .map(|g| {
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt() as f64
+            })
+            .unwrap_or(0.0);
         match want.get(name) {
-            Some(w) => rel_close(norm, w.as_f64().unwrap(), 1e-3, &format!("grad norm {name}")),
-            None => assert_eq!(norm, 0.0, "{name} is not a TRL parameter but got a gradient"),
+            Some(w) => rel_close(
+                norm,
+                w.as_f64().unwrap(),
+                1e-3,
+                &format!("grad norm {name}"),
+            ),
+            None => assert_eq!(
+                norm, 0.0,
+                "{name} is not a TRL parameter but got a gradient"
+            ),
         }
     }
-    rel_close(grads.global_norm().unwrap(), f["total_grad_norm"].as_f64().unwrap(), 1e-4, "total grad norm");
+    rel_close(
+        grads.global_norm().unwrap(),
+        f["total_grad_norm"].as_f64().unwrap(),
+        1e-4,
+        "total grad norm",
+    );
     obj.optimizer_mut().step(&grads, 1e-3, None).unwrap();
 }
 
@@ -73,20 +113,56 @@ fn reward_model_step_matches_trl() {
         assert_eq!(p.rejected_sequence(), ids(&t["rejected_ids"]));
     }
     let model = SeqCls::load(&dir, 1, None, 0, &Device::Cpu).unwrap();
-    let cfg = PrefConfig { batch_size: 4, ..PrefConfig::new(dir.clone(), dir.join("unused"), dir.join("unused"), &rlhf_train::TrainDefaults::DPO) };
+    let cfg = PrefConfig {
+        batch_size: 4,
+        ..PrefConfig::new(
+            dir.clone(),
+            dir.join("unused"),
+            dir.join("unused"),
+            &rlhf_train::TrainDefaults::DPO,
+        )
+    };
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs.clone()), None, &cfg).unwrap();
     let refs: Vec<&PreferenceExample> = pairs.iter().collect();
     let (c, r, _, _) = t.pair_rewards(&refs).unwrap();
-    let (c, r): (Vec<f32>, Vec<f32>) = (c.flatten_all().unwrap().to_vec1().unwrap(), r.flatten_all().unwrap().to_vec1().unwrap());
+    let (c, r): (Vec<f32>, Vec<f32>) = (
+        c.flatten_all().unwrap().to_vec1().unwrap(),
+        r.flatten_all().unwrap().to_vec1().unwrap(),
+    );
     for i in 0..4 {
-        rel_close(c[i] as f64, f["rewards_chosen"][i].as_f64().unwrap(), 1e-4, "reward chosen");
-        rel_close(r[i] as f64, f["rewards_rejected"][i].as_f64().unwrap(), 1e-4, "reward rejected");
+        rel_close(
+            c[i] as f64,
+            f["rewards_chosen"][i].as_f64().unwrap(),
+            1e-4,
+            "reward chosen",
+        );
+        rel_close(
+            r[i] as f64,
+            f["rewards_rejected"][i].as_f64().unwrap(),
+            1e-4,
+            "reward rejected",
+        );
     }
     let out = t.forward(&[0, 1, 2, 3]).unwrap();
-    rel_close(out.loss.to_scalar::<f32>().unwrap() as f64, f["loss_before"].as_f64().unwrap(), 1e-4, "loss before");
+    rel_close(
+        out.loss.to_scalar::<f32>().unwrap() as f64,
+        f["loss_before"].as_f64().unwrap(),
+        1e-4,
+        "loss before",
+    );
     check_grads(&mut t, &out.loss, &f);
-    let after = t.forward(&[0, 1, 2, 3]).unwrap().loss.to_scalar::<f32>().unwrap() as f64;
-    rel_close(after, f["loss_after"].as_f64().unwrap(), 1e-4, "loss after one AdamW step");
+    let after = t
+        .forward(&[0, 1, 2, 3])
+        .unwrap()
+        .loss
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    rel_close(
+        after,
+        f["loss_after"].as_f64().unwrap(),
+        1e-4,
+        "loss after one AdamW step",
+    );
 }
 
 #[test]
@@ -101,16 +177,47 @@ fn dpo_step_matches_trl() {
         assert_eq!(p.rejected_ids, ids(&t["rejected_ids"]));
     }
     let policy = CausalLm::load(&dir, &Device::Cpu).unwrap();
-    let cfg = PrefConfig { batch_size: 4, ..PrefConfig::new(dir.clone(), dir.join("unused"), dir.join("unused"), &rlhf_train::TrainDefaults::DPO) };
+    let cfg = PrefConfig {
+        batch_size: 4,
+        ..PrefConfig::new(
+            dir.clone(),
+            dir.join("unused"),
+            dir.join("unused"),
+            &rlhf_train::TrainDefaults::DPO,
+        )
+    };
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg).unwrap();
     let out = t.forward(&[0, 1, 2, 3]).unwrap();
-    rel_close(out.metrics["logps/chosen"], mean(&f["initial_chosen_logps"]), 1e-4, "logps/chosen");
-    rel_close(out.metrics["logps/rejected"], mean(&f["initial_rejected_logps"]), 1e-4, "logps/rejected");
-    rel_close(out.loss.to_scalar::<f32>().unwrap() as f64, f["loss_before"].as_f64().unwrap(), 1e-4, "loss before");
+    rel_close(
+        out.metrics["logps/chosen"],
+        mean(&f["initial_chosen_logps"]),
+        1e-4,
+        "logps/chosen",
+    );
+    rel_close(
+        out.metrics["logps/rejected"],
+        mean(&f["initial_rejected_logps"]),
+        1e-4,
+        "logps/rejected",
+    );
+    rel_close(
+        out.loss.to_scalar::<f32>().unwrap() as f64,
+        f["loss_before"].as_f64().unwrap(),
+        1e-4,
+        "loss before",
+    );
     check_grads(&mut t, &out.loss, &f);
     let after = t.forward(&[0, 1, 2, 3]).unwrap();
-    rel_close(after.loss.to_scalar::<f32>().unwrap() as f64, f["loss_after"].as_f64().unwrap(), 1e-4, "loss after one AdamW step");
-    assert!(after.metrics["rewards/margins"] > 0.0, "one step on these pairs widens the margin");
+    rel_close(
+        after.loss.to_scalar::<f32>().unwrap() as f64,
+        f["loss_after"].as_f64().unwrap(),
+        1e-4,
+        "loss after one AdamW step",
+    );
+    assert!(
+        after.metrics["rewards/margins"] > 0.0,
+        "one step on these pairs widens the margin"
+    );
 }
 
 fn mean(v: &Value) -> f64 {

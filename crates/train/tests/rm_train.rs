@@ -15,7 +15,10 @@ use rlhf_train::{TrainDefaults, TrainError};
 use serde_json::{json, Value};
 
 fn llama() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/models/llama"
+    ))
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) {
@@ -42,7 +45,12 @@ fn base_cfg(dir: &Path) -> PrefConfig {
         eval_file: Some(dir.join("eval.jsonl")),
         max_length: 64,
         batch_size: 8,
-        ..PrefConfig::new(llama(), dir.join("train.jsonl"), dir.join("out"), &TrainDefaults::RM)
+        ..PrefConfig::new(
+            llama(),
+            dir.join("train.jsonl"),
+            dir.join("out"),
+            &TrainDefaults::RM,
+        )
     };
     c.train.learning_rate = 1e-3;
     c.train.max_steps = Some(40);
@@ -60,20 +68,33 @@ fn reward_model_learns_a_clear_signal_and_scores_with_an_ensemble() {
     cfg.rm.num_heads = 3;
     let s = run_rm(&cfg).unwrap();
     let eval = s.eval.clone().unwrap();
-    assert!(eval["accuracy"] >= 0.9, "held-out accuracy {}", eval["accuracy"]);
+    assert!(
+        eval["accuracy"] >= 0.9,
+        "held-out accuracy {}",
+        eval["accuracy"]
+    );
     assert!(eval["margin"] > 0.0);
     assert!(s.final_loss < 0.69, "final loss {}", s.final_loss);
 
     // Metrics log: TRL names on train and eval lines.
     let log = std::fs::read_to_string(&s.metrics_file).unwrap();
-    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(lines.iter().any(|l| l.get("accuracy").is_some() && l.get("margin").is_some() && l.get("loss").is_some()));
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|l| l.get("accuracy").is_some()
+        && l.get("margin").is_some()
+        && l.get("loss").is_some()));
     assert!(lines.iter().any(|l| l.get("eval_accuracy").is_some()));
 
     // The saved directory is a 3-label LlamaForSequenceClassification.
     let out = d.join("out");
-    let cfg_json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg_json["architectures"], json!(["LlamaForSequenceClassification"]));
+    let cfg_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg_json["architectures"],
+        json!(["LlamaForSequenceClassification"])
+    );
     assert_eq!(cfg_json["num_labels"], json!(3));
     assert_eq!(cfg_json["pad_token_id"], json!(0));
     let m = SeqCls::load(&out, 1, None, 0, &Device::Cpu).unwrap();
@@ -98,8 +119,11 @@ fn reward_model_learns_a_clear_signal_and_scores_with_an_ensemble() {
     })
     .unwrap();
     assert_eq!(n, 2);
-    let scored: Vec<Value> =
-        std::fs::read_to_string(d.join("scored.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let scored: Vec<Value> = std::fs::read_to_string(d.join("scored.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(scored[0]["reward"].as_f64().unwrap() > scored[1]["reward"].as_f64().unwrap());
     for r in &scored {
         assert!(r["reward_std"].as_f64().unwrap() >= 0.0);
@@ -129,7 +153,11 @@ fn ratings_regress_on_the_normalised_score() {
     cfg.rm.score_max = Some(5.0);
     let s = run_rm(&cfg).unwrap();
     // A constant prediction scores 0.25 on these balanced 0/1 targets.
-    assert!(s.final_loss < 0.05, "MSE on [0,1] targets after 60 steps: {}", s.final_loss);
+    assert!(
+        s.final_loss < 0.05,
+        "MSE on [0,1] targets after 60 steps: {}",
+        s.final_loss
+    );
 }
 
 #[test]
@@ -144,17 +172,43 @@ fn bad_rows_and_keys_are_reported_with_their_location() {
     let mut cfg = base_cfg(d);
     cfg.eval_file = None;
     let err = run_rm(&cfg).expect_err("bad row").to_string();
-    assert!(err.contains("train.jsonl:2") && err.contains("\"chosen\""), "{err}");
+    assert!(
+        err.contains("train.jsonl:2") && err.contains("\"chosen\""),
+        "{err}"
+    );
 
-    std::fs::write(d.join("rm.toml"), "batch_size = 4\n[rm]\nnum_heads = 2\ncenter_reward = 0.1\n").unwrap();
+    std::fs::write(
+        d.join("rm.toml"),
+        "batch_size = 4\n[rm]\nnum_heads = 2\ncenter_reward = 0.1\n",
+    )
+    .unwrap();
     let flags = ["--config".into(), d.join("rm.toml").into()];
-    let err = load::<RmArgs>("rm", &flags).unwrap_err().settings().unwrap().to_string();
-    assert!(err.contains("rm.toml:4") && err.contains("rm.center_reward") && err.contains("unknown key"), "{err}");
+    let err = load::<RmArgs>("rm", &flags)
+        .unwrap_err()
+        .settings()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("rm.toml:4")
+            && err.contains("rm.center_reward")
+            && err.contains("unknown key"),
+        "{err}"
+    );
 
     // Ill-typed values name their file, line and key, inside sections too.
-    for (toml, key) in [("batch_size = \"x\"\n", "rm.toml:1: key \"batch_size\""), ("\n[rm]\nnum_heads = 1.5\n", "rm.toml:3: key \"rm.num_heads\"")] {
+    for (toml, key) in [
+        ("batch_size = \"x\"\n", "rm.toml:1: key \"batch_size\""),
+        (
+            "\n[rm]\nnum_heads = 1.5\n",
+            "rm.toml:3: key \"rm.num_heads\"",
+        ),
+    ] {
         std::fs::write(d.join("rm.toml"), toml).unwrap();
-        let err = load::<RmArgs>("rm", &flags).unwrap_err().settings().unwrap().to_string();
+        let err = load::<RmArgs>("rm", &flags)
+            .unwrap_err()
+            .settings()
+            .unwrap()
+            .to_string();
         assert!(err.contains(key) && err.contains("invalid type"), "{err}");
     }
 }
@@ -173,13 +227,31 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
     cfg.train.max_steps = Some(20);
     match run_rm(&cfg) {
         Err(e @ TrainError::NonFinite { .. }) => {
-            let TrainError::NonFinite { step, last_checkpoint, .. } = &e else { unreachable!() };
-            let ckpt = last_checkpoint.clone().expect("a checkpoint was saved before divergence");
+            let TrainError::NonFinite {
+                step,
+                last_checkpoint,
+                ..
+            } = &e
+            else {
+                unreachable!()
+            };
+            let ckpt = last_checkpoint
+                .clone()
+                .expect("a checkpoint was saved before divergence");
             assert_eq!(ckpt, d.join("out").join(format!("checkpoint-{}", step - 1)));
             assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("config.json").is_file());
             // The loss of step s is computed with the weights saved at step s − 1: the message says so.
-            assert!(e.to_string().contains(&format!("{} holds the weights that diverged", ckpt.display())), "{e}");
+            assert!(
+                e.to_string().contains(&format!(
+                    "{} holds the weights that diverged",
+                    ckpt.display()
+                )),
+                "{e}"
+            );
         }
-        other => panic!("expected a non-finite stop, got {:?}", other.map(|s| s.final_loss)),
+        other => panic!(
+            "expected a non-finite stop, got {:?}",
+            other.map(|s| s.final_loss)
+        ),
     }
 }

@@ -23,7 +23,16 @@ fn cosine_with_warmup() {
 #[test]
 fn linear_with_warmup() {
     let s = Schedule::new(ScheduleKind::Linear, 1e-3, Warmup::Steps(10), 100);
-    let want = [(0, 0.0), (5, 0.0005), (10, 0.001), (11, 0.000988888888888889), (37, 0.0007), (99, 1.1111111111111112e-05), (100, 0.0), (120, 0.0)];
+    let want = [
+        (0, 0.0),
+        (5, 0.0005),
+        (10, 0.001),
+        (11, 0.000988888888888889),
+        (37, 0.0007),
+        (99, 1.1111111111111112e-05),
+        (100, 0.0),
+        (120, 0.0),
+    ];
     for (step, lr) in want {
         assert_eq!(s.lr(step), lr, "step {step}");
     }
@@ -34,7 +43,10 @@ fn constant_with_and_without_warmup() {
     let s = Schedule::new(ScheduleKind::Constant, 2e-5, Warmup::Steps(0), 50);
     assert!((0..60).all(|i| s.lr(i) == 2e-5));
     let s = Schedule::new(ScheduleKind::Constant, 1e-3, Warmup::Steps(4), 50);
-    assert_eq!([s.lr(0), s.lr(2), s.lr(4), s.lr(49)], [0.0, 0.0005, 0.001, 0.001]);
+    assert_eq!(
+        [s.lr(0), s.lr(2), s.lr(4), s.lr(49)],
+        [0.0, 0.0005, 0.001, 0.001]
+    );
 }
 
 #[test]
@@ -49,6 +61,9 @@ fn warmup_ratio_rounds_up() {
 
 #[test]
 fn schedule_names_parse() {
-    assert_eq!("cosine".parse::<ScheduleKind>().unwrap(), ScheduleKind::Cosine);
+    assert_eq!(
+        "cosine".parse::<ScheduleKind>().unwrap(),
+        ScheduleKind::Cosine
+    );
     assert!("cosine_restarts".parse::<ScheduleKind>().is_err());
 }

@@ -131,7 +131,15 @@ pub fn run(b: Bench) -> Result<()> {
         }
         Bench::Gemm(g) => {
             // (m, k, n): C[m, n] = A[m, k] · W[n, k]ᵀ.
-            let shapes = [(1024, 1024, 1024), (1024, 576, 576), (1024, 576, 192), (1024, 576, 1536), (1024, 1536, 576), (1024, 576, 256), (32, 576, 1536)];
+            let shapes = [
+                (1024, 1024, 1024),
+                (1024, 576, 576),
+                (1024, 576, 192),
+                (1024, 576, 1536),
+                (1024, 1536, 576),
+                (1024, 576, 256),
+                (32, 576, 1536),
+            ];
             for (m, k, n) in shapes {
                 let r = bench::bench_gemm(m, k, n, g.precision, g.repeats);
                 println!(
@@ -151,39 +159,94 @@ pub fn run(b: Bench) -> Result<()> {
                 // Untimed warm-up steps as bench-trl: 5 for the tiny SFT run, 2 in torch_135m.py.
                 let (data, warmup_steps, steps) = match shape {
                     Shape::Tiny => (
-                        BenchData::Addition { tokenizer_dir: t.tokenizer.clone(), data_file: t.data.clone() },
+                        BenchData::Addition {
+                            tokenizer_dir: t.tokenizer.clone(),
+                            data_file: t.data.clone(),
+                        },
                         5,
                         t.steps,
                     ),
                     // A 135M step takes seconds: fewer timed steps.
-                    Shape::Smollm2 => (BenchData::Random { seq_len: 128, num_rows: 64 }, 2, t.steps.min(5)),
+                    Shape::Smollm2 => (
+                        BenchData::Random {
+                            seq_len: 128,
+                            num_rows: 64,
+                        },
+                        2,
+                        t.steps.min(5),
+                    ),
                 };
                 let mut model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
                 model.set_precision(t.common.precision);
-                let mut v = bench_sft(SftBenchShape { name: shape.name().into(), model, data, batch_size: 8, warmup_steps, steps })?;
+                let mut v = bench_sft(SftBenchShape {
+                    name: shape.name().into(),
+                    model,
+                    data,
+                    batch_size: 8,
+                    warmup_steps,
+                    steps,
+                })?;
                 v["precision"] = json!(t.common.precision.name());
                 v["bf16_kernel"] = json!(kernel_name(t.common.precision));
                 println!("{v}");
             }
         }
-        Bench::Rm(t) | Bench::Dpo(t) if t.common.shapes() != [Shape::Tiny] && !t.common.shape.is_empty() => {
+        Bench::Rm(t) | Bench::Dpo(t)
+            if t.common.shapes() != [Shape::Tiny] && !t.common.shape.is_empty() =>
+        {
             anyhow::bail!("the rm and dpo benchmarks measure the tiny shape only (--shape tiny)")
         }
         Bench::Rm(t) | Bench::Dpo(t) if t.common.precision != Precision::Fp32 => {
             anyhow::bail!("the rm and dpo benchmarks run at fp32 only (--precision bf16 is wired for sft and generate)")
         }
         Bench::Serve(a) => crate::cmd::serve::bench(a)?,
-        Bench::Rm(t) => println!("{}", rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?),
-        Bench::Dpo(t) => println!("{}", rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?),
-        Bench::Grpo(o) => println!("{}", rlhf_train::rl_bench::bench_online("grpo", &o.tokenizer, &o.prompts, o.steps, o.precision)?),
-        Bench::Rloo(o) => println!("{}", rlhf_train::rl_bench::bench_online("rloo", &o.tokenizer, &o.prompts, o.steps, o.precision)?),
-        Bench::Ppo(o) => println!("{}", rlhf_train::rl_bench::bench_online("ppo", &o.tokenizer, &o.prompts, o.steps, o.precision)?),
+        Bench::Rm(t) => println!(
+            "{}",
+            rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?
+        ),
+        Bench::Dpo(t) => println!(
+            "{}",
+            rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?
+        ),
+        Bench::Grpo(o) => println!(
+            "{}",
+            rlhf_train::rl_bench::bench_online(
+                "grpo",
+                &o.tokenizer,
+                &o.prompts,
+                o.steps,
+                o.precision
+            )?
+        ),
+        Bench::Rloo(o) => println!(
+            "{}",
+            rlhf_train::rl_bench::bench_online(
+                "rloo",
+                &o.tokenizer,
+                &o.prompts,
+                o.steps,
+                o.precision
+            )?
+        ),
+        Bench::Ppo(o) => println!(
+            "{}",
+            rlhf_train::rl_bench::bench_online(
+                "ppo",
+                &o.tokenizer,
+                &o.prompts,
+                o.steps,
+                o.precision
+            )?
+        ),
     }
     Ok(())
 }
 
 fn lora(t: &Training) -> Option<LoraConfig> {
-    t.lora_r.map(|r| LoraConfig { r, ..Default::default() })
+    t.lora_r.map(|r| LoraConfig {
+        r,
+        ..Default::default()
+    })
 }
 
 /// The bf16 kernel this CPU runs (`null` at fp32).

@@ -34,10 +34,17 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     a.sampling.validate()?;
     let generator = Arc::new(Generator::load(&a.model)?);
-    generator.tokenizer.chat_template(None).map_err(|e| anyhow!("{}: cannot chat: {e}", a.model.display()))?;
+    generator
+        .tokenizer
+        .chat_template(None)
+        .map_err(|e| anyhow!("{}: cannot chat: {e}", a.model.display()))?;
     let engine = Engine::start(generator.clone(), 1);
     let context = generator.model.config().max_position_embeddings();
-    let opening: Vec<Message> = a.system.iter().map(|s| Message::new("system", s.as_str())).collect();
+    let opening: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect();
     let mut history = opening.clone();
     let (stdin, mut out) = (std::io::stdin(), std::io::stdout());
     let mut turn = 0u64;
@@ -56,7 +63,10 @@ pub fn run(a: Args) -> Result<()> {
                 let prompt_ids = generator.encode_prompt(&Text::Messages(history.clone()))?;
                 if prompt_ids.len() >= context {
                     history.pop();
-                    eprintln!("(the conversation is {} tokens, the model's context is {context}: /reset)", prompt_ids.len());
+                    eprintln!(
+                        "(the conversation is {} tokens, the model's context is {context}: /reset)",
+                        prompt_ids.len()
+                    );
                     eprint!("> ");
                     continue;
                 }
@@ -81,13 +91,20 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Prints the reply as it is generated and returns it.
-fn stream_reply(engine: &Engine, req: GenRequest, stop: &[String], out: &mut impl Write) -> Result<String> {
+fn stream_reply(
+    engine: &Engine,
+    req: GenRequest,
+    stop: &[String],
+    out: &mut impl Write,
+) -> Result<String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     engine.submit(req, 0, tx)?;
     let tok = &engine.generator().tokenizer;
     let mut text = TextStream::new(stop);
     loop {
-        let Some((_, ev)) = rx.blocking_recv() else { bail!("the generation engine stopped") };
+        let Some((_, ev)) = rx.blocking_recv() else {
+            bail!("the generation engine stopped")
+        };
         let t = ev.map_err(|e| anyhow!(e))?;
         let done = t.finished.is_some();
         write!(out, "{}", text.push(tok, t.token))?;

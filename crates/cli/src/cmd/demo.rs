@@ -21,5 +21,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::sandbox::run(super::sandbox::Args { experiment: None, out: a.out, quick: a.quick, seed: a.seed, config: None, print_config: false })
+    super::sandbox::run(super::sandbox::Args {
+        experiment: None,
+        out: a.out,
+        quick: a.quick,
+        seed: a.seed,
+        config: None,
+        print_config: false,
+    })
 }

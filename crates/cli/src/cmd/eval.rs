@@ -51,12 +51,15 @@ pub struct Args {
 
 fn model_spec(s: &str) -> ModelSpec {
     match s.split_once('=') {
-        Some((name, dir)) if !name.is_empty() && !name.contains('/') => {
-            ModelSpec { name: name.into(), dir: dir.into() }
-        }
+        Some((name, dir)) if !name.is_empty() && !name.contains('/') => ModelSpec {
+            name: name.into(),
+            dir: dir.into(),
+        },
         _ => {
             let dir = PathBuf::from(s);
-            let name = dir.file_name().map_or_else(|| s.to_string(), |n| n.to_string_lossy().into_owned());
+            let name = dir
+                .file_name()
+                .map_or_else(|| s.to_string(), |n| n.to_string_lossy().into_owned());
             ModelSpec { name, dir }
         }
     }
@@ -74,8 +77,11 @@ pub fn run(a: Args) -> Result<()> {
         rows.truncate(n.max(1));
     }
     let first = &models[0].dir;
-    let rewards =
-        a.rewards.iter().map(|r| reward_source(r, &a.prompts, first, 1024)).collect::<Result<Vec<_>>>()?;
+    let rewards = a
+        .rewards
+        .iter()
+        .map(|r| reward_source(r, &a.prompts, first, 1024))
+        .collect::<Result<Vec<_>>>()?;
     let cfg = EvalConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -89,9 +95,15 @@ pub fn run(a: Args) -> Result<()> {
     write_atomic(&a.out, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("summary: {}", a.out.display());
     if let Some(path) = &a.report {
-        let intro = format!("<p>Prompts: <code>{}</code>.</p>", report::esc(&a.prompts.display().to_string()));
-        let html =
-            report::render(&Report { title: "rlhf eval".into(), intro, sections: report::eval_sections(&summary) });
+        let intro = format!(
+            "<p>Prompts: <code>{}</code>.</p>",
+            report::esc(&a.prompts.display().to_string())
+        );
+        let html = report::render(&Report {
+            title: "rlhf eval".into(),
+            intro,
+            sections: report::eval_sections(&summary),
+        });
         write_atomic(path, html.as_bytes())?;
         println!("report: {}", path.display());
     }
@@ -103,7 +115,10 @@ fn print_table(s: &Summary) {
         println!("\nreward {source} on {} prompts: mean [95 % CI]", s.prompts);
         for m in &s.models {
             let e = m.rewards[i].reward;
-            println!("  {:<16} {:>7.3} [{:.3}, {:.3}]  n={}", m.name, e.mean, e.ci_low, e.ci_high, e.n);
+            println!(
+                "  {:<16} {:>7.3} [{:.3}, {:.3}]  n={}",
+                m.name, e.mean, e.ci_low, e.ci_high, e.n
+            );
         }
     }
     println!(
@@ -111,13 +126,22 @@ fn print_table(s: &Summary) {
         "model", "KL to ref", "tokens", "distinct-1", "distinct-2", "entropy"
     );
     for m in &s.models {
-        let kl = m.kl_to_reference.map_or("-".into(), |k| format!("{:.3}", k.mean));
+        let kl = m
+            .kl_to_reference
+            .map_or("-".into(), |k| format!("{:.3}", k.mean));
         println!(
             "{:<16} {:>10} {:>9.1} {:>11.3} {:>11.3} {:>9.3}",
             m.name, kl, m.length_tokens.mean, m.distinct_1, m.distinct_2, m.token_entropy
         );
     }
     for w in &s.win_rates {
-        println!("win rate {} vs {} ({}): {:.1} % of {} prompts", w.model, w.versus, w.source, 100.0 * w.win_rate, w.n);
+        println!(
+            "win rate {} vs {} ({}): {:.1} % of {} prompts",
+            w.model,
+            w.versus,
+            w.source,
+            100.0 * w.win_rate,
+            w.n
+        );
     }
 }

@@ -41,8 +41,9 @@ pub fn run<C: Serialize + DeserializeOwned>(a: Args, e: Experiment<C>) -> Result
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("{}: cannot read", path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a valid {} configuration", path.display(), e.name))?
+            serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a valid {} configuration", path.display(), e.name)
+            })?
         }
         None if a.quick => (e.quick)(),
         None => (e.standard)(),

@@ -18,7 +18,12 @@ const COMPLETION: &str = "completion";
 /// Where it goes when the input rows have a `completion` column of their own (e.g. reference answers).
 const GENERATED: &str = "generated";
 /// The other columns generate adds to every row.
-const OUTPUT_COLUMNS: [&str; 4] = ["completion_ids", "logprobs", "sampling_logprobs", "finish_reason"];
+const OUTPUT_COLUMNS: [&str; 4] = [
+    "completion_ids",
+    "logprobs",
+    "sampling_logprobs",
+    "finish_reason",
+];
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -74,13 +79,21 @@ impl Args {
 fn read_prompts(a: &Args) -> Result<Dataset> {
     match (&a.prompt, &a.prompts) {
         (Some(text), _) => {
-            let row = Row::new(Record::PromptOnly(PromptOnly { prompt: Text::Plain(text.clone()) }));
+            let row = Row::new(Record::PromptOnly(PromptOnly {
+                prompt: Text::Plain(text.clone()),
+            }));
             Ok(Dataset::from_rows("--prompt", vec![row])?)
         }
         (None, Some(p)) if p.as_os_str() == "-" => {
             let mut bytes = Vec::new();
-            std::io::stdin().read_to_end(&mut bytes).context("stdin: cannot read")?;
-            Ok(Dataset::parse_jsonl("<stdin>", &bytes, &LoadOptions::default())?)
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("stdin: cannot read")?;
+            Ok(Dataset::parse_jsonl(
+                "<stdin>",
+                &bytes,
+                &LoadOptions::default(),
+            )?)
         }
         (None, Some(p)) => Ok(load_dataset(p)?),
         (None, None) => unreachable!("clap requires --prompts or --prompt"),
@@ -96,9 +109,18 @@ fn completion_column(a: &Args, data: &Dataset) -> Result<String> {
         None => COMPLETION.to_string(),
     };
     for (row, cols) in data.rows.iter().zip(&columns) {
-        if let Some(key) = std::iter::once(column.as_str()).chain(OUTPUT_COLUMNS).find(|k| cols.contains_key(*k)) {
-            let hint = if key == column { "choose another --completion-column" } else { "rename or drop it" };
-            let msg = format!("the input already has a column \"{key}\" that generate would overwrite; {hint}");
+        if let Some(key) = std::iter::once(column.as_str())
+            .chain(OUTPUT_COLUMNS)
+            .find(|k| cols.contains_key(*k))
+        {
+            let hint = if key == column {
+                "choose another --completion-column"
+            } else {
+                "rename or drop it"
+            };
+            let msg = format!(
+                "the input already has a column \"{key}\" that generate would overwrite; {hint}"
+            );
             return Err(data.row_error(row, Some(key), msg).into());
         }
     }
@@ -113,12 +135,20 @@ pub fn run(a: Args) -> Result<()> {
     let column = completion_column(&a, &data)?;
     let context = generator.model.config().max_position_embeddings();
     // A multi-megabyte prompt would cost gigabytes to tokenize before the context check below refuses it.
-    data.check_text_size(&generator.tokenizer, context, "the model's max_position_embeddings", &["prompt"])?;
+    data.check_text_size(
+        &generator.tokenizer,
+        context,
+        "the model's max_position_embeddings",
+        &["prompt"],
+    )?;
     let mut prompts = Vec::with_capacity(data.rows.len());
     let mut seeds = Vec::with_capacity(data.rows.len());
     for (i, row) in data.rows.iter().enumerate() {
         let prompt = row.record.prompt().with_context(|| {
-            format!("{}: {} rows have no `prompt` column to generate from", data.source, data.format)
+            format!(
+                "{}: {} rows have no `prompt` column to generate from",
+                data.source, data.format
+            )
         })?;
         let ids = generator.encode_prompt(prompt)?;
         let row_err = |msg: String| data.row_error(row, Some("prompt"), msg);
@@ -137,7 +167,11 @@ pub fn run(a: Args) -> Result<()> {
         let seed = match row.extra.get("seed") {
             None => a.seed + i as u64,
             Some(v) => v.as_u64().ok_or_else(|| {
-                data.row_error(row, Some("seed"), format!("expected a non-negative integer, got {v}"))
+                data.row_error(
+                    row,
+                    Some("seed"),
+                    format!("expected a non-negative integer, got {v}"),
+                )
             })?,
         };
         seeds.push(seed);
@@ -154,23 +188,36 @@ pub fn run(a: Args) -> Result<()> {
         // NaN/inf weights give NaN log-probs (and token 0 as the argmax of NaNs): refuse, not garbage.
         if o.logprobs.iter().any(|l| !l.is_finite()) {
             let msg = "the model produced non-finite log-probabilities (NaN or inf weights?); nothing written";
-            return Err(anyhow::anyhow!("{}: {msg}", a.model.join("model.safetensors").display()));
+            return Err(anyhow::anyhow!(
+                "{}: {msg}",
+                a.model.join("model.safetensors").display()
+            ));
         }
         let mut obj = row.to_json();
         obj.insert(column.clone(), json!(completion));
         obj.insert("completion_ids".into(), json!(o.tokens));
         obj.insert("logprobs".into(), json!(o.logprobs));
         obj.insert("sampling_logprobs".into(), json!(o.sampling_logprobs));
-        obj.insert("finish_reason".into(), json!(format!("{:?}", o.finish_reason).to_lowercase()));
+        obj.insert(
+            "finish_reason".into(),
+            json!(format!("{:?}", o.finish_reason).to_lowercase()),
+        );
         text.push_str(&serde_json::to_string(&obj)?);
         text.push('\n');
     }
     match &a.out {
         Some(out) => {
             write_atomic(out, text.as_bytes())?;
-            eprintln!("wrote {} completions (column \"{column}\") to {}", data.rows.len(), out.display());
+            eprintln!(
+                "wrote {} completions (column \"{column}\") to {}",
+                data.rows.len(),
+                out.display()
+            );
         }
-        None => std::io::stdout().lock().write_all(text.as_bytes()).context("stdout: cannot write")?,
+        None => std::io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .context("stdout: cannot write")?,
     }
     Ok(())
 }

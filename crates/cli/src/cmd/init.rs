@@ -68,7 +68,10 @@ const OUTPUTS: [&str; 6] = [
 
 pub fn init(a: &Args) -> Result<CausalLm> {
     if let Some(f) = OUTPUTS.iter().find(|f| a.out.join(f).exists()) {
-        bail!("{}: already holds a model ({f}); choose a new --out directory", a.out.display());
+        bail!(
+            "{}: already holds a model ({f}); choose a new --out directory",
+            a.out.display()
+        );
     }
     let created = !a.out.exists();
     let result = create(a);
@@ -92,18 +95,30 @@ fn create(a: &Args) -> Result<CausalLm> {
         (Some(Preset::Smollm2_135m), None) => bench::smollm2_135m_config().raw,
         (Some(Preset::TinyLlama), None) | (None, None) => bench::tiny_llama_config().raw,
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
     let corpus = corpus_text_files(&a.corpus, &a.out)?;
-    let bpe = BpeConfig { vocab_size: a.vocab_size, add_bos: a.add_bos, split_digits: a.split_digits, ..Default::default() };
+    let bpe = BpeConfig {
+        vocab_size: a.vocab_size,
+        add_bos: a.add_bos,
+        split_digits: a.split_digits,
+        ..Default::default()
+    };
     let trained = train_bpe(&corpus, &bpe, &a.out);
     // The extracted-text files were only tokenizer input.
     for f in corpus.iter().filter(|f| f.starts_with(&a.out)) {
         let _ = std::fs::remove_file(f);
     }
     let tokenizer = trained?;
-    let obj = raw.as_object_mut().context("config.json must be a JSON object")?;
+    let obj = raw
+        .as_object_mut()
+        .context("config.json must be a JSON object")?;
     obj.insert("vocab_size".into(), json!(tokenizer.vocab_size()));
-    for (key, tok) in [("bos_token_id", &tokenizer.bos), ("eos_token_id", &tokenizer.eos), ("pad_token_id", &tokenizer.pad)] {
+    for (key, tok) in [
+        ("bos_token_id", &tokenizer.bos),
+        ("eos_token_id", &tokenizer.eos),
+        ("pad_token_id", &tokenizer.pad),
+    ] {
         if let Some(t) = tok {
             obj.insert(key.into(), json!(t.id));
         }
@@ -147,7 +162,10 @@ fn collect_strings(v: &Value, out: &mut String) {
             out.push('\n');
         }
         Value::Array(a) => a.iter().for_each(|x| collect_strings(x, out)),
-        Value::Object(m) => m.iter().filter(|(k, _)| k.as_str() != "role").for_each(|(_, x)| collect_strings(x, out)),
+        Value::Object(m) => m
+            .iter()
+            .filter(|(k, _)| k.as_str() != "role")
+            .for_each(|(_, x)| collect_strings(x, out)),
         _ => {}
     }
 }

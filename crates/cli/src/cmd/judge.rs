@@ -69,7 +69,13 @@ fn as_text(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Array(ms) => ms
             .iter()
-            .map(|m| Some(format!("{}: {}", m.get("role")?.as_str()?, m.get("content")?.as_str()?)))
+            .map(|m| {
+                Some(format!(
+                    "{}: {}",
+                    m.get("role")?.as_str()?,
+                    m.get("content")?.as_str()?
+                ))
+            })
             .collect::<Option<Vec<_>>>()
             .map(|l| l.join("\n")),
         _ => None,
@@ -77,7 +83,9 @@ fn as_text(v: &Value) -> Option<String> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()));
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))
+    };
     let mut cfg = JudgeConfig {
         model: a.model.clone(),
         api: match a.api {
@@ -102,16 +110,28 @@ pub fn run(a: Args) -> Result<()> {
     }
     let src = a.pairs.display().to_string();
     let mut rows = Vec::new();
-    for (i, line) in read(&a.pairs)?.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in read(&a.pairs)?
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let at = format!("{src}:{}", i + 1);
-        let row: Map<String, Value> = serde_json::from_str(line).with_context(|| format!("{at}: not a JSON object"))?;
-        let field = |k: &str| row.get(k).map(|v| as_text(v).with_context(|| format!("{at}: field `{k}` must be a string or a list of messages")));
-        let prompt = field("prompt").with_context(|| format!("{at}: missing field `prompt`"))??;
-        let (a_key, b_key, labelled) = match (row.contains_key("chosen"), row.contains_key("response_a")) {
-            (true, _) => ("chosen", "rejected", true),
-            (false, true) => ("response_a", "response_b", false),
-            _ => bail!("{at}: needs `chosen`/`rejected` or `response_a`/`response_b`"),
+        let row: Map<String, Value> =
+            serde_json::from_str(line).with_context(|| format!("{at}: not a JSON object"))?;
+        let field = |k: &str| {
+            row.get(k).map(|v| {
+                as_text(v).with_context(|| {
+                    format!("{at}: field `{k}` must be a string or a list of messages")
+                })
+            })
         };
+        let prompt = field("prompt").with_context(|| format!("{at}: missing field `prompt`"))??;
+        let (a_key, b_key, labelled) =
+            match (row.contains_key("chosen"), row.contains_key("response_a")) {
+                (true, _) => ("chosen", "rejected", true),
+                (false, true) => ("response_a", "response_b", false),
+                _ => bail!("{at}: needs `chosen`/`rejected` or `response_a`/`response_b`"),
+            };
         let ra = field(a_key).with_context(|| format!("{at}: missing field `{a_key}`"))??;
         let rb = field(b_key).with_context(|| format!("{at}: missing field `{b_key}`"))??;
         rows.push((row, prompt, ra, rb, a_key, b_key, labelled, at));
@@ -119,12 +139,18 @@ pub fn run(a: Args) -> Result<()> {
     let judge = Judge::open(&a.endpoint, a.api_key.clone(), cfg)?;
     let (mut text, mut agree, mut labelled_rows) = (String::new(), 0usize, 0usize);
     for (row, prompt, ra, rb, a_key, b_key, labelled, at) in rows {
-        let p = judge.compare(&prompt, &ra, &rb).with_context(|| format!("{at}: judging the pair"))?;
+        let p = judge
+            .compare(&prompt, &ra, &rb)
+            .with_context(|| format!("{at}: judging the pair"))?;
         if labelled {
             labelled_rows += 1;
             agree += usize::from(p > 0.5);
         }
-        let (chosen, rejected, prob) = if p >= 0.5 { (a_key, b_key, p) } else { (b_key, a_key, 1.0 - p) };
+        let (chosen, rejected, prob) = if p >= 0.5 {
+            (a_key, b_key, p)
+        } else {
+            (b_key, a_key, 1.0 - p)
+        };
         let mut obj = row.clone();
         for k in ["chosen", "rejected", "response_a", "response_b"] {
             obj.remove(k);

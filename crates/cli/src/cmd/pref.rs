@@ -25,7 +25,12 @@ pub enum RmAction {
 /// `rlhf rm score|select …`, else training with the trainer's flags.
 pub fn run_rm(raw: Raw) -> Result<()> {
     let action = match raw.args.first().and_then(|a| a.to_str()) {
-        Some("score" | "select") => Some(RmSubcommand::parse_from(std::iter::once("rlhf rm".into()).chain(raw.args.iter().cloned())).action),
+        Some("score" | "select") => Some(
+            RmSubcommand::parse_from(
+                std::iter::once("rlhf rm".into()).chain(raw.args.iter().cloned()),
+            )
+            .action,
+        ),
         _ => None,
     };
     match action {
@@ -35,7 +40,11 @@ pub fn run_rm(raw: Raw) -> Result<()> {
         }
         Some(RmAction::Select(a)) => {
             let n = rlhf_train::select::run_select(&a)?;
-            eprintln!("selected {n} pairs ({}) → {}", a.strategy.name(), a.out.display());
+            eprintln!(
+                "selected {n} pairs ({}) → {}",
+                a.strategy.name(),
+                a.out.display()
+            );
         }
         None => {
             let summary = rm::run_rm(&settings::<rm::RmArgs>("rlhf rm", &raw)?.resolve()?)?;

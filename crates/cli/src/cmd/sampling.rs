@@ -23,19 +23,38 @@ impl SamplingArgs {
     /// Refuses settings that can only produce garbage, naming the flag.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(bad("temperature", format!("{} is not a finite number >= 0 (0 = greedy)", self.temperature)));
+            return Err(bad(
+                "temperature",
+                format!(
+                    "{} is not a finite number >= 0 (0 = greedy)",
+                    self.temperature
+                ),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(bad("top-p", format!("{} is not in (0, 1] (1 = no nucleus truncation)", self.top_p)));
+            return Err(bad(
+                "top-p",
+                format!(
+                    "{} is not in (0, 1] (1 = no nucleus truncation)",
+                    self.top_p
+                ),
+            ));
         }
         if self.stop.iter().any(String::is_empty) {
-            return Err(bad("stop", "an empty stop string would stop before the first token".into()));
+            return Err(bad(
+                "stop",
+                "an empty stop string would stop before the first token".into(),
+            ));
         }
         Ok(())
     }
 
     pub fn sampling(&self) -> Sampling {
-        Sampling { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
+        Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
     }
 }
 

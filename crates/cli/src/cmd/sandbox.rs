@@ -47,8 +47,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let cfg = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: not a sandbox configuration", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a sandbox configuration", path.display()))?
         }
         None if a.quick => PipelineConfig::quick(a.seed),
         None => PipelineConfig::standard(a.seed),
@@ -58,16 +60,26 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let summary = run_pipeline(&cfg, &a.out, &default_policy_stages(&cfg))?;
-    println!("\ngold reward on {} held-out prompts: mean [95 % CI]", summary.eval.prompts);
+    println!(
+        "\ngold reward on {} held-out prompts: mean [95 % CI]",
+        summary.eval.prompts
+    );
     for m in &summary.eval.models {
         if let Some(r) = m.reward("gold") {
-            println!("  {:<8} {:>7.3} [{:.3}, {:.3}]", m.name, r.reward.mean, r.reward.ci_low, r.reward.ci_high);
+            println!(
+                "  {:<8} {:>7.3} [{:.3}, {:.3}]",
+                m.name, r.reward.mean, r.reward.ci_low, r.reward.ci_high
+            );
         }
     }
     println!();
     for f in &summary.findings {
         println!("- {f}");
     }
-    println!("\nsummary: {}\nreport:  {}", a.out.join("summary.json").display(), a.out.join("report.html").display());
+    println!(
+        "\nsummary: {}\nreport:  {}",
+        a.out.join("summary.json").display(),
+        a.out.join("report.html").display()
+    );
     Ok(())
 }

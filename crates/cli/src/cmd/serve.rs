@@ -38,16 +38,29 @@ pub fn run(a: Args) -> Result<()> {
     let generator = Arc::new(Generator::load(&a.model)?);
     let name = a.name.clone().unwrap_or_else(|| {
         let dir = a.model.canonicalize().unwrap_or_else(|_| a.model.clone());
-        dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+        dir.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
     let engine = Engine::start(generator, a.max_batch);
-    let app = router(engine, ServeOptions { model_name: name.clone(), api_key: a.api_key.clone() });
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let app = router(
+        engine,
+        ServeOptions {
+            model_name: name.clone(),
+            api_key: a.api_key.clone(),
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let addr = format!("{}:{}", a.host, a.port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         eprintln!("serving {name} on http://{}", listener.local_addr()?);
-        rlhf_serve::serve(listener, app).await.context("server failed")
+        rlhf_serve::serve(listener, app)
+            .await
+            .context("server failed")
     })
 }
 
@@ -70,7 +83,11 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let shapes = if a.shape.is_empty() { vec![Shape::Tiny, Shape::Smollm2] } else { a.shape.clone() };
+    let shapes = if a.shape.is_empty() {
+        vec![Shape::Tiny, Shape::Smollm2]
+    } else {
+        a.shape.clone()
+    };
     let b = ServeBench {
         clients: a.clients,
         requests_per_client: a.requests_per_client,
@@ -80,7 +97,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for shape in shapes {
         let model = CausalLm::init_random(shape.config(), 0, &candle_core::Device::Cpu)?;
         let tokenizer = Tokenizer::from_dir(&a.tokenizer)?;
-        let generator = Arc::new(Generator::new(model, tokenizer, &a.tokenizer.join("tokenizer.json"))?);
+        let generator = Arc::new(Generator::new(
+            model,
+            tokenizer,
+            &a.tokenizer.join("tokenizer.json"),
+        )?);
         let mut v = bench_serve(generator, &b)?;
         v["shape"] = shape.name().into();
         println!("{v}");

@@ -34,7 +34,10 @@ pub fn markdownish(text: &str) -> String {
     };
     for line in text.lines() {
         let t = line.trim_end();
-        let bullet = t.trim_start().strip_prefix("- ").or_else(|| t.trim_start().strip_prefix("* "));
+        let bullet = t
+            .trim_start()
+            .strip_prefix("- ")
+            .or_else(|| t.trim_start().strip_prefix("* "));
         if bullet.is_none() && in_list {
             out.push_str("</ul>\n");
             in_list = false;
@@ -89,7 +92,10 @@ fn toggle(s: &str, marker: &str, open: &str, close: &str) -> String {
 }
 
 pub fn csrf_field(token: &str) -> String {
-    format!(r#"<input type="hidden" name="csrf" value="{}">"#, esc(token))
+    format!(
+        r#"<input type="hidden" name="csrf" value="{}">"#,
+        esc(token)
+    )
 }
 
 /// Full page with navigation. `body` must already be escaped HTML.
@@ -129,11 +135,18 @@ pub fn page(title: &str, user: Option<&User>, csrf: &str, body: &str) -> String 
 /// A bar for "done of total"; with nothing in total it says so instead of "0 / 0 (100%)".
 pub fn progress_bar(done: i64, total: i64, label: &str) -> String {
     let text = if total > 0 {
-        format!("{} {done} / {total} ({:.0}%)", esc(label), 100.0 * done as f64 / total as f64)
+        format!(
+            "{} {done} / {total} ({:.0}%)",
+            esc(label),
+            100.0 * done as f64 / total as f64
+        )
     } else {
         format!("{}: none yet", esc(label))
     };
-    format!(r#"<div class="progress"><progress value="{done}" max="{}"></progress> <span>{text}</span></div>"#, total.max(1))
+    format!(
+        r#"<div class="progress"><progress value="{done}" max="{}"></progress> <span>{text}</span></div>"#,
+        total.max(1)
+    )
 }
 
 /// An annotator's view: their own queue and, separately, the project's completion
@@ -154,7 +167,10 @@ pub fn queue_progress(done: i64, open: i64, full: i64, items: i64) -> String {
 pub fn fmt_time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -171,7 +187,10 @@ mod tests {
 
     #[test]
     fn escaping_and_markdown() {
-        assert_eq!(esc(r#"<script>alert("x")</script>&'"#), "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;");
+        assert_eq!(
+            esc(r#"<script>alert("x")</script>&'"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"
+        );
         let html = markdownish("# Title <b>\nIntro **bold** and `code`\n\n- one\n- <img src=x onerror=alert(1)>\nafter");
         assert_eq!(
             html,

@@ -140,7 +140,10 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, msg) = match self {
             AppError::LoginRequired => return Redirect::to("/login").into_response(),
-            AppError::Csrf => (StatusCode::FORBIDDEN, "Missing or invalid CSRF token. Reload the page and try again.".to_string()),
+            AppError::Csrf => (
+                StatusCode::FORBIDDEN,
+                "Missing or invalid CSRF token. Reload the page and try again.".to_string(),
+            ),
             AppError::App(Error::Invalid(m)) => (StatusCode::BAD_REQUEST, m),
             AppError::App(e @ Error::NotFound(_)) => (StatusCode::NOT_FOUND, e.to_string()),
             AppError::App(e @ Error::Forbidden(_)) => (StatusCode::FORBIDDEN, e.to_string()),
@@ -148,12 +151,16 @@ impl IntoResponse for AppError {
             AppError::App(Error::TooLarge(m)) => (StatusCode::PAYLOAD_TOO_LARGE, m),
             AppError::App(Error::TooMany { msg, retry_after_s }) => {
                 let mut r = error_page(StatusCode::TOO_MANY_REQUESTS, &msg);
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
                 return r;
             }
             AppError::App(Error::Other(e)) => {
                 tracing::error!("internal error: {e:#}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "Internal error; see the server log.".to_string())
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal error; see the server log.".to_string(),
+                )
             }
         };
         error_page(status, &msg)
@@ -173,22 +180,35 @@ fn error_page(status: StatusCode, msg: &str) -> Response {
 pub type AppResult<T> = Result<T, AppError>;
 
 fn cookie_value(req: &Request, name: &str) -> Option<String> {
-    req.headers().get_all(header::COOKIE).iter().filter_map(|h| h.to_str().ok()).flat_map(|h| h.split(';')).find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        (k == name && !v.is_empty()).then(|| v.to_string())
-    })
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then(|| v.to_string())
+        })
 }
 
 /// Constant-time comparison so the token can't be guessed byte by byte from timing.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Resolves the session, enforces the CSRF token on every POST (403 otherwise) and
 /// hands pre-login visitors a CSRF cookie.
 async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let secure = st.cfg.secure_cookies
-        || req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
+        || req
+            .headers()
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            == Some("https");
     let session_token = cookie_value(&req, SESSION_COOKIE);
     let mut user = None;
     let mut csrf = None;
@@ -213,11 +233,24 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
             t
         }
     };
-    let addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let ctx = Ctx { user, csrf: csrf.clone(), session_token: session_token.clone(), secure, addr };
+    let addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let ctx = Ctx {
+        user,
+        csrf: csrf.clone(),
+        session_token: session_token.clone(),
+        secure,
+        addr,
+    };
     let (mut parts, body) = req.into_parts();
     let body = if parts.method == Method::POST {
-        let ctype = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ctype = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -231,13 +264,18 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
                 return AppError::Csrf.into_response();
             }
             if let Some(n) = declared.filter(|&n| n > st.cfg.max_upload_bytes as u64) {
-                return AppError::App(upload::too_large(n, st.cfg.max_upload_bytes)).into_response();
+                return AppError::App(upload::too_large(n, st.cfg.max_upload_bytes))
+                    .into_response();
             }
             body
         } else {
             // Small limits apply before anything is read: a body is never buffered
             // beyond what its route accepts, logged in or not.
-            let limit = if ctx.user.is_some() { MAX_FORM_BYTES } else { MAX_ANON_FORM_BYTES };
+            let limit = if ctx.user.is_some() {
+                MAX_FORM_BYTES
+            } else {
+                MAX_ANON_FORM_BYTES
+            };
             let too_large = || {
                 AppError::App(Error::TooLarge(format!(
                     "This form is larger than the server accepts ({} KiB). Large imports are uploaded as files.",
@@ -252,7 +290,10 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
                 Ok(b) => b,
                 Err(_) => return too_large(),
             };
-            let sent = ctype.starts_with("application/x-www-form-urlencoded").then(|| form_urlencoded_value(&bytes, "csrf")).flatten();
+            let sent = ctype
+                .starts_with("application/x-www-form-urlencoded")
+                .then(|| form_urlencoded_value(&bytes, "csrf"))
+                .flatten();
             // A POST with no session and no pre-login cookie has nothing to match: reject.
             let expected_ok = ctx.user.is_some() || pre.is_some();
             if !(expected_ok && sent.is_some_and(|s| same(&s, &csrf))) {
@@ -277,7 +318,10 @@ async fn session_and_csrf(State(st): State<Shared>, req: Request, next: Next) ->
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(
         "content-security-policy",
         HeaderValue::from_static("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
@@ -291,7 +335,11 @@ pub(crate) fn csrf_ok(ctx: &Ctx, sent: &str) -> bool {
 }
 
 fn form_urlencoded_value(body: &[u8], key: &str) -> Option<String> {
-    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).ok()?.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 pub fn router(state: Shared) -> Router {
@@ -302,8 +350,14 @@ pub fn router(state: Shared) -> Router {
         .route("/static/app.css", get(pages::static_css))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
-        .route("/account/password", get(pages::password_form).post(pages::password_change))
-        .route("/invite/{token}", get(pages::invite_form).post(pages::invite_accept))
+        .route(
+            "/account/password",
+            get(pages::password_form).post(pages::password_change),
+        )
+        .route(
+            "/invite/{token}",
+            get(pages::invite_form).post(pages::invite_accept),
+        )
         .route("/admin/users", get(pages::users).post(pages::user_create))
         .route("/admin/users/{id}/role", post(pages::user_role))
         .route("/admin/users/{id}/invite", post(pages::user_invite))
@@ -313,9 +367,18 @@ pub fn router(state: Shared) -> Router {
         .route("/p/{id}/settings", post(pages::project_settings))
         .route("/p/{id}/members", post(pages::project_members))
         // Uploads enforce their own (larger, admin-only) limit while streaming.
-        .route("/p/{id}/import", post(pages::project_import).layer(DefaultBodyLimit::disable()))
-        .route("/p/{id}/scores", post(pages::project_scores).layer(DefaultBodyLimit::disable()))
-        .route("/p/{id}/guidelines", get(pages::guidelines).post(pages::guidelines_save))
+        .route(
+            "/p/{id}/import",
+            post(pages::project_import).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/p/{id}/scores",
+            post(pages::project_scores).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/p/{id}/guidelines",
+            get(pages::guidelines).post(pages::guidelines_save),
+        )
         .route("/p/{id}/task", get(pages::task))
         .route("/p/{id}/label", post(pages::label))
         .route("/p/{id}/undo", post(pages::undo))
@@ -323,33 +386,47 @@ pub fn router(state: Shared) -> Router {
         .route("/p/{id}/stats.json", get(pages::stats_json))
         .route("/p/{id}/items.json", get(pages::items_json))
         .route("/p/{id}/export", post(pages::export))
-        .layer(middleware::from_fn_with_state(state.clone(), session_and_csrf))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            session_and_csrf,
+        ))
         .with_state(state)
 }
 
 /// Serves until ctrl-c / SIGTERM.
 pub async fn serve(db: Db, cfg: Config, addr: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     serve_on(listener, db, cfg).await
 }
 
-pub async fn serve_on(listener: tokio::net::TcpListener, db: Db, cfg: Config) -> anyhow::Result<()> {
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    db: Db,
+    cfg: Config,
+) -> anyhow::Result<()> {
     let app = router(Arc::new(AppState::new(db, cfg)));
     tracing::info!("listening on http://{}", listener.local_addr()?);
     // The peer address feeds the per-address login throttle.
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            }
-            #[cfg(not(unix))]
-            {
-                let _ = ctrl_c.await;
-            }
-        })
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+    })
+    .await?;
     Ok(())
 }

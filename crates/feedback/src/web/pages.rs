@@ -10,7 +10,9 @@ use axum::{Extension, Form};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::html::{csrf_field, esc, fmt_opt, fmt_time, markdownish, page, progress_bar, queue_progress};
+use super::html::{
+    csrf_field, esc, fmt_opt, fmt_time, markdownish, page, progress_bar, queue_progress,
+};
 use super::upload::{read_upload, Upload};
 use super::{AppResult, Ctx, Shared, PRE_COOKIE, SESSION_COOKIE};
 use crate::auth::check_password_rules;
@@ -35,7 +37,12 @@ fn see_other(to: &str) -> Response {
 }
 
 fn num<T: std::str::FromStr>(field: &str, s: &str) -> Result<T, Error> {
-    s.trim().parse().map_err(|_| invalid(format!("field {field:?}: expected a number, got {:?}", s.chars().take(40).collect::<String>())))
+    s.trim().parse().map_err(|_| {
+        invalid(format!(
+            "field {field:?}: expected a number, got {:?}",
+            s.chars().take(40).collect::<String>()
+        ))
+    })
 }
 
 fn text_field(field: &str, s: Option<&String>, allow_empty: bool) -> Result<String, Error> {
@@ -44,24 +51,34 @@ fn text_field(field: &str, s: Option<&String>, allow_empty: bool) -> Result<Stri
         return Err(invalid(format!("field {field:?} must not be empty")));
     }
     if s.chars().count() > MAX_TEXT_CHARS {
-        return Err(invalid(format!("field {field:?} is longer than {MAX_TEXT_CHARS} characters")));
+        return Err(invalid(format!(
+            "field {field:?} is longer than {MAX_TEXT_CHARS} characters"
+        )));
     }
     // Browsers send CRLF from textareas; store the text as typed.
     Ok(s.replace("\r\n", "\n"))
 }
 
 pub async fn static_js() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../../static/app.js"))
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../static/app.js"),
+    )
 }
 
 pub async fn static_css() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], include_str!("../../static/app.css"))
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../static/app.css"),
+    )
 }
 
 // ------------------------------------------------------------------ auth pages
 
 fn login_page(ctx: &Ctx, error: Option<&str>) -> Html<String> {
-    let err = error.map(|e| format!(r#"<section class="error">{}</section>"#, esc(e))).unwrap_or_default();
+    let err = error
+        .map(|e| format!(r#"<section class="error">{}</section>"#, esc(e)))
+        .unwrap_or_default();
     html(
         "Log in",
         ctx,
@@ -90,16 +107,31 @@ pub struct LoginForm {
     password: String,
 }
 
-pub async fn login(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Form(f): Form<LoginForm>) -> AppResult<Response> {
+pub async fn login(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Form(f): Form<LoginForm>,
+) -> AppResult<Response> {
     let username = f.username.trim();
     let now = now_ms();
-    let account = format!("u:{}", username.chars().take(64).collect::<String>().to_lowercase());
+    let account = format!(
+        "u:{}",
+        username.chars().take(64).collect::<String>().to_lowercase()
+    );
     let address = ctx.addr.map(|a| format!("a:{a}"));
     // Throttled attempts are refused before any password check: no hash, no audit row.
-    let wait = st.accounts.blocked_for(&account, now).max(address.as_ref().and_then(|a| st.addresses.blocked_for(a, now)));
+    let wait = st.accounts.blocked_for(&account, now).max(
+        address
+            .as_ref()
+            .and_then(|a| st.addresses.blocked_for(a, now)),
+    );
     if let Some(ms) = wait {
         let secs = (ms + 999) / 1000;
-        let mut r = login_page(&ctx, Some(&format!("Too many failed log-ins. Try again in {secs} s."))).into_response();
+        let mut r = login_page(
+            &ctx,
+            Some(&format!("Too many failed log-ins. Try again in {secs} s.")),
+        )
+        .into_response();
         *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
         r.headers_mut().insert(header::RETRY_AFTER, secs.into());
         return Ok(r);
@@ -120,7 +152,13 @@ pub async fn login(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, For
     let addr = ctx.addr.map(|a| a.to_string());
     let fa = st.accounts.failure(&account, now);
     if fa.first_in_burst {
-        st.db.audit(None, "login_failed", json!({"username": shown_name, "address": addr})).await?;
+        st.db
+            .audit(
+                None,
+                "login_failed",
+                json!({"username": shown_name, "address": addr}),
+            )
+            .await?;
     }
     if fa.lockout_started {
         st.db
@@ -150,7 +188,10 @@ fn session_redirect(ctx: &Ctx, token: &str, ttl_ms: i64, to: &str) -> Response {
     r
 }
 
-pub async fn logout(State(st): State<Shared>, Extension(ctx): Extension<Ctx>) -> AppResult<Response> {
+pub async fn logout(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+) -> AppResult<Response> {
     if let (Some(tok), Some(u)) = (&ctx.session_token, &ctx.user) {
         st.db.delete_session(tok, u.id).await?;
     }
@@ -161,9 +202,15 @@ pub async fn logout(State(st): State<Shared>, Extension(ctx): Extension<Ctx>) ->
     Ok(r)
 }
 
-pub async fn invite_form(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(token): Path<String>) -> AppResult<Response> {
+pub async fn invite_form(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(token): Path<String>,
+) -> AppResult<Response> {
     let Some(user) = st.db.invite_user(&token).await? else {
-        return Err(Error::NotFound("this invite link is invalid, expired or already used".into()).into());
+        return Err(
+            Error::NotFound("this invite link is invalid, expired or already used".into()).into(),
+        );
     };
     Ok(html(
         "Welcome",
@@ -202,11 +249,15 @@ pub async fn invite_accept(
     }
     // Unknown links are refused before spending a hash on them.
     if st.db.invite_user(&token).await?.is_none() {
-        return Err(Error::NotFound("this invite link is invalid, expired or already used".into()).into());
+        return Err(
+            Error::NotFound("this invite link is invalid, expired or already used".into()).into(),
+        );
     }
     let hash = st.hashes.hash(f.password).await?;
     let Some(user) = st.db.redeem_invite(&token, &hash).await? else {
-        return Err(Error::NotFound("this invite link is invalid, expired or already used".into()).into());
+        return Err(
+            Error::NotFound("this invite link is invalid, expired or already used".into()).into(),
+        );
     };
     let (tok, _) = st.db.create_session(user.id, st.cfg.session_ttl_ms).await?;
     Ok(session_redirect(&ctx, &tok, st.cfg.session_ttl_ms, "/"))
@@ -218,7 +269,9 @@ pub async fn password_form(Extension(ctx): Extension<Ctx>) -> AppResult<Response
 }
 
 fn password_page(ctx: &Ctx, error: Option<&str>) -> Html<String> {
-    let err = error.map(|e| format!(r#"<section class="error">{}</section>"#, esc(e))).unwrap_or_default();
+    let err = error
+        .map(|e| format!(r#"<section class="error">{}</section>"#, esc(e)))
+        .unwrap_or_default();
     html(
         "Change password",
         ctx,
@@ -244,7 +297,11 @@ pub struct PasswordForm {
     password2: String,
 }
 
-pub async fn password_change(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Form(f): Form<PasswordForm>) -> AppResult<Response> {
+pub async fn password_change(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Form(f): Form<PasswordForm>,
+) -> AppResult<Response> {
     let user = ctx.user()?;
     if f.password != f.password2 {
         return Err(invalid("the two new passwords differ").into());
@@ -254,9 +311,20 @@ pub async fn password_change(State(st): State<Shared>, Extension(ctx): Extension
     let account = format!("u:{}", user.username.to_lowercase());
     let now = now_ms();
     if let Some(ms) = st.accounts.blocked_for(&account, now) {
-        return Err(Error::TooMany { msg: format!("Too many wrong passwords. Try again in {} s.", (ms + 999) / 1000), retry_after_s: (ms as u64).div_ceil(1000) }.into());
+        return Err(Error::TooMany {
+            msg: format!(
+                "Too many wrong passwords. Try again in {} s.",
+                (ms + 999) / 1000
+            ),
+            retry_after_s: (ms as u64).div_ceil(1000),
+        }
+        .into());
     }
-    let hash = st.db.user_by_name(&user.username).await?.and_then(|(_, h)| h);
+    let hash = st
+        .db
+        .user_by_name(&user.username)
+        .await?
+        .and_then(|(_, h)| h);
     if !st.hashes.verify(f.current, hash).await? {
         st.accounts.failure(&account, now);
         let mut r = password_page(&ctx, Some("The current password is wrong.")).into_response();
@@ -264,7 +332,9 @@ pub async fn password_change(State(st): State<Shared>, Extension(ctx): Extension
         return Ok(r);
     }
     let new_hash = st.hashes.hash(f.password).await?;
-    st.db.set_password(user.id, &new_hash, ctx.session_token.as_deref()).await?;
+    st.db
+        .set_password(user.id, &new_hash, ctx.session_token.as_deref())
+        .await?;
     Ok(html("Password changed", &ctx, "<section><p>Your password was changed and your other sessions were logged out.</p><p><a href=\"/\">Projects</a></p></section>".into()).into_response())
 }
 
@@ -294,12 +364,16 @@ pub async fn home(State(st): State<Shared>, Extension(ctx): Extension<Ctx>) -> A
     let list = if projects.is_empty() {
         "<p>No projects yet.</p>".to_string()
     } else {
-        format!("<table><tr><th>Project</th><th>Task</th><th>Progress</th><th></th></tr>{rows}</table>")
+        format!(
+            "<table><tr><th>Project</th><th>Task</th><th>Progress</th><th></th></tr>{rows}</table>"
+        )
     };
     let mut body = format!("<section>{list}</section>");
     if user.role == Role::Admin {
-        let kinds: String =
-            TaskKind::ALL.iter().map(|k| format!(r#"<option value="{0}">{0}</option>"#, k.as_str())).collect();
+        let kinds: String = TaskKind::ALL
+            .iter()
+            .map(|k| format!(r#"<option value="{0}">{0}</option>"#, k.as_str()))
+            .collect();
         body.push_str(&format!(
             r#"<section><h2>New project</h2><form method="post" action="/projects">{}
 <p><label>Name <input name="name" required></label>
@@ -331,7 +405,11 @@ pub struct ProjectForm {
     min_seconds: String,
 }
 
-pub async fn project_create(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Form(f): Form<ProjectForm>) -> AppResult<Response> {
+pub async fn project_create(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Form(f): Form<ProjectForm>,
+) -> AppResult<Response> {
     let admin = ctx.admin()?;
     let mut p = NewProject::new(f.name.trim(), TaskKind::parse(&f.kind)?);
     p.criteria = parse_criteria(&f.criteria);
@@ -342,7 +420,11 @@ pub async fn project_create(State(st): State<Shared>, Extension(ctx): Extension<
     Ok(see_other(&format!("/p/{id}")))
 }
 
-pub async fn project(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>) -> AppResult<Response> {
+pub async fn project(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
     let (done, open) = st.db.progress(&p, user.id).await?;
@@ -352,7 +434,11 @@ pub async fn project(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, P
 {}<p><a href="/p/{id}/task"><button type="button">Start labelling</button></a></p></section>"#,
         p.kind.as_str(),
         if p.kind == TaskKind::Rating {
-            format!(" (criteria: {}; scale 1–{})", esc(&p.criteria.join(", ")), p.likert_max)
+            format!(
+                " (criteria: {}; scale 1–{})",
+                esc(&p.criteria.join(", ")),
+                p.likert_max
+            )
         } else {
             String::new()
         },
@@ -386,7 +472,11 @@ pub async fn project(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, P
 fn label_summary(v: &LabelValue) -> String {
     let short = |t: &str| {
         let s: String = t.chars().take(80).collect();
-        if s.len() < t.len() { format!("{s}…") } else { s }
+        if s.len() < t.len() {
+            format!("{s}…")
+        } else {
+            s
+        }
     };
     match v {
         LabelValue::Pairwise { choice, .. } => match choice {
@@ -395,7 +485,11 @@ fn label_summary(v: &LabelValue) -> String {
             Choice::Tie => "tie".into(),
             Choice::BothBad => "both bad".into(),
         },
-        LabelValue::Rating { scores } => scores.iter().map(|(c, s)| format!("{c} {s}")).collect::<Vec<_>>().join(", "),
+        LabelValue::Rating { scores } => scores
+            .iter()
+            .map(|(c, s)| format!("{c} {s}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         LabelValue::Correction { corrected, .. } => format!("corrected: {}", short(corrected)),
         LabelValue::Critique { text } | LabelValue::Demonstration { text } => short(text),
         LabelValue::Undo => "undone".into(),
@@ -427,7 +521,10 @@ async fn admin_project_sections(st: &Shared, ctx: &Ctx, p: &Project) -> AppResul
         .filter(|u| !members.iter().any(|m| m.id == u.id))
         .map(|u| format!(r#"<option value="{}">{}</option>"#, u.id, esc(&u.username)))
         .collect();
-    let formats: String = Format::for_kind(p.kind).iter().map(|f| format!(r#"<option value="{0}">{0}</option>"#, f.as_str())).collect();
+    let formats: String = Format::for_kind(p.kind)
+        .iter()
+        .map(|f| format!(r#"<option value="{0}">{0}</option>"#, f.as_str()))
+        .collect();
     let stats = stats_html(st, p).await?;
     Ok(format!(
         r#"<section><h2>Overview</h2><p>{n} items ({gold} gold), {labels} live labels.</p>{}</section>
@@ -474,7 +571,13 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
     let labels = st.db.live_labels(p.id).await?;
     let users = st.db.users().await?;
     let s = project_stats(p, &items, &labels, &users);
-    let name = |id: i64| users.iter().find(|u| u.id == id).map(|u| esc(&u.username)).unwrap_or_else(|| id.to_string());
+    let name = |id: i64| {
+        users
+            .iter()
+            .find(|u| u.id == id)
+            .map(|u| esc(&u.username))
+            .unwrap_or_else(|| id.to_string())
+    };
     // Cohen's κ summarised per annotator (mean over their pairs, weighted by shared items).
     let mut kappa: HashMap<i64, (f64, f64)> = HashMap::new();
     for a in &s.agreement {
@@ -495,7 +598,9 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
     let flagged = annotators.iter().filter(|a| !a.flags.is_empty()).count();
     let model = match s.reliability_model {
         Some("crowd-bt") => "reliability = estimated P(picks the better response), Crowd-BT",
-        Some(_) => "reliability = estimated P(gives the most likely score), Dawid–Skene per criterion",
+        Some(_) => {
+            "reliability = estimated P(gives the most likely score), Dawid–Skene per criterion"
+        }
         None => "no reliability model for free-text tasks",
     };
     out.push_str(&format!(
@@ -506,7 +611,10 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
         let flags = if a.flags.is_empty() {
             r#"<span class="ok">none</span>"#.to_string()
         } else {
-            a.flags.iter().map(|f| format!(r#"<div class="flag">{}</div>"#, esc(f))).collect()
+            a.flags
+                .iter()
+                .map(|f| format!(r#"<div class="flag">{}</div>"#, esc(f)))
+                .collect()
         };
         out.push_str(&format!(
             "<tr><td>{}</td><td>{flags}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({})</td><td>{}</td><td>{} ({} gold)</td></tr>",
@@ -545,7 +653,12 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
                 a.cohen.len()
             ));
             for (x, y, n, k) in &a.cohen {
-                out.push_str(&format!("<tr><td>{} · {}</td><td>{n}</td><td>{}</td></tr>", name(*x), name(*y), fmt_opt(*k, 3)));
+                out.push_str(&format!(
+                    "<tr><td>{} · {}</td><td>{n}</td><td>{}</td></tr>",
+                    name(*x),
+                    name(*y),
+                    fmt_opt(*k, 3)
+                ));
             }
             out.push_str("</table></details>");
         }
@@ -556,26 +669,48 @@ async fn stats_html(st: &Shared, p: &Project) -> AppResult<String> {
     Ok(out)
 }
 
-pub async fn stats_fragment(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>) -> AppResult<Response> {
+pub async fn stats_fragment(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
     ctx.admin()?;
     let p = st.db.project(id).await?;
     Ok(Html(stats_html(&st, &p).await?).into_response())
 }
 
-pub async fn stats_json(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>) -> AppResult<Response> {
+pub async fn stats_json(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
     ctx.admin()?;
     let p = st.db.project(id).await?;
-    let s = project_stats(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, &st.db.users().await?);
+    let s = project_stats(
+        &p,
+        &st.db.items(id).await?,
+        &st.db.live_labels(id).await?,
+        &st.db.users().await?,
+    );
     Ok(axum::Json(s).into_response())
 }
 
 /// Every item's external id and how many annotators have a live label on it, with the project's overlap: what a
 /// program that pushed items (`rlhf iterate`) polls to know when they are labelled.
-pub async fn items_json(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>) -> AppResult<Response> {
+pub async fn items_json(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
     ctx.admin()?;
     let p = st.db.project(id).await?;
-    let items: Vec<Value> =
-        st.db.items(id).await?.iter().map(|i| json!({"id": i.id, "external_id": i.external_id, "label_count": i.label_count})).collect();
+    let items: Vec<Value> = st
+        .db
+        .items(id)
+        .await?
+        .iter()
+        .map(|i| json!({"id": i.id, "external_id": i.external_id, "label_count": i.label_count}))
+        .collect();
     Ok(axum::Json(json!({"project_id": id, "overlap": p.overlap, "items": items})).into_response())
 }
 
@@ -617,9 +752,13 @@ pub async fn project_members(
     let add = match f.action.as_str() {
         "add" => true,
         "remove" => false,
-        other => return Err(invalid(format!("action must be add or remove, got {other:?}")).into()),
+        other => {
+            return Err(invalid(format!("action must be add or remove, got {other:?}")).into())
+        }
     };
-    st.db.set_member(Some(admin.id), id, num("user_id", &f.user_id)?, add).await?;
+    st.db
+        .set_member(Some(admin.id), id, num("user_id", &f.user_id)?, add)
+        .await?;
     Ok(see_other(&format!("/p/{id}")))
 }
 
@@ -640,11 +779,19 @@ fn upload_text(up: Upload, default_name: &str) -> Result<(String, String), Error
             let text = decode_utf8(&src, bytes)?;
             Ok((src, text))
         }
-        None => Ok((source_name(up.field("source"), default_name), up.field("jsonl").to_string())),
+        None => Ok((
+            source_name(up.field("source"), default_name),
+            up.field("jsonl").to_string(),
+        )),
     }
 }
 
-pub async fn project_import(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>, req: Request) -> AppResult<Response> {
+pub async fn project_import(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+    req: Request,
+) -> AppResult<Response> {
     let admin = ctx.admin()?;
     let p = st.db.project(id).await?;
     let up = read_upload(&ctx, st.cfg.max_upload_bytes, req).await?;
@@ -682,13 +829,21 @@ pub async fn project_import(State(st): State<Shared>, Extension(ctx): Extension<
     .into_response())
 }
 
-pub async fn project_scores(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>, req: Request) -> AppResult<Response> {
+pub async fn project_scores(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+    req: Request,
+) -> AppResult<Response> {
     let admin = ctx.admin()?;
     st.db.project(id).await?;
     let up = read_upload(&ctx, st.cfg.max_upload_bytes, req).await?;
     let (src, text) = upload_text(up, "scores.jsonl")?;
     let scores = parse_scores(&src, &text)?;
-    let n = st.db.set_uncertainties(Some(admin.id), id, &src, &scores).await?;
+    let n = st
+        .db
+        .set_uncertainties(Some(admin.id), id, &src, &scores)
+        .await?;
     Ok(html(
         "Scores imported",
         &ctx,
@@ -697,11 +852,21 @@ pub async fn project_scores(State(st): State<Shared>, Extension(ctx): Extension<
     .into_response())
 }
 
-pub async fn guidelines(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(id): Path<i64>) -> AppResult<Response> {
+pub async fn guidelines(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
-    let text = if p.guidelines.trim().is_empty() { "<p>No guidelines yet.</p>".to_string() } else { markdownish(&p.guidelines) };
-    let mut body = format!(r#"<section class="guidelines">{text}</section><p><a href="/p/{id}/task">Start labelling</a></p>"#);
+    let text = if p.guidelines.trim().is_empty() {
+        "<p>No guidelines yet.</p>".to_string()
+    } else {
+        markdownish(&p.guidelines)
+    };
+    let mut body = format!(
+        r#"<section class="guidelines">{text}</section><p><a href="/p/{id}/task">Start labelling</a></p>"#
+    );
     if user.role == Role::Admin {
         body.push_str(&format!(
             r#"<section><h2>Edit</h2><p class="hint"><code># heading</code>, <code>- bullet</code>, <code>**bold**</code>, <code>`code`</code>; blank line = new paragraph.</p>
@@ -761,7 +926,17 @@ pub async fn task(
     let task = match q.item {
         Some(i) => {
             let item = st.db.item(id, i).await?;
-            Some((st.db.open_item(&item, user.id, p.kind == TaskKind::Pairwise, st.cfg.lease_ms).await?, item))
+            Some((
+                st.db
+                    .open_item(
+                        &item,
+                        user.id,
+                        p.kind == TaskKind::Pairwise,
+                        st.cfg.lease_ms,
+                    )
+                    .await?,
+                item,
+            ))
         }
         None => st.db.open_task(&p, user.id, done, st.cfg.lease_ms).await?,
     };
@@ -785,8 +960,15 @@ pub async fn task(
     } else {
         ""
     };
-    let hidden = format!(r#"{csrf}<input type="hidden" name="assignment" value="{}"><input type="hidden" name="key" value="{}">"#, a.id, random_token());
-    let prompt = format!(r#"<h3>Prompt</h3><div class="prompt">{}</div>"#, esc(&item.prompt));
+    let hidden = format!(
+        r#"{csrf}<input type="hidden" name="assignment" value="{}"><input type="hidden" name="key" value="{}">"#,
+        a.id,
+        random_token()
+    );
+    let prompt = format!(
+        r#"<h3>Prompt</h3><div class="prompt">{}</div>"#,
+        esc(&item.prompt)
+    );
     let response0 = item.responses.first().map(|r| esc(r)).unwrap_or_default();
     // A "change" page starts from the annotator's previous answer.
     let prev = previous.as_ref().map(|l| &l.value);
@@ -796,7 +978,10 @@ pub async fn task(
         _ => None,
     };
     let prev_choice = match prev {
-        Some(v @ LabelValue::Pairwise { .. }) => format!(r#"<p class="hint">Your previous answer: <strong>{}</strong>.</p>"#, label_summary(v)),
+        Some(v @ LabelValue::Pairwise { .. }) => format!(
+            r#"<p class="hint">Your previous answer: <strong>{}</strong>.</p>"#,
+            label_summary(v)
+        ),
         _ => String::new(),
     };
     let form = match p.kind {
@@ -826,7 +1011,10 @@ pub async fn task(
                         format!(r#"<label><input type="radio" name="score_{0}" value="{v}" required{checked}> {v}</label>"#, esc(c))
                     })
                     .collect();
-                crit.push_str(&format!(r#"<div class="criterion"><strong>{}</strong>: {radios}</div>"#, esc(c)));
+                crit.push_str(&format!(
+                    r#"<div class="criterion"><strong>{}</strong>: {radios}</div>"#,
+                    esc(c)
+                ));
             }
             format!(
                 r#"<div class="single"><h3>Response</h3><div class="response">{response0}</div></div>
@@ -872,7 +1060,12 @@ pub async fn task(
 }
 
 /// Builds the stored label value from a submitted task form.
-fn label_value(p: &Project, item: &Item, a: &Assignment, f: &HashMap<String, String>) -> Result<LabelValue, Error> {
+fn label_value(
+    p: &Project,
+    item: &Item,
+    a: &Assignment,
+    f: &HashMap<String, String>,
+) -> Result<LabelValue, Error> {
     Ok(match p.kind {
         TaskKind::Pairwise => {
             let choice = Choice::parse(f.get("choice").map(String::as_str).unwrap_or(""))?;
@@ -884,16 +1077,25 @@ fn label_value(p: &Project, item: &Item, a: &Assignment, f: &HashMap<String, Str
                 Choice::B => Some(a.shown_order[1]),
                 Choice::Tie | Choice::BothBad => None,
             };
-            LabelValue::Pairwise { choice, shown_order: a.shown_order.clone(), preferred }
+            LabelValue::Pairwise {
+                choice,
+                shown_order: a.shown_order.clone(),
+                preferred,
+            }
         }
         TaskKind::Rating => {
             let mut scores = std::collections::BTreeMap::new();
             for c in &p.criteria {
                 let field = format!("score_{c}");
-                let raw = f.get(&field).ok_or_else(|| invalid(format!("rate every criterion: {c:?} is missing")))?;
+                let raw = f
+                    .get(&field)
+                    .ok_or_else(|| invalid(format!("rate every criterion: {c:?} is missing")))?;
                 let v: i64 = num(&field, raw)?;
                 if !(1..=p.likert_max).contains(&v) {
-                    return Err(invalid(format!("field {field:?}: score must be 1..{}", p.likert_max)));
+                    return Err(invalid(format!(
+                        "field {field:?}: score must be 1..{}",
+                        p.likert_max
+                    )));
                 }
                 scores.insert(c.clone(), v);
             }
@@ -908,8 +1110,12 @@ fn label_value(p: &Project, item: &Item, a: &Assignment, f: &HashMap<String, Str
                 corrected,
             }
         }
-        TaskKind::Critique => LabelValue::Critique { text: text_field("text", f.get("text"), false)? },
-        TaskKind::Demonstration => LabelValue::Demonstration { text: text_field("text", f.get("text"), false)? },
+        TaskKind::Critique => LabelValue::Critique {
+            text: text_field("text", f.get("text"), false)?,
+        },
+        TaskKind::Demonstration => LabelValue::Demonstration {
+            text: text_field("text", f.get("text"), false)?,
+        },
     })
 }
 
@@ -921,18 +1127,25 @@ pub async fn label(
 ) -> AppResult<Response> {
     let user = ctx.user()?;
     let p = st.db.project_for(user, id).await?;
-    let aid: i64 = num("assignment", f.get("assignment").map(String::as_str).unwrap_or(""))?;
+    let aid: i64 = num(
+        "assignment",
+        f.get("assignment").map(String::as_str).unwrap_or(""),
+    )?;
     // The item must belong to this project (guards against cross-project posting).
     let (a, item) = st.db.assignment_item(aid, user.id, p.id).await?;
     let value = label_value(&p, &item, &a, &f)?;
     let key = f.get("key").map(String::as_str).unwrap_or("");
-    let outcome = st.db.submit_label(p.id, item.id, user.id, Some(&a), &value, key).await?;
+    let outcome = st
+        .db
+        .submit_label(p.id, item.id, user.id, Some(&a), &value, key)
+        .await?;
     let mut r = see_other(&format!("/p/{id}/task"));
     if let Ok(v) = outcome.id().to_string().parse() {
         r.headers_mut().insert("x-label-id", v);
     }
     if matches!(outcome, Submitted::Duplicate(_)) {
-        r.headers_mut().insert("x-duplicate", header::HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert("x-duplicate", header::HeaderValue::from_static("1"));
     }
     Ok(r)
 }
@@ -959,8 +1172,15 @@ pub async fn undo(
     let Some(last) = st.db.last_live_label(p.id, user.id).await? else {
         return Ok(see_other(&format!("/p/{id}/task")));
     };
-    match st.db.submit_label(p.id, last.item_id, user.id, None, &LabelValue::Undo, &f.key).await? {
-        Submitted::New(_) => Ok(see_other(&format!("/p/{id}/task?item={}&undone=true", last.item_id))),
+    match st
+        .db
+        .submit_label(p.id, last.item_id, user.id, None, &LabelValue::Undo, &f.key)
+        .await?
+    {
+        Submitted::New(_) => Ok(see_other(&format!(
+            "/p/{id}/task?item={}&undone=true",
+            last.item_id
+        ))),
         Submitted::Duplicate(_) => Ok(see_other(&format!("/p/{id}/task"))),
     }
 }
@@ -991,9 +1211,23 @@ pub async fn export(
     let p = st.db.project(id).await?;
     let format = Format::parse(&f.format)?;
     let scrub = f.scrub.is_some_and(|s| !s.is_empty());
-    let min_confidence = if f.min_confidence.trim().is_empty() { None } else { Some(num::<f64>("min_confidence", &f.min_confidence)?) };
-    let opts = ExportOptions { scrub, by_reliability: f.reliability.is_some_and(|s| !s.is_empty()), min_confidence };
-    let rows = export_rows_with(&p, &st.db.items(id).await?, &st.db.live_labels(id).await?, format, &opts)?;
+    let min_confidence = if f.min_confidence.trim().is_empty() {
+        None
+    } else {
+        Some(num::<f64>("min_confidence", &f.min_confidence)?)
+    };
+    let opts = ExportOptions {
+        scrub,
+        by_reliability: f.reliability.is_some_and(|s| !s.is_empty()),
+        min_confidence,
+    };
+    let rows = export_rows_with(
+        &p,
+        &st.db.items(id).await?,
+        &st.db.live_labels(id).await?,
+        format,
+        &opts,
+    )?;
     st.db
         .audit(
             Some(admin.id),
@@ -1002,23 +1236,50 @@ pub async fn export(
         )
         .await?;
     let body = to_jsonl(&rows);
-    let file = format!("{}-{}.jsonl", p.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>(), format.as_str());
+    let file = format!(
+        "{}-{}.jsonl",
+        p.name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect::<String>(),
+        format.as_str()
+    );
     let (ctype, disp) = if f.deliver == "download" {
-        ("application/x-ndjson", format!("attachment; filename=\"{file}\""))
+        (
+            "application/x-ndjson",
+            format!("attachment; filename=\"{file}\""),
+        )
     } else {
-        ("text/plain; charset=utf-8", format!("inline; filename=\"{file}\""))
+        (
+            "text/plain; charset=utf-8",
+            format!("inline; filename=\"{file}\""),
+        )
     };
-    Ok(([(header::CONTENT_TYPE, ctype.to_string()), (header::CONTENT_DISPOSITION, disp)], body).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, ctype.to_string()),
+            (header::CONTENT_DISPOSITION, disp),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 // ------------------------------------------------------------------ admin
 
-pub async fn users(State(st): State<Shared>, Extension(ctx): Extension<Ctx>) -> AppResult<Response> {
+pub async fn users(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+) -> AppResult<Response> {
     ctx.admin()?;
     let csrf = csrf_field(&ctx.csrf);
     let mut rows = String::new();
     for u in st.db.users().await? {
-        let other = if u.role == Role::Admin { "annotator" } else { "admin" };
+        let other = if u.role == Role::Admin {
+            "annotator"
+        } else {
+            "admin"
+        };
         rows.push_str(&format!(
             r#"<tr><td>{}</td><td>{}</td><td>{}</td><td>
 <form method="post" action="/admin/users/{id}/role" class="inline">{csrf}<input type="hidden" name="role" value="{other}"><button type="submit">Make {other}</button></form>
@@ -1044,7 +1305,11 @@ pub async fn users(State(st): State<Shared>, Extension(ctx): Extension<Ctx>) -> 
 }
 
 fn invite_page(st: &Shared, ctx: &Ctx, username: &str, token: &str) -> Response {
-    let link = format!("{}/invite/{}", st.cfg.public_url.trim_end_matches('/'), token);
+    let link = format!(
+        "{}/invite/{}",
+        st.cfg.public_url.trim_end_matches('/'),
+        token
+    );
     html(
         "Invite link",
         ctx,
@@ -1066,11 +1331,21 @@ pub struct NewUserForm {
     role: String,
 }
 
-pub async fn user_create(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Form(f): Form<NewUserForm>) -> AppResult<Response> {
+pub async fn user_create(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Form(f): Form<NewUserForm>,
+) -> AppResult<Response> {
     let admin = ctx.admin()?;
     let role = Role::parse(&f.role)?;
-    let uid = st.db.create_user(Some(admin.id), &f.username, role, None).await?;
-    let token = st.db.create_invite(Some(admin.id), uid, INVITE_TTL_MS).await?;
+    let uid = st
+        .db
+        .create_user(Some(admin.id), &f.username, role, None)
+        .await?;
+    let token = st
+        .db
+        .create_invite(Some(admin.id), uid, INVITE_TTL_MS)
+        .await?;
     Ok(invite_page(&st, &ctx, f.username.trim(), &token))
 }
 
@@ -1091,10 +1366,17 @@ pub async fn user_role(
     Ok(see_other("/admin/users"))
 }
 
-pub async fn user_invite(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Path(uid): Path<i64>) -> AppResult<Response> {
+pub async fn user_invite(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Path(uid): Path<i64>,
+) -> AppResult<Response> {
     let admin = ctx.admin()?;
     let u = st.db.user(uid).await?;
-    let token = st.db.create_invite(Some(admin.id), uid, INVITE_TTL_MS).await?;
+    let token = st
+        .db
+        .create_invite(Some(admin.id), uid, INVITE_TTL_MS)
+        .await?;
     Ok(invite_page(&st, &ctx, &u.username, &token))
 }
 
@@ -1103,7 +1385,11 @@ pub struct AuditQuery {
     before: Option<i64>,
 }
 
-pub async fn audit(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Query(q): Query<AuditQuery>) -> AppResult<Response> {
+pub async fn audit(
+    State(st): State<Shared>,
+    Extension(ctx): Extension<Ctx>,
+    Query(q): Query<AuditQuery>,
+) -> AppResult<Response> {
     ctx.admin()?;
     let entries = st.db.audit_log(200, q.before.unwrap_or(i64::MAX)).await?;
     let mut rows = String::new();
@@ -1118,7 +1404,10 @@ pub async fn audit(State(st): State<Shared>, Extension(ctx): Extension<Ctx>, Que
         ));
     }
     let more = match entries.last() {
-        Some(last) if entries.len() == 200 => format!(r#"<p><a href="/admin/audit?before={}">Older entries</a></p>"#, last.id),
+        Some(last) if entries.len() == 200 => format!(
+            r#"<p><a href="/admin/audit?before={}">Older entries</a></p>"#,
+            last.id
+        ),
         _ => String::new(),
     };
     Ok(html(

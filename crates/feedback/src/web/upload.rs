@@ -13,9 +13,15 @@ use crate::error::{invalid, Error};
 
 /// Routes that accept multipart uploads (admins only; checked by the middleware).
 pub fn is_upload_route(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/p/") else { return false };
-    let Some((id, tail)) = rest.split_once('/') else { return false };
-    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && (tail == "import" || tail == "scores")
+    let Some(rest) = path.strip_prefix("/p/") else {
+        return false;
+    };
+    let Some((id, tail)) = rest.split_once('/') else {
+        return false;
+    };
+    !id.is_empty()
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && (tail == "import" || tail == "scores")
 }
 
 pub fn too_large(bytes: u64, limit: usize) -> Error {
@@ -50,13 +56,26 @@ pub async fn read_upload(ctx: &Ctx, limit: usize, req: Request) -> AppResult<Upl
         .is_some_and(|ct| ct.starts_with("multipart/form-data"));
     if !multipart {
         // URL-encoded: the middleware already checked size and CSRF token.
-        let bytes = axum::body::to_bytes(req.into_body(), usize::MAX).await.map_err(|e| invalid(format!("reading the form: {e}")))?;
-        let fields = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes).map_err(|e| invalid(format!("malformed form: {e}")))?;
-        return Ok(Upload { fields: fields.into_iter().collect(), file: None });
+        let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+            .await
+            .map_err(|e| invalid(format!("reading the form: {e}")))?;
+        let fields = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
+            .map_err(|e| invalid(format!("malformed form: {e}")))?;
+        return Ok(Upload {
+            fields: fields.into_iter().collect(),
+            file: None,
+        });
     }
-    let mut mp = Multipart::from_request(req, &()).await.map_err(|e| invalid(format!("malformed upload: {e}")))?;
-    let bad = |e: axum::extract::multipart::MultipartError| AppError::from(invalid(format!("malformed upload: {e}")));
-    let mut up = Upload { fields: HashMap::new(), file: None };
+    let mut mp = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| invalid(format!("malformed upload: {e}")))?;
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        AppError::from(invalid(format!("malformed upload: {e}")))
+    };
+    let mut up = Upload {
+        fields: HashMap::new(),
+        file: None,
+    };
     let mut total: u64 = 0;
     let mut first = true;
     while let Some(mut field) = mp.next_field().await.map_err(bad)? {
@@ -82,7 +101,8 @@ pub async fn read_upload(ctx: &Ctx, limit: usize, req: Request) -> AppResult<Upl
             Some(f) if !f.is_empty() && !data.is_empty() => up.file = Some((f, data)),
             Some(_) => {}
             None => {
-                let text = String::from_utf8(data).map_err(|_| invalid(format!("field {name:?} is not valid UTF-8")))?;
+                let text = String::from_utf8(data)
+                    .map_err(|_| invalid(format!("field {name:?} is not valid UTF-8")))?;
                 up.fields.insert(name, text);
             }
         }
@@ -101,7 +121,14 @@ mod tests {
     fn upload_routes() {
         assert!(is_upload_route("/p/12/import"));
         assert!(is_upload_route("/p/1/scores"));
-        for p in ["/p/x/import", "/p//import", "/p/1/label", "/p/1/import/x", "/login", "/p/1"] {
+        for p in [
+            "/p/x/import",
+            "/p//import",
+            "/p/1/label",
+            "/p/1/import/x",
+            "/login",
+            "/p/1",
+        ] {
             assert!(!is_upload_route(p), "{p}");
         }
     }

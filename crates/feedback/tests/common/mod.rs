@@ -25,14 +25,23 @@ pub struct TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some((base, name)) = self.pg.take() else { return };
+        let Some((base, name)) = self.pg.take() else {
+            return;
+        };
         // Drop runs inside the test's runtime; use a separate thread and runtime.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 use sqlx::Connection;
                 if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
-                    let _ = sqlx::Executor::execute(&mut c, format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                    let _ = sqlx::Executor::execute(
+                        &mut c,
+                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                    )
+                    .await;
                 }
             })
         })
@@ -51,7 +60,12 @@ pub async fn databases() -> Vec<TestDb> {
 pub fn sqlite_db() -> TestDb {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fb.sqlite").display().to_string();
-    TestDb { name: "sqlite", url: path, _dir: Some(dir), pg: None }
+    TestDb {
+        name: "sqlite",
+        url: path,
+        _dir: Some(dir),
+        pg: None,
+    }
 }
 
 /// Records that `suite` did not run because `reason`: a marker file `<target>/tmp/skipped/<suite>.txt`, which
@@ -72,7 +86,12 @@ pub async fn postgres_db() -> Option<TestDb> {
     match std::env::var("RLHF_TEST_POSTGRES_URL") {
         Ok(base) if !base.is_empty() => {
             let (url, name) = fresh_pg_database(&base).await;
-            Some(TestDb { name: "postgres", url, _dir: None, pg: Some((base, name)) })
+            Some(TestDb {
+                name: "postgres",
+                url,
+                _dir: None,
+                pg: Some((base, name)),
+            })
         }
         _ => {
             skip(
@@ -88,7 +107,9 @@ pub async fn postgres_db() -> Option<TestDb> {
 async fn fresh_pg_database(base: &str) -> (String, String) {
     use sqlx::Connection;
     let name = format!("rlhf_fb_{}", &rlhf_feedback::store::random_token()[..16]);
-    let mut conn = sqlx::PgConnection::connect(base).await.expect("connect to RLHF_TEST_POSTGRES_URL");
+    let mut conn = sqlx::PgConnection::connect(base)
+        .await
+        .expect("connect to RLHF_TEST_POSTGRES_URL");
     // Concurrent CREATE DATABASE can briefly fail while template1 is in use; retry.
     for attempt in 0.. {
         match sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str()).await {
@@ -100,9 +121,14 @@ async fn fresh_pg_database(base: &str) -> (String, String) {
             Err(e) => panic!("create test database: {e}"),
         }
     }
-    let (head, _) = base.rsplit_once('/').expect("postgres URL with a database name");
+    let (head, _) = base
+        .rsplit_once('/')
+        .expect("postgres URL with a database name");
     let tail = base.rsplit_once('/').map(|(_, t)| t).unwrap_or("");
-    let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = tail
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     (format!("{head}/{name}{query}"), name)
 }
 
@@ -123,13 +149,33 @@ pub async fn seed(url: &str) -> Seeded {
 pub async fn seed_with(url: &str, cfg: Config) -> Seeded {
     let db = Db::connect(url).await.expect("connect");
     let h = rlhf_feedback::auth::hash_password(PASSWORD).unwrap();
-    let admin = db.create_user(None, "admin", Role::Admin, Some(&h)).await.unwrap();
-    let ann1 = db.create_user(None, "ann1", Role::Annotator, Some(&h)).await.unwrap();
-    let ann2 = db.create_user(None, "ann2", Role::Annotator, Some(&h)).await.unwrap();
-    Seeded { db: Arc::new(AppState::new(db, cfg)), admin, ann1, ann2 }
+    let admin = db
+        .create_user(None, "admin", Role::Admin, Some(&h))
+        .await
+        .unwrap();
+    let ann1 = db
+        .create_user(None, "ann1", Role::Annotator, Some(&h))
+        .await
+        .unwrap();
+    let ann2 = db
+        .create_user(None, "ann2", Role::Annotator, Some(&h))
+        .await
+        .unwrap();
+    Seeded {
+        db: Arc::new(AppState::new(db, cfg)),
+        admin,
+        ann1,
+        ann2,
+    }
 }
 
-pub async fn project(st: &AppState, name: &str, kind: TaskKind, overlap: i64, members: &[i64]) -> i64 {
+pub async fn project(
+    st: &AppState,
+    name: &str,
+    kind: TaskKind,
+    overlap: i64,
+    members: &[i64],
+) -> i64 {
     let mut p = NewProject::new(name, kind);
     p.overlap = overlap;
     p.criteria = vec!["helpful".into(), "harmless".into()];
@@ -148,13 +194,18 @@ pub struct Resp {
 
 impl Resp {
     pub fn location(&self) -> &str {
-        self.headers.get(header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
     pub fn csrf(&self) -> String {
-        find(&self.body, r#"name="csrf" value=""#).unwrap_or_else(|| panic!("no csrf field in {}", self.body))
+        find(&self.body, r#"name="csrf" value=""#)
+            .unwrap_or_else(|| panic!("no csrf field in {}", self.body))
     }
     pub fn field(&self, name: &str) -> String {
-        find(&self.body, &format!(r#"name="{name}" value=""#)).unwrap_or_else(|| panic!("no {name} field in {}", self.body))
+        find(&self.body, &format!(r#"name="{name}" value=""#))
+            .unwrap_or_else(|| panic!("no {name} field in {}", self.body))
     }
 }
 
@@ -171,7 +222,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(st: &Arc<AppState>) -> Client {
-        Client { app: router(st.clone()), cookies: BTreeMap::new() }
+        Client {
+            app: router(st.clone()),
+            cookies: BTreeMap::new(),
+        }
     }
 
     async fn send(&mut self, req: Request<Body>) -> Resp {
@@ -189,15 +243,26 @@ impl Client {
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp { status, headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+        Resp {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
     }
 
     fn cookie_header(&self) -> String {
-        self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     pub async fn get(&mut self, path: &str) -> Resp {
-        let req = Request::get(path).header(header::COOKIE, self.cookie_header()).body(Body::empty()).unwrap();
+        let req = Request::get(path)
+            .header(header::COOKIE, self.cookie_header())
+            .body(Body::empty())
+            .unwrap();
         self.send(req).await
     }
 
@@ -213,11 +278,19 @@ impl Client {
 
     /// A multipart/form-data POST, fields in the given order, then an optional file
     /// field `file` (name, contents).
-    pub async fn post_multipart(&mut self, path: &str, fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> Resp {
+    pub async fn post_multipart(
+        &mut self,
+        path: &str,
+        fields: &[(&str, &str)],
+        file: Option<(&str, &[u8])>,
+    ) -> Resp {
         const B: &str = "----rlhf-test-boundary";
         let mut body = Vec::new();
         for (k, v) in fields {
-            body.extend_from_slice(format!("--{B}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").as_bytes());
+            body.extend_from_slice(
+                format!("--{B}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                    .as_bytes(),
+            );
         }
         if let Some((name, data)) = file {
             body.extend_from_slice(
@@ -229,7 +302,10 @@ impl Client {
         body.extend_from_slice(format!("--{B}--\r\n").as_bytes());
         let req = Request::post(path)
             .header(header::COOKIE, self.cookie_header())
-            .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={B}"))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={B}"),
+            )
             .body(Body::from(body))
             .unwrap();
         self.send(req).await
@@ -239,7 +315,16 @@ impl Client {
     pub async fn login(&mut self, user: &str) -> String {
         let page = self.get("/login").await;
         assert_eq!(page.status, StatusCode::OK);
-        let r = self.post("/login", &[("csrf", &page.csrf()), ("username", user), ("password", PASSWORD)]).await;
+        let r = self
+            .post(
+                "/login",
+                &[
+                    ("csrf", &page.csrf()),
+                    ("username", user),
+                    ("password", PASSWORD),
+                ],
+            )
+            .await;
         assert_eq!(r.status, StatusCode::SEE_OTHER, "login failed: {}", r.body);
         assert!(self.cookies.contains_key("rlhf_session"));
         self.csrf().await
@@ -257,7 +342,11 @@ impl Client {
         let t = self.get(&format!("/p/{project}/task")).await;
         assert_eq!(t.status, StatusCode::OK, "{}", t.body);
         let (csrf, a, key) = (t.csrf(), t.field("assignment"), t.field("key"));
-        let mut form = vec![("csrf", csrf.as_str()), ("assignment", a.as_str()), ("key", key.as_str())];
+        let mut form = vec![
+            ("csrf", csrf.as_str()),
+            ("assignment", a.as_str()),
+            ("key", key.as_str()),
+        ];
         form.extend_from_slice(extra);
         self.post(&format!("/p/{project}/label"), &form).await
     }

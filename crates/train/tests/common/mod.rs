@@ -20,7 +20,11 @@ pub fn model_dir() -> PathBuf {
 /// SFT settings on the addition data with the fixture model, writing to `out` (TRL bench settings:
 /// constant lr 1e-3, batch 8, log every step).
 pub fn addition_config(out: &Path) -> SftConfig {
-    let mut cfg = SftConfig::with_defaults(model_dir(), root().join("data/sft_train.jsonl"), out.to_path_buf());
+    let mut cfg = SftConfig::with_defaults(
+        model_dir(),
+        root().join("data/sft_train.jsonl"),
+        out.to_path_buf(),
+    );
     cfg.eval_file = Some(root().join("data/sft_eval.jsonl"));
     cfg.max_length = 64;
     cfg.train.learning_rate = 1e-3;
@@ -33,7 +37,14 @@ pub fn addition_config(out: &Path) -> SftConfig {
 /// All parameters by name, as raw f32 data.
 pub fn weights(model: &CausalLm) -> BTreeMap<String, Vec<f32>> {
     let data = model.varmap().data().lock().unwrap();
-    data.iter().map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect()
+    data.iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
 }
 
 pub fn load(dir: &Path) -> CausalLm {

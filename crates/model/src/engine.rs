@@ -1,0 +1,371 @@
+//! The engine: hand-written forward and backward passes of a whole stack (embedding → blocks →
+//! final norm) behind the seam the trainers already use, [`crate::CausalLm::hidden_states`].
+//!
+//! candle's autograd records every op, allocates every intermediate and creates each gradient as
+//! `zeros_like` + add. An architecture with a [`Body`] instead runs its blocks as direct kernel and
+//! gemm calls into recycled buffers ([`Buf`]), keeps what its backward needs in a tape, and writes
+//! each parameter gradient once. To candle the whole stack is one op whose input is the embedding
+//! matrix: the trainers' loss graphs (lm-head log-probs, value heads, losses) stay candle graphs,
+//! and when [`backward`] reaches the op it runs the stack's backward, returns the embedding's
+//! gradient to candle and hands the other parameters' gradients to [`backward`] for the store.
+//! The candle graph path stays selectable ([`Backend::Candle`]) as the reference.
+
+use crate::bf16::{gemm_prec, Precision};
+use crate::matmul::MatRef;
+use candle_core::backprop::GradStore;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// How a model's hidden states are computed when gradients may be needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The hand-written passes of [`crate::engine`] where the architecture has them (LoRA adapters
+    /// inside the stack and incremental decoding use the candle graph).
+    #[default]
+    Engine,
+    /// candle's autograd over the fused ops (the reference).
+    Candle,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Engine => "engine",
+            Backend::Candle => "candle",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "engine" => Ok(Backend::Engine),
+            "candle" => Ok(Backend::Candle),
+            other => Err(format!(
+                "unknown backend \"{other}\" (expected engine or candle)"
+            )),
+        }
+    }
+}
+
+/// A stack with hand-written passes (implemented per architecture).
+pub(crate) trait Body: Clone + Send + Sync + 'static {
+    /// What the backward pass needs from the forward.
+    type Tape: Send + Sync + 'static;
+    /// The embedding matrix: the stack's input in candle's graph.
+    fn embedding(&self) -> &Tensor;
+    /// Hidden states after the final norm, `[b * t * hidden]` row-major, for the row-major token
+    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape.
+    fn forward(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        pos: &[u32],
+        rows: usize,
+        keep: bool,
+    ) -> Result<(Vec<f32>, Option<Self::Tape>)>;
+    /// Every parameter's gradient (the parameter's tensor, its gradient) for the upstream
+    /// gradient of the hidden states.
+    fn backward(&self, tape: Self::Tape, d_hidden: &[f32]) -> Result<Vec<(Tensor, Tensor)>>;
+}
+
+/// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when the embedding is
+/// not trainable, else the output of one candle op whose backward runs `body`'s.
+pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let ids = ids
+        .to_dtype(candle_core::DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    let embed = body.embedding();
+    let train = embed.is_variable();
+    let (hidden, tape) = body.forward(&ids, b, t, pos, rows, train)?;
+    let h = hidden.len() / (b * t).max(1);
+    if !train {
+        return Tensor::from_vec(hidden, (b, t, h), embed.device());
+    }
+    embed.apply_op1(StackOp {
+        body: body.clone(),
+        out: Mutex::new(Some((hidden, Shape::from((b, t, h))))),
+        tape: Mutex::new(tape),
+    })
+}
+
+/// The stack as one candle op (see the module comment).
+struct StackOp<B: Body> {
+    body: B,
+    /// The forward's result, moved into candle's storage by `cpu_fwd` (computed before, outside
+    /// the read lock candle holds on the embedding while the op runs).
+    out: Mutex<Option<(Vec<f32>, Shape)>>,
+    tape: Mutex<Option<B::Tape>>,
+}
+
+impl<B: Body> CustomOp1 for StackOp<B> {
+    fn name(&self) -> &'static str {
+        "rlhf-engine-stack"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.out.lock().expect("engine op poisoned").take() {
+            Some((data, shape)) => Ok((CpuStorage::F32(data), shape)),
+            None => bail!("engine: the stack op ran twice"),
+        }
+    }
+
+    fn bwd(&self, embed: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let Some(tape) = self.tape.lock().expect("engine op poisoned").take() else {
+            bail!("engine: a second backward through the same forward pass (run the forward again)")
+        };
+        let grad = grad.contiguous()?;
+        let grads = {
+            let (st, l) = grad.storage_and_layout();
+            let g = cpu_f32(&st, l, "engine backward")?;
+            self.body.backward(tape, g)?
+        };
+        let mut embed_grad = None;
+        SINK.with_borrow_mut(|sink| {
+            for (p, g) in grads {
+                if p.id() == embed.id() {
+                    embed_grad = Some(g);
+                } else if p.is_variable() {
+                    sink.push((p, g));
+                }
+            }
+        });
+        Ok(embed_grad)
+    }
+}
+
+thread_local! {
+    /// Parameter gradients of the stacks [`backward`] went through (candle's backward runs on the
+    /// calling thread).
+    static SINK: RefCell<Vec<(Tensor, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `loss.backward()` that also collects the gradients of parameters inside engine stacks. Use it
+/// instead of candle's `Tensor::backward` for any loss of a model on the engine.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    SINK.with_borrow_mut(Vec::clear);
+    let mut store = loss.backward()?;
+    for (p, g) in SINK.take() {
+        let g = match store.remove(&p) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        store.insert(&p, g);
+    }
+    Ok(store)
+}
+
+/// The contiguous f32 CPU data behind a storage guard.
+pub(crate) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(data)) => match layout.contiguous_offsets() {
+            Some((a, b)) => Ok(&data[a..b]),
+            None => bail!("{what}: tensor is not contiguous"),
+        },
+        _ => bail!("{what}: the engine runs on f32 CPU tensors"),
+    }
+}
+
+/// Read access to many tensors' data at once (the weights of a pass).
+pub(crate) struct Reads<'a> {
+    guards: Vec<(Box<dyn std::ops::Deref<Target = Storage> + 'a>, &'a Layout)>,
+}
+
+impl<'a> Reads<'a> {
+    pub(crate) fn new(ts: &[&'a Tensor]) -> Self {
+        let guards = ts
+            .iter()
+            .map(|t| {
+                let (st, l) = t.storage_and_layout();
+                (
+                    Box::new(st) as Box<dyn std::ops::Deref<Target = Storage> + 'a>,
+                    l,
+                )
+            })
+            .collect();
+        Self { guards }
+    }
+
+    /// The data of the `i`-th tensor given to [`Reads::new`].
+    pub(crate) fn get(&self, i: usize) -> Result<&[f32]> {
+        let (st, l) = &self.guards[i];
+        cpu_f32(st, l, "engine")
+    }
+}
+
+/// Buffers of recycled memory, returned to the pool when dropped.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+/// What the pool keeps at most (f32 elements): beyond it, buffers are freed.
+const POOL_MAX_ELEMS: usize = 1 << 29;
+
+/// An f32 buffer from the pool. Its contents are unspecified (stale values of an earlier pass):
+/// every user writes all of it before reading.
+pub(crate) struct Buf(Vec<f32>);
+
+impl Buf {
+    pub(crate) fn new(len: usize) -> Self {
+        let mut pool = POOL.lock().expect("buffer pool poisoned");
+        let best = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= len)
+            .min_by_key(|&i| pool[i].capacity());
+        let mut v = match best {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::new(),
+        };
+        drop(pool);
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0.0);
+        }
+        Self(v)
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.capacity() == 0 {
+            return;
+        }
+        let mut pool = POOL.lock().expect("buffer pool poisoned");
+        let held: usize = pool.iter().map(Vec::capacity).sum();
+        if held + v.capacity() <= POOL_MAX_ELEMS {
+            pool.push(v);
+        }
+    }
+}
+
+/// One linear layer's weights as the engine reads them: `y = x Wᵀ + b` with W stored `[out, in]`
+/// (`transposed`, torch `nn.Linear`) or `[in, out]` (GPT-2 `Conv1D`).
+pub(crate) struct Lin<'a> {
+    pub w: &'a [f32],
+    pub b: Option<&'a [f32]>,
+    pub out: usize,
+    pub inp: usize,
+    pub transposed: bool,
+    pub precision: Precision,
+}
+
+impl Lin<'_> {
+    /// The weight as the `[in, out]` right-hand side of `x · W`.
+    fn rhs(&self) -> MatRef<'_> {
+        if self.transposed {
+            MatRef::new(self.w, self.out, self.inp, self.inp).t()
+        } else {
+            MatRef::new(self.w, self.inp, self.out, self.out)
+        }
+    }
+
+    /// `y = x · W (+ b)`, or `y += x · W (+ b)` when `accumulate` (a residual added in place).
+    pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
+        gemm_prec(
+            self.precision,
+            y,
+            self.out,
+            accumulate,
+            MatRef::rows_of(x, self.inp),
+            self.rhs(),
+            true,
+        );
+        if let Some(b) = self.b {
+            for row in y.chunks_mut(self.out) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+    }
+
+    /// Gradients for the upstream `dy` of the forward on `x`: wrt the input into `dx` (added to
+    /// what it holds when `accumulate`), wrt the weight (in its stored layout) and the bias.
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        dx: Option<(&mut [f32], bool)>,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let p = self.precision;
+        let g = MatRef::rows_of(dy, self.out);
+        let xm = MatRef::rows_of(x, self.inp);
+        let mut dw = vec![0f32; self.out * self.inp];
+        if self.transposed {
+            gemm_prec(p, &mut dw, self.inp, false, g.t(), xm, true);
+        } else {
+            gemm_prec(p, &mut dw, self.out, false, xm.t(), g, true);
+        }
+        if let Some((dx, accumulate)) = dx {
+            gemm_prec(p, dx, self.inp, accumulate, g, self.rhs().t(), true);
+        }
+        let db = self.b.map(|_| col_sums(dy, self.out));
+        (dw, db)
+    }
+}
+
+/// Sums of the columns of a row-major `[_, cols]` matrix.
+fn col_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    let mut s = vec![0f32; cols];
+    for row in m.chunks(cols) {
+        s.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+    s
+}
+
+/// `[b, t, h, d]` → `[b, h, t, d]` (or back: the same permutation with `t` and `h` swapped).
+pub(crate) fn swap_time_heads(
+    src: &[f32],
+    (b, t, h, d): (usize, usize, usize, usize),
+    dst: &mut [f32],
+) {
+    for bi in 0..b {
+        for ti in 0..t {
+            for hi in 0..h {
+                let s = ((bi * t + ti) * h + hi) * d;
+                let o = ((bi * h + hi) * t + ti) * d;
+                dst[o..o + d].copy_from_slice(&src[s..s + d]);
+            }
+        }
+    }
+}
+
+/// The rows of `table` `[_, h]` at `ids` into `out` `[ids.len(), h]`; an id outside the table is an error.
+pub(crate) fn gather_rows(table: &[f32], h: usize, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    let vocab = table.len() / h.max(1);
+    for (&id, o) in ids.iter().zip(out.chunks_mut(h)) {
+        let id = id as usize;
+        if id >= vocab {
+            bail!("token id {id} is outside the embedding table ({vocab} rows): the tokenizer and config.json's vocab_size disagree")
+        }
+        o.copy_from_slice(&table[id * h..(id + 1) * h]);
+    }
+    Ok(())
+}
+
+/// Gradient of [`gather_rows`]: `d` `[ids.len(), h]` summed into a zero `[vocab, h]` matrix.
+pub(crate) fn scatter_rows(d: &[f32], h: usize, ids: &[u32], vocab: usize) -> Vec<f32> {
+    let mut g = vec![0f32; vocab * h];
+    for (&id, r) in ids.iter().zip(d.chunks(h)) {
+        let id = id as usize;
+        g[id * h..(id + 1) * h]
+            .iter_mut()
+            .zip(r)
+            .for_each(|(g, r)| *g += r);
+    }
+    g
+}
