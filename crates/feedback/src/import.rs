@@ -92,9 +92,11 @@ pub fn parse_jsonl(src: &str, data: &str) -> Result<Vec<Row>> {
         };
         let prompt = match obj.get("prompt") {
             Some(p) => text(p, src, line, "prompt")?,
-            None => return Err(invalid(format!(
+            None => {
+                return Err(invalid(format!(
                 "{src}:{line}: field \"prompt\": missing (implicit-prompt rows are not supported)"
-            ))),
+            )))
+            }
         };
         let responses = if let Some(r) = obj.get("responses") {
             let Value::Array(list) = r else {

@@ -18,7 +18,8 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 /// How a model's hidden states are computed when gradients may be needed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The hand-written passes of [`crate::engine`] where the architecture has them (LoRA adapters
     /// inside the stack and incremental decoding use the candle graph).

@@ -400,13 +400,12 @@ impl DpoTrainer {
         }
         let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
         // The reference computes in the policy's precision (TRL autocasts both).
-        if cfg.train.bf16 {
-            policy.set_precision(rlhf_model::Precision::Bf16);
-        }
+        cfg.train.configure(&mut policy);
         let reference = match (opts.loss_type.needs_reference(), reference, &cfg.train.lora) {
             (false, _, _) => Reference::None,
             (true, Some(mut r), _) => {
                 r.set_precision(policy.precision());
+                r.set_backend(policy.backend());
                 r.set_trainable(false).map_err(model_err)?;
                 Reference::Model(Box::new(r))
             }
@@ -661,6 +660,7 @@ pub fn bench_dpo(
     tokenizer_dir: &Path,
     steps: usize,
     lora: Option<&rlhf_model::lora::LoraConfig>,
+    backend: rlhf_model::Backend,
 ) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
@@ -679,9 +679,11 @@ pub fn bench_dpo(
         )
     };
     cfg.train.lora = lora.cloned();
+    cfg.train.backend = backend;
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg)?;
     let mut v = bench_steps(&mut t, steps, 5, 1e-4)?;
     v["trainer"] = json!("dpo");
     v["lora"] = json!(lora);
+    v["backend"] = json!(backend);
     Ok(v)
 }

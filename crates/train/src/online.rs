@@ -197,9 +197,7 @@ impl Policy {
         };
         let mut model = CausalLm::load(&weights_dir, &device)
             .map_err(|e| model_err(format!("{}: {e}", weights_dir.display())))?;
-        if train.bf16 {
-            model.set_precision(rlhf_model::Precision::Bf16);
-        }
+        train.configure(&mut model);
         let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| TrainError::Data(e.to_string()))?;
         tokenizer
             .check_vocab(model.vocab_size(), dir.join("config.json"))
@@ -210,6 +208,7 @@ impl Policy {
                 let mut m = CausalLm::load(r, &device)
                     .map_err(|e| model_err(format!("{}: {e}", r.display())))?;
                 m.set_precision(model.precision());
+                m.set_backend(model.backend());
                 m.set_trainable(false).map_err(model_err)?;
                 Some(Reference::Model(Box::new(m)))
             }
@@ -221,6 +220,7 @@ impl Policy {
                     model.duplicate().map_err(model_err)?
                 };
                 m.set_precision(model.precision());
+                m.set_backend(model.backend());
                 m.set_trainable(false).map_err(model_err)?;
                 Some(Reference::Model(Box::new(m)))
             }

@@ -191,7 +191,7 @@ impl Ppo {
                 .map(PathBuf::from),
             _ => None,
         };
-        let value = match (resume, args.value_model.clone().or(single_rm)) {
+        let mut value = match (resume, args.value_model.clone().or(single_rm)) {
             (Some(ckpt), _) => SeqCls::load(&ckpt.join(VALUE_DIR), 1, pad, seed, &device),
             (None, Some(dir)) => SeqCls::load(&dir, 1, pad, seed, &device),
             (None, None) => {
@@ -199,6 +199,9 @@ impl Ppo {
             }
         }
         .map_err(|e| model_err(format!("value model: {e}")))?;
+        // A value model loaded from a directory computes like the policy (one duplicated from it already does).
+        value.lm.set_precision(policy.model.precision());
+        value.lm.set_backend(policy.model.backend());
         let kl = AdaptiveKl {
             beta: args.kl_coef,
             target: args.target_kl.unwrap_or(1.0),

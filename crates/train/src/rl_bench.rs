@@ -51,6 +51,7 @@ pub fn bench_online(
     prompts: &Path,
     steps: usize,
     precision: rlhf_model::Precision,
+    backend: rlhf_model::Backend,
 ) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tmp = std::env::temp_dir().join(format!("rlhf-bench-{algo}-{}", std::process::id()));
@@ -125,6 +126,7 @@ pub fn bench_online(
     if precision == rlhf_model::Precision::Bf16 {
         flags.push("--bf16".into());
     }
+    flags.extend(["--backend".into(), backend.name().into()]);
     let argv: Vec<OsString> = flags.into_iter().map(Into::into).collect();
     let settings_err = |e: crate::settings::LoadError| match e {
         crate::settings::LoadError::Settings(e) => e,
@@ -167,6 +169,7 @@ pub fn bench_online(
         "bench": algo,
         "shape": "tiny-llama",
         "precision": precision.name(),
+        "backend": backend.name(),
         "steps": timed.len(),
         "sec_per_step_median": median(step_s.clone()),
         "tokens_per_sec": tokens.iter().sum::<f64>() / step_s.iter().sum::<f64>(),

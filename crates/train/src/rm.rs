@@ -284,9 +284,7 @@ impl RmTrainer {
         eval: Option<RmData>,
         cfg: &PrefConfig,
     ) -> Result<Self> {
-        if cfg.train.bf16 {
-            model.lm.set_precision(rlhf_model::Precision::Bf16);
-        }
+        cfg.train.configure(&mut model.lm);
         let lora = attach_lora(&mut model.lm, cfg.train.lora.as_ref(), cfg.train.seed)?;
         let params = match &lora {
             // The head is new for the task, so it trains with the adapters (PEFT's modules_to_save).
@@ -515,20 +513,21 @@ pub fn run_rm_score(args: &RmScoreArgs) -> Result<usize> {
     };
     let mut seqs = Vec::with_capacity(ds.len());
     for row in &ds.rows {
-        let (prompt, completion) =
-            match &row.record {
-                Record::PromptCompletion(r) => (&r.prompt, &r.completion),
-                Record::Unpaired(r) => (&r.prompt, &r.completion),
-                Record::Rating(r) => (&r.prompt, &r.completion),
-                other => return Err(data_err(ds.row_error(
+        let (prompt, completion) = match &row.record {
+            Record::PromptCompletion(r) => (&r.prompt, &r.completion),
+            Record::Unpaired(r) => (&r.prompt, &r.completion),
+            Record::Rating(r) => (&r.prompt, &r.completion),
+            other => {
+                return Err(data_err(ds.row_error(
                     row,
                     None,
                     format!(
                         "rows to score need \"prompt\" and \"completion\" fields; this row is {}",
                         other.format()
                     ),
-                ))),
-            };
+                )))
+            }
+        };
         let (p, c) = tokenize_completion(prompt, completion, &tokenizer, template)
             .map_err(|e| row_err(&ds, row, e))?;
         let ids = [p, c].concat();
@@ -569,7 +568,12 @@ pub fn run_rm_score(args: &RmScoreArgs) -> Result<usize> {
 /// Reward-model benchmark at the TRL baseline's shape (tiny Llama + a fresh head, 8 pairs/step, lr 1e-3):
 /// median s/step, tokens/s (chosen + rejected), peak RSS. `tokenizer_dir`: e.g. `fixtures/tokenizer`; `lora`:
 /// train adapters (and the head) instead of the whole trunk.
-pub fn bench_rm(tokenizer_dir: &Path, steps: usize, lora: Option<&LoraConfig>) -> Result<Value> {
+pub fn bench_rm(
+    tokenizer_dir: &Path,
+    steps: usize,
+    lora: Option<&LoraConfig>,
+    backend: rlhf_model::Backend,
+) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
     let model_err = |e: candle_core::Error| TrainError::Model(e.to_string());
@@ -588,9 +592,11 @@ pub fn bench_rm(tokenizer_dir: &Path, steps: usize, lora: Option<&LoraConfig>) -
         )
     };
     cfg.train.lora = lora.cloned();
+    cfg.train.backend = backend;
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs), None, &cfg)?;
     let mut v = crate::pref_train::bench_steps(&mut t, steps, 5, 1e-3)?;
     v["trainer"] = json!("rm");
     v["lora"] = json!(lora);
+    v["backend"] = json!(backend);
     Ok(v)
 }

@@ -221,9 +221,7 @@ impl SftTrainer {
                 cfg.train_file.display()
             )));
         }
-        if cfg.train.bf16 {
-            model.set_precision(rlhf_model::Precision::Bf16);
-        }
+        cfg.train.configure(&mut model);
         let lora = crate::lora::attach_lora(&mut model, cfg.train.lora.as_ref(), cfg.train.seed)?;
         let params =
             crate::optim::sorted_params(lora.as_ref().map_or(model.varmap(), |l| l.varmap()));

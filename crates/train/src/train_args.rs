@@ -81,6 +81,10 @@ pub struct TrainArgs {
     /// bf16 matrix products with f32 accumulation, f32 weights and optimizer, as TRL's `bf16=True`.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bf16: Option<bool>,
+    /// How the model's forward and backward run: `engine` (hand-written passes of the whole stack, the
+    /// default) or `candle` (candle's autograd graph, the reference implementation).
+    #[arg(long)]
+    pub backend: Option<rlhf_model::Backend>,
     /// LoRA: train adapters only; the output dir gets the merged model and the adapter in `adapter/`.
     #[command(flatten)]
     #[serde(flatten)]
@@ -148,6 +152,7 @@ impl TrainDefaults {
             ("resume", "false".into()),
             ("overwrite_output_dir", "false".into()),
             ("bf16", "false".into()),
+            ("backend", "engine".into()),
         ]
     }
 }
@@ -187,6 +192,9 @@ pub struct TrainConfig {
     /// Linear layers' matrix products in bf16 (see `rlhf_model::CausalLm::set_precision`).
     #[serde(default)]
     pub bf16: bool,
+    /// See [`TrainArgs::backend`].
+    #[serde(default)]
+    pub backend: rlhf_model::Backend,
 }
 
 impl TrainConfig {
@@ -215,7 +223,16 @@ impl TrainConfig {
             overwrite_output_dir: false,
             lora: None,
             bf16: false,
+            backend: rlhf_model::Backend::Engine,
         }
+    }
+
+    /// Sets a trained model's precision and backend from these settings.
+    pub fn configure(&self, model: &mut rlhf_model::CausalLm) {
+        if self.bf16 {
+            model.set_precision(rlhf_model::Precision::Bf16);
+        }
+        model.set_backend(self.backend);
     }
 
     pub fn warmup(&self) -> Warmup {
@@ -304,6 +321,7 @@ impl TrainArgs {
                 .unwrap_or(base.overwrite_output_dir),
             lora: self.lora.apply(None),
             bf16: self.bf16.unwrap_or(base.bf16),
+            backend: self.backend.unwrap_or(base.backend),
             ..base
         };
         cfg.validate(err)?;

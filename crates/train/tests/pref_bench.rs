@@ -1,17 +1,14 @@
-//! Benchmarks and the transformers reload check, run by hand (ignored in `cargo test`):
+//! The transformers reload check, run by hand (ignored in `cargo test`; the benchmarks that lived here are
+//! `rlhf bench rm|dpo`):
 //!
 //! ```text
-//! cargo test -p rlhf-train --test pref_bench -- --ignored --nocapture bench_rm      # RLHF_LORA=1 for LoRA
-//! cargo test -p rlhf-train --test pref_bench -- --ignored --nocapture bench_dpo
 //! RLHF_OUT=/tmp/rmcheck cargo test -p rlhf-train --test pref_bench -- --ignored save_reward_model_for_reload
 //! /work/venv/bin/python tools/check_reload.py /tmp/rmcheck/rm /tmp/rmcheck/rm_scores.safetensors
 //! ```
-//! Each bench runs in its own process so its peak RSS (VmHWM) is its own.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use rlhf_model::lora::LoraConfig;
 use rlhf_model::seq_cls::SeqCls;
 use rlhf_model::CausalLm;
 
@@ -20,27 +17,6 @@ fn tokenizer_dir() -> PathBuf {
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/tokenizer"
     ))
-}
-
-fn lora() -> Option<LoraConfig> {
-    std::env::var("RLHF_LORA").ok().map(|_| LoraConfig {
-        dropout: 0.0,
-        ..LoraConfig::default()
-    })
-}
-
-#[test]
-#[ignore]
-fn bench_rm() {
-    let v = rlhf_train::rm::bench_rm(&tokenizer_dir(), 30, lora().as_ref()).unwrap();
-    println!("{v}");
-}
-
-#[test]
-#[ignore]
-fn bench_dpo() {
-    let v = rlhf_train::dpo::bench_dpo(&tokenizer_dir(), 30, lora().as_ref()).unwrap();
-    println!("{v}");
 }
 
 /// Writes a reward model made from the causal fixture (new head) and its scores on a padded batch, for

@@ -79,14 +79,14 @@ fn shared_keys_mean_the_same_as_flag_and_as_toml_key_for_every_trainer() {
     let toml = tmp.path().join("shared.toml");
     std::fs::write(
         &toml,
-        "warmup_ratio = 0.1\nadam_beta2 = 0.95\nlora_r = 4\nseed = 7\nmax_steps = 3\n",
+        "warmup_ratio = 0.1\nadam_beta2 = 0.95\nlora_r = 4\nseed = 7\nmax_steps = 3\nbackend = \"candle\"\n",
     )
     .unwrap();
     // Older files' `[lora]` section reads as the `lora_*` keys, for every trainer.
     let section = tmp.path().join("section.toml");
     std::fs::write(
         &section,
-        "warmup_ratio = 0.1\nadam_beta2 = 0.95\nseed = 7\nmax_steps = 3\n[lora]\nr = 4\n",
+        "warmup_ratio = 0.1\nadam_beta2 = 0.95\nseed = 7\nmax_steps = 3\nbackend = \"candle\"\n[lora]\nr = 4\n",
     )
     .unwrap();
     let as_flags = [
@@ -100,6 +100,8 @@ fn shared_keys_mean_the_same_as_flag_and_as_toml_key_for_every_trainer() {
         "7",
         "--max-steps",
         "3",
+        "--backend",
+        "candle",
     ];
     for t in TRAINERS {
         let from_flags = resolved(t, &flags(t, &out, &as_flags)).unwrap();
@@ -115,6 +117,7 @@ fn shared_keys_mean_the_same_as_flag_and_as_toml_key_for_every_trainer() {
         );
         assert_eq!(from_flags.lora.as_ref().map(|l| l.r), Some(4), "{t}");
         assert_eq!((from_flags.seed, from_flags.max_steps), (7, Some(3)), "{t}");
+        assert_eq!(from_flags.backend, rlhf_model::Backend::Candle, "{t}");
         assert_eq!(
             from_file, from_flags,
             "{t}: the TOML keys mean what the flags mean"
@@ -179,8 +182,15 @@ fn unset_shared_keys_take_each_trainers_defaults_and_help_shows_them() {
             "{t}"
         );
         assert_eq!(
-            (c.warmup_ratio, c.lora.is_none(), c.seed, c.resume, c.bf16),
-            (None, true, 42, false, false),
+            (
+                c.warmup_ratio,
+                c.lora.is_none(),
+                c.seed,
+                c.resume,
+                c.bf16,
+                c.backend
+            ),
+            (None, true, 42, false, false, rlhf_model::Backend::Engine),
             "{t}"
         );
         let h = help(t);
@@ -225,6 +235,13 @@ fn bad_shared_keys_and_values_name_file_line_and_key_for_every_trainer() {
         let e = with_file(t, "[lora]\nalpha = 16.0\nrank = 4\n");
         assert!(
             e.contains("bad.toml:3") && e.contains("\"lora.rank\"") && e.contains("unknown key"),
+            "{t}: {e}"
+        );
+        let e = with_file(t, "seed = 1\nbackend = \"torch\"\n");
+        assert!(
+            e.contains("bad.toml:2")
+                && e.contains("\"backend\"")
+                && e.contains("`engine` or `candle`"),
             "{t}: {e}"
         );
         let e = with_file(t, "learning_rate = nan\n");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
-use rlhf_model::{bench, lora::LoraConfig, CausalLm, ModelConfig, Precision};
+use rlhf_model::{bench, lora::LoraConfig, Backend, CausalLm, ModelConfig, Precision};
 use rlhf_train::bench::{bench_sft, peak_rss_mb, BenchData, SftBenchShape};
 use serde_json::json;
 
@@ -44,6 +44,9 @@ pub struct Common {
     /// Matrix products of the linear layers: fp32, or bf16 operands with f32 accumulation (generate, sft).
     #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// Training steps' forward and backward: the engine, or candle's autograd graph (sft, rm, dpo).
+    #[arg(long, default_value = "engine")]
+    backend: Backend,
 }
 
 impl Common {
@@ -120,6 +123,9 @@ pub struct Online {
     /// fp32, or bf16 matrix products with f32 accumulation (the trainers' `--bf16`).
     #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// The trainers' `--backend`: engine, or candle's autograd graph.
+    #[arg(long, default_value = "engine")]
+    backend: Backend,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -178,6 +184,7 @@ pub fn run(b: Bench) -> Result<()> {
                 };
                 let mut model = CausalLm::init_random(shape.config(), 1234, &Device::Cpu)?;
                 model.set_precision(t.common.precision);
+                model.set_backend(t.common.backend);
                 let mut v = bench_sft(SftBenchShape {
                     name: shape.name().into(),
                     model,
@@ -188,6 +195,7 @@ pub fn run(b: Bench) -> Result<()> {
                 })?;
                 v["precision"] = json!(t.common.precision.name());
                 v["bf16_kernel"] = json!(kernel_name(t.common.precision));
+                v["backend"] = json!(t.common.backend);
                 println!("{v}");
             }
         }
@@ -202,11 +210,11 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Serve(a) => crate::cmd::serve::bench(a)?,
         Bench::Rm(t) => println!(
             "{}",
-            rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref())?
+            rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref(), t.common.backend)?
         ),
         Bench::Dpo(t) => println!(
             "{}",
-            rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref())?
+            rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref(), t.common.backend)?
         ),
         Bench::Grpo(o) => println!(
             "{}",
@@ -215,7 +223,8 @@ pub fn run(b: Bench) -> Result<()> {
                 &o.tokenizer,
                 &o.prompts,
                 o.steps,
-                o.precision
+                o.precision,
+                o.backend
             )?
         ),
         Bench::Rloo(o) => println!(
@@ -225,7 +234,8 @@ pub fn run(b: Bench) -> Result<()> {
                 &o.tokenizer,
                 &o.prompts,
                 o.steps,
-                o.precision
+                o.precision,
+                o.backend
             )?
         ),
         Bench::Ppo(o) => println!(
@@ -235,7 +245,8 @@ pub fn run(b: Bench) -> Result<()> {
                 &o.tokenizer,
                 &o.prompts,
                 o.steps,
-                o.precision
+                o.precision,
+                o.backend
             )?
         ),
     }
