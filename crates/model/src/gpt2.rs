@@ -317,7 +317,7 @@ impl Network for Gpt2 {
         let run = || {
             let (b, t) = ids.dims2()?;
             let (pos, rows) = pos.resolve(b, t)?;
-            self.check_positions(&pos)?;
+            // `Body::forward` checks the positions against n_positions.
             crate::engine::hidden(self, ids, &pos, rows)
         };
         Some(run())
