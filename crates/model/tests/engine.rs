@@ -5,6 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_model::{backward, Backend, CausalLm, Precision};
+use serde_json::json;
 
 /// Deterministic values in [-1, 1).
 fn uniform(shape: &[usize], seed: u64) -> Tensor {
@@ -78,18 +79,25 @@ fn engine_configs() -> Vec<(&'static str, rlhf_model::ModelConfig)> {
 }
 
 /// GPT-2 with each `activation_function` it supports besides the default `gelu_new` (the engine's
-/// kernels against candle's ops).
-fn gpt2_activation_configs() -> Vec<(String, rlhf_model::ModelConfig)> {
-    ["gelu", "relu", "silu"]
+/// kernels against candle's ops), and with per-layer attention scales and an untied head.
+fn gpt2_variant_configs() -> Vec<(&'static str, rlhf_model::ModelConfig)> {
+    let variants = [
+        ("gpt2 gelu", json!({"activation_function": "gelu"})),
+        ("gpt2 relu", json!({"activation_function": "relu"})),
+        ("gpt2 silu", json!({"activation_function": "silu"})),
+        (
+            "gpt2 scaled by layer, untied",
+            json!({"scale_attn_by_inverse_layer_idx": true, "tie_word_embeddings": false}),
+        ),
+    ];
+    variants
         .into_iter()
-        .map(|act| {
+        .map(|(name, fields)| {
             let mut raw = common::gpt2_config().raw.clone();
-            raw["activation_function"] = act.into();
-            let name = format!("gpt2 {act}");
-            (
-                name.clone(),
-                rlhf_model::ModelConfig::from_json(raw, &name).unwrap(),
-            )
+            for (k, v) in fields.as_object().unwrap() {
+                raw[k] = v.clone();
+            }
+            (name, rlhf_model::ModelConfig::from_json(raw, name).unwrap())
         })
         .collect()
 }
@@ -107,9 +115,9 @@ fn engine_matches_the_candle_graph_in_values_and_every_gradient() {
 }
 
 #[test]
-fn gpt2_activations_on_the_engine_match_candles_ops() {
-    for (name, cfg) in gpt2_activation_configs() {
-        assert_parity(&name, cfg, Precision::Fp32, 1e-5);
+fn gpt2_variants_on_the_engine_match_the_candle_graph() {
+    for (name, cfg) in gpt2_variant_configs() {
+        assert_parity(name, cfg, Precision::Fp32, 1e-5);
     }
 }
 
