@@ -370,3 +370,41 @@ pub(crate) fn scatter_rows(d: &[f32], h: usize, ids: &[u32], vocab: usize) -> Ve
     }
     g
 }
+
+impl<'a> Lin<'a> {
+    /// The layer `l` with its weight data `w` (and bias data `b`), as read from [`Reads`].
+    pub(crate) fn of(l: &crate::linear::Linear, w: &'a [f32], b: Option<&'a [f32]>) -> Self {
+        Lin {
+            w,
+            b,
+            out: l.out_features(),
+            inp: l.in_features(),
+            transposed: l.layout == crate::linear::WeightLayout::OutIn,
+            precision: l.precision,
+        }
+    }
+}
+
+/// Parameter gradients as a [`Body`] hands them over: (parameter, gradient).
+pub(crate) struct Grads(pub(crate) Vec<(Tensor, Tensor)>);
+
+impl Grads {
+    pub(crate) fn put(&mut self, p: &Tensor, g: Vec<f32>) -> Result<()> {
+        self.0
+            .push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
+        Ok(())
+    }
+
+    /// A linear layer's gradients as [`Lin::backward`] returns them.
+    pub(crate) fn linear(
+        &mut self,
+        l: &crate::linear::Linear,
+        (dw, db): (Vec<f32>, Option<Vec<f32>>),
+    ) -> Result<()> {
+        self.put(&l.weight, dw)?;
+        if let (Some(bias), Some(db)) = (&l.bias, db) {
+            self.put(bias, db)?;
+        }
+        Ok(())
+    }
+}

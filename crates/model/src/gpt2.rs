@@ -1,9 +1,13 @@
 //! `GPT2LMHeadModel`: learned positions, pre-norm LayerNorm, fused `c_attn`, `Conv1D` weights
-//! stored `[in, out]`, tanh-approximated GELU, tied `lm_head`.
+//! stored `[in, out]`, tanh-approximated GELU, tied `lm_head`. The stack also runs on the engine
+//! ([`engine`]).
+
+mod engine;
 
 use crate::arch::{Arch, ArchInfo, Dims, Network};
 use crate::attention::{attention, KvCache};
 use crate::linear::{Linear, WeightLayout};
+use crate::ops::Activation;
 use crate::{ops, Init, ParamSpec, Params, Positions};
 use candle_core::{bail, Result, Tensor};
 use serde::Deserialize;
@@ -79,36 +83,17 @@ fn d_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Act {
-    GeluTanh,
-    GeluErf,
-    Relu,
-    Silu,
-}
-
-impl Act {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Act::GeluTanh => x.gelu(),
-            Act::GeluErf => x.gelu_erf(),
-            Act::Relu => x.relu(),
-            Act::Silu => x.silu(),
-        }
-    }
-}
-
 impl Gpt2Config {
     fn inner(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
 
-    fn act(&self, file: &str) -> Result<Act> {
+    fn act(&self, file: &str) -> Result<Activation> {
         Ok(match self.activation_function.as_str() {
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
-            "gelu" => Act::GeluErf,
-            "relu" => Act::Relu,
-            "silu" | "swish" => Act::Silu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::GeluErf,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
             other => bail!(
                 "{file}: field \"activation_function\": unsupported \"{other}\" (supported: gelu_new, gelu_pytorch_tanh, gelu, relu, silu)"
             ),
@@ -196,7 +181,7 @@ struct Block {
 #[derive(Debug, Clone)]
 struct Gpt2 {
     cfg: Gpt2Config,
-    act: Act,
+    act: Activation,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -248,6 +233,33 @@ impl Gpt2 {
             cfg,
         })
     }
+
+    /// `transformers`' learned positions end at `n_positions`: a later one is refused.
+    fn check_positions(&self, pos: &[u32]) -> Result<()> {
+        if let Some(&p) = pos.iter().max() {
+            if p as usize >= self.cfg.n_positions {
+                bail!(
+                    "gpt2: position {p} is beyond n_positions = {}",
+                    self.cfg.n_positions
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention logits' scale in block `li`.
+    fn attn_scale(&self, li: usize) -> f64 {
+        let d = self.cfg.n_embd / self.cfg.n_head;
+        let mut scale = if self.cfg.scale_attn_weights {
+            1.0 / (d as f64).sqrt()
+        } else {
+            1.0
+        };
+        if self.cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (li + 1) as f64;
+        }
+        scale
+    }
 }
 
 impl Network for Gpt2 {
@@ -259,19 +271,17 @@ impl Network for Gpt2 {
         )
     }
 
-    fn hidden(&self, ids: &Tensor, pos: &Positions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, nh) = (self.cfg.n_embd, self.cfg.n_head);
         let d = h / nh;
         let (pos_vec, rows) = pos.resolve(b, t)?;
-        if let Some(&p) = pos_vec.iter().max() {
-            if p as usize >= self.cfg.n_positions {
-                bail!(
-                    "gpt2: position {p} is beyond n_positions = {}",
-                    self.cfg.n_positions
-                )
-            }
-        }
+        self.check_positions(&pos_vec)?;
         let pos_ids = Tensor::from_vec(pos_vec, rows * t, ids.device())?;
         let pe = self.wpe.index_select(&pos_ids, 0)?.reshape((rows, t, h))?;
         let te = self
@@ -281,14 +291,7 @@ impl Network for Gpt2 {
         let mut x = te.broadcast_add(&pe)?;
         let eps = self.cfg.layer_norm_epsilon;
         for (li, blk) in self.blocks.iter().enumerate() {
-            let mut scale = if self.cfg.scale_attn_weights {
-                1.0 / (d as f64).sqrt()
-            } else {
-                1.0
-            };
-            if self.cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (li + 1) as f64;
-            }
+            let scale = self.attn_scale(li);
             let a = ops::layer_norm(&x, &blk.ln1.0, &blk.ln1.1, eps)?;
             // [b,t,3h] -> [3,b,nh,t,d] in one copy, then free views of q, k, v.
             let qkv = blk
@@ -305,6 +308,19 @@ impl Network for Gpt2 {
             x = (x + blk.mlp_proj.forward(&m)?)?;
         }
         ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
+    }
+
+    fn hidden_engine(&self, ids: &Tensor, pos: &Positions) -> Option<Result<Tensor>> {
+        if !self.on_engine() {
+            return None;
+        }
+        let run = || {
+            let (b, t) = ids.dims2()?;
+            let (pos, rows) = pos.resolve(b, t)?;
+            // `Body::forward` checks the positions against n_positions.
+            crate::engine::hidden(self, ids, &pos, rows)
+        };
+        Some(run())
     }
 
     fn lm_head(&self) -> &Linear {

@@ -357,15 +357,8 @@ impl CustomOp3 for LayerNorm {
         let x = f32_in(s1, l1, self.name())?;
         let w = f32_in(s2, l2, self.name())?;
         let b = f32_in(s3, l3, self.name())?;
-        let h = w.len();
         let mut out = vec![0f32; x.len()];
-        for_rows(&mut out, h, |i, o| {
-            let xr = &x[i * h..(i + 1) * h];
-            let (mu, r) = ln_stats(xr, self.eps);
-            for (((o, &xv), &wv), &bv) in o.iter_mut().zip(xr).zip(w).zip(b) {
-                *o = (xv - mu) * r * wv + bv;
-            }
-        });
+        layer_norm_rows(x, w, b, self.eps, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -411,35 +404,67 @@ impl CustomOp3 for LayerNormBwd {
         let rows = x.len() / h;
         let mut out = vec![0f32; (rows + 2) * h];
         let (gx, gwb) = out.split_at_mut(rows * h);
-        for_rows(gx, h, |i, o| {
-            let xr = &x[i * h..(i + 1) * h];
-            let gr = &g[i * h..(i + 1) * h];
-            let (mu, r) = ln_stats(xr, self.eps);
-            // grad_x = r * (gw - mean(gw) - n * mean(gw * n)), gw = g*w, n = (x-mu)*r.
-            let (mut s_gw, mut s_gwn) = (0f32, 0f32);
-            for ((&xv, &gv), &wv) in xr.iter().zip(gr).zip(w) {
-                let gw = gv * wv;
-                s_gw += gw;
-                s_gwn += gw * (xv - mu) * r;
-            }
-            let (m_gw, m_gwn) = (s_gw / h as f32, s_gwn / h as f32);
-            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                *o = r * (gv * wv - m_gw - (xv - mu) * r * m_gwn);
-            }
-        });
-        let acc = reduce_rows(rows, h, 2, |i, acc| {
-            let xr = &x[i * h..(i + 1) * h];
-            let gr = &g[i * h..(i + 1) * h];
-            let (mu, r) = ln_stats(xr, self.eps);
-            let (aw, ab) = acc.split_at_mut(h);
-            for (((aw, ab), &xv), &gv) in aw.iter_mut().zip(ab.iter_mut()).zip(xr).zip(gr) {
-                *aw += gv * (xv - mu) * r;
-                *ab += gv;
-            }
-        });
-        gwb.copy_from_slice(&acc);
+        let (gw, gb) = layer_norm_bwd_rows(x, w, g, self.eps, gx, false);
+        gwb[..h].copy_from_slice(&gw);
+        gwb[h..].copy_from_slice(&gb);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))
     }
+}
+
+/// `out = (x - mean) / sqrt(var + eps) * w + b` row by row (rows of `w.len()`).
+pub(crate) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for_rows(out, h, |i, o| {
+        let xr = &x[i * h..(i + 1) * h];
+        let (mu, r) = ln_stats(xr, eps);
+        for (((o, &xv), &wv), &bv) in o.iter_mut().zip(xr).zip(w).zip(b) {
+            *o = (xv - mu) * r * wv + bv;
+        }
+    });
+}
+
+/// Backward of [`layer_norm_rows`] for the upstream gradient `g`: the gradient wrt `x` is written
+/// to `gx` (added to what it holds when `accumulate`: the residual stream's gradient), the ones
+/// wrt the weight and the bias returned.
+pub(crate) fn layer_norm_bwd_rows(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    gx: &mut [f32],
+    accumulate: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let h = w.len();
+    let rows = x.len() / h.max(1);
+    for_rows(gx, h, |i, o| {
+        let xr = &x[i * h..(i + 1) * h];
+        let gr = &g[i * h..(i + 1) * h];
+        let (mu, r) = ln_stats(xr, eps);
+        // grad_x = r * (gw - mean(gw) - n * mean(gw * n)), gw = g*w, n = (x-mu)*r.
+        let (mut s_gw, mut s_gwn) = (0f32, 0f32);
+        for ((&xv, &gv), &wv) in xr.iter().zip(gr).zip(w) {
+            let gw = gv * wv;
+            s_gw += gw;
+            s_gwn += gw * (xv - mu) * r;
+        }
+        let (m_gw, m_gwn) = (s_gw / h as f32, s_gwn / h as f32);
+        for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+            let d = r * (gv * wv - m_gw - (xv - mu) * r * m_gwn);
+            *o = if accumulate { *o + d } else { d };
+        }
+    });
+    let mut gw = reduce_rows(rows, h, 2, |i, acc| {
+        let xr = &x[i * h..(i + 1) * h];
+        let gr = &g[i * h..(i + 1) * h];
+        let (mu, r) = ln_stats(xr, eps);
+        let (aw, ab) = acc.split_at_mut(h);
+        for (((aw, ab), &xv), &gv) in aw.iter_mut().zip(ab.iter_mut()).zip(xr).zip(gr) {
+            *aw += gv * (xv - mu) * r;
+            *ab += gv;
+        }
+    });
+    let gb = gw.split_off(h);
+    (gw, gb)
 }
 
 /// LayerNorm over the last dim with affine weight and bias (GPT-2).
@@ -1078,6 +1103,105 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Plain differentiable SwiGLU gate (reference / non-CPU path).
 pub fn silu_mul_ref(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise MLP activations (GPT-2's `activation_function`)
+
+/// An elementwise activation. The candle graph path applies candle's own ops
+/// ([`Activation::apply`]); the engine applies [`activation_rows`] and [`activation_bwd_rows`],
+/// which follow the same formulas (candle 0.11's `gelu` is the tanh approximation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `0.5 x (1 + erf(x / √2))` (torch's exact `gelu`).
+    GeluErf,
+    Relu,
+    Silu,
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+/// `1 / √(2π)`: the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+impl Activation {
+    /// The activation as a differentiable candle op.
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::GeluTanh => x.gelu(),
+            Activation::GeluErf => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+            Activation::Silu => x.silu(),
+        }
+    }
+
+    #[inline(always)]
+    fn value(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluTanh => {
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_CUBIC * x * x)).tanh())
+            }
+            Activation::GeluErf => {
+                0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+            }
+            Activation::Relu => x.max(0.0),
+            Activation::Silu => x * sigmoid(x),
+        }
+    }
+
+    #[inline(always)]
+    fn derivative(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluTanh => {
+                let th = (SQRT_2_OVER_PI * x * (1.0 + GELU_CUBIC * x * x)).tanh();
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
+                0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du
+            }
+            Activation::GeluErf => {
+                0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+                    + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+            }
+            // candle's relu gradient is 1 at 0 (the mask is `x >= 0`).
+            Activation::Relu => {
+                if x >= 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::Silu => {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+        }
+    }
+}
+
+/// `out = act(x)` elementwise (rows of `row` elements, for the parallel split).
+pub(crate) fn activation_rows(act: Activation, x: &[f32], row: usize, out: &mut [f32]) {
+    for_rows(out, row, |i, o| {
+        for (o, &xv) in o.iter_mut().zip(&x[i * row..(i + 1) * row]) {
+            *o = act.value(xv);
+        }
+    });
+}
+
+/// Backward of [`activation_rows`]: `gx = g · act'(x)`.
+pub(crate) fn activation_bwd_rows(
+    act: Activation,
+    x: &[f32],
+    g: &[f32],
+    row: usize,
+    gx: &mut [f32],
+) {
+    for_rows(gx, row, |i, o| {
+        let r = i * row..(i + 1) * row;
+        for ((o, &xv), &gv) in o.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
+            *o = gv * act.derivative(xv);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_model::{backward, Backend, CausalLm, Precision};
+use serde_json::json;
 
 /// Deterministic values in [-1, 1).
 fn uniform(shape: &[usize], seed: u64) -> Tensor {
@@ -67,12 +68,38 @@ fn with(cfg: rlhf_model::ModelConfig, precision: Precision, backend: Backend) ->
     m
 }
 
-fn decoder_configs() -> Vec<(&'static str, rlhf_model::ModelConfig)> {
+/// Every architecture with a stack on the engine.
+fn engine_configs() -> Vec<(&'static str, rlhf_model::ModelConfig)> {
     vec![
         ("llama", common::llama_config()),
         ("qwen2", common::qwen2_config()),
         ("mistral", common::mistral_config()),
+        ("gpt2", common::gpt2_config()),
     ]
+}
+
+/// GPT-2 with each `activation_function` it supports besides the default `gelu_new` (the engine's
+/// kernels against candle's ops), and with per-layer attention scales and an untied head.
+fn gpt2_variant_configs() -> Vec<(&'static str, rlhf_model::ModelConfig)> {
+    let variants = [
+        ("gpt2 gelu", json!({"activation_function": "gelu"})),
+        ("gpt2 relu", json!({"activation_function": "relu"})),
+        ("gpt2 silu", json!({"activation_function": "silu"})),
+        (
+            "gpt2 scaled by layer, untied",
+            json!({"scale_attn_by_inverse_layer_idx": true, "tie_word_embeddings": false}),
+        ),
+    ];
+    variants
+        .into_iter()
+        .map(|(name, fields)| {
+            let mut raw = common::gpt2_config().raw.clone();
+            for (k, v) in fields.as_object().unwrap() {
+                raw[k] = v.clone();
+            }
+            (name, rlhf_model::ModelConfig::from_json(raw, name).unwrap())
+        })
+        .collect()
 }
 
 #[test]
@@ -81,42 +108,54 @@ fn engine_matches_the_candle_graph_in_values_and_every_gradient() {
     // in another order and a last-bit difference can round a later operand to the neighbouring
     // bf16 value (2^-8 relative): a quarter of that.
     for (precision, tol) in [(Precision::Fp32, 1e-5), (Precision::Bf16, 1e-3)] {
-        for (name, cfg) in decoder_configs() {
-            let (engine, graph) = (
-                with(cfg.clone(), precision, Backend::Engine),
-                with(cfg, precision, Backend::Candle),
-            );
-            let data = batch(&engine);
-            let (le, lg) = (loss(&engine, &data), loss(&graph, &data));
-            let (a, b) = (
-                le.to_scalar::<f32>().unwrap(),
-                lg.to_scalar::<f32>().unwrap(),
-            );
-            assert!(
-                (a - b).abs() < tol * (1.0 + b.abs()),
-                "{name} {precision:?}: loss {a} vs {b}"
-            );
-            let (ge, gg) = (backward(&le).unwrap(), backward(&lg).unwrap());
-            let (ve, vg) = (
-                engine.varmap().data().lock().unwrap(),
-                graph.varmap().data().lock().unwrap(),
-            );
-            assert_eq!(ve.len(), vg.len());
-            for (pname, v) in vg.iter() {
-                let y = gg
-                    .get(v)
-                    .unwrap_or_else(|| panic!("{name}: `{pname}` has no gradient on the graph"));
-                let x = ge
-                    .get(&ve[pname])
-                    .unwrap_or_else(|| panic!("{name}: `{pname}` has no gradient on the engine"));
-                let err = max_abs(&(x - y).unwrap());
-                assert!(
-                    err <= tol * (1.0 + max_abs(y)),
-                    "{name} {precision:?}: gradient of `{pname}` differs by {err}"
-                );
-                assert!(max_abs(y) > 0.0, "{name}: `{pname}` got a zero gradient");
-            }
+        for (name, cfg) in engine_configs() {
+            assert_parity(name, cfg, precision, tol);
         }
+    }
+}
+
+#[test]
+fn gpt2_variants_on_the_engine_match_the_candle_graph() {
+    for (name, cfg) in gpt2_variant_configs() {
+        assert_parity(name, cfg, Precision::Fp32, 1e-5);
+    }
+}
+
+/// The engine and the candle graph agree on the loss and every parameter's gradient.
+fn assert_parity(name: &str, cfg: rlhf_model::ModelConfig, precision: Precision, tol: f32) {
+    let (engine, graph) = (
+        with(cfg.clone(), precision, Backend::Engine),
+        with(cfg, precision, Backend::Candle),
+    );
+    let data = batch(&engine);
+    let (le, lg) = (loss(&engine, &data), loss(&graph, &data));
+    let (a, b) = (
+        le.to_scalar::<f32>().unwrap(),
+        lg.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < tol * (1.0 + b.abs()),
+        "{name} {precision:?}: loss {a} vs {b}"
+    );
+    let (ge, gg) = (backward(&le).unwrap(), backward(&lg).unwrap());
+    let (ve, vg) = (
+        engine.varmap().data().lock().unwrap(),
+        graph.varmap().data().lock().unwrap(),
+    );
+    assert_eq!(ve.len(), vg.len());
+    for (pname, v) in vg.iter() {
+        let y = gg
+            .get(v)
+            .unwrap_or_else(|| panic!("{name}: `{pname}` has no gradient on the graph"));
+        let x = ge
+            .get(&ve[pname])
+            .unwrap_or_else(|| panic!("{name}: `{pname}` has no gradient on the engine"));
+        let err = max_abs(&(x - y).unwrap());
+        assert!(
+            err <= tol * (1.0 + max_abs(y)),
+            "{name} {precision:?}: gradient of `{pname}` differs by {err}"
+        );
+        assert!(max_abs(y) > 0.0, "{name}: `{pname}` got a zero gradient");
     }
 }
 
@@ -124,25 +163,45 @@ fn engine_matches_the_candle_graph_in_values_and_every_gradient() {
 fn the_engine_really_runs_and_hands_its_gradients_to_backward_only() {
     // candle's own backward sees the stack as one op of the embedding: inside-stack parameters get
     // their gradients only through `rlhf_model::backward`. (Proves the engine path was taken.)
-    let m = with(common::llama_config(), Precision::Fp32, Backend::Engine);
-    let data = batch(&m);
-    let l = loss(&m, &data);
-    let plain = l.backward().unwrap();
-    let vars = m.varmap().data().lock().unwrap();
-    let q = &vars["model.layers.0.self_attn.q_proj.weight"];
-    assert!(
-        plain.get(q).is_none(),
-        "the stack ran on candle's graph, not the engine"
-    );
-    assert!(plain.get(&vars["model.embed_tokens.weight"]).is_some());
-    drop(vars);
-    // The tape was spent by that backward: a second one is refused with a message, not a panic.
-    let err = backward(&l).unwrap_err().to_string();
-    assert!(err.contains("second backward"), "{err}");
-    let full = backward(&loss(&m, &data)).unwrap();
-    assert!(full
-        .get(&m.varmap().data().lock().unwrap()["model.layers.0.self_attn.q_proj.weight"])
-        .is_some());
+    let cases = [
+        (
+            common::llama_config(),
+            "model.embed_tokens.weight",
+            &["model.layers.0.self_attn.q_proj.weight"][..],
+        ),
+        // GPT-2's learned positions are a second embedding: inside the stack as well.
+        (
+            common::gpt2_config(),
+            "transformer.wte.weight",
+            &[
+                "transformer.h.0.attn.c_attn.weight",
+                "transformer.wpe.weight",
+            ][..],
+        ),
+    ];
+    for (cfg, embed, inside) in cases {
+        let m = with(cfg, Precision::Fp32, Backend::Engine);
+        let data = batch(&m);
+        let l = loss(&m, &data);
+        let plain = l.backward().unwrap();
+        let vars = m.varmap().data().lock().unwrap();
+        for name in inside {
+            assert!(
+                plain.get(&vars[*name]).is_none(),
+                "`{name}`: the stack ran on candle's graph, not the engine"
+            );
+        }
+        assert!(plain.get(&vars[embed]).is_some());
+        drop(vars);
+        // The tape was spent by that backward: a second one is refused with a message, not a panic.
+        let err = backward(&l).unwrap_err().to_string();
+        assert!(err.contains("second backward"), "{err}");
+        let full = backward(&loss(&m, &data)).unwrap();
+        let vars = m.varmap().data().lock().unwrap();
+        for name in inside {
+            assert!(full.get(&vars[*name]).is_some(), "`{name}` has no gradient");
+        }
+    }
 }
 
 /// The gradient's projection on a random direction of every parameter against the central
@@ -203,7 +262,7 @@ fn directional_check(m: &mut CausalLm, eps: f64, tol: f64, what: &str) {
 
 #[test]
 fn engine_gradients_match_finite_differences_in_both_precisions() {
-    for (name, cfg) in decoder_configs() {
+    for (name, cfg) in engine_configs() {
         // f32 central differences at this step are within ~1e-3 of the derivative here.
         directional_check(
             &mut with(cfg.clone(), Precision::Fp32, Backend::Engine),
@@ -223,7 +282,7 @@ fn engine_gradients_match_finite_differences_in_both_precisions() {
 
 #[test]
 fn frozen_models_on_the_engine_compute_the_graph_values() {
-    for (name, cfg) in decoder_configs() {
+    for (name, cfg) in engine_configs() {
         let mut engine = with(cfg.clone(), Precision::Fp32, Backend::Engine);
         let mut graph = with(cfg, Precision::Fp32, Backend::Candle);
         engine.set_trainable(false).unwrap();
@@ -254,4 +313,16 @@ fn bad_token_ids_and_over_long_sequences_are_errors_on_the_engine() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("sliding_window"), "{err}");
+    let m = with(common::gpt2_config(), Precision::Fp32, Backend::Engine);
+    let err = m.hidden_states(&ids, None).unwrap_err().to_string();
+    assert!(
+        err.contains("token id 500") && err.contains("vocab_size"),
+        "{err}"
+    );
+    // The test config has n_positions = 64.
+    let err = m
+        .hidden_states(&common::ids(1, 65, m.vocab_size(), 1), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("beyond n_positions = 64"), "{err}");
 }

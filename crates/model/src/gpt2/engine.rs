@@ -1,0 +1,346 @@
+//! GPT-2's stack on the engine ([`crate::engine`]): token + learned position embeddings, pre-LN
+//! blocks with the fused `c_attn` and the MLP activation, the final `ln_f`; written out with the
+//! same kernels as the candle graph path in [`crate::ops`].
+
+use super::{Block, Gpt2};
+use crate::engine::{gather_rows, scatter_rows, Body, Buf, Grads, Lin, Reads};
+use crate::linear::Linear;
+use crate::ops::{
+    activation_bwd_rows, activation_rows, attention_bwd, attention_fwd, layer_norm_bwd_rows,
+    layer_norm_rows, AttnDims,
+};
+use candle_core::{Result, Tensor};
+
+/// What one block's backward needs.
+pub(crate) struct BlockTape {
+    /// Block input (the residual stream).
+    x: Buf,
+    h1: Buf,
+    /// Queries, keys and values `[b, nh, t, d]`.
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    /// Attention output `[b, t, nh*d]` and its row log-sum-exps.
+    a: Buf,
+    lse: Vec<f32>,
+    /// The residual stream after attention.
+    x2: Buf,
+    h2: Buf,
+    /// `c_fc`'s output and its activation.
+    f: Buf,
+    m: Buf,
+}
+
+pub(crate) struct Tape {
+    ids: Vec<u32>,
+    /// Every token's position, row-major `[b, t]`.
+    pos: Vec<u32>,
+    b: usize,
+    t: usize,
+    blocks: Vec<BlockTape>,
+    /// Input of `ln_f`.
+    last: Buf,
+}
+
+/// A LayerNorm's weight and bias.
+type Norm<'a> = (&'a [f32], &'a [f32]);
+
+/// One block's weights.
+struct BlockW<'a> {
+    ln1: Norm<'a>,
+    c_attn: Lin<'a>,
+    c_proj: Lin<'a>,
+    ln2: Norm<'a>,
+    c_fc: Lin<'a>,
+    mlp_proj: Lin<'a>,
+}
+
+/// The stack's weights.
+struct StackW<'a> {
+    wte: &'a [f32],
+    wpe: &'a [f32],
+    blocks: Vec<BlockW<'a>>,
+    ln_f: Norm<'a>,
+}
+
+/// Walks the reads of [`Gpt2::stack_tensors`] in order.
+struct Cursor<'a> {
+    reads: &'a Reads<'a>,
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn next(&mut self) -> Result<&'a [f32]> {
+        let data = self.reads.get(self.at)?;
+        self.at += 1;
+        Ok(data)
+    }
+
+    fn norm(&mut self) -> Result<Norm<'a>> {
+        Ok((self.next()?, self.next()?))
+    }
+
+    fn lin(&mut self, l: &Linear) -> Result<Lin<'a>> {
+        let w = self.next()?;
+        let b = l.bias.as_ref().map(|_| self.next()).transpose()?;
+        Ok(Lin::of(l, w, b))
+    }
+}
+
+impl Block {
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj]
+    }
+
+    /// Every parameter in the order [`Block::weights`] reads them.
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.ln1.0, &self.ln1.1];
+        for (i, l) in self.linears().into_iter().enumerate() {
+            if i == 2 {
+                v.extend([&self.ln2.0, &self.ln2.1]);
+            }
+            v.push(&l.weight);
+            v.extend(l.bias.as_ref());
+        }
+        v
+    }
+
+    fn weights<'a>(&self, c: &mut Cursor<'a>) -> Result<BlockW<'a>> {
+        // Struct fields are evaluated in the order written: the order of `tensors`.
+        Ok(BlockW {
+            ln1: c.norm()?,
+            c_attn: c.lin(&self.c_attn)?,
+            c_proj: c.lin(&self.c_proj)?,
+            ln2: c.norm()?,
+            c_fc: c.lin(&self.c_fc)?,
+            mlp_proj: c.lin(&self.mlp_proj)?,
+        })
+    }
+}
+
+impl Gpt2 {
+    /// Whether the engine computes this stack: no adapter inside it (LoRA runs on the candle graph)
+    /// and its parameters all trainable or all frozen.
+    pub(super) fn on_engine(&self) -> bool {
+        let trainable = self.wte.is_variable();
+        self.stack_tensors()
+            .iter()
+            .all(|t| t.is_variable() == trainable)
+            && self
+                .blocks
+                .iter()
+                .all(|b| b.linears().iter().all(|l| l.adapter.is_none()))
+            && self.wte.device().is_cpu()
+    }
+
+    /// Every parameter of the stack in the order the passes read them.
+    fn stack_tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.wte, &self.wpe];
+        for b in &self.blocks {
+            v.extend(b.tensors());
+        }
+        v.extend([&self.ln_f.0, &self.ln_f.1]);
+        v
+    }
+
+    fn stack_weights<'a>(&self, reads: &'a Reads<'a>) -> Result<StackW<'a>> {
+        let mut c = Cursor { reads, at: 0 };
+        Ok(StackW {
+            wte: c.next()?,
+            wpe: c.next()?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.weights(&mut c))
+                .collect::<Result<_>>()?,
+            ln_f: c.norm()?,
+        })
+    }
+
+    /// `(b, t, heads, head_dim)` and the attention's dimensions.
+    fn attn_dims(&self, b: usize, t: usize) -> Result<((usize, usize, usize, usize), AttnDims)> {
+        let nh = self.cfg.n_head;
+        let d = self.cfg.n_embd / nh;
+        let shape = [b, nh, t, d];
+        Ok(((b, t, nh, d), AttnDims::of(&shape, &shape, &shape)?))
+    }
+}
+
+/// `(offset in the fused [b, t, 3, nh, d] projection, offset in the part's own [b, nh, t, d])` of
+/// each `d`-long row of part `part` (0 queries, 1 keys, 2 values) of `c_attn`'s output.
+fn part_rows(
+    (b, t, nh, d): (usize, usize, usize, usize),
+    part: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    (0..b).flat_map(move |bi| {
+        (0..t).flat_map(move |ti| {
+            (0..nh).map(move |hi| {
+                (
+                    (((bi * t + ti) * 3 + part) * nh + hi) * d,
+                    ((bi * nh + hi) * t + ti) * d,
+                )
+            })
+        })
+    })
+}
+
+impl Body for Gpt2 {
+    type Tape = Tape;
+
+    fn embedding(&self) -> &Tensor {
+        &self.wte
+    }
+
+    fn forward(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        pos: &[u32],
+        rows: usize,
+        keep: bool,
+    ) -> Result<(Vec<f32>, Option<Tape>)> {
+        self.check_positions(pos)?;
+        let (n, h) = (b * t, self.cfg.n_embd);
+        let eps = self.cfg.layer_norm_epsilon as f32;
+        let (dims, dm) = self.attn_dims(b, t)?;
+        let d = dims.3;
+        // `rows` ∈ {1, b}: one row of positions is shared by the whole batch.
+        let pos: Vec<u32> = (0..n).map(|i| pos[i % (rows * t)]).collect();
+        let tensors = self.stack_tensors();
+        let reads = Reads::new(&tensors);
+        let w = self.stack_weights(&reads)?;
+        let mut x = Buf::new(n * h);
+        gather_rows(w.wte, h, ids, &mut x)?;
+        for (xr, &p) in x.chunks_mut(h).zip(&pos) {
+            let pe = &w.wpe[p as usize * h..][..h];
+            xr.iter_mut().zip(pe).for_each(|(x, p)| *x += p);
+        }
+        let mut blocks = Vec::with_capacity(if keep { w.blocks.len() } else { 0 });
+        for (li, bw) in w.blocks.iter().enumerate() {
+            let mut h1 = Buf::new(n * h);
+            layer_norm_rows(&x, bw.ln1.0, bw.ln1.1, eps, &mut h1);
+            let mut qkv = Buf::new(n * 3 * h);
+            bw.c_attn.forward(&h1, &mut qkv, false);
+            let [q, k, v] = [0, 1, 2].map(|part| {
+                let mut p = Buf::new(n * h);
+                for (f, o) in part_rows(dims, part) {
+                    p[o..o + d].copy_from_slice(&qkv[f..f + d]);
+                }
+                p
+            });
+            drop(qkv);
+            let mut a = Buf::new(n * h);
+            let lse = attention_fwd(dm, self.attn_scale(li) as f32, &q, &k, &v, &mut a);
+            let mut x2 = Buf::new(n * h);
+            x2.copy_from_slice(&x);
+            bw.c_proj.forward(&a, &mut x2, true);
+            let mut h2 = Buf::new(n * h);
+            layer_norm_rows(&x2, bw.ln2.0, bw.ln2.1, eps, &mut h2);
+            let inner = bw.c_fc.out;
+            let (mut f, mut m) = (Buf::new(n * inner), Buf::new(n * inner));
+            bw.c_fc.forward(&h2, &mut f, false);
+            activation_rows(self.act, &f, inner, &mut m);
+            let mut x3 = Buf::new(n * h);
+            x3.copy_from_slice(&x2);
+            bw.mlp_proj.forward(&m, &mut x3, true);
+            let input = std::mem::replace(&mut x, x3);
+            if keep {
+                blocks.push(BlockTape {
+                    x: input,
+                    h1,
+                    q,
+                    k,
+                    v,
+                    a,
+                    lse,
+                    x2,
+                    h2,
+                    f,
+                    m,
+                });
+            }
+        }
+        let mut out = vec![0f32; n * h];
+        layer_norm_rows(&x, w.ln_f.0, w.ln_f.1, eps, &mut out);
+        let tape = keep.then(|| Tape {
+            ids: ids.to_vec(),
+            pos,
+            b,
+            t,
+            blocks,
+            last: x,
+        });
+        Ok((out, tape))
+    }
+
+    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Tensor)>> {
+        let Tape {
+            ids,
+            pos,
+            b,
+            t,
+            blocks,
+            last,
+        } = tape;
+        let (n, h) = (b * t, self.cfg.n_embd);
+        let eps = self.cfg.layer_norm_epsilon as f32;
+        let (dims, dm) = self.attn_dims(b, t)?;
+        let d = dims.3;
+        let tensors = self.stack_tensors();
+        let reads = Reads::new(&tensors);
+        let w = self.stack_weights(&reads)?;
+        let mut grads = Grads(Vec::with_capacity(tensors.len()));
+        let mut dx = Buf::new(n * h);
+        let (dw, db) = layer_norm_bwd_rows(&last, w.ln_f.0, dy, eps, &mut dx, false);
+        grads.put(&self.ln_f.0, dw)?;
+        grads.put(&self.ln_f.1, db)?;
+        let layers = self.blocks.iter().zip(&w.blocks).zip(blocks);
+        for (li, ((blk, bw), bt)) in layers.enumerate().rev() {
+            // MLP: x3 = x2 + mlp_proj(act(c_fc(h2))), h2 = ln2(x2).
+            let inner = bw.c_fc.out;
+            let mut dm_act = Buf::new(n * inner);
+            grads.linear(
+                &blk.mlp_proj,
+                bw.mlp_proj.backward(&bt.m, &dx, Some((&mut dm_act, false))),
+            )?;
+            let mut df = Buf::new(n * inner);
+            activation_bwd_rows(self.act, &bt.f, &dm_act, inner, &mut df);
+            drop(dm_act);
+            let mut dh = Buf::new(n * h);
+            grads.linear(
+                &blk.c_fc,
+                bw.c_fc.backward(&bt.h2, &df, Some((&mut dh, false))),
+            )?;
+            drop(df);
+            let (dln2w, dln2b) = layer_norm_bwd_rows(&bt.x2, bw.ln2.0, &dh, eps, &mut dx, true);
+            // Attention: x2 = x + c_proj(attn(c_attn(h1) split into q, k, v)), h1 = ln1(x).
+            let mut da = Buf::new(n * h);
+            grads.linear(
+                &blk.c_proj,
+                bw.c_proj.backward(&bt.a, &dx, Some((&mut da, false))),
+            )?;
+            let scale = self.attn_scale(li) as f32;
+            let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
+            drop(da);
+            let mut dqkv = Buf::new(n * 3 * h);
+            for (part, g) in [dq, dk, dv].iter().enumerate() {
+                for (f, o) in part_rows(dims, part) {
+                    dqkv[f..f + d].copy_from_slice(&g[o..o + d]);
+                }
+            }
+            grads.linear(
+                &blk.c_attn,
+                bw.c_attn.backward(&bt.h1, &dqkv, Some((&mut dh, false))),
+            )?;
+            let (dln1w, dln1b) = layer_norm_bwd_rows(&bt.x, bw.ln1.0, &dh, eps, &mut dx, true);
+            grads.put(&blk.ln2.0, dln2w)?;
+            grads.put(&blk.ln2.1, dln2b)?;
+            grads.put(&blk.ln1.0, dln1w)?;
+            grads.put(&blk.ln1.1, dln1b)?;
+        }
+        grads.put(&self.wpe, scatter_rows(&dx, h, &pos, self.cfg.n_positions))?;
+        grads.put(&self.wte, scatter_rows(&dx, h, &ids, self.cfg.vocab_size))?;
+        Ok(grads.0)
+    }
+}
