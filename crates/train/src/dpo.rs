@@ -661,6 +661,7 @@ pub fn bench_dpo(
     steps: usize,
     lora: Option<&rlhf_model::lora::LoraConfig>,
     backend: rlhf_model::Backend,
+    precision: rlhf_model::Precision,
 ) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
@@ -680,10 +681,12 @@ pub fn bench_dpo(
     };
     cfg.train.lora = lora.cloned();
     cfg.train.backend = backend;
+    cfg.train.bf16 = precision == rlhf_model::Precision::Bf16;
     let mut t = DpoTrainer::from_parts(policy, None, DpoData::Pairs(pairs), None, 0, &cfg)?;
     let mut v = bench_steps(&mut t, steps, 5, 1e-4)?;
     v["trainer"] = json!("dpo");
     v["lora"] = json!(lora);
     v["backend"] = json!(backend);
+    v["precision"] = json!(precision.name());
     Ok(v)
 }

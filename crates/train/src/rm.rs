@@ -573,6 +573,7 @@ pub fn bench_rm(
     steps: usize,
     lora: Option<&LoraConfig>,
     backend: rlhf_model::Backend,
+    precision: rlhf_model::Precision,
 ) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).map_err(data_err)?;
@@ -593,10 +594,12 @@ pub fn bench_rm(
     };
     cfg.train.lora = lora.cloned();
     cfg.train.backend = backend;
+    cfg.train.bf16 = precision == rlhf_model::Precision::Bf16;
     let mut t = RmTrainer::from_parts(model, RmData::Pairs(pairs), None, &cfg)?;
     let mut v = crate::pref_train::bench_steps(&mut t, steps, 5, 1e-3)?;
     v["trainer"] = json!("rm");
     v["lora"] = json!(lora);
     v["backend"] = json!(backend);
+    v["precision"] = json!(precision.name());
     Ok(v)
 }

@@ -41,7 +41,7 @@ pub struct Common {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Matrix products of the linear layers: fp32, or bf16 operands with f32 accumulation (generate, sft).
+    /// Matrix products of the linear layers: fp32, or bf16 operands with f32 accumulation.
     #[arg(long, default_value = "fp32")]
     precision: Precision,
     /// Training steps' forward and backward: the engine, or candle's autograd graph (sft, rm, dpo).
@@ -204,17 +204,26 @@ pub fn run(b: Bench) -> Result<()> {
         {
             anyhow::bail!("the rm and dpo benchmarks measure the tiny shape only (--shape tiny)")
         }
-        Bench::Rm(t) | Bench::Dpo(t) if t.common.precision != Precision::Fp32 => {
-            anyhow::bail!("the rm and dpo benchmarks run at fp32 only (--precision bf16 is wired for sft and generate)")
-        }
         Bench::Serve(a) => crate::cmd::serve::bench(a)?,
         Bench::Rm(t) => println!(
             "{}",
-            rlhf_train::rm::bench_rm(&t.tokenizer, t.steps, lora(&t).as_ref(), t.common.backend)?
+            rlhf_train::rm::bench_rm(
+                &t.tokenizer,
+                t.steps,
+                lora(&t).as_ref(),
+                t.common.backend,
+                t.common.precision
+            )?
         ),
         Bench::Dpo(t) => println!(
             "{}",
-            rlhf_train::dpo::bench_dpo(&t.tokenizer, t.steps, lora(&t).as_ref(), t.common.backend)?
+            rlhf_train::dpo::bench_dpo(
+                &t.tokenizer,
+                t.steps,
+                lora(&t).as_ref(),
+                t.common.backend,
+                t.common.precision
+            )?
         ),
         Bench::Grpo(o) => println!(
             "{}",
