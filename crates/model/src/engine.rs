@@ -25,7 +25,7 @@ use std::sync::Mutex;
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The hand-written passes of [`crate::engine`] where the architecture has them (incremental
-    /// decoding, and adapters other than low-rank ones, use the candle graph).
+    /// decoding, and adapters the architecture's passes do not run, use the candle graph).
     #[default]
     Engine,
     /// candle's autograd over the fused ops (the reference).
@@ -615,6 +615,22 @@ impl Grads {
     pub(crate) fn put(&mut self, p: &Tensor, g: Vec<f32>) -> Result<()> {
         self.0
             .push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
+        Ok(())
+    }
+
+    /// An adapted layer's gradients as [`Adapted::backward`] returns them.
+    pub(crate) fn adapted(&mut self, l: &crate::linear::Linear, g: AdaptedGrads) -> Result<()> {
+        if let Some(base) = g.base {
+            self.linear(l, base)?;
+        }
+        if let Some((da, db)) = g.lora {
+            let Some(lr) = l.low_rank() else {
+                bail!("engine: adapter gradients for a layer without a low-rank adapter")
+            };
+            let (a, b, _) = lr.factors();
+            self.put(a, da)?;
+            self.put(b, db)?;
+        }
         Ok(())
     }
 

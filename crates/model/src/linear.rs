@@ -112,6 +112,11 @@ impl Linear {
         })
     }
 
+    /// The low-rank form of the adapter, if there is one and it has that form.
+    pub fn low_rank(&self) -> Option<&dyn LowRankAdapter> {
+        self.adapter.as_deref().and_then(|a| a.low_rank())
+    }
+
     /// Output of the frozen base layer only (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let transposed = self.layout == WeightLayout::OutIn;

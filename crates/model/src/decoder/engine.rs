@@ -3,16 +3,16 @@
 
 use super::{Decoder, Layer};
 use crate::engine::{
-    gather_rows, scatter_rows, swap_time_heads, Adapted, AdaptedGrads, Body, Buf, Lin, LowRank,
+    gather_rows, scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, Lin, LowRank,
     LowRankTape, Reads,
 };
-use crate::linear::{Linear, LowRankAdapter, WeightLayout};
+use crate::linear::{Linear, LowRankAdapter};
 use crate::lora::DropoutMask;
 use crate::ops::{
     attention_bwd, attention_fwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
     silu_mul_rows, AttnDims,
 };
-use candle_core::{bail, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
@@ -50,16 +50,11 @@ pub(crate) struct Tape {
     base: bool,
 }
 
-/// The low-rank form of a layer's adapter, if it has one.
-fn low_rank(l: &Linear) -> Option<&dyn LowRankAdapter> {
-    l.adapter.as_deref().and_then(|a| a.low_rank())
-}
-
 /// A linear layer's tensors in the order [`read_linear`] reads them: weight, bias, adapter A and B.
 fn linear_tensors(l: &Linear) -> Vec<&Tensor> {
     let mut v = vec![&l.weight];
     v.extend(l.bias.as_ref());
-    if let Some(lr) = low_rank(l) {
+    if let Some(lr) = l.low_rank() {
         let (a, b, _) = lr.factors();
         v.extend([a, b]);
     }
@@ -74,15 +69,9 @@ fn next<'a>(r: &'a Reads, at: &mut usize) -> Result<&'a [f32]> {
 
 /// A linear layer (and its adapter) from the reads, starting at `at`.
 fn read_linear<'a>(l: &Linear, r: &'a Reads, at: &mut usize) -> Result<Adapted<'a>> {
-    let lin = Lin {
-        w: next(r, at)?,
-        b: l.bias.as_ref().map(|_| next(r, at)).transpose()?,
-        out: l.out_features(),
-        inp: l.in_features(),
-        transposed: l.layout == WeightLayout::OutIn,
-        precision: l.precision,
-    };
-    let lora = match low_rank(l) {
+    let w = next(r, at)?;
+    let lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
+    let lora = match l.low_rank() {
         Some(lr) => {
             let (a, _, scale) = lr.factors();
             Some(LowRank {
@@ -158,7 +147,7 @@ impl Layer {
     /// [`Layer::linears`]: `None` for a layer without an adapter or whose adapter is off.
     fn begin_passes(&self) -> [Option<Option<DropoutMask>>; 7] {
         self.linears()
-            .map(|l| low_rank(l).and_then(|lr| lr.begin_pass()))
+            .map(|l| l.low_rank().and_then(|lr| lr.begin_pass()))
     }
 }
 
@@ -177,7 +166,7 @@ impl Decoder {
         self.layers.iter().all(|l| {
             l.linears()
                 .iter()
-                .all(|x| x.adapter.is_none() || low_rank(x).is_some())
+                .all(|x| x.adapter.is_none() || x.low_rank().is_some())
                 && l.base_tensors().all(|t| t.is_variable() == trainable)
         }) && self.norm.is_variable() == trainable
             && self.embed.device().is_cpu()
@@ -212,7 +201,7 @@ impl Body for Decoder {
                 .layers
                 .iter()
                 .flat_map(|l| l.linears())
-                .filter_map(low_rank)
+                .filter_map(Linear::low_rank)
                 .any(adapter_trains)
     }
 
@@ -245,7 +234,7 @@ impl Body for Decoder {
                     l.linears()
                         .iter()
                         .zip(p)
-                        .any(|(l, p)| p.is_some() && low_rank(l).is_some_and(adapter_trains))
+                        .any(|(l, p)| p.is_some() && l.low_rank().is_some_and(adapter_trains))
                 }));
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for (w, [pq, pk, pv, po, pgate, pup, pdown]) in
@@ -357,7 +346,7 @@ impl Body for Decoder {
             // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
             let inter = w.gate.lin.out;
             let mut dact = Buf::new(n * inter);
-            grads.linear(
+            grads.adapted(
                 &layer.down,
                 w.down
                     .backward(&bt.act, &dx, Some((&mut dact, false)), base, ldown.as_ref()),
@@ -366,19 +355,19 @@ impl Body for Decoder {
             silu_mul_bwd_rows(&bt.gate, &bt.up, &dact, inter, &mut dgate, &mut dup);
             drop(dact);
             let mut dh = Buf::new(n * h);
-            grads.linear(
+            grads.adapted(
                 &layer.gate,
                 w.gate
                     .backward(&bt.h2, &dgate, Some((&mut dh, false)), base, lgate.as_ref()),
             )?;
-            grads.linear(
+            grads.adapted(
                 &layer.up,
                 w.up.backward(&bt.h2, &dup, Some((&mut dh, true)), base, lup.as_ref()),
             )?;
             let dln2 = rms_norm_bwd_rows(&bt.x2, w.ln2, &dh, eps, &mut dx, true);
             // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
             let mut da = Buf::new(n * nh * d);
-            grads.linear(
+            grads.adapted(
                 &layer.o,
                 w.o.backward(&bt.a, &dx, Some((&mut da, false)), base, lo.as_ref()),
             )?;
@@ -390,15 +379,15 @@ impl Body for Decoder {
             rope_kernel(&dk, &cos, &sin, (b, t, nkv, d), rows, false, &mut dkp);
             let mut dvp = Buf::new(n * nkv * d);
             swap_time_heads(&dv, (b, nkv, t, d), &mut dvp);
-            grads.linear(
+            grads.adapted(
                 &layer.q,
                 w.q.backward(&bt.h1, &dqp, Some((&mut dh, false)), base, lq.as_ref()),
             )?;
-            grads.linear(
+            grads.adapted(
                 &layer.k,
                 w.k.backward(&bt.h1, &dkp, Some((&mut dh, true)), base, lk.as_ref()),
             )?;
-            grads.linear(
+            grads.adapted(
                 &layer.v,
                 w.v.backward(&bt.h1, &dvp, Some((&mut dh, true)), base, lv.as_ref()),
             )?;
@@ -412,34 +401,5 @@ impl Body for Decoder {
             grads.put(&self.embed, scatter_rows(&dx, h, &ids, s.vocab))?;
         }
         Ok(grads.0)
-    }
-}
-
-/// Gradients as the engine hands them over: (parameter, gradient).
-struct Grads(Vec<(Tensor, Tensor)>);
-
-impl Grads {
-    fn put(&mut self, p: &Tensor, g: Vec<f32>) -> Result<()> {
-        self.0
-            .push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
-        Ok(())
-    }
-
-    fn linear(&mut self, l: &Linear, g: AdaptedGrads) -> Result<()> {
-        if let Some((dw, db)) = g.base {
-            self.put(&l.weight, dw)?;
-            if let (Some(bias), Some(db)) = (&l.bias, db) {
-                self.put(bias, db)?;
-            }
-        }
-        if let Some((da, db)) = g.lora {
-            let Some(lr) = low_rank(l) else {
-                bail!("engine: adapter gradients for a layer without a low-rank adapter")
-            };
-            let (a, b, _) = lr.factors();
-            self.put(a, da)?;
-            self.put(b, db)?;
-        }
-        Ok(())
     }
 }
