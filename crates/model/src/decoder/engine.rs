@@ -12,7 +12,7 @@ use crate::ops::{
     attention_bwd, attention_fwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
     silu_mul_rows, AttnDims,
 };
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
@@ -73,11 +73,18 @@ fn read_linear<'a>(l: &Linear, r: &'a Reads, at: &mut usize) -> Result<Adapted<'
     let lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
     let lora = match l.low_rank() {
         Some(lr) => {
-            let (a, _, scale) = lr.factors();
+            let (a, b, scale) = lr.factors();
+            let rank = a.dims().first().copied().unwrap_or(0);
+            if a.dims() != [rank, lin.inp] || b.dims() != [lin.out, rank] {
+                bail!(
+                    "engine: adapter factors A {:?} and B {:?} do not fit a linear layer of {} inputs and {} outputs (expected [r, {}] and [{}, r])",
+                    a.dims(), b.dims(), lin.inp, lin.out, lin.inp, lin.out
+                )
+            }
             Some(LowRank {
                 a: next(r, at)?,
                 b: next(r, at)?,
-                r: a.dims()[0],
+                r: rank,
                 inp: lin.inp,
                 out: lin.out,
                 scale: scale as f32,
