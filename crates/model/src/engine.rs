@@ -8,9 +8,12 @@
 //! matrix: the trainers' loss graphs (lm-head log-probs, value heads, losses) stay candle graphs,
 //! and when [`backward`] reaches the op it runs the stack's backward, returns the embedding's
 //! gradient to candle and hands the other parameters' gradients to [`backward`] for the store.
+//! When the embedding is frozen (LoRA: only adapters train) the op hangs on a constant variable
+//! instead ([`anchor`]), so that candle still reaches it, and every gradient goes to the store.
 //! The candle graph path stays selectable ([`Backend::Candle`]) as the reference.
 
 use crate::bf16::{gemm_prec, Precision};
+use crate::lora::DropoutMask;
 use crate::matmul::MatRef;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
@@ -21,8 +24,8 @@ use std::sync::Mutex;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// The hand-written passes of [`crate::engine`] where the architecture has them (LoRA adapters
-    /// inside the stack and incremental decoding use the candle graph).
+    /// The hand-written passes of [`crate::engine`] where the architecture has them (incremental
+    /// decoding, and adapters the architecture's passes do not run, use the candle graph).
     #[default]
     Engine,
     /// candle's autograd over the fused ops (the reference).
@@ -55,10 +58,16 @@ impl std::str::FromStr for Backend {
 pub(crate) trait Body: Clone + Send + Sync + 'static {
     /// What the backward pass needs from the forward.
     type Tape: Send + Sync + 'static;
-    /// The embedding matrix: the stack's input in candle's graph.
+    /// The embedding matrix: the stack's input in candle's graph when it is trainable.
     fn embedding(&self) -> &Tensor;
+    /// Whether any parameter of the stack may be trainable (then the forward is asked to keep its
+    /// tape).
+    fn trainable(&self) -> bool {
+        self.embedding().is_variable()
+    }
     /// Hidden states after the final norm, `[b * t * hidden]` row-major, for the row-major token
-    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape.
+    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape, unless
+    /// no parameter this pass reads is trainable (e.g. only adapters train and they are disabled).
     fn forward(
         &self,
         ids: &[u32],
@@ -73,8 +82,8 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     fn backward(&self, tape: Self::Tape, d_hidden: &[f32]) -> Result<Vec<(Tensor, Tensor)>>;
 }
 
-/// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when the embedding is
-/// not trainable, else the output of one candle op whose backward runs `body`'s.
+/// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
+/// trainable, else the output of one candle op whose backward runs `body`'s.
 pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let ids = ids
@@ -82,17 +91,33 @@ pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) 
         .flatten_all()?
         .to_vec1::<u32>()?;
     let embed = body.embedding();
-    let train = embed.is_variable();
-    let (hidden, tape) = body.forward(&ids, b, t, pos, rows, train)?;
+    let (hidden, tape) = body.forward(&ids, b, t, pos, rows, body.trainable())?;
     let h = hidden.len() / (b * t).max(1);
-    if !train {
+    let Some(tape) = tape else {
         return Tensor::from_vec(hidden, (b, t, h), embed.device());
-    }
-    embed.apply_op1(StackOp {
+    };
+    let input = if embed.is_variable() {
+        embed.clone()
+    } else {
+        anchor()?
+    };
+    input.apply_op1(StackOp {
         body: body.clone(),
         out: Mutex::new(Some((hidden, Shape::from((b, t, h))))),
-        tape: Mutex::new(tape),
+        tape: Mutex::new(Some(tape)),
     })
+}
+
+/// The input of the stack's op when the embedding is frozen: candle runs an op's backward only when
+/// its input leads to a variable, so a frozen stack with trainable adapters hangs on this constant
+/// variable (one element, never in a store: the op returns no gradient for it).
+fn anchor() -> Result<Tensor> {
+    static ANCHOR: std::sync::OnceLock<Tensor> = std::sync::OnceLock::new();
+    if let Some(t) = ANCHOR.get() {
+        return Ok(t.clone());
+    }
+    let var = candle_core::Var::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    Ok(ANCHOR.get_or_init(|| var.as_tensor().clone()).clone())
 }
 
 /// The stack as one candle op (see the module comment).
@@ -116,7 +141,7 @@ impl<B: Body> CustomOp1 for StackOp<B> {
         }
     }
 
-    fn bwd(&self, embed: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, input: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let Some(tape) = self.tape.lock().expect("engine op poisoned").take() else {
             bail!("engine: a second backward through the same forward pass (run the forward again)")
         };
@@ -126,17 +151,17 @@ impl<B: Body> CustomOp1 for StackOp<B> {
             let g = cpu_f32(&st, l, "engine backward")?;
             self.body.backward(tape, g)?
         };
-        let mut embed_grad = None;
+        let mut input_grad = None;
         SINK.with_borrow_mut(|sink| {
             for (p, g) in grads {
-                if p.id() == embed.id() {
-                    embed_grad = Some(g);
+                if p.id() == input.id() {
+                    input_grad = Some(g);
                 } else if p.is_variable() {
                     sink.push((p, g));
                 }
             }
         });
-        Ok(embed_grad)
+        Ok(input_grad)
     }
 }
 
@@ -312,11 +337,209 @@ impl Lin<'_> {
             gemm_prec(p, &mut dw, self.out, false, xm.t(), g, true);
         }
         if let Some((dx, accumulate)) = dx {
-            gemm_prec(p, dx, self.inp, accumulate, g, self.rhs().t(), true);
+            self.input_grad(dy, dx, accumulate);
         }
         let db = self.b.map(|_| col_sums(dy, self.out));
         (dw, db)
     }
+
+    /// The gradient wrt the input only (a frozen layer): into `dx`, or added to it when `accumulate`.
+    pub(crate) fn input_grad(&self, dy: &[f32], dx: &mut [f32], accumulate: bool) {
+        let g = MatRef::rows_of(dy, self.out);
+        gemm_prec(
+            self.precision,
+            dx,
+            self.inp,
+            accumulate,
+            g,
+            self.rhs().t(),
+            true,
+        );
+    }
+}
+
+/// A low-rank adapter on a [`Lin`] as the engine reads it: the delta `scale · (x ⊙ mask) Aᵀ Bᵀ`
+/// with A `[r, inp]`, B `[out, r]`, at f32 (adapters compute at f32 on the graph too).
+pub(crate) struct LowRank<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub r: usize,
+    pub inp: usize,
+    pub out: usize,
+    pub scale: f32,
+}
+
+/// What an adapter's backward needs from its forward.
+pub(crate) struct LowRankTape {
+    /// The dropout mask the input was multiplied by (`None`: no dropout).
+    mask: Option<Buf>,
+    /// `scale · (x ⊙ mask) Aᵀ`, `[n, r]`.
+    u: Buf,
+}
+
+impl LowRank<'_> {
+    /// `y += scale · (x ⊙ mask) Aᵀ Bᵀ` for `x` `[n, inp]`, `y` `[n, out]`.
+    pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], mask: Option<Buf>) -> LowRankTape {
+        let r = self.r;
+        let dropped = mask.as_ref().map(|m| masked(x, m));
+        let xd = dropped.as_deref().unwrap_or(x);
+        let mut u = Buf::new(x.len() / self.inp * r);
+        gemm_prec(
+            Precision::Fp32,
+            &mut u,
+            r,
+            false,
+            MatRef::rows_of(xd, self.inp),
+            MatRef::new(self.a, r, self.inp, self.inp).t(),
+            true,
+        );
+        u.iter_mut().for_each(|v| *v *= self.scale);
+        gemm_prec(
+            Precision::Fp32,
+            y,
+            self.out,
+            true,
+            MatRef::rows_of(&u, r),
+            MatRef::new(self.b, self.out, r, r).t(),
+            true,
+        );
+        LowRankTape { mask, u }
+    }
+
+    /// The gradients wrt A and B for the upstream `dy` of the forward on `x`; the input's gradient
+    /// is added to `dx` when given.
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        tape: &LowRankTape,
+        dx: Option<&mut [f32]>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (r, inp, out) = (self.r, self.inp, self.out);
+        let fp = Precision::Fp32;
+        let g = MatRef::rows_of(dy, out);
+        let mut db = vec![0f32; out * r];
+        gemm_prec(
+            fp,
+            &mut db,
+            r,
+            false,
+            g.t(),
+            MatRef::rows_of(&tape.u, r),
+            true,
+        );
+        // du = scale · dy B, the gradient of u / scale.
+        let mut du = Buf::new(dy.len() / out * r);
+        gemm_prec(
+            fp,
+            &mut du,
+            r,
+            false,
+            g,
+            MatRef::new(self.b, out, r, r),
+            true,
+        );
+        du.iter_mut().for_each(|v| *v *= self.scale);
+        let du = MatRef::rows_of(&du, r);
+        let dropped = tape.mask.as_ref().map(|m| masked(x, m));
+        let xd = dropped.as_deref().unwrap_or(x);
+        let mut da = vec![0f32; r * inp];
+        gemm_prec(
+            fp,
+            &mut da,
+            inp,
+            false,
+            du.t(),
+            MatRef::rows_of(xd, inp),
+            true,
+        );
+        let a = MatRef::new(self.a, r, inp, inp);
+        match (dx, &tape.mask) {
+            (Some(dx), None) => gemm_prec(fp, dx, inp, true, du, a, true),
+            (Some(dx), Some(mask)) => {
+                let mut dxd = Buf::new(dx.len());
+                gemm_prec(fp, &mut dxd, inp, false, du, a, true);
+                dx.iter_mut()
+                    .zip(dxd.iter().zip(mask.iter()))
+                    .for_each(|(dx, (g, m))| *dx += g * m);
+            }
+            (None, _) => {}
+        }
+        (da, db)
+    }
+}
+
+/// A linear layer with its low-rank adapter (if any), as the engine runs them.
+pub(crate) struct Adapted<'a> {
+    pub lin: Lin<'a>,
+    pub lora: Option<LowRank<'a>>,
+}
+
+/// The gradients of an [`Adapted`] layer: the base weight's and bias's when the base trains, A's
+/// and B's when the adapter ran.
+pub(crate) struct AdaptedGrads {
+    pub base: Option<(Vec<f32>, Option<Vec<f32>>)>,
+    pub lora: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Adapted<'_> {
+    /// [`Lin::forward`], plus the adapter's delta when it runs this pass (`pass`: from
+    /// [`crate::linear::LowRankAdapter::begin_pass`], its dropout mask drawn here); returns the
+    /// adapter's tape then.
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        accumulate: bool,
+        pass: Option<Option<DropoutMask>>,
+    ) -> Option<LowRankTape> {
+        self.lin.forward(x, y, accumulate);
+        let (lora, mask) = (self.lora.as_ref()?, pass?);
+        let mask = mask.map(|m| {
+            let mut buf = Buf::new(x.len());
+            m.fill(&mut buf);
+            buf
+        });
+        Some(lora.forward(x, y, mask))
+    }
+
+    /// Gradients for the upstream `dy` of the forward on `x` (the base's only when `base`, a
+    /// trainable base; the adapter's when it ran, `tape`); the input's into `dx` (added to what it
+    /// holds when `accumulate`).
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        mut dx: Option<(&mut [f32], bool)>,
+        base: bool,
+        tape: Option<&LowRankTape>,
+    ) -> AdaptedGrads {
+        let base = if base {
+            Some(
+                self.lin
+                    .backward(x, dy, dx.as_mut().map(|(d, a)| (&mut **d, *a))),
+            )
+        } else {
+            if let Some((d, a)) = dx.as_mut() {
+                self.lin.input_grad(dy, d, *a);
+            }
+            None
+        };
+        let lora = match (&self.lora, tape) {
+            (Some(l), Some(t)) => Some(l.backward(x, dy, t, dx.map(|(d, _)| d))),
+            _ => None,
+        };
+        AdaptedGrads { base, lora }
+    }
+}
+
+/// `x ⊙ mask`.
+fn masked(x: &[f32], mask: &[f32]) -> Buf {
+    let mut out = Buf::new(x.len());
+    out.iter_mut()
+        .zip(x.iter().zip(mask))
+        .for_each(|(o, (x, m))| *o = x * m);
+    out
 }
 
 /// Sums of the columns of a row-major `[_, cols]` matrix.
@@ -392,6 +615,22 @@ impl Grads {
     pub(crate) fn put(&mut self, p: &Tensor, g: Vec<f32>) -> Result<()> {
         self.0
             .push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
+        Ok(())
+    }
+
+    /// An adapted layer's gradients as [`Adapted::backward`] returns them.
+    pub(crate) fn adapted(&mut self, l: &crate::linear::Linear, g: AdaptedGrads) -> Result<()> {
+        if let Some(base) = g.base {
+            self.linear(l, base)?;
+        }
+        if let Some((da, db)) = g.lora {
+            let Some(lr) = l.low_rank() else {
+                bail!("engine: adapter gradients for a layer without a low-rank adapter")
+            };
+            let (a, b, _) = lr.factors();
+            self.put(a, da)?;
+            self.put(b, db)?;
+        }
         Ok(())
     }
 

@@ -36,7 +36,7 @@ pub use engine::{backward, Backend};
 pub use generate::{
     generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken,
 };
-pub use linear::{Linear, LinearAdapter, WeightLayout};
+pub use linear::{Linear, LinearAdapter, LowRankAdapter, WeightLayout};
 pub use ops::token_logprobs;
 
 use arch::{Arch, Network};

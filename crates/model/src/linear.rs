@@ -2,6 +2,7 @@
 //! plugs in.
 
 use crate::bf16::{PackedB, Precision};
+use crate::lora::DropoutMask;
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
@@ -20,6 +21,23 @@ pub enum WeightLayout {
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// `x`: the layer input `[.., in]`; returns the delta `[.., out]` added to the base output.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The adapter as a low-rank product, for hand-written passes ([`crate::engine`]). `None` (the
+    /// default): it has no such form, and a stack containing it runs on candle's graph.
+    fn low_rank(&self) -> Option<&dyn LowRankAdapter> {
+        None
+    }
+}
+
+/// An adapter whose delta is `scale · (x ⊙ mask) Aᵀ Bᵀ` (LoRA): what the engine computes in place
+/// of [`LinearAdapter::forward`], with the same parameters and the same dropout masks.
+pub trait LowRankAdapter {
+    /// A `[r, in]` and B `[out, r]` (f32), and the scale.
+    fn factors(&self) -> (&Tensor, &Tensor, f64);
+    /// Starts one forward pass: `None` when the adapter adds nothing this pass (disabled), else the
+    /// dropout mask of its input (`None`: no dropout). Advances the state [`LinearAdapter::forward`]
+    /// advances (the dropout stream), so call it exactly once where `forward` would be called.
+    fn begin_pass(&self) -> Option<Option<DropoutMask>>;
 }
 
 /// `y = x W^T + b (+ adapter(x))`.
@@ -92,6 +110,11 @@ impl Linear {
             precision: self.precision,
             packed,
         })
+    }
+
+    /// The low-rank form of the adapter, if there is one and it has that form.
+    pub fn low_rank(&self) -> Option<&dyn LowRankAdapter> {
+        self.adapter.as_deref().and_then(|a| a.low_rank())
     }
 
     /// Output of the frozen base layer only (no adapter).

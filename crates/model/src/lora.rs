@@ -5,7 +5,7 @@
 //! own [`VarMap`] is handed to the optimizer. Files: `adapter_config.json` (`peft_type` `LORA`) and
 //! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`.
 
-use crate::linear::{LinearAdapter, WeightLayout};
+use crate::linear::{LinearAdapter, LowRankAdapter, WeightLayout};
 use crate::{io, CausalLm, Linear};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
@@ -108,17 +108,43 @@ struct DropoutStream {
 }
 
 impl DropoutStream {
+    /// The next mask of the stream for dropout probability `p`.
+    fn next(&self, p: f64) -> DropoutMask {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        DropoutMask {
+            key: mix64(self.key ^ mix64(call)),
+            p,
+        }
+    }
+
     /// Inverted dropout of `x` with probability `p` (kept values scaled by 1/(1-p)), as a product with a
     /// constant mask so the gradient flows through the kept elements only.
     fn apply(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let mut mask = vec![0f32; x.elem_count()];
+        self.next(p).fill(&mut mask);
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// One draw of a layer's dropout stream: the mask of an input, element `i` (row-major) kept (as
+/// `1/(1-p)`) or dropped (0) by a hash of `i`, so the candle graph and the engine multiply by the same
+/// mask.
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutMask {
+    key: u64,
+    p: f64,
+}
+
+impl DropoutMask {
+    /// Writes the mask of an input of `mask.len()` elements.
+    pub fn fill(&self, mask: &mut [f32]) {
         use rayon::prelude::*;
         const CHUNK: usize = 4096;
-        let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let key = mix64(self.key ^ mix64(call));
         // Keep element i when the top 32 bits of its hash are at or above p·2³².
-        let threshold = (p * 4_294_967_296.0) as u64;
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let mut mask = vec![0f32; x.elem_count()];
+        let threshold = (self.p * 4_294_967_296.0) as u64;
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let key = self.key;
         mask.par_chunks_mut(CHUNK)
             .enumerate()
             .for_each(|(c, chunk)| {
@@ -127,8 +153,6 @@ impl DropoutStream {
                     *m = if h >= threshold { keep } else { 0.0 };
                 }
             });
-        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
     }
 }
 
@@ -153,12 +177,36 @@ impl LinearAdapter for LoraLinear {
             }
             return Tensor::zeros(dims, x.dtype(), x.device());
         }
-        let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+        let x = if self.dropping() {
             self.masks.apply(x, self.dropout)?
         } else {
             x.clone()
         };
         self.b.forward_base(&self.a.forward_base(&x)?)? * self.scale
+    }
+
+    fn low_rank(&self) -> Option<&dyn LowRankAdapter> {
+        Some(self)
+    }
+}
+
+impl LoraLinear {
+    /// Whether this pass drops adapter inputs.
+    fn dropping(&self) -> bool {
+        self.dropout > 0.0 && self.training.load(Ordering::Relaxed)
+    }
+}
+
+impl LowRankAdapter for LoraLinear {
+    fn factors(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.a.weight, &self.b.weight, self.scale)
+    }
+
+    fn begin_pass(&self) -> Option<Option<DropoutMask>> {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.dropping().then(|| self.masks.next(self.dropout)))
     }
 }
 

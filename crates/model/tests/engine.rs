@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
+use rlhf_model::lora::{Lora, LoraConfig};
 use rlhf_model::{backward, Backend, CausalLm, Precision};
 use serde_json::json;
 
@@ -208,20 +209,36 @@ fn the_engine_really_runs_and_hands_its_gradients_to_backward_only() {
 /// difference of the loss along it, evaluated at f32 (at bf16 the loss is a step function at the
 /// scale of the operands' rounding, so the bf16 gradient is checked against the f32 derivative).
 fn directional_check(m: &mut CausalLm, eps: f64, tol: f64, what: &str) {
+    let vars = sorted_vars(m.varmap());
+    directional_check_of(m, &vars, &|| (), eps, tol, what);
+}
+
+/// The variables of `varmap`, sorted by name.
+fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<_> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// [`directional_check`] along `vars`, calling `rewind` before every loss (e.g. to draw the same
+/// dropout masks).
+fn directional_check_of(
+    m: &mut CausalLm,
+    vars: &[(String, Var)],
+    rewind: &dyn Fn(),
+    eps: f64,
+    tol: f64,
+    what: &str,
+) {
     let data = batch(m);
+    rewind();
     let grads = backward(&loss(m, &data)).unwrap();
-    let vars: Vec<(String, Var)> = {
-        let mut v: Vec<_> = m
-            .varmap()
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
     let dirs: Vec<Tensor> = vars
         .iter()
         .enumerate()
@@ -249,6 +266,7 @@ fn directional_check(m: &mut CausalLm, eps: f64, tol: f64, what: &str) {
         for (((_, v), o), d) in vars.iter().zip(&origin).zip(&dirs) {
             v.set(&(o + (d * s).unwrap()).unwrap()).unwrap();
         }
+        rewind();
         loss(m, &data).to_scalar::<f32>().unwrap() as f64
     };
     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
@@ -325,4 +343,143 @@ fn bad_token_ids_and_over_long_sequences_are_errors_on_the_engine() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("beyond n_positions = 64"), "{err}");
+}
+
+/// Every linear of the stack and the head adapted (r = 4, dropout 0.25, training mode), B drawn
+/// non-zero so that every factor gets a gradient and the adapters change the values.
+fn with_lora(
+    cfg: rlhf_model::ModelConfig,
+    precision: Precision,
+    backend: Backend,
+) -> (CausalLm, Lora) {
+    let mut m = with(cfg, precision, backend);
+    let modules = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    ];
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.25,
+        target_modules: modules.iter().map(|m| m.to_string()).collect(),
+    };
+    let lora = Lora::attach(&mut m, &config, 9).unwrap();
+    for (i, (name, v)) in sorted_vars(lora.varmap()).iter().enumerate() {
+        if name.contains("lora_B") {
+            v.set(&(uniform(v.dims(), 300 + i as u64) * 0.2).unwrap())
+                .unwrap();
+        }
+    }
+    (m, lora)
+}
+
+#[test]
+fn lora_with_dropout_on_the_engine_matches_the_graph_and_finite_differences() {
+    for (precision, tol) in [(Precision::Fp32, 1e-5), (Precision::Bf16, 1e-3)] {
+        for (name, cfg) in [
+            ("llama", common::llama_config()),
+            ("qwen2", common::qwen2_config()),
+        ] {
+            let (engine, le_lora) = with_lora(cfg.clone(), precision, Backend::Engine);
+            let (graph, lg_lora) = with_lora(cfg, precision, Backend::Candle);
+            let data = batch(&engine);
+            // Two steps: the second draws each layer's second dropout mask on both paths.
+            for step in 0..2 {
+                let before = le_lora.dropout_state();
+                let (le, lg) = (loss(&engine, &data), loss(&graph, &data));
+                let (a, b) = (
+                    le.to_scalar::<f32>().unwrap(),
+                    lg.to_scalar::<f32>().unwrap(),
+                );
+                assert!(
+                    (a - b).abs() < tol * (1.0 + b.abs()),
+                    "{name} {precision:?} step {step}: loss {a} vs {b}"
+                );
+                assert_eq!(le_lora.dropout_state(), lg_lora.dropout_state());
+                assert_eq!(le_lora.dropout_state(), vec![step + 1; 15]);
+                // The engine proof: candle's own backward reaches the stack's op (hung on a
+                // constant variable, the base being frozen) but the stack's adapters get their
+                // gradients only through `rlhf_model::backward`.
+                let plain = le.backward().unwrap();
+                let q_a = le_lora.varmap().data().lock().unwrap()
+                    ["model.layers.0.self_attn.q_proj.lora_A.weight"]
+                    .clone();
+                assert!(
+                    plain.get(&q_a).is_none(),
+                    "{name}: the stack ran on the graph"
+                );
+                // That backward spent the tape: the same loss again, with the same masks.
+                le_lora.set_dropout_state(&before).unwrap();
+                let (ge, gg) = (
+                    backward(&loss(&engine, &data)).unwrap(),
+                    backward(&lg).unwrap(),
+                );
+                let (ve, vg) = (sorted_vars(le_lora.varmap()), sorted_vars(lg_lora.varmap()));
+                assert_eq!(ve.len(), 30);
+                for ((pname, x), (_, y)) in ve.iter().zip(&vg) {
+                    let x = ge.get(x).unwrap_or_else(|| {
+                        panic!("{name}: `{pname}` has no gradient on the engine")
+                    });
+                    let y = gg.get(y).unwrap();
+                    let err = max_abs(&(x - y).unwrap());
+                    assert!(
+                        err <= tol * (1.0 + max_abs(y)),
+                        "{name} {precision:?}: gradient of `{pname}` differs by {err}"
+                    );
+                    assert!(max_abs(y) > 0.0, "{name}: `{pname}` got a zero gradient");
+                }
+                // The frozen base gets no gradient.
+                let base = engine.varmap().data().lock().unwrap();
+                assert!(base.values().all(|v| ge.get(v).is_none()), "{name}");
+            }
+        }
+    }
+    // Finite differences along the adapters, with the same masks for every evaluation.
+    for (name, cfg) in [
+        ("llama", common::llama_config()),
+        ("qwen2", common::qwen2_config()),
+    ] {
+        for (precision, tol) in [(Precision::Fp32, 5e-3), (Precision::Bf16, 2e-2)] {
+            let (mut m, lora) = with_lora(cfg.clone(), precision, Backend::Engine);
+            let state = lora.dropout_state();
+            let vars = sorted_vars(lora.varmap());
+            let rewind = || lora.set_dropout_state(&state).unwrap();
+            directional_check_of(&mut m, &vars, &rewind, 1e-3, tol, name);
+        }
+    }
+}
+
+#[test]
+fn disabled_or_evaluating_adapters_on_the_engine_compute_the_graph_values() {
+    for (name, cfg) in [
+        ("llama", common::llama_config()),
+        ("qwen2", common::qwen2_config()),
+    ] {
+        let (engine, le) = with_lora(cfg.clone(), Precision::Fp32, Backend::Engine);
+        let (graph, lg) = with_lora(cfg, Precision::Fp32, Backend::Candle);
+        let (ids, _, pos) = batch(&engine);
+        for (enabled, training) in [(false, true), (true, false)] {
+            for l in [&le, &lg] {
+                l.set_enabled(enabled);
+                l.set_training(training);
+            }
+            let (a, b) = (
+                engine.hidden_states(&ids, Some(&pos)).unwrap(),
+                graph.hidden_states(&ids, Some(&pos)).unwrap(),
+            );
+            assert!(
+                max_abs(&(a - b).unwrap()) < 1e-5,
+                "{name} {enabled} {training}"
+            );
+            // No dropout mask is drawn by a disabled or evaluating adapter.
+            assert_eq!(le.dropout_state(), vec![0; 15]);
+            assert_eq!(lg.dropout_state(), vec![0; 15]);
+        }
+    }
 }

@@ -2,13 +2,17 @@
 //! written out, with the same kernels as the candle graph path in [`crate::ops`].
 
 use super::{Decoder, Layer};
-use crate::engine::{gather_rows, scatter_rows, swap_time_heads, Body, Buf, Lin, Reads};
-use crate::linear::{Linear, WeightLayout};
+use crate::engine::{
+    gather_rows, scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, Lin, LowRank,
+    LowRankTape, Reads,
+};
+use crate::linear::{Linear, LowRankAdapter};
+use crate::lora::DropoutMask;
 use crate::ops::{
     attention_bwd, attention_fwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
     silu_mul_rows, AttnDims,
 };
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
@@ -28,6 +32,8 @@ pub(crate) struct BlockTape {
     gate: Buf,
     up: Buf,
     act: Buf,
+    /// The tapes of the adapters that ran, in the order of [`Layer::linears`].
+    lora: [Option<LowRankTape>; 7],
 }
 
 pub(crate) struct Tape {
@@ -40,31 +46,66 @@ pub(crate) struct Tape {
     blocks: Vec<BlockTape>,
     /// Input of the final norm.
     last: Buf,
+    /// Whether the base parameters train (else only adapters do).
+    base: bool,
 }
 
-/// A linear layer's weights from the reads.
-fn lin<'a>(l: &Linear, r: &'a Reads, w: usize, b: Option<usize>) -> Result<Lin<'a>> {
-    Ok(Lin {
-        w: r.get(w)?,
-        b: b.map(|i| r.get(i)).transpose()?,
-        out: l.out_features(),
-        inp: l.in_features(),
-        transposed: l.layout == WeightLayout::OutIn,
-        precision: l.precision,
-    })
+/// A linear layer's tensors in the order [`read_linear`] reads them: weight, bias, adapter A and B.
+fn linear_tensors(l: &Linear) -> Vec<&Tensor> {
+    let mut v = vec![&l.weight];
+    v.extend(l.bias.as_ref());
+    if let Some(lr) = l.low_rank() {
+        let (a, b, _) = lr.factors();
+        v.extend([a, b]);
+    }
+    v
 }
 
-/// One block's weights, in the order of [`Layer::tensors`].
+/// The next tensor of `r` (read in the order the tensors were listed).
+fn next<'a>(r: &'a Reads, at: &mut usize) -> Result<&'a [f32]> {
+    *at += 1;
+    r.get(*at - 1)
+}
+
+/// A linear layer (and its adapter) from the reads, starting at `at`.
+fn read_linear<'a>(l: &Linear, r: &'a Reads, at: &mut usize) -> Result<Adapted<'a>> {
+    let w = next(r, at)?;
+    let lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
+    let lora = match l.low_rank() {
+        Some(lr) => {
+            let (a, b, scale) = lr.factors();
+            let rank = a.dims().first().copied().unwrap_or(0);
+            if a.dims() != [rank, lin.inp] || b.dims() != [lin.out, rank] {
+                bail!(
+                    "engine: adapter factors A {:?} and B {:?} do not fit a linear layer of {} inputs and {} outputs (expected [r, {}] and [{}, r])",
+                    a.dims(), b.dims(), lin.inp, lin.out, lin.inp, lin.out
+                )
+            }
+            Some(LowRank {
+                a: next(r, at)?,
+                b: next(r, at)?,
+                r: rank,
+                inp: lin.inp,
+                out: lin.out,
+                scale: scale as f32,
+            })
+        }
+        None => None,
+    };
+    Ok(Adapted { lin, lora })
+}
+
+/// One block's weights.
 struct BlockW<'a> {
     ln1: &'a [f32],
-    q: Lin<'a>,
-    k: Lin<'a>,
-    v: Lin<'a>,
-    o: Lin<'a>,
     ln2: &'a [f32],
-    gate: Lin<'a>,
-    up: Lin<'a>,
-    down: Lin<'a>,
+    q: Adapted<'a>,
+    k: Adapted<'a>,
+    v: Adapted<'a>,
+    o: Adapted<'a>,
+    gate: Adapted<'a>,
+    up: Adapted<'a>,
+    down: Adapted<'a>,
 }
 
 impl Layer {
@@ -74,61 +115,71 @@ impl Layer {
         ]
     }
 
-    /// Every parameter: ln1, then each linear's weight (and bias), then ln2 after `o`.
+    /// Every tensor the passes read: ln1, ln2, then each linear's ([`linear_tensors`]).
     fn tensors(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.ln1];
-        for (i, l) in self.linears().into_iter().enumerate() {
-            if i == 4 {
-                v.push(&self.ln2);
-            }
-            v.push(&l.weight);
-            v.extend(l.bias.as_ref());
+        let mut v = vec![&self.ln1, &self.ln2];
+        for l in self.linears() {
+            v.extend(linear_tensors(l));
         }
         v
     }
 
-    fn weights<'a>(&self, r: &'a Reads, first: usize) -> Result<BlockW<'a>> {
-        // Positions in `tensors()`: ln1, q, k, v, o, ln2, gate, up, down (each linear 1 or 2 slots).
-        let mut at = first;
-        let mut slots = [(0, None); 7];
-        let mut norms = [0; 2];
-        for (i, l) in self.linears().into_iter().enumerate() {
-            if i == 0 || i == 4 {
-                norms[i / 4] = at;
-                at += 1;
-            }
-            slots[i] = (at, l.bias.as_ref().map(|_| at + 1));
-            at += 1 + l.bias.is_some() as usize;
-        }
-        let [q, k, v, o, gate, up, down] = self.linears();
-        let l = |x: &Linear, i: usize| lin(x, r, slots[i].0, slots[i].1);
+    /// The base parameters (not the adapters').
+    fn base_tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.ln1, &self.ln2].into_iter().chain(
+            self.linears()
+                .into_iter()
+                .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref())),
+        )
+    }
+
+    /// The weights from the reads of [`Layer::tensors`] starting at `at`.
+    fn weights<'a>(&self, r: &'a Reads, at: &mut usize) -> Result<BlockW<'a>> {
+        let (ln1, ln2) = (next(r, at)?, next(r, at)?);
+        let mut lin = |l: &Linear| read_linear(l, r, at);
         Ok(BlockW {
-            ln1: r.get(norms[0])?,
-            q: l(q, 0)?,
-            k: l(k, 1)?,
-            v: l(v, 2)?,
-            o: l(o, 3)?,
-            ln2: r.get(norms[1])?,
-            gate: l(gate, 4)?,
-            up: l(up, 5)?,
-            down: l(down, 6)?,
+            ln1,
+            ln2,
+            q: lin(&self.q)?,
+            k: lin(&self.k)?,
+            v: lin(&self.v)?,
+            o: lin(&self.o)?,
+            gate: lin(&self.gate)?,
+            up: lin(&self.up)?,
+            down: lin(&self.down)?,
         })
+    }
+
+    /// Starts this forward pass of each adapter ([`LowRankAdapter::begin_pass`]), in the order of
+    /// [`Layer::linears`]: `None` for a layer without an adapter or whose adapter is off.
+    fn begin_passes(&self) -> [Option<Option<DropoutMask>>; 7] {
+        self.linears()
+            .map(|l| l.low_rank().and_then(|lr| lr.begin_pass()))
     }
 }
 
+/// Whether an adapter's parameters train.
+fn adapter_trains(lr: &dyn LowRankAdapter) -> bool {
+    let (a, b, _) = lr.factors();
+    a.is_variable() || b.is_variable()
+}
+
 impl Decoder {
-    /// Whether the engine computes this stack: no adapter inside it (LoRA runs on the candle graph)
-    /// and its parameters all trainable or all frozen.
+    /// Whether the engine computes this stack: every adapter inside it low-rank (LoRA; others run
+    /// on the candle graph) and its base parameters all trainable or all frozen (adapters' own
+    /// parameters may train either way).
     pub(super) fn on_engine(&self) -> bool {
         let trainable = self.embed.is_variable();
         self.layers.iter().all(|l| {
-            l.linears().iter().all(|x| x.adapter.is_none())
-                && l.tensors().iter().all(|t| t.is_variable() == trainable)
+            l.linears()
+                .iter()
+                .all(|x| x.adapter.is_none() || x.low_rank().is_some())
+                && l.base_tensors().all(|t| t.is_variable() == trainable)
         }) && self.norm.is_variable() == trainable
             && self.embed.device().is_cpu()
     }
 
-    /// Every parameter of the stack in the order the passes read them.
+    /// Every tensor of the stack in the order the passes read them.
     fn stack_tensors(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.embed];
         for l in &self.layers {
@@ -139,13 +190,8 @@ impl Decoder {
     }
 
     fn block_weights<'a>(&self, r: &'a Reads) -> Result<Vec<BlockW<'a>>> {
-        let mut first = 1;
-        let mut out = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            out.push(l.weights(r, first)?);
-            first += l.tensors().len();
-        }
-        Ok(out)
+        let mut at = 1;
+        self.layers.iter().map(|l| l.weights(r, &mut at)).collect()
     }
 }
 
@@ -154,6 +200,16 @@ impl Body for Decoder {
 
     fn embedding(&self) -> &Tensor {
         &self.embed
+    }
+
+    fn trainable(&self) -> bool {
+        self.embed.is_variable()
+            || self
+                .layers
+                .iter()
+                .flat_map(|l| l.linears())
+                .filter_map(Linear::low_rank)
+                .any(adapter_trains)
     }
 
     fn forward(
@@ -175,41 +231,55 @@ impl Body for Decoder {
         let reads = Reads::new(&tensors);
         let mut x = Buf::new(n * h);
         gather_rows(reads.get(0)?, h, ids, &mut x)?;
+        // Each adapter's pass starts here, as its forward on the graph would (one dropout draw per
+        // adapter and forward; the streams are per layer, so the order does not matter).
+        let passes: Vec<_> = self.layers.iter().map(Layer::begin_passes).collect();
+        let base = self.embed.is_variable();
+        let keep = keep
+            && (base
+                || self.layers.iter().zip(&passes).any(|(l, p)| {
+                    l.linears()
+                        .iter()
+                        .zip(p)
+                        .any(|(l, p)| p.is_some() && l.low_rank().is_some_and(adapter_trains))
+                }));
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
-        for w in self.block_weights(&reads)? {
+        for (w, [pq, pk, pv, po, pgate, pup, pdown]) in
+            self.block_weights(&reads)?.iter().zip(passes)
+        {
             let mut h1 = Buf::new(n * h);
             rms_norm_rows(&x, w.ln1, eps, &mut h1);
-            let rope = |lin: &Lin, heads: usize| {
+            let rope = |lin: &Adapted, heads: usize, pass| {
                 let mut p = Buf::new(n * heads * d);
-                lin.forward(&h1, &mut p, false);
+                let tape = lin.forward(&h1, &mut p, false, pass);
                 let mut r = Buf::new(n * heads * d);
                 rope_kernel(&p, &cos, &sin, (b, t, heads, d), rows, true, &mut r);
-                r
+                (r, tape)
             };
-            let (q, k) = (rope(&w.q, nh), rope(&w.k, nkv));
+            let ((q, lq), (k, lk)) = (rope(&w.q, nh, pq), rope(&w.k, nkv, pk));
             let mut vp = Buf::new(n * nkv * d);
-            w.v.forward(&h1, &mut vp, false);
+            let lv = w.v.forward(&h1, &mut vp, false, pv);
             let mut v = Buf::new(n * nkv * d);
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
             let mut a = Buf::new(n * nh * d);
             let lse = attention_fwd(dm, scale, &q, &k, &v, &mut a);
             let mut x2 = Buf::new(n * h);
             x2.copy_from_slice(&x);
-            w.o.forward(&a, &mut x2, true);
+            let lo = w.o.forward(&a, &mut x2, true, po);
             let mut h2 = Buf::new(n * h);
             rms_norm_rows(&x2, w.ln2, eps, &mut h2);
-            let inter = w.gate.out;
+            let inter = w.gate.lin.out;
             let (mut gate, mut up, mut act) = (
                 Buf::new(n * inter),
                 Buf::new(n * inter),
                 Buf::new(n * inter),
             );
-            w.gate.forward(&h2, &mut gate, false);
-            w.up.forward(&h2, &mut up, false);
+            let lgate = w.gate.forward(&h2, &mut gate, false, pgate);
+            let lup = w.up.forward(&h2, &mut up, false, pup);
             silu_mul_rows(&gate, &up, inter, &mut act);
             let mut x3 = Buf::new(n * h);
             x3.copy_from_slice(&x2);
-            w.down.forward(&act, &mut x3, true);
+            let ldown = w.down.forward(&act, &mut x3, true, pdown);
             let input = std::mem::replace(&mut x, x3);
             if keep {
                 blocks.push(BlockTape {
@@ -225,6 +295,7 @@ impl Body for Decoder {
                     gate,
                     up,
                     act,
+                    lora: [lq, lk, lv, lo, lgate, lup, ldown],
                 });
             }
         }
@@ -239,6 +310,7 @@ impl Body for Decoder {
             rows,
             blocks,
             last: x,
+            base,
         });
         Ok((out, tape))
     }
@@ -254,6 +326,7 @@ impl Body for Decoder {
             rows,
             blocks,
             last,
+            base,
         } = tape;
         let (n, h, nh, nkv, d) = (b * t, s.hidden, s.heads, s.kv_heads, s.head_dim);
         let eps = s.eps as f32;
@@ -271,32 +344,40 @@ impl Body for Decoder {
             &mut dx,
             false,
         );
-        grads.put(&self.norm, dnorm)?;
+        if base {
+            grads.put(&self.norm, dnorm)?;
+        }
         let weights = self.block_weights(&reads)?;
         for ((layer, w), bt) in self.layers.iter().zip(&weights).zip(blocks).rev() {
+            let [lq, lk, lv, lo, lgate, lup, ldown] = &bt.lora;
             // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
-            let inter = w.gate.out;
+            let inter = w.gate.lin.out;
             let mut dact = Buf::new(n * inter);
-            grads.linear(
+            grads.adapted(
                 &layer.down,
-                w.down.backward(&bt.act, &dx, Some((&mut dact, false))),
+                w.down
+                    .backward(&bt.act, &dx, Some((&mut dact, false)), base, ldown.as_ref()),
             )?;
             let (mut dgate, mut dup) = (Buf::new(n * inter), Buf::new(n * inter));
             silu_mul_bwd_rows(&bt.gate, &bt.up, &dact, inter, &mut dgate, &mut dup);
             drop(dact);
             let mut dh = Buf::new(n * h);
-            grads.linear(
+            grads.adapted(
                 &layer.gate,
-                w.gate.backward(&bt.h2, &dgate, Some((&mut dh, false))),
+                w.gate
+                    .backward(&bt.h2, &dgate, Some((&mut dh, false)), base, lgate.as_ref()),
             )?;
-            grads.linear(
+            grads.adapted(
                 &layer.up,
-                w.up.backward(&bt.h2, &dup, Some((&mut dh, true))),
+                w.up.backward(&bt.h2, &dup, Some((&mut dh, true)), base, lup.as_ref()),
             )?;
             let dln2 = rms_norm_bwd_rows(&bt.x2, w.ln2, &dh, eps, &mut dx, true);
             // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
             let mut da = Buf::new(n * nh * d);
-            grads.linear(&layer.o, w.o.backward(&bt.a, &dx, Some((&mut da, false))))?;
+            grads.adapted(
+                &layer.o,
+                w.o.backward(&bt.a, &dx, Some((&mut da, false)), base, lo.as_ref()),
+            )?;
             let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
             drop(da);
             let mut dqp = Buf::new(n * nh * d);
@@ -305,34 +386,27 @@ impl Body for Decoder {
             rope_kernel(&dk, &cos, &sin, (b, t, nkv, d), rows, false, &mut dkp);
             let mut dvp = Buf::new(n * nkv * d);
             swap_time_heads(&dv, (b, nkv, t, d), &mut dvp);
-            grads.linear(&layer.q, w.q.backward(&bt.h1, &dqp, Some((&mut dh, false))))?;
-            grads.linear(&layer.k, w.k.backward(&bt.h1, &dkp, Some((&mut dh, true))))?;
-            grads.linear(&layer.v, w.v.backward(&bt.h1, &dvp, Some((&mut dh, true))))?;
+            grads.adapted(
+                &layer.q,
+                w.q.backward(&bt.h1, &dqp, Some((&mut dh, false)), base, lq.as_ref()),
+            )?;
+            grads.adapted(
+                &layer.k,
+                w.k.backward(&bt.h1, &dkp, Some((&mut dh, true)), base, lk.as_ref()),
+            )?;
+            grads.adapted(
+                &layer.v,
+                w.v.backward(&bt.h1, &dvp, Some((&mut dh, true)), base, lv.as_ref()),
+            )?;
             let dln1 = rms_norm_bwd_rows(&bt.x, w.ln1, &dh, eps, &mut dx, true);
-            grads.put(&layer.ln2, dln2)?;
-            grads.put(&layer.ln1, dln1)?;
+            if base {
+                grads.put(&layer.ln2, dln2)?;
+                grads.put(&layer.ln1, dln1)?;
+            }
         }
-        let dembed = scatter_rows(&dx, h, &ids, s.vocab);
-        grads.put(&self.embed, dembed)?;
+        if base {
+            grads.put(&self.embed, scatter_rows(&dx, h, &ids, s.vocab))?;
+        }
         Ok(grads.0)
-    }
-}
-
-/// Gradients as the engine hands them over: (parameter, gradient).
-struct Grads(Vec<(Tensor, Tensor)>);
-
-impl Grads {
-    fn put(&mut self, p: &Tensor, g: Vec<f32>) -> Result<()> {
-        self.0
-            .push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
-        Ok(())
-    }
-
-    fn linear(&mut self, l: &Linear, (dw, db): (Vec<f32>, Option<Vec<f32>>)) -> Result<()> {
-        self.put(&l.weight, dw)?;
-        if let (Some(bias), Some(db)) = (&l.bias, db) {
-            self.put(bias, db)?;
-        }
-        Ok(())
     }
 }
