@@ -202,6 +202,17 @@ impl Body for Decoder {
         &self.embed
     }
 
+    fn parameter_count(&self) -> usize {
+        self.stack_tensors().iter().map(|t| t.elem_count()).sum()
+    }
+
+    fn splittable(&self) -> bool {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .all(|l| l.adapter.is_none())
+    }
+
     fn trainable(&self) -> bool {
         self.embed.is_variable()
             || self
@@ -315,7 +326,7 @@ impl Body for Decoder {
         Ok((out, tape))
     }
 
-    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Tensor)>> {
+    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let s = &self.spec;
         let Tape {
             ids,

@@ -191,6 +191,15 @@ impl Body for Gpt2 {
         &self.wte
     }
 
+    fn parameter_count(&self) -> usize {
+        self.stack_tensors().iter().map(|t| t.elem_count()).sum()
+    }
+
+    /// The GPT-2 stack runs on the engine without adapters only: nothing random in a pass.
+    fn splittable(&self) -> bool {
+        true
+    }
+
     fn forward(
         &self,
         ids: &[u32],
@@ -274,7 +283,7 @@ impl Body for Gpt2 {
         Ok((out, tape))
     }
 
-    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Tensor)>> {
+    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let Tape {
             ids,
             pos,
