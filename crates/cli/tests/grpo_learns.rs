@@ -124,6 +124,12 @@ fn grpo_with_the_exact_answer_verifier_raises_held_out_greedy_exact_match_above_
             "0",
             "--logging-steps",
             "100",
+            // This one seed's outcome hangs on when SFT's loss drops from ≈ 0.6 to ≈ 0.1 (step 800 here on the
+            // candle graph; 800–1500+ across seeds and backends, measured), so any change in the order of float
+            // sums moves it: on the engine, equal to the graph within 1e-7 at step 1, this seed's SFT ends
+            // before the drop. The test pins the graph so that it keeps measuring GRPO, not that timing.
+            "--backend",
+            "candle",
         ],
     );
     let prompts = root().join("data/prompts.jsonl");
@@ -157,6 +163,8 @@ fn grpo_with_the_exact_answer_verifier_raises_held_out_greedy_exact_match_above_
             "dapo",
             "--beta",
             "0",
+            "--backend",
+            "candle",
             "--save-steps",
             "0",
         ],
