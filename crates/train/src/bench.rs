@@ -100,6 +100,9 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
     cfg.train.learning_rate = 1e-3;
     cfg.train.lr_scheduler_type = ScheduleKind::Constant;
     cfg.train.max_steps = Some(total as u64);
+    // The trainer sets up the model from its settings: keep the precision and backend it came with.
+    cfg.train.bf16 = model.precision() == rlhf_model::Precision::Bf16;
+    cfg.train.backend = model.backend();
     let mut trainer = SftTrainer::from_parts(cfg, model, rows, Vec::new(), pad_id)?;
 
     let mut stats: Vec<StepStats> = Vec::with_capacity(total);
