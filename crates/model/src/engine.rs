@@ -732,3 +732,69 @@ impl Grads {
         Ok(())
     }
 }
+
+/// A linear layer's tensors in the order [`read_linear`] reads them: weight, bias, adapter A and B.
+pub(crate) fn linear_tensors(l: &crate::linear::Linear) -> Vec<&Tensor> {
+    let mut v = vec![&l.weight];
+    v.extend(l.bias.as_ref());
+    if let Some(lr) = l.low_rank() {
+        let (a, b, _) = lr.factors();
+        v.extend([a, b]);
+    }
+    v
+}
+
+/// The next tensor of `r` (read in the order the tensors were listed).
+pub(crate) fn next<'a>(r: &'a Reads, at: &mut usize) -> Result<&'a [f32]> {
+    *at += 1;
+    r.get(*at - 1)
+}
+
+/// A linear layer (and its adapter) from the reads, starting at `at`.
+pub(crate) fn read_linear<'a>(
+    l: &crate::linear::Linear,
+    r: &'a Reads,
+    at: &mut usize,
+) -> Result<Adapted<'a>> {
+    let w = next(r, at)?;
+    let lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
+    let lora = match l.low_rank() {
+        Some(lr) => {
+            let (a, b, scale) = lr.factors();
+            let rank = a.dims().first().copied().unwrap_or(0);
+            if a.dims() != [rank, lin.inp] || b.dims() != [lin.out, rank] {
+                bail!(
+                    "engine: adapter factors A {:?} and B {:?} do not fit a linear layer of {} inputs and {} outputs (expected [r, {}] and [{}, r])",
+                    a.dims(), b.dims(), lin.inp, lin.out, lin.inp, lin.out
+                )
+            }
+            Some(LowRank {
+                a: next(r, at)?,
+                b: next(r, at)?,
+                r: rank,
+                inp: lin.inp,
+                out: lin.out,
+                scale: scale as f32,
+            })
+        }
+        None => None,
+    };
+    Ok(Adapted { lin, lora })
+}
+
+/// Whether an adapter's parameters train.
+pub(crate) fn adapter_trains(lr: &dyn crate::linear::LowRankAdapter) -> bool {
+    let (a, b, _) = lr.factors();
+    a.is_variable() || b.is_variable()
+}
+
+/// Starts this forward pass of `l`'s adapter ([`crate::linear::LowRankAdapter::begin_pass`]):
+/// `None` for a layer without an adapter or whose adapter is off, else its dropout mask (if any).
+pub(crate) fn begin_pass(l: &crate::linear::Linear) -> Option<Option<DropoutMask>> {
+    l.low_rank().and_then(|lr| lr.begin_pass())
+}
+
+/// Whether `l`'s adapter runs in this pass (`pass` from [`begin_pass`]) and trains.
+pub(crate) fn pass_trains(l: &crate::linear::Linear, pass: &Option<Option<DropoutMask>>) -> bool {
+    pass.is_some() && l.low_rank().is_some_and(adapter_trains)
+}

@@ -345,15 +345,15 @@ fn bad_token_ids_and_over_long_sequences_are_errors_on_the_engine() {
     assert!(err.contains("beyond n_positions = 64"), "{err}");
 }
 
-/// Every linear of the stack and the head adapted (r = 4, dropout 0.25, training mode), B drawn
-/// non-zero so that every factor gets a gradient and the adapters change the values.
-fn with_lora(
-    cfg: rlhf_model::ModelConfig,
-    precision: Precision,
-    backend: Backend,
-) -> (CausalLm, Lora) {
-    let mut m = with(cfg, precision, backend);
-    let modules = [
+/// Architectures whose stacks run LoRA on the engine: every linear of the stack and the head
+/// adapted, and the name of one adapter factor inside the stack.
+fn lora_cases() -> Vec<(
+    &'static str,
+    rlhf_model::ModelConfig,
+    &'static [&'static str],
+    &'static str,
+)> {
+    const DECODER: &[&str] = &[
         "q_proj",
         "k_proj",
         "v_proj",
@@ -363,6 +363,38 @@ fn with_lora(
         "down_proj",
         "lm_head",
     ];
+    const GPT2: &[&str] = &["c_attn", "c_proj", "c_fc", "lm_head"];
+    vec![
+        (
+            "llama",
+            common::llama_config(),
+            DECODER,
+            "model.layers.0.self_attn.q_proj.lora_A.weight",
+        ),
+        (
+            "qwen2",
+            common::qwen2_config(),
+            DECODER,
+            "model.layers.0.self_attn.q_proj.lora_A.weight",
+        ),
+        (
+            "gpt2",
+            common::gpt2_config(),
+            GPT2,
+            "transformer.h.0.attn.c_attn.lora_A.weight",
+        ),
+    ]
+}
+
+/// `modules` adapted (r = 4, dropout 0.25, training mode), B drawn non-zero so that every factor
+/// gets a gradient and the adapters change the values.
+fn with_lora(
+    cfg: rlhf_model::ModelConfig,
+    modules: &[&str],
+    precision: Precision,
+    backend: Backend,
+) -> (CausalLm, Lora) {
+    let mut m = with(cfg, precision, backend);
     let config = LoraConfig {
         r: 4,
         alpha: 8.0,
@@ -382,12 +414,10 @@ fn with_lora(
 #[test]
 fn lora_with_dropout_on_the_engine_matches_the_graph_and_finite_differences() {
     for (precision, tol) in [(Precision::Fp32, 1e-5), (Precision::Bf16, 1e-3)] {
-        for (name, cfg) in [
-            ("llama", common::llama_config()),
-            ("qwen2", common::qwen2_config()),
-        ] {
-            let (engine, le_lora) = with_lora(cfg.clone(), precision, Backend::Engine);
-            let (graph, lg_lora) = with_lora(cfg, precision, Backend::Candle);
+        for (name, cfg, modules, probe) in lora_cases() {
+            let (engine, le_lora) = with_lora(cfg.clone(), modules, precision, Backend::Engine);
+            let (graph, lg_lora) = with_lora(cfg, modules, precision, Backend::Candle);
+            let adapters = le_lora.dropout_state().len();
             let data = batch(&engine);
             // Two steps: the second draws each layer's second dropout mask on both paths.
             for step in 0..2 {
@@ -402,14 +432,12 @@ fn lora_with_dropout_on_the_engine_matches_the_graph_and_finite_differences() {
                     "{name} {precision:?} step {step}: loss {a} vs {b}"
                 );
                 assert_eq!(le_lora.dropout_state(), lg_lora.dropout_state());
-                assert_eq!(le_lora.dropout_state(), vec![step + 1; 15]);
+                assert_eq!(le_lora.dropout_state(), vec![step + 1; adapters]);
                 // The engine proof: candle's own backward reaches the stack's op (hung on a
                 // constant variable, the base being frozen) but the stack's adapters get their
                 // gradients only through `rlhf_model::backward`.
                 let plain = le.backward().unwrap();
-                let q_a = le_lora.varmap().data().lock().unwrap()
-                    ["model.layers.0.self_attn.q_proj.lora_A.weight"]
-                    .clone();
+                let q_a = le_lora.varmap().data().lock().unwrap()[probe].clone();
                 assert!(
                     plain.get(&q_a).is_none(),
                     "{name}: the stack ran on the graph"
@@ -421,7 +449,7 @@ fn lora_with_dropout_on_the_engine_matches_the_graph_and_finite_differences() {
                     backward(&lg).unwrap(),
                 );
                 let (ve, vg) = (sorted_vars(le_lora.varmap()), sorted_vars(lg_lora.varmap()));
-                assert_eq!(ve.len(), 30);
+                assert_eq!(ve.len(), 2 * adapters);
                 for ((pname, x), (_, y)) in ve.iter().zip(&vg) {
                     let x = ge.get(x).unwrap_or_else(|| {
                         panic!("{name}: `{pname}` has no gradient on the engine")
@@ -441,12 +469,9 @@ fn lora_with_dropout_on_the_engine_matches_the_graph_and_finite_differences() {
         }
     }
     // Finite differences along the adapters, with the same masks for every evaluation.
-    for (name, cfg) in [
-        ("llama", common::llama_config()),
-        ("qwen2", common::qwen2_config()),
-    ] {
+    for (name, cfg, modules, _) in lora_cases() {
         for (precision, tol) in [(Precision::Fp32, 5e-3), (Precision::Bf16, 2e-2)] {
-            let (mut m, lora) = with_lora(cfg.clone(), precision, Backend::Engine);
+            let (mut m, lora) = with_lora(cfg.clone(), modules, precision, Backend::Engine);
             let state = lora.dropout_state();
             let vars = sorted_vars(lora.varmap());
             let rewind = || lora.set_dropout_state(&state).unwrap();
@@ -457,12 +482,10 @@ fn lora_with_dropout_on_the_engine_matches_the_graph_and_finite_differences() {
 
 #[test]
 fn disabled_or_evaluating_adapters_on_the_engine_compute_the_graph_values() {
-    for (name, cfg) in [
-        ("llama", common::llama_config()),
-        ("qwen2", common::qwen2_config()),
-    ] {
-        let (engine, le) = with_lora(cfg.clone(), Precision::Fp32, Backend::Engine);
-        let (graph, lg) = with_lora(cfg, Precision::Fp32, Backend::Candle);
+    for (name, cfg, modules, _) in lora_cases() {
+        let (engine, le) = with_lora(cfg.clone(), modules, Precision::Fp32, Backend::Engine);
+        let (graph, lg) = with_lora(cfg, modules, Precision::Fp32, Backend::Candle);
+        let adapters = le.dropout_state().len();
         let (ids, _, pos) = batch(&engine);
         for (enabled, training) in [(false, true), (true, false)] {
             for l in [&le, &lg] {
@@ -478,8 +501,8 @@ fn disabled_or_evaluating_adapters_on_the_engine_compute_the_graph_values() {
                 "{name} {enabled} {training}"
             );
             // No dropout mask is drawn by a disabled or evaluating adapter.
-            assert_eq!(le.dropout_state(), vec![0; 15]);
-            assert_eq!(lg.dropout_state(), vec![0; 15]);
+            assert_eq!(le.dropout_state(), vec![0; adapters]);
+            assert_eq!(lg.dropout_state(), vec![0; adapters]);
         }
     }
 }

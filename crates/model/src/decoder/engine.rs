@@ -3,16 +3,16 @@
 
 use super::{Decoder, Layer};
 use crate::engine::{
-    gather_rows, scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, Lin, LowRank,
-    LowRankTape, Reads,
+    adapter_trains, begin_pass, gather_rows, linear_tensors, next, pass_trains, read_linear,
+    scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
 };
-use crate::linear::{Linear, LowRankAdapter};
+use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
     attention_bwd, attention_fwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
     silu_mul_rows, AttnDims,
 };
-use candle_core::{bail, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
@@ -48,51 +48,6 @@ pub(crate) struct Tape {
     last: Buf,
     /// Whether the base parameters train (else only adapters do).
     base: bool,
-}
-
-/// A linear layer's tensors in the order [`read_linear`] reads them: weight, bias, adapter A and B.
-fn linear_tensors(l: &Linear) -> Vec<&Tensor> {
-    let mut v = vec![&l.weight];
-    v.extend(l.bias.as_ref());
-    if let Some(lr) = l.low_rank() {
-        let (a, b, _) = lr.factors();
-        v.extend([a, b]);
-    }
-    v
-}
-
-/// The next tensor of `r` (read in the order the tensors were listed).
-fn next<'a>(r: &'a Reads, at: &mut usize) -> Result<&'a [f32]> {
-    *at += 1;
-    r.get(*at - 1)
-}
-
-/// A linear layer (and its adapter) from the reads, starting at `at`.
-fn read_linear<'a>(l: &Linear, r: &'a Reads, at: &mut usize) -> Result<Adapted<'a>> {
-    let w = next(r, at)?;
-    let lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
-    let lora = match l.low_rank() {
-        Some(lr) => {
-            let (a, b, scale) = lr.factors();
-            let rank = a.dims().first().copied().unwrap_or(0);
-            if a.dims() != [rank, lin.inp] || b.dims() != [lin.out, rank] {
-                bail!(
-                    "engine: adapter factors A {:?} and B {:?} do not fit a linear layer of {} inputs and {} outputs (expected [r, {}] and [{}, r])",
-                    a.dims(), b.dims(), lin.inp, lin.out, lin.inp, lin.out
-                )
-            }
-            Some(LowRank {
-                a: next(r, at)?,
-                b: next(r, at)?,
-                r: rank,
-                inp: lin.inp,
-                out: lin.out,
-                scale: scale as f32,
-            })
-        }
-        None => None,
-    };
-    Ok(Adapted { lin, lora })
 }
 
 /// One block's weights.
@@ -153,15 +108,8 @@ impl Layer {
     /// Starts this forward pass of each adapter ([`LowRankAdapter::begin_pass`]), in the order of
     /// [`Layer::linears`]: `None` for a layer without an adapter or whose adapter is off.
     fn begin_passes(&self) -> [Option<Option<DropoutMask>>; 7] {
-        self.linears()
-            .map(|l| l.low_rank().and_then(|lr| lr.begin_pass()))
+        self.linears().map(begin_pass)
     }
-}
-
-/// Whether an adapter's parameters train.
-fn adapter_trains(lr: &dyn LowRankAdapter) -> bool {
-    let (a, b, _) = lr.factors();
-    a.is_variable() || b.is_variable()
 }
 
 impl Decoder {
@@ -248,12 +196,11 @@ impl Body for Decoder {
         let base = self.embed.is_variable();
         let keep = keep
             && (base
-                || self.layers.iter().zip(&passes).any(|(l, p)| {
-                    l.linears()
-                        .iter()
-                        .zip(p)
-                        .any(|(l, p)| p.is_some() && l.low_rank().is_some_and(adapter_trains))
-                }));
+                || self
+                    .layers
+                    .iter()
+                    .zip(&passes)
+                    .any(|(l, p)| l.linears().iter().zip(p).any(|(l, p)| pass_trains(l, p))));
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for (w, [pq, pk, pv, po, pgate, pup, pdown]) in
             self.block_weights(&reads)?.iter().zip(passes)

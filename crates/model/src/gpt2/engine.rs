@@ -3,8 +3,12 @@
 //! same kernels as the candle graph path in [`crate::ops`].
 
 use super::{Block, Gpt2};
-use crate::engine::{gather_rows, scatter_rows, Body, Buf, Grads, Lin, Reads};
+use crate::engine::{
+    adapter_trains, begin_pass, gather_rows, linear_tensors, pass_trains, read_linear, scatter_rows,
+    Adapted, Body, Buf, Grads, LowRankTape, Reads,
+};
 use crate::linear::Linear;
+use crate::lora::DropoutMask;
 use crate::ops::{
     activation_bwd_rows, activation_rows, attention_bwd, attention_fwd, layer_norm_bwd_rows,
     layer_norm_rows, AttnDims,
@@ -29,6 +33,8 @@ pub(crate) struct BlockTape {
     /// `c_fc`'s output and its activation.
     f: Buf,
     m: Buf,
+    /// The tapes of the adapters that ran, in the order of [`Block::linears`].
+    lora: [Option<LowRankTape>; 4],
 }
 
 pub(crate) struct Tape {
@@ -40,6 +46,8 @@ pub(crate) struct Tape {
     blocks: Vec<BlockTape>,
     /// Input of `ln_f`.
     last: Buf,
+    /// Whether the base parameters train (else only adapters do).
+    base: bool,
 }
 
 /// A LayerNorm's weight and bias.
@@ -48,11 +56,11 @@ type Norm<'a> = (&'a [f32], &'a [f32]);
 /// One block's weights.
 struct BlockW<'a> {
     ln1: Norm<'a>,
-    c_attn: Lin<'a>,
-    c_proj: Lin<'a>,
+    c_attn: Adapted<'a>,
+    c_proj: Adapted<'a>,
     ln2: Norm<'a>,
-    c_fc: Lin<'a>,
-    mlp_proj: Lin<'a>,
+    c_fc: Adapted<'a>,
+    mlp_proj: Adapted<'a>,
 }
 
 /// The stack's weights.
@@ -80,10 +88,8 @@ impl<'a> Cursor<'a> {
         Ok((self.next()?, self.next()?))
     }
 
-    fn lin(&mut self, l: &Linear) -> Result<Lin<'a>> {
-        let w = self.next()?;
-        let b = l.bias.as_ref().map(|_| self.next()).transpose()?;
-        Ok(Lin::of(l, w, b))
+    fn lin(&mut self, l: &Linear) -> Result<Adapted<'a>> {
+        read_linear(l, self.reads, &mut self.at)
     }
 }
 
@@ -99,10 +105,23 @@ impl Block {
             if i == 2 {
                 v.extend([&self.ln2.0, &self.ln2.1]);
             }
-            v.push(&l.weight);
-            v.extend(l.bias.as_ref());
+            v.extend(linear_tensors(l));
         }
         v
+    }
+
+    /// The base parameters (not the adapters').
+    fn base_tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.ln1.0, &self.ln1.1, &self.ln2.0, &self.ln2.1].into_iter().chain(
+            self.linears()
+                .into_iter()
+                .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref())),
+        )
+    }
+
+    /// Starts this forward pass of each adapter, in the order of [`Block::linears`].
+    fn begin_passes(&self) -> [Option<Option<DropoutMask>>; 4] {
+        self.linears().map(begin_pass)
     }
 
     fn weights<'a>(&self, c: &mut Cursor<'a>) -> Result<BlockW<'a>> {
@@ -119,17 +138,20 @@ impl Block {
 }
 
 impl Gpt2 {
-    /// Whether the engine computes this stack: no adapter inside it (LoRA runs on the candle graph)
-    /// and its parameters all trainable or all frozen.
+    /// Whether the engine computes this stack: every adapter inside it low-rank (LoRA; others run
+    /// on the candle graph) and its base parameters all trainable or all frozen (adapters' own
+    /// parameters may train either way).
     pub(super) fn on_engine(&self) -> bool {
         let trainable = self.wte.is_variable();
-        self.stack_tensors()
-            .iter()
-            .all(|t| t.is_variable() == trainable)
-            && self
-                .blocks
-                .iter()
-                .all(|b| b.linears().iter().all(|l| l.adapter.is_none()))
+        let base = [&self.wte, &self.wpe, &self.ln_f.0, &self.ln_f.1]
+            .into_iter()
+            .chain(self.blocks.iter().flat_map(Block::base_tensors));
+        base.into_iter().all(|t| t.is_variable() == trainable)
+            && self.blocks.iter().all(|b| {
+                b.linears()
+                    .iter()
+                    .all(|l| l.adapter.is_none() || l.low_rank().is_some())
+            })
             && self.wte.device().is_cpu()
     }
 
@@ -195,9 +217,21 @@ impl Body for Gpt2 {
         self.stack_tensors().iter().map(|t| t.elem_count()).sum()
     }
 
-    /// The GPT-2 stack runs on the engine without adapters only: nothing random in a pass.
     fn splittable(&self) -> bool {
-        true
+        self.blocks
+            .iter()
+            .flat_map(|b| b.linears())
+            .all(|l| l.adapter.is_none())
+    }
+
+    fn trainable(&self) -> bool {
+        self.wte.is_variable()
+            || self
+                .blocks
+                .iter()
+                .flat_map(|b| b.linears())
+                .filter_map(Linear::low_rank)
+                .any(adapter_trains)
     }
 
     fn forward(
@@ -225,12 +259,21 @@ impl Body for Gpt2 {
             let pe = &w.wpe[p as usize * h..][..h];
             xr.iter_mut().zip(pe).for_each(|(x, p)| *x += p);
         }
+        // Each adapter's pass starts here, as its forward on the graph would (one dropout draw per
+        // adapter and forward).
+        let passes: Vec<_> = self.blocks.iter().map(Block::begin_passes).collect();
+        let base = self.wte.is_variable();
+        let keep = keep
+            && (base
+                || self.blocks.iter().zip(&passes).any(|(blk, p)| {
+                    blk.linears().iter().zip(p).any(|(l, p)| pass_trains(l, p))
+                }));
         let mut blocks = Vec::with_capacity(if keep { w.blocks.len() } else { 0 });
-        for (li, bw) in w.blocks.iter().enumerate() {
+        for (li, (bw, [p_attn, p_proj, p_fc, p_mlp])) in w.blocks.iter().zip(passes).enumerate() {
             let mut h1 = Buf::new(n * h);
             layer_norm_rows(&x, bw.ln1.0, bw.ln1.1, eps, &mut h1);
             let mut qkv = Buf::new(n * 3 * h);
-            bw.c_attn.forward(&h1, &mut qkv, false);
+            let l_attn = bw.c_attn.forward(&h1, &mut qkv, false, p_attn);
             let [q, k, v] = [0, 1, 2].map(|part| {
                 let mut p = Buf::new(n * h);
                 for (f, o) in part_rows(dims, part) {
@@ -243,16 +286,16 @@ impl Body for Gpt2 {
             let lse = attention_fwd(dm, self.attn_scale(li) as f32, &q, &k, &v, &mut a);
             let mut x2 = Buf::new(n * h);
             x2.copy_from_slice(&x);
-            bw.c_proj.forward(&a, &mut x2, true);
+            let l_proj = bw.c_proj.forward(&a, &mut x2, true, p_proj);
             let mut h2 = Buf::new(n * h);
             layer_norm_rows(&x2, bw.ln2.0, bw.ln2.1, eps, &mut h2);
-            let inner = bw.c_fc.out;
+            let inner = bw.c_fc.lin.out;
             let (mut f, mut m) = (Buf::new(n * inner), Buf::new(n * inner));
-            bw.c_fc.forward(&h2, &mut f, false);
+            let l_fc = bw.c_fc.forward(&h2, &mut f, false, p_fc);
             activation_rows(self.act, &f, inner, &mut m);
             let mut x3 = Buf::new(n * h);
             x3.copy_from_slice(&x2);
-            bw.mlp_proj.forward(&m, &mut x3, true);
+            let l_mlp = bw.mlp_proj.forward(&m, &mut x3, true, p_mlp);
             let input = std::mem::replace(&mut x, x3);
             if keep {
                 blocks.push(BlockTape {
@@ -267,6 +310,7 @@ impl Body for Gpt2 {
                     h2,
                     f,
                     m,
+                    lora: [l_attn, l_proj, l_fc, l_mlp],
                 });
             }
         }
@@ -279,6 +323,7 @@ impl Body for Gpt2 {
             t,
             blocks,
             last: x,
+            base,
         });
         Ok((out, tape))
     }
@@ -291,6 +336,7 @@ impl Body for Gpt2 {
             t,
             blocks,
             last,
+            base,
         } = tape;
         let (n, h) = (b * t, self.cfg.n_embd);
         let eps = self.cfg.layer_norm_epsilon as f32;
@@ -302,32 +348,35 @@ impl Body for Gpt2 {
         let mut grads = Grads(Vec::with_capacity(tensors.len()));
         let mut dx = Buf::new(n * h);
         let (dw, db) = layer_norm_bwd_rows(&last, w.ln_f.0, dy, eps, &mut dx, false);
-        grads.put(&self.ln_f.0, dw)?;
-        grads.put(&self.ln_f.1, db)?;
+        if base {
+            grads.put(&self.ln_f.0, dw)?;
+            grads.put(&self.ln_f.1, db)?;
+        }
         let layers = self.blocks.iter().zip(&w.blocks).zip(blocks);
         for (li, ((blk, bw), bt)) in layers.enumerate().rev() {
+            let [l_attn, l_proj, l_fc, l_mlp] = &bt.lora;
             // MLP: x3 = x2 + mlp_proj(act(c_fc(h2))), h2 = ln2(x2).
-            let inner = bw.c_fc.out;
+            let inner = bw.c_fc.lin.out;
             let mut dm_act = Buf::new(n * inner);
-            grads.linear(
+            grads.adapted(
                 &blk.mlp_proj,
-                bw.mlp_proj.backward(&bt.m, &dx, Some((&mut dm_act, false))),
+                bw.mlp_proj.backward(&bt.m, &dx, Some((&mut dm_act, false)), base, l_mlp.as_ref()),
             )?;
             let mut df = Buf::new(n * inner);
             activation_bwd_rows(self.act, &bt.f, &dm_act, inner, &mut df);
             drop(dm_act);
             let mut dh = Buf::new(n * h);
-            grads.linear(
+            grads.adapted(
                 &blk.c_fc,
-                bw.c_fc.backward(&bt.h2, &df, Some((&mut dh, false))),
+                bw.c_fc.backward(&bt.h2, &df, Some((&mut dh, false)), base, l_fc.as_ref()),
             )?;
             drop(df);
             let (dln2w, dln2b) = layer_norm_bwd_rows(&bt.x2, bw.ln2.0, &dh, eps, &mut dx, true);
             // Attention: x2 = x + c_proj(attn(c_attn(h1) split into q, k, v)), h1 = ln1(x).
             let mut da = Buf::new(n * h);
-            grads.linear(
+            grads.adapted(
                 &blk.c_proj,
-                bw.c_proj.backward(&bt.a, &dx, Some((&mut da, false))),
+                bw.c_proj.backward(&bt.a, &dx, Some((&mut da, false)), base, l_proj.as_ref()),
             )?;
             let scale = self.attn_scale(li) as f32;
             let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
@@ -338,18 +387,22 @@ impl Body for Gpt2 {
                     dqkv[f..f + d].copy_from_slice(&g[o..o + d]);
                 }
             }
-            grads.linear(
+            grads.adapted(
                 &blk.c_attn,
-                bw.c_attn.backward(&bt.h1, &dqkv, Some((&mut dh, false))),
+                bw.c_attn.backward(&bt.h1, &dqkv, Some((&mut dh, false)), base, l_attn.as_ref()),
             )?;
             let (dln1w, dln1b) = layer_norm_bwd_rows(&bt.x, bw.ln1.0, &dh, eps, &mut dx, true);
-            grads.put(&blk.ln2.0, dln2w)?;
-            grads.put(&blk.ln2.1, dln2b)?;
-            grads.put(&blk.ln1.0, dln1w)?;
-            grads.put(&blk.ln1.1, dln1b)?;
+            if base {
+                grads.put(&blk.ln2.0, dln2w)?;
+                grads.put(&blk.ln2.1, dln2b)?;
+                grads.put(&blk.ln1.0, dln1w)?;
+                grads.put(&blk.ln1.1, dln1b)?;
+            }
         }
-        grads.put(&self.wpe, scatter_rows(&dx, h, &pos, self.cfg.n_positions))?;
-        grads.put(&self.wte, scatter_rows(&dx, h, &ids, self.cfg.vocab_size))?;
+        if base {
+            grads.put(&self.wpe, scatter_rows(&dx, h, &pos, self.cfg.n_positions))?;
+            grads.put(&self.wte, scatter_rows(&dx, h, &ids, self.cfg.vocab_size))?;
+        }
         Ok(grads.0)
     }
 }
