@@ -187,9 +187,11 @@ struct StackOp<B: Body> {
     /// The forward's result, moved into candle's storage by `cpu_fwd` (computed before, outside
     /// the read lock candle holds on the embedding while the op runs).
     out: Mutex<Option<(Vec<f32>, Shape)>>,
-    /// Per row chunk: its range of the hidden states' data and its tape.
-    tapes: Mutex<Option<Vec<(std::ops::Range<usize>, B::Tape)>>>,
+    tapes: Mutex<Option<ChunkTapes<B::Tape>>>,
 }
+
+/// Per row chunk of a pass: its range of the hidden states' data and its tape.
+type ChunkTapes<T> = Vec<(std::ops::Range<usize>, T)>;
 
 impl<B: Body> CustomOp1 for StackOp<B> {
     fn name(&self) -> &'static str {
