@@ -481,7 +481,7 @@ impl Network for Decoder {
     }
 
     fn hidden_engine(&self, ids: &Tensor, pos: &Positions) -> Option<Result<Tensor>> {
-        if !self.on_engine() {
+        if !crate::engine::on_engine(self) {
             return None;
         }
         let run = || {

@@ -61,10 +61,19 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     type Tape: Send + Sync + 'static;
     /// The embedding matrix: the stack's input in candle's graph when it is trainable.
     fn embedding(&self) -> &Tensor;
+    /// Every tensor of the stack (adapter factors included), in the order the passes read them.
+    fn tensors(&self) -> Vec<&Tensor>;
+    /// Every linear layer of the stack, in the order its forward starts their adapters' passes.
+    fn linears(&self) -> Vec<&crate::linear::Linear>;
     /// Whether any parameter of the stack may be trainable (then the forward is asked to keep its
-    /// tape).
+    /// tape): the base's, or a low-rank adapter's.
     fn trainable(&self) -> bool {
         self.embedding().is_variable()
+            || self
+                .linears()
+                .into_iter()
+                .filter_map(crate::linear::Linear::low_rank)
+                .any(adapter_trains)
     }
     /// Hidden states after the final norm, `[b * t * hidden]` row-major, for the row-major token
     /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape, unless
@@ -82,10 +91,54 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     /// gradient of the hidden states, in an order that depends on the stack only.
     fn backward(&self, tape: Self::Tape, d_hidden: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>>;
     /// Elements of all the stack's parameters.
-    fn parameter_count(&self) -> usize;
-    /// Whether rows of a batch may run as separate passes (not when a pass draws random numbers,
-    /// e.g. LoRA dropout masks, whose draws would then differ from one pass over the batch).
-    fn splittable(&self) -> bool;
+    fn parameter_count(&self) -> usize {
+        self.tensors().iter().map(|t| t.elem_count()).sum()
+    }
+    /// Whether rows of a batch may run as separate passes (not with adapters: a pass draws their
+    /// dropout masks, whose draws would then differ from one pass over the batch).
+    fn splittable(&self) -> bool {
+        self.linears().iter().all(|l| l.adapter.is_none())
+    }
+}
+
+/// Whether the engine computes `body`: every adapter inside it low-rank (LoRA; others run on the
+/// candle graph), its base parameters all trainable or all frozen (adapters' own parameters may
+/// train either way), on the CPU.
+pub(crate) fn on_engine<B: Body>(body: &B) -> bool {
+    let linears = body.linears();
+    let factors: std::collections::HashSet<_> = linears
+        .iter()
+        .filter_map(|l| l.low_rank())
+        .flat_map(|lr| {
+            let (a, b, _) = lr.factors();
+            [a.id(), b.id()]
+        })
+        .collect();
+    let trainable = body.embedding().is_variable();
+    linears
+        .iter()
+        .all(|l| l.adapter.is_none() || l.low_rank().is_some())
+        && body
+            .tensors()
+            .iter()
+            .filter(|t| !factors.contains(&t.id()))
+            .all(|t| t.is_variable() == trainable)
+        && body.embedding().device().is_cpu()
+}
+
+/// Whether a forward asked to `keep` its tape needs one: the base trains, or an adapter that runs
+/// in this pass trains (`passes`: [`begin_pass`] of each of [`Body::linears`], in order).
+pub(crate) fn keeps_tape<'a, B: Body>(
+    body: &B,
+    keep: bool,
+    passes: impl IntoIterator<Item = &'a Option<Option<DropoutMask>>>,
+) -> bool {
+    keep && (body.embedding().is_variable()
+        || body
+            .linears()
+            .into_iter()
+            .zip(passes)
+            .any(|(l, p)| pass_trains(l, p)))
 }
 
 /// Up to this many parameters, a batch runs as one pass per thread over its share of the rows (see

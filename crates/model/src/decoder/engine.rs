@@ -3,8 +3,8 @@
 
 use super::{Decoder, Layer};
 use crate::engine::{
-    adapter_trains, begin_pass, gather_rows, linear_tensors, next, pass_trains, read_linear,
-    scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
+    begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
+    swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
@@ -79,15 +79,6 @@ impl Layer {
         v
     }
 
-    /// The base parameters (not the adapters').
-    fn base_tensors(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.ln1, &self.ln2].into_iter().chain(
-            self.linears()
-                .into_iter()
-                .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref())),
-        )
-    }
-
     /// The weights from the reads of [`Layer::tensors`] starting at `at`.
     fn weights<'a>(&self, r: &'a Reads, at: &mut usize) -> Result<BlockW<'a>> {
         let (ln1, ln2) = (next(r, at)?, next(r, at)?);
@@ -113,20 +104,6 @@ impl Layer {
 }
 
 impl Decoder {
-    /// Whether the engine computes this stack: every adapter inside it low-rank (LoRA; others run
-    /// on the candle graph) and its base parameters all trainable or all frozen (adapters' own
-    /// parameters may train either way).
-    pub(super) fn on_engine(&self) -> bool {
-        let trainable = self.embed.is_variable();
-        self.layers.iter().all(|l| {
-            l.linears()
-                .iter()
-                .all(|x| x.adapter.is_none() || x.low_rank().is_some())
-                && l.base_tensors().all(|t| t.is_variable() == trainable)
-        }) && self.norm.is_variable() == trainable
-            && self.embed.device().is_cpu()
-    }
-
     /// Every tensor of the stack in the order the passes read them.
     fn stack_tensors(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.embed];
@@ -150,25 +127,12 @@ impl Body for Decoder {
         &self.embed
     }
 
-    fn parameter_count(&self) -> usize {
-        self.stack_tensors().iter().map(|t| t.elem_count()).sum()
+    fn tensors(&self) -> Vec<&Tensor> {
+        self.stack_tensors()
     }
 
-    fn splittable(&self) -> bool {
-        self.layers
-            .iter()
-            .flat_map(|l| l.linears())
-            .all(|l| l.adapter.is_none())
-    }
-
-    fn trainable(&self) -> bool {
-        self.embed.is_variable()
-            || self
-                .layers
-                .iter()
-                .flat_map(|l| l.linears())
-                .filter_map(Linear::low_rank)
-                .any(adapter_trains)
+    fn linears(&self) -> Vec<&Linear> {
+        self.layers.iter().flat_map(|l| l.linears()).collect()
     }
 
     fn forward(
@@ -194,13 +158,7 @@ impl Body for Decoder {
         // adapter and forward; the streams are per layer, so the order does not matter).
         let passes: Vec<_> = self.layers.iter().map(Layer::begin_passes).collect();
         let base = self.embed.is_variable();
-        let keep = keep
-            && (base
-                || self
-                    .layers
-                    .iter()
-                    .zip(&passes)
-                    .any(|(l, p)| l.linears().iter().zip(p).any(|(l, p)| pass_trains(l, p))));
+        let keep = keeps_tape(self, keep, passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for (w, [pq, pk, pv, po, pgate, pup, pdown]) in
             self.block_weights(&reads)?.iter().zip(passes)

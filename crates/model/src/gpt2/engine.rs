@@ -4,7 +4,7 @@
 
 use super::{Block, Gpt2};
 use crate::engine::{
-    adapter_trains, begin_pass, gather_rows, linear_tensors, pass_trains, read_linear, scatter_rows,
+    begin_pass, gather_rows, linear_tensors, keeps_tape, read_linear, scatter_rows,
     Adapted, Body, Buf, Grads, LowRankTape, Reads,
 };
 use crate::linear::Linear;
@@ -110,15 +110,6 @@ impl Block {
         v
     }
 
-    /// The base parameters (not the adapters').
-    fn base_tensors(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.ln1.0, &self.ln1.1, &self.ln2.0, &self.ln2.1].into_iter().chain(
-            self.linears()
-                .into_iter()
-                .flat_map(|l| std::iter::once(&l.weight).chain(l.bias.as_ref())),
-        )
-    }
-
     /// Starts this forward pass of each adapter, in the order of [`Block::linears`].
     fn begin_passes(&self) -> [Option<Option<DropoutMask>>; 4] {
         self.linears().map(begin_pass)
@@ -138,23 +129,6 @@ impl Block {
 }
 
 impl Gpt2 {
-    /// Whether the engine computes this stack: every adapter inside it low-rank (LoRA; others run
-    /// on the candle graph) and its base parameters all trainable or all frozen (adapters' own
-    /// parameters may train either way).
-    pub(super) fn on_engine(&self) -> bool {
-        let trainable = self.wte.is_variable();
-        let base = [&self.wte, &self.wpe, &self.ln_f.0, &self.ln_f.1]
-            .into_iter()
-            .chain(self.blocks.iter().flat_map(Block::base_tensors));
-        base.into_iter().all(|t| t.is_variable() == trainable)
-            && self.blocks.iter().all(|b| {
-                b.linears()
-                    .iter()
-                    .all(|l| l.adapter.is_none() || l.low_rank().is_some())
-            })
-            && self.wte.device().is_cpu()
-    }
-
     /// Every parameter of the stack in the order the passes read them.
     fn stack_tensors(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.wte, &self.wpe];
@@ -213,25 +187,12 @@ impl Body for Gpt2 {
         &self.wte
     }
 
-    fn parameter_count(&self) -> usize {
-        self.stack_tensors().iter().map(|t| t.elem_count()).sum()
+    fn tensors(&self) -> Vec<&Tensor> {
+        self.stack_tensors()
     }
 
-    fn splittable(&self) -> bool {
-        self.blocks
-            .iter()
-            .flat_map(|b| b.linears())
-            .all(|l| l.adapter.is_none())
-    }
-
-    fn trainable(&self) -> bool {
-        self.wte.is_variable()
-            || self
-                .blocks
-                .iter()
-                .flat_map(|b| b.linears())
-                .filter_map(Linear::low_rank)
-                .any(adapter_trains)
+    fn linears(&self) -> Vec<&Linear> {
+        self.blocks.iter().flat_map(|b| b.linears()).collect()
     }
 
     fn forward(
@@ -263,11 +224,7 @@ impl Body for Gpt2 {
         // adapter and forward).
         let passes: Vec<_> = self.blocks.iter().map(Block::begin_passes).collect();
         let base = self.wte.is_variable();
-        let keep = keep
-            && (base
-                || self.blocks.iter().zip(&passes).any(|(blk, p)| {
-                    blk.linears().iter().zip(p).any(|(l, p)| pass_trains(l, p))
-                }));
+        let keep = keeps_tape(self, keep, passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { w.blocks.len() } else { 0 });
         for (li, (bw, [p_attn, p_proj, p_fc, p_mlp])) in w.blocks.iter().zip(passes).enumerate() {
             let mut h1 = Buf::new(n * h);
