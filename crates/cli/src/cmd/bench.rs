@@ -225,41 +225,23 @@ pub fn run(b: Bench) -> Result<()> {
                 t.common.precision
             )?
         ),
-        Bench::Grpo(o) => println!(
-            "{}",
-            rlhf_train::rl_bench::bench_online(
-                "grpo",
-                &o.tokenizer,
-                &o.prompts,
-                o.steps,
-                o.precision,
-                o.backend
-            )?
-        ),
-        Bench::Rloo(o) => println!(
-            "{}",
-            rlhf_train::rl_bench::bench_online(
-                "rloo",
-                &o.tokenizer,
-                &o.prompts,
-                o.steps,
-                o.precision,
-                o.backend
-            )?
-        ),
-        Bench::Ppo(o) => println!(
-            "{}",
-            rlhf_train::rl_bench::bench_online(
-                "ppo",
-                &o.tokenizer,
-                &o.prompts,
-                o.steps,
-                o.precision,
-                o.backend
-            )?
-        ),
+        Bench::Grpo(o) => println!("{}", online("grpo", &o)?),
+        Bench::Rloo(o) => println!("{}", online("rloo", &o)?),
+        Bench::Ppo(o) => println!("{}", online("ppo", &o)?),
     }
     Ok(())
+}
+
+/// One online trainer's steps with the benchmark's settings.
+fn online(algo: &str, o: &Online) -> Result<serde_json::Value> {
+    Ok(rlhf_train::rl_bench::bench_online(
+        algo,
+        &o.tokenizer,
+        &o.prompts,
+        o.steps,
+        o.precision,
+        o.backend,
+    )?)
 }
 
 fn lora(t: &Training) -> Option<LoraConfig> {
