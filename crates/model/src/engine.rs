@@ -12,7 +12,7 @@
 //! instead ([`anchor`]), so that candle still reaches it, and every gradient goes to the store.
 //! The candle graph path stays selectable ([`Backend::Candle`]) as the reference.
 
-use crate::bf16::{gemm_prec, Precision};
+use crate::bf16::{gemm_ops, gemm_prec, Lhs, PackedB, Precision, Rhs};
 use crate::lora::DropoutMask;
 use crate::matmul::MatRef;
 use candle_core::backprop::GradStore;
@@ -78,6 +78,8 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     /// Hidden states after the final norm, `[b * t * hidden]` row-major, for the row-major token
     /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape, unless
     /// no parameter this pass reads is trainable (e.g. only adapters train and they are disabled).
+    /// `packs`: weights already converted for this pass ([`Packs`]), to read through [`Reads`].
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         ids: &[u32],
@@ -86,10 +88,16 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
         pos: &[u32],
         rows: usize,
         keep: bool,
+        packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Self::Tape>)>;
     /// Every parameter's gradient (the parameter's tensor, its gradient's data) for the upstream
     /// gradient of the hidden states, in an order that depends on the stack only.
-    fn backward(&self, tape: Self::Tape, d_hidden: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>>;
+    fn backward(
+        &self,
+        tape: Self::Tape,
+        d_hidden: &[f32],
+        packs: Option<&Packs>,
+    ) -> Result<Vec<(Tensor, Vec<f32>)>>;
     /// Elements of all the stack's parameters.
     fn parameter_count(&self) -> usize {
         self.tensors().iter().map(|t| t.elem_count()).sum()
@@ -195,9 +203,22 @@ pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) 
     let keep = body.trainable();
     let k = row_chunks(body, b);
     let bounds: Vec<(usize, usize)> = (0..k).map(|c| (c * b / k, (c + 1) * b / k)).collect();
+    let packs = if k > 1 {
+        Packs::new(body, Pass::Forward)?
+    } else {
+        None
+    };
     let run = |&(r0, r1): &(usize, usize)| {
         let p = if rows == 1 { pos } else { &pos[r0 * t..r1 * t] };
-        body.forward(&ids[r0 * t..r1 * t], r1 - r0, t, p, rows.min(r1 - r0), keep)
+        body.forward(
+            &ids[r0 * t..r1 * t],
+            r1 - r0,
+            t,
+            p,
+            rows.min(r1 - r0),
+            keep,
+            packs.as_ref(),
+        )
     };
     let parts = on_chunk_pools(k, |c| run(&bounds[c]))?;
     let h = parts[0].0.len() / (bounds[0].1 * t).max(1);
@@ -267,13 +288,18 @@ impl<B: Body> CustomOp1 for StackOp<B> {
             let (st, l) = grad.storage_and_layout();
             let g = cpu_f32(&st, l, "engine backward")?;
             let tapes: Vec<_> = tapes.into_iter().map(|t| Mutex::new(Some(t))).collect();
+            let packs = if tapes.len() > 1 {
+                Packs::new(&self.body, Pass::Backward)?
+            } else {
+                None
+            };
             on_chunk_pools(tapes.len(), |c| {
                 let (range, tape) = tapes[c]
                     .lock()
                     .expect("engine tape poisoned")
                     .take()
                     .expect("each chunk runs once");
-                self.body.backward(tape, &g[range])
+                self.body.backward(tape, &g[range], packs.as_ref())
             })?
         };
         // The chunks' gradients, summed in chunk order.
@@ -331,13 +357,16 @@ pub(crate) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> 
     }
 }
 
-/// Read access to many tensors' data at once (the weights of a pass).
+/// Read access to many tensors' data at once (the weights of a pass), and the weights this pass
+/// has already converted.
 pub(crate) struct Reads<'a> {
     guards: Vec<(Box<dyn std::ops::Deref<Target = Storage> + 'a>, &'a Layout)>,
+    packs: Option<&'a Packs>,
 }
 
 impl<'a> Reads<'a> {
-    pub(crate) fn new(ts: &[&'a Tensor]) -> Self {
+    /// `ts`: [`Body::tensors`] (the positions `packs` refers to).
+    pub(crate) fn new(ts: &[&'a Tensor], packs: Option<&'a Packs>) -> Self {
         let guards = ts
             .iter()
             .map(|t| {
@@ -348,13 +377,70 @@ impl<'a> Reads<'a> {
                 )
             })
             .collect();
-        Self { guards }
+        Self { guards, packs }
     }
 
     /// The data of the `i`-th tensor given to [`Reads::new`].
     pub(crate) fn get(&self, i: usize) -> Result<&[f32]> {
         let (st, l) = &self.guards[i];
         cpu_f32(st, l, "engine")
+    }
+}
+
+/// Which pass a [`Packs`] serves: its weights are packed as the right-hand side of `x · Wᵀ`
+/// (forward) or of `dy · W` (the input's gradient).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The bf16 linear weights of a stack, converted once for a pass that runs as several row chunks:
+/// each chunk would otherwise convert every weight for itself (both chunks at the same moment, so
+/// sharing one lazily converted copy would only make one wait). Converted up front across all
+/// threads instead, one weight per task. Indexed by position in [`Body::tensors`].
+pub(crate) struct Packs {
+    pass: Pass,
+    by_tensor: Vec<Option<PackedB>>,
+}
+
+impl Packs {
+    /// `None` when no linear layer of `body` computes at bf16 (f32 products convert nothing).
+    fn new<B: Body>(body: &B, pass: Pass) -> Result<Option<Self>> {
+        let tensors = body.tensors();
+        let linears: Vec<_> = body
+            .linears()
+            .into_iter()
+            .filter(|l| l.precision == Precision::Bf16)
+            .filter_map(|l| {
+                let at = tensors.iter().position(|t| t.id() == l.weight.id())?;
+                Some((l, at))
+            })
+            .collect();
+        if linears.is_empty() {
+            return Ok(None);
+        }
+        let reads = Reads::new(&tensors, None);
+        let weights = linears
+            .iter()
+            .map(|&(l, at)| Ok((l, at, reads.get(at)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let packed = weights
+            .par_iter()
+            .map(|&(l, at, w)| {
+                let lin = Lin::of(l, w, None);
+                let b = match pass {
+                    Pass::Forward => lin.rhs(),
+                    Pass::Backward => lin.rhs().t(),
+                };
+                (at, PackedB::new(b, false))
+            })
+            .collect::<Vec<_>>();
+        let mut by_tensor: Vec<Option<PackedB>> = (0..tensors.len()).map(|_| None).collect();
+        for (at, p) in packed {
+            by_tensor[at] = Some(p);
+        }
+        Ok(Some(Self { pass, by_tensor }))
     }
 }
 
@@ -423,9 +509,16 @@ pub(crate) struct Lin<'a> {
     pub inp: usize,
     pub transposed: bool,
     pub precision: Precision,
+    /// The weight already converted for this pass ([`Packs`]).
+    pub packed: Option<(&'a PackedB, Pass)>,
 }
 
 impl Lin<'_> {
+    /// The weight converted for `pass`, when this pass converted it up front.
+    fn packed_for(&self, pass: Pass) -> Option<&PackedB> {
+        self.packed.filter(|&(_, p)| p == pass).map(|(b, _)| b)
+    }
+
     /// The weight as the `[in, out]` right-hand side of `x · W`.
     fn rhs(&self) -> MatRef<'_> {
         if self.transposed {
@@ -437,15 +530,11 @@ impl Lin<'_> {
 
     /// `y = x · W (+ b)`, or `y += x · W (+ b)` when `accumulate` (a residual added in place).
     pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
-        gemm_prec(
-            self.precision,
-            y,
-            self.out,
-            accumulate,
-            MatRef::rows_of(x, self.inp),
-            self.rhs(),
-            true,
-        );
+        let x = MatRef::rows_of(x, self.inp);
+        match self.packed_for(Pass::Forward) {
+            Some(w) => prepacked(y, self.out, accumulate, x, w),
+            None => gemm_prec(self.precision, y, self.out, accumulate, x, self.rhs(), true),
+        }
         if let Some(b) = self.b {
             for row in y.chunks_mut(self.out) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
@@ -480,16 +569,25 @@ impl Lin<'_> {
     /// The gradient wrt the input only (a frozen layer): into `dx`, or added to it when `accumulate`.
     pub(crate) fn input_grad(&self, dy: &[f32], dx: &mut [f32], accumulate: bool) {
         let g = MatRef::rows_of(dy, self.out);
-        gemm_prec(
-            self.precision,
-            dx,
-            self.inp,
-            accumulate,
-            g,
-            self.rhs().t(),
-            true,
-        );
+        match self.packed_for(Pass::Backward) {
+            Some(w) => prepacked(dx, self.inp, accumulate, g, w),
+            None => gemm_prec(
+                self.precision,
+                dx,
+                self.inp,
+                accumulate,
+                g,
+                self.rhs().t(),
+                true,
+            ),
+        }
     }
+}
+
+/// `y = x · w` (or `+=`) at bf16 with `w` converted already.
+fn prepacked(y: &mut [f32], ld: usize, accumulate: bool, x: MatRef, w: &PackedB) {
+    let x = Lhs::new(Precision::Bf16, x, true);
+    gemm_ops(y, ld, accumulate, &x, &Rhs::Prepacked(w), true);
 }
 
 /// A low-rank adapter on a [`Lin`] as the engine reads it: the delta `scale · (x ⊙ mask) Aᵀ Bᵀ`
@@ -738,6 +836,7 @@ impl<'a> Lin<'a> {
             inp: l.in_features(),
             transposed: l.layout == crate::linear::WeightLayout::OutIn,
             precision: l.precision,
+            packed: None,
         }
     }
 }
@@ -811,8 +910,12 @@ pub(crate) fn read_linear<'a>(
     r: &'a Reads,
     at: &mut usize,
 ) -> Result<Adapted<'a>> {
+    let w_at = *at;
     let w = next(r, at)?;
-    let lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
+    let mut lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
+    lin.packed = r
+        .packs
+        .and_then(|p| Some((p.by_tensor.get(w_at)?.as_ref()?, p.pass)));
     let lora = match l.low_rank() {
         Some(lr) => {
             let (a, b, scale) = lr.factors();

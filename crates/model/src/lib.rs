@@ -673,6 +673,9 @@ fn normal(rng: &mut impl Rng) -> f64 {
 /// * Raises glibc malloc's mmap/trim thresholds so that candle's per-op buffers are recycled from
 ///   the heap instead of being mmap'ed and unmapped on every op (with the defaults this took about
 ///   half of an AdamW step).
+/// * Caps malloc at two arenas (unless `MALLOC_ARENA_MAX` is set): each engine thread otherwise
+///   grows an arena of its own that, under the raised trim threshold, never shrinks; measured on
+///   `rlhf bench ppo` (tiny): peak RSS 264 MB with the default arenas, 249 MB with two.
 /// * Sets `RAYON_NUM_THREADS` (when unset) to the available parallelism: candle looks the thread
 ///   count up on every matmul and otherwise derives it by parsing `/proc/cpuinfo` each time.
 /// * Sets `CANDLE_NUM_THREADS=1` (when unset): gemms still use all cores through rayon, but
@@ -687,6 +690,9 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism()

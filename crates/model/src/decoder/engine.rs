@@ -4,7 +4,7 @@
 use super::{Decoder, Layer};
 use crate::engine::{
     begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
-    swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
+    swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Packs, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
@@ -143,6 +143,7 @@ impl Body for Decoder {
         pos: &[u32],
         rows: usize,
         keep: bool,
+        packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
         let s = &self.spec;
         let (n, h, nh, nkv, d) = (b * t, s.hidden, s.heads, s.kv_heads, s.head_dim);
@@ -151,7 +152,7 @@ impl Body for Decoder {
         let dm = AttnDims::of(&[b, nh, t, d], &[b, nkv, t, d], &[b, nkv, t, d])?;
         let (cos, sin) = s.rope.table_data(pos);
         let tensors = self.stack_tensors();
-        let reads = Reads::new(&tensors);
+        let reads = Reads::new(&tensors, packs);
         let mut x = Buf::new(n * h);
         gather_rows(reads.get(0)?, h, ids, &mut x)?;
         // Each adapter's pass starts here, as its forward on the graph would (one dropout draw per
@@ -231,7 +232,12 @@ impl Body for Decoder {
         Ok((out, tape))
     }
 
-    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
+    fn backward(
+        &self,
+        tape: Tape,
+        dy: &[f32],
+        packs: Option<&Packs>,
+    ) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let s = &self.spec;
         let Tape {
             ids,
@@ -249,7 +255,7 @@ impl Body for Decoder {
         let scale = 1.0 / (d as f32).sqrt();
         let dm = AttnDims::of(&[b, nh, t, d], &[b, nkv, t, d], &[b, nkv, t, d])?;
         let tensors = self.stack_tensors();
-        let reads = Reads::new(&tensors);
+        let reads = Reads::new(&tensors, packs);
         let mut grads = Grads(Vec::with_capacity(tensors.len()));
         let mut dx = Buf::new(n * h);
         let dnorm = rms_norm_bwd_rows(

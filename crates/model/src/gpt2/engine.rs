@@ -5,7 +5,7 @@
 use super::{Block, Gpt2};
 use crate::engine::{
     begin_pass, gather_rows, linear_tensors, keeps_tape, read_linear, scatter_rows,
-    Adapted, Body, Buf, Grads, LowRankTape, Reads,
+    Adapted, Body, Buf, Packs, Grads, LowRankTape, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
@@ -203,6 +203,7 @@ impl Body for Gpt2 {
         pos: &[u32],
         rows: usize,
         keep: bool,
+        packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
         self.check_positions(pos)?;
         let (n, h) = (b * t, self.cfg.n_embd);
@@ -212,7 +213,7 @@ impl Body for Gpt2 {
         // `rows` ∈ {1, b}: one row of positions is shared by the whole batch.
         let pos: Vec<u32> = (0..n).map(|i| pos[i % (rows * t)]).collect();
         let tensors = self.stack_tensors();
-        let reads = Reads::new(&tensors);
+        let reads = Reads::new(&tensors, packs);
         let w = self.stack_weights(&reads)?;
         let mut x = Buf::new(n * h);
         gather_rows(w.wte, h, ids, &mut x)?;
@@ -285,7 +286,12 @@ impl Body for Gpt2 {
         Ok((out, tape))
     }
 
-    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
+    fn backward(
+        &self,
+        tape: Tape,
+        dy: &[f32],
+        packs: Option<&Packs>,
+    ) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let Tape {
             ids,
             pos,
@@ -300,7 +306,7 @@ impl Body for Gpt2 {
         let (dims, dm) = self.attn_dims(b, t)?;
         let d = dims.3;
         let tensors = self.stack_tensors();
-        let reads = Reads::new(&tensors);
+        let reads = Reads::new(&tensors, packs);
         let w = self.stack_weights(&reads)?;
         let mut grads = Grads(Vec::with_capacity(tensors.len()));
         let mut dx = Buf::new(n * h);
