@@ -643,7 +643,8 @@ pub fn run<A: Algorithm>(
     params.extend(algo.extra_params());
     let optimizer = AdamW::new(params, train.adamw())?;
     let settings = &resolved_settings(settings, &train);
-    let loop_settings = train.loop_settings(
+    let loop_settings = crate::trainer::LoopSettings::new(
+        train.clone(),
         resume_from,
         args.prompts_per_step,
         settings.clone(),

@@ -167,7 +167,8 @@ pub fn train_loop(obj: &mut dyn Objective, cfg: &PrefConfig) -> Result<PrefSumma
         None
     };
     let config = serde_json::to_value(cfg).expect("config serialises");
-    let settings = cfg.train.loop_settings(
+    let settings = crate::trainer::LoopSettings::new(
+        cfg.train.clone(),
         resume_from,
         cfg.batch_size,
         config,

@@ -234,7 +234,8 @@ impl SftTrainer {
                 crate::lora::PEFT_PREFIX,
             )?;
         }
-        let settings = cfg.train.loop_settings(
+        let settings = crate::trainer::LoopSettings::new(
+            cfg.train.clone(),
             resume,
             cfg.batch_size * cfg.gradient_accumulation_steps,
             serde_json::to_value(&cfg).expect("config serialises"),

@@ -2,20 +2,18 @@
 //! optimizer, schedule, run length, cadence, seed, resume, bf16 and LoRA. [`TrainArgs`] is what each trainer's
 //! settings struct flattens (flags and TOML keys of the same names, each optional); [`TrainArgs::resolve`] fills
 //! what is unset from the trainer's [`TrainDefaults`] (TRL's defaults differ per trainer) and validates, giving
-//! [`TrainConfig`], the one source of the loop settings ([`TrainConfig::loop_settings`]) and of AdamW's
+//! [`TrainConfig`], which the core loop reads (held by [`crate::trainer::LoopSettings`]), and the source of AdamW's
 //! ([`TrainConfig::adamw`]).
 
 use std::path::PathBuf;
 
 use rlhf_model::lora::LoraConfig;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::error::{Result, TrainError};
 use crate::lora::LoraArgs;
 use crate::optim::AdamWConfig;
 use crate::schedule::{ScheduleKind, Warmup};
-use crate::trainer::LoopSettings;
 
 /// The shared settings as given (TOML key ⇔ flag); unset ones take the trainer's [`TrainDefaults`], which
 /// `--help` shows.
@@ -249,36 +247,6 @@ impl TrainConfig {
             beta2: self.adam_beta2,
             eps: self.adam_epsilon,
             weight_decay: self.weight_decay,
-        }
-    }
-
-    /// What the core loop reads: these settings, the checkpoint `resume_from` to continue (the trainer was built
-    /// from its weights), `examples_per_step` drawn per optimizer step, the trainer's whole settings `config`
-    /// (stored in checkpoints) and the keys a resumed run may change.
-    pub fn loop_settings(
-        &self,
-        resume_from: Option<PathBuf>,
-        examples_per_step: usize,
-        config: Value,
-        resume_free_keys: Vec<&'static str>,
-    ) -> LoopSettings {
-        LoopSettings {
-            output_dir: self.output_dir.clone(),
-            resume_from,
-            examples_per_step,
-            learning_rate: self.learning_rate,
-            lr_scheduler_type: self.lr_scheduler_type,
-            warmup: self.warmup(),
-            max_grad_norm: self.max_grad_norm,
-            max_steps: self.max_steps,
-            num_train_epochs: self.num_train_epochs,
-            logging_steps: self.logging_steps,
-            eval_steps: self.eval_steps,
-            save_steps: self.save_steps,
-            save_total_limit: self.save_total_limit,
-            seed: self.seed,
-            config,
-            resume_free_keys,
         }
     }
 }

@@ -19,7 +19,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::error::{io_err, Result, TrainError};
 use crate::metrics::{MetricsWriter, Progress};
 use crate::optim::{AdamW, Grads};
-use crate::schedule::{Schedule, ScheduleKind, Warmup};
+use crate::schedule::Schedule;
+use crate::train_args::TrainConfig;
 
 /// Metrics of one step or evaluation, under TRL's names.
 pub type Metrics = BTreeMap<String, f64>;
@@ -43,30 +44,14 @@ pub(crate) fn copy_tokenizer(src: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The settings the loop reads (every trainer's shared keys, resolved).
+/// The settings the loop reads: every trainer's shared keys (resolved) and what the trainer adds.
 #[derive(Debug, Clone)]
 pub struct LoopSettings {
-    pub output_dir: PathBuf,
+    pub train: TrainConfig,
     /// The checkpoint to continue (the trainer was built from its weights), None for a fresh run.
     pub resume_from: Option<PathBuf>,
     /// Examples the sampler draws per optimizer step (batch size × accumulation steps, or prompts per step).
     pub examples_per_step: usize,
-    pub learning_rate: f64,
-    pub lr_scheduler_type: ScheduleKind,
-    pub warmup: Warmup,
-    /// Global gradient-norm clip; 0 disables.
-    pub max_grad_norm: f64,
-    /// Overrides `num_train_epochs`.
-    pub max_steps: Option<u64>,
-    pub num_train_epochs: f64,
-    pub logging_steps: u64,
-    /// 0: evaluate only at the end.
-    pub eval_steps: u64,
-    /// 0: no checkpoints.
-    pub save_steps: u64,
-    pub save_total_limit: Option<usize>,
-    /// Seed of the data order.
-    pub seed: u64,
     /// The trainer's whole settings: `training_config.json` of every checkpoint, compared on resume.
     pub config: Value,
     /// Settings a resumed run may change (see [`checkpoint::RESUME_FREE_KEYS`]).
@@ -74,6 +59,25 @@ pub struct LoopSettings {
 }
 
 impl LoopSettings {
+    /// What the core loop reads: the shared settings `train`, the checkpoint `resume_from` to continue (the
+    /// trainer was built from its weights), `examples_per_step` drawn per optimizer step, the trainer's whole
+    /// settings `config` (stored in checkpoints) and the keys a resumed run may change.
+    pub fn new(
+        train: TrainConfig,
+        resume_from: Option<PathBuf>,
+        examples_per_step: usize,
+        config: Value,
+        resume_free_keys: Vec<&'static str>,
+    ) -> Self {
+        Self {
+            train,
+            resume_from,
+            examples_per_step,
+            config,
+            resume_free_keys,
+        }
+    }
+
     /// Optimizer steps per pass over `n` examples (a step never spans two epochs).
     pub fn steps_per_epoch(&self, n: usize) -> u64 {
         (n.div_ceil(self.examples_per_step) as u64).max(1)
@@ -81,22 +85,23 @@ impl LoopSettings {
 
     /// `max_steps`, else `num_train_epochs` passes over `n` examples.
     pub fn total_steps(&self, n: usize) -> u64 {
-        self.max_steps.unwrap_or_else(|| {
-            ((self.num_train_epochs * self.steps_per_epoch(n) as f64).ceil() as u64).max(1)
+        self.train.max_steps.unwrap_or_else(|| {
+            ((self.train.num_train_epochs * self.steps_per_epoch(n) as f64).ceil() as u64).max(1)
         })
     }
 
     pub fn schedule(&self, n: usize) -> Schedule {
         Schedule::new(
-            self.lr_scheduler_type,
-            self.learning_rate,
-            self.warmup,
+            self.train.lr_scheduler_type,
+            self.train.learning_rate,
+            self.train.warmup(),
             self.total_steps(n),
         )
     }
 
     pub fn max_grad_norm(&self) -> Option<f64> {
-        (self.max_grad_norm > 0.0).then_some(self.max_grad_norm)
+        let c = self.train.max_grad_norm;
+        (c > 0.0).then_some(c)
     }
 }
 
@@ -354,8 +359,11 @@ impl Session {
         let (state, sampler) = match &settings.resume_from {
             Some(dir) => resume(t, &settings, dir, n)?,
             None => {
-                let sampler = EpochSampler::new(n, settings.seed, true);
-                (TrainerState::new(sampler.state(), settings.seed), sampler)
+                let sampler = EpochSampler::new(n, settings.train.seed, true);
+                (
+                    TrainerState::new(sampler.state(), settings.train.seed),
+                    sampler,
+                )
             }
         };
         Ok(Self {
@@ -416,12 +424,12 @@ impl Session {
         self.state.lora_dropout = t.lora().map(Lora::dropout_state).unwrap_or_default();
         let s = &self.settings;
         let dir = checkpoint::save_checkpoint(
-            &s.output_dir,
+            &s.train.output_dir,
             |d| t.save_checkpoint(d),
             t.optimizer(),
             &self.state,
             &s.config,
-            s.save_total_limit,
+            s.train.save_total_limit,
         )?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
@@ -432,7 +440,7 @@ impl Session {
     /// checkpoints every `save_steps`, then the final save.
     pub fn run(&mut self, t: &mut dyn Trainer) -> Result<RunOutcome> {
         let t_run = Instant::now();
-        let out = self.settings.output_dir.clone();
+        let out = self.settings.train.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let metrics_file = out.join(METRICS_FILE);
         let mut log = match self.resumed_from_step {
@@ -452,7 +460,7 @@ impl Session {
             progress.update(step, out.metrics.get(t.progress_key()).copied());
             window.add(&out);
             final_metrics = out.metrics;
-            let (s, epoch) = (&self.settings, self.epoch());
+            let (s, epoch) = (&self.settings.train, self.epoch());
             if step.is_multiple_of(s.logging_steps) || step == total {
                 let extra = [
                     ("learning_rate", json!(self.schedule.lr(step))),

@@ -124,9 +124,15 @@ fn shared_keys_mean_the_same_as_flag_and_as_toml_key_for_every_trainer() {
         );
         assert_eq!(from_section, from_flags, "{t}: [lora] r means lora_r");
         // The loop reads the same values.
-        let l = from_flags.loop_settings(None, 1, serde_json::Value::Null, Vec::new());
+        let l = rlhf_train::trainer::LoopSettings::new(
+            from_flags.clone(),
+            None,
+            1,
+            serde_json::Value::Null,
+            Vec::new(),
+        );
         assert_eq!(
-            (l.seed, l.max_steps, l.warmup),
+            (l.train.seed, l.train.max_steps, l.train.warmup()),
             (7, Some(3), rlhf_train::schedule::Warmup::Ratio(0.1)),
             "{t}"
         );
