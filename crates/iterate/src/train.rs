@@ -150,10 +150,8 @@ fn rm_grpo(
     .iter()
     .map(Into::into)
     .collect();
-    let g = rlhf_train::settings::load::<GrpoArgs>("grpo", &flags).map_err(|e| match e {
-        rlhf_train::settings::LoadError::Cli(e) => anyhow::anyhow!("{e}"),
-        rlhf_train::settings::LoadError::Settings(e) => e.into(),
-    })?;
+    let g = rlhf_train::settings::load::<GrpoArgs>("grpo", &flags)
+        .map_err(rlhf_train::TrainError::from)?;
     let s = rlhf_train::grpo::run_grpo(&g)?;
     let summary = json!({"algorithm": "reward model (retrained on every round's pairs) then GRPO, KL to the round's starting policy",
         "rows": rows, "rm": {"pairs": all.len(), "steps": r.steps, "final_loss": r.final_loss, "final_metrics": r.final_metrics},

@@ -443,10 +443,7 @@ impl PolicyStage for OnlineStage {
     fn run(&self, ctx: &StageContext) -> Result<StageOutcome> {
         use rlhf_train::settings::load;
         let flags = self.flags(ctx);
-        let settings_err = |e: rlhf_train::settings::LoadError| match e {
-            rlhf_train::settings::LoadError::Cli(e) => anyhow::anyhow!("{e}"),
-            rlhf_train::settings::LoadError::Settings(e) => e.into(),
-        };
+        let settings_err = rlhf_train::TrainError::from;
         let s = match self.algorithm {
             Online::Ppo => rlhf_train::ppo::run_ppo(
                 &load::<rlhf_train::ppo::PpoArgs>("ppo", &flags).map_err(settings_err)?,

@@ -128,14 +128,7 @@ pub fn bench_online(
     }
     flags.extend(["--backend".into(), backend.name().into()]);
     let argv: Vec<OsString> = flags.into_iter().map(Into::into).collect();
-    let settings_err = |e: crate::settings::LoadError| match e {
-        crate::settings::LoadError::Settings(e) => e,
-        crate::settings::LoadError::Cli(e) => TrainError::Config {
-            file: "bench".into(),
-            key: "-".into(),
-            msg: e.to_string(),
-        },
-    };
+    let settings_err = TrainError::from;
     let cpu_start = cpu_snapshot();
     let summary: OnlineSummary = match algo {
         "grpo" => crate::grpo::run_grpo(&load(algo, &argv).map_err(settings_err)?)?,
