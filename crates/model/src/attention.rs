@@ -1,7 +1,7 @@
 //! Scaled dot-product attention shared by all architectures, with and without a KV cache.
 
-use crate::ops;
-use candle_core::{DType, Device, Result, Tensor};
+use crate::ops::{self, CacheDims};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor};
 
 /// Preallocated key/value cache for incremental decoding: one `[b, kv_heads, capacity, head_dim]`
 /// pair per layer, written in place (`slice_set`), so decoding never re-allocates or concatenates.
@@ -186,6 +186,70 @@ impl KvCache {
         }
     }
 
+    /// For every row and query of a step of `tq` new positions, its first visible key.
+    fn starts(&self, tq: usize) -> Vec<Vec<usize>> {
+        (0..self.rows())
+            .map(|bi| (0..tq).map(|qi| self.visible_from(bi, self.len + qi)).collect())
+            .collect()
+    }
+
+    /// Fails unless a step of `tq` positions was begun ([`KvCache::begin_step`]).
+    fn check_step(&self, tq: usize) -> Result<()> {
+        if self.step != tq {
+            candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")
+        }
+        Ok(())
+    }
+
+    /// The tensors of `layer`.
+    fn layer(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
+        match self.layers.get(layer) {
+            Some(kv) => Ok(kv),
+            None => candle_core::bail!(
+                "KvCache: no layer {layer} in a {}-layer cache (made for another model?)",
+                self.layers.len()
+            ),
+        }
+    }
+
+    /// The engine's [`attention`] write: the keys and values `[b, nkv, tq, d]` (row-major slices)
+    /// of a step of `tq` positions stored in `layer` at the step's positions, in place.
+    pub(crate) fn store(&mut self, layer: usize, tq: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        self.check_step(tq)?;
+        let (kc, vc) = self.layer(layer)?;
+        kc.inplace_op1(&StoreStep { src: k, offset: self.len, tq })?;
+        vc.inplace_op1(&StoreStep { src: v, offset: self.len, tq })
+    }
+
+    /// The engine's [`attention`] read: `q [b, nh, tq, d]` (the rotated queries of a step of `tq`
+    /// positions) against `layer`'s cache after [`KvCache::store`], into `out [b, tq, nh * d]`.
+    pub(crate) fn attend(
+        &self,
+        layer: usize,
+        tq: usize,
+        scale: f32,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_step(tq)?;
+        let (kc, vc) = self.layer(layer)?;
+        let (b, nkv, cap, d) = kc.dims4()?;
+        let nh = q.len() / (b * tq * d).max(1);
+        if nkv == 0 || nh % nkv != 0 || q.len() != b * nh * tq * d || out.len() != q.len() {
+            candle_core::bail!(
+                "KvCache::attend: {} query values do not fit a cache of {b} rows, {nkv} kv heads of {d} and a step of {tq}",
+                q.len()
+            )
+        }
+        let (ks, kl) = kc.storage_and_layout();
+        let (vs, vl) = vc.storage_and_layout();
+        let k = crate::engine::cpu_f32(&ks, kl, "KvCache::attend")?;
+        let v = crate::engine::cpu_f32(&vs, vl, "KvCache::attend")?;
+        let dims = CacheDims { b, nh, nkv, tq, d, cap };
+        ops::cached_attention_fwd(dims, scale, self.len, &self.starts(tq), q, k, v, out);
+        Ok(())
+    }
+
     /// Additive mask `[b, 1, 1, tq, len + tq]` (0 or -inf) for the generic (non-CPU) path.
     fn mask(&self, tq: usize, device: &Device) -> Result<Tensor> {
         let total = self.len + tq;
@@ -223,25 +287,16 @@ pub(crate) fn attention(
     let Some(cache) = cache else {
         return ops::causal_attention(q, k, v, scale);
     };
-    if cache.step != tq {
-        candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")
-    }
+    cache.check_step(tq)?;
     let offset = cache.len;
     let (kc, vc) = &cache.layers[layer];
     kc.slice_set(k, 2, offset)?;
     vc.slice_set(v, 2, offset)?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
-        let starts = (0..b)
-            .map(|bi| {
-                (0..tq)
-                    .map(|qi| cache.visible_from(bi, offset + qi))
-                    .collect()
-            })
-            .collect();
         let op = ops::CachedAttention {
             scale: scale as f32,
             offset,
-            starts,
+            starts: cache.starts(tq),
         };
         return q
             .contiguous()?
@@ -261,4 +316,43 @@ pub(crate) fn attention(
         .reshape((b, nh, tq, d))?
         .transpose(1, 2)?
         .reshape((b, tq, nh * d))
+}
+
+/// Writes a step's keys or values `[b, nkv, tq, d]` into a cache tensor `[b, nkv, capacity, d]` at
+/// positions `offset..offset + tq` (what `slice_set` does, from a slice).
+struct StoreStep<'a> {
+    src: &'a [f32],
+    offset: usize,
+    tq: usize,
+}
+
+impl InplaceOp1 for StoreStep<'_> {
+    fn name(&self) -> &'static str {
+        "rlhf-kv-store"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (b, nkv, cap, d) = match layout.dims() {
+            &[b, nkv, cap, d] => (b, nkv, cap, d),
+            other => candle_core::bail!("KvCache: a cache tensor of shape {other:?}"),
+        };
+        let (CpuStorage::F32(data), Some((lo, hi))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("KvCache: the engine writes contiguous f32 caches only")
+        };
+        let (tq, d_step) = (self.tq, self.tq * d);
+        if self.src.len() != b * nkv * d_step || self.offset + tq > cap {
+            candle_core::bail!(
+                "KvCache: {} values for positions {}..{} of a [{b}, {nkv}, {cap}, {d}] cache",
+                self.src.len(),
+                self.offset,
+                self.offset + tq
+            )
+        }
+        let dst = &mut data[lo..hi];
+        for (bg, src) in self.src.chunks(d_step.max(1)).enumerate() {
+            let at = (bg * cap + self.offset) * d;
+            dst[at..at + d_step].copy_from_slice(src);
+        }
+        Ok(())
+    }
 }

@@ -493,6 +493,26 @@ impl Network for Decoder {
         Some(run())
     }
 
+    fn hidden_engine_cached(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+    ) -> Option<Result<Tensor>> {
+        if !crate::engine::decodes(self) {
+            return None;
+        }
+        let mut run = || {
+            let (b, t) = ids.dims2()?;
+            self.check_window(t, Some(cache))?;
+            let (pos, rows) = pos.resolve(b, t)?;
+            let ids = ids.to_dtype(candle_core::DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+            let h = self.forward_cached(&ids, (b, t), &pos, rows, cache)?;
+            Tensor::from_vec(h, (b, t, self.spec.hidden), self.embed.device())
+        };
+        Some(run())
+    }
+
     fn lm_head(&self) -> &Linear {
         &self.lm_head
     }

@@ -101,9 +101,34 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     }
 }
 
-/// Whether the engine computes `body`: every adapter inside it low-rank (LoRA; others run on the
-/// candle graph), its base parameters all trainable or all frozen (adapters' own parameters may
-/// train either way), on the CPU.
+/// Whether the engine can run `body` without gradients (decoding through a KV cache): every
+/// adapter inside it low-rank (LoRA; others run on the candle graph), on the CPU.
+pub(crate) fn decodes<B: Body>(body: &B) -> bool {
+    body.linears()
+        .iter()
+        .all(|l| l.adapter.is_none() || l.low_rank().is_some())
+        && body.embedding().device().is_cpu()
+}
+
+thread_local! {
+    /// Cached (decoding) passes the engine ran on this thread.
+    static DECODE_PASSES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many forward passes through a KV cache (prefills and decode steps of [`crate::generate`],
+/// [`crate::Decoder`], [`crate::CausalLm::hidden_states_cached`]) the engine ran on the calling
+/// thread: which models decode on the engine is observable, not only inferred.
+pub fn decode_passes() -> u64 {
+    DECODE_PASSES.get()
+}
+
+/// Counts one cached pass of the engine ([`decode_passes`]).
+pub(crate) fn count_decode_pass() {
+    DECODE_PASSES.set(DECODE_PASSES.get() + 1);
+}
+
+/// Whether the engine computes `body` with gradients: it [`decodes`] it, and its base parameters
+/// are all trainable or all frozen (adapters' own parameters may train either way).
 pub(crate) fn on_engine<B: Body>(body: &B) -> bool {
     let linears = body.linears();
     let factors: std::collections::HashSet<_> = linears
@@ -115,15 +140,12 @@ pub(crate) fn on_engine<B: Body>(body: &B) -> bool {
         })
         .collect();
     let trainable = body.embedding().is_variable();
-    linears
-        .iter()
-        .all(|l| l.adapter.is_none() || l.low_rank().is_some())
+    decodes(body)
         && body
             .tensors()
             .iter()
             .filter(|t| !factors.contains(&t.id()))
             .all(|t| t.is_variable() == trainable)
-        && body.embedding().device().is_cpu()
 }
 
 /// Whether a forward asked to `keep` its tape needs one: the base trains, or an adapter that runs
@@ -423,6 +445,8 @@ pub(crate) struct Lin<'a> {
     pub inp: usize,
     pub transposed: bool,
     pub precision: Precision,
+    /// The weight converted to bf16 once (inference copies), used forward at bf16.
+    pub packed: Option<&'a crate::bf16::PackedB>,
 }
 
 impl Lin<'_> {
@@ -437,15 +461,8 @@ impl Lin<'_> {
 
     /// `y = x · W (+ b)`, or `y += x · W (+ b)` when `accumulate` (a residual added in place).
     pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
-        gemm_prec(
-            self.precision,
-            y,
-            self.out,
-            accumulate,
-            MatRef::rows_of(x, self.inp),
-            self.rhs(),
-            true,
-        );
+        let x = MatRef::rows_of(x, self.inp);
+        crate::ops::linear_gemm(self.precision, self.packed, y, self.out, accumulate, x, self.rhs());
         if let Some(b) = self.b {
             for row in y.chunks_mut(self.out) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
@@ -730,7 +747,7 @@ pub(crate) fn scatter_rows(d: &[f32], h: usize, ids: &[u32], vocab: usize) -> Ve
 
 impl<'a> Lin<'a> {
     /// The layer `l` with its weight data `w` (and bias data `b`), as read from [`Reads`].
-    pub(crate) fn of(l: &crate::linear::Linear, w: &'a [f32], b: Option<&'a [f32]>) -> Self {
+    pub(crate) fn of(l: &'a crate::linear::Linear, w: &'a [f32], b: Option<&'a [f32]>) -> Self {
         Lin {
             w,
             b,
@@ -738,6 +755,7 @@ impl<'a> Lin<'a> {
             inp: l.in_features(),
             transposed: l.layout == crate::linear::WeightLayout::OutIn,
             precision: l.precision,
+            packed: l.packed(),
         }
     }
 }
@@ -807,7 +825,7 @@ pub(crate) fn next<'a>(r: &'a Reads, at: &mut usize) -> Result<&'a [f32]> {
 
 /// A linear layer (and its adapter) from the reads, starting at `at`.
 pub(crate) fn read_linear<'a>(
-    l: &crate::linear::Linear,
+    l: &'a crate::linear::Linear,
     r: &'a Reads,
     at: &mut usize,
 ) -> Result<Adapted<'a>> {

@@ -6,6 +6,7 @@ use crate::engine::{
     begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
     swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
 };
+use crate::attention::KvCache;
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
@@ -80,9 +81,9 @@ impl Layer {
     }
 
     /// The weights from the reads of [`Layer::tensors`] starting at `at`.
-    fn weights<'a>(&self, r: &'a Reads, at: &mut usize) -> Result<BlockW<'a>> {
+    fn weights<'a>(&'a self, r: &'a Reads, at: &mut usize) -> Result<BlockW<'a>> {
         let (ln1, ln2) = (next(r, at)?, next(r, at)?);
-        let mut lin = |l: &Linear| read_linear(l, r, at);
+        let mut lin = |l: &'a Linear| read_linear(l, r, at);
         Ok(BlockW {
             ln1,
             ln2,
@@ -114,7 +115,7 @@ impl Decoder {
         v
     }
 
-    fn block_weights<'a>(&self, r: &'a Reads) -> Result<Vec<BlockW<'a>>> {
+    fn block_weights<'a>(&'a self, r: &'a Reads) -> Result<Vec<BlockW<'a>>> {
         let mut at = 1;
         self.layers.iter().map(|l| l.weights(r, &mut at)).collect()
     }
@@ -144,6 +145,47 @@ impl Body for Decoder {
         rows: usize,
         keep: bool,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
+        self.pass(ids, (b, t), pos, rows, Attend::Causal { keep })
+    }
+
+    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
+        self.backward_pass(tape, dy)
+    }
+}
+
+/// Where a pass's attention reads its keys and values.
+enum Attend<'c> {
+    /// Its own (causal self-attention, training and scoring), keeping the tape when `keep`.
+    Causal { keep: bool },
+    /// The cache, after writing its own there (decoding: no tape).
+    Cached(&'c mut KvCache),
+}
+
+impl Decoder {
+    /// Hidden states after the final norm, `[b * t * hidden]`, of a step of the row-major ids
+    /// `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}) through `cache` (begun for `t`
+    /// positions): the prefill or a decode step of generation, on the engine.
+    pub(super) fn forward_cached(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        pos: &[u32],
+        rows: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let (out, _) = self.pass(ids, (b, t), pos, rows, Attend::Cached(cache))?;
+        crate::engine::count_decode_pass();
+        Ok(out)
+    }
+
+    fn pass(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        pos: &[u32],
+        rows: usize,
+        mut attend: Attend,
+    ) -> Result<(Vec<f32>, Option<Tape>)> {
         let s = &self.spec;
         let (n, h, nh, nkv, d) = (b * t, s.hidden, s.heads, s.kv_heads, s.head_dim);
         let eps = s.eps as f32;
@@ -158,10 +200,11 @@ impl Body for Decoder {
         // adapter and forward; the streams are per layer, so the order does not matter).
         let passes: Vec<_> = self.layers.iter().map(Layer::begin_passes).collect();
         let base = self.embed.is_variable();
+        let keep = matches!(attend, Attend::Causal { keep: true });
         let keep = keeps_tape(self, keep, passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
-        for (w, [pq, pk, pv, po, pgate, pup, pdown]) in
-            self.block_weights(&reads)?.iter().zip(passes)
+        for (li, (w, [pq, pk, pv, po, pgate, pup, pdown])) in
+            self.block_weights(&reads)?.iter().zip(passes).enumerate()
         {
             let mut h1 = Buf::new(n * h);
             rms_norm_rows(&x, w.ln1, eps, &mut h1);
@@ -178,7 +221,14 @@ impl Body for Decoder {
             let mut v = Buf::new(n * nkv * d);
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
             let mut a = Buf::new(n * nh * d);
-            let lse = attention_fwd(dm, scale, &q, &k, &v, &mut a);
+            let lse = match &mut attend {
+                Attend::Causal { .. } => attention_fwd(dm, scale, &q, &k, &v, &mut a),
+                Attend::Cached(cache) => {
+                    cache.store(li, t, &k, &v)?;
+                    cache.attend(li, t, scale, &q, &mut a)?;
+                    vec![]
+                }
+            };
             let mut x2 = Buf::new(n * h);
             x2.copy_from_slice(&x);
             let lo = w.o.forward(&a, &mut x2, true, po);
@@ -231,7 +281,7 @@ impl Body for Decoder {
         Ok((out, tape))
     }
 
-    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
+    fn backward_pass(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let s = &self.spec;
         let Tape {
             ids,

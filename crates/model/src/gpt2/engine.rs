@@ -88,7 +88,7 @@ impl<'a> Cursor<'a> {
         Ok((self.next()?, self.next()?))
     }
 
-    fn lin(&mut self, l: &Linear) -> Result<Adapted<'a>> {
+    fn lin(&mut self, l: &'a Linear) -> Result<Adapted<'a>> {
         read_linear(l, self.reads, &mut self.at)
     }
 }
@@ -115,7 +115,7 @@ impl Block {
         self.linears().map(begin_pass)
     }
 
-    fn weights<'a>(&self, c: &mut Cursor<'a>) -> Result<BlockW<'a>> {
+    fn weights<'a>(&'a self, c: &mut Cursor<'a>) -> Result<BlockW<'a>> {
         // Struct fields are evaluated in the order written: the order of `tensors`.
         Ok(BlockW {
             ln1: c.norm()?,
@@ -139,7 +139,7 @@ impl Gpt2 {
         v
     }
 
-    fn stack_weights<'a>(&self, reads: &'a Reads<'a>) -> Result<StackW<'a>> {
+    fn stack_weights<'a>(&'a self, reads: &'a Reads<'a>) -> Result<StackW<'a>> {
         let mut c = Cursor { reads, at: 0 };
         Ok(StackW {
             wte: c.next()?,
