@@ -189,7 +189,11 @@ impl KvCache {
     /// For every row and query of a step of `tq` new positions, its first visible key.
     fn starts(&self, tq: usize) -> Vec<Vec<usize>> {
         (0..self.rows())
-            .map(|bi| (0..tq).map(|qi| self.visible_from(bi, self.len + qi)).collect())
+            .map(|bi| {
+                (0..tq)
+                    .map(|qi| self.visible_from(bi, self.len + qi))
+                    .collect()
+            })
             .collect()
     }
 
@@ -217,8 +221,16 @@ impl KvCache {
     pub(crate) fn store(&mut self, layer: usize, tq: usize, k: &[f32], v: &[f32]) -> Result<()> {
         self.check_step(tq)?;
         let (kc, vc) = self.layer(layer)?;
-        kc.inplace_op1(&StoreStep { src: k, offset: self.len, tq })?;
-        vc.inplace_op1(&StoreStep { src: v, offset: self.len, tq })
+        kc.inplace_op1(&StoreStep {
+            src: k,
+            offset: self.len,
+            tq,
+        })?;
+        vc.inplace_op1(&StoreStep {
+            src: v,
+            offset: self.len,
+            tq,
+        })
     }
 
     /// The engine's [`attention`] read: `q [b, nh, tq, d]` (the rotated queries of a step of `tq`
@@ -245,7 +257,14 @@ impl KvCache {
         let (vs, vl) = vc.storage_and_layout();
         let k = crate::engine::cpu_f32(&ks, kl, "KvCache::attend")?;
         let v = crate::engine::cpu_f32(&vs, vl, "KvCache::attend")?;
-        let dims = CacheDims { b, nh, nkv, tq, d, cap };
+        let dims = CacheDims {
+            b,
+            nh,
+            nkv,
+            tq,
+            d,
+            cap,
+        };
         ops::cached_attention_fwd(dims, scale, self.len, &self.starts(tq), q, k, v, out);
         Ok(())
     }

@@ -506,7 +506,10 @@ impl Network for Decoder {
             let (b, t) = ids.dims2()?;
             self.check_window(t, Some(cache))?;
             let (pos, rows) = pos.resolve(b, t)?;
-            let ids = ids.to_dtype(candle_core::DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+            let ids = ids
+                .to_dtype(candle_core::DType::U32)?
+                .flatten_all()?
+                .to_vec1::<u32>()?;
             let h = self.forward_cached(&ids, (b, t), &pos, rows, cache)?;
             Tensor::from_vec(h, (b, t, self.spec.hidden), self.embed.device())
         };

@@ -462,7 +462,15 @@ impl Lin<'_> {
     /// `y = x · W (+ b)`, or `y += x · W (+ b)` when `accumulate` (a residual added in place).
     pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
         let x = MatRef::rows_of(x, self.inp);
-        crate::ops::linear_gemm(self.precision, self.packed, y, self.out, accumulate, x, self.rhs());
+        crate::ops::linear_gemm(
+            self.precision,
+            self.packed,
+            y,
+            self.out,
+            accumulate,
+            x,
+            self.rhs(),
+        );
         if let Some(b) = self.b {
             for row in y.chunks_mut(self.out) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);

@@ -439,7 +439,13 @@ impl<'m> Decoder<'m> {
         cache.begin_step(p)?;
         let input = Tensor::from_vec(ids, (b, p), dev)?;
         let positions = Tensor::from_vec(pos, (b, p), dev)?;
-        let h = Self::hidden(&*self.net, self.model.backend(), &input, &positions, &mut cache)?;
+        let h = Self::hidden(
+            &*self.net,
+            self.model.backend(),
+            &input,
+            &positions,
+            &mut cache,
+        )?;
         cache.end_step();
         let logits = self
             .net

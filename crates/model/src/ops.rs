@@ -1704,47 +1704,49 @@ pub(crate) fn cached_attention_fwd(
     v: &[f32],
     out: &mut [f32],
 ) {
-    let CacheDims { b, nh, nkv, tq, d, cap } = dims;
+    let CacheDims {
+        b,
+        nh,
+        nkv,
+        tq,
+        d,
+        cap,
+    } = dims;
     let rep = nh / nkv;
     let work = b * nh * tq * (offset + tq) * d;
     // One output block [tq, nh, d] per batch row.
-    for_rows_with(
-        out,
-        tq * nh * d,
-        b > 1 && work >= PAR_MIN_ELEMS,
-        |bi, o| {
-            o.fill(0.0);
-            let mut p = vec![0f32; offset + tq];
-            for h in 0..nh {
-                let g = h / rep;
-                let kb = &k[(bi * nkv + g) * cap * d..];
-                let vb = &v[(bi * nkv + g) * cap * d..];
-                for qi in 0..tq {
-                    let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
-                    let (lo, hi) = (starts[bi][qi], offset + qi + 1);
-                    let p = &mut p[lo..hi];
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, pj) in (lo..hi).zip(p.iter_mut()) {
-                        *pj = dot(qr, &kb[j * d..(j + 1) * d]) * scale;
-                        m = m.max(*pj);
-                    }
-                    let mut sum = 0f32;
-                    for pj in p.iter_mut() {
-                        *pj = fast_exp(*pj - m);
-                        sum += *pj;
-                    }
-                    let orow = &mut o[(qi * nh + h) * d..][..d];
-                    let inv = 1.0 / sum;
-                    for (j, &pj) in (lo..hi).zip(p.iter()) {
-                        let w = pj * inv;
-                        for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
-                            *ov += w * vv;
-                        }
+    for_rows_with(out, tq * nh * d, b > 1 && work >= PAR_MIN_ELEMS, |bi, o| {
+        o.fill(0.0);
+        let mut p = vec![0f32; offset + tq];
+        for h in 0..nh {
+            let g = h / rep;
+            let kb = &k[(bi * nkv + g) * cap * d..];
+            let vb = &v[(bi * nkv + g) * cap * d..];
+            for qi in 0..tq {
+                let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
+                let (lo, hi) = (starts[bi][qi], offset + qi + 1);
+                let p = &mut p[lo..hi];
+                let mut m = f32::NEG_INFINITY;
+                for (j, pj) in (lo..hi).zip(p.iter_mut()) {
+                    *pj = dot(qr, &kb[j * d..(j + 1) * d]) * scale;
+                    m = m.max(*pj);
+                }
+                let mut sum = 0f32;
+                for pj in p.iter_mut() {
+                    *pj = fast_exp(*pj - m);
+                    sum += *pj;
+                }
+                let orow = &mut o[(qi * nh + h) * d..][..d];
+                let inv = 1.0 / sum;
+                for (j, &pj) in (lo..hi).zip(p.iter()) {
+                    let w = pj * inv;
+                    for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
+                        *ov += w * vv;
                     }
                 }
             }
-        },
-    );
+        }
+    });
 }
 
 impl CustomOp3 for CachedAttention {
@@ -1775,8 +1777,24 @@ impl CustomOp3 for CachedAttention {
             ),
         };
         let mut out = vec![0f32; b * tq * nh * d];
-        let dims = CacheDims { b, nh, nkv, tq, d, cap };
-        cached_attention_fwd(dims, self.scale, self.offset, &self.starts, q, k, v, &mut out);
+        let dims = CacheDims {
+            b,
+            nh,
+            nkv,
+            tq,
+            d,
+            cap,
+        };
+        cached_attention_fwd(
+            dims,
+            self.scale,
+            self.offset,
+            &self.starts,
+            q,
+            k,
+            v,
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), Shape::from((b, tq, nh, d))))
     }
 }
@@ -1855,7 +1873,15 @@ impl CustomOp2 for LinearMatmul {
         let mut y = vec![0f32; x.len() / k.max(1) * n];
         let rhs = linear_rhs(w, n, k, self.transposed);
         let x = MatRef::rows_of(x, k);
-        linear_gemm(self.precision, self.packed.as_deref(), &mut y, n, false, x, rhs);
+        linear_gemm(
+            self.precision,
+            self.packed.as_deref(),
+            &mut y,
+            n,
+            false,
+            x,
+            rhs,
+        );
         let mut out = xd.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))

@@ -2,11 +2,11 @@
 //! written out, with the same kernels as the candle graph path in [`crate::ops`].
 
 use super::{Decoder, Layer};
+use crate::attention::KvCache;
 use crate::engine::{
     begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
     swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
 };
-use crate::attention::KvCache;
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
