@@ -247,7 +247,8 @@ impl KvCache {
         let (kc, vc) = self.layer(layer)?;
         let (b, nkv, cap, d) = kc.dims4()?;
         let nh = q.len() / (b * tq * d).max(1);
-        if nkv == 0 || nh % nkv != 0 || q.len() != b * nh * tq * d || out.len() != q.len() {
+        if nkv == 0 || !nh.is_multiple_of(nkv) || q.len() != b * nh * tq * d || out.len() != q.len()
+        {
             candle_core::bail!(
                 "KvCache::attend: {} query values do not fit a cache of {b} rows, {nkv} kv heads of {d} and a step of {tq}",
                 q.len()

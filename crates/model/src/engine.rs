@@ -10,6 +10,8 @@
 //! gradient to candle and hands the other parameters' gradients to [`backward`] for the store.
 //! When the embedding is frozen (LoRA: only adapters train) the op hangs on a constant variable
 //! instead ([`anchor`]), so that candle still reaches it, and every gradient goes to the store.
+//! Generation's cached passes (prefill and decode steps through a [`crate::KvCache`]) run on the
+//! same block passes without a tape where the architecture has them ([`decode_passes`]).
 //! The candle graph path stays selectable ([`Backend::Candle`]) as the reference.
 
 use crate::bf16::{gemm_prec, Precision};
@@ -25,8 +27,9 @@ use std::sync::Mutex;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// The hand-written passes of [`crate::engine`] where the architecture has them (incremental
-    /// decoding, and adapters the architecture's passes do not run, use the candle graph).
+    /// The hand-written passes of [`crate::engine`] where the architecture has them, KV-cache
+    /// decoding of the decoder family included (GPT-2's decoding, and adapters the architecture's
+    /// passes do not run, use the candle graph).
     #[default]
     Engine,
     /// candle's autograd over the fused ops (the reference).
