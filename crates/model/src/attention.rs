@@ -2,6 +2,7 @@
 
 use crate::ops::{self, CacheDims};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor};
+use std::ops::Range;
 
 /// Preallocated key/value cache for incremental decoding: one `[b, kv_heads, capacity, head_dim]`
 /// pair per layer, written in place (`slice_set`), so decoding never re-allocates or concatenates.
@@ -186,15 +187,14 @@ impl KvCache {
         }
     }
 
-    /// For every row and query of a step of `tq` new positions, its first visible key.
-    fn starts(&self, tq: usize) -> Vec<Vec<usize>> {
-        (0..self.rows())
-            .map(|bi| {
-                (0..tq)
-                    .map(|qi| self.visible_from(bi, self.len + qi))
-                    .collect()
-            })
-            .collect()
+    /// For every row of `rows` and query of a step of `tq` new positions, its first visible key.
+    fn starts(&self, rows: Range<usize>, tq: usize) -> Vec<Vec<usize>> {
+        rows.map(|bi| {
+            (0..tq)
+                .map(|qi| self.visible_from(bi, self.len + qi))
+                .collect()
+        })
+        .collect()
     }
 
     /// Fails unless a step of `tq` positions was begun ([`KvCache::begin_step`]).
@@ -205,8 +205,11 @@ impl KvCache {
         Ok(())
     }
 
-    /// The tensors of `layer`.
-    fn layer(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
+    /// The tensors of `layer`, whose batch rows `rows` a pass reads or writes (checked).
+    fn rows_of(&self, layer: usize, rows: &Range<usize>) -> Result<&(Tensor, Tensor)> {
+        if rows.end > self.rows() {
+            candle_core::bail!("KvCache: rows {rows:?} of a {}-row cache", self.rows())
+        }
         match self.layers.get(layer) {
             Some(kv) => Ok(kv),
             None => candle_core::bail!(
@@ -216,48 +219,60 @@ impl KvCache {
         }
     }
 
-    /// The engine's [`attention`] write: the keys and values `[b, nkv, tq, d]` (row-major slices)
-    /// of a step of `tq` positions stored in `layer` at the step's positions, in place.
-    pub(crate) fn store(&mut self, layer: usize, tq: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    /// The engine's [`attention`] write: the keys and values `[rows, nkv, tq, d]` (row-major
+    /// slices) of a step of `tq` positions of the batch rows `rows`, stored in `layer` at the
+    /// step's positions, in place. Passes over disjoint rows may store side by side.
+    pub(crate) fn store(
+        &self,
+        layer: usize,
+        tq: usize,
+        rows: Range<usize>,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         self.check_step(tq)?;
-        let (kc, vc) = self.layer(layer)?;
-        kc.inplace_op1(&StoreStep {
-            src: k,
-            offset: self.len,
-            tq,
-        })?;
-        vc.inplace_op1(&StoreStep {
-            src: v,
-            offset: self.len,
-            tq,
-        })
+        let (kc, vc) = self.rows_of(layer, &rows)?;
+        for (cache, src) in [(kc, k), (vc, v)] {
+            cache.inplace_op1(&StoreStep {
+                src,
+                row: rows.start,
+                rows: rows.len(),
+                offset: self.len,
+                tq,
+            })?;
+        }
+        Ok(())
     }
 
-    /// The engine's [`attention`] read: `q [b, nh, tq, d]` (the rotated queries of a step of `tq`
-    /// positions) against `layer`'s cache after [`KvCache::store`], into `out [b, tq, nh * d]`.
+    /// The engine's [`attention`] read: `q [rows, nh, tq, d]` (the rotated queries of a step of
+    /// `tq` positions of the batch rows `rows`) against `layer`'s cache after [`KvCache::store`],
+    /// into `out [rows, tq, nh * d]`.
     pub(crate) fn attend(
         &self,
         layer: usize,
         tq: usize,
+        rows: Range<usize>,
         scale: f32,
         q: &[f32],
         out: &mut [f32],
     ) -> Result<()> {
         self.check_step(tq)?;
-        let (kc, vc) = self.layer(layer)?;
-        let (b, nkv, cap, d) = kc.dims4()?;
+        let (kc, vc) = self.rows_of(layer, &rows)?;
+        let (_, nkv, cap, d) = kc.dims4()?;
+        let b = rows.len();
         let nh = q.len() / (b * tq * d).max(1);
         if nkv == 0 || !nh.is_multiple_of(nkv) || q.len() != b * nh * tq * d || out.len() != q.len()
         {
             candle_core::bail!(
-                "KvCache::attend: {} query values do not fit a cache of {b} rows, {nkv} kv heads of {d} and a step of {tq}",
+                "KvCache::attend: {} query values do not fit {b} rows of {nkv} kv heads of {d} and a step of {tq}",
                 q.len()
             )
         }
         let (ks, kl) = kc.storage_and_layout();
         let (vs, vl) = vc.storage_and_layout();
-        let k = crate::engine::cpu_f32(&ks, kl, "KvCache::attend")?;
-        let v = crate::engine::cpu_f32(&vs, vl, "KvCache::attend")?;
+        let row = nkv * cap * d;
+        let k = &crate::engine::cpu_f32(&ks, kl, "KvCache::attend")?[rows.start * row..][..b * row];
+        let v = &crate::engine::cpu_f32(&vs, vl, "KvCache::attend")?[rows.start * row..][..b * row];
         let dims = CacheDims {
             b,
             nh,
@@ -266,7 +281,8 @@ impl KvCache {
             d,
             cap,
         };
-        ops::cached_attention_fwd(dims, scale, self.len, &self.starts(tq), q, k, v, out);
+        let starts = self.starts(rows, tq);
+        ops::cached_attention_fwd(dims, scale, self.len, &starts, q, k, v, out);
         Ok(())
     }
 
@@ -316,7 +332,7 @@ pub(crate) fn attention(
         let op = ops::CachedAttention {
             scale: scale as f32,
             offset,
-            starts: cache.starts(tq),
+            starts: cache.starts(0..b, tq),
         };
         return q
             .contiguous()?
@@ -338,10 +354,13 @@ pub(crate) fn attention(
         .reshape((b, tq, nh * d))
 }
 
-/// Writes a step's keys or values `[b, nkv, tq, d]` into a cache tensor `[b, nkv, capacity, d]` at
-/// positions `offset..offset + tq` (what `slice_set` does, from a slice).
+/// Writes a step's keys or values `[rows, nkv, tq, d]` into the rows `row..row + rows` of a cache
+/// tensor `[b, nkv, capacity, d]` at positions `offset..offset + tq` (what `slice_set` does, from a
+/// slice).
 struct StoreStep<'a> {
     src: &'a [f32],
+    row: usize,
+    rows: usize,
     offset: usize,
     tq: usize,
 }
@@ -360,17 +379,22 @@ impl InplaceOp1 for StoreStep<'_> {
             candle_core::bail!("KvCache: the engine writes contiguous f32 caches only")
         };
         let (tq, d_step) = (self.tq, self.tq * d);
-        if self.src.len() != b * nkv * d_step || self.offset + tq > cap {
+        if self.src.len() != self.rows * nkv * d_step
+            || self.row + self.rows > b
+            || self.offset + tq > cap
+        {
             candle_core::bail!(
-                "KvCache: {} values for positions {}..{} of a [{b}, {nkv}, {cap}, {d}] cache",
+                "KvCache: {} values for rows {}..{} and positions {}..{} of a [{b}, {nkv}, {cap}, {d}] cache",
                 self.src.len(),
+                self.row,
+                self.row + self.rows,
                 self.offset,
                 self.offset + tq
             )
         }
         let dst = &mut data[lo..hi];
-        for (bg, src) in self.src.chunks(d_step.max(1)).enumerate() {
-            let at = (bg * cap + self.offset) * d;
+        for (i, src) in self.src.chunks(d_step.max(1)).enumerate() {
+            let at = ((self.row * nkv + i) * cap + self.offset) * d;
             dst[at..at + d_step].copy_from_slice(src);
         }
         Ok(())

@@ -167,7 +167,7 @@ pub(crate) fn keeps_tape<'a, B: Body>(
 }
 
 /// Up to this many parameters, a batch runs as one pass per thread over its share of the rows (see
-/// [`row_chunks`]).
+/// [`row_chunks`]), in training as in decoding.
 const SPLIT_MAX_PARAMS: usize = 1 << 24;
 
 /// How many row chunks to run side by side: on small models each product is too small for both
@@ -208,6 +208,34 @@ fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> R
         .collect()
 }
 
+/// Runs the rows `0..b` of a pass as [`row_chunks`] chunks, chunk `c` as `f(its rows)` on the
+/// `c`-th pool of [`on_chunk_pools`]; the chunks' rows and results, in row order.
+pub(crate) fn by_row_chunks<B: Body, T: Send>(
+    body: &B,
+    b: usize,
+    f: impl Fn(std::ops::Range<usize>) -> Result<T> + Sync,
+) -> Result<Vec<(std::ops::Range<usize>, T)>> {
+    let k = row_chunks(body, b);
+    let bounds: Vec<_> = (0..k).map(|c| c * b / k..(c + 1) * b / k).collect();
+    let parts = on_chunk_pools(k, |c| f(bounds[c].clone()))?;
+    Ok(bounds.into_iter().zip(parts).collect())
+}
+
+/// The positions of the batch rows `r` of a pass over `t` tokens, from `pos` (row-major
+/// `[rows, t]`, `rows` ∈ {1, b}), and how many rows they have.
+pub(crate) fn positions_of_rows<'p>(
+    pos: &'p [u32],
+    rows: usize,
+    t: usize,
+    r: &std::ops::Range<usize>,
+) -> (&'p [u32], usize) {
+    if rows == 1 {
+        (pos, 1)
+    } else {
+        (&pos[r.start * t..r.end * t], r.len())
+    }
+}
+
 /// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
 /// trainable, else the output of one candle op whose backward runs `body`'s.
 pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) -> Result<Tensor> {
@@ -218,19 +246,17 @@ pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) 
         .to_vec1::<u32>()?;
     let embed = body.embedding();
     let keep = body.trainable();
-    let k = row_chunks(body, b);
-    let bounds: Vec<(usize, usize)> = (0..k).map(|c| (c * b / k, (c + 1) * b / k)).collect();
-    let run = |&(r0, r1): &(usize, usize)| {
-        let p = if rows == 1 { pos } else { &pos[r0 * t..r1 * t] };
-        body.forward(&ids[r0 * t..r1 * t], r1 - r0, t, p, rows.min(r1 - r0), keep)
-    };
-    let parts = on_chunk_pools(k, |c| run(&bounds[c]))?;
-    let h = parts[0].0.len() / (bounds[0].1 * t).max(1);
+    let parts = by_row_chunks(body, b, |r| {
+        let (p, prows) = positions_of_rows(pos, rows, t, &r);
+        body.forward(&ids[r.start * t..r.end * t], r.len(), t, p, prows, keep)
+    })?;
+    let k = parts.len();
+    let h = parts[0].1 .0.len() / (parts[0].0.len() * t).max(1);
     let mut hidden = Vec::with_capacity(b * t * h);
     let mut tapes = Vec::with_capacity(k);
-    for ((out, tape), &(r0, r1)) in parts.into_iter().zip(&bounds) {
+    for (r, (out, tape)) in parts {
         hidden.extend_from_slice(&out);
-        tapes.extend(tape.map(|tape| (r0 * t * h..r1 * t * h, tape)));
+        tapes.extend(tape.map(|tape| (r.start * t * h..r.end * t * h, tape)));
     }
     if tapes.len() < k {
         return Tensor::from_vec(hidden, (b, t, h), embed.device());

@@ -284,3 +284,28 @@ fn the_public_cached_forward_runs_on_the_engine_like_the_graph() {
         assert!(err.contains("begin_step"), "{name}: {err}");
     }
 }
+
+#[test]
+fn decoding_split_across_threads_matches_one_pass() {
+    // With two threads a small model's rows run as two passes, each on its own rows of the cache.
+    for (name, cfg) in decoder_configs() {
+        let m = model(cfg, 29);
+        let reqs = requests(m.vocab_size());
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| generate_counted(&m, &reqs))
+        };
+        let ((one, p1), (two, p2)) = (run(1), run(2));
+        assert_eq!((p1, p2), (7, 7), "{name}");
+        assert_close(name, &one, &two, 1e-5);
+        assert_close(
+            name,
+            &two,
+            &generate(&on_graph(&m), &reqs, None).unwrap(),
+            1e-5,
+        );
+    }
+}

@@ -4,8 +4,8 @@
 use super::{Decoder, Layer};
 use crate::attention::KvCache;
 use crate::engine::{
-    begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
-    swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
+    begin_pass, by_row_chunks, gather_rows, keeps_tape, linear_tensors, next, positions_of_rows,
+    read_linear, scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
@@ -157,8 +157,8 @@ impl Body for Decoder {
 enum Attend<'c> {
     /// Its own (causal self-attention, training and scoring), keeping the tape when `keep`.
     Causal { keep: bool },
-    /// The cache, after writing its own there (decoding: no tape).
-    Cached(&'c mut KvCache),
+    /// The cache rows of the pass's batch rows, after writing its own there (decoding: no tape).
+    Cached(&'c KvCache, std::ops::Range<usize>),
 }
 
 impl Decoder {
@@ -173,9 +173,22 @@ impl Decoder {
         rows: usize,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>> {
-        let (out, _) = self.pass(ids, (b, t), pos, rows, Attend::Cached(cache))?;
+        let cache: &KvCache = cache;
+        let parts = by_row_chunks(self, b, |r| {
+            let (p, prows) = positions_of_rows(pos, rows, t, &r);
+            let ids = &ids[r.start * t..r.end * t];
+            let (out, _) = self.pass(ids, (r.len(), t), p, prows, Attend::Cached(cache, r))?;
+            Ok(out)
+        })?;
         crate::engine::count_decode_pass();
-        Ok(out)
+        Ok(match parts.len() {
+            1 => parts
+                .into_iter()
+                .next()
+                .map(|(_, out)| out)
+                .unwrap_or_default(),
+            _ => parts.into_iter().flat_map(|(_, out)| out).collect(),
+        })
     }
 
     fn pass(
@@ -184,7 +197,7 @@ impl Decoder {
         (b, t): (usize, usize),
         pos: &[u32],
         rows: usize,
-        mut attend: Attend,
+        attend: Attend,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
         let s = &self.spec;
         let (n, h, nh, nkv, d) = (b * t, s.hidden, s.heads, s.kv_heads, s.head_dim);
@@ -221,11 +234,11 @@ impl Decoder {
             let mut v = Buf::new(n * nkv * d);
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
             let mut a = Buf::new(n * nh * d);
-            let lse = match &mut attend {
+            let lse = match &attend {
                 Attend::Causal { .. } => attention_fwd(dm, scale, &q, &k, &v, &mut a),
-                Attend::Cached(cache) => {
-                    cache.store(li, t, &k, &v)?;
-                    cache.attend(li, t, scale, &q, &mut a)?;
+                Attend::Cached(cache, r) => {
+                    cache.store(li, t, r.clone(), &k, &v)?;
+                    cache.attend(li, t, r.clone(), scale, &q, &mut a)?;
                     vec![]
                 }
             };
