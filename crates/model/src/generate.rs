@@ -14,6 +14,10 @@
 //! [`Decoder`] is the step-level API (continuous batching): requests join between decode steps
 //! and leave the batch — their KV-cache rows dropped — as soon as they finish, so late steps only
 //! pay for the requests still running. [`generate`] is a batch run of it.
+//!
+//! The prefill and decode steps run on the engine ([`crate::engine`]) when the model's backend is
+//! it and the architecture has a cached pass there (the decoder family; GPT-2 decodes on the candle
+//! graph), with the same results up to f32 summation order.
 
 use crate::arch::Network;
 use crate::{CausalLm, KvCache, Positions};
