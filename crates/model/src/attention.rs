@@ -197,6 +197,18 @@ impl KvCache {
         .collect()
     }
 
+    /// Fails unless the cache has exactly `b` rows (a pass over another batch would read or write
+    /// rows that are not its own).
+    pub(crate) fn check_rows(&self, b: usize) -> Result<()> {
+        if b != self.rows() {
+            candle_core::bail!(
+                "KvCache: a batch of {b} rows through a cache of {} rows (make the cache with CausalLm::new_kv_cache for this batch)",
+                self.rows()
+            )
+        }
+        Ok(())
+    }
+
     /// Fails unless a step of `tq` positions was begun ([`KvCache::begin_step`]).
     fn check_step(&self, tq: usize) -> Result<()> {
         if self.step != tq {

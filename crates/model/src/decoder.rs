@@ -505,6 +505,7 @@ impl Network for Decoder {
         let mut run = || {
             let (b, t) = ids.dims2()?;
             self.check_window(t, Some(cache))?;
+            cache.check_rows(b)?;
             let (pos, rows) = pos.resolve(b, t)?;
             let ids = ids
                 .to_dtype(candle_core::DType::U32)?

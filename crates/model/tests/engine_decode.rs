@@ -282,6 +282,13 @@ fn the_public_cached_forward_runs_on_the_engine_like_the_graph() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("begin_step"), "{name}: {err}");
+        // A cache made for another batch size is an error on both paths.
+        for model in [&m, &g] {
+            let mut cache = model.new_kv_cache(3, 8).unwrap();
+            cache.begin_step(1).unwrap();
+            let res = model.hidden_states_cached(&seq.narrow(1, 0, 1).unwrap(), &pos, &mut cache);
+            assert!(res.is_err(), "{name}: {:?}", model.backend());
+        }
     }
 }
 
