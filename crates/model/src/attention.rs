@@ -5,7 +5,8 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor}
 use std::ops::Range;
 
 /// Preallocated key/value cache for incremental decoding: one `[b, kv_heads, capacity, head_dim]`
-/// pair per layer, written in place (`slice_set`), so decoding never re-allocates or concatenates.
+/// pair per layer, written in place (`slice_set` on the graph, [`KvCache::store`] on the engine),
+/// so decoding never re-allocates or concatenates.
 ///
 /// Row `b` attends to cache positions `row_start[b]..` (earlier ones are left padding) up to and
 /// including the query's own position.

@@ -20,7 +20,7 @@
 //! graph), with the same results up to f32 summation order.
 
 use crate::arch::Network;
-use crate::{CausalLm, KvCache, Positions};
+use crate::{network_hidden, CausalLm, KvCache, Positions};
 use candle_core::{bail, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -372,7 +372,8 @@ impl<'m> Decoder<'m> {
             let input = Tensor::from_vec(last, (b, 1), dev)?;
             let positions = Tensor::from_vec(pos, (b, 1), dev)?;
             cache.begin_step(1)?;
-            let h = Self::hidden(&*self.net, self.model.backend(), &input, &positions, cache);
+            let pos = Positions::Ids(&positions);
+            let h = network_hidden(&*self.net, self.model.backend(), &input, &pos, Some(cache));
             cache.end_step();
             let logits = self
                 .net
@@ -396,20 +397,6 @@ impl<'m> Decoder<'m> {
             self.prefill(decode, &mut tokens)?;
         }
         Ok(tokens)
-    }
-
-    /// Hidden states of a prefill or decode step through `cache` (begun for its positions): on the
-    /// engine when the model's backend is it and the architecture decodes there (see
-    /// [`crate::engine::decode_passes`]), else on the candle graph.
-    fn hidden(
-        net: &dyn Network,
-        backend: crate::Backend,
-        input: &Tensor,
-        positions: &Tensor,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let pos = Positions::Ids(positions);
-        crate::network_hidden(net, backend, input, &pos, Some(cache))
     }
 
     /// Runs the queued prompts as one left-padded batch and merges their rows into the cache.
@@ -443,12 +430,13 @@ impl<'m> Decoder<'m> {
         cache.begin_step(p)?;
         let input = Tensor::from_vec(ids, (b, p), dev)?;
         let positions = Tensor::from_vec(pos, (b, p), dev)?;
-        let h = Self::hidden(
+        let pos = Positions::Ids(&positions);
+        let h = network_hidden(
             &*self.net,
             self.model.backend(),
             &input,
-            &positions,
-            &mut cache,
+            &pos,
+            Some(&mut cache),
         )?;
         cache.end_step();
         let logits = self
