@@ -505,14 +505,8 @@ impl Network for Decoder {
         let mut run = || {
             let (b, t) = ids.dims2()?;
             self.check_window(t, Some(cache))?;
-            cache.check_rows(b)?;
             let (pos, rows) = pos.resolve(b, t)?;
-            let ids = ids
-                .to_dtype(candle_core::DType::U32)?
-                .flatten_all()?
-                .to_vec1::<u32>()?;
-            let h = self.forward_cached(&ids, (b, t), &pos, rows, cache)?;
-            Tensor::from_vec(h, (b, t, self.spec.hidden), self.embed.device())
+            crate::engine::hidden_cached(self, ids, &pos, rows, cache)
         };
         Some(run())
     }

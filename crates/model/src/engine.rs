@@ -14,13 +14,16 @@
 //! same block passes without a tape where the architecture has them ([`decode_passes`]).
 //! The candle graph path stays selectable ([`Backend::Candle`]) as the reference.
 
+use crate::attention::KvCache;
 use crate::bf16::{gemm_prec, Precision};
 use crate::lora::DropoutMask;
 use crate::matmul::MatRef;
+use crate::ops::{attention_fwd, AttnDims};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// How a model's hidden states are computed when gradients may be needed.
@@ -79,8 +82,9 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
                 .any(adapter_trains)
     }
     /// Hidden states after the final norm, `[b * t * hidden]` row-major, for the row-major token
-    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape, unless
-    /// no parameter this pass reads is trainable (e.g. only adapters train and they are disabled).
+    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}), attending as `attend` says;
+    /// when it asks to keep the tape, the tape, unless no parameter this pass reads is trainable
+    /// (e.g. only adapters train and they are disabled).
     fn forward(
         &self,
         ids: &[u32],
@@ -88,7 +92,7 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
         t: usize,
         pos: &[u32],
         rows: usize,
-        keep: bool,
+        attend: Attend,
     ) -> Result<(Vec<f32>, Option<Self::Tape>)>;
     /// Every parameter's gradient (the parameter's tensor, its gradient's data) for the upstream
     /// gradient of the hidden states, in an order that depends on the stack only.
@@ -101,6 +105,46 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     /// dropout masks, whose draws would then differ from one pass over the batch).
     fn splittable(&self) -> bool {
         self.linears().iter().all(|l| l.adapter.is_none())
+    }
+}
+
+/// Where a [`Body::forward`]'s attention reads its keys and values.
+pub(crate) enum Attend<'c> {
+    /// Its own (causal self-attention: training and scoring), keeping the tape when `keep`.
+    Causal { keep: bool },
+    /// The cache rows of the pass's batch rows, after writing its own there (decoding: no tape).
+    Cached(&'c KvCache, Range<usize>),
+}
+
+impl Attend<'_> {
+    /// Whether the pass is asked to keep its tape.
+    pub(crate) fn keep(&self) -> bool {
+        matches!(self, Attend::Causal { keep: true })
+    }
+
+    /// Layer `layer`'s attention over the rotated queries `q [b, nh, t, d]` and the keys and
+    /// values `k, v [b, nkv, t, d]` of the pass, into `out [b, t, nh * d]`; the log-sum-exps
+    /// [`attention_bwd`](crate::ops::attention_bwd) needs (none through a cache).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run(
+        &self,
+        layer: usize,
+        dm: AttnDims,
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        match self {
+            Attend::Causal { .. } => Ok(attention_fwd(dm, scale, q, k, v, out)),
+            Attend::Cached(cache, rows) => {
+                let t = dm.t();
+                cache.store(layer, t, rows.clone(), k, v)?;
+                cache.attend(layer, t, rows.clone(), scale, q, out)?;
+                Ok(vec![])
+            }
+        }
     }
 }
 
@@ -213,8 +257,8 @@ fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> R
 pub(crate) fn by_row_chunks<B: Body, T: Send>(
     body: &B,
     b: usize,
-    f: impl Fn(std::ops::Range<usize>) -> Result<T> + Sync,
-) -> Result<Vec<(std::ops::Range<usize>, T)>> {
+    f: impl Fn(Range<usize>) -> Result<T> + Sync,
+) -> Result<Vec<(Range<usize>, T)>> {
     let k = row_chunks(body, b);
     let bounds: Vec<_> = (0..k).map(|c| c * b / k..(c + 1) * b / k).collect();
     let parts = on_chunk_pools(k, |c| f(bounds[c].clone()))?;
@@ -227,7 +271,7 @@ pub(crate) fn positions_of_rows<'p>(
     pos: &'p [u32],
     rows: usize,
     t: usize,
-    r: &std::ops::Range<usize>,
+    r: &Range<usize>,
 ) -> (&'p [u32], usize) {
     if rows == 1 {
         (pos, 1)
@@ -236,19 +280,52 @@ pub(crate) fn positions_of_rows<'p>(
     }
 }
 
+/// The data of token ids `[b, t]` (u32 or i64).
+fn id_data(ids: &Tensor) -> Result<Vec<u32>> {
+    ids.to_dtype(candle_core::DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()
+}
+
+/// The hidden states `[b, t, hidden]` of `ids` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b})
+/// through `body` and `cache` (begun for `t` positions, one row per batch row): a prefill or
+/// decode step of generation on the engine, counted by [`decode_passes`].
+pub(crate) fn hidden_cached<B: Body>(
+    body: &B,
+    ids: &Tensor,
+    pos: &[u32],
+    rows: usize,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    cache.check_rows(b)?;
+    let ids = id_data(ids)?;
+    let cache: &KvCache = cache;
+    let parts = by_row_chunks(body, b, |r| {
+        let (p, prows) = positions_of_rows(pos, rows, t, &r);
+        let ids = &ids[r.start * t..r.end * t];
+        let attend = Attend::Cached(cache, r.clone());
+        Ok(body.forward(ids, r.len(), t, p, prows, attend)?.0)
+    })?;
+    count_decode_pass();
+    let mut parts = parts.into_iter().map(|(_, out)| out);
+    let mut hidden = parts.next().unwrap_or_default();
+    parts.for_each(|out| hidden.extend_from_slice(&out));
+    let h = hidden.len() / (b * t).max(1);
+    Tensor::from_vec(hidden, (b, t, h), body.embedding().device())
+}
+
 /// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
 /// trainable, else the output of one candle op whose backward runs `body`'s.
 pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
-    let ids = ids
-        .to_dtype(candle_core::DType::U32)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
+    let ids = id_data(ids)?;
     let embed = body.embedding();
     let keep = body.trainable();
     let parts = by_row_chunks(body, b, |r| {
         let (p, prows) = positions_of_rows(pos, rows, t, &r);
-        body.forward(&ids[r.start * t..r.end * t], r.len(), t, p, prows, keep)
+        let attend = Attend::Causal { keep };
+        body.forward(&ids[r.start * t..r.end * t], r.len(), t, p, prows, attend)
     })?;
     let k = parts.len();
     let h = parts[0].1 .0.len() / (parts[0].0.len() * t).max(1);

@@ -530,6 +530,10 @@ impl AttnDims {
     fn rep(&self) -> usize {
         self.nh / self.nkv
     }
+    /// Positions per row.
+    pub(crate) fn t(&self) -> usize {
+        self.t
+    }
     /// Groups (batch row, key head) are independent; parallel when there is enough work.
     fn parallel(&self) -> bool {
         self.b * self.nkv > 1 && self.b * self.nh * self.t * self.t * self.d >= 1 << 18

@@ -2,16 +2,15 @@
 //! written out, with the same kernels as the candle graph path in [`crate::ops`].
 
 use super::{Decoder, Layer};
-use crate::attention::KvCache;
 use crate::engine::{
-    begin_pass, by_row_chunks, gather_rows, keeps_tape, linear_tensors, next, positions_of_rows,
-    read_linear, scatter_rows, swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Reads,
+    begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
+    swap_time_heads, Adapted, Attend, Body, Buf, Grads, LowRankTape, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
-    attention_bwd, attention_fwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
-    silu_mul_rows, AttnDims,
+    attention_bwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows, silu_mul_rows,
+    AttnDims,
 };
 use candle_core::{Result, Tensor};
 
@@ -143,60 +142,6 @@ impl Body for Decoder {
         t: usize,
         pos: &[u32],
         rows: usize,
-        keep: bool,
-    ) -> Result<(Vec<f32>, Option<Tape>)> {
-        self.pass(ids, (b, t), pos, rows, Attend::Causal { keep })
-    }
-
-    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
-        self.backward_pass(tape, dy)
-    }
-}
-
-/// Where a pass's attention reads its keys and values.
-enum Attend<'c> {
-    /// Its own (causal self-attention, training and scoring), keeping the tape when `keep`.
-    Causal { keep: bool },
-    /// The cache rows of the pass's batch rows, after writing its own there (decoding: no tape).
-    Cached(&'c KvCache, std::ops::Range<usize>),
-}
-
-impl Decoder {
-    /// Hidden states after the final norm, `[b * t * hidden]`, of a step of the row-major ids
-    /// `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}) through `cache` (begun for `t`
-    /// positions): the prefill or a decode step of generation, on the engine.
-    pub(super) fn forward_cached(
-        &self,
-        ids: &[u32],
-        (b, t): (usize, usize),
-        pos: &[u32],
-        rows: usize,
-        cache: &mut KvCache,
-    ) -> Result<Vec<f32>> {
-        let cache: &KvCache = cache;
-        let parts = by_row_chunks(self, b, |r| {
-            let (p, prows) = positions_of_rows(pos, rows, t, &r);
-            let ids = &ids[r.start * t..r.end * t];
-            let (out, _) = self.pass(ids, (r.len(), t), p, prows, Attend::Cached(cache, r))?;
-            Ok(out)
-        })?;
-        crate::engine::count_decode_pass();
-        Ok(match parts.len() {
-            1 => parts
-                .into_iter()
-                .next()
-                .map(|(_, out)| out)
-                .unwrap_or_default(),
-            _ => parts.into_iter().flat_map(|(_, out)| out).collect(),
-        })
-    }
-
-    fn pass(
-        &self,
-        ids: &[u32],
-        (b, t): (usize, usize),
-        pos: &[u32],
-        rows: usize,
         attend: Attend,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
         let s = &self.spec;
@@ -213,8 +158,7 @@ impl Decoder {
         // adapter and forward; the streams are per layer, so the order does not matter).
         let passes: Vec<_> = self.layers.iter().map(Layer::begin_passes).collect();
         let base = self.embed.is_variable();
-        let keep = matches!(attend, Attend::Causal { keep: true });
-        let keep = keeps_tape(self, keep, passes.iter().flatten());
+        let keep = keeps_tape(self, attend.keep(), passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for (li, (w, [pq, pk, pv, po, pgate, pup, pdown])) in
             self.block_weights(&reads)?.iter().zip(passes).enumerate()
@@ -234,14 +178,7 @@ impl Decoder {
             let mut v = Buf::new(n * nkv * d);
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
             let mut a = Buf::new(n * nh * d);
-            let lse = match &attend {
-                Attend::Causal { .. } => attention_fwd(dm, scale, &q, &k, &v, &mut a),
-                Attend::Cached(cache, r) => {
-                    cache.store(li, t, r.clone(), &k, &v)?;
-                    cache.attend(li, t, r.clone(), scale, &q, &mut a)?;
-                    vec![]
-                }
-            };
+            let lse = attend.run(li, dm, scale, &q, &k, &v, &mut a)?;
             let mut x2 = Buf::new(n * h);
             x2.copy_from_slice(&x);
             let lo = w.o.forward(&a, &mut x2, true, po);
@@ -294,7 +231,7 @@ impl Decoder {
         Ok((out, tape))
     }
 
-    fn backward_pass(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
+    fn backward(&self, tape: Tape, dy: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let s = &self.spec;
         let Tape {
             ids,
