@@ -31,8 +31,7 @@ use std::sync::Mutex;
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The hand-written passes of [`crate::engine`] where the architecture has them, KV-cache
-    /// decoding of the decoder family included (GPT-2's decoding, and adapters the architecture's
-    /// passes do not run, use the candle graph).
+    /// decoding included (adapters the architecture's passes do not run use the candle graph).
     #[default]
     Engine,
     /// candle's autograd over the fused ops (the reference).

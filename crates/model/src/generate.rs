@@ -16,8 +16,8 @@
 //! pay for the requests still running. [`generate`] is a batch run of it.
 //!
 //! The prefill and decode steps run on the engine ([`crate::engine`]) when the model's backend is
-//! it and the architecture has a cached pass there (the decoder family; GPT-2 decodes on the candle
-//! graph), with the same results up to f32 summation order.
+//! it and the engine runs its stack, with the same results as the candle graph up to f32 summation
+//! order.
 
 use crate::arch::Network;
 use crate::{network_hidden, CausalLm, KvCache, Positions};

@@ -1,5 +1,6 @@
 //! Generation on the engine (prefill and decode steps through the KV cache as hand-written passes)
-//! against the candle graph path: same tokens, same log-probs, and proof that the engine ran.
+//! against the candle graph path, for every architecture: same tokens, same log-probs, and proof
+//! that the engine ran.
 
 mod common;
 
