@@ -210,7 +210,7 @@ pub(crate) fn keeps_tape<'a, B: Body>(
 }
 
 /// Up to this many parameters, a batch runs as one pass per thread over its share of the rows (see
-/// [`row_chunks`]), in training and in a prefill.
+/// [`row_chunks`]), in training as in decoding.
 const SPLIT_MAX_PARAMS: usize = 1 << 24;
 
 /// How many row chunks to run side by side: on small models each product is too small for both
@@ -251,16 +251,14 @@ fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> R
         .collect()
 }
 
-/// Runs the rows `0..b` of a pass as [`row_chunks`] chunks (one chunk unless `split`), chunk `c`
-/// as `f(its rows)` on the `c`-th pool of [`on_chunk_pools`]; the chunks' rows and results, in row
-/// order.
+/// Runs the rows `0..b` of a pass as [`row_chunks`] chunks, chunk `c` as `f(its rows)` on the
+/// `c`-th pool of [`on_chunk_pools`]; the chunks' rows and results, in row order.
 pub(crate) fn by_row_chunks<B: Body, T: Send>(
     body: &B,
     b: usize,
-    split: bool,
     f: impl Fn(Range<usize>) -> Result<T> + Sync,
 ) -> Result<Vec<(Range<usize>, T)>> {
-    let k = if split { row_chunks(body, b) } else { 1 };
+    let k = row_chunks(body, b);
     let bounds: Vec<_> = (0..k).map(|c| c * b / k..(c + 1) * b / k).collect();
     let parts = on_chunk_pools(k, |c| f(bounds[c].clone()))?;
     Ok(bounds.into_iter().zip(parts).collect())
@@ -302,11 +300,9 @@ pub(crate) fn hidden_cached<B: Body>(
     cache.check_rows(b)?;
     let ids = id_data(ids)?;
     let cache: &KvCache = cache;
-    // A decode step (one position per row) is one pass: each chunk would read every weight for a
-    // few rows, and the weights' reads are what such a step costs (tiny Llama, 32 rows × 64 new
-    // tokens, A/B on a loaded machine: splitting the steps too was 3–25 % slower); a prefill splits
-    // as training does.
-    let parts = by_row_chunks(body, b, t > 1, |r| {
+    // Decode steps split too, for the reason training does (`row_chunks`): their products are small,
+    // and a pass per thread wakes the other core once per pass instead of once per product.
+    let parts = by_row_chunks(body, b, |r| {
         let (p, prows) = positions_of_rows(pos, rows, t, &r);
         let ids = &ids[r.start * t..r.end * t];
         let attend = Attend::Cached(cache, r.clone());
@@ -327,7 +323,7 @@ pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) 
     let ids = id_data(ids)?;
     let embed = body.embedding();
     let keep = body.trainable();
-    let parts = by_row_chunks(body, b, true, |r| {
+    let parts = by_row_chunks(body, b, |r| {
         let (p, prows) = positions_of_rows(pos, rows, t, &r);
         let attend = Attend::Causal { keep };
         body.forward(&ids[r.start * t..r.end * t], r.len(), t, p, prows, attend)

@@ -297,7 +297,7 @@ fn the_public_cached_forward_runs_on_the_engine_like_the_graph() {
 
 #[test]
 fn decoding_split_across_threads_matches_one_pass() {
-    // With two threads a small model's prefill runs as two passes, each on its own rows of the cache.
+    // With two threads a small model's rows run as two passes, each on its own rows of the cache.
     for (name, cfg) in decoder_configs() {
         let m = model(cfg, 29);
         let reqs = requests(m.vocab_size());
