@@ -1,9 +1,10 @@
-//! `cargo run -p rlhf-model --example bench -- [tiny|135m] [steps] [all|train|gen]`: generation throughput and
-//! training-step (forward + backward) timings at the reference shapes, median of `steps` runs.
+//! `cargo run -p rlhf-model --example bench -- [tiny|135m] [steps] [all|train|gen] [engine|candle]`:
+//! generation throughput and training-step (forward + backward) timings at the reference shapes,
+//! median of `steps` runs, on the given backend (default: the engine).
 
 use candle_core::Device;
 use rlhf_model::bench::{bench_generate, bench_train_step, smollm2_135m_config, tiny_llama_config};
-use rlhf_model::CausalLm;
+use rlhf_model::{Backend, CausalLm};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -31,8 +32,17 @@ fn main() -> candle_core::Result<()> {
         "135m" => (smollm2_135m_config(), 8, 128),
         other => panic!("unknown shape {other} (tiny | 135m)"),
     };
-    let m = CausalLm::init_random(cfg, 0, &Device::Cpu)?;
-    println!("{shape}: {} params", m.num_parameters());
+    let backend: Backend = match args.get(4) {
+        Some(b) => b.parse().map_err(candle_core::Error::msg)?,
+        None => Backend::Engine,
+    };
+    let mut m = CausalLm::init_random(cfg, 0, &Device::Cpu)?;
+    m.set_backend(backend);
+    println!(
+        "{shape}: {} params, {} backend",
+        m.num_parameters(),
+        backend.name()
+    );
     if what != "gen" {
         train(&m, batch, seq, steps)?;
     }

@@ -65,6 +65,16 @@ pub(crate) trait Network: std::fmt::Debug + Send + Sync {
     fn hidden_engine(&self, _ids: &Tensor, _pos: &Positions) -> Option<Result<Tensor>> {
         None
     }
+    /// [`Network::hidden`] through `cache` on the engine, when this network has a hand-written
+    /// stack that can decode (`None`: use the candle graph).
+    fn hidden_engine_cached(
+        &self,
+        _ids: &Tensor,
+        _pos: &Positions,
+        _cache: &mut KvCache,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
     fn lm_head(&self) -> &Linear;
     /// Every linear layer under its HF module name (the LoRA and precision seam).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;

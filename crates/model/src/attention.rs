@@ -1,10 +1,12 @@
 //! Scaled dot-product attention shared by all architectures, with and without a KV cache.
 
-use crate::ops;
-use candle_core::{DType, Device, Result, Tensor};
+use crate::ops::{self, CacheDims};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor};
+use std::ops::Range;
 
 /// Preallocated key/value cache for incremental decoding: one `[b, kv_heads, capacity, head_dim]`
-/// pair per layer, written in place (`slice_set`), so decoding never re-allocates or concatenates.
+/// pair per layer, written in place (`slice_set` on the graph, [`KvCache::store`] on the engine),
+/// so decoding never re-allocates or concatenates.
 ///
 /// Row `b` attends to cache positions `row_start[b]..` (earlier ones are left padding) up to and
 /// including the query's own position.
@@ -186,6 +188,117 @@ impl KvCache {
         }
     }
 
+    /// For every row of `rows` and query of a step of `tq` new positions, its first visible key.
+    fn starts(&self, rows: Range<usize>, tq: usize) -> Vec<Vec<usize>> {
+        rows.map(|bi| {
+            (0..tq)
+                .map(|qi| self.visible_from(bi, self.len + qi))
+                .collect()
+        })
+        .collect()
+    }
+
+    /// Fails unless the cache has exactly `b` rows (a pass over another batch would read or write
+    /// rows that are not its own).
+    pub(crate) fn check_rows(&self, b: usize) -> Result<()> {
+        if b != self.rows() {
+            candle_core::bail!(
+                "KvCache: a batch of {b} rows through a cache of {} rows (make the cache with CausalLm::new_kv_cache for this batch)",
+                self.rows()
+            )
+        }
+        Ok(())
+    }
+
+    /// Fails unless a step of `tq` positions was begun ([`KvCache::begin_step`]).
+    fn check_step(&self, tq: usize) -> Result<()> {
+        if self.step != tq {
+            candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")
+        }
+        Ok(())
+    }
+
+    /// The tensors of `layer`, whose batch rows `rows` a pass reads or writes (checked).
+    fn rows_of(&self, layer: usize, rows: &Range<usize>) -> Result<&(Tensor, Tensor)> {
+        if rows.end > self.rows() {
+            candle_core::bail!("KvCache: rows {rows:?} of a {}-row cache", self.rows())
+        }
+        match self.layers.get(layer) {
+            Some(kv) => Ok(kv),
+            None => candle_core::bail!(
+                "KvCache: no layer {layer} in a {}-layer cache (made for another model?)",
+                self.layers.len()
+            ),
+        }
+    }
+
+    /// The engine's [`attention`] write: the keys and values `[rows, nkv, tq, d]` (row-major
+    /// slices) of a step of `tq` positions of the batch rows `rows`, stored in `layer` at the
+    /// step's positions, in place. Passes over disjoint rows may store side by side.
+    pub(crate) fn store(
+        &self,
+        layer: usize,
+        tq: usize,
+        rows: Range<usize>,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        self.check_step(tq)?;
+        let (kc, vc) = self.rows_of(layer, &rows)?;
+        for (cache, src) in [(kc, k), (vc, v)] {
+            cache.inplace_op1(&StoreStep {
+                src,
+                row: rows.start,
+                rows: rows.len(),
+                offset: self.len,
+                tq,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The engine's [`attention`] read: `q [rows, nh, tq, d]` (the rotated queries of a step of
+    /// `tq` positions of the batch rows `rows`) against `layer`'s cache after [`KvCache::store`],
+    /// into `out [rows, tq, nh * d]`.
+    pub(crate) fn attend(
+        &self,
+        layer: usize,
+        tq: usize,
+        rows: Range<usize>,
+        scale: f32,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_step(tq)?;
+        let (kc, vc) = self.rows_of(layer, &rows)?;
+        let (_, nkv, cap, d) = kc.dims4()?;
+        let b = rows.len();
+        let nh = q.len() / (b * tq * d).max(1);
+        if nkv == 0 || !nh.is_multiple_of(nkv) || q.len() != b * nh * tq * d || out.len() != q.len()
+        {
+            candle_core::bail!(
+                "KvCache::attend: {} query values do not fit {b} rows of {nkv} kv heads of {d} and a step of {tq}",
+                q.len()
+            )
+        }
+        let (ks, kl) = kc.storage_and_layout();
+        let (vs, vl) = vc.storage_and_layout();
+        let row = nkv * cap * d;
+        let k = &crate::engine::cpu_f32(&ks, kl, "KvCache::attend")?[rows.start * row..][..b * row];
+        let v = &crate::engine::cpu_f32(&vs, vl, "KvCache::attend")?[rows.start * row..][..b * row];
+        let dims = CacheDims {
+            b,
+            nh,
+            nkv,
+            tq,
+            d,
+            cap,
+        };
+        let starts = self.starts(rows, tq);
+        ops::cached_attention_fwd(dims, scale, self.len, &starts, q, k, v, out);
+        Ok(())
+    }
+
     /// Additive mask `[b, 1, 1, tq, len + tq]` (0 or -inf) for the generic (non-CPU) path.
     fn mask(&self, tq: usize, device: &Device) -> Result<Tensor> {
         let total = self.len + tq;
@@ -223,25 +336,16 @@ pub(crate) fn attention(
     let Some(cache) = cache else {
         return ops::causal_attention(q, k, v, scale);
     };
-    if cache.step != tq {
-        candle_core::bail!("KvCache::begin_step({tq}) was not called before the forward pass")
-    }
+    cache.check_step(tq)?;
     let offset = cache.len;
     let (kc, vc) = &cache.layers[layer];
     kc.slice_set(k, 2, offset)?;
     vc.slice_set(v, 2, offset)?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
-        let starts = (0..b)
-            .map(|bi| {
-                (0..tq)
-                    .map(|qi| cache.visible_from(bi, offset + qi))
-                    .collect()
-            })
-            .collect();
         let op = ops::CachedAttention {
             scale: scale as f32,
             offset,
-            starts,
+            starts: cache.starts(0..b, tq),
         };
         return q
             .contiguous()?
@@ -261,4 +365,51 @@ pub(crate) fn attention(
         .reshape((b, nh, tq, d))?
         .transpose(1, 2)?
         .reshape((b, tq, nh * d))
+}
+
+/// Writes a step's keys or values `[rows, nkv, tq, d]` into the rows `row..row + rows` of a cache
+/// tensor `[b, nkv, capacity, d]` at positions `offset..offset + tq` (what `slice_set` does, from a
+/// slice).
+struct StoreStep<'a> {
+    src: &'a [f32],
+    row: usize,
+    rows: usize,
+    offset: usize,
+    tq: usize,
+}
+
+impl InplaceOp1 for StoreStep<'_> {
+    fn name(&self) -> &'static str {
+        "rlhf-kv-store"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (b, nkv, cap, d) = match layout.dims() {
+            &[b, nkv, cap, d] => (b, nkv, cap, d),
+            other => candle_core::bail!("KvCache: a cache tensor of shape {other:?}"),
+        };
+        let (CpuStorage::F32(data), Some((lo, hi))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("KvCache: the engine writes contiguous f32 caches only")
+        };
+        let (tq, d_step) = (self.tq, self.tq * d);
+        if self.src.len() != self.rows * nkv * d_step
+            || self.row + self.rows > b
+            || self.offset + tq > cap
+        {
+            candle_core::bail!(
+                "KvCache: {} values for rows {}..{} and positions {}..{} of a [{b}, {nkv}, {cap}, {d}] cache",
+                self.src.len(),
+                self.row,
+                self.row + self.rows,
+                self.offset,
+                self.offset + tq
+            )
+        }
+        let dst = &mut data[lo..hi];
+        for (i, src) in self.src.chunks(d_step.max(1)).enumerate() {
+            let at = ((self.row * nkv + i) * cap + self.offset) * d;
+            dst[at..at + d_step].copy_from_slice(src);
+        }
+        Ok(())
+    }
 }

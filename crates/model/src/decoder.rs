@@ -493,6 +493,24 @@ impl Network for Decoder {
         Some(run())
     }
 
+    fn hidden_engine_cached(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+    ) -> Option<Result<Tensor>> {
+        if !crate::engine::decodes(self) {
+            return None;
+        }
+        let mut run = || {
+            let (b, t) = ids.dims2()?;
+            self.check_window(t, Some(cache))?;
+            let (pos, rows) = pos.resolve(b, t)?;
+            crate::engine::hidden_cached(self, ids, &pos, rows, cache)
+        };
+        Some(run())
+    }
+
     fn lm_head(&self) -> &Linear {
         &self.lm_head
     }

@@ -10,23 +10,28 @@
 //! gradient to candle and hands the other parameters' gradients to [`backward`] for the store.
 //! When the embedding is frozen (LoRA: only adapters train) the op hangs on a constant variable
 //! instead ([`anchor`]), so that candle still reaches it, and every gradient goes to the store.
+//! Generation's cached passes (prefill and decode steps through a [`crate::KvCache`]) run on the
+//! same block passes without a tape where the architecture has them ([`decode_passes`]).
 //! The candle graph path stays selectable ([`Backend::Candle`]) as the reference.
 
-use crate::bf16::{gemm_ops, gemm_prec, Lhs, PackedB, Precision, Rhs};
+use crate::attention::KvCache;
+use crate::bf16::{gemm_prec, PackedB, Precision};
 use crate::lora::DropoutMask;
 use crate::matmul::MatRef;
+use crate::ops::{attention_fwd, AttnDims};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// How a model's hidden states are computed when gradients may be needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// The hand-written passes of [`crate::engine`] where the architecture has them (incremental
-    /// decoding, and adapters the architecture's passes do not run, use the candle graph).
+    /// The hand-written passes of [`crate::engine`] where the architecture has them, KV-cache
+    /// decoding included (adapters the architecture's passes do not run use the candle graph).
     #[default]
     Engine,
     /// candle's autograd over the fused ops (the reference).
@@ -76,8 +81,9 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
                 .any(adapter_trains)
     }
     /// Hidden states after the final norm, `[b * t * hidden]` row-major, for the row-major token
-    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}); with `keep`, the tape, unless
-    /// no parameter this pass reads is trainable (e.g. only adapters train and they are disabled).
+    /// ids `[b, t]` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b}), attending as `attend` says;
+    /// when it asks to keep the tape, the tape, unless no parameter this pass reads is trainable
+    /// (e.g. only adapters train and they are disabled).
     /// `packs`: weights already converted for this pass ([`Packs`]), to read through [`Reads`].
     #[allow(clippy::too_many_arguments)]
     fn forward(
@@ -87,7 +93,7 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
         t: usize,
         pos: &[u32],
         rows: usize,
-        keep: bool,
+        attend: Attend,
         packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Self::Tape>)>;
     /// Every parameter's gradient (the parameter's tensor, its gradient's data) for the upstream
@@ -109,9 +115,74 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     }
 }
 
-/// Whether the engine computes `body`: every adapter inside it low-rank (LoRA; others run on the
-/// candle graph), its base parameters all trainable or all frozen (adapters' own parameters may
-/// train either way), on the CPU.
+/// Where a [`Body::forward`]'s attention reads its keys and values.
+pub(crate) enum Attend<'c> {
+    /// Its own (causal self-attention: training and scoring), keeping the tape when `keep`.
+    Causal { keep: bool },
+    /// The cache rows of the pass's batch rows, after writing its own there (decoding: no tape).
+    Cached(&'c KvCache, Range<usize>),
+}
+
+impl Attend<'_> {
+    /// Whether the pass is asked to keep its tape.
+    pub(crate) fn keep(&self) -> bool {
+        matches!(self, Attend::Causal { keep: true })
+    }
+
+    /// Layer `layer`'s attention over the rotated queries `q [b, nh, t, d]` and the keys and
+    /// values `k, v [b, nkv, t, d]` of the pass, into `out [b, t, nh * d]`; the log-sum-exps
+    /// [`attention_bwd`](crate::ops::attention_bwd) needs (none through a cache).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run(
+        &self,
+        layer: usize,
+        dm: AttnDims,
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        match self {
+            Attend::Causal { .. } => Ok(attention_fwd(dm, scale, q, k, v, out)),
+            Attend::Cached(cache, rows) => {
+                let t = dm.t();
+                cache.store(layer, t, rows.clone(), k, v)?;
+                cache.attend(layer, t, rows.clone(), scale, q, out)?;
+                Ok(vec![])
+            }
+        }
+    }
+}
+
+/// Whether the engine can run `body` without gradients (decoding through a KV cache): every
+/// adapter inside it low-rank (LoRA; others run on the candle graph), on the CPU.
+pub(crate) fn decodes<B: Body>(body: &B) -> bool {
+    body.linears()
+        .iter()
+        .all(|l| l.adapter.is_none() || l.low_rank().is_some())
+        && body.embedding().device().is_cpu()
+}
+
+thread_local! {
+    /// Cached (decoding) passes the engine ran on this thread.
+    static DECODE_PASSES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many forward passes through a KV cache (prefills and decode steps of [`crate::generate`],
+/// [`crate::Decoder`], [`crate::CausalLm::hidden_states_cached`]) the engine ran on the calling
+/// thread: which models decode on the engine is observable, not only inferred.
+pub fn decode_passes() -> u64 {
+    DECODE_PASSES.get()
+}
+
+/// Counts one cached pass of the engine ([`decode_passes`]).
+pub(crate) fn count_decode_pass() {
+    DECODE_PASSES.set(DECODE_PASSES.get() + 1);
+}
+
+/// Whether the engine computes `body` with gradients: it [`decodes`] it, and its base parameters
+/// are all trainable or all frozen (adapters' own parameters may train either way).
 pub(crate) fn on_engine<B: Body>(body: &B) -> bool {
     let linears = body.linears();
     let factors: std::collections::HashSet<_> = linears
@@ -123,15 +194,12 @@ pub(crate) fn on_engine<B: Body>(body: &B) -> bool {
         })
         .collect();
     let trainable = body.embedding().is_variable();
-    linears
-        .iter()
-        .all(|l| l.adapter.is_none() || l.low_rank().is_some())
+    decodes(body)
         && body
             .tensors()
             .iter()
             .filter(|t| !factors.contains(&t.id()))
             .all(|t| t.is_variable() == trainable)
-        && body.embedding().device().is_cpu()
 }
 
 /// Whether a forward asked to `keep` its tape needs one: the base trains, or an adapter that runs
@@ -150,7 +218,7 @@ pub(crate) fn keeps_tape<'a, B: Body>(
 }
 
 /// Up to this many parameters, a batch runs as one pass per thread over its share of the rows (see
-/// [`row_chunks`]).
+/// [`row_chunks`]), in training as in decoding.
 const SPLIT_MAX_PARAMS: usize = 1 << 24;
 
 /// How many row chunks to run side by side: on small models each product is too small for both
@@ -191,42 +259,103 @@ fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> R
         .collect()
 }
 
+/// Runs the rows `0..b` of a pass as [`row_chunks`] chunks, chunk `c` as `f(its rows)` on the
+/// `c`-th pool of [`on_chunk_pools`]; the chunks' rows and results, in row order.
+pub(crate) fn by_row_chunks<B: Body, T: Send>(
+    body: &B,
+    b: usize,
+    f: impl Fn(Range<usize>) -> Result<T> + Sync,
+) -> Result<Vec<(Range<usize>, T)>> {
+    let k = row_chunks(body, b);
+    let bounds: Vec<_> = (0..k).map(|c| c * b / k..(c + 1) * b / k).collect();
+    let parts = on_chunk_pools(k, |c| f(bounds[c].clone()))?;
+    Ok(bounds.into_iter().zip(parts).collect())
+}
+
+/// The positions of the batch rows `r` of a pass over `t` tokens, from `pos` (row-major
+/// `[rows, t]`, `rows` ∈ {1, b}), and how many rows they have.
+pub(crate) fn positions_of_rows<'p>(
+    pos: &'p [u32],
+    rows: usize,
+    t: usize,
+    r: &Range<usize>,
+) -> (&'p [u32], usize) {
+    if rows == 1 {
+        (pos, 1)
+    } else {
+        (&pos[r.start * t..r.end * t], r.len())
+    }
+}
+
+/// The data of token ids `[b, t]` (u32 or i64).
+fn id_data(ids: &Tensor) -> Result<Vec<u32>> {
+    ids.to_dtype(candle_core::DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()
+}
+
+/// The hidden states `[b, t, hidden]` of `ids` at `pos` (row-major `[rows, t]`, `rows` ∈ {1, b})
+/// through `body` and `cache` (begun for `t` positions, one row per batch row): a prefill or
+/// decode step of generation on the engine, counted by [`decode_passes`].
+pub(crate) fn hidden_cached<B: Body>(
+    body: &B,
+    ids: &Tensor,
+    pos: &[u32],
+    rows: usize,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    cache.check_rows(b)?;
+    let ids = id_data(ids)?;
+    let cache: &KvCache = cache;
+    // Decode steps split too, for the reason training does (`row_chunks`): their products are small,
+    // and a pass per thread wakes the other core once per pass instead of once per product.
+    let parts = by_row_chunks(body, b, |r| {
+        let (p, prows) = positions_of_rows(pos, rows, t, &r);
+        let ids = &ids[r.start * t..r.end * t];
+        let attend = Attend::Cached(cache, r.clone());
+        Ok(body.forward(ids, r.len(), t, p, prows, attend, None)?.0)
+    })?;
+    count_decode_pass();
+    let mut parts = parts.into_iter().map(|(_, out)| out);
+    let mut hidden = parts.next().unwrap_or_default();
+    parts.for_each(|out| hidden.extend_from_slice(&out));
+    let h = hidden.len() / (b * t).max(1);
+    Tensor::from_vec(hidden, (b, t, h), body.embedding().device())
+}
+
 /// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
 /// trainable, else the output of one candle op whose backward runs `body`'s.
 pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
-    let ids = ids
-        .to_dtype(candle_core::DType::U32)?
-        .flatten_all()?
-        .to_vec1::<u32>()?;
+    let ids = id_data(ids)?;
     let embed = body.embedding();
     let keep = body.trainable();
-    let k = row_chunks(body, b);
-    let bounds: Vec<(usize, usize)> = (0..k).map(|c| (c * b / k, (c + 1) * b / k)).collect();
-    let packs = if k > 1 {
+    let packs = if row_chunks(body, b) > 1 {
         Packs::new(body, Pass::Forward)?
     } else {
         None
     };
-    let run = |&(r0, r1): &(usize, usize)| {
-        let p = if rows == 1 { pos } else { &pos[r0 * t..r1 * t] };
+    let parts = by_row_chunks(body, b, |r| {
+        let (p, prows) = positions_of_rows(pos, rows, t, &r);
+        let attend = Attend::Causal { keep };
         body.forward(
-            &ids[r0 * t..r1 * t],
-            r1 - r0,
+            &ids[r.start * t..r.end * t],
+            r.len(),
             t,
             p,
-            rows.min(r1 - r0),
-            keep,
+            prows,
+            attend,
             packs.as_ref(),
         )
-    };
-    let parts = on_chunk_pools(k, |c| run(&bounds[c]))?;
-    let h = parts[0].0.len() / (bounds[0].1 * t).max(1);
+    })?;
+    let k = parts.len();
+    let h = parts[0].1 .0.len() / (parts[0].0.len() * t).max(1);
     let mut hidden = Vec::with_capacity(b * t * h);
     let mut tapes = Vec::with_capacity(k);
-    for ((out, tape), &(r0, r1)) in parts.into_iter().zip(&bounds) {
+    for (r, (out, tape)) in parts {
         hidden.extend_from_slice(&out);
-        tapes.extend(tape.map(|tape| (r0 * t * h..r1 * t * h, tape)));
+        tapes.extend(tape.map(|tape| (r.start * t * h..r.end * t * h, tape)));
     }
     if tapes.len() < k {
         return Tensor::from_vec(hidden, (b, t, h), embed.device());
@@ -509,7 +638,8 @@ pub(crate) struct Lin<'a> {
     pub inp: usize,
     pub transposed: bool,
     pub precision: Precision,
-    /// The weight already converted for this pass ([`Packs`]).
+    /// The weight already converted: by this pass ([`Packs`]), or once for generation (inference
+    /// copies, forward only).
     pub packed: Option<(&'a PackedB, Pass)>,
 }
 
@@ -531,10 +661,15 @@ impl Lin<'_> {
     /// `y = x · W (+ b)`, or `y += x · W (+ b)` when `accumulate` (a residual added in place).
     pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
         let x = MatRef::rows_of(x, self.inp);
-        match self.packed_for(Pass::Forward) {
-            Some(w) => prepacked(y, self.out, accumulate, x, w),
-            None => gemm_prec(self.precision, y, self.out, accumulate, x, self.rhs(), true),
-        }
+        crate::ops::linear_gemm(
+            self.precision,
+            self.packed_for(Pass::Forward),
+            y,
+            self.out,
+            accumulate,
+            x,
+            self.rhs(),
+        );
         if let Some(b) = self.b {
             for row in y.chunks_mut(self.out) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
@@ -569,25 +704,16 @@ impl Lin<'_> {
     /// The gradient wrt the input only (a frozen layer): into `dx`, or added to it when `accumulate`.
     pub(crate) fn input_grad(&self, dy: &[f32], dx: &mut [f32], accumulate: bool) {
         let g = MatRef::rows_of(dy, self.out);
-        match self.packed_for(Pass::Backward) {
-            Some(w) => prepacked(dx, self.inp, accumulate, g, w),
-            None => gemm_prec(
-                self.precision,
-                dx,
-                self.inp,
-                accumulate,
-                g,
-                self.rhs().t(),
-                true,
-            ),
-        }
+        crate::ops::linear_gemm(
+            self.precision,
+            self.packed_for(Pass::Backward),
+            dx,
+            self.inp,
+            accumulate,
+            g,
+            self.rhs().t(),
+        );
     }
-}
-
-/// `y = x · w` (or `+=`) at bf16 with `w` converted already.
-fn prepacked(y: &mut [f32], ld: usize, accumulate: bool, x: MatRef, w: &PackedB) {
-    let x = Lhs::new(Precision::Bf16, x, true);
-    gemm_ops(y, ld, accumulate, &x, &Rhs::Prepacked(w), true);
 }
 
 /// A low-rank adapter on a [`Lin`] as the engine reads it: the delta `scale · (x ⊙ mask) Aᵀ Bᵀ`
@@ -828,7 +954,7 @@ pub(crate) fn scatter_rows(d: &[f32], h: usize, ids: &[u32], vocab: usize) -> Ve
 
 impl<'a> Lin<'a> {
     /// The layer `l` with its weight data `w` (and bias data `b`), as read from [`Reads`].
-    pub(crate) fn of(l: &crate::linear::Linear, w: &'a [f32], b: Option<&'a [f32]>) -> Self {
+    pub(crate) fn of(l: &'a crate::linear::Linear, w: &'a [f32], b: Option<&'a [f32]>) -> Self {
         Lin {
             w,
             b,
@@ -836,7 +962,7 @@ impl<'a> Lin<'a> {
             inp: l.in_features(),
             transposed: l.layout == crate::linear::WeightLayout::OutIn,
             precision: l.precision,
-            packed: None,
+            packed: l.packed().map(|p| (p, Pass::Forward)),
         }
     }
 }
@@ -906,7 +1032,7 @@ pub(crate) fn next<'a>(r: &'a Reads, at: &mut usize) -> Result<&'a [f32]> {
 
 /// A linear layer (and its adapter) from the reads, starting at `at`.
 pub(crate) fn read_linear<'a>(
-    l: &crate::linear::Linear,
+    l: &'a crate::linear::Linear,
     r: &'a Reads,
     at: &mut usize,
 ) -> Result<Adapted<'a>> {

@@ -14,9 +14,13 @@
 //! [`Decoder`] is the step-level API (continuous batching): requests join between decode steps
 //! and leave the batch — their KV-cache rows dropped — as soon as they finish, so late steps only
 //! pay for the requests still running. [`generate`] is a batch run of it.
+//!
+//! The prefill and decode steps run on the engine ([`crate::engine`]) when the model's backend is
+//! it and the engine runs its stack, with the same results as the candle graph up to f32 summation
+//! order.
 
 use crate::arch::Network;
-use crate::{CausalLm, KvCache, Positions};
+use crate::{network_hidden, CausalLm, KvCache, Positions};
 use candle_core::{bail, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -368,9 +372,8 @@ impl<'m> Decoder<'m> {
             let input = Tensor::from_vec(last, (b, 1), dev)?;
             let positions = Tensor::from_vec(pos, (b, 1), dev)?;
             cache.begin_step(1)?;
-            let h = self
-                .net
-                .hidden(&input, &Positions::Ids(&positions), Some(cache));
+            let pos = Positions::Ids(&positions);
+            let h = network_hidden(&*self.net, self.model.backend(), &input, &pos, Some(cache));
             cache.end_step();
             let logits = self
                 .net
@@ -427,9 +430,14 @@ impl<'m> Decoder<'m> {
         cache.begin_step(p)?;
         let input = Tensor::from_vec(ids, (b, p), dev)?;
         let positions = Tensor::from_vec(pos, (b, p), dev)?;
-        let h = self
-            .net
-            .hidden(&input, &Positions::Ids(&positions), Some(&mut cache))?;
+        let pos = Positions::Ids(&positions);
+        let h = network_hidden(
+            &*self.net,
+            self.model.backend(),
+            &input,
+            &pos,
+            Some(&mut cache),
+        )?;
         cache.end_step();
         let logits = self
             .net

@@ -323,6 +323,24 @@ impl Network for Gpt2 {
         Some(run())
     }
 
+    fn hidden_engine_cached(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+    ) -> Option<Result<Tensor>> {
+        if !crate::engine::decodes(self) {
+            return None;
+        }
+        let mut run = || {
+            let (b, t) = ids.dims2()?;
+            let (pos, rows) = pos.resolve(b, t)?;
+            // `Body::forward` checks the positions against n_positions.
+            crate::engine::hidden_cached(self, ids, &pos, rows, cache)
+        };
+        Some(run())
+    }
+
     fn lm_head(&self) -> &Linear {
         &self.lm_head
     }

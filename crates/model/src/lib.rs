@@ -322,6 +322,28 @@ impl Positions<'_> {
     }
 }
 
+/// Hidden states of `net` (a model's network or its [`CausalLm::inference_copy`]) on the engine
+/// where `backend` asks for it and the network has a stack that runs the pass (with or without a
+/// cache), else on the candle graph.
+pub(crate) fn network_hidden(
+    net: &dyn Network,
+    backend: Backend,
+    input_ids: &Tensor,
+    pos: &Positions,
+    mut cache: Option<&mut KvCache>,
+) -> Result<Tensor> {
+    if backend == Backend::Engine && ops::fused_enabled() {
+        let engine = match cache.as_deref_mut() {
+            None => net.hidden_engine(input_ids, pos),
+            Some(c) => net.hidden_engine_cached(input_ids, pos, c),
+        };
+        if let Some(hidden) = engine {
+            return hidden;
+        }
+    }
+    net.hidden(input_ids, pos, cache)
+}
+
 /// A causal LM (`*ForCausalLM` / `GPT2LMHeadModel`) whose parameters live in a `VarMap`.
 pub struct CausalLm {
     config: ModelConfig,
@@ -494,12 +516,7 @@ impl CausalLm {
         pos: &Positions,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        if cache.is_none() && self.backend == Backend::Engine && ops::fused_enabled() {
-            if let Some(hidden) = self.inner.hidden_engine(input_ids, pos) {
-                return hidden;
-            }
-        }
-        self.inner.hidden(input_ids, pos, cache)
+        network_hidden(&*self.inner, self.backend, input_ids, pos, cache)
     }
 
     fn lm_head(&self) -> &Linear {

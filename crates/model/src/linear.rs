@@ -112,6 +112,11 @@ impl Linear {
         })
     }
 
+    /// The weight converted to bf16 once (inference copies at bf16), for the engine's products.
+    pub(crate) fn packed(&self) -> Option<&PackedB> {
+        self.packed.as_deref()
+    }
+
     /// The low-rank form of the adapter, if there is one and it has that form.
     pub fn low_rank(&self) -> Option<&dyn LowRankAdapter> {
         self.adapter.as_deref().and_then(|a| a.low_rank())

@@ -530,6 +530,10 @@ impl AttnDims {
     fn rep(&self) -> usize {
         self.nh / self.nkv
     }
+    /// Positions per row.
+    pub(crate) fn t(&self) -> usize {
+        self.t
+    }
     /// Groups (batch row, key head) are independent; parallel when there is enough work.
     fn parallel(&self) -> bool {
         self.b * self.nkv > 1 && self.b * self.nh * self.t * self.t * self.d >= 1 << 18
@@ -1678,6 +1682,77 @@ pub(crate) struct CachedAttention {
     pub starts: Vec<Vec<usize>>,
 }
 
+/// Shapes of [`cached_attention_fwd`]: `b` rows, `nh` query and `nkv` key heads, `tq` new
+/// positions, head size `d`, cache capacity `cap`.
+#[derive(Clone, Copy)]
+pub(crate) struct CacheDims {
+    pub b: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub tq: usize,
+    pub d: usize,
+    pub cap: usize,
+}
+
+/// The kernel of [`CachedAttention`] on slices: `q [b, nh, tq, d]`, caches `k, v [b, nkv, cap, d]`,
+/// into `out [b, tq, nh, d]` (every element written: stale contents are fine). Shared by the graph
+/// op and the engine's decoding ([`crate::KvCache::attend`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cached_attention_fwd(
+    dims: CacheDims,
+    scale: f32,
+    offset: usize,
+    starts: &[Vec<usize>],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) {
+    let CacheDims {
+        b,
+        nh,
+        nkv,
+        tq,
+        d,
+        cap,
+    } = dims;
+    let rep = nh / nkv;
+    let work = b * nh * tq * (offset + tq) * d;
+    // One output block [tq, nh, d] per batch row.
+    for_rows_with(out, tq * nh * d, b > 1 && work >= PAR_MIN_ELEMS, |bi, o| {
+        o.fill(0.0);
+        let mut p = vec![0f32; offset + tq];
+        for h in 0..nh {
+            let g = h / rep;
+            let kb = &k[(bi * nkv + g) * cap * d..];
+            let vb = &v[(bi * nkv + g) * cap * d..];
+            for qi in 0..tq {
+                let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
+                let (lo, hi) = (starts[bi][qi], offset + qi + 1);
+                let p = &mut p[lo..hi];
+                let mut m = f32::NEG_INFINITY;
+                for (j, pj) in (lo..hi).zip(p.iter_mut()) {
+                    *pj = dot(qr, &kb[j * d..(j + 1) * d]) * scale;
+                    m = m.max(*pj);
+                }
+                let mut sum = 0f32;
+                for pj in p.iter_mut() {
+                    *pj = fast_exp(*pj - m);
+                    sum += *pj;
+                }
+                let orow = &mut o[(qi * nh + h) * d..][..d];
+                let inv = 1.0 / sum;
+                for (j, &pj) in (lo..hi).zip(p.iter()) {
+                    let w = pj * inv;
+                    for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
+                        *ov += w * vv;
+                    }
+                }
+            }
+        }
+    });
+}
+
 impl CustomOp3 for CachedAttention {
     fn name(&self) -> &'static str {
         "rlhf-cached-attention"
@@ -1705,45 +1780,24 @@ impl CustomOp3 for CachedAttention {
                 l1.dims()
             ),
         };
-        let rep = nh / nkv;
         let mut out = vec![0f32; b * tq * nh * d];
-        let work = b * nh * tq * (self.offset + tq) * d;
-        // One output block [tq, nh, d] per batch row.
-        for_rows_with(
+        let dims = CacheDims {
+            b,
+            nh,
+            nkv,
+            tq,
+            d,
+            cap,
+        };
+        cached_attention_fwd(
+            dims,
+            self.scale,
+            self.offset,
+            &self.starts,
+            q,
+            k,
+            v,
             &mut out,
-            tq * nh * d,
-            b > 1 && work >= PAR_MIN_ELEMS,
-            |bi, o| {
-                let mut p = vec![0f32; self.offset + tq];
-                for h in 0..nh {
-                    let g = h / rep;
-                    let kb = &k[(bi * nkv + g) * cap * d..];
-                    let vb = &v[(bi * nkv + g) * cap * d..];
-                    for qi in 0..tq {
-                        let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
-                        let (lo, hi) = (self.starts[bi][qi], self.offset + qi + 1);
-                        let p = &mut p[lo..hi];
-                        let mut m = f32::NEG_INFINITY;
-                        for (j, pj) in (lo..hi).zip(p.iter_mut()) {
-                            *pj = dot(qr, &kb[j * d..(j + 1) * d]) * self.scale;
-                            m = m.max(*pj);
-                        }
-                        let mut sum = 0f32;
-                        for pj in p.iter_mut() {
-                            *pj = fast_exp(*pj - m);
-                            sum += *pj;
-                        }
-                        let orow = &mut o[(qi * nh + h) * d..][..d];
-                        let inv = 1.0 / sum;
-                        for (j, &pj) in (lo..hi).zip(p.iter()) {
-                            let w = pj * inv;
-                            for (ov, &vv) in orow.iter_mut().zip(&vb[j * d..(j + 1) * d]) {
-                                *ov += w * vv;
-                            }
-                        }
-                    }
-                }
-            },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, tq, nh, d))))
     }
@@ -1781,6 +1835,27 @@ fn linear_rhs<'a>(w: &'a [f32], n: usize, k: usize, transposed: bool) -> MatRef<
     }
 }
 
+/// `y = x · W` (`+=` when `accumulate`) for a linear layer's `[in, out]` right-hand side `rhs` at
+/// `precision`, by `packed` (the weight converted to bf16 once) when it is given and fits: the
+/// product of [`LinearMatmul`] and of the engine's [`crate::engine::Lin`].
+pub(crate) fn linear_gemm(
+    precision: Precision,
+    packed: Option<&PackedB>,
+    y: &mut [f32],
+    n: usize,
+    accumulate: bool,
+    x: MatRef,
+    rhs: MatRef,
+) {
+    match (packed, precision) {
+        (Some(p), Precision::Bf16) if p.dims() == (x.ncols(), n) => {
+            let lhs = Lhs::new(Precision::Bf16, x, true);
+            gemm_ops(y, n, accumulate, &lhs, &Rhs::Prepacked(p), true)
+        }
+        _ => gemm_prec(precision, y, n, accumulate, x, rhs, true),
+    }
+}
+
 impl CustomOp2 for LinearMatmul {
     fn name(&self) -> &'static str {
         "rlhf-linear"
@@ -1801,22 +1876,16 @@ impl CustomOp2 for LinearMatmul {
         }
         let mut y = vec![0f32; x.len() / k.max(1) * n];
         let rhs = linear_rhs(w, n, k, self.transposed);
-        match (&self.packed, self.precision) {
-            (Some(p), Precision::Bf16) if p.dims() == (k, n) => {
-                let lhs = Lhs::new(Precision::Bf16, MatRef::rows_of(x, k), true);
-                let rhs = Rhs::Prepacked(p);
-                gemm_ops(&mut y, n, false, &lhs, &rhs, true)
-            }
-            _ => gemm_prec(
-                self.precision,
-                &mut y,
-                n,
-                false,
-                MatRef::rows_of(x, k),
-                rhs,
-                true,
-            ),
-        }
+        let x = MatRef::rows_of(x, k);
+        linear_gemm(
+            self.precision,
+            self.packed.as_deref(),
+            &mut y,
+            n,
+            false,
+            x,
+            rhs,
+        );
         let mut out = xd.to_vec();
         *out.last_mut().expect("non-empty dims") = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))

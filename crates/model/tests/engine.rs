@@ -512,10 +512,12 @@ fn small_models_split_the_batch_across_threads_with_the_same_result() {
     // Two threads run the rows of a small model's batch as two passes (one per thread), one
     // thread as one pass: same values and gradients up to the order of float sums (at bf16 the
     // split pass converts each weight once for both chunks, the single pass per product).
-    for ((name, cfg), (precision, tol)) in engine_configs()
-        .into_iter()
-        .flat_map(|c| [(c.clone(), (Precision::Fp32, 1e-5)), (c, (Precision::Bf16, 1e-3))])
-    {
+    for ((name, cfg), (precision, tol)) in engine_configs().into_iter().flat_map(|c| {
+        [
+            (c.clone(), (Precision::Fp32, 1e-5)),
+            (c, (Precision::Bf16, 1e-3)),
+        ]
+    }) {
         let m = with(cfg, precision, Backend::Engine);
         let data = batch(&m);
         let run = |threads: usize| {

@@ -4,13 +4,13 @@
 use super::{Decoder, Layer};
 use crate::engine::{
     begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
-    swap_time_heads, Adapted, Body, Buf, Grads, LowRankTape, Packs, Reads,
+    swap_time_heads, Adapted, Attend, Body, Buf, Grads, LowRankTape, Packs, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
-    attention_bwd, attention_fwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
-    silu_mul_rows, AttnDims,
+    attention_bwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows, silu_mul_rows,
+    AttnDims,
 };
 use candle_core::{Result, Tensor};
 
@@ -80,9 +80,9 @@ impl Layer {
     }
 
     /// The weights from the reads of [`Layer::tensors`] starting at `at`.
-    fn weights<'a>(&self, r: &'a Reads, at: &mut usize) -> Result<BlockW<'a>> {
+    fn weights<'a>(&'a self, r: &'a Reads, at: &mut usize) -> Result<BlockW<'a>> {
         let (ln1, ln2) = (next(r, at)?, next(r, at)?);
-        let mut lin = |l: &Linear| read_linear(l, r, at);
+        let mut lin = |l: &'a Linear| read_linear(l, r, at);
         Ok(BlockW {
             ln1,
             ln2,
@@ -114,7 +114,7 @@ impl Decoder {
         v
     }
 
-    fn block_weights<'a>(&self, r: &'a Reads) -> Result<Vec<BlockW<'a>>> {
+    fn block_weights<'a>(&'a self, r: &'a Reads) -> Result<Vec<BlockW<'a>>> {
         let mut at = 1;
         self.layers.iter().map(|l| l.weights(r, &mut at)).collect()
     }
@@ -142,7 +142,7 @@ impl Body for Decoder {
         t: usize,
         pos: &[u32],
         rows: usize,
-        keep: bool,
+        attend: Attend,
         packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
         let s = &self.spec;
@@ -159,10 +159,10 @@ impl Body for Decoder {
         // adapter and forward; the streams are per layer, so the order does not matter).
         let passes: Vec<_> = self.layers.iter().map(Layer::begin_passes).collect();
         let base = self.embed.is_variable();
-        let keep = keeps_tape(self, keep, passes.iter().flatten());
+        let keep = keeps_tape(self, attend.keep(), passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
-        for (w, [pq, pk, pv, po, pgate, pup, pdown]) in
-            self.block_weights(&reads)?.iter().zip(passes)
+        for (li, (w, [pq, pk, pv, po, pgate, pup, pdown])) in
+            self.block_weights(&reads)?.iter().zip(passes).enumerate()
         {
             let mut h1 = Buf::new(n * h);
             rms_norm_rows(&x, w.ln1, eps, &mut h1);
@@ -179,7 +179,7 @@ impl Body for Decoder {
             let mut v = Buf::new(n * nkv * d);
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
             let mut a = Buf::new(n * nh * d);
-            let lse = attention_fwd(dm, scale, &q, &k, &v, &mut a);
+            let lse = attend.run(li, dm, scale, &q, &k, &v, &mut a)?;
             let mut x2 = Buf::new(n * h);
             x2.copy_from_slice(&x);
             let lo = w.o.forward(&a, &mut x2, true, po);

@@ -5,12 +5,12 @@
 use super::{Block, Gpt2};
 use crate::engine::{
     begin_pass, gather_rows, linear_tensors, keeps_tape, read_linear, scatter_rows,
-    Adapted, Body, Buf, Packs, Grads, LowRankTape, Reads,
+    Adapted, Attend, Body, Buf, Grads, LowRankTape, Packs, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
-    activation_bwd_rows, activation_rows, attention_bwd, attention_fwd, layer_norm_bwd_rows,
+    activation_bwd_rows, activation_rows, attention_bwd, layer_norm_bwd_rows,
     layer_norm_rows, AttnDims,
 };
 use candle_core::{Result, Tensor};
@@ -88,7 +88,7 @@ impl<'a> Cursor<'a> {
         Ok((self.next()?, self.next()?))
     }
 
-    fn lin(&mut self, l: &Linear) -> Result<Adapted<'a>> {
+    fn lin(&mut self, l: &'a Linear) -> Result<Adapted<'a>> {
         read_linear(l, self.reads, &mut self.at)
     }
 }
@@ -115,7 +115,7 @@ impl Block {
         self.linears().map(begin_pass)
     }
 
-    fn weights<'a>(&self, c: &mut Cursor<'a>) -> Result<BlockW<'a>> {
+    fn weights<'a>(&'a self, c: &mut Cursor<'a>) -> Result<BlockW<'a>> {
         // Struct fields are evaluated in the order written: the order of `tensors`.
         Ok(BlockW {
             ln1: c.norm()?,
@@ -139,7 +139,7 @@ impl Gpt2 {
         v
     }
 
-    fn stack_weights<'a>(&self, reads: &'a Reads<'a>) -> Result<StackW<'a>> {
+    fn stack_weights<'a>(&'a self, reads: &'a Reads<'a>) -> Result<StackW<'a>> {
         let mut c = Cursor { reads, at: 0 };
         Ok(StackW {
             wte: c.next()?,
@@ -202,7 +202,7 @@ impl Body for Gpt2 {
         t: usize,
         pos: &[u32],
         rows: usize,
-        keep: bool,
+        attend: Attend,
         packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
         self.check_positions(pos)?;
@@ -225,7 +225,7 @@ impl Body for Gpt2 {
         // adapter and forward).
         let passes: Vec<_> = self.blocks.iter().map(Block::begin_passes).collect();
         let base = self.wte.is_variable();
-        let keep = keeps_tape(self, keep, passes.iter().flatten());
+        let keep = keeps_tape(self, attend.keep(), passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { w.blocks.len() } else { 0 });
         for (li, (bw, [p_attn, p_proj, p_fc, p_mlp])) in w.blocks.iter().zip(passes).enumerate() {
             let mut h1 = Buf::new(n * h);
@@ -241,7 +241,7 @@ impl Body for Gpt2 {
             });
             drop(qkv);
             let mut a = Buf::new(n * h);
-            let lse = attention_fwd(dm, self.attn_scale(li) as f32, &q, &k, &v, &mut a);
+            let lse = attend.run(li, dm, self.attn_scale(li) as f32, &q, &k, &v, &mut a)?;
             let mut x2 = Buf::new(n * h);
             x2.copy_from_slice(&x);
             let l_proj = bw.c_proj.forward(&a, &mut x2, true, p_proj);
