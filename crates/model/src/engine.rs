@@ -1039,9 +1039,12 @@ pub(crate) fn read_linear<'a>(
     let w_at = *at;
     let w = next(r, at)?;
     let mut lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
-    lin.packed = r
-        .packs
-        .and_then(|p| Some((p.by_tensor.get(w_at)?.as_ref()?, p.pass)));
+    // This pass's conversion, else the layer's own (an inference copy's, for generation).
+    if let Some(p) = r.packs {
+        if let Some(w) = p.by_tensor.get(w_at).and_then(Option::as_ref) {
+            lin.packed = Some((w, p.pass));
+        }
+    }
     let lora = match l.low_rank() {
         Some(lr) => {
             let (a, b, scale) = lr.factors();
