@@ -160,6 +160,41 @@ fn reduce_rows(
     }
 }
 
+/// Defines a kernel compiled twice: for baseline x86-64 (the crate's target: 4-lane SSE) and for
+/// AVX-512, chosen at run time. The kernels' loops are written in independent lanes the compiler
+/// widens; both builds run the same IEEE operations in the same order, so the same bits. Rayon
+/// closures do not inherit a function's target features: apply it to what runs per row.
+macro_rules! avx512_kernel {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { $name::wide($($arg),*) };
+            }
+            $name::imp($($arg),*)
+        }
+
+        /// The two builds of the kernel of the same name.
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) fn imp($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn wide($($arg: $ty),*) {
+                imp($($arg),*)
+            }
+        }
+    };
+}
+
 /// exp(x) for f32 without a libm call, so that loops over it vectorise. Cephes-style range
 /// reduction + degree-6 polynomial; relative error ≈ 2e-7 on the range that does not under/overflow.
 #[inline(always)]
@@ -1052,11 +1087,32 @@ impl CustomOp3 for SiluMulBwd {
 /// `out = silu(a) * b` over rows of `row` elements.
 pub(crate) fn silu_mul_rows(a: &[f32], b: &[f32], row: usize, out: &mut [f32]) {
     for_rows(out, row, |i, o| {
-        let (ar, br) = (&a[i * row..(i + 1) * row], &b[i * row..(i + 1) * row]);
-        for ((o, &av), &bv) in o.iter_mut().zip(ar).zip(br) {
+        silu_mul_row(&a[i * row..(i + 1) * row], &b[i * row..(i + 1) * row], o)
+    });
+}
+
+avx512_kernel! {
+    fn silu_mul_row(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, &av), &bv) in out.iter_mut().zip(a).zip(b) {
             *o = av * sigmoid(av) * bv;
         }
-    });
+    }
+}
+
+avx512_kernel! {
+    /// One row of [`silu_mul_bwd_rows`].
+    fn silu_mul_bwd_row(a: &[f32], b: &[f32], g: &[f32], ga: &mut [f32], gb: &mut [f32]) {
+        for (((oa, ob), &av), (&bv, &gv)) in ga
+            .iter_mut()
+            .zip(gb.iter_mut())
+            .zip(a)
+            .zip(b.iter().zip(g))
+        {
+            let s = sigmoid(av);
+            *oa = gv * bv * s * (1.0 + av * (1.0 - s));
+            *ob = gv * av * s;
+        }
+    }
 }
 
 /// Backward of [`silu_mul_rows`] for the upstream gradient `g`: gradients wrt `a` and `b`.
@@ -1071,16 +1127,7 @@ pub(crate) fn silu_mul_bwd_rows(
     let n = a.len();
     let kernel = |i: usize, oa: &mut [f32], ob: &mut [f32]| {
         let r = i * row..(i + 1) * row;
-        for (((oa, ob), &av), (&bv, &gv)) in oa
-            .iter_mut()
-            .zip(ob.iter_mut())
-            .zip(&a[r.clone()])
-            .zip(b[r.clone()].iter().zip(&g[r]))
-        {
-            let s = sigmoid(av);
-            *oa = gv * bv * s * (1.0 + av * (1.0 - s));
-            *ob = gv * av * s;
-        }
+        silu_mul_bwd_row(&a[r.clone()], &b[r.clone()], &g[r], oa, ob)
     };
     if n >= PAR_MIN_ELEMS {
         ga.par_chunks_mut(row)
@@ -1716,19 +1763,49 @@ pub(crate) fn cached_attention_fwd(
         d,
         cap,
     } = dims;
-    let rep = nh / nkv;
     let work = b * nh * tq * (offset + tq) * d;
     // One output block [tq, nh, d] per batch row.
     for_rows_with(out, tq * nh * d, b > 1 && work >= PAR_MIN_ELEMS, |bi, o| {
-        o.fill(0.0);
+        let kv = (bi * nkv * cap * d)..((bi + 1) * nkv * cap * d);
+        let qb = &q[bi * nh * tq * d..(bi + 1) * nh * tq * d];
+        cached_attention_row(
+            dims,
+            scale,
+            offset,
+            &starts[bi],
+            qb,
+            &k[kv.clone()],
+            &v[kv],
+            o,
+        )
+    });
+}
+
+avx512_kernel! {
+    /// One batch row of [`cached_attention_fwd`]: `q [nh, tq, d]`, caches `k, v [nkv, cap, d]`,
+    /// into `out [tq, nh, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn cached_attention_row(
+        dims: CacheDims,
+        scale: f32,
+        offset: usize,
+        starts: &[usize],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) {
+        let CacheDims { nh, nkv, tq, d, cap, .. } = dims;
+        let rep = nh / nkv;
+        out.fill(0.0);
         let mut p = vec![0f32; offset + tq];
         for h in 0..nh {
             let g = h / rep;
-            let kb = &k[(bi * nkv + g) * cap * d..];
-            let vb = &v[(bi * nkv + g) * cap * d..];
+            let kb = &k[g * cap * d..];
+            let vb = &v[g * cap * d..];
             for qi in 0..tq {
-                let qr = &q[((bi * nh + h) * tq + qi) * d..][..d];
-                let (lo, hi) = (starts[bi][qi], offset + qi + 1);
+                let qr = &q[(h * tq + qi) * d..][..d];
+                let (lo, hi) = (starts[qi], offset + qi + 1);
                 let p = &mut p[lo..hi];
                 let mut m = f32::NEG_INFINITY;
                 for (j, pj) in (lo..hi).zip(p.iter_mut()) {
@@ -1740,7 +1817,7 @@ pub(crate) fn cached_attention_fwd(
                     *pj = fast_exp(*pj - m);
                     sum += *pj;
                 }
-                let orow = &mut o[(qi * nh + h) * d..][..d];
+                let orow = &mut out[(qi * nh + h) * d..][..d];
                 let inv = 1.0 / sum;
                 for (j, &pj) in (lo..hi).zip(p.iter()) {
                     let w = pj * inv;
@@ -1750,7 +1827,7 @@ pub(crate) fn cached_attention_fwd(
                 }
             }
         }
-    });
+    }
 }
 
 impl CustomOp3 for CachedAttention {
@@ -2050,4 +2127,72 @@ pub fn linear_matmul_ref(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Ten
         *l = y.dim(1)?;
     }
     y.reshape(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+            })
+            .collect()
+    }
+
+    /// The AVX-512 build of each kernel gives the baseline build's bits (where the CPU has AVX-512;
+    /// elsewhere there is only one build).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_kernels_give_the_baseline_bits() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // 77: full 16-lane blocks and a remainder.
+        let (a, b, g) = (data(77, 1), data(77, 2), data(77, 3));
+        let (mut o1, mut o2) = (vec![0f32; 77], vec![0f32; 77]);
+        silu_mul_row::imp(&a, &b, &mut o1);
+        unsafe { silu_mul_row::wide(&a, &b, &mut o2) };
+        assert_eq!(bits(&o1), bits(&o2), "silu_mul_row");
+        let (mut ga1, mut gb1, mut ga2, mut gb2) = (
+            vec![0f32; 77],
+            vec![0f32; 77],
+            vec![0f32; 77],
+            vec![0f32; 77],
+        );
+        silu_mul_bwd_row::imp(&a, &b, &g, &mut ga1, &mut gb1);
+        unsafe { silu_mul_bwd_row::wide(&a, &b, &g, &mut ga2, &mut gb2) };
+        assert_eq!(
+            (bits(&ga1), bits(&gb1)),
+            (bits(&ga2), bits(&gb2)),
+            "silu_mul_bwd_row"
+        );
+        let dims = CacheDims {
+            b: 1,
+            nh: 4,
+            nkv: 2,
+            tq: 3,
+            d: 40,
+            cap: 16,
+        };
+        let (q, k, v) = (
+            data(4 * 3 * 40, 4),
+            data(2 * 16 * 40, 5),
+            data(2 * 16 * 40, 6),
+        );
+        let starts = [2, 2, 3];
+        let (mut o1, mut o2) = (vec![0f32; 3 * 4 * 40], vec![0f32; 3 * 4 * 40]);
+        cached_attention_row::imp(dims, 0.125, 9, &starts, &q, &k, &v, &mut o1);
+        unsafe { cached_attention_row::wide(dims, 0.125, 9, &starts, &q, &k, &v, &mut o2) };
+        assert_eq!(bits(&o1), bits(&o2), "cached_attention_row");
+        assert!(o1.iter().all(|x| x.is_finite()) && o1.iter().any(|&x| x != 0.0));
+    }
 }
