@@ -6,7 +6,7 @@
 //! 1 mini-batch, kl 0.05, lr 1e-5, a reward model of the same shape that also initialises the value model.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use rlhf_model::seq_cls::SeqCls;
@@ -24,27 +24,42 @@ fn model_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Model(e.to_string())
 }
 
-/// Writes a random-init tiny Llama (and, for PPO, a reward model of the same shape) with the tokenizer of
-/// `tokenizer_dir` into `dir`.
-fn make_models(dir: &Path, tokenizer_dir: &Path, with_rm: bool) -> Result<()> {
-    let policy = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 1234, &Device::Cpu)
-        .map_err(model_err)?;
+/// Writes a random-init tiny Llama as `dir/policy` unless `policy` is given (and, when `with_rm`, a reward model
+/// of the same shape as `dir/rm` unless `rm` is given), each with the tokenizer of `tokenizer_dir`; returns the
+/// policy and reward-model directories to train with.
+fn make_models(
+    dir: &Path,
+    tokenizer_dir: &Path,
+    with_rm: bool,
+    policy: Option<&Path>,
+    rm: Option<&Path>,
+) -> Result<(PathBuf, PathBuf)> {
     let copy_tok = |to: &Path| crate::trainer::copy_tokenizer(tokenizer_dir, to);
-    policy.save(&dir.join("policy")).map_err(model_err)?;
-    copy_tok(&dir.join("policy"))?;
-    if with_rm {
+    let dirs = (
+        policy.map_or_else(|| dir.join("policy"), Path::to_path_buf),
+        rm.map_or_else(|| dir.join("rm"), Path::to_path_buf),
+    );
+    if policy.is_none() {
+        let lm = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 1234, &Device::Cpu)
+            .map_err(model_err)?;
+        lm.save(&dirs.0).map_err(model_err)?;
+        copy_tok(&dirs.0)?;
+    }
+    if with_rm && rm.is_none() {
         let lm = CausalLm::init_random(rlhf_model::bench::tiny_llama_config(), 4321, &Device::Cpu)
             .map_err(model_err)?;
         SeqCls::from_causal_lm(lm, 1, Some(0), 4321)
-            .and_then(|rm| rm.save(&dir.join("rm")))
+            .and_then(|m| m.save(&dirs.1))
             .map_err(model_err)?;
-        copy_tok(&dir.join("rm"))?;
+        copy_tok(&dirs.1)?;
     }
-    Ok(())
+    Ok(dirs)
 }
 
 /// Runs `algo` ("grpo", "rloo" or "ppo") for `steps` timed steps after the warm-up; one JSON object.
-/// `precision` bf16 runs the trainer with `--bf16` (policy, reference and rollouts).
+/// `precision` bf16 runs the trainer with `--bf16` (policy, reference and rollouts). `policy` / `rm`: model
+/// directories to start from instead of random-init ones (bench-trl's SFT checkpoint and reward model).
+#[allow(clippy::too_many_arguments)]
 pub fn bench_online(
     algo: &str,
     tokenizer_dir: &Path,
@@ -52,17 +67,19 @@ pub fn bench_online(
     steps: usize,
     precision: rlhf_model::Precision,
     backend: rlhf_model::Backend,
+    policy: Option<&Path>,
+    rm: Option<&Path>,
 ) -> Result<Value> {
     rlhf_model::tune_allocator();
     let tmp = std::env::temp_dir().join(format!("rlhf-bench-{algo}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    make_models(&tmp, tokenizer_dir, algo == "ppo")?;
+    let (policy_dir, rm_dir) = make_models(&tmp, tokenizer_dir, algo == "ppo", policy, rm)?;
     let total = (steps + WARMUP).to_string();
     let s = |p: &Path| p.display().to_string();
     let mut flags: Vec<String> = vec![
         "--model".into(),
-        s(&tmp.join("policy")),
+        s(&policy_dir),
         "--prompts".into(),
         s(prompts),
         "--output-dir".into(),
@@ -121,7 +138,7 @@ pub fn bench_online(
     };
     flags.extend(more.iter().map(|x| x.to_string()));
     if algo == "ppo" {
-        flags.extend(["--reward".into(), format!("rm:{}", s(&tmp.join("rm")))]);
+        flags.extend(["--reward".into(), format!("rm:{}", s(&rm_dir))]);
     }
     if precision == rlhf_model::Precision::Bf16 {
         flags.push("--bf16".into());
@@ -163,6 +180,7 @@ pub fn bench_online(
         "shape": "tiny-llama",
         "precision": precision.name(),
         "backend": backend.name(),
+        "init": policy.map_or("random".into(), |p| p.display().to_string()),
         "steps": timed.len(),
         "sec_per_step_median": median(step_s.clone()),
         "tokens_per_sec": tokens.iter().sum::<f64>() / step_s.iter().sum::<f64>(),

@@ -126,6 +126,13 @@ pub struct Online {
     /// The trainers' `--backend`: engine, or candle's autograd graph.
     #[arg(long, default_value = "engine")]
     backend: Backend,
+    /// Policy (and reference) model directory, e.g. bench-trl's `$TRLBASE/out/sft/final`, so both sides start
+    /// from the same weights; default: a random-init tiny Llama (whose completions run to the token limit).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PPO's reward model (and value-model initialisation), e.g. `$TRLBASE/out/rm/final`; default: random init.
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -241,6 +248,8 @@ fn online(algo: &str, o: &Online) -> Result<serde_json::Value> {
         o.steps,
         o.precision,
         o.backend,
+        o.model.as_deref(),
+        o.reward_model.as_deref(),
     )?)
 }
 
