@@ -3,7 +3,7 @@
 //!
 //! candle's autograd records every op, allocates every intermediate and creates each gradient as
 //! `zeros_like` + add. An architecture with a [`Body`] instead runs its blocks as direct kernel and
-//! gemm calls into recycled buffers ([`Buf`]), keeps what its backward needs in a tape, and writes
+//! gemm calls into plain buffers, keeps what its backward needs in a tape, and writes
 //! each parameter gradient once. To candle the whole stack is one op whose input is the embedding
 //! matrix: the trainers' loss graphs (lm-head log-probs, value heads, losses) stay candle graphs,
 //! and when [`backward`] reaches the op it runs the stack's backward, returns the embedding's
@@ -573,62 +573,6 @@ impl Packs {
     }
 }
 
-/// Buffers of recycled memory, returned to the pool when dropped.
-static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
-/// What the pool keeps at most (f32 elements): beyond it, buffers are freed.
-const POOL_MAX_ELEMS: usize = 1 << 29;
-
-/// An f32 buffer from the pool. Its contents are unspecified (stale values of an earlier pass):
-/// every user writes all of it before reading.
-pub(crate) struct Buf(Vec<f32>);
-
-impl Buf {
-    pub(crate) fn new(len: usize) -> Self {
-        let mut pool = POOL.lock().expect("buffer pool poisoned");
-        let best = (0..pool.len())
-            .filter(|&i| pool[i].capacity() >= len)
-            .min_by_key(|&i| pool[i].capacity());
-        let mut v = match best {
-            Some(i) => pool.swap_remove(i),
-            None => Vec::new(),
-        };
-        drop(pool);
-        if v.len() >= len {
-            v.truncate(len);
-        } else {
-            v.resize(len, 0.0);
-        }
-        Self(v)
-    }
-}
-
-impl std::ops::Deref for Buf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.0
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        if v.capacity() == 0 {
-            return;
-        }
-        let mut pool = POOL.lock().expect("buffer pool poisoned");
-        let held: usize = pool.iter().map(Vec::capacity).sum();
-        if held + v.capacity() <= POOL_MAX_ELEMS {
-            pool.push(v);
-        }
-    }
-}
-
 /// One linear layer's weights as the engine reads them: `y = x Wᵀ + b` with W stored `[out, in]`
 /// (`transposed`, torch `nn.Linear`) or `[in, out]` (GPT-2 `Conv1D`).
 pub(crate) struct Lin<'a> {
@@ -730,18 +674,18 @@ pub(crate) struct LowRank<'a> {
 /// What an adapter's backward needs from its forward.
 pub(crate) struct LowRankTape {
     /// The dropout mask the input was multiplied by (`None`: no dropout).
-    mask: Option<Buf>,
+    mask: Option<Vec<f32>>,
     /// `scale · (x ⊙ mask) Aᵀ`, `[n, r]`.
-    u: Buf,
+    u: Vec<f32>,
 }
 
 impl LowRank<'_> {
     /// `y += scale · (x ⊙ mask) Aᵀ Bᵀ` for `x` `[n, inp]`, `y` `[n, out]`.
-    pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], mask: Option<Buf>) -> LowRankTape {
+    pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], mask: Option<Vec<f32>>) -> LowRankTape {
         let r = self.r;
         let dropped = mask.as_ref().map(|m| masked(x, m));
         let xd = dropped.as_deref().unwrap_or(x);
-        let mut u = Buf::new(x.len() / self.inp * r);
+        let mut u = vec![0.0; x.len() / self.inp * r];
         gemm_prec(
             Precision::Fp32,
             &mut u,
@@ -787,7 +731,7 @@ impl LowRank<'_> {
             true,
         );
         // du = scale · dy B, the gradient of u / scale.
-        let mut du = Buf::new(dy.len() / out * r);
+        let mut du = vec![0.0; dy.len() / out * r];
         gemm_prec(
             fp,
             &mut du,
@@ -815,7 +759,7 @@ impl LowRank<'_> {
         match (dx, &tape.mask) {
             (Some(dx), None) => gemm_prec(fp, dx, inp, true, du, a, true),
             (Some(dx), Some(mask)) => {
-                let mut dxd = Buf::new(dx.len());
+                let mut dxd = vec![0.0; dx.len()];
                 gemm_prec(fp, &mut dxd, inp, false, du, a, true);
                 dx.iter_mut()
                     .zip(dxd.iter().zip(mask.iter()))
@@ -854,7 +798,7 @@ impl Adapted<'_> {
         self.lin.forward(x, y, accumulate);
         let (lora, mask) = (self.lora.as_ref()?, pass?);
         let mask = mask.map(|m| {
-            let mut buf = Buf::new(x.len());
+            let mut buf = vec![0.0; x.len()];
             m.fill(&mut buf);
             buf
         });
@@ -892,8 +836,8 @@ impl Adapted<'_> {
 }
 
 /// `x ⊙ mask`.
-fn masked(x: &[f32], mask: &[f32]) -> Buf {
-    let mut out = Buf::new(x.len());
+fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
     out.iter_mut()
         .zip(x.iter().zip(mask))
         .for_each(|(o, (x, m))| *o = x * m);

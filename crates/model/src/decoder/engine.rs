@@ -4,7 +4,7 @@
 use super::{Decoder, Layer};
 use crate::engine::{
     begin_pass, gather_rows, keeps_tape, linear_tensors, next, read_linear, scatter_rows,
-    swap_time_heads, Adapted, Attend, Body, Buf, Grads, LowRankTape, Packs, Reads,
+    swap_time_heads, Adapted, Attend, Body, Grads, LowRankTape, Packs, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
@@ -17,21 +17,21 @@ use candle_core::{Result, Tensor};
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
     /// Block input (the residual stream).
-    x: Buf,
-    h1: Buf,
+    x: Vec<f32>,
+    h1: Vec<f32>,
     /// Rotated queries `[b, nh, t, d]`, keys and values `[b, nkv, t, d]`.
-    q: Buf,
-    k: Buf,
-    v: Buf,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
     /// Attention output `[b, t, nh*d]` and its row log-sum-exps.
-    a: Buf,
+    a: Vec<f32>,
     lse: Vec<f32>,
     /// The residual stream after attention.
-    x2: Buf,
-    h2: Buf,
-    gate: Buf,
-    up: Buf,
-    act: Buf,
+    x2: Vec<f32>,
+    h2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
     /// The tapes of the adapters that ran, in the order of [`Layer::linears`].
     lora: [Option<LowRankTape>; 7],
 }
@@ -45,7 +45,7 @@ pub(crate) struct Tape {
     rows: usize,
     blocks: Vec<BlockTape>,
     /// Input of the final norm.
-    last: Buf,
+    last: Vec<f32>,
     /// Whether the base parameters train (else only adapters do).
     base: bool,
 }
@@ -153,7 +153,7 @@ impl Body for Decoder {
         let (cos, sin) = s.rope.table_data(pos);
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
-        let mut x = Buf::new(n * h);
+        let mut x = vec![0.0; n * h];
         gather_rows(reads.get(0)?, h, ids, &mut x)?;
         // Each adapter's pass starts here, as its forward on the graph would (one dropout draw per
         // adapter and forward; the streams are per layer, so the order does not matter).
@@ -164,37 +164,37 @@ impl Body for Decoder {
         for (li, (w, [pq, pk, pv, po, pgate, pup, pdown])) in
             self.block_weights(&reads)?.iter().zip(passes).enumerate()
         {
-            let mut h1 = Buf::new(n * h);
+            let mut h1 = vec![0.0; n * h];
             rms_norm_rows(&x, w.ln1, eps, &mut h1);
             let rope = |lin: &Adapted, heads: usize, pass| {
-                let mut p = Buf::new(n * heads * d);
+                let mut p = vec![0.0; n * heads * d];
                 let tape = lin.forward(&h1, &mut p, false, pass);
-                let mut r = Buf::new(n * heads * d);
+                let mut r = vec![0.0; n * heads * d];
                 rope_kernel(&p, &cos, &sin, (b, t, heads, d), rows, true, &mut r);
                 (r, tape)
             };
             let ((q, lq), (k, lk)) = (rope(&w.q, nh, pq), rope(&w.k, nkv, pk));
-            let mut vp = Buf::new(n * nkv * d);
+            let mut vp = vec![0.0; n * nkv * d];
             let lv = w.v.forward(&h1, &mut vp, false, pv);
-            let mut v = Buf::new(n * nkv * d);
+            let mut v = vec![0.0; n * nkv * d];
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
-            let mut a = Buf::new(n * nh * d);
+            let mut a = vec![0.0; n * nh * d];
             let lse = attend.run(li, dm, scale, &q, &k, &v, &mut a)?;
-            let mut x2 = Buf::new(n * h);
+            let mut x2 = vec![0.0; n * h];
             x2.copy_from_slice(&x);
             let lo = w.o.forward(&a, &mut x2, true, po);
-            let mut h2 = Buf::new(n * h);
+            let mut h2 = vec![0.0; n * h];
             rms_norm_rows(&x2, w.ln2, eps, &mut h2);
             let inter = w.gate.lin.out;
             let (mut gate, mut up, mut act) = (
-                Buf::new(n * inter),
-                Buf::new(n * inter),
-                Buf::new(n * inter),
+                vec![0.0; n * inter],
+                vec![0.0; n * inter],
+                vec![0.0; n * inter],
             );
             let lgate = w.gate.forward(&h2, &mut gate, false, pgate);
             let lup = w.up.forward(&h2, &mut up, false, pup);
             silu_mul_rows(&gate, &up, inter, &mut act);
-            let mut x3 = Buf::new(n * h);
+            let mut x3 = vec![0.0; n * h];
             x3.copy_from_slice(&x2);
             let ldown = w.down.forward(&act, &mut x3, true, pdown);
             let input = std::mem::replace(&mut x, x3);
@@ -257,7 +257,7 @@ impl Body for Decoder {
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
         let mut grads = Grads(Vec::with_capacity(tensors.len()));
-        let mut dx = Buf::new(n * h);
+        let mut dx = vec![0.0; n * h];
         let dnorm = rms_norm_bwd_rows(
             &last,
             reads.get(tensors.len() - 1)?,
@@ -274,16 +274,16 @@ impl Body for Decoder {
             let [lq, lk, lv, lo, lgate, lup, ldown] = &bt.lora;
             // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
             let inter = w.gate.lin.out;
-            let mut dact = Buf::new(n * inter);
+            let mut dact = vec![0.0; n * inter];
             grads.adapted(
                 &layer.down,
                 w.down
                     .backward(&bt.act, &dx, Some((&mut dact, false)), base, ldown.as_ref()),
             )?;
-            let (mut dgate, mut dup) = (Buf::new(n * inter), Buf::new(n * inter));
+            let (mut dgate, mut dup) = (vec![0.0; n * inter], vec![0.0; n * inter]);
             silu_mul_bwd_rows(&bt.gate, &bt.up, &dact, inter, &mut dgate, &mut dup);
             drop(dact);
-            let mut dh = Buf::new(n * h);
+            let mut dh = vec![0.0; n * h];
             grads.adapted(
                 &layer.gate,
                 w.gate
@@ -295,18 +295,18 @@ impl Body for Decoder {
             )?;
             let dln2 = rms_norm_bwd_rows(&bt.x2, w.ln2, &dh, eps, &mut dx, true);
             // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
-            let mut da = Buf::new(n * nh * d);
+            let mut da = vec![0.0; n * nh * d];
             grads.adapted(
                 &layer.o,
                 w.o.backward(&bt.a, &dx, Some((&mut da, false)), base, lo.as_ref()),
             )?;
             let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
             drop(da);
-            let mut dqp = Buf::new(n * nh * d);
+            let mut dqp = vec![0.0; n * nh * d];
             rope_kernel(&dq, &cos, &sin, (b, t, nh, d), rows, false, &mut dqp);
-            let mut dkp = Buf::new(n * nkv * d);
+            let mut dkp = vec![0.0; n * nkv * d];
             rope_kernel(&dk, &cos, &sin, (b, t, nkv, d), rows, false, &mut dkp);
-            let mut dvp = Buf::new(n * nkv * d);
+            let mut dvp = vec![0.0; n * nkv * d];
             swap_time_heads(&dv, (b, nkv, t, d), &mut dvp);
             grads.adapted(
                 &layer.q,

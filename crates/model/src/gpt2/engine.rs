@@ -5,7 +5,7 @@
 use super::{Block, Gpt2};
 use crate::engine::{
     begin_pass, gather_rows, linear_tensors, keeps_tape, read_linear, scatter_rows,
-    Adapted, Attend, Body, Buf, Grads, LowRankTape, Packs, Reads,
+    Adapted, Attend, Body, Grads, LowRankTape, Packs, Reads,
 };
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
@@ -18,21 +18,21 @@ use candle_core::{Result, Tensor};
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
     /// Block input (the residual stream).
-    x: Buf,
-    h1: Buf,
+    x: Vec<f32>,
+    h1: Vec<f32>,
     /// Queries, keys and values `[b, nh, t, d]`.
-    q: Buf,
-    k: Buf,
-    v: Buf,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
     /// Attention output `[b, t, nh*d]` and its row log-sum-exps.
-    a: Buf,
+    a: Vec<f32>,
     lse: Vec<f32>,
     /// The residual stream after attention.
-    x2: Buf,
-    h2: Buf,
+    x2: Vec<f32>,
+    h2: Vec<f32>,
     /// `c_fc`'s output and its activation.
-    f: Buf,
-    m: Buf,
+    f: Vec<f32>,
+    m: Vec<f32>,
     /// The tapes of the adapters that ran, in the order of [`Block::linears`].
     lora: [Option<LowRankTape>; 4],
 }
@@ -45,7 +45,7 @@ pub(crate) struct Tape {
     t: usize,
     blocks: Vec<BlockTape>,
     /// Input of `ln_f`.
-    last: Buf,
+    last: Vec<f32>,
     /// Whether the base parameters train (else only adapters do).
     base: bool,
 }
@@ -215,7 +215,7 @@ impl Body for Gpt2 {
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
         let w = self.stack_weights(&reads)?;
-        let mut x = Buf::new(n * h);
+        let mut x = vec![0.0; n * h];
         gather_rows(w.wte, h, ids, &mut x)?;
         for (xr, &p) in x.chunks_mut(h).zip(&pos) {
             let pe = &w.wpe[p as usize * h..][..h];
@@ -228,30 +228,30 @@ impl Body for Gpt2 {
         let keep = keeps_tape(self, attend.keep(), passes.iter().flatten());
         let mut blocks = Vec::with_capacity(if keep { w.blocks.len() } else { 0 });
         for (li, (bw, [p_attn, p_proj, p_fc, p_mlp])) in w.blocks.iter().zip(passes).enumerate() {
-            let mut h1 = Buf::new(n * h);
+            let mut h1 = vec![0.0; n * h];
             layer_norm_rows(&x, bw.ln1.0, bw.ln1.1, eps, &mut h1);
-            let mut qkv = Buf::new(n * 3 * h);
+            let mut qkv = vec![0.0; n * 3 * h];
             let l_attn = bw.c_attn.forward(&h1, &mut qkv, false, p_attn);
             let [q, k, v] = [0, 1, 2].map(|part| {
-                let mut p = Buf::new(n * h);
+                let mut p = vec![0.0; n * h];
                 for (f, o) in part_rows(dims, part) {
                     p[o..o + d].copy_from_slice(&qkv[f..f + d]);
                 }
                 p
             });
             drop(qkv);
-            let mut a = Buf::new(n * h);
+            let mut a = vec![0.0; n * h];
             let lse = attend.run(li, dm, self.attn_scale(li) as f32, &q, &k, &v, &mut a)?;
-            let mut x2 = Buf::new(n * h);
+            let mut x2 = vec![0.0; n * h];
             x2.copy_from_slice(&x);
             let l_proj = bw.c_proj.forward(&a, &mut x2, true, p_proj);
-            let mut h2 = Buf::new(n * h);
+            let mut h2 = vec![0.0; n * h];
             layer_norm_rows(&x2, bw.ln2.0, bw.ln2.1, eps, &mut h2);
             let inner = bw.c_fc.lin.out;
-            let (mut f, mut m) = (Buf::new(n * inner), Buf::new(n * inner));
+            let (mut f, mut m) = (vec![0.0; n * inner], vec![0.0; n * inner]);
             let l_fc = bw.c_fc.forward(&h2, &mut f, false, p_fc);
             activation_rows(self.act, &f, inner, &mut m);
-            let mut x3 = Buf::new(n * h);
+            let mut x3 = vec![0.0; n * h];
             x3.copy_from_slice(&x2);
             let l_mlp = bw.mlp_proj.forward(&m, &mut x3, true, p_mlp);
             let input = std::mem::replace(&mut x, x3);
@@ -309,7 +309,7 @@ impl Body for Gpt2 {
         let reads = Reads::new(&tensors, packs);
         let w = self.stack_weights(&reads)?;
         let mut grads = Grads(Vec::with_capacity(tensors.len()));
-        let mut dx = Buf::new(n * h);
+        let mut dx = vec![0.0; n * h];
         let (dw, db) = layer_norm_bwd_rows(&last, w.ln_f.0, dy, eps, &mut dx, false);
         if base {
             grads.put(&self.ln_f.0, dw)?;
@@ -320,15 +320,15 @@ impl Body for Gpt2 {
             let [l_attn, l_proj, l_fc, l_mlp] = &bt.lora;
             // MLP: x3 = x2 + mlp_proj(act(c_fc(h2))), h2 = ln2(x2).
             let inner = bw.c_fc.lin.out;
-            let mut dm_act = Buf::new(n * inner);
+            let mut dm_act = vec![0.0; n * inner];
             grads.adapted(
                 &blk.mlp_proj,
                 bw.mlp_proj.backward(&bt.m, &dx, Some((&mut dm_act, false)), base, l_mlp.as_ref()),
             )?;
-            let mut df = Buf::new(n * inner);
+            let mut df = vec![0.0; n * inner];
             activation_bwd_rows(self.act, &bt.f, &dm_act, inner, &mut df);
             drop(dm_act);
-            let mut dh = Buf::new(n * h);
+            let mut dh = vec![0.0; n * h];
             grads.adapted(
                 &blk.c_fc,
                 bw.c_fc.backward(&bt.h2, &df, Some((&mut dh, false)), base, l_fc.as_ref()),
@@ -336,7 +336,7 @@ impl Body for Gpt2 {
             drop(df);
             let (dln2w, dln2b) = layer_norm_bwd_rows(&bt.x2, bw.ln2.0, &dh, eps, &mut dx, true);
             // Attention: x2 = x + c_proj(attn(c_attn(h1) split into q, k, v)), h1 = ln1(x).
-            let mut da = Buf::new(n * h);
+            let mut da = vec![0.0; n * h];
             grads.adapted(
                 &blk.c_proj,
                 bw.c_proj.backward(&bt.a, &dx, Some((&mut da, false)), base, l_proj.as_ref()),
@@ -344,7 +344,7 @@ impl Body for Gpt2 {
             let scale = self.attn_scale(li) as f32;
             let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
             drop(da);
-            let mut dqkv = Buf::new(n * 3 * h);
+            let mut dqkv = vec![0.0; n * 3 * h];
             for (part, g) in [dq, dk, dv].iter().enumerate() {
                 for (f, o) in part_rows(dims, part) {
                     dqkv[f..f + d].copy_from_slice(&g[o..o + d]);
