@@ -81,7 +81,8 @@ pub struct Training {
 pub enum Bench {
     /// Sampled generation: 32 prompts × 8 tokens → 64 new tokens each, KV cache, T = 1.
     Generate(Common),
-    /// GFLOP/s of one matrix product, 1024³ and the SmolLM2-135M linear-layer shapes (8 × 128 tokens; 32 rows = decoding).
+    /// GFLOP/s of one matrix product: 1024³, the SmolLM2-135M linear-layer shapes (8 × 128 tokens; 32 rows = decoding)
+    /// and the tiny Llama's on 144 rows.
     Gemm(GemmArgs),
     /// SFT steps: tiny = batch 8 addition samples (completion-only loss); smollm2 = batch 8 × 128 random tokens.
     Sft(Training),
@@ -152,6 +153,12 @@ pub fn run(b: Bench) -> Result<()> {
                 (1024, 1536, 576),
                 (1024, 576, 256),
                 (32, 576, 1536),
+                // The tiny Llama's products on one thread's share of an online-RL batch (144 rows):
+                // gate/up, down and attention projections, and a weight gradient (k = rows).
+                (144, 256, 688),
+                (144, 688, 256),
+                (144, 256, 256),
+                (688, 144, 256),
             ];
             for (m, k, n) in shapes {
                 let r = bench::bench_gemm(m, k, n, g.precision, g.repeats);
