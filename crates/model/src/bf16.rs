@@ -132,15 +132,18 @@ impl Kernel {
     }
 }
 
-/// f32 → bf16 bits, round to nearest even; NaN stays a (quiet) NaN, overflow goes to ±inf.
+/// f32 → bf16 bits as AVX512-BF16's `vcvtne2ps2bf16` converts (so that every path gives the same
+/// bits): round to nearest even, overflow to ±inf, a denormal to ±0 (AMX and `vdpbf16ps` read
+/// denormal operands as zero anyway), NaN to a quiet NaN keeping its sign and top payload bits.
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
-    let r = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
     if x.is_nan() {
-        0x7FC0
+        (b >> 16) as u16 | 0x40
+    } else if b & 0x7F80_0000 == 0 {
+        (b >> 16) as u16 & 0x8000
     } else {
-        r
+        (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
     }
 }
 
@@ -209,39 +212,16 @@ fn convert<T: Send>(
 }
 
 /// AVX-512 conversions into the pair layouts: both pair kernels run only where AVX-512F is, and the
-/// scalar loops (transposing ones above all) cost a large part of a product otherwise. Same
-/// rounding as [`bf16_bits`].
+/// scalar loops (transposing ones above all) cost a large part of a product otherwise. Compiled
+/// twice ([`pair_kernels!`]): rounding in integer operations ([`simd::soft`], AVX-512F only) or by
+/// AVX512-BF16's conversion instructions ([`simd::hw`], a third of the operations); same bits as
+/// [`bf16_bits`] either way. [`simd!`] calls the one this CPU runs.
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::bf16_bits;
-    use std::arch::x86_64::*;
-
-    /// 16 f32 → their bf16 bit patterns, one per 32-bit lane.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn rne(x: __m512) -> __m512i {
-        let b = _mm512_castps_si512(x);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-            b,
-            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
-        ));
-        _mm512_mask_mov_epi32(
-            r,
-            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
-            _mm512_set1_epi32(0x7FC0),
-        )
-    }
-
-    /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pairs32(x: *const f32) -> __m512i {
-        let lo = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x)));
-        let hi = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x.add(16))));
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-    }
-
+    /// The pair conversions, for the target features `$features` and the 16-lane rounding `rne`
+    /// and 32-value pairing `pairs32` defined before the macro is invoked in each module.
+    macro_rules! pair_kernels {
+        ($features:literal) => {
     fn pair(lo: f32, hi: f32) -> u32 {
         bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
     }
@@ -250,8 +230,8 @@ mod simd {
     ///
     /// # Safety
     /// AVX-512F; `dst` valid for writes at every `p · stride`, `p < x.len().div_ceil(2)`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row_pairs(x: &[f32], dst: *mut u32, stride: usize) {
+    #[target_feature(enable = $features)]
+    pub(in crate::bf16) unsafe fn row_pairs(x: &[f32], dst: *mut u32, stride: usize) {
         let full = x.len() / 32;
         let idx = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -274,8 +254,8 @@ mod simd {
     ///
     /// # Safety
     /// AVX-512F; `hi` at least as long as `lo`; `dst` valid for writes at every `i · stride`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: *mut u32, stride: usize) {
+    #[target_feature(enable = $features)]
+    pub(in crate::bf16) unsafe fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: *mut u32, stride: usize) {
         let n = lo.len();
         let idx = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -300,7 +280,7 @@ mod simd {
     }
     /// The 16 × 16 transpose of 32-bit lanes: `out[j]` lane i = `r[i]` lane j.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = $features)]
     unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
         let z = _mm512_setzero_si512();
         let (mut t, mut u, mut v, mut out) = ([z; 16], [z; 16], [z; 16], [z; 16]);
@@ -335,8 +315,8 @@ mod simd {
     ///
     /// # Safety
     /// AVX-512F; `dst` valid for writes at every `p · stride + c`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row_pairs16(cols: [&[f32]; 16], dst: *mut u32, stride: usize) {
+    #[target_feature(enable = $features)]
+    pub(in crate::bf16) unsafe fn row_pairs16(cols: [&[f32]; 16], dst: *mut u32, stride: usize) {
         let len = cols[0].len();
         let full = len / 32;
         for q in 0..full {
@@ -359,8 +339,8 @@ mod simd {
     ///
     /// # Safety
     /// AVX-512F; `dst` valid for writes at every `i · stride + p`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn col_pairs16<'a>(
+    #[target_feature(enable = $features)]
+    pub(in crate::bf16) unsafe fn col_pairs16<'a>(
         col: impl Fn(usize) -> Option<&'a [f32]>,
         pairs: usize,
         dst: *mut u32,
@@ -392,6 +372,90 @@ mod simd {
             }
         }
     }
+        };
+    }
+
+    /// Rounding in integer operations (AVX-512F).
+    pub(super) mod soft {
+        use super::super::bf16_bits;
+        use std::arch::x86_64::*;
+
+    /// 16 f32 → their bf16 bit patterns, one per 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rne(x: __m512) -> __m512i {
+        let b = _mm512_castps_si512(x);
+        let top = _mm512_srli_epi32::<16>(b);
+        let lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            b,
+            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+        ));
+        let denormal = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F80_0000));
+        let r = _mm512_mask_mov_epi32(
+            r,
+            denormal,
+            _mm512_and_si512(top, _mm512_set1_epi32(0x8000)),
+        );
+        _mm512_mask_mov_epi32(
+            r,
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+            _mm512_or_si512(top, _mm512_set1_epi32(0x40)),
+        )
+    }
+
+    /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pairs32(x: *const f32) -> __m512i {
+        let lo = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x)));
+        let hi = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x.add(16))));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+        pair_kernels!("avx512f");
+    }
+
+    /// Rounding by `vcvtneps2bf16` / `vcvtne2ps2bf16` (AVX512-BF16).
+    pub(super) mod hw {
+        use super::super::bf16_bits;
+        use std::arch::x86_64::*;
+
+        /// 16 f32 → their bf16 bit patterns, one per 32-bit lane.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn rne(x: __m512) -> __m512i {
+            _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)))
+        }
+
+        /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn pairs32(x: *const f32) -> __m512i {
+            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x.add(16)), _mm512_loadu_ps(x));
+            std::mem::transmute::<__m512bh, __m512i>(v)
+        }
+
+        pair_kernels!("avx512f,avx512bf16");
+    }
+
+    /// Whether this CPU converts with AVX512-BF16's instructions (checked once).
+    pub(super) fn has_hw() -> bool {
+        static HW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HW.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
+    }
+}
+
+/// Calls the pair conversion `$f` of [`simd`] this CPU runs (AVX-512F is the caller's to check).
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd {
+    ($f:ident($($arg:expr),* $(,)?)) => {
+        if simd::has_hw() {
+            simd::hw::$f($($arg),*)
+        } else {
+            simd::soft::$f($($arg),*)
+        }
+    };
 }
 
 /// `A` into rows of `kp` pairs (`rows[i · kp + p]` = (a(i, 2p), a(i, 2p+1))), for the pair kernels.
@@ -415,21 +479,21 @@ fn pack_a_pairs(a: MatRef, rows: &mut [u32], kp: usize, parallel: bool) {
                     let col = |j: usize| {
                         (j < k).then(|| &s.col(j).expect("column-major view")[i0..i0 + 16])
                     };
-                    simd::col_pairs16(col, k.div_ceil(2), dp.add(i0 * kp), kp);
+                    simd!(col_pairs16(col, k.div_ceil(2), dp.add(i0 * kp), kp));
                 }
                 for p in 0..k.div_ceil(2) {
                     let lo = &s.col(2 * p).expect("column-major view")[full..];
                     let hi = (2 * p + 1 < k)
                         .then(|| &s.col(2 * p + 1).expect("column-major view")[full..]);
-                    simd::zip_pairs(lo, hi, dp.add(full * kp + p), kp);
+                    simd!(zip_pairs(lo, hi, dp.add(full * kp + p), kp));
                 }
             } else {
                 for i in 0..s.nrows() {
                     match s.row(i) {
-                        Some(r) => simd::row_pairs(r, dp.add(i * kp), 1),
+                        Some(r) => simd!(row_pairs(r, dp.add(i * kp), 1)),
                         None => {
                             let r: Vec<f32> = (0..k).map(|j| s.at(i, j)).collect();
-                            simd::row_pairs(&r, dp.add(i * kp), 1)
+                            simd!(row_pairs(&r, dp.add(i * kp), 1))
                         }
                     }
                 }
@@ -559,14 +623,14 @@ impl PackedB {
                             // 16 columns at a time are transposed in registers, a remainder scattered.
                             let col = |c: usize| b.col(n0 + c).expect("column-major view");
                             for c0 in (0..nc / 16 * 16).step_by(16) {
-                                simd::row_pairs16(
+                                simd!(row_pairs16(
                                     std::array::from_fn(|c| col(c0 + c)),
                                     dp.add(c0),
                                     nr,
-                                );
+                                ));
                             }
                             for c in nc / 16 * 16..nc {
-                                simd::row_pairs(col(c), dp.add(c), nr);
+                                simd!(row_pairs(col(c), dp.add(c), nr));
                             }
                         } else {
                             for p in 0..k.div_ceil(2) {
@@ -580,20 +644,20 @@ impl PackedB {
                                     b.row(2 * p),
                                     (2 * p + 1 < k).then(|| b.row(2 * p + 1)).flatten(),
                                 ) {
-                                    (Some(r0), Some(r1)) => simd::zip_pairs(
+                                    (Some(r0), Some(r1)) => simd!(zip_pairs(
                                         &r0[n0..n0 + nc],
                                         Some(&r1[n0..n0 + nc]),
                                         dp.add(p * nr),
                                         1,
-                                    ),
+                                    )),
                                     _ => {
                                         let hi = (2 * p + 1 < k).then(|| row(2 * p + 1));
-                                        simd::zip_pairs(
+                                        simd!(zip_pairs(
                                             &row(2 * p),
                                             hi.as_deref(),
                                             dp.add(p * nr),
                                             1,
-                                        )
+                                        ))
                                     }
                                 }
                             }
@@ -1106,6 +1170,81 @@ mod tests {
         assert_eq!(round_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
         assert!(round_bf16(f32::NAN).is_nan());
         assert_eq!(bf16_bits(1.0), 0x3F80);
+        // As vcvtne2ps2bf16: denormals to signed zero, NaN quiet with its sign and top payload.
+        assert_eq!(bf16_bits(f32::from_bits(0x007F_FFFF)), 0x0000);
+        assert_eq!(bf16_bits(f32::from_bits(0x8001_16C2)), 0x8000);
+        assert_eq!(bf16_bits(f32::from_bits(0xFF81_2345)), 0xFFC1);
+        assert_eq!(bf16_bits(f32::from_bits(0x7F80_0001)), 0x7FC0);
+    }
+
+    /// Values that exercise every rounding rule: ties both ways, overflow, infinities, denormals,
+    /// NaNs of both signs with payloads, zeros, and pseudo-random bit patterns.
+    #[cfg(target_arch = "x86_64")]
+    fn awkward_values(n: usize) -> Vec<f32> {
+        let special = [
+            0x3F80_8000, 0x3F81_8000, 0x7F7F_FFFF, 0x7F80_0000, 0xFF80_0000, 0x007F_FFFF,
+            0x8000_0001, 0x0080_0000, 0x7FC0_0000, 0xFFC0_0000, 0xFF81_2345, 0x7F80_0001,
+            0x0000_0000, 0x8000_0000,
+        ];
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                f32::from_bits(special.get(i % 40).copied().unwrap_or((s >> 32) as u32))
+            })
+            .collect()
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_conversions_give_the_scalar_bits() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIP: no AVX-512F here; the pair conversions are not used on this CPU");
+            return;
+        }
+        let want = |lo: &[f32], hi: &[f32]| -> Vec<u32> {
+            lo.iter()
+                .zip(hi)
+                .map(|(&l, &h)| bf16_bits(l) as u32 | (bf16_bits(h) as u32) << 16)
+                .collect()
+        };
+        let x = awkward_values(4096 + 38); // a tail past the 32-value blocks
+        let (lo, hi): (Vec<f32>, Vec<f32>) = x.chunks(2).map(|p| (p[0], p[1])).unzip();
+        let pairs = want(&lo, &hi);
+        let run = |hw: bool| {
+            let (mut rows, mut zipped) = (vec![0u32; pairs.len()], vec![0u32; lo.len()]);
+            let even = &x[..2 * lo.len()];
+            // SAFETY: AVX-512F (and for `hw` AVX512-BF16) checked; every write lies inside the
+            // destinations, one pair per index.
+            unsafe {
+                if hw {
+                    simd::hw::row_pairs(even, rows.as_mut_ptr(), 1);
+                    simd::hw::zip_pairs(&lo, Some(&hi), zipped.as_mut_ptr(), 1);
+                } else {
+                    simd::soft::row_pairs(even, rows.as_mut_ptr(), 1);
+                    simd::soft::zip_pairs(&lo, Some(&hi), zipped.as_mut_ptr(), 1);
+                }
+            }
+            for (name, got) in [("row_pairs", &rows), ("zip_pairs", &zipped)] {
+                if let Some(i) = (0..pairs.len()).find(|&i| got[i] != pairs[i]) {
+                    panic!(
+                        "{name} (hw: {hw}) pair {i} of ({:#010x}, {:#010x}): {:#010x}, want {:#010x}",
+                        lo[i].to_bits(),
+                        hi[i].to_bits(),
+                        got[i],
+                        pairs[i]
+                    );
+                }
+            }
+        };
+        run(false);
+        if simd::has_hw() {
+            run(true);
+        } else {
+            eprintln!("SKIP: no AVX512-BF16 here; its conversions are not tested");
+        }
     }
 
     fn kernels() -> Vec<Kernel> {
