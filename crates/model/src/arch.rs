@@ -61,9 +61,19 @@ pub(crate) trait Network: std::fmt::Debug + Send + Sync {
     /// Hidden states after the final norm, `[b, t, hidden]`.
     fn hidden(&self, ids: &Tensor, pos: &Positions, cache: Option<&mut KvCache>) -> Result<Tensor>;
     /// [`Network::hidden`] on the engine ([`crate::engine`]) without a cache, when this network
-    /// has a hand-written stack that can run it (`None`: use the candle graph).
-    fn hidden_engine(&self, _ids: &Tensor, _pos: &Positions) -> Option<Result<Tensor>> {
+    /// has a hand-written stack that can run it (`None`: use the candle graph); `groups` as
+    /// [`crate::CausalLm::hidden_states_grouped`] takes them.
+    fn hidden_engine(
+        &self,
+        _ids: &Tensor,
+        _pos: &Positions,
+        _groups: Option<&[u32]>,
+    ) -> Option<Result<Tensor>> {
         None
+    }
+    /// Whether [`Network::hidden_engine`] runs attention groups (the candle graph does not).
+    fn attends_by_group(&self) -> bool {
+        false
     }
     /// [`Network::hidden`] through `cache` on the engine, when this network has a hand-written
     /// stack that can decode (`None`: use the candle graph).

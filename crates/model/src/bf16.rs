@@ -222,156 +222,168 @@ mod simd {
     /// and 32-value pairing `pairs32` defined before the macro is invoked in each module.
     macro_rules! pair_kernels {
         ($features:literal) => {
-    fn pair(lo: f32, hi: f32) -> u32 {
-        bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
-    }
+            fn pair(lo: f32, hi: f32) -> u32 {
+                bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+            }
 
-    /// `dst[p · stride] = (x[2p], x[2p+1])` for every pair of `x` (an odd tail pairs with 0).
-    ///
-    /// # Safety
-    /// AVX-512F; `dst` valid for writes at every `p · stride`, `p < x.len().div_ceil(2)`.
-    #[target_feature(enable = $features)]
-    pub(in crate::bf16) unsafe fn row_pairs(x: &[f32], dst: *mut u32, stride: usize) {
-        let full = x.len() / 32;
-        let idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(stride as i32),
-        );
-        for q in 0..full {
-            let v = pairs32(x.as_ptr().add(32 * q));
-            if stride == 1 {
-                _mm512_storeu_si512(dst.add(16 * q).cast(), v);
-            } else {
-                _mm512_i32scatter_epi32::<4>(dst.add(16 * q * stride).cast(), idx, v);
+            /// `dst[p · stride] = (x[2p], x[2p+1])` for every pair of `x` (an odd tail pairs with 0).
+            ///
+            /// # Safety
+            /// AVX-512F; `dst` valid for writes at every `p · stride`, `p < x.len().div_ceil(2)`.
+            #[target_feature(enable = $features)]
+            pub(in crate::bf16) unsafe fn row_pairs(x: &[f32], dst: *mut u32, stride: usize) {
+                let full = x.len() / 32;
+                let idx = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(stride as i32),
+                );
+                for q in 0..full {
+                    let v = pairs32(x.as_ptr().add(32 * q));
+                    if stride == 1 {
+                        _mm512_storeu_si512(dst.add(16 * q).cast(), v);
+                    } else {
+                        _mm512_i32scatter_epi32::<4>(dst.add(16 * q * stride).cast(), idx, v);
+                    }
+                }
+                for p in 16 * full..x.len().div_ceil(2) {
+                    *dst.add(p * stride) = pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
+                }
             }
-        }
-        for p in 16 * full..x.len().div_ceil(2) {
-            *dst.add(p * stride) = pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
-        }
-    }
 
-    /// `dst[i · stride] = (lo[i], hi[i])` (`hi` absent: 0), for `i < lo.len()`.
-    ///
-    /// # Safety
-    /// AVX-512F; `hi` at least as long as `lo`; `dst` valid for writes at every `i · stride`.
-    #[target_feature(enable = $features)]
-    pub(in crate::bf16) unsafe fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: *mut u32, stride: usize) {
-        let n = lo.len();
-        let idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(stride as i32),
-        );
-        for q in 0..n / 16 {
-            let l = rne(_mm512_loadu_ps(lo.as_ptr().add(16 * q)));
-            let h = match hi {
-                Some(h) => _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr().add(16 * q)))),
-                None => _mm512_setzero_si512(),
-            };
-            let v = _mm512_or_si512(l, h);
-            if stride == 1 {
-                _mm512_storeu_si512(dst.add(16 * q).cast(), v);
-            } else {
-                _mm512_i32scatter_epi32::<4>(dst.add(16 * q * stride).cast(), idx, v);
+            /// `dst[i · stride] = (lo[i], hi[i])` (`hi` absent: 0), for `i < lo.len()`.
+            ///
+            /// # Safety
+            /// AVX-512F; `hi` at least as long as `lo`; `dst` valid for writes at every `i · stride`.
+            #[target_feature(enable = $features)]
+            pub(in crate::bf16) unsafe fn zip_pairs(
+                lo: &[f32],
+                hi: Option<&[f32]>,
+                dst: *mut u32,
+                stride: usize,
+            ) {
+                let n = lo.len();
+                let idx = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(stride as i32),
+                );
+                for q in 0..n / 16 {
+                    let l = rne(_mm512_loadu_ps(lo.as_ptr().add(16 * q)));
+                    let h = match hi {
+                        Some(h) => {
+                            _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr().add(16 * q))))
+                        }
+                        None => _mm512_setzero_si512(),
+                    };
+                    let v = _mm512_or_si512(l, h);
+                    if stride == 1 {
+                        _mm512_storeu_si512(dst.add(16 * q).cast(), v);
+                    } else {
+                        _mm512_i32scatter_epi32::<4>(dst.add(16 * q * stride).cast(), idx, v);
+                    }
+                }
+                for i in n / 16 * 16..n {
+                    *dst.add(i * stride) = pair(lo[i], hi.map_or(0.0, |h| h[i]));
+                }
             }
-        }
-        for i in n / 16 * 16..n {
-            *dst.add(i * stride) = pair(lo[i], hi.map_or(0.0, |h| h[i]));
-        }
-    }
-    /// The 16 × 16 transpose of 32-bit lanes: `out[j]` lane i = `r[i]` lane j.
-    #[inline]
-    #[target_feature(enable = $features)]
-    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-        let z = _mm512_setzero_si512();
-        let (mut t, mut u, mut v, mut out) = ([z; 16], [z; 16], [z; 16], [z; 16]);
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        // u[4g + s], 128-bit lane L: column 4L + s of rows 4g..4g+4.
-        for g in 0..4 {
-            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-        }
-        for h in [0, 8] {
-            for s in 0..4 {
-                v[h + s] = _mm512_shuffle_i32x4::<0x88>(u[h + s], u[h + 4 + s]);
-                v[h + 4 + s] = _mm512_shuffle_i32x4::<0xdd>(u[h + s], u[h + 4 + s]);
+            /// The 16 × 16 transpose of 32-bit lanes: `out[j]` lane i = `r[i]` lane j.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+                let z = _mm512_setzero_si512();
+                let (mut t, mut u, mut v, mut out) = ([z; 16], [z; 16], [z; 16], [z; 16]);
+                for i in 0..8 {
+                    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+                }
+                // u[4g + s], 128-bit lane L: column 4L + s of rows 4g..4g+4.
+                for g in 0..4 {
+                    u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+                    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+                    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+                    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+                }
+                for h in [0, 8] {
+                    for s in 0..4 {
+                        v[h + s] = _mm512_shuffle_i32x4::<0x88>(u[h + s], u[h + 4 + s]);
+                        v[h + 4 + s] = _mm512_shuffle_i32x4::<0xdd>(u[h + s], u[h + 4 + s]);
+                    }
+                }
+                for s in 0..4 {
+                    out[s] = _mm512_shuffle_i32x4::<0x88>(v[s], v[8 + s]);
+                    out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v[s], v[8 + s]);
+                    out[4 + s] = _mm512_shuffle_i32x4::<0x88>(v[4 + s], v[12 + s]);
+                    out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(v[4 + s], v[12 + s]);
+                }
+                out
             }
-        }
-        for s in 0..4 {
-            out[s] = _mm512_shuffle_i32x4::<0x88>(v[s], v[8 + s]);
-            out[8 + s] = _mm512_shuffle_i32x4::<0xdd>(v[s], v[8 + s]);
-            out[4 + s] = _mm512_shuffle_i32x4::<0x88>(v[4 + s], v[12 + s]);
-            out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(v[4 + s], v[12 + s]);
-        }
-        out
-    }
 
-    /// Pairs of 16 sequences at once, transposed: `dst[p · stride + c] = (x_c[2p], x_c[2p+1])` for
-    /// `c < 16` and every pair (an odd tail pairs with 0); `x_c = cols[c]`, all of one length.
-    ///
-    /// # Safety
-    /// AVX-512F; `dst` valid for writes at every `p · stride + c`.
-    #[target_feature(enable = $features)]
-    pub(in crate::bf16) unsafe fn row_pairs16(cols: [&[f32]; 16], dst: *mut u32, stride: usize) {
-        let len = cols[0].len();
-        let full = len / 32;
-        for q in 0..full {
-            let v = transpose16(std::array::from_fn(|c| {
-                pairs32(cols[c].as_ptr().add(32 * q))
-            }));
-            for (p, vp) in v.iter().enumerate() {
-                _mm512_storeu_si512(dst.add((16 * q + p) * stride).cast(), *vp);
+            /// Pairs of 16 sequences at once, transposed: `dst[p · stride + c] = (x_c[2p], x_c[2p+1])` for
+            /// `c < 16` and every pair (an odd tail pairs with 0); `x_c = cols[c]`, all of one length.
+            ///
+            /// # Safety
+            /// AVX-512F; `dst` valid for writes at every `p · stride + c`.
+            #[target_feature(enable = $features)]
+            pub(in crate::bf16) unsafe fn row_pairs16(
+                cols: [&[f32]; 16],
+                dst: *mut u32,
+                stride: usize,
+            ) {
+                let len = cols[0].len();
+                let full = len / 32;
+                for q in 0..full {
+                    let v = transpose16(std::array::from_fn(|c| {
+                        pairs32(cols[c].as_ptr().add(32 * q))
+                    }));
+                    for (p, vp) in v.iter().enumerate() {
+                        _mm512_storeu_si512(dst.add((16 * q + p) * stride).cast(), *vp);
+                    }
+                }
+                for p in 16 * full..len.div_ceil(2) {
+                    for (c, x) in cols.iter().enumerate() {
+                        *dst.add(p * stride + c) =
+                            pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
+                    }
+                }
             }
-        }
-        for p in 16 * full..len.div_ceil(2) {
-            for (c, x) in cols.iter().enumerate() {
-                *dst.add(p * stride + c) = pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
-            }
-        }
-    }
 
-    /// 16 rows of pairs from columns: `dst[i · stride + p] = (col(2p)[i], col(2p+1)[i])` for `i < 16`
-    /// and `p < pairs` (column `2p + 1 = k` absent: 0); every column has at least 16 values.
-    ///
-    /// # Safety
-    /// AVX-512F; `dst` valid for writes at every `i · stride + p`.
-    #[target_feature(enable = $features)]
-    pub(in crate::bf16) unsafe fn col_pairs16<'a>(
-        col: impl Fn(usize) -> Option<&'a [f32]>,
-        pairs: usize,
-        dst: *mut u32,
-        stride: usize,
-    ) {
-        let zip = |p: usize| -> __m512i {
-            let lo = rne(_mm512_loadu_ps(
-                col(2 * p).expect("column 2p exists").as_ptr(),
-            ));
-            match col(2 * p + 1) {
-                Some(h) => _mm512_or_si512(
-                    lo,
-                    _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr()))),
-                ),
-                None => lo,
+            /// 16 rows of pairs from columns: `dst[i · stride + p] = (col(2p)[i], col(2p+1)[i])` for `i < 16`
+            /// and `p < pairs` (column `2p + 1 = k` absent: 0); every column has at least 16 values.
+            ///
+            /// # Safety
+            /// AVX-512F; `dst` valid for writes at every `i · stride + p`.
+            #[target_feature(enable = $features)]
+            pub(in crate::bf16) unsafe fn col_pairs16<'a>(
+                col: impl Fn(usize) -> Option<&'a [f32]>,
+                pairs: usize,
+                dst: *mut u32,
+                stride: usize,
+            ) {
+                let zip = |p: usize| -> __m512i {
+                    let lo = rne(_mm512_loadu_ps(
+                        col(2 * p).expect("column 2p exists").as_ptr(),
+                    ));
+                    match col(2 * p + 1) {
+                        Some(h) => _mm512_or_si512(
+                            lo,
+                            _mm512_slli_epi32::<16>(rne(_mm512_loadu_ps(h.as_ptr()))),
+                        ),
+                        None => lo,
+                    }
+                };
+                for p0 in (0..pairs / 16 * 16).step_by(16) {
+                    let v = transpose16(std::array::from_fn(|t| zip(p0 + t)));
+                    for (i, vi) in v.iter().enumerate() {
+                        _mm512_storeu_si512(dst.add(i * stride + p0).cast(), *vi);
+                    }
+                }
+                for p in pairs / 16 * 16..pairs {
+                    let v = zip(p);
+                    let lanes: [u32; 16] = std::mem::transmute(v);
+                    for (i, &x) in lanes.iter().enumerate() {
+                        *dst.add(i * stride + p) = x;
+                    }
+                }
             }
-        };
-        for p0 in (0..pairs / 16 * 16).step_by(16) {
-            let v = transpose16(std::array::from_fn(|t| zip(p0 + t)));
-            for (i, vi) in v.iter().enumerate() {
-                _mm512_storeu_si512(dst.add(i * stride + p0).cast(), *vi);
-            }
-        }
-        for p in pairs / 16 * 16..pairs {
-            let v = zip(p);
-            let lanes: [u32; 16] = std::mem::transmute(v);
-            for (i, &x) in lanes.iter().enumerate() {
-                *dst.add(i * stride + p) = x;
-            }
-        }
-    }
         };
     }
 
@@ -380,38 +392,38 @@ mod simd {
         use super::super::bf16_bits;
         use std::arch::x86_64::*;
 
-    /// 16 f32 → their bf16 bit patterns, one per 32-bit lane.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn rne(x: __m512) -> __m512i {
-        let b = _mm512_castps_si512(x);
-        let top = _mm512_srli_epi32::<16>(b);
-        let lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
-        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-            b,
-            _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
-        ));
-        let denormal = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F80_0000));
-        let r = _mm512_mask_mov_epi32(
-            r,
-            denormal,
-            _mm512_and_si512(top, _mm512_set1_epi32(0x8000)),
-        );
-        _mm512_mask_mov_epi32(
-            r,
-            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
-            _mm512_or_si512(top, _mm512_set1_epi32(0x40)),
-        )
-    }
+        /// 16 f32 → their bf16 bit patterns, one per 32-bit lane.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn rne(x: __m512) -> __m512i {
+            let b = _mm512_castps_si512(x);
+            let top = _mm512_srli_epi32::<16>(b);
+            let lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                b,
+                _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+            ));
+            let denormal = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F80_0000));
+            let r = _mm512_mask_mov_epi32(
+                r,
+                denormal,
+                _mm512_and_si512(top, _mm512_set1_epi32(0x8000)),
+            );
+            _mm512_mask_mov_epi32(
+                r,
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
+                _mm512_or_si512(top, _mm512_set1_epi32(0x40)),
+            )
+        }
 
-    /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pairs32(x: *const f32) -> __m512i {
-        let lo = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x)));
-        let hi = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x.add(16))));
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-    }
+        /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn pairs32(x: *const f32) -> __m512i {
+            let lo = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x)));
+            let hi = _mm512_cvtepi32_epi16(rne(_mm512_loadu_ps(x.add(16))));
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
 
         pair_kernels!("avx512f");
     }
@@ -425,7 +437,9 @@ mod simd {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bf16")]
         unsafe fn rne(x: __m512) -> __m512i {
-            _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)))
+            _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                _mm512_cvtneps_pbh(x),
+            ))
         }
 
         /// Pairs of 32 consecutive values `x[0..32]`: lane p = (x[2p], x[2p+1]).
@@ -1182,9 +1196,20 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn awkward_values(n: usize) -> Vec<f32> {
         let special = [
-            0x3F80_8000, 0x3F81_8000, 0x7F7F_FFFF, 0x7F80_0000, 0xFF80_0000, 0x007F_FFFF,
-            0x8000_0001, 0x0080_0000, 0x7FC0_0000, 0xFFC0_0000, 0xFF81_2345, 0x7F80_0001,
-            0x0000_0000, 0x8000_0000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x7F7F_FFFF,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x007F_FFFF,
+            0x8000_0001,
+            0x0080_0000,
+            0x7FC0_0000,
+            0xFFC0_0000,
+            0xFF81_2345,
+            0x7F80_0001,
+            0x0000_0000,
+            0x8000_0000,
         ];
         let mut s = 0x2545_F491_4F6C_DD1Du64;
         (0..n)

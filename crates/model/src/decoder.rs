@@ -480,7 +480,12 @@ impl Network for Decoder {
         ops::rms_norm(&x, &self.norm, s.eps)
     }
 
-    fn hidden_engine(&self, ids: &Tensor, pos: &Positions) -> Option<Result<Tensor>> {
+    fn hidden_engine(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        groups: Option<&[u32]>,
+    ) -> Option<Result<Tensor>> {
         if !crate::engine::on_engine(self) {
             return None;
         }
@@ -488,9 +493,15 @@ impl Network for Decoder {
             let (b, t) = ids.dims2()?;
             self.check_window(t, None)?;
             let (pos, rows) = pos.resolve(b, t)?;
-            crate::engine::hidden(self, ids, &pos, rows)
+            crate::engine::hidden(self, ids, &pos, rows, groups)
         };
         Some(run())
+    }
+
+    /// Not with a sliding window: a grouped row is longer than its sequences, and the window is
+    /// checked on rows.
+    fn attends_by_group(&self) -> bool {
+        crate::engine::on_engine(self) && self.spec.sliding_window.is_none()
     }
 
     fn hidden_engine_cached(

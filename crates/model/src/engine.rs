@@ -117,8 +117,13 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
 
 /// Where a [`Body::forward`]'s attention reads its keys and values.
 pub(crate) enum Attend<'c> {
-    /// Its own (causal self-attention: training and scoring), keeping the tape when `keep`.
-    Causal { keep: bool },
+    /// Its own (causal self-attention: training and scoring), keeping the tape when `keep`;
+    /// `groups` (`[b, t]` of the pass) also masks keys of other groups
+    /// ([`crate::CausalLm::hidden_states_grouped`]).
+    Causal {
+        keep: bool,
+        groups: Option<&'c [u32]>,
+    },
     /// The cache rows of the pass's batch rows, after writing its own there (decoding: no tape).
     Cached(&'c KvCache, Range<usize>),
 }
@@ -126,7 +131,15 @@ pub(crate) enum Attend<'c> {
 impl Attend<'_> {
     /// Whether the pass is asked to keep its tape.
     pub(crate) fn keep(&self) -> bool {
-        matches!(self, Attend::Causal { keep: true })
+        matches!(self, Attend::Causal { keep: true, .. })
+    }
+
+    /// The attention groups of a causal pass.
+    pub(crate) fn groups(&self) -> Option<&[u32]> {
+        match self {
+            Attend::Causal { groups, .. } => *groups,
+            Attend::Cached(..) => None,
+        }
     }
 
     /// Layer `layer`'s attention over the rotated queries `q [b, nh, t, d]` and the keys and
@@ -144,7 +157,7 @@ impl Attend<'_> {
         out: &mut [f32],
     ) -> Result<Vec<f32>> {
         match self {
-            Attend::Causal { .. } => Ok(attention_fwd(dm, scale, q, k, v, out)),
+            Attend::Causal { groups, .. } => Ok(attention_fwd(dm, scale, q, k, v, out, *groups)),
             Attend::Cached(cache, rows) => {
                 let t = dm.t();
                 cache.store(layer, t, rows.clone(), k, v)?;
@@ -325,9 +338,22 @@ pub(crate) fn hidden_cached<B: Body>(
 }
 
 /// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
-/// trainable, else the output of one candle op whose backward runs `body`'s.
-pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) -> Result<Tensor> {
+/// trainable, else the output of one candle op whose backward runs `body`'s. `groups`: `[b, t]`
+/// attention groups ([`crate::CausalLm::hidden_states_grouped`]).
+pub(crate) fn hidden<B: Body>(
+    body: &B,
+    ids: &Tensor,
+    pos: &[u32],
+    rows: usize,
+    groups: Option<&[u32]>,
+) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
+    if groups.is_some_and(|g| g.len() != b * t) {
+        bail!(
+            "attention groups: {} ids for a [{b}, {t}] batch",
+            groups.map_or(0, <[u32]>::len)
+        );
+    }
     let ids = id_data(ids)?;
     let embed = body.embedding();
     let keep = body.trainable();
@@ -338,7 +364,10 @@ pub(crate) fn hidden<B: Body>(body: &B, ids: &Tensor, pos: &[u32], rows: usize) 
     };
     let parts = by_row_chunks(body, b, |r| {
         let (p, prows) = positions_of_rows(pos, rows, t, &r);
-        let attend = Attend::Causal { keep };
+        let attend = Attend::Causal {
+            keep,
+            groups: groups.map(|g| &g[r.start * t..r.end * t]),
+        };
         body.forward(
             &ids[r.start * t..r.end * t],
             r.len(),

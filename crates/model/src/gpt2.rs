@@ -310,7 +310,12 @@ impl Network for Gpt2 {
         ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
     }
 
-    fn hidden_engine(&self, ids: &Tensor, pos: &Positions) -> Option<Result<Tensor>> {
+    fn hidden_engine(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        groups: Option<&[u32]>,
+    ) -> Option<Result<Tensor>> {
         if !crate::engine::on_engine(self) {
             return None;
         }
@@ -318,9 +323,13 @@ impl Network for Gpt2 {
             let (b, t) = ids.dims2()?;
             let (pos, rows) = pos.resolve(b, t)?;
             // `Body::forward` checks the positions against n_positions.
-            crate::engine::hidden(self, ids, &pos, rows)
+            crate::engine::hidden(self, ids, &pos, rows, groups)
         };
         Some(run())
+    }
+
+    fn attends_by_group(&self) -> bool {
+        crate::engine::on_engine(self)
     }
 
     fn hidden_engine_cached(

@@ -334,7 +334,7 @@ pub(crate) fn network_hidden(
 ) -> Result<Tensor> {
     if backend == Backend::Engine && ops::fused_enabled() {
         let engine = match cache.as_deref_mut() {
-            None => net.hidden_engine(input_ids, pos),
+            None => net.hidden_engine(input_ids, pos, None),
             Some(c) => net.hidden_engine_cached(input_ids, pos, c),
         };
         if let Some(hidden) = engine {
@@ -495,6 +495,38 @@ impl CausalLm {
             None => Positions::Range(0),
         };
         self.hidden_with_cache(input_ids, &pos, None)
+    }
+
+    /// Hidden states `[b, t, hidden]` of rows that each pack sequences sharing a prefix, so that
+    /// the prefix runs once: `groups` (`[b, t]` row-major) gives each token's group, 0 for the
+    /// shared prefix (every token of the row sees it, causally) and g > 0 for one sequence (its
+    /// tokens see the prefix and their own earlier tokens only); `position_ids` continue each
+    /// sequence from the prefix. Each sequence's hidden states are those of running prefix ++
+    /// sequence as a row of its own. Engine only ([`CausalLm::attends_by_group`]).
+    pub fn hidden_states_grouped(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        groups: &[u32],
+    ) -> Result<Tensor> {
+        let refuse = || {
+            candle_core::Error::Msg(format!(
+                "attention groups (shared prompts packed in one row) run on the engine only, not on this model's {} backend / architecture: run one row per sequence (hidden_states) instead",
+                self.backend.name()
+            ))
+        };
+        if !self.attends_by_group() {
+            return Err(refuse());
+        }
+        self.inner
+            .hidden_engine(input_ids, &Positions::Ids(position_ids), Some(groups))
+            .unwrap_or_else(|| Err(refuse()))
+    }
+
+    /// Whether [`CausalLm::hidden_states_grouped`] runs on this model: the engine backend and an
+    /// architecture whose stack it runs (no sliding window).
+    pub fn attends_by_group(&self) -> bool {
+        self.backend == Backend::Engine && ops::fused_enabled() && self.inner.attends_by_group()
     }
 
     /// Incremental forward for custom decoding loops ([`generate`] is the ready-made one):

@@ -586,7 +586,8 @@ fn map_groups<T: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> T + Sync +
 
 /// Scores of the query tile `r0..r1` against keys `0..r1` into `s [r1 - r0, r1]`, then each row
 /// turned into probabilities in place (masked entries 0): with `lse` given, `exp(scale·s - lse)`;
-/// otherwise a softmax whose log-sum-exp is returned per row.
+/// otherwise a softmax whose log-sum-exp is returned per row. `groups`: the row's group ids.
+#[allow(clippy::too_many_arguments)]
 fn attn_tile_probs(
     s: &mut [f32],
     q: MatRef,
@@ -594,6 +595,7 @@ fn attn_tile_probs(
     (r0, r1): (usize, usize),
     scale: f32,
     lse: Option<&[f32]>,
+    groups: Option<&[u32]>,
 ) -> Vec<f32> {
     gemm_into(
         s,
@@ -607,27 +609,61 @@ fn attn_tile_probs(
     for (i, row) in s.chunks_mut(r1).take(r1 - r0).enumerate() {
         let (vis, hidden) = row.split_at_mut(r0 + i + 1);
         hidden.fill(0.0);
-        match lse {
-            Some(l) => vis
-                .iter_mut()
-                .for_each(|x| *x = fast_exp(*x * scale - l[r0 + i])),
-            None => {
-                let m = vis.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x * scale));
-                let mut sum = 0f32;
-                for x in vis.iter_mut() {
-                    *x = fast_exp(*x * scale - m);
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                vis.iter_mut().for_each(|x| *x *= inv);
-                out.push(m + sum.ln());
-            }
-        }
+        let l = lse.map(|l| l[r0 + i]);
+        let row_lse = match groups {
+            // Keys of another group are masked like future ones; the query's own key never is.
+            Some(g) => probs_row(vis, scale, l, |j| g[j] == 0 || g[j] == g[r0 + i]),
+            None => probs_row(vis, scale, l, |_| true),
+        };
+        out.extend(row_lse);
     }
     out
 }
 
+/// One row of [`attn_tile_probs`] over the keys `sees` keeps (the others 0): `exp(scale·x - lse)`
+/// when `lse` is given, else the softmax, returning its log-sum-exp. Inlined so that the
+/// unmasked case compiles to the plain vector loops.
+#[inline(always)]
+fn probs_row(
+    vis: &mut [f32],
+    scale: f32,
+    lse: Option<f32>,
+    sees: impl Fn(usize) -> bool,
+) -> Option<f32> {
+    match lse {
+        Some(l) => {
+            for (j, x) in vis.iter_mut().enumerate() {
+                *x = if sees(j) {
+                    fast_exp(*x * scale - l)
+                } else {
+                    0.0
+                };
+            }
+            None
+        }
+        None => {
+            let m = (0..vis.len())
+                .filter(|&j| sees(j))
+                .fold(f32::NEG_INFINITY, |a, j| a.max(vis[j] * scale));
+            let mut sum = 0f32;
+            for (j, x) in vis.iter_mut().enumerate() {
+                *x = if sees(j) {
+                    fast_exp(*x * scale - m)
+                } else {
+                    0.0
+                };
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            vis.iter_mut().for_each(|x| *x *= inv);
+            Some(m + sum.ln())
+        }
+    }
+}
+
 /// The causal attention forward into `out` `[b, t, nh*d]`; returns each row's log-sum-exp `[b, nh, t]`.
+/// `groups` (`[b, t]`, as [`crate::CausalLm::hidden_states_grouped`] takes them) masks keys of
+/// other groups.
 pub(crate) fn attention_fwd(
     dm: AttnDims,
     scale: f32,
@@ -635,11 +671,13 @@ pub(crate) fn attention_fwd(
     k: &[f32],
     v: &[f32],
     out: &mut [f32],
+    groups: Option<&[u32]>,
 ) -> Vec<f32> {
     let AttnDims { b, nh, nkv, t, d } = dm;
     let rep = dm.rep();
     // Per group: outputs [rep, t, d] and log-sum-exps [rep, t].
-    let groups = map_groups(b * nkv, dm.parallel(), |bg| {
+    let parts = map_groups(b * nkv, dm.parallel(), |bg| {
+        let row_groups = groups.map(|g| &g[bg / nkv * t..][..t]);
         let kk = MatRef::new(&k[bg * t * d..], t, d, d);
         let vv = MatRef::new(&v[bg * t * d..], t, d, d);
         let mut o = vec![0f32; rep * t * d];
@@ -650,7 +688,15 @@ pub(crate) fn attention_fwd(
             for r0 in (0..t).step_by(ATTN_TILE) {
                 let r1 = (r0 + ATTN_TILE).min(t);
                 let s = &mut s[..(r1 - r0) * r1];
-                lse.extend(attn_tile_probs(s, qh, kk, (r0, r1), scale, None));
+                lse.extend(attn_tile_probs(
+                    s,
+                    qh,
+                    kk,
+                    (r0, r1),
+                    scale,
+                    None,
+                    row_groups,
+                ));
                 let p = MatRef::new(s, r1 - r0, r1, r1);
                 gemm_into(
                     &mut o[(r * t + r0) * d..],
@@ -665,7 +711,7 @@ pub(crate) fn attention_fwd(
         (o, lse)
     });
     let mut lse_all = vec![0f32; b * nh * t];
-    for (bg, (o, lse)) in groups.into_iter().enumerate() {
+    for (bg, (o, lse)) in parts.into_iter().enumerate() {
         let (bi, g) = (bg / nkv, bg % nkv);
         lse_all[bg * rep * t..(bg + 1) * rep * t].copy_from_slice(&lse);
         for r in 0..rep {
@@ -698,7 +744,7 @@ impl CustomOp3 for CausalAttention {
         let dm = AttnDims::of(l1.dims(), l2.dims(), l3.dims())?;
         let AttnDims { b, nh, t, d, .. } = dm;
         let mut out = vec![0f32; b * t * nh * d];
-        let lse_all = attention_fwd(dm, self.scale, q, k, v, &mut out);
+        let lse_all = attention_fwd(dm, self.scale, q, k, v, &mut out, None);
         // Each op instance is applied exactly once (apply_op3 takes it by value).
         let _ = self.lse.set(lse_all);
         Ok((CpuStorage::F32(out), Shape::from((b, t, nh * d))))
@@ -720,7 +766,7 @@ impl CustomOp3 for CausalAttention {
         let grad = grad.contiguous()?;
         let (dq, dk, dv) = with_f32_slices(&[q, k, v, res, &grad], self.name(), |s| {
             Ok(attention_bwd(
-                dm, self.scale, lse, s[0], s[1], s[2], s[3], s[4],
+                dm, self.scale, lse, s[0], s[1], s[2], s[3], s[4], None,
             ))
         })?;
         let dev = q.device();
@@ -744,12 +790,14 @@ pub(crate) fn attention_bwd(
     v: &[f32],
     o: &[f32],
     go: &[f32],
+    groups: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttnDims { b, nh, nkv, t, d } = dm;
     let (rep, row) = (dm.rep(), nh * d);
     // Per group: dq [rep, t, d], dk [t, d], dv [t, d].
-    let groups = map_groups(b * nkv, dm.parallel(), |bg| {
+    let parts = map_groups(b * nkv, dm.parallel(), |bg| {
         let (bi, g) = (bg / nkv, bg % nkv);
+        let row_groups = groups.map(|gs| &gs[bi * t..][..t]);
         let kk = MatRef::new(&k[bg * t * d..], t, d, d);
         let vv = MatRef::new(&v[bg * t * d..], t, d, d);
         let mut dq = vec![0f32; rep * t * d];
@@ -770,7 +818,7 @@ pub(crate) fn attention_bwd(
                 let r1 = (r0 + ATTN_TILE).min(t);
                 let rows = r1 - r0;
                 let s = &mut s[..rows * r1];
-                attn_tile_probs(s, qh, kk, (r0, r1), scale, Some(lse_h));
+                attn_tile_probs(s, qh, kk, (r0, r1), scale, Some(lse_h), row_groups);
                 let go_tile = goh.row_range(r0, r1);
                 gemm_into(
                     &mut dv,
@@ -807,7 +855,7 @@ pub(crate) fn attention_bwd(
         Vec::with_capacity(b * nkv * t * d),
         Vec::with_capacity(b * nkv * t * d),
     );
-    for (dq, dk, dv) in groups {
+    for (dq, dk, dv) in parts {
         dq_all.extend_from_slice(&dq);
         dk_all.extend_from_slice(&dk);
         dv_all.extend_from_slice(&dv);

@@ -550,3 +550,125 @@ fn small_models_split_the_batch_across_threads_with_the_same_result() {
         }
     }
 }
+
+/// Two rows packing sequences behind a shared prefix, as `hidden_states_grouped` takes them:
+/// row 0 a 5-token prefix and sequences of 3, 1 and 4 tokens (then 2 pad tokens), row 1 a
+/// 7-token prefix and sequences of 2 and 6. Returns (ids, positions, groups) of the packed rows
+/// and, per sequence, its own row (prefix ++ sequence) with the packed flat index of each token.
+#[allow(clippy::type_complexity)]
+fn grouped_batch(vocab: usize) -> (Tensor, Tensor, Vec<u32>, Vec<(Vec<u32>, Vec<u32>)>) {
+    let t = 15;
+    let rows: [(usize, &[usize]); 2] = [(5, &[3, 1, 4]), (7, &[2, 6])];
+    let tok = |i: usize| ((i as u32).wrapping_mul(2654435761) >> 9) % vocab as u32;
+    let (mut ids, mut pos, mut groups, mut seqs) = (vec![], vec![], vec![], vec![]);
+    for (r, (prefix, lens)) in rows.iter().enumerate() {
+        let start = ids.len();
+        for i in 0..*prefix {
+            ids.push(tok(start + i));
+            pos.push(i as u32);
+            groups.push(0);
+        }
+        for (g, &len) in lens.iter().enumerate() {
+            let mut own: Vec<u32> = ids[start..start + prefix].to_vec();
+            let mut at: Vec<u32> = (start..start + prefix).map(|i| i as u32).collect();
+            for j in 0..len {
+                at.push(ids.len() as u32);
+                own.push(tok(1000 + ids.len()));
+                ids.push(*own.last().unwrap());
+                pos.push((prefix + j) as u32);
+                groups.push(g as u32 + 1);
+            }
+            seqs.push((own, at));
+        }
+        while ids.len() < (r + 1) * t {
+            ids.push(0);
+            pos.push(0);
+            groups.push(99);
+        }
+    }
+    let dev = Device::Cpu;
+    (
+        Tensor::from_vec(ids, (2, t), &dev).unwrap(),
+        Tensor::from_vec(pos, (2, t), &dev).unwrap(),
+        groups,
+        seqs,
+    )
+}
+
+#[test]
+fn grouped_rows_compute_what_separate_rows_do_in_values_and_gradients() {
+    for (name, cfg) in engine_configs() {
+        let m = with(cfg, Precision::Fp32, Backend::Engine);
+        let (ids, pos, groups, seqs) = grouped_batch(m.vocab_size());
+        if name == "mistral" {
+            // Its sliding window is checked on rows, which grouping lengthens: refused, not wrong.
+            assert!(!m.attends_by_group());
+            let err = m.hidden_states_grouped(&ids, &pos, &groups).unwrap_err();
+            assert!(
+                err.to_string().contains("run one row per sequence"),
+                "{err}"
+            );
+            continue;
+        }
+        let packed = m.hidden_states_grouped(&ids, &pos, &groups).unwrap();
+        let h = packed.dim(2).unwrap();
+        let flat = packed.reshape((30, h)).unwrap();
+        // The same function of both: every sequence's own tokens and each prefix once (from its
+        // first sequence), projected on fixed random directions.
+        let (mut picked_p, mut picked_s, mut seen) =
+            (vec![], vec![], std::collections::HashSet::new());
+        for (own, at) in &seqs {
+            let row = Tensor::from_slice(own, (1, own.len()), &Device::Cpu).unwrap();
+            let alone = m.hidden_states(&row, None).unwrap().squeeze(0).unwrap();
+            for (j, &a) in at.iter().enumerate() {
+                let shared = groups[a as usize] == 0;
+                if shared && !seen.insert(a) {
+                    continue;
+                }
+                let x = flat.get(a as usize).unwrap();
+                let y = alone.get(j).unwrap();
+                let err = max_abs(&(&x - &y).unwrap());
+                assert!(
+                    err < 1e-5,
+                    "{name}: token {j} of a sequence differs by {err}"
+                );
+                picked_p.push(x);
+                picked_s.push(y);
+            }
+        }
+        assert_eq!(picked_p.len(), 5 + 8 + 7 + 8);
+        let proj = uniform(&[picked_p.len(), h], 21);
+        let lp = (Tensor::stack(&picked_p, 0).unwrap() * &proj)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let ls = (Tensor::stack(&picked_s, 0).unwrap() * &proj)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (gp, gs) = (backward(&lp).unwrap(), backward(&ls).unwrap());
+        for (k, v) in m.varmap().data().lock().unwrap().iter() {
+            let (a, b) = match (gp.get(v), gs.get(v)) {
+                (Some(a), Some(b)) => (a, b),
+                // The LM head: not in this loss.
+                (None, None) if k.contains("lm_head") => continue,
+                other => panic!("{name}: `{k}` has a gradient on one side only: {other:?}"),
+            };
+            let err = max_abs(&(a - b).unwrap());
+            assert!(
+                err <= 1e-4 * (1.0 + max_abs(b)),
+                "{name}: gradient of `{k}` differs by {err}"
+            );
+        }
+        // The candle graph has no groups: refused with what to do instead.
+        let graph = with(
+            engine_configs().remove(0).1,
+            Precision::Fp32,
+            Backend::Candle,
+        );
+        let err = graph
+            .hidden_states_grouped(&ids, &pos, &groups)
+            .unwrap_err();
+        assert!(err.to_string().contains("engine only"), "{err}");
+    }
+}

@@ -38,6 +38,8 @@ pub(crate) struct BlockTape {
 
 pub(crate) struct Tape {
     ids: Vec<u32>,
+    /// The pass's attention groups (`[b, t]`), if any.
+    groups: Option<Vec<u32>>,
     b: usize,
     t: usize,
     cos: Vec<f32>,
@@ -220,6 +222,7 @@ impl Body for Decoder {
         rms_norm_rows(&x, reads.get(tensors.len() - 1)?, eps, &mut out);
         let tape = keep.then(|| Tape {
             ids: ids.to_vec(),
+            groups: attend.groups().map(<[u32]>::to_vec),
             b,
             t,
             cos,
@@ -241,6 +244,7 @@ impl Body for Decoder {
         let s = &self.spec;
         let Tape {
             ids,
+            groups,
             b,
             t,
             cos,
@@ -300,7 +304,17 @@ impl Body for Decoder {
                 &layer.o,
                 w.o.backward(&bt.a, &dx, Some((&mut da, false)), base, lo.as_ref()),
             )?;
-            let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
+            let (dq, dk, dv) = attention_bwd(
+                dm,
+                scale,
+                &bt.lse,
+                &bt.q,
+                &bt.k,
+                &bt.v,
+                &bt.a,
+                &da,
+                groups.as_deref(),
+            );
             drop(da);
             let mut dqp = vec![0.0; n * nh * d];
             rope_kernel(&dq, &cos, &sin, (b, t, nh, d), rows, false, &mut dqp);

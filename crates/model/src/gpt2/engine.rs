@@ -39,6 +39,8 @@ pub(crate) struct BlockTape {
 
 pub(crate) struct Tape {
     ids: Vec<u32>,
+    /// The pass's attention groups (`[b, t]`), if any.
+    groups: Option<Vec<u32>>,
     /// Every token's position, row-major `[b, t]`.
     pos: Vec<u32>,
     b: usize,
@@ -276,6 +278,7 @@ impl Body for Gpt2 {
         layer_norm_rows(&x, w.ln_f.0, w.ln_f.1, eps, &mut out);
         let tape = keep.then(|| Tape {
             ids: ids.to_vec(),
+            groups: attend.groups().map(<[u32]>::to_vec),
             pos,
             b,
             t,
@@ -294,6 +297,7 @@ impl Body for Gpt2 {
     ) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let Tape {
             ids,
+            groups,
             pos,
             b,
             t,
@@ -342,7 +346,17 @@ impl Body for Gpt2 {
                 bw.c_proj.backward(&bt.a, &dx, Some((&mut da, false)), base, l_proj.as_ref()),
             )?;
             let scale = self.attn_scale(li) as f32;
-            let (dq, dk, dv) = attention_bwd(dm, scale, &bt.lse, &bt.q, &bt.k, &bt.v, &bt.a, &da);
+            let (dq, dk, dv) = attention_bwd(
+                dm,
+                scale,
+                &bt.lse,
+                &bt.q,
+                &bt.k,
+                &bt.v,
+                &bt.a,
+                &da,
+                groups.as_deref(),
+            );
             drop(da);
             let mut dqkv = vec![0.0; n * 3 * h];
             for (part, g) in [dq, dk, dv].iter().enumerate() {
