@@ -255,6 +255,15 @@ impl Policy {
             .collect()
     }
 
+    /// Whether the policy (and its reference) run [`SeqBatch::grouped`] batches: one input row per prompt.
+    pub fn groups_prompts(&self) -> bool {
+        self.model.attends_by_group()
+            && match &self.reference {
+                Some(Reference::Model(m)) => m.attends_by_group(),
+                _ => true,
+            }
+    }
+
     /// Per-token log-probs of the batch under the frozen reference (detached).
     pub fn reference_logprobs(&self, batch: &SeqBatch, temperature: f64) -> Result<Vec<f32>> {
         let lp = match &self.reference {
@@ -441,11 +450,13 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
             .iter()
             .map(|r| (chosen[r.prompt].ids.as_slice(), r.completion_ids.as_slice()))
             .collect();
-        let seqs = SeqBatch::new(
-            &pairs,
-            self.policy.tokenizer.pad_id().unwrap_or(0),
-            &Device::Cpu,
-        )?;
+        let pad = self.policy.tokenizer.pad_id().unwrap_or(0);
+        // Several completions per prompt: the prompt's tokens run once for all of them.
+        let seqs = if g > 1 && self.policy.groups_prompts() {
+            SeqBatch::grouped(&pairs, pad, &Device::Cpu)?
+        } else {
+            SeqBatch::new(&pairs, pad, &Device::Cpu)?
+        };
         let batch = Batch {
             prompt_ids: rollouts
                 .iter()

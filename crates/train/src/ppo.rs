@@ -155,6 +155,11 @@ pub fn token_rewards(scores: &[f32], kl: &[f32], offsets: &[usize], beta: f64) -
 
 /// Value estimates of the value model at the completion positions (`[tokens]`).
 pub fn token_values(value: &SeqCls, seqs: &SeqBatch) -> Result<Tensor> {
+    if seqs.grouping.is_some() {
+        return Err(TrainError::Model(
+            "the value model scores one row per rollout, not grouped rows (SeqBatch::new)".into(),
+        ));
+    }
     let s = value.token_scores(&seqs.input_ids)?;
     let (b, t, _) = s.dims3()?;
     Ok(s.reshape(b * t)?.index_select(&seqs.positions, 0)?)

@@ -162,16 +162,44 @@ pub fn sample(
 /// output, so feeding it would only cost a forward and backward pass per row.
 #[derive(Debug, Clone)]
 pub struct SeqBatch {
+    /// Rollouts (sequences), each owning a span of the flat tokens.
     pub rows: usize,
     pub seq_len: usize,
-    /// `[rows, seq_len]` u32 token ids: `prompt ++ completion` without its last token, right-padded.
+    /// `[input rows, seq_len]` u32 token ids: `prompt ++ completion` without its last token, right-padded, one
+    /// row per rollout; or, [`SeqBatch::grouped`], one row per prompt holding its completions behind it.
     pub input_ids: Tensor,
-    /// Flat positions (`row * seq_len + t`) whose output predicts a completion token, row by row.
+    /// The positions and attention groups of a [`SeqBatch::grouped`] batch.
+    pub grouping: Option<Grouping>,
+    /// Flat positions (`row * seq_len + t` of `input_ids`) whose output predicts a completion token, rollout by
+    /// rollout.
     pub positions: Tensor,
     /// The predicted completion tokens, aligned with `positions`.
     pub targets: Tensor,
-    /// Row `i` owns flat tokens `offsets[i]..offsets[i + 1]`.
+    /// Rollout `i` owns flat tokens `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<usize>,
+}
+
+/// How a [`SeqBatch::grouped`] row packs a prompt's completions: each token's position and attention group
+/// ([`CausalLm::hidden_states_grouped`]).
+#[derive(Debug, Clone)]
+pub struct Grouping {
+    /// `[input rows, seq_len]` u32 positions: the prompt's, then each completion's continuing from it.
+    pub position_ids: Tensor,
+    /// `[input rows × seq_len]`: 0 for the prompt, g for the g-th completion behind it, `u32::MAX` for padding.
+    pub groups: Vec<u32>,
+}
+
+/// The group of padding in a [`Grouping`]: no real token's.
+const PAD_GROUP: u32 = u32::MAX;
+
+/// Rollout `i` of `rows`: an error unless its prompt and completion have tokens.
+fn check_row(i: usize, (p, c): (&[u32], &[u32])) -> Result<()> {
+    if p.is_empty() || c.is_empty() {
+        return Err(TrainError::Data(format!(
+            "rollout {i}: empty prompt or completion"
+        )));
+    }
+    Ok(())
 }
 
 impl SeqBatch {
@@ -184,12 +212,8 @@ impl SeqBatch {
             .unwrap_or(0);
         let (mut ids, mut positions, mut targets, mut offsets) =
             (Vec::new(), Vec::new(), Vec::new(), vec![0]);
-        for (i, (p, c)) in rows.iter().enumerate() {
-            if p.is_empty() || c.is_empty() {
-                return Err(TrainError::Data(format!(
-                    "rollout {i}: empty prompt or completion"
-                )));
-            }
+        for (i, &(p, c)) in rows.iter().enumerate() {
+            check_row(i, (p, c))?;
             let fed = p.len() + c.len() - 1;
             ids.extend(p.iter().chain(c.iter()).take(fed).copied());
             ids.extend(std::iter::repeat_n(pad, seq_len - fed));
@@ -204,6 +228,63 @@ impl SeqBatch {
             rows: rows.len(),
             seq_len,
             input_ids: Tensor::from_vec(ids, (rows.len(), seq_len), device)?,
+            grouping: None,
+            positions: Tensor::from_vec(positions, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+            offsets,
+        })
+    }
+
+    /// As [`SeqBatch::new`], but consecutive rollouts of the same prompt share one input row: the prompt once,
+    /// then each completion (without its last token) in its own attention group, so that the prompt's tokens
+    /// run once instead of once per completion (GRPO and RLOO sample several per prompt). The model must attend
+    /// by group ([`CausalLm::attends_by_group`]); every rollout's log-probs are those of its own row.
+    pub fn grouped(rows: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
+        // Per input row: ids, positions, groups; per completion token: (input row, index it is predicted from).
+        let mut packed: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = Vec::new();
+        let (mut from, mut targets, mut offsets) = (Vec::new(), Vec::new(), vec![0]);
+        let (mut prev_prompt, mut group): (Option<&[u32]>, u32) = (None, 0);
+        for (i, &(p, c)) in rows.iter().enumerate() {
+            check_row(i, (p, c))?;
+            if prev_prompt != Some(p) {
+                packed.push((p.to_vec(), (0..p.len() as u32).collect(), vec![0; p.len()]));
+                (prev_prompt, group) = (Some(p), 0);
+            }
+            // Counted per completion, also for one-token completions that add no input token.
+            group += 1;
+            let r = packed.len() - 1;
+            let (ids, pos, groups) = &mut packed[r];
+            let mut prev = p.len() - 1;
+            for (j, &tok) in c.iter().enumerate() {
+                from.push((r, prev));
+                targets.push(tok);
+                if j + 1 < c.len() {
+                    ids.push(tok);
+                    pos.push((p.len() + j) as u32);
+                    groups.push(group);
+                    prev = ids.len() - 1;
+                }
+            }
+            offsets.push(targets.len());
+        }
+        let seq_len = packed.iter().map(|(ids, ..)| ids.len()).max().unwrap_or(0);
+        let (mut ids, mut pos, mut groups) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, p, g) in &packed {
+            let pad_n = seq_len - i.len();
+            ids.extend(i.iter().copied().chain(std::iter::repeat_n(pad, pad_n)));
+            pos.extend(p.iter().copied().chain(std::iter::repeat_n(0, pad_n)));
+            groups.extend(g.iter().copied().chain(std::iter::repeat_n(PAD_GROUP, pad_n)));
+        }
+        let positions: Vec<u32> = from.iter().map(|&(r, t)| (r * seq_len + t) as u32).collect();
+        let (n, input_rows) = (targets.len(), packed.len());
+        Ok(Self {
+            rows: rows.len(),
+            seq_len,
+            input_ids: Tensor::from_vec(ids, (input_rows, seq_len), device)?,
+            grouping: Some(Grouping {
+                position_ids: Tensor::from_vec(pos, (input_rows, seq_len), device)?,
+                groups,
+            }),
             positions: Tensor::from_vec(positions, n, device)?,
             targets: Tensor::from_vec(targets, n, device)?,
             offsets,
@@ -246,10 +327,13 @@ impl SeqBatch {
 
 /// The hidden states feeding the LM head at the completion positions, `[tokens, hidden]`.
 pub fn completion_hidden(model: &CausalLm, batch: &SeqBatch) -> Result<Tensor> {
-    let hidden = model.hidden_states(&batch.input_ids, None)?;
-    let h = hidden.dim(2)?;
+    let hidden = match &batch.grouping {
+        Some(g) => model.hidden_states_grouped(&batch.input_ids, &g.position_ids, &g.groups)?,
+        None => model.hidden_states(&batch.input_ids, None)?,
+    };
+    let (r, t, h) = hidden.dims3()?;
     Ok(hidden
-        .reshape((batch.rows * batch.seq_len, h))?
+        .reshape((r * t, h))?
         .index_select(&batch.positions, 0)?)
 }
 
