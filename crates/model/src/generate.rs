@@ -19,6 +19,7 @@
 //! it and the engine runs its stack, with the same results as the candle graph up to f32 summation
 //! order.
 
+use std::collections::HashMap;
 use crate::arch::Network;
 use crate::{network_hidden, CausalLm, KvCache, Positions};
 use candle_core::{bail, Result, Tensor};
@@ -399,23 +400,31 @@ impl<'m> Decoder<'m> {
         Ok(tokens)
     }
 
-    /// Runs the queued prompts as one left-padded batch and merges their rows into the cache.
+    /// Runs the queued prompts as one left-padded batch and merges their rows into the cache. Equal
+    /// prompts (several samples of one prompt: GRPO, RLOO, best-of-n) run once and share their row.
     fn prefill(&mut self, decode: Option<Decode>, tokens: &mut Vec<StepToken>) -> Result<()> {
         let mut new = std::mem::take(&mut self.pending);
         let dev = self.model.device();
         let b = new.len();
-        let p = new
-            .iter()
-            .map(|s| s.req.prompt_ids.len())
-            .max()
-            .unwrap_or(0);
-        let pads: Vec<usize> = new.iter().map(|s| p - s.req.prompt_ids.len()).collect();
-        let mut ids = Vec::with_capacity(b * p);
-        let mut pos = Vec::with_capacity(b * p);
-        for (s, &pad) in new.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(0, pad).chain(s.req.prompt_ids.iter().copied()));
+        let mut first: HashMap<&[u32], usize> = HashMap::new();
+        let (mut uniq, mut of) = (Vec::new(), Vec::with_capacity(b));
+        for s in &new {
+            let p = s.req.prompt_ids.as_slice();
+            of.push(*first.entry(p).or_insert_with(|| {
+                uniq.push(p);
+                uniq.len() - 1
+            }));
+        }
+        let u = uniq.len();
+        let p = uniq.iter().map(|q| q.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = uniq.iter().map(|q| p - q.len()).collect();
+        let mut ids = Vec::with_capacity(u * p);
+        let mut pos = Vec::with_capacity(u * p);
+        for (q, &pad) in uniq.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0, pad).chain(q.iter().copied()));
             pos.extend((0..p).map(|j| j.saturating_sub(pad) as u32));
         }
+        drop(first);
         // Alone, the prefill cache becomes the running one: reserve the decode positions now.
         let extra = match self.cache {
             None => new
@@ -425,11 +434,11 @@ impl<'m> Decoder<'m> {
                 .unwrap_or(0),
             Some(_) => 0,
         };
-        let mut cache = self.model.new_kv_cache(b, p + extra)?;
+        let mut cache = self.model.new_kv_cache(u, p + extra)?;
         cache.set_row_start(&pads)?;
         cache.begin_step(p)?;
-        let input = Tensor::from_vec(ids, (b, p), dev)?;
-        let positions = Tensor::from_vec(pos, (b, p), dev)?;
+        let input = Tensor::from_vec(ids, (u, p), dev)?;
+        let positions = Tensor::from_vec(pos, (u, p), dev)?;
         let pos = Positions::Ids(&positions);
         let h = network_hidden(
             &*self.net,
@@ -446,13 +455,15 @@ impl<'m> Decoder<'m> {
             .squeeze(1)?
             .to_vec2::<f32>()?;
         let mut keep = Vec::with_capacity(b);
-        for (i, (s, row)) in new.iter_mut().zip(&logits).enumerate() {
-            let (t, done) = s.push(row, decode);
+        for (i, s) in new.iter_mut().enumerate() {
+            let (t, done) = s.push(&logits[of[i]], decode);
             tokens.push(t);
             if !done {
                 keep.push(i);
             }
         }
+        // The prefill rows of the sequences that go on (a shared row repeated).
+        let rows: Vec<usize> = keep.iter().map(|&i| of[i]).collect();
         let old_rows: Vec<usize> = (0..self.active.len()).collect();
         retain_indices(&mut new, &keep);
         self.active.extend(new);
@@ -463,12 +474,12 @@ impl<'m> Decoder<'m> {
             .max()
             .unwrap_or(0);
         self.cache = match self.cache.take() {
-            None if keep.len() == b => Some(cache),
+            None if rows.len() == u && rows.iter().enumerate().all(|(i, &r)| i == r) => Some(cache),
             Some(old) if keep.is_empty() => Some(old),
             None if keep.is_empty() => None,
-            None => Some(KvCache::regroup(&[(&cache, &keep)], need)?),
+            None => Some(KvCache::regroup(&[(&cache, &rows)], need)?),
             Some(old) => Some(KvCache::regroup(
-                &[(&old, &old_rows), (&cache, &keep)],
+                &[(&old, &old_rows), (&cache, &rows)],
                 need,
             )?),
         };

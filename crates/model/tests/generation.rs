@@ -507,3 +507,23 @@ fn bf16_generation_matches_bf16_rescoring() {
         );
     }
 }
+
+#[test]
+fn samples_of_one_prompt_share_its_prefill_and_decode_as_if_alone() {
+    // GRPO's batch shape: each prompt several times with its own seed (and length), interleaved
+    // with another prompt; the prefill runs each distinct prompt once.
+    for (name, cfg) in all_configs() {
+        let m = model(cfg, 15);
+        let ps = prompts(m.vocab_size());
+        let reqs: Vec<GenRequest> = [(0, 9, 1), (0, 6, 2), (1, 9, 3), (0, 9, 4), (1, 1, 5)]
+            .into_iter()
+            .map(|(p, n, seed)| request(&ps[p], n, Sampling::default(), seed))
+            .collect();
+        let outs = generate(&m, &reqs, None).unwrap();
+        for (r, o) in reqs.iter().zip(&outs) {
+            assert_same(name, &solo(&m, r), o);
+        }
+        // Different seeds of one prompt really are different samples.
+        assert_ne!(outs[0].tokens, outs[3].tokens, "{name}");
+    }
+}
