@@ -558,10 +558,17 @@ impl CausalLm {
     /// The network with every linear layer replaced by its [`Linear::inference_copy`] (used by
     /// generation; no gradients flow through it).
     pub(crate) fn inference_copy(&self) -> Result<Box<dyn Network>> {
+        use rayon::prelude::*;
         let mut inner = self.inner.clone();
-        for (_, l) in inner.linears_mut() {
-            *l = l.inference_copy()?;
-        }
+        // Across layers at once: at bf16 each copy converts its weight, and one small weight
+        // alone does not keep both cores busy.
+        inner
+            .linears_mut()
+            .into_par_iter()
+            .try_for_each(|(_, l)| -> Result<()> {
+                *l = l.inference_copy()?;
+                Ok(())
+            })?;
         Ok(inner)
     }
 
