@@ -19,11 +19,11 @@
 //! it and the engine runs its stack, with the same results as the candle graph up to f32 summation
 //! order.
 
-use std::collections::HashMap;
 use crate::arch::Network;
 use crate::{network_hidden, CausalLm, KvCache, Positions};
 use candle_core::{bail, Result, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::HashMap;
 
 /// Sampling settings applied in the order of `transformers`: temperature, top-k, top-p.
 #[derive(Debug, Clone, PartialEq)]

@@ -273,9 +273,16 @@ impl SeqBatch {
             let pad_n = seq_len - i.len();
             ids.extend(i.iter().copied().chain(std::iter::repeat_n(pad, pad_n)));
             pos.extend(p.iter().copied().chain(std::iter::repeat_n(0, pad_n)));
-            groups.extend(g.iter().copied().chain(std::iter::repeat_n(PAD_GROUP, pad_n)));
+            groups.extend(
+                g.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(PAD_GROUP, pad_n)),
+            );
         }
-        let positions: Vec<u32> = from.iter().map(|&(r, t)| (r * seq_len + t) as u32).collect();
+        let positions: Vec<u32> = from
+            .iter()
+            .map(|&(r, t)| (r * seq_len + t) as u32)
+            .collect();
         let (n, input_rows) = (targets.len(), packed.len());
         Ok(Self {
             rows: rows.len(),
@@ -367,4 +374,35 @@ pub fn token_logprobs(
     let lsm = candle_nn::ops::log_softmax(&logits.detach(), 1)?;
     let ent = (lsm.exp()? * &lsm)?.sum(1)?.neg()?;
     Ok((logp, Some(ent.to_vec1::<f32>()?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouped_rows_hold_each_prompt_once_and_every_completion_in_its_own_group() {
+        let (a, b): (&[u32], &[u32]) = (&[10, 11, 12], &[20, 21]);
+        // A one-token completion adds no input token but still takes a group of its own.
+        let rows: [(&[u32], &[u32]); 4] = [(a, &[1]), (a, &[2, 3, 4]), (a, &[5, 6]), (b, &[7, 8])];
+        let s = SeqBatch::grouped(&rows, 0, &Device::Cpu).unwrap();
+        assert_eq!((s.rows, s.seq_len), (4, 6));
+        let ids: Vec<Vec<u32>> = s.input_ids.to_vec2().unwrap();
+        assert_eq!(ids, [vec![10, 11, 12, 2, 3, 5], vec![20, 21, 7, 0, 0, 0]]);
+        let g = s.grouping.as_ref().unwrap();
+        assert_eq!(
+            g.groups,
+            [0, 0, 0, 2, 2, 3, 0, 0, 1, PAD_GROUP, PAD_GROUP, PAD_GROUP]
+        );
+        let pos: Vec<Vec<u32>> = g.position_ids.to_vec2().unwrap();
+        assert_eq!(pos, [vec![0, 1, 2, 3, 4, 3], vec![0, 1, 2, 0, 0, 0]]);
+        // Each completion token is predicted from the prompt's last token, then from its own previous one.
+        let at: Vec<u32> = s.positions.to_vec1().unwrap();
+        assert_eq!(at, [2, 2, 3, 4, 2, 5, 7, 8]);
+        let targets: Vec<u32> = s.targets.to_vec1().unwrap();
+        assert_eq!(targets, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(s.offsets, [0, 1, 4, 6, 8]);
+        let empty: [(&[u32], &[u32]); 1] = [(a, &[])];
+        assert!(SeqBatch::grouped(&empty, 0, &Device::Cpu).is_err());
+    }
 }

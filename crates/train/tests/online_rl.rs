@@ -111,23 +111,30 @@ fn rollout_logprobs_equal_the_trainer_rescore() {
                 )
             })
             .collect();
-        let seqs = SeqBatch::new(&pairs, 0, &Device::Cpu).unwrap();
-        let (lp, _) = rollout::token_logprobs(&model, &seqs, t as f64, false).unwrap();
-        let lp: Vec<f32> = lp.to_vec1().unwrap();
         let old: Vec<f32> = rollouts
             .iter()
             .flat_map(|r| r.sampling_logprobs.clone())
             .collect();
-        assert_eq!(lp.len(), old.len());
-        let worst = lp
-            .iter()
-            .zip(&old)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst < 1e-5,
-            "T={t} top_k={k} top_p={p}: max |log ratio| = {worst}"
-        );
+        // One row per rollout, and one row per prompt with its 3 completions behind it (GRPO's).
+        assert!(model.attends_by_group());
+        for seqs in [
+            SeqBatch::new(&pairs, 0, &Device::Cpu).unwrap(),
+            SeqBatch::grouped(&pairs, 0, &Device::Cpu).unwrap(),
+        ] {
+            let (lp, _) = rollout::token_logprobs(&model, &seqs, t as f64, false).unwrap();
+            let lp: Vec<f32> = lp.to_vec1().unwrap();
+            assert_eq!(lp.len(), old.len());
+            let worst = lp
+                .iter()
+                .zip(&old)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "T={t} top_k={k} top_p={p} grouped={}: max |log ratio| = {worst}",
+                seqs.grouping.is_some()
+            );
+        }
     }
 }
 

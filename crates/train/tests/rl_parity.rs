@@ -151,6 +151,9 @@ fn flags(extra: &[String]) -> Vec<std::ffi::OsString> {
     v.into_iter().map(Into::into).collect()
 }
 
+/// The trainers' batch of the given completions (`g` per prompt); `grouped`: one input row per prompt
+/// ([`SeqBatch::grouped`], what GRPO and RLOO train on when the model attends by group).
+#[allow(clippy::too_many_arguments)]
 fn batch(
     prompts: &[Vec<u32>],
     completions: &[Vec<u32>],
@@ -158,6 +161,7 @@ fn batch(
     old: Vec<f32>,
     rewards: Vec<f32>,
     temperature: f64,
+    grouped: bool,
 ) -> Batch {
     let prompt_ids: Vec<Vec<u32>> = (0..completions.len())
         .map(|i| prompts[i / g].clone())
@@ -167,7 +171,11 @@ fn batch(
         .zip(completions)
         .map(|(p, c)| (p.as_slice(), c.as_slice()))
         .collect();
-    let seqs = SeqBatch::new(&pairs, 0, &Device::Cpu).unwrap();
+    let seqs = if grouped {
+        SeqBatch::grouped(&pairs, 0, &Device::Cpu).unwrap()
+    } else {
+        SeqBatch::new(&pairs, 0, &Device::Cpu).unwrap()
+    };
     let rollouts = completions
         .iter()
         .enumerate()
@@ -230,47 +238,53 @@ fn grpo_step_matches_trl() {
         }
         let args = load::<GrpoArgs>("grpo", &flags(&extra)).unwrap();
         let policy = Policy::load(&args.online, beta != 0.0, None).unwrap();
+        assert!(policy.groups_prompts(), "the engine attends by group");
         let grpo = Grpo::new(args.clone()).unwrap();
-        let b = batch(
-            &prompts,
-            &completions,
-            4,
-            floats(&case["per_token_logps"]),
-            rewards.clone(),
-            t,
-        );
-        let (adv, keep, _) = grpo.advantages(&b);
-        assert_close(
-            &format!("{loss_type}: advantages"),
-            &adv,
-            &floats(&case["advantages"]),
-            1e-5,
-        );
-        let ref_logp = (beta != 0.0).then(|| policy.reference_logprobs(&b.seqs, t).unwrap());
-        if let Some(rl) = &ref_logp {
+        // One row per completion, and one row per prompt holding its 4 completions: both at parity.
+        for grouped in [false, true] {
+            let loss_type = &format!("{loss_type} (grouped: {grouped})");
+            let b = batch(
+                &prompts,
+                &completions,
+                4,
+                floats(&case["per_token_logps"]),
+                rewards.clone(),
+                t,
+                grouped,
+            );
+            let (adv, keep, _) = grpo.advantages(&b);
             assert_close(
-                "reference log-probs",
-                rl,
-                &floats(&r["ref_per_token_logps"]),
+                &format!("{loss_type}: advantages"),
+                &adv,
+                &floats(&case["advantages"]),
                 1e-5,
             );
+            let ref_logp = (beta != 0.0).then(|| policy.reference_logprobs(&b.seqs, t).unwrap());
+            if let Some(rl) = &ref_logp {
+                assert_close(
+                    "reference log-probs",
+                    rl,
+                    &floats(&r["ref_per_token_logps"]),
+                    1e-5,
+                );
+            }
+            let (loss, _) = grpo
+                .loss(&policy, &b, &adv, &keep, ref_logp.as_deref(), false)
+                .unwrap();
+            let got = loss.to_scalar::<f32>().unwrap() as f64;
+            let want = case["loss"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-4,
+                "{loss_type}: loss {got} vs TRL {want}"
+            );
+            let optimizer = AdamW::new(policy.params(), AdamWConfig::default()).unwrap();
+            let norm = total_norm(&optimizer, &loss);
+            let want = case["total_grad_norm"].as_f64().unwrap();
+            assert!(
+                (norm - want).abs() <= 1e-4 * want.max(1.0),
+                "{loss_type}: grad norm {norm} vs TRL {want}"
+            );
         }
-        let (loss, _) = grpo
-            .loss(&policy, &b, &adv, &keep, ref_logp.as_deref(), false)
-            .unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let want = case["loss"].as_f64().unwrap();
-        assert!(
-            (got - want).abs() <= 1e-4,
-            "{loss_type}: loss {got} vs TRL {want}"
-        );
-        let optimizer = AdamW::new(policy.params(), AdamWConfig::default()).unwrap();
-        let norm = total_norm(&optimizer, &loss);
-        let want = case["total_grad_norm"].as_f64().unwrap();
-        assert!(
-            (norm - want).abs() <= 1e-4 * want.max(1.0),
-            "{loss_type}: grad norm {norm} vs TRL {want}"
-        );
     }
 }
 
@@ -320,6 +334,7 @@ fn ppo_step_matches_trl() {
         floats(&r["old_logprobs"]),
         floats(&r["scores"]),
         t,
+        false,
     );
     assert_close(
         "reference log-probs",
