@@ -96,6 +96,14 @@ impl Ensemble {
         }
     }
 
+    /// Every member's matrix-product precision (the trainer's `bf16`).
+    pub fn set_precision(&mut self, precision: rlhf_model::Precision) {
+        match self {
+            Ensemble::Heads(m) => m.lm.set_precision(precision),
+            Ensemble::Models(v) => v.iter_mut().for_each(|m| m.lm.set_precision(precision)),
+        }
+    }
+
     pub fn size(&self) -> usize {
         match self {
             Ensemble::Heads(m) => m.num_labels(),

@@ -82,7 +82,8 @@ pub struct OnlineArgs {
     /// Time limit of one call of a `cmd:` reward source.
     #[arg(long, default_value_t = 60.0)]
     pub reward_timeout_s: f64,
-    /// The settings every trainer shares (bf16 applies to the policy, its reference and the rollouts).
+    /// The settings every trainer shares (bf16 applies to the policy, its reference, the rollouts and reward
+    /// models).
     #[command(flatten)]
     #[serde(flatten)]
     pub train: TrainArgs,
@@ -643,13 +644,14 @@ pub fn run<A: Algorithm>(
             ),
         ));
     }
-    let rewards = Rewards::from_specs(
+    let mut rewards = Rewards::from_specs(
         &args.reward,
         &policy.tokenizer,
         positions,
         args.reward_timeout_s,
         args.reward_retries,
     )?;
+    rewards.set_precision(policy.model.precision());
     let mut params = policy.params();
     params.extend(algo.extra_params());
     let optimizer = AdamW::new(params, train.adamw())?;

@@ -49,6 +49,9 @@ pub trait RewardSource {
     /// Short name for metrics (`rewards/<name>`) and errors.
     fn name(&self) -> &str;
     fn score(&mut self, samples: &[Sample]) -> Result<Vec<f64>>;
+    /// The matrix-product precision of a model-based source (the trainer's `bf16`, as for the policy and its
+    /// reference); sources without a model ignore it.
+    fn set_precision(&mut self, _precision: rlhf_model::Precision) {}
 }
 
 fn reward_err(source: &str, msg: impl Into<String>) -> TrainError {
@@ -143,6 +146,10 @@ impl RewardSource for RewardModel {
         let scores = self.ensemble.scores(&ids, &lengths)?;
         let (mean, _std) = crate::ensemble::mean_std(&scores)?;
         Ok(mean.into_iter().map(f64::from).collect())
+    }
+
+    fn set_precision(&mut self, precision: rlhf_model::Precision) {
+        self.ensemble.set_precision(precision);
     }
 }
 
@@ -541,6 +548,13 @@ impl Rewards {
             .map(|s| parse_spec(s, policy_tokenizer, max_length, timeout))
             .collect::<Result<Vec<_>>>()?;
         Self::new(sources, retries)
+    }
+
+    /// Every source's matrix-product precision ([`RewardSource::set_precision`]).
+    pub fn set_precision(&mut self, precision: rlhf_model::Precision) {
+        for (_, s) in &mut self.sources {
+            s.set_precision(precision);
+        }
     }
 
     pub fn score(&mut self, samples: &[Sample]) -> Result<Scored> {
