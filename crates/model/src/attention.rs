@@ -138,30 +138,48 @@ impl KvCache {
                     .map(|&r| c.row_start[r] + shift(c).1 - shift(c).0)
             })
             .collect();
-        let mut layers = Vec::with_capacity(first.layers.len());
-        for layer in 0..first.layers.len() {
-            let (mut ks, mut vs) = (
-                Vec::with_capacity(parts.len()),
-                Vec::with_capacity(parts.len()),
-            );
+        // Copied slice by slice (rows leave the batch at most decode steps; a graph of index_select,
+        // narrow, pad and cat per tensor cost more than the copy).
+        let total: usize = parts.iter().map(|(_, rows)| rows.len()).sum();
+        let (heads, d) = {
+            let dims = first
+                .layers
+                .first()
+                .map(|(k, _)| k.dims().to_vec())
+                .unwrap_or_default();
+            (
+                dims.get(1).copied().unwrap_or(0),
+                dims.get(3).copied().unwrap_or(0),
+            )
+        };
+        let cap = len + extra;
+        let regroup_tensor = |pick: &dyn Fn(&KvCache) -> &Tensor| -> Result<Tensor> {
+            let mut out = vec![0f32; total * heads * cap * d];
+            let mut i = 0;
             for (c, rows) in &parts {
                 let (cut, pad) = shift(c);
-                let idx = Tensor::from_vec(
-                    rows.iter().map(|&r| r as u32).collect(),
-                    rows.len(),
-                    c.device(),
-                )?;
-                let take = |t: &Tensor| {
-                    t.index_select(&idx, 0)?
-                        .narrow(2, cut, c.len - cut)?
-                        .pad_with_zeros(2, pad, extra)
-                };
-                let (k, v) = &c.layers[layer];
-                ks.push(take(k)?);
-                vs.push(take(v)?);
+                let (st, l) = pick(c).storage_and_layout();
+                let src = crate::engine::cpu_f32(&st, l, "KvCache::regroup")?;
+                let kept = (c.len - cut) * d;
+                for &r in rows.iter() {
+                    for h in 0..heads {
+                        let from = ((r * heads + h) * c.capacity + cut) * d;
+                        let to = ((i * heads + h) * cap + pad) * d;
+                        out[to..to + kept].copy_from_slice(&src[from..from + kept]);
+                    }
+                    i += 1;
+                }
             }
-            layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
-        }
+            Tensor::from_vec(out, (total, heads, cap, d), first.device())
+        };
+        let layers = (0..first.layers.len())
+            .map(|layer| {
+                Ok((
+                    regroup_tensor(&|c: &KvCache| &c.layers[layer].0)?,
+                    regroup_tensor(&|c: &KvCache| &c.layers[layer].1)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
             len,
