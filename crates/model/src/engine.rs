@@ -24,7 +24,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, T
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// How a model's hidden states are computed when gradients may be needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -97,13 +97,15 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
         packs: Option<&Packs>,
     ) -> Result<(Vec<f32>, Option<Self::Tape>)>;
     /// Every parameter's gradient (the parameter's tensor, its gradient's data) for the upstream
-    /// gradient of the hidden states, in an order that depends on the stack only.
+    /// gradient of the hidden states, in an order that depends on the stack only; when `defer`
+    /// (one of several row chunks), base weight gradients are left in [`Grads`]' deferred list.
     fn backward(
         &self,
         tape: Self::Tape,
         d_hidden: &[f32],
         packs: Option<&Packs>,
-    ) -> Result<Vec<(Tensor, Vec<f32>)>>;
+        defer: bool,
+    ) -> Result<Grads>;
     /// Elements of all the stack's parameters.
     fn parameter_count(&self) -> usize {
         self.tensors().iter().map(|t| t.elem_count()).sum()
@@ -457,9 +459,15 @@ impl<B: Body> CustomOp1 for StackOp<B> {
                     .expect("engine tape poisoned")
                     .take()
                     .expect("each chunk runs once");
-                self.body.backward(tape, &g[range], packs.as_ref())
+                self.body
+                    .backward(tape, &g[range], packs.as_ref(), tapes.len() > 1)
             })?
         };
+        let deferred = chunks
+            .iter_mut()
+            .filter_map(|c| c.1.take())
+            .collect::<Vec<_>>();
+        let mut chunks: Vec<_> = chunks.into_iter().map(|c| c.0).collect();
         // The chunks' gradients, summed in chunk order.
         let mut grads = chunks.remove(0);
         for other in chunks {
@@ -469,6 +477,9 @@ impl<B: Body> CustomOp1 for StackOp<B> {
                 .for_each(|((_, acc), (_, g))| {
                     acc.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
                 });
+        }
+        if !deferred.is_empty() {
+            grads.extend(finish_deferred(deferred)?);
         }
         let mut input_grad = None;
         for (p, g) in grads {
@@ -658,20 +669,22 @@ impl Lin<'_> {
         dy: &[f32],
         dx: Option<(&mut [f32], bool)>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
-        let p = self.precision;
-        let g = MatRef::rows_of(dy, self.out);
-        let xm = MatRef::rows_of(x, self.inp);
         let mut dw = vec![0f32; self.out * self.inp];
-        if self.transposed {
-            gemm_prec(p, &mut dw, self.inp, false, g.t(), xm, true);
-        } else {
-            gemm_prec(p, &mut dw, self.out, false, xm.t(), g, true);
-        }
+        weight_grad(self.shape(), x, dy, &mut dw, false, true);
         if let Some((dx, accumulate)) = dx {
             self.input_grad(dy, dx, accumulate);
         }
         let db = self.b.map(|_| col_sums(dy, self.out));
         (dw, db)
+    }
+
+    fn shape(&self) -> LinShape {
+        LinShape {
+            out: self.out,
+            inp: self.inp,
+            transposed: self.transposed,
+            precision: self.precision,
+        }
     }
 
     /// The gradient wrt the input only (a frozen layer): into `dx`, or added to it when `accumulate`.
@@ -687,6 +700,65 @@ impl Lin<'_> {
             self.rhs().t(),
         );
     }
+}
+
+/// What a linear layer's weight gradient depends on besides its input and upstream gradient.
+#[derive(Clone, Copy)]
+struct LinShape {
+    out: usize,
+    inp: usize,
+    transposed: bool,
+    precision: Precision,
+}
+
+/// The weight gradient `dyᵀ · x` of a linear layer (in its stored layout) into `dw`, or added to it
+/// when `accumulate`.
+fn weight_grad(
+    s: LinShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    let g = MatRef::rows_of(dy, s.out);
+    let xm = MatRef::rows_of(x, s.inp);
+    if s.transposed {
+        gemm_prec(s.precision, dw, s.inp, accumulate, g.t(), xm, parallel);
+    } else {
+        gemm_prec(s.precision, dw, s.out, accumulate, xm.t(), g, parallel);
+    }
+}
+
+/// A weight gradient left for after every row chunk's backward pass ([`Grads::backward`]): one
+/// product per chunk, accumulated in chunk order, and the products of all layers spread over the
+/// threads — instead of a gradient per chunk, zeroed, written and summed.
+pub(crate) struct DeferredDw {
+    weight: Tensor,
+    shape: LinShape,
+    x: Arc<Vec<f32>>,
+    dy: Vec<f32>,
+}
+
+/// The weight gradients of every chunk's deferred products (`chunks[c][j]`: chunk c's j-th; every
+/// chunk defers the same layers in the same order).
+fn finish_deferred(chunks: Vec<Vec<DeferredDw>>) -> Result<Vec<(Tensor, Vec<f32>)>> {
+    let n = chunks.first().map_or(0, Vec::len);
+    if chunks.iter().any(|c| c.len() != n) {
+        bail!("engine: row chunks deferred different weight gradients")
+    }
+    Ok((0..n)
+        .into_par_iter()
+        .map(|j| {
+            let first = &chunks[0][j];
+            let s = first.shape;
+            let mut dw = vec![0f32; s.out * s.inp];
+            for (c, jobs) in chunks.iter().enumerate() {
+                weight_grad(s, &jobs[j].x, &jobs[j].dy, &mut dw, c > 0, false);
+            }
+            (first.weight.clone(), dw)
+        })
+        .collect())
 }
 
 /// A low-rank adapter on a [`Lin`] as the engine reads it: the delta `scale · (x ⊙ mask) Aᵀ Bᵀ`
@@ -941,9 +1013,52 @@ impl<'a> Lin<'a> {
 }
 
 /// Parameter gradients as a [`Body`] hands them over: (parameter, gradient).
-pub(crate) struct Grads(pub(crate) Vec<(Tensor, Vec<f32>)>);
+pub(crate) struct Grads(
+    pub(crate) Vec<(Tensor, Vec<f32>)>,
+    /// Weight gradients left for [`finish_deferred`] (`Some` when the pass is one of several row chunks).
+    pub(crate) Option<Vec<DeferredDw>>,
+);
 
 impl Grads {
+    /// Gradients of one backward pass; `defer`: base weight gradients wait for [`finish_deferred`].
+    pub(crate) fn new(capacity: usize, defer: bool) -> Self {
+        Self(Vec::with_capacity(capacity), defer.then(Vec::new))
+    }
+
+    /// `w`'s backward for the upstream `dy` of its forward on `x` ([`Adapted::backward`]) into these
+    /// gradients; when deferring, a layer whose base alone trains here gives its input's and bias's
+    /// gradients now and its weight's later.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &mut self,
+        layer: &crate::linear::Linear,
+        w: &Adapted,
+        x: &Arc<Vec<f32>>,
+        dy: &[f32],
+        dx: Option<(&mut [f32], bool)>,
+        base: bool,
+        tape: Option<&LowRankTape>,
+    ) -> Result<()> {
+        match &mut self.1 {
+            Some(deferred) if base && tape.is_none() => {
+                if let Some((d, a)) = dx {
+                    w.lin.input_grad(dy, d, a);
+                }
+                deferred.push(DeferredDw {
+                    weight: layer.weight.clone(),
+                    shape: w.lin.shape(),
+                    x: x.clone(),
+                    dy: dy.to_vec(),
+                });
+                if let (Some(bias), Some(_)) = (&layer.bias, w.lin.b) {
+                    self.put(bias, col_sums(dy, w.lin.out))?;
+                }
+                Ok(())
+            }
+            _ => self.adapted(layer, w.backward(x, dy, dx, base, tape)),
+        }
+    }
+
     pub(crate) fn put(&mut self, p: &Tensor, g: Vec<f32>) -> Result<()> {
         if g.len() != p.elem_count() {
             bail!(

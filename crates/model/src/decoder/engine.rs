@@ -13,25 +13,26 @@ use crate::ops::{
     AttnDims,
 };
 use candle_core::{Result, Tensor};
+use std::sync::Arc;
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
     /// Block input (the residual stream).
     x: Vec<f32>,
-    h1: Vec<f32>,
+    h1: Arc<Vec<f32>>,
     /// Rotated queries `[b, nh, t, d]`, keys and values `[b, nkv, t, d]`.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     /// Attention output `[b, t, nh*d]` and its row log-sum-exps.
-    a: Vec<f32>,
+    a: Arc<Vec<f32>>,
     lse: Vec<f32>,
     /// The residual stream after attention.
     x2: Vec<f32>,
-    h2: Vec<f32>,
+    h2: Arc<Vec<f32>>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    act: Vec<f32>,
+    act: Arc<Vec<f32>>,
     /// The tapes of the adapters that ran, in the order of [`Layer::linears`].
     lora: [Option<LowRankTape>; 7],
 }
@@ -203,17 +204,17 @@ impl Body for Decoder {
             if keep {
                 blocks.push(BlockTape {
                     x: input,
-                    h1,
+                    h1: Arc::new(h1),
                     q,
                     k,
                     v,
-                    a,
+                    a: Arc::new(a),
                     lse,
                     x2,
-                    h2,
+                    h2: Arc::new(h2),
                     gate,
                     up,
-                    act,
+                    act: Arc::new(act),
                     lora: [lq, lk, lv, lo, lgate, lup, ldown],
                 });
             }
@@ -240,7 +241,8 @@ impl Body for Decoder {
         tape: Tape,
         dy: &[f32],
         packs: Option<&Packs>,
-    ) -> Result<Vec<(Tensor, Vec<f32>)>> {
+        defer: bool,
+    ) -> Result<Grads> {
         let s = &self.spec;
         let Tape {
             ids,
@@ -260,7 +262,7 @@ impl Body for Decoder {
         let dm = AttnDims::of(&[b, nh, t, d], &[b, nkv, t, d], &[b, nkv, t, d])?;
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
-        let mut grads = Grads(Vec::with_capacity(tensors.len()));
+        let mut grads = Grads::new(tensors.len(), defer);
         let mut dx = vec![0.0; n * h];
         let dnorm = rms_norm_bwd_rows(
             &last,
@@ -279,30 +281,48 @@ impl Body for Decoder {
             // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
             let inter = w.gate.lin.out;
             let mut dact = vec![0.0; n * inter];
-            grads.adapted(
+            grads.backward(
                 &layer.down,
-                w.down
-                    .backward(&bt.act, &dx, Some((&mut dact, false)), base, ldown.as_ref()),
+                &w.down,
+                &bt.act,
+                &dx,
+                Some((&mut dact, false)),
+                base,
+                ldown.as_ref(),
             )?;
             let (mut dgate, mut dup) = (vec![0.0; n * inter], vec![0.0; n * inter]);
             silu_mul_bwd_rows(&bt.gate, &bt.up, &dact, inter, &mut dgate, &mut dup);
             drop(dact);
             let mut dh = vec![0.0; n * h];
-            grads.adapted(
+            grads.backward(
                 &layer.gate,
-                w.gate
-                    .backward(&bt.h2, &dgate, Some((&mut dh, false)), base, lgate.as_ref()),
+                &w.gate,
+                &bt.h2,
+                &dgate,
+                Some((&mut dh, false)),
+                base,
+                lgate.as_ref(),
             )?;
-            grads.adapted(
+            grads.backward(
                 &layer.up,
-                w.up.backward(&bt.h2, &dup, Some((&mut dh, true)), base, lup.as_ref()),
+                &w.up,
+                &bt.h2,
+                &dup,
+                Some((&mut dh, true)),
+                base,
+                lup.as_ref(),
             )?;
             let dln2 = rms_norm_bwd_rows(&bt.x2, w.ln2, &dh, eps, &mut dx, true);
             // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
             let mut da = vec![0.0; n * nh * d];
-            grads.adapted(
+            grads.backward(
                 &layer.o,
-                w.o.backward(&bt.a, &dx, Some((&mut da, false)), base, lo.as_ref()),
+                &w.o,
+                &bt.a,
+                &dx,
+                Some((&mut da, false)),
+                base,
+                lo.as_ref(),
             )?;
             let (dq, dk, dv) = attention_bwd(
                 dm,
@@ -322,17 +342,32 @@ impl Body for Decoder {
             rope_kernel(&dk, &cos, &sin, (b, t, nkv, d), rows, false, &mut dkp);
             let mut dvp = vec![0.0; n * nkv * d];
             swap_time_heads(&dv, (b, nkv, t, d), &mut dvp);
-            grads.adapted(
+            grads.backward(
                 &layer.q,
-                w.q.backward(&bt.h1, &dqp, Some((&mut dh, false)), base, lq.as_ref()),
+                &w.q,
+                &bt.h1,
+                &dqp,
+                Some((&mut dh, false)),
+                base,
+                lq.as_ref(),
             )?;
-            grads.adapted(
+            grads.backward(
                 &layer.k,
-                w.k.backward(&bt.h1, &dkp, Some((&mut dh, true)), base, lk.as_ref()),
+                &w.k,
+                &bt.h1,
+                &dkp,
+                Some((&mut dh, true)),
+                base,
+                lk.as_ref(),
             )?;
-            grads.adapted(
+            grads.backward(
                 &layer.v,
-                w.v.backward(&bt.h1, &dvp, Some((&mut dh, true)), base, lv.as_ref()),
+                &w.v,
+                &bt.h1,
+                &dvp,
+                Some((&mut dh, true)),
+                base,
+                lv.as_ref(),
             )?;
             let dln1 = rms_norm_bwd_rows(&bt.x, w.ln1, &dh, eps, &mut dx, true);
             if base {
@@ -343,6 +378,6 @@ impl Body for Decoder {
         if base {
             grads.put(&self.embed, scatter_rows(&dx, h, &ids, s.vocab))?;
         }
-        Ok(grads.0)
+        Ok(grads)
     }
 }

@@ -13,26 +13,27 @@ use crate::ops::{
     activation_bwd_rows, activation_rows, attention_bwd, layer_norm_bwd_rows,
     layer_norm_rows, AttnDims,
 };
+use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
     /// Block input (the residual stream).
     x: Vec<f32>,
-    h1: Vec<f32>,
+    h1: Arc<Vec<f32>>,
     /// Queries, keys and values `[b, nh, t, d]`.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     /// Attention output `[b, t, nh*d]` and its row log-sum-exps.
-    a: Vec<f32>,
+    a: Arc<Vec<f32>>,
     lse: Vec<f32>,
     /// The residual stream after attention.
     x2: Vec<f32>,
-    h2: Vec<f32>,
+    h2: Arc<Vec<f32>>,
     /// `c_fc`'s output and its activation.
     f: Vec<f32>,
-    m: Vec<f32>,
+    m: Arc<Vec<f32>>,
     /// The tapes of the adapters that ran, in the order of [`Block::linears`].
     lora: [Option<LowRankTape>; 4],
 }
@@ -260,16 +261,16 @@ impl Body for Gpt2 {
             if keep {
                 blocks.push(BlockTape {
                     x: input,
-                    h1,
+                    h1: Arc::new(h1),
                     q,
                     k,
                     v,
-                    a,
+                    a: Arc::new(a),
                     lse,
                     x2,
-                    h2,
+                    h2: Arc::new(h2),
                     f,
-                    m,
+                    m: Arc::new(m),
                     lora: [l_attn, l_proj, l_fc, l_mlp],
                 });
             }
@@ -294,7 +295,8 @@ impl Body for Gpt2 {
         tape: Tape,
         dy: &[f32],
         packs: Option<&Packs>,
-    ) -> Result<Vec<(Tensor, Vec<f32>)>> {
+        defer: bool,
+    ) -> Result<Grads> {
         let Tape {
             ids,
             groups,
@@ -312,7 +314,7 @@ impl Body for Gpt2 {
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
         let w = self.stack_weights(&reads)?;
-        let mut grads = Grads(Vec::with_capacity(tensors.len()));
+        let mut grads = Grads::new(tensors.len(), defer);
         let mut dx = vec![0.0; n * h];
         let (dw, db) = layer_norm_bwd_rows(&last, w.ln_f.0, dy, eps, &mut dx, false);
         if base {
@@ -325,26 +327,17 @@ impl Body for Gpt2 {
             // MLP: x3 = x2 + mlp_proj(act(c_fc(h2))), h2 = ln2(x2).
             let inner = bw.c_fc.lin.out;
             let mut dm_act = vec![0.0; n * inner];
-            grads.adapted(
-                &blk.mlp_proj,
-                bw.mlp_proj.backward(&bt.m, &dx, Some((&mut dm_act, false)), base, l_mlp.as_ref()),
-            )?;
+            grads.backward(&blk.mlp_proj, &bw.mlp_proj, &bt.m, &dx, Some((&mut dm_act, false)), base, l_mlp.as_ref())?;
             let mut df = vec![0.0; n * inner];
             activation_bwd_rows(self.act, &bt.f, &dm_act, inner, &mut df);
             drop(dm_act);
             let mut dh = vec![0.0; n * h];
-            grads.adapted(
-                &blk.c_fc,
-                bw.c_fc.backward(&bt.h2, &df, Some((&mut dh, false)), base, l_fc.as_ref()),
-            )?;
+            grads.backward(&blk.c_fc, &bw.c_fc, &bt.h2, &df, Some((&mut dh, false)), base, l_fc.as_ref())?;
             drop(df);
             let (dln2w, dln2b) = layer_norm_bwd_rows(&bt.x2, bw.ln2.0, &dh, eps, &mut dx, true);
             // Attention: x2 = x + c_proj(attn(c_attn(h1) split into q, k, v)), h1 = ln1(x).
             let mut da = vec![0.0; n * h];
-            grads.adapted(
-                &blk.c_proj,
-                bw.c_proj.backward(&bt.a, &dx, Some((&mut da, false)), base, l_proj.as_ref()),
-            )?;
+            grads.backward(&blk.c_proj, &bw.c_proj, &bt.a, &dx, Some((&mut da, false)), base, l_proj.as_ref())?;
             let scale = self.attn_scale(li) as f32;
             let (dq, dk, dv) = attention_bwd(
                 dm,
@@ -364,10 +357,7 @@ impl Body for Gpt2 {
                     dqkv[f..f + d].copy_from_slice(&g[o..o + d]);
                 }
             }
-            grads.adapted(
-                &blk.c_attn,
-                bw.c_attn.backward(&bt.h1, &dqkv, Some((&mut dh, false)), base, l_attn.as_ref()),
-            )?;
+            grads.backward(&blk.c_attn, &bw.c_attn, &bt.h1, &dqkv, Some((&mut dh, false)), base, l_attn.as_ref())?;
             let (dln1w, dln1b) = layer_norm_bwd_rows(&bt.x, bw.ln1.0, &dh, eps, &mut dx, true);
             if base {
                 grads.put(&blk.ln2.0, dln2w)?;
@@ -380,6 +370,6 @@ impl Body for Gpt2 {
             grads.put(&self.wpe, scatter_rows(&dx, h, &pos, self.cfg.n_positions))?;
             grads.put(&self.wte, scatter_rows(&dx, h, &ids, self.cfg.vocab_size))?;
         }
-        Ok(grads.0)
+        Ok(grads)
     }
 }
