@@ -465,9 +465,9 @@ impl<B: Body> CustomOp1 for StackOp<B> {
         };
         let deferred = chunks
             .iter_mut()
-            .filter_map(|c| c.1.take())
+            .filter_map(|c| c.deferred.take())
             .collect::<Vec<_>>();
-        let mut chunks: Vec<_> = chunks.into_iter().map(|c| c.0).collect();
+        let mut chunks: Vec<_> = chunks.into_iter().map(|c| c.done).collect();
         // The chunks' gradients, summed in chunk order.
         let mut grads = chunks.remove(0);
         for other in chunks {
@@ -1013,16 +1013,19 @@ impl<'a> Lin<'a> {
 }
 
 /// Parameter gradients as a [`Body`] hands them over: (parameter, gradient).
-pub(crate) struct Grads(
-    pub(crate) Vec<(Tensor, Vec<f32>)>,
+pub(crate) struct Grads {
+    done: Vec<(Tensor, Vec<f32>)>,
     /// Weight gradients left for [`finish_deferred`] (`Some` when the pass is one of several row chunks).
-    pub(crate) Option<Vec<DeferredDw>>,
-);
+    deferred: Option<Vec<DeferredDw>>,
+}
 
 impl Grads {
     /// Gradients of one backward pass; `defer`: base weight gradients wait for [`finish_deferred`].
     pub(crate) fn new(capacity: usize, defer: bool) -> Self {
-        Self(Vec::with_capacity(capacity), defer.then(Vec::new))
+        Self {
+            done: Vec::with_capacity(capacity),
+            deferred: defer.then(Vec::new),
+        }
     }
 
     /// `w`'s backward for the upstream `dy` of its forward on `x` ([`Adapted::backward`]) into these
@@ -1039,7 +1042,7 @@ impl Grads {
         base: bool,
         tape: Option<&LowRankTape>,
     ) -> Result<()> {
-        match &mut self.1 {
+        match &mut self.deferred {
             Some(deferred) if base && tape.is_none() => {
                 if let Some((d, a)) = dx {
                     w.lin.input_grad(dy, d, a);
@@ -1067,7 +1070,7 @@ impl Grads {
                 p.dims()
             )
         }
-        self.0.push((p.clone(), g));
+        self.done.push((p.clone(), g));
         Ok(())
     }
 
