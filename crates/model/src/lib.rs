@@ -344,6 +344,23 @@ pub(crate) fn network_hidden(
     net.hidden(input_ids, pos, cache)
 }
 
+/// Low bits of an attention group id ([`CausalLm::hidden_states_grouped`]) that number a
+/// member of its unit; the bits above number the unit in its row.
+pub const GROUP_MEMBER_BITS: u32 = 16;
+
+/// The attention group id of `member` (0: the prefix; g > 0: the g-th sequence behind it) of
+/// the `unit`-th unit of a row ([`CausalLm::hidden_states_grouped`]).
+pub fn attention_group(unit: u32, member: u32) -> u32 {
+    debug_assert!(member < 1 << GROUP_MEMBER_BITS && unit < 1 << (32 - GROUP_MEMBER_BITS));
+    (unit << GROUP_MEMBER_BITS) | member
+}
+
+/// Whether a token of group `query` sees (earlier) tokens of group `key`: its own group's and
+/// its unit's prefix (member 0).
+pub(crate) fn group_sees(query: u32, key: u32) -> bool {
+    key == query || key == query >> GROUP_MEMBER_BITS << GROUP_MEMBER_BITS
+}
+
 /// A causal LM (`*ForCausalLM` / `GPT2LMHeadModel`) whose parameters live in a `VarMap`.
 pub struct CausalLm {
     config: ModelConfig,
@@ -497,12 +514,13 @@ impl CausalLm {
         self.hidden_with_cache(input_ids, &pos, None)
     }
 
-    /// Hidden states `[b, t, hidden]` of rows that each pack sequences sharing a prefix, so that
-    /// the prefix runs once: `groups` (`[b, t]` row-major) gives each token's group, 0 for the
-    /// shared prefix (every token of the row sees it, causally) and g > 0 for one sequence (its
-    /// tokens see the prefix and their own earlier tokens only); `position_ids` continue each
-    /// sequence from the prefix. Each sequence's hidden states are those of running prefix ++
-    /// sequence as a row of its own. Engine only ([`CausalLm::attends_by_group`]).
+    /// Hidden states `[b, t, hidden]` of rows that each pack units, a unit being a prefix with
+    /// sequences behind it, so that each prefix runs once and short units share a row: `groups`
+    /// (`[b, t]` row-major) gives each token's [`attention_group`]`(unit, member)`, member 0 for
+    /// the unit's prefix (every token of the unit sees it, causally) and g > 0 for one sequence
+    /// (its tokens see their prefix and their own earlier tokens only); `position_ids` continue
+    /// each sequence from its prefix. Each sequence's hidden states are those of running
+    /// prefix ++ sequence as a row of its own. Engine only ([`CausalLm::attends_by_group`]).
     pub fn hidden_states_grouped(
         &self,
         input_ids: &Tensor,

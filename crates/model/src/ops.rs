@@ -612,7 +612,7 @@ fn attn_tile_probs(
         let l = lse.map(|l| l[r0 + i]);
         let row_lse = match groups {
             // Keys of another group are masked like future ones; the query's own key never is.
-            Some(g) => probs_row(vis, scale, l, |j| g[j] == 0 || g[j] == g[r0 + i]),
+            Some(g) => probs_row(vis, scale, l, |j| crate::group_sees(g[r0 + i], g[j])),
             None => probs_row(vis, scale, l, |_| true),
         };
         out.extend(row_lse);

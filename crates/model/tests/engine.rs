@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_model::lora::{Lora, LoraConfig};
-use rlhf_model::{backward, Backend, CausalLm, Precision};
+use rlhf_model::{attention_group, backward, Backend, CausalLm, Precision, GROUP_MEMBER_BITS};
 use serde_json::json;
 
 /// Deterministic values in [-1, 1).
@@ -557,33 +557,36 @@ fn small_models_split_the_batch_across_threads_with_the_same_result() {
 /// and, per sequence, its own row (prefix ++ sequence) with the packed flat index of each token.
 #[allow(clippy::type_complexity)]
 fn grouped_batch(vocab: usize) -> (Tensor, Tensor, Vec<u32>, Vec<(Vec<u32>, Vec<u32>)>) {
-    let t = 15;
-    let rows: [(usize, &[usize]); 2] = [(5, &[3, 1, 4]), (7, &[2, 6])];
+    // Rows of units (prefix length, sequence lengths); row 0 packs a second unit behind its first.
+    let t = 16;
+    let rows: [&[(usize, &[usize])]; 2] = [&[(5, &[3, 1, 4]), (1, &[1])], &[(7, &[2, 6])]];
     let tok = |i: usize| ((i as u32).wrapping_mul(2654435761) >> 9) % vocab as u32;
     let (mut ids, mut pos, mut groups, mut seqs) = (vec![], vec![], vec![], vec![]);
-    for (r, (prefix, lens)) in rows.iter().enumerate() {
-        let start = ids.len();
-        for i in 0..*prefix {
-            ids.push(tok(start + i));
-            pos.push(i as u32);
-            groups.push(0);
-        }
-        for (g, &len) in lens.iter().enumerate() {
-            let mut own: Vec<u32> = ids[start..start + prefix].to_vec();
-            let mut at: Vec<u32> = (start..start + prefix).map(|i| i as u32).collect();
-            for j in 0..len {
-                at.push(ids.len() as u32);
-                own.push(tok(1000 + ids.len()));
-                ids.push(*own.last().unwrap());
-                pos.push((prefix + j) as u32);
-                groups.push(g as u32 + 1);
+    for (r, units) in rows.iter().enumerate() {
+        for (u, (prefix, lens)) in units.iter().enumerate() {
+            let start = ids.len();
+            for i in 0..*prefix {
+                ids.push(tok(start + i));
+                pos.push(i as u32);
+                groups.push(attention_group(u as u32, 0));
             }
-            seqs.push((own, at));
+            for (g, &len) in lens.iter().enumerate() {
+                let mut own: Vec<u32> = ids[start..start + prefix].to_vec();
+                let mut at: Vec<u32> = (start..start + prefix).map(|i| i as u32).collect();
+                for j in 0..len {
+                    at.push(ids.len() as u32);
+                    own.push(tok(1000 + ids.len()));
+                    ids.push(*own.last().unwrap());
+                    pos.push((prefix + j) as u32);
+                    groups.push(attention_group(u as u32, g as u32 + 1));
+                }
+                seqs.push((own, at));
+            }
         }
         while ids.len() < (r + 1) * t {
             ids.push(0);
             pos.push(0);
-            groups.push(99);
+            groups.push(u32::MAX);
         }
     }
     let dev = Device::Cpu;
@@ -612,7 +615,7 @@ fn grouped_rows_compute_what_separate_rows_do_in_values_and_gradients() {
         }
         let packed = m.hidden_states_grouped(&ids, &pos, &groups).unwrap();
         let h = packed.dim(2).unwrap();
-        let flat = packed.reshape((30, h)).unwrap();
+        let flat = packed.reshape((32, h)).unwrap();
         // The same function of both: every sequence's own tokens and each prefix once (from its
         // first sequence), projected on fixed random directions.
         let (mut picked_p, mut picked_s, mut seen) =
@@ -621,7 +624,7 @@ fn grouped_rows_compute_what_separate_rows_do_in_values_and_gradients() {
             let row = Tensor::from_slice(own, (1, own.len()), &Device::Cpu).unwrap();
             let alone = m.hidden_states(&row, None).unwrap().squeeze(0).unwrap();
             for (j, &a) in at.iter().enumerate() {
-                let shared = groups[a as usize] == 0;
+                let shared = groups[a as usize] % (1 << GROUP_MEMBER_BITS) == 0;
                 if shared && !seen.insert(a) {
                     continue;
                 }
@@ -636,7 +639,7 @@ fn grouped_rows_compute_what_separate_rows_do_in_values_and_gradients() {
                 picked_s.push(y);
             }
         }
-        assert_eq!(picked_p.len(), 5 + 8 + 7 + 8);
+        assert_eq!(picked_p.len(), 5 + 8 + 1 + 1 + 7 + 8);
         let proj = uniform(&[picked_p.len(), h], 21);
         let lp = (Tensor::stack(&picked_p, 0).unwrap() * &proj)
             .unwrap()

@@ -256,7 +256,7 @@ impl Policy {
             .collect()
     }
 
-    /// Whether the policy (and its reference) run [`SeqBatch::grouped`] batches: one input row per prompt.
+    /// Whether the policy (and its reference) run [`SeqBatch::grouped`] batches.
     pub fn groups_prompts(&self) -> bool {
         self.model.attends_by_group()
             && match &self.reference {
@@ -343,6 +343,10 @@ pub trait Algorithm {
     /// Completions sampled per prompt.
     fn generations(&self) -> usize;
     fn needs_reference(&self) -> bool;
+    /// Whether the algorithm's own models (PPO's value model) run [`SeqBatch::grouped`] batches.
+    fn runs_grouped(&self) -> bool {
+        true
+    }
     /// Parameters trained beside the policy's (PPO's value model), named uniquely.
     fn extra_params(&self) -> Vec<(String, Var)> {
         Vec::new()
@@ -452,8 +456,8 @@ impl<A: Algorithm> Trainer for OnlineTrainer<'_, A> {
             .map(|r| (chosen[r.prompt].ids.as_slice(), r.completion_ids.as_slice()))
             .collect();
         let pad = self.policy.tokenizer.pad_id().unwrap_or(0);
-        // Several completions per prompt: the prompt's tokens run once for all of them.
-        let seqs = if g > 1 && self.policy.groups_prompts() {
+        // A prompt's tokens run once for all its completions, and short rollouts share input rows.
+        let seqs = if self.policy.groups_prompts() && self.algo.runs_grouped() {
             SeqBatch::grouped(&pairs, pad, &Device::Cpu)?
         } else {
             SeqBatch::new(&pairs, pad, &Device::Cpu)?

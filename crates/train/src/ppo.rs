@@ -155,14 +155,8 @@ pub fn token_rewards(scores: &[f32], kl: &[f32], offsets: &[usize], beta: f64) -
 
 /// Value estimates of the value model at the completion positions (`[tokens]`).
 pub fn token_values(value: &SeqCls, seqs: &SeqBatch) -> Result<Tensor> {
-    if seqs.grouping.is_some() {
-        return Err(TrainError::Model(
-            "the value model scores one row per rollout, not grouped rows (SeqBatch::new)".into(),
-        ));
-    }
-    let s = value.token_scores(&seqs.input_ids)?;
-    let (b, t, _) = s.dims3()?;
-    Ok(s.reshape(b * t)?.index_select(&seqs.positions, 0)?)
+    let hidden = rollout::completion_hidden(&value.lm, seqs)?;
+    Ok(hidden.matmul(&value.score_weight().t()?)?.squeeze(1)?)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -236,7 +230,11 @@ fn subset(batch: &Batch, rows: &[usize]) -> Result<(SeqBatch, Vec<usize>)> {
             )
         })
         .collect();
-    let seqs = SeqBatch::new(&pairs, 0, &Device::Cpu)?;
+    let seqs = if batch.seqs.grouping.is_some() {
+        SeqBatch::grouped(&pairs, 0, &Device::Cpu)?
+    } else {
+        SeqBatch::new(&pairs, 0, &Device::Cpu)?
+    };
     let flat = rows
         .iter()
         .flat_map(|&i| batch.seqs.offsets[i]..batch.seqs.offsets[i + 1])
@@ -261,6 +259,10 @@ impl Algorithm for Ppo {
 
     fn needs_reference(&self) -> bool {
         true
+    }
+
+    fn runs_grouped(&self) -> bool {
+        self.value.lm.attends_by_group()
     }
 
     fn extra_params(&self) -> Vec<(String, Var)> {

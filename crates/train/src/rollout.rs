@@ -11,7 +11,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use rlhf_data::{load_dataset, tokenize_prompts, Text, Tokenizer};
-use rlhf_model::{generate, CausalLm, FinishReason, GenRequest, Sampling};
+use rlhf_model::{
+    attention_group, generate, CausalLm, FinishReason, GenRequest, Sampling, GROUP_MEMBER_BITS,
+};
 use serde_json::{Map, Value};
 
 use crate::error::{Result, TrainError};
@@ -166,7 +168,7 @@ pub struct SeqBatch {
     pub rows: usize,
     pub seq_len: usize,
     /// `[input rows, seq_len]` u32 token ids: `prompt ++ completion` without its last token, right-padded, one
-    /// row per rollout; or, [`SeqBatch::grouped`], one row per prompt holding its completions behind it.
+    /// row per rollout; or, [`SeqBatch::grouped`], rows packing prompts with their completions behind them.
     pub input_ids: Tensor,
     /// The positions and attention groups of a [`SeqBatch::grouped`] batch.
     pub grouping: Option<Grouping>,
@@ -179,13 +181,14 @@ pub struct SeqBatch {
     pub offsets: Vec<usize>,
 }
 
-/// How a [`SeqBatch::grouped`] row packs a prompt's completions: each token's position and attention group
+/// How [`SeqBatch::grouped`] rows pack prompts and their completions: each token's position and attention group
 /// ([`CausalLm::hidden_states_grouped`]).
 #[derive(Debug, Clone)]
 pub struct Grouping {
-    /// `[input rows, seq_len]` u32 positions: the prompt's, then each completion's continuing from it.
+    /// `[input rows, seq_len]` u32 positions: each prompt's, then each completion's continuing from it.
     pub position_ids: Tensor,
-    /// `[input rows × seq_len]`: 0 for the prompt, g for the g-th completion behind it, `u32::MAX` for padding.
+    /// `[input rows × seq_len]`: `attention_group(k, 0)` for the k-th prompt of the row, `attention_group(k, g)`
+    /// for the g-th completion behind it, `u32::MAX` for padding.
     pub groups: Vec<u32>,
 }
 
@@ -235,55 +238,84 @@ impl SeqBatch {
         })
     }
 
-    /// As [`SeqBatch::new`], but consecutive rollouts of the same prompt share one input row: the prompt once,
-    /// then each completion (without its last token) in its own attention group, so that the prompt's tokens
-    /// run once instead of once per completion (GRPO and RLOO sample several per prompt). The model must attend
-    /// by group ([`CausalLm::attends_by_group`]); every rollout's log-probs are those of its own row.
+    /// As [`SeqBatch::new`], in fewer and fuller input rows: consecutive rollouts of the same prompt form a unit,
+    /// the prompt once with each completion (without its last token) behind it in its own attention group, so
+    /// that the prompt's tokens run once for all its completions (GRPO and RLOO sample several per prompt); and
+    /// units are packed first-fit, longest first, into rows as long as the longest unit, so that short rollouts
+    /// share a row instead of running padding. The model must attend by group ([`CausalLm::attends_by_group`]);
+    /// every rollout's log-probs are those of its own `prompt ++ completion` row.
     pub fn grouped(rows: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
-        // Per input row: ids, positions, groups; per completion token: (input row, index it is predicted from).
-        let mut packed: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = Vec::new();
+        // Per unit: ids, positions, members (0: the prompt; g: its g-th completion); per completion token:
+        // (unit, index in the unit it is predicted from).
+        let mut units: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = Vec::new();
         let (mut from, mut targets, mut offsets) = (Vec::new(), Vec::new(), vec![0]);
-        let (mut prev_prompt, mut group): (Option<&[u32]>, u32) = (None, 0);
+        let (mut prev_prompt, mut member): (Option<&[u32]>, u32) = (None, 0);
         for (i, &(p, c)) in rows.iter().enumerate() {
             check_row(i, (p, c))?;
             if prev_prompt != Some(p) {
-                packed.push((p.to_vec(), (0..p.len() as u32).collect(), vec![0; p.len()]));
-                (prev_prompt, group) = (Some(p), 0);
+                units.push((p.to_vec(), (0..p.len() as u32).collect(), vec![0; p.len()]));
+                (prev_prompt, member) = (Some(p), 0);
             }
             // Counted per completion, also for one-token completions that add no input token.
-            group += 1;
-            let r = packed.len() - 1;
-            let (ids, pos, groups) = &mut packed[r];
+            member += 1;
+            if member >= 1 << GROUP_MEMBER_BITS {
+                return Err(TrainError::Data(format!(
+                    "rollout {i}: more than {} completions of one prompt in a batch",
+                    (1 << GROUP_MEMBER_BITS) - 1
+                )));
+            }
+            let u = units.len() - 1;
+            let (ids, pos, members) = &mut units[u];
             let mut prev = p.len() - 1;
             for (j, &tok) in c.iter().enumerate() {
-                from.push((r, prev));
+                from.push((u, prev));
                 targets.push(tok);
                 if j + 1 < c.len() {
                     ids.push(tok);
                     pos.push((p.len() + j) as u32);
-                    groups.push(group);
+                    members.push(member);
                     prev = ids.len() - 1;
                 }
             }
             offsets.push(targets.len());
         }
-        let seq_len = packed.iter().map(|(ids, ..)| ids.len()).max().unwrap_or(0);
-        let (mut ids, mut pos, mut groups) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, p, g) in &packed {
-            let pad_n = seq_len - i.len();
-            ids.extend(i.iter().copied().chain(std::iter::repeat_n(pad, pad_n)));
-            pos.extend(p.iter().copied().chain(std::iter::repeat_n(0, pad_n)));
-            groups.extend(
-                g.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(PAD_GROUP, pad_n)),
-            );
+        let seq_len = units.iter().map(|(ids, ..)| ids.len()).max().unwrap_or(0);
+        // Each unit's (input row, offset in it, unit number in it); rows as (tokens used, units).
+        let mut order: Vec<usize> = (0..units.len()).collect();
+        order.sort_by_key(|&u| std::cmp::Reverse(units[u].0.len()));
+        let (mut place, mut fill) = (vec![(0, 0, 0); units.len()], Vec::<(usize, u32)>::new());
+        for u in order {
+            let len = units[u].0.len();
+            let r = match fill.iter().position(|&(used, _)| used + len <= seq_len) {
+                Some(r) => r,
+                None => {
+                    fill.push((0, 0));
+                    fill.len() - 1
+                }
+            };
+            place[u] = (r, fill[r].0, fill[r].1);
+            fill[r] = (fill[r].0 + len, fill[r].1 + 1);
+        }
+        let input_rows = fill.len();
+        let mut ids = vec![pad; input_rows * seq_len];
+        let mut pos = vec![0; input_rows * seq_len];
+        let mut groups = vec![PAD_GROUP; input_rows * seq_len];
+        for ((i, p, m), &(r, off, k)) in units.iter().zip(&place) {
+            let at = r * seq_len + off;
+            ids[at..at + i.len()].copy_from_slice(i);
+            pos[at..at + p.len()].copy_from_slice(p);
+            for (g, &m) in groups[at..at + m.len()].iter_mut().zip(m) {
+                *g = attention_group(k, m);
+            }
         }
         let positions: Vec<u32> = from
             .iter()
-            .map(|&(r, t)| (r * seq_len + t) as u32)
+            .map(|&(u, t)| {
+                let (r, off, _) = place[u];
+                (r * seq_len + off + t) as u32
+            })
             .collect();
-        let (n, input_rows) = (targets.len(), packed.len());
+        let n = targets.len();
         Ok(Self {
             rows: rows.len(),
             seq_len,
@@ -382,26 +414,31 @@ mod tests {
 
     #[test]
     fn grouped_rows_hold_each_prompt_once_and_every_completion_in_its_own_group() {
-        let (a, b): (&[u32], &[u32]) = (&[10, 11, 12], &[20, 21]);
-        // A one-token completion adds no input token but still takes a group of its own.
-        let rows: [(&[u32], &[u32]); 4] = [(a, &[1]), (a, &[2, 3, 4]), (a, &[5, 6]), (b, &[7, 8])];
+        let (a, b, c): (&[u32], &[u32], &[u32]) = (&[10, 11, 12], &[20, 21], &[30, 31]);
+        // A one-token completion adds no input token but still takes a group of its own; the short units of
+        // b and c share the second row.
+        let rows: [(&[u32], &[u32]); 5] = [
+            (a, &[1]),
+            (a, &[2, 3, 4]),
+            (a, &[5, 6]),
+            (b, &[7, 8]),
+            (c, &[9]),
+        ];
         let s = SeqBatch::grouped(&rows, 0, &Device::Cpu).unwrap();
-        assert_eq!((s.rows, s.seq_len), (4, 6));
+        assert_eq!((s.rows, s.seq_len), (5, 6));
         let ids: Vec<Vec<u32>> = s.input_ids.to_vec2().unwrap();
-        assert_eq!(ids, [vec![10, 11, 12, 2, 3, 5], vec![20, 21, 7, 0, 0, 0]]);
+        assert_eq!(ids, [vec![10, 11, 12, 2, 3, 5], vec![20, 21, 7, 30, 31, 0]]);
         let g = s.grouping.as_ref().unwrap();
-        assert_eq!(
-            g.groups,
-            [0, 0, 0, 2, 2, 3, 0, 0, 1, PAD_GROUP, PAD_GROUP, PAD_GROUP]
-        );
+        let c0 = attention_group(1, 0);
+        assert_eq!(g.groups, [0, 0, 0, 2, 2, 3, 0, 0, 1, c0, c0, PAD_GROUP]);
         let pos: Vec<Vec<u32>> = g.position_ids.to_vec2().unwrap();
-        assert_eq!(pos, [vec![0, 1, 2, 3, 4, 3], vec![0, 1, 2, 0, 0, 0]]);
+        assert_eq!(pos, [vec![0, 1, 2, 3, 4, 3], vec![0, 1, 2, 0, 1, 0]]);
         // Each completion token is predicted from the prompt's last token, then from its own previous one.
         let at: Vec<u32> = s.positions.to_vec1().unwrap();
-        assert_eq!(at, [2, 2, 3, 4, 2, 5, 7, 8]);
+        assert_eq!(at, [2, 2, 3, 4, 2, 5, 7, 8, 10]);
         let targets: Vec<u32> = s.targets.to_vec1().unwrap();
-        assert_eq!(targets, [1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(s.offsets, [0, 1, 4, 6, 8]);
+        assert_eq!(targets, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(s.offsets, [0, 1, 4, 6, 8, 9]);
         let empty: [(&[u32], &[u32]); 1] = [(a, &[])];
         assert!(SeqBatch::grouped(&empty, 0, &Device::Cpu).is_err());
     }

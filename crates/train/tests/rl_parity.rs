@@ -5,14 +5,16 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
+use rlhf_model::seq_cls::SeqCls;
+use rlhf_model::CausalLm;
 use rlhf_train::advantage::{
     gae, group_advantages, kl_estimate, leave_one_out_advantages, whiten, KlEstimator, ScaleRewards,
 };
 use rlhf_train::grpo::{Grpo, GrpoArgs};
 use rlhf_train::online::{Algorithm, Batch, Policy, Step};
 use rlhf_train::optim::{AdamW, AdamWConfig};
-use rlhf_train::ppo::{Ppo, PpoArgs};
-use rlhf_train::rollout::{Rollout, SeqBatch};
+use rlhf_train::ppo::{token_values, Ppo, PpoArgs};
+use rlhf_train::rollout::{self, Rollout, SeqBatch};
 use rlhf_train::settings::load;
 use serde_json::Value;
 
@@ -151,8 +153,9 @@ fn flags(extra: &[String]) -> Vec<std::ffi::OsString> {
     v.into_iter().map(Into::into).collect()
 }
 
-/// The trainers' batch of the given completions (`g` per prompt); `grouped`: one input row per prompt
-/// ([`SeqBatch::grouped`], what GRPO and RLOO train on when the model attends by group).
+/// The trainers' batch of the given completions (`g` per prompt); `grouped`: each prompt once with its
+/// completions behind it, short units sharing rows ([`SeqBatch::grouped`], what the trainers run when the
+/// model attends by group).
 #[allow(clippy::too_many_arguments)]
 fn batch(
     prompts: &[Vec<u32>],
@@ -325,45 +328,99 @@ fn ppo_step_matches_trl() {
             .to_string(),
     ];
     let args = load::<PpoArgs>("ppo", &flags(&extra)).unwrap();
-    let policy = Policy::load(&args.online, true, None).unwrap();
-    let mut ppo = Ppo::new(args, &policy, None).unwrap();
-    let b = batch(
-        &prompts,
-        &completions,
-        1,
-        floats(&r["old_logprobs"]),
-        floats(&r["scores"]),
-        t,
-        false,
-    );
-    assert_close(
-        "reference log-probs",
-        &policy.reference_logprobs(&b.seqs, t).unwrap(),
-        &floats(&r["ref_logprobs"]),
-        1e-5,
-    );
-    let mut params = policy.params();
-    params.extend(ppo.extra_params());
-    let mut optimizer = AdamW::new(params, AdamWConfig::default()).unwrap();
-    let none = None;
-    let mut step = Step::new(&mut optimizer, 1e-12, None, 1, &none);
-    let m = ppo.learn(&policy, &mut step, &b).unwrap();
-    for (key, want) in [
-        ("loss/policy_avg", "pg_loss"),
-        ("loss/value_avg", "vf_loss"),
-        ("loss", "loss"),
-    ] {
-        let want = r[want].as_f64().unwrap();
+    // One row per rollout, and each rollout a unit of SeqBatch::grouped: both at parity.
+    for grouped in [false, true] {
+        let policy = Policy::load(&args.online, true, None).unwrap();
+        let mut ppo = Ppo::new(args.clone(), &policy, None).unwrap();
         assert!(
-            (m[key] - want).abs() <= 1e-4,
-            "{key}: {} vs TRL {want}",
-            m[key]
+            policy.groups_prompts() && ppo.runs_grouped(),
+            "the engine attends by group"
+        );
+        let b = batch(
+            &prompts,
+            &completions,
+            1,
+            floats(&r["old_logprobs"]),
+            floats(&r["scores"]),
+            t,
+            grouped,
+        );
+        assert_close(
+            &format!("reference log-probs (grouped: {grouped})"),
+            &policy.reference_logprobs(&b.seqs, t).unwrap(),
+            &floats(&r["ref_logprobs"]),
+            1e-5,
+        );
+        let mut params = policy.params();
+        params.extend(ppo.extra_params());
+        let mut optimizer = AdamW::new(params, AdamWConfig::default()).unwrap();
+        let none = None;
+        let mut step = Step::new(&mut optimizer, 1e-12, None, 1, &none);
+        let m = ppo.learn(&policy, &mut step, &b).unwrap();
+        for (key, want) in [
+            ("loss/policy_avg", "pg_loss"),
+            ("loss/value_avg", "vf_loss"),
+            ("loss", "loss"),
+        ] {
+            let want = r[want].as_f64().unwrap();
+            assert!(
+                (m[key] - want).abs() <= 1e-4,
+                "{key} (grouped: {grouped}): {} vs TRL {want}",
+                m[key]
+            );
+        }
+        let want = r["total_grad_norm"].as_f64().unwrap();
+        assert!(
+            (step.grad_norms[0] - want).abs() <= 1e-4 * want.max(1.0),
+            "grad norm (grouped: {grouped}) {} vs TRL {want}",
+            step.grad_norms[0]
         );
     }
-    let want = r["total_grad_norm"].as_f64().unwrap();
+}
+
+/// Short rollouts packed into shared input rows score as if alone: the policy's log-probs and the value
+/// model's values.
+#[test]
+fn packed_rollouts_score_as_if_alone() {
+    let r = &reference()["ppo_step"];
+    let (prompts, completions) = (ids(&r["prompts"]), ids(&r["completions"]));
+    // Every other rollout cut to 3 prompt tokens and 1 completion token: those two units share a row.
+    let cut = |i: usize, v: &Vec<u32>, n: usize| v[..if i % 2 == 0 { n } else { v.len() }].to_vec();
+    let prompts: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| cut(i, p, 3))
+        .collect();
+    let short: Vec<Vec<u32>> = completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cut(i, c, 1))
+        .collect();
+    let layouts = [false, true].map(|g| batch(&prompts, &short, 1, vec![], vec![], 1.0, g).seqs);
+    let rows = layouts[1].input_ids.dim(0).unwrap();
     assert!(
-        (step.grad_norms[0] - want).abs() <= 1e-4 * want.max(1.0),
-        "grad norm {} vs TRL {want}",
-        step.grad_norms[0]
+        rows < short.len(),
+        "{rows} input rows for {} rollouts",
+        short.len()
     );
+    let policy = CausalLm::load(&root().join("fixtures/models/llama"), &Device::Cpu).unwrap();
+    let value = SeqCls::load(
+        &root().join("fixtures/models/llama-rm"),
+        1,
+        Some(0),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let [one, packed] = layouts.map(|s| {
+        let lp: Vec<f32> = rollout::token_logprobs(&policy, &s, 1.0, false)
+            .unwrap()
+            .0
+            .to_vec1()
+            .unwrap();
+        let v: Vec<f32> = token_values(&value, &s).unwrap().to_vec1().unwrap();
+        (lp, v)
+    });
+    assert_close("packed log-probs", &packed.0, &one.0, 1e-5);
+    assert_close("packed values", &packed.1, &one.1, 1e-5);
 }
