@@ -622,11 +622,16 @@ impl PackedB {
             Kernel::Avx512Bf16 | Kernel::Amx => {
                 let (_, nr, kq) = kernel.geometry();
                 let kp = k.div_ceil(2).next_multiple_of(kq);
-                let mut panels = vec![0u32; n.div_ceil(nr) * kp * nr];
+                let mut panels = crate::ops::overwritten(n.div_ceil(nr) * kp * nr);
                 // Panel j holds B's columns n0..n0+nr: pair p of column c at p·nr + c; pairs past
-                // k.div_ceil(2) stay zero.
+                // k.div_ceil(2) and columns past n are zero.
                 let pack = |(j, panel): (usize, &mut [u32])| {
                     let (n0, nc) = (j * nr, nr.min(n - j * nr));
+                    if nc < nr {
+                        panel.fill(0);
+                    } else {
+                        panel[k.div_ceil(2) * nr..].fill(0);
+                    }
                     let dp = panel.as_mut_ptr();
                     // SAFETY: the pair kernels exist only where AVX-512F was detected; the panel is
                     // kp · nr pairs and every write lands at p · nr + c with p < k.div_ceil(2) ≤ kp,

@@ -575,6 +575,38 @@ impl AttnDims {
     }
 }
 
+/// A value no kernel writes: debug builds fill [`overwritten`] buffers with it.
+pub(crate) trait Poison: Copy {
+    const POISON: Self;
+}
+
+impl Poison for f32 {
+    const POISON: f32 = f32::NAN;
+}
+
+/// Two bf16 NaNs (a packed pair).
+impl Poison for u32 {
+    const POISON: u32 = u32::MAX;
+}
+
+/// `n` elements for a kernel that writes every one of them before anything reads them.
+/// `vec![0.0; n]` would cost a pass over memory about to be overwritten: these buffers mostly
+/// reuse freed ones, which the allocator must clear.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn overwritten<T: Poison>(n: usize) -> Vec<T> {
+    if cfg!(debug_assertions) {
+        // Debug builds (the test suite in the dev profile) make a kernel that leaves an element
+        // unwritten show as NaN.
+        return vec![T::POISON; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: every caller hands the whole buffer to a kernel that stores each element (an
+    // overwriting gemm, a row-wise norm or activation, a permutation, a packing) before any is
+    // loaded.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `f(group)` for every group, in parallel or not.
 fn map_groups<T: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     if parallel {

@@ -279,7 +279,11 @@ impl Algorithm for Ppo {
         let dev = policy.model.device().clone();
         let old = &batch.old_logprobs;
         let reference = policy.reference_logprobs(seqs, batch.temperature)?;
-        let values: Vec<f32> = token_values(&self.value, seqs)?.detach().to_vec1()?;
+        let first_values = token_values(&self.value, seqs)?;
+        let values: Vec<f32> = first_values.detach().to_vec1()?;
+        // The first mini-batch of one spanning the batch runs the value model on the same rows and weights:
+        // its forward (and tape) is this one.
+        let mut first_values = (a.num_mini_batches == 1).then_some(first_values);
         let beta = self.kl.beta;
         let kl: Vec<f32> = old
             .iter()
@@ -334,7 +338,10 @@ impl Algorithm for Ppo {
                 let diff = (&new_logp - t(old)?)?;
                 let ratio = diff.exp()?;
                 let (pg, pg_c) = policy_loss(&ratio, &t(&adv)?, a.cliprange)?;
-                let vpred = token_values(&self.value, sub)?;
+                let vpred = match first_values.take() {
+                    Some(v) => v,
+                    None => token_values(&self.value, sub)?,
+                };
                 let (vf, vf_c) = value_loss(&vpred, &t(&values)?, &t(&ret)?, a.cliprange_value)?;
                 let pg_loss = pg.mean_all()?;
                 let vf_loss = vf.mean_all()?;

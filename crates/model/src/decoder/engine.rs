@@ -9,8 +9,8 @@ use crate::engine::{
 use crate::linear::Linear;
 use crate::lora::DropoutMask;
 use crate::ops::{
-    attention_bwd, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows, silu_mul_rows,
-    AttnDims,
+    attention_bwd, overwritten, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
+    silu_mul_rows, AttnDims,
 };
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
@@ -167,38 +167,36 @@ impl Body for Decoder {
         for (li, (w, [pq, pk, pv, po, pgate, pup, pdown])) in
             self.block_weights(&reads)?.iter().zip(passes).enumerate()
         {
-            let mut h1 = vec![0.0; n * h];
+            let mut h1 = overwritten(n * h);
             rms_norm_rows(&x, w.ln1, eps, &mut h1);
             let rope = |lin: &Adapted, heads: usize, pass| {
-                let mut p = vec![0.0; n * heads * d];
+                let mut p = overwritten(n * heads * d);
                 let tape = lin.forward(&h1, &mut p, false, pass);
-                let mut r = vec![0.0; n * heads * d];
+                let mut r = overwritten(n * heads * d);
                 rope_kernel(&p, &cos, &sin, (b, t, heads, d), rows, true, &mut r);
                 (r, tape)
             };
             let ((q, lq), (k, lk)) = (rope(&w.q, nh, pq), rope(&w.k, nkv, pk));
-            let mut vp = vec![0.0; n * nkv * d];
+            let mut vp = overwritten(n * nkv * d);
             let lv = w.v.forward(&h1, &mut vp, false, pv);
-            let mut v = vec![0.0; n * nkv * d];
+            let mut v = overwritten(n * nkv * d);
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
-            let mut a = vec![0.0; n * nh * d];
+            let mut a = overwritten(n * nh * d);
             let lse = attend.run(li, dm, scale, &q, &k, &v, &mut a)?;
-            let mut x2 = vec![0.0; n * h];
-            x2.copy_from_slice(&x);
+            let mut x2 = x.clone();
             let lo = w.o.forward(&a, &mut x2, true, po);
-            let mut h2 = vec![0.0; n * h];
+            let mut h2 = overwritten(n * h);
             rms_norm_rows(&x2, w.ln2, eps, &mut h2);
             let inter = w.gate.lin.out;
             let (mut gate, mut up, mut act) = (
-                vec![0.0; n * inter],
-                vec![0.0; n * inter],
-                vec![0.0; n * inter],
+                overwritten(n * inter),
+                overwritten(n * inter),
+                overwritten(n * inter),
             );
             let lgate = w.gate.forward(&h2, &mut gate, false, pgate);
             let lup = w.up.forward(&h2, &mut up, false, pup);
             silu_mul_rows(&gate, &up, inter, &mut act);
-            let mut x3 = vec![0.0; n * h];
-            x3.copy_from_slice(&x2);
+            let mut x3 = x2.clone();
             let ldown = w.down.forward(&act, &mut x3, true, pdown);
             let input = std::mem::replace(&mut x, x3);
             if keep {
@@ -219,7 +217,7 @@ impl Body for Decoder {
                 });
             }
         }
-        let mut out = vec![0f32; n * h];
+        let mut out = overwritten(n * h);
         rms_norm_rows(&x, reads.get(tensors.len() - 1)?, eps, &mut out);
         let tape = keep.then(|| Tape {
             ids: ids.to_vec(),
@@ -263,7 +261,7 @@ impl Body for Decoder {
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
         let mut grads = Grads::new(tensors.len(), defer);
-        let mut dx = vec![0.0; n * h];
+        let mut dx = overwritten(n * h);
         let dnorm = rms_norm_bwd_rows(
             &last,
             reads.get(tensors.len() - 1)?,
@@ -280,7 +278,7 @@ impl Body for Decoder {
             let [lq, lk, lv, lo, lgate, lup, ldown] = &bt.lora;
             // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
             let inter = w.gate.lin.out;
-            let mut dact = vec![0.0; n * inter];
+            let mut dact = overwritten(n * inter);
             grads.backward(
                 &layer.down,
                 &w.down,
@@ -290,10 +288,10 @@ impl Body for Decoder {
                 base,
                 ldown.as_ref(),
             )?;
-            let (mut dgate, mut dup) = (vec![0.0; n * inter], vec![0.0; n * inter]);
+            let (mut dgate, mut dup) = (overwritten(n * inter), overwritten(n * inter));
             silu_mul_bwd_rows(&bt.gate, &bt.up, &dact, inter, &mut dgate, &mut dup);
             drop(dact);
-            let mut dh = vec![0.0; n * h];
+            let mut dh = overwritten(n * h);
             grads.backward(
                 &layer.gate,
                 &w.gate,
@@ -314,7 +312,7 @@ impl Body for Decoder {
             )?;
             let dln2 = rms_norm_bwd_rows(&bt.x2, w.ln2, &dh, eps, &mut dx, true);
             // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
-            let mut da = vec![0.0; n * nh * d];
+            let mut da = overwritten(n * nh * d);
             grads.backward(
                 &layer.o,
                 &w.o,
@@ -336,11 +334,11 @@ impl Body for Decoder {
                 groups.as_deref(),
             );
             drop(da);
-            let mut dqp = vec![0.0; n * nh * d];
+            let mut dqp = overwritten(n * nh * d);
             rope_kernel(&dq, &cos, &sin, (b, t, nh, d), rows, false, &mut dqp);
-            let mut dkp = vec![0.0; n * nkv * d];
+            let mut dkp = overwritten(n * nkv * d);
             rope_kernel(&dk, &cos, &sin, (b, t, nkv, d), rows, false, &mut dkp);
-            let mut dvp = vec![0.0; n * nkv * d];
+            let mut dvp = overwritten(n * nkv * d);
             swap_time_heads(&dv, (b, nkv, t, d), &mut dvp);
             grads.backward(
                 &layer.q,
