@@ -69,18 +69,24 @@ impl Grads {
 
     /// L2 norm over all gradients, accumulated in f64 in parameter-name order (deterministic).
     pub fn global_norm(&self) -> Result<f64> {
-        let mut total = 0f64;
-        for g in self.grads.iter().flatten() {
-            let (storage, layout) = g.storage_and_layout();
-            let data = cpu_f32(&storage, layout, "gradient")?;
-            total += data
-                .par_chunks(PAR_CHUNK)
-                .map(sum_squares)
-                .collect::<Vec<f64>>() // fixed chunking → fixed summation order
-                .into_iter()
-                .sum::<f64>();
-        }
-        Ok(total.sqrt())
+        // One parallel pass over the parameters (not one per parameter); each parameter's sum in fixed
+        // chunks, the sums added in parameter order → the same bits however the work is spread.
+        let sums = self
+            .grads
+            .par_iter()
+            .flatten()
+            .map(|g| {
+                let (storage, layout) = g.storage_and_layout();
+                let data = cpu_f32(&storage, layout, "gradient")?;
+                Ok(data
+                    .par_chunks(PAR_CHUNK)
+                    .map(sum_squares)
+                    .collect::<Vec<f64>>()
+                    .into_iter()
+                    .sum::<f64>())
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        Ok(sums.into_iter().sum::<f64>().sqrt())
     }
 }
 
@@ -253,10 +259,12 @@ impl AdamW {
             Some(max) => ((max as f32) / (norm as f32 + 1e-6)).min(1.0),
             None => 1.0,
         };
-        for (p, g) in self.params.iter_mut().zip(&grads.grads) {
-            let Some(g) = g else { continue };
+        // One parallel pass over the parameters (each update is elementwise: the same bits in any order).
+        let cfg = self.cfg;
+        let update = |(p, g): (&mut ParamState, &Option<Tensor>)| -> Result<()> {
+            let Some(g) = g else { return Ok(()) };
             p.step += 1;
-            let c = &self.cfg;
+            let c = &cfg;
             let t = p.step as i32;
             // Scalars in f64 then cast to f32, as PyTorch's single-tensor AdamW does with Python floats.
             let bias_c1 = 1.0 - c.beta1.powi(t);
@@ -279,8 +287,12 @@ impl AdamW {
                 k,
             };
             p.var.as_tensor().inplace_op2(g, &op)?;
-        }
-        Ok(())
+            Ok(())
+        };
+        self.params
+            .par_iter_mut()
+            .zip(grads.grads.par_iter())
+            .try_for_each(update)
     }
 
     /// Write m, v and per-parameter step counts to a safetensors file (`exp_avg.<name>`,
