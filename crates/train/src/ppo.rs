@@ -16,6 +16,7 @@ use crate::advantage::{gae, kl_estimate, whiten, AdaptiveKl, KlEstimator};
 use crate::error::{io_err, Result, TrainError};
 use crate::online::{self, Algorithm, Batch, Metrics, OnlineArgs, OnlineSummary, Policy, Step};
 use crate::rollout::{self, sample_seed, SeqBatch};
+use crate::trainer::apart;
 
 const VALUE_DIR: &str = "value";
 const STATE_FILE: &str = "ppo_state.json";
@@ -278,8 +279,12 @@ impl Algorithm for Ppo {
         let seqs = &batch.seqs;
         let dev = policy.model.device().clone();
         let old = &batch.old_logprobs;
-        let reference = policy.reference_logprobs(seqs, batch.temperature)?;
-        let first_values = token_values(&self.value, seqs)?;
+        let value = &self.value;
+        let (reference, first_values) = apart(
+            || policy.reference_logprobs(seqs, batch.temperature),
+            || token_values(value, seqs),
+        );
+        let (reference, first_values) = (reference?, first_values?);
         let values: Vec<f32> = first_values.detach().to_vec1()?;
         // The first mini-batch of one spanning the batch runs the value model on the same rows and weights:
         // its forward (and tape) is this one.
@@ -333,20 +338,21 @@ impl Algorithm for Ppo {
                 let sub = sub_owned.as_ref().unwrap_or(seqs);
                 let n = flat.len();
                 let t = |v: &[f32]| Tensor::from_vec(pick(v, &flat), n, &dev);
-                let (new_logp, ent) =
-                    rollout::token_logprobs(&policy.model, sub, batch.temperature, true)?;
+                let first = first_values.take();
+                let (logp, vpred) = apart(
+                    || rollout::token_logprobs(&policy.model, sub, batch.temperature, true),
+                    || first.map_or_else(|| token_values(value, sub), Ok),
+                );
+                let ((new_logp, ent), vpred) = (logp?, vpred?);
                 let diff = (&new_logp - t(old)?)?;
                 let ratio = diff.exp()?;
                 let (pg, pg_c) = policy_loss(&ratio, &t(&adv)?, a.cliprange)?;
-                let vpred = match first_values.take() {
-                    Some(v) => v,
-                    None => token_values(&self.value, sub)?,
-                };
                 let (vf, vf_c) = value_loss(&vpred, &t(&values)?, &t(&ret)?, a.cliprange_value)?;
                 let pg_loss = pg.mean_all()?;
                 let vf_loss = vf.mean_all()?;
-                let loss = (&pg_loss + (&vf_loss * a.vf_coef)?)?;
-                step.apply(&loss)?;
+                // Policy and value share no parameter: their backward passes run side by side.
+                step.backward_apart(&pg_loss, &(&vf_loss * a.vf_coef)?)?;
+                step.update()?;
                 pg_losses.push(pg_loss.to_scalar::<f32>()? as f64);
                 vf_losses.push(vf_loss.to_scalar::<f32>()? as f64);
                 pg_clip.push(mean_of(&pg_c)?);

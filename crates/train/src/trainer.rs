@@ -190,6 +190,25 @@ impl<'a> Step<'a> {
         Ok(value)
     }
 
+    /// [`Step::backward`] through two losses that share no parameter (PPO's policy and value losses), each
+    /// on a core of its own ([`apart`]); returns the sum of their values.
+    pub fn backward_apart(&mut self, a: &Tensor, b: &Tensor) -> Result<f64> {
+        let (va, vb) = (a.to_scalar::<f32>()? as f64, b.to_scalar::<f32>()? as f64);
+        for v in [va, vb] {
+            if !v.is_finite() {
+                return Err(self.non_finite("loss", v));
+            }
+        }
+        let (sa, sb) = apart(|| rlhf_model::backward(a), || rlhf_model::backward(b));
+        for store in [sa?, sb?] {
+            match &mut self.pending {
+                None => self.pending = Some(self.optimizer.collect_grads(&store)?),
+                Some(acc) => self.optimizer.accumulate_grads(acc, &store)?,
+            }
+        }
+        Ok(va + vb)
+    }
+
     /// Clip the accumulated gradients and take one AdamW update; returns the pre-clip gradient norm.
     pub fn update(&mut self) -> Result<f64> {
         let grads = self
@@ -211,6 +230,31 @@ impl<'a> Step<'a> {
         let value = self.backward(loss)?;
         self.update()?;
         Ok(value)
+    }
+}
+
+/// `(a(), b())`, each on a one-thread pool of its own and both at once: two independent models' passes
+/// then run whole on one core each, instead of each pass splitting its rows over the cores in turn.
+pub fn apart<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    static PAIR: std::sync::OnceLock<Option<[rayon::ThreadPool; 2]>> = std::sync::OnceLock::new();
+    let pools = PAIR.get_or_init(|| {
+        let one = |i: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("rlhf-apart-{i}"))
+                .build()
+                .ok()
+        };
+        Some([one(0)?, one(1)?])
+    });
+    match pools {
+        Some([pa, pb]) if rayon::current_num_threads() >= 2 => {
+            rayon::join(|| pa.install(a), || pb.install(b))
+        }
+        _ => (a(), b()),
     }
 }
 

@@ -353,7 +353,9 @@ fn ppo_args(dir: &Path, extra: &[&str]) -> PpoArgs {
     load::<PpoArgs>("ppo", &args(&a)).unwrap()
 }
 
-/// PPO against the fixture reward model raises its score while the KL to the reference stays bounded.
+/// PPO against the fixture reward model raises its score while the KL to the reference stays bounded. 60 steps:
+/// over seeds 42, 7 and 8 the last 10 steps' mean score is 0.49–0.86 above the first 10's (after 40 steps some
+/// seeds are still within 0.15).
 #[test]
 fn ppo_raises_the_reward_model_score_with_bounded_kl() {
     let tmp = tempfile::tempdir().unwrap();
@@ -361,7 +363,7 @@ fn ppo_raises_the_reward_model_score_with_bounded_kl() {
         tmp.path(),
         &[
             "--max-steps",
-            "40",
+            "60",
             "--prompts-per-step",
             "16",
             "--learning-rate",
@@ -377,9 +379,9 @@ fn ppo_raises_the_reward_model_score_with_bounded_kl() {
     .unwrap();
     let scores = final_reward(&s.metrics_file, "objective/scores");
     let kl = final_reward(&s.metrics_file, "objective/kl");
-    assert_eq!(scores.len(), 40);
+    assert_eq!(scores.len(), 60);
     let first: f64 = scores[..10].iter().sum::<f64>() / 10.0;
-    let last: f64 = scores[30..].iter().sum::<f64>() / 10.0;
+    let last: f64 = scores[50..].iter().sum::<f64>() / 10.0;
     assert!(
         last > first + 0.15,
         "RM score {first:.4} → {last:.4}: {scores:?}"
