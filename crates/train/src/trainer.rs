@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rlhf_data::EpochSampler;
 use rlhf_model::lora::Lora;
@@ -178,35 +179,38 @@ impl<'a> Step<'a> {
 
     /// Backward through `loss` and add its gradients to those of this update; returns the loss value.
     pub fn backward(&mut self, loss: &Tensor) -> Result<f64> {
-        let value = loss.to_scalar::<f32>()? as f64;
-        if !value.is_finite() {
-            return Err(self.non_finite("loss", value));
-        }
+        let value = self.finite_loss(loss)?;
         let store = rlhf_model::backward(loss)?;
-        match &mut self.pending {
-            None => self.pending = Some(self.optimizer.collect_grads(&store)?),
-            Some(acc) => self.optimizer.accumulate_grads(acc, &store)?,
-        }
+        self.add_grads(&store)?;
         Ok(value)
     }
 
     /// [`Step::backward`] through two losses that share no parameter (PPO's policy and value losses), each
     /// on a core of its own ([`apart`]); returns the sum of their values.
     pub fn backward_apart(&mut self, a: &Tensor, b: &Tensor) -> Result<f64> {
-        let (va, vb) = (a.to_scalar::<f32>()? as f64, b.to_scalar::<f32>()? as f64);
-        for v in [va, vb] {
-            if !v.is_finite() {
-                return Err(self.non_finite("loss", v));
-            }
-        }
+        let value = self.finite_loss(a)? + self.finite_loss(b)?;
         let (sa, sb) = apart(|| rlhf_model::backward(a), || rlhf_model::backward(b));
-        for store in [sa?, sb?] {
-            match &mut self.pending {
-                None => self.pending = Some(self.optimizer.collect_grads(&store)?),
-                Some(acc) => self.optimizer.accumulate_grads(acc, &store)?,
-            }
+        self.add_grads(&sa?)?;
+        self.add_grads(&sb?)?;
+        Ok(value)
+    }
+
+    /// The value of `loss`, or the error that stops the run when it is not finite.
+    fn finite_loss(&self, loss: &Tensor) -> Result<f64> {
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(self.non_finite("loss", value));
         }
-        Ok(va + vb)
+        Ok(value)
+    }
+
+    /// Adds one backward pass's gradients to those of this update.
+    fn add_grads(&mut self, store: &GradStore) -> Result<()> {
+        match &mut self.pending {
+            None => self.pending = Some(self.optimizer.collect_grads(store)?),
+            Some(acc) => self.optimizer.accumulate_grads(acc, store)?,
+        }
+        Ok(())
     }
 
     /// Clip the accumulated gradients and take one AdamW update; returns the pre-clip gradient norm.
