@@ -568,3 +568,40 @@ fn settings_come_from_toml_and_flags() {
         .to_string();
     assert!(e.contains("grpo.toml:1") && e.contains("lose_type"), "{e}");
 }
+
+/// Two losses backpropagated side by side (PPO's policy and value): a non-finite one stops the step before any
+/// gradient is kept, naming the step; finite ones give each parameter its own loss's gradient.
+#[test]
+fn side_by_side_backward_keeps_each_gradient_and_refuses_nan() {
+    use candle_core::{Tensor, Var};
+    use rlhf_train::online::Step;
+    use rlhf_train::optim::{AdamW, AdamWConfig};
+    let (p, q) = (
+        Var::new(&[1f32, 2.0], &Device::Cpu).unwrap(),
+        Var::new(&[3f32], &Device::Cpu).unwrap(),
+    );
+    let params = vec![("p".to_string(), p.clone()), ("q".to_string(), q.clone())];
+    let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();
+    let none = None;
+    let a = (p.as_tensor() * 2.0).unwrap().sum_all().unwrap();
+    let nan = (q.as_tensor() * f64::NAN).unwrap().sum_all().unwrap();
+    let mut step = Step::new(&mut opt, 0.1, None, 7, &none);
+    let e = step.backward_apart(&a, &nan).unwrap_err().to_string();
+    assert!(e.contains("step 7") && e.contains("loss"), "{e}");
+    assert!(
+        step.update().is_err(),
+        "a refused loss left gradients behind"
+    );
+    let b = q.as_tensor().sqr().unwrap().sum_all().unwrap();
+    let v = step.backward_apart(&a, &b).unwrap();
+    assert_eq!(v, 6.0 + 9.0);
+    step.update().unwrap();
+    // One AdamW step moves every parameter by lr against its gradient's sign (2, 2 for p; 6 for q).
+    let moved: Vec<f32> = Tensor::cat(&[p.as_tensor(), q.as_tensor()], 0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (got, want) in moved.iter().zip([1.0 - 0.1, 2.0 - 0.1, 3.0 - 0.1]) {
+        assert!((got - want).abs() < 1e-3, "{moved:?}");
+    }
+}
