@@ -248,12 +248,12 @@ fn row_chunks<B: Body>(body: &B, b: usize) -> usize {
     threads.min(b)
 }
 
-/// Runs `f` for every chunk `0..k`, chunk `c` on the `c`-th of `k` one-thread pools: inside a
-/// chunk every parallel op (gemm, kernels) then runs inline on that pool's thread, so the chunks
-/// never steal each other's work or wait for each other's threads.
-fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+/// One-thread pools, one per core (at least one per rayon thread): inside one, every parallel op
+/// (gemm, kernels) runs inline on its thread, so work placed on different pools never steals from
+/// or waits for the other's threads.
+fn core_pools() -> &'static [rayon::ThreadPool] {
     static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pools = POOLS.get_or_init(|| {
+    POOLS.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (0..rayon::current_num_threads().max(cores))
             .filter_map(|c| {
@@ -264,7 +264,28 @@ fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> R
                     .ok()
             })
             .collect()
-    });
+    })
+}
+
+/// `(a(), b())`, each on a [`core_pools`] pool of its own and both at once: two independent
+/// models' passes (PPO's policy and value) then run whole on one core each, instead of each pass
+/// splitting its rows over the cores in turn.
+pub fn apart<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    match core_pools() {
+        [pa, pb, ..] if rayon::current_num_threads() >= 2 => {
+            rayon::join(|| pa.install(a), || pb.install(b))
+        }
+        _ => (a(), b()),
+    }
+}
+
+/// Runs `f` for every chunk `0..k`, chunk `c` on the `c`-th of the [`core_pools`], so the chunks
+/// never steal each other's work or wait for each other's threads.
+fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let pools = core_pools();
     if k == 1 || pools.len() < k {
         return (0..k).map(f).collect();
     }

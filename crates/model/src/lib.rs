@@ -32,7 +32,7 @@ architectures!(llama, qwen2, mistral, gpt2);
 pub use arch::ArchInfo;
 pub use attention::KvCache;
 pub use bf16::Precision;
-pub use engine::{backward, Backend};
+pub use engine::{apart, backward, Backend};
 pub use generate::{
     generate, Decode, Decoder, FinishReason, GenOutput, GenRequest, Sampling, SeqId, StepToken,
 };

@@ -231,17 +231,20 @@ impl SeqCls {
             .collect();
         let idx = Tensor::from_vec(idx, b, hidden.device())?;
         let last = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
-        last.matmul(&self.score.t()?)
+        self.score_hidden(&last)
     }
 
     /// Scores at every position `[b, t, num_labels]` (what a PPO value head reads).
     pub fn token_scores(&self, input_ids: &Tensor) -> Result<Tensor> {
         let hidden = self.lm.hidden_states(input_ids, None)?;
         let (b, t, h) = hidden.dims3()?;
-        hidden
-            .reshape((b * t, h))?
-            .matmul(&self.score.t()?)?
+        self.score_hidden(&hidden.reshape((b * t, h))?)?
             .reshape((b, t, self.num_labels()))
+    }
+
+    /// The score head alone: scores `[n, num_labels]` of final hidden states `[n, hidden]`.
+    pub fn score_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden.matmul(&self.score.t()?)
     }
 
     /// Writes `config.json` and `model.safetensors` in the `*ForSequenceClassification` layout.

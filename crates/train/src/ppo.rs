@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rlhf_model::apart;
 use rlhf_model::seq_cls::SeqCls;
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +17,6 @@ use crate::advantage::{gae, kl_estimate, whiten, AdaptiveKl, KlEstimator};
 use crate::error::{io_err, Result, TrainError};
 use crate::online::{self, Algorithm, Batch, Metrics, OnlineArgs, OnlineSummary, Policy, Step};
 use crate::rollout::{self, sample_seed, SeqBatch};
-use crate::trainer::apart;
 
 const VALUE_DIR: &str = "value";
 const STATE_FILE: &str = "ppo_state.json";
@@ -157,7 +157,7 @@ pub fn token_rewards(scores: &[f32], kl: &[f32], offsets: &[usize], beta: f64) -
 /// Value estimates of the value model at the completion positions (`[tokens]`).
 pub fn token_values(value: &SeqCls, seqs: &SeqBatch) -> Result<Tensor> {
     let hidden = rollout::completion_hidden(&value.lm, seqs)?;
-    Ok(hidden.matmul(&value.score_weight().t()?)?.squeeze(1)?)
+    Ok(value.score_hidden(&hidden)?.squeeze(1)?)
 }
 
 #[derive(Serialize, Deserialize)]

@@ -186,10 +186,10 @@ impl<'a> Step<'a> {
     }
 
     /// [`Step::backward`] through two losses that share no parameter (PPO's policy and value losses), each
-    /// on a core of its own ([`apart`]); returns the sum of their values.
+    /// on a core of its own ([`rlhf_model::apart`]); returns the sum of their values.
     pub fn backward_apart(&mut self, a: &Tensor, b: &Tensor) -> Result<f64> {
         let value = self.finite_loss(a)? + self.finite_loss(b)?;
-        let (sa, sb) = apart(|| rlhf_model::backward(a), || rlhf_model::backward(b));
+        let (sa, sb) = rlhf_model::apart(|| rlhf_model::backward(a), || rlhf_model::backward(b));
         self.add_grads(&sa?)?;
         self.add_grads(&sb?)?;
         Ok(value)
@@ -234,31 +234,6 @@ impl<'a> Step<'a> {
         let value = self.backward(loss)?;
         self.update()?;
         Ok(value)
-    }
-}
-
-/// `(a(), b())`, each on a one-thread pool of its own and both at once: two independent models' passes
-/// then run whole on one core each, instead of each pass splitting its rows over the cores in turn.
-pub fn apart<A: Send, B: Send>(
-    a: impl FnOnce() -> A + Send,
-    b: impl FnOnce() -> B + Send,
-) -> (A, B) {
-    static PAIR: std::sync::OnceLock<Option<[rayon::ThreadPool; 2]>> = std::sync::OnceLock::new();
-    let pools = PAIR.get_or_init(|| {
-        let one = |i: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .thread_name(move |_| format!("rlhf-apart-{i}"))
-                .build()
-                .ok()
-        };
-        Some([one(0)?, one(1)?])
-    });
-    match pools {
-        Some([pa, pb]) if rayon::current_num_threads() >= 2 => {
-            rayon::join(|| pa.install(a), || pb.install(b))
-        }
-        _ => (a(), b()),
     }
 }
 
