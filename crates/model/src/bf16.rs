@@ -579,7 +579,14 @@ impl PackedA {
             Kernel::Avx512Bf16 | Kernel::Amx => {
                 let (mr, _, kq) = kernel.geometry();
                 let kp = k.div_ceil(2).next_multiple_of(kq);
-                let mut rows = vec![0u32; m.div_ceil(mr) * mr * kp];
+                // Only the padding (pairs past k, rows past m) is zeroed: the packing writes the rest.
+                let mut rows = crate::ops::overwritten(m.div_ceil(mr) * mr * kp);
+                if kp > k.div_ceil(2) {
+                    rows[..m * kp]
+                        .chunks_mut(kp)
+                        .for_each(|r| r[k.div_ceil(2)..].fill(0));
+                }
+                rows[m * kp..].fill(0);
                 pack_a_pairs(a, &mut rows, kp, parallel);
                 Packed::Pairs {
                     kernel,

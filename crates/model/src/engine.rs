@@ -19,6 +19,7 @@ use crate::bf16::{gemm_prec, PackedB, Precision};
 use crate::lora::DropoutMask;
 use crate::matmul::MatRef;
 use crate::ops::{attention_fwd, AttnDims};
+use crate::pack_cache::PackCache;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -585,13 +586,13 @@ pub(crate) enum Pass {
     Backward,
 }
 
-/// The bf16 linear weights of a stack, converted once for a pass that runs as several row chunks:
-/// each chunk would otherwise convert every weight for itself (both chunks at the same moment, so
-/// sharing one lazily converted copy would only make one wait). Converted up front across all
-/// threads instead, one weight per task. Indexed by position in [`Body::tensors`].
+/// The bf16 linear weights of a stack converted for a pass: each layer's kept conversion
+/// ([`crate::pack_cache`]), or converted now (across all threads, one weight per task) and kept.
+/// Converted up front rather than per product: a pass running as several row chunks would
+/// otherwise convert every weight in each chunk. Indexed by position in [`Body::tensors`].
 pub(crate) struct Packs {
     pass: Pass,
-    by_tensor: Vec<Option<PackedB>>,
+    by_tensor: Vec<Option<Arc<PackedB>>>,
 }
 
 impl Packs {
@@ -618,19 +619,55 @@ impl Packs {
         let packed = weights
             .par_iter()
             .map(|&(l, at, w)| {
-                let lin = Lin::of(l, w, None);
-                let b = match pass {
-                    Pass::Forward => lin.rhs(),
-                    Pass::Backward => lin.rhs().t(),
-                };
-                (at, PackedB::new(b, false))
+                let keep = !l.weight.is_variable();
+                (at, l.packs.get(pass, w, keep, || pack(l, w, pass, false)))
             })
             .collect::<Vec<_>>();
-        let mut by_tensor: Vec<Option<PackedB>> = (0..tensors.len()).map(|_| None).collect();
+        let mut by_tensor: Vec<Option<Arc<PackedB>>> = (0..tensors.len()).map(|_| None).collect();
         for (at, p) in packed {
             by_tensor[at] = Some(p);
         }
         Ok(Some(Self { pass, by_tensor }))
+    }
+}
+
+/// Layer `l`'s weight data `w` converted for `pass`.
+fn pack(l: &crate::linear::Linear, w: &[f32], pass: Pass, parallel: bool) -> PackedB {
+    let lin = Lin::of(l, w, None);
+    match pass {
+        Pass::Forward => PackedB::new(lin.rhs(), parallel),
+        Pass::Backward => PackedB::new(lin.rhs().t(), parallel),
+    }
+}
+
+/// Layer `l`'s forward conversion (kept, or made now and kept), for an inference copy at bf16.
+/// `None` off the CPU fused path.
+pub(crate) fn cached_forward_pack(l: &crate::linear::Linear) -> Result<Option<Arc<PackedB>>> {
+    if !crate::ops::fused_ok(&[&l.weight]) {
+        return Ok(None);
+    }
+    let w = l.weight.contiguous()?;
+    let reads = Reads::new(&[&w], None);
+    let data = reads.get(0)?;
+    // Kept: the training forward that follows generation takes it.
+    Ok(Some(l.packs.get(Pass::Forward, data, true, || {
+        pack(l, data, Pass::Forward, true)
+    })))
+}
+
+/// A weight conversion borrowed from a pass or an inference copy, or shared from a layer's cache.
+enum Conv<'a> {
+    Borrowed(&'a PackedB),
+    Kept(Arc<PackedB>),
+}
+
+impl std::ops::Deref for Conv<'_> {
+    type Target = PackedB;
+    fn deref(&self) -> &PackedB {
+        match self {
+            Conv::Borrowed(b) => b,
+            Conv::Kept(k) => k,
+        }
     }
 }
 
@@ -646,12 +683,27 @@ pub(crate) struct Lin<'a> {
     /// The weight already converted: by this pass ([`Packs`]), or once for generation (inference
     /// copies, forward only).
     pub packed: Option<(&'a PackedB, Pass)>,
+    /// The layer's kept conversions, used by a product when the pass converted nothing up front
+    /// (converted right before its product, the weight is still in cache for it), and whether to
+    /// keep them ([`PackCache::get`]: a frozen weight's).
+    pub kept: Option<(&'a PackCache, bool)>,
 }
 
 impl Lin<'_> {
-    /// The weight converted for `pass`, when this pass converted it up front.
-    fn packed_for(&self, pass: Pass) -> Option<&PackedB> {
-        self.packed.filter(|&(_, p)| p == pass).map(|(b, _)| b)
+    /// The weight converted for `pass`: up front by this pass, else the layer's kept conversion
+    /// (made now if the weight changed). `None` at f32.
+    fn packed_for(&self, pass: Pass) -> Option<Conv<'_>> {
+        if let Some((b, _)) = self.packed.filter(|&(_, p)| p == pass) {
+            return Some(Conv::Borrowed(b));
+        }
+        let (kept, keep) = self.kept.filter(|_| self.precision == Precision::Bf16)?;
+        Some(Conv::Kept(kept.get(pass, self.w, keep, || {
+            let b = match pass {
+                Pass::Forward => self.rhs(),
+                Pass::Backward => self.rhs().t(),
+            };
+            PackedB::new(b, true)
+        })))
     }
 
     /// The weight as the `[in, out]` right-hand side of `x · W`.
@@ -668,7 +720,7 @@ impl Lin<'_> {
         let x = MatRef::rows_of(x, self.inp);
         crate::ops::linear_gemm(
             self.precision,
-            self.packed_for(Pass::Forward),
+            self.packed_for(Pass::Forward).as_deref(),
             y,
             self.out,
             accumulate,
@@ -690,7 +742,7 @@ impl Lin<'_> {
         dy: &[f32],
         dx: Option<(&mut [f32], bool)>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
-        let mut dw = vec![0f32; self.out * self.inp];
+        let mut dw = crate::ops::overwritten(self.out * self.inp);
         weight_grad(self.shape(), x, dy, &mut dw, false, true);
         if let Some((dx, accumulate)) = dx {
             self.input_grad(dy, dx, accumulate);
@@ -713,7 +765,7 @@ impl Lin<'_> {
         let g = MatRef::rows_of(dy, self.out);
         crate::ops::linear_gemm(
             self.precision,
-            self.packed_for(Pass::Backward),
+            self.packed_for(Pass::Backward).as_deref(),
             dx,
             self.inp,
             accumulate,
@@ -773,7 +825,8 @@ fn finish_deferred(chunks: Vec<Vec<DeferredDw>>) -> Result<Vec<(Tensor, Vec<f32>
         .map(|j| {
             let first = &chunks[0][j];
             let s = first.shape;
-            let mut dw = vec![0f32; s.out * s.inp];
+            // Chunk 0's product overwrites it, the others add to it.
+            let mut dw = crate::ops::overwritten(s.out * s.inp);
             for (c, jobs) in chunks.iter().enumerate() {
                 weight_grad(s, &jobs[j].x, &jobs[j].dy, &mut dw, c > 0, false);
             }
@@ -1029,6 +1082,7 @@ impl<'a> Lin<'a> {
             transposed: l.layout == crate::linear::WeightLayout::OutIn,
             precision: l.precision,
             packed: l.packed().map(|p| (p, Pass::Forward)),
+            kept: Some((&l.packs, !l.weight.is_variable())),
         }
     }
 }
@@ -1153,7 +1207,7 @@ pub(crate) fn read_linear<'a>(
     let mut lin = Lin::of(l, w, l.bias.as_ref().map(|_| next(r, at)).transpose()?);
     // This pass's conversion, else the layer's own (an inference copy's, for generation).
     if let Some(p) = r.packs {
-        if let Some(w) = p.by_tensor.get(w_at).and_then(Option::as_ref) {
+        if let Some(w) = p.by_tensor.get(w_at).and_then(Option::as_deref) {
             lin.packed = Some((w, p.pass));
         }
     }

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod lora;
 mod matmul;
 pub mod ops;
+mod pack_cache;
 pub mod seq_cls;
 
 /// Declares the architecture modules and the one table that lists them ([`ARCHITECTURES`]).
@@ -38,6 +39,7 @@ pub use generate::{
 };
 pub use linear::{Linear, LinearAdapter, LowRankAdapter, WeightLayout};
 pub use ops::token_logprobs;
+pub use pack_cache::weights_changed;
 
 use arch::{Arch, Network};
 use candle_core::{bail, DType, Device, Result, Tensor, Var};

@@ -3,6 +3,7 @@
 
 use crate::bf16::{PackedB, Precision};
 use crate::lora::DropoutMask;
+use crate::pack_cache::PackCache;
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
@@ -53,11 +54,15 @@ pub struct Linear {
     pub precision: Precision,
     /// The weight converted to bf16 once, in inference copies at bf16.
     packed: Option<Arc<PackedB>>,
+    /// The weight's bf16 conversions, kept until it changes (shared with clones and inference
+    /// copies).
+    pub(crate) packs: Arc<PackCache>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
         Self {
+            packs: PackCache::registered(&weight),
             weight,
             bias,
             layout,
@@ -85,12 +90,13 @@ impl Linear {
     /// batch sizes the CPU gemm multiplies by it about twice as fast as by the transposed view of
     /// `[out, in]`. At bf16 the copy holds the weight converted once, packed straight from its stored
     /// layout (decoding multiplies a few rows by it, so converting it per product would cost as much
-    /// as the product; an f32 transposed copy would only be read once, by the packing).
+    /// as the product; an f32 transposed copy would only be read once, by the packing). The
+    /// conversion is the layer's kept one ([`PackCache`]), which the training forward then reuses.
     pub fn inference_copy(&self) -> Result<Linear> {
         let (weight, layout, packed) = match (self.precision, self.layout) {
             (Precision::Bf16, layout) => {
                 let w = self.weight.detach();
-                let packed = crate::ops::pack_linear_weight(&w, layout == WeightLayout::OutIn)?;
+                let packed = crate::engine::cached_forward_pack(self)?;
                 (w, layout, packed)
             }
             (Precision::Fp32, WeightLayout::OutIn) => (
@@ -109,6 +115,7 @@ impl Linear {
             adapter: self.adapter.clone(),
             precision: self.precision,
             packed,
+            packs: self.packs.clone(),
         })
     }
 

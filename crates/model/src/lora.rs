@@ -449,6 +449,7 @@ impl Lora {
                 ),
             };
             w.set(&(w.as_tensor() + delta)?)?;
+            crate::weights_changed(w.as_tensor());
         }
         drop((data, base));
         model.set_trainable(true)

@@ -47,7 +47,7 @@ pub(crate) fn fused_enabled() -> bool {
     !REFERENCE_OPS.get()
 }
 
-fn fused_ok(ts: &[&Tensor]) -> bool {
+pub(crate) fn fused_ok(ts: &[&Tensor]) -> bool {
     !REFERENCE_OPS.get()
         && ts
             .iter()
@@ -2174,22 +2174,6 @@ pub(crate) fn linear_matmul_packed(
     } else {
         linear_matmul_ref(x, w, transposed)
     }
-}
-
-/// A linear weight (`[out, in]` when `transposed`) as the packed bf16 right-hand side of `x · W`,
-/// for weights that no longer change (inference copies). `None` off the CPU fused path.
-pub(crate) fn pack_linear_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>>> {
-    if !fused_ok(&[w]) {
-        return Ok(None);
-    }
-    let (n, k) = linear_dims(w.dims(), transposed)?;
-    let w = w.contiguous()?;
-    with_f32_slices(&[&w], "pack linear weight", |s| {
-        Ok(Some(Arc::new(PackedB::new(
-            linear_rhs(s[0], n, k, transposed),
-            true,
-        ))))
-    })
 }
 
 /// Plain candle composition of [`linear_matmul`] (reference / non-CPU path).

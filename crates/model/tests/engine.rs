@@ -675,3 +675,53 @@ fn grouped_rows_compute_what_separate_rows_do_in_values_and_gradients() {
         assert!(err.to_string().contains("engine only"), "{err}");
     }
 }
+
+/// A bf16 pass after generation and an in-place weight write computes what a model built with the
+/// written weights does: generation's converted weights (kept for the training forward) must not
+/// outlive a change announced by `weights_changed`, even one the kept conversion's fingerprint
+/// cannot see (a single element it does not sample).
+#[test]
+fn bf16_passes_see_weight_writes_made_after_generation() {
+    use rlhf_model::generate::{generate, GenRequest};
+    // Trainable (generation's conversions wait for the training forward) and frozen (every pass's
+    // forward conversions are kept).
+    for ((name, cfg), trainable) in engine_configs()
+        .into_iter()
+        .flat_map(|c| [(c.clone(), true), (c, false)])
+    {
+        let mut m = with(cfg.clone(), Precision::Bf16, Backend::Engine);
+        m.set_trainable(trainable).unwrap();
+        let req = GenRequest {
+            prompt_ids: vec![1, 2, 3],
+            max_new_tokens: 2,
+            ..Default::default()
+        };
+        generate(&m, &[req], None).unwrap();
+        // Element 1 of every matrix: no fingerprint samples it.
+        for (_, v) in sorted_vars(m.varmap()) {
+            let mut w: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            if w.len() < 2 {
+                continue;
+            }
+            w[1] += 0.5;
+            v.set(&Tensor::from_vec(w, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            rlhf_model::weights_changed(v.as_tensor());
+        }
+        let fresh = with(cfg, Precision::Bf16, Backend::Engine);
+        for ((_, a), (_, b)) in sorted_vars(m.varmap())
+            .iter()
+            .zip(sorted_vars(fresh.varmap()))
+        {
+            b.set(a.as_tensor()).unwrap();
+        }
+        let (ids, _, pos) = batch(&m);
+        let h = m.hidden_states(&ids, Some(&pos)).unwrap();
+        let want = fresh.hidden_states(&ids, Some(&pos)).unwrap();
+        let diff = max_abs(&(h - want).unwrap());
+        assert_eq!(
+            diff, 0.0,
+            "{name} (trainable: {trainable}): a pass used weights converted before the write"
+        );
+    }
+}

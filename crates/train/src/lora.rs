@@ -150,6 +150,7 @@ pub(crate) fn restore_vars(vars: &[(String, Var)], path: &Path, prefix: &str) ->
             )));
         }
         var.set(t)?;
+        rlhf_model::weights_changed(var.as_tensor());
     }
     Ok(())
 }
@@ -251,6 +252,7 @@ pub fn merge_adapter(
             }
             for var in model.head().all_vars() {
                 var.set(&score)?;
+                rlhf_model::weights_changed(var.as_tensor());
             }
             Lora::load(&mut model.lm, adapter)
                 .and_then(|l| l.merge_into(&mut model.lm))

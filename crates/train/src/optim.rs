@@ -287,6 +287,7 @@ impl AdamW {
                 k,
             };
             p.var.as_tensor().inplace_op2(g, &op)?;
+            rlhf_model::weights_changed(p.var.as_tensor());
             Ok(())
         };
         self.params
