@@ -430,7 +430,7 @@ fn linear_matmul_bf16_products_and_gradients() {
         let (xs, ws, rs) = (flat(x.as_tensor()), flat(w.as_tensor()), flat(&r));
         let widx = |o: usize, i: usize| if transposed { o * k + i } else { i * n + o };
         // (output, index, terms of the sum) for y, then dL/dx, then dL/dW (in W's layout).
-        let mut cases: Vec<(usize, usize, Vec<(f32, f32)>)> = vec![];
+        let mut cases: Vec<Case> = vec![];
         for i in 0..m {
             for o in 0..n {
                 cases.push((
@@ -533,3 +533,6 @@ fn lm_head_logprobs_bf16() {
         );
     }
 }
+
+/// (output, index, terms of the sum) of one checked value.
+type Case = (usize, usize, Vec<(f32, f32)>);

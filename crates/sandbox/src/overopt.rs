@@ -152,6 +152,9 @@ impl<'a> Draws<'a> {
     }
 }
 
+/// One prompt's samples: each completion's text and its generation output.
+type Samples = Vec<(String, GenOutput)>;
+
 /// `k` samples per prompt at `temperature`; sample j of prompt i is seeded `base_seed + k·i + j`. Returns the
 /// prompts' token ids and, per prompt, its `k` (text, output) pairs in draw order.
 pub(crate) fn sample_k(
@@ -162,7 +165,7 @@ pub(crate) fn sample_k(
     temperature: f32,
     max_new_tokens: usize,
     batch_size: usize,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<(String, GenOutput)>>)> {
+) -> Result<(Vec<Vec<u32>>, Vec<Samples>)> {
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| g.encode_prompt(&rlhf_data::Text::Plain(p.text.clone())))

@@ -10,9 +10,12 @@ use rlhf_serve::judge::{Api, Judge, JudgeConfig};
 use rlhf_serve::Client;
 use serde_json::{json, Value};
 
+/// The first token's alternatives (token, probability) and the answer text.
+type Answer = (Vec<(&'static str, f64)>, &'static str);
+
 /// A scripted endpoint: `answer(prompt)` gives the first token's alternatives (token, probability)
 /// and the answer text; both endpoints return them in their own logprobs format.
-fn scripted(answer: fn(&str) -> (Vec<(&'static str, f64)>, &'static str)) -> Server {
+fn scripted(answer: fn(&str) -> Answer) -> Server {
     let app = Router::new()
         .route("/v1/models", get(|| async { Json(json!({"data": [{"id": "judge"}]})) }))
         .route(

@@ -297,7 +297,7 @@ fn score(ds: &Dataset, row: &Row, column: &str) -> Result<i64> {
         _ => Err(data_err(ds.row_error(
             row,
             Some(column),
-            &format!(
+            format!(
                 "expected an integer score {}..={}",
                 VERDICT_SCALE.start(),
                 VERDICT_SCALE.end()

@@ -59,7 +59,7 @@ fn pairs(f: &Value, tok: &Tokenizer) -> Vec<PreferenceExample> {
 
 /// Checks every parameter's gradient norm (1e-3 relative) and the total (1e-4 relative) of a loss.
 fn check_grads(obj: &mut dyn Objective, loss: &candle_core::Tensor, f: &Value) {
-    let store = rlhf_model::backward(&loss).unwrap();
+    let store = rlhf_model::backward(loss).unwrap();
     let grads = obj.optimizer().collect_grads(&store).unwrap();
     let names: Vec<String> = obj
         .optimizer()

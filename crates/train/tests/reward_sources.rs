@@ -91,7 +91,7 @@ fn a_reward_model_with_another_tokenizer_scores_the_text() {
         "the two tokenizers must differ for this test to mean anything"
     );
 
-    let ens = Ensemble::load(&[rm_dir.clone()], &Device::Cpu).unwrap();
+    let ens = Ensemble::load(std::slice::from_ref(&rm_dir), &Device::Cpu).unwrap();
     let direct = |ids: &[u32]| {
         let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
         f64::from(mean_std(&ens.scores(&t, &[ids.len()]).unwrap()).unwrap().0[0])
@@ -116,7 +116,7 @@ fn a_reward_model_tokenizer_larger_than_its_embedding_is_refused() {
     let rm_dir = rm_with_new_tokenizer(tmp.path(), 700);
     assert!(Tokenizer::from_dir(&rm_dir).unwrap().vocab_size() > 512);
     let policy = Tokenizer::from_dir(fixture("llama")).unwrap();
-    let err = RewardModel::load(&[rm_dir.clone()], &policy, 128)
+    let err = RewardModel::load(std::slice::from_ref(&rm_dir), &policy, 128)
         .err()
         .expect("must be refused")
         .to_string();

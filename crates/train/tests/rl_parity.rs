@@ -203,7 +203,7 @@ fn batch(
 
 fn total_norm(optimizer: &AdamW, loss: &candle_core::Tensor) -> f64 {
     optimizer
-        .collect_grads(&rlhf_model::backward(&loss).unwrap())
+        .collect_grads(&rlhf_model::backward(loss).unwrap())
         .unwrap()
         .global_norm()
         .unwrap()
@@ -385,7 +385,9 @@ fn packed_rollouts_score_as_if_alone() {
     let r = &reference()["ppo_step"];
     let (prompts, completions) = (ids(&r["prompts"]), ids(&r["completions"]));
     // Every other rollout cut to 3 prompt tokens and 1 completion token: those two units share a row.
-    let cut = |i: usize, v: &Vec<u32>, n: usize| v[..if i % 2 == 0 { n } else { v.len() }].to_vec();
+    let cut = |i: usize, v: &Vec<u32>, n: usize| {
+        v[..if i.is_multiple_of(2) { n } else { v.len() }].to_vec()
+    };
     let prompts: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
