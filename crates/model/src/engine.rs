@@ -640,17 +640,21 @@ fn pack(l: &crate::linear::Linear, w: &[f32], pass: Pass, parallel: bool) -> Pac
     }
 }
 
-/// Layer `l`'s forward conversion (kept, or made now and kept), for an inference copy at bf16.
-/// `None` off the CPU fused path.
-pub(crate) fn cached_forward_pack(l: &crate::linear::Linear) -> Result<Option<Arc<PackedB>>> {
+/// Layer `l`'s forward conversion (kept, or made now), for an inference copy at bf16; kept for the
+/// training forward that follows when `keep` (a frozen layer's always). `None` off the CPU fused
+/// path.
+pub(crate) fn cached_forward_pack(
+    l: &crate::linear::Linear,
+    keep: bool,
+) -> Result<Option<Arc<PackedB>>> {
     if !crate::ops::fused_ok(&[&l.weight]) {
         return Ok(None);
     }
     let w = l.weight.contiguous()?;
     let reads = Reads::new(&[&w], None);
     let data = reads.get(0)?;
-    // Kept: the training forward that follows generation takes it.
-    Ok(Some(l.packs.get(Pass::Forward, data, true, || {
+    let keep = keep || !l.weight.is_variable();
+    Ok(Some(l.packs.get(Pass::Forward, data, keep, || {
         pack(l, data, Pass::Forward, true)
     })))
 }

@@ -585,8 +585,10 @@ impl CausalLm {
         inner
             .linears_mut()
             .into_par_iter()
-            .try_for_each(|(_, l)| -> Result<()> {
-                *l = l.inference_copy()?;
+            .try_for_each(|(name, l)| -> Result<()> {
+                // No training forward takes the LM head's conversion (the head's log-prob op
+                // converts its weight a vocabulary chunk at a time): keeping it would hold memory.
+                *l = l.inference_copy_keeping(name != "lm_head")?;
                 Ok(())
             })?;
         Ok(inner)

@@ -93,10 +93,16 @@ impl Linear {
     /// as the product; an f32 transposed copy would only be read once, by the packing). The
     /// conversion is the layer's kept one ([`PackCache`]), which the training forward then reuses.
     pub fn inference_copy(&self) -> Result<Linear> {
+        self.inference_copy_keeping(true)
+    }
+
+    /// [`Linear::inference_copy`]; `keep`: leave its conversion for the layer's next training forward
+    /// (false for the LM head: no training forward takes its conversion).
+    pub(crate) fn inference_copy_keeping(&self, keep: bool) -> Result<Linear> {
         let (weight, layout, packed) = match (self.precision, self.layout) {
             (Precision::Bf16, layout) => {
                 let w = self.weight.detach();
-                let packed = crate::engine::cached_forward_pack(self)?;
+                let packed = crate::engine::cached_forward_pack(self, keep)?;
                 (w, layout, packed)
             }
             (Precision::Fp32, WeightLayout::OutIn) => (

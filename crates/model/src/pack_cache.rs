@@ -230,4 +230,40 @@ mod tests {
         assert!(!Arc::ptr_eq(&handed, &fresh));
         assert!(!cache.holds(Pass::Forward));
     }
+
+    /// Generation keeps a trainable model's body conversions for the training forward, not the LM
+    /// head's (nothing takes it); the training forward takes them.
+    #[test]
+    fn generation_keeps_what_the_training_forward_takes() {
+        let raw = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+            "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 32, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2
+        });
+        let cfg = crate::ModelConfig::from_json(raw, "test").unwrap();
+        let mut m = crate::CausalLm::init_random(cfg, 3, &Device::Cpu).unwrap();
+        m.set_precision(crate::Precision::Bf16);
+        let kept = |m: &mut crate::CausalLm| -> Vec<(String, bool)> {
+            m.linears_mut()
+                .into_iter()
+                .map(|(n, l)| (n, l.packs.holds(Pass::Forward)))
+                .collect()
+        };
+        let req = crate::generate::GenRequest {
+            prompt_ids: vec![1, 2, 3],
+            max_new_tokens: 2,
+            ..Default::default()
+        };
+        crate::generate::generate(&m, &[req], None).unwrap();
+        for (name, holds) in kept(&mut m) {
+            assert_eq!(holds, name != "lm_head", "{name} after generation");
+        }
+        let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+        m.hidden_states(&ids, None).unwrap();
+        for (name, holds) in kept(&mut m) {
+            assert!(!holds, "{name} after the training forward");
+        }
+    }
 }
