@@ -154,6 +154,20 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
     }))
 }
 
+/// The arithmetic mean (NaN when empty).
+pub(crate) fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The nearest-rank `q`-quantile, `q` in (0, 1] (NaN when empty).
+pub(crate) fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n => v[((q * n as f64).ceil() as usize).clamp(1, n) - 1],
+    }
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -200,4 +214,20 @@ pub fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_time_statistics() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(median(v.clone()), 5.5);
+        assert_eq!(mean(&v), 5.5);
+        assert_eq!(percentile(v.clone(), 0.9), 9.0);
+        assert_eq!(percentile(v.clone(), 1.0), 10.0);
+        assert_eq!(percentile(vec![3.0, 1.0, 2.0], 0.5), 2.0);
+        assert!(mean(&[]).is_nan() && percentile(vec![], 0.9).is_nan());
+    }
 }

@@ -13,7 +13,7 @@ use rlhf_model::seq_cls::SeqCls;
 use rlhf_model::CausalLm;
 use serde_json::{json, Value};
 
-use crate::bench::{cpu_snapshot, median, peak_rss_mb};
+use crate::bench::{cpu_snapshot, mean, median, peak_rss_mb, percentile};
 use crate::error::{io_err, Result, TrainError};
 use crate::online::OnlineSummary;
 use crate::settings::load;
@@ -183,6 +183,11 @@ pub fn bench_online(
         "init": policy.map_or("random".into(), |p| p.display().to_string()),
         "steps": timed.len(),
         "sec_per_step_median": median(step_s.clone()),
+        // The mean and 90th percentile beside the median: tokens/s (total over total, as bench-trl counts
+        // it) weighs in slow steps, which this box's spread makes many; bench-trl reports the same fields.
+        "sec_per_step_mean": mean(&step_s),
+        "sec_per_step_p90": percentile(step_s.clone(), 0.9),
+        "tokens_per_step_mean": mean(&tokens),
         "tokens_per_sec": tokens.iter().sum::<f64>() / step_s.iter().sum::<f64>(),
         "generation_s_median": median(col("timing/generation_s")),
         "scoring_s_median": median(col("timing/scoring_s")),
