@@ -620,7 +620,8 @@ impl Packs {
             .par_iter()
             .map(|&(l, at, w)| {
                 let keep = !l.weight.is_variable();
-                (at, l.packs.get(pass, w, keep, || pack(l, w, pass, false)))
+                let convert = || Lin::of(l, w, None).convert(pass, false);
+                (at, l.packs.get(pass, w, keep, convert))
             })
             .collect::<Vec<_>>();
         let mut by_tensor: Vec<Option<Arc<PackedB>>> = (0..tensors.len()).map(|_| None).collect();
@@ -628,15 +629,6 @@ impl Packs {
             by_tensor[at] = Some(p);
         }
         Ok(Some(Self { pass, by_tensor }))
-    }
-}
-
-/// Layer `l`'s weight data `w` converted for `pass`.
-fn pack(l: &crate::linear::Linear, w: &[f32], pass: Pass, parallel: bool) -> PackedB {
-    let lin = Lin::of(l, w, None);
-    match pass {
-        Pass::Forward => PackedB::new(lin.rhs(), parallel),
-        Pass::Backward => PackedB::new(lin.rhs().t(), parallel),
     }
 }
 
@@ -655,7 +647,7 @@ pub(crate) fn cached_forward_pack(
     let data = reads.get(0)?;
     let keep = keep || !l.weight.is_variable();
     Ok(Some(l.packs.get(Pass::Forward, data, keep, || {
-        pack(l, data, Pass::Forward, true)
+        Lin::of(l, data, None).convert(Pass::Forward, true)
     })))
 }
 
@@ -701,13 +693,18 @@ impl Lin<'_> {
             return Some(Conv::Borrowed(b));
         }
         let (kept, keep) = self.kept.filter(|_| self.precision == Precision::Bf16)?;
-        Some(Conv::Kept(kept.get(pass, self.w, keep, || {
-            let b = match pass {
-                Pass::Forward => self.rhs(),
-                Pass::Backward => self.rhs().t(),
-            };
-            PackedB::new(b, true)
-        })))
+        Some(Conv::Kept(
+            kept.get(pass, self.w, keep, || self.convert(pass, true)),
+        ))
+    }
+
+    /// The weight converted to bf16 for `pass`: the right-hand side of `x · Wᵀ` (forward) or of
+    /// `dy · W` (the input's gradient).
+    fn convert(&self, pass: Pass, parallel: bool) -> PackedB {
+        match pass {
+            Pass::Forward => PackedB::new(self.rhs(), parallel),
+            Pass::Backward => PackedB::new(self.rhs().t(), parallel),
+        }
     }
 
     /// The weight as the `[in, out]` right-hand side of `x · W`.
