@@ -14,7 +14,6 @@
 //!   numbers on every machine, only not faster than f32.
 
 use crate::matmul::{gemm_into, MatRef};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// Operand precision of the model's matrix products (master weights, optimizer state and every
@@ -201,9 +200,7 @@ fn convert<T: Send>(
     };
     let dst = &mut dst[..m * ld];
     if parallel && m * n >= PAR_MIN_MACS >> 6 {
-        dst.par_chunks_mut(CONVERT_ROWS * ld)
-            .enumerate()
-            .for_each(block);
+        crate::par::chunks_mut(dst, CONVERT_ROWS * ld, |i, d| block((i, d)));
     } else {
         dst.chunks_mut(CONVERT_ROWS * ld)
             .enumerate()
@@ -516,9 +513,7 @@ fn pack_a_pairs(a: MatRef, rows: &mut [u32], kp: usize, parallel: bool) {
     };
     let rows = &mut rows[..m * kp];
     if parallel && m * k >= PAR_MIN_MACS >> 6 {
-        rows.par_chunks_mut(CONVERT_ROWS * kp)
-            .enumerate()
-            .for_each(block);
+        crate::par::chunks_mut(rows, CONVERT_ROWS * kp, |i, d| block((i, d)));
     } else {
         rows.chunks_mut(CONVERT_ROWS * kp)
             .enumerate()
@@ -670,7 +665,7 @@ impl PackedB {
                         }
                     };
                     if par {
-                        panels.par_chunks_mut(kp * nr).enumerate().for_each(pack);
+                        crate::par::chunks_mut(&mut panels, kp * nr, |j, p| pack((j, p)));
                     } else {
                         panels.chunks_mut(kp * nr).enumerate().for_each(pack);
                     }
@@ -706,7 +701,7 @@ impl PackedB {
                         }
                     };
                     if par {
-                        (0..kh.div_ceil(ZIP_PAIRS)).into_par_iter().for_each(block);
+                        crate::par::for_each(kh.div_ceil(ZIP_PAIRS), block);
                     } else {
                         (0..kh.div_ceil(ZIP_PAIRS)).for_each(block);
                     }
@@ -932,9 +927,7 @@ fn drive<K: Micro>(
     // single block (decoding, small batches).
     let mblocks = m.div_ceil(MC);
     let groups = if parallel {
-        (2 * rayon::current_num_threads())
-            .div_ceil(mblocks)
-            .clamp(1, np)
+        (2 * crate::par::threads()).div_ceil(mblocks).clamp(1, np)
     } else {
         1
     };
@@ -989,7 +982,7 @@ fn drive<K: Micro>(
     };
     let tasks = mblocks * groups;
     if parallel && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(task);
+        crate::par::for_each(tasks, task);
     } else {
         (0..tasks).for_each(task);
     }

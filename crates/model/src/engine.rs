@@ -22,7 +22,6 @@ use crate::ops::{attention_fwd, AttnDims};
 use crate::pack_cache::PackCache;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -242,62 +241,31 @@ const SPLIT_MAX_PARAMS: usize = 1 << 24;
 /// waking it up for every op), while whole passes over a share of the rows each keep a core busy.
 /// Each chunk's backward writes its own copy of the gradients, summed after: why only small models.
 fn row_chunks<B: Body>(body: &B, b: usize) -> usize {
-    let threads = rayon::current_num_threads();
+    let threads = crate::par::threads();
     if threads < 2 || b < 2 || body.parameter_count() > SPLIT_MAX_PARAMS || !body.splittable() {
         return 1;
     }
     threads.min(b)
 }
 
-/// One-thread pools, one per core (at least one per rayon thread): inside one, every parallel op
-/// (gemm, kernels) runs inline on its thread, so work placed on different pools never steals from
-/// or waits for the other's threads.
-fn core_pools() -> &'static [rayon::ThreadPool] {
-    static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOLS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (0..rayon::current_num_threads().max(cores))
-            .filter_map(|c| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(move |_| format!("rlhf-engine-{c}"))
-                    .build()
-                    .ok()
-            })
-            .collect()
-    })
-}
-
-/// `(a(), b())`, each on a [`core_pools`] pool of its own and both at once: two independent
-/// models' passes (PPO's policy and value) then run whole on one core each, instead of each pass
-/// splitting its rows over the cores in turn.
+/// `(a(), b())`, side by side on the [`crate::par`] pool: two independent models' passes (PPO's
+/// policy and value) then run whole on one core each, their own ops serially, instead of each
+/// pass splitting its rows over the cores in turn.
 pub fn apart<A: Send, B: Send>(
     a: impl FnOnce() -> A + Send,
     b: impl FnOnce() -> B + Send,
 ) -> (A, B) {
-    match core_pools() {
-        [pa, pb, ..] if rayon::current_num_threads() >= 2 => {
-            rayon::join(|| pa.install(a), || pb.install(b))
-        }
-        _ => (a(), b()),
-    }
+    crate::par::join(a, b)
 }
 
-/// Runs `f` for every chunk `0..k`, chunk `c` on the `c`-th of the [`core_pools`], so the chunks
-/// never steal each other's work or wait for each other's threads.
-fn on_chunk_pools<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let pools = core_pools();
-    if k == 1 || pools.len() < k {
-        return (0..k).map(f).collect();
-    }
-    (0..k)
-        .into_par_iter()
-        .map(|c| pools[c].install(|| f(c)))
-        .collect()
+/// `f(c)` for every chunk `0..k` as tasks of one [`crate::par`] job: each chunk's own ops run
+/// serially on its thread, so the chunks never wait for each other's work.
+fn run_chunks<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    crate::par::map(k, f).into_iter().collect()
 }
 
-/// Runs the rows `0..b` of a pass as [`row_chunks`] chunks, chunk `c` as `f(its rows)` on the
-/// `c`-th pool of [`on_chunk_pools`]; the chunks' rows and results, in row order.
+/// Runs the rows `0..b` of a pass as [`row_chunks`] chunks, chunk `c` as `f(its rows)` (see
+/// [`run_chunks`]); the chunks' rows and results, in row order.
 pub(crate) fn by_row_chunks<B: Body, T: Send>(
     body: &B,
     b: usize,
@@ -305,7 +273,7 @@ pub(crate) fn by_row_chunks<B: Body, T: Send>(
 ) -> Result<Vec<(Range<usize>, T)>> {
     let k = row_chunks(body, b);
     let bounds: Vec<_> = (0..k).map(|c| c * b / k..(c + 1) * b / k).collect();
-    let parts = on_chunk_pools(k, |c| f(bounds[c].clone()))?;
+    let parts = run_chunks(k, |c| f(bounds[c].clone()))?;
     Ok(bounds.into_iter().zip(parts).collect())
 }
 
@@ -475,7 +443,7 @@ impl<B: Body> CustomOp1 for StackOp<B> {
             } else {
                 None
             };
-            on_chunk_pools(tapes.len(), |c| {
+            run_chunks(tapes.len(), |c| {
                 let (range, tape) = tapes[c]
                     .lock()
                     .expect("engine tape poisoned")
@@ -493,12 +461,9 @@ impl<B: Body> CustomOp1 for StackOp<B> {
         // The chunks' gradients, summed in chunk order.
         let mut grads = chunks.remove(0);
         for other in chunks {
-            grads
-                .par_iter_mut()
-                .zip(other)
-                .for_each(|((_, acc), (_, g))| {
-                    acc.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
-                });
+            crate::par::for_each_mut(&mut grads, |i, (_, acc)| {
+                acc.iter_mut().zip(&other[i].1).for_each(|(a, g)| *a += g);
+            });
         }
         if !deferred.is_empty() {
             grads.extend(finish_deferred(deferred)?);
@@ -616,14 +581,12 @@ impl Packs {
             .iter()
             .map(|&(l, at)| Ok((l, at, reads.get(at)?)))
             .collect::<Result<Vec<_>>>()?;
-        let packed = weights
-            .par_iter()
-            .map(|&(l, at, w)| {
-                let keep = !l.weight.is_variable();
-                let convert = || Lin::of(l, w, None).convert(pass, false);
-                (at, l.packs.get(pass, w, keep, convert))
-            })
-            .collect::<Vec<_>>();
+        let packed = crate::par::map(weights.len(), |i| {
+            let (l, at, w) = weights[i];
+            let keep = !l.weight.is_variable();
+            let convert = || Lin::of(l, w, None).convert(pass, false);
+            (at, l.packs.get(pass, w, keep, convert))
+        });
         let mut by_tensor: Vec<Option<Arc<PackedB>>> = (0..tensors.len()).map(|_| None).collect();
         for (at, p) in packed {
             by_tensor[at] = Some(p);
@@ -821,19 +784,16 @@ fn finish_deferred(chunks: Vec<Vec<DeferredDw>>) -> Result<Vec<(Tensor, Vec<f32>
     if chunks.iter().any(|c| c.len() != n) {
         bail!("engine: row chunks deferred different weight gradients")
     }
-    Ok((0..n)
-        .into_par_iter()
-        .map(|j| {
-            let first = &chunks[0][j];
-            let s = first.shape;
-            // Chunk 0's product overwrites it, the others add to it.
-            let mut dw = crate::ops::overwritten(s.out * s.inp);
-            for (c, jobs) in chunks.iter().enumerate() {
-                weight_grad(s, &jobs[j].x, &jobs[j].dy, &mut dw, c > 0, false);
-            }
-            (first.weight.clone(), dw)
-        })
-        .collect())
+    Ok(crate::par::map(n, |j| {
+        let first = &chunks[0][j];
+        let s = first.shape;
+        // Chunk 0's product overwrites it, the others add to it.
+        let mut dw = crate::ops::overwritten(s.out * s.inp);
+        for (c, jobs) in chunks.iter().enumerate() {
+            weight_grad(s, &jobs[j].x, &jobs[j].dy, &mut dw, c > 0, false);
+        }
+        (first.weight.clone(), dw)
+    }))
 }
 
 /// A low-rank adapter on a [`Lin`] as the engine reads it: the delta `scale · (x ⊙ mask) Aᵀ Bᵀ`

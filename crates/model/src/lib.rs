@@ -17,6 +17,7 @@ pub mod lora;
 mod matmul;
 pub mod ops;
 mod pack_cache;
+pub mod par;
 pub mod seq_cls;
 
 /// Declares the architecture modules and the one table that lists them ([`ARCHITECTURES`]).
@@ -578,19 +579,19 @@ impl CausalLm {
     /// The network with every linear layer replaced by its [`Linear::inference_copy`] (used by
     /// generation; no gradients flow through it).
     pub(crate) fn inference_copy(&self) -> Result<Box<dyn Network>> {
-        use rayon::prelude::*;
         let mut inner = self.inner.clone();
         // Across layers at once: at bf16 each copy converts its weight, and one small weight
         // alone does not keep both cores busy.
-        inner
-            .linears_mut()
-            .into_par_iter()
-            .try_for_each(|(name, l)| -> Result<()> {
-                // No training forward takes the LM head's conversion (the head's log-prob op
-                // converts its weight a vocabulary chunk at a time): keeping it would hold memory.
-                *l = l.inference_copy_keeping(name != "lm_head")?;
-                Ok(())
-            })?;
+        let mut linears = inner.linears_mut();
+        // No training forward takes the LM head's conversion (the head's log-prob op converts its
+        // weight a vocabulary chunk at a time): keeping it would hold memory.
+        let copies = crate::par::map(linears.len(), |i| {
+            let (name, l) = &linears[i];
+            l.inference_copy_keeping(name != "lm_head")
+        });
+        for ((_, l), c) in linears.iter_mut().zip(copies) {
+            **l = c?;
+        }
         Ok(inner)
     }
 

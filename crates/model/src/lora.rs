@@ -139,20 +139,17 @@ pub struct DropoutMask {
 impl DropoutMask {
     /// Writes the mask of an input of `mask.len()` elements.
     pub fn fill(&self, mask: &mut [f32]) {
-        use rayon::prelude::*;
         const CHUNK: usize = 4096;
         // Keep element i when the top 32 bits of its hash are at or above p·2³².
         let threshold = (self.p * 4_294_967_296.0) as u64;
         let keep = (1.0 / (1.0 - self.p)) as f32;
         let key = self.key;
-        mask.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (j, m) in chunk.iter_mut().enumerate() {
-                    let h = mix64(key ^ ((c * CHUNK + j) as u64)) >> 32;
-                    *m = if h >= threshold { keep } else { 0.0 };
-                }
-            });
+        crate::par::chunks_mut(mask, CHUNK, |c, chunk| {
+            for (j, m) in chunk.iter_mut().enumerate() {
+                let h = mix64(key ^ ((c * CHUNK + j) as u64)) >> 32;
+                *m = if h >= threshold { keep } else { 0.0 };
+            }
+        });
     }
 }
 

@@ -115,11 +115,7 @@ pub(crate) fn gemm_into(
     }
     a.check(a.data.len());
     b.check(b.data.len());
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
+    let threads = if parallel { crate::par::threads() } else { 1 };
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

@@ -14,14 +14,13 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
-use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
 use crate::bf16::{gemm_ops, gemm_prec, Lhs, PackedB, Precision, Rhs};
 use crate::matmul::{gemm_into, MatRef};
 
-/// Below this many f32 elements a kernel runs on the calling thread: rayon's fork/join costs more
+/// Below this many f32 elements a kernel runs on the calling thread: handing out the work costs more
 /// than it saves on the tiny tensors of the small models.
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
@@ -93,9 +92,7 @@ fn for_rows_with(
         return;
     }
     if parallel {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        crate::par::chunks_mut(out, row_len, f);
     } else {
         out.chunks_mut(row_len)
             .enumerate()
@@ -108,8 +105,8 @@ const FOLD_GROUPS: usize = 8;
 
 /// A parallel fold whose float results do not depend on thread scheduling: `items` are cut into at most
 /// [`FOLD_GROUPS`] contiguous groups fixed by their count alone, each folded in order on some thread, and the
-/// group results merged in order. (rayon's `fold`/`reduce` group by work stealing, so sums would differ in the
-/// last bits between runs and training would not reproduce.)
+/// group results merged in order. (Grouping by which thread took which item would make sums differ in the last
+/// bits between runs, and training would not reproduce.)
 fn fold_groups<I: Send, A: Send>(
     items: Vec<I>,
     init: impl Fn() -> A + Sync + Send,
@@ -122,10 +119,14 @@ fn fold_groups<I: Send, A: Send>(
     while it.peek().is_some() {
         groups.push(it.by_ref().take(per).collect());
     }
-    let parts: Vec<A> = groups
-        .into_par_iter()
-        .map(|g| g.into_iter().fold(init(), &step))
+    let groups: Vec<std::sync::Mutex<Option<Vec<I>>>> = groups
+        .into_iter()
+        .map(|g| std::sync::Mutex::new(Some(g)))
         .collect();
+    let parts: Vec<A> = crate::par::map(groups.len(), |i| {
+        let g = groups[i].lock().map(|mut g| g.take()).ok().flatten();
+        g.unwrap_or_default().into_iter().fold(init(), &step)
+    });
     parts.into_iter().reduce(merge).unwrap_or_else(init)
 }
 
@@ -151,9 +152,9 @@ fn reduce_rows(
         a
     };
     if rows * len >= PAR_MIN_ELEMS {
-        // Collected, then summed in block order: a rayon `reduce` would add in a scheduling-dependent order and
-        // make training differ in the last bits from run to run.
-        let parts: Vec<Vec<f32>> = (0..nblocks).into_par_iter().map(run).collect();
+        // Collected, then summed in block order: a reduce as threads finish would add in a scheduling-dependent
+        // order and make training differ in the last bits from run to run.
+        let parts: Vec<Vec<f32>> = crate::par::map(nblocks, run);
         parts.into_iter().fold(vec![0f32; len * k], add)
     } else {
         (0..nblocks).map(run).fold(vec![0f32; len * k], add)
@@ -610,7 +611,7 @@ pub(crate) fn overwritten<T: Poison>(n: usize) -> Vec<T> {
 /// `f(group)` for every group, in parallel or not.
 fn map_groups<T: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     if parallel {
-        (0..n).into_par_iter().map(f).collect()
+        crate::par::map(n, f)
     } else {
         (0..n).map(f).collect()
     }
@@ -1210,10 +1211,8 @@ pub(crate) fn silu_mul_bwd_rows(
         silu_mul_bwd_row(&a[r.clone()], &b[r.clone()], &g[r], oa, ob)
     };
     if n >= PAR_MIN_ELEMS {
-        ga.par_chunks_mut(row)
-            .zip(gb.par_chunks_mut(row))
-            .enumerate()
-            .for_each(|(i, (oa, ob))| kernel(i, oa, ob));
+        let mut rows: Vec<_> = ga.chunks_mut(row).zip(gb.chunks_mut(row)).collect();
+        crate::par::for_each_mut(&mut rows, |i, (oa, ob)| kernel(i, oa, ob));
     } else {
         ga.chunks_mut(row)
             .zip(gb.chunks_mut(row))
@@ -1374,7 +1373,7 @@ impl CustomOp2 for TokenLogprobs {
         check_targets(&t, v)?;
         let rows = t.len();
         let lse: Vec<f32> = if x.len() >= PAR_MIN_ELEMS {
-            x.par_chunks(v).map(row_lse).collect()
+            crate::par::map(x.len() / v, |i| row_lse(&x[i * v..(i + 1) * v]))
         } else {
             x.chunks(v).map(row_lse).collect()
         };

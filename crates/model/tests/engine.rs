@@ -521,11 +521,7 @@ fn small_models_split_the_batch_across_threads_with_the_same_result() {
         let m = with(cfg, precision, Backend::Engine);
         let data = batch(&m);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            common::on_threads(threads, || {
                 let l = loss(&m, &data);
                 let g = backward(&l).unwrap();
                 let vars = m.varmap().data().lock().unwrap();

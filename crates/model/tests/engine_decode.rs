@@ -301,13 +301,7 @@ fn decoding_split_across_threads_matches_one_pass() {
     for (name, cfg) in decoder_configs() {
         let m = model(cfg, 29);
         let reqs = requests(m.vocab_size());
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| generate_counted(&m, &reqs))
-        };
+        let run = |threads: usize| on_threads(threads, || generate_counted(&m, &reqs));
         let ((one, p1), (two, p2)) = (run(1), run(2));
         assert_eq!((p1, p2), (7, 7), "{name}");
         assert_close(name, &one, &two, 1e-5);

@@ -149,7 +149,7 @@ pub fn bench_sft(shape: SftBenchShape) -> Result<Value> {
         "optimizer_s_median": pick(|s| s.optimizer_s),
         "first_loss": stats[0].loss,
         "final_loss": stats[total - 1].loss,
-        "threads": rayon::current_num_threads(),
+        "threads": rlhf_model::par::threads(),
         "peak_rss_mb": peak_rss_mb(),
     }))
 }

@@ -10,11 +10,10 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor, Var};
-use rayon::prelude::*;
 
 use crate::error::{io_err, Result, TrainError};
 
-/// Elements per parallel work item: large enough that rayon's overhead is noise, small enough that both
+/// Elements per parallel work item: large enough that handing it out is noise, small enough that both
 /// cores get work on the 256×688 MLP matrices of the tiny model.
 const PAR_CHUNK: usize = 1 << 15;
 
@@ -71,21 +70,19 @@ impl Grads {
     pub fn global_norm(&self) -> Result<f64> {
         // One parallel pass over the parameters (not one per parameter); each parameter's sum in fixed
         // chunks, the sums added in parameter order → the same bits however the work is spread.
-        let sums = self
-            .grads
-            .par_iter()
-            .flatten()
-            .map(|g| {
-                let (storage, layout) = g.storage_and_layout();
-                let data = cpu_f32(&storage, layout, "gradient")?;
-                Ok(data
-                    .par_chunks(PAR_CHUNK)
-                    .map(sum_squares)
-                    .collect::<Vec<f64>>()
-                    .into_iter()
-                    .sum::<f64>())
-            })
-            .collect::<Result<Vec<f64>>>()?;
+        let grads: Vec<&Tensor> = self.grads.iter().flatten().collect();
+        let sums = rlhf_model::par::map(grads.len(), |i| {
+            let (storage, layout) = grads[i].storage_and_layout();
+            let data = cpu_f32(&storage, layout, "gradient")?;
+            Ok(data
+                .chunks(PAR_CHUNK)
+                .map(sum_squares)
+                .collect::<Vec<f64>>()
+                .into_iter()
+                .sum::<f64>())
+        })
+        .into_iter()
+        .collect::<Result<Vec<f64>>>()?;
         Ok(sums.into_iter().sum::<f64>().sqrt())
     }
 }
@@ -290,10 +287,10 @@ impl AdamW {
             rlhf_model::weights_changed(p.var.as_tensor());
             Ok(())
         };
-        self.params
-            .par_iter_mut()
-            .zip(grads.grads.par_iter())
-            .try_for_each(update)
+        let mut pairs: Vec<_> = self.params.iter_mut().zip(&grads.grads).collect();
+        rlhf_model::par::map_mut(&mut pairs, |_, (p, g)| update((p, g)))
+            .into_iter()
+            .collect()
     }
 
     /// Write m, v and per-parameter step counts to a safetensors file (`exp_avg.<name>`,
@@ -486,11 +483,12 @@ impl InplaceOp2 for FusedAdamW<'_> {
                 m.len()
             );
         }
-        p.par_chunks_mut(PAR_CHUNK)
-            .zip(g.par_chunks(PAR_CHUNK))
-            .zip(m.par_chunks_mut(PAR_CHUNK))
-            .zip(v.par_chunks_mut(PAR_CHUNK))
-            .for_each(|(((p, g), m), v)| k.update(p, g, m, v));
+        let mut chunks: Vec<_> = p
+            .chunks_mut(PAR_CHUNK)
+            .zip(g.chunks(PAR_CHUNK))
+            .zip(m.chunks_mut(PAR_CHUNK).zip(v.chunks_mut(PAR_CHUNK)))
+            .collect();
+        rlhf_model::par::for_each_mut(&mut chunks, |_, ((p, g), (m, v))| k.update(p, g, m, v));
         Ok(())
     }
 }

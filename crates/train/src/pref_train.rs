@@ -242,7 +242,7 @@ pub(crate) fn bench_steps(
         "tokens_per_sec": tokens as f64 / total_s,
         "own_cpu_s_per_step": own_cpu_per_step,
         "other_procs_cpu_cores": other_cores,
-        "threads": rayon::current_num_threads(),
+        "threads": rlhf_model::par::threads(),
         "peak_rss_mb": peak_rss_mb(),
     }))
 }

@@ -193,7 +193,7 @@ pub fn bench_online(
         "scoring_s_median": median(col("timing/scoring_s")),
         "training_s_median": median(col("timing/training_s")),
         "own_cpu_s_per_step": own_cpu,
-        "threads": rayon::current_num_threads(),
+        "threads": rlhf_model::par::threads(),
         "final_reward": summary.final_metrics.get("reward"),
         "peak_rss_mb": peak_rss_mb(),
     }))

@@ -82,3 +82,16 @@ pub fn ids(b: usize, t: usize, vocab: usize, seed: u32) -> Tensor {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
+
+/// `f()` with its parallel ops on one thread (`threads == 1`) or split over the pool's threads.
+pub fn on_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    assert!(
+        rlhf_model::par::threads() >= 2,
+        "this test compares one thread with two: run it on 2+ cores"
+    );
+    if threads == 1 {
+        rlhf_model::par::serially(f)
+    } else {
+        f()
+    }
+}
