@@ -62,12 +62,14 @@ pub(crate) trait Network: std::fmt::Debug + Send + Sync {
     fn hidden(&self, ids: &Tensor, pos: &Positions, cache: Option<&mut KvCache>) -> Result<Tensor>;
     /// [`Network::hidden`] on the engine ([`crate::engine`]) without a cache, when this network
     /// has a hand-written stack that can run it (`None`: use the candle graph); `groups` as
-    /// [`crate::CausalLm::hidden_states_grouped`] takes them.
+    /// [`crate::CausalLm::hidden_states_grouped`] takes them; with `at`, the states of those
+    /// tokens only, `[at.len(), hidden]` (as [`crate::CausalLm::hidden_states_at`]).
     fn hidden_engine(
         &self,
         _ids: &Tensor,
         _pos: &Positions,
         _groups: Option<&[u32]>,
+        _at: Option<&[u32]>,
     ) -> Option<Result<Tensor>> {
         None
     }

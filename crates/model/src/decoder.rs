@@ -485,6 +485,7 @@ impl Network for Decoder {
         ids: &Tensor,
         pos: &Positions,
         groups: Option<&[u32]>,
+        at: Option<&[u32]>,
     ) -> Option<Result<Tensor>> {
         if !crate::engine::on_engine(self) {
             return None;
@@ -493,7 +494,7 @@ impl Network for Decoder {
             let (b, t) = ids.dims2()?;
             self.check_window(t, None)?;
             let (pos, rows) = pos.resolve(b, t)?;
-            crate::engine::hidden(self, ids, &pos, rows, groups)
+            crate::engine::hidden(self, ids, &pos, rows, groups, at)
         };
         Some(run())
     }

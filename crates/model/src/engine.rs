@@ -85,6 +85,8 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
     /// when it asks to keep the tape, the tape, unless no parameter this pass reads is trainable
     /// (e.g. only adapters train and they are disabled).
     /// `packs`: weights already converted for this pass ([`Packs`]), to read through [`Reads`].
+    /// `at` (only where [`Body::selects_rows`]): ascending indices of the `b · t` tokens whose
+    /// states to return, `[at.len() * hidden]`.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -95,7 +97,14 @@ pub(crate) trait Body: Clone + Send + Sync + 'static {
         rows: usize,
         attend: Attend,
         packs: Option<&Packs>,
+        at: Option<&[u32]>,
     ) -> Result<(Vec<f32>, Option<Self::Tape>)>;
+    /// Whether [`Body::forward`] computes the states of some tokens only (the last block's
+    /// attention output projection and MLP run on those tokens alone: nothing after reads the
+    /// others').
+    fn selects_rows(&self) -> bool {
+        false
+    }
     /// Every parameter's gradient (the parameter's tensor, its gradient's data) for the upstream
     /// gradient of the hidden states, in an order that depends on the stack only; when `defer`
     /// (one of several row chunks), base weight gradients are left in [`Grads`]' deferred list.
@@ -319,7 +328,9 @@ pub(crate) fn hidden_cached<B: Body>(
         let (p, prows) = positions_of_rows(pos, rows, t, &r);
         let ids = &ids[r.start * t..r.end * t];
         let attend = Attend::Cached(cache, r.clone());
-        Ok(body.forward(ids, r.len(), t, p, prows, attend, None)?.0)
+        Ok(body
+            .forward(ids, r.len(), t, p, prows, attend, None, None)?
+            .0)
     })?;
     count_decode_pass();
     let mut parts = parts.into_iter().map(|(_, out)| out);
@@ -331,15 +342,32 @@ pub(crate) fn hidden_cached<B: Body>(
 
 /// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
 /// trainable, else the output of one candle op whose backward runs `body`'s. `groups`: `[b, t]`
-/// attention groups ([`crate::CausalLm::hidden_states_grouped`]).
+/// attention groups ([`crate::CausalLm::hidden_states_grouped`]). With `at` (ascending flat
+/// indices into the `b · t` tokens), only those tokens' states, `[at.len(), hidden]`: a stack that
+/// [`Body::selects_rows`] then runs its last block past attention on those tokens alone.
 pub(crate) fn hidden<B: Body>(
     body: &B,
     ids: &Tensor,
     pos: &[u32],
     rows: usize,
     groups: Option<&[u32]>,
+    at: Option<&[u32]>,
 ) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
+    if let Some(at) = at {
+        if at.windows(2).any(|w| w[0] >= w[1]) || at.last().is_some_and(|&i| i as usize >= b * t) {
+            bail!(
+                "engine: the wanted tokens must be ascending indices below {}",
+                b * t
+            );
+        }
+        if !body.selects_rows() {
+            let all = hidden(body, ids, pos, rows, groups, None)?;
+            let h = all.dim(2)?;
+            let idx = Tensor::new(at, all.device())?;
+            return all.reshape((b * t, h))?.index_select(&idx, 0);
+        }
+    }
     if groups.is_some_and(|g| g.len() != b * t) {
         bail!(
             "attention groups: {} ids for a [{b}, {t}] batch",
@@ -353,6 +381,16 @@ pub(crate) fn hidden<B: Body>(
         Packs::new(body, Pass::Forward)?
     } else {
         None
+    };
+    // A chunk's wanted tokens, as indices into its own rows.
+    let wanted = |r: &Range<usize>| {
+        at.map(|at| {
+            let (lo, hi) = ((r.start * t) as u32, (r.end * t) as u32);
+            at.iter()
+                .filter(|&&i| (lo..hi).contains(&i))
+                .map(|&i| i - lo)
+                .collect::<Vec<u32>>()
+        })
     };
     let parts = by_row_chunks(body, b, |r| {
         let (p, prows) = positions_of_rows(pos, rows, t, &r);
@@ -368,18 +406,25 @@ pub(crate) fn hidden<B: Body>(
             prows,
             attend,
             packs.as_ref(),
+            wanted(&r).as_deref(),
         )
     })?;
     let k = parts.len();
-    let h = parts[0].1 .0.len() / (parts[0].0.len() * t).max(1);
-    let mut hidden = Vec::with_capacity(b * t * h);
+    let tokens = at.map_or(b * t, <[u32]>::len);
+    let h = body.embedding().dim(1)?;
+    let mut hidden = Vec::with_capacity(tokens * h);
     let mut tapes = Vec::with_capacity(k);
-    for (r, (out, tape)) in parts {
+    for (_, (out, tape)) in parts {
+        let start = hidden.len();
         hidden.extend_from_slice(&out);
-        tapes.extend(tape.map(|tape| (r.start * t * h..r.end * t * h, tape)));
+        tapes.extend(tape.map(|tape| (start..hidden.len(), tape)));
     }
+    let shape = match at {
+        Some(_) => Shape::from((tokens, h)),
+        None => Shape::from((b, t, h)),
+    };
     if tapes.len() < k {
-        return Tensor::from_vec(hidden, (b, t, h), embed.device());
+        return Tensor::from_vec(hidden, shape, embed.device());
     }
     let input = if embed.is_variable() {
         embed.clone()
@@ -388,7 +433,7 @@ pub(crate) fn hidden<B: Body>(
     };
     input.apply_op1(StackOp {
         body: body.clone(),
-        out: Mutex::new(Some((hidden, Shape::from((b, t, h))))),
+        out: Mutex::new(Some((hidden, shape))),
         tapes: Mutex::new(Some(tapes)),
     })
 }

@@ -315,6 +315,7 @@ impl Network for Gpt2 {
         ids: &Tensor,
         pos: &Positions,
         groups: Option<&[u32]>,
+        at: Option<&[u32]>,
     ) -> Option<Result<Tensor>> {
         if !crate::engine::on_engine(self) {
             return None;
@@ -323,7 +324,7 @@ impl Network for Gpt2 {
             let (b, t) = ids.dims2()?;
             let (pos, rows) = pos.resolve(b, t)?;
             // `Body::forward` checks the positions against n_positions.
-            crate::engine::hidden(self, ids, &pos, rows, groups)
+            crate::engine::hidden(self, ids, &pos, rows, groups, at)
         };
         Some(run())
     }

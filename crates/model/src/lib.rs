@@ -337,7 +337,7 @@ pub(crate) fn network_hidden(
 ) -> Result<Tensor> {
     if backend == Backend::Engine && ops::fused_enabled() {
         let engine = match cache.as_deref_mut() {
-            None => net.hidden_engine(input_ids, pos, None),
+            None => net.hidden_engine(input_ids, pos, None, None),
             Some(c) => net.hidden_engine_cached(input_ids, pos, c),
         };
         if let Some(hidden) = engine {
@@ -540,8 +540,59 @@ impl CausalLm {
             return Err(refuse());
         }
         self.inner
-            .hidden_engine(input_ids, &Positions::Ids(position_ids), Some(groups))
+            .hidden_engine(input_ids, &Positions::Ids(position_ids), Some(groups), None)
             .unwrap_or_else(|| Err(refuse()))
+    }
+
+    /// The hidden states `[n, hidden]` of the `n` tokens `at` picks (flat indices into the
+    /// `[b, t]` batch, any order, repeats allowed): what an LM head or value head reads when only
+    /// some positions carry a loss. The states are those of [`CausalLm::hidden_states`] (or of
+    /// [`CausalLm::hidden_states_grouped`] with `groups`, which need `position_ids`); on the
+    /// engine the last block runs its output projection and MLP on the picked tokens alone.
+    pub fn hidden_states_at(
+        &self,
+        input_ids: &Tensor,
+        position_ids: Option<&Tensor>,
+        groups: Option<&[u32]>,
+        at: &Tensor,
+    ) -> Result<Tensor> {
+        let want: Vec<u32> = at.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+        let mut rows = want.clone();
+        rows.sort_unstable();
+        rows.dedup();
+        let pos = match position_ids {
+            Some(p) => Positions::Ids(p),
+            None => Positions::Range(0),
+        };
+        let engine = match (groups, position_ids) {
+            (Some(_), None) => bail!("hidden_states_at: attention groups need position ids"),
+            (Some(g), Some(_)) if self.attends_by_group() => {
+                self.inner
+                    .hidden_engine(input_ids, &pos, Some(g), Some(&rows))
+            }
+            (None, _) if self.backend == Backend::Engine && ops::fused_enabled() => {
+                self.inner.hidden_engine(input_ids, &pos, None, Some(&rows))
+            }
+            _ => None,
+        };
+        let Some(picked) = engine else {
+            let all = match (groups, position_ids) {
+                (Some(g), Some(p)) => self.hidden_states_grouped(input_ids, p, g)?,
+                _ => self.hidden_states(input_ids, position_ids)?,
+            };
+            let (b, t, h) = all.dims3()?;
+            return all.reshape((b * t, h))?.index_select(at, 0);
+        };
+        let picked = picked?;
+        if rows == want {
+            return Ok(picked);
+        }
+        // Each wanted token's place among the distinct ascending ones.
+        let place: Vec<u32> = want
+            .iter()
+            .map(|w| rows.partition_point(|r| r < w) as u32)
+            .collect();
+        picked.index_select(&Tensor::new(place, at.device())?, 0)
     }
 
     /// Whether [`CausalLm::hidden_states_grouped`] runs on this model: the engine backend and an

@@ -222,15 +222,13 @@ impl SeqCls {
         if lengths.len() != b || lengths.iter().any(|&l| l == 0 || l > t) {
             bail!("forward: lengths {lengths:?} do not fit a batch of {b} rows × {t} tokens")
         }
-        let hidden = self.lm.hidden_states(input_ids, None)?;
-        let h = hidden.dim(2)?;
         let idx: Vec<u32> = lengths
             .iter()
             .enumerate()
             .map(|(i, &l)| (i * t + l - 1) as u32)
             .collect();
-        let idx = Tensor::from_vec(idx, b, hidden.device())?;
-        let last = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        let idx = Tensor::from_vec(idx, b, input_ids.device())?;
+        let last = self.lm.hidden_states_at(input_ids, None, None, &idx)?;
         self.score_hidden(&last)
     }
 

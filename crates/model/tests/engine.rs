@@ -721,3 +721,85 @@ fn bf16_passes_see_weight_writes_made_after_generation() {
         );
     }
 }
+
+#[test]
+fn picked_tokens_compute_what_the_full_pass_does_in_values_and_gradients() {
+    // Unsorted, with a repeat: as the trainers' completion positions are in a grouped batch.
+    let at = Tensor::new(&[17u32, 3, 5, 5, 30, 0, 9, 31], &Device::Cpu).unwrap();
+    let mut configs = engine_configs();
+    configs.push(("gpt2", common::gpt2_config()));
+    for ((name, cfg), (precision, tol)) in configs.into_iter().flat_map(|c| {
+        [
+            (c.clone(), (Precision::Fp32, 1e-5)),
+            (c, (Precision::Bf16, 1e-3)),
+        ]
+    }) {
+        let m = with(cfg.clone(), precision, Backend::Engine);
+        let (ids, pos, groups, _) = grouped_batch(m.vocab_size());
+        let grouped = m.attends_by_group();
+        let targets = common::ids(1, at.dim(0).unwrap(), m.vocab_size(), 12)
+            .squeeze(0)
+            .unwrap();
+        let run = |m: &CausalLm, picked: bool| {
+            let g = grouped.then_some((&pos, &groups[..]));
+            let h = if picked {
+                m.hidden_states_at(&ids, g.map(|g| g.0), g.map(|g| g.1), &at)
+                    .unwrap()
+            } else {
+                let all = match g {
+                    Some((p, g)) => m.hidden_states_grouped(&ids, p, g).unwrap(),
+                    None => m.hidden_states(&ids, None).unwrap(),
+                };
+                let (b, t, h) = all.dims3().unwrap();
+                all.reshape((b * t, h))
+                    .unwrap()
+                    .index_select(&at, 0)
+                    .unwrap()
+            };
+            assert_eq!(h.dims(), [8, m.hidden_size()], "{name}");
+            let lp = m
+                .token_logprobs_from_hidden(&h, &targets)
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            let proj = uniform(h.dims(), 13);
+            let l = (lp + (&h * proj).unwrap().mean_all().unwrap()).unwrap();
+            let grads = backward(&l).unwrap();
+            let vars = m.varmap().data().lock().unwrap();
+            let g: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(k, v)| (k.clone(), grads.get(v).unwrap().clone()))
+                .collect();
+            (h, g)
+        };
+        let ((hp, gp), (hf, gf)) = (run(&m, true), run(&m, false));
+        let err = max_abs(&(&hp - &hf).unwrap());
+        assert!(
+            err <= tol * (1.0 + max_abs(&hf)),
+            "{name} {precision:?}: states differ by {err}"
+        );
+        for ((k, a), (_, b)) in gp.iter().zip(&gf) {
+            let err = max_abs(&(a - b).unwrap());
+            assert!(
+                err <= tol * (1.0 + max_abs(b)),
+                "{name} {precision:?}: gradient of `{k}` differs by {err}"
+            );
+            assert!(max_abs(b) > 0.0, "{name}: `{k}` got a zero gradient");
+        }
+        // The candle graph picks the same tokens.
+        let graph = with(cfg, precision, Backend::Candle);
+        if !grouped {
+            let hg = run(&graph, true).0;
+            let err = max_abs(&(&hg - &hf).unwrap());
+            assert!(
+                err <= 10.0 * tol * (1.0 + max_abs(&hf)),
+                "{name} graph: {err}"
+            );
+        }
+    }
+    let m = with(common::llama_config(), Precision::Fp32, Backend::Engine);
+    let (ids, ..) = grouped_batch(m.vocab_size());
+    let past_end = Tensor::new(&[40u32], &Device::Cpu).unwrap();
+    assert!(m.hidden_states_at(&ids, None, None, &past_end).is_err());
+    assert!(m.hidden_states_at(&ids, None, Some(&[0; 32]), &at).is_err());
+}

@@ -255,11 +255,7 @@ pub fn completion_logps(model: &CausalLm, tb: &TokenBatch) -> Result<(Tensor, Ve
         }
     }
     let n = gather.len();
-    let hidden = model.hidden_states(&ids, None)?;
-    let h = hidden.dim(2)?;
-    let picked = hidden
-        .reshape((r * t, h))?
-        .index_select(&Tensor::from_vec(gather, n, device)?, 0)?;
+    let picked = model.hidden_states_at(&ids, None, None, &Tensor::from_vec(gather, n, device)?)?;
     let lp = model.token_logprobs_from_hidden(&picked, &Tensor::from_vec(targets, n, device)?)?;
     // Row sums as a product with the [rows, n] membership matrix (differentiable, one gemm).
     let mut member = vec![0f32; r * n];

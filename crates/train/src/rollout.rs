@@ -366,14 +366,13 @@ impl SeqBatch {
 
 /// The hidden states feeding the LM head at the completion positions, `[tokens, hidden]`.
 pub fn completion_hidden(model: &CausalLm, batch: &SeqBatch) -> Result<Tensor> {
-    let hidden = match &batch.grouping {
-        Some(g) => model.hidden_states_grouped(&batch.input_ids, &g.position_ids, &g.groups)?,
-        None => model.hidden_states(&batch.input_ids, None)?,
-    };
-    let (r, t, h) = hidden.dims3()?;
-    Ok(hidden
-        .reshape((r * t, h))?
-        .index_select(&batch.positions, 0)?)
+    let g = batch.grouping.as_ref();
+    Ok(model.hidden_states_at(
+        &batch.input_ids,
+        g.map(|g| &g.position_ids),
+        g.map(|g| &g.groups[..]),
+        &batch.positions,
+    )?)
 }
 
 /// Per-token log-probs of the completions under `softmax(logits / T)` (differentiable, `[tokens]`), and, when

@@ -65,11 +65,14 @@ impl SftBatch {
 /// Summed negative log-likelihood of the batch's loss tokens (differentiable scalar) and how many of them
 /// the model predicts correctly (argmax).
 pub fn sft_nll(model: &CausalLm, batch: &SftBatch) -> Result<(Tensor, usize)> {
-    let hidden = model.hidden_states(&batch.input_ids, batch.position_ids.as_ref())?;
-    let (b, t, h) = hidden.dims3()?;
-    // Only loss positions reach the LM head: the vocab projection and softmax are the largest ops, and
-    // completion-only SFT uses a fraction of the positions.
-    let picked = hidden.reshape((b * t, h))?.index_select(&batch.gather, 0)?;
+    // Only loss positions reach the LM head (and the last block's MLP): the vocab projection and softmax
+    // are the largest ops, and completion-only SFT uses a fraction of the positions.
+    let picked = model.hidden_states_at(
+        &batch.input_ids,
+        batch.position_ids.as_ref(),
+        None,
+        &batch.gather,
+    )?;
     // The fused LM head + log-softmax: the [tokens, vocab] logits and their gradient never exist.
     let (logp, pred) = model.token_logprobs_and_argmax(&picked, &batch.targets)?;
     let nll = logp.sum_all()?.neg()?;

@@ -12,7 +12,7 @@ use crate::ops::{
     attention_bwd, overwritten, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
     silu_mul_rows, AttnDims,
 };
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use std::sync::Arc;
 
 /// What one block's backward needs.
@@ -27,6 +27,9 @@ pub(crate) struct BlockTape {
     /// Attention output `[b, t, nh*d]` and its row log-sum-exps.
     a: Arc<Vec<f32>>,
     lse: Vec<f32>,
+    /// In a last block that ran past attention on some tokens only: those tokens (ascending) and
+    /// their rows of `a`; `x2` onwards then hold their rows alone.
+    picked: Option<(Vec<u32>, Arc<Vec<f32>>)>,
     /// The residual stream after attention.
     x2: Vec<f32>,
     h2: Arc<Vec<f32>>,
@@ -138,6 +141,16 @@ impl Body for Decoder {
         self.layers.iter().flat_map(|l| l.linears()).collect()
     }
 
+    /// Not when an adapter runs past attention in the last block: its pass draws a dropout mask
+    /// over all the tokens' inputs.
+    fn selects_rows(&self) -> bool {
+        self.layers.last().is_some_and(|l| {
+            [&l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .all(|x| x.adapter.is_none())
+        })
+    }
+
     fn forward(
         &self,
         ids: &[u32],
@@ -147,7 +160,11 @@ impl Body for Decoder {
         rows: usize,
         attend: Attend,
         packs: Option<&Packs>,
+        at: Option<&[u32]>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
+        if at.is_some() && !self.selects_rows() {
+            bail!("engine: rows are picked only where the last block has no adapter");
+        }
         let s = &self.spec;
         let (n, h, nh, nkv, d) = (b * t, s.hidden, s.heads, s.kv_heads, s.head_dim);
         let eps = s.eps as f32;
@@ -183,8 +200,26 @@ impl Body for Decoder {
             swap_time_heads(&vp, (b, t, nkv, d), &mut v);
             let mut a = overwritten(n * nh * d);
             let lse = attend.run(li, dm, scale, &q, &k, &v, &mut a)?;
-            let mut x2 = x.clone();
-            let lo = w.o.forward(&a, &mut x2, true, po);
+            // Past attention, the last block runs on the picked tokens alone.
+            let picked = match at.filter(|_| li + 1 == self.layers.len()) {
+                Some(at) => {
+                    let mut ap = overwritten(at.len() * nh * d);
+                    gather_rows(&a, nh * d, at, &mut ap)?;
+                    Some((at.to_vec(), Arc::new(ap)))
+                }
+                None => None,
+            };
+            let mut x2 = match &picked {
+                Some((at, _)) => {
+                    let mut xp = overwritten(at.len() * h);
+                    gather_rows(&x, h, at, &mut xp)?;
+                    xp
+                }
+                None => x.clone(),
+            };
+            let n = x2.len() / h;
+            let lo =
+                w.o.forward(picked.as_ref().map_or(&a, |p| &p.1), &mut x2, true, po);
             let mut h2 = overwritten(n * h);
             rms_norm_rows(&x2, w.ln2, eps, &mut h2);
             let inter = w.gate.lin.out;
@@ -208,6 +243,7 @@ impl Body for Decoder {
                     v,
                     a: Arc::new(a),
                     lse,
+                    picked,
                     x2,
                     h2: Arc::new(h2),
                     gate,
@@ -217,7 +253,7 @@ impl Body for Decoder {
                 });
             }
         }
-        let mut out = overwritten(n * h);
+        let mut out = overwritten(x.len());
         rms_norm_rows(&x, reads.get(tensors.len() - 1)?, eps, &mut out);
         let tape = keep.then(|| Tape {
             ids: ids.to_vec(),
@@ -261,7 +297,7 @@ impl Body for Decoder {
         let tensors = self.stack_tensors();
         let reads = Reads::new(&tensors, packs);
         let mut grads = Grads::new(tensors.len(), defer);
-        let mut dx = overwritten(n * h);
+        let mut dx = overwritten(last.len());
         let dnorm = rms_norm_bwd_rows(
             &last,
             reads.get(tensors.len() - 1)?,
@@ -276,9 +312,11 @@ impl Body for Decoder {
         let weights = self.block_weights(&reads)?;
         for ((layer, w), bt) in self.layers.iter().zip(&weights).zip(blocks).rev() {
             let [lq, lk, lv, lo, lgate, lup, ldown] = &bt.lora;
-            // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
+            // MLP: x3 = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2), on `m` tokens (all
+            // but in a last block that picked some).
+            let m = bt.x2.len() / h;
             let inter = w.gate.lin.out;
-            let mut dact = overwritten(n * inter);
+            let mut dact = overwritten(m * inter);
             grads.backward(
                 &layer.down,
                 &w.down,
@@ -288,10 +326,10 @@ impl Body for Decoder {
                 base,
                 ldown.as_ref(),
             )?;
-            let (mut dgate, mut dup) = (overwritten(n * inter), overwritten(n * inter));
+            let (mut dgate, mut dup) = (overwritten(m * inter), overwritten(m * inter));
             silu_mul_bwd_rows(&bt.gate, &bt.up, &dact, inter, &mut dgate, &mut dup);
             drop(dact);
-            let mut dh = overwritten(n * h);
+            let mut dh = overwritten(m * h);
             grads.backward(
                 &layer.gate,
                 &w.gate,
@@ -312,16 +350,22 @@ impl Body for Decoder {
             )?;
             let dln2 = rms_norm_bwd_rows(&bt.x2, w.ln2, &dh, eps, &mut dx, true);
             // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
-            let mut da = overwritten(n * nh * d);
+            let mut da = overwritten(m * nh * d);
             grads.backward(
                 &layer.o,
                 &w.o,
-                &bt.a,
+                bt.picked.as_ref().map_or(&bt.a, |p| &p.1),
                 &dx,
                 Some((&mut da, false)),
                 base,
                 lo.as_ref(),
             )?;
+            // The tokens that were not picked get no gradient past attention.
+            if let Some((at, _)) = &bt.picked {
+                da = scatter_rows(&da, nh * d, at, n);
+                dx = scatter_rows(&dx, h, at, n);
+                dh = overwritten(n * h);
+            }
             let (dq, dk, dv) = attention_bwd(
                 dm,
                 scale,

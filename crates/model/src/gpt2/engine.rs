@@ -14,7 +14,7 @@ use crate::ops::{
     layer_norm_rows, AttnDims,
 };
 use std::sync::Arc;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 /// What one block's backward needs.
 pub(crate) struct BlockTape {
@@ -207,7 +207,11 @@ impl Body for Gpt2 {
         rows: usize,
         attend: Attend,
         packs: Option<&Packs>,
+        at: Option<&[u32]>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
+        if at.is_some() {
+            bail!("engine: GPT-2's stack computes every token's states (it does not select rows)");
+        }
         self.check_positions(pos)?;
         let (n, h) = (b * t, self.cfg.n_embd);
         let eps = self.cfg.layer_norm_epsilon as f32;
