@@ -106,7 +106,7 @@ impl Linear {
                 (w, layout, packed)
             }
             (Precision::Fp32, WeightLayout::OutIn) => (
-                self.weight.detach().t()?.contiguous()?,
+                crate::ops::transposed(&self.weight.detach())?,
                 WeightLayout::InOut,
                 None,
             ),
