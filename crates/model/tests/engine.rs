@@ -523,13 +523,7 @@ fn small_models_split_the_batch_across_threads_with_the_same_result() {
         let run = |threads: usize| {
             common::on_threads(threads, || {
                 let l = loss(&m, &data);
-                let g = backward(&l).unwrap();
-                let vars = m.varmap().data().lock().unwrap();
-                let grads: Vec<(String, Tensor)> = vars
-                    .iter()
-                    .map(|(k, v)| (k.clone(), g.get(v).unwrap().clone()))
-                    .collect();
-                (l.to_scalar::<f32>().unwrap(), grads)
+                (l.to_scalar::<f32>().unwrap(), named_grads(&m, &l))
             })
         };
         let ((l1, g1), (l2, g2)) = (run(1), run(2));
@@ -537,13 +531,27 @@ fn small_models_split_the_batch_across_threads_with_the_same_result() {
             (l1 - l2).abs() < tol * (1.0 + l1.abs()),
             "{name} {precision}: loss {l1} vs {l2}"
         );
-        for ((k, a), (_, b)) in g1.iter().zip(&g2) {
-            let err = max_abs(&(a - b).unwrap());
-            assert!(
-                err <= tol * (1.0 + max_abs(a)),
-                "{name} {precision}: `{k}` differs by {err}"
-            );
-        }
+        assert_grads_close(&format!("{name} {precision}"), &g2, &g1, tol);
+    }
+}
+
+/// Every parameter's gradient of `l`, by name.
+fn named_grads(m: &CausalLm, l: &Tensor) -> Vec<(String, Tensor)> {
+    let g = backward(l).unwrap();
+    let vars = m.varmap().data().lock().unwrap();
+    vars.iter()
+        .map(|(k, v)| (k.clone(), g.get(v).unwrap().clone()))
+        .collect()
+}
+
+/// `got` within `tol` (relative to `want`'s size) of `want`, gradient by gradient.
+fn assert_grads_close(what: &str, got: &[(String, Tensor)], want: &[(String, Tensor)], tol: f32) {
+    for ((k, a), (_, b)) in got.iter().zip(want) {
+        let err = max_abs(&(a - b).unwrap());
+        assert!(
+            err <= tol * (1.0 + max_abs(b)),
+            "{what}: gradient of `{k}` differs by {err}"
+        );
     }
 }
 
@@ -764,13 +772,7 @@ fn picked_tokens_compute_what_the_full_pass_does_in_values_and_gradients() {
                 .unwrap();
             let proj = uniform(h.dims(), 13);
             let l = (lp + (&h * proj).unwrap().mean_all().unwrap()).unwrap();
-            let grads = backward(&l).unwrap();
-            let vars = m.varmap().data().lock().unwrap();
-            let g: Vec<(String, Tensor)> = vars
-                .iter()
-                .map(|(k, v)| (k.clone(), grads.get(v).unwrap().clone()))
-                .collect();
-            (h, g)
+            (h, named_grads(m, &l))
         };
         let ((hp, gp), (hf, gf)) = (run(&m, true), run(&m, false));
         let err = max_abs(&(&hp - &hf).unwrap());
@@ -778,13 +780,9 @@ fn picked_tokens_compute_what_the_full_pass_does_in_values_and_gradients() {
             err <= tol * (1.0 + max_abs(&hf)),
             "{name} {precision:?}: states differ by {err}"
         );
-        for ((k, a), (_, b)) in gp.iter().zip(&gf) {
-            let err = max_abs(&(a - b).unwrap());
-            assert!(
-                err <= tol * (1.0 + max_abs(b)),
-                "{name} {precision:?}: gradient of `{k}` differs by {err}"
-            );
-            assert!(max_abs(b) > 0.0, "{name}: `{k}` got a zero gradient");
+        assert_grads_close(&format!("{name} {precision:?}"), &gp, &gf, tol);
+        for (k, g) in &gf {
+            assert!(max_abs(g) > 0.0, "{name}: `{k}` got a zero gradient");
         }
         // The candle graph picks the same tokens.
         let graph = with(cfg, precision, Backend::Candle);
