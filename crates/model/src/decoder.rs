@@ -487,7 +487,10 @@ impl Network for Decoder {
         groups: Option<&[u32]>,
         at: Option<&[u32]>,
     ) -> Option<Result<Tensor>> {
-        if !crate::engine::on_engine(self) {
+        // Picking tokens where the stack cannot: the caller runs the full pass and selects.
+        if !crate::engine::on_engine(self)
+            || at.is_some() && !crate::engine::Body::selects_rows(self)
+        {
             return None;
         }
         let run = || {

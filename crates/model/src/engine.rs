@@ -343,8 +343,8 @@ pub(crate) fn hidden_cached<B: Body>(
 /// The hidden states `[b, t, hidden]` of `ids` through `body`: a plain tensor when no parameter is
 /// trainable, else the output of one candle op whose backward runs `body`'s. `groups`: `[b, t]`
 /// attention groups ([`crate::CausalLm::hidden_states_grouped`]). With `at` (ascending flat
-/// indices into the `b · t` tokens), only those tokens' states, `[at.len(), hidden]`: a stack that
-/// [`Body::selects_rows`] then runs its last block past attention on those tokens alone.
+/// indices into the `b · t` tokens; only where [`Body::selects_rows`]), only those tokens' states,
+/// `[at.len(), hidden]`: the last block runs past attention on those tokens alone.
 pub(crate) fn hidden<B: Body>(
     body: &B,
     ids: &Tensor,
@@ -362,10 +362,7 @@ pub(crate) fn hidden<B: Body>(
             );
         }
         if !body.selects_rows() {
-            let all = hidden(body, ids, pos, rows, groups, None)?;
-            let h = all.dim(2)?;
-            let idx = Tensor::new(at, all.device())?;
-            return all.reshape((b * t, h))?.index_select(&idx, 0);
+            bail!("engine: this stack computes every token's states (it does not pick rows)");
         }
     }
     if groups.is_some_and(|g| g.len() != b * t) {

@@ -317,7 +317,8 @@ impl Network for Gpt2 {
         groups: Option<&[u32]>,
         at: Option<&[u32]>,
     ) -> Option<Result<Tensor>> {
-        if !crate::engine::on_engine(self) {
+        // GPT-2's stack does not pick tokens: the caller runs the full pass and selects.
+        if !crate::engine::on_engine(self) || at.is_some() {
             return None;
         }
         let run = || {

@@ -119,13 +119,8 @@ fn fold_groups<I: Send, A: Send>(
     while it.peek().is_some() {
         groups.push(it.by_ref().take(per).collect());
     }
-    let groups: Vec<std::sync::Mutex<Option<Vec<I>>>> = groups
-        .into_iter()
-        .map(|g| std::sync::Mutex::new(Some(g)))
-        .collect();
-    let parts: Vec<A> = crate::par::map(groups.len(), |i| {
-        let g = groups[i].lock().map(|mut g| g.take()).ok().flatten();
-        g.unwrap_or_default().into_iter().fold(init(), &step)
+    let parts: Vec<A> = crate::par::map_mut(&mut groups, |_, g| {
+        std::mem::take(g).into_iter().fold(init(), &step)
     });
     parts.into_iter().reduce(merge).unwrap_or_else(init)
 }

@@ -60,9 +60,11 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
 
 /// `[f(0), …, f(n-1)]`, computed on the pool.
 pub fn map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let slots: Vec<Slot<T>> = (0..n).map(|_| Slot::default()).collect();
-    for_each(n, |i| slots[i].put(f(i)));
-    slots.into_iter().map(Slot::take).collect()
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    for_each_mut(&mut out, |i, o| *o = Some(f(i)));
+    out.into_iter()
+        .map(|o| o.expect("par: every task ran"))
+        .collect()
 }
 
 /// `(a(), b())`, side by side when a helper is free.
@@ -84,7 +86,9 @@ pub fn join<A: Send, B: Send>(
 
 /// `f(i, item)` for every item of `items`, on the pool.
 pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
-    map_mut(items, f);
+    let items = Disjoint::new(items);
+    // SAFETY: each index is handed to exactly one task.
+    for_each(items.len, |i| f(i, unsafe { &mut *items.at(i) }));
 }
 
 /// `[f(0, &mut items[0]), …]`, computed on the pool.

@@ -12,7 +12,7 @@ use crate::ops::{
     attention_bwd, overwritten, rms_norm_bwd_rows, rms_norm_rows, rope_kernel, silu_mul_bwd_rows,
     silu_mul_rows, AttnDims,
 };
-use candle_core::{bail, Result, Tensor};
+use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
 /// What one block's backward needs.
@@ -162,9 +162,6 @@ impl Body for Decoder {
         packs: Option<&Packs>,
         at: Option<&[u32]>,
     ) -> Result<(Vec<f32>, Option<Tape>)> {
-        if at.is_some() && !self.selects_rows() {
-            bail!("engine: rows are picked only where the last block has no adapter");
-        }
         let s = &self.spec;
         let (n, h, nh, nkv, d) = (b * t, s.hidden, s.heads, s.kv_heads, s.head_dim);
         let eps = s.eps as f32;
