@@ -603,13 +603,14 @@ pub(crate) struct Packs {
 }
 
 impl Packs {
-    /// `None` when no linear layer of `body` computes at bf16 (f32 products convert nothing).
+    /// `None` when no linear layer of `body` computes at bf16 and none at f32 has a conversion kept
+    /// for this pass (f32 products convert nothing; they take what generation converted).
     fn new<B: Body>(body: &B, pass: Pass) -> Result<Option<Self>> {
         let tensors = body.tensors();
         let linears: Vec<_> = body
             .linears()
             .into_iter()
-            .filter(|l| l.precision == Precision::Bf16)
+            .filter(|l| l.precision == Precision::Bf16 || pass == Pass::Forward)
             .filter_map(|l| {
                 let at = tensors.iter().position(|t| t.id() == l.weight.id())?;
                 Some((l, at))
@@ -625,21 +626,21 @@ impl Packs {
             .collect::<Result<Vec<_>>>()?;
         let packed = crate::par::map(weights.len(), |i| {
             let (l, at, w) = weights[i];
-            let keep = !l.weight.is_variable();
-            let convert = || Lin::of(l, w, None).convert(pass, false);
-            (at, l.packs.get(pass, w, keep, convert))
+            (at, Lin::of(l, w, None).conversion(pass, false))
         });
+        if packed.iter().all(|(_, p)| p.is_none()) {
+            return Ok(None);
+        }
         let mut by_tensor: Vec<Option<Arc<PackedB>>> = (0..tensors.len()).map(|_| None).collect();
         for (at, p) in packed {
-            by_tensor[at] = Some(p);
+            by_tensor[at] = p;
         }
         Ok(Some(Self { pass, by_tensor }))
     }
 }
 
-/// Layer `l`'s forward conversion (kept, or made now), for an inference copy at bf16; kept for the
-/// training forward that follows when `keep` (a frozen layer's always). `None` off the CPU fused
-/// path.
+/// Layer `l`'s forward conversion (kept, or made now), for an inference copy; kept for the training
+/// forward that follows when `keep` (a frozen layer's always). `None` off the CPU fused path.
 pub(crate) fn cached_forward_pack(
     l: &crate::linear::Linear,
     keep: bool,
@@ -692,23 +693,39 @@ pub(crate) struct Lin<'a> {
 
 impl Lin<'_> {
     /// The weight converted for `pass`: up front by this pass, else the layer's kept conversion
-    /// (made now if the weight changed). `None` at f32.
+    /// ([`Lin::conversion`]).
     fn packed_for(&self, pass: Pass) -> Option<Conv<'_>> {
         if let Some((b, _)) = self.packed.filter(|&(_, p)| p == pass) {
             return Some(Conv::Borrowed(b));
         }
-        let (kept, keep) = self.kept.filter(|_| self.precision == Precision::Bf16)?;
-        Some(Conv::Kept(
-            kept.get(pass, self.w, keep, || self.convert(pass, true)),
-        ))
+        self.conversion(pass, true).map(Conv::Kept)
     }
 
-    /// The weight converted to bf16 for `pass`: the right-hand side of `x · Wᵀ` (forward) or of
-    /// `dy · W` (the input's gradient).
+    /// The layer's kept conversion for `pass`: at bf16 made now if the weight changed; at f32 only
+    /// one kept from generation (of a weight stored `[out, in]`), since f32 products need none.
+    fn conversion(&self, pass: Pass, parallel: bool) -> Option<Arc<PackedB>> {
+        let (kept, keep) = self.kept?;
+        match self.precision {
+            Precision::Bf16 => {
+                Some(kept.get(pass, self.w, keep, || self.convert(pass, parallel)))
+            }
+            Precision::Fp32 if pass == Pass::Forward && self.transposed => {
+                kept.kept(pass, self.w, keep)
+            }
+            Precision::Fp32 => None,
+        }
+    }
+
+    /// The weight converted for `pass`: the right-hand side of `x · Wᵀ` (forward) or of `dy · W`
+    /// (the input's gradient), packed to bf16 or (f32) copied row-major.
     fn convert(&self, pass: Pass, parallel: bool) -> PackedB {
-        match pass {
-            Pass::Forward => PackedB::new(self.rhs(), parallel),
-            Pass::Backward => PackedB::new(self.rhs().t(), parallel),
+        let rhs = match pass {
+            Pass::Forward => self.rhs(),
+            Pass::Backward => self.rhs().t(),
+        };
+        match self.precision {
+            Precision::Bf16 => PackedB::new(rhs, parallel),
+            Precision::Fp32 => PackedB::f32_rows(rhs, parallel),
         }
     }
 

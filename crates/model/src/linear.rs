@@ -52,7 +52,7 @@ pub struct Linear {
     /// Of the base layer's matrix products (set model-wide by [`crate::CausalLm::set_precision`]);
     /// adapters compute in f32.
     pub precision: Precision,
-    /// The weight converted to bf16 once, in inference copies at bf16.
+    /// The weight converted once for its products, in inference copies.
     packed: Option<Arc<PackedB>>,
     /// The weight's bf16 conversions, kept until it changes (shared with clones and inference
     /// copies).
@@ -86,12 +86,12 @@ impl Linear {
         }
     }
 
-    /// A detached copy for decoding. At f32 the weight is stored `[in, out]` contiguously: at decode
-    /// batch sizes the CPU gemm multiplies by it about twice as fast as by the transposed view of
-    /// `[out, in]`. At bf16 the copy holds the weight converted once, packed straight from its stored
-    /// layout (decoding multiplies a few rows by it, so converting it per product would cost as much
-    /// as the product; an f32 transposed copy would only be read once, by the packing). The
-    /// conversion is the layer's kept one ([`PackCache`]), which the training forward then reuses.
+    /// A detached copy for decoding, holding the weight converted once for its products: at bf16
+    /// packed from its stored layout (decoding multiplies a few rows by it, so converting it per
+    /// product would cost as much as the product), at f32 an `[out, in]` weight copied to `[in, out]`
+    /// rows (at decode batch sizes the CPU gemm multiplies by them about twice as fast as by the
+    /// transposed view). The conversion is the layer's kept one ([`PackCache`]), which the training
+    /// forward then reuses.
     pub fn inference_copy(&self) -> Result<Linear> {
         self.inference_copy_keeping(true)
     }
@@ -99,25 +99,16 @@ impl Linear {
     /// [`Linear::inference_copy`]; `keep`: leave its conversion for the layer's next training forward
     /// (false for the LM head: no training forward takes its conversion).
     pub(crate) fn inference_copy_keeping(&self, keep: bool) -> Result<Linear> {
-        let (weight, layout, packed) = match (self.precision, self.layout) {
-            (Precision::Bf16, layout) => {
-                let w = self.weight.detach();
-                let packed = crate::engine::cached_forward_pack(self, keep)?;
-                (w, layout, packed)
-            }
-            (Precision::Fp32, WeightLayout::OutIn) => (
-                crate::ops::transposed(&self.weight.detach())?,
-                WeightLayout::InOut,
-                None,
-            ),
-            (Precision::Fp32, WeightLayout::InOut) => {
-                (self.weight.detach(), WeightLayout::InOut, None)
-            }
+        let converts = self.precision == Precision::Bf16 || self.layout == WeightLayout::OutIn;
+        let packed = if converts {
+            crate::engine::cached_forward_pack(self, keep)?
+        } else {
+            None
         };
         Ok(Linear {
-            weight,
+            weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
-            layout,
+            layout: self.layout,
             adapter: self.adapter.clone(),
             precision: self.precision,
             packed,
@@ -125,7 +116,7 @@ impl Linear {
         })
     }
 
-    /// The weight converted to bf16 once (inference copies at bf16), for the engine's products.
+    /// The weight converted once (inference copies), for the engine's products.
     pub(crate) fn packed(&self) -> Option<&PackedB> {
         self.packed.as_deref()
     }

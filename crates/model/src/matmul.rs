@@ -67,6 +67,12 @@ impl<'a> MatRef<'a> {
         (self.rs == 1 && self.cs != 1).then(|| &self.data[j * self.cs..j * self.cs + self.rows])
     }
 
+    /// A transposed view of row-major data (`rs == 1`): that data and its row stride (the view's
+    /// column stride).
+    pub(crate) fn transposed_source(&self) -> Option<(&'a [f32], usize)> {
+        (self.rs == 1 && self.cs != 1).then_some((self.data, self.cs))
+    }
+
     /// Rows `r0..r1` (a view).
     pub(crate) fn row_range(self, r0: usize, r1: usize) -> Self {
         assert!(r0 <= r1 && r1 <= self.rows, "MatRef::rows out of range");

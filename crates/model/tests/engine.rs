@@ -685,21 +685,44 @@ fn grouped_rows_compute_what_separate_rows_do_in_values_and_gradients() {
 /// outlive a change announced by `weights_changed`, even one the kept conversion's fingerprint
 /// cannot see (a single element it does not sample).
 #[test]
-fn bf16_passes_see_weight_writes_made_after_generation() {
+fn passes_use_generations_conversions_and_see_weight_writes_made_after_it() {
     use rlhf_model::generate::{generate, GenRequest};
     // Trainable (generation's conversions wait for the training forward) and frozen (every pass's
-    // forward conversions are kept).
-    for ((name, cfg), trainable) in engine_configs()
+    // forward conversions are kept); bf16 conversions, and f32's transposed [in, out] copies.
+    for (((name, cfg), trainable), precision) in engine_configs()
         .into_iter()
         .flat_map(|c| [(c.clone(), true), (c, false)])
+        .flat_map(|c| [(c.clone(), Precision::Fp32), (c, Precision::Bf16)])
     {
-        let mut m = with(cfg.clone(), Precision::Bf16, Backend::Engine);
+        let mut m = with(cfg.clone(), precision, Backend::Engine);
         m.set_trainable(trainable).unwrap();
+        let fresh = with(cfg, precision, Backend::Engine);
+        let copy_weights = |fresh: &CausalLm, m: &CausalLm| {
+            for ((_, a), (_, b)) in sorted_vars(m.varmap())
+                .iter()
+                .zip(sorted_vars(fresh.varmap()))
+            {
+                b.set(a.as_tensor()).unwrap();
+            }
+        };
+        copy_weights(&fresh, &m);
         let req = GenRequest {
             prompt_ids: vec![1, 2, 3],
             max_new_tokens: 2,
             ..Default::default()
         };
+        let (ids, _, pos) = batch(&m);
+        let same_as_fresh = |m: &CausalLm, what: &str| {
+            let h = m.hidden_states(&ids, Some(&pos)).unwrap();
+            let want = fresh.hidden_states(&ids, Some(&pos)).unwrap();
+            let diff = max_abs(&(h - want).unwrap());
+            assert_eq!(
+                diff, 0.0,
+                "{name} ({precision:?}, trainable: {trainable}): {what}"
+            );
+        };
+        generate(&m, std::slice::from_ref(&req), None).unwrap();
+        same_as_fresh(&m, "the forward on generation's conversions differs");
         generate(&m, &[req], None).unwrap();
         // Element 1 of every matrix: no fingerprint samples it.
         for (_, v) in sorted_vars(m.varmap()) {
@@ -712,21 +735,8 @@ fn bf16_passes_see_weight_writes_made_after_generation() {
                 .unwrap();
             rlhf_model::weights_changed(v.as_tensor());
         }
-        let fresh = with(cfg, Precision::Bf16, Backend::Engine);
-        for ((_, a), (_, b)) in sorted_vars(m.varmap())
-            .iter()
-            .zip(sorted_vars(fresh.varmap()))
-        {
-            b.set(a.as_tensor()).unwrap();
-        }
-        let (ids, _, pos) = batch(&m);
-        let h = m.hidden_states(&ids, Some(&pos)).unwrap();
-        let want = fresh.hidden_states(&ids, Some(&pos)).unwrap();
-        let diff = max_abs(&(h - want).unwrap());
-        assert_eq!(
-            diff, 0.0,
-            "{name} (trainable: {trainable}): a pass used weights converted before the write"
-        );
+        copy_weights(&fresh, &m);
+        same_as_fresh(&m, "a pass used weights converted before the write");
     }
 }
 
