@@ -94,11 +94,11 @@ fn main() {
     }
 }
 
-/// Runs `f` on a worker of rayon's global pool. The project's own parallel ops run on `rlhf_model::par`, where
-/// the calling thread takes part; the `gemm` crate's fp32 products use rayon, and one started on a worker is
-/// shared with the other worker by work stealing, while one started from the main thread is handed to the pool
-/// and waited for (two thread wake-ups per product). Numbers are the same either way: every parallel reduction
-/// has a fixed split.
+/// Runs `f` on a worker of rayon's global pool. The project's own parallel ops (its f32 products included) run on
+/// `rlhf_model::par`, where the calling thread takes part; candle's own products (the `candle` backend's) use
+/// rayon, and a parallel op started on a worker is shared with the other
+/// worker by work stealing, while one started from the main thread is handed to the pool and waited for (two
+/// thread wake-ups per op). Numbers are the same either way: every parallel reduction has a fixed split.
 fn on_pool_worker(f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
     // A roomy stack: the worker now runs what the main thread ran (autograd walks deep graphs recursively).
     rayon::ThreadPoolBuilder::new()

@@ -133,7 +133,7 @@ pub struct GemmBench {
 }
 
 /// Times `C = A · Bᵀ` for random `A [m, k]` and `B [n, k]` (the `nn.Linear` layout, read through a
-/// transposed view as the linear layers do) at `precision`, on the rayon pool; medians of
+/// transposed view as the linear layers do) at `precision`, split over the pool as theirs are; medians of
 /// `repeats` runs after one warm-up.
 pub fn bench_gemm(
     m: usize,

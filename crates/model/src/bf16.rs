@@ -811,7 +811,14 @@ pub(crate) fn gemm_ops(
 ) {
     let (a, b) = match (a, b) {
         (Lhs::F32(a), Rhs::F32(b)) => return gemm_into(dst, ld, accumulate, *a, *b, parallel),
-        (Lhs::F32(a), Rhs::Prepacked(PackedB { k, n, data: Packed::F32(rows) })) => {
+        (
+            Lhs::F32(a),
+            Rhs::Prepacked(PackedB {
+                k,
+                n,
+                data: Packed::F32(rows),
+            }),
+        ) => {
             let b = MatRef::new(rows, *k, *n, *n);
             return gemm_into(dst, ld, accumulate, *a, b, parallel);
         }

@@ -706,9 +706,7 @@ impl Lin<'_> {
     fn conversion(&self, pass: Pass, parallel: bool) -> Option<Arc<PackedB>> {
         let (kept, keep) = self.kept?;
         match self.precision {
-            Precision::Bf16 => {
-                Some(kept.get(pass, self.w, keep, || self.convert(pass, parallel)))
-            }
+            Precision::Bf16 => Some(kept.get(pass, self.w, keep, || self.convert(pass, parallel))),
             Precision::Fp32 if pass == Pass::Forward && self.transposed => {
                 kept.kept(pass, self.w, keep)
             }

@@ -96,9 +96,17 @@ impl<'a> MatRef<'a> {
     }
 }
 
+/// Multiply-adds below which a product runs on one thread (the `gemm` crate's own default
+/// threshold for its rayon split).
+const PAR_MIN_MACS: usize = 48 * 48 * 256;
+
 /// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` row-major `[a.rows, b.cols]` with row
-/// stride `ld`. `parallel` lets gemm use the rayon pool (it still stays on one thread for small
-/// products); pass `false` from code that already runs inside a parallel loop.
+/// stride `ld`. `parallel`: split a large product over the [`crate::par`] pool, by columns (each task
+/// reads all of `a`, its share of `b`: decode rows against a weight) or by rows when `a` is the
+/// taller; pass `false` from code that already runs inside a parallel loop. Each part runs the
+/// `gemm` crate single-threaded: its own rayon split woke parked threads per product (70–330 µs
+/// here) and competed for the cores with this crate's spinning pool. Every element is summed in the
+/// same order however the product is split, so the bits do not depend on the thread count.
 pub(crate) fn gemm_into(
     dst: &mut [f32],
     ld: usize,
@@ -122,33 +130,100 @@ pub(crate) fn gemm_into(
     a.check(a.data.len());
     b.check(b.data.len());
     let threads = if parallel { crate::par::threads() } else { 1 };
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    let parts = if m * n * k >= PAR_MIN_MACS {
+        threads
     } else {
-        gemm::Parallelism::None
+        1
     };
-    // SAFETY: the bounds of dst, a and b were checked above for exactly these strides and sizes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ld as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
+    let by_columns = n >= m;
+    // Part boundaries: columns in whole 16-lane vectors, rows anywhere.
+    let len = if by_columns { n } else { m };
+    let step = if by_columns {
+        len.div_ceil(parts).next_multiple_of(16)
+    } else {
+        len.div_ceil(parts)
+    };
+    let parts = len.div_ceil(step.max(1));
+    let out = crate::par::Disjoint::new(dst);
+    let part = |p: usize| {
+        let (s, e) = (p * step, ((p + 1) * step).min(len));
+        let ((r0, r1), (c0, c1)) = if by_columns {
+            ((0, m), (s, e))
+        } else {
+            ((s, e), (0, n))
+        };
+        // SAFETY: the bounds of dst, a and b were checked above for these strides and sizes, and
+        // rows r0..r1 × columns c0..c1 lie inside them; each part writes only its own block of dst.
+        unsafe {
+            gemm::gemm(
+                r1 - r0,
+                c1 - c0,
+                k,
+                out.at(r0 * ld + c0),
+                1,
+                ld as isize,
+                accumulate,
+                a.data.as_ptr().add(r0 * a.rs),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr().add(c0 * b.cs),
+                b.cs as isize,
+                b.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    crate::par::for_each(parts, part);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// Split over the pool (by columns when `b` is the wider, else by rows), a product has the
+    /// bits of the single-threaded one, through transposed views and accumulation too.
+    #[test]
+    fn split_products_equal_the_single_threaded_ones() {
+        assert!(
+            crate::par::threads() >= 2,
+            "this test compares one thread with two: run it on 2+ cores"
+        );
+        // (m, k, n): decode rows against a weight (column split), a tall product (row split), one
+        // below the split threshold, and widths that are no multiple of 16.
+        for (m, k, n) in [(32, 256, 688), (300, 256, 40), (8, 16, 16), (50, 130, 333)] {
+            let (a, b) = (data(m * k, 1), data(n * k, 2));
+            let a_views = [MatRef::new(&a, m, k, k), MatRef::new(&a, k, m, m).t()];
+            for (av, bt) in a_views.into_iter().zip([false, true]) {
+                let bv = if bt {
+                    MatRef::new(&b, n, k, k).t()
+                } else {
+                    MatRef::new(&b, k, n, n)
+                };
+                for accumulate in [false, true] {
+                    let ld = n + 3;
+                    let mut one = data(m * ld, 3);
+                    let mut two = one.clone();
+                    crate::par::serially(|| gemm_into(&mut one, ld, accumulate, av, bv, true));
+                    gemm_into(&mut two, ld, accumulate, av, bv, true);
+                    assert!(
+                        one.iter()
+                            .zip(&two)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{m} x {k} x {n} (b transposed: {bt}, accumulate: {accumulate})"
+                    );
+                }
+            }
+        }
     }
 }

@@ -584,7 +584,10 @@ pub(crate) fn copy_rows(b: MatRef, dst: &mut [f32], parallel: bool) {
     for (i, row) in dst.chunks_mut(n.max(1)).enumerate() {
         match b.row(i) {
             Some(src) => row.copy_from_slice(src),
-            None => row.iter_mut().enumerate().for_each(|(j, d)| *d = b.at(i, j)),
+            None => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, d)| *d = b.at(i, j)),
         }
     }
 }
@@ -614,7 +617,9 @@ pub(crate) fn transpose_into(
     if parallel && dst.len() >= PAR_MIN_ELEMS {
         crate::par::chunks_mut(dst, B * r, block);
     } else {
-        dst.chunks_mut(B * r).enumerate().for_each(|(jb, out)| block(jb, out));
+        dst.chunks_mut(B * r)
+            .enumerate()
+            .for_each(|(jb, out)| block(jb, out));
     }
 }
 
@@ -685,10 +690,22 @@ unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
     let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
     let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
     let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
-    let (s0, s1) = (_mm256_shuffle_ps::<0x44>(t0, t2), _mm256_shuffle_ps::<0xEE>(t0, t2));
-    let (s2, s3) = (_mm256_shuffle_ps::<0x44>(t1, t3), _mm256_shuffle_ps::<0xEE>(t1, t3));
-    let (s4, s5) = (_mm256_shuffle_ps::<0x44>(t4, t6), _mm256_shuffle_ps::<0xEE>(t4, t6));
-    let (s6, s7) = (_mm256_shuffle_ps::<0x44>(t5, t7), _mm256_shuffle_ps::<0xEE>(t5, t7));
+    let (s0, s1) = (
+        _mm256_shuffle_ps::<0x44>(t0, t2),
+        _mm256_shuffle_ps::<0xEE>(t0, t2),
+    );
+    let (s2, s3) = (
+        _mm256_shuffle_ps::<0x44>(t1, t3),
+        _mm256_shuffle_ps::<0xEE>(t1, t3),
+    );
+    let (s4, s5) = (
+        _mm256_shuffle_ps::<0x44>(t4, t6),
+        _mm256_shuffle_ps::<0xEE>(t4, t6),
+    );
+    let (s6, s7) = (
+        _mm256_shuffle_ps::<0x44>(t5, t7),
+        _mm256_shuffle_ps::<0xEE>(t5, t7),
+    );
     _mm256_storeu_ps(dst, _mm256_permute2f128_ps::<0x20>(s0, s4));
     _mm256_storeu_ps(dst.add(ld), _mm256_permute2f128_ps::<0x20>(s1, s5));
     _mm256_storeu_ps(dst.add(2 * ld), _mm256_permute2f128_ps::<0x20>(s2, s6));
@@ -2321,7 +2338,15 @@ mod tests {
 
     #[test]
     fn tiled_transposes_match_candle() {
-        for (r, c) in [(1, 1), (8, 8), (17, 9), (33, 70), (70, 33), (256, 688), (5, 0)] {
+        for (r, c) in [
+            (1, 1),
+            (8, 8),
+            (17, 9),
+            (33, 70),
+            (70, 33),
+            (256, 688),
+            (5, 0),
+        ] {
             let w = data(r * c, 3);
             let want: Vec<f32> = Tensor::from_vec(w.clone(), (r, c), &candle_core::Device::Cpu)
                 .unwrap()

@@ -113,7 +113,7 @@ pub fn chunks_mut<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [
 }
 
 /// A slice whose disjoint parts tasks write through raw pointers.
-struct Disjoint<'a, T> {
+pub(crate) struct Disjoint<'a, T> {
     ptr: *mut T,
     len: usize,
     _borrow: PhantomData<&'a mut [T]>,
@@ -123,7 +123,7 @@ struct Disjoint<'a, T> {
 unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
 
 impl<'a, T> Disjoint<'a, T> {
-    fn new(s: &'a mut [T]) -> Self {
+    pub(crate) fn new(s: &'a mut [T]) -> Self {
         Disjoint {
             ptr: s.as_mut_ptr(),
             len: s.len(),
@@ -132,7 +132,7 @@ impl<'a, T> Disjoint<'a, T> {
     }
 
     /// Pointer to element `i` (`i ≤ len`).
-    fn at(&self, i: usize) -> *mut T {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         assert!(i <= self.len);
         // SAFETY: in bounds or one past the end (checked).
         unsafe { self.ptr.add(i) }
