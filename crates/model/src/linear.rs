@@ -54,8 +54,8 @@ pub struct Linear {
     pub precision: Precision,
     /// The weight converted once for its products, in inference copies.
     packed: Option<Arc<PackedB>>,
-    /// The weight's bf16 conversions, kept until it changes (shared with clones and inference
-    /// copies).
+    /// The weight's conversions (bf16 packs, an f32 inference copy's transpose), kept until it
+    /// changes (shared with clones and inference copies).
     pub(crate) packs: Arc<PackCache>,
 }
 
