@@ -808,8 +808,8 @@ fn normal(rng: &mut impl Rng) -> f64 {
 ///   `rlhf bench ppo` (tiny): peak RSS 264 MB with the default arenas, 249 MB with two.
 /// * Sets `RAYON_NUM_THREADS` (when unset) to the available parallelism: candle looks the thread
 ///   count up on every matmul and otherwise derives it by parsing `/proc/cpuinfo` each time.
-/// * Sets `CANDLE_NUM_THREADS=1` (when unset): candle's own gemms still use all cores through rayon, but
-///   candle's element-wise ops stay on the calling thread. Its spin-waiting worker pool made the
+/// * Sets `CANDLE_NUM_THREADS=1` (when unset): candle's own gemms still use all cores through
+///   rayon, but candle's element-wise ops stay on the calling thread. Its spin-waiting worker pool made the
 ///   backward pass (mostly gradient additions) 2-3x slower whenever another process competed for
 ///   the cores, and memory-bound element-wise ops gain little from a second thread.
 pub fn tune_allocator() {

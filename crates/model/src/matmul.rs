@@ -64,7 +64,8 @@ impl<'a> MatRef<'a> {
     /// Column `j` as a slice when the rows are contiguous (a transposed row-major matrix).
     #[inline(always)]
     pub(crate) fn col(&self, j: usize) -> Option<&'a [f32]> {
-        (self.rs == 1 && self.cs != 1).then(|| &self.data[j * self.cs..j * self.cs + self.rows])
+        self.transposed_source()
+            .map(|(data, ls)| &data[j * ls..j * ls + self.rows])
     }
 
     /// A transposed view of row-major data (`rs == 1`): that data and its row stride (the view's
@@ -129,9 +130,8 @@ pub(crate) fn gemm_into(
     }
     a.check(a.data.len());
     b.check(b.data.len());
-    let threads = if parallel { crate::par::threads() } else { 1 };
-    let parts = if m * n * k >= PAR_MIN_MACS {
-        threads
+    let threads = if parallel && m * n * k >= PAR_MIN_MACS {
+        crate::par::threads()
     } else {
         1
     };
@@ -139,11 +139,10 @@ pub(crate) fn gemm_into(
     // Part boundaries: columns in whole 16-lane vectors, rows anywhere.
     let len = if by_columns { n } else { m };
     let step = if by_columns {
-        len.div_ceil(parts).next_multiple_of(16)
+        len.div_ceil(threads).next_multiple_of(16)
     } else {
-        len.div_ceil(parts)
+        len.div_ceil(threads)
     };
-    let parts = len.div_ceil(step.max(1));
     let out = crate::par::Disjoint::new(dst);
     let part = |p: usize| {
         let (s, e) = (p * step, ((p + 1) * step).min(len));
@@ -178,7 +177,7 @@ pub(crate) fn gemm_into(
             )
         }
     };
-    crate::par::for_each(parts, part);
+    crate::par::for_each(len.div_ceil(step), part);
 }
 
 #[cfg(test)]
