@@ -37,7 +37,7 @@ pub struct Stats {
 
 /// Handle to the engine thread; dropping the last one stops it once its requests are done.
 pub struct Engine {
-    jobs: Sender<Job>,
+    jobs: Sender<Vec<Job>>,
     stats: Arc<Mutex<Stats>>,
     generator: Arc<Generator>,
 }
@@ -63,10 +63,21 @@ impl Engine {
         &self.generator
     }
 
-    /// Queues a request; its tokens (tagged `tag`) arrive on `sink`.
-    pub fn submit(&self, req: GenRequest, tag: usize, sink: Sink) -> Result<()> {
+    /// Queues requests together, so that on an idle engine they join the batch at the same decode
+    /// step (a row's floats depend on the batch it runs in, so this keeps one HTTP request's answer
+    /// reproducible); request `i`'s tokens arrive on `sink` tagged `i`.
+    pub fn submit(&self, reqs: &[GenRequest], sink: &Sink) -> Result<()> {
+        let jobs = reqs
+            .iter()
+            .enumerate()
+            .map(|(tag, req)| Job {
+                req: req.clone(),
+                tag,
+                sink: sink.clone(),
+            })
+            .collect();
         self.jobs
-            .send(Job { req, tag, sink })
+            .send(jobs)
             .map_err(|_| anyhow!("the generation engine has stopped"))
     }
 
@@ -75,7 +86,7 @@ impl Engine {
     }
 }
 
-fn run(generator: &Generator, rx: Receiver<Job>, stats: &Mutex<Stats>, max_batch: usize) {
+fn run(generator: &Generator, rx: Receiver<Vec<Job>>, stats: &Mutex<Stats>, max_batch: usize) {
     let decode = |ids: &[u32]| generator.tokenizer.decode(ids, true).unwrap_or_default();
     let new_decoder = || Decoder::new(&generator.model);
     let mut decoder = match new_decoder() {
@@ -89,13 +100,13 @@ fn run(generator: &Generator, rx: Receiver<Job>, stats: &Mutex<Stats>, max_batch
         // Block only when idle; otherwise take whatever arrived during the last step.
         if decoder.is_empty() && waiting.is_empty() {
             match rx.recv() {
-                Ok(job) => waiting.push_back(job),
+                Ok(jobs) => waiting.extend(jobs),
                 Err(_) => break,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(job) => waiting.push_back(job),
+                Ok(jobs) => waiting.extend(jobs),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -160,8 +171,8 @@ fn run(generator: &Generator, rx: Receiver<Job>, stats: &Mutex<Stats>, max_batch
     }
 }
 
-fn fail_all(rx: Receiver<Job>, msg: &str) {
-    for job in rx {
+fn fail_all(rx: Receiver<Vec<Job>>, msg: &str) {
+    for job in rx.into_iter().flatten() {
         let _ = job.sink.send((job.tag, Err(msg.to_string())));
     }
 }

@@ -141,15 +141,13 @@ async fn respond(
     authorize(&s, &headers)?;
     let parsed = api::parse(&body, kind, s.engine.generator(), &s.opts.model_name)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    for (i, r) in parsed.requests.iter().enumerate() {
-        s.engine.submit(r.clone(), i, tx.clone()).map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "engine_stopped",
-                e.to_string(),
-            )
-        })?;
-    }
+    s.engine.submit(&parsed.requests, &tx).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "engine_stopped",
+            e.to_string(),
+        )
+    })?;
     // Only the engine holds senders now: if it stops, the receiver sees the end instead of hanging.
     drop(tx);
     let prefix = if kind == Kind::Chat {

@@ -107,7 +107,11 @@ fn completions_equal_batched_generation_with_logprobs_usage_and_n() {
         v["usage"]["total_tokens"],
         completion_tokens + prompt_tokens
     );
-    // Choices of one request differ (different seeds) and the same request reproduces.
+    // A request's choices join the batch at one decode step, whenever the engine thread wakes.
+    let (_, health) = s.get("/health", None);
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["stats"]["peak_batch"], 4, "{health}");
+    // Choices of one request differ (different seeds) and the same request reproduces bit for bit.
     assert_ne!(choices[0]["text"], choices[1]["text"]);
     assert_eq!(s.post("/v1/completions", &body)["choices"], v["choices"]);
 }
@@ -258,7 +262,12 @@ fn concurrent_requests_share_decode_steps_and_get_their_own_answers() {
     let bodies: Vec<Value> = (0..6)
         .map(|i| json!({"prompt": format!("Request number {i} says"), "max_tokens": 6 + 3 * i, "seed": 100 + i}))
         .collect();
+    // A long streamed request is decoding while the others arrive, so they join its batch.
+    let long = json!({"prompt": "Hold on", "max_tokens": 100, "stream": true});
+    let url = format!("{}/v1/completions", s.url);
     let answers: Vec<Value> = s.rt.block_on(async {
+        let mut held = s.http.post(&url).json(&long).send().await.unwrap();
+        assert!(held.chunk().await.unwrap().is_some(), "its first token");
         let calls = bodies.iter().map(|b| {
             let (http, url) = (s.http.clone(), format!("{}/v1/completions", s.url));
             async move {
@@ -272,7 +281,9 @@ fn concurrent_requests_share_decode_steps_and_get_their_own_answers() {
                     .unwrap()
             }
         });
-        futures_util::future::join_all(calls).await
+        let answers = futures_util::future::join_all(calls).await;
+        while held.chunk().await.unwrap().is_some() {}
+        answers
     });
     for (i, (b, v)) in bodies.iter().zip(&answers).enumerate() {
         let prompt = Text::Plain(b["prompt"].as_str().unwrap().into());
@@ -449,12 +460,12 @@ fn the_engine_skips_requests_whose_client_is_gone() {
     };
     let (gone, rx) = tokio::sync::mpsc::unbounded_channel();
     drop(rx);
-    engine.submit(req(1), 0, gone).unwrap();
+    engine.submit(&[req(1)], &gone).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    engine.submit(req(2), 7, tx).unwrap();
+    engine.submit(&[req(2)], &tx).unwrap();
     let mut tokens = vec![];
     while let Some((tag, ev)) = rx.blocking_recv() {
-        assert_eq!(tag, 7);
+        assert_eq!(tag, 0);
         let t = ev.unwrap();
         tokens.push(t.token);
         if let Some(o) = t.finished {

@@ -98,7 +98,7 @@ fn stream_reply(
     out: &mut impl Write,
 ) -> Result<String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    engine.submit(req, 0, tx)?;
+    engine.submit(&[req], &tx)?;
     let tok = &engine.generator().tokenizer;
     let mut text = TextStream::new(stop);
     loop {
