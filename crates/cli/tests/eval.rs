@@ -247,6 +247,19 @@ fn eval_failures_name_the_problem() {
         &["sandbox", "--config", "c.json", "--out", "run"],
         &["label_noise", "1.5", "[0, 1]"],
     );
+    for (key, value, says) in [
+        ("export_min_confidence", serde_json::json!(0.3), "[0.5, 1]"),
+        ("pairs_per_prompt", serde_json::json!(0), "compares nothing"),
+    ] {
+        let mut bad: Value = serde_json::from_str(&cfg).unwrap();
+        bad[key] = value;
+        std::fs::write(t.join("c.json"), bad.to_string()).unwrap();
+        fails(
+            t,
+            &["sandbox", "--config", "c.json", "--out", "run"],
+            &[key, says],
+        );
+    }
     assert!(!t.join("run").exists());
 }
 

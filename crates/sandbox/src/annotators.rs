@@ -174,10 +174,16 @@ impl Session {
     }
 
     /// Rows as `rlhf feedback export --format … --by-reliability` writes them: each item decided by the app's
-    /// reliability model (Crowd-BT for pairs), so careless and biased annotators count less.
-    pub fn export_by_reliability(&self, format: Format) -> Result<Vec<Value>> {
+    /// reliability model (Crowd-BT for pairs), so careless and biased annotators count less; with
+    /// `min_confidence`, as `--min-confidence` does, items decided less surely are left out.
+    pub fn export_by_reliability(
+        &self,
+        format: Format,
+        min_confidence: Option<f64>,
+    ) -> Result<Vec<Value>> {
         let opts = Options {
             by_reliability: true,
+            min_confidence,
             ..Options::default()
         };
         Ok(export_rows_with(
