@@ -80,7 +80,8 @@ impl GoldReward {
         Ok(Self::new(golds))
     }
 
-    fn gold(&self, row: &Row) -> Result<&Gold> {
+    /// The gold record of a prompts row, by its `id`.
+    pub fn gold(&self, row: &Row) -> Result<&Gold> {
         let Some(Value::String(id)) = row.get("id") else {
             bail!("the gold reward needs a string \"id\" column")
         };

@@ -269,7 +269,7 @@ fn concurrent_requests_share_decode_steps_and_get_their_own_answers() {
         let mut held = s.http.post(&url).json(&long).send().await.unwrap();
         assert!(held.chunk().await.unwrap().is_some(), "its first token");
         let calls = bodies.iter().map(|b| {
-            let (http, url) = (s.http.clone(), format!("{}/v1/completions", s.url));
+            let (http, url) = (s.http.clone(), url.clone());
             async move {
                 http.post(url)
                     .json(b)
